@@ -1,0 +1,31 @@
+# The two commands a fresh machine needs:  make run  (the daemon)  and  make test  (the suite).
+# Each creates .venv and installs what it needs first.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: run test bench system-deps clean
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $@
+
+run: $(VENV)/.installed
+	$(PY) dicoogled.py serve $(ARGS)
+
+# DCMTK's command-line clients are the reference DICOM peers the tests talk to.
+system-deps:
+	@command -v storescu >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dcmtk; }
+
+test: $(VENV)/.installed system-deps
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: $(VENV)/.installed system-deps
+	@command -v Orthanc >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq orthanc; }
+	$(PY) bench/bench.py $(ARGS)
+
+clean:
+	rm -rf $(VENV) *.egg-info
