@@ -1,0 +1,225 @@
+"""Shared fixtures: the real daemon on loopback ports, real DICOM clients, generated studies.
+
+Nothing here mocks dicoogled: each test talks to a `python dicoogled.py serve` process over
+TCP, the way a modality, a viewer or a script would.
+"""
+
+import json
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+from pydicom.dataset import Dataset
+from pynetdicom import AE, debug_logger  # noqa: F401  (debug_logger: handy when a test fails)
+from pynetdicom.sop_class import (
+    PatientRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelFind,
+)
+
+TESTS = pathlib.Path(__file__).parent
+ROOT = TESTS.parent
+sys.path.insert(0, str(TESTS))
+
+import studygen  # noqa: E402
+
+AET = "DICOOGLED"
+FIND_MODELS = {"patient": PatientRootQueryRetrieveInformationModelFind, "study": StudyRootQueryRetrieveInformationModelFind}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(predicate, timeout=30.0, interval=0.05, message="condition"):
+    """Poll predicate until it returns a truthy value; fail the test after timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {message}")
+        time.sleep(interval)
+
+
+class RunningDaemon:
+    """A dicoogled process started by a test, on free loopback ports and its own data dir."""
+
+    def __init__(self, data_dir: pathlib.Path, config_text: str | None = None, args=(), env=None):
+        self.data_dir = data_dir
+        self.http_port = free_port()
+        self.dicom_port = free_port()
+        self.args = list(args)
+        self.env = env
+        self.config_path = None
+        if config_text is not None:
+            self.config_path = data_dir.parent / f"{data_dir.name}.ini"
+            self.config_path.write_text(config_text)
+        self.log_path = data_dir.parent / f"{data_dir.name}.log"
+        self.process = None
+
+    @property
+    def command(self):
+        command = [sys.executable, str(ROOT / "dicoogled.py"), "serve", "--data-dir", str(self.data_dir),
+                   "--http-host", "127.0.0.1", "--http-port", str(self.http_port),
+                   "--dicom-host", "127.0.0.1", "--dicom-port", str(self.dicom_port)]
+        if self.config_path:
+            command += ["--config", str(self.config_path)]
+        return command + self.args
+
+    def start(self, wait=True):
+        self.log_file = open(self.log_path, "ab")
+        env = dict(os.environ, **(self.env or {}))
+        self.process = subprocess.Popen(self.command, stdout=self.log_file, stderr=subprocess.STDOUT, env=env)
+        if wait:
+            wait_until(self._ready, timeout=60, message=f"dicoogled to start (log: {self.log_path})")
+        return self
+
+    def _ready(self):
+        if self.process.poll() is not None:
+            raise AssertionError(f"dicoogled exited with {self.process.returncode}:\n{self.log}")
+        try:
+            return self.health()
+        except OSError:
+            return None
+
+    def health(self) -> dict:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/health", timeout=5) as response:
+            return json.load(response)
+
+    def counts(self) -> dict:
+        return self.health()["counts"]
+
+    def settled(self) -> dict:
+        """Wait until startup reconciliation and watched-folder work are done; return health."""
+        def idle():
+            health = self.health()
+            return health if not health["watch"]["reconciling"] and not health["watch"]["pending"] else None
+        return wait_until(idle, message="the daemon to settle")
+
+    @property
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self, timeout=30):
+        """SIGTERM, as a service manager would; returns the exit code."""
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+                raise AssertionError("dicoogled did not stop on SIGTERM")
+        self.log_file.close()
+        return self.process.returncode
+
+    def kill(self):
+        """SIGKILL: a crash, with no chance to clean up."""
+        self.process.kill()
+        self.process.wait()
+        self.log_file.close()
+
+    def restart(self):
+        self.stop()
+        return self.start()
+
+    # ---- DICOM clients -----------------------------------------------------------------------
+
+    def find(self, identifier: Dataset | dict, model="study", aet=AET):
+        """C-FIND with a pynetdicom SCU; returns (list of result data sets, final status)."""
+        if isinstance(identifier, dict):
+            identifier = make_identifier(**identifier)
+        ae = AE(ae_title="TESTSCU")
+        ae.add_requested_context(FIND_MODELS[model])
+        assoc = ae.associate("127.0.0.1", self.dicom_port, ae_title=aet)
+        assert assoc.is_established, "association rejected"
+        results, final = [], None
+        try:
+            for status, ds in assoc.send_c_find(identifier, FIND_MODELS[model]):
+                if status is None or "Status" not in status:
+                    raise AssertionError("no C-FIND response (timeout or abort)")
+                if status.Status in (0xFF00, 0xFF01):
+                    results.append(ds)
+                else:
+                    final = status.Status
+        finally:
+            assoc.release()
+        return results, final
+
+    def store(self, *datasets_or_paths, aet=AET):
+        """C-STORE with a pynetdicom SCU; returns the list of statuses."""
+        items = [pydicom.dcmread(d) if isinstance(d, (str, pathlib.Path)) else d for d in datasets_or_paths]
+        ae = AE(ae_title="TESTSCU")
+        for ds in items:
+            ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+        assoc = ae.associate("127.0.0.1", self.dicom_port, ae_title=aet)
+        assert assoc.is_established, "association rejected"
+        try:
+            return [assoc.send_c_store(ds).Status for ds in items]
+        finally:
+            assoc.release()
+
+    def dcmtk(self, tool: str, *args, check=True, timeout=120) -> subprocess.CompletedProcess:
+        """Run a DCMTK client (storescu, findscu, ...) against this daemon."""
+        command = [tool, "-aet", "DCMTK", "-aec", AET, *args, "127.0.0.1", str(self.dicom_port)]
+        result = subprocess.run(command, capture_output=True, text=True, errors="replace", timeout=timeout)
+        if check and result.returncode != 0:
+            raise AssertionError(f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+        return result
+
+
+def make_identifier(level="STUDY", **keys) -> Dataset:
+    """A C-FIND identifier: make_identifier('STUDY', PatientName='DOE*', StudyInstanceUID='')."""
+    ds = Dataset()
+    ds.QueryRetrieveLevel = level
+    for keyword, value in keys.items():
+        setattr(ds, keyword, value)
+    return ds
+
+
+@pytest.fixture
+def start_daemon(tmp_path):
+    """Factory: start_daemon(config_text=None, args=(), name='data') -> RunningDaemon."""
+    started = []
+
+    def start(config_text=None, args=(), name="data", env=None, wait=True):
+        daemon = RunningDaemon(tmp_path / name, config_text, args, env)
+        started.append(daemon)
+        return daemon.start(wait=wait)
+
+    yield start
+    for daemon in started:
+        if daemon.process and daemon.process.poll() is None:
+            daemon.process.kill()
+            daemon.process.wait()
+
+
+@pytest.fixture
+def daemon(start_daemon):
+    return start_daemon()
+
+
+@pytest.fixture
+def testdata():
+    """Path of a file shipped with pydicom's wheel: testdata('CT_small.dcm')."""
+    return lambda name: pathlib.Path(get_testdata_file(name))
+
+
+@pytest.fixture
+def studies(tmp_path):
+    """Generated studies on disk: studies(patients=2, studies=2, series=2, instances=3) -> paths."""
+    def make(out="generated", **kwargs):
+        return studygen.generate(tmp_path / out, **kwargs)
+    return make
