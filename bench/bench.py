@@ -1,0 +1,484 @@
+#!/usr/bin/env python3
+"""Benchmark dicoogled against Orthanc, side by side, in one run.
+
+    python bench/bench.py            # full run (about 100,000 instances per server)
+    python bench/bench.py --quick    # smaller data, a few minutes
+
+Both servers get the same synthetic data (tests/studygen.py, written once to
+bench/work/ and reused) and the same clients, on 127.0.0.1:
+
+  a) C-STORE ingest, instances/s: DCMTK storescu, one association and four
+     parallel storescu processes (data split in four), 64x64 and 512x512
+     CT instances, each time into a freshly started, empty server.  The clock
+     runs from launching storescu until the server's instance count shows
+     every instance (so asynchronous indexing is included).
+  b) Watched-folder indexing, files/s (dicoogled only; Orthanc has no such
+     feature): copy files into the folder given to --watch, wait for the count.
+  c) C-FIND latency, median ms: study level PatientName=DOE* and a StudyDate
+     range, and image level SliceLocation=-97.5 (not a "main" tag for
+     Orthanc), each at two archive sizes.  The archive is loaded with four
+     parallel storescu; queries come from one in-process pynetdicom
+     association per server, timed from request to last response.
+  d) Memory: RSS of each server idle after start, its peak (VmHWM) over the
+     ingest runs, and RSS once the largest archive is loaded.
+
+Servers run with their default settings (both fsync stored files), except
+ports and, for Orthanc, "StorageCompression": false, "DicomCheckCalledAet":
+false and "DicomAlwaysAllowFind": true.  storescu and Orthanc run with
+TCP_NODELAY=1 (DCMTK's switch for disabling Nagle's algorithm).  Results print as a table, dicoogled beside Orthanc with the ratio
+dicoogled/Orthanc, and are written to bench/results/latest.json.
+
+Needs: DCMTK's storescu, /usr/sbin/Orthanc, and pydicom + pynetdicom in the
+Python that runs this script (dicoogled runs under the same interpreter).
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import datetime
+import json
+import os
+import pathlib
+import platform
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+import pydicom
+from pydicom.dataset import Dataset
+from pynetdicom import AE
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as STUDY_ROOT_FIND
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+WORK = ROOT / "bench" / "work"
+RESULTS = ROOT / "bench" / "results"
+ORTHANC = "/usr/sbin/Orthanc"
+sys.path.insert(0, str(ROOT / "tests"))
+import studygen  # noqa: E402
+
+# Every patient has 2 studies x 2 series x 25 instances = 100 instances, so
+# sizes are counted in patients and the series folders split evenly in four.
+PER_PATIENT = 100
+SIZES = {  # patients per data set
+    "full": {"ingest64": 20, "ingest512": 5, "watch": 20, "archive": (100, 1000)},
+    "quick": {"ingest64": 5, "ingest512": 1, "watch": 5, "archive": (20, 200)},
+}
+QUERIES = [  # (label, level, matching keys)
+    ("study PatientName=DOE*", "STUDY", {"PatientName": "DOE*"}),
+    ("study StudyDate=2018", "STUDY", {"StudyDate": "20180101-20181231"}),
+    ("image SliceLocation=-97.5", "IMAGE", {"SliceLocation": "-97.5"}),
+]
+RETURN_KEYS = {
+    "STUDY": ["StudyInstanceUID", "PatientName", "PatientID", "StudyDate", "AccessionNumber", "StudyDescription"],
+    "IMAGE": ["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "InstanceNumber"],
+}
+QUERY_RUNS, QUERY_BUDGET = 20, 30.0  # runs per query, but stop after 30 s (at least 3 runs)
+
+# Debian's DCMTK leaves Nagle's algorithm on unless told otherwise, which costs
+# storescu ~40 ms per instance against any server (delayed ACKs).
+DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
+STARTED: list[subprocess.Popen] = []  # every process we start, stopped on exit
+
+
+# ---------------------------------------------------------------- data
+
+def _write_patient(root: pathlib.Path, size: int, patient: int) -> None:
+    for study in range(2):
+        for series in range(2):
+            studygen.instance_path(root, patient, study, series, 0).parent.mkdir(parents=True, exist_ok=True)
+            for i in range(25):
+                ds = studygen.make_instance(patient, study, series, i, size=size)
+                pydicom.dcmwrite(studygen.instance_path(root, patient, study, series, i), ds,
+                                 enforce_file_format=True)
+    (root / f"P{patient:04d}.done").touch()
+
+
+def series_dirs(size: int, first: int, last: int) -> list[pathlib.Path]:
+    """Series folders of patients first..last-1 of bench/work/ct<size>, generated if missing."""
+    root = WORK / f"ct{size}"
+    missing = [p for p in range(first, last) if not (root / f"P{p:04d}.done").exists()]
+    if missing:
+        print(f"generating {len(missing) * PER_PATIENT} {size}x{size} instances in {root} ...", flush=True)
+        with concurrent.futures.ProcessPoolExecutor() as pool:
+            list(pool.map(_write_patient, [root] * len(missing), [size] * len(missing), missing, chunksize=4))
+    return sorted(root.glob("P*/ST*/SE*"), key=str)[first * 4:last * 4]
+
+
+# ---------------------------------------------------------------- servers
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http_json(url: str):
+    with urllib.request.urlopen(url, timeout=30) as response:
+        return json.load(response)
+
+
+def memory_kib(pid: int) -> tuple[int, int]:
+    """(VmRSS, VmHWM) in KiB, summed over the process and its descendants."""
+    parents = {}
+    for stat in pathlib.Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            pass
+    tree, rss, hwm = {pid}, 0, 0
+    for child, parent in sorted(parents.items()):
+        if parent in tree:
+            tree.add(child)
+    for p in tree:
+        try:
+            status = pathlib.Path(f"/proc/{p}/status").read_text()
+        except OSError:
+            continue
+        for line in status.splitlines():
+            if line.startswith("VmRSS:"):
+                rss += int(line.split()[1])
+            elif line.startswith("VmHWM:"):
+                hwm += int(line.split()[1])
+    return rss, hwm
+
+
+class Server:
+    """A server under test in its own temporary folder; subclasses say how to run and count."""
+    name = aet = ""
+
+    def start(self, *extra: str) -> None:
+        self.dir = pathlib.Path(tempfile.mkdtemp(prefix=f"{self.name}-", dir=WORK))
+        self.http_port, self.dicom_port = free_port(), free_port()
+        self.log = open(self.dir / "server.log", "wb")
+        self.proc = subprocess.Popen(self.command(*extra), cwd=self.dir, stdout=self.log,
+                                     stderr=subprocess.STDOUT, env=self.env(), start_new_session=True)
+        STARTED.append(self.proc)
+        deadline = time.monotonic() + 60
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}: {self.log_tail()}")
+            try:
+                self.count_instances()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{self.name} did not answer on HTTP within 60 s")
+                time.sleep(0.1)
+        time.sleep(1)  # settle before the idle RSS reading
+        self.idle_rss = self.memory()[0]
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def memory(self) -> tuple[int, int]:
+        return memory_kib(self.pid)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def log_tail(self) -> str:
+        self.log.flush()
+        return (self.dir / "server.log").read_text(errors="replace")[-2000:]
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.http_port}{path}"
+
+    def env(self) -> dict:
+        return dict(os.environ)
+
+    def wait_for_count(self, expected: int, timeout: float) -> int:
+        deadline = time.monotonic() + timeout
+        while (count := self.count_instances()) < expected and time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} died: {self.log_tail()}")
+            time.sleep(0.05)
+        return count
+
+
+class Dicoogled(Server):
+    name, aet = "dicoogled", "DICOOGLED"
+
+    def command(self, *extra):
+        return [sys.executable, str(ROOT / "dicoogled.py"), "serve", "--data-dir", str(self.dir / "data"),
+                "--http-host", "127.0.0.1", "--http-port", str(self.http_port),
+                "--dicom-host", "127.0.0.1", "--dicom-port", str(self.dicom_port), "--aet", self.aet, *extra]
+
+    def count_instances(self) -> int:
+        return http_json(self.url("/health"))["counts"]["instances"]
+
+    def version(self) -> str:
+        return http_json(self.url("/health")).get("version", "?")
+
+
+class Orthanc(Server):
+    name, aet = "orthanc", "ORTHANC"
+
+    def command(self, *extra):
+        config = {
+            "Name": "bench", "StorageDirectory": str(self.dir / "storage"),
+            "IndexDirectory": str(self.dir / "index"), "DicomAet": self.aet,
+            "DicomPort": self.dicom_port, "HttpPort": self.http_port,
+            "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
+            "DicomCheckCalledAet": False, "DicomAlwaysAllowFind": True, "StorageCompression": False,
+            "ConcurrentJobs": 2, "DicomModalities": {}, "Plugins": [],
+        }
+        (self.dir / "orthanc.json").write_text(json.dumps(config, indent=2))
+        return [ORTHANC, str(self.dir / "orthanc.json"), *extra]
+
+    def env(self):
+        return DCMTK_ENV  # Orthanc's DICOM side is DCMTK too
+
+    def count_instances(self) -> int:
+        return http_json(self.url("/statistics"))["CountInstances"]
+
+    def idle_jobs(self) -> bool:
+        return all(http_json(self.url(f"/jobs/{job}"))["State"] in ("Success", "Failure")
+                   for job in http_json(self.url("/jobs")))
+
+    def version(self) -> str:
+        return http_json(self.url("/system"))["Version"]
+
+
+# ---------------------------------------------------------------- measurements
+
+def storescu(server: Server, dirs: list[pathlib.Path], parallel: int, expected: int) -> float:
+    """Send every file under dirs with `parallel` storescu processes; seconds until all are counted."""
+    logs, procs = [], []
+    start = time.perf_counter()
+    for n in range(parallel):
+        log = open(server.dir / f"storescu-{n}.log", "wb")
+        cmd = ["storescu", "-aet", "BENCH", "-aec", server.aet, "+sd",
+               "127.0.0.1", str(server.dicom_port), *map(str, dirs[n::parallel])]
+        procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=DCMTK_ENV))
+        STARTED.append(procs[-1])
+        logs.append(log)
+    for proc in procs:
+        proc.wait()
+    count = server.wait_for_count(expected, timeout=120 + expected / 20)
+    elapsed = time.perf_counter() - start
+    for log in logs:
+        log.close()
+    if any(p.returncode for p in procs) or count != expected:
+        tail = (server.dir / "storescu-0.log").read_text(errors="replace")[-800:]
+        raise RuntimeError(f"storescu exit codes {[p.returncode for p in procs]}, "
+                           f"{count} of {expected} instances counted; {tail}")
+    if isinstance(server, Orthanc):
+        while not server.idle_jobs():
+            time.sleep(0.1)
+    return elapsed
+
+
+def cfind(server: Server, level: str, keys: dict) -> tuple[float, str]:
+    """Median ms of one C-FIND repeated over one association, and a note."""
+    query = Dataset()
+    query.QueryRetrieveLevel = level
+    for keyword in RETURN_KEYS[level]:
+        setattr(query, keyword, "")
+    for keyword, value in keys.items():
+        setattr(query, keyword, value)
+    ae = AE(ae_title="BENCH")
+    ae.add_requested_context(STUDY_ROOT_FIND)
+    ae.acse_timeout, ae.dimse_timeout, ae.network_timeout = 30, 600, 600
+    assoc = ae.associate("127.0.0.1", server.dicom_port, ae_title=server.aet)
+    if not assoc.is_established:
+        raise RuntimeError(f"association to {server.name} refused")
+    # As with DCMTK above: without this each request waits ~40 ms for a delayed ACK.
+    assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    times, matches, begin = [], 0, time.perf_counter()
+    try:
+        while len(times) < QUERY_RUNS and (len(times) < 3 or time.perf_counter() - begin < QUERY_BUDGET):
+            start, matches = time.perf_counter(), 0
+            for status, identifier in assoc.send_c_find(query, STUDY_ROOT_FIND):
+                if not status:
+                    raise RuntimeError(f"C-FIND to {server.name}: no response (aborted or timed out)")
+                if status.Status in (0xFF00, 0xFF01):
+                    matches += 1
+                elif status.Status != 0x0000:
+                    raise RuntimeError(f"C-FIND to {server.name} failed: 0x{status.Status:04X}")
+            times.append(time.perf_counter() - start)
+    finally:
+        assoc.release()
+    return round(statistics.median(times) * 1000, 1), f"{matches} matches, median of {len(times)} runs"
+
+
+class Results:
+    """Rows of (label, unit, better, {server: value}); printed and saved as JSON."""
+
+    def __init__(self):
+        self.rows, self.versions = [], {}
+
+    def add(self, label: str, unit: str, better: str, server: str, value, note: str = "") -> None:
+        row = next((r for r in self.rows if r["label"] == label), None)
+        if row is None:
+            row = {"label": label, "unit": unit, "better": better, "dicoogled": None, "orthanc": None, "notes": []}
+            self.rows.append(row)
+        row[server] = value
+        if note:
+            row["notes"].append(f"{server}: {note}")
+
+    def table(self) -> str:
+        def fmt(v):
+            return "—" if v is None else f"{v:,.1f}" if isinstance(v, float) else str(v)
+        lines = [f"{'measurement':<46} {'unit':<9} {'dicoogled':>11} {'Orthanc':>11} {'ratio':>7}", "-" * 88]
+        for r in self.rows:
+            d, o = r["dicoogled"], r["orthanc"]
+            r["ratio"] = round(d / o, 3) if isinstance(d, (int, float)) and isinstance(o, (int, float)) and o else None
+            ratio = "—" if r["ratio"] is None else f"{r['ratio']:.2f}"
+            lines.append(f"{r['label']:<46} {r['unit']:<9} {fmt(d):>11} {fmt(o):>11} {ratio:>7}")
+            lines += [f"    {n}" for n in r["notes"]]
+        return "\n".join(lines)
+
+
+def measure(results: Results, server: Server, label, unit, better, fn):
+    """Record fn()'s value (or its (value, note)), or on error a '—' and the error, and go on."""
+    try:
+        value = fn()
+        value, note = value if isinstance(value, tuple) else (value, "")
+        results.add(label, unit, better, server.name, value, note)
+        return value
+    except Exception as error:  # noqa: BLE001 - report and go on to the next measurement
+        print(f"  {server.name}: {label}: FAILED: {error}", flush=True)
+        results.add(label, unit, better, server.name, None, f"failed: {str(error)[:200]}")
+
+
+def run(args) -> Results:
+    sizes = SIZES["quick" if args.quick else "full"]
+    results, servers = Results(), [cls for cls in (Dicoogled, Orthanc) if cls.name in args.servers]
+    peak = {}
+
+    def fresh(cls, *extra):
+        server = cls()
+        server.start(*extra)
+        if server.name not in results.versions:
+            results.versions[server.name] = server.version()
+            results.add("RSS idle after start", "MiB", "lower", server.name, round(server.idle_rss / 1024, 1))
+        return server
+
+    def finish(server):
+        peak[server.name] = max(peak.get(server.name, 0), server.memory()[1])
+        server.stop()
+
+    # a) C-STORE ingest into empty servers
+    for size, patients in ((64, sizes["ingest64"]), (512, sizes["ingest512"])):
+        dirs = series_dirs(size, 0, patients)
+        n = patients * PER_PATIENT
+        for parallel in (1, 4):
+            label = f"C-STORE {n} x {size}x{size}, {parallel} storescu"
+            for cls in servers:
+                print(f"{label}: {cls.name} ...", flush=True)
+                server = fresh(cls)
+                try:
+                    measure(results, server, label, "inst/s", "higher",
+                            lambda: round(n / storescu(server, dirs, parallel, n), 1))
+                finally:
+                    finish(server)
+
+    # b) watched folder, dicoogled only
+    if Dicoogled in servers:
+        patients = sizes["watch"]
+        dirs, n = series_dirs(64, 0, patients), patients * PER_PATIENT
+        label = f"watched folder, {n} x 64x64 copied in"
+        print(f"{label}: dicoogled ...", flush=True)
+        watched = pathlib.Path(tempfile.mkdtemp(prefix="watched-", dir=WORK))
+        server = fresh(Dicoogled, "--watch", str(watched))
+
+        def watch():
+            start = time.perf_counter()
+            for d in dirs:
+                shutil.copytree(d, watched / d.relative_to(WORK / "ct64"))
+            count = server.wait_for_count(n, timeout=120 + n / 20)
+            if count != n:
+                raise RuntimeError(f"{count} of {n} files indexed")
+            return round(n / (time.perf_counter() - start), 1)
+        try:
+            measure(results, server, label, "files/s", "higher", watch)
+        finally:
+            finish(server)
+            shutil.rmtree(watched, ignore_errors=True)
+        results.add(label, "files/s", "higher", "orthanc", None, "no comparable feature")
+
+    # c) C-FIND at two archive sizes, loaded with four parallel storescu
+    steps = sizes["archive"]
+    for cls in servers:
+        server = fresh(cls)
+        try:
+            loaded = 0
+            for patients in steps:
+                n = patients * PER_PATIENT
+                dirs = series_dirs(64, loaded // PER_PATIENT, patients)
+                print(f"loading {server.name} to {n} instances ...", flush=True)
+                measure(results, server, f"load {loaded}->{n} (4 storescu)", "inst/s", "higher",
+                        lambda: round((n - loaded) / storescu(server, dirs, 4, n), 1))
+                loaded = n
+                for label, level, keys in QUERIES:
+                    print(f"C-FIND {label} @{n}: {server.name} ...", flush=True)
+                    measure(results, server, f"C-FIND {label} @{n // 1000}k", "ms", "lower",
+                            lambda: cfind(server, level, keys))
+            rss = server.memory()[0]
+            results.add(f"RSS with {loaded // 1000}k instances", "MiB", "lower", server.name, round(rss / 1024, 1))
+        finally:
+            finish(server)
+    for name, hwm in peak.items():
+        results.add("RSS peak (VmHWM) over all ingest runs", "MiB", "lower", name, round(hwm / 1024, 1))
+    return results
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smaller data sets (a few minutes)")
+    parser.add_argument("--servers", default="dicoogled,orthanc", help="comma-separated subset to run")
+    args = parser.parse_args()
+    args.servers = args.servers.split(",")
+    for tool in ("storescu", ORTHANC):
+        if not shutil.which(tool):
+            sys.exit(f"bench: {tool} not found (install DCMTK and Orthanc)")
+    WORK.mkdir(parents=True, exist_ok=True)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(130))
+    started = datetime.datetime.now().astimezone()
+    try:
+        results = run(args)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    finally:
+        for proc in STARTED:  # stop anything still running, by PID
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+    versions = " vs ".join(f"{name} {version}" for name, version in results.versions.items())
+    header = (f"{versions} — {'quick' if args.quick else 'full'} run, "
+              f"{started:%Y-%m-%d %H:%M}, {os.cpu_count()} CPUs, Python {platform.python_version()}\n"
+              "ratio = dicoogled / Orthanc (inst/s, files/s: higher is better; ms, MiB: lower is better)\n"
+              "C-FIND archives were loaded over C-STORE with 4 parallel storescu into both servers.")
+    table = results.table()
+    print("\n" + header + "\n\n" + table)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / "latest.json"
+    out.write_text(json.dumps({"started": started.isoformat(), "mode": "quick" if args.quick else "full",
+                               "cpus": os.cpu_count(), "python": platform.python_version(),
+                               "versions": results.versions, "rows": results.rows}, indent=2, ensure_ascii=False))
+    print(f"\nwritten to {out.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
