@@ -20,6 +20,7 @@ import concurrent.futures
 import configparser
 import contextlib
 import dataclasses
+import functools
 import io
 import json
 import logging
@@ -39,9 +40,13 @@ import apsw
 import bottle
 import pydicom
 import pydicom.config
-from pydicom.datadict import dictionary_VR, tag_for_keyword
-from pydicom.dataset import Dataset
+import pydicom.uid
+from pydicom.charset import convert_encodings, decode_bytes
+from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
+from pydicom.dataelem import RawDataElement
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
+from pydicom.filereader import read_dataset
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
 from pynetdicom import AE, _config as pynetdicom_config, build_context, evt
@@ -100,6 +105,9 @@ ACCEPTED_TRANSFER_SYNTAXES = (
 UNCOMPRESSED_TRANSFER_SYNTAXES = ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2", "1.2.840.10008.1.2.2")
 
 DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
+#: Written in the file meta of every stored object: pydicom's generate_uid(entropy_srcs=['dicoogled implementation']).
+IMPLEMENTATION_CLASS_UID = "1.2.826.0.1.3680043.8.498.25379647146804113726755947804195104528"
+IMPLEMENTATION_VERSION_NAME = "DICOOGLED_" + __version__.replace(".", "")
 BINARY_VRS = frozenset({"OB", "OW", "OF", "OD", "OL", "OV", "UN", "OB or OW", "US or OW"})
 DATE_TIME_VRS = frozenset({"DA", "TM", "DT"})
 NUMBER_VRS = {"US": int, "UL": int, "SS": int, "SL": int, "UV": int, "SV": int, "FL": float, "FD": float}
@@ -211,6 +219,30 @@ def start_thread(name: str, target, *args) -> threading.Thread:
     thread = threading.Thread(target=run, name=name, daemon=True)
     thread.start()
     return thread
+
+
+def part10_header(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str, source_aet: str = "") -> bytes:
+    """Preamble and file meta group (PS3.10 7.1) to put before a data set received as bytes.
+
+    Built by hand: pydicom's general writer cost more than the rest of a C-STORE's handling.
+    """
+    def element(number: int, vr: str, value: bytes) -> bytes:
+        if len(value) % 2:
+            value += b"\x00" if vr == "UI" else b" "
+        if vr == "OB":
+            return struct.pack("<HH2sHI", 0x0002, number, b"OB", 0, len(value)) + value
+        return struct.pack("<HH2sH", 0x0002, number, vr.encode(), len(value)) + value
+
+    body = b"".join((
+        element(0x0001, "OB", b"\x00\x01"),
+        element(0x0002, "UI", str(sop_class_uid).encode()),
+        element(0x0003, "UI", str(sop_instance_uid).encode()),
+        element(0x0010, "UI", str(transfer_syntax).encode()),
+        element(0x0012, "UI", IMPLEMENTATION_CLASS_UID.encode()),
+        element(0x0013, "SH", IMPLEMENTATION_VERSION_NAME.encode()),
+        element(0x0016, "AE", source_aet.strip().encode("ascii", "replace")) if source_aet.strip() else b"",
+    ))
+    return b"\x00" * 128 + b"DICM" + element(0x0000, "UL", struct.pack("<I", len(body))) + body
 
 
 def _dataset_offset(data: bytes) -> int:
@@ -435,22 +467,81 @@ def _element_key(element) -> str:
     return element.keyword or f"{element.tag:08X}"
 
 
-def _text_value(element) -> str | list | None:
-    """An element's value as the index keeps it: text, a list of texts, or None for binary."""
-    vr, value = element.VR, element.value
-    if value is None or value == "":
+@functools.lru_cache(maxsize=4096)
+def _tag_info(tag: int) -> tuple[str, str]:
+    """(keyword or 8-hex tag, dictionary VR or 'UN') of a tag, cached: it is asked per element."""
+    keyword = keyword_for_tag(tag) or f"{tag:08X}"
+    try:
+        return keyword, dictionary_VR(tag)
+    except KeyError:
+        return keyword, "UN"
+
+
+_ASCII_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "TM", "UI", "UR"})
+_CHARSET_VRS = frozenset({"PN", "SH", "LO", "ST", "LT", "UT", "UC"})
+_SINGLE_VALUE_TEXT_VRS = frozenset({"ST", "LT", "UT", "UR"})  # backslash is text, not a separator
+_STRUCT_FORMATS = {"US": "H", "SS": "h", "UL": "L", "SL": "l", "FL": "f", "FD": "d", "UV": "Q", "SV": "q"}
+_SLOW = object()  # marks a raw value the fast decoder leaves to pydicom
+
+
+def _fast_raw_value(raw, vr: str, encodings) -> object:
+    """Decode a raw element's bytes straight to index text, or _SLOW to let pydicom do it.
+
+    pydicom's general element conversion dominated ingest time; the index needs only text,
+    which for the common VRs is a decode, a strip and a split.
+    """
+    value = raw.value
+    if not value:
         return ""
+    if vr in _ASCII_VRS or vr in _CHARSET_VRS:
+        if vr in _CHARSET_VRS and encodings is not None:
+            text = decode_bytes(value, encodings, {0x5C, 0x3D, 0x5E} if vr == "PN" else {0x5C})
+        else:
+            text = value.decode("latin-1")
+        if vr in _SINGLE_VALUE_TEXT_VRS:
+            return text.rstrip(" \x00")
+        if vr == "PN":
+            text = text.rstrip(" =")  # empty trailing component groups carry no name
+        parts = [part.strip(" \x00") for part in text.split("\\")]
+        return parts if len(parts) > 1 else parts[0]
+    if vr in _STRUCT_FORMATS:
+        size = struct.calcsize("<" + _STRUCT_FORMATS[vr])
+        if len(value) % size:
+            return _SLOW
+        endian = "<" if raw.is_little_endian else ">"
+        numbers = [str(n) for n in struct.unpack(f"{endian}{len(value) // size}{_STRUCT_FORMATS[vr]}", value)]
+        return numbers if len(numbers) > 1 else numbers[0]
     if vr in BINARY_VRS:
         # Private text sent as UN (implicit VR) is still worth searching.
-        if vr == "UN" and isinstance(value, bytes) and len(value) <= 256:
+        if vr == "UN" and len(value) <= 256:
             text = value.rstrip(b"\x00 ").decode("utf-8", "replace")
             return text if text.isprintable() else None
         return None
+    return _SLOW
+
+
+def _text_value(element) -> str | list | None:
+    """A converted element's value as the index keeps it: text, a list of texts, or None for binary."""
+    vr, value = element.VR, element.value
+    if value is None or value == "":
+        return ""
+    if vr in BINARY_VRS or isinstance(value, bytes):
+        return None
     if isinstance(value, (MultiValue, list, tuple)):
         return [str(v) for v in value]
-    if isinstance(value, bytes):
-        return None
     return str(value)
+
+
+def _dataset_encodings(dataset: Dataset, inherited):
+    """Python codecs for a data set's text: None means the default repertoire."""
+    raw = dataset.get_item(0x00080005) if 0x00080005 in dataset else None
+    if raw is None:
+        return inherited
+    terms = dataset.SpecificCharacterSet
+    terms = [terms] if isinstance(terms, str) else list(terms)
+    if not any(t.strip() for t in terms) or [t.strip() for t in terms] == ["ISO_IR 6"]:
+        return None
+    return convert_encodings(terms)
 
 
 def extract_metadata(dataset: Dataset) -> tuple[dict, list[str]]:
@@ -461,18 +552,27 @@ def extract_metadata(dataset: Dataset) -> tuple[dict, list[str]]:
     """
     words: list[str] = []
 
-    def walk(ds: Dataset) -> dict:
+    def walk(ds: Dataset, encodings) -> dict:
         meta = {}
-        for element in ds:
-            if element.tag.group == 0x0002 or element.tag == 0x7FE00010:
+        encodings = _dataset_encodings(ds, encodings)
+        for tag in ds.keys():
+            if tag >> 16 == 0x0002 or tag == 0x7FE00010:
                 continue
-            key = _element_key(element)
+            element = ds.get_item(tag)
+            key, vr = _tag_info(tag)
             try:
-                if element.VR == "SQ":
-                    words.append(key)
-                    meta[key] = [walk(item) for item in element.value]
-                    continue
-                value = _text_value(element)
+                # Explicit UN of a known tag, and sequences, are left to pydicom to decode.
+                if getattr(element, "is_raw", False) and vr != "SQ" and not (element.VR == "UN" and vr != "UN"):
+                    value = _fast_raw_value(element, element.VR or vr, encodings)
+                    if value is _SLOW:
+                        value = _text_value(ds[tag])
+                else:
+                    element = ds[tag]
+                    if element.VR == "SQ":
+                        words.append(key)
+                        meta[key] = [walk(item, encodings) for item in element.value]
+                        continue
+                    value = _text_value(element)
             except Exception as error:  # one malformed element must not hide the rest
                 log.debug("element %s unreadable: %s", key, error)
                 continue
@@ -484,7 +584,7 @@ def extract_metadata(dataset: Dataset) -> tuple[dict, list[str]]:
                 words.append(item)
         return meta
 
-    return walk(dataset), words
+    return walk(dataset, None), words
 
 
 def make_record(dataset: Dataset, path: str, origin: str, size: int, mtime_ns: int) -> InstanceRecord:
@@ -756,11 +856,7 @@ class IngestStats:
 
 
 def read_header(source) -> Dataset:
-    """Read a data set's header, pixel data excluded. Raises IngestError if it is not DICOM.
-
-    A file that is cut short (a copy still in progress, a broken transfer) is refused: pydicom
-    reads such a file leniently, so the expected length of the last element is checked here.
-    """
+    """Read a data set's header, pixel data excluded. Raises IngestError if it is not DICOM."""
     try:
         dataset = pydicom.dcmread(source, stop_before_pixels=True)
     except InvalidDicomError:
@@ -774,6 +870,45 @@ def read_header(source) -> Dataset:
             raise IngestError("not DICOM: no DICM prefix and no SOPInstanceUID")
     except Exception as error:
         raise IngestError(f"unreadable DICOM: {error}") from None
+    return dataset
+
+
+def _meta_transfer_syntax(meta: bytes) -> str | None:
+    """The Transfer Syntax UID in a file meta group (explicit VR little endian), or None."""
+    position = 0
+    while position + 8 <= len(meta):
+        group, number, vr = struct.unpack_from("<HH2s", meta, position)
+        if vr in (b"OB", b"OW", b"UN", b"SQ", b"UT", b"UC", b"UR"):
+            length, header = struct.unpack_from("<I", meta, position + 8)[0], 12
+        else:
+            length, header = struct.unpack_from("<H", meta, position + 6)[0], 8
+        if (group, number) == (0x0002, 0x0010):
+            return meta[position + header: position + header + length].rstrip(b"\x00 ").decode("ascii", "replace")
+        position += header + length
+    return None
+
+
+def read_received_header(data: bytes) -> Dataset:
+    """read_header for the Part 10 bytes of an object received whole (C-STORE, STOW-RS).
+
+    Parses the data set directly with the transfer syntax from its meta group: three times
+    faster than a general dcmread, which matters on the C-STORE path.
+    """
+    offset = _dataset_offset(data)
+    syntax = _meta_transfer_syntax(data[144:offset]) if offset > 144 else None
+    try:
+        uid = pydicom.uid.UID(syntax or "")
+        implicit, little = uid.is_implicit_VR, uid.is_little_endian
+    except ValueError:
+        return read_header(io.BytesIO(data))
+    if uid.is_deflated:
+        return read_header(io.BytesIO(data))
+    try:
+        dataset = read_dataset(io.BytesIO(data[offset:]), implicit, little, stop_when=lambda tag, vr, length: tag >> 16 == 0x7FE0)
+    except Exception as error:
+        raise IngestError(f"unreadable DICOM: {error}") from None
+    dataset.file_meta = FileMetaDataset()
+    dataset.file_meta.TransferSyntaxUID = uid
     return dataset
 
 
@@ -848,7 +983,7 @@ class Ingest:
         committed, so an acknowledged instance survives a crash or kill -9.
         """
         try:
-            dataset = read_header(io.BytesIO(data))
+            dataset = read_received_header(data)
             uids = [str(dataset.get(k, "")) for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")]
             if not all(uids):
                 raise IngestError("missing StudyInstanceUID, SeriesInstanceUID or SOPInstanceUID")
@@ -941,10 +1076,15 @@ def _require_complete(handle, dataset: Dataset, file_size: int):
 
     After a stop_before_pixels read the handle sits at the pixel data element (if any); its
     declared length must fit in the file. Encapsulated (undefined length) pixel data must end
-    with a sequence delimiter.
+    with a sequence delimiter. Without pixel data the last element must end where the file does.
     """
     position = handle.tell()
     if position >= file_size:
+        deflated = getattr(dataset, "file_meta", None) is not None and dataset.file_meta.get("TransferSyntaxUID") == "1.2.840.10008.1.2.1.99"
+        last = dataset.get_item(max(dataset.keys())) if len(dataset) and not deflated else None
+        # pydicom returns a value cut short without complaint; value_tell is its file offset.
+        if isinstance(last, RawDataElement) and last.length != 0xFFFFFFFF and last.value_tell + last.length != file_size:
+            raise IngestError(f"truncated file: element {last.tag} needs {last.value_tell + last.length} bytes, file has {file_size}")
         return
     header = handle.read(12)
     if len(header) < 8:
@@ -962,9 +1102,18 @@ def _require_complete(handle, dataset: Dataset, file_size: int):
     else:
         length, start = struct.unpack(endian + "H", header[6:8])[0], position + 8
     if length == 0xFFFFFFFF:
-        handle.seek(max(file_size - 8, start))
-        if handle.read(8)[:4] != struct.pack(endian + "HH", 0xFFFE, 0xE0DD):
-            raise IngestError("truncated file: encapsulated pixel data has no end")
+        # Walk the fragments to the sequence delimiter: elements such as (FFFC,FFFC) padding may follow it.
+        handle.seek(start)
+        while True:
+            item = handle.read(8)
+            if len(item) < 8:
+                raise IngestError("truncated file: encapsulated pixel data has no end")
+            item_group, item_element, item_length = struct.unpack(endian + "HHI", item)
+            if (item_group, item_element) == (0xFFFE, 0xE0DD):
+                break
+            if (item_group, item_element) != (0xFFFE, 0xE000) or handle.tell() + item_length > file_size:
+                raise IngestError("truncated file: encapsulated pixel data has no end")
+            handle.seek(item_length, os.SEEK_CUR)
     elif start + length > file_size:
         raise IngestError(f"truncated file: pixel data needs {start + length} bytes, file has {file_size}")
 
@@ -1374,7 +1523,10 @@ class DicomServices:
     def _on_store(self, event):
         with self._tracked():
             try:
-                data = event.encoded_dataset(include_meta=True)
+                request = event.request
+                header = part10_header(request.AffectedSOPClassUID, request.AffectedSOPInstanceUID,
+                                       event.context.transfer_syntax, event.assoc.requestor.ae_title)
+                data = header + request.DataSet.getvalue()
             except Exception as error:
                 self.log.warning("C-STORE from %s: cannot read the request: %s", event.assoc.requestor.ae_title, error)
                 return CANNOT_UNDERSTAND
