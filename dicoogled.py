@@ -617,8 +617,9 @@ class Index:
 
     BATCH = 256
 
-    def __init__(self, path: pathlib.Path):
+    def __init__(self, path: pathlib.Path, on_connect=()):
         self.path = pathlib.Path(path)
+        self.on_connect = list(on_connect)  #: callables(connection), e.g. to add SQL functions
         self._local = threading.local()
         self._queue: "collections.deque[_WriteOp]" = collections.deque()
         self._wakeup = threading.Condition()
@@ -631,6 +632,8 @@ class Index:
         connection = apsw.Connection(str(self.path))
         connection.setbusytimeout(10_000)
         connection.execute("PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA foreign_keys=ON")
+        for hook in getattr(self, "on_connect", ()):
+            hook(connection)
         return connection
 
     def _migrate(self, connection):
@@ -743,10 +746,10 @@ class Index:
     # ---- write operations (run on the writer thread, inside a transaction) --------------------
 
     @staticmethod
-    def _upsert_parent(connection, level, key_column, key, parent_column, parent_id, columns, instance_id):
+    def _upsert_parent(connection, level, key_column, key, parent_column, parent_id, columns, instance_id, refresh=False):
         table = LEVEL_TABLES[level]
         row = connection.execute(f"SELECT id FROM {table} WHERE {key_column} = ?", (key,)).fetchone()
-        if row:
+        if row and not refresh:
             connection.execute(f"UPDATE {table} SET first_instance = ? WHERE id = ? AND first_instance IS NULL", (instance_id, row[0]))
             return row[0]
         names = [key_column, "first_instance"] + [_snake_case(k) for k in LEVEL_ATTRIBUTES[level] if _snake_case(k) != key_column]
@@ -755,6 +758,10 @@ class Index:
             if keyword in LEVEL_ATTRIBUTES[level]:
                 names.append(_snake_case(keyword) + "_folded")
                 values.append(_fold(columns[keyword]))
+        if row:  # a changed file: its parents now show what it says (and it represents them)
+            assignments = ", ".join(f"{name} = ?" for name in names[1:])
+            connection.execute(f"UPDATE {table} SET {assignments} WHERE id = ?", values[1:] + [row[0]])
+            return row[0]
         if parent_column:
             names.append(parent_column)
             values.append(parent_id)
@@ -777,9 +784,10 @@ class Index:
             (record.sop_instance_uid, columns["SOPClassUID"], columns["InstanceNumber"], record.transfer_syntax,
              record.path, record.origin, record.size, record.mtime_ns, json.dumps(record.meta, ensure_ascii=False)),
         ).fetchone()[0]
-        patient = cls._upsert_parent(connection, "PATIENT", "patient_key", patient_key, None, None, columns, instance_id)
-        study = cls._upsert_parent(connection, "STUDY", "study_instance_uid", columns["StudyInstanceUID"], "patient_ref", patient, columns, instance_id)
-        series = cls._upsert_parent(connection, "SERIES", "series_instance_uid", columns["SeriesInstanceUID"], "study_ref", study, columns, instance_id)
+        refresh = bool(existing)
+        patient = cls._upsert_parent(connection, "PATIENT", "patient_key", patient_key, None, None, columns, instance_id, refresh)
+        study = cls._upsert_parent(connection, "STUDY", "study_instance_uid", columns["StudyInstanceUID"], "patient_ref", patient, columns, instance_id, refresh)
+        series = cls._upsert_parent(connection, "SERIES", "series_instance_uid", columns["SeriesInstanceUID"], "study_ref", study, columns, instance_id, refresh)
         connection.execute("UPDATE instances SET series_ref = ? WHERE id = ?", (series, instance_id))
         connection.execute("INSERT INTO metadata (rowid, body) VALUES (?, ?)", (instance_id, record.text))
         return instance_id
@@ -1160,20 +1168,26 @@ def _in_range(stored: str, low: str, high: str) -> bool:
     return not high or stored[: len(high)] <= high
 
 
+def _is_universal(pattern) -> bool:
+    """An empty key, '*', or a sequence whose item has only such keys: it matches everything,
+    entities without the attribute included (PS3.4 C.2.2.2.3 and C.2.2.2.6)."""
+    if isinstance(pattern, list):
+        return not pattern or all(_is_universal(value) for _, value in pattern[0].values())
+    return pattern in ("", "*")
+
+
 def match_value(vr: str, pattern, stored) -> bool:
     """Does a stored value (text, list of texts, list of items) match a C-FIND key?
 
     Implements single value, wildcard, range, list-of-UID and universal matching; PN matches
     case- and accent-insensitively; a multi-valued attribute matches if any value does.
     """
+    if _is_universal(pattern):
+        return True
     if isinstance(pattern, list):  # sequence matching: every key of the query item must match one stored item
-        if not pattern or not pattern[0]:
-            return True
         items = stored if isinstance(stored, list) else []
         return any(all(match_value(k_vr, k_value, item.get(k)) for k, (k_vr, k_value) in pattern[0].items())
                    for item in items if isinstance(item, dict))
-    if pattern in ("", "*"):
-        return True
     if stored is None or isinstance(stored, list) and stored and isinstance(stored[0], dict):
         return False
     values = stored if isinstance(stored, list) else [stored]
@@ -1202,8 +1216,9 @@ COMPUTED_ATTRIBUTES = {
     "NumberOfPatientRelatedInstances": ("PATIENT", "SELECT count(*) FROM instances i2 JOIN series se2 ON se2.id = i2.series_ref JOIN studies st2 ON st2.id = se2.study_ref WHERE st2.patient_ref = p.id"),
     "NumberOfStudyRelatedSeries": ("STUDY", "SELECT count(*) FROM series WHERE study_ref = st.id"),
     "NumberOfStudyRelatedInstances": ("STUDY", "SELECT count(*) FROM instances i2 JOIN series se2 ON se2.id = i2.series_ref WHERE se2.study_ref = st.id"),
-    "ModalitiesInStudy": ("STUDY", "SELECT group_concat(DISTINCT modality) FROM series WHERE study_ref = st.id AND modality != ''"),
-    "SOPClassesInStudy": ("STUDY", "SELECT group_concat(DISTINCT i2.sop_class_uid) FROM instances i2 JOIN series se2 ON se2.id = i2.series_ref WHERE se2.study_ref = st.id"),
+    # group_concat(DISTINCT) only joins with ','; CS and UI values never hold one, so make it DICOM's '\'.
+    "ModalitiesInStudy": ("STUDY", "SELECT replace(group_concat(DISTINCT modality), ',', '\\') FROM series WHERE study_ref = st.id AND modality != ''"),
+    "SOPClassesInStudy": ("STUDY", "SELECT replace(group_concat(DISTINCT i2.sop_class_uid), ',', '\\') FROM instances i2 JOIN series se2 ON se2.id = i2.series_ref WHERE se2.study_ref = st.id"),
     "NumberOfSeriesRelatedInstances": ("SERIES", "SELECT count(*) FROM instances WHERE series_ref = se.id"),
 }
 
@@ -1323,10 +1338,9 @@ class Finder:
         for key in keys:
             column = self._column(key.keyword, level)
             if column:
-                returned.append((key, ("column", column[0])))
+                # Return the stored text, also for universal matching; match the folded one.
+                returned.append((key, ("column", column[0].removesuffix("_folded"))))
                 if key.value not in ("", "*"):
-                    if key.keyword in FOLDED_ATTRIBUTES:  # return the stored text, match the folded one
-                        returned[-1] = (key, ("column", column[0].removesuffix("_folded")))
                     where.append(self._condition(column[0], key, args))
             elif key.keyword in COMPUTED_ATTRIBUTES and LEVELS.index(COMPUTED_ATTRIBUTES[key.keyword][0]) <= LEVELS.index(level):
                 attribute_level, sql = COMPUTED_ATTRIBUTES[key.keyword]
@@ -1342,7 +1356,7 @@ class Finder:
                     args.extend(classes)
             else:
                 returned.append((key, ("meta", None)))
-                if key.value not in ("", "*") and not (key.vr == "SQ" and not (key.value and key.value[0])):
+                if not _is_universal(key.value):
                     python_keys.append(key)
                     representative = "i.id" if level == "IMAGE" else f"{alias}.first_instance"
                     where.append(f"{representative} IN (SELECT rowid FROM metadata WHERE metadata MATCH ?)")
@@ -1433,6 +1447,349 @@ def _dicom_value(vr: str, value):
     if vr in BINARY_VRS or vr == "AT":
         return None
     return str(value) if value is not None else ""
+
+
+# ============================================================================================
+# Search language: Dicoogle's Lucene-style queries, parsed and compiled to safe SQL
+# ============================================================================================
+
+
+class SearchSyntaxError(ValueError):
+    """A query that cannot be parsed; position is the offset of the offending text."""
+
+    def __init__(self, message: str, position: int):
+        super().__init__(f"{message} at position {position}")
+        self.position = position
+
+
+_SEARCH_TOKEN = re.compile(r"""
+    (?P<space>\s+)
+  | (?P<open>\() | (?P<close>\))
+  | (?P<phrase>"(?:[^"\\]|\\.)*")
+  | (?P<range>[\[{]\s*(?P<low>(?:[^\s\]}\\]|\\.)+)\s+TO\s+(?P<high>(?:[^\s\]}\\]|\\.)+)\s*[\]}])
+  | (?P<word>(?:[^\s()"\\:]|\\.)+)
+  | (?P<colon>:)
+""", re.VERBOSE)
+_NUMERIC_TYPES = ("Float", "Int", "Numeric", "Double", "Long")
+
+
+def _unescape(text: str) -> str:
+    return re.sub(r"\\(.)", r"\1", text)
+
+
+def _tokenize_search(text: str) -> list[tuple[str, str, int, re.Match]]:
+    tokens, position = [], 0
+    while position < len(text):
+        match = _SEARCH_TOKEN.match(text, position)
+        if not match:
+            snippet = text[position:position + 10]
+            raise SearchSyntaxError("unterminated quote" if snippet.startswith('"') else f"unexpected {snippet!r}", position)
+        kind = match.lastgroup if match.lastgroup not in ("low", "high") else "range"
+        if kind != "space":
+            tokens.append((kind, match.group(), position, match))
+        position = match.end()
+    return tokens
+
+
+class SearchQuery:
+    """A parsed query. Grammar (Lucene's, as Dicoogle uses it):
+
+        query  := or
+        or     := and (("OR" | "||") and)*
+        and    := unary (("AND" | "&&")? unary)*       adjacent clauses must all match
+        unary  := ("NOT" | "!" | "-" | "+")? atom
+        atom   := "(" query ")" | "*:*" | FIELD ":" [TYPE ":"] value | FIELD ":(" values ")" | value
+        value  := word (with * and ?) | "phrase" | [a TO b] | {a TO b}
+
+    The tree is made of tuples: ("and", [..]), ("or", [..]), ("not", q), ("all",),
+    ("text", word or phrase, is_phrase), ("field", keyword, ("match", text) | ("range", ...)).
+    """
+
+    def __init__(self, text: str):
+        self.text = text
+        if not text.strip():
+            raise SearchSyntaxError("empty query", 0)
+        if len(text) > 10_000:
+            raise SearchSyntaxError("query longer than 10000 characters", 10_000)
+        self.tokens = _tokenize_search(text)
+        self.index = 0
+        self.tree = self._or()
+        if self.index < len(self.tokens):
+            kind, value, position, _ = self.tokens[self.index]
+            raise SearchSyntaxError(f"unexpected {value!r}", position)
+
+    # ---- recursive descent ----------------------------------------------------------------------
+
+    def _peek(self):
+        return self.tokens[self.index] if self.index < len(self.tokens) else (None, None, len(self.text), None)
+
+    def _is_operator(self, *names) -> bool:
+        kind, value, _, _ = self._peek()
+        return kind == "word" and value in names
+
+    def _or(self):
+        clauses = [self._and()]
+        while self._is_operator("OR", "||"):
+            self.index += 1
+            clauses.append(self._and())
+        return clauses[0] if len(clauses) == 1 else ("or", clauses)
+
+    def _and(self):
+        clauses = [self._unary()]
+        while True:
+            kind, value, _, _ = self._peek()
+            if kind is None or kind == "close" or self._is_operator("OR", "||"):
+                break
+            if self._is_operator("AND", "&&"):
+                self.index += 1
+            clauses.append(self._unary())
+        return clauses[0] if len(clauses) == 1 else ("and", clauses)
+
+    def _unary(self):
+        kind, value, position, _ = self._peek()
+        if kind == "word" and value in ("NOT", "!"):
+            self.index += 1
+            return ("not", self._unary())
+        if kind == "word" and value[0] in "+-" and len(value) > 1:
+            # Lucene's required (+) and prohibited (-) prefixes.
+            self.tokens[self.index] = ("word", value[1:], position + 1, None)
+            atom = self._unary()
+            return ("not", atom) if value[0] == "-" else atom
+        return self._atom()
+
+    def _atom(self):
+        kind, value, position, match = self._peek()
+        if kind is None:
+            raise SearchSyntaxError("query ends where a term was expected", position)
+        self.index += 1
+        if kind == "open":
+            inner = self._or()
+            if self._peek()[0] != "close":
+                raise SearchSyntaxError("missing ')'", self._peek()[2])
+            self.index += 1
+            return inner
+        if kind == "phrase":
+            return ("text", _unescape(value[1:-1]), True)
+        if kind == "word" and self._peek()[0] == "colon":
+            self.index += 1
+            return self._field(_unescape(value), position)
+        if kind == "word":
+            if value in ("AND", "OR", "&&", "||"):
+                raise SearchSyntaxError(f"{value} needs a term on each side", position)
+            return ("text", _unescape(value), False)
+        raise SearchSyntaxError(f"unexpected {value!r}", position)
+
+    def _field(self, name: str, position: int):
+        kind, value, value_position, match = self._peek()
+        if name == "*":
+            if kind == "word" and value == "*":
+                self.index += 1
+                return ("all",)
+            raise SearchSyntaxError("'*:' must be followed by '*'", value_position)
+        keyword = _search_field(name, position)
+        numeric = False
+        if kind == "word" and value in _NUMERIC_TYPES and self.tokens[self.index + 1:self.index + 2] and self.tokens[self.index + 1][0] == "colon":
+            self.index += 2
+            numeric = True
+            kind, value, value_position, match = self._peek()
+        if kind is None:
+            raise SearchSyntaxError(f"{name}: needs a value", value_position)
+        self.index += 1
+        if kind == "range":
+            low, high = _unescape(match.group("low")), _unescape(match.group("high"))
+            numeric = numeric or all(_as_number(b) is not None for b in (low, high) if b != "*")
+            return ("field", keyword, ("range", low, high, value[0] == "[", value[-1] == "]", numeric))
+        if numeric:
+            raise SearchSyntaxError(f"{name}: a numeric type needs a [a TO b] range", value_position)
+        if kind == "phrase":
+            return ("field", keyword, ("match", _unescape(value[1:-1])))
+        if kind == "word":
+            return ("field", keyword, ("match", _unescape(value)))
+        if kind == "open":
+            # Field:(a OR b c) applies the field to every term inside.
+            self.index -= 1
+            group = self._atom()
+            return _apply_field(keyword, group, value_position)
+        raise SearchSyntaxError(f"{name}: unexpected {value!r}", value_position)
+
+
+def _search_field(name: str, position: int) -> str:
+    """A field name as the index knows it: a DICOM keyword, an 8-hex tag, Seq_Child, or uri."""
+    if name in ("uri", "others"):
+        return name
+    for part in name.split("_"):
+        if not (tag_for_keyword(part) is not None or re.fullmatch(r"[0-9A-Fa-f]{8}", part)):
+            raise SearchSyntaxError(f"unknown field {name!r} (fields are DICOM keywords such as PatientName)", position)
+    return "_".join(p.upper() if re.fullmatch(r"[0-9A-Fa-f]{8}", p) else p for p in name.split("_"))
+
+
+def _apply_field(keyword: str, node, position: int):
+    if node[0] == "text":
+        return ("field", keyword, ("match", node[1]))
+    if node[0] in ("and", "or"):
+        return (node[0], [_apply_field(keyword, child, position) for child in node[1]])
+    if node[0] == "not":
+        return ("not", _apply_field(keyword, node[1], position))
+    raise SearchSyntaxError(f"{keyword}:( ) may hold only plain terms", position)
+
+
+def _as_number(text: str):
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+@functools.lru_cache(maxsize=1024)
+def _value_matcher(spec: str):
+    """A predicate on one folded text value, for a field clause's serialised value spec."""
+    node = json.loads(spec)
+    if node[0] == "range":
+        _, low, high, include_low, include_high, numeric = node
+        convert = _as_number if numeric else _fold
+        low_value = None if low == "*" else convert(low)
+        high_value = None if high == "*" else convert(high)
+
+        def in_range(value):
+            value = convert(value)
+            if value is None or value == "":
+                return False
+            if low_value is not None and (value < low_value or (value == low_value and not include_low)):
+                return False
+            if high_value is not None and (value > high_value or (value == high_value and not include_high)):
+                return False
+            return True
+        return in_range
+    pattern = _fold(node[1]).strip()
+    words = _fts_tokens(pattern)
+    if "*" in pattern or "?" in pattern:
+        whole = _wildcard_regex(pattern, fold=False)
+        return lambda value: bool(whole.fullmatch(_fold(value)) or any(whole.fullmatch(w) for w in _fts_tokens(value)))
+    if not words:
+        return lambda value: _fold(value) == pattern
+
+    def equal_or_contains(value):
+        if _fold(value) == pattern:
+            return True
+        tokens = _fts_tokens(value)
+        n = len(words)
+        return any(tokens[i:i + n] == words for i in range(len(tokens) - n + 1))
+    return equal_or_contains
+
+
+def field_value_matches(spec: str, values: list[str]) -> bool:
+    """Does any value of an attribute satisfy a field clause?
+
+    Text compares case- and accent-insensitively: the clause matches a value equal to it, or
+    (for words and phrases) a run of whole words inside it; '*' and '?' are wildcards over the
+    whole value or one word; ranges compare numbers when both bounds are numbers, else text.
+    """
+    predicate = _value_matcher(spec)
+    return any(predicate(value) for value in values)
+
+
+def _meta_values(meta: dict, path: list[str]) -> list[str]:
+    """Text values of a field in an instance's metadata. Seq_Child names a child inside a
+    sequence's items; a plain keyword absent at the top level is looked for in every item."""
+    value = meta.get(path[0])
+    if len(path) > 1:
+        items = value if isinstance(value, list) else []
+        return [v for item in items if isinstance(item, dict) for v in _meta_values(item, path[1:])]
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and value and isinstance(value[0], str):
+        return value
+    nested = []
+    for item_list in meta.values():
+        if isinstance(item_list, list):
+            nested.extend(v for item in item_list if isinstance(item, dict) for v in _meta_values(item, path))
+    return nested
+
+
+#: Main attributes and where they live, for search clauses answered by a column.
+SEARCH_COLUMNS = {k: f"{LEVEL_ALIASES[level]}.{_snake_case(k)}" for level in LEVELS for k in LEVEL_ATTRIBUTES[level]}
+SEARCH_COLUMNS["uri"] = "i.path"
+
+
+def compile_search(query: SearchQuery) -> tuple[str, list, str | None]:
+    """SQL condition over instances (aliases p, st, se, i), its arguments, and the FTS5 query
+    used to rank results (None when the query has no free text). User text only ever
+    travels as bound parameters and as quoted FTS5 strings."""
+    args: list = []
+    ranked: list[str] = []
+
+    def text_fts(term: str, is_phrase: bool) -> str | None:
+        if is_phrase:
+            tokens = _fts_tokens(term)
+            return _fts_phrase(tokens) if tokens else None
+        if "?" in term or "*" in term[:-1]:
+            return None  # a wildcard inside a word: no FTS form, matched by scanning
+        tokens = _fts_tokens(term.rstrip("*"))
+        if not tokens:
+            return None
+        return " AND ".join(_fts_phrase([t], prefix=term.endswith("*") and t == tokens[-1]) for t in tokens)
+
+    def walk(node, positive=True) -> str:
+        kind = node[0]
+        if kind == "all":
+            return "1"
+        if kind in ("and", "or"):
+            return "(" + f" {kind.upper()} ".join(walk(child, positive) for child in node[1]) + ")"
+        if kind == "not":
+            return f"NOT {walk(node[1], not positive)}"
+        if kind == "text":
+            if not _fts_tokens(node[1]):
+                return "0"  # punctuation alone is no word: it matches nothing
+            fts = text_fts(node[1], node[2])
+            if fts is None:
+                args.append(json.dumps(["match", node[1]]))
+                return "search_text_matches(i.meta, ?)"
+            if positive:
+                ranked.append(f"({fts})")
+            args.append(fts)
+            return "i.id IN (SELECT rowid FROM metadata WHERE metadata MATCH ?)"
+        # ("field", keyword, value)
+        keyword, value = node[1], node[2]
+        spec = json.dumps(list(value))
+        if keyword in SEARCH_COLUMNS:
+            args.append(spec)
+            return f"search_value_matches(?, {SEARCH_COLUMNS[keyword]})"
+        path = keyword.split("_")
+        # FTS5 narrows the candidates to instances holding the keyword and the value's words
+        # (a superset); the exact rule is then checked on the metadata.
+        words = [] if value[0] == "range" else _fts_tokens(value[1].split("*")[0].split("?")[0])
+        prefilter = " AND ".join(_fts_phrase([w]) for w in _fts_tokens(path[-1]) + words)
+        top_level = f'$."{path[0]}"' if len(path) == 1 else "$.__none__"
+        args.extend([prefilter, top_level, spec, json.dumps(path)])
+        return ("(i.id IN (SELECT rowid FROM metadata WHERE metadata MATCH ?)"
+                " AND search_meta_matches(json_extract(i.meta, ?), i.meta, ?, ?))")
+
+    where = walk(query.tree)
+    return where, args, " OR ".join(ranked) if ranked else None
+
+
+def register_search_functions(connection: apsw.Connection):
+    """The SQL functions compile_search's conditions call (per connection, as apsw requires)."""
+
+    def value_matches(spec, value):
+        return field_value_matches(spec, value.split("\\") if value else [])
+
+    def meta_matches(top_level_value, meta_text, spec, path_text):
+        # A top-level attribute comes pre-extracted by SQLite: no need to parse all metadata.
+        if isinstance(top_level_value, str):
+            values = json.loads(top_level_value) if top_level_value.startswith("[") else [top_level_value]
+            if all(isinstance(v, str) for v in values):
+                return field_value_matches(spec, values)
+        return field_value_matches(spec, _meta_values(json.loads(meta_text), json.loads(path_text)))
+
+    def text_matches(meta_text, spec):
+        pattern = json.loads(spec)[1]
+        regex = _wildcard_regex(_fold(pattern), fold=False)
+        return any(regex.fullmatch(word) for word in _fts_tokens(meta_text))
+
+    connection.create_scalar_function("search_value_matches", value_matches, 2, deterministic=True)
+    connection.create_scalar_function("search_meta_matches", meta_matches, 4, deterministic=True)
+    connection.create_scalar_function("search_text_matches", text_matches, 2, deterministic=True)
 
 
 # ============================================================================================
@@ -1534,16 +1891,26 @@ class DicomServices:
 
     def _on_find(self, event):
         calling = event.assoc.requestor.ae_title
+        cancelled = False
+
+        def is_cancelled():
+            nonlocal cancelled  # pynetdicom reports a C-CANCEL only once: remember it
+            cancelled = cancelled or event.is_cancelled
+            return cancelled
+
         try:
             identifier = event.identifier
+            level, _ = parse_identifier(identifier)
+            if level == "PATIENT" and event.request.AffectedSOPClassUID == StudyRootQueryRetrieveInformationModelFind:
+                raise QueryError("the Study Root model has no PATIENT level (use Patient Root)", IDENTIFIER_DOES_NOT_MATCH)
             count = 0
-            for response in self.finder.search(identifier, lambda: event.is_cancelled):
+            for response in self.finder.search(identifier, is_cancelled):
                 yield PENDING, response
                 count += 1
                 if self.config.max_find_results and count >= self.config.max_find_results:
                     self.log.warning("C-FIND from %s stopped at max_find_results=%d", calling, count)
                     break
-            if event.is_cancelled:
+            if is_cancelled():
                 yield CANCELLED, None
                 return
             self.log.info("C-FIND from %s: %d matches", calling, count)
@@ -1886,7 +2253,7 @@ class Daemon:
         self.storage = Storage(data_dir, fsync=config.fsync)
         # Temporary files (spooled uploads, pynetdicom's) stay on the data disk: /tmp may be RAM.
         tempfile.tempdir = str(self.storage.tmp)
-        self.index = Index(data_dir / "index.sqlite")
+        self.index = Index(data_dir / "index.sqlite", on_connect=[register_search_functions])
         self.ingest = Ingest(self.index, self.storage, config.duplicates)
         self.finder = Finder(self.index)
         self.dicom = DicomServices(config, self.ingest, self.finder)
