@@ -2013,6 +2013,7 @@ class FolderWatcher:
         self._pending_lock = threading.Lock()
         self._stop = threading.Event()
         self._workers = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="watch-index")
+        self._queued = 0  # files handed to the workers and not yet indexed (or skipped)
         self.reconciling = 0
 
     def start(self):
@@ -2080,7 +2081,13 @@ class FolderWatcher:
 
     def _submit(self, path: str):
         if not self._stop.is_set():
-            self._workers.submit(self._index_if_changed, path)
+            with self._pending_lock:
+                self._queued += 1
+            self._workers.submit(self._index_if_changed, path).add_done_callback(self._dequeue)
+
+    def _dequeue(self, _future):
+        with self._pending_lock:
+            self._queued -= 1
 
     def _index_if_changed(self, path: str):
         try:
@@ -2095,7 +2102,8 @@ class FolderWatcher:
 
     @property
     def pending(self) -> int:
-        return len(self._pending)
+        """Files waiting for their quiet period or queued for indexing: 0 means all indexed."""
+        return len(self._pending) + self._queued
 
     def _debounce_loop(self):
         """Index files whose size and mtime have not changed for quiet_period seconds."""

@@ -138,6 +138,19 @@ def test_copied_files_are_indexed_in_place(watched, studies, copy):
     assert daemon.counts() == {"patients": 1, "studies": 1, "series": 2, "instances": 4}
 
 
+def test_settled_waits_for_files_being_indexed(start_daemon, studies, tmp_path):
+    """/health's watch.pending counts files queued for indexing, so settled() means indexed."""
+    folder = tmp_path / "watch"
+    folder.mkdir()
+    daemon = start_daemon(config_text=watch_config(folder))
+    daemon.settled()
+    sources = studies(patients=2, studies=2, series=2, instances=25)  # 200 files
+    subprocess.run(["cp", "-r", str(tmp_path / "generated"), str(folder / "batch")], check=True)
+    wait_until(lambda: daemon.health()["ingest"]["indexed"] > 0, message="indexing to begin")
+    daemon.settled()
+    assert daemon.counts()["instances"] == len(sources)
+
+
 def test_watched_files_are_not_changed(watched, studies):
     daemon, folder = watched
     source = studies(patients=1, studies=1, series=1, instances=1)[0]
