@@ -15,18 +15,23 @@ __version__ = "0.1.0"
 # ============================================================================================
 
 import argparse
+import base64
 import collections
 import concurrent.futures
 import configparser
 import contextlib
 import dataclasses
+import datetime
 import functools
+import hashlib
+import hmac
 import io
 import json
 import logging
 import os
 import pathlib
 import re
+import secrets
 import signal
 import socket
 import struct
@@ -35,6 +40,8 @@ import tempfile
 import threading
 import time
 import unicodedata
+import urllib.parse
+import uuid
 
 import apsw
 import bottle
@@ -42,7 +49,7 @@ import pydicom
 import pydicom.config
 import pydicom.uid
 from pydicom.charset import convert_encodings, decode_bytes
-from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
+from pydicom.datadict import DicomDictionary, dictionary_VR, keyword_for_tag, tag_for_keyword
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
@@ -139,6 +146,11 @@ max_find_results = 0
 host = 0.0.0.0
 port = 8080
 threads = 8
+# Patient data and every write need a login. On a closed lab network, true opens the
+# read-only endpoints (search, dump, images, files) to anyone who can reach the port.
+allow_unauthorized = false
+# A login token expires after this many minutes without use.
+session_idle_minutes = 720
 
 [storage]
 # Where received objects, the index and temporary files live (local disk: SQLite WAL needs it).
@@ -278,6 +290,8 @@ class Config:
     http_host: str = "0.0.0.0"
     http_port: int = 8080
     http_threads: int = 8
+    allow_unauthorized: bool = False
+    session_idle_minutes: float = 720
     data_dir: pathlib.Path = pathlib.Path("./data")
     duplicates: str = "keep"
     fsync: bool = True
@@ -319,6 +333,8 @@ class Config:
                 http_host=get("http", "host"),
                 http_port=parser.getint("http", "port"),
                 http_threads=parser.getint("http", "threads"),
+                allow_unauthorized=parser.getboolean("http", "allow_unauthorized"),
+                session_idle_minutes=parser.getfloat("http", "session_idle_minutes"),
                 data_dir=pathlib.Path(get("storage", "data_dir")),
                 duplicates=get("storage", "duplicates").strip(),
                 fsync=parser.getboolean("storage", "fsync"),
@@ -992,7 +1008,10 @@ class Ingest:
         """
         try:
             dataset = read_received_header(data)
-            uids = [str(dataset.get(k, "")) for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")]
+            try:
+                uids = [str(dataset.get(k, "")) for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")]
+            except Exception as error:  # values are decoded lazily: a malformed UID element fails here
+                raise IngestError(f"unreadable UID: {error}") from None
             if not all(uids):
                 raise IngestError("missing StudyInstanceUID, SeriesInstanceUID or SOPInstanceUID")
             path = self.storage.path_for(*uids)
@@ -1233,8 +1252,18 @@ class Key:
     value: object  # text, or for sequences a list holding one dict of sub-keys {keyword: (vr, value)}
 
 
+def _refuse_cut_short(ds: Dataset):
+    """Raise QueryError for an element whose value is shorter than its header says: pydicom
+    reads it without complaint, and an answer to a guessed key would mislead."""
+    for tag in ds.keys():
+        raw = ds.get_item(tag)
+        if isinstance(raw, RawDataElement) and raw.length != 0xFFFFFFFF and raw.length != len(raw.value or b""):
+            raise QueryError(f"malformed key {tag}: {raw.length} bytes announced, {len(raw.value or b'')} sent")
+
+
 def parse_identifier(identifier: Dataset) -> tuple[str, list[Key]]:
     """Split a C-FIND identifier into its level and keys; raise QueryError if it is unusable."""
+    _refuse_cut_short(identifier)  # before reading the level, which decodes its element
     try:
         level = str(identifier.get("QueryRetrieveLevel", "")).strip().upper()
     except Exception as error:
@@ -1244,10 +1273,12 @@ def parse_identifier(identifier: Dataset) -> tuple[str, list[Key]]:
 
     def keys_of(ds: Dataset) -> list[Key]:
         keys = []
-        for element in ds:
-            if element.tag in (0x00080052, 0x00080005) or element.tag.element == 0x0000:
+        _refuse_cut_short(ds)
+        for tag in list(ds.keys()):
+            if tag in (0x00080052, 0x00080005) or tag.element == 0x0000:
                 continue
             try:
+                element = ds[tag]  # decoding here, so that a broken value is a QueryError too
                 if element.VR == "SQ":
                     items = [{k.keyword: (k.vr, k.value) for k in keys_of(item)} for item in element.value[:1]]
                     keys.append(Key(_element_key(element), int(element.tag), "SQ", items))
@@ -1260,7 +1291,7 @@ def parse_identifier(identifier: Dataset) -> tuple[str, list[Key]]:
                     value = value.rstrip(b"\x00 ").decode("ascii", "replace")
                 keys.append(Key(_element_key(element), int(element.tag), element.VR, str(value).strip()))
             except Exception as error:
-                raise QueryError(f"malformed key {element.tag}: {error}") from None
+                raise QueryError(f"malformed key {tag}: {error}") from None
         return keys
 
     return level, keys_of(identifier)
@@ -1869,12 +1900,23 @@ class DicomServices:
                 self._in_flight_done.notify_all()
 
     def _on_requested(self, event):
+        # pynetdicom rejects (after this event) without a word in our log: say why here, with
+        # the same tests it applies, so an administrator can tell a refusal from a network fault.
         request = event.assoc.requestor.primitive
+        calling = str(getattr(request, "calling_ae_title", "")).strip()
         called = str(getattr(request, "called_ae_title", "")).strip()
-        if called and called != self.config.aet and not self.config.strict_called_aet:
+        refused = False
+        if self.config.allowed_calling_aets and calling not in self.config.allowed_calling_aets:
+            refused = True
+            self.log.warning("refused an association from %r: not in allowed_calling_aets", calling)
+        if self.config.strict_called_aet and called != self.config.aet:
+            refused = True
+            self.log.warning("refused an association from %s: it called us %r, but our AE title is %r (strict_called_aet)",
+                             calling, called, self.config.aet)
+        if not refused and called and called != self.config.aet:
             self.log.warning(
                 "%s called us as %r, but our AE title is %r: accepted anyway (set strict_called_aet to refuse)",
-                str(getattr(request, "calling_ae_title", "")).strip(), called, self.config.aet,
+                calling, called, self.config.aet,
             )
 
     def _on_store(self, event):
@@ -2204,29 +2246,367 @@ def reconcile(ingest: Ingest, root: pathlib.Path, origin: str, stop: threading.E
 
 
 # ============================================================================================
-# HTTP: the Bottle application
+# Users and sessions: password hashes, tokens, presets (data_dir/users.sqlite)
 # ============================================================================================
+
+USERS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS users (
+    username TEXT PRIMARY KEY, password_hash BLOB NOT NULL, salt BLOB NOT NULL,
+    admin INTEGER NOT NULL DEFAULT 0, roles TEXT NOT NULL DEFAULT '[]'
+);
+CREATE TABLE IF NOT EXISTS sessions (
+    token TEXT PRIMARY KEY, username TEXT NOT NULL REFERENCES users(username) ON DELETE CASCADE,
+    created REAL NOT NULL, last_used REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS presets (
+    username TEXT NOT NULL, name TEXT NOT NULL, fields TEXT NOT NULL, PRIMARY KEY (username, name)
+);
+"""
+USERNAME_PATTERN = re.compile(r"^[A-Za-z0-9._@-]{1,64}$")
+
+
+@dataclasses.dataclass(frozen=True)
+class User:
+    username: str
+    admin: bool
+    roles: tuple = ()
+
+
+def _hash_password(password: str, salt: bytes) -> bytes:
+    # scrypt: slow and memory-hard on purpose, so a stolen users.sqlite resists guessing.
+    return hashlib.scrypt(password.encode("utf-8"), salt=salt, n=2**14, r=8, p=1, dklen=32)
+
+
+class Users:
+    """Accounts and login sessions. Tokens survive restarts and expire after idle_minutes."""
+
+    def __init__(self, path: pathlib.Path, idle_minutes: float = 720):
+        self.idle_seconds = idle_minutes * 60
+        self.log = logging.getLogger("dicoogled.http")
+        self._lock = threading.Lock()
+        self._db = apsw.Connection(str(path))
+        self._db.setbusytimeout(10_000)
+        self._db.execute("PRAGMA journal_mode=WAL; PRAGMA foreign_keys=ON")
+        with self._db:
+            self._db.execute(USERS_SCHEMA)
+        os.chmod(path, 0o600)
+        self._basic_cache: dict[tuple[str, bytes], float] = {}
+
+    def _query(self, sql, args=()):
+        with self._lock:
+            return self._db.execute(sql, args).fetchall()
+
+    def _write(self, sql, args=()):
+        with self._lock, self._db:
+            self._db.execute(sql, args)
+            return self._db.changes()
+
+    def ensure_admin(self, data_dir: pathlib.Path, password: str | None):
+        """On first start create user 'admin' with DICOOGLED_ADMIN_PASSWORD, or a random
+        password written to a file only the owner can read."""
+        if self._query("SELECT 1 FROM users LIMIT 1"):
+            return
+        if not password:
+            password = secrets.token_urlsafe(12)
+            secret_file = data_dir / "admin-password.txt"
+            fd = os.open(secret_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as handle:
+                handle.write(password + "\n")
+            self.log.warning("created user 'admin'; its password is in %s", secret_file)
+        else:
+            self.log.info("created user 'admin' with the password from DICOOGLED_ADMIN_PASSWORD")
+        self.create("admin", password, admin=True)
+
+    def create(self, username: str, password: str, admin: bool = False, roles=()) -> bool:
+        if not USERNAME_PATTERN.match(username or ""):
+            raise ValueError("a username is 1 to 64 letters, digits or . _ @ -")
+        if not password:
+            raise ValueError("a password may not be empty")
+        salt = secrets.token_bytes(16)
+        with self._lock, self._db:
+            if self._db.execute("SELECT 1 FROM users WHERE username = ?", (username,)).fetchone():
+                return False
+            self._db.execute("INSERT INTO users VALUES (?, ?, ?, ?, ?)",
+                             (username, _hash_password(password, salt), salt, int(admin), json.dumps(list(roles))))
+        return True
+
+    def set_password(self, username: str, password: str) -> bool:
+        if not password:
+            raise ValueError("a password may not be empty")
+        salt = secrets.token_bytes(16)
+        changed = self._write("UPDATE users SET password_hash = ?, salt = ? WHERE username = ?",
+                              (_hash_password(password, salt), salt, username))
+        self._basic_cache.clear()
+        return bool(changed)
+
+    def delete(self, username: str) -> bool:
+        """Delete a user and its sessions; the last admin is never deleted."""
+        with self._lock, self._db:
+            row = self._db.execute("SELECT admin FROM users WHERE username = ?", (username,)).fetchone()
+            if not row:
+                return False
+            admins = self._db.execute("SELECT count(*) FROM users WHERE admin").fetchone()[0]
+            if row[0] and admins <= 1:
+                return False
+            self._db.execute("DELETE FROM users WHERE username = ?", (username,))
+        self._basic_cache.clear()
+        return True
+
+    def all(self) -> list[User]:
+        return [User(name, bool(admin), tuple(json.loads(roles)))
+                for name, admin, roles in self._query("SELECT username, admin, roles FROM users ORDER BY username")]
+
+    def get(self, username: str) -> User | None:
+        rows = self._query("SELECT username, admin, roles FROM users WHERE username = ?", (username,))
+        return User(rows[0][0], bool(rows[0][1]), tuple(json.loads(rows[0][2]))) if rows else None
+
+    def authenticate(self, username: str, password: str) -> User | None:
+        rows = self._query("SELECT password_hash, salt FROM users WHERE username = ?", (username or "",))
+        if not rows:
+            _hash_password(password or "", b"0" * 16)  # same cost whether or not the user exists
+            return None
+        stored, salt = rows[0]
+        if not hmac.compare_digest(bytes(stored), _hash_password(password or "", bytes(salt))):
+            return None
+        return self.get(username)
+
+    def authenticate_basic(self, username: str, password: str) -> User | None:
+        """authenticate() with a short memory, so scripts sending Basic credentials with every
+        request do not pay for scrypt each time."""
+        key = (username, hashlib.sha256(password.encode("utf-8", "replace")).digest())
+        if self._basic_cache.get(key, 0) > time.monotonic():
+            return self.get(username)
+        user = self.authenticate(username, password)
+        if user:
+            self._basic_cache[key] = time.monotonic() + 300
+        return user
+
+    def start_session(self, user: User) -> str:
+        token = secrets.token_urlsafe(32)
+        now = time.time()
+        self._write("INSERT INTO sessions VALUES (?, ?, ?, ?)", (token, user.username, now, now))
+        return token
+
+    def session_user(self, token: str) -> User | None:
+        rows = self._query("SELECT username, last_used FROM sessions WHERE token = ?", (token,))
+        if not rows:
+            return None
+        username, last_used = rows[0]
+        now = time.time()
+        if now - last_used > self.idle_seconds:
+            self.end_session(token)
+            return None
+        if now - last_used > 60:  # refresh at most once a minute
+            self._write("UPDATE sessions SET last_used = ? WHERE token = ?", (now, token))
+        return self.get(username)
+
+    def end_session(self, token: str) -> bool:
+        return bool(self._write("DELETE FROM sessions WHERE token = ?", (token,)))
+
+    def presets(self, username: str) -> list[dict]:
+        return [{"name": name, "fields": json.loads(fields)}
+                for name, fields in self._query("SELECT name, fields FROM presets WHERE username = ? ORDER BY name", (username,))]
+
+    def save_preset(self, username: str, name: str, fields: list[str]):
+        self._write("INSERT OR REPLACE INTO presets VALUES (?, ?, ?)", (username, name, json.dumps(fields)))
+
+    def close(self):
+        with self._lock:
+            self._db.close()
+
+
+class LoginThrottle:
+    """Failed logins per client address: after `limit` failures in `window` seconds, refuse."""
+
+    def __init__(self, limit: int = 5, window: float = 300):
+        self.limit, self.window = limit, window
+        self._failures: dict[str, list[float]] = collections.defaultdict(list)
+        self._lock = threading.Lock()
+
+    def blocked(self, address: str) -> bool:
+        with self._lock:
+            recent = [t for t in self._failures.get(address, []) if time.monotonic() - t < self.window]
+            self._failures[address] = recent
+            return len(recent) >= self.limit
+
+    def failed(self, address: str):
+        with self._lock:
+            self._failures[address].append(time.monotonic())
+
+    def succeeded(self, address: str):
+        with self._lock:
+            self._failures.pop(address, None)
+
+
+# ============================================================================================
+# HTTP: the Dicoogle-compatible REST API (Bottle, served by waitress)
+# ============================================================================================
+
+PUBLIC, READ, USER, ADMIN = "public", "read", "user", "admin"
+#: What /search returns per result when no field is asked for (Dicoogle's DEFAULT_FIELDS).
+DEFAULT_SEARCH_FIELDS = (
+    "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "PatientID", "PatientName", "PatientSex",
+    "Modality", "StudyDate", "StudyID", "StudyDescription", "SeriesNumber", "SeriesDescription",
+    "InstitutionName", "InstanceNumber",
+)
+BUILTIN_PROVIDER = "index"
+#: Other names scripts written for Dicoogle use for its default index.
+BUILTIN_PROVIDER_ALIASES = ("lucene",)
+SESSION_COOKIE = "dicoogled_session"
+
+
+def _fail(status: int, message: str):
+    raise bottle.HTTPError(status, message)
+
+
+def _int_param(name: str, default: int | None, minimum: int = 0) -> int | None:
+    raw = bottle.request.params.get(name)
+    if raw in (None, ""):
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        _fail(400, f"{name} must be a whole number, not {raw[:40]!r}")
+    if value < minimum:
+        _fail(400, f"{name} must be at least {minimum}")
+    return value
+
+
+def _json_response(value, status: int = 200) -> str:
+    """JSON for any value: Bottle serialises only dicts by itself."""
+    bottle.response.status = status
+    bottle.response.content_type = "application/json"
+    return json.dumps(value, ensure_ascii=False)
+
+
+def _file_uri(path: str) -> str:
+    return pathlib.Path(path).as_uri() if os.path.isabs(path) else "file:" + path
+
+
+def _path_from_uri(uri: str) -> str:
+    """A local path from a file: URI (or a plain path), normalised; 400 for anything else."""
+    if uri.startswith("file:"):
+        parsed = urllib.parse.urlparse(uri)
+        if parsed.netloc not in ("", "localhost"):
+            _fail(400, f"only local file: URIs are supported, not {uri[:80]!r}")
+        uri = urllib.parse.unquote(parsed.path)
+    elif re.match(r"^[a-z][a-z0-9+.-]*:", uri):
+        _fail(400, f"unsupported URI scheme in {uri[:80]!r}")
+    if not os.path.isabs(uri) or "\x00" in uri:
+        _fail(400, f"expected an absolute path or file: URI, not {uri[:80]!r}")
+    return os.path.normpath(uri)
+
+
+def _text_field(meta: dict, keyword: str) -> str | None:
+    value = meta.get(keyword)
+    if isinstance(value, list):
+        return "\\".join(v for v in value if isinstance(v, str)) if value and isinstance(value[0], str) else None
+    return value
+
+
+class Api:
+    """Route registration with access control, and the state the REST handlers share."""
+
+    def __init__(self, daemon: "Daemon", app: bottle.Bottle):
+        self.daemon, self.app = daemon, app
+        self.users = daemon.users
+        self.throttle = LoginThrottle()
+        #: (method, path, access, summary) of every route, for /openapi.json and the tests.
+        self.routes: list[tuple[str, str, str, str]] = []
+
+    def route(self, path: str, method="GET", access=READ):
+        """Register a handler; access is PUBLIC, READ (patient data), USER or ADMIN."""
+        methods = [method] if isinstance(method, str) else list(method)
+
+        def decorator(handler):
+            @functools.wraps(handler)
+            def guarded(*args, **kwargs):
+                if access != PUBLIC:
+                    self.require(access)
+                return handler(*args, **kwargs)
+
+            summary = (handler.__doc__ or "").strip().splitlines()[0] if handler.__doc__ else ""
+            for m in methods:
+                self.routes.append((m, path, access, summary))
+            self.app.route(path, methods, guarded)
+            return handler
+
+        return decorator
+
+    def current_user(self) -> User | None:
+        """The user a request speaks for: token (raw or Bearer), HTTP Basic, or session cookie."""
+        request = bottle.request
+        if "user" in request.environ.setdefault("dicoogled", {}):
+            return request.environ["dicoogled"]["user"]
+        header = request.get_header("Authorization", "").strip()
+        user = None
+        if header[:6].lower() == "basic ":
+            try:
+                username, _, password = base64.b64decode(header[6:]).decode("utf-8").partition(":")
+            except (ValueError, UnicodeDecodeError):
+                _fail(401, "malformed Basic credentials")
+            address = request.remote_addr or "?"
+            if self.throttle.blocked(address):
+                _fail(429, "too many failed logins from this address; try again later")
+            user = self.users.authenticate_basic(username, password)
+            if user is None:
+                self.throttle.failed(address)
+        else:
+            token = header[7:].strip() if header[:7].lower() == "bearer " else header
+            token = token or request.get_cookie(SESSION_COOKIE) or ""
+            user = self.users.session_user(token) if token else None
+        request.environ["dicoogled"]["user"] = user
+        return user
+
+    def require(self, access: str) -> User | None:
+        user = self.current_user()
+        if user is None:
+            if access == READ and self.daemon.config.allow_unauthorized:
+                return None
+            _fail(401, "log in first: send the token from POST /login in the Authorization header")
+        if access == ADMIN and not user.admin:
+            _fail(403, "this needs an administrator")
+        return user
+
+    def params(self, name: str) -> list[str]:
+        return [v for v in bottle.request.params.getall(name) if v != ""]
 
 
 def make_app(daemon: "Daemon") -> bottle.Bottle:
-    """The HTTP application of a daemon (REST routes are added here as they grow)."""
+    """The HTTP application of a daemon: Dicoogle's REST API, with access control enforced."""
     app = bottle.Bottle()
+    api = Api(daemon, app)
     http_log = logging.getLogger("dicoogled.http")
 
     def json_error(error: bottle.HTTPError):
         bottle.response.content_type = "application/json"
-        return json.dumps({"error": error.body if isinstance(error.body, str) else str(error.status_line)})
+        if error.status_code >= 500:
+            http_log.error("%s %s failed: %s", bottle.request.method, bottle.request.path, error.exception or error.body)
+            return json.dumps({"error": "internal error; see the server log"})
+        return json.dumps({"error": error.body if isinstance(error.body, str) else error.status_line})
 
-    for code in (400, 401, 403, 404, 405, 409, 413, 415, 500):
+    for code in (400, 401, 403, 404, 405, 406, 409, 413, 415, 429, 500, 501, 503):
         app.error(code)(json_error)
 
     @app.hook("after_request")
     def log_request():
         http_log.debug("%s %s %s", bottle.request.method, bottle.request.path, bottle.response.status_code)
 
-    @app.get("/health")
+    _session_routes(api)
+    _search_routes(api)
+    _task_routes(api)
+    for add_routes in daemon.route_hooks:  # management, plugins' web services
+        add_routes(api)
+    return app
+
+
+def _session_routes(api: Api):
+    daemon, users = api.daemon, api.users
+    http_log = logging.getLogger("dicoogled.http")
+
+    @api.route("/health", access=PUBLIC)
     def health():
-        """200 with a small status once the DICOM and HTTP listeners are up."""
+        """Status: 200 once the DICOM and HTTP listeners are up."""
         return {
             "status": "ok",
             "version": __version__,
@@ -2242,7 +2622,551 @@ def make_app(daemon: "Daemon") -> bottle.Bottle:
             },
         }
 
-    return app
+    @api.route("/login", "POST", access=PUBLIC)
+    def login():
+        """Log in with username and password; returns the token to send as Authorization."""
+        request = bottle.request
+        address = request.remote_addr or "?"
+        if api.throttle.blocked(address):
+            _fail(429, "too many failed logins from this address; try again later")
+        username, password = request.params.get("username", ""), request.params.get("password", "")
+        user = users.authenticate(username, password)
+        if user is None:
+            api.throttle.failed(address)
+            http_log.warning("failed login for %r from %s", username[:64], address)
+            _fail(401, "Login failed: wrong username or password")
+        api.throttle.succeeded(address)
+        token = users.start_session(user)
+        bottle.response.set_cookie(SESSION_COOKIE, token, httponly=True, samesite="strict", path="/")
+        http_log.info("user %s logged in from %s", user.username, address)
+        return {"user": user.username, "admin": user.admin, "roles": list(user.roles), "token": token}
+
+    @api.route("/login", access=PUBLIC)
+    def restore_login():
+        """Who the token belongs to (restores a session in the web app)."""
+        user = api.current_user()
+        if user is None:
+            _fail(401, "no valid session")
+        return {"user": user.username, "admin": user.admin, "roles": list(user.roles)}
+
+    @api.route("/logout", ["POST", "GET"], access=PUBLIC)
+    def logout():
+        """End the session of the token sent."""
+        header = bottle.request.get_header("Authorization", "").strip()
+        token = header[7:].strip() if header[:7].lower() == "bearer " else header
+        token = token if token and not token[:6].lower() == "basic " else bottle.request.get_cookie(SESSION_COOKIE, "")
+        bottle.response.delete_cookie(SESSION_COOKIE, path="/")
+        return {"success": bool(token) and users.end_session(token)}
+
+    @api.route("/user", access=ADMIN)
+    def list_users():
+        """Every user name."""
+        return {"users": [{"username": u.username, "admin": u.admin, "roles": list(u.roles)} for u in users.all()]}
+
+    @api.route("/user", ["POST", "PUT"], access=ADMIN)
+    def create_user():
+        """Create a user: username, password, admin (true/false)."""
+        params = bottle.request.params
+        try:
+            created = users.create(params.get("username", ""), params.get("password", ""), params.get("admin", "false").lower() == "true")
+        except ValueError as error:
+            _fail(400, str(error))
+        return {"success": created}
+
+    @api.route("/user/<username>", "DELETE", access=ADMIN)
+    def delete_user(username):
+        """Delete a user (never the last administrator)."""
+        return {"success": users.delete(username)}
+
+    @api.route("/user/<username>/password", "POST", access=USER)
+    def change_password(username):
+        """Change a password: one's own, or anyone's for an administrator."""
+        user = api.current_user()
+        if user.username != username and not user.admin:
+            _fail(403, "only an administrator may change another user's password")
+        try:
+            changed = users.set_password(username, bottle.request.params.get("password", ""))
+        except ValueError as error:
+            _fail(400, str(error))
+        if not changed:
+            _fail(404, f"no user {username!r}")
+        return {"success": True}
+
+    @api.route("/ext/version", access=PUBLIC)
+    def version():
+        """The server's version."""
+        return {"version": __version__, "name": "dicoogled"}
+
+
+# ---- search ---------------------------------------------------------------------------------
+
+
+def search_index(daemon: "Daemon", text: str, limit: int | None = None, offset: int = 0, columns: str = "i.id, i.path, i.meta"):
+    """Run a search-language query on the index: (rows, total). Raises SearchSyntaxError."""
+    where, args, rank = compile_search(SearchQuery(text))
+    joins = ("FROM instances i JOIN series se ON se.id = i.series_ref JOIN studies st ON st.id = se.study_ref"
+             " JOIN patients p ON p.id = st.patient_ref")
+    total = daemon.index.query(f"SELECT count(*) {joins} WHERE {where}", args)[0][0]
+    order = "i.id"
+    if rank:
+        joins += " LEFT JOIN (SELECT rowid AS rank_id, bm25(metadata) AS score FROM metadata WHERE metadata MATCH ?) r ON r.rank_id = i.id"
+        args = [rank] + args
+        order = "r.score, i.id"
+    sql = f"SELECT {columns} {joins} WHERE {where} ORDER BY {order}"
+    if limit is not None:
+        sql += f" LIMIT {int(limit)} OFFSET {int(offset)}"
+    elif offset:
+        sql += f" LIMIT -1 OFFSET {int(offset)}"
+    return daemon.index.query(sql, args), total
+
+
+def _search_routes(api: Api):
+    daemon = api.daemon
+
+    def providers_of_request() -> list[str]:
+        names = api.params("provider")
+        known = daemon.providers
+        for name in names:
+            if name not in known and name not in BUILTIN_PROVIDER_ALIASES:
+                _fail(400, f"{name} is not a valid query provider")
+        return [BUILTIN_PROVIDER if n in BUILTIN_PROVIDER_ALIASES else n for n in names] or [BUILTIN_PROVIDER]
+
+    def query_of_request() -> str:
+        query = bottle.request.params.get("query", "")
+        if not query.strip():
+            _fail(400, "No query supplied!")
+        return query
+
+    def run(query: str, providers: list[str], limit, offset):
+        """Results of every provider, de-duplicated by SOPInstanceUID: (list of (uri, meta), total)."""
+        if providers == [BUILTIN_PROVIDER]:
+            rows, total = search_index(daemon, query, limit, offset)
+            return [(_file_uri(path), json.loads(meta)) for _, path, meta in rows], total
+        merged, seen = [], set()
+        for name in providers:
+            for uri, meta in daemon.providers[name](query):
+                uid = meta.get("SOPInstanceUID")
+                if uid and uid in seen:
+                    continue
+                seen.add(uid)
+                merged.append((uri, meta))
+        end = None if limit is None else offset + limit
+        return merged[offset:end], len(merged)
+
+    def search_error(error: Exception):
+        bottle.response.status = 400
+        return {"results": [], "error": str(error)}
+
+    @api.route("/search")
+    def search():
+        """Instances matching query: {results: [{uri, fields}], numResults, elapsedTime}."""
+        started = time.perf_counter()
+        query, providers = query_of_request(), providers_of_request()
+        if "depth" in bottle.request.params:
+            _fail(400, "depth is a parameter of /searchDIM, not /search")
+        fields = api.params("field") or list(DEFAULT_SEARCH_FIELDS)
+        try:
+            results, total = run(query, providers, _int_param("psize", None), _int_param("offset", 0))
+        except SearchSyntaxError as error:
+            return search_error(error)
+        return {
+            "results": [{"uri": uri, "fields": {f: v for f in fields if (v := _text_field(meta, f)) is not None}}
+                        for uri, meta in results],
+            "elapsedTime": round((time.perf_counter() - started) * 1000),
+            "numResults": total,
+        }
+
+    @api.route("/searchDIM")
+    def search_dim():
+        """Results grouped Patient → Study → Series → Image, paged over patients."""
+        started = time.perf_counter()
+        query, providers = query_of_request(), providers_of_request()
+        depth = bottle.request.params.get("depth", "image").lower()
+        if depth not in ("none", "patient", "study", "series", "image"):
+            _fail(400, f"depth must be none, patient, study, series or image, not {depth[:20]!r}")
+        psize, offset = _int_param("psize", 0), _int_param("offset", 0)
+        with_birthdate = "PatientBirthDate" in api.params("field")
+        try:
+            results, _ = run(query, providers, None, 0)
+        except SearchSyntaxError as error:
+            return search_error(error)
+        patients = _group_dim(results, with_birthdate)
+        elapsed = round((time.perf_counter() - started) * 1000)
+        if depth == "none":
+            return {"numResults": len(patients), "elapsedTime": elapsed}
+        page = patients[offset:offset + psize] if psize > 0 else patients[offset:]
+        for patient in page:
+            for study in patient["studies"]:
+                for series in study["series"]:
+                    if depth != "image":
+                        del series["images"]
+                if depth in ("study",):
+                    del study["series"]
+            if depth == "patient":
+                del patient["studies"]
+        return {"numResults": len(patients), "elapsedTime": elapsed, "results": page}
+
+    @api.route("/providers")
+    def providers():
+        """Names of the query providers."""
+        return _json_response(sorted(daemon.providers))
+
+    @api.route("/dump")
+    def dump():
+        """Every element of one instance: {results: {uri, fields}, elapsedTime}."""
+        started = time.perf_counter()
+        uid = bottle.request.params.get("uid", "")
+        if not is_valid_uid(uid):
+            _fail(400, "uid must be a SOPInstanceUID")
+        rows = daemon.index.query("SELECT path, meta FROM instances WHERE sop_instance_uid = ?", (uid,))
+        if not rows:
+            _fail(404, f"no instance {uid}")
+        return {"results": {"uri": _file_uri(rows[0][0]), "fields": json.loads(rows[0][1])},
+                "elapsedTime": round((time.perf_counter() - started) * 1000)}
+
+    @api.route("/legacy/file")
+    def legacy_file():
+        """The stored file of an instance, as application/dicom."""
+        uid = bottle.request.params.get("uid", "")
+        if not is_valid_uid(uid):
+            _fail(400, "uid must be a SOPInstanceUID")
+        row = daemon.index.instance_by_uid(uid)
+        if row is None:
+            _fail(404, f"no instance {uid}")
+        path = pathlib.Path(row[1])
+        if not path.is_file():
+            _fail(404, f"the file of {uid} is missing; run 'dicoogled check'")
+        return bottle.static_file(path.name, root=str(path.parent), mimetype="application/dicom", download=path.name)
+
+    @api.route("/export/list")
+    def export_list():
+        """Every DICOM keyword, for field pickers."""
+        return _json_response(sorted(entry[4] for entry in DicomDictionary.values() if entry[4]))
+
+    @api.route("/presets/<username>", access=USER)
+    def presets(username):
+        """A user's saved export field lists."""
+        user = api.current_user()
+        if user.username != username and not user.admin:
+            _fail(403, "presets of another user need an administrator")
+        return _json_response(api.users.presets(username))
+
+    @api.route("/presets/<username>/<name>", "POST", access=USER)
+    def save_preset(username, name):
+        """Save an export field list: field=A&field=B."""
+        user = api.current_user()
+        if user.username != username and not user.admin:
+            _fail(403, "presets of another user need an administrator")
+        fields = api.params("field")
+        if not fields or len(name) > 128:
+            _fail(400, "a preset needs a name and at least one field")
+        api.users.save_preset(username, name, fields)
+        return {"success": True}
+
+    def csv_export(query: str, fields: list[str], providers: list[str]):
+        """Dicoogle's CSV: "F1";"F2"; then one line per instance, values quoted, ';' after each."""
+        try:
+            results, _ = run(query, providers, None, 0)
+        except SearchSyntaxError as error:
+            _fail(400, str(error))
+
+        def cell(value):
+            if not value:
+                return ";"
+            return '"' + value.replace("\r", " ").replace("\n", " ").replace(";", ",").replace('"', "'") + '";'
+
+        yield "".join(cell(f) for f in fields) + "\n"
+        for _, meta in results:
+            yield "".join(cell(_text_field(meta, f)) for f in fields) + "\n"
+
+    def export_parameters():
+        params = bottle.request.params
+        if "JSON-DATA" in params:
+            try:
+                data = json.loads(params["JSON-DATA"])
+                return data["queryString"], list(data.get("extraFields", [])), list(data.get("providers", []))
+            except (ValueError, KeyError, TypeError) as error:
+                _fail(400, f"JSON-DATA is not valid: {error}")
+        fields = api.params("fields")
+        if len(fields) == 1 and fields[0].startswith("["):
+            try:
+                fields = [str(f) for f in json.loads(fields[0])]
+            except ValueError:
+                _fail(400, "fields must be a JSON array of keywords")
+        providers = api.params("providers")
+        if len(providers) == 1 and providers[0].startswith("["):
+            providers = json.loads(providers[0])
+        return query_of_request(), fields, providers
+
+    def checked_providers(names):
+        for name in names:
+            if name not in daemon.providers and name not in BUILTIN_PROVIDER_ALIASES:
+                _fail(400, f"{name} is not a valid query provider")
+        return [BUILTIN_PROVIDER if n in BUILTIN_PROVIDER_ALIASES else n for n in names] or [BUILTIN_PROVIDER]
+
+    @api.route("/export", ["GET", "POST"])
+    def export():
+        """Search results as CSV, one line per instance."""
+        query, fields, providers = export_parameters()
+        if not fields:
+            _fail(400, "name at least one field to export")
+        lines = list(csv_export(query, fields, checked_providers(providers)))
+        bottle.response.content_type = "text/csv; charset=utf-8"
+        bottle.response.set_header("Content-Disposition", "attachment; filename=QueryResultsExport.csv")
+        return "".join(lines)
+
+    exports: dict[str, pathlib.Path] = {}
+
+    @api.route("/exportFile", "POST")
+    def export_to_file():
+        """Step one of the web app's export: run it to a file, answer its uid."""
+        query, fields, providers = export_parameters()
+        if not fields:
+            _fail(400, "name at least one field to export")
+        lines = csv_export(query, fields, checked_providers(providers))
+        uid = str(uuid.uuid4())
+        path = daemon.storage.tmp / f"export-{uid}.csv"
+        with open(path, "w", encoding="utf-8") as handle:
+            handle.writelines(lines)
+        exports[uid] = path
+        return {"uid": uid}
+
+    @api.route("/exportFile")
+    def export_file():
+        """Step two: download the CSV made by POST /exportFile."""
+        uid = bottle.request.params.get("UID", "")
+        try:
+            uid = str(uuid.UUID(uid))
+        except ValueError:
+            _fail(400, "UID must be the uid answered by POST /exportFile")
+        path = exports.get(uid)
+        if path is None or not path.exists():
+            _fail(404, f"no export {uid}")
+        return bottle.static_file(path.name, root=str(path.parent), mimetype="application/csv",
+                                  download="QueryResultsExport.csv")
+
+
+def _group_dim(results, with_birthdate: bool) -> list[dict]:
+    """Dicoogle's DIM tree: patient (by PatientID, else name) → study → series → images."""
+    patients: dict[str, dict] = {}
+    studies: dict[tuple, dict] = {}
+    series_map: dict[tuple, dict] = {}
+    for uri, meta in results:
+        text = functools.partial(_text_field, meta)
+        patient_key = text("PatientID") or text("PatientName") or ""
+        patient = patients.get(patient_key)
+        if patient is None:
+            patient = patients[patient_key] = {
+                "id": text("PatientID") or "", "name": text("PatientName") or "", "gender": text("PatientSex") or "",
+                "nStudies": 0, "birthdate": (text("PatientBirthDate") or "") if with_birthdate else "", "studies": [],
+            }
+        study_key = (patient_key, text("StudyInstanceUID") or "")
+        study = studies.get(study_key)
+        if study is None:
+            study = studies[study_key] = {
+                "studyInstanceUID": study_key[1], "studyDate": text("StudyDate") or "",
+                "studyDescription": text("StudyDescription") or "", "institutionName": text("InstitutionName") or "",
+                "modalities": "", "series": [],
+            }
+            patient["studies"].append(study)
+            patient["nStudies"] += 1
+        series_key = study_key + (text("SeriesInstanceUID") or "",)
+        series = series_map.get(series_key)
+        if series is None:
+            number = text("SeriesNumber") or ""
+            series = series_map[series_key] = {
+                "serieNumber": int(number) if number.lstrip("-").isdigit() else 0,
+                "serieInstanceUID": series_key[2], "serieDescription": text("SeriesDescription") or "",
+                "serieModality": text("Modality") or "", "images": [],
+            }
+            study["series"].append(series)
+            modalities = [m for m in study["modalities"].split(",") if m]
+            if series["serieModality"] and series["serieModality"] not in modalities:
+                study["modalities"] = ",".join(modalities + [series["serieModality"]])
+        path = urllib.parse.unquote(urllib.parse.urlparse(uri).path)
+        image = {"sopInstanceUID": text("SOPInstanceUID") or "", "rawPath": path, "uri": uri, "filename": os.path.basename(path)}
+        number = text("InstanceNumber") or ""
+        if number.lstrip("-").isdigit():
+            image["number"] = int(number)
+        series["images"].append(image)
+    return list(patients.values())
+
+
+# ---- indexing tasks -------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class IndexTask:
+    """A background indexing task, as /index/task reports it."""
+
+    uid: str
+    name: str
+    paths: list
+    created: float = dataclasses.field(default_factory=time.time)
+    total: int = 0
+    done: int = 0
+    indexed: int = 0
+    errors: int = 0
+    finished: float | None = None
+    cancelled: bool = False
+    stop: threading.Event = dataclasses.field(default_factory=threading.Event)
+
+    @property
+    def progress(self) -> float:
+        if self.finished:
+            return 1.0
+        return self.done / self.total if self.total else 0.0
+
+    def as_json(self) -> dict:
+        status = {
+            "taskUid": self.uid, "taskName": self.name, "taskProgress": round(self.progress, 4),
+            "taskTimeCreated": datetime.datetime.fromtimestamp(self.created).isoformat(timespec="milliseconds"),
+            "nIndexed": self.indexed, "nErrors": self.errors,
+        }
+        if self.finished:
+            status.update(complete=True, elapsedTime=round((self.finished - self.created) * 1000))
+        if self.cancelled:
+            status["canceled"] = True
+        return status
+
+
+class TaskManager:
+    """Runs index tasks one after another in the background; keeps them listed until closed."""
+
+    def __init__(self, ingest: Ingest):
+        self.ingest = ingest
+        self.tasks: dict[str, IndexTask] = {}
+        self._queue = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="index-task")
+        self.log = logging.getLogger("dicoogled.index")
+
+    def start_index(self, paths: list[str]) -> IndexTask:
+        task = IndexTask(str(uuid.uuid4()), f"[{BUILTIN_PROVIDER}]index " + " ".join(_file_uri(p) for p in paths), paths)
+        self.tasks[task.uid] = task
+        self._queue.submit(self._run, task)
+        return task
+
+    def _run(self, task: IndexTask):
+        try:
+            files = []
+            for path in task.paths:
+                if os.path.isdir(path):
+                    self.ingest.index.write(Index.add_root, path)
+                    files.extend(entry.path for entry in walk_files(pathlib.Path(path), task.stop))
+                elif os.path.isfile(path):
+                    files.append(path)
+            task.total = len(files)  # counted first, so progress is a true fraction
+            for path in files:
+                if task.stop.is_set():
+                    task.cancelled = True
+                    break
+                if self.ingest.index_file(pathlib.Path(path), "index"):
+                    task.indexed += 1
+                else:
+                    task.errors += 1
+                task.done += 1
+        except Exception:
+            self.log.exception("index task %s failed", task.uid)
+            task.errors += 1
+        finally:
+            task.finished = time.time()
+            self.log.info("index task %s: %d indexed, %d errors%s", task.uid, task.indexed, task.errors,
+                          " (stopped)" if task.cancelled else "")
+
+    def close(self):
+        for task in self.tasks.values():
+            task.stop.set()
+        self._queue.shutdown(wait=True, cancel_futures=True)
+
+
+def _task_routes(api: Api):
+    daemon = api.daemon
+
+    @api.route("/management/tasks/index", "POST", access=ADMIN)
+    def index_task():
+        """Index files or folders in place, in the background: uri (repeatable)."""
+        uris = api.params("uri")
+        if not uris:
+            _fail(400, "uri is required")
+        paths = [_path_from_uri(uri) for uri in uris]
+        for path in paths:
+            if not os.path.exists(path):
+                _fail(400, f"{path} does not exist")
+        task = daemon.tasks.start_index(paths)
+        return {"tasks": [{"uid": task.uid, "name": task.name, "progress": task.progress, "done": False,
+                           "cancelled": False, "timeCreated": task.as_json()["taskTimeCreated"]}]}
+
+    @api.route("/index/task", access=ADMIN)
+    def list_tasks():
+        """Index tasks with their progress, until closed."""
+        tasks = list(daemon.tasks.tasks.values())
+        return {"results": [t.as_json() for t in tasks], "count": sum(1 for t in tasks if not t.finished)}
+
+    @api.route("/index/task", "POST", access=ADMIN)
+    def change_task():
+        """Stop (type=stop) or close (type=close) a task: uid."""
+        params = bottle.request.params
+        task = daemon.tasks.tasks.get(params.get("uid", ""))
+        kind = params.get("type", "")
+        if kind not in ("stop", "close"):
+            _fail(400, "type must be stop or close")
+        if task is None:
+            return {"error": True}
+        if kind == "stop":
+            task.stop.set()
+            return {"stopped": not task.finished or task.cancelled}
+        if not task.finished:
+            task.stop.set()
+        del daemon.tasks.tasks[task.uid]
+        return {"removed": True}
+
+    def instances_of_request() -> tuple[list[tuple[int, str]], int]:
+        """(id, path) of the instances a request names by uri or UIDs, and how many were not found."""
+        found, missing = [], 0
+        chosen = [k for k in ("uri", "SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID") if api.params(k)]
+        if len(chosen) != 1:
+            _fail(400, "give exactly one of uri, SOPInstanceUID, SeriesInstanceUID or StudyInstanceUID")
+        for value in api.params(chosen[0]):
+            if chosen[0] == "uri":
+                rows = daemon.index.query("SELECT id, path FROM instances WHERE path = ?", (_path_from_uri(value),))
+                if not rows:  # a folder: every instance below it
+                    rows = [(row[0], row[1]) for row in daemon.index.query(
+                        "SELECT id, path FROM instances WHERE path > ? AND path < ?",
+                        (_path_from_uri(value).rstrip("/") + "/", _path_from_uri(value).rstrip("/") + "0"))]
+            else:
+                if not is_valid_uid(value):
+                    _fail(400, f"{chosen[0]} must be a UID, not {value[:80]!r}")
+                column = {"SOPInstanceUID": "i.sop_instance_uid", "SeriesInstanceUID": "se.series_instance_uid",
+                          "StudyInstanceUID": "st.study_instance_uid"}[chosen[0]]
+                rows = daemon.index.query(
+                    "SELECT i.id, i.path FROM instances i JOIN series se ON se.id = i.series_ref"
+                    f" JOIN studies st ON st.id = se.study_ref WHERE {column} = ?", (value,))
+            found.extend(rows)
+            missing += not rows
+        return found, missing
+
+    @api.route("/management/tasks/unindex", "POST", access=ADMIN)
+    def unindex():
+        """Remove instances from the index, leaving their files: by uri or UID (repeatable)."""
+        rows, missing = instances_of_request()
+        removed = daemon.ingest.unindex_paths([path for _, path in rows])
+        return {"indexed": removed, "failed": len(rows) - removed, "notFound": missing}
+
+    @api.route("/management/tasks/remove", "POST", access=ADMIN)
+    def remove():
+        """Delete instances' files and unindex them: by uri or UID (repeatable)."""
+        rows, missing = instances_of_request()
+        deleted, failed = [], 0
+        for _, path in rows:
+            try:
+                os.unlink(path)
+                deleted.append(path)
+            except FileNotFoundError:
+                deleted.append(path)
+            except OSError as error:
+                failed += 1
+                logging.getLogger("dicoogled.index").warning("cannot remove %s: %s", path, error)
+        daemon.ingest.unindex_paths(deleted)
+        return {"removed": len(deleted), "failed": failed, "notFound": missing}
 
 
 # ============================================================================================
@@ -2265,6 +3189,13 @@ class Daemon:
         self.ingest = Ingest(self.index, self.storage, config.duplicates)
         self.finder = Finder(self.index)
         self.dicom = DicomServices(config, self.ingest, self.finder)
+        self.users = Users(data_dir / "users.sqlite", config.session_idle_minutes)
+        self.users.ensure_admin(data_dir, os.environ.get("DICOOGLED_ADMIN_PASSWORD"))
+        self.tasks = TaskManager(self.ingest)
+        #: Query providers by name: callables(query text) -> [(uri, metadata)]; plugins add theirs.
+        self.providers = {BUILTIN_PROVIDER: self._search_builtin}
+        #: Callables(api) adding HTTP routes (management, plugins' web services).
+        self.route_hooks = []
         self.watcher = None
         self.http_server = None
         self.http_port = None
@@ -2292,6 +3223,10 @@ class Daemon:
         start_thread("http", self.http_server.run)
         self.log.info("HTTP listening on %s:%d", self.config.http_host, self.http_port)
 
+    def _search_builtin(self, query: str):
+        rows, _ = search_index(self, query)
+        return [(_file_uri(path), json.loads(meta)) for _, path, meta in rows]
+
     def _reconcile_storage(self):
         try:
             reconcile(self.ingest, self.storage.root, "store", self.stopped)
@@ -2309,7 +3244,9 @@ class Daemon:
         self.dicom.stop()
         if self.watcher:
             self.watcher.stop()
+        self.tasks.close()
         self.index.close()
+        self.users.close()
         self.log.info("stopped")
 
     def serve_forever(self):
