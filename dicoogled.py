@@ -1421,7 +1421,7 @@ class Finder:
             if value is None:
                 value = ""
             element_value = _dicom_value(key.vr, value)
-            if isinstance(value, str) and not value.isascii():
+            if not str(value).isascii():  # multi-values and sequence items count too
                 non_ascii = True
             response.add_new(key.tag, key.vr, element_value)
         response.QueryRetrieveLevel = level
