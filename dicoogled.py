@@ -25,6 +25,7 @@ import datetime
 import functools
 import hashlib
 import hmac
+import importlib.util
 import io
 import json
 import logging
@@ -48,6 +49,7 @@ import bottle
 import pydicom
 import pydicom.config
 import pydicom.uid
+from lupa import lua54 as lupa_lua54
 from pydicom.charset import convert_encodings, decode_bytes
 from pydicom.datadict import DicomDictionary, dictionary_VR, keyword_for_tag, tag_for_keyword
 from pydicom.dataelem import RawDataElement
@@ -170,6 +172,17 @@ poll_interval = 5
 # A file is indexed once its size has not changed for this many seconds (or at once when
 # inotify reports it closed after writing).
 quiet_period = 2
+
+[plugins]
+# Folders of plugin scripts (*.py, *.lua), one per line; empty means the plugins/ folder
+# beside dicoogled.py. Python plugins are trusted code; Lua plugins run sandboxed.
+folders =
+# on_stable_study fires once a study has received no new instance for this many seconds.
+stable_age = 60
+# A plugin's settings go in a section of its own, [plugin.NAME], e.g.
+# [plugin.autoroute]
+# enabled = true
+# destination = WORKSTATION
 
 [log]
 # DEBUG, INFO, WARNING or ERROR.
@@ -300,6 +313,10 @@ class Config:
     watch_poll_interval: float = 5
     watch_quiet_period: float = 2
     log_level: str = "INFO"
+    plugin_folders: list[pathlib.Path] = dataclasses.field(default_factory=list)
+    stable_age: float = 60
+    #: [plugin.NAME] sections: plugin name -> {setting: text}
+    plugin_settings: dict[str, dict[str, str]] = dataclasses.field(default_factory=dict)
     #: C-MOVE destinations: AE title -> (host, port).
     modalities: dict[str, tuple[str, int]] = dataclasses.field(default_factory=dict)
     #: The file settings were read from, if any.
@@ -343,6 +360,11 @@ class Config:
                 watch_poll_interval=parser.getfloat("watch", "poll_interval"),
                 watch_quiet_period=parser.getfloat("watch", "quiet_period"),
                 log_level=get("log", "level").strip().upper(),
+                plugin_folders=[pathlib.Path(p) for p in get("plugins", "folders").splitlines() if p.strip()]
+                or [pathlib.Path(__file__).resolve().parent / "plugins"],
+                stable_age=parser.getfloat("plugins", "stable_age"),
+                plugin_settings={section[len("plugin."):]: dict(parser.items(section)) for section in parser.sections()
+                                 if section.startswith("plugin.")},
                 modalities={aet: _parse_host_port(aet, value) for aet, value in parser.items("modalities")},
                 config_file=path,
             )
@@ -984,7 +1006,11 @@ class Ingest:
     def __init__(self, index: Index, storage: Storage, duplicates: str = "keep"):
         self.index, self.storage, self.duplicates = index, storage, duplicates
         self.stats = IngestStats()
-        self.listeners = []  #: callables(record), told of every indexed instance
+        self.listeners = []  #: callables(record, calling_aet), told of every indexed instance
+        #: callable(calling_aet, dataset) -> None to accept, or a DICOM status to refuse with
+        self.store_filter = None
+        #: callable(record) that may add searchable fields before a record is written
+        self.enrich = None
         self._uid_locks = collections.defaultdict(threading.Lock)
         self._locks_guard = threading.Lock()
         self.log = logging.getLogger("dicoogled.index")
@@ -1000,7 +1026,7 @@ class Ingest:
             if not lock.locked():
                 self._uid_locks.pop(uid, None)
 
-    def store_received(self, data: bytes, calling_aet: str = "") -> int:
+    def store_received(self, data: bytes, calling_aet: str = "", origin: str = "store") -> int:
         """Store and index a received Part 10 byte string; returns the DICOM status.
 
         The status is success only once the file is on disk (fsynced) and its index row is
@@ -1015,14 +1041,19 @@ class Ingest:
             if not all(uids):
                 raise IngestError("missing StudyInstanceUID, SeriesInstanceUID or SOPInstanceUID")
             path = self.storage.path_for(*uids)
+            refusal = self.store_filter(calling_aet, dataset) if self.store_filter else None
+            if refusal:
+                self.stats.failed += 1
+                self.log.info("a store filter refused %s from %s with 0x%04X", uids[2], calling_aet or "?", refusal)
+                return refusal
             with self._lock_uid(uids[2]):
                 if not self._accept_duplicate(uids[2], data, path, calling_aet):
                     return SUCCESS
                 self.storage.write(path, data)
                 self.stats.stored += 1
                 stat = path.stat()
-                record = make_record(dataset, str(path), "store", stat.st_size, stat.st_mtime_ns)
-                self._index(record)
+                record = make_record(dataset, str(path), origin, stat.st_size, stat.st_mtime_ns)
+                self._index(record, calling_aet)
             self.log.info("stored %s from %s", uids[2], calling_aet or "?")
             return SUCCESS
         except IngestError as error:
@@ -1084,12 +1115,14 @@ class Ingest:
             self.log.warning("skipped %s: %s", path, error.strerror or error)
         return False
 
-    def _index(self, record: InstanceRecord):
+    def _index(self, record: InstanceRecord, calling_aet: str = ""):
+        if self.enrich:
+            self.enrich(record)
         self.index.write(Index.add_instance, record)
         self.stats.indexed += 1
         for listener in self.listeners:
             try:
-                listener(record)
+                listener(record, calling_aet)
             except Exception:
                 self.log.exception("listener failed for %s", record.sop_instance_uid)
 
@@ -1536,8 +1569,9 @@ class SearchQuery:
     ("text", word or phrase, is_phrase), ("field", keyword, ("match", text) | ("range", ...)).
     """
 
-    def __init__(self, text: str):
+    def __init__(self, text: str, extra_fields=frozenset()):
         self.text = text
+        self.extra_fields = extra_fields  # field names index plugins add, beside DICOM keywords
         if not text.strip():
             raise SearchSyntaxError("empty query", 0)
         if len(text) > 10_000:
@@ -1617,7 +1651,7 @@ class SearchQuery:
                 self.index += 1
                 return ("all",)
             raise SearchSyntaxError("'*:' must be followed by '*'", value_position)
-        keyword = _search_field(name, position)
+        keyword = _search_field(name, position, self.extra_fields)
         numeric = False
         if kind == "word" and value in _NUMERIC_TYPES and self.tokens[self.index + 1:self.index + 2] and self.tokens[self.index + 1][0] == "colon":
             self.index += 2
@@ -1644,9 +1678,10 @@ class SearchQuery:
         raise SearchSyntaxError(f"{name}: unexpected {value!r}", value_position)
 
 
-def _search_field(name: str, position: int) -> str:
-    """A field name as the index knows it: a DICOM keyword, an 8-hex tag, Seq_Child, or uri."""
-    if name in ("uri", "others"):
+def _search_field(name: str, position: int, extra_fields=frozenset()) -> str:
+    """A field name as the index knows it: a DICOM keyword, an 8-hex tag, Seq_Child, uri, or a
+    field an index plugin adds."""
+    if name in ("uri", "others") or name in extra_fields:
         return name
     for part in name.split("_"):
         if not (tag_for_keyword(part) is not None or re.fullmatch(r"[0-9A-Fa-f]{8}", part)):
@@ -1824,6 +1859,493 @@ def register_search_functions(connection: apsw.Connection):
 
 
 # ============================================================================================
+# Plugins: hook table, Python loader, Lua sandbox
+# ============================================================================================
+
+#: Every hook a plugin may define, by name. Notify hooks run for every plugin, off the DICOM
+#: association's thread, and a failure is logged and counted; decision hooks run in load order,
+#: each seeing the verdict of the one before.
+HOOKS = {
+    "on_stored": "notify (instance): an object received over DICOM or STOW-RS was stored and indexed",
+    "on_indexed": "notify (instance): an instance entered the index, whatever its origin",
+    "on_stable_study": "notify (study): no new instance arrived in a study for [plugins] stable_age seconds",
+    "incoming_store_filter": "decision (calling_aet, dataset) -> true/nil accepts, false or a DICOM status rejects",
+    "incoming_find_filter": "decision (calling_aet, query) -> a rewritten query, nil keeps it, a DICOM status refuses",
+    "index": "(instance) -> a table of extra searchable fields for the main index",
+    "query": "(query text) -> a list of instances {uri=..., fields={...}}; the plugin is then a query provider",
+    "routes": "(app) -> add web-service routes, served under /ext/<plugin>/ with the core's access control",
+}
+#: Orthanc's Lua callback names, accepted so that Orthanc scripts port.
+ORTHANC_CALLBACKS = {
+    "OnStoredInstance": "on_stored", "ReceivedInstanceFilter": "incoming_store_filter",
+    "IncomingFindRequestFilter": "incoming_find_filter", "OnStableStudy": "on_stable_study",
+}
+NOT_AUTHORIZED = 0x0124  # what a store filter's plain "no" answers
+LUA_MEMORY_LIMIT = 64 * 1024 * 1024
+LUA_INSTRUCTION_BUDGET = 20_000_000  # per call: a runaway loop stops in well under a second
+
+
+def instance_event(record: InstanceRecord, calling_aet: str = "") -> dict:
+    """What hooks receive for an instance: its UIDs, where it lives, and every indexed tag."""
+    return {
+        "SOPInstanceUID": record.columns["SOPInstanceUID"], "SeriesInstanceUID": record.columns["SeriesInstanceUID"],
+        "StudyInstanceUID": record.columns["StudyInstanceUID"], "PatientID": record.columns["PatientID"],
+        "path": record.path, "origin": record.origin, "calling_aet": calling_aet, "tags": record.meta,
+    }
+
+
+class PluginError(Exception):
+    pass
+
+
+@dataclasses.dataclass
+class Plugin:
+    """One loaded plugin file."""
+
+    name: str
+    path: pathlib.Path
+    language: str  # "python" or "lua"
+    hooks: dict = dataclasses.field(default_factory=dict)  # hook name -> callable
+    settings: dict = dataclasses.field(default_factory=dict)
+    description: str = ""
+    webui: dict | None = None  # the web UI descriptor, package.json style
+    enabled: bool = True
+    error: str | None = None  # set when the plugin is dead
+    calls: int = 0
+    failures: int = 0
+    mtime: float = 0
+    web: object = None  # the Bottle app of its web-service routes, built on first use
+
+    @property
+    def provides(self) -> list[str]:
+        kinds = {"query": "query", "index": "index", "routes": "web", "storage": "storage"}
+        found = sorted({kinds.get(h, "events") for h in self.hooks})
+        return found + (["webui"] if self.webui else [])
+
+    def as_json(self) -> dict:
+        return {"name": self.name, "type": self.provides, "language": self.language, "enabled": self.enabled,
+                "dead": self.error is not None, "error": self.error, "calls": self.calls, "failures": self.failures,
+                "settings": self.settings, "description": self.description, "file": self.path.name}
+
+
+class PluginApi:
+    """What a plugin may call: the `dicoogle` object in Python, the `dicoogle` table in Lua.
+
+    Small on purpose, and the same in both languages.
+    """
+
+    def __init__(self, daemon: "Daemon", plugin: Plugin):
+        self._daemon, self._plugin = daemon, plugin
+        self.log_ = logging.getLogger(f"dicoogled.plugin.{plugin.name}")
+
+    def search(self, query: str, limit: int = 100) -> list[dict]:
+        """Instances matching a search-language query: [{uri, fields}], at most limit."""
+        rows, _ = search_index(self._daemon, query, limit)
+        return [{"uri": _file_uri(path), "fields": json.loads(meta)} for _, path, meta in rows]
+
+    def tags(self, sop_instance_uid: str) -> dict | None:
+        """Every indexed element of an instance."""
+        rows = self._daemon.index.query("SELECT meta FROM instances WHERE sop_instance_uid = ?", (str(sop_instance_uid),))
+        return json.loads(rows[0][0]) if rows else None
+
+    def file(self, sop_instance_uid: str) -> bytes | None:
+        """The stored bytes of an instance."""
+        row = self._daemon.index.instance_by_uid(str(sop_instance_uid))
+        return pathlib.Path(row[1]).read_bytes() if row else None
+
+    def send(self, sop_instance_uids, destination_aet: str) -> dict:
+        """C-STORE instances to a known AE (auto-routing): {sent, failed}."""
+        return self._daemon.dicom.send(list(sop_instance_uids) if not isinstance(sop_instance_uids, str) else [sop_instance_uids], str(destination_aet))
+
+    def log(self, message: str, level: str = "info"):
+        getattr(self.log_, level if level in ("debug", "info", "warning", "error") else "info")(str(message))
+
+    def setting(self, name: str, default=None):
+        """One of this plugin's settings (from its defaults and the config file)."""
+        return self._plugin.settings.get(name, default)
+
+    def run_task(self, name: str, function) -> str:
+        """Run function(progress) in the background, shown in /index/task; progress(fraction)."""
+        return self._daemon.tasks.start_function(f"[{self._plugin.name}] {name}", function)
+
+
+# ---- Lua: a sandbox with an instruction budget and a memory cap ----------------------------
+
+_LUA_SANDBOX = r"""
+local plugin_source, plugin_name, api, budget = ...
+local sethook, create, resume, status = debug.sethook, coroutine.create, coroutine.resume, coroutine.status
+local pack, unpack = table.pack, table.unpack
+
+local function copy(t) local c = {} for k, v in pairs(t) do c[k] = v end return c end
+-- Globals a plugin may use: no os (but time), io, package, require, debug, load of bytecode,
+-- dofile, loadfile, coroutine (a new coroutine would escape the instruction hook) or python.
+local env = {
+  assert = assert, error = error, ipairs = ipairs, next = next, pairs = pairs, pcall = pcall,
+  select = select, tonumber = tonumber, tostring = tostring, type = type, xpcall = xpcall,
+  rawequal = rawequal, rawget = rawget, rawlen = rawlen, rawset = rawset,
+  setmetatable = setmetatable, getmetatable = getmetatable,
+  string = copy(string), table = copy(table), math = copy(math), utf8 = copy(utf8),
+  os = { time = os.time, clock = os.clock, date = os.date, difftime = os.difftime },
+  dicoogle = api, _VERSION = _VERSION,
+}
+env.string.dump = nil
+env.print = function(...) local parts = {} for i = 1, select("#", ...) do parts[#parts + 1] = tostring((select(i, ...))) end api.log(table.concat(parts, " ")) end
+env.load = function(chunk, name, mode, chunk_env)
+  if type(chunk) ~= "string" then error("load takes text only here", 2) end
+  return load(chunk, name, "t", chunk_env or env)
+end
+env._G = env
+
+-- Run fn in a coroutine whose instruction-count hook raises an error once the budget is spent;
+-- the hook then fires on every instruction, so a pcall cannot swallow it and loop on.
+local function limited(fn, ...)
+  local args = pack(...)
+  local co = create(function() return fn(unpack(args, 1, args.n)) end)
+  sethook(co, function()
+    sethook(co, function() error("instruction budget exceeded", 2) end, "", 1)
+    error("instruction budget exceeded", 2)
+  end, "", budget)
+  local result = pack(resume(co))
+  if not result[1] then error(result[2], 0) end
+  return unpack(result, 2, result.n)
+end
+
+local chunk, problem = load(plugin_source, "=" .. plugin_name, "t", env)
+if not chunk then error(problem, 0) end
+limited(chunk)
+return env, limited
+"""
+
+
+def _deny_attributes(obj, name, is_setting):
+    """Lua may call the API's functions but never reach into Python objects' attributes."""
+    raise AttributeError(f"no access to {name!r} from Lua")
+
+
+def _from_lua(value):
+    """A Lua value as plain Python: tables become dicts, or lists when keyed 1..n."""
+    if lupa_lua54.lua_type(value) == "table":
+        items = list(value.items())
+        keys = [k for k, _ in items]
+        if keys == list(range(1, len(keys) + 1)):
+            return [_from_lua(v) for _, v in items]
+        return {str(k): _from_lua(v) for k, v in items}
+    return value
+
+
+class LuaPlugin:
+    """One Lua runtime per plugin file, holding the sandboxed script's environment."""
+
+    def __init__(self, plugin: Plugin, source: str, api: PluginApi):
+        self.runtime = lupa_lua54.LuaRuntime(
+            register_eval=False, register_builtins=False, unpack_returned_tuples=True,
+            max_memory=LUA_MEMORY_LIMIT, attribute_filter=_deny_attributes,
+        )
+        self.lock = threading.Lock()
+        self.api = self._api_table(api)
+        sandbox = self.runtime.execute(_LUA_SANDBOX, source, plugin.name, self.api, LUA_INSTRUCTION_BUDGET)
+        self.env, self.limited = sandbox
+        self.runtime.execute("python = nil")
+
+    def _api_table(self, api: PluginApi):
+        def wrap(function):
+            def call(*args):
+                return self._to_lua(function(*[_from_lua(a) for a in args]))
+            return call
+        names = ("search", "tags", "file", "send", "log", "setting", "run_task")
+        return self.runtime.table_from({name: wrap(getattr(api, name)) for name in names})
+
+    def _to_lua(self, value):
+        if isinstance(value, (dict, list, tuple)):
+            return self.runtime.table_from(value, recursive=True)
+        return value
+
+    def global_value(self, name: str):
+        return _from_lua(self.env[name])
+
+    def function(self, name: str):
+        """A Python callable running the Lua global function name under the budget."""
+        function = self.env[name]
+        return self._limited(function) if lupa_lua54.lua_type(function) == "function" else None
+
+    def _limited(self, function):
+        def call(*args):
+            with self.lock:
+                return _from_lua(self.limited(function, *[self._to_lua(a) for a in args]))
+        return call
+
+    def routes(self) -> dict:
+        """The script's web service: a global table routes = {["GET /path"] = function(params) ... end}."""
+        table = self.env["routes"]
+        if lupa_lua54.lua_type(table) != "table":
+            return {}
+        return {str(key): self._limited(function) for key, function in table.items()
+                if lupa_lua54.lua_type(function) == "function"}
+
+
+# ---- loading and dispatch --------------------------------------------------------------------
+
+
+class PluginManager:
+    """Loads plugins from folders, keeps them current, and dispatches hooks to them."""
+
+    def __init__(self, daemon: "Daemon", folders, plugin_settings: dict):
+        self.daemon = daemon
+        self.folders = [pathlib.Path(f) for f in folders]
+        self.configured = plugin_settings  # name -> {setting: text} from [plugin.NAME] sections
+        self.plugins: dict[str, Plugin] = {}
+        self.log = logging.getLogger("dicoogled.plugin")
+        self._events = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="plugin-event")
+        self._lock = threading.RLock()
+        self._observer = None
+        self._last_arrival: dict[str, float] = {}  # study UID -> time of its newest instance
+        #: Field names index plugins have added, searchable like DICOM keywords.
+        self.extra_fields: set[str] = set()
+        self._stable_stop = threading.Event()
+
+    # ---- life cycle
+
+    def load_all(self):
+        for folder in self.folders:
+            if folder.is_dir():
+                for path in sorted(folder.iterdir()):
+                    if path.suffix in (".py", ".lua") and not path.name.startswith("_"):
+                        self.load(path)
+
+    def load(self, path: pathlib.Path) -> Plugin:
+        """(Re)load one plugin file; a plugin that fails is kept, dead, with its error."""
+        name = path.stem
+        with self._lock:
+            old = self.plugins.get(name)
+            plugin = Plugin(name, path, "lua" if path.suffix == ".lua" else "python", mtime=path.stat().st_mtime)
+            try:
+                if plugin.language == "python":
+                    self._load_python(plugin)
+                else:
+                    self._load_lua(plugin)
+                configured = self.configured.get(name, {})
+                for key, default in list(plugin.settings.items()):
+                    if key in configured:
+                        plugin.settings[key] = _convert_setting(configured[key], default)
+                plugin.enabled = bool(plugin.settings.get("enabled", True))
+            except Exception as error:
+                plugin.error = f"{type(error).__name__}: {error}"
+                plugin.enabled = False
+                self.log.error("plugin %s is dead: %s", name, plugin.error)
+            if old is not None:
+                self._unregister(old)
+            self.plugins[name] = plugin
+            self._register(plugin)
+            self.log.info("%s plugin %s (%s)%s", "reloaded" if old else "loaded", name, ", ".join(plugin.provides) or "nothing",
+                          "" if plugin.enabled else " — disabled")
+            return plugin
+
+    def _load_python(self, plugin: Plugin):
+        spec = importlib.util.spec_from_file_location(f"dicoogled_plugin_{plugin.name}", plugin.path)
+        module = importlib.util.module_from_spec(spec)
+        module.dicoogle = PluginApi(self.daemon, plugin)
+        spec.loader.exec_module(module)
+        plugin.description = (module.__doc__ or "").strip().splitlines()[0] if module.__doc__ else ""
+        plugin.settings = dict(getattr(module, "SETTINGS", {}))
+        plugin.webui = getattr(module, "WEBUI", None)
+        plugin.hooks = {hook: getattr(module, hook) for hook in HOOKS if callable(getattr(module, hook, None))}
+
+    def _load_lua(self, plugin: Plugin):
+        source = plugin.path.read_text(encoding="utf-8")
+        lua = LuaPlugin(plugin, source, PluginApi(self.daemon, plugin))
+        plugin.settings = lua.global_value("SETTINGS") or {}
+        if not isinstance(plugin.settings, dict):
+            raise PluginError("SETTINGS must be a table of name = default")
+        plugin.description = lua.global_value("DESCRIPTION") or ""
+        routes = lua.routes()
+        if routes:
+            plugin.hooks["routes"] = functools.partial(_add_lua_routes, routes)
+        for hook in list(HOOKS) + list(ORTHANC_CALLBACKS):
+            if hook == "routes":
+                continue
+            function = lua.function(hook)
+            if function is not None:
+                plugin.hooks.setdefault(ORTHANC_CALLBACKS.get(hook, hook), _orthanc_adapter(hook, function))
+
+    def _register(self, plugin: Plugin):
+        if not plugin.enabled:
+            return
+        if "query" in plugin.hooks:
+            self.daemon.providers[plugin.name] = lambda text, plugin=plugin: _provider_results(self._call(plugin, "query", text) or [])
+
+    def _unregister(self, plugin: Plugin):
+        self.daemon.providers.pop(plugin.name, None)
+
+    def set_enabled(self, name: str, enabled: bool) -> Plugin:
+        with self._lock:
+            plugin = self.plugins[name]
+            if plugin.error:
+                raise PluginError(f"plugin {name} is dead: {plugin.error}")
+            self._unregister(plugin)
+            plugin.enabled = enabled
+            plugin.settings["enabled"] = enabled
+            self._register(plugin)
+            self.log.info("plugin %s %s", name, "enabled" if enabled else "disabled")
+            return plugin
+
+    def watch(self):
+        """Reload a plugin file when it changes, without restarting the daemon."""
+        manager = self
+
+        class Reloader(FileSystemEventHandler):
+            def on_any_event(self, event):
+                path = pathlib.Path(os.fsdecode(getattr(event, "dest_path", "") or event.src_path))
+                if path.suffix in (".py", ".lua") and path.exists() and not event.is_directory:
+                    known = manager.plugins.get(path.stem)
+                    if known is None or known.mtime != path.stat().st_mtime:
+                        manager.load(path)
+
+        self._observer = Observer()
+        for folder in self.folders:
+            if folder.is_dir():
+                self._observer.schedule(Reloader(), str(folder), recursive=False,
+                                        event_filter=[FileClosedEvent, FileCreatedEvent, FileMovedEvent, FileModifiedEvent])
+        self._observer.start()
+        start_thread("stable-studies", self._stable_loop)
+
+    def close(self):
+        self._stable_stop.set()
+        if self._observer:
+            self._observer.stop()
+            self._observer.join(timeout=5)
+        self._events.shutdown(wait=True, cancel_futures=False)
+
+    # ---- dispatch
+
+    def _active(self, hook: str):
+        return [p for p in list(self.plugins.values()) if p.enabled and hook in p.hooks]
+
+    def _call(self, plugin: Plugin, hook: str, *args):
+        """Call one hook of one plugin; an exception is logged with the plugin's name and counted."""
+        plugin.calls += 1
+        try:
+            return plugin.hooks[hook](*args)
+        except Exception as error:
+            plugin.failures += 1
+            logging.getLogger(f"dicoogled.plugin.{plugin.name}").error("%s failed: %s", hook, error)
+            return None
+
+    def notify(self, hook: str, *args):
+        """Run a notify hook of every plugin in the background: a modality never waits for it."""
+        for plugin in self._active(hook):
+            self._events.submit(self._call, plugin, hook, *args)
+
+    def store_filter(self, calling_aet: str, dataset: Dataset) -> int | None:
+        """None to accept the object, else the DICOM status to refuse it with."""
+        filters = self._active("incoming_store_filter")
+        if not filters:
+            return None
+        tags, _ = extract_metadata(dataset)
+        for plugin in filters:
+            verdict = self._call(plugin, "incoming_store_filter", calling_aet, tags)
+            if verdict is False:
+                return NOT_AUTHORIZED
+            if isinstance(verdict, int) and not isinstance(verdict, bool) and verdict != SUCCESS:
+                return verdict
+        return None
+
+    def find_filter(self, calling_aet: str, identifier: Dataset):
+        """The identifier, possibly rewritten by plugins, or an int status to refuse the query."""
+        filters = self._active("incoming_find_filter")
+        if not filters:
+            return identifier
+        query = {element.keyword or f"{element.tag:08X}": str(element.value) if element.VR != "SQ" else "" for element in identifier}
+        for plugin in filters:
+            verdict = self._call(plugin, "incoming_find_filter", calling_aet, dict(query))
+            if isinstance(verdict, int) and not isinstance(verdict, bool):
+                return verdict
+            if isinstance(verdict, dict):
+                query = {str(k): "" if v is None else str(v) for k, v in verdict.items()}
+        rewritten = Dataset()
+        for keyword, value in query.items():
+            tag = tag_for_keyword(keyword)
+            if tag is not None:
+                rewritten.add_new(tag, dictionary_VR(tag), value if dictionary_VR(tag) != "SQ" else [])
+        return rewritten
+
+    def enrich(self, record: InstanceRecord):
+        """Index plugins add searchable fields to a record before it is written."""
+        for plugin in self._active("index"):
+            extra = self._call(plugin, "index", instance_event(record))
+            if isinstance(extra, dict):
+                for key, value in extra.items():
+                    key = re.sub(r"[^A-Za-z0-9]", "", str(key))
+                    if key:
+                        self.extra_fields.add(key)
+                        record.meta[key] = value if isinstance(value, (str, list)) else str(value)
+                        record.text += f" {key} {value}"
+
+    def instance_indexed(self, record: InstanceRecord, calling_aet: str = ""):
+        event = instance_event(record, calling_aet)
+        if record.origin in ("store", "stow"):
+            self.notify("on_stored", event)
+        self.notify("on_indexed", event)
+        self._last_arrival[record.columns["StudyInstanceUID"]] = time.monotonic()
+
+    def _stable_loop(self):
+        stable_age = self.daemon.config.stable_age
+        while not self._stable_stop.wait(min(1.0, stable_age / 4)):
+            now = time.monotonic()
+            for study_uid, last in list(self._last_arrival.items()):
+                if now - last >= stable_age:
+                    del self._last_arrival[study_uid]
+                    self.notify("on_stable_study", {"StudyInstanceUID": study_uid})
+
+
+def _add_lua_routes(routes: dict, app: bottle.Bottle):
+    """Bottle routes calling a Lua script's handlers with the request's parameters."""
+    for key, call in routes.items():
+        method, _, path = key.partition(" ")
+
+        def handle(call=call, **arguments):
+            return call({**dict(bottle.request.params), **arguments})
+        app.route(path.strip() or "/", method.strip().upper() or "GET", handle)
+
+
+def _convert_setting(text, default):
+    """A setting from the config file (text) in the type of its default."""
+    if isinstance(default, bool):
+        return str(text).strip().lower() in ("1", "true", "yes", "on")
+    if isinstance(default, int):
+        return int(text)
+    if isinstance(default, float):
+        return float(text)
+    return text
+
+
+def _provider_results(results) -> list[tuple[str, dict]]:
+    """A query plugin's answer as (uri, metadata) pairs, what the search routes merge."""
+    pairs = []
+    for item in results if isinstance(results, list) else []:
+        if isinstance(item, dict):
+            fields = item.get("fields") if isinstance(item.get("fields"), dict) else {}
+            pairs.append((str(item.get("uri", "")), {str(k): v if isinstance(v, (str, list)) else str(v) for k, v in fields.items()}))
+    return pairs
+
+
+def _orthanc_adapter(name: str, function):
+    """Call a Lua function named as in Orthanc with Orthanc's arguments; ours pass through."""
+    def origin(event_or_aet):
+        aet = event_or_aet.get("calling_aet", "") if isinstance(event_or_aet, dict) else event_or_aet
+        return {"RequestOrigin": "DicomProtocol", "RemoteAet": aet, "CalledAet": ""}
+
+    if name == "OnStoredInstance":
+        return lambda event: function(event["SOPInstanceUID"], event["tags"], {"RemoteAET": event["calling_aet"]}, origin(event))
+    if name == "ReceivedInstanceFilter":
+        return lambda aet, tags: function(tags, origin(aet), {})
+    if name == "IncomingFindRequestFilter":
+        return lambda aet, query: function(query, origin(aet))
+    if name == "OnStableStudy":
+        return lambda study: function(study["StudyInstanceUID"], {}, {})
+    return function
+
+
+# ============================================================================================
 # DICOM services: C-ECHO, C-STORE, C-FIND, C-MOVE, C-GET
 # ============================================================================================
 
@@ -1846,6 +2368,8 @@ class DicomServices:
     def __init__(self, config: Config, ingest: Ingest, finder: Finder):
         self.config, self.ingest, self.finder = config, ingest, finder
         self.log = logging.getLogger("dicoogled.dicom")
+        #: callable(calling_aet, identifier) -> identifier, or an int status to refuse
+        self.find_filter = None
         self.server = None
         self.port = None
         self._in_flight = 0
@@ -1942,6 +2466,12 @@ class DicomServices:
 
         try:
             identifier = event.identifier
+            if self.find_filter:
+                identifier = self.find_filter(calling, identifier)
+                if isinstance(identifier, int):
+                    self.log.info("C-FIND from %s refused by a plugin with 0x%04X", calling, identifier)
+                    yield identifier, None
+                    return
             level, _ = parse_identifier(identifier)
             if level == "PATIENT" and event.request.AffectedSOPClassUID == StudyRootQueryRetrieveInformationModelFind:
                 raise QueryError("the Study Root model has no PATIENT level (use Patient Root)", IDENTIFIER_DOES_NOT_MATCH)
@@ -2010,9 +2540,52 @@ class DicomServices:
     def _on_get(self, event):
         with self._tracked():
             instances = self._matched_instances(event, "C-GET")
-            self.log.info("C-GET from %s: %d instances", event.assoc.requestor.ae_title, len(instances))
+            calling = event.assoc.requestor.ae_title
+            self.log.info("C-GET from %s: %d instances", calling, len(instances))
+            # C-GET sends the instances back on the same association, which the SCU must accept
+            # by proposing the SCP role (role selection); many viewers don't: the usual failure.
+            roles = event.assoc.requestor.role_selection
+            without_role = sorted({sop_class for _, sop_class, _, _ in instances
+                                   if sop_class not in roles or not roles[sop_class].scp_role})
+            if without_role:
+                self.log.warning("C-GET from %s: it proposed no SCP role for %s, so it may refuse those instances;"
+                                 " enable C-GET storage roles in the viewer or use C-MOVE", calling, ", ".join(without_role))
             yield len(instances)
             yield from self._sub_operations(event, instances)
+
+    def send(self, sop_instance_uids: list[str], destination_aet: str) -> dict:
+        """C-STORE indexed instances to a [modalities] AE, over one association: {sent, failed}."""
+        destination = self.config.modalities.get(destination_aet)
+        if destination is None:
+            raise ValueError(f"unknown destination {destination_aet!r}: add it under [modalities]")
+        instances = []
+        for uid in sop_instance_uids:
+            rows = self.finder.index.query(
+                "SELECT sop_instance_uid, sop_class_uid, transfer_syntax, path FROM instances WHERE sop_instance_uid = ?", (uid,))
+            instances.extend(rows)
+        result = {"sent": 0, "failed": len(sop_instance_uids) - len(instances)}
+        if not instances:
+            return result
+        association = self.ae.associate(destination[0], destination[1], ae_title=destination_aet,
+                                        contexts=_contexts_for(instances), max_pdu=self.config.max_pdu,
+                                        evt_handlers=[(evt.EVT_CONN_OPEN, _set_tcp_nodelay)])
+        if not association.is_established:
+            result["failed"] += len(instances)
+            self.log.warning("cannot associate with %s at %s:%d", destination_aet, *destination)
+            return result
+        try:
+            for sop_uid, _, _, path in instances:
+                try:
+                    status = association.send_c_store(pydicom.dcmread(path))
+                    ok = status and status.Status in (SUCCESS, 0xB000, 0xB006, 0xB007)
+                except Exception as error:
+                    self.log.warning("sending %s to %s failed: %s", sop_uid, destination_aet, error)
+                    ok = False
+                result["sent" if ok else "failed"] += 1
+        finally:
+            association.release()
+        self.log.info("sent %d instance(s) to %s, %d failed", result["sent"], destination_aet, result["failed"])
+        return result
 
 
 def _contexts_for(instances) -> list:
@@ -2023,6 +2596,10 @@ def _contexts_for(instances) -> list:
     for _, sop_class, transfer_syntax, _ in instances:
         if transfer_syntax in UNCOMPRESSED_TRANSFER_SYNTAXES or not transfer_syntax:
             wanted.setdefault((sop_class, "uncompressed"), list(UNCOMPRESSED_TRANSFER_SYNTAXES))
+            if transfer_syntax == pydicom.uid.ExplicitVRBigEndian:
+                # pynetdicom converts explicit <-> implicit VR but never the byte order, and a
+                # peer picks little endian from the list above: offer big endian on its own too.
+                wanted.setdefault((sop_class, transfer_syntax), [transfer_syntax])
         else:
             wanted.setdefault((sop_class, transfer_syntax), [transfer_syntax])
     contexts = [build_context(sop_class, syntaxes) for (sop_class, _), syntaxes in wanted.items()]
@@ -2595,6 +3172,7 @@ def make_app(daemon: "Daemon") -> bottle.Bottle:
     _session_routes(api)
     _search_routes(api)
     _task_routes(api)
+    _plugin_routes(api)
     for add_routes in daemon.route_hooks:  # management, plugins' web services
         add_routes(api)
     return app
@@ -2703,7 +3281,7 @@ def _session_routes(api: Api):
 
 def search_index(daemon: "Daemon", text: str, limit: int | None = None, offset: int = 0, columns: str = "i.id, i.path, i.meta"):
     """Run a search-language query on the index: (rows, total). Raises SearchSyntaxError."""
-    where, args, rank = compile_search(SearchQuery(text))
+    where, args, rank = compile_search(SearchQuery(text, daemon.plugins.extra_fields))
     joins = ("FROM instances i JOIN series se ON se.id = i.series_ref JOIN studies st ON st.id = se.study_ref"
              " JOIN patients p ON p.id = st.patient_ref")
     total = daemon.index.query(f"SELECT count(*) {joins} WHERE {where}", args)[0][0]
@@ -2946,6 +3524,168 @@ def _search_routes(api: Api):
                                   download="QueryResultsExport.csv")
 
 
+def _plugin_routes(api: Api):
+    daemon = api.daemon
+    manager = daemon.plugins
+    dicoogle_types = {"web": "servlet"}  # what Dicoogle calls a web-service plugin
+
+    @api.route("/plugins", access=ADMIN)
+    @api.route("/plugins/<kind>", access=ADMIN)
+    def list_plugins(kind=None):
+        """Plugins and what they provide; dead ones with the error that killed them."""
+        entries = [
+            {"name": BUILTIN_PROVIDER, "type": "query", "enabled": True, "dim": True, "builtin": True},
+            {"name": BUILTIN_PROVIDER, "type": "index", "enabled": True, "builtin": True},
+            {"name": "file-storage", "type": "storage", "enabled": True, "scheme": "file", "default": True, "builtin": True},
+        ]
+        dead = []
+        for plugin in manager.plugins.values():
+            if plugin.error:
+                dead.append({"name": plugin.name, "cause": {"class": plugin.error.split(":")[0], "message": plugin.error},
+                             **plugin.as_json()})
+                continue
+            for provided in plugin.provides or ["events"]:
+                entries.append({**plugin.as_json(), "type": dicoogle_types.get(provided, provided)})
+        if kind == "dead":
+            return {"plugins": [], "dead": dead}
+        if kind is not None:
+            entries = [e for e in entries if e["type"] == kind]
+        entries.sort(key=lambda e: (e["enabled"], e["name"]))
+        return {"plugins": entries, "sets": sorted(manager.plugins), "dead": dead}
+
+    @api.route("/plugins/<kind>/<name>/<action>", "POST", access=ADMIN)
+    def enable_plugin(kind, name, action):
+        """Enable or disable a plugin, live: action is enable or disable."""
+        if action not in ("enable", "disable"):
+            _fail(400, "action must be enable or disable")
+        if name not in manager.plugins:
+            _fail(400, f"no plugin {name!r}")
+        try:
+            plugin = manager.set_enabled(name, action == "enable")
+        except PluginError as error:
+            _fail(400, str(error))
+        _persist_plugin_settings(daemon, plugin)
+        return {"success": True, "enabled": plugin.enabled}
+
+    @api.route("/plugins/<name>/settings", access=ADMIN)
+    def plugin_settings(name):
+        """A plugin's settings."""
+        if name not in manager.plugins:
+            _fail(404, f"no plugin {name!r}")
+        return manager.plugins[name].settings
+
+    @api.route("/plugins/<name>/settings", "POST", access=ADMIN)
+    def change_plugin_settings(name):
+        """Change a plugin's settings (form fields named as the settings); persisted."""
+        plugin = manager.plugins.get(name)
+        if plugin is None:
+            _fail(404, f"no plugin {name!r}")
+        changes = {}
+        for key, value in bottle.request.params.items():
+            if key not in plugin.settings:
+                _fail(400, f"plugin {name} has no setting {key!r}")
+            try:
+                changes[key] = _convert_setting(value, plugin.settings[key])
+            except ValueError:
+                _fail(400, f"{key} must be a {type(plugin.settings[key]).__name__}")
+        plugin.settings.update(changes)
+        if "enabled" in changes:
+            manager.set_enabled(name, changes["enabled"])
+        _persist_plugin_settings(daemon, plugin)
+        return plugin.settings
+
+    def webui_plugins():
+        return [p for p in manager.plugins.values() if p.webui and p.enabled]
+
+    @api.route("/webui")
+    def webui():
+        """Web UI plugins' descriptors (package.json style), filtered by slot-id and role."""
+        params = bottle.request.params
+        if params.get("module"):
+            bottle.redirect(f"/webui/module/{urllib.parse.quote(params['module'])}")
+        if params.get("name"):
+            plugin = manager.plugins.get(params["name"])
+            if plugin is None or not plugin.webui:
+                _fail(404, f"no web UI plugin {params['name']!r}")
+            return plugin.webui
+        slots = api.params("slot-id")
+        user = api.current_user()
+        found = []
+        for plugin in webui_plugins():
+            descriptor = plugin.webui.get("dicoogle", {})
+            roles = descriptor.get("roles") or []
+            if slots and descriptor.get("slot-id") not in slots:
+                continue
+            if roles and not (user and (user.admin or set(roles) & set(user.roles))):
+                continue
+            found.append({**plugin.webui, "settings": plugin.settings})
+        return {"plugins": found}
+
+    @api.route("/webui/module/<name>")
+    def webui_module(name):
+        """A web UI plugin's JavaScript module, wrapped for Dicoogle's web core unless process=false."""
+        plugin = manager.plugins.get(name)
+        if plugin is None or not plugin.webui or not plugin.enabled:
+            _fail(404, f"no web UI plugin {name!r}")
+        module_file = plugin.webui.get("dicoogle", {}).get("module-file", f"{name}.js")
+        path = (plugin.path.parent / module_file).resolve()
+        if not path.is_relative_to(plugin.path.parent.resolve()) or not path.is_file():
+            _fail(404, f"the module of {name} is missing")
+        source = path.read_text(encoding="utf-8")
+        bottle.response.content_type = "text/javascript; charset=utf-8"
+        if bottle.request.params.get("process", "true") == "false":
+            return source
+        quoted = json.dumps(name)
+        return ("(function () {\nvar module = {exports: {}}, exports = module.exports;\n" + source +
+                f"\n;var constructor = module.exports && module.exports.default || module.exports;\n"
+                f"var core = window.DicoogleWebcore = window.DicoogleWebcore || {{}};\n"
+                f"core.constructors = core.constructors || {{}}; core.constructors[{quoted}] = constructor;\n"
+                f"if (core.onRegister) core.onRegister(new constructor(), {quoted});\n}})();\n")
+
+    @api.route("/ext/<name>/", ["GET", "POST", "PUT", "DELETE"], access=PUBLIC)
+    @api.route("/ext/<name>/<rest:path>", ["GET", "POST", "PUT", "DELETE"], access=PUBLIC)
+    def web_service(name, rest=""):
+        """A plugin's web service: reads need a login, writes a login too (as the core's routes)."""
+        plugin = manager.plugins.get(name)
+        if plugin is None or not plugin.enabled or "routes" not in plugin.hooks:
+            _fail(404, f"no web service plugin {name!r}")
+        api.require(READ if bottle.request.method in ("GET", "HEAD") else USER)
+        if plugin.web is None:
+            plugin.web = bottle.Bottle()
+            plugin.hooks["routes"](plugin.web)
+        environ = dict(bottle.request.environ, PATH_INFO="/" + rest)
+        route, arguments = plugin.web.router.match(environ)
+        plugin.calls += 1
+        try:
+            result = route.call(**arguments)
+        except bottle.HTTPResponse:
+            raise
+        except Exception as error:
+            plugin.failures += 1
+            logging.getLogger(f"dicoogled.plugin.{name}").exception("web service %s failed", rest)
+            _fail(500, f"plugin {name} failed: {error}")
+        return _json_response(result) if isinstance(result, list) else result
+
+
+def _persist_plugin_settings(daemon: "Daemon", plugin: Plugin):
+    """Write a plugin's settings to data_dir/settings.ini as [plugin.NAME], so they survive a restart."""
+    path = daemon.config.data_dir / "settings.ini"
+    parser = configparser.ConfigParser(interpolation=None)
+    parser.optionxform = str
+    if path.exists():
+        parser.read(path, encoding="utf-8")
+    section = f"plugin.{plugin.name}"
+    if not parser.has_section(section):
+        parser.add_section(section)
+    for key, value in plugin.settings.items():
+        parser.set(section, key, str(value).lower() if isinstance(value, bool) else str(value))
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        parser.write(handle)
+    os.replace(tmp, path)
+    daemon.config.plugin_settings[plugin.name] = dict(parser.items(section))
+
+
 def _group_dim(results, with_birthdate: bool) -> list[dict]:
     """Dicoogle's DIM tree: patient (by PatientID, else name) → study → series → images."""
     patients: dict[str, dict] = {}
@@ -3044,6 +3784,23 @@ class TaskManager:
         self.tasks[task.uid] = task
         self._queue.submit(self._run, task)
         return task
+
+    def start_function(self, name: str, function) -> str:
+        """Run function(progress) as a task; progress(fraction) updates what /index/task shows."""
+        task = IndexTask(str(uuid.uuid4()), name, [], total=1000)
+
+        def run():
+            try:
+                function(lambda fraction: setattr(task, "done", int(max(0.0, min(1.0, float(fraction))) * 1000)))
+            except Exception:
+                task.errors += 1
+                self.log.exception("task %s failed", name)
+            finally:
+                task.finished = time.time()
+
+        self.tasks[task.uid] = task
+        start_thread(f"task-{task.uid[:8]}", run)
+        return task.uid
 
     def _run(self, task: IndexTask):
         try:
@@ -3196,6 +3953,11 @@ class Daemon:
         self.providers = {BUILTIN_PROVIDER: self._search_builtin}
         #: Callables(api) adding HTTP routes (management, plugins' web services).
         self.route_hooks = []
+        self.plugins = PluginManager(self, config.plugin_folders, config.plugin_settings)
+        self.ingest.store_filter = self.plugins.store_filter
+        self.ingest.enrich = self.plugins.enrich
+        self.ingest.listeners.append(self.plugins.instance_indexed)
+        self.dicom.find_filter = self.plugins.find_filter
         self.watcher = None
         self.http_server = None
         self.http_port = None
@@ -3205,6 +3967,8 @@ class Daemon:
     def start(self):
         from waitress.server import create_server
 
+        self.plugins.load_all()
+        self.plugins.watch()
         self.dicom.start()
         self.watcher = FolderWatcher(
             self.ingest, self.config.watch_folders, poll=self.config.watch_poll,
@@ -3245,6 +4009,7 @@ class Daemon:
         if self.watcher:
             self.watcher.stop()
         self.tasks.close()
+        self.plugins.close()
         self.index.close()
         self.users.close()
         self.log.info("stopped")
@@ -3389,6 +4154,7 @@ def _argument_parser() -> argparse.ArgumentParser:
     serve.add_argument("--dicom-port", type=int)
     serve.add_argument("--aet", help="our AE title (default DICOOGLED)")
     serve.add_argument("--watch", metavar="DIR", action="append", type=pathlib.Path, help="a folder to index in place (repeatable)")
+    serve.add_argument("--plugins-dir", metavar="DIR", action="append", type=pathlib.Path, help="a folder of plugins (repeatable)")
     index = commands.add_parser("index", parents=[common], help="index files or folders in place, offline")
     index.add_argument("paths", nargs="+", metavar="PATH")
     commands.add_parser("reindex", parents=[common], help="rebuild the index from the files")
@@ -3410,6 +4176,8 @@ def main(argv=None) -> int:
         config = Config.load(args.config, **overrides)
         if args.command == "serve" and args.watch:
             config.watch_folders = config.watch_folders + args.watch
+        if args.command == "serve" and args.plugins_dir:
+            config.plugin_folders = config.plugin_folders + args.plugins_dir
     except ValueError as error:
         print(f"dicoogled: {error}", file=sys.stderr)
         return 2
