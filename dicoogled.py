@@ -1385,6 +1385,10 @@ class Finder:
         if key.vr == "SQ" or not key.value or "\\" in key.value or (key.vr in DATE_TIME_VRS and "-" in key.value):
             return _fts_phrase(_fts_tokens(key.keyword))
         literal = re.split(r"[*?]", key.value, maxsplit=1)[0]
+        if key.vr == "PN" or not literal.isascii():
+            # FTS5 keeps letters that _fold changes (ß, Ё, ligatures), and names match folded:
+            # the words could miss a match, so only the keyword is a safe prefilter.
+            return _fts_phrase(_fts_tokens(key.keyword))
         tokens = _fts_tokens(key.keyword) + _fts_tokens(literal)
         # A wildcard (or any text) right after the literal part makes its last token a prefix.
         open_ended = literal != key.value and literal and not re.search(r"[\W_]$", literal)
@@ -1915,6 +1919,7 @@ class Plugin:
     failures: int = 0
     mtime: float = 0
     web: object = None  # the Bottle app of its web-service routes, built on first use
+    mount: str | None = None  # a path the web service is also served at, e.g. /dicom-web
 
     @property
     def provides(self) -> list[str]:
@@ -1967,6 +1972,39 @@ class PluginApi:
     def run_task(self, name: str, function) -> str:
         """Run function(progress) in the background, shown in /index/task; progress(fraction)."""
         return self._daemon.tasks.start_function(f"[{self._plugin.name}] {name}", function)
+
+    # ---- for trusted Python plugins that provide whole services (DICOMweb)
+
+    def find(self, level: str, keys: dict, cancelled=lambda: False):
+        """C-FIND matching on the index, the same rules as the DICOM service: yields response
+        data sets. keys maps keywords (or 8-hex tags) to DICOM query values ('' returns a key)."""
+        identifier = Dataset()
+        identifier.QueryRetrieveLevel = level
+        for key, value in keys.items():
+            tag = int(key, 16) if re.fullmatch(r"[0-9A-Fa-f]{8}", key) else tag_for_keyword(key)
+            if tag is None:
+                raise QueryError(f"unknown attribute {key!r}", IDENTIFIER_DOES_NOT_MATCH)
+            try:
+                vr = dictionary_VR(tag)
+            except KeyError:
+                vr = "LO"
+            identifier.add_new(tag, vr, [] if vr == "SQ" else value)
+        return self._daemon.finder.search(identifier, cancelled)
+
+    def instances(self, study_uid: str, series_uid: str = "", sop_uid: str = "") -> list[tuple]:
+        """(sop_instance_uid, sop_class_uid, transfer_syntax, path) of a study, series or instance."""
+        sql = ("SELECT i.sop_instance_uid, i.sop_class_uid, i.transfer_syntax, i.path FROM instances i"
+               " JOIN series se ON se.id = i.series_ref JOIN studies st ON st.id = se.study_ref WHERE st.study_instance_uid = ?")
+        args = [study_uid]
+        for column, value in (("se.series_instance_uid", series_uid), ("i.sop_instance_uid", sop_uid)):
+            if value:
+                sql += f" AND {column} = ?"
+                args.append(value)
+        return self._daemon.index.query(sql + " ORDER BY i.id", args)
+
+    def store(self, data: bytes, source: str = "") -> int:
+        """Store and index a Part 10 object through the one ingest path; returns a DICOM status."""
+        return self._daemon.ingest.store_received(data, source, origin="stow")
 
 
 # ---- Lua: a sandbox with an instruction budget and a memory cap ----------------------------
@@ -2148,6 +2186,10 @@ class PluginManager:
         plugin.description = (module.__doc__ or "").strip().splitlines()[0] if module.__doc__ else ""
         plugin.settings = dict(getattr(module, "SETTINGS", {}))
         plugin.webui = getattr(module, "WEBUI", None)
+        mount = getattr(module, "MOUNT", None)
+        if mount is not None and not re.fullmatch(r"(/[A-Za-z0-9._-]+)+", mount):
+            raise PluginError(f"MOUNT {mount!r} must be a path such as /dicom-web")
+        plugin.mount = mount
         plugin.hooks = {hook: getattr(module, hook) for hook in HOOKS if callable(getattr(module, hook, None))}
 
     def _load_lua(self, plugin: Plugin):
@@ -3642,14 +3684,17 @@ def _plugin_routes(api: Api):
                 f"core.constructors = core.constructors || {{}}; core.constructors[{quoted}] = constructor;\n"
                 f"if (core.onRegister) core.onRegister(new constructor(), {quoted});\n}})();\n")
 
-    @api.route("/ext/<name>/", ["GET", "POST", "PUT", "DELETE"], access=PUBLIC)
-    @api.route("/ext/<name>/<rest:path>", ["GET", "POST", "PUT", "DELETE"], access=PUBLIC)
+    methods = ["GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS"]
+
+    @api.route("/ext/<name>/", methods, access=PUBLIC)
+    @api.route("/ext/<name>/<rest:path>", methods, access=PUBLIC)
     def web_service(name, rest=""):
         """A plugin's web service: reads need a login, writes a login too (as the core's routes)."""
         plugin = manager.plugins.get(name)
         if plugin is None or not plugin.enabled or "routes" not in plugin.hooks:
             _fail(404, f"no web service plugin {name!r}")
-        api.require(READ if bottle.request.method in ("GET", "HEAD") else USER)
+        if bottle.request.method != "OPTIONS":  # CORS preflights carry no credentials
+            api.require(READ if bottle.request.method in ("GET", "HEAD") else USER)
         if plugin.web is None:
             plugin.web = bottle.Bottle()
             plugin.hooks["routes"](plugin.web)
@@ -3665,6 +3710,12 @@ def _plugin_routes(api: Api):
             logging.getLogger(f"dicoogled.plugin.{name}").exception("web service %s failed", rest)
             _fail(500, f"plugin {name} failed: {error}")
         return _json_response(result) if isinstance(result, list) else result
+
+    # A plugin may also ask to be served at a path of its own (DICOMweb at /dicom-web).
+    for plugin in manager.plugins.values():
+        if plugin.mount and not plugin.error:
+            for path in (plugin.mount, plugin.mount + "/<rest:path>"):
+                api.route(path, methods, access=PUBLIC)(functools.partial(web_service, plugin.name))
 
 
 def _persist_plugin_settings(daemon: "Daemon", plugin: Plugin):
