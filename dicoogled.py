@@ -1457,6 +1457,9 @@ class Finder:
             value = next(values) if kind == "column" else meta.get(key.keyword)
             if value is None:
                 value = ""
+            if key.vr == "SQ" and key.value and key.value[0] and isinstance(value, list):
+                # Items come back with the keys the request's item lists (empty if not stored).
+                value = [{k: item.get(k, "") for k in key.value[0]} for item in value if isinstance(item, dict)]
             element_value = _dicom_value(key.vr, value)
             if not str(value).isascii():  # multi-values and sequence items count too
                 non_ascii = True

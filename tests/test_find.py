@@ -574,6 +574,22 @@ def test_image_level_return_keys(archive, model):
         assert isinstance(rsp.Rows, int) and len(rsp.ImagePositionPatient) == 3
 
 
+def test_sequence_items_come_back_with_the_requested_keys(archive):
+    """An item in the request lists the keys wanted in each returned item; none asks for all."""
+    stored = codes(archive.entity("STUDY", study_uid(3, 1)))
+    keys = {"StudyInstanceUID": study_uid(3, 1), "ProcedureCodeSequence": [item(CodeValue="", CodingSchemeVersion="")]}
+    results, status = archive.find("STUDY", keys)
+    assert status == SUCCESS and len(results) == 1
+    items = results[0].ProcedureCodeSequence
+    assert [_keywords(i) for i in items] == [{"CodeValue", "CodingSchemeVersion"}]
+    assert (items[0].CodeValue, items[0].CodingSchemeVersion) == (stored[0].CodeValue, "")
+
+    results, status = archive.find("STUDY", {"StudyInstanceUID": study_uid(3, 1), "ProcedureCodeSequence": []})
+    assert status == SUCCESS and len(results) == 1
+    assert [(i.CodeValue, i.CodingSchemeDesignator, i.CodeMeaning) for i in results[0].ProcedureCodeSequence] == [
+        (i.CodeValue, i.CodingSchemeDesignator, i.CodeMeaning) for i in stored]
+
+
 def test_requested_keys_without_a_value_come_back_empty(archive):
     keys = {"PatientID": "P0000000002", "PatientComments": "", "OtherPatientIDs": "", "PerformingPhysicianName": "",
             "NumberOfStudyRelatedInstances": "", PRIVATE_CREATOR: "", (0x00091020, "LO"): ""}
