@@ -92,6 +92,7 @@ CANNOT_UNDERSTAND = 0xC000  # C-STORE: data set cannot be parsed or lacks its UI
 UNABLE_TO_PROCESS = 0xC001  # C-FIND/MOVE/GET: the identifier cannot be processed
 STORE_REFUSED_INVALID_UID = 0xC002
 SUBOPERATIONS_FAILED = 0xB000
+SOP_CLASS_NOT_SUPPORTED = 0x0122  # C-STORE: this SOP class is refused in this transfer syntax
 
 #: Transfer syntaxes accepted for storage; objects are stored exactly as received.
 ACCEPTED_TRANSFER_SYNTAXES = (
@@ -112,6 +113,26 @@ ACCEPTED_TRANSFER_SYNTAXES = (
     "1.2.840.10008.1.2.5",  # RLE Lossless
 )
 UNCOMPRESSED_TRANSFER_SYNTAXES = ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2", "1.2.840.10008.1.2.2")
+#: The transfer syntaxes a SOP class may be limited to, by UID, with Dicoogle's names for them
+#: (its web app and clients send the name), in Dicoogle's order; HTJ2K is ours.
+TRANSFER_SYNTAX_NAMES = {
+    "1.2.840.10008.1.2": "ImplicitVRLittleEndian",
+    "1.2.840.10008.1.2.1": "ExplicitVRLittleEndian",
+    "1.2.840.10008.1.2.1.99": "DeflatedExplicitVRLittleEndian",
+    "1.2.840.10008.1.2.2": "ExplicitVRBigEndian",
+    "1.2.840.10008.1.2.4.70": "JPEGLossless",
+    "1.2.840.10008.1.2.4.80": "JPEGLSLossless",
+    "1.2.840.10008.1.2.4.57": "JPEGLosslessNonHierarchical14",
+    "1.2.840.10008.1.2.4.90": "JPEG2000LosslessOnly",
+    "1.2.840.10008.1.2.4.50": "JPEGBaseline1",
+    "1.2.840.10008.1.2.4.51": "JPEGExtended24",
+    "1.2.840.10008.1.2.4.81": "JPEGLSLossyNearLossless",
+    "1.2.840.10008.1.2.4.91": "JPEG2000",
+    "1.2.840.10008.1.2.5": "RLELossless",
+    "1.2.840.10008.1.2.4.100": "MPEG2",
+    "1.2.840.10008.1.2.4.201": "HTJ2KLossless",
+    "1.2.840.10008.1.2.4.203": "HTJ2K",
+}
 
 DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
 #: Written in the file meta of every stored object: pydicom's generate_uid(entropy_srcs=['dicoogled implementation']).
@@ -123,24 +144,32 @@ NUMBER_VRS = {"US": int, "UL": int, "SS": int, "SL": int, "UV": int, "SV": int, 
 
 DEFAULT_CONFIG = """\
 # dicoogled configuration. Every setting is shown with its default.
-# Command-line flags override this file; a file given with --config may hold only some sections.
+# A file given with --config may hold only some sections. Settings changed from the web app or
+# the REST API are saved in data_dir/settings.ini, in this format, which is read after this file;
+# command-line flags override both. Delete settings.ini to return to this file's settings.
 
 [dicom]
 # Application Entity title of this archive, and the DICOM listener.
 aet = DICOOGLED
 host = 0.0.0.0
 port = 11112
+# Open the listener at startup (false: closed until started from the web app).
+autostart = true
 # A called AE title other than ours is accepted with a warning naming the right one,
 # unless strict_called_aet is true (then the association is rejected).
 strict_called_aet = false
 # Calling AE titles allowed to associate, separated by spaces; empty allows any.
 allowed_calling_aets =
-# Limits: simultaneous associations, maximum PDU we receive (0 = unlimited), timeouts in seconds.
+# Limits: simultaneous associations, maximum PDU we receive and send (0 = unlimited, or as the
+# peer accepts), timeouts in seconds: association negotiation, DIMSE response, idle association,
+# and TCP connect for associations we open (C-MOVE, sending).
 max_associations = 16
 max_pdu = 262144
+max_pdu_send = 0
 acse_timeout = 30
 dimse_timeout = 60
 network_timeout = 120
+connection_timeout = 30
 # Most C-FIND matches returned for one request (0 = all).
 max_find_results = 0
 
@@ -162,16 +191,28 @@ data_dir = ./data
 duplicates = keep
 # fsync every received file before acknowledging it (safe against power loss).
 fsync = true
+# Where received objects go: file (the storage folder in data_dir), or the URI scheme of an
+# enabled storage plugin (docs/plugins.md). If that plugin is missing or fails, a file it is.
+scheme = file
 
 [watch]
 # Folders indexed in place, one per line; files are never copied or changed.
 folders =
+# Watch them (false keeps the list but stops watching: Dicoogle's watcher switch).
+enabled = true
 # Use polling instead of inotify (for network shares), and its interval in seconds.
 poll = false
 poll_interval = 5
 # A file is indexed once its size has not changed for this many seconds (or at once when
 # inotify reports it closed after writing).
 quiet_period = 2
+
+[index]
+# Dicoogle's indexer options, as its web app shows them. dicoogled always indexes every element
+# and renders no thumbnails when indexing: these are kept for Dicoogle's clients.
+thumbnails = false
+thumbnail_size = 64
+effort = 100
 
 [plugins]
 # Folders of plugin scripts (*.py, *.lua), one per line; empty means the plugins/ folder
@@ -188,9 +229,16 @@ stable_age = 60
 # DEBUG, INFO, WARNING or ERROR.
 level = INFO
 
+[transfer_syntaxes]
+# Storage SOP classes limited to some transfer syntaxes: SOP Class UID = transfer syntax UIDs,
+# separated by spaces. A class not listed is accepted in any transfer syntax, as sent.
+# 1.2.840.10008.5.1.4.1.1.2 = 1.2.840.10008.1.2.1 1.2.840.10008.1.2.4.70
+
 [modalities]
-# Known remote AEs, the C-MOVE destinations: AET = host:port
+# Known remote AEs, the C-MOVE destinations: AET = host:port, optionally followed by public
+# or private (Dicoogle's flag) and a description.
 # WORKSTATION = 192.168.1.20:11112
+# WEASIS = 192.168.1.21:104 public Reading room viewer
 """
 
 # ============================================================================================
@@ -199,6 +247,7 @@ level = INFO
 
 UID_PATTERN = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 AE_TITLE_PATTERN = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable ASCII, no backslash
+URI_SCHEME_PATTERN = re.compile(r"[a-z][a-z0-9+.-]*")  # RFC 3986, lower case
 
 
 def is_valid_uid(uid: str) -> bool:
@@ -208,6 +257,12 @@ def is_valid_uid(uid: str) -> bool:
 
 def is_valid_ae_title(aet: str) -> bool:
     return bool(AE_TITLE_PATTERN.match(aet)) and bool(aet.strip())
+
+
+def location_scheme(location: str) -> str:
+    """Where an indexed instance lives: "file" for a path, else its URI's scheme ("s3:...")."""
+    scheme = URI_SCHEME_PATTERN.match(location)
+    return scheme.group() if scheme and location[scheme.end():scheme.end() + 1] == ":" else "file"
 
 
 def _snake_case(keyword: str) -> str:
@@ -244,6 +299,27 @@ def start_thread(name: str, target, *args) -> threading.Thread:
     thread = threading.Thread(target=run, name=name, daemon=True)
     thread.start()
     return thread
+
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class LogTail(logging.Handler):
+    """The last `lines` lines logged, kept in memory for GET /logger."""
+
+    def __init__(self, lines: int = 2000):
+        super().__init__()
+        self.setFormatter(logging.Formatter(LOG_FORMAT))
+        self._lines = collections.deque(maxlen=lines)
+
+    def emit(self, record):
+        try:
+            self._lines.extend(self.format(record).splitlines())  # deque appends are thread-safe
+        except Exception:
+            self.handleError(record)
+
+    def text(self) -> str:
+        return "".join(line + "\n" for line in list(self._lines))
 
 
 def part10_header(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str, source_aet: str = "") -> bytes:
@@ -285,6 +361,25 @@ def _dataset_offset(data: bytes) -> int:
 # ============================================================================================
 
 
+class _ConfigParser(configparser.ConfigParser):
+    """A ConfigParser whose conversion errors name the setting: "[dicom] port = 'eleven': ..."."""
+
+    def _named(self, convert, section, option, **kwargs):
+        try:
+            return convert(section, option, **kwargs)
+        except ValueError as error:
+            raise ValueError(f"[{section}] {option} = {self.get(section, option)!r}: {error}") from None
+
+    def getint(self, section, option, **kwargs):
+        return self._named(super().getint, section, option, **kwargs)
+
+    def getfloat(self, section, option, **kwargs):
+        return self._named(super().getfloat, section, option, **kwargs)
+
+    def getboolean(self, section, option, **kwargs):
+        return self._named(super().getboolean, section, option, **kwargs)
+
+
 @dataclasses.dataclass
 class Config:
     """Every setting of the daemon. Built from the embedded defaults, a file, then flags."""
@@ -299,6 +394,9 @@ class Config:
     acse_timeout: float = 30
     dimse_timeout: float = 60
     network_timeout: float = 120
+    connection_timeout: float = 30
+    max_pdu_send: int = 0
+    dicom_autostart: bool = True
     max_find_results: int = 0
     http_host: str = "0.0.0.0"
     http_port: int = 8080
@@ -308,10 +406,15 @@ class Config:
     data_dir: pathlib.Path = pathlib.Path("./data")
     duplicates: str = "keep"
     fsync: bool = True
+    storage_scheme: str = "file"
     watch_folders: list[pathlib.Path] = dataclasses.field(default_factory=list)
     watch_poll: bool = False
     watch_poll_interval: float = 5
     watch_quiet_period: float = 2
+    watch_enabled: bool = True
+    thumbnails: bool = False
+    thumbnail_size: int = 64
+    index_effort: int = 100
     log_level: str = "INFO"
     plugin_folders: list[pathlib.Path] = dataclasses.field(default_factory=list)
     stable_age: float = 60
@@ -319,20 +422,27 @@ class Config:
     plugin_settings: dict[str, dict[str, str]] = dataclasses.field(default_factory=dict)
     #: C-MOVE destinations: AE title -> (host, port).
     modalities: dict[str, tuple[str, int]] = dataclasses.field(default_factory=dict)
+    #: Dicoogle's extras of the destinations that have them: AE title -> (public, description).
+    modality_details: dict[str, tuple[bool, str]] = dataclasses.field(default_factory=dict)
+    #: Storage SOP classes limited to some transfer syntaxes: SOP Class UID -> transfer syntax UIDs.
+    transfer_syntaxes: dict[str, list[str]] = dataclasses.field(default_factory=dict)
     #: The file settings were read from, if any.
     config_file: pathlib.Path | None = None
 
     @classmethod
     def load(cls, path=None, **overrides) -> "Config":
         """Read the embedded defaults, then the INI file at path, then non-None overrides."""
-        parser = configparser.ConfigParser(interpolation=None)
+        parser = _ConfigParser(interpolation=None)
         parser.optionxform = str  # AE titles in [modalities] are case-sensitive
         parser.read_string(DEFAULT_CONFIG)
         if path:
             path = pathlib.Path(path)
             if not path.is_file():
                 raise ValueError(f"config file {path} does not exist")
-            parser.read(path, encoding="utf-8")
+            try:
+                parser.read(path, encoding="utf-8")
+            except (configparser.Error, UnicodeDecodeError) as error:
+                raise ValueError(f"invalid configuration in {path}: {error}") from None
         get, section = parser.get, "dicom"
         try:
             config = cls(
@@ -355,6 +465,7 @@ class Config:
                 data_dir=pathlib.Path(get("storage", "data_dir")),
                 duplicates=get("storage", "duplicates").strip(),
                 fsync=parser.getboolean("storage", "fsync"),
+                storage_scheme=get("storage", "scheme").strip().lower(),
                 watch_folders=[pathlib.Path(p) for p in get("watch", "folders").splitlines() if p.strip()],
                 watch_poll=parser.getboolean("watch", "poll"),
                 watch_poll_interval=parser.getfloat("watch", "poll_interval"),
@@ -385,6 +496,8 @@ class Config:
                 raise ValueError(f"invalid {name} {getattr(self, name)}: must be 0..65535")
         if self.duplicates not in ("keep", "overwrite"):
             raise ValueError(f"invalid duplicates policy {self.duplicates!r}: keep or overwrite")
+        if not URI_SCHEME_PATTERN.fullmatch(self.storage_scheme):
+            raise ValueError(f"invalid storage scheme {self.storage_scheme!r}: file, or a storage plugin's scheme such as s3")
         if self.log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ValueError(f"invalid log level {self.log_level!r}")
         self.data_dir = pathlib.Path(self.data_dir)
@@ -963,9 +1076,12 @@ class Storage:
 
     Received bytes are stored exactly as received, after a file meta header; every name is a
     validated UID, so no file can be written outside the storage folder.
+
+    Storage plugins add other places, each a URI scheme: an instance kept by one is indexed
+    under the URI its plugin gave it, and read back through that plugin.
     """
 
-    def __init__(self, data_dir: pathlib.Path, fsync: bool = True):
+    def __init__(self, data_dir: pathlib.Path, fsync: bool = True, scheme: str = "file"):
         self.root = (data_dir / "storage").resolve()
         self.tmp = (data_dir / "tmp").resolve()
         self.fsync = fsync
@@ -973,6 +1089,59 @@ class Storage:
         self.tmp.mkdir(parents=True, exist_ok=True)
         for stale in self.tmp.glob("store-*"):  # left by a crash mid-write; never acknowledged
             stale.unlink(missing_ok=True)
+        #: Where received objects go: "file" (this folder) or a storage plugin's URI scheme.
+        self.scheme = scheme
+        #: Storage by URI scheme: callables (operation, *args) for the operations store, get,
+        #: list and remove of HOOKS["storage"]. Storage plugins add theirs.
+        self.schemes = {"file": self._files}
+
+    def _files(self, operation: str, *args):
+        """The built-in "file" scheme, whose locations are plain paths. It stores with write(),
+        since a file's path needs the study and series UIDs too."""
+        if operation == "get":
+            return pathlib.Path(args[0]).read_bytes()
+        if operation == "remove":
+            return os.unlink(args[0])
+        if operation == "list":
+            return [str(path) for path in self.root.rglob("*.dcm")]
+        raise ValueError(f"file storage has no operation {operation!r} here")
+
+    def store(self, path: pathlib.Path, sop_uid: str, data: bytes) -> tuple[str, int, int]:
+        """Keep a received object where [storage] scheme says: (location, size, mtime_ns).
+
+        A storage plugin that is missing or fails never loses the object: it goes to path.
+        """
+        if self.scheme != "file":
+            plugin = self.schemes.get(self.scheme)
+            uri = plugin("store", sop_uid, data) if plugin else None
+            if isinstance(uri, str) and location_scheme(uri) == self.scheme:
+                return uri, len(data), time.time_ns()
+            log.error("storage %s: %s %s, so it is kept in a file", self.scheme,
+                      "no enabled plugin has this scheme for" if plugin is None else "the plugin did not store", sop_uid)
+        self.write(path, data)
+        stat = path.stat()
+        return str(path), stat.st_size, stat.st_mtime_ns
+
+    def read(self, location: str) -> bytes:
+        """The bytes of a stored instance: a file, or what a storage plugin keeps at a URI."""
+        data = self._scheme_of(location)("get", location)
+        if not isinstance(data, (bytes, bytearray)):
+            raise OSError(f"storage plugin {location_scheme(location)} has nothing at {location}")
+        return bytes(data)
+
+    def open(self, location: str):
+        """What pydicom.dcmread reads an instance from: its path, or its bytes in memory."""
+        return location if location_scheme(location) == "file" else io.BytesIO(self.read(location))
+
+    def remove(self, location: str):
+        """Delete a stored instance, file or plugin object (a missing file raises FileNotFoundError)."""
+        self._scheme_of(location)("remove", location)
+
+    def _scheme_of(self, location: str):
+        scheme = location_scheme(location)
+        if scheme not in self.schemes:
+            raise OSError(f"no enabled storage plugin has the scheme of {location}")
+        return self.schemes[scheme]
 
     def path_for(self, study_uid: str, series_uid: str, sop_uid: str) -> pathlib.Path:
         for uid in (study_uid, series_uid, sop_uid):
@@ -1049,11 +1218,15 @@ class Ingest:
             with self._lock_uid(uids[2]):
                 if not self._accept_duplicate(uids[2], data, path, calling_aet):
                     return SUCCESS
-                self.storage.write(path, data)
+                # An overwriting version may live elsewhere (its study or series changed): the
+                # file it replaces must go, or it stays on disk unindexed (check reports it).
+                replaced = self.index.instance_by_uid(uids[2]) if self.duplicates == "overwrite" else None
+                location, size, mtime_ns = self.storage.store(path, uids[2], data)
                 self.stats.stored += 1
-                stat = path.stat()
-                record = make_record(dataset, str(path), origin, stat.st_size, stat.st_mtime_ns)
+                record = make_record(dataset, location, origin, size, mtime_ns)
                 self._index(record, calling_aet)
+                if replaced and replaced[1] != location and self.storage.contains(pathlib.Path(replaced[1])):
+                    pathlib.Path(replaced[1]).unlink(missing_ok=True)
             self.log.info("stored %s from %s", uids[2], calling_aet or "?")
             return SUCCESS
         except IngestError as error:
@@ -1073,14 +1246,15 @@ class Ingest:
         self.stats.duplicates += 1
         old_path = pathlib.Path(existing[1])
         try:
-            old = old_path.read_bytes()
+            old = self.storage.read(existing[1])
         except OSError:
             self.log.warning("duplicate %s: indexed file %s is gone, storing the new one", sop_uid, old_path)
             return True
         if old[_dataset_offset(old):] == data[_dataset_offset(data):]:
             self.log.info("duplicate %s from %s: identical, nothing to do", sop_uid, calling_aet or "?")
             return False
-        if self.duplicates == "overwrite" and self.storage.contains(old_path):
+        ours = self.storage.contains(old_path) or location_scheme(existing[1]) != "file"  # not a watched file
+        if self.duplicates == "overwrite" and ours:
             self.log.warning("duplicate %s from %s differs: overwriting (policy overwrite)", sop_uid, calling_aet or "?")
             return True
         self.log.warning("duplicate %s from %s differs: kept the first one (policy %s)", sop_uid, calling_aet or "?", self.duplicates)
@@ -1959,7 +2133,7 @@ class PluginApi:
     def file(self, sop_instance_uid: str) -> bytes | None:
         """The stored bytes of an instance."""
         row = self._daemon.index.instance_by_uid(str(sop_instance_uid))
-        return pathlib.Path(row[1]).read_bytes() if row else None
+        return self._daemon.storage.read(row[1]) if row else None
 
     def send(self, sop_instance_uids, destination_aet: str) -> dict:
         """C-STORE instances to a known AE (auto-routing): {sent, failed}."""
@@ -2008,6 +2182,14 @@ class PluginApi:
     def store(self, data: bytes, source: str = "") -> int:
         """Store and index a Part 10 object through the one ingest path; returns a DICOM status."""
         return self._daemon.ingest.store_received(data, source, origin="stow")
+
+    def render(self, path: str, frame: int = 0, size: int | None = None, center: float | None = None,
+               width: float | None = None, media_type: str = "image/png", quality: int = 90) -> bytes | None:
+        """One frame of a stored file as PNG or JPEG bytes, or None if it cannot be rendered."""
+        renderer = globals().get("render_frame")
+        if renderer is None:
+            return None
+        return renderer(path, frame, size=size, center=center, width=width, media_type=media_type, quality=quality)
 
 
 # ---- Lua: a sandbox with an instruction budget and a memory cap ----------------------------
@@ -2442,7 +2624,10 @@ class DicomServices:
             (evt.EVT_C_MOVE, self._on_move),
             (evt.EVT_C_GET, self._on_get),
         ]
-        self.server = self.ae.start_server((self.config.dicom_host, self.config.dicom_port), block=False, evt_handlers=handlers)
+        try:
+            self.server = self.ae.start_server((self.config.dicom_host, self.config.dicom_port), block=False, evt_handlers=handlers)
+        except OSError as error:
+            raise OSError(error.errno, f"cannot listen for DICOM on {self.config.dicom_host}:{self.config.dicom_port}: {error.strerror}") from None
         self.port = self.server.server_address[1]
         self.log.info("DICOM listening on %s:%d as %s", self.config.dicom_host, self.port, self.config.aet)
 
@@ -2556,7 +2741,7 @@ class DicomServices:
                 yield CANCELLED, None
                 return
             try:
-                yield PENDING, pydicom.dcmread(path)
+                yield PENDING, pydicom.dcmread(self.ingest.storage.open(path))
             except Exception as error:
                 self.log.error("cannot read %s for %s: %s", path, sop_uid, error)
                 # pynetdicom counts a non-data-set value as a failed sub-operation.
@@ -2621,7 +2806,7 @@ class DicomServices:
         try:
             for sop_uid, _, _, path in instances:
                 try:
-                    status = association.send_c_store(pydicom.dcmread(path))
+                    status = association.send_c_store(pydicom.dcmread(self.ingest.storage.open(path)))
                     ok = status and status.Status in (SUCCESS, 0xB000, 0xB006, 0xB007)
                 except Exception as error:
                     self.log.warning("sending %s to %s failed: %s", sop_uid, destination_aet, error)
@@ -3102,6 +3287,9 @@ def _json_response(value, status: int = 200) -> str:
 
 
 def _file_uri(path: str) -> str:
+    """The URI of an indexed location: file:///... for a path; a storage plugin's URI as it is."""
+    if location_scheme(path) != "file":
+        return path
     return pathlib.Path(path).as_uri() if os.path.isabs(path) else "file:" + path
 
 
@@ -3456,6 +3644,14 @@ def _search_routes(api: Api):
         row = daemon.index.instance_by_uid(uid)
         if row is None:
             _fail(404, f"no instance {uid}")
+        if location_scheme(row[1]) != "file":  # kept by a storage plugin
+            try:
+                data = daemon.storage.read(row[1])
+            except OSError as error:
+                _fail(404, f"the object of {uid} cannot be read: {error}")
+            bottle.response.content_type = "application/dicom"
+            bottle.response.set_header("Content-Disposition", f'attachment; filename="{uid}.dcm"')
+            return data
         path = pathlib.Path(row[1])
         if not path.is_file():
             _fail(404, f"the file of {uid} is missing; run 'dicoogled check'")
@@ -3969,7 +4165,7 @@ def _task_routes(api: Api):
         deleted, failed = [], 0
         for _, path in rows:
             try:
-                os.unlink(path)
+                daemon.storage.remove(path)
                 deleted.append(path)
             except FileNotFoundError:
                 deleted.append(path)
@@ -3993,7 +4189,7 @@ class Daemon:
         self.log = logging.getLogger("dicoogled")
         data_dir = config.data_dir
         data_dir.mkdir(parents=True, exist_ok=True)
-        self.storage = Storage(data_dir, fsync=config.fsync)
+        self.storage = Storage(data_dir, fsync=config.fsync, scheme=config.storage_scheme)
         # Temporary files (spooled uploads, pynetdicom's) stay on the data disk: /tmp may be RAM.
         tempfile.tempdir = str(self.storage.tmp)
         self.index = Index(data_dir / "index.sqlite", on_connect=[register_search_functions])
@@ -4033,10 +4229,13 @@ class Daemon:
         self.reconciling += 1
         start_thread("reconcile-storage", self._reconcile_storage)
         bottle.BaseRequest.MEMFILE_MAX = 16 * 1024 * 1024
-        self.http_server = create_server(
-            make_app(self), host=self.config.http_host, port=self.config.http_port,
-            threads=self.config.http_threads, ident="dicoogled", clear_untrusted_proxy_headers=True,
-        )
+        try:
+            self.http_server = create_server(
+                make_app(self), host=self.config.http_host, port=self.config.http_port,
+                threads=self.config.http_threads, ident="dicoogled", clear_untrusted_proxy_headers=True,
+            )
+        except OSError as error:
+            raise OSError(error.errno, f"cannot listen for HTTP on {self.config.http_host}:{self.config.http_port}: {error.strerror}") from None
         self.http_port = int(self.http_server.effective_port)
         start_thread("http", self.http_server.run)
         self.log.info("HTTP listening on %s:%d", self.config.http_host, self.http_port)
@@ -4048,6 +4247,8 @@ class Daemon:
     def _reconcile_storage(self):
         try:
             reconcile(self.ingest, self.storage.root, "store", self.stopped)
+            for scheme in set(self.storage.schemes) - {"file"}:
+                self.ingest.reconcile_scheme(scheme)
         finally:
             self.reconciling -= 1
 
@@ -4086,7 +4287,7 @@ class Daemon:
 def _configure_logging(level: str):
     logging.basicConfig(
         level=getattr(logging, level, logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format=LOG_FORMAT,
         stream=sys.stderr,
     )
     logging.captureWarnings(True)
@@ -4172,6 +4373,9 @@ def command_check(config: Config) -> int:
     problems = collections.Counter()
     try:
         for sop_uid, path, size, mtime in index.query("SELECT sop_instance_uid, path, size, mtime_ns FROM instances"):
+            if location_scheme(path) != "file":
+                problems["in plugin storage, not checked"] += 1
+                continue
             try:
                 stat = os.stat(path)
             except OSError:
@@ -4236,12 +4440,16 @@ def main(argv=None) -> int:
         print(f"dicoogled: {error}", file=sys.stderr)
         return 2
     _configure_logging(config.log_level)
-    if args.command == "index":
-        return command_index(config, args.paths)
-    if args.command == "reindex":
-        return command_reindex(config)
-    if args.command == "check":
-        return command_check(config)
+    try:
+        if args.command == "index":
+            return command_index(config, args.paths)
+        if args.command == "reindex":
+            return command_reindex(config)
+        if args.command == "check":
+            return command_check(config)
+    except (OSError, RuntimeError, apsw.Error) as error:
+        log.error("%s failed: %s", args.command, error)
+        return 1
     try:
         daemon = Daemon(config)
     except (OSError, RuntimeError, apsw.Error) as error:
