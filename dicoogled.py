@@ -33,10 +33,13 @@ import os
 import pathlib
 import re
 import secrets
+import shutil
 import signal
 import socket
 import struct
+import subprocess
 import sys
+import tarfile
 import tempfile
 import threading
 import time
@@ -431,7 +434,8 @@ class Config:
 
     @classmethod
     def load(cls, path=None, **overrides) -> "Config":
-        """Read the embedded defaults, then the INI file at path, then non-None overrides."""
+        """Read the embedded defaults, then the INI file at path, then data_dir/settings.ini (the
+        settings changed at run time), then non-None overrides (the command-line flags)."""
         parser = _ConfigParser(interpolation=None)
         parser.optionxform = str  # AE titles in [modalities] are case-sensitive
         parser.read_string(DEFAULT_CONFIG)
@@ -443,8 +447,11 @@ class Config:
                 parser.read(path, encoding="utf-8")
             except (configparser.Error, UnicodeDecodeError) as error:
                 raise ValueError(f"invalid configuration in {path}: {error}") from None
+        data_dir = overrides.get("data_dir") or parser.get("storage", "data_dir")
+        _read_settings_overlay(parser, pathlib.Path(data_dir) / SETTINGS_FILE)
         get, section = parser.get, "dicom"
         try:
+            modalities = {aet: _parse_modality(aet, value) for aet, value in parser.items("modalities")}
             config = cls(
                 aet=get(section, "aet").strip(),
                 dicom_host=get(section, "host"),
@@ -456,6 +463,9 @@ class Config:
                 acse_timeout=parser.getfloat(section, "acse_timeout"),
                 dimse_timeout=parser.getfloat(section, "dimse_timeout"),
                 network_timeout=parser.getfloat(section, "network_timeout"),
+                connection_timeout=parser.getfloat(section, "connection_timeout"),
+                max_pdu_send=parser.getint(section, "max_pdu_send"),
+                dicom_autostart=parser.getboolean(section, "autostart"),
                 max_find_results=parser.getint(section, "max_find_results"),
                 http_host=get("http", "host"),
                 http_port=parser.getint("http", "port"),
@@ -470,13 +480,20 @@ class Config:
                 watch_poll=parser.getboolean("watch", "poll"),
                 watch_poll_interval=parser.getfloat("watch", "poll_interval"),
                 watch_quiet_period=parser.getfloat("watch", "quiet_period"),
+                watch_enabled=parser.getboolean("watch", "enabled"),
+                thumbnails=parser.getboolean("index", "thumbnails"),
+                thumbnail_size=parser.getint("index", "thumbnail_size"),
+                index_effort=parser.getint("index", "effort"),
                 log_level=get("log", "level").strip().upper(),
                 plugin_folders=[pathlib.Path(p) for p in get("plugins", "folders").splitlines() if p.strip()]
                 or [pathlib.Path(__file__).resolve().parent / "plugins"],
                 stable_age=parser.getfloat("plugins", "stable_age"),
                 plugin_settings={section[len("plugin."):]: dict(parser.items(section)) for section in parser.sections()
                                  if section.startswith("plugin.")},
-                modalities={aet: _parse_host_port(aet, value) for aet, value in parser.items("modalities")},
+                modalities={aet: address for aet, (address, _, _) in modalities.items()},
+                modality_details={aet: (public, description) for aet, (_, public, description) in modalities.items()
+                                  if public or description},
+                transfer_syntaxes={uid: value.split() for uid, value in parser.items("transfer_syntaxes")},
                 config_file=path,
             )
         except (ValueError, configparser.Error) as error:
@@ -500,8 +517,44 @@ class Config:
             raise ValueError(f"invalid storage scheme {self.storage_scheme!r}: file, or a storage plugin's scheme such as s3")
         if self.log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ValueError(f"invalid log level {self.log_level!r}")
+        if not self.dicom_host.strip():
+            raise ValueError("invalid DICOM host '': an address or host name to listen on, 0.0.0.0 for all")
+        if self.max_associations < 1:
+            raise ValueError(f"invalid max_associations {self.max_associations}: at least 1")
+        for name in ("max_pdu", "max_pdu_send"):
+            if getattr(self, name) != 0 and not 1024 <= getattr(self, name) < 2**32:
+                raise ValueError(f"invalid {name} {getattr(self, name)}: 0 (unlimited) or 1024..4294967295 bytes")
+        for name in ("acse_timeout", "dimse_timeout", "network_timeout", "connection_timeout"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"invalid {name} {getattr(self, name)}: must be more than 0 seconds")
+        if not 0 < self.thumbnail_size <= 4096:
+            raise ValueError(f"invalid thumbnail_size {self.thumbnail_size}: 1..4096 pixels")
+        if not 0 <= self.index_effort <= 100:
+            raise ValueError(f"invalid index effort {self.index_effort}: 0..100")
+        for aet, (host, port) in self.modalities.items():
+            if not is_valid_ae_title(aet) or not host or any(c.isspace() for c in host) or not 0 < port < 65536:
+                raise ValueError(f"invalid C-MOVE destination {aet} = {host}:{port}: expected AET = host:port")
+        for sop_class, syntaxes in self.transfer_syntaxes.items():
+            for uid in [sop_class, *syntaxes]:
+                if not is_valid_uid(uid):
+                    raise ValueError(f"[transfer_syntaxes] {sop_class}: {uid!r} is not a UID")
         self.data_dir = pathlib.Path(self.data_dir)
         self.watch_folders = [pathlib.Path(p) for p in self.watch_folders]
+
+    def save_settings(self, *names: str):
+        """Write the named settings, changed at run time, to data_dir/settings.ini: attributes
+        named in LIVE_SETTINGS, "modalities" (with their details) or "transfer_syntaxes"."""
+        values = collections.defaultdict(dict)
+        for name in names:
+            if name == "modalities":
+                values["modalities"] = {aet: _modality_text(host, port, *self.modality_details.get(aet, (False, "")))
+                                        for aet, (host, port) in self.modalities.items()}
+            elif name == "transfer_syntaxes":
+                values["transfer_syntaxes"] = {uid: " ".join(syntaxes) for uid, syntaxes in self.transfer_syntaxes.items()}
+            else:
+                section, key = LIVE_SETTINGS[name]
+                values[section][key] = _ini_text(getattr(self, name))
+        save_settings(self.data_dir, values)
 
 
 def _parse_host_port(aet: str, value: str) -> tuple[str, int]:
@@ -509,6 +562,95 @@ def _parse_host_port(aet: str, value: str) -> tuple[str, int]:
     if not is_valid_ae_title(aet) or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError(f"[modalities] {aet} = {value}: expected AET = host:port")
     return host.strip("[]"), int(port)
+
+
+def _parse_modality(aet: str, value: str) -> tuple[tuple[str, int], bool, str]:
+    """AET = host:port [public|private] [description]: ((host, port), public, description)."""
+    address, rest = (value.split(None, 1) + ["", ""])[:2]
+    flag, description = (rest.split(None, 1) + ["", ""])[:2]
+    if flag not in ("public", "private"):
+        flag, description = "private", rest
+    return _parse_host_port(aet, address or value), flag == "public", description.strip()
+
+
+def _modality_text(host: str, port: int, public: bool, description: str) -> str:
+    """A [modalities] value, as _parse_modality reads it."""
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    flag = "public" if public else "private" if description else ""
+    return " ".join(part for part in (address, flag, description) if part)
+
+
+# ---- settings changed at run time: data_dir/settings.ini -----------------------------------
+
+SETTINGS_FILE = "settings.ini"
+#: Sections settings.ini replaces whole, rather than key by key, so that entries can be removed.
+WHOLE_SECTIONS = ("modalities", "transfer_syntaxes")
+#: Settings the REST API changes at run time, by Config attribute: (section, key) in the INI files.
+LIVE_SETTINGS = {
+    "aet": ("dicom", "aet"), "dicom_host": ("dicom", "host"), "dicom_port": ("dicom", "port"),
+    "dicom_autostart": ("dicom", "autostart"), "max_associations": ("dicom", "max_associations"),
+    "max_pdu": ("dicom", "max_pdu"), "max_pdu_send": ("dicom", "max_pdu_send"),
+    "acse_timeout": ("dicom", "acse_timeout"), "dimse_timeout": ("dicom", "dimse_timeout"),
+    "network_timeout": ("dicom", "network_timeout"), "connection_timeout": ("dicom", "connection_timeout"),
+    "watch_folders": ("watch", "folders"), "watch_enabled": ("watch", "enabled"),
+    "thumbnails": ("index", "thumbnails"), "thumbnail_size": ("index", "thumbnail_size"),
+    "index_effort": ("index", "effort"),
+}
+
+
+def _ini_text(value) -> str:
+    """A setting's value as the INI files write it."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, list):
+        return "\n".join(str(item) for item in value)  # folders: one per line
+    return str(value)
+
+
+def _read_settings_overlay(parser: configparser.ConfigParser, path: pathlib.Path):
+    """Lay settings.ini over the settings parser holds: key by key, WHOLE_SECTIONS whole."""
+    if not path.is_file():
+        return
+    overlay = configparser.ConfigParser(interpolation=None)
+    overlay.optionxform = str
+    try:
+        overlay.read(path, encoding="utf-8")
+    except (configparser.Error, UnicodeDecodeError) as error:
+        raise ValueError(f"invalid settings in {path}: {error}") from None
+    for section in overlay.sections():
+        if section in WHOLE_SECTIONS and parser.has_section(section):
+            parser.remove_section(section)
+        if not parser.has_section(section):
+            parser.add_section(section)
+        for key, value in overlay.items(section, raw=True):
+            parser.set(section, key, value)
+
+
+def save_settings(data_dir: pathlib.Path, values: dict[str, dict[str, str]]):
+    """Write {section: {key: text}} into data_dir/settings.ini, keeping the rest of what it holds.
+
+    The file is replaced atomically; callers changing it from several threads hold one lock."""
+    path = pathlib.Path(data_dir) / SETTINGS_FILE
+    parser = configparser.ConfigParser(interpolation=None)
+    parser.optionxform = str
+    parser.read(path, encoding="utf-8")
+    for section, entries in values.items():
+        if section in WHOLE_SECTIONS:
+            parser.remove_section(section)
+        if not parser.has_section(section):
+            parser.add_section(section)
+        for key, text in entries.items():
+            parser.set(section, key, text)
+    tmp = path.with_name(SETTINGS_FILE + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        handle.write("# Settings changed from the web app or the REST API, written by dicoogled. Read after the\n"
+                     "# --config file and before command-line flags; delete this file to undo every change.\n\n")
+        parser.write(handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
 
 
 # ============================================================================================
@@ -775,8 +917,11 @@ class Index:
         self._queue: "collections.deque[_WriteOp]" = collections.deque()
         self._wakeup = threading.Condition()
         self._closed = False
-        self._writer_connection = self._connect()
-        self._migrate(self._writer_connection)
+        try:
+            self._writer_connection = self._connect()
+            self._migrate(self._writer_connection)
+        except apsw.Error as error:
+            raise RuntimeError(f"cannot open the index {self.path} ({error}): 'dicoogled reindex' rebuilds it from the files") from None
         self._writer = start_thread("index-writer", self._write_loop)
 
     def _connect(self) -> apsw.Connection:
@@ -857,6 +1002,19 @@ class Index:
     def write(self, function, *args):
         """Run function(connection, *args) in a write transaction and wait for its commit."""
         return self.submit(function, *args).result()
+
+    def remember_root(self, path: str):
+        """Record a folder or file indexed in place, in the index and in indexed-roots.txt beside
+        it, where reindex finds it even when the index itself was lost."""
+        self.write(Index.add_root, path)
+        if path not in self.remembered_roots():
+            with open(self.path.parent / "indexed-roots.txt", "a", encoding="utf-8") as handle:
+                handle.write(path + "\n")
+
+    def remembered_roots(self) -> list[str]:
+        with contextlib.suppress(FileNotFoundError):
+            return [line for line in (self.path.parent / "indexed-roots.txt").read_text(encoding="utf-8").splitlines() if line]
+        return []
 
     def _write_loop(self):
         connection = self._writer_connection
@@ -1303,6 +1461,24 @@ class Ingest:
     def unindex_paths(self, paths) -> int:
         paths = [str(p) for p in paths]
         return self.index.write(Index.remove_paths, paths) if paths else 0
+
+    def reconcile_scheme(self, scheme: str):
+        """Bring the index in line with what a storage plugin lists, as reconcile() does for a
+        folder: its objects are indexed (in place: no on_stored), vanished ones unindexed."""
+        plugin = self.storage.schemes[scheme]
+        listed = plugin("list")
+        if not isinstance(listed, list):
+            return
+        known = {row[0] for row in self.index.query("SELECT path FROM instances WHERE substr(path, 1, ?) = ?",
+                                                    (len(scheme) + 1, scheme + ":"))}
+        self.unindex_paths(known - set(listed))
+        for uri in set(map(str, listed)) - known:
+            try:
+                data = self.storage.read(uri)
+                self._index(make_record(read_received_header(data), uri, "index", len(data), time.time_ns()))
+            except (OSError, IngestError) as error:
+                self.stats.skipped += 1
+                self.log.warning("skipped %s: %s", uri, error)
 
 
 def _require_complete(handle, dataset: Dataset, file_size: int):
@@ -2055,7 +2231,11 @@ HOOKS = {
     "index": "(instance) -> a table of extra searchable fields for the main index",
     "query": "(query text) -> a list of instances {uri=..., fields={...}}; the plugin is then a query provider",
     "routes": "(app) -> add web-service routes, served under /ext/<plugin>/ with the core's access control",
+    "storage": "SCHEME plus store(sop_uid, data) -> uri, get(uri) -> bytes, list() -> uris, remove(uri):"
+               " a place for received objects, chosen by [storage] scheme (Python only)",
 }
+#: The functions a storage plugin defines beside SCHEME.
+STORAGE_OPERATIONS = ("store", "get", "list", "remove")
 #: Orthanc's Lua callback names, accepted so that Orthanc scripts port.
 ORTHANC_CALLBACKS = {
     "OnStoredInstance": "on_stored", "ReceivedInstanceFilter": "incoming_store_filter",
@@ -2090,6 +2270,7 @@ class Plugin:
     settings: dict = dataclasses.field(default_factory=dict)
     description: str = ""
     webui: dict | None = None  # the web UI descriptor, package.json style
+    scheme: str | None = None  # a storage plugin's URI scheme
     enabled: bool = True
     error: str | None = None  # set when the plugin is dead
     calls: int = 0
@@ -2375,7 +2556,13 @@ class PluginManager:
         if mount is not None and not re.fullmatch(r"(/[A-Za-z0-9._-]+)+", mount):
             raise PluginError(f"MOUNT {mount!r} must be a path such as /dicom-web")
         plugin.mount = mount
-        plugin.hooks = {hook: getattr(module, hook) for hook in HOOKS if callable(getattr(module, hook, None))}
+        plugin.hooks = {hook: getattr(module, hook) for hook in HOOKS if callable(getattr(module, hook, None)) and hook != "storage"}
+        if getattr(module, "SCHEME", None) is not None:
+            plugin.scheme = str(module.SCHEME)
+            taken = [p.name for p in self.plugins.values() if p.scheme == plugin.scheme and p.name != plugin.name and not p.error]
+            if taken:
+                raise PluginError(f"SCHEME {plugin.scheme!r} is already plugin {taken[0]}'s")
+            plugin.hooks["storage"] = _storage_hook(plugin.scheme, module)
 
     def _load_lua(self, plugin: Plugin):
         source = plugin.path.read_text(encoding="utf-8")
@@ -2384,6 +2571,9 @@ class PluginManager:
         if not isinstance(plugin.settings, dict):
             raise PluginError("SETTINGS must be a table of name = default")
         plugin.description = lua.global_value("DESCRIPTION") or ""
+        plugin.webui = lua.global_value("WEBUI")
+        if lua.global_value("SCHEME") is not None:
+            raise PluginError("storage plugins are Python only: Lua has no io to keep objects with")
         routes = lua.routes()
         if routes:
             plugin.hooks["routes"] = functools.partial(_add_lua_routes, routes)
@@ -2399,9 +2589,13 @@ class PluginManager:
             return
         if "query" in plugin.hooks:
             self.daemon.providers[plugin.name] = lambda text, plugin=plugin: _provider_results(self._call(plugin, "query", text) or [])
+        if "storage" in plugin.hooks:
+            self.daemon.storage.schemes[plugin.scheme] = functools.partial(self._call, plugin, "storage")
 
     def _unregister(self, plugin: Plugin):
         self.daemon.providers.pop(plugin.name, None)
+        if "storage" in plugin.hooks:
+            self.daemon.storage.schemes.pop(plugin.scheme, None)
 
     def set_enabled(self, name: str, enabled: bool) -> Plugin:
         with self._lock:
@@ -2553,6 +2747,16 @@ def _provider_results(results) -> list[tuple[str, dict]]:
             fields = item.get("fields") if isinstance(item.get("fields"), dict) else {}
             pairs.append((str(item.get("uri", "")), {str(k): v if isinstance(v, (str, list)) else str(v) for k, v in fields.items()}))
     return pairs
+
+
+def _storage_hook(scheme: str, module):
+    """A storage plugin's operations behind one hook, called as hook("get", uri)."""
+    if not URI_SCHEME_PATTERN.fullmatch(scheme) or scheme == "file":
+        raise PluginError(f"SCHEME {scheme!r} must be a lower-case URI scheme other than file")
+    missing = [name for name in STORAGE_OPERATIONS if not callable(getattr(module, name, None))]
+    if missing:
+        raise PluginError(f"a storage plugin needs {', '.join(missing)} beside SCHEME")
+    return lambda operation, *args: getattr(module, operation)(*args)
 
 
 def _orthanc_adapter(name: str, function):
@@ -3406,6 +3610,7 @@ def make_app(daemon: "Daemon") -> bottle.Bottle:
     _search_routes(api)
     _task_routes(api)
     _plugin_routes(api)
+    _viewer_routes(api)
     for add_routes in daemon.route_hooks:  # management, plugins' web services
         add_routes(api)
     return app
@@ -3777,7 +3982,7 @@ def _plugin_routes(api: Api):
         entries = [
             {"name": BUILTIN_PROVIDER, "type": "query", "enabled": True, "dim": True, "builtin": True},
             {"name": BUILTIN_PROVIDER, "type": "index", "enabled": True, "builtin": True},
-            {"name": "file-storage", "type": "storage", "enabled": True, "scheme": "file", "default": True, "builtin": True},
+            {"name": "file-storage", "type": "storage", "enabled": True, "scheme": "file", "default": daemon.storage.scheme == "file", "builtin": True},
         ]
         dead = []
         for plugin in manager.plugins.values():
@@ -3787,6 +3992,8 @@ def _plugin_routes(api: Api):
                 continue
             for provided in plugin.provides or ["events"]:
                 entries.append({**plugin.as_json(), "type": dicoogle_types.get(provided, provided)})
+                if provided == "storage":
+                    entries[-1].update(scheme=plugin.scheme, default=daemon.storage.scheme == plugin.scheme)
         if kind == "dead":
             return {"plugins": [], "dead": dead}
         if kind is not None:
@@ -3915,6 +4122,26 @@ def _plugin_routes(api: Api):
         if plugin.mount and not plugin.error:
             for path in (plugin.mount, plugin.mount + "/<rest:path>"):
                 api.route(path, methods, access=PUBLIC)(functools.partial(web_service, plugin.name))
+
+
+def _viewer_routes(api: Api):
+    viewer = api.daemon.config.data_dir.resolve() / "viewer"
+
+    @api.route("/viewer", access=PUBLIC)
+    def viewer_root():
+        """The OHIF viewer, once `dicoogled install-viewer` has installed it."""
+        bottle.redirect("/viewer/")
+
+    @api.route("/viewer/", access=PUBLIC)
+    @api.route("/viewer/<path:path>", access=PUBLIC)
+    def viewer_file(path="index.html"):
+        """The viewer's files; any other path is one of its pages (index.html)."""
+        if not (viewer / "index.html").is_file():
+            _fail(404, "the viewer is not installed: run 'dicoogled install-viewer'")
+        candidate = (viewer / path).resolve()
+        if not candidate.is_relative_to(viewer) or not candidate.is_file():
+            path = "index.html"
+        return bottle.static_file(path, root=str(viewer))
 
 
 def _persist_plugin_settings(daemon: "Daemon", plugin: Plugin):
@@ -4328,10 +4555,13 @@ def command_index(config: Config, paths) -> int:
         for path in paths:
             path = pathlib.Path(path).resolve()
             if path.is_dir():
-                index.write(Index.add_root, str(path))
+                index.remember_root(str(path))
                 reconcile(ingest, path, "index", progress=_progress_bar(str(path)))
             elif path.is_file():
-                ingest.index_file(path, "index")
+                index.remember_root(str(path))
+                known, stat = index.instance_by_path(str(path)), path.stat()
+                if not known or (known[2], known[3]) != (stat.st_size, stat.st_mtime_ns):  # else indexed as it is
+                    ingest.index_file(path, "index")
             else:
                 log.error("%s: no such file or folder", path)
                 return 2
@@ -4355,12 +4585,15 @@ def command_reindex(config: Config) -> int:
     config.data_dir.mkdir(parents=True, exist_ok=True)
     index, ingest = _offline_archive(config)
     try:
+        roots = list(dict.fromkeys(roots + index.remembered_roots()))
         sources = [(ingest.storage.root, "store")] + [(f, "watch") for f in config.watch_folders] + [(pathlib.Path(r), "index") for r in roots]
         for root, origin in sources:
             if origin == "index":
-                index.write(Index.add_root, str(root))
+                index.remember_root(str(root))
             if pathlib.Path(root).is_dir():
                 reconcile(ingest, root, origin, progress=_progress_bar(str(root)))
+            elif origin == "index" and root.is_file():
+                ingest.index_file(root, origin)
         print(json.dumps({**index.counts(), **dataclasses.asdict(ingest.stats)}))
         return 0
     finally:
@@ -4369,12 +4602,16 @@ def command_reindex(config: Config) -> int:
 
 def command_check(config: Config) -> int:
     """Compare the index with the files on disk; exit 1 if they disagree."""
+    if not (config.data_dir / "index.sqlite").is_file():
+        log.error("no index in %s: is it the right --data-dir?", config.data_dir)
+        return 1
     index = Index(config.data_dir / "index.sqlite")
     problems = collections.Counter()
+    in_plugins = 0  # kept by storage plugins, which run only in the daemon
     try:
         for sop_uid, path, size, mtime in index.query("SELECT sop_instance_uid, path, size, mtime_ns FROM instances"):
             if location_scheme(path) != "file":
-                problems["in plugin storage, not checked"] += 1
+                in_plugins += 1
                 continue
             try:
                 stat = os.stat(path)
@@ -4391,10 +4628,69 @@ def command_check(config: Config) -> int:
                 problems["not indexed"] += 1
                 print(f"not indexed: {entry.path}")
         summary = {"instances": index.counts()["instances"], **problems}
+        if in_plugins:
+            summary["not checked (plugin storage)"] = in_plugins
         print(json.dumps(summary))
         return 1 if problems else 0
     finally:
         index.close()
+
+
+OHIF_VERSION = "3.13.2"
+#: The viewer's configuration: dicoogled's DICOMweb on the same origin, so the login cookie applies.
+OHIF_APP_CONFIG = """window.config = {
+  routerBasename: '/viewer',
+  showStudyList: true,
+  extensions: [],
+  modes: [],
+  defaultDataSourceName: 'dicoogled',
+  dataSources: [{
+    namespace: '@ohif/extension-default.dataSourcesModule.dicomweb',
+    sourceName: 'dicoogled',
+    configuration: {
+      friendlyName: 'dicoogled',
+      name: 'dicoogled',
+      wadoUriRoot: window.location.origin + '/dicom-web/wado',
+      qidoRoot: window.location.origin + '/dicom-web',
+      wadoRoot: window.location.origin + '/dicom-web',
+      qidoSupportsIncludeField: true,
+      imageRendering: 'wadors',
+      thumbnailRendering: 'wadors',
+      enableStudyLazyLoad: true,
+      supportsFuzzyMatching: false,
+      supportsWildcard: true,
+      omitQuotationForMultipartRequest: true,
+      bulkDataURI: { enabled: true },
+    },
+  }],
+};
+"""
+
+
+def command_install_viewer(config: Config, version: str) -> int:
+    """Install the prebuilt OHIF viewer from the npm registry into data_dir/viewer, served at /viewer/."""
+    target = config.data_dir.resolve() / "viewer"
+    work = pathlib.Path(tempfile.mkdtemp(prefix="viewer-", dir=config.data_dir.resolve()))
+    try:
+        subprocess.run(["npm", "pack", f"@ohif/app@{version}", "--pack-destination", str(work)],
+                       check=True, stdout=subprocess.DEVNULL, cwd=work)
+        archive = next(work.glob("*.tgz"))
+        with tarfile.open(archive) as tar:
+            members = [m for m in tar.getmembers() if m.name.startswith("package/dist/")]
+            tar.extractall(work, members=members, filter="data")
+        dist = work / "package" / "dist"
+        # The published build expects to live at /: point its absolute paths at /viewer/.
+        index = (dist / "index.html").read_text(encoding="utf-8")
+        index = re.sub(r'(href|src)="/(?!/)', r'\1="/viewer/', index).replace('PUBLIC_URL="/"', 'PUBLIC_URL="/viewer/"')
+        (dist / "index.html").write_text(index, encoding="utf-8")
+        (dist / "app-config.js").write_text(OHIF_APP_CONFIG, encoding="utf-8")
+        if target.exists():
+            shutil.rmtree(target)
+        shutil.move(str(dist), str(target))
+        print(f"OHIF viewer {version} installed in {target}; open http://HOST:PORT/viewer/")
+        return 0
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def _argument_parser() -> argparse.ArgumentParser:
@@ -4417,13 +4713,15 @@ def _argument_parser() -> argparse.ArgumentParser:
     index.add_argument("paths", nargs="+", metavar="PATH")
     commands.add_parser("reindex", parents=[common], help="rebuild the index from the files")
     commands.add_parser("check", parents=[common], help="verify the index against the files on disk")
+    viewer = commands.add_parser("install-viewer", parents=[common], help="install the OHIF web viewer (needs npm)")
+    viewer.add_argument("--version", dest="viewer_version", default=OHIF_VERSION, help=f"@ohif/app version (default {OHIF_VERSION})")
     return parser
 
 
 def main(argv=None) -> int:
     """The dicoogled command."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in ("serve", "index", "reindex", "check", "-h", "--help", "--version"):
+    if not argv or argv[0] not in ("serve", "index", "reindex", "check", "install-viewer", "-h", "--help", "--version"):
         argv.insert(0, "serve")
     args = _argument_parser().parse_args(argv)
     overrides = {"data_dir": args.data_dir, "log_level": args.log_level}
@@ -4447,7 +4745,9 @@ def main(argv=None) -> int:
             return command_reindex(config)
         if args.command == "check":
             return command_check(config)
-    except (OSError, RuntimeError, apsw.Error) as error:
+        if args.command == "install-viewer":
+            return command_install_viewer(config, args.viewer_version)
+    except (OSError, RuntimeError, apsw.Error, subprocess.CalledProcessError) as error:
         log.error("%s failed: %s", args.command, error)
         return 1
     try:
