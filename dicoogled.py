@@ -61,7 +61,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_dataset
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
-from pynetdicom import AE, _config as pynetdicom_config, build_context, evt
+from pynetdicom import AE, StoragePresentationContexts, _config as pynetdicom_config, build_context, evt
 from watchdog.events import (
     DirDeletedEvent, DirMovedEvent, FileClosedEvent, FileCreatedEvent, FileDeletedEvent,
     FileModifiedEvent, FileMovedEvent, FileSystemEventHandler,
@@ -251,6 +251,7 @@ level = INFO
 UID_PATTERN = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 AE_TITLE_PATTERN = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable ASCII, no backslash
 URI_SCHEME_PATTERN = re.compile(r"[a-z][a-z0-9+.-]*")  # RFC 3986, lower case
+HOST_PATTERN = re.compile(r"^[A-Za-z0-9._:%\[\]-]{1,253}$")  # a host name, IPv4 or IPv6 address
 
 
 def is_valid_uid(uid: str) -> bool:
@@ -532,7 +533,7 @@ class Config:
         if not 0 <= self.index_effort <= 100:
             raise ValueError(f"invalid index effort {self.index_effort}: 0..100")
         for aet, (host, port) in self.modalities.items():
-            if not is_valid_ae_title(aet) or not host or any(c.isspace() for c in host) or not 0 < port < 65536:
+            if not is_valid_ae_title(aet) or not HOST_PATTERN.match(host) or not 0 < port < 65536:
                 raise ValueError(f"invalid C-MOVE destination {aet} = {host}:{port}: expected AET = host:port")
         for sop_class, syntaxes in self.transfer_syntaxes.items():
             for uid in [sop_class, *syntaxes]:
@@ -2805,46 +2806,92 @@ class DicomServices:
         self.port = None
         self._in_flight = 0
         self._in_flight_done = threading.Condition()
+        self._listener_lock = threading.Lock()  # held while the listener opens, moves or closes
         # Accept every storage SOP class, private and unknown ones included, as proposed.
         pynetdicom_config.UNRESTRICTED_STORAGE_SERVICE = True
         self.ae = AE(ae_title=config.aet)
-        self.ae.maximum_associations = config.max_associations
-        self.ae.maximum_pdu_size = config.max_pdu
-        self.ae.acse_timeout = config.acse_timeout
-        self.ae.dimse_timeout = config.dimse_timeout
-        self.ae.network_timeout = config.network_timeout
+        self.apply_limits()
         self.ae.require_called_aet = config.strict_called_aet
         self.ae.require_calling_aet = config.allowed_calling_aets
         self.ae.add_supported_context(Verification, UNCOMPRESSED_TRANSFER_SYNTAXES)
         for sop_class in QUERY_RETRIEVE_SOP_CLASSES:
             self.ae.add_supported_context(sop_class, UNCOMPRESSED_TRANSFER_SYNTAXES)
 
-    def start(self):
+    def apply_limits(self):
+        """Give the associations from now on the config's limits and timeouts."""
+        ae, config = self.ae, self.config
+        ae.maximum_associations = config.max_associations
+        ae.maximum_pdu_size = config.max_pdu
+        ae.acse_timeout = config.acse_timeout
+        ae.dimse_timeout = config.dimse_timeout
+        ae.network_timeout = config.network_timeout
+        ae.connection_timeout = config.connection_timeout
+
+    def set_ae_title(self, aet: str):
+        """Answer to aet from the next association on (and call others by it)."""
+        with self._listener_lock:
+            self.config.aet = self.ae.ae_title = aet
+            if self.server:
+                self.server.ae_title = aet  # what pynetdicom checks strict called AE titles against
+
+    @property
+    def running(self) -> bool:
+        return self.server is not None
+
+    def _listen(self, host: str, port: int):
         handlers = [
             (evt.EVT_CONN_OPEN, _set_tcp_nodelay),
             (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_ACCEPTED, self._limit_sent_pdus),
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_C_FIND, self._on_find),
             (evt.EVT_C_MOVE, self._on_move),
             (evt.EVT_C_GET, self._on_get),
         ]
         try:
-            self.server = self.ae.start_server((self.config.dicom_host, self.config.dicom_port), block=False, evt_handlers=handlers)
+            return self.ae.start_server((host, port), block=False, evt_handlers=handlers)
         except OSError as error:
-            raise OSError(error.errno, f"cannot listen for DICOM on {self.config.dicom_host}:{self.config.dicom_port}: {error.strerror}") from None
-        self.port = self.server.server_address[1]
+            raise OSError(error.errno, f"cannot listen for DICOM on {host}:{port}: {error.strerror}") from None
+
+    def start(self) -> bool:
+        """Open the listener on the configured host and port; False if it was open already."""
+        with self._listener_lock:
+            if self.server:
+                return False
+            self.server = self._listen(self.config.dicom_host, self.config.dicom_port)
+            self.port = self.server.server_address[1]
         self.log.info("DICOM listening on %s:%d as %s", self.config.dicom_host, self.port, self.config.aet)
+        return True
+
+    def move(self, host: str, port: int):
+        """Listen on host:port instead, if the listener is open. Associations under way go on;
+        if host:port cannot be had (a port in use), the old listener reopens and OSError says why."""
+        with self._listener_lock:
+            if not self.server:
+                return
+            old_address = self.server.server_address[:2]
+            self.server.shutdown()
+            try:
+                self.server = self._listen(host, port)
+            except OSError:
+                self.server = self._listen(*old_address)
+                raise
+            self.port = self.server.server_address[1]
+        self.log.info("DICOM listening on %s:%d as %s", host, self.port, self.config.aet)
 
     def stop(self, grace: float = 10):
-        """Stop accepting, let stores under way finish (up to grace seconds), then abort the rest."""
-        if not self.server:
+        """Close the listener: let stores under way finish (up to grace seconds), then abort the rest.
+        start() opens it again."""
+        with self._listener_lock:
+            server, self.server, self.port = self.server, None, None
+        if not server:
             return
-        self.server.shutdown()
+        server.shutdown()
         with self._in_flight_done:
             self._in_flight_done.wait_for(lambda: self._in_flight == 0, timeout=grace)
-        for association in list(self.server.active_associations):
+        for association in list(server.active_associations):
             association.abort()
-        self.server = None
+        self.log.info("DICOM listener closed")
 
     @contextlib.contextmanager
     def _tracked(self):
@@ -2876,9 +2923,36 @@ class DicomServices:
                 "%s called us as %r, but our AE title is %r: accepted anyway (set strict_called_aet to refuse)",
                 calling, called, self.config.aet,
             )
+        self._narrow_transfer_syntaxes(request.presentation_context_definition_list)
+
+    def _narrow_transfer_syntaxes(self, proposed):
+        """Leave in each proposed context only the transfer syntaxes [transfer_syntaxes] allows.
+
+        pynetdicom's unrestricted storage accepts a storage context with the first transfer syntax
+        proposed, whatever it is, and cannot refuse one: so a context proposing an allowed syntax
+        gets it, and one proposing none is accepted as proposed, its C-STOREs refused by _on_store."""
+        for context in proposed:
+            allowed = self.config.transfer_syntaxes.get(context.abstract_syntax)
+            if allowed is not None:
+                kept = [syntax for syntax in context.transfer_syntax if syntax in allowed]
+                if kept:
+                    context.transfer_syntax = kept
+
+    def _limit_sent_pdus(self, event):
+        """Send PDUs no longer than max_pdu_send; pynetdicom would use the peer's maximum."""
+        limit = self.config.max_pdu_send
+        peer = event.assoc.acceptor if event.assoc.is_requestor else event.assoc.requestor
+        if limit and not 0 < (peer.maximum_length or 0) <= limit:
+            peer.maximum_length = limit
 
     def _on_store(self, event):
         with self._tracked():
+            allowed = self.config.transfer_syntaxes.get(event.request.AffectedSOPClassUID)
+            if allowed is not None and event.context.transfer_syntax not in allowed:
+                self.log.warning("C-STORE from %s refused: %s is not accepted in %s (see [transfer_syntaxes])",
+                                 event.assoc.requestor.ae_title, event.request.AffectedSOPClassUID,
+                                 event.context.transfer_syntax)
+                return SOP_CLASS_NOT_SUPPORTED
             try:
                 request = event.request
                 header = part10_header(request.AffectedSOPClassUID, request.AffectedSOPInstanceUID,
@@ -2964,8 +3038,8 @@ class DicomServices:
                 )
                 yield None, None
                 return
-            options = {"contexts": _contexts_for(instances), "evt_handlers": [(evt.EVT_CONN_OPEN, _set_tcp_nodelay)],
-                       "max_pdu": self.config.max_pdu}
+            options = {"contexts": _contexts_for(instances), "max_pdu": self.config.max_pdu,
+                       "evt_handlers": [(evt.EVT_CONN_OPEN, _set_tcp_nodelay), (evt.EVT_ACCEPTED, self._limit_sent_pdus)]}
             yield destination[0], destination[1], options
             self.log.info("C-MOVE from %s: %d instances to %s", calling, len(instances), destination_aet)
             yield len(instances)
@@ -3002,7 +3076,8 @@ class DicomServices:
             return result
         association = self.ae.associate(destination[0], destination[1], ae_title=destination_aet,
                                         contexts=_contexts_for(instances), max_pdu=self.config.max_pdu,
-                                        evt_handlers=[(evt.EVT_CONN_OPEN, _set_tcp_nodelay)])
+                                        evt_handlers=[(evt.EVT_CONN_OPEN, _set_tcp_nodelay),
+                                                      (evt.EVT_ACCEPTED, self._limit_sent_pdus)])
         if not association.is_established:
             result["failed"] += len(instances)
             self.log.warning("cannot associate with %s at %s:%d", destination_aet, *destination)
@@ -3527,6 +3602,9 @@ class Api:
         self.throttle = LoginThrottle()
         #: (method, path, access, summary) of every route, for /openapi.json and the tests.
         self.routes: list[tuple[str, str, str, str]] = []
+        #: The whole docstring of each route's handler, by (method, path): its parameter lines
+        #: ("name: what it is") describe the parameters in /openapi.json.
+        self.docstrings: dict[tuple[str, str], str] = {}
 
     def route(self, path: str, method="GET", access=READ):
         """Register a handler; access is PUBLIC, READ (patient data), USER or ADMIN."""
@@ -3542,6 +3620,7 @@ class Api:
             summary = (handler.__doc__ or "").strip().splitlines()[0] if handler.__doc__ else ""
             for m in methods:
                 self.routes.append((m, path, access, summary))
+                self.docstrings[(m, path)] = handler.__doc__ or ""
             self.app.route(path, methods, guarded)
             return handler
 
@@ -3606,9 +3685,23 @@ def make_app(daemon: "Daemon") -> bottle.Bottle:
     def log_request():
         http_log.debug("%s %s %s", bottle.request.method, bottle.request.path, bottle.response.status_code)
 
+    @app.hook("before_request")
+    def decode_parameters():
+        # Bottle hands parameters over as latin-1 text; browsers and Dicoogle's clients send UTF-8.
+        request = bottle.request
+        sources = {"bottle.request.query": request.query}
+        if request.content_type.lower().startswith("application/x-www-form-urlencoded"):
+            sources["bottle.request.forms"] = request.forms
+        for key, source in sources.items():
+            decoded = bottle.FormsDict()
+            for name, value in source.allitems():
+                decoded[name.encode("latin-1", "replace").decode("utf-8", "replace")] = value.encode("latin-1", "replace").decode("utf-8", "replace")
+            request.environ[key] = decoded
+
     _session_routes(api)
     _search_routes(api)
     _task_routes(api)
+    _management_routes(api)
     _plugin_routes(api)
     _viewer_routes(api)
     for add_routes in daemon.route_hooks:  # management, plugins' web services
@@ -4414,6 +4507,10 @@ class Daemon:
     def __init__(self, config: Config):
         self.config = config
         self.log = logging.getLogger("dicoogled")
+        #: The end of the log, for GET /logger.
+        self.log_tail = LogTail()
+        logging.getLogger().addHandler(self.log_tail)
+        self._watch_lock = threading.Lock()
         data_dir = config.data_dir
         data_dir.mkdir(parents=True, exist_ok=True)
         self.storage = Storage(data_dir, fsync=config.fsync, scheme=config.storage_scheme)
@@ -4446,12 +4543,9 @@ class Daemon:
 
         self.plugins.load_all()
         self.plugins.watch()
-        self.dicom.start()
-        self.watcher = FolderWatcher(
-            self.ingest, self.config.watch_folders, poll=self.config.watch_poll,
-            poll_interval=self.config.watch_poll_interval, quiet_period=self.config.watch_quiet_period,
-        )
-        self.watcher.start()
+        if self.config.dicom_autostart:
+            self.dicom.start()
+        self.watch()
         # Files stored before a crash but never indexed (never acknowledged either) get indexed.
         self.reconciling += 1
         start_thread("reconcile-storage", self._reconcile_storage)
@@ -4466,6 +4560,19 @@ class Daemon:
         self.http_port = int(self.http_server.effective_port)
         start_thread("http", self.http_server.run)
         self.log.info("HTTP listening on %s:%d", self.config.http_host, self.http_port)
+
+    def watch(self):
+        """(Re)start watching the configured folders; only stop if watching is off."""
+        with self._watch_lock:
+            if self.watcher:
+                self.watcher.stop()
+                self.watcher = None
+            if self.config.watch_enabled and not self.stopped.is_set():
+                self.watcher = FolderWatcher(
+                    self.ingest, self.config.watch_folders, poll=self.config.watch_poll,
+                    poll_interval=self.config.watch_poll_interval, quiet_period=self.config.watch_quiet_period,
+                )
+                self.watcher.start()
 
     def _search_builtin(self, query: str):
         rows, _ = search_index(self, query)
@@ -4488,13 +4595,13 @@ class Daemon:
         if self.http_server:
             self.http_server.close()
         self.dicom.stop()
-        if self.watcher:
-            self.watcher.stop()
+        self.watch()  # stopped is set: this only stops the watcher
         self.tasks.close()
         self.plugins.close()
         self.index.close()
         self.users.close()
         self.log.info("stopped")
+        logging.getLogger().removeHandler(self.log_tail)
 
     def serve_forever(self):
         """Run until SIGTERM or SIGINT, then stop cleanly."""
@@ -4683,6 +4790,13 @@ def command_install_viewer(config: Config, version: str) -> int:
         index = (dist / "index.html").read_text(encoding="utf-8")
         index = re.sub(r'(href|src)="/(?!/)', r'\1="/viewer/', index).replace('PUBLIC_URL="/"', 'PUBLIC_URL="/viewer/"')
         (dist / "index.html").write_text(index, encoding="utf-8")
+        # ... and so do webpack's public path (where chunks load from) and the style sheets' url()s.
+        for bundle in [*dist.glob("*.js"), *dist.glob("*.css")]:
+            code = bundle.read_text(encoding="utf-8", errors="surrogateescape")
+            patched = code.replace('__webpack_require__.p = "/"', '__webpack_require__.p = "/viewer/"')
+            patched = re.sub(r"url\((['\"]?)/(?!/)", r"url(\1/viewer/", patched) if bundle.suffix == ".css" else patched
+            if patched != code:
+                bundle.write_text(patched, encoding="utf-8", errors="surrogateescape")
         (dist / "app-config.js").write_text(OHIF_APP_CONFIG, encoding="utf-8")
         if target.exists():
             shutil.rmtree(target)
@@ -4691,6 +4805,237 @@ def command_install_viewer(config: Config, version: str) -> int:
         return 0
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+#: new-plugin: what each kind of plugin does, then its starting files. {name}, {scheme} and
+#: {summary} are filled in; docs/plugins.md explains every hook.
+PLUGIN_KINDS = {
+    "index": "adds searchable fields to every instance",
+    "query": "a query provider, chosen with /search?provider=",
+    "storage": "keeps received objects under a URI scheme of its own",
+    "web": "a web service under /ext/",
+    "webui": "a web UI plugin: a descriptor and a JavaScript module",
+    "events": "reacts to arrivals and stable studies, filters incoming stores and finds",
+}
+_PYTHON_HEADER = '''"""{name}: {summary}.
+
+Written by `dicoogled new-plugin`. It runs once it is in a plugins folder; turn it off with
+[plugin.{name}] enabled = false in the config file, or POST /plugins/{kind}/{name}/disable.
+docs/plugins.md explains every hook. Python plugins are trusted code: they run inside the
+daemon with all its rights.
+"""
+
+#: Settings and their defaults: [plugin.{name}] in the config file and POST
+#: /plugins/{name}/settings change them; read one with dicoogle.setting("enabled").
+SETTINGS = {"enabled": True{settings}}
+'''
+_LUA_HEADER = '''-- {name}: {summary}.
+--
+-- Written by `dicoogled new-plugin`. It runs once it is in a plugins folder; turn it off with
+-- [plugin.{name}] enabled = false in the config file, or POST /plugins/{kind}/{name}/disable.
+-- docs/plugins.md explains every hook. Lua plugins run sandboxed: no os, io or require, and
+-- each call has a memory cap and an instruction budget.
+
+DESCRIPTION = "{summary}"
+-- Settings and their defaults: [plugin.{name}] in the config file changes them.
+SETTINGS = { enabled = true{settings} }
+'''
+_WEBUI_MODULE = '''// {name}: the module of a web UI plugin, served at /webui/module/{name}.
+// The web app makes one with `new` and calls render(parent, slot) to fill its place.
+module.exports = function () {
+  this.render = function (parent, slot) {
+    var heading = document.createElement("h3");
+    heading.textContent = "{name}";
+    parent.appendChild(heading);
+  };
+};
+'''
+PLUGIN_TEMPLATES = {
+    ("python", "index"): '''
+
+def index(instance):
+    """Extra fields for an instance entering the index; each is then searchable like a DICOM
+    keyword (BodyRegion:HEAD). instance holds its UIDs, "path", "origin" and every tag in "tags"."""
+    return {"BodyRegion": str(instance["tags"].get("BodyPartExamined", "")).upper() or "UNKNOWN"}
+''',
+    ("lua", "index"): '''
+-- Extra fields for an instance entering the index; each is then searchable like a DICOM
+-- keyword (BodyRegion:HEAD). instance holds its UIDs, path, origin and every tag in tags.
+function index(instance)
+  local part = instance.tags.BodyPartExamined or ""
+  return { BodyRegion = part ~= "" and string.upper(part) or "UNKNOWN" }
+end
+''',
+    ("python", "query"): '''
+
+def query(text):
+    """Answer /search?provider={name}&query=TEXT: a list of {"uri": ..., "fields": {...}}.
+    Answers of several providers are merged, de-duplicated by SOPInstanceUID."""
+    # This one asks the archive's own index; a real provider asks another system.
+    return [{"uri": hit["uri"], "fields": hit["fields"]} for hit in dicoogle.search(text, limit=100)]
+''',
+    ("lua", "query"): '''
+-- Answer /search?provider={name}&query=TEXT: a list of { uri = ..., fields = {...} }.
+-- Answers of several providers are merged, de-duplicated by SOPInstanceUID.
+function query(text)
+  local results = {}
+  for _, hit in ipairs(dicoogle.search(text, 100)) do  -- a real provider asks elsewhere
+    results[#results + 1] = { uri = hit.uri, fields = hit.fields }
+  end
+  return results
+end
+''',
+    ("python", "storage"): '''
+#: Received objects come here once [storage] scheme = {scheme} is in the config file.
+SCHEME = "{scheme}"
+_objects = {}  # uri -> bytes: in memory, so gone at restart. Use a database or object store.
+
+
+def store(sop_uid, data):
+    """Keep one received object (its Part 10 bytes); return the URI to find it at again."""
+    uri = f"{SCHEME}:{sop_uid}"
+    _objects[uri] = bytes(data)
+    return uri
+
+
+def get(uri):
+    """The bytes kept at uri: C-MOVE, C-GET and /legacy/file read them through this."""
+    return _objects[uri]
+
+
+def list():
+    """Every URI kept: at start the daemon indexes the ones its index lacks."""
+    return [*_objects]
+
+
+def remove(uri):
+    """Delete what is kept at uri (POST /management/tasks/remove)."""
+    _objects.pop(uri, None)
+''',
+    ("python", "web"): '''
+import bottle
+
+
+def routes(app):
+    """Add routes to app, a Bottle app, served under /ext/{name}/ behind the core's login:
+    GET needs a reader, other methods a user. A dict or list answers as JSON."""
+
+    @app.get("/count")
+    def count():
+        query = bottle.request.params.get("query", "*:*")
+        return {"greeting": dicoogle.setting("greeting"), "query": query,
+                "instances": len(dicoogle.search(query, limit=10000))}
+''',
+    ("lua", "web"): '''
+-- Routes served under /ext/{name}/ behind the core's login: "METHOD /path" = function(params),
+-- params holding the query and form fields (and <path> arguments). A table answers as JSON.
+routes = {
+  ["GET /count"] = function(params)
+    local query = params.query or "*:*"
+    return { greeting = dicoogle.setting("greeting"), query = query, instances = #dicoogle.search(query, 10000) }
+  end,
+}
+''',
+    ("python", "webui"): '''
+#: The descriptor, as a Dicoogle web plugin's package.json: slot-id is where the web app shows
+#: it (menu, result-option, result-options, result-batch, settings); roles, if any, who sees it.
+#: The module is {name}.js beside this file.
+WEBUI = {
+    "name": "{name}",
+    "version": "0.1.0",
+    "dicoogle": {"slot-id": "menu", "caption": "{name}", "module-file": "{name}.js", "roles": []},
+}
+''',
+    ("lua", "webui"): '''
+-- The descriptor, as a Dicoogle web plugin's package.json: slot-id is where the web app shows
+-- it (menu, result-option, result-options, result-batch, settings); roles, if any, who sees it.
+-- The module is {name}.js beside this file.
+WEBUI = {
+  name = "{name}",
+  version = "0.1.0",
+  dicoogle = { ["slot-id"] = "menu", caption = "{name}", ["module-file"] = "{name}.js", roles = {} },
+}
+''',
+    ("python", "events"): '''
+
+def on_stored(instance):
+    """An object received over DICOM or STOW-RS is stored and indexed (runs in the background)."""
+    dicoogle.log(f"stored {instance['SOPInstanceUID']} from {instance['calling_aet'] or '?'}")
+
+
+def on_indexed(instance):
+    """An instance entered the index, whatever its origin (watched folders too)."""
+
+
+def on_stable_study(study):
+    """No instance arrived in this study for [plugins] stable_age seconds."""
+    dicoogle.log(f"study {study['StudyInstanceUID']} is stable")
+
+
+def incoming_store_filter(calling_aet, tags):
+    """Before an object is stored: True or None accepts it, False refuses it (0x0124), a number
+    refuses it with that DICOM status. It delays the sender: be quick."""
+    return None
+
+
+def incoming_find_filter(calling_aet, query):
+    """Before a C-FIND: return query (keyword -> value) changed, None to keep it, or a DICOM
+    status to refuse it."""
+    return None
+''',
+    ("lua", "events"): '''
+-- Orthanc's names work too: OnStoredInstance(id, tags, metadata, origin),
+-- ReceivedInstanceFilter(tags, origin), IncomingFindRequestFilter(query, origin), OnStableStudy(id).
+
+-- An object received over DICOM or STOW-RS is stored and indexed (runs in the background).
+function on_stored(instance)
+  dicoogle.log("stored " .. instance.SOPInstanceUID .. " from " .. instance.calling_aet)
+end
+
+-- An instance entered the index, whatever its origin (watched folders too).
+function on_indexed(instance) end
+
+-- No instance arrived in this study for [plugins] stable_age seconds.
+function on_stable_study(study)
+  dicoogle.log("study " .. study.StudyInstanceUID .. " is stable")
+end
+
+-- Before an object is stored: true or nil accepts it, false refuses it (0x0124), a number
+-- refuses it with that DICOM status. It delays the sender: be quick.
+function incoming_store_filter(calling_aet, tags) return nil end
+
+-- Before a C-FIND: return query changed, nil to keep it, or a DICOM status to refuse it.
+function incoming_find_filter(calling_aet, query) return nil end
+''',
+}
+
+
+def command_new_plugin(folder: pathlib.Path, name: str, language: str, kind: str) -> int:
+    """Write a working, commented starting file for a plugin (and a webui plugin's module)."""
+    if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_-]{0,63}", name):
+        print(f"dicoogled: a plugin name is a letter, then letters, digits, _ or -: not {name!r}", file=sys.stderr)
+        return 2
+    if (language, kind) not in PLUGIN_TEMPLATES:
+        print(f"dicoogled: {kind} plugins are Python only: Lua has no io to keep objects with", file=sys.stderr)
+        return 2
+    header = _PYTHON_HEADER if language == "python" else _LUA_HEADER
+    files = {folder / f"{name}.{'py' if language == 'python' else 'lua'}": header + PLUGIN_TEMPLATES[language, kind]}
+    if kind == "webui":
+        files[folder / f"{name}.js"] = _WEBUI_MODULE
+    for path in files:
+        if path.exists():
+            print(f"dicoogled: {path} exists; choose another name", file=sys.stderr)
+            return 1
+    folder.mkdir(parents=True, exist_ok=True)
+    fill = {"{name}": name, "{kind}": kind, "{summary}": PLUGIN_KINDS[kind],
+            "{scheme}": re.sub(r"[^a-z0-9+.-]", "-", name.lower()),
+            "{settings}": "" if kind != "web" else ', "greeting": "hello"' if language == "python" else ', greeting = "hello"'}
+    for path, text in files.items():
+        for placeholder, value in fill.items():
+            text = text.replace(placeholder, value)
+        path.write_text(text, encoding="utf-8")
+        print(f"wrote {path}")
+    return 0
 
 
 def _argument_parser() -> argparse.ArgumentParser:
@@ -4713,6 +5058,11 @@ def _argument_parser() -> argparse.ArgumentParser:
     index.add_argument("paths", nargs="+", metavar="PATH")
     commands.add_parser("reindex", parents=[common], help="rebuild the index from the files")
     commands.add_parser("check", parents=[common], help="verify the index against the files on disk")
+    new_plugin = commands.add_parser("new-plugin", parents=[common], help="write a commented starting file for a plugin")
+    new_plugin.add_argument("name")
+    new_plugin.add_argument("--lang", choices=("python", "lua"), default="python")
+    new_plugin.add_argument("--kind", choices=tuple(PLUGIN_KINDS), required=True)
+    new_plugin.add_argument("--dir", metavar="DIR", type=pathlib.Path, help="where to write it (default: the first plugins folder)")
     viewer = commands.add_parser("install-viewer", parents=[common], help="install the OHIF web viewer (needs npm)")
     viewer.add_argument("--version", dest="viewer_version", default=OHIF_VERSION, help=f"@ohif/app version (default {OHIF_VERSION})")
     return parser
@@ -4721,7 +5071,7 @@ def _argument_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     """The dicoogled command."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in ("serve", "index", "reindex", "check", "install-viewer", "-h", "--help", "--version"):
+    if not argv or argv[0] not in ("serve", "index", "reindex", "check", "install-viewer", "new-plugin", "-h", "--help", "--version"):
         argv.insert(0, "serve")
     args = _argument_parser().parse_args(argv)
     overrides = {"data_dir": args.data_dir, "log_level": args.log_level}
@@ -4745,6 +5095,8 @@ def main(argv=None) -> int:
             return command_reindex(config)
         if args.command == "check":
             return command_check(config)
+        if args.command == "new-plugin":
+            return command_new_plugin(args.dir or config.plugin_folders[0], args.name, args.lang, args.kind)
         if args.command == "install-viewer":
             return command_install_viewer(config, args.viewer_version)
     except (OSError, RuntimeError, apsw.Error, subprocess.CalledProcessError) as error:
