@@ -2302,10 +2302,15 @@ class PluginApi:
         self._daemon, self._plugin = daemon, plugin
         self.log_ = logging.getLogger(f"dicoogled.plugin.{plugin.name}")
 
-    def search(self, query: str, limit: int = 100) -> list[dict]:
-        """Instances matching a search-language query: [{uri, fields}], at most limit."""
+    def search(self, query: str, limit: int = 100, fields=None) -> list[dict]:
+        """Instances matching a search-language query: [{uri, fields}], at most limit. fields
+        names the keywords to return (a Lua script's memory is small); None returns them all."""
         rows, _ = search_index(self._daemon, query, limit)
-        return [{"uri": _file_uri(path), "fields": json.loads(meta)} for _, path, meta in rows]
+        results = [{"uri": _file_uri(path), "fields": json.loads(meta)} for _, path, meta in rows]
+        if fields is not None:
+            for result in results:
+                result["fields"] = {name: result["fields"][name] for name in fields if name in result["fields"]}
+        return results
 
     def tags(self, sop_instance_uid: str) -> dict | None:
         """Every indexed element of an instance."""
@@ -4494,6 +4499,422 @@ def _task_routes(api: Api):
                 logging.getLogger("dicoogled.index").warning("cannot remove %s: %s", path, error)
         daemon.ingest.unindex_paths(deleted)
         return {"removed": len(deleted), "failed": failed, "notFound": missing}
+
+
+# ---- management: settings, DICOM services, log, API description ----------------------------
+
+#: Dicoogle's Q/R settings (its web app's "Query Retrieve advanced options") and the Config
+#: attributes they are. responseTimeout is the DIMSE response timeout here (Dicoogle's rsp-delay).
+QUERY_RETRIEVE_SETTINGS = {
+    "acceptTimeout": "acse_timeout", "connectionTimeout": "connection_timeout", "idleTimeout": "network_timeout",
+    "maxAssociations": "max_associations", "maxPduReceive": "max_pdu", "maxPduSend": "max_pdu_send",
+    "responseTimeout": "dimse_timeout",
+}
+
+
+def _management_routes(api: Api):
+    """Dicoogle's /management/settings and /management/dicom routes, /logger and /openapi.json.
+
+    A change is checked by Config.validate (400 with the reason if it cannot work), applied at
+    once and saved in data_dir/settings.ini, so it survives a restart."""
+    daemon, config = api.daemon, api.daemon.config
+    settings_lock = threading.Lock()
+
+    def check(**values):
+        """Answer 400, with the reason, unless Config.validate accepts these settings."""
+        try:
+            dataclasses.replace(config, **values).validate()
+        except ValueError as error:
+            _fail(400, str(error))
+
+    def change(**values):
+        """Set settings on the live config, once check() accepts them."""
+        check(**values)
+        for name, value in values.items():
+            setattr(config, name, value)
+
+    def save(*names):
+        with settings_lock:
+            config.save_settings(*names)
+
+    def bool_param(name: str) -> bool | None:
+        raw = bottle.request.params.get(name)
+        if raw is None:
+            return None
+        if raw.strip().lower() not in ("true", "false"):
+            _fail(400, f"{name} must be true or false, not {raw[:40]!r}")
+        return raw.strip().lower() == "true"
+
+    def int_param(name: str, minimum: int, maximum: int, error: str = "") -> int | None:
+        raw = bottle.request.params.get(name, "").strip()
+        if not raw:
+            return None
+        if not raw.isdigit() or not minimum <= int(raw) <= maximum:
+            _fail(400, error or f"{name} must be a whole number from {minimum} to {maximum}, not {raw[:40]!r}")
+        return int(raw)
+
+    # ---- index settings: watched folders, watcher, thumbnails ----
+
+    def index_settings() -> dict:
+        # Dicoogle's `path` is its storage folder, which its web app shows and sends back as the
+        # watched folder; here it is the watched folders, so that round trip does what it says.
+        return {"path": os.pathsep.join(str(folder) for folder in config.watch_folders), "zip": False,
+                "effort": str(config.index_effort), "thumbnail": config.thumbnails,
+                "thumbnailSize": str(config.thumbnail_size), "watcher": config.watch_enabled}
+
+    def watched_folders(texts: list[str]) -> list[pathlib.Path]:
+        folders = []
+        for text in texts:
+            for part in filter(None, text.split(os.pathsep)):
+                if not os.path.isabs(part) or not os.path.isdir(part):
+                    _fail(400, f"path {part[:200]!r} is not an existing folder (an absolute path)")
+                folders.append(pathlib.Path(os.path.normpath(part)))
+        return folders
+
+    def change_index_settings(thumbnail_param: str):
+        values = {}
+        if "path" in bottle.request.params:
+            values["watch_folders"] = watched_folders(bottle.request.params.getall("path"))
+        for name, attribute in (("watcher", "watch_enabled"), (thumbnail_param, "thumbnails")):
+            if (value := bool_param(name)) is not None:
+                values[attribute] = value
+        if (effort := int_param("effort", 0, 100)) is not None:
+            values["index_effort"] = effort
+        if (size := int_param("thumbnailSize", 1, 4096)) is not None:
+            values["thumbnail_size"] = size
+        change(**values)
+        if {"watch_folders", "watch_enabled"} & set(values):
+            daemon.watch()
+        save(*values)
+
+    @api.route("/management/settings/index", access=ADMIN)
+    def get_index_settings():
+        """Indexer settings: watched folders (path, separated as in PATH), watcher, thumbnails."""
+        return index_settings()
+
+    @api.route("/management/settings/index", "POST", access=ADMIN)
+    def set_index_settings():
+        """Change indexer settings: any of the parameters, applied at once.
+
+        path: the watched folders, absolute, separated by the OS path separator (':') or repeated
+        watcher: true to watch them, false to stop
+        saveThumbnail: true to render thumbnails when indexing (kept for Dicoogle clients)
+        effort: indexing effort, 0..100 (kept for Dicoogle clients)
+        thumbnailSize: thumbnail size in pixels, 1..4096
+        """
+        change_index_settings("saveThumbnail" if "saveThumbnail" in bottle.request.params else "thumbnail")
+
+    def index_setting_routes(field: str, name: str):
+        """GET and POST /management/settings/index/<field>: one setting, named `name`."""
+
+        def get_setting():
+            value = index_settings()[name]
+            bottle.response.content_type = "application/json"  # though bare text: Dicoogle's way
+            return value if isinstance(value, str) else json.dumps(value)
+
+        def set_setting():
+            if not bottle.request.params.get(name, "").strip():
+                _fail(400, f"Invalid {name}")
+            if name == "zip":
+                return "indexZipFiles is no longer supported"
+            change_index_settings("thumbnail")
+            return ""
+
+        get_setting.__doc__ = f"The indexer's {name} setting, as bare text."
+        set_setting.__doc__ = f"Change the indexer's {name} setting.\n\n{name}: as in POST /management/settings/index\n"
+        api.route(f"/management/settings/index/{field}", access=ADMIN)(get_setting)
+        api.route(f"/management/settings/index/{field}", "POST", access=ADMIN)(set_setting)
+
+    for field, name in {"path": "path", "zip": "zip", "effort": "effort", "thumbnail": "thumbnail",
+                        "watcher": "watcher", "thumbnail/size": "thumbnailSize"}.items():
+        index_setting_routes(field, name)
+
+    # ---- transfer syntaxes accepted per storage SOP class ----
+
+    syntax_by_name = {name.lower(): uid for uid, name in TRANSFER_SYNTAX_NAMES.items()}
+
+    def transfer_options(sop_class: str) -> list[dict]:
+        allowed = config.transfer_syntaxes.get(sop_class)
+        return [{"uid": uid, "name": name, "value": allowed is None or uid in allowed}
+                for uid, name in TRANSFER_SYNTAX_NAMES.items()]
+
+    @api.route("/management/settings/transfer", access=ADMIN)
+    def transfer_settings():
+        """Storage SOP classes, each with the transfer syntaxes it is accepted in."""
+        classes = [context.abstract_syntax for context in StoragePresentationContexts]
+        classes += [uid for uid in config.transfer_syntaxes if uid not in classes]
+        return _json_response([{"uid": uid, "sop_name": pydicom.uid.UID(uid).name, "options": transfer_options(uid)}
+                               for uid in classes])
+
+    @api.route("/management/settings/transfer", ["POST", "PUT"], access=ADMIN)
+    def set_transfer_option():
+        """Accept, or not, a storage SOP class in one transfer syntax.
+
+        With every option on (the default) a SOP class is accepted in any transfer syntax, as sent.
+        Otherwise association negotiation gives a proposed context only the allowed syntaxes, so
+        pynetdicom picks one of them; a context proposing none of them is still accepted (pynetdicom's
+        unrestricted storage cannot refuse it) and its C-STOREs answer 0x0122 (SOP class not supported).
+
+        uid: the SOP Class UID
+        option: a transfer syntax, by Dicoogle's name (ExplicitVRLittleEndian, JPEGLossless, ...) or UID
+        value: true to accept it, false to refuse it
+        """
+        params = bottle.request.params
+        for name in ("uid", "option", "value"):
+            if name not in params:
+                _fail(400, f'No query {name} Supplied: Please provide the field "{name}"')
+        sop_class, option = params["uid"].strip(), params["option"].strip()
+        if not is_valid_uid(sop_class):
+            _fail(400, f"uid must be a SOP Class UID, not {sop_class[:80]!r}")
+        syntax = option if option in TRANSFER_SYNTAX_NAMES else syntax_by_name.get(option.lower())
+        if syntax is None:
+            _fail(400, f"unknown transfer syntax {option[:80]!r}: one of {', '.join(TRANSFER_SYNTAX_NAMES.values())}")
+        accept = bool_param("value")
+        allowed = [uid for uid in config.transfer_syntaxes.get(sop_class, TRANSFER_SYNTAX_NAMES) if uid != syntax]
+        allowed += [syntax] if accept else []
+        limits = {uid: syntaxes for uid, syntaxes in config.transfer_syntaxes.items() if uid != sop_class}
+        if not set(TRANSFER_SYNTAX_NAMES) <= set(allowed):
+            limits[sop_class] = allowed
+        change(transfer_syntaxes=limits)
+        save("transfer_syntaxes")
+        return {"success": True}
+
+    # ---- query/retrieve limits, AE title, tags ----
+
+    @api.route("/management/settings/dicom/query", access=ADMIN)
+    def query_retrieve_settings():
+        """DICOM limits and timeouts (seconds), by Dicoogle's names."""
+        values = {name: getattr(config, attribute) for name, attribute in sorted(QUERY_RETRIEVE_SETTINGS.items())}
+        return {name: int(value) if float(value).is_integer() else value for name, value in values.items()}
+
+    @api.route("/management/settings/dicom/query", "POST", access=ADMIN)
+    def set_query_retrieve_settings():
+        """Change DICOM limits and timeouts: any of the parameters, for associations from now on.
+
+        acceptTimeout: seconds to wait for association negotiation
+        connectionTimeout: seconds to wait for a TCP connection we open (C-MOVE, sending)
+        idleTimeout: seconds an association may stay silent
+        responseTimeout: seconds to wait for a DIMSE response
+        maxAssociations: simultaneous associations
+        maxPduReceive: largest PDU we receive, in bytes (0 = unlimited)
+        maxPduSend: largest PDU we send, in bytes (0 = as large as the peer accepts)
+        """
+        values = {}
+        for name, attribute in QUERY_RETRIEVE_SETTINGS.items():
+            if (value := int_param(name, 0, 2**32 - 1)) is not None:
+                values[attribute] = float(value) if attribute.endswith("timeout") else value
+        change(**values)
+        daemon.dicom.apply_limits()
+        save(*values)
+        return ""
+
+    @api.route("/management/settings/dicom", access=ADMIN)
+    def ae_title():
+        """This archive's AE title."""
+        return {"aetitle": config.aet}
+
+    @api.route("/management/settings/dicom", "PUT", access=ADMIN)
+    def set_ae_title():
+        """Change this archive's AE title, from the next association on.
+
+        aetitle: 1 to 16 printable ASCII characters, no backslash
+        """
+        aet = bottle.request.params.get("aetitle", "").strip()
+        change(aet=aet)
+        daemon.dicom.set_ae_title(aet)
+        save("aet")
+        return {"success": True}
+
+    @api.route("/management/settings/dicom/tags", access=ADMIN)
+    def dicom_tags():
+        """DICOM tags by kind, and the modalities in the index.
+
+        type: all (default), dim (those in the index's columns), private (none are named) or other
+        """
+        kind = bottle.request.params.get("type", "all")
+        if kind not in ("all", "dim", "private", "other"):
+            _fail(400, "Invalid tag value type")
+        dim = {tag_for_keyword(keyword) for level in LEVELS for keyword in LEVEL_ATTRIBUTES[level]}
+        if kind == "dim":
+            tags = sorted(dim)
+        elif kind == "private":
+            tags = []  # private tags are indexed by number; none has a name here
+        else:
+            tags = [tag for tag, entry in sorted(DicomDictionary.items()) if entry[4] and (kind == "all" or tag not in dim)]
+        modalities = daemon.index.query("SELECT DISTINCT modality FROM series WHERE modality != '' ORDER BY modality")
+        return {"tags": [{"id": f"{tag:08X}", "alias": keyword_for_tag(tag), "vr": dictionary_VR(tag)} for tag in tags],
+                "modalities": [row[0] for row in modalities]}
+
+    # ---- C-MOVE destinations ----
+
+    @api.route("/management/settings/storage/dicom", access=ADMIN)
+    def move_destinations():
+        """The C-MOVE destinations ([modalities])."""
+        destinations = []
+        for aet, (host, port) in config.modalities.items():
+            public, description = config.modality_details.get(aet, (False, ""))
+            destinations.append({"AETitle": aet, "ipAddrs": host, "port": port, "description": description,
+                                 "isPublic": public, "public": public})
+        return _json_response(destinations)
+
+    @api.route("/management/settings/storage/dicom", "POST", access=ADMIN)
+    def change_move_destinations():
+        """Add or remove a C-MOVE destination, usable at once.
+
+        type: add or remove
+        aetitle: the destination's AE title
+        ip: its host name or address
+        port: its DICOM port, 1..65535 (needed to add)
+        description: free text
+        public: true or false, Dicoogle's flag
+        """
+        params = bottle.request.params
+        kind, aet = params.get("type", ""), params.get("aetitle", "").strip()
+        if kind not in ("add", "remove"):
+            _fail(400, 'Illegal type parameter: must be either "add" or "remove"')
+        port = int_param("port", 1, 65535, "Illegal port parameter: must be a valid TCP port")
+        if kind == "remove":
+            removed = aet in config.modalities
+            change(modalities={a: address for a, address in config.modalities.items() if a != aet},
+                   modality_details={a: details for a, details in config.modality_details.items() if a != aet})
+            save("modalities")
+            return {"removed": removed}
+        host = params.get("ip", "").strip()
+        if not is_valid_ae_title(aet):
+            _fail(400, f"invalid AE title {aet[:40]!r}: 1 to 16 printable ASCII characters, no backslash")
+        if not HOST_PATTERN.match(host):
+            _fail(400, f"invalid ip {host[:80]!r}: a host name or an IPv4 or IPv6 address")
+        if port is None:
+            _fail(400, "Illegal port parameter: must be a valid TCP port")
+        public, description = bool(bool_param("public")), " ".join(params.get("description", "").split())
+        details = {a: d for a, d in config.modality_details.items() if a != aet}
+        if public or description:
+            details[aet] = (public, description)
+        change(modalities={**config.modalities, aet: (host, port)}, modality_details=details)
+        save("modalities")
+        return {"added": True}
+
+    # ---- the DICOM listener: storage and query/retrieve share it ----
+
+    def service_status():
+        return {"isRunning": daemon.dicom.running, "port": daemon.dicom.port or config.dicom_port,
+                "autostart": config.dicom_autostart, "hostname": config.dicom_host}
+
+    def change_service():
+        params = bottle.request.params
+        port = int_param("port", 1, 65535, "Bad service port: must be a valid port number")
+        hostname = (params["hostname"].strip() or "0.0.0.0") if "hostname" in params else None
+        if hostname is not None:
+            try:
+                socket.getaddrinfo(hostname, None)
+            except (OSError, UnicodeError):
+                _fail(400, f"cannot resolve hostname {hostname[:80]!r}")
+        autostart, running = bool_param("autostart"), bool_param("running")
+        values = {name: value for name, value in (("dicom_port", port), ("dicom_host", hostname),
+                                                  ("dicom_autostart", autostart)) if value is not None}
+        outcome = {key: value for key, value in (("port", port), ("hostname", hostname), ("autostart", autostart))
+                   if value is not None}
+        check(**values)  # before the listener moves
+        try:
+            if {"dicom_port", "dicom_host"} & set(values) and running is not False:
+                daemon.dicom.move(values.get("dicom_host", config.dicom_host), values.get("dicom_port", config.dicom_port))
+            change(**values)
+            save(*values)
+            if running is not None:
+                outcome["running"] = running
+                if running and not daemon.dicom.start():
+                    outcome["warning"] = "Service was already running"
+                    bottle.response.set_header("Warning", '199 - "Service was already running"')
+                elif not running:
+                    daemon.dicom.stop()
+        except OSError as error:
+            return _json_response({"success": False, "error": str(error)}, 500)
+        return {"success": True, **outcome}
+
+    @api.route("/management/dicom/storage", access=ADMIN)
+    def storage_service():
+        """The DICOM listener, which serves storage and query/retrieve alike: running, port, ..."""
+        return service_status()
+
+    @api.route("/management/dicom/storage", "POST", access=ADMIN)
+    def change_storage_service():
+        """Start or stop the DICOM listener, or change its port, hostname or autostart. It serves
+        storage and query/retrieve alike, so /management/dicom/query does the same.
+
+        running: true opens the listener, false closes it (associations under way end first)
+        port: the DICOM port, 1..65535; an open listener moves to it at once
+        hostname: the address to listen on; empty for every interface
+        autostart: true to open the listener when dicoogled starts
+        """
+        return change_service()
+
+    @api.route("/management/dicom/query", access=ADMIN)
+    def query_service():
+        """The DICOM listener (the same as /management/dicom/storage)."""
+        return service_status()
+
+    @api.route("/management/dicom/query", "POST", access=ADMIN)
+    def change_query_service():
+        """Start or stop the DICOM listener, or change it (the same as /management/dicom/storage).
+
+        running: true opens the listener, false closes it
+        port: the DICOM port, 1..65535; an open listener moves to it at once
+        hostname: the address to listen on; empty for every interface
+        autostart: true to open the listener when dicoogled starts
+        """
+        return change_service()
+
+    # ---- the log, and this API ----
+
+    @api.route("/logger", access=ADMIN)
+    def logger():
+        """The end of the server log: its last 2000 lines, as text/plain."""
+        bottle.response.content_type = "text/plain; charset=utf-8"
+        return daemon.log_tail.text()
+
+    @api.route("/openapi.json", access=PUBLIC)
+    def openapi():
+        """This API in OpenAPI 3: every route, who may call it (x-access) and its parameters."""
+        return _openapi_document(api)
+
+
+_PARAMETER_LINE = re.compile(r"^\s*([A-Za-z][\w-]*): (.+)$")
+
+
+def _openapi_document(api: Api) -> dict:
+    """An OpenAPI 3 document of api.routes; parameters are the "name: description" lines of
+    the handlers' docstrings, and the <names> in their paths."""
+    paths = {}
+    for method, path, access, summary in api.routes:
+        template = re.sub(r"<(\w+)(?::[^>]*)?>", r"{\1}", path)
+        lines = api.docstrings.get((method, path), "").splitlines()[1:]
+        described = {match[1]: match[2].strip() for line in lines if (match := _PARAMETER_LINE.match(line))}
+        parameters = [{"name": name, "in": "path", "required": True, "schema": {"type": "string"},
+                       "description": described.pop(name, "")} for name in re.findall(r"{(\w+)}", template)]
+        parameters += [{"name": name, "in": "query", "schema": {"type": "string"}, "description": description}
+                       for name, description in described.items()]
+        responses = {"200": {"description": "success"}, "400": {"description": 'bad parameters: {"error": "..."}'}}
+        if access != PUBLIC:
+            responses["401"] = {"description": "not logged in"}
+        if access == ADMIN:
+            responses["403"] = {"description": "not an administrator"}
+        operation = {"summary": summary, "x-access": access, "parameters": parameters, "responses": responses,
+                     "security": [] if access == PUBLIC else [{"token": []}, {"basic": []}, {"cookie": []}]}
+        paths.setdefault(template, {})[method.lower()] = operation
+    return {
+        "openapi": "3.0.3",
+        "info": {"title": "dicoogled", "version": __version__,
+                 "description": "Dicoogle 3.5's REST API and dicoogled's own routes. Parameters may come in the "
+                                "query string or a form body; repeat a name for a list. x-access says who may call "
+                                "a route: public, read (anyone if allow_unauthorized), user or admin."},
+        "components": {"securitySchemes": {
+            "token": {"type": "apiKey", "in": "header", "name": "Authorization",
+                      "description": "the token from POST /login, raw or after 'Bearer '"},
+            "basic": {"type": "http", "scheme": "basic"},
+            "cookie": {"type": "apiKey", "in": "cookie", "name": SESSION_COOKIE},
+        }},
+        "paths": paths,
+    }
 
 
 # ============================================================================================

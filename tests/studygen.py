@@ -18,7 +18,8 @@ instance) always gives the same dataset, UIDs included.
 
 Value plan, useful for writing queries against generated data:
   * PatientName cycles through NAMES (two "DOE^..." among them); from the
-    second cycle on a middle-name initial is appended ("DOE^JOHN^B").
+    second cycle on a middle-name initial is added ("DOE^JOHN^B",
+    "Yamada^Tarou^B=山田^太郎=やまだ^たろう").
   * PatientID is "P<seed:03d><patient:07d>".
   * StudyDate lies in 2014-01-01 .. 2023-12-31.
   * generate(..., modality="mixed") makes every third study an MR study.
@@ -219,8 +220,9 @@ def _template(modality: str, size: int) -> dict:
 def _patient(seed: int, patient: int) -> dict:
     name, sex, charset = NAMES[(patient + seed) % len(NAMES)]
     cycle = patient // len(NAMES)
-    if cycle:
-        name += "^" + chr(ord("A") + cycle % 26)
+    if cycle:  # a middle-name initial, in the alphabetic component group only
+        alphabetic, sep, others = name.partition("=")
+        name = alphabetic + "^" + chr(ord("A") + cycle % 26) + sep + others
     birth = datetime.date(1930, 1, 1) + datetime.timedelta(days=_h(seed, patient, "birth") % (80 * 365))
     ds = Dataset()
     if charset:
