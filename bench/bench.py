@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import datetime
+import hashlib
 import json
 import os
 import pathlib
@@ -100,9 +101,20 @@ def _write_patient(root: pathlib.Path, size: int, patient: int) -> None:
     (root / f"P{patient:04d}.done").touch()
 
 
+def data_root(size: int) -> pathlib.Path:
+    """bench/work/ct<size>-<hash of studygen.py>: data from an older generator is not reused."""
+    digest = hashlib.sha1(pathlib.Path(studygen.__file__).read_bytes()).hexdigest()[:8]
+    root = WORK / f"ct{size}-{digest}"
+    for stale in WORK.glob(f"ct{size}-*"):
+        if stale != root:
+            print(f"removing {stale} (made by another version of studygen.py)")
+            shutil.rmtree(stale)
+    return root
+
+
 def series_dirs(size: int, first: int, last: int) -> list[pathlib.Path]:
-    """Series folders of patients first..last-1 of bench/work/ct<size>, generated if missing."""
-    root = WORK / f"ct{size}"
+    """Series folders of patients first..last-1 of data_root(size), generated if missing."""
+    root = data_root(size)
     missing = [p for p in range(first, last) if not (root / f"P{p:04d}.done").exists()]
     if missing:
         print(f"generating {len(missing) * PER_PATIENT} {size}x{size} instances in {root} ...", flush=True)
@@ -401,7 +413,7 @@ def run(args) -> Results:
         def watch():
             start = time.perf_counter()
             for d in dirs:
-                shutil.copytree(d, watched / d.relative_to(WORK / "ct64"))
+                shutil.copytree(d, watched / d.relative_to(d.parents[2]))
             count = server.wait_for_count(n, timeout=120 + n / 20)
             if count != n:
                 raise RuntimeError(f"{count} of {n} files indexed")
