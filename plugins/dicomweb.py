@@ -85,7 +85,12 @@ def _uid(value: str, name: str) -> str:
 
 def _base_url() -> str:
     parts = bottle.request.urlparts
-    return f"{parts.scheme}://{parts.netloc}{MOUNT}"
+    netloc = parts.netloc
+    port = bottle.request.environ.get("SERVER_PORT", "")
+    # Some clients (dicomweb-client) send a Host header without the port.
+    if ":" not in netloc.rsplit("]", 1)[-1] and port not in ("", "80", "443"):
+        netloc = f"{netloc}:{port}"
+    return f"{parts.scheme}://{netloc}{MOUNT}"
 
 
 def _allow_cors():
