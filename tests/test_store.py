@@ -14,6 +14,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 
 import pydicom
 import pytest
@@ -403,6 +404,24 @@ def test_duplicates(start_daemon, tmp_path, send_raw_files, policy):
     assert daemon.health()["ingest"]["duplicates"] == 2
 
 
+def test_overwrite_by_a_version_in_another_series_leaves_no_orphan(start_daemon, tmp_path, send_raw_files):
+    daemon = start_daemon(config_text="[storage]\nduplicates = overwrite\n")
+    first = tmp_path / "first.dcm"
+    moved = tmp_path / "moved.dcm"
+    studygen.make_instance(0, 0, 0, 0).save_as(first, enforce_file_format=True)
+    # The same SOPInstanceUID, re-sent after the modality corrected its series.
+    studygen.make_instance(0, 0, 0, 0, SeriesInstanceUID="1.2.826.0.1.3680043.9.7433.2.1").save_as(moved, enforce_file_format=True)
+    assert send_raw_files(daemon, first) == [SUCCESS]
+    assert send_raw_files(daemon, moved) == [SUCCESS]
+    storage = daemon.data_dir / "storage"
+    assert files_under(storage) == {stored_path(daemon, header(moved)).relative_to(storage)}
+    results, _ = daemon.find(make_identifier("IMAGE", SOPInstanceUID=header(first).SOPInstanceUID, SeriesInstanceUID=""))
+    assert [r.SeriesInstanceUID for r in results] == ["1.2.826.0.1.3680043.9.7433.2.1"]
+    assert daemon.stop() == 0
+    check = _check_archive(daemon)
+    assert check.returncode == 0, check.stdout + check.stderr
+
+
 # ---- C-STORE: bad input --------------------------------------------------------------------
 
 UNPARSEABLE = {
@@ -565,6 +584,23 @@ def test_sigterm_during_ingest_stops_cleanly(daemon, studies):
     found = image_uids(daemon, StudyInstanceUID=study_uid)
     assert set(survivors) <= found
     assert len(found) <= len(survivors) + 1
+
+
+def test_sigterm_with_a_transfer_stalled_half_way(daemon):
+    earlier = studygen.make_instance(0, 0, 0, 0)
+    assert daemon.store(earlier) == [SUCCESS]
+    big = studygen.make_instance(0, 0, 0, 1, size=512)
+    assoc = RawAssociation(daemon.dicom_port)
+    assert assoc.send_store(big.SOPInstanceUID, encode(big), stop_before_last=True) is None
+    # The sender went quiet mid-data-set: a service manager's SIGTERM must still stop the
+    # daemon at once (not after the 120 s network timeout), with exit code 0.
+    started = time.monotonic()
+    assert daemon.stop() == 0
+    assert time.monotonic() - started < 15
+    assoc.sock.close()
+    assert not stored_path(daemon, big).exists()
+    daemon.start()
+    assert image_uids(daemon, StudyInstanceUID=earlier.StudyInstanceUID) == {earlier.SOPInstanceUID}
 
 
 # ---- association negotiation ---------------------------------------------------------------
