@@ -16,9 +16,15 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 run: $(VENV)/.installed
 	$(PY) dicoogled.py serve $(ARGS)
 
-# DCMTK's command-line clients are the reference DICOM peers the tests talk to.
+# The tests' real peers, from Debian: DCMTK's DICOM clients, chromium for the browser tests,
+# and node/npm for dicoogle-client and the OHIF viewer.
+APT_INSTALL := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq
 system-deps:
-	@command -v storescu >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dcmtk; }
+	@missing=""; \
+	command -v storescu >/dev/null || missing="$$missing dcmtk"; \
+	command -v chromium >/dev/null || missing="$$missing chromium"; \
+	command -v npm >/dev/null || missing="$$missing nodejs npm"; \
+	if [ -n "$$missing" ]; then $(SUDO) apt-get update -qq && $(APT_INSTALL) $$missing; fi
 
 test: $(VENV)/.installed system-deps
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -1893,6 +1893,7 @@ _SEARCH_TOKEN = re.compile(r"""
   | (?P<colon>:)
 """, re.VERBOSE)
 _NUMERIC_TYPES = ("Float", "Int", "Numeric", "Double", "Long")
+MAX_SEARCH_DEPTH = 100
 
 
 def _unescape(text: str) -> str:
@@ -1936,6 +1937,7 @@ class SearchQuery:
             raise SearchSyntaxError("query longer than 10000 characters", 10_000)
         self.tokens = _tokenize_search(text)
         self.index = 0
+        self.depth = 0
         self.tree = self._or()
         if self.index < len(self.tokens):
             kind, value, position, _ = self.tokens[self.index]
@@ -1969,6 +1971,17 @@ class SearchQuery:
         return clauses[0] if len(clauses) == 1 else ("and", clauses)
 
     def _unary(self):
+        # Every nesting (parentheses, NOT, + and -) passes here: bound it before Python's stack
+        # or SQLite's expression depth is.
+        self.depth += 1
+        try:
+            if self.depth > MAX_SEARCH_DEPTH:
+                raise SearchSyntaxError(f"query nested more than {MAX_SEARCH_DEPTH} levels deep", self._peek()[2])
+            return self._unary_clause()
+        finally:
+            self.depth -= 1
+
+    def _unary_clause(self):
         kind, value, position, _ = self._peek()
         if kind == "word" and value in ("NOT", "!"):
             self.index += 1
@@ -2026,6 +2039,8 @@ class SearchQuery:
             raise SearchSyntaxError(f"{name}: a numeric type needs a [a TO b] range", value_position)
         if kind == "phrase":
             return ("field", keyword, ("match", _unescape(value[1:-1])))
+        if kind == "word" and value[0] in "[{":
+            raise SearchSyntaxError(f"{name}: a range is [a TO b] or {{a TO b}}", value_position)
         if kind == "word":
             return ("field", keyword, ("match", _unescape(value)))
         if kind == "open":
@@ -2042,7 +2057,7 @@ def _search_field(name: str, position: int, extra_fields=frozenset()) -> str:
     if name in ("uri", "others") or name in extra_fields:
         return name
     for part in name.split("_"):
-        if not (tag_for_keyword(part) is not None or re.fullmatch(r"[0-9A-Fa-f]{8}", part)):
+        if not part or not (tag_for_keyword(part) is not None or re.fullmatch(r"[0-9A-Fa-f]{8}", part)):
             raise SearchSyntaxError(f"unknown field {name!r} (fields are DICOM keywords such as PatientName)", position)
     return "_".join(p.upper() if re.fullmatch(r"[0-9A-Fa-f]{8}", p) else p for p in name.split("_"))
 
@@ -2135,6 +2150,14 @@ SEARCH_COLUMNS = {k: f"{LEVEL_ALIASES[level]}.{_snake_case(k)}" for level in LEV
 SEARCH_COLUMNS["uri"] = "i.path"
 
 
+def _balanced_sql(conditions: list[str], operator: str) -> str:
+    """Conditions joined by AND or OR as a balanced tree: SQLite allows expressions 1000 deep."""
+    if len(conditions) == 1:
+        return conditions[0]
+    middle = len(conditions) // 2
+    return f"({_balanced_sql(conditions[:middle], operator)} {operator} {_balanced_sql(conditions[middle:], operator)})"
+
+
 def compile_search(query: SearchQuery) -> tuple[str, list, str | None]:
     """SQL condition over instances (aliases p, st, se, i), its arguments, and the FTS5 query
     used to rank results (None when the query has no free text). User text only ever
@@ -2158,7 +2181,7 @@ def compile_search(query: SearchQuery) -> tuple[str, list, str | None]:
         if kind == "all":
             return "1"
         if kind in ("and", "or"):
-            return "(" + f" {kind.upper()} ".join(walk(child, positive) for child in node[1]) + ")"
+            return _balanced_sql([walk(child, positive) for child in node[1]], kind.upper())
         if kind == "not":
             return f"NOT {walk(node[1], not positive)}"
         if kind == "text":
@@ -2399,6 +2422,7 @@ local env = {
   dicoogle = api, _VERSION = _VERSION,
 }
 env.string.dump = nil
+string.dump = nil  -- strings index the real string table too: ("").dump must not be there
 env.print = function(...) local parts = {} for i = 1, select("#", ...) do parts[#parts + 1] = tostring((select(i, ...))) end api.log(table.concat(parts, " ")) end
 env.load = function(chunk, name, mode, chunk_env)
   if type(chunk) ~= "string" then error("load takes text only here", 2) end
@@ -3995,7 +4019,7 @@ def _search_routes(api: Api):
         def cell(value):
             if not value:
                 return ";"
-            return '"' + value.replace("\r", " ").replace("\n", " ").replace(";", ",").replace('"', "'") + '";'
+            return '"' + value.replace("\r", "").replace("\n", "").replace(";", ",").replace('"', "'") + '";'
 
         yield "".join(cell(f) for f in fields) + "\n"
         for _, meta in results:
@@ -4400,6 +4424,7 @@ class TaskManager:
             self.log.exception("index task %s failed", task.uid)
             task.errors += 1
         finally:
+            task.cancelled = task.cancelled or task.stop.is_set()  # also when stopped before it ran
             task.finished = time.time()
             self.log.info("index task %s: %d indexed, %d errors%s", task.uid, task.indexed, task.errors,
                           " (stopped)" if task.cancelled else "")
@@ -4451,8 +4476,9 @@ def _task_routes(api: Api):
         del daemon.tasks.tasks[task.uid]
         return {"removed": True}
 
-    def instances_of_request() -> tuple[list[tuple[int, str]], int]:
-        """(id, path) of the instances a request names by uri or UIDs, and how many were not found."""
+    def instances_of_request(recursive=True) -> tuple[list[tuple[int, str]], int]:
+        """(id, path) of the instances a request names by uri (a folder too, if recursive) or UIDs,
+        and how many were not found."""
         found, missing = [], 0
         chosen = [k for k in ("uri", "SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID") if api.params(k)]
         if len(chosen) != 1:
@@ -4460,7 +4486,7 @@ def _task_routes(api: Api):
         for value in api.params(chosen[0]):
             if chosen[0] == "uri":
                 rows = daemon.index.query("SELECT id, path FROM instances WHERE path = ?", (_path_from_uri(value),))
-                if not rows:  # a folder: every instance below it
+                if not rows and recursive:  # a folder: every instance below it
                     rows = [(row[0], row[1]) for row in daemon.index.query(
                         "SELECT id, path FROM instances WHERE path > ? AND path < ?",
                         (_path_from_uri(value).rstrip("/") + "/", _path_from_uri(value).rstrip("/") + "0"))]
@@ -4486,7 +4512,8 @@ def _task_routes(api: Api):
     @api.route("/management/tasks/remove", "POST", access=ADMIN)
     def remove():
         """Delete instances' files and unindex them: by uri or UID (repeatable)."""
-        rows, missing = instances_of_request()
+        # Not recursive, as in Dicoogle: a folder URI must never empty the archive.
+        rows, missing = instances_of_request(recursive=False)
         deleted, failed = [], 0
         for _, path in rows:
             try:
@@ -5197,6 +5224,7 @@ OHIF_APP_CONFIG = """window.config = {
 
 def command_install_viewer(config: Config, version: str) -> int:
     """Install the prebuilt OHIF viewer from the npm registry into data_dir/viewer, served at /viewer/."""
+    config.data_dir.mkdir(parents=True, exist_ok=True)
     target = config.data_dir.resolve() / "viewer"
     work = pathlib.Path(tempfile.mkdtemp(prefix="viewer-", dir=config.data_dir.resolve()))
     try:
