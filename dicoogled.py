@@ -1894,6 +1894,7 @@ _SEARCH_TOKEN = re.compile(r"""
 """, re.VERBOSE)
 _NUMERIC_TYPES = ("Float", "Int", "Numeric", "Double", "Long")
 MAX_SEARCH_DEPTH = 100
+MAX_SEARCH_DEPTH = 100
 
 
 def _unescape(text: str) -> str:
@@ -2041,6 +2042,8 @@ class SearchQuery:
             return ("field", keyword, ("match", _unescape(value[1:-1])))
         if kind == "word" and value[0] in "[{":
             raise SearchSyntaxError(f"{name}: a range is [a TO b] or {{a TO b}}", value_position)
+        if kind == "word" and value[0] in "[{":
+            raise SearchSyntaxError(f"{name}: a range is [a TO b] or {{a TO b}}", value_position)
         if kind == "word":
             return ("field", keyword, ("match", _unescape(value)))
         if kind == "open":
@@ -2148,6 +2151,14 @@ def _meta_values(meta: dict, path: list[str]) -> list[str]:
 #: Main attributes and where they live, for search clauses answered by a column.
 SEARCH_COLUMNS = {k: f"{LEVEL_ALIASES[level]}.{_snake_case(k)}" for level in LEVELS for k in LEVEL_ATTRIBUTES[level]}
 SEARCH_COLUMNS["uri"] = "i.path"
+
+
+def _balanced_sql(conditions: list[str], operator: str) -> str:
+    """Conditions joined by AND or OR as a balanced tree: SQLite allows expressions 1000 deep."""
+    if len(conditions) == 1:
+        return conditions[0]
+    middle = len(conditions) // 2
+    return f"({_balanced_sql(conditions[:middle], operator)} {operator} {_balanced_sql(conditions[middle:], operator)})"
 
 
 def _balanced_sql(conditions: list[str], operator: str) -> str:
@@ -3584,7 +3595,7 @@ def _int_param(name: str, default: int | None, minimum: int = 0) -> int | None:
         _fail(400, f"{name} must be a whole number, not {raw[:40]!r}")
     if value < minimum:
         _fail(400, f"{name} must be at least {minimum}")
-    return value
+    return min(value, 2**62)  # SQLite's LIMIT and OFFSET are 64-bit
 
 
 def _json_response(value, status: int = 200) -> str:
@@ -4030,8 +4041,11 @@ def _search_routes(api: Api):
         if "JSON-DATA" in params:
             try:
                 data = json.loads(params["JSON-DATA"])
-                return data["queryString"], list(data.get("extraFields", [])), list(data.get("providers", []))
-            except (ValueError, KeyError, TypeError) as error:
+                lists = [data.get("extraFields", []), data.get("providers", [])]
+                if not isinstance(data["queryString"], str) or not all(isinstance(v, list) and all(isinstance(s, str) for s in v) for v in lists):
+                    raise TypeError("queryString must be text, extraFields and providers lists of text")
+                return data["queryString"], lists[0], lists[1]
+            except (ValueError, KeyError, TypeError, AttributeError) as error:
                 _fail(400, f"JSON-DATA is not valid: {error}")
         fields = api.params("fields")
         if len(fields) == 1 and fields[0].startswith("["):
@@ -4041,7 +4055,10 @@ def _search_routes(api: Api):
                 _fail(400, "fields must be a JSON array of keywords")
         providers = api.params("providers")
         if len(providers) == 1 and providers[0].startswith("["):
-            providers = json.loads(providers[0])
+            try:
+                providers = [str(p) for p in json.loads(providers[0])]
+            except ValueError:
+                _fail(400, "providers must be a JSON array of provider names")
         return query_of_request(), fields, providers
 
     def checked_providers(names):

@@ -1,0 +1,100 @@
+"""A small HTTP client for the REST tests: urllib only, never raises on an HTTP status.
+
+    client = Client(f"http://127.0.0.1:{daemon.http_port}")
+    client.login("admin", "secret")            # later requests send the token, raw, as Dicoogle's client does
+    response = client.get("/search", query="*:*", field=["SOPInstanceUID"])
+    response.status, response.json(), response.headers["Content-Type"]
+"""
+
+import json
+import urllib.error
+import urllib.parse
+import urllib.request
+
+#: The admin password every REST test starts its daemon with.
+ADMIN_PASSWORD = "admin-secret-1"
+ADMIN_ENV = {"DICOOGLED_ADMIN_PASSWORD": ADMIN_PASSWORD}
+
+
+class Response:
+    def __init__(self, status: int, headers, body: bytes):
+        self.status, self.headers, self.body = status, headers, body
+
+    @property
+    def text(self) -> str:
+        return self.body.decode("utf-8")
+
+    def json(self):
+        return json.loads(self.body)
+
+    def __repr__(self):
+        return f"<Response {self.status} {self.body[:300]!r}>"
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args, **kwargs):
+        return None
+
+
+_opener = urllib.request.build_opener(_NoRedirect)
+
+
+class Client:
+    """Requests to one daemon, authenticated with a token once logged in."""
+
+    def __init__(self, base: str, token: str | None = None):
+        self.base, self.token = base.rstrip("/"), token
+
+    def request(self, method: str, path: str, params=None, data=None, headers=None, auth="token",
+                raw_query: str | None = None, timeout: float = 60) -> Response:
+        """params: dict or list of pairs, lists repeat the key; data: dict (form) or bytes.
+        auth: "token" (raw Authorization header), None, or a header value to send as is."""
+        url = self.base + path
+        query = raw_query if raw_query is not None else urllib.parse.urlencode(params or {}, doseq=True)
+        if query:
+            url += "?" + query
+        all_headers = dict(headers or {})
+        if isinstance(data, (dict, list)):
+            data = urllib.parse.urlencode(data, doseq=True).encode()
+            all_headers.setdefault("Content-Type", "application/x-www-form-urlencoded")
+        if auth == "token" and self.token:
+            all_headers.setdefault("Authorization", self.token)
+        elif auth not in ("token", None):
+            all_headers.setdefault("Authorization", auth)
+        if method in ("POST", "PUT") and data is None:
+            data = b""
+        request = urllib.request.Request(url, data=data, method=method, headers=all_headers)
+        try:
+            with _opener.open(request, timeout=timeout) as response:
+                return Response(response.status, response.headers, response.read())
+        except urllib.error.HTTPError as error:
+            return Response(error.code, error.headers, error.read())
+
+    def get(self, path, **params):
+        return self.request("GET", path, params)
+
+    def post(self, path, data=None, **params):
+        return self.request("POST", path, params, data=data)
+
+    def delete(self, path, **params):
+        return self.request("DELETE", path, params)
+
+    def login(self, username: str, password: str) -> dict:
+        response = self.request("POST", "/login", data={"username": username, "password": password}, auth=None)
+        assert response.status == 200, response
+        body = response.json()
+        self.token = body["token"]
+        return body
+
+    def as_user(self, token: str | None) -> "Client":
+        return Client(self.base, token)
+
+
+def base_url(daemon) -> str:
+    return f"http://127.0.0.1:{daemon.http_port}"
+
+
+def admin_client(daemon) -> Client:
+    client = Client(base_url(daemon))
+    client.login("admin", ADMIN_PASSWORD)
+    return client
