@@ -1894,7 +1894,6 @@ _SEARCH_TOKEN = re.compile(r"""
 """, re.VERBOSE)
 _NUMERIC_TYPES = ("Float", "Int", "Numeric", "Double", "Long")
 MAX_SEARCH_DEPTH = 100
-MAX_SEARCH_DEPTH = 100
 
 
 def _unescape(text: str) -> str:
@@ -2151,14 +2150,6 @@ def _meta_values(meta: dict, path: list[str]) -> list[str]:
 #: Main attributes and where they live, for search clauses answered by a column.
 SEARCH_COLUMNS = {k: f"{LEVEL_ALIASES[level]}.{_snake_case(k)}" for level in LEVELS for k in LEVEL_ATTRIBUTES[level]}
 SEARCH_COLUMNS["uri"] = "i.path"
-
-
-def _balanced_sql(conditions: list[str], operator: str) -> str:
-    """Conditions joined by AND or OR as a balanced tree: SQLite allows expressions 1000 deep."""
-    if len(conditions) == 1:
-        return conditions[0]
-    middle = len(conditions) // 2
-    return f"({_balanced_sql(conditions[:middle], operator)} {operator} {_balanced_sql(conditions[middle:], operator)})"
 
 
 def _balanced_sql(conditions: list[str], operator: str) -> str:
