@@ -62,6 +62,7 @@ from pydicom.filereader import read_dataset
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
 from pynetdicom import AE, StoragePresentationContexts, _config as pynetdicom_config, build_context, evt
+from pynetdicom.pdu_primitives import MaximumLengthNotification
 from watchdog.events import (
     DirDeletedEvent, DirMovedEvent, FileClosedEvent, FileCreatedEvent, FileDeletedEvent,
     FileModifiedEvent, FileMovedEvent, FileSystemEventHandler,
@@ -2970,11 +2971,13 @@ class DicomServices:
                     context.transfer_syntax = kept
 
     def _limit_sent_pdus(self, event):
-        """Send PDUs no longer than max_pdu_send; pynetdicom would use the peer's maximum."""
+        """Send PDUs no longer than max_pdu_send. pynetdicom sends as long as the peer accepts,
+        read from the peer's negotiated maximum length item: lower it there."""
         limit = self.config.max_pdu_send
         peer = event.assoc.acceptor if event.assoc.is_requestor else event.assoc.requestor
-        if limit and not 0 < (peer.maximum_length or 0) <= limit:
-            peer.maximum_length = limit
+        for item in peer.user_information if limit else ():
+            if isinstance(item, MaximumLengthNotification) and not 0 < item.maximum_length_received <= limit:
+                item.maximum_length_received = limit
 
     def _on_store(self, event):
         with self._tracked():
