@@ -84,7 +84,9 @@ def archive(start_daemon, destination, studies):
     """A daemon that knows DEST and holds the generated studies; returns (daemon, instances)."""
     daemon = start_daemon(config_text=f"[modalities]\n{DEST} = 127.0.0.1:{destination.port}\n")
     paths = studies(**SHAPE)
-    assert daemon.store(*paths) == [SUCCESS] * len(paths)
+    assoc = associate(daemon, (CTImageStorage, [EXPLICIT_VR_LITTLE_ENDIAN]))  # as generated: no VR lost
+    assert [assoc.send_c_store(path).Status for path in paths] == [SUCCESS] * len(paths)
+    assoc.release()
     instances = generated()
     assert {ds.SOPInstanceUID for ds in instances.values()} == {pydicom.dcmread(p).SOPInstanceUID for p in paths}
     return daemon, instances
