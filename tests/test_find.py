@@ -12,6 +12,7 @@ compare exact sets of UIDs.
 
 import concurrent.futures
 import contextlib
+import functools
 import socket
 import struct
 import unicodedata
@@ -114,14 +115,17 @@ def charset_instances() -> list[Dataset]:
     return [pydicom.dcmread(get_charset_files(name)[0]) for name in CHARSET_FILES]
 
 
+@functools.cache
 def study_uid(patient, study, seed=0) -> str:
     return str(studygen.make_instance(patient, study, 0, 0, seed=seed).StudyInstanceUID)
 
 
+@functools.cache
 def series_uid(patient, study, series) -> str:
     return str(studygen.make_instance(patient, study, series, 0).SeriesInstanceUID)
 
 
+@functools.cache
 def sop_uid(patient, study, series, instance) -> str:
     return str(studygen.make_instance(patient, study, series, instance).SOPInstanceUID)
 
@@ -224,14 +228,20 @@ class Archive:
 
     def __init__(self, daemon: RunningDaemon, datasets: list[Dataset]):
         self.daemon, self.datasets = daemon, datasets
+        self._first = {level: {} for level in LEVELS}  # level -> unique key -> its first instance
+        for ds in datasets:
+            for level, keyword in UNIQUE_KEYS.items():
+                self._first[level].setdefault(text(ds, keyword), ds)
 
-    def expected(self, level, predicate=lambda ds: True) -> set[str]:
+    def expected(self, level, predicate=None) -> set[str]:
         """Unique keys at level of the entities having an instance that satisfies predicate."""
+        if predicate is None:
+            return set(self._first[level])
         return {text(ds, UNIQUE_KEYS[level]) for ds in self.datasets if predicate(ds)}
 
     def entity(self, level, uid) -> Dataset:
-        """One instance of the entity whose unique key at level is uid."""
-        return next(ds for ds in self.datasets if text(ds, UNIQUE_KEYS[level]) == uid)
+        """The first instance of the entity whose unique key at level is uid."""
+        return self._first[level][uid]
 
     def below(self, level, uid, child_level) -> set[str]:
         return self.expected(child_level, lambda ds: text(ds, UNIQUE_KEYS[level]) == uid)
