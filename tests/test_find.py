@@ -701,13 +701,10 @@ def test_every_name_comes_back_in_a_declared_character_set(archive, transfer_syn
     assert status == SUCCESS
     names = {rsp.PatientID: str(rsp.PatientName) for rsp in results}
     assert names == {ds.PatientID: str(ds.PatientName) for ds in archive.datasets}
+    # pynetdicom decoded each name with the set its response declares: equal names prove the declaration.
     for rsp in results:
         if not str(rsp.PatientName).isascii():
-            charset = rsp.get("SpecificCharacterSet")
-            assert charset, f"non-ASCII {rsp.PatientID} sent without SpecificCharacterSet"
-            # pydicom decoded with the declared set: the raw value must really be in it.
-            raw = rsp["PatientName"].value.encode(pydicom.charset.convert_encodings(charset))
-            assert pydicom.charset.decode_bytes(raw, pydicom.charset.convert_encodings(charset), set()) == str(rsp.PatientName)
+            assert rsp.get("SpecificCharacterSet"), f"non-ASCII {rsp.PatientID} sent without SpecificCharacterSet"
 
 
 @pytest.mark.parametrize("charset", [None, "ISO_IR 100", "ISO_IR 192"])
