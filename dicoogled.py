@@ -46,6 +46,8 @@ import time
 import unicodedata
 import urllib.parse
 import uuid
+import zlib
+from xml.etree import ElementTree
 
 import apsw
 import bottle
@@ -1987,6 +1989,12 @@ class SearchQuery:
         if kind == "word" and value in ("NOT", "!"):
             self.index += 1
             return ("not", self._unary())
+        following = self.tokens[self.index + 1] if self.index + 1 < len(self.tokens) else None
+        if kind == "word" and value in ("+", "-") and following and following[0] in ("open", "phrase") and following[2] == position + 1:
+            # -(a OR b) and -"a phrase": the prefix stands alone before a group or a phrase.
+            self.index += 1
+            group = self._unary()
+            return ("not", group) if value == "-" else group
         if kind == "word" and value[0] in "+-" and len(value) > 1:
             # Lucene's required (+) and prohibited (-) prefixes.
             self.tokens[self.index] = ("word", value[1:], position + 1, None)
@@ -2040,8 +2048,6 @@ class SearchQuery:
             raise SearchSyntaxError(f"{name}: a numeric type needs a [a TO b] range", value_position)
         if kind == "phrase":
             return ("field", keyword, ("match", _unescape(value[1:-1])))
-        if kind == "word" and value[0] in "[{":
-            raise SearchSyntaxError(f"{name}: a range is [a TO b] or {{a TO b}}", value_position)
         if kind == "word" and value[0] in "[{":
             raise SearchSyntaxError(f"{name}: a range is [a TO b] or {{a TO b}}", value_position)
         if kind == "word":
@@ -2649,7 +2655,7 @@ class PluginManager:
         class Reloader(FileSystemEventHandler):
             def on_any_event(self, event):
                 path = pathlib.Path(os.fsdecode(getattr(event, "dest_path", "") or event.src_path))
-                if path.suffix in (".py", ".lua") and path.exists() and not event.is_directory:
+                if path.suffix in (".py", ".lua") and not path.name.startswith("_") and path.exists() and not event.is_directory:
                     known = manager.plugins.get(path.stem)
                     if known is None or known.mtime != path.stat().st_mtime:
                         manager.load(path)
@@ -3559,6 +3565,271 @@ class LoginThrottle:
 
 
 # ============================================================================================
+# Rendering: DICOM frames to PNG
+# ============================================================================================
+
+# numpy and pydicom.pixels are imported inside these functions: the DICOM side never needs them.
+# Compressed transfer syntaxes decode through pydicom's plugins (pylibjpeg with libjpeg, openjpeg
+# and rle; pyjpegls); RLE and deflate also decode natively.
+
+#: Photometric interpretations shown in grey, and in colour. pydicom hands YBR_FULL and
+#: YBR_FULL_422 (and JPEG 2000's YBR_ICT and YBR_RCT) back as RGB; a palette goes through its LUT.
+GREY_PHOTOMETRICS = ("MONOCHROME1", "MONOCHROME2")
+COLOUR_PHOTOMETRICS = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT", "PALETTE COLOR")
+PIXEL_DATA_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+#: Values larger than this stay on disk while a header is read: the pixel data, mostly.
+RENDER_DEFER_SIZE = "256 KB"
+#: The transfer syntax of a file without meta information, from the encoding pydicom found.
+_SYNTAX_OF_ENCODING = {
+    (True, True): pydicom.uid.ImplicitVRLittleEndian,
+    (False, True): pydicom.uid.ExplicitVRLittleEndian,
+    (False, False): pydicom.uid.ExplicitVRBigEndian,
+}
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+class UnrenderableError(Exception):
+    """An instance with no image to show: no pixel data, a transfer syntax or photometric
+    interpretation we cannot handle, a codec that is not installed, or pixels that fail to decode."""
+
+
+class FrameOutOfRange(ValueError):
+    """A frame number the instance does not have."""
+
+
+def read_image_header(source) -> Dataset:
+    """An instance (a path or a binary file) read for rendering; on disk, its pixel data stays unread."""
+    on_disk = isinstance(source, (str, os.PathLike))
+    try:
+        header = pydicom.dcmread(source, defer_size=RENDER_DEFER_SIZE if on_disk else None, force=True)
+        if on_disk and header.file_meta.get("TransferSyntaxUID") == pydicom.uid.DeflatedExplicitVRLittleEndian:
+            # A deferred value is read again from the file later, which cannot work inside a
+            # deflated stream: read it whole.
+            header = pydicom.dcmread(source, force=True)
+    except Exception as error:
+        raise UnrenderableError(f"unreadable DICOM: {error}") from None
+    return header
+
+
+def frame_count(header: Dataset) -> int:
+    """How many frames an instance has: 0 without pixel data."""
+    if not any(keyword in header for keyword in PIXEL_DATA_KEYWORDS):
+        return 0
+    try:
+        return max(int(header.get("NumberOfFrames") or 1), 1)
+    except (TypeError, ValueError):
+        return 1
+
+
+def frame_rate(header: Dataset) -> float:
+    """Frames per second to play an instance at: its recommended or cine rate, else 1000 / FrameTime; 0 if none."""
+    try:
+        for keyword in ("RecommendedDisplayFrameRateInFloat", "RecommendedDisplayFrameRate", "CineRate"):
+            if header.get(keyword):
+                return float(header.get(keyword))
+        if header.get("FrameTime"):
+            return round(1000 / float(header.FrameTime), 3)
+    except (TypeError, ValueError, ZeroDivisionError):
+        pass
+    return 0.0
+
+
+def render_image(source, frame: int = 0, window: tuple[float, float] | None = None):
+    """One frame of an instance (a path or a binary file) as a viewer first shows it: a numpy array of
+    8-bit grey (rows, columns) or RGB (rows, columns, 3) pixels.
+
+    Grey frames go through the modality LUT (RescaleSlope/Intercept), then `window` (center, width)
+    if given, else the file's first VOI LUT or window, else the frame's full range; MONOCHROME1 is
+    inverted. Raises UnrenderableError, or FrameOutOfRange.
+    """
+    from pydicom.pixels import get_decoder, pixel_array
+
+    header = read_image_header(source)
+    frames = frame_count(header)
+    if not frames:
+        raise UnrenderableError("it has no pixel data")
+    photometric = str(header.get("PhotometricInterpretation", "")).strip()
+    if photometric not in GREY_PHOTOMETRICS + COLOUR_PHOTOMETRICS:
+        raise UnrenderableError(f"photometric interpretation {photometric or '(none)'} is not supported")
+    syntax = header.file_meta.get("TransferSyntaxUID")
+    in_file_format = syntax is not None
+    if not in_file_format:  # an old file indexed in place, without meta information
+        syntax = header.file_meta.TransferSyntaxUID = _SYNTAX_OF_ENCODING.get(header.original_encoding)
+        if syntax is None:
+            raise UnrenderableError("its transfer syntax is unknown")
+    try:
+        decoder = get_decoder(syntax)
+    except NotImplementedError:
+        raise UnrenderableError(f"there is no decoder for {syntax.name}") from None
+    if not decoder.is_available:
+        raise UnrenderableError(f"no codec for {syntax.name} is installed (one of: "
+                                f"{'; '.join(decoder.missing_dependencies)})")
+    if frame >= frames:
+        raise FrameOutOfRange(f"frame {frame} does not exist: the instance has {frames} frame(s), counted from 0")
+    # Given the path of a Part 10 file, pixel_array reads and decodes only the frame asked for, so a
+    # large multi-frame file costs one frame of memory; otherwise it decodes from the data set.
+    from_file = isinstance(source, (str, os.PathLike)) and in_file_format and not syntax.is_deflated
+    try:
+        pixels = pixel_array(source if from_file else header, index=frame)
+        if photometric in GREY_PHOTOMETRICS:
+            return _grey_to_8bit(pixels, header, window)
+        return _colour_to_8bit(pixels, header)
+    except Exception as error:  # a damaged or unusual file: the client is told why, not a 500
+        raise UnrenderableError(f"frame {frame} cannot be decoded: {error}") from error
+
+
+def _grey_to_8bit(pixels, header: Dataset, window: tuple[float, float] | None):
+    import numpy as np
+    from pydicom.pixels import apply_modality_lut, apply_voi, apply_windowing
+
+    values = apply_modality_lut(pixels, header).astype(np.float64)
+    black = white = None  # the values shown as 0 and as 255
+    voi_lut = header.get("VOILUTSequence")
+    if window is not None:
+        center, width = window
+        black, white = center - width / 2, center + width / 2
+    elif voi_lut and "LUTData" in voi_lut[0] and "LUTDescriptor" in voi_lut[0]:
+        # A VOI LUT maps values to its own entries; its lowest and highest entries are black and white.
+        entries, first_mapped = voi_lut[0].LUTDescriptor[0] or 65536, voi_lut[0].LUTDescriptor[1]
+        lut = apply_voi(np.arange(first_mapped, first_mapped + entries), header)
+        black, white = lut.min(), lut.max()
+        values = apply_voi(np.rint(values).astype(np.int64), header)
+    elif "WindowCenter" in header and "WindowWidth" in header:
+        # apply_windowing maps onto a range that depends on BitsStored and the rescale: its two
+        # ends are where the most extreme values land. Index 0: the first of several windows.
+        try:
+            black, white = apply_windowing(np.array([-np.inf, np.inf]), header)
+            values = apply_windowing(values, header)
+        except ValueError:  # a width below 1, an unknown VOI function: show the full range instead
+            black = white = None
+    if black is None:
+        black, white = values.min(), values.max()
+    if white <= black:  # one flat value
+        image = np.zeros(values.shape, np.uint8)
+    else:
+        image = np.clip(np.rint((values - black) * (255 / (white - black))), 0, 255).astype(np.uint8)
+    return 255 - image if header.PhotometricInterpretation == "MONOCHROME1" else image
+
+
+def _colour_to_8bit(pixels, header: Dataset):
+    import numpy as np
+    from pydicom.pixels import apply_color_lut
+
+    if header.PhotometricInterpretation == "PALETTE COLOR":
+        pixels = apply_color_lut(pixels, header)
+        depth = pixels.dtype.itemsize * 8  # the palette's entries: 8 or 16 bits
+    else:
+        depth = int(header.get("BitsStored") or pixels.dtype.itemsize * 8)
+    return (pixels >> max(depth - 8, 0)).astype(np.uint8)
+
+
+def shrink(image, edge: int):
+    """An 8-bit image scaled down (never up) so that its longer side is at most edge pixels.
+
+    Each output pixel is the mean of the source pixels it covers (a box filter), so fine detail
+    averages out rather than aliasing as it would by picking every n-th pixel.
+    """
+    import numpy as np
+
+    rows, columns = image.shape[:2]
+    scale = edge / max(rows, columns)
+    if scale >= 1:
+        return image
+    out_rows, out_columns = max(1, round(rows * scale)), max(1, round(columns * scale))
+    row_starts = np.arange(out_rows) * rows // out_rows
+    column_starts = np.arange(out_columns) * columns // out_columns
+    sums = np.add.reduceat(np.add.reduceat(image.astype(np.uint32), row_starts, axis=0), column_starts, axis=1)
+    counts = np.outer(np.diff(row_starts, append=rows), np.diff(column_starts, append=columns))
+    if image.ndim == 3:
+        counts = counts[:, :, np.newaxis]
+    return ((sums + counts // 2) // counts).astype(np.uint8)
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def encode_png(image, text: str = "") -> bytes:
+    """8-bit grey (rows, columns) or RGB (rows, columns, 3) pixels as a PNG file, made with zlib.
+
+    A text, if given, is kept in a tEXt chunk right after the header (the thumbnail cache's key).
+    """
+    import numpy as np
+
+    rows, columns = image.shape[:2]
+    colour_type = 2 if image.ndim == 3 else 0  # truecolour, or greyscale
+    # Each scanline starts with its filter type: 0, none.
+    scanlines = np.zeros((rows, 1 + image[0].size), np.uint8)
+    scanlines[:, 1:] = image.reshape(rows, -1)
+    png = PNG_SIGNATURE + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", columns, rows, 8, colour_type, 0, 0, 0))
+    if text:
+        png += _png_chunk(b"tEXt", b"dicoogled\0" + text.encode("latin-1"))
+    return png + _png_chunk(b"IDAT", zlib.compress(scanlines.tobytes(), 6)) + _png_chunk(b"IEND", b"")
+
+
+def render_frame(path, frame: int = 0, size: int | None = None, center: float | None = None,
+                 width: float | None = None, media_type: str = "image/png", quality: int = 90) -> bytes | None:
+    """The plugin API's renderer (dicoogle.render, behind DICOMweb's rendered resources): one frame
+    as PNG, or JPEG when Pillow is installed, at most size pixels on its longer side, windowed at
+    center/width if both are given. None if it cannot be rendered."""
+    window = (center, width) if center is not None and width is not None and width > 0 else None
+    try:
+        image = render_image(path, frame, window)
+    except (UnrenderableError, FrameOutOfRange):
+        return None
+    if size:
+        image = shrink(image, size)
+    if media_type == "image/png":
+        return encode_png(image)
+    if media_type != "image/jpeg":
+        return None
+    try:
+        from PIL import Image
+    except ImportError:
+        return None
+    output = io.BytesIO()
+    Image.fromarray(image).save(output, "JPEG", quality=quality)
+    return output.getvalue()
+
+
+class ThumbnailCache:
+    """Thumbnails kept as data_dir/cache/thumbnails/<SOPInstanceUID>.png, so that a results page
+    of 50 thumbnails costs 50 small file reads rather than 50 decodes.
+
+    Each PNG carries the key it was made for, in a tEXt chunk right after its header: the size and
+    modification time of the DICOM file, and the thumbnail edge. When the file or the configured
+    edge changes, so does the key; the stale thumbnail is then made again and replaced.
+    """
+
+    #: Where the key's chunk starts: after the 8-byte signature and the 25-byte IHDR chunk.
+    KEY_OFFSET = len(PNG_SIGNATURE) + 25
+
+    def __init__(self, root: pathlib.Path):
+        self.root = root
+
+    def get(self, sop_instance_uid: str, key: str) -> bytes | None:
+        try:
+            png = (self.root / f"{sop_instance_uid}.png").read_bytes()
+        except OSError:
+            return None
+        expected = _png_chunk(b"tEXt", b"dicoogled\0" + key.encode("latin-1"))
+        return png if png[self.KEY_OFFSET:self.KEY_OFFSET + len(expected)] == expected else None
+
+    def put(self, sop_instance_uid: str, png: bytes):
+        """Keep a thumbnail made by encode_png(image, key); readers see the old file or the new, never half."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{sop_instance_uid}-", suffix=".tmp", dir=self.root)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(png)
+            os.replace(tmp_name, self.root / f"{sop_instance_uid}.png")
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp_name)
+            raise
+
+
+# ============================================================================================
 # HTTP: the Dicoogle-compatible REST API (Bottle, served by waitress)
 # ============================================================================================
 
@@ -3707,7 +3978,8 @@ def make_app(daemon: "Daemon") -> bottle.Bottle:
 
     def json_error(error: bottle.HTTPError):
         bottle.response.content_type = "application/json"
-        if error.status_code >= 500:
+        # 501 "needs package X" and 503 "not ready" are answers; a 500 is a fault, told only in the log.
+        if error.status_code == 500 or error.exception is not None:
             http_log.error("%s %s failed: %s", bottle.request.method, bottle.request.path, error.exception or error.body)
             return json.dumps({"error": "internal error; see the server log"})
         return json.dumps({"error": error.body if isinstance(error.body, str) else error.status_line})
@@ -3734,10 +4006,12 @@ def make_app(daemon: "Daemon") -> bottle.Bottle:
 
     _session_routes(api)
     _search_routes(api)
+    _image_routes(api)
     _task_routes(api)
     _management_routes(api)
     _plugin_routes(api)
     _viewer_routes(api)
+    _web_app_routes(api)
     for add_routes in daemon.route_hooks:  # management, plugins' web services
         add_routes(api)
     return app
@@ -4257,6 +4531,23 @@ def _plugin_routes(api: Api):
                 api.route(path, methods, access=PUBLIC)(functools.partial(web_service, plugin.name))
 
 
+def _web_app_routes(api: Api):
+    """The web app in www/: static files only, it talks to the REST API like any script."""
+    www = pathlib.Path(__file__).resolve().parent / "www"
+
+    @api.route("/", access=PUBLIC)
+    def web_app():
+        """The web app."""
+        return bottle.static_file("index.html", root=str(www))
+
+    @api.route("/static/<path:path>", access=PUBLIC)
+    def web_app_file(path):
+        """The web app's scripts, styles and icons (no patient data)."""
+        response = bottle.static_file(path, root=str(www))
+        response.set_header("Cache-Control", "no-cache")  # a lab updates by git pull: always revalidate
+        return response
+
+
 def _viewer_routes(api: Api):
     viewer = api.daemon.config.data_dir.resolve() / "viewer"
 
@@ -4340,6 +4631,130 @@ def _group_dim(results, with_birthdate: bool) -> list[dict]:
             image["number"] = int(number)
         series["images"].append(image)
     return list(patients.values())
+
+
+# ---- images and tags: /dic2png, /dictags ----------------------------------------------------
+
+#: Characters XML 1.0 cannot carry; Dicoogle also shows them as spaces.
+_XML_UNSAFE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
+
+
+def _tags_xml(dataset: Dataset) -> bytes:
+    """A data set as /dictags XML: <tags><tag id="00100010" name="PatientName" vr="PN">DOE^J</tag>…
+
+    name is the keyword (Dicoogle's attribute), or pydicom's description of a private tag; values
+    are text, multiple values joined by a backslash; binary values are left out but for their
+    length (bytes="…"), and sequences hold an <item> of tags per item.
+    """
+    def add(parent: ElementTree.Element, elements: Dataset):
+        for tag in elements.keys():
+            try:
+                element = elements[tag]
+                node = ElementTree.SubElement(parent, "tag", id=f"{int(tag):08X}",
+                                              name=element.keyword or element.name, vr=str(element.VR))
+                if element.VR == "SQ":
+                    for item in element.value:
+                        add(ElementTree.SubElement(node, "item"), item)
+                    continue
+                value = _text_value(element)
+            except Exception as error:  # a malformed value: say so, and go on with the others
+                node = ElementTree.SubElement(parent, "tag", id=f"{int(tag):08X}", error=str(error)[:200])
+                continue
+            if value is None:
+                node.set("bytes", str(len(element.value)))
+            else:
+                node.text = _XML_UNSAFE.sub(" ", "\\".join(value) if isinstance(value, list) else value)
+
+    root = ElementTree.Element("tags")
+    add(root, dataset.file_meta)
+    add(root, dataset)
+    return ElementTree.tostring(root, encoding="utf-8", xml_declaration=True)
+
+
+def _image_routes(api: Api):
+    daemon = api.daemon
+    thumbnails = ThumbnailCache(daemon.config.data_dir / "cache" / "thumbnails")
+    http_log = logging.getLogger("dicoogled.http")
+
+    def instance_of_request() -> tuple[str, str, str]:
+        """(SOPInstanceUID, location, cache key) of the instance a request names by SOPInstanceUID or uri."""
+        params = bottle.request.params
+        uid, uri = params.get("SOPInstanceUID", "").strip(), params.get("uri", "").strip()
+        if uid:
+            if not is_valid_uid(uid):
+                _fail(400, f"SOPInstanceUID must be a UID, not {uid[:80]!r}")
+            rows = daemon.index.query("SELECT sop_instance_uid, path, size, mtime_ns FROM instances"
+                                      " WHERE sop_instance_uid = ?", (uid,))
+        elif uri:
+            location = _path_from_uri(uri) if location_scheme(uri) == "file" else uri
+            rows = daemon.index.query("SELECT sop_instance_uid, path, size, mtime_ns FROM instances WHERE path = ?",
+                                      (location,))
+        else:
+            _fail(400, "give SOPInstanceUID or uri")
+        if not rows:
+            _fail(404, f"no instance {uid or uri[:200]}")
+        uid, location, size, mtime_ns = rows[0]
+        if location_scheme(location) == "file":
+            try:  # the file itself, which may have changed since it was indexed
+                status = os.stat(location)
+            except OSError:
+                _fail(404, f"the file of {uid} is missing; run 'dicoogled check'")
+            size, mtime_ns = status.st_size, status.st_mtime_ns
+        return uid, location, f"{size} {mtime_ns}"
+
+    def source_of(uid: str, location: str):
+        try:
+            return daemon.storage.open(location)
+        except OSError as error:
+            _fail(404, f"the object of {uid} cannot be read: {error}")
+
+    @api.route("/dic2png")
+    def dic2png():
+        """A frame of an instance as PNG: SOPInstanceUID or uri; frame (from 0); thumbnail (a flag)."""
+        uid, location, key = instance_of_request()
+        frame = _int_param("frame", 0)
+        thumbnail = bottle.request.params.get("thumbnail", "false").strip().lower() not in ("false", "0", "no", "off")
+        edge = daemon.config.thumbnail_size if thumbnail else None
+        key = f"{key} {edge}"
+        cacheable = thumbnail and frame == 0  # what result pages show
+        png = thumbnails.get(uid, key) if cacheable else None
+        if png is None:
+            try:
+                image = render_image(source_of(uid, location), frame)
+            except FrameOutOfRange as error:
+                _fail(400, str(error))
+            except UnrenderableError as error:
+                http_log.info("dic2png: %s cannot be rendered: %s", uid, error)
+                _fail(415, f"{uid} cannot be shown as an image: {error}")
+            png = encode_png(shrink(image, edge) if edge else image, key if cacheable else "")
+            if cacheable:
+                try:
+                    thumbnails.put(uid, png)
+                except OSError as error:  # a full disk costs speed, not the answer
+                    http_log.warning("cannot cache the thumbnail of %s: %s", uid, error)
+        bottle.response.content_type = "image/png"
+        return png
+
+    @api.route("/dic2png", "POST")
+    def frame_information():
+        """Frames of an instance: {SOPInstanceUID, NumberOfFrames, FrameRate}."""
+        uid, location, _ = instance_of_request()
+        try:
+            header = read_image_header(source_of(uid, location))
+        except UnrenderableError as error:
+            _fail(415, f"{uid}: {error}")
+        return {"SOPInstanceUID": uid, "NumberOfFrames": frame_count(header), "FrameRate": frame_rate(header)}
+
+    @api.route("/dictags")
+    def dictags():
+        """The tags of an instance, read from its file, as XML: SOPInstanceUID or uri."""
+        uid, location, _ = instance_of_request()
+        try:
+            dataset = pydicom.dcmread(source_of(uid, location), stop_before_pixels=True, force=True)
+        except Exception as error:
+            _fail(415, f"{uid} cannot be read as DICOM: {error}")
+        bottle.response.content_type = "application/xml; charset=utf-8"
+        return _tags_xml(dataset)
 
 
 # ---- indexing tasks -------------------------------------------------------------------------
@@ -4572,8 +4987,9 @@ def _management_routes(api: Api):
             setattr(config, name, value)
 
     def save(*names):
-        with settings_lock:
-            config.save_settings(*names)
+        if names:
+            with settings_lock:
+                config.save_settings(*names)
 
     def bool_param(name: str) -> bool | None:
         raw = bottle.request.params.get(name)
@@ -4634,7 +5050,7 @@ def _management_routes(api: Api):
     def set_index_settings():
         """Change indexer settings: any of the parameters, applied at once.
 
-        path: the watched folders, absolute, separated by the OS path separator (':') or repeated
+        path: the watched folders, absolute, separated by the OS path separator (':') or repeated; empty for none
         watcher: true to watch them, false to stop
         saveThumbnail: true to render thumbnails when indexing (kept for Dicoogle clients)
         effort: indexing effort, 0..100 (kept for Dicoogle clients)
