@@ -296,8 +296,8 @@ def archive(tmp_path_factory):
 # ---- matching: every rule at every level ---------------------------------------------------------
 #
 # (name, level, keys, predicate over one instance). PATIENT runs with Patient Root only (Study
-# Root has no PATIENT level); the other levels run with both roots. No case sends the unique keys
-# of the parent levels: the archive answers relationally.
+# Root has no PATIENT level); the other levels run with both roots. Most cases omit the unique
+# keys of the parent levels, which the archive must answer all the same; a few send them.
 
 BETWEEN = "20190101-20191231"
 CASES = [
