@@ -120,7 +120,8 @@ def series_dirs(size: int, first: int, last: int) -> list[pathlib.Path]:
         print(f"generating {len(missing) * PER_PATIENT} {size}x{size} instances in {root} ...", flush=True)
         with concurrent.futures.ProcessPoolExecutor() as pool:
             list(pool.map(_write_patient, [root] * len(missing), [size] * len(missing), missing, chunksize=4))
-    return sorted(root.glob("P*/ST*/SE*"), key=str)[first * 4:last * 4]
+    return [studygen.instance_path(root, p, study, series, 0).parent
+            for p in range(first, last) for study in range(2) for series in range(2)]
 
 
 # ---------------------------------------------------------------- servers
@@ -145,9 +146,8 @@ def memory_kib(pid: int) -> tuple[int, int]:
         except (OSError, ValueError, IndexError):
             pass
     tree, rss, hwm = {pid}, 0, 0
-    for child, parent in sorted(parents.items()):
-        if parent in tree:
-            tree.add(child)
+    while children := {c for c, parent in parents.items() if parent in tree} - tree:
+        tree |= children
     for p in tree:
         try:
             status = pathlib.Path(f"/proc/{p}/status").read_text()
@@ -164,6 +164,7 @@ def memory_kib(pid: int) -> tuple[int, int]:
 class Server:
     """A server under test in its own temporary folder; subclasses say how to run and count."""
     name = aet = ""
+    failed = False
 
     def start(self, *extra: str) -> None:
         self.dir = pathlib.Path(tempfile.mkdtemp(prefix=f"{self.name}-", dir=WORK))
@@ -194,14 +195,21 @@ class Server:
         return memory_kib(self.pid)
 
     def stop(self) -> None:
+        """Stop the server and delete its folder, keeping its log in bench/results if something failed."""
         if self.proc.poll() is None:
             self.proc.terminate()
             try:
                 self.proc.wait(30)
             except subprocess.TimeoutExpired:
+                print(f"  {self.name} still running 30 s after SIGTERM: killed")
                 self.proc.kill()
                 self.proc.wait()
         self.log.close()
+        if self.failed:
+            RESULTS.mkdir(parents=True, exist_ok=True)
+            kept = RESULTS / f"{self.dir.name}.log"
+            shutil.copy(self.dir / "server.log", kept)
+            print(f"  {self.name} log kept in {kept.relative_to(ROOT)}")
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def log_tail(self) -> str:
@@ -312,7 +320,7 @@ def cfind(server: Server, level: str, keys: dict) -> tuple[float, str]:
         raise RuntimeError(f"association to {server.name} refused")
     # As with DCMTK above: without this each request waits ~40 ms for a delayed ACK.
     assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    times, matches, begin = [], 0, time.perf_counter()
+    times, counts, begin = [], set(), time.perf_counter()
     try:
         while len(times) < QUERY_RUNS and (len(times) < 3 or time.perf_counter() - begin < QUERY_BUDGET):
             start, matches = time.perf_counter(), 0
@@ -324,9 +332,11 @@ def cfind(server: Server, level: str, keys: dict) -> tuple[float, str]:
                 elif status.Status != 0x0000:
                     raise RuntimeError(f"C-FIND to {server.name} failed: 0x{status.Status:04X}")
             times.append(time.perf_counter() - start)
+            counts.add(matches)
     finally:
         assoc.release()
-    return round(statistics.median(times) * 1000, 1), f"{matches} matches, median of {len(times)} runs"
+    found = "/".join(map(str, sorted(counts))) + (" (varied between runs!)" if len(counts) > 1 else "")
+    return round(statistics.median(times) * 1000, 1), f"{found} matches, median of {len(times)} runs"
 
 
 class Results:
@@ -366,6 +376,7 @@ def measure(results: Results, server: Server, label, unit, better, fn):
         return value
     except Exception as error:  # noqa: BLE001 - report and go on to the next measurement
         print(f"  {server.name}: {label}: FAILED: {error}", flush=True)
+        server.failed = True
         results.add(label, unit, better, server.name, None, f"failed: {str(error)[:200]}")
 
 
@@ -435,7 +446,7 @@ def run(args) -> Results:
                 n = patients * PER_PATIENT
                 dirs = series_dirs(64, loaded // PER_PATIENT, patients)
                 print(f"loading {server.name} to {n} instances ...", flush=True)
-                measure(results, server, f"load {loaded}->{n} (4 storescu)", "inst/s", "higher",
+                measure(results, server, f"archive load {loaded // 1000}k->{n // 1000}k, 4 storescu", "inst/s", "higher",
                         lambda: round((n - loaded) / storescu(server, dirs, 4, n), 1))
                 loaded = n
                 for label, level, keys in QUERIES:
@@ -463,6 +474,9 @@ def main() -> int:
     WORK.mkdir(parents=True, exist_ok=True)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(130))
     started = datetime.datetime.now().astimezone()
+    load = os.getloadavg()[0]
+    if load > 0.5 * os.cpu_count():
+        print(f"warning: load average {load:.1f} on {os.cpu_count()} CPUs; other work will skew the figures")
     try:
         results = run(args)
     except KeyboardInterrupt:
@@ -476,9 +490,12 @@ def main() -> int:
                     proc.wait(10)
                 except subprocess.TimeoutExpired:
                     proc.kill()
+        for leftover in [*WORK.glob("dicoogled-*"), *WORK.glob("orthanc-*"), *WORK.glob("watched-*")]:
+            shutil.rmtree(leftover, ignore_errors=True)
     versions = " vs ".join(f"{name} {version}" for name, version in results.versions.items())
     header = (f"{versions} — {'quick' if args.quick else 'full'} run, "
-              f"{started:%Y-%m-%d %H:%M}, {os.cpu_count()} CPUs, Python {platform.python_version()}\n"
+              f"{started:%Y-%m-%d %H:%M}, {os.cpu_count()} CPUs, load average at start {load:.1f}, "
+              f"Python {platform.python_version()}\n"
               "ratio = dicoogled / Orthanc (inst/s, files/s: higher is better; ms, MiB: lower is better)\n"
               "C-FIND archives were loaded over C-STORE with 4 parallel storescu into both servers.")
     table = results.table()
@@ -486,7 +503,8 @@ def main() -> int:
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / "latest.json"
     out.write_text(json.dumps({"started": started.isoformat(), "mode": "quick" if args.quick else "full",
-                               "cpus": os.cpu_count(), "python": platform.python_version(),
+                               "cpus": os.cpu_count(), "load_average_at_start": load,
+                               "python": platform.python_version(),
                                "versions": results.versions, "rows": results.rows}, indent=2, ensure_ascii=False))
     print(f"\nwritten to {out.relative_to(ROOT)}")
     return 0
