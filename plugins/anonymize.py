@@ -43,7 +43,7 @@ def deidentify(data: bytes) -> bytes:
     anonymize_dataset(dataset, delete_private_tags=True)
     # PS3.15 E.1.1: say that the identity was removed, and how.
     dataset.PatientIdentityRemoved = "YES"
-    dataset.DeidentificationMethod = "PS3.15 Basic Application Level Confidentiality Profile (dicom-anonymizer)"
+    dataset.DeidentificationMethod = "PS3.15 Basic Profile (dicom-anonymizer)"  # LO: 64 at most
     dataset.file_meta.MediaStorageSOPInstanceUID = dataset.SOPInstanceUID
     output = io.BytesIO()
     dataset.save_as(output, enforce_file_format=True)
