@@ -283,9 +283,18 @@ def _fold(text: str) -> str:
     return "".join(c for c in decomposed if not unicodedata.combining(c))
 
 
+_tokenizers = threading.local()
+
+
 def _fts_tokens(text: str) -> list[str]:
-    """The tokens FTS5's unicode61 tokenizer makes of text (letters and digits; '_' separates)."""
-    return re.findall(r"[^\W_]+", _fold(text))
+    """The tokens FTS5's unicode61 tokenizer makes of text: its own tokenizer splits query
+    words, so they are exactly the words the index holds (ß and ё stay as they are there)."""
+    tokenizer = getattr(_tokenizers, "unicode61", None)
+    if tokenizer is None:  # an apsw connection serves one thread at a time: one per thread
+        connection = apsw.Connection(":memory:")
+        tokenizer = _tokenizers.unicode61 = connection.fts5_tokenizer("unicode61", ["remove_diacritics", "2"])
+        _tokenizers.connection = connection
+    return [token for *_, token in tokenizer(text.encode("utf-8", "surrogatepass"), apsw.FTS5_TOKENIZE_QUERY, None)]
 
 
 def _fts_phrase(tokens: list[str], prefix: bool = False) -> str:
@@ -2213,8 +2222,11 @@ def compile_search(query: SearchQuery) -> tuple[str, list, str | None]:
         path = keyword.split("_")
         # FTS5 narrows the candidates to instances holding the keyword and the value's words
         # (a superset); the exact rule is then checked on the metadata.
-        words = [] if value[0] == "range" else _fts_tokens(value[1].split("*")[0].split("?")[0])
-        prefilter = " AND ".join(_fts_phrase([w]) for w in _fts_tokens(path[-1]) + words)
+        head = "" if value[0] == "range" else re.split(r"[*?]", value[1])[0]
+        words, wildcard = _fts_tokens(head), value[0] != "range" and head != value[1]
+        # Before a wildcard the last word is only a prefix: al* must find alpha.
+        prefilter = " AND ".join([_fts_phrase([w]) for w in _fts_tokens(path[-1])]
+                                 + [_fts_phrase([w], prefix=wildcard and n == len(words) - 1) for n, w in enumerate(words)])
         top_level = f'$."{path[0]}"' if len(path) == 1 else "$.__none__"
         args.extend([prefilter, top_level, spec, json.dumps(path)])
         return ("(i.id IN (SELECT rowid FROM metadata WHERE metadata MATCH ?)"
