@@ -4033,16 +4033,32 @@ def _session_routes(api: Api):
     daemon, users = api.daemon, api.users
     http_log = logging.getLogger("dicoogled.http")
 
+    storage_used = {"instances": -1, "counted": 0.0, "took": 0.0, "bytes": {}}
+
+    def storage_bytes(instances: int) -> dict:
+        """Bytes of the indexed instances by origin (store, watch, index), from the sizes in the
+        index. The sum scans the instances table, so it is redone only when their number has
+        changed, and no more often than 20 times what the last sum took."""
+        now = time.monotonic()
+        if instances != storage_used["instances"] and now - storage_used["counted"] >= 20 * storage_used["took"]:
+            rows = daemon.index.query("SELECT origin, sum(size) FROM instances GROUP BY origin")
+            storage_used.update(instances=instances, counted=now, took=time.monotonic() - now,
+                                bytes={origin: total for origin, total in rows})
+        return storage_used["bytes"]
+
     @api.route("/health", access=PUBLIC)
     def health():
         """Status: 200 once the DICOM and HTTP listeners are up."""
+        counts = daemon.index.counts()
+        by_origin = storage_bytes(counts["instances"])
         return {
             "status": "ok",
             "version": __version__,
             "aet": daemon.config.aet,
             "dicom_port": daemon.dicom.port,
             "http_port": daemon.http_port,
-            "counts": daemon.index.counts(),
+            "counts": counts,
+            "storage": {"bytes": sum(by_origin.values()), "by_origin": by_origin},
             "ingest": dataclasses.asdict(daemon.ingest.stats),
             "watch": {
                 "folders": [str(f) for f in daemon.watcher.folders] if daemon.watcher else [],
@@ -4975,6 +4991,8 @@ QUERY_RETRIEVE_SETTINGS = {
     "maxAssociations": "max_associations", "maxPduReceive": "max_pdu", "maxPduSend": "max_pdu_send",
     "responseTimeout": "dimse_timeout",
 }
+#: Seconds a C-ECHO test of a move destination (POST /management/dicom/echo) may take per step.
+ECHO_TIMEOUT = 5.0
 
 
 def _management_routes(api: Api):
@@ -5259,6 +5277,36 @@ def _management_routes(api: Api):
         change(modalities={**config.modalities, aet: (host, port)}, modality_details=details)
         save("modalities")
         return {"added": True}
+
+    @api.route("/management/dicom/echo", "POST", access=ADMIN)
+    def echo_destination():
+        """C-ECHO a C-MOVE destination, to test it: {success, error?}.
+
+        aetitle: the destination's AE title, as listed under [modalities]
+        """
+        aet = bottle.request.params.get("aetitle", "").strip()
+        if aet not in config.modalities:
+            _fail(400, f"unknown move destination {aet[:40]!r}: add it first")
+        host, port = config.modalities[aet]
+        # A fresh AE with short timeouts: a dead destination must not hold the request for long.
+        ae = AE(ae_title=config.aet)
+        ae.add_requested_context(Verification)
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = ECHO_TIMEOUT
+        association = ae.associate(host, port, ae_title=aet)
+        if not association.is_established:
+            reason = ("rejected the association (is its AE title right?)" if association.is_rejected
+                      else f"did not answer at {host}:{port}")
+            logging.getLogger("dicoogled.dicom").info("C-ECHO to %s failed: %s", aet, reason)
+            return {"success": False, "error": f"{aet} {reason}"}
+        try:
+            status = association.send_c_echo()
+        finally:
+            association.release()
+        if not status or "Status" not in status:
+            return {"success": False, "error": f"{aet} sent no C-ECHO response"}
+        if status.Status != SUCCESS:
+            return {"success": False, "error": f"{aet} answered C-ECHO with status 0x{status.Status:04X}"}
+        return {"success": True}
 
     # ---- the DICOM listener: storage and query/retrieve share it ----
 
