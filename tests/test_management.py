@@ -499,6 +499,16 @@ def test_move_destination_validation(archive, admin, params, words):
     assert admin.get("/management/settings/storage/dicom").json() == []
 
 
+def test_echo_a_move_destination(archive, admin, storescp):
+    """POST /management/dicom/echo: a C-ECHO to a [modalities] AE, answered quickly either way."""
+    assert_bad_request(admin.post("/management/dicom/echo", aetitle="STORESCP"), "unknown move destination")
+    admin.post("/management/settings/storage/dicom", type="add", aetitle="STORESCP", ip="127.0.0.1", port=str(storescp.port))
+    assert admin.post("/management/dicom/echo", aetitle="STORESCP").json() == {"success": True}
+    admin.post("/management/settings/storage/dicom", type="add", aetitle="NOBODY", ip="127.0.0.1", port=str(free_port()))
+    answer = admin.post("/management/dicom/echo", aetitle="NOBODY").json()
+    assert answer["success"] is False and "did not answer" in answer["error"], answer
+
+
 # ---- the DICOM listener: start, stop, move ------------------------------------------------------
 
 
@@ -615,7 +625,7 @@ def test_management_routes_need_an_administrator(archive, admin):
     assert admin.post("/user", username=USER, password=USER_PASSWORD, admin="false").json() == {"success": True}
     user, anonymous = Client(archive).login(USER, USER_PASSWORD), Client(archive)
     routes = management_routes(admin)
-    assert len(routes) == 29
+    assert len(routes) == 30
     for method, path in routes:
         for client, status in ((anonymous, 401), (user, 403)):
             response = client.request(method, path, aetitle="HACKED", running="false", type="add", ip="1.2.3.4",

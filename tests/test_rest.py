@@ -840,8 +840,8 @@ def test_remove_deletes_files_and_unindexes(small_archive, tmp_path):
 # ---- access control ---------------------------------------------------------------------------
 
 #: What the reference (PR dicoogle/dicoogle#740) and dicoogled's design say each route needs.
-PUBLIC_ROUTES = {"/health", "/login", "/logout", "/openapi.json", "/welcome"}
-PUBLIC_PREFIXES = ("/ext/", "/viewer")  # the viewer's static files hold no patient data
+PUBLIC_ROUTES = {"/health", "/login", "/logout", "/openapi.json", "/welcome", "/"}
+PUBLIC_PREFIXES = ("/ext/", "/viewer", "/static/")  # the viewer's and web app's files hold no patient data
 ADMIN_PREFIXES = ("/user", "/management/", "/plugins", "/index/task", "/logger")
 USER_ROUTES = {"/user/<username>/password", "/presets/<username>", "/presets/<username>/<name>"}
 
