@@ -2004,6 +2004,12 @@ class SearchQuery:
             self.index += 1
             group = self._unary()
             return ("not", group) if value == "-" else group
+        following = self.tokens[self.index + 1] if self.index + 1 < len(self.tokens) else None
+        if kind == "word" and value in ("+", "-") and following and following[0] in ("open", "phrase") and following[2] == position + 1:
+            # -(a OR b) and -"a phrase": the prefix stands alone before a group or a phrase.
+            self.index += 1
+            group = self._unary()
+            return ("not", group) if value == "-" else group
         if kind == "word" and value[0] in "+-" and len(value) > 1:
             # Lucene's required (+) and prohibited (-) prefixes.
             self.tokens[self.index] = ("word", value[1:], position + 1, None)

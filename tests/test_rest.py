@@ -262,6 +262,9 @@ SEARCH_CASES = [
     ("+doe -jane", {"J1", "J2", "J3", "J4"}),
     ("doe -PatientName:jane", {"J1", "J2", "J3", "J4"}),
     ("Modality:CT -StudyDate:[20150101 TO 20151231]", {"I1", "D1", "O1"}),
+    ("doe -(Modality:CT)", {"J4"}),
+    ("doe +(Modality:MR OR Modality:PT)", {"J4"}),
+    ('doe -"DOE^JANE"', {"J1", "J2", "J3", "J4"}),
     # parentheses and precedence (AND binds tighter than OR)
     ("(PatientName:doe OR PatientName:garcia) AND Modality:MR", {"J4", "G1"}),
     ("PatientName:doe OR PatientName:garcia AND Modality:MR", {"J1", "J2", "J3", "J4", "D1", "G1"}),
@@ -317,6 +320,9 @@ SEARCH_CASES = [
     ("00091010:marker", {"J1"}),
     ("00091010:\"special marker\"", {"J1"}),
     ("00091010:studygen", ALL - {"J1"}),
+    ("00091010:mark*", {"J1"}),
+    ("00091010:spec?al", {"J1"}),
+    ("CodeValue:KNE?1", {"J4"}),
     # things that match nothing
     ("nosuchword", set()),
     ("Modality:XA", set()),
