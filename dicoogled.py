@@ -215,7 +215,8 @@ quiet_period = 2
 
 [index]
 # Dicoogle's indexer options, as its web app shows them. dicoogled always indexes every element
-# and renders no thumbnails when indexing: these are kept for Dicoogle's clients.
+# and renders no thumbnails when indexing: these are kept for Dicoogle's clients. thumbnail_size
+# is the longest edge, in pixels, of /dic2png?thumbnail=true (made on first request, then cached).
 thumbnails = false
 thumbnail_size = 64
 effort = 100
