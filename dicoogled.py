@@ -645,7 +645,7 @@ def _read_settings_overlay(parser: configparser.ConfigParser, path: pathlib.Path
 def save_settings(data_dir: pathlib.Path, values: dict[str, dict[str, str]]):
     """Write {section: {key: text}} into data_dir/settings.ini, keeping the rest of what it holds.
 
-    The file is replaced atomically; callers changing it from several threads hold one lock."""
+    The file is replaced atomically; a running daemon's callers hold daemon.settings_lock."""
     path = pathlib.Path(data_dir) / SETTINGS_FILE
     parser = configparser.ConfigParser(interpolation=None)
     parser.optionxform = str
@@ -5008,7 +5008,6 @@ def _management_routes(api: Api):
     A change is checked by Config.validate (400 with the reason if it cannot work), applied at
     once and saved in data_dir/settings.ini, so it survives a restart."""
     daemon, config = api.daemon, api.daemon.config
-    settings_lock = threading.Lock()
 
     def check(**values):
         """Answer 400, with the reason, unless Config.validate accepts these settings."""
@@ -5025,7 +5024,7 @@ def _management_routes(api: Api):
 
     def save(*names):
         if names:
-            with settings_lock:
+            with daemon.settings_lock:
                 config.save_settings(*names)
 
     def bool_param(name: str) -> bool | None:
@@ -5453,6 +5452,8 @@ class Daemon:
         self.log_tail = LogTail()
         logging.getLogger().addHandler(self.log_tail)
         self._watch_lock = threading.Lock()
+        #: Held by whoever rewrites data_dir/settings.ini (save_settings), so no change is lost.
+        self.settings_lock = threading.Lock()
         data_dir = config.data_dir
         data_dir.mkdir(parents=True, exist_ok=True)
         self.storage = Storage(data_dir, fsync=config.fsync, scheme=config.storage_scheme)
