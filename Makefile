@@ -26,7 +26,11 @@ system-deps:
 	command -v npm >/dev/null || missing="$$missing nodejs npm"; \
 	if [ -n "$$missing" ]; then $(SUDO) apt-get update -qq && $(APT_INSTALL) $$missing; fi
 
-test: $(VENV)/.installed system-deps
+# dicoogle-client, Dicoogle's official JavaScript client, for tests/test_dicoogle_client.py.
+tests/js/node_modules/.package-lock.json: tests/js/package.json tests/js/package-lock.json | system-deps
+	npm ci --prefix tests/js --no-audit --no-fund
+
+test: $(VENV)/.installed system-deps tests/js/node_modules/.package-lock.json
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: $(VENV)/.installed system-deps

@@ -4130,6 +4130,17 @@ def _session_routes(api: Api):
         """Delete a user (never the last administrator)."""
         return {"success": users.delete(username)}
 
+    @api.route("/user", "DELETE", access=ADMIN)
+    def delete_user_by_parameter():
+        """Delete a user named by a parameter, as dicoogle-client 5 asks (never the last administrator).
+
+        username: the user to delete
+        """
+        username = bottle.request.params.get("username", "")
+        if not username:
+            _fail(400, "username is required")
+        return {"success": users.delete(username)}
+
     @api.route("/user/<username>/password", "POST", access=USER)
     def change_password(username):
         """Change a password: one's own, or anyone's for an administrator."""
