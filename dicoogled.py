@@ -63,7 +63,9 @@ from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_dataset
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
-from pynetdicom import AE, StoragePresentationContexts, _config as pynetdicom_config, build_context, evt
+from pynetdicom import AE, StoragePresentationContexts, build_context, evt, register_uid
+from pynetdicom.service_class import ServiceClass, StorageServiceClass
+from pynetdicom.sop_class import uid_to_service_class
 from pynetdicom.pdu_primitives import MaximumLengthNotification
 from watchdog.events import (
     DirDeletedEvent, DirMovedEvent, FileClosedEvent, FileCreatedEvent, FileDeletedEvent,
@@ -98,7 +100,6 @@ CANNOT_UNDERSTAND = 0xC000  # C-STORE: data set cannot be parsed or lacks its UI
 UNABLE_TO_PROCESS = 0xC001  # C-FIND/MOVE/GET: the identifier cannot be processed
 STORE_REFUSED_INVALID_UID = 0xC002
 SUBOPERATIONS_FAILED = 0xB000
-SOP_CLASS_NOT_SUPPORTED = 0x0122  # C-STORE: this SOP class is refused in this transfer syntax
 
 #: Transfer syntaxes accepted for storage; objects are stored exactly as received.
 ACCEPTED_TRANSFER_SYNTAXES = (
@@ -1348,6 +1349,8 @@ class Ingest:
         self.index, self.storage, self.duplicates = index, storage, duplicates
         self.stats = IngestStats()
         self.listeners = []  #: callables(record, calling_aet), told of every indexed instance
+        #: SOPInstanceUID -> paths of further copies skipped as duplicates, to index if the first goes.
+        self.shadowed: dict[str, set[str]] = {}
         #: callable(calling_aet, dataset) -> None to accept, or a DICOM status to refuse with
         self.store_filter = None
         #: callable(record) that may add searchable fields before a record is written
@@ -1449,9 +1452,11 @@ class Ingest:
                 existing = self.index.instance_by_uid(sop_uid)
                 if existing and existing[1] != str(path) and os.path.exists(existing[1]):
                     self.stats.duplicates += 1
+                    self.shadowed.setdefault(sop_uid, set()).add(str(path))
                     self.log.warning("%s: SOPInstanceUID %s is already indexed from %s; skipped", path, sop_uid, existing[1])
                     return False
                 self._index(make_record(dataset, str(path), origin, stat.st_size, stat.st_mtime_ns))
+                self.shadowed.get(sop_uid, set()).discard(str(path))
             return True
         except IngestError as error:
             self.stats.skipped += 1
@@ -1999,12 +2004,6 @@ class SearchQuery:
         if kind == "word" and value in ("NOT", "!"):
             self.index += 1
             return ("not", self._unary())
-        following = self.tokens[self.index + 1] if self.index + 1 < len(self.tokens) else None
-        if kind == "word" and value in ("+", "-") and following and following[0] in ("open", "phrase") and following[2] == position + 1:
-            # -(a OR b) and -"a phrase": the prefix stands alone before a group or a phrase.
-            self.index += 1
-            group = self._unary()
-            return ("not", group) if value == "-" else group
         following = self.tokens[self.index + 1] if self.index + 1 < len(self.tokens) else None
         if kind == "word" and value in ("+", "-") and following and following[0] in ("open", "phrase") and following[2] == position + 1:
             # -(a OR b) and -"a phrase": the prefix stands alone before a group or a phrase.
@@ -2864,13 +2863,13 @@ class DicomServices:
         self._in_flight = 0
         self._in_flight_done = threading.Condition()
         self._listener_lock = threading.Lock()  # held while the listener opens, moves or closes
-        # Accept every storage SOP class, private and unknown ones included, as proposed.
-        pynetdicom_config.UNRESTRICTED_STORAGE_SERVICE = True
         self.ae = AE(ae_title=config.aet)
         self.apply_limits()
         self.ae.require_called_aet = config.strict_called_aet
         self.ae.require_calling_aet = config.allowed_calling_aets
         self.ae.add_supported_context(Verification, UNCOMPRESSED_TRANSFER_SYNTAXES)
+        #: The non-storage services offered; storage contexts are added per association (_on_requested).
+        self._service_classes = {str(Verification), *map(str, QUERY_RETRIEVE_SOP_CLASSES)}
         for sop_class in QUERY_RETRIEVE_SOP_CLASSES:
             self.ae.add_supported_context(sop_class, UNCOMPRESSED_TRANSFER_SYNTAXES)
 
@@ -2980,20 +2979,34 @@ class DicomServices:
                 "%s called us as %r, but our AE title is %r: accepted anyway (set strict_called_aet to refuse)",
                 calling, called, self.config.aet,
             )
-        self._narrow_transfer_syntaxes(request.presentation_context_definition_list)
+        acceptor = event.assoc.acceptor
+        acceptor.supported_contexts = acceptor.supported_contexts + self._storage_contexts(
+            request.presentation_context_definition_list)
 
-    def _narrow_transfer_syntaxes(self, proposed):
-        """Leave in each proposed context only the transfer syntaxes [transfer_syntaxes] allows.
+    def _storage_contexts(self, proposed) -> list:
+        """Contexts to accept for the storage SOP classes a requestor proposes.
 
-        pynetdicom's unrestricted storage accepts a storage context with the first transfer syntax
-        proposed, whatever it is, and cannot refuse one: so a context proposing an allowed syntax
-        gets it, and one proposing none is accepted as proposed, its C-STOREs refused by _on_store."""
+        Every storage class is accepted, private and unknown ones included (registered with
+        pynetdicom as storage on first sight), in the transfer syntaxes the configuration allows:
+        a context proposing none of them is refused at negotiation (result 4). Roles are granted
+        as proposed, so a C-GET client that offers the SCP role gets it, and one that does not
+        is not sent C-STOREs it never agreed to."""
+        contexts, seen = [], set()
         for context in proposed:
-            allowed = self.config.transfer_syntaxes.get(context.abstract_syntax)
-            if allowed is not None:
-                kept = [syntax for syntax in context.transfer_syntax if syntax in allowed]
-                if kept:
-                    context.transfer_syntax = kept
+            uid = str(context.abstract_syntax)
+            if uid in seen or uid in self._service_classes:
+                continue
+            seen.add(uid)
+            service = uid_to_service_class(uid)
+            if service is ServiceClass:  # unknown to pynetdicom: a private or newer storage class
+                register_uid(uid, "Storage_" + uid.replace(".", "_"), StorageServiceClass)
+            elif service is not StorageServiceClass:
+                continue  # a service dicoogled does not offer: refused
+            allowed = self.config.transfer_syntaxes.get(uid) or ACCEPTED_TRANSFER_SYNTAXES
+            supported = build_context(uid, list(allowed))
+            supported.scu_role, supported.scp_role = True, True
+            contexts.append(supported)
+        return contexts
 
     def _limit_sent_pdus(self, event):
         """Send PDUs no longer than max_pdu_send. pynetdicom sends as long as the peer accepts,
@@ -3006,12 +3019,6 @@ class DicomServices:
 
     def _on_store(self, event):
         with self._tracked():
-            allowed = self.config.transfer_syntaxes.get(event.request.AffectedSOPClassUID)
-            if allowed is not None and event.context.transfer_syntax not in allowed:
-                self.log.warning("C-STORE from %s refused: %s is not accepted in %s (see [transfer_syntaxes])",
-                                 event.assoc.requestor.ae_title, event.request.AffectedSOPClassUID,
-                                 event.context.transfer_syntax)
-                return SOP_CLASS_NOT_SUPPORTED
             try:
                 request = event.request
                 header = part10_header(request.AffectedSOPClassUID, request.AffectedSOPInstanceUID,
@@ -3073,16 +3080,19 @@ class DicomServices:
 
     def _sub_operations(self, event, instances):
         """Yield (status, data set) for each instance to send; a file that cannot be read is a failure."""
-        for sop_uid, _, _, path in instances:
+        for sop_uid, sop_class, _, path in instances:
             if event.is_cancelled:
                 yield CANCELLED, None
                 return
             try:
-                yield PENDING, pydicom.dcmread(self.ingest.storage.open(path))
+                dataset = pydicom.dcmread(self.ingest.storage.open(path))
             except Exception as error:
                 self.log.error("cannot read %s for %s: %s", path, sop_uid, error)
-                # pynetdicom counts a non-data-set value as a failed sub-operation.
-                yield PENDING, sop_uid
+                # A stand-in without a transfer syntax: pynetdicom fails to send it, which counts
+                # one failed sub-operation and names the instance in the failed UID list.
+                dataset = Dataset()
+                dataset.SOPClassUID, dataset.SOPInstanceUID = sop_class, sop_uid
+            yield PENDING, dataset
 
     def _on_move(self, event):
         with self._tracked():
@@ -3196,6 +3206,7 @@ class FolderWatcher:
         self.log = logging.getLogger("dicoogled.watch")
         self.poll, self.poll_interval = poll, poll_interval
         self._observers = []
+        self._watching: dict[pathlib.Path, tuple] = {}  # folder -> (observer, (st_dev, st_ino) watched)
         self._pending: dict[str, tuple] = {}  # path -> (size, mtime_ns, last change time)
         self._pending_lock = threading.Lock()
         self._stop = threading.Event()
@@ -3230,7 +3241,28 @@ class FolderWatcher:
             observer.schedule(handler, str(folder), recursive=True, event_filter=events)
             observer.start()
         self._observers.append(observer)
+        stat = folder.stat()
+        self._watching[folder] = (observer, (stat.st_dev, stat.st_ino))
         self.log.info("watching %s (%s)", folder, "polling" if self.poll else "events")
+
+    def _rewatch_recreated_folders(self):
+        """A watched folder deleted (its files unindexed with it) and created again is a new
+        folder, which the observer of the old one does not see: watch it and reconcile it."""
+        for folder, (observer, identity) in list(self._watching.items()):
+            try:
+                stat = folder.stat()
+            except OSError:
+                continue
+            if (stat.st_dev, stat.st_ino) != identity and not self._stop.is_set():
+                self.log.warning("%s was deleted and created again: watching the new folder", folder)
+                observer.stop()
+                try:
+                    self._observe(folder)
+                except OSError as error:  # gone again: try on the next round
+                    self.log.warning("cannot watch %s: %s", folder, error)
+                    continue
+                self.reconciling += 1
+                start_thread(f"reconcile-{folder.name}", self._reconcile_then_done, folder)
 
     def stop(self):
         self._stop.set()
@@ -3262,9 +3294,13 @@ class FolderWatcher:
             for pending in [p for p in self._pending if p == path or p.startswith(path + os.sep)]:
                 del self._pending[pending]
         gone = [p for p in self.ingest.index.paths_under(path)] + [path]
+        sop_uids = [row[1] for row in map(self.ingest.index.instance_by_path, gone) if row] if self.ingest.shadowed else []
         removed = self.ingest.unindex_paths(gone)
         if removed:
             self.log.info("unindexed %d file(s) removed from %s", removed, path)
+        for sop_uid in sop_uids:  # a copy skipped as a duplicate of a removed file takes its place
+            for other in list(self.ingest.shadowed.pop(sop_uid, ())):
+                self._submit(other)
 
     def _submit(self, path: str):
         if not self._stop.is_set():
@@ -3295,6 +3331,7 @@ class FolderWatcher:
     def _debounce_loop(self):
         """Index files whose size and mtime have not changed for quiet_period seconds."""
         while not self._stop.wait(0.25):
+            self._rewatch_recreated_folders()
             now = time.monotonic()
             ready = []
             with self._pending_lock:

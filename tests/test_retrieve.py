@@ -379,11 +379,6 @@ def test_move_to_a_destination_that_is_down_fails_at_once(start_daemon, studies)
     assert [status for status, _, _ in replies] == [MOVE_DESTINATION_UNKNOWN]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a file missing from storage is yielded to pynetdicom as a bare UID, which it counts as a "
-    "failed sub-operation without decrementing the remaining count and with an empty UID in "
-    "FailedSOPInstanceUIDList; a proper fix needs a stand-in data set pynetdicom fails to send, "
-    "or a pynetdicom change"))
 def test_move_reports_a_missing_file_as_one_failed_sub_operation(archive, destination):
     daemon, instances = archive
     expected = select(instances, patient=0, study=0)

@@ -363,11 +363,6 @@ def test_transfer_syntax_stored_byte_exact_from_storescu(start_daemon, testdata,
     assert dataset_bytes == sent_bytes
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "storage contexts are negotiated by pynetdicom's UNRESTRICTED_STORAGE_SERVICE, which accepts "
-    "whatever transfer syntax is proposed first; ACCEPTED_TRANSFER_SYNTAXES is never applied, so an "
-    "object in an unknown syntax is stored with a meta header no reader can use. Restricting it "
-    "needs a negotiation of our own for storage contexts (private classes must stay accepted)"))
 def test_unknown_transfer_syntax_is_refused_at_negotiation(daemon):
     unknown_syntax = "1.2.826.0.1.3680043.9.7433.77"
     assoc = RawAssociation(daemon.dicom_port, transfer_syntax=unknown_syntax)
