@@ -4109,6 +4109,8 @@ def _session_routes(api: Api):
                 "pending": daemon.watcher.pending if daemon.watcher else 0,
                 "reconciling": bool(daemon.reconciling or (daemon.watcher and daemon.watcher.reconciling)),
             },
+            # Whether `dicoogled install-viewer` has installed OHIF at /viewer/ (the web app links to it).
+            "viewer": (daemon.config.data_dir / "viewer" / "index.html").is_file(),
         }
 
     @api.route("/login", "POST", access=PUBLIC)
