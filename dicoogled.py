@@ -5380,10 +5380,10 @@ def _management_routes(api: Api):
             except (OSError, UnicodeError):
                 _fail(400, f"cannot resolve hostname {hostname[:80]!r}")
         autostart, running = bool_param("autostart"), bool_param("running")
-        values = {name: value for name, value in (("dicom_port", port), ("dicom_host", hostname),
-                                                  ("dicom_autostart", autostart)) if value is not None}
-        outcome = {key: value for key, value in (("port", port), ("hostname", hostname), ("autostart", autostart))
-                   if value is not None}
+        given = {"port": port, "hostname": hostname, "autostart": autostart}
+        outcome = {name: value for name, value in given.items() if value is not None}  # echoed, as Dicoogle does
+        attributes = {"port": "dicom_port", "hostname": "dicom_host", "autostart": "dicom_autostart"}
+        values = {attributes[name]: value for name, value in outcome.items()}
         check(**values)  # before the listener moves
         try:
             if {"dicom_port", "dicom_host"} & set(values) and running is not False:
