@@ -4655,21 +4655,10 @@ def _viewer_routes(api: Api):
 
 def _persist_plugin_settings(daemon: "Daemon", plugin: Plugin):
     """Write a plugin's settings to data_dir/settings.ini as [plugin.NAME], so they survive a restart."""
-    path = daemon.config.data_dir / "settings.ini"
-    parser = configparser.ConfigParser(interpolation=None)
-    parser.optionxform = str
-    if path.exists():
-        parser.read(path, encoding="utf-8")
-    section = f"plugin.{plugin.name}"
-    if not parser.has_section(section):
-        parser.add_section(section)
-    for key, value in plugin.settings.items():
-        parser.set(section, key, str(value).lower() if isinstance(value, bool) else str(value))
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        parser.write(handle)
-    os.replace(tmp, path)
-    daemon.config.plugin_settings[plugin.name] = dict(parser.items(section))
+    values = {key: str(value).lower() if isinstance(value, bool) else str(value) for key, value in plugin.settings.items()}
+    with daemon.settings_lock:
+        save_settings(daemon.config.data_dir, {f"plugin.{plugin.name}": values})
+    daemon.config.plugin_settings[plugin.name] = values
 
 
 def _group_dim(results, with_birthdate: bool) -> list[dict]:
