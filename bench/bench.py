@@ -499,7 +499,8 @@ def main() -> int:
         if not shutil.which(tool):
             sys.exit(f"bench: {tool} not found (install DCMTK and Orthanc)")
     WORK.mkdir(parents=True, exist_ok=True)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(130))
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C, even if started with it ignored
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     started = datetime.datetime.now().astimezone()
     load = os.getloadavg()[0]
     if load > 0.5 * os.cpu_count():
