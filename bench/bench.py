@@ -435,14 +435,13 @@ def run(args) -> Results:
             count = server.wait_for_count(n, timeout=120 + n / 20)
             if count != n:
                 raise RuntimeError(f"{count} of {n} files indexed")
-            return round(n / (time.perf_counter() - start), 1)
+            return round(n / (time.perf_counter() - start), 1), "includes the watcher's quiet period"
         try:
             measure(results, server, label, "files/s", "higher", watch)
         finally:
             finish(server)
             shutil.rmtree(watched, ignore_errors=True)
         results.add(label, "files/s", "higher", "orthanc", None, "no comparable feature")
-        results.rows[-1]["notes"].insert(0, "dicoogled: includes the watcher's quiet period")
 
         label = f"offline `dicoogled.py index`, {n} x 64x64"
         print(f"{label} ...", flush=True)
@@ -485,7 +484,7 @@ def run(args) -> Results:
         finally:
             finish(server)
     for name, hwm in peak.items():
-        results.add("RSS peak (VmHWM) over all ingest runs", "MiB", "lower", name, round(hwm / 1024, 1))
+        results.add("RSS peak (VmHWM), highest of all runs", "MiB", "lower", name, round(hwm / 1024, 1))
     return results
 
 
