@@ -735,7 +735,8 @@ def test_index_task_stop(start_daemon, tmp_path):
     small = tmp_path / "small"
     studygen.generate(small, patients=1, studies=1, series=1, instances=3, size=8, seed=9)
     running = admin.post("/management/tasks/index", uri=big.as_uri()).json()["tasks"][0]["uid"]
-    queued = admin.post("/management/tasks/index", uri=small.as_uri()).json()["tasks"][0]["uid"]
+    # file:/path, with one slash, is how Dicoogle's web app writes a folder.
+    queued = admin.post("/management/tasks/index", uri="file:" + str(small)).json()["tasks"][0]["uid"]
     # Stop the queued one before it starts, and the running one half way.
     assert admin.post("/index/task", uid=queued, type="stop", action="delete").json() == {"stopped": True}
     wait_until(lambda: next(t for t in tasks(admin)["results"] if t["taskUid"] == running)["taskProgress"] > 0.05,
