@@ -3207,6 +3207,7 @@ class FolderWatcher:
         self.poll, self.poll_interval = poll, poll_interval
         self._observers = []
         self._watching: dict[pathlib.Path, tuple] = {}  # folder -> (observer, (st_dev, st_ino) watched)
+        self._deleted_folders: set[pathlib.Path] = set()  # watched folders reported deleted
         self._pending: dict[str, tuple] = {}  # path -> (size, mtime_ns, last change time)
         self._pending_lock = threading.Lock()
         self._stop = threading.Event()
@@ -3253,7 +3254,9 @@ class FolderWatcher:
                 stat = folder.stat()
             except OSError:
                 continue
-            if (stat.st_dev, stat.st_ino) != identity and not self._stop.is_set():
+            # The new folder may get the old one's inode number, hence the deletion event too.
+            if ((stat.st_dev, stat.st_ino) != identity or folder in self._deleted_folders) and not self._stop.is_set():
+                self._deleted_folders.discard(folder)
                 self.log.warning("%s was deleted and created again: watching the new folder", folder)
                 observer.stop()
                 try:
@@ -3290,6 +3293,8 @@ class FolderWatcher:
             self._pending[path] = (None, None, time.monotonic())
 
     def path_removed(self, path: str):
+        if pathlib.Path(path) in self._watching:
+            self._deleted_folders.add(pathlib.Path(path))
         with self._pending_lock:
             for pending in [p for p in self._pending if p == path or p.startswith(path + os.sep)]:
                 del self._pending[pending]

@@ -272,7 +272,7 @@ def test_file_moved_out_is_unindexed(watched, tmp_path):
     assert daemon.counts() == {"patients": 1, "studies": 1, "series": 1, "instances": 1}
 
 
-@pytest.mark.parametrize("how", ["overwrite", "rename over"])
+@pytest.mark.parametrize("how", ["overwrite", "rename over", "rename over from inside"])
 def test_file_replaced_with_another_instance(watched, tmp_path, how):
     daemon, folder = watched
     target = folder / "image.dcm"
@@ -281,14 +281,52 @@ def test_file_replaced_with_another_instance(watched, tmp_path, how):
     if how == "overwrite":
         new = write_instance(target, 1, 0, 0, 0)
     else:  # the way editors and rsync replace a file: write aside, then rename over it
-        new = write_instance(tmp_path / "image.dcm.tmp", 1, 0, 0, 0)
-        os.replace(tmp_path / "image.dcm.tmp", target)
+        aside = (folder if how.endswith("inside") else tmp_path) / ".image.dcm.tmp"
+        new = write_instance(aside, 1, 0, 0, 0)
+        os.replace(aside, target)
     assert new != old
     wait_for_uids(daemon, [new])
     assert found_uids(daemon, SOPInstanceUID=old) == []
     assert index_rows(daemon)[new][0] == str(target)
     # The old patient, study and series went with their only instance.
     assert daemon.counts() == {"patients": 1, "studies": 1, "series": 1, "instances": 1}
+
+
+def test_file_renamed(watched):
+    daemon, folder = watched
+    uid = write_instance(folder / "before.dcm", 0, 0, 0, 0)
+    wait_for_uids(daemon, [uid])
+    os.rename(folder / "before.dcm", folder / "after.dcm")
+    wait_until(lambda: index_rows(daemon).get(uid, ("",))[0] == str(folder / "after.dcm"),
+               message="the index to follow the renamed file")
+    assert found_uids(daemon) == [uid]
+
+
+def test_second_copy_takes_over_when_the_first_goes(watched, studies, tmp_path):
+    """The same instances copied twice: one copy is indexed; delete it and the other one is."""
+    daemon, folder = watched
+    sources = studies(out="source", patients=1, studies=1, series=1, instances=2)
+    uids = [uid_of(p) for p in sources]
+    shutil.copytree(tmp_path / "source", folder / "first")
+    wait_for_uids(daemon, uids)
+    shutil.copytree(tmp_path / "source", folder / "backup")
+    wait_until(lambda: daemon.health()["ingest"]["duplicates"] >= 2, message="the backup copy to be seen")
+    shutil.rmtree(folder / "first")
+    wait_until(lambda: sorted(row[0] for row in index_rows(daemon).values())
+               == sorted(str(folder / "backup" / p.relative_to(tmp_path / "source")) for p in sources),
+               message="the backup copy to be indexed")
+    assert found_uids(daemon) == sorted(uids)
+
+
+def test_watched_folder_deleted_and_recreated(watched):
+    daemon, folder = watched
+    first = write_instance(folder / "a.dcm", 0, 0, 0, 0)
+    wait_for_uids(daemon, [first])
+    shutil.rmtree(folder)
+    wait_for_uids(daemon, [])
+    folder.mkdir()
+    second = write_instance(folder / "b.dcm", 1, 0, 0, 0)
+    wait_for_uids(daemon, [second])
 
 
 def test_file_changed_in_place_is_reindexed(watched):
