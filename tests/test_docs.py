@@ -293,8 +293,12 @@ def test_syntax_error_example_is_the_daemons(archive):
 # ---- the curl examples --------------------------------------------------------------------------
 
 
-#: Make every curl of an example fail (and the script stop) on an HTTP error.
-SHELL_PRELUDE = "set -euo pipefail\ncurl() { command curl --fail-with-body \"$@\"; }\n"
+def shell_prelude() -> str:
+    """Make every curl of an example fail, and the script stop, on an HTTP error (showing the
+    error's body where curl can: --fail-with-body came in curl 7.76)."""
+    version = subprocess.run(["curl", "--version"], capture_output=True, text=True).stdout.split()[1]
+    fail = "--fail-with-body" if tuple(int(n) for n in re.findall(r"\d+", version)[:2]) >= (7, 76) else "--fail"
+    return f'set -euo pipefail\ncurl() {{ command curl {fail} "$@"; }}\n'
 
 
 @pytest.mark.skipif(not shutil.which("curl") or not shutil.which("bash"), reason="needs curl and bash")
@@ -311,7 +315,7 @@ def test_shell_examples_run(archive, title):
     work.mkdir()
     (work / "data").symlink_to(archive.root / "data")
     shutil.copy(archive.root / "image.dcm", work / "image.dcm")
-    result = subprocess.run(["bash", "-c", SHELL_PRELUDE + script], cwd=work, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(["bash", "-c", shell_prelude() + script], cwd=work, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, f"the {title} examples failed:\n{result.stderr[-3000:]}\n{result.stdout[-3000:]}"
     outputs = {path.name: path.read_bytes() for path in work.iterdir() if path.is_file()}
     if title == "REST API":
