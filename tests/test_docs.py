@@ -229,6 +229,17 @@ def test_ini_examples_load_as_written(document, tmp_path):
 # ---- the two commands ---------------------------------------------------------------------------
 
 
+def test_every_command_and_flag_is_in_the_readme():
+    """The README's Command line section names every subcommand and option of `dicoogled`."""
+    text = section(README.read_text(encoding="utf-8"), "Command line")
+    commands = next(a for a in dicoogled._argument_parser()._actions if a.dest == "command").choices
+    missing = [f"dicoogled {name}" for name in commands if f"dicoogled {name}" not in text and f"[{name}]" not in text]
+    for name, parser in commands.items():
+        missing += [f"dicoogled {name} {option}" for action in parser._actions for option in action.option_strings
+                    if option.startswith("--") and option != "--help" and not re.search(rf"{option}\b", text)]
+    assert not missing, "not in the README's Command line section:\n" + "\n".join(missing)
+
+
 def test_readme_two_commands_exist_and_ci_runs_the_tests():
     commands = code_blocks(section(README.read_text(encoding="utf-8"), "Two commands"), "sh")
     lines = [line.split("#")[0].strip() for block in commands for line in block.splitlines()]
