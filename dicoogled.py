@@ -5184,10 +5184,9 @@ def _management_routes(api: Api):
     def set_transfer_option():
         """Accept, or not, a storage SOP class in one transfer syntax.
 
-        With every option on (the default) a SOP class is accepted in any transfer syntax, as sent.
-        Otherwise association negotiation gives a proposed context only the allowed syntaxes, so
-        pynetdicom picks one of them; a context proposing none of them is still accepted (pynetdicom's
-        unrestricted storage cannot refuse it) and its C-STOREs answer 0x0122 (SOP class not supported).
+        With every option on (the default) a SOP class is accepted in every transfer syntax dicoogled
+        knows, as sent. Otherwise association negotiation accepts a proposed context in one of the
+        allowed syntaxes, and refuses a context proposing none of them (result 4).
 
         uid: the SOP Class UID
         option: a transfer syntax, by Dicoogle's name (ExplicitVRLittleEndian, JPEGLossless, ...) or UID
