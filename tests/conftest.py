@@ -19,7 +19,7 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
-from pynetdicom import AE, debug_logger  # noqa: F401  (debug_logger: handy when a test fails)
+from pynetdicom import AE, debug_logger, evt  # noqa: F401  (debug_logger: handy when a test fails)
 from pynetdicom.sop_class import (
     PatientRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelFind,
@@ -143,7 +143,7 @@ class RunningDaemon:
             identifier = make_identifier(**identifier)
         ae = AE(ae_title="TESTSCU")
         ae.add_requested_context(FIND_MODELS[model])
-        assoc = ae.associate("127.0.0.1", self.dicom_port, ae_title=aet)
+        assoc = ae.associate("127.0.0.1", self.dicom_port, ae_title=aet, evt_handlers=NODELAY)
         assert assoc.is_established, "association rejected"
         results, final = [], None
         try:
@@ -164,7 +164,7 @@ class RunningDaemon:
         ae = AE(ae_title="TESTSCU")
         for ds in items:
             ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
-        assoc = ae.associate("127.0.0.1", self.dicom_port, ae_title=aet)
+        assoc = ae.associate("127.0.0.1", self.dicom_port, ae_title=aet, evt_handlers=NODELAY)
         assert assoc.is_established, "association rejected"
         try:
             return [assoc.send_c_store(ds).Status for ds in items]
@@ -178,6 +178,14 @@ class RunningDaemon:
         if check and result.returncode != 0:
             raise AssertionError(f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
         return result
+
+
+def _set_nodelay(event):
+    # Without TCP_NODELAY every small DIMSE message of the client waits for a delayed ACK.
+    event.assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+NODELAY = [(evt.EVT_CONN_OPEN, _set_nodelay)]
 
 
 def make_identifier(level="STUDY", **keys) -> Dataset:
