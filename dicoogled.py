@@ -2267,6 +2267,271 @@ def register_search_functions(connection: apsw.Connection):
 
 
 # ============================================================================================
+# Rendering: DICOM frames to PNG
+# ============================================================================================
+
+# numpy and pydicom.pixels are imported inside these functions: the DICOM side never needs them.
+# Compressed transfer syntaxes decode through pydicom's plugins (pylibjpeg with libjpeg, openjpeg
+# and rle; pyjpegls); RLE and deflate also decode natively.
+
+#: Photometric interpretations shown in grey, and in colour. pydicom hands YBR_FULL and
+#: YBR_FULL_422 (and JPEG 2000's YBR_ICT and YBR_RCT) back as RGB; a palette goes through its LUT.
+GREY_PHOTOMETRICS = ("MONOCHROME1", "MONOCHROME2")
+COLOUR_PHOTOMETRICS = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT", "PALETTE COLOR")
+PIXEL_DATA_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+#: Values larger than this stay on disk while a header is read: the pixel data, mostly.
+RENDER_DEFER_SIZE = "256 KB"
+#: The transfer syntax of a file without meta information, from the encoding pydicom found.
+_SYNTAX_OF_ENCODING = {
+    (True, True): pydicom.uid.ImplicitVRLittleEndian,
+    (False, True): pydicom.uid.ExplicitVRLittleEndian,
+    (False, False): pydicom.uid.ExplicitVRBigEndian,
+}
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+class UnrenderableError(Exception):
+    """An instance with no image to show: no pixel data, a transfer syntax or photometric
+    interpretation we cannot handle, a codec that is not installed, or pixels that fail to decode."""
+
+
+class FrameOutOfRange(ValueError):
+    """A frame number the instance does not have."""
+
+
+def read_image_header(source) -> Dataset:
+    """An instance (a path or a binary file) read for rendering; on disk, its pixel data stays unread."""
+    on_disk = isinstance(source, (str, os.PathLike))
+    try:
+        header = pydicom.dcmread(source, defer_size=RENDER_DEFER_SIZE if on_disk else None, force=True)
+        if on_disk and header.file_meta.get("TransferSyntaxUID") == pydicom.uid.DeflatedExplicitVRLittleEndian:
+            # A deferred value is read again from the file later, which cannot work inside a
+            # deflated stream: read it whole.
+            header = pydicom.dcmread(source, force=True)
+    except Exception as error:
+        raise UnrenderableError(f"unreadable DICOM: {error}") from None
+    return header
+
+
+def frame_count(header: Dataset) -> int:
+    """How many frames an instance has: 0 without pixel data."""
+    if not any(keyword in header for keyword in PIXEL_DATA_KEYWORDS):
+        return 0
+    try:
+        return max(int(header.get("NumberOfFrames") or 1), 1)
+    except (TypeError, ValueError):
+        return 1
+
+
+def frame_rate(header: Dataset) -> float:
+    """Frames per second to play an instance at: its recommended or cine rate, else 1000 / FrameTime; 0 if none."""
+    try:
+        for keyword in ("RecommendedDisplayFrameRateInFloat", "RecommendedDisplayFrameRate", "CineRate"):
+            if header.get(keyword):
+                return float(header.get(keyword))
+        if header.get("FrameTime"):
+            return round(1000 / float(header.FrameTime), 3)
+    except (TypeError, ValueError, ZeroDivisionError):
+        pass
+    return 0.0
+
+
+def render_image(source, frame: int = 0, window: tuple[float, float] | None = None):
+    """One frame of an instance (a path or a binary file) as a viewer first shows it: a numpy array of
+    8-bit grey (rows, columns) or RGB (rows, columns, 3) pixels.
+
+    Grey frames go through the modality LUT (RescaleSlope/Intercept), then `window` (center, width)
+    if given, else the file's first VOI LUT or window, else the frame's full range; MONOCHROME1 is
+    inverted. Raises UnrenderableError, or FrameOutOfRange.
+    """
+    from pydicom.pixels import get_decoder, pixel_array
+
+    header = read_image_header(source)
+    frames = frame_count(header)
+    if not frames:
+        raise UnrenderableError("it has no pixel data")
+    photometric = str(header.get("PhotometricInterpretation", "")).strip()
+    if photometric not in GREY_PHOTOMETRICS + COLOUR_PHOTOMETRICS:
+        raise UnrenderableError(f"photometric interpretation {photometric or '(none)'} is not supported")
+    syntax = header.file_meta.get("TransferSyntaxUID")
+    in_file_format = syntax is not None
+    if not in_file_format:  # an old file indexed in place, without meta information
+        syntax = header.file_meta.TransferSyntaxUID = _SYNTAX_OF_ENCODING.get(header.original_encoding)
+        if syntax is None:
+            raise UnrenderableError("its transfer syntax is unknown")
+    try:
+        decoder = get_decoder(syntax)
+    except NotImplementedError:
+        raise UnrenderableError(f"there is no decoder for {syntax.name}") from None
+    if not decoder.is_available:
+        raise UnrenderableError(f"no codec for {syntax.name} is installed (one of: "
+                                f"{'; '.join(decoder.missing_dependencies)})")
+    if frame >= frames:
+        raise FrameOutOfRange(f"frame {frame} does not exist: the instance has {frames} frame(s), counted from 0")
+    # Given the path of a Part 10 file, pixel_array reads and decodes only the frame asked for, so a
+    # large multi-frame file costs one frame of memory; otherwise it decodes from the data set.
+    from_file = isinstance(source, (str, os.PathLike)) and in_file_format and not syntax.is_deflated
+    try:
+        pixels = pixel_array(source if from_file else header, index=frame)
+        if photometric in GREY_PHOTOMETRICS:
+            return _grey_to_8bit(pixels, header, window)
+        return _colour_to_8bit(pixels, header)
+    except Exception as error:  # a damaged or unusual file: the client is told why, not a 500
+        raise UnrenderableError(f"frame {frame} cannot be decoded: {error}") from error
+
+
+def _grey_to_8bit(pixels, header: Dataset, window: tuple[float, float] | None):
+    import numpy as np
+    from pydicom.pixels import apply_modality_lut, apply_voi, apply_windowing
+
+    values = apply_modality_lut(pixels, header).astype(np.float64)
+    black = white = None  # the values shown as 0 and as 255
+    voi_lut = header.get("VOILUTSequence")
+    if window is not None:
+        center, width = window
+        black, white = center - width / 2, center + width / 2
+    elif voi_lut and "LUTData" in voi_lut[0] and "LUTDescriptor" in voi_lut[0]:
+        # A VOI LUT maps values to its own entries; its lowest and highest entries are black and white.
+        entries, first_mapped = voi_lut[0].LUTDescriptor[0] or 65536, voi_lut[0].LUTDescriptor[1]
+        lut = apply_voi(np.arange(first_mapped, first_mapped + entries), header)
+        black, white = lut.min(), lut.max()
+        values = apply_voi(np.rint(values).astype(np.int64), header)
+    elif "WindowCenter" in header and "WindowWidth" in header:
+        # apply_windowing maps onto a range that depends on BitsStored and the rescale: its two
+        # ends are where the most extreme values land. Index 0: the first of several windows.
+        try:
+            black, white = apply_windowing(np.array([-np.inf, np.inf]), header)
+            values = apply_windowing(values, header)
+        except ValueError:  # a width below 1, an unknown VOI function: show the full range instead
+            black = white = None
+    if black is None:
+        black, white = values.min(), values.max()
+    if white <= black:  # one flat value
+        image = np.zeros(values.shape, np.uint8)
+    else:
+        image = np.clip(np.rint((values - black) * (255 / (white - black))), 0, 255).astype(np.uint8)
+    return 255 - image if header.PhotometricInterpretation == "MONOCHROME1" else image
+
+
+def _colour_to_8bit(pixels, header: Dataset):
+    import numpy as np
+    from pydicom.pixels import apply_color_lut
+
+    if header.PhotometricInterpretation == "PALETTE COLOR":
+        pixels = apply_color_lut(pixels, header)
+        depth = pixels.dtype.itemsize * 8  # the palette's entries: 8 or 16 bits
+    else:
+        depth = int(header.get("BitsStored") or pixels.dtype.itemsize * 8)
+    return (pixels >> max(depth - 8, 0)).astype(np.uint8)
+
+
+def shrink(image, edge: int):
+    """An 8-bit image scaled down (never up) so that its longer side is at most edge pixels.
+
+    Each output pixel is the mean of the source pixels it covers (a box filter), so fine detail
+    averages out rather than aliasing as it would by picking every n-th pixel.
+    """
+    import numpy as np
+
+    rows, columns = image.shape[:2]
+    scale = edge / max(rows, columns)
+    if scale >= 1:
+        return image
+    out_rows, out_columns = max(1, round(rows * scale)), max(1, round(columns * scale))
+    row_starts = np.arange(out_rows) * rows // out_rows
+    column_starts = np.arange(out_columns) * columns // out_columns
+    sums = np.add.reduceat(np.add.reduceat(image.astype(np.uint32), row_starts, axis=0), column_starts, axis=1)
+    counts = np.outer(np.diff(row_starts, append=rows), np.diff(column_starts, append=columns))
+    if image.ndim == 3:
+        counts = counts[:, :, np.newaxis]
+    return ((sums + counts // 2) // counts).astype(np.uint8)
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def encode_png(image, text: str = "") -> bytes:
+    """8-bit grey (rows, columns) or RGB (rows, columns, 3) pixels as a PNG file, made with zlib.
+
+    A text, if given, is kept in a tEXt chunk right after the header (the thumbnail cache's key).
+    """
+    import numpy as np
+
+    rows, columns = image.shape[:2]
+    colour_type = 2 if image.ndim == 3 else 0  # truecolour, or greyscale
+    # Each scanline starts with its filter type: 0, none.
+    scanlines = np.zeros((rows, 1 + image[0].size), np.uint8)
+    scanlines[:, 1:] = image.reshape(rows, -1)
+    png = PNG_SIGNATURE + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", columns, rows, 8, colour_type, 0, 0, 0))
+    if text:
+        png += _png_chunk(b"tEXt", b"dicoogled\0" + text.encode("latin-1"))
+    return png + _png_chunk(b"IDAT", zlib.compress(scanlines.tobytes(), 6)) + _png_chunk(b"IEND", b"")
+
+
+def render_frame(path, frame: int = 0, size: int | None = None, center: float | None = None,
+                 width: float | None = None, media_type: str = "image/png", quality: int = 90) -> bytes | None:
+    """The plugin API's renderer (dicoogle.render, behind DICOMweb's rendered resources): one frame
+    as PNG, or JPEG when Pillow is installed, at most size pixels on its longer side, windowed at
+    center/width if both are given. None if it cannot be rendered."""
+    window = (center, width) if center is not None and width is not None and width > 0 else None
+    try:
+        image = render_image(path, frame, window)
+    except (UnrenderableError, FrameOutOfRange):
+        return None
+    if size:
+        image = shrink(image, size)
+    if media_type == "image/png":
+        return encode_png(image)
+    if media_type != "image/jpeg":
+        return None
+    try:
+        from PIL import Image
+    except ImportError:
+        return None
+    output = io.BytesIO()
+    Image.fromarray(image).save(output, "JPEG", quality=quality)
+    return output.getvalue()
+
+
+class ThumbnailCache:
+    """Thumbnails kept as data_dir/cache/thumbnails/<SOPInstanceUID>.png, so that a results page
+    of 50 thumbnails costs 50 small file reads rather than 50 decodes.
+
+    Each PNG carries the key it was made for, in a tEXt chunk right after its header: the size and
+    modification time of the DICOM file, and the thumbnail edge. When the file or the configured
+    edge changes, so does the key; the stale thumbnail is then made again and replaced.
+    """
+
+    #: Where the key's chunk starts: after the 8-byte signature and the 25-byte IHDR chunk.
+    KEY_OFFSET = len(PNG_SIGNATURE) + 25
+
+    def __init__(self, root: pathlib.Path):
+        self.root = root
+
+    def get(self, sop_instance_uid: str, key: str) -> bytes | None:
+        try:
+            png = (self.root / f"{sop_instance_uid}.png").read_bytes()
+        except OSError:
+            return None
+        expected = _png_chunk(b"tEXt", b"dicoogled\0" + key.encode("latin-1"))
+        return png if png[self.KEY_OFFSET:self.KEY_OFFSET + len(expected)] == expected else None
+
+    def put(self, sop_instance_uid: str, png: bytes):
+        """Keep a thumbnail made by encode_png(image, key); readers see the old file or the new, never half."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{sop_instance_uid}-", suffix=".tmp", dir=self.root)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(png)
+            os.replace(tmp_name, self.root / f"{sop_instance_uid}.png")
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp_name)
+            raise
+
+
+# ============================================================================================
 # Plugins: hook table, Python loader, Lua sandbox
 # ============================================================================================
 
@@ -2423,10 +2688,12 @@ class PluginApi:
     def render(self, path: str, frame: int = 0, size: int | None = None, center: float | None = None,
                width: float | None = None, media_type: str = "image/png", quality: int = 90) -> bytes | None:
         """One frame of a stored file as PNG or JPEG bytes, or None if it cannot be rendered."""
-        renderer = globals().get("render_frame")
-        if renderer is None:
-            return None
-        return renderer(path, frame, size=size, center=center, width=width, media_type=media_type, quality=quality)
+        return render_frame(path, frame, size=size, center=center, width=width, media_type=media_type, quality=quality)
+
+    def open(self, location: str):
+        """What pydicom.dcmread reads a stored instance from: its path, or its bytes in memory
+        when a storage plugin keeps it."""
+        return self._daemon.storage.open(location)
 
 
 # ---- Lua: a sandbox with an instruction budget and a memory cap ----------------------------
@@ -3623,271 +3890,6 @@ class LoginThrottle:
     def succeeded(self, address: str):
         with self._lock:
             self._failures.pop(address, None)
-
-
-# ============================================================================================
-# Rendering: DICOM frames to PNG
-# ============================================================================================
-
-# numpy and pydicom.pixels are imported inside these functions: the DICOM side never needs them.
-# Compressed transfer syntaxes decode through pydicom's plugins (pylibjpeg with libjpeg, openjpeg
-# and rle; pyjpegls); RLE and deflate also decode natively.
-
-#: Photometric interpretations shown in grey, and in colour. pydicom hands YBR_FULL and
-#: YBR_FULL_422 (and JPEG 2000's YBR_ICT and YBR_RCT) back as RGB; a palette goes through its LUT.
-GREY_PHOTOMETRICS = ("MONOCHROME1", "MONOCHROME2")
-COLOUR_PHOTOMETRICS = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT", "PALETTE COLOR")
-PIXEL_DATA_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
-#: Values larger than this stay on disk while a header is read: the pixel data, mostly.
-RENDER_DEFER_SIZE = "256 KB"
-#: The transfer syntax of a file without meta information, from the encoding pydicom found.
-_SYNTAX_OF_ENCODING = {
-    (True, True): pydicom.uid.ImplicitVRLittleEndian,
-    (False, True): pydicom.uid.ExplicitVRLittleEndian,
-    (False, False): pydicom.uid.ExplicitVRBigEndian,
-}
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-class UnrenderableError(Exception):
-    """An instance with no image to show: no pixel data, a transfer syntax or photometric
-    interpretation we cannot handle, a codec that is not installed, or pixels that fail to decode."""
-
-
-class FrameOutOfRange(ValueError):
-    """A frame number the instance does not have."""
-
-
-def read_image_header(source) -> Dataset:
-    """An instance (a path or a binary file) read for rendering; on disk, its pixel data stays unread."""
-    on_disk = isinstance(source, (str, os.PathLike))
-    try:
-        header = pydicom.dcmread(source, defer_size=RENDER_DEFER_SIZE if on_disk else None, force=True)
-        if on_disk and header.file_meta.get("TransferSyntaxUID") == pydicom.uid.DeflatedExplicitVRLittleEndian:
-            # A deferred value is read again from the file later, which cannot work inside a
-            # deflated stream: read it whole.
-            header = pydicom.dcmread(source, force=True)
-    except Exception as error:
-        raise UnrenderableError(f"unreadable DICOM: {error}") from None
-    return header
-
-
-def frame_count(header: Dataset) -> int:
-    """How many frames an instance has: 0 without pixel data."""
-    if not any(keyword in header for keyword in PIXEL_DATA_KEYWORDS):
-        return 0
-    try:
-        return max(int(header.get("NumberOfFrames") or 1), 1)
-    except (TypeError, ValueError):
-        return 1
-
-
-def frame_rate(header: Dataset) -> float:
-    """Frames per second to play an instance at: its recommended or cine rate, else 1000 / FrameTime; 0 if none."""
-    try:
-        for keyword in ("RecommendedDisplayFrameRateInFloat", "RecommendedDisplayFrameRate", "CineRate"):
-            if header.get(keyword):
-                return float(header.get(keyword))
-        if header.get("FrameTime"):
-            return round(1000 / float(header.FrameTime), 3)
-    except (TypeError, ValueError, ZeroDivisionError):
-        pass
-    return 0.0
-
-
-def render_image(source, frame: int = 0, window: tuple[float, float] | None = None):
-    """One frame of an instance (a path or a binary file) as a viewer first shows it: a numpy array of
-    8-bit grey (rows, columns) or RGB (rows, columns, 3) pixels.
-
-    Grey frames go through the modality LUT (RescaleSlope/Intercept), then `window` (center, width)
-    if given, else the file's first VOI LUT or window, else the frame's full range; MONOCHROME1 is
-    inverted. Raises UnrenderableError, or FrameOutOfRange.
-    """
-    from pydicom.pixels import get_decoder, pixel_array
-
-    header = read_image_header(source)
-    frames = frame_count(header)
-    if not frames:
-        raise UnrenderableError("it has no pixel data")
-    photometric = str(header.get("PhotometricInterpretation", "")).strip()
-    if photometric not in GREY_PHOTOMETRICS + COLOUR_PHOTOMETRICS:
-        raise UnrenderableError(f"photometric interpretation {photometric or '(none)'} is not supported")
-    syntax = header.file_meta.get("TransferSyntaxUID")
-    in_file_format = syntax is not None
-    if not in_file_format:  # an old file indexed in place, without meta information
-        syntax = header.file_meta.TransferSyntaxUID = _SYNTAX_OF_ENCODING.get(header.original_encoding)
-        if syntax is None:
-            raise UnrenderableError("its transfer syntax is unknown")
-    try:
-        decoder = get_decoder(syntax)
-    except NotImplementedError:
-        raise UnrenderableError(f"there is no decoder for {syntax.name}") from None
-    if not decoder.is_available:
-        raise UnrenderableError(f"no codec for {syntax.name} is installed (one of: "
-                                f"{'; '.join(decoder.missing_dependencies)})")
-    if frame >= frames:
-        raise FrameOutOfRange(f"frame {frame} does not exist: the instance has {frames} frame(s), counted from 0")
-    # Given the path of a Part 10 file, pixel_array reads and decodes only the frame asked for, so a
-    # large multi-frame file costs one frame of memory; otherwise it decodes from the data set.
-    from_file = isinstance(source, (str, os.PathLike)) and in_file_format and not syntax.is_deflated
-    try:
-        pixels = pixel_array(source if from_file else header, index=frame)
-        if photometric in GREY_PHOTOMETRICS:
-            return _grey_to_8bit(pixels, header, window)
-        return _colour_to_8bit(pixels, header)
-    except Exception as error:  # a damaged or unusual file: the client is told why, not a 500
-        raise UnrenderableError(f"frame {frame} cannot be decoded: {error}") from error
-
-
-def _grey_to_8bit(pixels, header: Dataset, window: tuple[float, float] | None):
-    import numpy as np
-    from pydicom.pixels import apply_modality_lut, apply_voi, apply_windowing
-
-    values = apply_modality_lut(pixels, header).astype(np.float64)
-    black = white = None  # the values shown as 0 and as 255
-    voi_lut = header.get("VOILUTSequence")
-    if window is not None:
-        center, width = window
-        black, white = center - width / 2, center + width / 2
-    elif voi_lut and "LUTData" in voi_lut[0] and "LUTDescriptor" in voi_lut[0]:
-        # A VOI LUT maps values to its own entries; its lowest and highest entries are black and white.
-        entries, first_mapped = voi_lut[0].LUTDescriptor[0] or 65536, voi_lut[0].LUTDescriptor[1]
-        lut = apply_voi(np.arange(first_mapped, first_mapped + entries), header)
-        black, white = lut.min(), lut.max()
-        values = apply_voi(np.rint(values).astype(np.int64), header)
-    elif "WindowCenter" in header and "WindowWidth" in header:
-        # apply_windowing maps onto a range that depends on BitsStored and the rescale: its two
-        # ends are where the most extreme values land. Index 0: the first of several windows.
-        try:
-            black, white = apply_windowing(np.array([-np.inf, np.inf]), header)
-            values = apply_windowing(values, header)
-        except ValueError:  # a width below 1, an unknown VOI function: show the full range instead
-            black = white = None
-    if black is None:
-        black, white = values.min(), values.max()
-    if white <= black:  # one flat value
-        image = np.zeros(values.shape, np.uint8)
-    else:
-        image = np.clip(np.rint((values - black) * (255 / (white - black))), 0, 255).astype(np.uint8)
-    return 255 - image if header.PhotometricInterpretation == "MONOCHROME1" else image
-
-
-def _colour_to_8bit(pixels, header: Dataset):
-    import numpy as np
-    from pydicom.pixels import apply_color_lut
-
-    if header.PhotometricInterpretation == "PALETTE COLOR":
-        pixels = apply_color_lut(pixels, header)
-        depth = pixels.dtype.itemsize * 8  # the palette's entries: 8 or 16 bits
-    else:
-        depth = int(header.get("BitsStored") or pixels.dtype.itemsize * 8)
-    return (pixels >> max(depth - 8, 0)).astype(np.uint8)
-
-
-def shrink(image, edge: int):
-    """An 8-bit image scaled down (never up) so that its longer side is at most edge pixels.
-
-    Each output pixel is the mean of the source pixels it covers (a box filter), so fine detail
-    averages out rather than aliasing as it would by picking every n-th pixel.
-    """
-    import numpy as np
-
-    rows, columns = image.shape[:2]
-    scale = edge / max(rows, columns)
-    if scale >= 1:
-        return image
-    out_rows, out_columns = max(1, round(rows * scale)), max(1, round(columns * scale))
-    row_starts = np.arange(out_rows) * rows // out_rows
-    column_starts = np.arange(out_columns) * columns // out_columns
-    sums = np.add.reduceat(np.add.reduceat(image.astype(np.uint32), row_starts, axis=0), column_starts, axis=1)
-    counts = np.outer(np.diff(row_starts, append=rows), np.diff(column_starts, append=columns))
-    if image.ndim == 3:
-        counts = counts[:, :, np.newaxis]
-    return ((sums + counts // 2) // counts).astype(np.uint8)
-
-
-def _png_chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-
-def encode_png(image, text: str = "") -> bytes:
-    """8-bit grey (rows, columns) or RGB (rows, columns, 3) pixels as a PNG file, made with zlib.
-
-    A text, if given, is kept in a tEXt chunk right after the header (the thumbnail cache's key).
-    """
-    import numpy as np
-
-    rows, columns = image.shape[:2]
-    colour_type = 2 if image.ndim == 3 else 0  # truecolour, or greyscale
-    # Each scanline starts with its filter type: 0, none.
-    scanlines = np.zeros((rows, 1 + image[0].size), np.uint8)
-    scanlines[:, 1:] = image.reshape(rows, -1)
-    png = PNG_SIGNATURE + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", columns, rows, 8, colour_type, 0, 0, 0))
-    if text:
-        png += _png_chunk(b"tEXt", b"dicoogled\0" + text.encode("latin-1"))
-    return png + _png_chunk(b"IDAT", zlib.compress(scanlines.tobytes(), 6)) + _png_chunk(b"IEND", b"")
-
-
-def render_frame(path, frame: int = 0, size: int | None = None, center: float | None = None,
-                 width: float | None = None, media_type: str = "image/png", quality: int = 90) -> bytes | None:
-    """The plugin API's renderer (dicoogle.render, behind DICOMweb's rendered resources): one frame
-    as PNG, or JPEG when Pillow is installed, at most size pixels on its longer side, windowed at
-    center/width if both are given. None if it cannot be rendered."""
-    window = (center, width) if center is not None and width is not None and width > 0 else None
-    try:
-        image = render_image(path, frame, window)
-    except (UnrenderableError, FrameOutOfRange):
-        return None
-    if size:
-        image = shrink(image, size)
-    if media_type == "image/png":
-        return encode_png(image)
-    if media_type != "image/jpeg":
-        return None
-    try:
-        from PIL import Image
-    except ImportError:
-        return None
-    output = io.BytesIO()
-    Image.fromarray(image).save(output, "JPEG", quality=quality)
-    return output.getvalue()
-
-
-class ThumbnailCache:
-    """Thumbnails kept as data_dir/cache/thumbnails/<SOPInstanceUID>.png, so that a results page
-    of 50 thumbnails costs 50 small file reads rather than 50 decodes.
-
-    Each PNG carries the key it was made for, in a tEXt chunk right after its header: the size and
-    modification time of the DICOM file, and the thumbnail edge. When the file or the configured
-    edge changes, so does the key; the stale thumbnail is then made again and replaced.
-    """
-
-    #: Where the key's chunk starts: after the 8-byte signature and the 25-byte IHDR chunk.
-    KEY_OFFSET = len(PNG_SIGNATURE) + 25
-
-    def __init__(self, root: pathlib.Path):
-        self.root = root
-
-    def get(self, sop_instance_uid: str, key: str) -> bytes | None:
-        try:
-            png = (self.root / f"{sop_instance_uid}.png").read_bytes()
-        except OSError:
-            return None
-        expected = _png_chunk(b"tEXt", b"dicoogled\0" + key.encode("latin-1"))
-        return png if png[self.KEY_OFFSET:self.KEY_OFFSET + len(expected)] == expected else None
-
-    def put(self, sop_instance_uid: str, png: bytes):
-        """Keep a thumbnail made by encode_png(image, key); readers see the old file or the new, never half."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{sop_instance_uid}-", suffix=".tmp", dir=self.root)
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(png)
-            os.replace(tmp_name, self.root / f"{sop_instance_uid}.png")
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp_name)
-            raise
 
 
 # ============================================================================================

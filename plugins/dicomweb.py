@@ -33,6 +33,9 @@ import bottle
 import pydicom
 from pydicom.encaps import get_frame
 
+# `dicoogle`, the plugin API, is set in this module by the plugin loader before the file runs.
+# ruff: noqa: F821
+
 MOUNT = "/dicom-web"
 SETTINGS = {"enabled": True, "cors_origins": "", "max_results": 1000}
 
@@ -94,7 +97,7 @@ def _base_url() -> str:
 
 
 def _allow_cors():
-    origins = str(dicoogle.setting("cors_origins", "")).split()  # noqa: F821 (set by the loader)
+    origins = str(dicoogle.setting("cors_origins", "")).split()
     origin = bottle.request.get_header("Origin")
     if origin and ("*" in origins or origin in origins):
         bottle.response.set_header("Access-Control-Allow-Origin", origin)
@@ -144,8 +147,14 @@ def _multipart(parts, content_type: str):
     return body()
 
 
+def _open(location: str):
+    """A stored instance as a binary file: a file on disk, or a storage plugin's object."""
+    source = dicoogle.open(location)
+    return open(source, "rb") if isinstance(source, str) else source
+
+
 def _file_chunks(path: str, size: int = 1 << 20):
-    with open(path, "rb") as handle:
+    with _open(path) as handle:
         while chunk := handle.read(size):
             yield chunk
 
@@ -157,7 +166,7 @@ def _qido(level: str, fixed: dict):
     _allow_cors()
     if not _accepts(DICOM_JSON, "application/json"):
         _error(406, "QIDO-RS answers application/dicom+json")
-    limit = _int_param("limit", int(dicoogle.setting("max_results", 1000)))  # noqa: F821
+    limit = _int_param("limit", int(dicoogle.setting("max_results", 1000)))
     offset = _int_param("offset", 0)
     keys = {keyword: "" for keyword in REQUIRED_KEYS[level]}
     for name in bottle.request.query.keys():
@@ -171,7 +180,7 @@ def _qido(level: str, fixed: dict):
     if bottle.request.query.get("fuzzymatching") == "true":
         bottle.response.set_header("Warning", '299 dicoogled "fuzzymatching is not supported; names match case- and accent-insensitively"')
     try:
-        matches = dicoogle.find(level, keys)  # noqa: F821
+        matches = dicoogle.find(level, keys)
         results = []
         for position, dataset in enumerate(matches):
             if position < offset:
@@ -200,7 +209,7 @@ def _qido_json(level: str, dataset) -> dict:
 # ---- WADO-RS ----------------------------------------------------------------------------------
 
 def _instances(study, series="", instance=""):
-    found = dicoogle.instances(_uid(study, "study"), series and _uid(series, "series"), instance and _uid(instance, "instance"))  # noqa: F821
+    found = dicoogle.instances(_uid(study, "study"), series and _uid(series, "series"), instance and _uid(instance, "instance"))
     if not found:
         _error(404, "no such study, series or instance")
     return found
@@ -226,7 +235,7 @@ def _retrieve(study, series="", instance=""):
 
 
 def _decoded_file(path: str) -> bytes:
-    dataset = pydicom.dcmread(path)
+    dataset = pydicom.dcmread(dicoogle.open(path))
     try:
         if dataset.file_meta.TransferSyntaxUID not in UNCOMPRESSED:
             dataset.decompress()
@@ -244,7 +253,7 @@ def _metadata(study, series="", instance=""):
     _allow_cors()
     results = []
     for sop_uid, _, _, path in _instances(study, series, instance):
-        dataset = pydicom.dcmread(path, stop_before_pixels=True)
+        dataset = pydicom.dcmread(dicoogle.open(path), stop_before_pixels=True)
         instance_url = f"{_base_url()}/studies/{dataset.StudyInstanceUID}/series/{dataset.SeriesInstanceUID}/instances/{sop_uid}"
         json_dict = dataset.to_json_dict(
             bulk_data_threshold=1024, suppress_invalid_tags=True,
@@ -259,7 +268,7 @@ def _metadata(study, series="", instance=""):
 
 def _frame_layout(path: str):
     """(header data set, transfer syntax, file offset of the pixel value, frame count, frame size)."""
-    dataset = pydicom.dcmread(path, defer_size=1024)
+    dataset = pydicom.dcmread(dicoogle.open(path), defer_size=1024)
     if "PixelData" not in dataset:
         _error(404, "this instance has no pixel data")
     element = dataset.get_item(0x7FE00010, keep_deferred=True)
@@ -275,7 +284,7 @@ def _frame_bytes(path: str, number: int):
     dataset, syntax, offset, frames, size = _frame_layout(path)
     if not 1 <= number <= frames:
         _error(404, f"frame {number} does not exist; the instance has {frames}")
-    with open(path, "rb") as handle:
+    with _open(path) as handle:
         handle.seek(offset)
         if syntax in UNCOMPRESSED:
             handle.seek(offset + (number - 1) * size)
@@ -312,7 +321,7 @@ def _frames(study, series, instance, frame_list):
 def _decoded_frame(path: str, number: int) -> bytes:
     from pydicom.pixels import pixel_array
     try:
-        return pixel_array(path, index=number - 1).tobytes()
+        return pixel_array(dicoogle.open(path), index=number - 1).tobytes()
     except Exception as error:
         _error(406, f"cannot decode frame {number}: {error}")
 
@@ -326,7 +335,7 @@ def _bulkdata(study, series, instance, tag):
         _, syntax, _, frames, _ = _frame_layout(path)
         parts = (({"Content-Type": "application/octet-stream"}, _frame_bytes(path, n)[1]) for n in range(1, frames + 1))
         return _multipart(parts, "application/octet-stream")
-    dataset = pydicom.dcmread(path, stop_before_pixels=True)
+    dataset = pydicom.dcmread(dicoogle.open(path), stop_before_pixels=True)
     element = dataset.get(int(tag, 16))
     if element is None or not isinstance(element.value, bytes):
         _error(404, f"no bulk data element {tag}")
@@ -346,7 +355,7 @@ def _rendered(study, series="", instance="", frame=1, thumbnail=False):
         quality = int(bottle.request.query.get("quality", "90"))
     except ValueError:
         _error(400, "window is center,width[,function]; viewport is width,height; quality a number")
-    image = dicoogle.render(path, frame - 1, size=size, center=center, width=width, media_type=media, quality=quality)  # noqa: F821
+    image = dicoogle.render(path, frame - 1, size=size, center=center, width=width, media_type=media, quality=quality)
     if image is None:
         _error(406, "this instance cannot be rendered")
     bottle.response.content_type = media
@@ -456,7 +465,7 @@ def _stow_part(data: bytes, headers: dict, study, stored: list, failed: list):
     except Exception:
         failed.append({**reference, "00081197": {"vr": "US", "Value": [0xC000]}})
         return
-    status = dicoogle.store(data, "STOW-RS")  # noqa: F821
+    status = dicoogle.store(data, "STOW-RS")
     if status in (0x0000, 0xB000, 0xB006, 0xB007):
         url = f"{_base_url()}/studies/{header.StudyInstanceUID}/series/{header.SeriesInstanceUID}/instances/{header.SOPInstanceUID}"
         stored.append({**reference, "00081190": {"vr": "UR", "Value": [url]}})
@@ -474,7 +483,7 @@ def _wado_uri():
     for name in ("studyUID", "seriesUID", "objectUID"):
         if not query.get(name):
             _error(400, f"{name} is required")
-    found = dicoogle.instances(_uid(query["studyUID"], "studyUID"), _uid(query["seriesUID"], "seriesUID"),  # noqa: F821
+    found = dicoogle.instances(_uid(query["studyUID"], "studyUID"), _uid(query["seriesUID"], "seriesUID"),
                                _uid(query["objectUID"], "objectUID"))
     if not found:
         _error(404, "no such object")
@@ -492,7 +501,7 @@ def _wado_uri():
         size = max(int(query.get("rows", 0) or 0), int(query.get("columns", 0) or 0)) or None
     except ValueError:
         _error(400, "frameNumber, windowCenter, windowWidth, rows and columns are numbers")
-    image = dicoogle.render(path, frame - 1, size=size, center=center, width=width, media_type=content_type)  # noqa: F821
+    image = dicoogle.render(path, frame - 1, size=size, center=center, width=width, media_type=content_type)
     if image is None:
         _error(406, "this object cannot be rendered")
     bottle.response.content_type = content_type
