@@ -1,124 +1,389 @@
-// Search: one box for free text or the query language, and results as Patient → Study → Series → Image.
+// Search: one box for free text or the query language, and the results as
+// Patient → Study → Series → Image, with breadcrumbs, counts, sorting, paging and selection.
+//
+// The hash holds where you are: #/search?q=..&provider=..&offset=..&patient=..&study=..&series=..
+// Each level asks /searchDIM only for what it shows: a page of patients (psize/offset), then the
+// query narrowed to one patient, study or series by its ID or UID.
 
 import * as api from "./api.js";
-import { h, clear, message, modal, confirmAction } from "./dom.js";
-import { navigate } from "./app.js";
+import { h, clear, message, notify, confirmDialog, formatDate, formatName, plural } from "./dom.js";
+import { navigate, href } from "./nav.js";
+import { queryBox } from "./querybox.js";
 
-const PAGE = 25;
-const EXAMPLES = [
-  ["doe", "free text: any tag containing the word"],
-  ["PatientName:DOE^JOHN", "a field, as DICOM keywords name them"],
-  ["PatientName:doe*", "wildcards: * any run, ? one character"],
-  ["Modality:CT AND StudyDate:[20200101 TO 20201231]", "ranges and boolean operators"],
-  ['StudyDescription:"chest without"', "a phrase"],
-  ["SliceLocation:Float:[-10 TO 10]", "numeric ranges on any tag"],
-  ["*:*", "everything"],
-];
+const PATIENTS_PER_PAGE = 25;
+const ROWS_PER_PAGE = 50;
+const LEVELS = ["patient", "study", "series", "image"];
+const LEVEL_NAMES = { patient: ["patient", "patients"], study: ["study", "studies"], series: ["series", "series"], image: ["image", "images"] };
 
-/** The search page: #/search?q=...&level=...&patient=..&study=..&series=.. */
-export async function searchView(main, { params }) {
-  const query = params.get("q") || "";
-  const form = searchForm(query, params.get("provider") || "");
-  const results = h("section", { id: "results", "aria-live": "polite" });
-  clear(main, h("h1", {}, "Search"), form, results);
-  if (query) await showResults(results, params);
-  else form.querySelector("input").focus();
-}
+let providers = null;
 
-function searchForm(query, provider) {
-  const input = h("input", { type: "search", name: "q", value: query, "aria-label": "Query", placeholder: "Free text or a query such as PatientName:DOE*", autocomplete: "off", list: "field-names" });
-  const providers = h("select", { name: "provider", "aria-label": "Query provider" }, h("option", { value: "" }, "All providers"));
-  api.get("/providers").then((names) => names.forEach((name) =>
-    providers.append(h("option", { value: name, selected: name === provider }, name)))).catch(() => {});
-  const help = h("details", { class: "help" }, h("summary", {}, "Query syntax"),
-    h("table", {}, h("tbody", {}, EXAMPLES.map(([example, text]) =>
-      h("tr", {}, h("td", {}, h("button", { type: "button", class: "link", onclick: () => { input.value = example; input.focus(); } }, h("code", {}, example))), h("td", {}, text))))));
-  return h("form", { class: "search", role: "search", onsubmit: (event) => {
-      event.preventDefault();
-      const q = input.value.trim() || "*:*";
-      navigate("search", providers.value ? { q, provider: providers.value } : { q });
-    } },
-    h("div", { class: "search-row" }, input, providers, h("button", { type: "submit", class: "primary" }, "Search")),
-    h("datalist", { id: "field-names" }), help);
-}
-
-async function showResults(container, params) {
+export async function render(main, { params }) {
   const query = params.get("q");
-  const provider = params.get("provider");
-  const wanted = { query, depth: "image", psize: 0 };
-  if (provider) wanted.provider = provider;
-  let data;
-  try {
-    data = await api.get("/searchDIM", wanted);
-  } catch (error) {
-    return clear(container, message(`Query error: ${error.message}`));
+  const provider = params.get("provider") || "";
+  const providerSelect = h("select", { name: "provider", "aria-label": "Query provider" }, h("option", { value: "" }, "All providers"));
+  providers = providers || api.get("/providers").catch(() => []);
+  providers.then((names) => names.forEach((name) => providerSelect.append(h("option", { value: name, selected: name === provider }, name))));
+  const box = queryBox({
+    value: query || "",
+    extra: [providerSelect],
+    onSubmit: (text) => navigate("search", { q: text || "*:*", provider: providerSelect.value }),
+  });
+  const results = h("section", { class: "results-area", "aria-label": "Results" });
+  clear(main, h("h1", {}, "Search"), box.element, results);
+  if (query === null) {
+    results.append(introduction());
+    box.input.focus();
+    return;
   }
-  const patients = data.results || [];
-  const selected = { patient: params.get("patient"), study: params.get("study"), series: params.get("series") };
-  const patient = patients.find((p) => p.id === selected.patient || p.name === selected.patient);
-  const study = patient && patient.studies.find((s) => s.studyInstanceUID === selected.study);
-  const series = study && study.series.find((s) => s.serieInstanceUID === selected.series);
-  const crumb = (label, extra) => h("a", { href: "#/search?" + new URLSearchParams({ ...Object.fromEntries(params), ...extra }).toString() }, label);
-  const crumbs = [crumb(`${data.numResults} patients`, { patient: "", study: "", series: "" })];
-  if (patient) crumbs.push(crumb(patient.name || patient.id, { study: "", series: "" }));
-  if (study) crumbs.push(crumb(study.studyDescription || study.studyDate || "study", { series: "" }));
-  if (series) crumbs.push(h("span", {}, series.serieDescription || `series ${series.serieNumber}`));
-  const table = series ? imageTable(series) : study ? seriesTable(study, params) : patient ? studyTable(patient, params) : patientTable(patients, params);
+  await showResults(results, params, box);
+}
+
+function introduction() {
+  return h("div", { class: "card intro" },
+    h("h2", {}, "Find a study"),
+    h("p", {}, "Type part of a patient's name or ID and press Enter, or search with fields: ", h("code", {}, "PatientName:doe*"), ", ",
+      h("code", {}, "Modality:MR AND StudyDate:[20230101 TO 20231231]"), ". The ? button explains the syntax."),
+    h("p", {}, "Results open patient by patient: choose a patient, then a study, then a series, to see its images; ",
+      "Preview shows an image and its frames, Dump every element."),
+    h("p", {}, h("a", { href: href("search", { q: "*:*" }) }, "Show every patient")));
+}
+
+// ---- queries ------------------------------------------------------------------------------------
+
+/** A value as a phrase of the query language. */
+const phrase = (value) => '"' + value.replace(/["\\]/g, "\\$&") + '"';
+
+function patientTerm(patient) {
+  return patient.id ? `PatientID:${phrase(patient.id)}` : `PatientName:${phrase(patient.name)}`;
+}
+
+/** The query, narrowed to some rows of a level (by ID or UID, each an OR'ed term). */
+function narrowed(query, terms) {
+  if (!terms.length) return query;
+  return `(${query}) AND ${terms.length > 1 ? "(" + terms.join(" OR ") + ")" : terms[0]}`;
+}
+
+const termOf = {
+  patient: (row) => patientTerm(row),
+  study: (row) => `StudyInstanceUID:${row.studyInstanceUID}`,
+  series: (row) => `SeriesInstanceUID:${row.serieInstanceUID}`,
+  image: (row) => `SOPInstanceUID:${row.sopInstanceUID}`,
+};
+
+async function searchDIM(query, provider, depth, extra = {}) {
+  return api.get("/searchDIM", { query, provider: provider || undefined, depth, ...extra });
+}
+
+/** Where the hash points: {level, data, patient, study, series, query (of this view)}. */
+async function load(params) {
+  const query = params.get("q"), provider = params.get("provider") || "";
+  const wanted = { patient: params.get("patient"), patientName: params.get("patientName"), study: params.get("study"), series: params.get("series") };
+  if (wanted.series) {
+    const view = narrowed(query, [`SeriesInstanceUID:${wanted.series}`]);
+    const data = await searchDIM(view, provider, "image");
+    for (const patient of data.results) for (const study of patient.studies) for (const series of study.series)
+      if (series.serieInstanceUID === wanted.series) return { level: "image", data, patient, study, series, query: view };
+    return { level: "image", data, missing: "series" };
+  }
+  if (wanted.study) {
+    const view = narrowed(query, [`StudyInstanceUID:${wanted.study}`]);
+    const data = await searchDIM(view, provider, "image");
+    for (const patient of data.results) for (const study of patient.studies)
+      if (study.studyInstanceUID === wanted.study) return { level: "series", data, patient, study, query: view };
+    return { level: "series", data, missing: "study" };
+  }
+  if (wanted.patient !== null || wanted.patientName !== null) {
+    const target = { id: wanted.patient || "", name: wanted.patientName || "" };
+    const matches = (p) => (target.id ? p.id === target.id : !p.id && p.name === target.name);
+    const view = narrowed(query, [patientTerm(target)]);
+    let data = await searchDIM(view, provider, "series");
+    let patient = data.results.find(matches);
+    if (!patient) {  // an ID the language cannot spell: the whole query, picked out here
+      data = await searchDIM(query, provider, "series");
+      patient = data.results.find(matches);
+    }
+    return patient ? { level: "study", data, patient, query: view } : { level: "study", data, missing: "patient" };
+  }
+  const offset = Math.max(0, Number(params.get("offset")) || 0);
+  const data = await searchDIM(query, provider, "patient", { psize: PATIENTS_PER_PAGE, offset });
+  return { level: "patient", data, offset, query };
+}
+
+// ---- the results view ---------------------------------------------------------------------------
+
+async function showResults(container, params, box) {
+  const query = params.get("q"), provider = params.get("provider") || "";
+  clear(container, h("p", { class: "muted", role: "status" }, "Searching…"));
+  let view;
+  try {
+    view = await load(params);
+  } catch (error) {
+    clear(container);
+    if (error.status === 400) return box.showError(error, query);
+    return clear(container, message(error.message));
+  }
+  if (view.missing) {
+    return clear(container, breadcrumbs(params, view), message(`That ${view.missing} is not among this query's results any more.`, "info"));
+  }
+  const admin = api.session.user && api.session.user.admin;
+  const [options, viewer] = await Promise.all([import("./plugins.js").then((p) => p.resultOptions()), api.viewerInstalled()]);
+  const selection = new Map();
+  const rows = rowsOf(view);
+  const level = view.level;
+  const [one, many] = LEVEL_NAMES[level];
+
+  const selectedCount = h("span", { class: "selected-count", "aria-live": "polite" });
+  const needSelection = [];
+  const updateSelection = () => {
+    selectedCount.textContent = selection.size ? `${plural(selection.size, one, many)} selected` : `Nothing selected`;
+    needSelection.forEach((button) => { button.disabled = !selection.size; });
+  };
+
+  const scope = () => selection.size
+    ? { query: narrowed(view.query, [...selection.values()].map(termOf[level])), words: `the ${plural(selection.size, "selected " + one, "selected " + many)}` }
+    : { query: view.query, words: level === "patient" ? `every result of "${query}"` : `everything shown under ${crumbLabel(view)}` };
+
+  const toolbar = h("div", { class: "toolbar", role: "toolbar", "aria-label": "Actions on results" }, selectedCount,
+    h("button", { type: "button", onclick: async () => {
+      const { exportDialog } = await import("./export.js");
+      const { query: scoped, words } = scope();
+      exportDialog({ query: scoped, provider, scope: words });
+    } }, "Export CSV…"));
+  if (admin) {
+    for (const [kind, label] of [["unindex", "Unindex…"], ["remove", "Remove…"]]) {
+      const button = h("button", { type: "button", class: kind === "remove" ? "danger" : null, disabled: true,
+        onclick: () => removeSelected(kind, level, selection, view, provider) }, label);
+      needSelection.push(button);
+      toolbar.append(button);
+    }
+  }
+  if (viewer && view.study) {
+    toolbar.append(h("a", { class: "button", href: api.viewerUrl(view.study.studyInstanceUID), target: "_blank", rel: "noopener" }, "Open study in viewer"));
+  }
+  const { resultBatchButtons } = await import("./plugins.js");
+  const batch = await resultBatchButtons(() => ({
+    query: view.query, provider,
+    search: { results: view.data.results, elapsedTime: view.data.elapsedTime, numResults: view.data.numResults },
+    selected: { contents: [...selection.values()], level },
+  }));
+  if (batch.length) toolbar.append(h("span", { class: "toolbar-group", role: "group", "aria-label": "Plugins" }, batch));
+
+  const table = resultTable(level, rows, { params, selection, onSelect: updateSelection, options, viewer, images: view.series && view.series.images });
+  const pager = level === "patient" ? patientPager(params, view) : null;
   clear(container,
-    h("nav", { class: "breadcrumbs", "aria-label": "Results" }, crumbs.flatMap((c, i) => (i ? [" › ", c] : [c]))),
-    h("p", { class: "meta" }, `${data.elapsedTime} ms`),
-    table);
+    breadcrumbs(params, view),
+    h("p", { class: "meta" }, summary(view), ` · ${view.data.elapsedTime} ms`),
+    toolbar, table.element, pager || table.pager);
+  updateSelection();
 }
 
-function sortable(headers, rows) {
-  // Click a column header to sort by it; rows are [cells, sortKeys].
-  const tbody = h("tbody", {}, rows.map((r) => r[0]));
-  let order = { column: -1, ascending: true };
-  const head = h("tr", {}, headers.map((label, column) => h("th", { scope: "col" },
-    h("button", { type: "button", class: "sort", onclick: () => {
-        order = { column, ascending: order.column === column ? !order.ascending : true };
-        const sorted = [...rows].sort((a, b) => String(a[1][column]).localeCompare(String(b[1][column]), undefined, { numeric: true }) * (order.ascending ? 1 : -1));
-        clear(tbody, sorted.map((r) => r[0]));
-      } }, label))));
-  return h("table", { class: "results" }, h("thead", {}, head), tbody);
+function rowsOf(view) {
+  if (view.level === "patient") return view.data.results;
+  if (view.level === "study") return view.patient.studies;
+  if (view.level === "series") return view.study.series;
+  return [...view.series.images].sort((a, b) => (a.number ?? Infinity) - (b.number ?? Infinity));
 }
 
-function link(params, extra, label) {
-  return h("a", { href: "#/search?" + new URLSearchParams({ ...Object.fromEntries(params), ...extra }).toString() }, label || "—");
+function summary(view) {
+  if (view.level === "patient") return plural(view.data.numResults, "patient");
+  if (view.level === "study") {
+    const series = view.patient.studies.reduce((n, s) => n + s.series.length, 0);
+    return `${plural(view.patient.studies.length, "study", "studies")} · ${plural(series, "series", "series")}`;
+  }
+  if (view.level === "series") {
+    const images = view.study.series.reduce((n, s) => n + s.images.length, 0);
+    return `${plural(view.study.series.length, "series", "series")} · ${plural(images, "image")}`;
+  }
+  return plural(view.series.images.length, "image");
 }
 
-function patientTable(patients, params) {
-  return sortable(["Patient ID", "Name", "Sex", "Studies"], patients.map((p) => [
-    h("tr", {}, h("td", {}, p.id), h("td", {}, link(params, { patient: p.id || p.name }, p.name)), h("td", {}, p.gender), h("td", {}, p.nStudies)),
-    [p.id, p.name, p.gender, p.nStudies]]));
+function crumbLabel(view) {
+  if (view.series) return `series ${view.series.serieNumber} ${view.series.serieDescription}`.trim();
+  if (view.study) return view.study.studyDescription || formatDate(view.study.studyDate) || "this study";
+  if (view.patient) return formatName(view.patient.name) || view.patient.id;
+  return "";
 }
 
-function studyTable(patient, params) {
-  return sortable(["Date", "Description", "Institution", "Modalities", "Series"], patient.studies.map((s) => [
-    h("tr", {}, h("td", {}, s.studyDate), h("td", {}, link(params, { study: s.studyInstanceUID }, s.studyDescription)),
-      h("td", {}, s.institutionName), h("td", {}, s.modalities), h("td", {}, s.series.length)),
-    [s.studyDate, s.studyDescription, s.institutionName, s.modalities, s.series.length]]));
+function breadcrumbs(params, view) {
+  const base = { q: params.get("q"), provider: params.get("provider") };
+  const patientParams = view.patient ? (view.patient.id ? { patient: view.patient.id } : { patientName: view.patient.name }) : {};
+  const crumbs = [["Patients", href("search", { ...base, offset: view.level === "patient" ? params.get("offset") : null })]];
+  if (view.patient) crumbs.push([formatName(view.patient.name) || view.patient.id || "(no name)", href("search", { ...base, ...patientParams })]);
+  if (view.study) crumbs.push([`${formatDate(view.study.studyDate)} ${view.study.studyDescription}`.trim() || "Study", href("search", { ...base, ...patientParams, study: view.study.studyInstanceUID })]);
+  if (view.series) crumbs.push([`Series ${view.series.serieNumber}${view.series.serieDescription ? " · " + view.series.serieDescription : ""}`, null]);
+  return h("nav", { class: "breadcrumbs", "aria-label": "Breadcrumbs" }, h("ol", {}, crumbs.map(([label, link], i) =>
+    h("li", {}, i === crumbs.length - 1 ? h("span", { "aria-current": "page" }, label) : h("a", { href: link }, label)))));
 }
 
-function seriesTable(study, params) {
-  return sortable(["Number", "Modality", "Description", "Images"], study.series.map((s) => [
-    h("tr", {}, h("td", {}, s.serieNumber), h("td", {}, s.serieModality), h("td", {}, link(params, { series: s.serieInstanceUID }, s.serieDescription)), h("td", {}, s.images.length)),
-    [s.serieNumber, s.serieModality, s.serieDescription, s.images.length]]));
+function patientPager(params, view) {
+  const total = view.data.numResults, offset = view.offset;
+  if (total <= PATIENTS_PER_PAGE && !offset) return null;
+  const base = Object.fromEntries(params);
+  const last = Math.min(total, offset + PATIENTS_PER_PAGE);
+  return h("nav", { class: "pager", "aria-label": "Pages of patients" },
+    offset > 0 ? h("a", { class: "button", href: href("search", { ...base, offset: Math.max(0, offset - PATIENTS_PER_PAGE) }) }, "‹ Previous") : h("span", { class: "button disabled", "aria-disabled": "true" }, "‹ Previous"),
+    h("span", {}, `Patients ${total ? offset + 1 : 0}–${last} of ${total}`),
+    last < total ? h("a", { class: "button", href: href("search", { ...base, offset: offset + PATIENTS_PER_PAGE }) }, "Next ›") : h("span", { class: "button disabled", "aria-disabled": "true" }, "Next ›"));
 }
 
-function imageTable(series) {
-  return sortable(["", "Number", "File", "SOPInstanceUID", ""], series.images.map((image) => [
-    h("tr", {},
-      h("td", {}, h("img", { class: "thumb", loading: "lazy", alt: `Thumbnail of image ${image.number ?? ""}`, src: api.imageUrl(image.sopInstanceUID, { thumbnail: true }) })),
-      h("td", {}, image.number ?? ""), h("td", {}, image.filename), h("td", { class: "uid" }, image.sopInstanceUID),
-      h("td", { class: "actions" },
-        h("button", { type: "button", onclick: () => preview(image) }, "Preview"),
-        h("a", { class: "button", href: `#/dump/${image.sopInstanceUID}` }, "Dump"))),
-    ["", image.number ?? 0, image.filename, image.sopInstanceUID, ""]]));
+// ---- tables of each level -----------------------------------------------------------------------
+
+function columnsOf(level, params, context) {
+  const base = { q: params.get("q"), provider: params.get("provider") };
+  const patientParams = Object.fromEntries(["patient", "patientName"].filter((k) => params.get(k) !== null).map((k) => [k, params.get(k)]));
+  if (level === "patient") return [
+    { label: "Patient ID", key: (p) => p.id, cell: (p) => p.id },
+    { label: "Name", key: (p) => p.name, cell: (p) => h("a", { href: href("search", { ...base, ...(p.id ? { patient: p.id } : { patientName: p.name }) }), title: p.name }, formatName(p.name) || "(no name)") },
+    { label: "Sex", key: (p) => p.gender, cell: (p) => p.gender },
+    { label: "Studies", key: (p) => p.nStudies, cell: (p) => p.nStudies, class: "number" },
+  ];
+  if (level === "study") return [
+    { label: "Date", key: (s) => s.studyDate, cell: (s) => formatDate(s.studyDate) },
+    { label: "Description", key: (s) => s.studyDescription, cell: (s) => h("a", { href: href("search", { ...base, ...patientParams, study: s.studyInstanceUID }) }, s.studyDescription || "(no description)") },
+    { label: "Institution", key: (s) => s.institutionName, cell: (s) => s.institutionName },
+    { label: "Modalities", key: (s) => s.modalities, cell: (s) => s.modalities.replaceAll(",", ", ") },
+    { label: "Series", key: (s) => (s.series || []).length, cell: (s) => (s.series || []).length, class: "number" },
+    ...(context.viewer ? [{ label: "Viewer", key: null, cell: (s) => h("a", { href: api.viewerUrl(s.studyInstanceUID), target: "_blank", rel: "noopener", "aria-label": `Open ${s.studyDescription || "study"} in the viewer` }, "Open") }] : []),
+  ];
+  if (level === "series") return [
+    { label: "Number", key: (s) => s.serieNumber, cell: (s) => s.serieNumber, class: "number" },
+    { label: "Modality", key: (s) => s.serieModality, cell: (s) => s.serieModality },
+    { label: "Description", key: (s) => s.serieDescription, cell: (s) => h("a", { href: href("search", { ...base, ...patientParams, study: params.get("study"), series: s.serieInstanceUID }) }, s.serieDescription || `Series ${s.serieNumber}`) },
+    { label: "Images", key: (s) => s.images.length, cell: (s) => s.images.length, class: "number" },
+  ];
+  return [
+    { label: "Image", key: null, cell: (image) => h("button", { type: "button", class: "thumb-button", "aria-label": `Preview image ${image.number ?? image.filename}`, onclick: () => context.preview(image) },
+      h("img", { class: "thumb", loading: "lazy", alt: "", width: 64, height: 64, src: api.imageUrl(image.sopInstanceUID, { thumbnail: true }) })) },
+    { label: "Number", key: (image) => image.number ?? -1, cell: (image) => image.number ?? "", class: "number" },
+    { label: "File", key: (image) => image.filename, cell: (image) => image.filename },
+    { label: "SOP Instance UID", key: (image) => image.sopInstanceUID, cell: (image) => h("span", { class: "uid" }, image.sopInstanceUID) },
+    { label: "Actions", key: null, cell: (image) => h("span", { class: "actions" },
+      h("button", { type: "button", onclick: () => context.preview(image) }, "Preview"),
+      h("a", { class: "button", href: `#/dump/${encodeURIComponent(image.sopInstanceUID)}` }, "Dump")) },
+  ];
 }
 
-function preview(image) {
-  modal(`Image ${image.number ?? ""}`, h("img", { class: "preview", alt: "Preview", src: api.imageUrl(image.sopInstanceUID) }));
+const rowLabel = {
+  patient: (p) => formatName(p.name) || p.id,
+  study: (s) => `${formatDate(s.studyDate)} ${s.studyDescription}`.trim(),
+  series: (s) => `series ${s.serieNumber} ${s.serieDescription}`.trim(),
+  image: (i) => `image ${i.number ?? i.filename}`,
+};
+const rowKey = {
+  patient: (p) => `${p.id}\u0000${p.name}`, study: (s) => s.studyInstanceUID, series: (s) => s.serieInstanceUID, image: (i) => i.sopInstanceUID,
+};
+const slotData = {
+  patient: (p) => ({ type: "patient", patientId: p.id, patientName: p.name }),
+  study: (s) => ({ type: "study", uid: s.studyInstanceUID }),
+  series: (s) => ({ type: "series", uid: s.serieInstanceUID }),
+  image: (i) => ({ type: "image", uid: i.sopInstanceUID, uri: i.uri, instanceNumber: i.number }),
+};
+
+/** A sortable table with row selection: {element, pager}. Rows below patients page here. */
+function resultTable(level, rows, { params, selection, onSelect, options, viewer, images }) {
+  let order = rows, page = 0;
+  const context = { viewer, preview: (image) => import("./preview.js").then((m) => m.preview(order, order.indexOf(image))) };
+  const columns = columnsOf(level, params, context);
+  if (options) columns.push({ label: "Plugins", key: null, cell: (row) => h("span", { class: "slots" }, options(slotData[level](row))) });
+  const tbody = h("tbody");
+  const pager = h("nav", { class: "pager", "aria-label": `Pages of ${LEVEL_NAMES[level][1]}` });
+  const all = h("input", { type: "checkbox", "aria-label": `Select every ${LEVEL_NAMES[level][0]} on this page`, onchange: () => {
+    for (const row of pageRows()) all.checked ? selection.set(rowKey[level](row), row) : selection.delete(rowKey[level](row));
+    renderRows();
+    onSelect();
+  } });
+  const headers = columns.map((column, index) => {
+    if (!column.key) return h("th", { scope: "col" }, column.label === "Image" || column.label === "Actions" || column.label === "Plugins"
+      ? h("span", { class: "visually-hidden" }, column.label) : column.label);
+    const th = h("th", { scope: "col", class: column.class, "aria-sort": "none" },
+      h("button", { type: "button", class: "sort", onclick: () => sortBy(index, th) }, column.label, h("span", { class: "sort-mark", "aria-hidden": "true" })));
+    return th;
+  });
+  let sorted = { index: -1, ascending: true };
+
+  function sortBy(index, th) {
+    sorted = { index, ascending: sorted.index === index ? !sorted.ascending : true };
+    const key = columns[index].key;
+    order = [...rows].sort((a, b) => {
+      const x = key(a), y = key(b);
+      const c = typeof x === "number" && typeof y === "number" ? x - y : String(x ?? "").localeCompare(String(y ?? ""), undefined, { numeric: true, sensitivity: "base" });
+      return sorted.ascending ? c : -c;
+    });
+    headers.forEach((header) => header.getAttribute("aria-sort") !== null && header.setAttribute("aria-sort", "none"));
+    th.setAttribute("aria-sort", sorted.ascending ? "ascending" : "descending");
+    page = 0;
+    renderRows();
+  }
+
+  const paged = level !== "patient";
+  const pageRows = () => (paged ? order.slice(page * ROWS_PER_PAGE, (page + 1) * ROWS_PER_PAGE) : order);
+
+  function renderRows() {
+    const shown = pageRows();
+    clear(tbody, shown.map((row) => {
+      const key = rowKey[level](row);
+      const box = h("input", { type: "checkbox", checked: selection.has(key), "aria-label": `Select ${rowLabel[level](row)}`, onchange: () => {
+        box.checked ? selection.set(key, row) : selection.delete(key);
+        tr.classList.toggle("selected", box.checked);
+        all.checked = shown.every((r) => selection.has(rowKey[level](r)));
+        onSelect();
+      } });
+      const tr = h("tr", { class: selection.has(key) ? "selected" : null }, h("td", { class: "select" }, box),
+        columns.map((column) => h("td", { class: column.class }, column.cell(row))));
+      return tr;
+    }));
+    all.checked = shown.length > 0 && shown.every((r) => selection.has(rowKey[level](r)));
+    renderPager();
+  }
+
+  function renderPager() {
+    const pages = Math.ceil(order.length / ROWS_PER_PAGE);
+    if (!paged || pages <= 1) return clear(pager);
+    clear(pager,
+      h("button", { type: "button", disabled: page === 0, onclick: () => { page -= 1; renderRows(); } }, "‹ Previous"),
+      h("span", {}, `${LEVEL_NAMES[level][1][0].toUpperCase() + LEVEL_NAMES[level][1].slice(1)} ${page * ROWS_PER_PAGE + 1}–${Math.min(order.length, (page + 1) * ROWS_PER_PAGE)} of ${order.length}`),
+      h("button", { type: "button", disabled: page >= pages - 1, onclick: () => { page += 1; renderRows(); } }, "Next ›"));
+  }
+
+  renderRows();
+  const caption = h("caption", { class: "visually-hidden" },
+    `${LEVEL_NAMES[level][1]}; the column headers sort${level === "patient" ? " this page" : ""}`);
+  const element = h("div", { class: "table-wrap" }, h("table", { class: `results level-${level}` }, caption,
+    h("thead", {}, h("tr", {}, h("th", { scope: "col", class: "select" }, all), headers)), tbody));
+  return { element, pager };
 }
 
-export { confirmAction };
+// ---- unindex and remove -------------------------------------------------------------------------
+
+const PARAMETER = { patient: "StudyInstanceUID", study: "StudyInstanceUID", series: "SeriesInstanceUID", image: "SOPInstanceUID" };
+
+async function removeSelected(kind, level, selection, view, provider) {
+  const rows = [...selection.values()];
+  const [one, many] = LEVEL_NAMES[level];
+  const what = plural(rows.length, one, many);
+  const confirmed = await confirmDialog(kind === "unindex" ? `Unindex ${what}?` : `Remove ${what}?`,
+    kind === "unindex"
+      ? `The index forgets the ${what}: searches and DICOM queries stop finding them. Their files stay on disk; indexing their folder again brings them back.`
+      : `The files of the ${what} are deleted from disk, and the index forgets them. This cannot be undone.`,
+    { confirm: kind === "unindex" ? "Unindex" : "Delete the files", danger: kind === "remove" });
+  if (!confirmed) return;
+  try {
+    let uids;
+    if (level === "patient") {  // a patient is its studies
+      const data = await searchDIM(narrowed(view.query, rows.map(termOf.patient)), provider, "study");
+      const keys = new Set(rows.map(rowKey.patient));
+      uids = data.results.filter((p) => keys.has(rowKey.patient(p))).flatMap((p) => p.studies.map((s) => s.studyInstanceUID));
+    } else {
+      uids = rows.map((row) => rowKey[level](row));
+    }
+    const result = await api.post(`/management/tasks/${kind}`, { [PARAMETER[level]]: uids });
+    const done = kind === "unindex" ? result.indexed : result.removed;
+    notify(`${kind === "unindex" ? "Unindexed" : "Removed"} ${plural(done, "image")}` + (result.failed ? `; ${result.failed} failed` : "") + (result.notFound ? `; ${result.notFound} not found` : "") + ".",
+      result.failed ? "error" : "info");
+    navigate("search", Object.fromEntries(new URLSearchParams(location.hash.split("?")[1] || "")));
+  } catch (error) {
+    notify(error.message, "error");
+  }
+}
+
+export { LEVELS };

@@ -1,0 +1,829 @@
+"""The web app in www/, end to end: Debian's chromium (headless), driven by Playwright, against
+the real daemon with generated studies.
+
+Every screen is visited as a user would: log in, search by free text and by fields, drill down
+Patient → Study → Series → Image, preview frames, dump, export a CSV and read it, unindex and
+remove, index a folder and watch its task reach 100%, add a move destination and C-ECHO it, create
+a user and log in as them, and use web UI plugins (menu, result-options, result-batch, settings).
+No test may leave an error in the browser console (failed requests included) unless it expects
+that very failure. Screenshots go to tests/artifacts/webapp/; with UPDATE_SCREENSHOTS=1 the ones
+the README shows are also written, shrunk, to docs/screenshots/.
+"""
+
+import csv
+import io
+import os
+import pathlib
+import re
+import shutil
+import subprocess
+import textwrap
+
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+
+import studygen
+from conftest import ROOT, RunningDaemon, free_port, wait_until
+from restclient import Client, base_url
+
+pytest.importorskip("playwright.sync_api")
+from playwright.sync_api import expect, sync_playwright  # noqa: E402
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="needs Debian's chromium")
+BROWSER_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                "--disable-sync", "--no-first-run", "--disable-quic"]
+ADMIN_PASSWORD = "webapp-admin-1"
+ARTIFACTS = ROOT / "tests" / "artifacts" / "webapp"
+DOCS_SCREENSHOTS = ROOT / "docs" / "screenshots"
+MULTIFRAME = "examples_ybr_color.dcm"  # 30 frames, in pydicom's wheel
+
+# ---- test plugins: one per web UI slot, and one that fails to load ------------------------------
+
+PLUGINS = {
+    "hello.py": '''
+        """hello: a menu page (web app test plugin)."""
+        WEBUI = {"name": "hello", "version": "1.0.0",
+                 "dicoogle": {"slot-id": "menu", "caption": "Hello page", "module-file": "hello.js"}}
+    ''',
+    "hello.js": '''
+        module.exports = function () {
+          this.render = function (parent, slot) {
+            var p = document.createElement("p");
+            p.className = "hello-text";
+            p.textContent = "Hello from the " + slot.slotId + " slot of " + slot.pluginName;
+            parent.appendChild(p);
+          };
+        };
+    ''',
+    "counter.py": '''
+        """counter: a result-batch button that counts the selection (web app test plugin)."""
+        WEBUI = {"name": "counter", "version": "1.0.0",
+                 "dicoogle": {"slot-id": "result-batch", "caption": "Count selection", "module-file": "counter.js"}}
+    ''',
+    "counter.js": '''
+        module.exports = function () {
+          this.render = function (parent, slot) {
+            var out = document.createElement("p");
+            out.className = "counter-out";
+            out.textContent = "waiting";
+            parent.appendChild(out);
+            slot.addEventListener("result-selection-ready", function (event) {
+              var selected = event.detail.selected;
+              out.textContent = selected.contents.length + " " + selected.level + " selected of " +
+                event.detail.search.data.numResults + " for " + slot.data.query;
+            });
+            var done = document.createElement("button");
+            done.textContent = "Done counting";
+            done.onclick = function () { slot.dispatchEvent(new CustomEvent("hide")); };
+            parent.appendChild(done);
+          };
+        };
+    ''',
+    "tagger.py": '''
+        """tagger: a result-options cell per row (web app test plugin)."""
+        WEBUI = {"name": "tagger", "version": "1.0.0",
+                 "dicoogle": {"slot-id": "result-options", "caption": "Tag", "module-file": "tagger.js"}}
+    ''',
+    "tagger.js": '''
+        module.exports = function () {
+          this.render = function (parent, slot) {
+            var tag = document.createElement("span");
+            tag.className = "tag-cell";
+            tag.textContent = slot.data.type + ":" + (slot.data.uid || slot.data.patientId);
+            parent.appendChild(tag);
+          };
+        };
+    ''',
+    "prefs.py": '''
+        """prefs: a settings panel (web app test plugin)."""
+        SETTINGS = {"enabled": True, "greeting": "hi"}
+        WEBUI = {"name": "prefs", "version": "1.0.0",
+                 "dicoogle": {"slot-id": "settings", "caption": "Preferences", "module-file": "prefs.js"}}
+    ''',
+    "prefs.js": '''
+        module.exports = function () {
+          this.render = function (parent, slot) {
+            parent.textContent = "greeting is " + slot.data.settings.greeting;
+          };
+        };
+    ''',
+    "broken.py": '''
+        """broken: fails to load, on purpose."""
+        raise RuntimeError("broken on purpose")
+    ''',
+}
+
+
+# ---- fixtures -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory):
+    """A daemon holding 3 patients x 2 studies x 2 series x 3 images (CT and MR) and a 30-frame object."""
+    root = tmp_path_factory.mktemp("webapp")
+    plugins = root / "plugins"
+    plugins.mkdir()
+    for name, text in PLUGINS.items():
+        (plugins / name).write_text(textwrap.dedent(text).lstrip())
+    daemon = RunningDaemon(root / "data", args=["--plugins-dir", str(plugins)], env={"DICOOGLED_ADMIN_PASSWORD": ADMIN_PASSWORD}).start()
+    paths = studygen.generate(root / "generated", patients=3, studies=2, series=2, instances=3, modality="mixed")
+    paths.append(pathlib.Path(get_testdata_file(MULTIFRAME)))
+    assert set(daemon.store(*paths)) == {0}
+    daemon.root = root
+    yield daemon
+    daemon.stop()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=BROWSER_ARGS)
+        yield browser
+        browser.close()
+
+
+class App:
+    """One browser tab on the web app; collects console errors, failed requests and page errors."""
+
+    def __init__(self, browser, daemon, viewport=None):
+        self.daemon, self.base = daemon, base_url(daemon)
+        self.context = browser.new_context(viewport=viewport or {"width": 1280, "height": 860}, accept_downloads=True)
+        self.page = self.context.new_page()
+        self.page.set_default_timeout(20_000)
+        self.errors, self.allowed = [], []
+        self.page.on("console", self._console)
+        self.page.on("pageerror", lambda error: self.errors.append(f"page error: {error}"))
+
+    def _console(self, message):
+        if message.type != "error":
+            return
+        url = message.location.get("url", "")
+        if any(re.search(pattern, f"{message.text} {url}") for pattern in self.allowed):
+            return
+        self.errors.append(f"console: {message.text} ({url})")
+
+    def allow(self, pattern: str):
+        """Expect a failure (its console line matches pattern), e.g. a 400 the test provokes."""
+        self.allowed.append(pattern)
+
+    def open(self, hash_=""):
+        self.page.goto(f"{self.base}/{hash_}")
+        return self.page
+
+    def login(self, username="admin", password=ADMIN_PASSWORD, hash_=""):
+        page = self.open(hash_)
+        page.get_by_label("Username").fill(username)
+        page.get_by_label("Password").fill(password)
+        page.get_by_role("button", name="Log in").click()
+        expect(page.get_by_role("navigation", name="Main")).to_be_visible()
+        return page
+
+    def search(self, text):
+        page = self.page
+        box = page.get_by_role("combobox", name="Search")
+        box.fill(text)
+        box.press("Enter")
+        return page
+
+    def shot(self, name, docs=False):
+        """A screenshot in tests/artifacts/webapp/; with UPDATE_SCREENSHOTS=1 also docs/screenshots/."""
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        path = ARTIFACTS / f"{name}.png"
+        self.page.screenshot(path=str(path))
+        if docs and os.environ.get("UPDATE_SCREENSHOTS"):
+            DOCS_SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+            try:  # small PNGs for the repository: 256 colours are plenty for a quiet UI
+                from PIL import Image
+                Image.open(path).convert("RGB").quantize(256, dither=Image.Dither.NONE).save(DOCS_SCREENSHOTS / f"{name}.png", optimize=True)
+            except ImportError:
+                shutil.copy(path, DOCS_SCREENSHOTS / f"{name}.png")
+
+    def close(self):
+        self.context.close()
+
+
+@pytest.fixture
+def app(browser, archive):
+    tab = App(browser, archive)
+    yield tab
+    # Let requests under way finish, so their failures are seen here.
+    tab.page.wait_for_load_state("networkidle")
+    tab.close()
+    assert not tab.errors, "errors in the browser:\n" + "\n".join(tab.errors)
+
+
+def admin(daemon) -> Client:
+    client = Client(base_url(daemon))
+    client.login("admin", ADMIN_PASSWORD)
+    return client
+
+
+def instance(patient, study, series, number):
+    return studygen.make_instance(patient, study, series, number)
+
+
+# ---- login -----------------------------------------------------------------------------------------
+
+
+def test_login_refuses_bad_credentials_then_logs_in_and_out(app):
+    page = app.open()
+    expect(page.get_by_role("heading", name="Log in to dicoogled")).to_be_visible()
+    app.shot("login")
+    page.get_by_label("Username").fill("admin")
+    page.get_by_label("Password").fill("not the password")
+    app.allow(r"status of 401 .*/login")
+    page.get_by_role("button", name="Log in").click()
+    expect(page.get_by_role("alert")).to_have_text("Wrong username or password.")
+    page.get_by_label("Password").fill(ADMIN_PASSWORD)
+    page.get_by_role("button", name="Log in").click()
+    expect(page.get_by_role("link", name="Management")).to_be_visible()
+    # The token survives a reload (sessionStorage), not a logout.
+    page.reload()
+    expect(page.get_by_role("heading", name="Search")).to_be_visible()
+    assert page.evaluate("sessionStorage.getItem('dicoogled.token')")
+    page.get_by_role("button", name="Log out").click()
+    expect(page.get_by_text("You are logged out.")).to_be_visible()
+    assert page.evaluate("sessionStorage.getItem('dicoogled.token')") is None
+    page.reload()
+    expect(page.get_by_role("heading", name="Log in to dicoogled")).to_be_visible()
+
+
+# ---- search and results ---------------------------------------------------------------------------
+
+
+def test_free_text_search_drills_down_to_an_image_preview_and_dump(app, archive):
+    page = app.login()
+    app.search("doe")
+    results = page.locator("table.results")
+    expect(page.locator(".meta")).to_contain_text("1 patient")  # of 3 patients, one is DOE^JOHN
+    expect(results.locator("tbody tr")).to_have_count(1)
+    expect(results).to_contain_text("DOE, JOHN")
+    # The query stays in the hash, which never reaches the server.
+    assert "q=doe" in page.url and "#/search" in page.url
+    app.shot("search-patients", docs=True)
+
+    page.get_by_role("link", name="DOE, JOHN").click()
+    expect(page.locator(".meta")).to_contain_text("2 studies · 4 series")
+    expect(page.get_by_role("navigation", name="Breadcrumbs").get_by_role("listitem")).to_have_text(["Patients", "DOE, JOHN"])
+    first = instance(0, 0, 0, 0)
+    page.get_by_role("link", name=str(first.StudyDescription)).click()
+    expect(page.locator(".meta")).to_contain_text("2 series · 6 images")
+    app.shot("search-series")
+    page.get_by_role("link", name=str(first.SeriesDescription)).click()
+    expect(page.locator(".meta")).to_contain_text("3 images")
+    rows = page.locator("table.results tbody tr")
+    expect(rows).to_have_count(3)
+    # Thumbnails are rendered images, not broken ones.
+    page.wait_for_function("() => [...document.querySelectorAll('img.thumb')].every((i) => i.complete && i.naturalWidth > 0)")
+    expect(rows.first).to_contain_text(str(first.SOPInstanceUID))
+    app.shot("search-images", docs=True)
+
+    # Preview: the image, then the next one with Page Down.
+    rows.first.get_by_role("button", name="Preview", exact=True).click()
+    dialog = page.get_by_role("dialog", name="Preview")
+    expect(dialog).to_be_visible()
+    expect(dialog.locator(".preview-status")).to_have_text("Image 1 (1 of 3)")
+    page.wait_for_function("() => { const i = document.querySelector('img.preview'); return i && i.complete && i.naturalWidth > 0; }")
+    page.keyboard.press("PageDown")
+    expect(dialog.locator(".preview-status")).to_have_text("Image 2 (2 of 3)")
+    expect(dialog.locator(".frame-controls")).to_be_hidden()  # one frame
+    page.keyboard.press("Escape")
+    expect(dialog).to_be_hidden()
+
+    # Dump: every element, sequences collapsible, a filter.
+    rows.first.get_by_role("link", name="Dump").click()
+    expect(page.get_by_role("heading", name="All elements")).to_be_visible()
+    dump = page.locator("table.dump").first
+    expect(dump).to_contain_text("PatientName")
+    sequence = dump.locator("tr.sequence", has_text="ProcedureCodeSequence")
+    expect(sequence.locator("details").first).to_have_attribute("open", "")
+    app.shot("dump", docs=True)
+    sequence.locator("summary").first.click()
+    expect(sequence.locator("details").first).not_to_have_attribute("open", "")
+    page.get_by_label("Filter").fill("CodeMeaning")
+    expect(page.get_by_role("status").filter(has_text="match")).to_contain_text("1 element of")
+    expect(dump.locator("> tbody > tr")).to_have_count(1)  # only the sequence holding it
+    expect(dump).to_contain_text(str(first.ProcedureCodeSequence[0].CodeMeaning))
+    page.get_by_label("Filter").fill("no such element anywhere")
+    expect(dump).to_contain_text("No element matches.")
+
+
+def test_field_queries_sorting_and_selection(app):
+    page = app.login()
+    app.search("Modality:MR")
+    expect(page.locator(".meta")).to_contain_text("patients")
+    mr_patients = {p for p in range(3) for s in range(2) if studygen._study_modality("mixed", p, s) == "MR"}
+    expect(page.locator("table.results tbody tr")).to_have_count(len(mr_patients))
+    app.search("*:*")
+    rows = page.locator("table.results tbody tr")
+    expect(rows).to_have_count(4)  # 3 generated patients and the multi-frame object's
+    names = lambda: [rows.nth(i).locator("td").nth(2).inner_text() for i in range(rows.count())]  # noqa: E731
+    header = page.locator("th", has=page.get_by_role("button", name="Name"))
+    header.get_by_role("button").click()
+    expect(header).to_have_attribute("aria-sort", "ascending")
+    ascending = names()
+    assert ascending == sorted(ascending, key=str.lower)
+    header.get_by_role("button").click()
+    expect(header).to_have_attribute("aria-sort", "descending")
+    assert names() == ascending[::-1]
+    # Selection: one row, then all of them.
+    toolbar = page.get_by_role("toolbar", name="Actions on results")
+    expect(toolbar).to_contain_text("Nothing selected")
+    expect(toolbar.get_by_role("button", name="Unindex…")).to_be_disabled()
+    rows.first.get_by_role("checkbox").check()
+    expect(toolbar).to_contain_text("1 patient selected")
+    expect(toolbar.get_by_role("button", name="Unindex…")).to_be_enabled()
+    page.get_by_role("checkbox", name="Select every patient on this page").check()
+    expect(toolbar).to_contain_text("4 patients selected")
+    # A patient found by a field other than its name still opens.
+    app.search(f"PatientID:{instance(1, 0, 0, 0).PatientID}")
+    expect(rows).to_have_count(1)
+
+
+def test_keyword_autocompletion_after_and_or(app):
+    page = app.login()
+    box = page.get_by_role("combobox", name="Search")
+    box.fill("doe")
+    box.press_sequentially(" AND Pati")
+    listbox = page.get_by_role("listbox", name="Field names")
+    expect(listbox).to_be_visible()
+    expect(box).to_have_attribute("aria-expanded", "true")
+    expect(listbox.get_by_role("option").first).to_have_text("PatientName")
+    app.shot("autocomplete")
+    box.press("ArrowDown")
+    expect(listbox.get_by_role("option").first).to_have_attribute("aria-selected", "true")
+    box.press("Enter")
+    expect(box).to_have_value("doe AND PatientName:")
+    expect(listbox).to_be_hidden()
+    box.press_sequentially("doe OR Moda")
+    expect(listbox.get_by_role("option", name="Modality", exact=True)).to_be_visible()
+    box.press("Escape")
+    expect(listbox).to_be_hidden()
+    # Free text at the start is left alone.
+    box.fill("Pati")
+    expect(listbox).to_be_hidden()
+    # The help popover fills the box with an example.
+    page.get_by_role("button", name="Query syntax help").click()
+    help_ = page.get_by_role("dialog", name="Query syntax")
+    expect(help_).to_be_visible()
+    help_.get_by_role("button", name="PatientName:doe*").click()
+    expect(help_).to_be_hidden()
+    expect(box).to_have_value("PatientName:doe*")
+
+
+def test_a_bad_query_shows_the_apis_error_next_to_the_box(app):
+    page = app.login()
+    app.allow(r"status of 400 .*/searchDIM")
+    app.search("Modality:CT AND (")
+    error = page.locator(".query-error")
+    expect(error).to_contain_text("query ends where a term was expected at position 17")
+    expect(error.locator("mark")).to_have_class(re.compile("end"))
+    box = page.get_by_role("combobox", name="Search")
+    expect(box).to_have_attribute("aria-invalid", "true")
+    assert box.get_attribute("aria-describedby").split()[0] == error.get_attribute("id")
+    app.search('PatientName:doe ) AND Modality:CT')
+    expect(error).to_contain_text("unexpected ')' at position 16")
+    expect(error.locator("mark")).to_have_text(")")
+    assert box.evaluate("(input) => [input.selectionStart, input.selectionEnd]") == [16, 17]
+    expect(page.locator("table.results")).to_have_count(0)
+    app.shot("query-error", docs=True)
+    # Typing clears it.
+    box.press_sequentially("x")
+    expect(error).to_be_empty()
+    expect(box).not_to_have_attribute("aria-invalid", "true")
+
+
+def test_preview_plays_the_frames_of_a_multiframe_object(app):
+    ds = pydicom.dcmread(get_testdata_file(MULTIFRAME), stop_before_pixels=True)
+    page = app.login()
+    app.search(f"SeriesInstanceUID:{ds.SeriesInstanceUID}")
+    page.locator("table.results tbody a").first.click()
+    page.locator("table.results tbody a").first.click()
+    page.locator("table.results tbody a").first.click()
+    page.get_by_role("button", name="Preview", exact=True).click()
+    dialog = page.get_by_role("dialog", name="Preview")
+    slider = dialog.get_by_role("slider", name="Frame")
+    expect(slider).to_be_visible()
+    expect(slider).to_have_attribute("max", "29")
+    expect(dialog.locator(".preview-status")).to_contain_text("frame 1 of 30")
+    slider.focus()
+    dialog.get_by_role("button", name="Next frame").click()
+    dialog.get_by_role("button", name="Next frame").click()
+    expect(dialog.locator(".preview-status")).to_contain_text("frame 3 of 30")
+    picture = dialog.locator("img.preview")
+    expect(picture).to_have_attribute("src", re.compile(r"frame=2"))
+    page.wait_for_function("() => { const i = document.querySelector('img.preview'); return i.complete && i.naturalWidth === 320; }")
+    dialog.locator(".preview-body").focus()  # the slider takes arrow keys itself
+    page.keyboard.press("ArrowRight")
+    expect(dialog.locator(".preview-status")).to_contain_text("frame 4 of 30")
+    app.shot("preview-frames", docs=True)
+
+
+# ---- export ---------------------------------------------------------------------------------------------
+
+
+def test_export_csv_with_a_field_picker_and_presets(app, archive):
+    page = app.login()
+    app.search("doe")
+    page.get_by_role("button", name="Export CSV…").click()
+    dialog = page.get_by_role("dialog", name="Export to CSV")
+    expect(dialog).to_contain_text('every result of "doe"')
+    chips = dialog.get_by_role("list", name="Fields to export, in order")
+    # Start from two fields only: PatientName and Modality, then add one.
+    for chip in chips.locator("li").all_inner_texts():
+        name = chip.split("\n")[0].strip()
+        if name not in ("PatientName", "Modality"):
+            dialog.get_by_role("button", name=f"Remove {name}").click()
+    expect(chips.locator("li")).to_have_count(2)
+    dialog.get_by_label("Add a field").fill("NotAKeyword")
+    dialog.get_by_role("button", name="Add", exact=True).click()
+    expect(dialog.get_by_role("alert")).to_contain_text("Not a DICOM keyword: NotAKeyword")
+    dialog.get_by_label("Add a field").fill("InstanceNumber")
+    dialog.get_by_label("Add a field").press("Enter")
+    expect(chips.locator("li")).to_have_count(3)
+    dialog.get_by_label("Save these fields as").fill("three fields")
+    dialog.get_by_role("button", name="Save preset").click()
+    expect(dialog.get_by_role("status").filter(has_text="saved")).to_contain_text('Preset "three fields" saved.')
+    presets = admin(archive).get("/presets/admin").json()
+    assert {"name": "three fields", "fields": ["PatientName", "Modality", "InstanceNumber"]} in presets
+    dialog.get_by_role("button", name="Remove InstanceNumber").click()
+    dialog.get_by_label("Load").select_option("three fields")
+    expect(chips.locator("li")).to_have_count(3)
+    app.shot("export", docs=True)
+    with page.expect_download() as download_info:
+        dialog.get_by_role("button", name="Export CSV").click()
+    download = download_info.value
+    assert download.suggested_filename == "QueryResultsExport.csv"
+    lines = pathlib.Path(download.path()).read_text(encoding="utf-8").splitlines()
+    assert lines[0] == '"PatientName";"Modality";"InstanceNumber";'
+    rows = list(csv.reader(io.StringIO("\n".join(lines[1:])), delimiter=";"))
+    assert len(rows) == 12  # one patient: 2 studies x 2 series x 3 images
+    assert {row[0] for row in rows} == {"DOE^JOHN"}
+    assert sorted({int(row[2]) for row in rows}) == [1, 2, 3]
+    expect(dialog).to_be_hidden()
+
+
+def test_export_of_a_selection_covers_only_it(app):
+    page = app.login()
+    app.search("*:*")
+    page.locator("table.results tbody tr", has_text="DOE, JOHN").get_by_role("checkbox").check()
+    page.get_by_role("button", name="Export CSV…").click()
+    dialog = page.get_by_role("dialog", name="Export to CSV")
+    expect(dialog).to_contain_text("the 1 selected patient")
+    with page.expect_download() as download_info:
+        dialog.get_by_role("button", name="Export CSV").click()
+    text = pathlib.Path(download_info.value.path()).read_text(encoding="utf-8")
+    assert text.count("\n") == 13 and "DOE^JOHN" in text and "MÜLLER" not in text
+
+
+# ---- unindex and remove ----------------------------------------------------------------------------------
+
+
+def test_unindex_a_series_and_remove_an_image_after_confirming(app, archive):
+    client = admin(archive)
+    victims = [studygen.make_instance(7, 0, s, i, PatientName="UNINDEX^ME") for s in range(2) for i in range(2)]
+    assert archive.store(*victims) == [0] * 4
+    page = app.login()
+    app.search("PatientName:unindex*")
+    page.get_by_role("link", name="UNINDEX, ME").click()
+    page.locator("table.results tbody a").first.click()
+    rows = page.locator("table.results tbody tr")
+    expect(rows).to_have_count(2)
+    rows.first.get_by_role("checkbox").check()
+    page.get_by_role("button", name="Unindex…").click()
+    confirm = page.get_by_role("dialog", name="Unindex 1 series?")
+    expect(confirm).to_contain_text("Their files stay on disk")
+    confirm.get_by_role("button", name="Cancel").click()  # nothing happens
+    expect(confirm).to_be_hidden()
+    assert client.get("/search", query="PatientName:unindex*").json()["numResults"] == 4
+    page.get_by_role("button", name="Unindex…").click()
+    app.shot("confirm-unindex")
+    page.get_by_role("dialog", name="Unindex 1 series?").get_by_role("button", name="Unindex").click()
+    expect(page.locator(".notice")).to_contain_text("Unindexed 2 images.")
+    expect(rows).to_have_count(1)
+    assert client.get("/search", query="PatientName:unindex*").json()["numResults"] == 2
+    # Remove an image: its file goes.
+    rows.first.get_by_role("link").click()
+    image_rows = page.locator("table.results tbody tr")
+    expect(image_rows).to_have_count(2)
+    image_rows.first.get_by_role("checkbox").check()
+    path = client.get("/search", query=f"SOPInstanceUID:{image_rows.first.locator('.uid').inner_text()}").json()["results"][0]["uri"]
+    path = pathlib.Path(path.removeprefix("file://"))
+    assert path.exists()
+    page.get_by_role("button", name="Remove…").click()
+    page.get_by_role("dialog", name="Remove 1 image?").get_by_role("button", name="Delete the files").click()
+    expect(page.locator(".notice").last).to_contain_text("Removed 1 image.")
+    expect(image_rows).to_have_count(1)
+    assert not path.exists()
+
+
+# ---- indexer ------------------------------------------------------------------------------------------------
+
+
+def test_index_a_folder_and_watch_the_task_reach_100_percent(app, archive):
+    folder = archive.root / "to-index"
+    for patient in range(2):  # 40 files of two patients no other test searches for
+        for series in range(2):
+            for number in range(10):
+                path = studygen.instance_path(folder, patient, 0, series, number)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                ds = studygen.make_instance(patient, 0, series, number, seed=5, PatientName=f"INDEXED^FOLDER{patient}")
+                pydicom.dcmwrite(path, ds, enforce_file_format=True)
+    before = archive.counts()["instances"]
+    page = app.login(hash_="#/indexer")
+    expect(page.get_by_role("heading", name="Indexer")).to_be_visible()
+    expect(page.get_by_text("No tasks.")).to_be_visible()
+    page.get_by_label("Folder or file: URI").fill(str(folder))
+    page.get_by_role("button", name="Index", exact=True).click()
+    task = page.locator("article.task", has_text=folder.as_uri())
+    expect(task).to_be_visible()
+    expect(task.locator(".percent")).to_have_text("100%", timeout=60_000)
+    expect(task.locator(".badge")).to_have_text("finished")
+    expect(task).to_contain_text("40 files indexed")
+    assert task.locator("progress").evaluate("(bar) => bar.value") == 1
+    app.shot("indexer", docs=True)
+    assert archive.counts()["instances"] == before + 40
+    task.get_by_role("button", name="Close").click()
+    expect(task).to_have_count(0)
+    # A folder that does not exist: the API's reason, next to the form.
+    app.allow(r"status of 400 .*/management/tasks/index")
+    page.get_by_label("Folder or file: URI").fill(str(folder / "nowhere"))
+    page.get_by_role("button", name="Index", exact=True).click()
+    expect(page.get_by_role("alert")).to_contain_text("does not exist")
+
+
+def test_watched_folders_show_their_state(app, archive, tmp_path):
+    watched = tmp_path / "inbox"
+    watched.mkdir()
+    page = app.login(hash_="#/indexer")
+    section = page.get_by_role("region", name="Watched folders")
+    expect(section).to_contain_text("No folder is watched.")
+    section.get_by_label("Add a folder").fill(str(watched))
+    section.get_by_role("button", name="Watch").click()
+    row = section.locator("tr", has_text=str(watched))
+    expect(row).to_contain_text("watching")
+    assert str(watched) in archive.health()["watch"]["folders"]
+    row.get_by_role("button", name="Stop watching").click()
+    expect(section).to_contain_text("No folder is watched.")
+    assert archive.health()["watch"]["folders"] == []
+
+
+# ---- management -------------------------------------------------------------------------------------------
+
+
+class StoreSCP:
+    """A DCMTK storescp on a free loopback port: a move destination that answers C-ECHO."""
+
+    def __init__(self, folder: pathlib.Path, aet="STORESCP"):
+        self.port = free_port()
+        folder.mkdir()
+        self.process = subprocess.Popen(["storescp", "-aet", aet, "-od", str(folder), str(self.port)],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        import socket
+
+        def listening():
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=2).close()
+                return True
+            except OSError:
+                return self.process.poll() is not None and pytest.fail("storescp exited")
+        wait_until(listening, message="storescp to listen")
+
+    def stop(self):
+        self.process.terminate()
+        self.process.wait(10)
+
+
+@pytest.mark.skipif(shutil.which("storescp") is None, reason="needs DCMTK's storescp")
+def test_add_and_test_move_destinations(app, archive, tmp_path):
+    scp = StoreSCP(tmp_path / "received")
+    try:
+        page = app.login(hash_="#/management?tab=destinations")
+        expect(page.get_by_role("tab", name="Move destinations")).to_have_attribute("aria-selected", "true")
+        expect(page.get_by_text("No destination yet.")).to_be_visible()
+        form = page.locator("form", has=page.get_by_role("heading", name="Add a destination"))
+        for aet, port in (("STORESCP", scp.port), ("NOBODY", free_port())):
+            form.get_by_label("AE title").fill(aet)
+            form.get_by_label("Host").fill("127.0.0.1")
+            form.get_by_label("Port").fill(str(port))
+            form.get_by_label("Description").fill(f"{aet.lower()} test")
+            form.get_by_role("button", name="Add destination").click()
+            expect(page.locator("table.plain tbody tr", has_text=aet)).to_be_visible()
+        page.get_by_role("button", name="Test STORESCP with a C-ECHO").click()
+        row = page.locator("table.plain tbody tr", has_text="STORESCP")
+        expect(row.locator(".echo-result")).to_contain_text("answers C-ECHO")
+        page.get_by_role("button", name="Test NOBODY with a C-ECHO").click()
+        expect(page.locator("table.plain tbody tr", has_text="NOBODY").locator(".echo-result")).to_contain_text("did not answer", timeout=30_000)
+        app.shot("management-destinations", docs=True)
+        page.get_by_role("button", name="Remove NOBODY").click()
+        page.get_by_role("dialog", name="Remove NOBODY?").get_by_role("button", name="Remove").click()
+        expect(page.locator("table.plain tbody tr", has_text="NOBODY")).to_have_count(0)
+        assert [d["AETitle"] for d in admin(archive).get("/management/settings/storage/dicom").json()] == ["STORESCP"]
+        # A bad port is refused with the API's reason.
+        app.allow(r"status of 400 .*/management/settings/storage/dicom")
+        form.get_by_label("AE title").fill("BAD")
+        form.get_by_label("Port").fill("70000")
+        form.evaluate("(form) => form.noValidate = true")
+        form.get_by_role("button", name="Add destination").click()
+        expect(form.get_by_role("alert")).to_contain_text("Illegal port parameter")
+    finally:
+        scp.stop()
+        admin(archive).post("/management/settings/storage/dicom", data={"type": "remove", "aetitle": "STORESCP"})
+
+
+def test_management_tabs_services_syntaxes_limits_plugins_and_log(app, archive):
+    page = app.login(hash_="#/management")
+    expect(page.get_by_role("tab", name="DICOM service")).to_have_attribute("aria-selected", "true")
+    panel = page.get_by_role("tabpanel")
+    expect(panel).to_contain_text("running")
+    expect(panel.get_by_label("Port")).to_have_value(str(archive.dicom_port))
+    expect(panel.get_by_label("This archive's AE title")).to_have_value("DICOOGLED")
+    app.shot("management-service")
+    # Arrow keys move between tabs.
+    page.get_by_role("tab", name="DICOM service").focus()
+    page.keyboard.press("ArrowRight")
+    expect(page.get_by_role("tab", name="Move destinations")).to_have_attribute("aria-selected", "true")
+    expect(page.get_by_role("tab", name="Move destinations")).to_be_focused()
+
+    page.get_by_role("tab", name="Transfer syntaxes").click()
+    panel.get_by_label("Find a SOP class").fill("CT Image Storage")
+    syntax = panel.get_by_label(re.compile(r"^JPEGLossless "))  # JPEG Lossless, first-order prediction
+    expect(syntax.first).to_be_checked()
+    syntax.first.uncheck()
+    expect(panel.get_by_role("status")).to_contain_text("refused")
+    ct = next(c for c in admin(archive).get("/management/settings/transfer").json() if c["sop_name"] == "CT Image Storage")
+    assert [o["value"] for o in ct["options"] if o["name"] == "JPEGLossless"] == [False]
+    syntax.first.check()
+    expect(panel.get_by_role("status")).to_contain_text("accepted")
+
+    page.get_by_role("tab", name="Q/R limits").click()
+    panel.get_by_label("Simultaneous associations").fill("12")
+    panel.get_by_role("button", name="Save limits").click()
+    expect(panel.get_by_role("status")).to_contain_text("Saved")
+    assert admin(archive).get("/management/settings/dicom/query").json()["maxAssociations"] == 12
+
+    page.get_by_role("tab", name="Plugins").click()
+    table = panel.locator("table.plain")
+    expect(table).to_contain_text("hello")
+    expect(table.locator("tr", has_text="index")).to_contain_text("built in")
+    dead = panel.locator("section.dead")
+    expect(dead).to_contain_text("broken")
+    expect(dead).to_contain_text("broken on purpose")
+    expect(panel.locator("dicoogle-slot[data-slot-id=settings]")).to_have_text("greeting is hi")
+    app.shot("management-plugins", docs=True)
+    panel.get_by_role("button", name="Settings of prefs").click()
+    settings = page.get_by_role("dialog", name="Settings of prefs")
+    settings.get_by_label("greeting").fill("hello")
+    settings.get_by_role("button", name="Save settings").click()
+    expect(settings).to_be_hidden()
+    assert admin(archive).get("/plugins/prefs/settings").json()["greeting"] == "hello"
+    panel.get_by_role("button", name="Disable tagger").click()
+    expect(panel.get_by_role("button", name="Enable tagger")).to_be_visible()
+    assert admin(archive).get("/webui", **{"slot-id": "result-options"}).json()["plugins"] == []
+    panel.get_by_role("button", name="Enable tagger").click()
+    expect(panel.get_by_role("button", name="Disable tagger")).to_be_visible()
+
+    page.get_by_role("tab", name="Log").click()
+    log = panel.locator("pre.log")
+    expect(log).to_contain_text("INFO")
+    panel.get_by_label("Level").select_option("ERROR")
+    expect(log).to_contain_text("broken on purpose")  # the dead plugin's line
+    panel.get_by_label("Filter").fill("no line says this")
+    expect(log).to_have_text("")
+
+
+def test_users_create_and_log_in_as_them_without_management(app, archive, browser):
+    page = app.login(hash_="#/management?tab=users")
+    panel = page.get_by_role("tabpanel")
+    panel.get_by_label("Username").fill("reader")
+    panel.get_by_label("Password", exact=True).fill("reader-secret-1")
+    panel.get_by_role("button", name="Create user").click()
+    expect(panel.locator("table.plain")).to_contain_text("reader")
+    app.shot("management-users")
+    panel.get_by_role("button", name="Change the password of reader").click()
+    dialog = page.get_by_role("dialog", name="Password of reader")
+    dialog.get_by_label("New password").fill("reader-secret-2")
+    dialog.get_by_role("button", name="Change password").click()
+    expect(page.locator(".notice", has_text="The password of reader is changed.")).to_be_visible()
+
+    reader = App(browser, archive)
+    try:
+        page = reader.login("reader", "reader-secret-2")
+        sidebar = page.get_by_role("navigation", name="Main")
+        expect(sidebar.get_by_role("link", name="Search")).to_be_visible()
+        expect(sidebar.get_by_role("link", name="Management")).to_have_count(0)
+        expect(sidebar.get_by_role("link", name="Indexer")).to_have_count(0)
+        reader.search("doe")
+        expect(page.locator("table.results tbody tr")).to_have_count(1)
+        expect(page.get_by_role("button", name="Unindex…")).to_have_count(0)
+        reader.open("#/management")
+        expect(page.get_by_role("alert")).to_have_text("This page needs an administrator.")
+        reader.shot("refused-management")
+    finally:
+        reader.close()
+    assert not reader.errors, reader.errors
+
+    # Deleting them, after a confirmation.
+    app.page.get_by_role("button", name="Delete reader").click()
+    app.page.get_by_role("dialog", name="Delete reader?").get_by_role("button", name="Delete").click()
+    expect(panel.locator("table.plain")).not_to_contain_text("reader")
+
+
+# ---- plugins in the web app's slots ---------------------------------------------------------------------
+
+
+def test_menu_result_options_and_result_batch_plugins(app):
+    page = app.login()
+    page.get_by_role("navigation", name="Main").get_by_role("link", name="Hello page").click()
+    expect(page.locator("dicoogle-slot[data-slot-id=menu] .hello-text")).to_have_text("Hello from the menu slot of hello")
+    expect(page.get_by_role("link", name="Hello page")).to_have_attribute("aria-current", "page")
+    app.shot("plugin-menu")
+
+    page.get_by_role("navigation", name="Main").get_by_role("link", name="Search").click()
+    query = "PatientName:doe OR PatientName:smith OR PatientName:müller"
+    app.search(query)
+    rows = page.locator("table.results tbody tr")
+    expect(rows).to_have_count(3)
+    expect(rows.locator(".tag-cell").first).to_have_text(re.compile(r"^patient:P"))
+    rows.nth(0).get_by_role("checkbox").check()
+    rows.nth(2).get_by_role("checkbox").check()
+    page.get_by_role("button", name="Count selection").click()
+    dialog = page.get_by_role("dialog", name="Count selection")
+    expect(dialog.locator(".counter-out")).to_have_text(f"2 patient selected of 3 for {query}")
+    app.shot("plugin-result-batch", docs=True)
+    dialog.get_by_role("button", name="Done counting").click()
+    expect(dialog).to_be_hidden()
+    # At the study level the cells carry the study UID.
+    rows.first.locator("a").first.click()
+    expect(page.locator("table.results tbody .tag-cell").first).to_have_text(re.compile(r"^study:[0-9.]+$"))
+
+
+# ---- dashboard ----------------------------------------------------------------------------------------------
+
+
+def test_dashboard_counts_storage_and_plots(app, archive):
+    health = archive.health()
+    page = app.login(hash_="#/dashboard")
+    stats = page.get_by_role("region", name="What the archive holds")
+    expect(stats.locator(".stat", has_text="Studies")).to_contain_text(str(health["counts"]["studies"]))
+    expect(stats.locator(".stat", has_text="Images")).to_contain_text(str(health["counts"]["instances"]))
+    assert health["storage"]["bytes"] > 0
+    expect(stats.locator(".stat", has_text="Storage used")).to_contain_text(re.compile(r"\d+(\.\d)? (KB|MB)"))
+    # Nothing in the last 12 months, so all time is shown: every study, per year and per modality.
+    expect(page.get_by_label("Range")).to_have_value("all")
+    time_plot = page.locator("figure.plot", has_text="Studies per year")
+    expect(time_plot.locator("svg rect.bar").first).to_be_visible()
+    modality_plot = page.locator("figure.plot", has_text="Studies per modality")
+    expect(modality_plot.locator("svg rect.bar")).to_have_count(3)  # CT, MR and the multi-frame's US
+    counted = sum(int(n) for n in time_plot.locator("tbody td.number").all_text_contents())
+    assert counted == health["counts"]["studies"]
+    app.shot("dashboard", docs=True)
+    page.get_by_label("Range").select_option("custom")
+    page.get_by_label("From", exact=True).fill("2016-01-01")
+    page.get_by_label("To", exact=True).fill("2016-02-15")
+    page.get_by_role("button", name="Show").click()
+    expect(page.locator("figure.plot", has_text="Studies per day")).to_be_visible()
+
+
+# ---- layout and keyboard ------------------------------------------------------------------------------------
+
+
+def test_tablet_layout_and_keyboard_only_use(browser, archive):
+    tab = App(browser, archive, viewport={"width": 768, "height": 1024})
+    try:
+        page = tab.login()
+        # The sidebar becomes a bar above the page; nothing overflows sideways.
+        sidebar = page.get_by_role("navigation", name="Main").bounding_box()
+        assert sidebar["width"] > 700 and sidebar["height"] < 120
+        box = page.get_by_role("combobox", name="Search")
+        expect(box).to_be_focused()
+        page.keyboard.type("doe")
+        page.keyboard.press("Enter")
+        expect(page.locator("table.results tbody tr")).to_have_count(1)
+        assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+        tab.shot("tablet-search", docs=True)
+        # Tab to the patient's link and open it with Enter; focus is visible on the way.
+        for _ in range(30):
+            page.keyboard.press("Tab")
+            if page.evaluate("document.activeElement.textContent") == "DOE, JOHN":
+                break
+        assert page.evaluate("getComputedStyle(document.activeElement).outlineStyle") != "none"
+        page.keyboard.press("Enter")
+        expect(page.locator(".meta")).to_contain_text("2 studies")
+        assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+        # A dialog keeps focus inside it and gives it back when closed.
+        page.get_by_role("button", name="Export CSV…").focus()
+        page.keyboard.press("Enter")
+        dialog = page.get_by_role("dialog", name="Export to CSV")
+        expect(dialog).to_be_visible()
+        for _ in range(25):
+            page.keyboard.press("Tab")
+            assert page.evaluate("!!document.activeElement.closest('[role=dialog]')")
+        page.keyboard.press("Escape")
+        expect(dialog).to_be_hidden()
+        expect(page.get_by_role("button", name="Export CSV…")).to_be_focused()
+    finally:
+        tab.close()
+    assert not tab.errors, tab.errors
