@@ -168,14 +168,14 @@ def test_slow_writer_is_indexed_once_complete(watched):
     daemon, folder = watched
     data, uid = instance_bytes(0, 0, 0, 7)
     target = folder / "slow.dcm"
-    chunks = 12
+    chunks = 20
     step = -(-len(data) // chunks)
     started = time.monotonic()
     with open(target, "wb") as handle:
         for offset in range(0, len(data), step):
             handle.write(data[offset:offset + step])
             handle.flush()
-            time.sleep(0.3)  # a slow writer, not a wait for the daemon
+            time.sleep(0.15)  # a slow writer (well within the quiet period), not a wait for the daemon
             health = daemon.health()
             assert health["counts"]["instances"] == 0, f"indexed after {offset + step} of {len(data)} bytes"
             assert health["ingest"]["indexed"] == 0 and health["ingest"]["skipped"] == 0
@@ -446,8 +446,8 @@ def test_compressed_file_cut_short_is_skipped(watched, testdata):
     pixel_start = data.rindex(b"\xe0\x7f\x10\x00")
     cut = pixel_start + (len(data) - pixel_start) // 2  # inside the fragments
     (folder / "cut.dcm").write_bytes(data[:cut])
-    wait_until(lambda: skipped(daemon) == 1, message="the cut file to be skipped")
-    assert f"skipped {folder / 'cut.dcm'}: truncated file" in daemon.log
+    wait_until(lambda: f"skipped {folder / 'cut.dcm'}: truncated file" in daemon.log, message="the cut file to be skipped")
+    assert skipped(daemon) == 1
     assert found_uids(daemon) == []
 
 
