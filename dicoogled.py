@@ -181,6 +181,7 @@ connection_timeout = 30
 max_find_results = 0
 
 [http]
+# The HTTP listener (REST API, DICOMweb, web app) and how many requests it serves at once.
 host = 0.0.0.0
 port = 8080
 threads = 8
@@ -451,7 +452,8 @@ class Config:
     def load(cls, path=None, **overrides) -> "Config":
         """Read the embedded defaults, then the INI file at path, then data_dir/settings.ini (the
         settings changed at run time), then non-None overrides (the command-line flags)."""
-        parser = _ConfigParser(interpolation=None)
+        # A ';' after a value starts a comment (configparser would otherwise keep it in the value).
+        parser = _ConfigParser(interpolation=None, inline_comment_prefixes=(";",))
         parser.optionxform = str  # AE titles in [modalities] are case-sensitive
         parser.read_string(DEFAULT_CONFIG)
         if path:
@@ -2010,11 +2012,11 @@ class SearchQuery:
             self.index += 1
             group = self._unary()
             return ("not", group) if value == "-" else group
-        if kind == "word" and value[0] in "+-" and len(value) > 1:
-            # Lucene's required (+) and prohibited (-) prefixes.
+        if kind == "word" and value[0] in "+-!" and len(value) > 1:
+            # Lucene's required (+) and prohibited (- and !) prefixes.
             self.tokens[self.index] = ("word", value[1:], position + 1, None)
             atom = self._unary()
-            return ("not", atom) if value[0] == "-" else atom
+            return atom if value[0] == "+" else ("not", atom)
         return self._atom()
 
     def _atom(self):
@@ -2083,7 +2085,11 @@ def _search_field(name: str, position: int, extra_fields=frozenset()) -> str:
     for part in name.split("_"):
         if not part or not (tag_for_keyword(part) is not None or re.fullmatch(r"[0-9A-Fa-f]{8}", part)):
             raise SearchSyntaxError(f"unknown field {name!r} (fields are DICOM keywords such as PatientName)", position)
-    return "_".join(p.upper() if re.fullmatch(r"[0-9A-Fa-f]{8}", p) else p for p in name.split("_"))
+    def canonical(part):  # a standard tag given by number goes by its keyword, as the index keeps it
+        if re.fullmatch(r"[0-9A-Fa-f]{8}", part):
+            return keyword_for_tag(int(part, 16)) or part.upper()
+        return part
+    return "_".join(canonical(p) for p in name.split("_"))
 
 
 def _apply_field(keyword: str, node, position: int):
@@ -2529,6 +2535,16 @@ class ThumbnailCache:
             with contextlib.suppress(OSError):
                 os.unlink(tmp_name)
             raise
+
+    def purge(self, is_indexed) -> int:
+        """Delete the thumbnails of instances no longer indexed: pictures of patients stay on disk
+        no longer than the instances they show."""
+        removed = 0
+        for png in self.root.glob("*.png") if self.root.is_dir() else ():
+            if not is_indexed(png.stem):
+                png.unlink(missing_ok=True)
+                removed += 1
+        return removed
 
 
 # ============================================================================================
@@ -3981,11 +3997,12 @@ class Api:
         def decorator(handler):
             @functools.wraps(handler)
             def guarded(*args, **kwargs):
-                if access != PUBLIC:
+                # CORS preflights (OPTIONS) carry no credentials, by the browser's rules.
+                if access != PUBLIC and bottle.request.method != "OPTIONS":
                     self.require(access)
                 return handler(*args, **kwargs)
 
-            summary = (handler.__doc__ or "").strip().splitlines()[0] if handler.__doc__ else ""
+            summary = " ".join((handler.__doc__ or "").strip().split("\n\n")[0].split())
             for m in methods:
                 self.routes.append((m, path, access, summary))
                 self.docstrings[(m, path)] = handler.__doc__ or ""
@@ -4591,15 +4608,15 @@ def _plugin_routes(api: Api):
 
     methods = ["GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS"]
 
-    @api.route("/ext/<name>/", methods, access=PUBLIC)
-    @api.route("/ext/<name>/<rest:path>", methods, access=PUBLIC)
+    @api.route("/ext/<name>/", methods, access=READ)
+    @api.route("/ext/<name>/<rest:path>", methods, access=READ)
     def web_service(name, rest=""):
         """A plugin's web service: reads need a login, writes a login too (as the core's routes)."""
         plugin = manager.plugins.get(name)
         if plugin is None or not plugin.enabled or "routes" not in plugin.hooks:
             _fail(404, f"no web service plugin {name!r}")
-        if bottle.request.method != "OPTIONS":  # CORS preflights carry no credentials
-            api.require(READ if bottle.request.method in ("GET", "HEAD") else USER)
+        if bottle.request.method not in ("GET", "HEAD", "OPTIONS"):
+            api.require(USER)  # reads were checked by the route; writes need a user even when reads are open
         if plugin.web is None:
             plugin.web = bottle.Bottle()
             plugin.hooks["routes"](plugin.web)
@@ -4620,7 +4637,7 @@ def _plugin_routes(api: Api):
     for plugin in manager.plugins.values():
         if plugin.mount and not plugin.error:
             for path in (plugin.mount, plugin.mount + "/<rest:path>"):
-                api.route(path, methods, access=PUBLIC)(functools.partial(web_service, plugin.name))
+                api.route(path, methods, access=READ)(_mounted_service(web_service, plugin))
 
 
 def _web_app_routes(api: Api):
@@ -4638,6 +4655,14 @@ def _web_app_routes(api: Api):
         response = bottle.static_file(path, root=str(www))
         response.set_header("Cache-Control", "no-cache")  # a lab updates by git pull: always revalidate
         return response
+
+
+def _mounted_service(web_service, plugin: Plugin):
+    """web_service for one plugin, named and documented for /openapi.json."""
+    def mounted(rest=""):
+        return web_service(plugin.name, rest)
+    mounted.__doc__ = f"{plugin.name}: {plugin.description or 'a plugin web service'}"
+    return mounted
 
 
 def _viewer_routes(api: Api):
@@ -4754,7 +4779,7 @@ def _tags_xml(dataset: Dataset) -> bytes:
 
 def _image_routes(api: Api):
     daemon = api.daemon
-    thumbnails = ThumbnailCache(daemon.config.data_dir / "cache" / "thumbnails")
+    thumbnails = daemon.thumbnails
     http_log = logging.getLogger("dicoogled.http")
 
     def instance_of_request() -> tuple[str, str, str]:
@@ -5509,6 +5534,7 @@ class Daemon:
         self.finder = Finder(self.index)
         self.dicom = DicomServices(config, self.ingest, self.finder)
         self.users = Users(data_dir / "users.sqlite", config.session_idle_minutes)
+        self.thumbnails = ThumbnailCache(data_dir / "cache" / "thumbnails")
         self.users.ensure_admin(data_dir, os.environ.get("DICOOGLED_ADMIN_PASSWORD"))
         self.tasks = TaskManager(self.ingest)
         #: Query providers by name: callables(query text) -> [(uri, metadata)]; plugins add theirs.
@@ -5571,6 +5597,7 @@ class Daemon:
             reconcile(self.ingest, self.storage.root, "store", self.stopped)
             for scheme in set(self.storage.schemes) - {"file"}:
                 self.ingest.reconcile_scheme(scheme)
+            self.thumbnails.purge(lambda uid: self.index.instance_by_uid(uid) is not None)
         finally:
             self.reconciling -= 1
 

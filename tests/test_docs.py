@@ -185,16 +185,8 @@ def setting_lines(text: str):
             yield section_name, line.split("=")[0].strip(), documented
 
 
-#: Settings that have no comment yet; strict, so adding the comment turns the xfail into a failure
-#: that says to remove the name from here.
-UNCOMMENTED = {("http", "host"), ("http", "port"), ("http", "threads")}
-
-
 @pytest.mark.parametrize("section_name, key, documented", [
-    pytest.param(*entry, id=f"{entry[0]}.{entry[1]}",
-                 marks=[pytest.mark.xfail(strict=True, reason="DEFAULT_CONFIG: [http] host, port and threads have no comment")]
-                 if entry[:2] in UNCOMMENTED else [])
-    for entry in setting_lines(dicoogled.DEFAULT_CONFIG)])
+    pytest.param(*entry, id=f"{entry[0]}.{entry[1]}") for entry in setting_lines(dicoogled.DEFAULT_CONFIG)])
 def test_every_default_setting_has_a_comment(section_name, key, documented):
     assert documented, f"[{section_name}] {key} in DEFAULT_CONFIG has no comment above it"
 

@@ -854,14 +854,14 @@ def test_remove_deletes_files_and_unindexes(small_archive, tmp_path):
 
 #: What the reference (PR dicoogle/dicoogle#740) and dicoogled's design say each route needs.
 PUBLIC_ROUTES = {"/health", "/login", "/logout", "/openapi.json", "/welcome", "/"}
-PUBLIC_PREFIXES = ("/ext/", "/viewer", "/static/")  # the viewer's and web app's files hold no patient data
+PUBLIC_PREFIXES = ("/ext/version", "/viewer", "/static/")  # the viewer's and web app's files hold no patient data
 ADMIN_PREFIXES = ("/user", "/management/", "/plugins", "/index/task", "/logger")
 USER_ROUTES = {"/user/<username>/password", "/presets/<username>", "/presets/<username>/<name>"}
 
 
 def expected_access(method: str, path: str) -> str:
-    if path.startswith("/dicom-web") and method not in ("GET", "HEAD"):
-        return "user"  # STOW-RS writes
+    if path.startswith(("/dicom-web", "/ext/<name>")):
+        return "read"  # plugin web services: reads need a login, writes (STOW-RS) a user, checked inside
     if path in PUBLIC_ROUTES or path.startswith(PUBLIC_PREFIXES):
         return "public"
     if path in USER_ROUTES:
