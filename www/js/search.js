@@ -255,7 +255,9 @@ function columnsOf(level, params, context) {
     { label: "Image", key: null, cell: (image) => h("button", { type: "button", class: "thumb-button", "aria-label": `Preview image ${image.number ?? image.filename}`, onclick: () => context.preview(image) },
       h("img", { class: "thumb", loading: "lazy", alt: "", width: 64, height: 64, src: api.imageUrl(image.sopInstanceUID, { thumbnail: true }) })) },
     { label: "Number", key: (image) => image.number ?? -1, cell: (image) => image.number ?? "", class: "number" },
-    { label: "File", key: (image) => image.filename, cell: (image) => image.filename },
+    // The file name only where it says more than the UID (objects received are stored as <uid>.dcm).
+    ...(context.images.some((image) => image.filename !== `${image.sopInstanceUID}.dcm`)
+      ? [{ label: "File", key: (image) => image.filename, cell: (image) => h("span", { class: "path" }, image.filename) }] : []),
     { label: "SOP Instance UID", key: (image) => image.sopInstanceUID, cell: (image) => h("span", { class: "uid" }, image.sopInstanceUID) },
     { label: "Actions", key: null, cell: (image) => h("span", { class: "actions" },
       h("button", { type: "button", onclick: () => context.preview(image) }, "Preview"),
@@ -282,7 +284,7 @@ const slotData = {
 /** A sortable table with row selection: {element, pager}. Rows below patients page here. */
 function resultTable(level, rows, { params, selection, onSelect, options, viewer, images }) {
   let order = rows, page = 0;
-  const context = { viewer, preview: (image) => import("./preview.js").then((m) => m.preview(order, order.indexOf(image))) };
+  const context = { viewer, images: images || [], preview: (image) => import("./preview.js").then((m) => m.preview(order, order.indexOf(image))) };
   const columns = columnsOf(level, params, context);
   if (options) columns.push({ label: "Plugins", key: null, cell: (row) => h("span", { class: "slots" }, options(slotData[level](row))) });
   const tbody = h("tbody");
