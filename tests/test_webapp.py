@@ -44,6 +44,7 @@ MULTIFRAME = "examples_ybr_color.dcm"  # 30 frames, in pydicom's wheel
 PLUGINS = {
     "hello.py": '''
         """hello: a menu page (web app test plugin)."""
+        SETTINGS = {"enabled": False}  # enabled by the plugin test, so other screens stay plain
         WEBUI = {"name": "hello", "version": "1.0.0",
                  "dicoogle": {"slot-id": "menu", "caption": "Hello page", "module-file": "hello.js"}}
     ''',
@@ -59,6 +60,7 @@ PLUGINS = {
     ''',
     "counter.py": '''
         """counter: a result-batch button that counts the selection (web app test plugin)."""
+        SETTINGS = {"enabled": False}  # enabled by the plugin test, so other screens stay plain
         WEBUI = {"name": "counter", "version": "1.0.0",
                  "dicoogle": {"slot-id": "result-batch", "caption": "Count selection", "module-file": "counter.js"}}
     ''',
@@ -83,6 +85,7 @@ PLUGINS = {
     ''',
     "tagger.py": '''
         """tagger: a result-options cell per row (web app test plugin)."""
+        SETTINGS = {"enabled": False}  # enabled by the plugin test, so other screens stay plain
         WEBUI = {"name": "tagger", "version": "1.0.0",
                  "dicoogle": {"slot-id": "result-options", "caption": "Tag", "module-file": "tagger.js"}}
     ''',
@@ -299,7 +302,7 @@ def test_free_text_search_drills_down_to_an_image_preview_and_dump(app, archive)
     expect(dump).to_contain_text("PatientName")
     sequence = dump.locator("tr.sequence", has_text="ProcedureCodeSequence")
     expect(sequence.locator("details").first).to_have_attribute("open", "")
-    app.shot("dump", docs=True)
+    app.shot("dump")
     sequence.locator("summary").first.click()
     expect(sequence.locator("details").first).not_to_have_attribute("open", "")
     page.get_by_label("Filter").fill("CodeMeaning")
@@ -469,7 +472,10 @@ def test_open_in_viewer_where_the_viewer_is_installed(app, archive):
 
 
 def test_an_ended_session_goes_back_to_the_login(app, archive):
-    page = app.login()
+    # The first screen has asked all it asks (menu plugins, providers) before the session ends.
+    with app.page.expect_response(lambda response: "/webui?slot-id=menu" in response.url):
+        page = app.login()
+    expect(page.locator("select[name=provider] option")).to_have_count(2)
     token = page.evaluate("sessionStorage.getItem('dicoogled.token')")
     assert Client(base_url(archive), token).post("/logout").json() == {"success": True}
     app.allow(r"status of 401")
@@ -701,6 +707,13 @@ def test_management_tabs_services_syntaxes_limits_plugins_and_log(app, archive):
     expect(panel.get_by_label("Port")).to_have_value(str(archive.dicom_port))
     expect(panel.get_by_label("This archive's AE title")).to_have_value("DICOOGLED")
     app.shot("management-service")
+    panel.get_by_role("button", name="Stop the listener").click()
+    page.get_by_role("dialog", name="Stop the DICOM listener?").get_by_role("button", name="Stop").click()
+    expect(panel.locator(".badge")).to_have_text("stopped")
+    assert admin(archive).get("/management/dicom/storage").json()["isRunning"] is False
+    panel.get_by_role("button", name="Start the listener").click()
+    expect(panel.locator(".badge")).to_have_text("running")
+    assert archive.find({"PatientName": "DOE*", "StudyInstanceUID": ""})[1] == 0  # serving again
     # Arrow keys move between tabs.
     page.get_by_role("tab", name="DICOM service").focus()
     page.keyboard.press("ArrowRight")
@@ -726,24 +739,25 @@ def test_management_tabs_services_syntaxes_limits_plugins_and_log(app, archive):
 
     page.get_by_role("tab", name="Plugins").click()
     table = panel.locator("table.plain")
-    expect(table).to_contain_text("hello")
+    expect(table).to_contain_text("prefs")
     expect(table.locator("tr", has_text="index")).to_contain_text("built in")
     dead = panel.locator("section.dead")
     expect(dead).to_contain_text("broken")
     expect(dead).to_contain_text("broken on purpose")
     expect(panel.locator("dicoogle-slot[data-slot-id=settings]")).to_have_text("greeting is hi")
-    app.shot("management-plugins", docs=True)
+    app.shot("management-plugins")
     panel.get_by_role("button", name="Settings of prefs").click()
     settings = page.get_by_role("dialog", name="Settings of prefs")
     settings.get_by_label("greeting").fill("hello")
     settings.get_by_role("button", name="Save settings").click()
     expect(settings).to_be_hidden()
     assert admin(archive).get("/plugins/prefs/settings").json()["greeting"] == "hello"
+    panel.get_by_role("button", name="Enable tagger").click()
+    expect(panel.get_by_role("button", name="Disable tagger")).to_be_visible()
+    assert [p["name"] for p in admin(archive).get("/webui", **{"slot-id": "result-options"}).json()["plugins"]] == ["tagger"]
     panel.get_by_role("button", name="Disable tagger").click()
     expect(panel.get_by_role("button", name="Enable tagger")).to_be_visible()
     assert admin(archive).get("/webui", **{"slot-id": "result-options"}).json()["plugins"] == []
-    panel.get_by_role("button", name="Enable tagger").click()
-    expect(panel.get_by_role("button", name="Disable tagger")).to_be_visible()
 
     page.get_by_role("tab", name="Log").click()
     log = panel.locator("pre.log")
@@ -802,7 +816,18 @@ def test_users_create_and_log_in_as_them_without_management(app, archive, browse
 # ---- plugins in the web app's slots ---------------------------------------------------------------------
 
 
-def test_menu_result_options_and_result_batch_plugins(app):
+@pytest.fixture
+def slot_plugins(archive):
+    """The menu, result-options and result-batch test plugins, enabled for one test."""
+    client = admin(archive)
+    for name in ("hello", "counter", "tagger"):
+        assert client.post(f"/plugins/webui/{name}/enable").status == 200
+    yield
+    for name in ("hello", "counter", "tagger"):
+        client.post(f"/plugins/webui/{name}/disable")
+
+
+def test_menu_result_options_and_result_batch_plugins(app, slot_plugins):
     page = app.login()
     page.get_by_role("navigation", name="Main").get_by_role("link", name="Hello page").click()
     expect(page.locator("dicoogle-slot[data-slot-id=menu] .hello-text")).to_have_text("Hello from the menu slot of hello")
@@ -820,7 +845,7 @@ def test_menu_result_options_and_result_batch_plugins(app):
     page.get_by_role("button", name="Count selection").click()
     dialog = page.get_by_role("dialog", name="Count selection")
     expect(dialog.locator(".counter-out")).to_have_text(f"2 patient selected of 3 for {query}")
-    app.shot("plugin-result-batch", docs=True)
+    app.shot("plugin-result-batch")
     dialog.get_by_role("button", name="Done counting").click()
     expect(dialog).to_be_hidden()
     # At the study level the cells carry the study UID.
@@ -871,7 +896,7 @@ def test_tablet_layout_and_keyboard_only_use(browser, archive):
         page.keyboard.press("Enter")
         expect(page.locator("table.results tbody tr")).to_have_count(1)
         assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
-        tab.shot("tablet-search", docs=True)
+        tab.shot("tablet-search")
         # Tab to the patient's link and open it with Enter; focus is visible on the way.
         for _ in range(30):
             page.keyboard.press("Tab")

@@ -80,6 +80,7 @@ function loginView(note) {
 }
 
 function showUser() {
+  menuPlugins = null;  // another user may see other plugins (roles)
   const box = document.getElementById("user-box");
   box.hidden = !api.session.user;
   document.getElementById("user-name").textContent = api.session.user

@@ -28,7 +28,8 @@ export async function render(main) {
   const storage = health.storage || { bytes: NaN, by_origin: {} };
   const origins = Object.entries(storage.by_origin || {}).filter(([, bytes]) => bytes)
     .map(([origin, bytes]) => `${formatBytes(bytes)} ${ORIGINS[origin] || origin}`).join(" · ");
-  const card = (label, value, note) => h("div", { class: "stat card" }, h("span", { class: "stat-label" }, label), h("span", { class: "stat-value" }, value), note ? h("span", { class: "stat-note" }, note) : null);
+  const card = (label, value, note, kind = "") => h("div", { class: "stat card" }, h("span", { class: "stat-label" }, label),
+    h("span", { class: `stat-value ${kind}` }, value), note ? h("span", { class: "stat-note" }, note) : null);
   const preset = h("select", { id: "range-preset" },
     [["30d", "Last 30 days"], ["1y", "Last 12 months"], ["5y", "Last 5 years"], ["all", "All time"], ["custom", "Dates…"]].map(([value, label]) => h("option", { value }, label)));
   const from = h("input", { type: "date", "aria-label": "From" });
@@ -43,7 +44,7 @@ export async function render(main) {
       card("Series", counts.series.toLocaleString()),
       card("Images", counts.instances.toLocaleString()),
       card("Storage used", formatBytes(storage.bytes), origins || null),
-      card("DICOM", `${health.aet}`, `port ${health.dicom_port ?? "closed"} · ${plural(health.ingest.stored, "object")} received since start`)),
+      card("DICOM", health.aet, `port ${health.dicom_port ?? "closed"} · ${plural(health.ingest.stored, "object")} received since start`, "text")),
     h("section", { class: "card stack", "aria-labelledby": "plots-heading" },
       h("div", { class: "section-head" }, h("h2", { id: "plots-heading" }, "Studies"),
         h("form", { class: "inline", onsubmit: (e) => { e.preventDefault(); draw(); } }, field("Range", preset), custom,

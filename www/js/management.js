@@ -69,6 +69,7 @@ async function services(panel) {
         ` on ${service.hostname || "0.0.0.0"}:${service.port}.`),
       h("div", { class: "button-row" },
         actionButton(running ? "Stop the listener" : "Start the listener", async () => {
+          if (running && !await confirmDialog("Stop the DICOM listener?", "Modalities and viewers cannot store, query or retrieve until it is started again. Transfers under way finish first.", { confirm: "Stop", danger: true })) return;
           const result = await api.post("/management/dicom/storage", { running: String(!running) });
           notify(result.warning || (running ? "The DICOM listener is stopped." : "The DICOM listener is running."));
           services(panel);

@@ -5,7 +5,7 @@
 // <dicoogle-slot data-slot-id=.. data-plugin-name=..> element, sets its `data`, and calls the
 // instance's render(parent, slot) with that element as both. Slots:
 //   menu            a sidebar entry and its page (#/ext/<name>)
-//   result-options  a cell per result row; slot.data = {type: "patient", patientId, patientName}
+//   result-options  (or result-option) a cell per result row; slot.data = {type: "patient", patientId, patientName}
 //                   | {type: "study" | "series", uid} | {type: "image", uid, uri, instanceNumber}
 //   result-batch    a button under the results; its dialog's slot gets data {query, queryProvider,
 //                   results} and the event "result-selection-ready" with detail {search: {data},
@@ -90,13 +90,13 @@ export async function menuPluginView(main, name) {
 export async function resultOptions() {
   let plugins;
   try {
-    plugins = await pluginsFor("result-options");
+    plugins = await pluginsFor(["result-options", "result-option"]);  // Dicoogle's code says one, its README the other
   } catch {
     return null;
   }
   if (!plugins.length) return null;
   return (data) => plugins.map((plugin) => {
-    const slot = slotElement("result-options", plugin, data);
+    const slot = slotElement(plugin.dicoogle["slot-id"], plugin, data);
     mount(slot, plugin, data);
     return slot;
   });
