@@ -905,6 +905,10 @@ def test_tablet_layout_and_keyboard_only_use(browser, archive):
         assert page.evaluate("getComputedStyle(document.activeElement).outlineStyle") != "none"
         page.keyboard.press("Enter")
         expect(page.locator(".meta")).to_contain_text("2 studies")
+        # Focus moved to the new results, so the next Tab lands among them, not at the top.
+        expect(page.get_by_role("region", name="Results")).to_be_focused()
+        page.keyboard.press("Tab")
+        assert page.evaluate("!!document.activeElement.closest('.results-area')")
         assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
         # A dialog keeps focus inside it and gives it back when closed.
         page.get_by_role("button", name="Export CSV…").focus()
@@ -917,6 +921,14 @@ def test_tablet_layout_and_keyboard_only_use(browser, archive):
         page.keyboard.press("Escape")
         expect(dialog).to_be_hidden()
         expect(page.get_by_role("button", name="Export CSV…")).to_be_focused()
+        # Every other screen fits the tablet too (wide tables scroll inside their own box).
+        for hash_, ready in (("#/dashboard", "figure.plot"), ("#/indexer", "article.task, .tasks p"),
+                             *((f"#/management?tab={tab}", "[role=tabpanel] .card")
+                               for tab in ("services", "destinations", "transfer", "limits", "plugins", "users", "log"))):
+            tab.open(hash_)
+            expect(page.locator(ready).first).to_be_visible()
+            assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth"), hash_
+        tab.shot("tablet-management")
     finally:
         tab.close()
     assert not tab.errors, tab.errors

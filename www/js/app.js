@@ -130,6 +130,7 @@ async function route() {
     const module = await screen.load();
     if (generation !== routing) return;
     await module.render(main, { rest: current.rest, params: current.params });
+    if (document.activeElement === document.body) main.focus({ preventScroll: true });  // a new screen: start from it
   } catch (error) {
     if (generation === routing) clear(main, h("h1", {}, "Something went wrong"), message(error.message));
   }

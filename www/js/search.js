@@ -28,7 +28,7 @@ export async function render(main, { params }) {
     extra: [providerSelect],
     onSubmit: (text) => navigate("search", { q: text || "*:*", provider: providerSelect.value }),
   });
-  const results = h("section", { class: "results-area", "aria-label": "Results" });
+  const results = h("section", { class: "results-area", "aria-label": "Results", tabindex: "-1" });
   clear(main, h("h1", {}, "Search"), box.element, results);
   if (query === null) {
     results.append(introduction());
@@ -175,6 +175,8 @@ async function showResults(container, params, box) {
     h("p", { class: "meta" }, summary(view), ` · ${view.data.elapsedTime} ms`),
     toolbar, table.element, pager || table.pager);
   updateSelection();
+  // The link followed is gone: keyboard users go on from the results, not from the top.
+  if (document.activeElement === document.body || document.activeElement === null) container.focus({ preventScroll: true });
 }
 
 function rowsOf(view) {
