@@ -4611,12 +4611,12 @@ def _plugin_routes(api: Api):
     @api.route("/ext/<name>/", methods, access=READ)
     @api.route("/ext/<name>/<rest:path>", methods, access=READ)
     def web_service(name, rest=""):
-        """A plugin's web service: reads need a login, writes a login too (as the core's routes)."""
+        """A plugin's web service: reads need a login, writes a user (as the core's routes)."""
+        if bottle.request.method not in ("GET", "HEAD", "OPTIONS"):
+            api.require(USER)  # reads were checked by the route; writes need a user even when reads are open
         plugin = manager.plugins.get(name)
         if plugin is None or not plugin.enabled or "routes" not in plugin.hooks:
             _fail(404, f"no web service plugin {name!r}")
-        if bottle.request.method not in ("GET", "HEAD", "OPTIONS"):
-            api.require(USER)  # reads were checked by the route; writes need a user even when reads are open
         if plugin.web is None:
             plugin.web = bottle.Bottle()
             plugin.hooks["routes"](plugin.web)
