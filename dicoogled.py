@@ -63,7 +63,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_dataset
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
-from pynetdicom import AE, StoragePresentationContexts, build_context, evt, register_uid
+from pynetdicom import AE, StoragePresentationContexts, _config as pynetdicom_config, build_context, evt, register_uid
 from pynetdicom.service_class import ServiceClass, StorageServiceClass
 from pynetdicom.sop_class import uid_to_service_class
 from pynetdicom.pdu_primitives import MaximumLengthNotification
@@ -5642,6 +5642,8 @@ def _configure_logging(level: str):
     logging.captureWarnings(True)
     # pynetdicom logs every PDU at INFO; keep its messages for problems only.
     logging.getLogger("pynetdicom").setLevel(logging.WARNING if level != "DEBUG" else logging.DEBUG)
+    # ... and it formats every identifier for those INFO lines even when they are not logged.
+    pynetdicom_config.LOG_REQUEST_IDENTIFIERS = pynetdicom_config.LOG_RESPONSE_IDENTIFIERS = level == "DEBUG"
     # Received objects are stored as they are; odd values must not flood the log or fail a read.
     pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
     pydicom.config.settings.writing_validation_mode = pydicom.config.IGNORE
