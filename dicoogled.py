@@ -29,6 +29,7 @@ import importlib.util
 import io
 import json
 import logging
+import math
 import os
 import pathlib
 import re
@@ -4816,17 +4817,28 @@ def _image_routes(api: Api):
 
     @api.route("/dic2png")
     def dic2png():
-        """A frame of an instance as PNG: SOPInstanceUID or uri; frame (from 0); thumbnail (a flag)."""
+        """A frame of an instance as PNG: SOPInstanceUID or uri; frame (from 0); thumbnail (a flag).
+
+        windowCenter, windowWidth: a window of one's own (a preset such as lung or bone) instead of the file's
+        """
         uid, location, key = instance_of_request()
         frame = _int_param("frame", 0)
         thumbnail = bottle.request.params.get("thumbnail", "false").strip().lower() not in ("false", "0", "no", "off")
+        window = None
+        if bottle.request.params.get("windowCenter") or bottle.request.params.get("windowWidth"):
+            try:
+                window = (float(bottle.request.params["windowCenter"]), float(bottle.request.params["windowWidth"]))
+            except (KeyError, ValueError):
+                _fail(400, "windowCenter and windowWidth go together, as numbers")
+            if not window[1] > 0 or not all(map(math.isfinite, window)):
+                _fail(400, "windowWidth must be a positive number")
         edge = daemon.config.thumbnail_size if thumbnail else None
         key = f"{key} {edge}"
-        cacheable = thumbnail and frame == 0  # what result pages show
+        cacheable = thumbnail and frame == 0 and window is None  # what result pages show
         png = thumbnails.get(uid, key) if cacheable else None
         if png is None:
             try:
-                image = render_image(source_of(uid, location), frame)
+                image = render_image(source_of(uid, location), frame, window)
             except FrameOutOfRange as error:
                 _fail(400, str(error))
             except UnrenderableError as error:

@@ -194,6 +194,23 @@ def test_mr_window_from_the_file(archive):
     assert np.abs(image.astype(int) - expected).max() <= 1
 
 
+def test_a_window_of_ones_own_replaces_the_files(archive):
+    """windowCenter/windowWidth (the web app's presets) override the window stored in the file."""
+    image = png_of(archive, "ct_windowed", windowCenter="-600", windowWidth="1500")
+    hu = modality_values("ct_windowed")
+    expected = np.clip(((hu - (-600 - 0.5)) / (1500 - 1) + 0.5) * 255, 0, 255)
+    assert np.abs(image.astype(int) - expected).max() <= 1
+    assert not (image == png_of(archive, "ct_windowed")).all()
+
+
+@pytest.mark.parametrize("params", [{"windowCenter": "40"}, {"windowWidth": "400"},
+                                    {"windowCenter": "x", "windowWidth": "400"}, {"windowCenter": "40", "windowWidth": "0"},
+                                    {"windowCenter": "nan", "windowWidth": "400"}])
+def test_a_bad_window_is_400(archive, params):
+    response = get(archive, "/dic2png", SOPInstanceUID=archive.uids["ct"], **params)
+    assert response.status_code == 400 and "window" in response.json()["error"]
+
+
 def test_monochrome1_is_the_inverse_of_monochrome2(archive):
     assert (png_of(archive, "ct_mono1") == 255 - png_of(archive, "ct")).all()
 

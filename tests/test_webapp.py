@@ -292,6 +292,9 @@ def test_free_text_search_drills_down_to_an_image_preview_and_dump(app, archive)
     page.keyboard.press("PageDown")
     expect(dialog.locator(".preview-status")).to_have_text("Image 2 (2 of 3)")
     expect(dialog.locator(".frame-controls")).to_be_hidden()  # one frame
+    # A window preset re-renders the image with its own window.
+    with page.expect_response(lambda r: "/dic2png" in r.url and "windowCenter=-600" in r.url and r.status == 200):
+        dialog.get_by_label("Window preset").select_option(label="Lung")
     page.keyboard.press("Escape")
     expect(dialog).to_be_hidden()
 

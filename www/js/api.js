@@ -94,8 +94,9 @@ export async function logout() {
 
 /** The URL of a rendered frame, for <img> (which cannot send headers: the session cookie set at
  *  login authenticates it). Only the UID is in the URL. */
-export function imageUrl(sopInstanceUID, { thumbnail = false, frame = 0 } = {}) {
-  return "/dic2png" + queryString({ SOPInstanceUID: sopInstanceUID, thumbnail: thumbnail ? "true" : undefined, frame: frame || undefined });
+export function imageUrl(sopInstanceUID, { thumbnail = false, frame = 0, window = null } = {}) {
+  return "/dic2png" + queryString({ SOPInstanceUID: sopInstanceUID, thumbnail: thumbnail ? "true" : undefined, frame: frame || undefined,
+    windowCenter: window ? window[0] : undefined, windowWidth: window ? window[1] : undefined });
 }
 
 /** Fetch a file with the token and hand it to the browser as a download. */

@@ -1,13 +1,17 @@
 // The image preview: a rendered frame (GET /dic2png), the frames of a multi-frame object
 // (POST /dic2png tells how many), and the other images of the series, all from the keyboard.
-// The API renders with the object's own window (no windowing parameters), so there are no presets.
+// Window presets re-render grey images with a window of their own (windowCenter/windowWidth).
 
 import * as api from "./api.js";
 import { h, clear, modal } from "./dom.js";
 
+/** Common CT windows (center, width) in Hounsfield units; "As stored" uses the file's own. */
+const WINDOW_PRESETS = [["As stored", null], ["Soft tissue", [40, 400]], ["Lung", [-600, 1500]], ["Bone", [400, 1800]],
+  ["Brain", [40, 80]], ["Abdomen", [60, 400]]];
+
 /** Open the preview at images[index]; images are /searchDIM image objects of one series. */
 export function preview(images, index) {
-  let current = index, frame = 0, frames = 1, request = 0;
+  let current = index, frame = 0, frames = 1, request = 0, windowing = null;
   const picture = h("img", { class: "preview", alt: "" });
   const status = h("p", { class: "preview-status", "aria-live": "polite" });
   const error = h("div", { "aria-live": "assertive" });
@@ -21,6 +25,11 @@ export function preview(images, index) {
   const dumpLink = h("a", { class: "button", href: "#" }, "All elements");
   const fileLink = h("a", { class: "button", href: "#", download: "" }, "Download DICOM");
   const figure = h("figure", { class: "preview-figure" }, picture, status);
+  const presets = h("label", { class: "window-presets" }, "Window ",
+    h("select", { "aria-label": "Window preset", onchange: (event) => {
+        windowing = WINDOW_PRESETS[Number(event.target.value)][1];
+        showFrame(frame);
+      } }, WINDOW_PRESETS.map(([name], i) => h("option", { value: i }, name))));
 
   picture.addEventListener("error", () => clear(error, h("p", { class: "message error", role: "alert" },
     "This object cannot be shown as an image (it may hold no pixels, or use an unsupported compression).")));
@@ -36,7 +45,7 @@ export function preview(images, index) {
   function showFrame(value) {
     frame = Math.max(0, Math.min(frames - 1, value));
     slider.value = String(frame);
-    picture.src = api.imageUrl(images[current].sopInstanceUID, { frame });
+    picture.src = api.imageUrl(images[current].sopInstanceUID, { frame, window: windowing });
     describe();
   }
 
@@ -66,7 +75,7 @@ export function preview(images, index) {
 
   const body = h("div", { class: "preview-body", tabindex: "-1", autofocus: true },
     figure, error, frameControls,
-    h("div", { class: "button-row" }, previous, next, h("span", { class: "spacer" }), dumpLink, fileLink),
+    h("div", { class: "button-row" }, previous, next, presets, h("span", { class: "spacer" }), dumpLink, fileLink),
     h("p", { class: "muted small" }, "Keys: ← → frames, Page Up / Page Down images, Escape closes."));
   const dialog = modal("Preview", body, { wide: true });
   dialog.element.addEventListener("keydown", (event) => {
