@@ -5433,33 +5433,19 @@ def _management_routes(api: Api):
             return _json_response({"success": False, "error": str(error)}, 500)
         return {"success": True, **outcome}
 
+    # Storage and query/retrieve share one listener: Dicoogle's two service paths both control it.
     @api.route("/management/dicom/storage", access=ADMIN)
-    def storage_service():
+    @api.route("/management/dicom/query", access=ADMIN)
+    def listener_status():
         """The DICOM listener, which serves storage and query/retrieve alike: running, port, ..."""
         return service_status()
 
     @api.route("/management/dicom/storage", "POST", access=ADMIN)
-    def change_storage_service():
-        """Start or stop the DICOM listener, or change its port, hostname or autostart. It serves
-        storage and query/retrieve alike, so /management/dicom/query does the same.
+    @api.route("/management/dicom/query", "POST", access=ADMIN)
+    def change_listener():
+        """Start or stop the DICOM listener, or change its port, hostname or autostart.
 
         running: true opens the listener, false closes it (associations under way end first)
-        port: the DICOM port, 1..65535; an open listener moves to it at once
-        hostname: the address to listen on; empty for every interface
-        autostart: true to open the listener when dicoogled starts
-        """
-        return change_service()
-
-    @api.route("/management/dicom/query", access=ADMIN)
-    def query_service():
-        """The DICOM listener (the same as /management/dicom/storage)."""
-        return service_status()
-
-    @api.route("/management/dicom/query", "POST", access=ADMIN)
-    def change_query_service():
-        """Start or stop the DICOM listener, or change it (the same as /management/dicom/storage).
-
-        running: true opens the listener, false closes it
         port: the DICOM port, 1..65535; an open listener moves to it at once
         hostname: the address to listen on; empty for every interface
         autostart: true to open the listener when dicoogled starts
