@@ -898,9 +898,10 @@ def extract_metadata(dataset: Dataset) -> tuple[dict, list[str]]:
     return walk(dataset, None), words
 
 
-def make_record(dataset: Dataset, path: str, origin: str, size: int, mtime_ns: int) -> InstanceRecord:
-    """Build the index record of a data set read with stop_before_pixels."""
-    meta, words = extract_metadata(dataset)
+def make_record(dataset: Dataset, path: str, origin: str, size: int, mtime_ns: int, extracted=None) -> InstanceRecord:
+    """Build the index record of a data set read with stop_before_pixels; extracted is what
+    extract_metadata(dataset) gave, when the caller has it already."""
+    meta, words = extracted or extract_metadata(dataset)
     columns = {}
     for level in LEVELS:
         for keyword in LEVEL_ATTRIBUTES[level]:
@@ -1354,7 +1355,7 @@ class Ingest:
         self.listeners = []  #: callables(record, calling_aet), told of every indexed instance
         #: SOPInstanceUID -> paths of further copies skipped as duplicates, to index if the first goes.
         self.shadowed: dict[str, set[str]] = {}
-        #: callable(calling_aet, dataset) -> None to accept, or a DICOM status to refuse with
+        #: callable(calling_aet, tags) -> None to accept, or a DICOM status to refuse with
         self.store_filter = None
         #: callable(record) that may add searchable fields before a record is written
         self.enrich = None
@@ -1388,7 +1389,8 @@ class Ingest:
             if not all(uids):
                 raise IngestError("missing StudyInstanceUID, SeriesInstanceUID or SOPInstanceUID")
             path = self.storage.path_for(*uids)
-            refusal = self.store_filter(calling_aet, dataset) if self.store_filter else None
+            extracted = extract_metadata(dataset)  # once: for the store filters and for the index
+            refusal = self.store_filter(calling_aet, extracted[0]) if self.store_filter else None
             if refusal:
                 self.stats.failed += 1
                 self.log.info("a store filter refused %s from %s with 0x%04X", uids[2], calling_aet or "?", refusal)
@@ -1401,7 +1403,7 @@ class Ingest:
                 replaced = self.index.instance_by_uid(uids[2]) if self.duplicates == "overwrite" else None
                 location, size, mtime_ns = self.storage.store(path, uids[2], data)
                 self.stats.stored += 1
-                record = make_record(dataset, location, origin, size, mtime_ns)
+                record = make_record(dataset, location, origin, size, mtime_ns, extracted)
                 self._index(record, calling_aet)
                 if replaced and replaced[1] != location and self.storage.contains(pathlib.Path(replaced[1])):
                     pathlib.Path(replaced[1]).unlink(missing_ok=True)
@@ -2997,14 +2999,10 @@ class PluginManager:
         for plugin in self._active(hook):
             self._events.submit(self._call, plugin, hook, *args)
 
-    def store_filter(self, calling_aet: str, dataset: Dataset) -> int | None:
-        """None to accept the object, else the DICOM status to refuse it with."""
-        filters = self._active("incoming_store_filter")
-        if not filters:
-            return None
-        tags, _ = extract_metadata(dataset)
-        for plugin in filters:
-            verdict = self._call(plugin, "incoming_store_filter", calling_aet, tags)
+    def store_filter(self, calling_aet: str, tags: dict) -> int | None:
+        """None to accept the object (its indexed tags), else the DICOM status to refuse it with."""
+        for plugin in self._active("incoming_store_filter"):
+            verdict = self._call(plugin, "incoming_store_filter", calling_aet, dict(tags))
             if verdict is False:
                 return NOT_AUTHORIZED
             if isinstance(verdict, int) and not isinstance(verdict, bool) and verdict != SUCCESS:
