@@ -180,6 +180,46 @@ class RunningDaemon:
         return result
 
 
+class StoreSCP:
+    """A DCMTK storescp on a free loopback port: a C-MOVE or auto-routing destination that also
+    answers C-ECHO, accepting every transfer syntax it knows."""
+
+    def __init__(self, folder: pathlib.Path, aet="DEST"):
+        self.folder, self.aet, self.port = folder, aet, free_port()
+        folder.mkdir()
+        self.process = subprocess.Popen(["storescp", "+xa", "-aet", aet, "-od", str(folder), str(self.port)],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_until(self._listening, message="storescp to listen")
+
+    def _listening(self):
+        if self.process.poll() is not None:
+            raise AssertionError(f"storescp exited with {self.process.returncode}")
+        try:
+            socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+            return True
+        except OSError:
+            return False
+
+    def datasets(self) -> dict:
+        """SOPInstanceUID -> data set of every complete file storescp wrote."""
+        found = {}
+        for path in sorted(self.folder.iterdir()):
+            try:
+                ds = pydicom.dcmread(path)
+            except Exception:  # still being written
+                continue
+            found[str(ds.SOPInstanceUID)] = ds
+        return found
+
+    def received(self) -> set:
+        """SOPInstanceUIDs of the complete files storescp wrote."""
+        return set(self.datasets())
+
+    def stop(self):
+        self.process.terminate()
+        self.process.wait(10)
+
+
 def _set_nodelay(event):
     # Without TCP_NODELAY every small DIMSE message of the client waits for a delayed ACK.
     event.assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

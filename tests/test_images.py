@@ -6,8 +6,6 @@ and numpy, and grey levels are checked against the window arithmetic of PS3.3 C.
 computed independently of the daemon's code.
 """
 
-import os
-import pathlib
 import struct
 import time
 import zlib

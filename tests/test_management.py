@@ -7,16 +7,13 @@ validation (400 with a JSON reason) and for surviving a restart (data_dir/settin
 """
 
 import json
-import pathlib
 import shutil
 import socket
-import subprocess
 import urllib.error
 import urllib.parse
 import urllib.request
 import wsgiref.util
 
-import pydicom
 import pytest
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, build_context, build_role, evt
@@ -27,7 +24,7 @@ from pynetdicom.sop_class import (
 
 import dicoogled
 import studygen
-from conftest import free_port, make_identifier, wait_until
+from conftest import StoreSCP, free_port, make_identifier, wait_until
 
 ADMIN_PASSWORD = "management-secret-1"
 ADMIN_ENV = {"DICOOGLED_ADMIN_PASSWORD": ADMIN_PASSWORD}
@@ -148,29 +145,11 @@ def listening(port) -> bool:
         return False
 
 
-class StoreSCP:
-    """A DCMTK storescp on a free loopback port: a C-MOVE destination."""
-
-    def __init__(self, folder: pathlib.Path, aet="STORESCP"):
-        self.folder, self.aet, self.port = folder, aet, free_port()
-        folder.mkdir()
-        self.process = subprocess.Popen(["storescp", "+xa", "-aet", aet, "-od", str(folder), str(self.port)],
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_until(lambda: self.process.poll() is None and listening(self.port), message="storescp to listen")
-
-    def received(self) -> set:
-        return {str(pydicom.dcmread(path).SOPInstanceUID) for path in self.folder.iterdir()}
-
-    def stop(self):
-        self.process.terminate()
-        self.process.wait(10)
-
-
 @pytest.fixture
 def storescp(tmp_path):
     if shutil.which("storescp") is None:
         pytest.skip("DCMTK's storescp is not installed")
-    scp = StoreSCP(tmp_path / "received")
+    scp = StoreSCP(tmp_path / "received", "STORESCP")
     yield scp
     scp.stop()
 

@@ -10,11 +10,9 @@ data stay disabled unless a test's config enables them).
 import base64
 import io
 import json
-import os
 import pathlib
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import textwrap
@@ -27,7 +25,7 @@ import pydicom
 import pytest
 
 import studygen
-from conftest import ROOT, free_port, make_identifier, wait_until
+from conftest import ROOT, StoreSCP, make_identifier, wait_until
 
 sys.path.insert(0, str(ROOT))
 import dicoogled  # noqa: E402  (HOOKS and ORTHANC_CALLBACKS, for the docs meta-test)
@@ -116,42 +114,9 @@ def archive(start_daemon, tmp_path):
     return start
 
 
-class Destination:
-    """A DCMTK storescp on a free loopback port: the far end of auto-routing and C-MOVE."""
-
-    def __init__(self, folder: pathlib.Path, aet="DEST"):
-        self.folder, self.port = folder, free_port()
-        folder.mkdir()
-        self.process = subprocess.Popen(["storescp", "+xa", "-aet", aet, "-od", str(folder), str(self.port)],
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_until(self._listening, message="storescp to listen")
-
-    def _listening(self):
-        assert self.process.poll() is None, f"storescp exited with {self.process.returncode}"
-        try:
-            socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-            return True
-        except OSError:
-            return False
-
-    def received(self) -> set:
-        """SOPInstanceUIDs of the complete files storescp wrote."""
-        uids = set()
-        for path in self.folder.iterdir():
-            try:
-                uids.add(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
-            except Exception:  # still being written
-                pass
-        return uids
-
-    def stop(self):
-        self.process.terminate()
-        self.process.wait(10)
-
-
 @pytest.fixture
 def destination(tmp_path):
-    dest = Destination(tmp_path / "received")
+    dest = StoreSCP(tmp_path / "received")
     yield dest
     dest.stop()
 

@@ -6,13 +6,10 @@ assert exact sets of instances by label.
 """
 
 import base64
-import csv
 import io
 import json
-import os
 import pathlib
 import re
-import time
 import urllib.parse
 
 import pydicom

@@ -5,9 +5,7 @@ is done with DCMTK's getscu and with pynetdicom. Received instances are compared
 generated originals element by element, pixel data included.
 """
 
-import pathlib
 import socket
-import subprocess
 import time
 
 import pydicom
@@ -15,13 +13,12 @@ import pytest
 from pynetdicom import AE, _config as pynetdicom_config, build_role, evt
 from pynetdicom.sop_class import (
     CTImageStorage,
-    PatientRootQueryRetrieveInformationModelMove,
     StudyRootQueryRetrieveInformationModelGet,
     StudyRootQueryRetrieveInformationModelMove,
 )
 
 import studygen
-from conftest import AET, free_port, make_identifier, wait_until
+from conftest import AET, StoreSCP, free_port, make_identifier
 
 SUCCESS = 0x0000
 PENDING = 0xFF00
@@ -36,38 +33,9 @@ COUNTS = ("NumberOfRemainingSuboperations", "NumberOfCompletedSuboperations",
           "NumberOfFailedSuboperations", "NumberOfWarningSuboperations")
 
 
-class Destination:
-    """A DCMTK storescp on a free loopback port, accepting every transfer syntax it knows."""
-
-    def __init__(self, folder: pathlib.Path, aet=DEST):
-        self.folder, self.aet, self.port = folder, aet, free_port()
-        folder.mkdir()
-        self.process = subprocess.Popen(["storescp", "+xa", "-aet", aet, "-od", str(folder), str(self.port)],
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_until(self._listening, message="storescp to listen")
-
-    def _listening(self):
-        if self.process.poll() is not None:
-            raise AssertionError(f"storescp exited with {self.process.returncode}")
-        try:
-            socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-            return True
-        except OSError:
-            return False
-
-    def received(self) -> dict:
-        """SOPInstanceUID -> data set of every file storescp wrote."""
-        datasets = [pydicom.dcmread(path) for path in sorted(self.folder.iterdir())]
-        return {ds.SOPInstanceUID: ds for ds in datasets}
-
-    def stop(self):
-        self.process.terminate()
-        self.process.wait(10)
-
-
 @pytest.fixture
 def destination(tmp_path):
-    dest = Destination(tmp_path / "received")
+    dest = StoreSCP(tmp_path / "received", DEST)
     yield dest
     dest.stop()
 
@@ -174,7 +142,7 @@ def test_movescu_moves_every_instance_of_the_entity(archive, destination, model,
     output = result.stdout + result.stderr
     assert "Received Final Move Response (Success)" in output
     assert output.count("(Pending)") == len(expected)
-    assert_same_instances(destination.received(), expected)
+    assert_same_instances(destination.datasets(), expected)
     assert f"C-MOVE from DCMTK: {len(expected)} instances to {DEST}" in daemon.log
 
 
@@ -193,7 +161,7 @@ def test_move_responses_count_sub_operations(archive, destination):
     assert pending == [(PENDING, (total - done, done, 0, 0)) for done in range(1, total + 1)]
     final_status, (_, completed, failed, warning), _ = replies[-1]
     assert (final_status, completed, failed, warning) == (SUCCESS, total, 0, 0)
-    assert_same_instances(destination.received(), expected)
+    assert_same_instances(destination.datasets(), expected)
 
 
 def test_move_to_unknown_destination(archive, destination):
@@ -207,7 +175,7 @@ def test_move_to_unknown_destination(archive, destination):
         assoc.release()
     assert [status for status, _, _ in replies] == [MOVE_DESTINATION_UNKNOWN]
     assert "C-MOVE from VIEWER to unknown destination 'NOWHERE': add it under [modalities] as NOWHERE = host:port" in daemon.log
-    assert destination.received() == {}
+    assert destination.datasets() == {}
 
 
 MOVED_SYNTAXES = {  # pydicom's bundled file -> its transfer syntax, which must survive the move
@@ -237,7 +205,7 @@ def test_move_keeps_the_stored_transfer_syntax(start_daemon, destination, testda
     result = daemon.dcmtk("movescu", "-v", "-S", "-aem", DEST, "-k", "QueryRetrieveLevel=STUDY",
                           "-k", f"StudyInstanceUID={original.StudyInstanceUID}")
     assert "Received Final Move Response (Success)" in result.stdout + result.stderr
-    received = destination.received()
+    received = destination.datasets()
     assert list(received) == [original.SOPInstanceUID]
     copy = received[original.SOPInstanceUID]
     assert copy.file_meta.TransferSyntaxUID == MOVED_SYNTAXES[name]
@@ -270,7 +238,7 @@ def test_cancel_stops_a_move(start_daemon, destination, studies):
     assert all(status == PENDING for status, _ in replies[:-1])
     assert 3 <= completed < len(paths) // 2, "the move went on long after the cancel"
     assert remaining == len(paths) - completed - failed - warning
-    assert len(destination.received()) == completed
+    assert len(destination.datasets()) == completed
 
 
 # ---- C-GET ---------------------------------------------------------------------------------
@@ -358,7 +326,7 @@ def test_move_matching_nothing_succeeds_with_no_sub_operations(archive, destinat
     finally:
         assoc.release()
     assert [(status, counts[1:]) for status, counts, _ in replies] == [(SUCCESS, (0, 0, 0))]
-    assert destination.received() == {}
+    assert destination.datasets() == {}
 
 
 def test_move_to_a_destination_that_is_down_fails_at_once(start_daemon, studies):
@@ -391,7 +359,7 @@ def test_move_reports_a_missing_file_as_one_failed_sub_operation(archive, destin
                                               DEST, StudyRootQueryRetrieveInformationModelMove))
     finally:
         assoc.release()
-    assert set(destination.received()) == set(kept)
+    assert set(destination.datasets()) == set(kept)
     final_status, (remaining, completed, failed, warning), identifier = replies[-1]
     assert (final_status, completed, failed, warning) == (0xB000, len(kept), 1, 0)
     assert remaining in (None, 0)

@@ -16,7 +16,6 @@ import os
 import pathlib
 import re
 import shutil
-import subprocess
 import textwrap
 
 import pydicom
@@ -24,7 +23,7 @@ import pytest
 from pydicom.data import get_testdata_file
 
 import studygen
-from conftest import ROOT, RunningDaemon, free_port, wait_until
+from conftest import ROOT, RunningDaemon, StoreSCP, free_port
 from restclient import Client, base_url
 
 pytest.importorskip("playwright.sync_api")
@@ -642,32 +641,9 @@ def test_watched_folders_show_their_state(app, archive, tmp_path):
 # ---- management -------------------------------------------------------------------------------------------
 
 
-class StoreSCP:
-    """A DCMTK storescp on a free loopback port: a move destination that answers C-ECHO."""
-
-    def __init__(self, folder: pathlib.Path, aet="STORESCP"):
-        self.port = free_port()
-        folder.mkdir()
-        self.process = subprocess.Popen(["storescp", "-aet", aet, "-od", str(folder), str(self.port)],
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        import socket
-
-        def listening():
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=2).close()
-                return True
-            except OSError:
-                return self.process.poll() is not None and pytest.fail("storescp exited")
-        wait_until(listening, message="storescp to listen")
-
-    def stop(self):
-        self.process.terminate()
-        self.process.wait(10)
-
-
 @pytest.mark.skipif(shutil.which("storescp") is None, reason="needs DCMTK's storescp")
 def test_add_and_test_move_destinations(app, archive, tmp_path):
-    scp = StoreSCP(tmp_path / "received")
+    scp = StoreSCP(tmp_path / "received", "STORESCP")
     try:
         page = app.login(hash_="#/management?tab=destinations")
         expect(page.get_by_role("tab", name="Move destinations")).to_have_attribute("aria-selected", "true")
