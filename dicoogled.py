@@ -4248,13 +4248,15 @@ def search_index(daemon: "Daemon", text: str, limit: int | None = None, offset: 
 def _search_routes(api: Api):
     daemon = api.daemon
 
-    def providers_of_request() -> list[str]:
-        names = api.params("provider")
-        known = daemon.providers
+    def checked_providers(names) -> list[str]:
+        """Provider names, validated (400 for an unknown one), the built-in index by default."""
         for name in names:
-            if name not in known and name not in BUILTIN_PROVIDER_ALIASES:
+            if name not in daemon.providers and name not in BUILTIN_PROVIDER_ALIASES:
                 _fail(400, f"{name} is not a valid query provider")
         return [BUILTIN_PROVIDER if n in BUILTIN_PROVIDER_ALIASES else n for n in names] or [BUILTIN_PROVIDER]
+
+    def providers_of_request() -> list[str]:
+        return checked_providers(api.params("provider"))
 
     def query_of_request() -> str:
         query = bottle.request.params.get("query", "")
@@ -4423,25 +4425,17 @@ def _search_routes(api: Api):
                 return data["queryString"], lists[0], lists[1]
             except (ValueError, KeyError, TypeError, AttributeError) as error:
                 _fail(400, f"JSON-DATA is not valid: {error}")
-        fields = api.params("fields")
-        if len(fields) == 1 and fields[0].startswith("["):
-            try:
-                fields = [str(f) for f in json.loads(fields[0])]
-            except ValueError:
-                _fail(400, "fields must be a JSON array of keywords")
-        providers = api.params("providers")
-        if len(providers) == 1 and providers[0].startswith("["):
-            try:
-                providers = [str(p) for p in json.loads(providers[0])]
-            except ValueError:
-                _fail(400, "providers must be a JSON array of provider names")
-        return query_of_request(), fields, providers
+        return query_of_request(), list_param("fields", "keywords"), list_param("providers", "provider names")
 
-    def checked_providers(names):
-        for name in names:
-            if name not in daemon.providers and name not in BUILTIN_PROVIDER_ALIASES:
-                _fail(400, f"{name} is not a valid query provider")
-        return [BUILTIN_PROVIDER if n in BUILTIN_PROVIDER_ALIASES else n for n in names] or [BUILTIN_PROVIDER]
+    def list_param(name: str, what: str) -> list[str]:
+        """A repeated parameter, or one holding a JSON array (as the web app's export sends it)."""
+        values = api.params(name)
+        if len(values) == 1 and values[0].startswith("["):
+            try:
+                values = [str(v) for v in json.loads(values[0])]
+            except (ValueError, TypeError):
+                _fail(400, f"{name} must be a JSON array of {what}")
+        return values
 
     @api.route("/export", ["GET", "POST"])
     def export():
