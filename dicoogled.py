@@ -1557,12 +1557,35 @@ def _require_complete(handle, dataset: Dataset, file_size: int):
 # ============================================================================================
 
 
-class QueryError(Exception):
-    """An identifier that cannot be answered; status is the DICOM status."""
+class QueryError(ValueError):
+    """An identifier that cannot be answered; status is the DICOM status. Its text is ours and
+    fit for the client (never the database's)."""
 
     def __init__(self, message: str, status: int = UNABLE_TO_PROCESS):
         super().__init__(message)
         self.status = status
+
+
+def _balanced_sql(conditions: list[str], operator: str) -> str:
+    """Conditions joined by AND or OR as a balanced tree: SQLite allows expressions 1000 deep."""
+    if len(conditions) == 1:
+        return conditions[0]
+    middle = len(conditions) // 2
+    return f"({_balanced_sql(conditions[:middle], operator)} {operator} {_balanced_sql(conditions[middle:], operator)})"
+
+
+def _any_of(expression: str, operator: str, values: list[str], args: list) -> str:
+    """SQL true when `expression operator value` holds for one of values (operator = or GLOB).
+    A list travels as one JSON array (json_each), never as an OR of terms or a list of
+    parameters: SQLite allows expressions only 1000 deep and 32766 parameters, and C-FIND
+    lists of UIDs or names can be longer."""
+    if len(values) == 1:
+        args.append(values[0])
+        return f"{expression} {operator} ?"
+    args.append(json.dumps(values))
+    if operator == "=":
+        return f"{expression} IN (SELECT value FROM json_each(?))"
+    return f"EXISTS (SELECT 1 FROM json_each(?) WHERE {expression} {operator} value)"
 
 
 def _wildcard_regex(pattern: str, fold: bool) -> re.Pattern:
@@ -1742,16 +1765,12 @@ class Finder:
                 parts.append(f"substr({expression}, 1, {len(high)}) <= ?")
                 args.append(high)
             return "(" + " AND ".join(parts) + ")"
-        alternatives = []
-        for candidate in value.split("\\"):
-            if vr == "PN":
-                candidate = _fold(candidate)
-            if vr != "UI" and ("*" in candidate or "?" in candidate):
-                alternatives.append(f"{expression} GLOB ?")
-                args.append(_glob_escape(candidate))
-            else:
-                alternatives.append(f"{expression} = ?")
-                args.append(candidate)
+        candidates = [_fold(c) if vr == "PN" else c for c in value.split("\\")]
+        is_pattern = [vr != "UI" and ("*" in c or "?" in c) for c in candidates]
+        exact = [c for c, pattern in zip(candidates, is_pattern) if not pattern]
+        patterns = [_glob_escape(c) for c, pattern in zip(candidates, is_pattern) if pattern]
+        alternatives = ([_any_of(expression, "=", exact, args)] if exact else []) + \
+                       ([_any_of(expression, "GLOB", patterns, args)] if patterns else [])
         return "(" + " OR ".join(alternatives) + ")"
 
     def _fts_prefilter(self, key: Key) -> str | None:
@@ -1789,13 +1808,11 @@ class Finder:
                 expression = f"({sql})"
                 returned.append((key, ("column", expression)))
                 if key.value and key.keyword == "ModalitiesInStudy":
-                    modalities = key.value.split("\\")
-                    where.append(f"EXISTS (SELECT 1 FROM series x WHERE x.study_ref = st.id AND x.modality IN ({','.join('?' * len(modalities))}))")
-                    args.extend(modalities)
+                    modalities = _any_of("x.modality", "=", key.value.split("\\"), args)
+                    where.append(f"EXISTS (SELECT 1 FROM series x WHERE x.study_ref = st.id AND {modalities})")
                 elif key.value and key.keyword == "SOPClassesInStudy":
-                    classes = key.value.split("\\")
-                    where.append(f"EXISTS (SELECT 1 FROM instances y JOIN series x ON x.id = y.series_ref WHERE x.study_ref = st.id AND y.sop_class_uid IN ({','.join('?' * len(classes))}))")
-                    args.extend(classes)
+                    classes = _any_of("y.sop_class_uid", "=", key.value.split("\\"), args)
+                    where.append(f"EXISTS (SELECT 1 FROM instances y JOIN series x ON x.id = y.series_ref WHERE x.study_ref = st.id AND {classes})")
             else:
                 returned.append((key, ("meta", None)))
                 if not _is_universal(key.value):
@@ -1807,10 +1824,14 @@ class Finder:
         representative = "i.id" if level == "IMAGE" else f"{alias}.first_instance"
         sql = f"SELECT {representative}, {alias}.id{''.join(', ' + c for c in columns)} FROM {self._from_clause(level)}"
         if where:
-            sql += " WHERE " + " AND ".join(where)
+            sql += " WHERE " + _balanced_sql(where, "AND")
         sql += f" ORDER BY {alias}.id"
         needs_meta = any(kind == "meta" for _, (kind, _) in returned)
-        for row in self.index.reader.execute(sql, args):
+        reader = self.index.reader
+        if len(args) > reader.limit(apsw.SQLITE_LIMIT_VARIABLE_NUMBER, -1):
+            # One value per key (lists travel as one JSON array), so only a huge identifier gets here.
+            raise QueryError(f"the identifier has too many keys to match ({len(args)})")
+        for row in reader.execute(sql, args):
             if cancelled():
                 return
             meta = self.index.metadata(row[0]) if needs_meta else {}
@@ -2181,14 +2202,6 @@ def _meta_values(meta: dict, path: list[str]) -> list[str]:
 #: Main attributes and where they live, for search clauses answered by a column.
 SEARCH_COLUMNS = {k: f"{LEVEL_ALIASES[level]}.{_snake_case(k)}" for level in LEVELS for k in LEVEL_ATTRIBUTES[level]}
 SEARCH_COLUMNS["uri"] = "i.path"
-
-
-def _balanced_sql(conditions: list[str], operator: str) -> str:
-    """Conditions joined by AND or OR as a balanced tree: SQLite allows expressions 1000 deep."""
-    if len(conditions) == 1:
-        return conditions[0]
-    middle = len(conditions) // 2
-    return f"({_balanced_sql(conditions[:middle], operator)} {operator} {_balanced_sql(conditions[middle:], operator)})"
 
 
 def compile_search(query: SearchQuery) -> tuple[str, list, str | None]:
@@ -3132,6 +3145,14 @@ def _set_tcp_nodelay(event):
         event.assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
+def _failure_status(status: int, reason: str) -> Dataset:
+    """A failure status with its reason as the Error Comment (LO: 64 characters, no backslash)."""
+    response = Dataset()
+    response.Status = status
+    response.ErrorComment = reason.encode("ascii", "replace").decode().replace("\\", "/")[:64]
+    return response
+
+
 class DicomServices:
     """The DICOM listener (pynetdicom): verification, storage and query/retrieve."""
 
@@ -3345,7 +3366,7 @@ class DicomServices:
             yield SUCCESS, None
         except QueryError as error:
             self.log.warning("C-FIND from %s refused: %s", calling, error)
-            yield error.status, None
+            yield _failure_status(error.status, str(error)), None
         except Exception:
             self.log.exception("C-FIND from %s failed", calling)
             yield UNABLE_TO_PROCESS, None

@@ -31,6 +31,7 @@ import tempfile
 
 import bottle
 import pydicom
+from pydicom.datadict import keyword_for_tag
 from pydicom.encaps import get_frame
 
 # `dicoogle`, the plugin API, is set in this module by the plugin loader before the file runs.
@@ -84,6 +85,14 @@ def _uid(value: str, name: str) -> str:
     if not UID_PATTERN.match(value or "") or len(value) > 64:
         _error(400, f"{name} must be a UID, not {value[:80]!r}")
     return value
+
+
+def _attribute(name: str) -> str:
+    """One name per attribute: its keyword for a tag given as 8 hex digits (PatientID for
+    00100020), so that a tag and its keyword in one request are the same key."""
+    if re.fullmatch(r"[0-9A-Fa-f]{8}", name):
+        return keyword_for_tag(int(name, 16)) or name.upper()
+    return name
 
 
 def _base_url() -> str:
@@ -168,15 +177,18 @@ def _qido(level: str, fixed: dict):
         _error(406, "QIDO-RS answers application/dicom+json")
     limit = _int_param("limit", int(dicoogle.setting("max_results", 1000)))
     offset = _int_param("offset", 0)
-    keys = {keyword: "" for keyword in REQUIRED_KEYS[level]}
+    filters, included = {}, []
     for name in bottle.request.query.keys():
         values = bottle.request.query.getall(name)
         if name == "includefield":
             for value in ",".join(values).split(","):
-                keys.update({k: "" for k in ALL_KEYS} if value == "all" else {value: ""} if value else {})
+                included.extend(ALL_KEYS if value == "all" else [_attribute(value)] if value else [])
         elif name not in QIDO_CONTROL:
-            keys[name] = "\\".join(values).replace(",", "\\") if name.endswith("UID") else values[-1]
-    keys.update(fixed)
+            attribute = _attribute(name)
+            filters[attribute] = "\\".join(values).replace(",", "\\") if attribute.endswith("UID") else values[-1]
+    # Filters come last: an attribute both filtered and named in includefield is matched (and
+    # returned), never turned into a return-only key, whatever the order of the parameters.
+    keys = dict.fromkeys(REQUIRED_KEYS[level], "") | dict.fromkeys(included, "") | filters | fixed
     if bottle.request.query.get("fuzzymatching") == "true":
         bottle.response.set_header("Warning", '299 dicoogled "fuzzymatching is not supported; names match case- and accent-insensitively"')
     try:
@@ -188,7 +200,7 @@ def _qido(level: str, fixed: dict):
             if len(results) >= limit:
                 break
             results.append(_qido_json(level, dataset))
-    except Exception as error:  # an identifier C-FIND would refuse
+    except ValueError as error:  # keys C-FIND would refuse, with dicoogle.find's reason
         _error(400, str(error))
     bottle.response.content_type = DICOM_JSON
     return json.dumps(results)
