@@ -2699,7 +2699,10 @@ class PluginApi:
                 vr = dictionary_VR(tag)
             except KeyError:
                 vr = "LO"
-            identifier.add_new(tag, vr, [] if vr == "SQ" else value)
+            try:
+                identifier.add_new(tag, vr, [] if vr == "SQ" else value)
+            except ValueError:  # pydicom converts IS, DS and the binary VRs at once
+                raise QueryError(f"{key}: {value[:40]!r} is not a valid {vr} value", IDENTIFIER_DOES_NOT_MATCH) from None
         return self._daemon.finder.search(identifier, cancelled)
 
     def instances(self, study_uid: str, series_uid: str = "", sop_uid: str = "") -> list[tuple]:

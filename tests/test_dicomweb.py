@@ -5,12 +5,18 @@ import email.policy
 import io
 import pathlib
 import random
+import re
+import unicodedata
 
 import pydicom
 import pytest
 import requests
 from dicomweb_client.api import DICOMwebClient
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from pydicom.data import get_testdata_file
+from pynetdicom import AE
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
 
 import studygen
 from conftest import RunningDaemon, make_identifier
@@ -37,6 +43,7 @@ def archive(tmp_path_factory):
     extra = [get_testdata_file(n) for n in ("JPEG2000.dcm", "MR_small_RLE.dcm", "CT_small.dcm")]
     assert set(daemon.store(*extra)) == {0}
     daemon.paths = paths + [pathlib.Path(p) for p in extra]
+    daemon.datasets = [pydicom.dcmread(p, stop_before_pixels=True) for p in daemon.paths]
     daemon.client = client_for(daemon)
     yield daemon
     daemon.stop()
@@ -104,6 +111,168 @@ def test_qido_matching_is_c_find_matching(archive):
         found, status = archive.find(make_identifier("STUDY", StudyInstanceUID="", **keys))
         assert status == 0
         assert qido == {d.StudyInstanceUID for d in found}, keys
+
+
+#: Attributes a QIDO-RS search may filter or return at each level (its own and those above).
+QUERY_ATTRIBUTES = {
+    "studies": ("PatientID", "PatientName", "PatientSex", "StudyDate", "AccessionNumber", "StudyDescription",
+                "ReferringPhysicianName", "InstitutionName", "ModalitiesInStudy", "StudyInstanceUID"),
+    "series": ("PatientID", "PatientName", "StudyDate", "StudyDescription", "StudyInstanceUID", "Modality",
+               "SeriesDescription", "SeriesNumber", "BodyPartExamined", "SeriesInstanceUID"),
+    "instances": ("PatientID", "PatientName", "StudyInstanceUID", "Modality", "SeriesDescription",
+                  "SeriesInstanceUID", "InstanceNumber", "SliceLocation", "SOPInstanceUID"),
+}
+QIDO_LEVELS = {"studies": ("STUDY", "StudyInstanceUID"), "series": ("SERIES", "SeriesInstanceUID"),
+               "instances": ("IMAGE", "SOPInstanceUID")}
+
+
+def hex_tag(keyword: str) -> str:
+    return f"{pydicom.datadict.tag_for_keyword(keyword):08X}"
+
+
+def filter_values(datasets, keyword: str) -> list[str]:
+    """Values worth filtering on: the stored ones (UIDs also as lists), wildcards, date ranges."""
+    if keyword == "ModalitiesInStudy":
+        return ["CT", "MR", "NM", "CT\\MR", "PT"]
+    stored = sorted({str(d.get(keyword)) for d in datasets if d.get(keyword) not in (None, "")})
+    if keyword.endswith("UID"):
+        return stored[:4] + ["\\".join(stored[:3]), "\\".join(stored[-2:])]
+    if pydicom.datadict.dictionary_VR(keyword) in ("IS", "DS"):  # numbers take no wildcards
+        return stored[:6]
+    if keyword == "StudyDate":
+        return stored[:3] + ["20140101-20181231", "-20170101", "20190101-"]
+    return stored[:5] + sorted({v[:2] + "*" for v in stored})[:3] + ["*" + stored[0][-2:]]
+
+
+def c_find_uids(daemon, level: str, uid_key: str, filters: dict) -> set[str]:
+    identifier = make_identifier(level, **{uid_key: "", **filters})
+    if not all(str(v).isascii() for v in filters.values()):
+        identifier.SpecificCharacterSet = "ISO_IR 192"
+    found, status = daemon.find(identifier)
+    assert status == 0, filters
+    return {d.get(uid_key) for d in found}
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_qido_filters_with_random_includefields_are_c_find_matching(archive, data):
+    """Random filters with random includefields (the filtered attributes among them, as keywords
+    or tags, before or after the filters): QIDO-RS matches exactly what C-FIND matches, and
+    returns every included attribute."""
+    datasets = archive.datasets
+    resource = data.draw(st.sampled_from(sorted(QUERY_ATTRIBUTES)), label="resource")
+    level, uid_key = QIDO_LEVELS[resource]
+    attributes = QUERY_ATTRIBUTES[resource]
+    filtered = data.draw(st.lists(st.sampled_from(attributes), max_size=3, unique=True), label="filtered")
+    filters = {k: data.draw(st.sampled_from(filter_values(datasets, k)), label=k) for k in filtered}
+    included = data.draw(st.lists(st.sampled_from(filtered + list(attributes) + ["all"]), min_size=1, max_size=4, unique=True),
+                         label="includefield")
+    as_tag = data.draw(st.fixed_dictionaries({k: st.booleans() for k in filtered + included if k != "all"}), label="as tag")
+    named = {k: hex_tag(k) if as_tag.get(k) else k for k in filtered + included}
+    params = [(named[k], v.replace("\\", ",") if k.endswith("UID") else v) for k, v in filters.items()]
+    if data.draw(st.booleans(), label="one includefield"):
+        params.append(("includefield", ",".join(named[k] for k in included)))
+    else:
+        params.extend(("includefield", named[k]) for k in included)
+    params = data.draw(st.permutations(params), label="order")
+    response = requests.get(url(archive, f"/{resource}"), params=params, auth=AUTH)
+    assert response.status_code == 200, response.text
+    results = response.json()
+    uid_tag = hex_tag(uid_key)
+    assert {r[uid_tag]["Value"][0] for r in results} == c_find_uids(archive, level, uid_key, filters)
+    for keyword in included:
+        if keyword != "all":
+            assert all(hex_tag(keyword) in r for r in results), keyword
+
+
+@pytest.mark.parametrize("resource, keyword, value", [
+    ("studies", "PatientID", "P0000000000"), ("studies", "ModalitiesInStudy", "MR"), ("instances", "SliceLocation", "-95"),
+])
+@pytest.mark.parametrize("include_as_tag", [True, False])
+def test_qido_filter_also_named_in_includefield_still_filters(archive, resource, keyword, value, include_as_tag):
+    """Viewers name the attributes they filter on in includefield: the filter must still hold."""
+    alone = requests.get(url(archive, f"/{resource}"), params={keyword: value}, auth=AUTH).json()
+    everything = requests.get(url(archive, f"/{resource}"), auth=AUTH).json()
+    included = requests.get(url(archive, f"/{resource}"), auth=AUTH,
+                            params=[(keyword, value), ("includefield", hex_tag(keyword) if include_as_tag else keyword)]).json()
+    assert 0 < len(alone) < len(everything)
+    assert included == alone
+
+
+def find_with_comment(daemon, identifier) -> tuple[list, int, str]:
+    """C-FIND with pynetdicom: (matches, final status, its Error Comment or '')."""
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+    assoc = ae.associate("127.0.0.1", daemon.dicom_port, ae_title="DICOOGLED")
+    assert assoc.is_established
+    matches = []
+    try:
+        for status, dataset in assoc.send_c_find(identifier, StudyRootQueryRetrieveInformationModelFind):
+            assert status is not None and "Status" in status, "no C-FIND response"
+            if status.Status in (0xFF00, 0xFF01):
+                matches.append(dataset)
+            else:
+                return matches, status.Status, str(status.get("ErrorComment", ""))
+    finally:
+        assoc.release()
+    raise AssertionError("C-FIND ended without a final status")
+
+
+def fold(text: str) -> str:
+    decomposed = unicodedata.normalize("NFKD", text.casefold())
+    return "".join(c for c in decomposed if not unicodedata.combining(c))
+
+
+def name_matches(pattern: str, name: str) -> bool:
+    """The reference PN filter: case- and accent-insensitive, '*' and '?' wildcards, whole value."""
+    regex = "".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in fold(pattern))
+    return re.fullmatch(regex, fold(name), re.DOTALL) is not None
+
+
+@pytest.mark.parametrize("resource", ["studies", "instances"])
+def test_uid_list_of_2000_values_answers_like_a_reference_filter(archive, resource):
+    """2,000 UIDs in one list (SQLite allows 1,000-deep expressions): C-FIND and QIDO-RS answer it."""
+    level, uid_key = QIDO_LEVELS[resource]
+    stored = sorted({str(d.get(uid_key)) for d in archive.datasets})
+    wanted = stored[::3]
+    candidates = [f"1.2.826.0.1.3680043.9.{n}" for n in range(2000 - len(wanted))]
+    for position, uid in enumerate(wanted):
+        candidates.insert(position * 97, uid)
+    assert len(candidates) == 2000
+    expected = set(wanted)
+    found, status, comment = find_with_comment(archive, make_identifier(level, **{uid_key: "\\".join(candidates)}))
+    assert (status, comment) == (0, "")
+    assert {d.get(uid_key) for d in found} == expected
+    response = requests.get(url(archive, f"/{resource}"), params={uid_key: ",".join(candidates)}, auth=AUTH)
+    assert response.status_code == 200, response.text
+    assert uids(response.json(), hex_tag(uid_key)) == expected
+
+
+def test_patient_name_with_1000_backslashes_answers_like_a_reference_filter(archive):
+    """1,001 names and patterns in one PN key (1,000 backslashes): C-FIND and QIDO-RS answer it."""
+    patterns = [f"NOBODY^N{n:04d}" for n in range(500)] + [f"NOBODY*{n:04d}" for n in range(498)]
+    patterns[100:100] = ["doe^john", "müller*", "*^mr?"]
+    assert len(patterns) == 1001
+    expected = {str(d.StudyInstanceUID) for d in archive.datasets if any(name_matches(p, str(d.PatientName)) for p in patterns)}
+    assert 2 <= len(expected) < len({d.StudyInstanceUID for d in archive.datasets})
+    identifier = make_identifier("STUDY", StudyInstanceUID="", SpecificCharacterSet="ISO_IR 192", PatientName="\\".join(patterns))
+    found, status, comment = find_with_comment(archive, identifier)
+    assert (status, comment) == (0, "")
+    assert {d.StudyInstanceUID for d in found} == expected
+    response = requests.get(url(archive, "/studies"), params={"PatientName": "\\".join(patterns)}, auth=AUTH)
+    assert response.status_code == 200, response.text
+    assert uids(response.json(), "0020000D") == expected
+
+
+def test_an_identifier_too_large_to_match_is_refused_with_our_reason(archive):
+    """33,000 keys to match exceed what one SQLite statement takes: 0xC001 with our reason."""
+    identifier = make_identifier("STUDY", StudyInstanceUID="")
+    for n in range(33_000):
+        identifier.add_new((0x0011 + 2 * (n // 256)) << 16 | (0x1000 + n % 256), "LO", "x")
+    found, status, comment = find_with_comment(archive, identifier)
+    assert (found, status) == ([], 0xC001)
+    assert comment.startswith("the identifier has too many keys"), comment
+    assert "SQL" not in comment and "variables" not in comment
 
 
 def test_qido_tag_keys_uid_lists_includefield_limit_offset(archive):
