@@ -2688,7 +2688,8 @@ class PluginApi:
 
     def find(self, level: str, keys: dict, cancelled=lambda: False):
         """C-FIND matching on the index, the same rules as the DICOM service: yields response
-        data sets. keys maps keywords (or 8-hex tags) to DICOM query values ('' returns a key)."""
+        data sets. keys maps keywords (or 8-hex tags) to DICOM query values ('' returns a key).
+        Keys that cannot be answered raise QueryError, a ValueError whose text is fit for the caller."""
         identifier = Dataset()
         identifier.QueryRetrieveLevel = level
         for key, value in keys.items():

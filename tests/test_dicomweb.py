@@ -8,6 +8,7 @@ import random
 import re
 import unicodedata
 
+import apsw
 import pydicom
 import pytest
 import requests
@@ -20,6 +21,7 @@ from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
 
 import studygen
 from conftest import RunningDaemon, make_identifier
+from restclient import ADMIN_ENV, ADMIN_PASSWORD, admin_client
 
 PASSWORD = "dicomweb-secret"
 AUTH = ("admin", PASSWORD)
@@ -273,6 +275,25 @@ def test_an_identifier_too_large_to_match_is_refused_with_our_reason(archive):
     assert (found, status) == ([], 0xC001)
     assert comment.startswith("the identifier has too many keys"), comment
     assert "SQL" not in comment and "variables" not in comment
+
+
+def test_a_database_failure_reaches_no_client_as_database_text(start_daemon, testdata):
+    """The database's own words stay in the log: QIDO-RS, C-FIND and /search answer a failure
+    of the index (here its full-text table gone) with the standard status and a reason of ours."""
+    daemon = start_daemon(env=ADMIN_ENV)
+    assert daemon.store(testdata("CT_small.dcm")) == [0]
+    connection = apsw.Connection(str(daemon.data_dir / "index.sqlite"))
+    connection.execute("DROP TABLE metadata")
+    connection.close()
+    database_words = re.compile(r"no such table|metadata|sqlite|SQL", re.IGNORECASE)
+    response = requests.get(url(daemon, "/studies"), params={"StationName": "CT*"}, auth=("admin", ADMIN_PASSWORD))
+    assert response.status_code == 500
+    assert not database_words.search(response.text), response.text
+    found, status, comment = find_with_comment(daemon, make_identifier("STUDY", StudyInstanceUID="", StationName="CT*"))
+    assert (found, status) == ([], 0xC001) and not database_words.search(comment), comment
+    search = admin_client(daemon).get("/search", query="StationName:CT*")
+    assert search.status == 500 and not database_words.search(search.text), search.text
+    assert daemon.log.count("no such table: metadata") >= 3  # each failure logged, with the database's words
 
 
 def test_qido_tag_keys_uid_lists_includefield_limit_offset(archive):
