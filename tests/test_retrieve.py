@@ -299,6 +299,18 @@ def test_get_with_scp_role_retrieves_everything(archive):
     assert all(ds.PatientID == patient_id for ds in received.values())
 
 
+def test_get_with_a_list_of_2000_study_uids(archive):
+    """C-GET matches as C-FIND does: a list longer than SQLite's 1,000-deep expressions works."""
+    daemon, instances = archive
+    expected = select(instances, patient=1)
+    study_uids = sorted({ds.StudyInstanceUID for ds in expected.values()})
+    candidates = [f"1.2.826.0.1.3680043.9.{n}" for n in range(2000 - len(study_uids))] + study_uids
+    replies, received = _get(daemon, make_identifier("STUDY", StudyInstanceUID="\\".join(candidates)), with_scp_role=True)
+    final_status, (_, completed, failed, warning), _ = replies[-1]
+    assert (final_status, completed, failed, warning) == (SUCCESS, len(expected), 0, 0)
+    assert set(received) == set(expected)
+
+
 def test_get_without_scp_role_fails_its_sub_operations(archive):
     daemon, instances = archive
     expected = select(instances, patient=1, study=0)
