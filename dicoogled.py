@@ -3787,6 +3787,7 @@ class Users:
             self._db.execute(USERS_SCHEMA)
         #: (username, SHA-256 of a password) -> (until when, the credentials stamp it was good for).
         self._basic_cache: dict[tuple[str, bytes], tuple[float, str]] = {}
+        self._basic_cache_lock = threading.Lock()
 
     def _migrate(self):
         """Give users of an older users.sqlite a credentials stamp; end the sessions opened
@@ -3935,20 +3936,20 @@ class Users:
         request do not pay for scrypt each time. What it remembers holds only while the user's
         credentials stamp is the one the password was checked under."""
         key = (username, hashlib.sha256(password.encode("utf-8", "replace")).digest())
-        until, stamp = self._basic_cache.get(key, (0.0, ""))
+        with self._basic_cache_lock:
+            until, stamp = self._basic_cache.get(key, (0.0, ""))
         if until > time.monotonic():
             found = self._user_and_stamp(username)
             if found and hmac.compare_digest(found[1], stamp):
                 return found[0]
-        self._basic_cache.pop(key, None)
         found = self._authenticate(username, password)
-        if not found:
-            return None
         now = time.monotonic()
-        for old in [k for k, (until, _) in self._basic_cache.items() if until <= now]:
-            self._basic_cache.pop(old, None)
-        self._basic_cache[key] = (now + BASIC_CREDENTIALS_MEMORY, found[1])
-        return found[0]
+        with self._basic_cache_lock:
+            for old in [k for k, (until, _) in self._basic_cache.items() if until <= now] + [key]:
+                self._basic_cache.pop(old, None)
+            if found:
+                self._basic_cache[key] = (now + BASIC_CREDENTIALS_MEMORY, found[1])
+        return found[0] if found else None
 
     def start_session(self, user: User) -> str:
         token = secrets.token_urlsafe(32)

@@ -13,6 +13,7 @@ import stat
 import subprocess
 import tempfile
 
+import pydicom
 import pytest
 
 from conftest import RunningDaemon, wait_until
@@ -81,12 +82,16 @@ def assert_readable_only_by_owner(daemon: RunningDaemon, passable_folder: pathli
 
 
 def use_every_writer(daemon: RunningDaemon, testdata):
-    """Store an object, log in (a session in users.sqlite's WAL) and change a setting (settings.ini)."""
-    assert daemon.store(testdata("CT_small.dcm")) == [0]
+    """Store an object, log in (a session in users.sqlite's WAL), change a setting (settings.ini)
+    and make a thumbnail (the cache)."""
+    ct = testdata("CT_small.dcm")
+    assert daemon.store(ct) == [0]
     admin = admin_client(daemon)
     assert admin.post("/management/settings/index/watcher", data={"watcher": "false"}).status == 200
     assert (daemon.data_dir / "settings.ini").is_file()
-    assert admin.get("/search", query="*:*").status == 200
+    sop_uid = str(pydicom.dcmread(ct, stop_before_pixels=True).SOPInstanceUID)
+    assert admin.get("/dic2png", SOPInstanceUID=sop_uid, thumbnail="true").status == 200
+    assert list((daemon.data_dir / "cache").rglob("*.png"))
 
 
 def test_a_new_data_dir_and_everything_in_it_is_owner_only(passable_folder, testdata):

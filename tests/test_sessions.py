@@ -7,7 +7,10 @@ A second client address is a second loopback address (127.0.0.2): Linux routes a
 """
 
 import base64
+import secrets
 import time
+
+import apsw
 
 import dicoogled
 from conftest import wait_until
@@ -119,6 +122,41 @@ def test_an_idle_session_expires_exactly_when_its_idle_time_is_up(start_daemon):
     time.sleep(max(0.0, last_answer + idle + 0.1 - time.monotonic()))
     assert client.get("/login").status == 401
     assert client.get("/search", query="*:*").status == 401
+
+
+#: users.sqlite as older versions made it: no credentials stamps, tokens kept as they are.
+OLD_USERS_SCHEMA = """
+CREATE TABLE users (
+    username TEXT PRIMARY KEY, password_hash BLOB NOT NULL, salt BLOB NOT NULL,
+    admin INTEGER NOT NULL DEFAULT 0, roles TEXT NOT NULL DEFAULT '[]'
+);
+CREATE TABLE sessions (
+    token TEXT PRIMARY KEY, username TEXT NOT NULL REFERENCES users(username) ON DELETE CASCADE,
+    created REAL NOT NULL, last_used REAL NOT NULL
+);
+CREATE TABLE presets (
+    username TEXT NOT NULL, name TEXT NOT NULL, fields TEXT NOT NULL, PRIMARY KEY (username, name)
+);
+"""
+
+
+def test_an_older_users_database_keeps_its_users_and_retires_its_tokens(start_daemon, tmp_path):
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    db = apsw.Connection(str(data_dir / "users.sqlite"))
+    db.execute(OLD_USERS_SCHEMA)
+    salt = secrets.token_bytes(16)
+    db.execute("INSERT INTO users VALUES ('admin', ?, ?, 1, '[]')", (dicoogled._hash_password(ADMIN_PASSWORD, salt), salt))
+    db.execute("INSERT INTO sessions VALUES ('token-kept-in-clear', 'admin', ?, ?)", (time.time(), time.time()))
+    db.execute("INSERT INTO presets VALUES ('admin', 'mine', '[\"PatientName\"]')")
+    db.close()
+    daemon = start_daemon()
+    # The token stood in the file as it is, readable by anyone who had a copy: it no longer opens anything.
+    assert Client(base_url(daemon), token="token-kept-in-clear").get("/login").status == 401
+    admin = admin_client(daemon)
+    assert admin.get("/login").json() == {"user": "admin", "admin": True, "roles": []}
+    assert admin.get("/presets/admin").json() == [{"name": "mine", "fields": ["PatientName"]}]
+    assert "sessions from an older version ended" in daemon.log
 
 
 # ---- failed logins -----------------------------------------------------------------------------
