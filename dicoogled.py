@@ -37,6 +37,7 @@ import secrets
 import shutil
 import signal
 import socket
+import stat
 import struct
 import subprocess
 import sys
@@ -189,7 +190,7 @@ threads = 8
 # Patient data and every write need a login. On a closed lab network, true opens the
 # read-only endpoints (search, dump, images, files) to anyone who can reach the port.
 allow_unauthorized = false
-# A login token expires after this many minutes without use.
+# A login token expires this many minutes after its last use (fractions too: 0.5 is 30 s).
 session_idle_minutes = 720
 
 [storage]
@@ -545,6 +546,8 @@ class Config:
         for name in ("acse_timeout", "dimse_timeout", "network_timeout", "connection_timeout"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"invalid {name} {getattr(self, name)}: must be more than 0 seconds")
+        if not self.session_idle_minutes > 0:
+            raise ValueError(f"invalid session_idle_minutes {self.session_idle_minutes}: must be more than 0 (0.5 is 30 s)")
         if not 0 < self.thumbnail_size <= 4096:
             raise ValueError(f"invalid thumbnail_size {self.thumbnail_size}: 1..4096 pixels")
         if not 0 <= self.index_effort <= 100:
@@ -3746,17 +3749,21 @@ def reconcile(ingest: Ingest, root: pathlib.Path, origin: str, stop: threading.E
 USERS_SCHEMA = """
 CREATE TABLE IF NOT EXISTS users (
     username TEXT PRIMARY KEY, password_hash BLOB NOT NULL, salt BLOB NOT NULL,
-    admin INTEGER NOT NULL DEFAULT 0, roles TEXT NOT NULL DEFAULT '[]'
+    admin INTEGER NOT NULL DEFAULT 0, roles TEXT NOT NULL DEFAULT '[]',
+    credentials_stamp TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS sessions (
-    token TEXT PRIMARY KEY, username TEXT NOT NULL REFERENCES users(username) ON DELETE CASCADE,
-    created REAL NOT NULL, last_used REAL NOT NULL
+    token_hash TEXT PRIMARY KEY, username TEXT NOT NULL REFERENCES users(username) ON DELETE CASCADE,
+    credentials_stamp TEXT NOT NULL, created REAL NOT NULL, last_used REAL NOT NULL
 );
+CREATE INDEX IF NOT EXISTS sessions_by_user ON sessions (username);
 CREATE TABLE IF NOT EXISTS presets (
     username TEXT NOT NULL, name TEXT NOT NULL, fields TEXT NOT NULL, PRIMARY KEY (username, name)
 );
 """
 USERNAME_PATTERN = re.compile(r"^[A-Za-z0-9._@-]{1,64}$")
+#: How long HTTP Basic credentials, once checked, are taken without running scrypt again.
+BASIC_CREDENTIALS_MEMORY = 300
 
 
 @dataclasses.dataclass(frozen=True)
@@ -3771,20 +3778,55 @@ def _hash_password(password: str, salt: bytes) -> bytes:
     return hashlib.scrypt(password.encode("utf-8"), salt=salt, n=2**14, r=8, p=1, dklen=32)
 
 
+def _new_credentials_stamp() -> str:
+    return secrets.token_hex(16)
+
+
+def _token_hash(token: str) -> str:
+    # Only a hash of each token is kept: a copy of users.sqlite opens no session.
+    return hashlib.sha256(token.encode("utf-8", "replace")).hexdigest()
+
+
 class Users:
-    """Accounts and login sessions. Tokens survive restarts and expire after idle_minutes."""
+    """Accounts and login sessions. Tokens survive restarts and expire after idle_minutes.
+
+    Every user has a credentials stamp, a random value made anew when the user is created and
+    whenever its password or rights change; a session holds the stamp it was opened under and is
+    valid only while the two agree. So deleting a user, re-creating one under the same name,
+    changing a password or rights ends the sessions at once, whatever else goes wrong."""
 
     def __init__(self, path: pathlib.Path, idle_minutes: float = 720):
         self.idle_seconds = idle_minutes * 60
         self.log = logging.getLogger("dicoogled.http")
         self._lock = threading.Lock()
         self._db = apsw.Connection(str(path))
-        self._db.setbusytimeout(10_000)
-        self._db.execute("PRAGMA journal_mode=WAL; PRAGMA foreign_keys=ON")
-        with self._db:
-            self._db.execute(USERS_SCHEMA)
+        # Before WAL mode makes the -wal and -shm files: SQLite gives them the database's mode.
         os.chmod(path, 0o600)
-        self._basic_cache: dict[tuple[str, bytes], float] = {}
+        self._db.setbusytimeout(10_000)
+        # One statement per execute: apsw runs a multi-statement string lazily, row by row.
+        self._db.execute("PRAGMA journal_mode=WAL").fetchall()
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._db.execute("PRAGMA synchronous=FULL")  # an account change is on disk before it is answered
+        with self._db:
+            self._migrate()
+            self._db.execute(USERS_SCHEMA)
+        #: (username, SHA-256 of a password) -> (until when, the credentials stamp it was good for).
+        self._basic_cache: dict[tuple[str, bytes], tuple[float, str]] = {}
+        self._basic_cache_lock = threading.Lock()
+
+    def _migrate(self):
+        """Give users of an older users.sqlite a credentials stamp; end the sessions opened
+        before stamps (and token hashes) existed: their users log in again."""
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(users)")}
+        if columns and "credentials_stamp" not in columns:
+            self._db.execute("ALTER TABLE users ADD COLUMN credentials_stamp TEXT NOT NULL DEFAULT ''")
+            for (username,) in self._db.execute("SELECT username FROM users").fetchall():
+                self._db.execute("UPDATE users SET credentials_stamp = ? WHERE username = ?",
+                                 (_new_credentials_stamp(), username))
+        session_columns = {row[1] for row in self._db.execute("PRAGMA table_info(sessions)")}
+        if session_columns and "credentials_stamp" not in session_columns:
+            self._db.execute("DROP TABLE sessions")
+            self.log.warning("sessions from an older version ended: their users log in again")
 
     def _query(self, sql, args=()):
         with self._lock:
@@ -3820,18 +3862,56 @@ class Users:
         with self._lock, self._db:
             if self._db.execute("SELECT 1 FROM users WHERE username = ?", (username,)).fetchone():
                 return False
-            self._db.execute("INSERT INTO users VALUES (?, ?, ?, ?, ?)",
-                             (username, _hash_password(password, salt), salt, int(admin), json.dumps(list(roles))))
+            self._db.execute("INSERT INTO users (username, password_hash, salt, admin, roles, credentials_stamp)"
+                             " VALUES (?, ?, ?, ?, ?, ?)",
+                             (username, _hash_password(password, salt), salt, int(admin), json.dumps(list(roles)),
+                              _new_credentials_stamp()))
         return True
 
-    def set_password(self, username: str, password: str) -> bool:
+    def _restamp(self, username: str, keep_token: str | None = None) -> int:
+        """A new credentials stamp for username, ending its sessions but keep_token's; call
+        inside a transaction. The number of sessions ended."""
+        stamp = _new_credentials_stamp()
+        self._db.execute("UPDATE users SET credentials_stamp = ? WHERE username = ?", (stamp, username))
+        kept = _token_hash(keep_token) if keep_token else ""
+        self._db.execute("DELETE FROM sessions WHERE username = ? AND token_hash != ?", (username, kept))
+        ended = self._db.changes()
+        self._db.execute("UPDATE sessions SET credentials_stamp = ? WHERE token_hash = ?", (stamp, kept))
+        return ended
+
+    def set_password(self, username: str, password: str, keep_token: str | None = None) -> bool:
+        """Change a password and end the user's sessions, but the one of keep_token (the
+        session a user changed its own password in)."""
         if not password:
             raise ValueError("a password may not be empty")
         salt = secrets.token_bytes(16)
-        changed = self._write("UPDATE users SET password_hash = ?, salt = ? WHERE username = ?",
-                              (_hash_password(password, salt), salt, username))
-        self._basic_cache.clear()
-        return bool(changed)
+        password_hash = _hash_password(password, salt)
+        with self._lock, self._db:
+            self._db.execute("UPDATE users SET password_hash = ?, salt = ? WHERE username = ?",
+                             (password_hash, salt, username))
+            if not self._db.changes():
+                return False
+            ended = self._restamp(username, keep_token)
+        self.log.info("password of %s changed; %d of its sessions ended", username, ended)
+        return True
+
+    def set_rights(self, username: str, admin: bool | None = None, roles=None) -> bool:
+        """Change whether a user is an administrator and its roles (None: unchanged); its
+        sessions end. False if there is no such user; ValueError for the last administrator."""
+        with self._lock, self._db:
+            row = self._db.execute("SELECT admin, roles FROM users WHERE username = ?", (username,)).fetchone()
+            if not row:
+                return False
+            admin = bool(row[0]) if admin is None else admin
+            roles = json.loads(row[1]) if roles is None else list(roles)
+            if row[0] and not admin and self._db.execute("SELECT count(*) FROM users WHERE admin").fetchone()[0] <= 1:
+                raise ValueError("the last administrator keeps its rights")
+            self._db.execute("UPDATE users SET admin = ?, roles = ? WHERE username = ?",
+                             (int(admin), json.dumps(roles), username))
+            ended = self._restamp(username)
+        self.log.info("rights of %s changed (admin %s, roles %s); %d of its sessions ended",
+                      username, admin, ",".join(roles) or "none", ended)
+        return True
 
     def delete(self, username: str) -> bool:
         """Delete a user and its sessions; the last admin is never deleted."""
@@ -3842,8 +3922,9 @@ class Users:
             admins = self._db.execute("SELECT count(*) FROM users WHERE admin").fetchone()[0]
             if row[0] and admins <= 1:
                 return False
+            self._db.execute("DELETE FROM sessions WHERE username = ?", (username,))
             self._db.execute("DELETE FROM users WHERE username = ?", (username,))
-        self._basic_cache.clear()
+        self.log.info("user %s deleted, and its sessions", username)
         return True
 
     def all(self) -> list[User]:
@@ -3851,10 +3932,21 @@ class Users:
                 for name, admin, roles in self._query("SELECT username, admin, roles FROM users ORDER BY username")]
 
     def get(self, username: str) -> User | None:
-        rows = self._query("SELECT username, admin, roles FROM users WHERE username = ?", (username,))
-        return User(rows[0][0], bool(rows[0][1]), tuple(json.loads(rows[0][2]))) if rows else None
+        found = self._user_and_stamp(username)
+        return found[0] if found else None
+
+    def _user_and_stamp(self, username: str) -> tuple[User, str] | None:
+        rows = self._query("SELECT username, admin, roles, credentials_stamp FROM users WHERE username = ?", (username,))
+        if not rows:
+            return None
+        name, admin, roles, stamp = rows[0]
+        return User(name, bool(admin), tuple(json.loads(roles))), stamp
 
     def authenticate(self, username: str, password: str) -> User | None:
+        found = self._authenticate(username, password)
+        return found[0] if found else None
+
+    def _authenticate(self, username: str, password: str) -> tuple[User, str] | None:
         rows = self._query("SELECT password_hash, salt FROM users WHERE username = ?", (username or "",))
         if not rows:
             _hash_password(password or "", b"0" * 16)  # same cost whether or not the user exists
@@ -3862,40 +3954,64 @@ class Users:
         stored, salt = rows[0]
         if not hmac.compare_digest(bytes(stored), _hash_password(password or "", bytes(salt))):
             return None
-        return self.get(username)
+        return self._user_and_stamp(username)
 
     def authenticate_basic(self, username: str, password: str) -> User | None:
         """authenticate() with a short memory, so scripts sending Basic credentials with every
-        request do not pay for scrypt each time."""
+        request do not pay for scrypt each time. What it remembers holds only while the user's
+        credentials stamp is the one the password was checked under."""
         key = (username, hashlib.sha256(password.encode("utf-8", "replace")).digest())
-        if self._basic_cache.get(key, 0) > time.monotonic():
-            return self.get(username)
-        user = self.authenticate(username, password)
-        if user:
-            self._basic_cache[key] = time.monotonic() + 300
-        return user
+        with self._basic_cache_lock:
+            until, stamp = self._basic_cache.get(key, (0.0, ""))
+        if until > time.monotonic():
+            found = self._user_and_stamp(username)
+            if found and hmac.compare_digest(found[1], stamp):
+                return found[0]
+        found = self._authenticate(username, password)
+        now = time.monotonic()
+        with self._basic_cache_lock:
+            for old in [k for k, (until, _) in self._basic_cache.items() if until <= now] + [key]:
+                self._basic_cache.pop(old, None)
+            if found:
+                self._basic_cache[key] = (now + BASIC_CREDENTIALS_MEMORY, found[1])
+        return found[0] if found else None
 
     def start_session(self, user: User) -> str:
         token = secrets.token_urlsafe(32)
         now = time.time()
-        self._write("INSERT INTO sessions VALUES (?, ?, ?, ?)", (token, user.username, now, now))
+        with self._lock, self._db:
+            # The stamp is the user's now: a session opened as its rights change gets the new one.
+            self._db.execute("INSERT INTO sessions (token_hash, username, credentials_stamp, created, last_used)"
+                             " SELECT ?, username, credentials_stamp, ?, ? FROM users WHERE username = ?",
+                             (_token_hash(token), now, now, user.username))
         return token
 
     def session_user(self, token: str) -> User | None:
-        rows = self._query("SELECT username, last_used FROM sessions WHERE token = ?", (token,))
-        if not rows:
-            return None
-        username, last_used = rows[0]
+        """The user of a session, which counts as a use of it; None if there is no such session,
+        its user's credentials changed since it began, or it was idle for idle_minutes."""
+        token_hash = _token_hash(token)
         now = time.time()
-        if now - last_used > self.idle_seconds:
-            self.end_session(token)
-            return None
-        if now - last_used > 60:  # refresh at most once a minute
-            self._write("UPDATE sessions SET last_used = ? WHERE token = ?", (now, token))
-        return self.get(username)
+        with self._lock:
+            # Every use is written, so a session expires exactly idle_minutes after its last use.
+            # Not flushed to disk (an fsync per request would cost milliseconds): a power cut may
+            # lose the last uses, which only makes sessions expire sooner.
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            try:
+                with self._db:
+                    row = self._db.execute(
+                        "SELECT u.username, u.admin, u.roles, s.last_used FROM sessions s"
+                        " JOIN users u ON u.username = s.username AND u.credentials_stamp = s.credentials_stamp"
+                        " WHERE s.token_hash = ?", (token_hash,)).fetchone()
+                    if row is None or now - row[3] > self.idle_seconds:
+                        self._db.execute("DELETE FROM sessions WHERE token_hash = ?", (token_hash,))
+                        return None
+                    self._db.execute("UPDATE sessions SET last_used = ? WHERE token_hash = ?", (now, token_hash))
+            finally:
+                self._db.execute("PRAGMA synchronous=FULL")
+        return User(row[0], bool(row[1]), tuple(json.loads(row[2])))
 
     def end_session(self, token: str) -> bool:
-        return bool(self._write("DELETE FROM sessions WHERE token = ?", (token,)))
+        return bool(self._write("DELETE FROM sessions WHERE token_hash = ?", (_token_hash(token),)))
 
     def presets(self, username: str) -> list[dict]:
         return [{"name": name, "fields": json.loads(fields)}
@@ -3909,27 +4025,67 @@ class Users:
             self._db.close()
 
 
-class LoginThrottle:
-    """Failed logins per client address: after `limit` failures in `window` seconds, refuse."""
+#: Failed logins one (client address, username) pair may have within LOGIN_FAILURE_WINDOW
+#: seconds; the next attempts are refused (429) until the oldest of them is that old.
+LOGIN_FAILURES_ALLOWED = 5
+LOGIN_FAILURE_WINDOW = 300
+#: Pairs the failed-login table holds at most, so a spray of made-up names cannot fill memory.
+LOGIN_THROTTLE_ENTRIES = 10_000
 
-    def __init__(self, limit: int = 5, window: float = 300):
-        self.limit, self.window = limit, window
-        self._failures: dict[str, list[float]] = collections.defaultdict(list)
+
+class LoginThrottle:
+    """Failed logins per (client address, username): after `limit` failures within `window`
+    seconds that pair is refused until the oldest of them is `window` seconds old; a correct
+    login clears the pair. Another user at the same address (colleagues behind one NAT) and the
+    same user from another address are not held back. The table keeps at most `max_entries`
+    pairs: when full, the pair whose last failure is oldest makes room, and each new pair
+    costs its sender a failed scrypt check, so pushing one out takes max_entries of those."""
+
+    def __init__(self, limit: int = LOGIN_FAILURES_ALLOWED, window: float = LOGIN_FAILURE_WINDOW,
+                 max_entries: int = LOGIN_THROTTLE_ENTRIES):
+        self.limit, self.window, self.max_entries = limit, window, max_entries
+        #: (address, username) -> the times of its recent failures, least recently failed first.
+        self._failures: collections.OrderedDict[tuple[str, str], list[float]] = collections.OrderedDict()
         self._lock = threading.Lock()
 
-    def blocked(self, address: str) -> bool:
-        with self._lock:
-            recent = [t for t in self._failures.get(address, []) if time.monotonic() - t < self.window]
-            self._failures[address] = recent
-            return len(recent) >= self.limit
+    @staticmethod
+    def _key(address: str, username: str) -> tuple[str, str]:
+        return address, username[:65]  # longer names exist nowhere; they need not fill memory
 
-    def failed(self, address: str):
+    def retry_after(self, address: str, username: str) -> float:
+        """Seconds until this pair may try again; 0 when it may now."""
+        key = self._key(address, username)
         with self._lock:
-            self._failures[address].append(time.monotonic())
+            now = time.monotonic()
+            recent = self._recent(key, now)
+            return recent[-self.limit] + self.window - now if len(recent) >= self.limit else 0.0
 
-    def succeeded(self, address: str):
+    def failed(self, address: str, username: str):
+        key = self._key(address, username)
+        now = time.monotonic()
         with self._lock:
-            self._failures.pop(address, None)
+            recent = self._recent(key, now)
+            recent.append(now)
+            self._failures[key] = recent[-self.limit:]
+            self._failures.move_to_end(key)
+            while len(self._failures) > self.max_entries:
+                self._failures.popitem(last=False)
+
+    def succeeded(self, address: str, username: str):
+        with self._lock:
+            self._failures.pop(self._key(address, username), None)
+
+    def _recent(self, key: tuple[str, str], now: float) -> list[float]:
+        recent = [t for t in self._failures.get(key, ()) if now - t < self.window]
+        if not recent:
+            self._failures.pop(key, None)
+        return recent
+
+    def __len__(self):
+        return len(self._failures)
+
+    def __contains__(self, pair):
+        return pair in self._failures
 
 
 # ============================================================================================
@@ -3949,8 +4105,8 @@ BUILTIN_PROVIDER_ALIASES = ("lucene",)
 SESSION_COOKIE = "dicoogled_session"
 
 
-def _fail(status: int, message: str):
-    raise bottle.HTTPError(status, message)
+def _fail(status: int, message: str, **headers):
+    raise bottle.HTTPError(status, message, **headers)
 
 
 def _int_param(name: str, default: int | None, minimum: int = 0) -> int | None:
@@ -4047,18 +4203,51 @@ class Api:
                 username, _, password = base64.b64decode(header[6:]).decode("utf-8").partition(":")
             except (ValueError, UnicodeDecodeError):
                 _fail(401, "malformed Basic credentials")
-            address = request.remote_addr or "?"
-            if self.throttle.blocked(address):
-                _fail(429, "too many failed logins from this address; try again later")
+            self.check_login_throttle(username)
             user = self.users.authenticate_basic(username, password)
-            if user is None:
-                self.throttle.failed(address)
+            self.count_login(username, user)
         else:
-            token = header[7:].strip() if header[:7].lower() == "bearer " else header
-            token = token or request.get_cookie(SESSION_COOKIE) or ""
+            token = self.request_token()
             user = self.users.session_user(token) if token else None
         request.environ["dicoogled"]["user"] = user
         return user
+
+    @staticmethod
+    def client_address() -> str:
+        """The peer address of the request's connection. Not bottle's remote_addr, which would
+        believe a client's own X-Forwarded-For (waitress drops that header, but only because no
+        proxy is configured as trusted)."""
+        return bottle.request.environ.get("REMOTE_ADDR") or "?"
+
+    def check_login_throttle(self, username: str):
+        """429, with Retry-After, if this client address has failed too often as this user."""
+        address = self.client_address()
+        wait = self.throttle.retry_after(address, username)
+        if wait > 0:
+            seconds = math.ceil(wait)
+            logging.getLogger("dicoogled.http").warning(
+                "login as %r from %s refused: %d failed logins within %d s; may retry in %d s",
+                username[:64], address, self.throttle.limit, self.throttle.window, seconds)
+            _fail(429, f"too many failed logins as {username[:64]!r} from this address; try again in {seconds} s",
+                  Retry_After=str(seconds))
+
+    def count_login(self, username: str, user: User | None):
+        """Count a login attempt's outcome for the throttle; a failure is logged."""
+        address = self.client_address()
+        if user is None:
+            self.throttle.failed(address, username)
+            logging.getLogger("dicoogled.http").warning("failed login for %r from %s", username[:64], address)
+        else:
+            self.throttle.succeeded(address, username)
+
+    def request_token(self) -> str:
+        """The session token a request carries: Authorization (raw or Bearer), else the cookie."""
+        request = bottle.request
+        header = request.get_header("Authorization", "").strip()
+        if header[:6].lower() == "basic ":
+            header = ""
+        token = header[7:].strip() if header[:7].lower() == "bearer " else header
+        return token or request.get_cookie(SESSION_COOKIE) or ""
 
     def require(self, access: str) -> User | None:
         user = self.current_user()
@@ -4165,19 +4354,15 @@ def _session_routes(api: Api):
     def login():
         """Log in with username and password; returns the token to send as Authorization."""
         request = bottle.request
-        address = request.remote_addr or "?"
-        if api.throttle.blocked(address):
-            _fail(429, "too many failed logins from this address; try again later")
         username, password = request.params.get("username", ""), request.params.get("password", "")
+        api.check_login_throttle(username)
         user = users.authenticate(username, password)
+        api.count_login(username, user)
         if user is None:
-            api.throttle.failed(address)
-            http_log.warning("failed login for %r from %s", username[:64], address)
             _fail(401, "Login failed: wrong username or password")
-        api.throttle.succeeded(address)
         token = users.start_session(user)
         bottle.response.set_cookie(SESSION_COOKIE, token, httponly=True, samesite="strict", path="/")
-        http_log.info("user %s logged in from %s", user.username, address)
+        http_log.info("user %s logged in from %s", user.username, api.client_address())
         return {"user": user.username, "admin": user.admin, "roles": list(user.roles), "token": token}
 
     @api.route("/login", access=PUBLIC)
@@ -4191,9 +4376,7 @@ def _session_routes(api: Api):
     @api.route("/logout", ["POST", "GET"], access=PUBLIC)
     def logout():
         """End the session of the token sent."""
-        header = bottle.request.get_header("Authorization", "").strip()
-        token = header[7:].strip() if header[:7].lower() == "bearer " else header
-        token = token if token and not token[:6].lower() == "basic " else bottle.request.get_cookie(SESSION_COOKIE, "")
+        token = api.request_token()
         bottle.response.delete_cookie(SESSION_COOKIE, path="/")
         return {"success": bool(token) and users.end_session(token)}
 
@@ -4234,10 +4417,33 @@ def _session_routes(api: Api):
         user = api.current_user()
         if user.username != username and not user.admin:
             _fail(403, "only an administrator may change another user's password")
+        # The user's other sessions end; the one it changed its own password in goes on.
+        keep_token = api.request_token() if user.username == username else None
         try:
-            changed = users.set_password(username, bottle.request.params.get("password", ""))
+            changed = users.set_password(username, bottle.request.params.get("password", ""), keep_token)
         except ValueError as error:
             _fail(400, str(error))
+        if not changed:
+            _fail(404, f"no user {username!r}")
+        return {"success": True}
+
+    @api.route("/user/<username>", "POST", access=ADMIN)
+    def change_rights(username):
+        """Change a user's rights; its sessions end, so they apply at once.
+
+        admin: true or false (unchanged if absent)
+        roles: the user's roles, separated by commas; empty for none (unchanged if absent)
+        """
+        params = bottle.request.params
+        admin = params.get("admin")
+        if admin is not None and admin.lower() not in ("true", "false"):
+            _fail(400, f"admin must be true or false, not {admin[:20]!r}")
+        roles = params.get("roles")
+        roles = None if roles is None else [role.strip() for role in roles.split(",") if role.strip()]
+        try:
+            changed = users.set_rights(username, None if admin is None else admin.lower() == "true", roles)
+        except ValueError as error:
+            _fail(409, str(error))
         if not changed:
             _fail(404, f"no user {username!r}")
         return {"success": True}
@@ -5527,6 +5733,66 @@ def _openapi_document(api: Api) -> dict:
 # ============================================================================================
 
 
+#: What the daemon creates, it creates for its owner alone (password hashes, tokens, patient
+#: data): the umask of the dicoogled command, so every later file (SQLite's included) is 0600.
+PRIVATE_UMASK = 0o077
+
+
+def _make_private_data_dir(data_dir: pathlib.Path, background=False):
+    """Create data_dir for its owner alone, and take every access by other users from what it
+    already holds (an older version, a copy or a chmod -R may have opened it); logs what changed.
+    The folder itself goes first, which closes everything below it at once; the walk through
+    the rest (a second or so per 100,000 files) may then run in the background."""
+    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tightened, failed = [], []
+
+    def tighten(path: str, mode: int):
+        if stat.S_ISLNK(mode) or not mode & 0o077:
+            return
+        try:
+            os.chmod(path, stat.S_IMODE(mode) & ~0o077)
+            tightened.append(f"{path} ({stat.filemode(mode)})")
+        except OSError as error:  # not ours: say so, and go on
+            failed.append(f"{path}: {error.strerror}")
+
+    def tighten_in(folder: str) -> list[str]:
+        """Tighten the entries of folder; return its subfolders."""
+        try:
+            entries = list(os.scandir(folder))
+        except OSError as error:
+            failed.append(f"{folder}: {error.strerror}")
+            return []
+        subfolders = []
+        for entry in entries:
+            try:
+                mode = entry.stat(follow_symlinks=False).st_mode
+            except OSError:  # gone meanwhile
+                continue
+            tighten(entry.path, mode)
+            if stat.S_ISDIR(mode):
+                subfolders.append(entry.path)
+        return subfolders
+
+    def walk(folders: list[str]):
+        while folders:
+            folders.extend(tighten_in(folders.pop()))
+        if tightened:
+            log.warning("tightened the permissions of %d entries in %s, open to other users before: %s%s",
+                        len(tightened), data_dir, ", ".join(tightened[:5]), ", ..." if len(tightened) > 5 else "")
+        if failed:
+            log.error("cannot make %d entries in %s private to their owner: %s%s", len(failed), data_dir,
+                      "; ".join(failed[:5]), "; ..." if len(failed) > 5 else "")
+
+    tighten(str(data_dir), data_dir.stat().st_mode)  # the folder named, even through a symlink
+    # Its own files (the databases, settings) at once, before anything opens them: SQLite gives
+    # a new -wal or -shm file the mode of its database.
+    subfolders = tighten_in(str(data_dir))
+    if background:
+        start_thread("private-data-dir", walk, subfolders)
+    else:
+        walk(subfolders)
+
+
 class Daemon:
     """Everything one dicoogled process runs, built from a Config."""
 
@@ -5540,7 +5806,7 @@ class Daemon:
         #: Held by whoever rewrites data_dir/settings.ini (save_settings), so no change is lost.
         self.settings_lock = threading.Lock()
         data_dir = config.data_dir
-        data_dir.mkdir(parents=True, exist_ok=True)
+        _make_private_data_dir(data_dir, background=True)
         self.storage = Storage(data_dir, fsync=config.fsync, scheme=config.storage_scheme)
         # Temporary files (spooled uploads, pynetdicom's) stay on the data disk: /tmp may be RAM.
         tempfile.tempdir = str(self.storage.tmp)
@@ -5688,7 +5954,7 @@ def _offline_archive(config: Config):
 
 def command_index(config: Config, paths) -> int:
     """Index files and folders in place, without copying them."""
-    config.data_dir.mkdir(parents=True, exist_ok=True)
+    _make_private_data_dir(config.data_dir)
     index, ingest = _offline_archive(config)
     try:
         for path in paths:
@@ -5721,7 +5987,7 @@ def command_reindex(config: Config) -> int:
             connection.close()
         for suffix in ("", "-wal", "-shm"):
             pathlib.Path(str(db_path) + suffix).unlink(missing_ok=True)
-    config.data_dir.mkdir(parents=True, exist_ok=True)
+    _make_private_data_dir(config.data_dir)
     index, ingest = _offline_archive(config)
     try:
         roots = list(dict.fromkeys(roots + index.remembered_roots()))
@@ -5808,7 +6074,7 @@ OHIF_APP_CONFIG = """window.config = {
 
 def command_install_viewer(config: Config, version: str) -> int:
     """Install the prebuilt OHIF viewer from the npm registry into data_dir/viewer, served at /viewer/."""
-    config.data_dir.mkdir(parents=True, exist_ok=True)
+    _make_private_data_dir(config.data_dir)
     target = config.data_dir.resolve() / "viewer"
     work = pathlib.Path(tempfile.mkdtemp(prefix="viewer-", dir=config.data_dir.resolve()))
     try:
@@ -6121,6 +6387,8 @@ def main(argv=None) -> int:
         print(f"dicoogled: {error}", file=sys.stderr)
         return 2
     _configure_logging(config.log_level)
+    if args.command != "new-plugin":  # plugin source files are not the archive's data
+        os.umask(PRIVATE_UMASK)
     try:
         if args.command == "index":
             return command_index(config, args.paths)

@@ -6,6 +6,7 @@
     response.status, response.json(), response.headers["Content-Type"]
 """
 
+import http.client
 import json
 import urllib.error
 import urllib.parse
@@ -36,14 +37,28 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
         return None
 
 
+class _FromAddress(urllib.request.HTTPHandler):
+    """Connects from a given local address: another loopback address (127.0.0.2) is another
+    client to the daemon, as a second machine would be."""
+
+    def __init__(self, source_address: str):
+        super().__init__()
+        self.source_address = source_address
+
+    def http_open(self, request):
+        return self.do_open(http.client.HTTPConnection, request, source_address=(self.source_address, 0))
+
+
 _opener = urllib.request.build_opener(_NoRedirect)
 
 
 class Client:
-    """Requests to one daemon, authenticated with a token once logged in."""
+    """Requests to one daemon, authenticated with a token once logged in; source_address
+    (e.g. "127.0.0.2") makes the requests come from that local address."""
 
-    def __init__(self, base: str, token: str | None = None):
-        self.base, self.token = base.rstrip("/"), token
+    def __init__(self, base: str, token: str | None = None, source_address: str | None = None):
+        self.base, self.token, self.source_address = base.rstrip("/"), token, source_address
+        self._opener = urllib.request.build_opener(_NoRedirect, _FromAddress(source_address)) if source_address else _opener
 
     def request(self, method: str, path: str, params=None, data=None, headers=None, auth="token",
                 raw_query: str | None = None, timeout: float = 60) -> Response:
@@ -65,7 +80,7 @@ class Client:
             data = b""
         request = urllib.request.Request(url, data=data, method=method, headers=all_headers)
         try:
-            with _opener.open(request, timeout=timeout) as response:
+            with self._opener.open(request, timeout=timeout) as response:
                 return Response(response.status, response.headers, response.read())
         except urllib.error.HTTPError as error:
             return Response(error.code, error.headers, error.read())
@@ -87,7 +102,7 @@ class Client:
         return body
 
     def as_user(self, token: str | None) -> "Client":
-        return Client(self.base, token)
+        return Client(self.base, token, self.source_address)
 
 
 def base_url(daemon) -> str:
