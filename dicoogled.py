@@ -3922,6 +3922,7 @@ BUILTIN_PROVIDER = "index"
 #: Other names scripts written for Dicoogle use for its default index.
 BUILTIN_PROVIDER_ALIASES = ("lucene",)
 SESSION_COOKIE = "dicoogled_session"
+HTTP_DRAIN_SECONDS = 5  # at shutdown, how long the requests under way may take to finish
 
 
 def _fail(status: int, message: str):
@@ -5538,6 +5539,8 @@ class Daemon:
         self.dicom.find_filter = self.plugins.find_filter
         self.watcher = None
         self.http_server = None
+        self._http_thread = None
+        self._http_sockets = {}  # waitress's socket map: the listener, the connections, the trigger pipe
         self.http_port = None
         self.reconciling = 0
         self.stopped = threading.Event()
@@ -5556,13 +5559,13 @@ class Daemon:
         bottle.BaseRequest.MEMFILE_MAX = 16 * 1024 * 1024
         try:
             self.http_server = create_server(
-                make_app(self), host=self.config.http_host, port=self.config.http_port,
+                make_app(self), map=self._http_sockets, host=self.config.http_host, port=self.config.http_port,
                 threads=self.config.http_threads, ident="dicoogled", clear_untrusted_proxy_headers=True,
             )
         except OSError as error:
             raise OSError(error.errno, f"cannot listen for HTTP on {self.config.http_host}:{self.config.http_port}: {error.strerror}") from None
         self.http_port = int(self.http_server.effective_port)
-        start_thread("http", self.http_server.run)
+        self._http_thread = start_thread("http", self.http_server.run)
         self.log.info("HTTP listening on %s:%d", self.config.http_host, self.http_port)
 
     def watch(self):
@@ -5598,7 +5601,7 @@ class Daemon:
         self.stopped.set()
         self.log.info("stopping")
         if self.http_server:
-            self.http_server.close()
+            self._stop_http()
         self.dicom.stop()
         self.watch()  # stopped is set: this only stops the watcher
         self.tasks.close()
@@ -5607,6 +5610,19 @@ class Daemon:
         self.users.close()
         self.log.info("stopped")
         logging.getLogger().removeHandler(self.log_tail)
+
+    def _stop_http(self):
+        """Let the requests under way finish, then close waitress's sockets from its own loop.
+
+        Closed from this thread, they race with the loop's select() and with a worker waking the
+        loop through its trigger pipe: EBADF, or a write to a descriptor number already reused."""
+        from waitress import wasyncore
+
+        server = self.http_server
+        server.task_dispatcher.shutdown(timeout=HTTP_DRAIN_SECONDS)  # the loop still carries their answers
+        # in the loop's thread; an empty map then ends the loop
+        server.trigger.pull_trigger(lambda: wasyncore.close_all(self._http_sockets))
+        self._http_thread.join(timeout=HTTP_DRAIN_SECONDS)
 
     def serve_forever(self):
         """Run until SIGTERM or SIGINT, then stop cleanly."""
