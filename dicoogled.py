@@ -2595,6 +2595,8 @@ ORTHANC_CALLBACKS = {
 NOT_AUTHORIZED = 0x0124  # what a store filter's plain "no" answers
 LUA_MEMORY_LIMIT = 64 * 1024 * 1024
 LUA_INSTRUCTION_BUDGET = 20_000_000  # per call: a runaway loop stops in well under a second
+LUA_TIME_LIMIT = 5  # seconds per call, for what instructions do not count: many long C calls (string.rep)
+LUA_HOOK_INTERVAL = 100  # instructions between two looks at the budget
 
 
 def instance_event(record: InstanceRecord, calling_aet: str = "") -> dict:
@@ -2738,49 +2740,117 @@ class PluginApi:
 # ---- Lua: a sandbox with an instruction budget and a memory cap ----------------------------
 
 _LUA_SANDBOX = r"""
-local plugin_source, plugin_name, api, budget = ...
-local sethook, create, resume, status = debug.sethook, coroutine.create, coroutine.resume, coroutine.status
-local pack, unpack = table.pack, table.unpack
+local plugin_source, plugin_name, api, budget, time_limit, hook_interval = ...
+local sethook, create, resume = debug.sethook, coroutine.create, coroutine.resume
+local pack, unpack, clock = table.pack, table.unpack, os.time
 
-local function copy(t) local c = {} for k, v in pairs(t) do c[k] = v end return c end
+local function copy(t) local c = {} for k, v in next, t do c[k] = v end return c end
+
+-- What crosses to Python: nil, booleans, numbers, strings and tables of them keyed by strings and
+-- numbers, copied here, inside the budget (a table reached a million ways is a million copies),
+-- so that reading it in Python runs nothing of the script's and ends.
+local function plain(value, open)
+  local kind = type(value)
+  if kind == "table" then
+    if open[value] then error("a table that contains itself cannot leave the plugin", 0) end
+    open[value] = true
+    local copied = {}
+    for key, item in next, value do
+      if type(key) ~= "string" and type(key) ~= "number" then
+        error("a table key leaving the plugin must be a string or a number, not a " .. type(key), 0)
+      end
+      copied[key] = plain(item, open)
+    end
+    open[value] = nil
+    return copied
+  elseif kind == "function" or kind == "userdata" or kind == "thread" then
+    error("a plugin hands over strings, numbers, booleans and tables, not a " .. kind, 0)
+  end
+  return value
+end
+
+-- keep_functions: an argument of the daemon's functions may be a function (run_task's), which
+-- the daemon calls under the budget too.
+local function plain_values(keep_functions, ...)
+  local values = pack(...)
+  for i = 1, values.n do
+    if not (keep_functions and type(values[i]) == "function") then values[i] = plain(values[i], {}) end
+  end
+  return unpack(values, 1, values.n)
+end
+
+-- The current call's deadline: time spent in the daemon's functions (a C-STORE to a slow peer)
+-- is not the script's, so each dicoogle call moves it on by its own duration.
+local deadline = 0
+local dicoogle = {}
+for name, fn in next, api do
+  dicoogle[name] = function(...)
+    local started = clock()
+    local results = pack(pcall(fn, plain_values(true, ...)))
+    deadline = deadline + (clock() - started)
+    if not results[1] then error(results[2], 0) end
+    return unpack(results, 2, results.n)
+  end
+end
+
 -- Globals a plugin may use: no os (but time), io, package, require, debug, load of bytecode,
--- dofile, loadfile, coroutine (a new coroutine would escape the instruction hook) or python.
+-- dofile, loadfile, collectgarbage, coroutine (a new coroutine would escape the instruction
+-- hook) or python; no setmetatable or getmetatable either: a metatable's functions run wherever
+-- a value is touched, by the collector with hooks off (__gc) or by the daemon reading an answer
+-- (__tostring, __index), and none of the script's code may run outside the budget.
 local env = {
   assert = assert, error = error, ipairs = ipairs, next = next, pairs = pairs, pcall = pcall,
   select = select, tonumber = tonumber, tostring = tostring, type = type, xpcall = xpcall,
   rawequal = rawequal, rawget = rawget, rawlen = rawlen, rawset = rawset,
-  setmetatable = setmetatable, getmetatable = getmetatable,
   string = copy(string), table = copy(table), math = copy(math), utf8 = copy(utf8),
   os = { time = os.time, clock = os.clock, date = os.date, difftime = os.difftime },
-  dicoogle = api, _VERSION = _VERSION,
+  dicoogle = dicoogle, _VERSION = _VERSION,
 }
 env.string.dump = nil
 string.dump = nil  -- strings index the real string table too: ("").dump must not be there
-env.print = function(...) local parts = {} for i = 1, select("#", ...) do parts[#parts + 1] = tostring((select(i, ...))) end api.log(table.concat(parts, " ")) end
+env.print = function(...) local parts = {} for i = 1, select("#", ...) do parts[#parts + 1] = tostring((select(i, ...))) end dicoogle.log(table.concat(parts, " ")) end
 env.load = function(chunk, name, mode, chunk_env)
   if type(chunk) ~= "string" then error("load takes text only here", 2) end
   return load(chunk, name, "t", chunk_env or env)
 end
 env._G = env
 
--- Run fn in a coroutine whose instruction-count hook raises an error once the budget is spent;
--- the hook then fires on every instruction, so a pcall cannot swallow it and loop on.
+-- Run fn in a coroutine whose instruction-count hook raises an error once the budget is spent:
+-- budget instructions, or time_limit seconds for what instructions do not count (many long C
+-- calls such as string.rep). The hook then fires on every instruction, so a pcall cannot
+-- swallow the error and loop on.
 local function limited(fn, ...)
   local args = pack(...)
   local co = create(function() return fn(unpack(args, 1, args.n)) end)
+  local instructions = 0
+  deadline = clock() + time_limit
   sethook(co, function()
-    sethook(co, function() error("instruction budget exceeded", 2) end, "", 1)
-    error("instruction budget exceeded", 2)
-  end, "", budget)
+    instructions = instructions + hook_interval
+    local spent = instructions >= budget and "instruction budget exceeded"
+                  or clock() > deadline and ("time limit of " .. time_limit .. " s exceeded")
+    if spent then
+      sethook(co, function() error(spent, 2) end, "", 1)
+      error(spent, 2)
+    end
+  end, "", hook_interval)
   local result = pack(resume(co))
-  if not result[1] then error(result[2], 0) end
+  if not result[1] then
+    -- a table as the error would be read in Python: its message says so instead
+    error(type(result[2]) == "table" and "an error whose value is a table" or result[2], 0)
+  end
   return unpack(result, 2, result.n)
+end
+
+-- Call fn under the budget; what it returns leaves as plain data.
+local function call(fn, ...)
+  local args = pack(...)
+  return limited(function() return plain_values(false, fn(unpack(args, 1, args.n))) end)
 end
 
 local chunk, problem = load(plugin_source, "=" .. plugin_name, "t", env)
 if not chunk then error(problem, 0) end
 limited(chunk)
-return env, limited
+return env, call
 """
 
 
@@ -2790,7 +2860,9 @@ def _deny_attributes(obj, name, is_setting):
 
 
 def _from_lua(value):
-    """A Lua value as plain Python: tables become dicts, or lists when keyed 1..n."""
+    """Lua's plain data (what the sandbox's plain() copied) as Python: tables become dicts, or
+    lists when keyed 1..n. Raw access only (lupa's items() is lua_next; never str() of a Lua value
+    or an index through a metatable), so reading it runs no Lua code."""
     if lupa_lua54.lua_type(value) == "table":
         items = list(value.items())
         keys = [k for k, _ in items]
@@ -2810,14 +2882,16 @@ class LuaPlugin:
         )
         self.lock = threading.Lock()
         self.api = self._api_table(api)
-        sandbox = self.runtime.execute(_LUA_SANDBOX, source, plugin.name, self.api, LUA_INSTRUCTION_BUDGET)
-        self.env, self.limited = sandbox
+        self.env, self.call = self.runtime.execute(_LUA_SANDBOX, source, plugin.name, self.api, LUA_INSTRUCTION_BUDGET,
+                                                   LUA_TIME_LIMIT, LUA_HOOK_INTERVAL)
+        self._rawget = self.runtime.globals()["rawget"]
         self.runtime.execute("python = nil")
 
     def _api_table(self, api: PluginApi):
         def wrap(function):
             def call(*args):
-                return self._to_lua(function(*[_from_lua(a) for a in args]))
+                arguments = [self._limited(a) if lupa_lua54.lua_type(a) == "function" else _from_lua(a) for a in args]
+                return self._to_lua(function(*arguments))
             return call
         names = ("search", "tags", "file", "send", "log", "setting", "run_task")
         return self.runtime.table_from({name: wrap(getattr(api, name)) for name in names})
@@ -2828,26 +2902,27 @@ class LuaPlugin:
         return value
 
     def global_value(self, name: str):
-        return _from_lua(self.env[name])
+        """A global's value, as plain data."""
+        return self._limited(self._rawget)(self.env, name)
 
     def function(self, name: str):
         """A Python callable running the Lua global function name under the budget."""
-        function = self.env[name]
+        function = self._rawget(self.env, name)
         return self._limited(function) if lupa_lua54.lua_type(function) == "function" else None
 
     def _limited(self, function):
         def call(*args):
             with self.lock:
-                return _from_lua(self.limited(function, *[self._to_lua(a) for a in args]))
+                return _from_lua(self.call(function, *[self._to_lua(a) for a in args]))
         return call
 
     def routes(self) -> dict:
         """The script's web service: a global table routes = {["GET /path"] = function(params) ... end}."""
-        table = self.env["routes"]
+        table = self._rawget(self.env, "routes")
         if lupa_lua54.lua_type(table) != "table":
             return {}
-        return {str(key): self._limited(function) for key, function in table.items()
-                if lupa_lua54.lua_type(function) == "function"}
+        return {key: self._limited(function) for key, function in table.items()
+                if isinstance(key, str) and lupa_lua54.lua_type(function) == "function"}
 
 
 # ---- loading and dispatch --------------------------------------------------------------------
@@ -4103,6 +4178,7 @@ BUILTIN_PROVIDER = "index"
 #: Other names scripts written for Dicoogle use for its default index.
 BUILTIN_PROVIDER_ALIASES = ("lucene",)
 SESSION_COOKIE = "dicoogled_session"
+HTTP_DRAIN_SECONDS = 5  # at shutdown, how long the requests under way may take to finish
 
 
 def _fail(status: int, message: str, **headers):
@@ -4842,8 +4918,10 @@ def _plugin_routes(api: Api):
         if plugin is None or not plugin.enabled or "routes" not in plugin.hooks:
             _fail(404, f"no web service plugin {name!r}")
         if plugin.web is None:
-            plugin.web = bottle.Bottle()
-            plugin.hooks["routes"](plugin.web)
+            # built whole before it is shared: a request arriving meanwhile must not see half the routes
+            web = bottle.Bottle()
+            plugin.hooks["routes"](web)
+            plugin.web = web
         environ = dict(bottle.request.environ, PATH_INFO="/" + rest)
         route, arguments = plugin.web.router.match(environ)
         plugin.calls += 1
@@ -5829,6 +5907,8 @@ class Daemon:
         self.dicom.find_filter = self.plugins.find_filter
         self.watcher = None
         self.http_server = None
+        self._http_thread = None
+        self._http_sockets = {}  # waitress's socket map: the listener, the connections, the trigger pipe
         self.http_port = None
         self.reconciling = 0
         self.stopped = threading.Event()
@@ -5847,13 +5927,13 @@ class Daemon:
         bottle.BaseRequest.MEMFILE_MAX = 16 * 1024 * 1024
         try:
             self.http_server = create_server(
-                make_app(self), host=self.config.http_host, port=self.config.http_port,
+                make_app(self), map=self._http_sockets, host=self.config.http_host, port=self.config.http_port,
                 threads=self.config.http_threads, ident="dicoogled", clear_untrusted_proxy_headers=True,
             )
         except OSError as error:
             raise OSError(error.errno, f"cannot listen for HTTP on {self.config.http_host}:{self.config.http_port}: {error.strerror}") from None
         self.http_port = int(self.http_server.effective_port)
-        start_thread("http", self.http_server.run)
+        self._http_thread = start_thread("http", self.http_server.run)
         self.log.info("HTTP listening on %s:%d", self.config.http_host, self.http_port)
 
     def watch(self):
@@ -5889,7 +5969,7 @@ class Daemon:
         self.stopped.set()
         self.log.info("stopping")
         if self.http_server:
-            self.http_server.close()
+            self._stop_http()
         self.dicom.stop()
         self.watch()  # stopped is set: this only stops the watcher
         self.tasks.close()
@@ -5898,6 +5978,19 @@ class Daemon:
         self.users.close()
         self.log.info("stopped")
         logging.getLogger().removeHandler(self.log_tail)
+
+    def _stop_http(self):
+        """Let the requests under way finish, then close waitress's sockets from its own loop.
+
+        Closed from this thread, they race with the loop's select() and with a worker waking the
+        loop through its trigger pipe: EBADF, or a write to a descriptor number already reused."""
+        from waitress import wasyncore
+
+        server = self.http_server
+        server.task_dispatcher.shutdown(timeout=HTTP_DRAIN_SECONDS)  # the loop still carries their answers
+        # in the loop's thread; an empty map then ends the loop
+        server.trigger.pull_trigger(lambda: wasyncore.close_all(self._http_sockets))
+        self._http_thread.join(timeout=HTTP_DRAIN_SECONDS)
 
     def serve_forever(self):
         """Run until SIGTERM or SIGINT, then stop cleanly."""

@@ -4,6 +4,8 @@ Commands run as `python dicoogled.py ...` subprocesses, the way an administrator
 manager runs them; daemons are started with conftest's start_daemon.
 """
 
+import base64
+import concurrent.futures
 import configparser
 import dataclasses
 import json
@@ -23,7 +25,7 @@ from pynetdicom import AE, StoragePresentationContexts, evt
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove
 
 import dicoogled
-from conftest import ROOT, RunningDaemon, free_port, make_identifier
+from conftest import ROOT, RunningDaemon, free_port, make_identifier, wait_until
 
 DICOOGLED = ROOT / "dicoogled.py"
 
@@ -474,6 +476,38 @@ def test_signal_stops_cleanly(start_daemon, signum):
         assert again.health()["dicom_port"] == ports[1]
     finally:
         assert again.stop() == 0
+
+
+SLOW_ROUTE = """
+import pathlib
+import time
+
+
+def routes(app):
+    @app.get("/slow")
+    def slow():
+        pathlib.Path(app_marker).touch()  # the test sends SIGTERM once this request is under way
+        time.sleep(2)
+        return {"done": True}
+"""
+
+
+def test_a_request_under_way_at_sigterm_is_answered(start_daemon, tmp_path):
+    """Stopping waits for the requests under way and closes waitress's sockets from its own loop
+    (closed from another thread, a worker waking the loop hit EBADF)."""
+    marker, plugins = tmp_path / "under-way", tmp_path / "plugins"
+    plugins.mkdir()
+    (plugins / "slow.py").write_text(SLOW_ROUTE.replace("app_marker", repr(str(marker))))
+    daemon = start_daemon(args=["--plugins-dir", str(plugins)], env={"DICOOGLED_ADMIN_PASSWORD": "cli-admin-1"})
+    request = urllib.request.Request(f"http://127.0.0.1:{daemon.http_port}/ext/slow/slow", headers={
+        "Authorization": "Basic " + base64.b64encode(b"admin:cli-admin-1").decode()})
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        answer = pool.submit(lambda: urllib.request.urlopen(request, timeout=30).read())
+        wait_until(marker.exists, message="the slow request to start")
+        daemon.process.send_signal(signal.SIGTERM)
+        assert json.loads(answer.result()) == {"done": True}
+    assert daemon.process.wait(timeout=30) == 0
+    assert "stopped" in daemon.log and "Traceback" not in daemon.log
 
 
 @pytest.mark.parametrize("shared", ["dicom", "http", "both"])

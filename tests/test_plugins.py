@@ -8,6 +8,7 @@ data stay disabled unless a test's config enables them).
 """
 
 import base64
+import concurrent.futures
 import io
 import json
 import pathlib
@@ -37,7 +38,7 @@ ADMIN_ENV = {"DICOOGLED_ADMIN_PASSWORD": ADMIN_PASSWORD}
 # ---- helpers ----------------------------------------------------------------------------------
 
 
-def http(daemon, method: str, path: str, params=None, data=None, auth=True):
+def http(daemon, method: str, path: str, params=None, data=None, auth=True, timeout=60):
     """(status, body bytes, headers) of one request; never raises on an HTTP status."""
     url = f"http://127.0.0.1:{daemon.http_port}{path}"
     if params:
@@ -52,7 +53,7 @@ def http(daemon, method: str, path: str, params=None, data=None, auth=True):
         headers["Authorization"] = "Basic " + base64.b64encode(f"admin:{ADMIN_PASSWORD}".encode()).decode()
     request = urllib.request.Request(url, data=data, headers=headers, method=method)
     try:
-        with urllib.request.urlopen(request, timeout=60) as response:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
             return response.status, response.read(), response.headers
     except urllib.error.HTTPError as error:
         return error.code, error.read(), error.headers
@@ -699,6 +700,96 @@ def test_lua_sandbox_refuses_escapes_and_stops_runaways(archive, tmp_path):
     assert daemon.log.count("instruction budget exceeded") >= 2
     assert get_json(daemon, "/ext/escape/ok") == {"ok": True}  # the runtime still works
     assert daemon.health()["status"] == "ok"
+
+
+# Ways a script once ran Lua code outside its budget: metamethods called by the runtime (a __gc
+# finalizer runs with hooks off) or while its answer was converted to Python, and many short C
+# calls, which the instruction count does not see.
+UNBUDGETED = r"""
+    local function spin() while true do end end
+    routes = {
+      ["GET /tostring-key"] = function(params) return { [setmetatable({}, { __tostring = spin })] = true } end,
+      ["GET /gc"] = function(params)
+        setmetatable({}, { __gc = spin })
+        for i = 1, 1e6 do local garbage = { i } end  -- the collector runs the finalizer
+        return { collected = true }
+      end,
+      ["GET /metamethods"] = function(params)
+        local events = {}
+        for _, event in ipairs({ "__eq", "__lt", "__le", "__len", "__index", "__newindex", "__concat",
+                                 "__pairs", "__call", "__tostring", "__close", "__unm", "__add" }) do
+          events[event] = spin
+        end
+        local value = setmetatable({}, events)
+        return { value = value, list = { value, value }, [value] = value }
+      end,
+      ["GET /error-object"] = function(params) error(setmetatable({}, { __tostring = spin })) end,
+      ["GET /string-metatable"] = function(params)
+        getmetatable("").__index = spin
+        return { value = ("").anything }
+      end,
+      ["GET /close"] = function(params) local guard <close> = setmetatable({}, { __close = spin }) return {} end,
+      ["GET /coroutine"] = function(params) return coroutine.wrap(spin)() end,
+      ["GET /load"] = function(params) return load("while true do end", "loop", "t", {})() end,
+      ["GET /c-calls"] = function(params)
+        for i = 1, 1e9 do local big = string.rep("x", 2^24) end  -- 16 MiB, a few instructions a turn
+      end,
+      ["GET /shared"] = function(params)  -- one table, reached 2^40 ways
+        local value = { "x" }
+        for i = 1, 40 do value = { value, value } end
+        return value
+      end,
+      ["GET /ok"] = function(params) return { ok = true } end,
+    }
+"""
+UNBUDGETED_ROUTES = ["tostring-key", "gc", "metamethods", "error-object", "string-metatable", "close", "coroutine",
+                     "load", "c-calls", "shared"]
+HTTP_THREADS = 8  # [http] threads: this many requests take every worker
+LUA_CALL_LIMIT = 30  # seconds a request may take here: the budget's time limit, a loaded machine, a margin
+
+
+@pytest.mark.parametrize("route", UNBUDGETED_ROUTES)
+def test_lua_code_never_runs_outside_the_budget(archive, route):
+    daemon = archive({"trap.lua": UNBUDGETED})
+    requests = 2 if route == "c-calls" else HTTP_THREADS  # c-calls run to the time limit, one after another
+    started = time.monotonic()
+    with concurrent.futures.ThreadPoolExecutor(requests) as pool:
+        answers = [pool.submit(http, daemon, "GET", f"/ext/trap/{route}", timeout=LUA_CALL_LIMIT)
+                   for _ in range(requests)]
+        assert http(daemon, "GET", "/health", timeout=LUA_CALL_LIMIT)[0] == 200  # others are served meanwhile
+        for answer in answers:
+            status, body, _ = answer.result()
+            assert status == 500 and json.loads(body)["error"], (status, body)  # a JSON reason
+    assert time.monotonic() - started < LUA_CALL_LIMIT
+    assert daemon.log.count(f"GET /ext/trap/{route} failed: plugin trap failed: ") == requests
+    assert get_json(daemon, "/ext/trap/ok") == {"ok": True}  # the runtime still works
+    assert daemon.stop(timeout=15) == 0  # and SIGTERM stops the daemon in time
+
+
+def test_reading_a_lua_scripts_globals_runs_none_of_its_code(archive):
+    """The daemon reads a script's globals (SETTINGS, routes, hooks) when it loads it."""
+    daemon = archive({"fine.lua": LUA_QUERY})
+    (daemon.plugin_folder / "trap_globals.lua").write_text(
+        "setmetatable(_G, { __index = function() while true do end end })\n")
+    wait_until(lambda: any(d["name"] == "trap_globals" for d in get_json(daemon, "/plugins")["dead"]),
+               timeout=LUA_CALL_LIMIT, message="the script to be refused")
+    assert daemon.health()["status"] == "ok"
+    assert daemon.stop(timeout=15) == 0
+
+
+def test_a_lua_task_runs_under_the_budget(archive):
+    daemon = archive({"trap_task.lua": """
+        routes = { ["POST /start"] = function(params)
+          return { uid = dicoogle.run_task("spin", function(progress) while true do end end) }
+        end }
+    """})
+    uid = post_json(daemon, "/ext/trap_task/start")["uid"]
+
+    def finished():
+        return next((t for t in get_json(daemon, "/index/task")["results"] if t["taskUid"] == uid and t.get("complete")), None)
+    assert wait_until(finished, timeout=LUA_CALL_LIMIT, message="the task to be stopped")["nErrors"] == 1
+    assert "instruction budget exceeded" in daemon.log
+    assert daemon.stop(timeout=15) == 0
 
 
 CRASHING = {
