@@ -3971,14 +3971,17 @@ class Users:
         return True
 
     def set_rights(self, username: str, admin: bool | None = None, roles=None) -> bool:
-        """Change whether a user is an administrator and its roles (None: unchanged); its
-        sessions end. False if there is no such user; ValueError for the last administrator."""
+        """Change whether a user is an administrator and its roles (None: unchanged); if either
+        changes, its sessions end. False if there is no such user; ValueError for the last
+        administrator."""
         with self._lock, self._db:
             row = self._db.execute("SELECT admin, roles FROM users WHERE username = ?", (username,)).fetchone()
             if not row:
                 return False
             admin = bool(row[0]) if admin is None else admin
             roles = json.loads(row[1]) if roles is None else list(roles)
+            if (admin, roles) == (bool(row[0]), json.loads(row[1])):
+                return True  # nothing changes, so no session need end
             if row[0] and not admin and self._db.execute("SELECT count(*) FROM users WHERE admin").fetchone()[0] <= 1:
                 raise ValueError("the last administrator keeps its rights")
             self._db.execute("UPDATE users SET admin = ?, roles = ? WHERE username = ?",

@@ -24,7 +24,9 @@ SECOND_USER = "nobody"
 
 @pytest.fixture
 def passable_folder():
-    folder = pathlib.Path(tempfile.mkdtemp(prefix="dicoogled-modes-"))
+    # Under /tmp itself: the default temporary folder may be one only its owner can pass through
+    # (an in-process daemon points tempfile at its own data dir).
+    folder = pathlib.Path(tempfile.mkdtemp(prefix="dicoogled-modes-", dir="/tmp"))
     folder.chmod(0o711)
     yield folder
     shutil.rmtree(folder, ignore_errors=True)

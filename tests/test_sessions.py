@@ -94,7 +94,11 @@ def test_a_change_of_rights_ends_the_users_sessions(start_daemon):
     # Roles too: they decide which web UI plugins a user sees.
     assert admin.post("/user/carol", data={"roles": "radiology, teaching"}).json() == {"success": True}
     assert again.get("/login").status == 401
-    assert logged_in(daemon, "carol", "carol-pw-1").get("/login").json()["roles"] == ["radiology", "teaching"]
+    latest = logged_in(daemon, "carol", "carol-pw-1")
+    assert latest.get("/login").json()["roles"] == ["radiology", "teaching"]
+    # Rights set to what they are change nothing, so no session ends.
+    assert admin.post("/user/carol", data={"admin": "false", "roles": "radiology,teaching"}).json() == {"success": True}
+    assert latest.get("/login").status == 200
     # The last administrator keeps its rights; an unknown user is a 404.
     response = admin.post("/user/admin", data={"admin": "false"})
     assert response.status == 409 and "administrator" in response.json()["error"]
