@@ -22,6 +22,7 @@ import configparser
 import contextlib
 import dataclasses
 import datetime
+import errno
 import functools
 import hashlib
 import hmac
@@ -204,6 +205,10 @@ fsync = true
 # Where received objects go: file (the storage folder in data_dir), or the URI scheme of an
 # enabled storage plugin (docs/plugins.md). If that plugin is missing or fails, a file it is.
 scheme = file
+# Free space, in MB, kept on the data disk: below it new objects are refused (DICOM status
+# 0xA700, out of resources) before the disk is really full, so the index, settings and logins
+# still have room. Storing resumes by itself once space is freed. 0 turns the reserve off.
+min_free_mb = 100
 
 [watch]
 # Folders indexed in place, one per line; files are never copied or changed.
@@ -428,6 +433,7 @@ class Config:
     duplicates: str = "keep"
     fsync: bool = True
     storage_scheme: str = "file"
+    min_free_mb: float = 100
     watch_folders: list[pathlib.Path] = dataclasses.field(default_factory=list)
     watch_poll: bool = False
     watch_poll_interval: float = 5
@@ -495,6 +501,7 @@ class Config:
                 duplicates=get("storage", "duplicates").strip(),
                 fsync=parser.getboolean("storage", "fsync"),
                 storage_scheme=get("storage", "scheme").strip().lower(),
+                min_free_mb=parser.getfloat("storage", "min_free_mb"),
                 watch_folders=[pathlib.Path(p) for p in get("watch", "folders").splitlines() if p.strip()],
                 watch_poll=parser.getboolean("watch", "poll"),
                 watch_poll_interval=parser.getfloat("watch", "poll_interval"),
@@ -548,6 +555,8 @@ class Config:
                 raise ValueError(f"invalid {name} {getattr(self, name)}: must be more than 0 seconds")
         if not self.session_idle_minutes > 0:
             raise ValueError(f"invalid session_idle_minutes {self.session_idle_minutes}: must be more than 0 (0.5 is 30 s)")
+        if not self.min_free_mb >= 0:
+            raise ValueError(f"invalid min_free_mb {self.min_free_mb}: 0 (no reserve) or more MB")
         if not 0 < self.thumbnail_size <= 4096:
             raise ValueError(f"invalid thumbnail_size {self.thumbnail_size}: 1..4096 pixels")
         if not 0 <= self.index_effort <= 100:
@@ -665,13 +674,18 @@ def save_settings(data_dir: pathlib.Path, values: dict[str, dict[str, str]]):
         for key, text in entries.items():
             parser.set(section, key, text)
     tmp = path.with_name(SETTINGS_FILE + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write("# Settings changed from the web app or the REST API, written by dicoogled. Read after the\n"
-                     "# --config file and before command-line flags; delete this file to undo every change.\n\n")
-        parser.write(handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            handle.write("# Settings changed from the web app or the REST API, written by dicoogled. Read after the\n"
+                         "# --config file and before command-line flags; delete this file to undo every change.\n\n")
+            parser.write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # a full disk: the old settings.ini stays whole, no half-written copy beside it
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 # ============================================================================================
@@ -1055,9 +1069,15 @@ class Index:
             with connection:  # one transaction for the whole batch
                 for op in batch:
                     results.append(op.function(connection, *op.args))
-        except Exception:
-            if len(batch) == 1:
-                batch[0].future.set_exception(sys.exc_info()[1])
+        except Exception as error:
+            if not connection.getautocommit():  # SQLite may leave a failed commit's transaction open
+                with contextlib.suppress(apsw.Error):
+                    connection.execute("ROLLBACK")
+            if len(batch) == 1 or is_out_of_space(error):
+                # A full disk fails the whole group: each caller answers "out of resources" and
+                # removes its file, and the next group is tried afresh.
+                for op in batch:
+                    op.future.set_exception(error)
                 return
             # One op spoiled the batch: run each alone so only that op fails.
             for op in batch:
@@ -1192,6 +1212,92 @@ class IngestStats:
     duplicates: int = 0
     skipped: int = 0  # not DICOM, DICOMDIR, or broken
     failed: int = 0
+    out_of_space: int = 0  # of the failed: refused below the free-space reserve, or the disk was full
+
+
+def is_out_of_space(error: BaseException | None) -> bool:
+    """True for an error that means the disk (or the user's quota) is full: a file write's
+    ENOSPC or EDQUOT, or SQLite's SQLITE_FULL."""
+    if isinstance(error, OSError):
+        return error.errno in (errno.ENOSPC, errno.EDQUOT)
+    return isinstance(error, apsw.FullError)
+
+
+class DiskSpace:
+    """Free space on the data disk, the reserve kept free for the index, settings and logins,
+    and the last write that found the disk full: what /health reports.
+
+    Nothing here blocks a write: each store checks the free space afresh, so ingest resumes by
+    itself as soon as space is freed.
+    """
+
+    #: Free space above the reserve at which a past "disk full" is taken as over (so that the
+    #: few bytes freed by removing a failed write do not end it).
+    RECOVERY_HEADROOM = 1024 * 1024
+
+    def __init__(self, folder: pathlib.Path, reserve_mb: float = 0):
+        self.folder = pathlib.Path(folder)
+        self.reserve_bytes = int(reserve_mb * 1024 * 1024)
+        self.failures = 0  #: writes of any kind that failed for lack of space
+        self._last_failure: str | None = None  # what failed, until a write succeeds or space is freed
+        self._lock = threading.Lock()
+        self.log = logging.getLogger("dicoogled.storage")
+
+    def free_bytes(self) -> int:
+        """Bytes an unprivileged writer can still use (root's reserved blocks left out)."""
+        try:
+            stat = os.statvfs(self.folder)
+        except OSError:
+            return 0
+        return stat.f_bavail * stat.f_frsize
+
+    def room_for(self, size: int) -> str | None:
+        """None if an object of size bytes may be stored, else why not."""
+        free = self.free_bytes()
+        if free - size >= self.reserve_bytes:
+            return None
+        return (f"{free // 1024} KB free on the data disk, {size // 1024} KB needed above the reserve "
+                f"of {self.reserve_bytes // (1024 * 1024)} MB ([storage] min_free_mb)")
+
+    def ran_out(self, what: str, error: BaseException):
+        """Record a write that failed for lack of space; logged once per episode, then at DEBUG."""
+        with self._lock:
+            self.failures += 1
+            first = self._last_failure is None
+            self._last_failure = f"{what}: {getattr(error, 'strerror', None) or error}"
+        (self.log.error if first else self.log.debug)("out of disk space %s (%d KB free)", self._last_failure, self.free_bytes() // 1024)
+
+    def wrote(self):
+        """A write succeeded: the disk is not full (any more)."""
+        if self._last_failure is not None:
+            self._recovered()
+
+    def recheck(self) -> bool:
+        """End a "disk full" episode once space above the reserve is back; True if it ended now."""
+        if self._last_failure is not None and self.free_bytes() >= self.reserve_bytes + self.RECOVERY_HEADROOM:
+            return self._recovered()
+        return False
+
+    def _recovered(self) -> bool:
+        with self._lock:
+            was, self._last_failure = self._last_failure, None
+        if was is not None:
+            self.log.warning("disk space available again: %d KB free", self.free_bytes() // 1024)
+        return was is not None
+
+    def problems(self) -> list[str]:
+        """Why the archive is degraded for lack of space, or nothing."""
+        found = []
+        free = self.free_bytes()
+        if free < self.reserve_bytes:
+            found.append(f"free space below the reserve: {free // 1024} KB free, "
+                         f"{self.reserve_bytes // (1024 * 1024)} MB reserved; new objects are refused")
+        if self._last_failure is not None:
+            found.append(f"out of disk space {self._last_failure}")
+        return found
+
+    def status(self) -> dict:
+        return {"free_bytes": self.free_bytes(), "reserve_bytes": self.reserve_bytes, "out_of_space_failures": self.failures}
 
 
 def read_header(source) -> Dataset:
@@ -1345,6 +1451,27 @@ class Storage:
                 os.unlink(tmp_name)
             raise
 
+    def set_aside(self, path: pathlib.Path) -> pathlib.Path | None:
+        """Keep a file that a store is about to replace, as a hard link in the tmp folder (no
+        bytes copied), so that the store can put it back if it fails; None if there is none."""
+        kept = self.tmp / f"store-kept-{uuid.uuid4().hex}"
+        try:
+            os.link(path, kept)
+        except FileNotFoundError:
+            return None
+        return kept
+
+    def discard(self, location: str, kept: pathlib.Path | None = None):
+        """Undo a store that cannot be acknowledged: remove what it wrote and put back the file
+        it replaced, so nothing unindexed stays behind."""
+        try:
+            if kept is not None:
+                os.replace(kept, location)
+            else:
+                self.remove(location)
+        except OSError as error:
+            log.error("cannot remove %s after a failed store: %s", location, error)
+
     def contains(self, path: pathlib.Path) -> bool:
         return path.resolve().is_relative_to(self.root)
 
@@ -1352,8 +1479,10 @@ class Storage:
 class Ingest:
     """The one way in: received objects, watched files and indexed folders all pass here."""
 
-    def __init__(self, index: Index, storage: Storage, duplicates: str = "keep"):
+    def __init__(self, index: Index, storage: Storage, duplicates: str = "keep", space: DiskSpace | None = None):
         self.index, self.storage, self.duplicates = index, storage, duplicates
+        #: The data disk's free space and reserve; received objects are refused below the reserve.
+        self.space = space or DiskSpace(storage.root)
         self.stats = IngestStats()
         self.listeners = []  #: callables(record, calling_aet), told of every indexed instance
         #: SOPInstanceUID -> paths of further copies skipped as duplicates, to index if the first goes.
@@ -1401,13 +1530,29 @@ class Ingest:
             with self._lock_uid(uids[2]):
                 if not self._accept_duplicate(uids[2], data, path, calling_aet):
                     return SUCCESS
+                shortage = self.space.room_for(len(data))
+                if shortage:
+                    self.stats.failed += 1
+                    self.stats.out_of_space += 1
+                    self.log.error("refused %s from %s: out of resources, %s", uids[2], calling_aet or "?", shortage)
+                    return OUT_OF_RESOURCES
                 # An overwriting version may live elsewhere (its study or series changed): the
                 # file it replaces must go, or it stays on disk unindexed (check reports it).
                 replaced = self.index.instance_by_uid(uids[2]) if self.duplicates == "overwrite" else None
+                kept = self.storage.set_aside(path) if replaced and replaced[1] == str(path) else None
                 location, size, mtime_ns = self.storage.store(path, uids[2], data)
+                try:
+                    record = make_record(dataset, location, origin, size, mtime_ns, extracted)
+                    self._index(record, calling_aet)
+                except BaseException:
+                    # Never acknowledged, so it must not stay: a file without its index row is
+                    # an orphan, and a commit that failed for lack of space fails this store.
+                    self.storage.discard(location, kept)
+                    raise
+                if kept is not None:
+                    kept.unlink(missing_ok=True)
                 self.stats.stored += 1
-                record = make_record(dataset, location, origin, size, mtime_ns, extracted)
-                self._index(record, calling_aet)
+                self.space.wrote()
                 if replaced and replaced[1] != location and self.storage.contains(pathlib.Path(replaced[1])):
                     pathlib.Path(replaced[1]).unlink(missing_ok=True)
             self.log.info("stored %s from %s", uids[2], calling_aet or "?")
@@ -1416,9 +1561,13 @@ class Ingest:
             self.stats.failed += 1
             self.log.warning("refused an object from %s: %s", calling_aet or "?", error)
             return error.status
-        except OSError as error:
+        except (OSError, apsw.Error) as error:
+            # The temp file, its fsync, the rename or the index commit failed: out of resources.
             self.stats.failed += 1
-            self.log.error("cannot store an object from %s: %s", calling_aet or "?", error)
+            if is_out_of_space(error):
+                self.stats.out_of_space += 1
+                self.space.ran_out("storing a received object", error)
+            self.log.error("cannot store an object from %s: out of resources, %s", calling_aet or "?", error)
             return OUT_OF_RESOURCES
 
     def _accept_duplicate(self, sop_uid: str, data: bytes, path: pathlib.Path, calling_aet: str) -> bool:
@@ -1472,6 +1621,12 @@ class Ingest:
         except OSError as error:
             self.stats.skipped += 1
             self.log.warning("skipped %s: %s", path, error.strerror or error)
+        except apsw.Error as error:  # the index cannot take it now (a full disk): tried again later
+            self.stats.failed += 1
+            if is_out_of_space(error):
+                self.stats.out_of_space += 1
+                self.space.ran_out(f"indexing {path}", error)
+            self.log.error("cannot index %s: %s", path, error)
         return False
 
     def _index(self, record: InstanceRecord, calling_aet: str = ""):
@@ -3660,6 +3815,12 @@ class FolderWatcher:
             observer.join(timeout=5)
         self._workers.shutdown(wait=True, cancel_futures=True)
 
+    def reconcile_all(self):
+        """Reconcile every watched folder again (after the index could not take some files)."""
+        for folder in self.folders:
+            self.reconciling += 1
+            start_thread(f"reconcile-{folder.name}", self._reconcile_then_done, folder)
+
     def _reconcile_then_done(self, folder):
         try:
             reconcile(self.ingest, folder, self.origin, self._stop)
@@ -3793,27 +3954,40 @@ def walk_files(root: pathlib.Path, stop: threading.Event | None = None):
 def reconcile(ingest: Ingest, root: pathlib.Path, origin: str, stop: threading.Event | None = None, progress=None) -> dict:
     """Bring the index in line with the files below root: index new or changed files, unindex
     vanished ones. Returns counts; progress(done, total) is called along the way."""
+    watch_log = logging.getLogger("dicoogled.watch")
     root = pathlib.Path(root).resolve()
     known = ingest.index.paths_under(str(root))
     entries = list(walk_files(root, stop))
     to_index = []
     for entry in entries:
-        stat = entry.stat()
+        try:
+            stat = entry.stat()
+        except OSError:  # gone since the listing: left in known, so it is unindexed below
+            continue
         if known.pop(entry.path, None) != (stat.st_size, stat.st_mtime_ns):
             to_index.append(entry.path)
-    removed = ingest.unindex_paths(known) if known else 0
+    removed = 0
+    if known:
+        try:
+            removed = ingest.unindex_paths(known)
+        except apsw.Error as error:  # a full disk: they stay indexed until the next reconciliation
+            watch_log.error("cannot unindex %d vanished files below %s: %s", len(known), root, error)
     indexed = 0
+    # Each file fails alone (index_file logs why): reconciliation always gets to the end.
     with concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="reconcile") as pool:
-        futures = [pool.submit(ingest.index_file, pathlib.Path(path), origin) for path in to_index]
+        futures = {pool.submit(ingest.index_file, pathlib.Path(path), origin): path for path in to_index}
         for done, future in enumerate(concurrent.futures.as_completed(futures), 1):
-            indexed += bool(future.result())
+            try:
+                indexed += bool(future.result())
+            except Exception:
+                watch_log.exception("cannot index %s", futures[future])
             if progress:
                 progress(done, len(futures))
             if stop is not None and stop.is_set():
                 pool.shutdown(cancel_futures=True)
                 break
     result = {"files": len(entries), "indexed": indexed, "skipped": len(to_index) - indexed, "unindexed": removed}
-    logging.getLogger("dicoogled.watch").info("reconciled %s: %s", root, result)
+    watch_log.info("reconciled %s: %s", root, result)
     return result
 
 
@@ -4069,6 +4243,7 @@ class Users:
         its user's credentials changed since it began, or it was idle for idle_minutes."""
         token_hash = _token_hash(token)
         now = time.time()
+        row = None
         with self._lock:
             # Every use is written, so a session expires exactly idle_minutes after its last use.
             # Not flushed to disk (an fsync per request would cost milliseconds): a power cut may
@@ -4081,12 +4256,15 @@ class Users:
                         " JOIN users u ON u.username = s.username AND u.credentials_stamp = s.credentials_stamp"
                         " WHERE s.token_hash = ?", (token_hash,)).fetchone()
                     if row is None or now - row[3] > self.idle_seconds:
+                        row = None
                         self._db.execute("DELETE FROM sessions WHERE token_hash = ?", (token_hash,))
-                        return None
-                    self._db.execute("UPDATE sessions SET last_used = ? WHERE token_hash = ?", (now, token_hash))
+                    else:
+                        self._db.execute("UPDATE sessions SET last_used = ? WHERE token_hash = ?", (now, token_hash))
+            except apsw.FullError:  # a full disk must not lock users out of reading
+                self.log.debug("session use not recorded: the disk is full")
             finally:
                 self._db.execute("PRAGMA synchronous=FULL")
-        return User(row[0], bool(row[1]), tuple(json.loads(row[2])))
+        return None if row is None else User(row[0], bool(row[1]), tuple(json.loads(row[2])))
 
     def end_session(self, token: str) -> bool:
         return bool(self._write("DELETE FROM sessions WHERE token_hash = ?", (_token_hash(token),)))
@@ -4257,9 +4435,14 @@ class Api:
             @functools.wraps(handler)
             def guarded(*args, **kwargs):
                 # CORS preflights (OPTIONS) carry no credentials, by the browser's rules.
-                if access != PUBLIC and bottle.request.method != "OPTIONS":
-                    self.require(access)
-                return handler(*args, **kwargs)
+                try:
+                    if access != PUBLIC and bottle.request.method != "OPTIONS":
+                        self.require(access)
+                    return handler(*args, **kwargs)
+                except (OSError, apsw.Error) as error:
+                    if not is_out_of_space(error):
+                        raise
+                    self.insufficient_storage(error)
 
             summary = " ".join((handler.__doc__ or "").strip().split("\n\n")[0].split())
             for m in methods:
@@ -4269,6 +4452,18 @@ class Api:
             return handler
 
         return decorator
+
+    def insufficient_storage(self, error: BaseException):
+        """Answer 507 with the reason, for a write (a session, a user, settings) that found the
+        disk full: an answer, not a fault, so the client learns why and nothing is half-done."""
+        request = bottle.request
+        self.daemon.disk.ran_out(f"at {request.method} {request.path}", error)
+        free = self.daemon.disk.free_bytes()
+        logging.getLogger("dicoogled.http").error("%s %s: out of disk space (%s), %d KB free", request.method,
+                                                  request.path, getattr(error, "strerror", None) or error, free // 1024)
+        raise bottle.HTTPResponse(json.dumps({"error": "insufficient storage: the data disk is full, nothing was changed",
+                                              "free_bytes": free}),
+                                  507, {"Content-Type": "application/json"})
 
     def current_user(self) -> User | None:
         """The user a request speaks for: token (raw or Bearer), HTTP Basic, or session cookie."""
@@ -4408,11 +4603,15 @@ def _session_routes(api: Api):
 
     @api.route("/health", access=PUBLIC)
     def health():
-        """Status: 200 once the DICOM and HTTP listeners are up."""
+        """Status: 200 once the DICOM and HTTP listeners are up; "degraded", with the reasons,
+        while the data disk is below its free-space reserve or was found full."""
         counts = daemon.index.counts()
         by_origin = storage_bytes(counts["instances"])
+        problems = daemon.disk.problems()
         return {
-            "status": "ok",
+            "status": "degraded" if problems else "ok",
+            "problems": problems,
+            "disk": daemon.disk.status(),
             "version": __version__,
             "aet": daemon.config.aet,
             "dicom_port": daemon.dicom.port,
@@ -5404,15 +5603,15 @@ def _management_routes(api: Api):
             _fail(400, str(error))
 
     def change(**values):
-        """Set settings on the live config, once check() accepts them."""
+        """Save settings to settings.ini, then set them on the live config, once check() accepts
+        them: a change that cannot be saved (507 on a full disk) is not made at all."""
         check(**values)
-        for name, value in values.items():
-            setattr(config, name, value)
-
-    def save(*names):
-        if names:
-            with daemon.settings_lock:
-                config.save_settings(*names)
+        saved = [name for name in values if name in LIVE_SETTINGS or name in WHOLE_SECTIONS]
+        with daemon.settings_lock:
+            if saved:
+                dataclasses.replace(config, **values).save_settings(*saved)
+            for name, value in values.items():
+                setattr(config, name, value)
 
     def bool_param(name: str) -> bool | None:
         raw = bottle.request.params.get(name)
@@ -5462,7 +5661,6 @@ def _management_routes(api: Api):
         change(**values)
         if {"watch_folders", "watch_enabled"} & set(values):
             daemon.watch()
-        save(*values)
 
     @api.route("/management/settings/index", access=ADMIN)
     def get_index_settings():
@@ -5552,7 +5750,6 @@ def _management_routes(api: Api):
         if not set(TRANSFER_SYNTAX_NAMES) <= set(allowed):
             limits[sop_class] = allowed
         change(transfer_syntaxes=limits)
-        save("transfer_syntaxes")
         return {"success": True}
 
     # ---- query/retrieve limits, AE title, tags ----
@@ -5581,7 +5778,6 @@ def _management_routes(api: Api):
                 values[attribute] = float(value) if attribute.endswith("timeout") else value
         change(**values)
         daemon.dicom.apply_limits()
-        save(*values)
         return ""
 
     @api.route("/management/settings/dicom", access=ADMIN)
@@ -5598,7 +5794,6 @@ def _management_routes(api: Api):
         aet = bottle.request.params.get("aetitle", "").strip()
         change(aet=aet)
         daemon.dicom.set_ae_title(aet)
-        save("aet")
         return {"success": True}
 
     @api.route("/management/settings/dicom/tags", access=ADMIN)
@@ -5653,7 +5848,6 @@ def _management_routes(api: Api):
             removed = aet in config.modalities
             change(modalities={a: address for a, address in config.modalities.items() if a != aet},
                    modality_details={a: details for a, details in config.modality_details.items() if a != aet})
-            save("modalities")
             return {"removed": removed}
         host = params.get("ip", "").strip()
         if not is_valid_ae_title(aet):
@@ -5667,7 +5861,6 @@ def _management_routes(api: Api):
         if public or description:
             details[aet] = (public, description)
         change(modalities={**config.modalities, aet: (host, port)}, modality_details=details)
-        save("modalities")
         return {"added": True}
 
     @api.route("/management/dicom/echo", "POST", access=ADMIN)
@@ -5725,7 +5918,6 @@ def _management_routes(api: Api):
             if {"dicom_port", "dicom_host"} & set(values) and running is not False:
                 daemon.dicom.move(values.get("dicom_host", config.dicom_host), values.get("dicom_port", config.dicom_port))
             change(**values)
-            save(*values)
             if running is not None:
                 outcome["running"] = running
                 if running and not daemon.dicom.start():
@@ -5892,7 +6084,9 @@ class Daemon:
         # Temporary files (spooled uploads, pynetdicom's) stay on the data disk: /tmp may be RAM.
         tempfile.tempdir = str(self.storage.tmp)
         self.index = Index(data_dir / "index.sqlite", on_connect=[register_search_functions])
-        self.ingest = Ingest(self.index, self.storage, config.duplicates)
+        #: Free space on the data disk and the reserve kept there ([storage] min_free_mb).
+        self.disk = DiskSpace(data_dir, config.min_free_mb)
+        self.ingest = Ingest(self.index, self.storage, config.duplicates, self.disk)
         self.finder = Finder(self.index)
         self.dicom = DicomServices(config, self.ingest, self.finder)
         self.users = Users(data_dir / "users.sqlite", config.session_idle_minutes)
@@ -5927,6 +6121,7 @@ class Daemon:
         # Files stored before a crash but never indexed (never acknowledged either) get indexed.
         self.reconciling += 1
         start_thread("reconcile-storage", self._reconcile_storage)
+        start_thread("disk-space", self._watch_disk_space)
         bottle.BaseRequest.MEMFILE_MAX = 16 * 1024 * 1024
         try:
             self.http_server = create_server(
@@ -5960,10 +6155,27 @@ class Daemon:
         try:
             reconcile(self.ingest, self.storage.root, "store", self.stopped)
             for scheme in set(self.storage.schemes) - {"file"}:
-                self.ingest.reconcile_scheme(scheme)
+                try:
+                    self.ingest.reconcile_scheme(scheme)
+                except Exception:  # one storage plugin's failure must not stop the others
+                    self.log.exception("cannot reconcile the index with storage %s", scheme)
             self.thumbnails.purge(lambda uid: self.index.instance_by_uid(uid) is not None)
         finally:
             self.reconciling -= 1
+
+    #: Seconds between looks at the data disk's free space.
+    DISK_CHECK_SECONDS = 2.0
+
+    def _watch_disk_space(self):
+        """Once space is freed after the disk was full, index what could not be indexed then:
+        files left by a store or a reconciliation that failed, and files in watched folders."""
+        while not self.stopped.wait(self.DISK_CHECK_SECONDS):
+            if self.disk.recheck() and not self.stopped.is_set():
+                self.reconciling += 1
+                start_thread("reconcile-storage", self._reconcile_storage)
+                with self._watch_lock:
+                    if self.watcher:
+                        self.watcher.reconcile_all()
 
     def stop(self):
         """Stop listening, finish the writes under way, close the index."""

@@ -71,6 +71,7 @@ FRAME_MEDIA_TYPES = {
 }
 # STOW-RS failure reasons (PS3.18 table 10.5.3-2 uses the C-STORE statuses).
 PROCESSING_FAILURE = 0x0110
+OUT_OF_RESOURCES = 0xA700
 STUDY_MISMATCH = 0xA900
 SPOOL_IN_MEMORY = 8 * 1024 * 1024  # parts larger than this go to a temp file in the data dir
 
@@ -450,12 +451,19 @@ def _stow(study=None):
         if not stored and not failed:
             _error(400, f"malformed multipart body: {error}")
         failed.append({"00081197": {"vr": "US", "Value": [PROCESSING_FAILURE]}})
+    except OSError as error:  # a large part could not be spooled: the data disk is full
+        failed.append({"00081197": {"vr": "US", "Value": [OUT_OF_RESOURCES]}})
+        dicoogle.log(f"STOW-RS: cannot spool a part: {error}", "error")
     response = {"00081190": {"vr": "UR", "Value": [f"{_base_url()}/studies/{study}" if study else _base_url() + "/studies"]}}
     if stored:
         response["00081199"] = {"vr": "SQ", "Value": stored}
     if failed:
         response["00081198"] = {"vr": "SQ", "Value": failed}
+    # PS3.18 10.5.3: 409 when nothing was stored, 202 when some was, each failure with its
+    # reason; A700 (out of resources) also gets a Warning saying so, in words.
     bottle.response.status = 200 if not failed else 202 if stored else 409
+    if any(item["00081197"]["Value"] == [OUT_OF_RESOURCES] for item in failed):
+        bottle.response.set_header("Warning", '299 dicoogled "out of resources: the data disk is full or below its free-space reserve"')
     bottle.response.content_type = DICOM_JSON
     return json.dumps(response)
 
