@@ -71,6 +71,7 @@ FRAME_MEDIA_TYPES = {
 # STOW-RS failure reasons (PS3.18 table 10.5.3-2 uses the C-STORE statuses).
 PROCESSING_FAILURE = 0x0110
 STUDY_MISMATCH = 0xA900
+CANNOT_UNDERSTAND = 0xC000
 SPOOL_IN_MEMORY = 8 * 1024 * 1024  # parts larger than this go to a temp file in the data dir
 
 
@@ -437,7 +438,7 @@ def _stow(study=None):
     except MultipartError as error:
         if not stored and not failed:
             _error(400, f"malformed multipart body: {error}")
-        failed.append({"00081197": {"vr": "US", "Value": [PROCESSING_FAILURE]}})
+        failed.append(_failure({}, PROCESSING_FAILURE, f"malformed multipart body: {error}"))
     response = {"00081190": {"vr": "UR", "Value": [f"{_base_url()}/studies/{study}" if study else _base_url() + "/studies"]}}
     if stored:
         response["00081199"] = {"vr": "SQ", "Value": stored}
@@ -446,6 +447,12 @@ def _stow(study=None):
     bottle.response.status = 200 if not failed else 202 if stored else 409
     bottle.response.content_type = DICOM_JSON
     return json.dumps(response)
+
+
+def _failure(reference: dict, status: int, reason: str) -> dict:
+    """A Failed SOP Sequence item: the C-STORE status as Failure Reason, and why in words, as
+    the Error Comment a C-STORE response would carry (PS3.18 names no text attribute for it)."""
+    return {**reference, "00081197": {"vr": "US", "Value": [status]}, "00000902": {"vr": "LO", "Value": [reason]}}
 
 
 def _stow_part(data: bytes, headers: dict, study, stored: list, failed: list):
@@ -458,19 +465,19 @@ def _stow_part(data: bytes, headers: dict, study, stored: list, failed: list):
         reference = {"00081150": {"vr": "UI", "Value": [str(header.SOPClassUID)]},
                      "00081155": {"vr": "UI", "Value": [str(header.SOPInstanceUID)]}}
         if study is not None and header.get("StudyInstanceUID") != study:
-            failed.append({**reference, "00081197": {"vr": "US", "Value": [STUDY_MISMATCH]}})
+            failed.append(_failure(reference, STUDY_MISMATCH, "StudyInstanceUID is not the study of the request"))
             return
         if data[128:132] != b"DICM":
             raise ValueError("a part must be a DICOM file with its file meta information")
-    except Exception:
-        failed.append({**reference, "00081197": {"vr": "US", "Value": [0xC000]}})
+    except Exception as error:
+        failed.append(_failure(reference, CANNOT_UNDERSTAND, f"unreadable DICOM: {error}"))
         return
     status = dicoogle.store(data, "STOW-RS")
     if status in (0x0000, 0xB000, 0xB006, 0xB007):
         url = f"{_base_url()}/studies/{header.StudyInstanceUID}/series/{header.SeriesInstanceUID}/instances/{header.SOPInstanceUID}"
         stored.append({**reference, "00081190": {"vr": "UR", "Value": [url]}})
     else:
-        failed.append({**reference, "00081197": {"vr": "US", "Value": [status]}})
+        failed.append(_failure(reference, status, getattr(status, "reason", "") or f"refused with status {status:#06x}"))
 
 
 # ---- WADO-URI -----------------------------------------------------------------------------------
