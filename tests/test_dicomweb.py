@@ -276,7 +276,7 @@ def test_stow_all_bad_is_409_and_wrong_study_fails(archive):
 def test_stow_damaged_objects_fail_with_a_reason(archive):
     """Cut short or malformed: each in the Failed SOP Sequence with Failure Reason 0xC000 and
     why; 409 when all fail, 202 beside a good one; nothing stored, nothing indexed."""
-    ds = studygen.make_instance(45, 0, 0, 0)
+    ds = studygen.make_instance(46, 0, 0, 0)
     damaged = studygen.damaged(ds)
     before = archive.counts()["instances"]
     body, content_type = multipart_body(list(damaged.values()))
@@ -290,7 +290,7 @@ def test_stow_damaged_objects_fail_with_a_reason(archive):
         assert failure["00081155"]["Value"] == [ds.SOPInstanceUID]
         assert failure["00081197"]["Value"] == [0xC000], what
         assert failure["00000902"]["Value"][0].startswith(("truncated", "malformed")), what
-    good = studygen.make_instance(45, 0, 0, 1)
+    good = studygen.make_instance(46, 0, 0, 1)
     body, content_type = multipart_body([damaged["pixel data 10 bytes short"], part10(good)])
     response = requests.post(url(archive, "/studies"), data=body, headers={"Content-Type": content_type}, auth=AUTH)
     assert response.status_code == 202, response.text
