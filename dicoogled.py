@@ -1240,6 +1240,8 @@ def _meta_uids(data: bytes) -> dict[int, str]:
     while position + 8 <= len(meta):
         group, number, vr = struct.unpack_from("<HH2s", meta, position)
         if vr in LONG_LENGTH_VRS:
+            if position + 12 > len(meta):
+                break
             length, header = struct.unpack_from("<I", meta, position + 8)[0], 12
         else:
             length, header = struct.unpack_from("<H", meta, position + 6)[0], 8
@@ -1682,7 +1684,9 @@ class Ingest:
         for uri in set(map(str, listed)) - known:
             try:
                 data = self.storage.read(uri)
-                self._index(make_record(read_received_header(data), uri, "index", len(data), time.time_ns()))
+                dataset = read_received_header(data)
+                check_structure(data, dataset)
+                self._index(make_record(dataset, uri, "index", len(data), time.time_ns()))
             except (OSError, IngestError) as error:
                 self.stats.skipped += 1
                 self.log.warning("skipped %s: %s", uri, error)
