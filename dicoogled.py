@@ -99,7 +99,12 @@ CANCELLED = 0xFE00
 OUT_OF_RESOURCES = 0xA700
 MOVE_DESTINATION_UNKNOWN = 0xA801
 IDENTIFIER_DOES_NOT_MATCH = 0xA900
-CANNOT_UNDERSTAND = 0xC000  # C-STORE: data set cannot be parsed or lacks its UIDs
+# C-STORE failures, from PS3.4 B.2.3: a data set that is not the one its command announces (another
+# SOP Class or SOP Instance UID) is "Data Set does not match SOP Class" (A9xx, the error for a data
+# set that is not an instance of the class named); one that cannot be parsed at all (truncated,
+# malformed, without its UIDs) is "Cannot understand" (Cxxx). Both say why in an Error Comment.
+DATA_SET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
+CANNOT_UNDERSTAND = 0xC000
 UNABLE_TO_PROCESS = 0xC001  # C-FIND/MOVE/GET: the identifier cannot be processed
 STORE_REFUSED_INVALID_UID = 0xC002
 SUBOPERATIONS_FAILED = 0xB000
@@ -148,6 +153,13 @@ DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
 #: Written in the file meta of every stored object: pydicom's generate_uid(entropy_srcs=['dicoogled implementation']).
 IMPLEMENTATION_CLASS_UID = "1.2.826.0.1.3680043.8.498.25379647146804113726755947804195104528"
 IMPLEMENTATION_VERSION_NAME = "DICOOGLED_" + __version__.replace(".", "")
+#: Explicit VRs with two reserved bytes and a 4-byte length (PS3.5 7.1.2); all others are SHORT_LENGTH_VRS.
+LONG_LENGTH_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"})
+SHORT_LENGTH_VRS = frozenset({b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FD", b"FL", b"IS", b"LO", b"LT",
+                              b"PN", b"SH", b"SL", b"SS", b"ST", b"TM", b"UI", b"UL", b"US"})
+UNDEFINED_LENGTH = 0xFFFFFFFF
+PIXEL_DATA_TAG = 0x7FE00010
+ITEM_TAG, ITEM_DELIMITATION_TAG, SEQUENCE_DELIMITATION_TAG = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 BINARY_VRS = frozenset({"OB", "OW", "OF", "OD", "OL", "OV", "UN", "OB or OW", "US or OW"})
 DATE_TIME_VRS = frozenset({"DA", "TM", "DT"})
 NUMBER_VRS = {"US": int, "UL": int, "SS": int, "SL": int, "UV": int, "SV": int, "FL": float, "FD": float}
@@ -377,7 +389,7 @@ def _dataset_offset(data: bytes) -> int:
     if data[128:132] != b"DICM":
         return 0
     # (0002,0000) UL group length comes first, in explicit VR little endian: tag, 'UL', len, value.
-    if data[132:136] == b"\x02\x00\x00\x00" and data[136:138] == b"UL":
+    if data[132:136] == b"\x02\x00\x00\x00" and data[136:138] == b"UL" and len(data) >= 144:
         return 144 + struct.unpack("<I", data[140:144])[0]
     return 132
 
@@ -1205,6 +1217,16 @@ class IngestError(Exception):
         self.status = status
 
 
+class StoreStatus(int):
+    """The DICOM status of a received object, with the reason of a failure (the C-STORE
+    response's Error Comment, STOW-RS's failure reason); it compares as the plain status."""
+
+    def __new__(cls, status: int, reason: str = ""):
+        self = super().__new__(cls, status)
+        self.reason = reason
+        return self
+
+
 @dataclasses.dataclass
 class IngestStats:
     stored: int = 0
@@ -1213,6 +1235,8 @@ class IngestStats:
     skipped: int = 0  # not DICOM, DICOMDIR, or broken
     failed: int = 0
     out_of_space: int = 0  # of the failed: refused below the free-space reserve, or the disk was full
+    #: received objects refused as truncated, malformed or not the instance their command names
+    malformed: int = 0
 
 
 def is_out_of_space(error: BaseException | None) -> bool:
@@ -1318,31 +1342,35 @@ def read_header(source) -> Dataset:
     return dataset
 
 
-def _meta_transfer_syntax(meta: bytes) -> str | None:
-    """The Transfer Syntax UID in a file meta group (explicit VR little endian), or None."""
-    position = 0
+def _meta_uids(data: bytes) -> dict[int, str]:
+    """The UI values of a Part 10 object's file meta group (explicit VR little endian), by element
+    number: 0x0002 Media Storage SOP Class UID, 0x0003 its SOP Instance UID, 0x0010 transfer syntax."""
+    meta, position, uids = data[144:_dataset_offset(data)], 0, {}
     while position + 8 <= len(meta):
         group, number, vr = struct.unpack_from("<HH2s", meta, position)
-        if vr in (b"OB", b"OW", b"UN", b"SQ", b"UT", b"UC", b"UR"):
+        if vr in LONG_LENGTH_VRS:
+            if position + 12 > len(meta):
+                break
             length, header = struct.unpack_from("<I", meta, position + 8)[0], 12
         else:
             length, header = struct.unpack_from("<H", meta, position + 6)[0], 8
-        if (group, number) == (0x0002, 0x0010):
-            return meta[position + header: position + header + length].rstrip(b"\x00 ").decode("ascii", "replace")
+        if vr == b"UI":
+            uids[number] = meta[position + header: position + header + length].rstrip(b"\x00 ").decode("ascii", "replace")
         position += header + length
-    return None
+    return uids
 
 
 def read_received_header(data: bytes) -> Dataset:
     """read_header for the Part 10 bytes of an object received whole (C-STORE, STOW-RS).
 
     Parses the data set directly with the transfer syntax from its meta group: three times
-    faster than a general dcmread, which matters on the C-STORE path.
+    faster than a general dcmread, which matters on the C-STORE path. The file meta it gives
+    holds the transfer syntax and the SOP Class and Instance UIDs the meta group announces.
     """
     offset = _dataset_offset(data)
-    syntax = _meta_transfer_syntax(data[144:offset]) if offset > 144 else None
+    meta_uids = _meta_uids(data)
     try:
-        uid = pydicom.uid.UID(syntax or "")
+        uid = pydicom.uid.UID(meta_uids.get(0x0010, ""))
         implicit, little = uid.is_implicit_VR, uid.is_little_endian
     except ValueError:
         return read_header(io.BytesIO(data))
@@ -1354,7 +1382,153 @@ def read_received_header(data: bytes) -> Dataset:
         raise IngestError(f"unreadable DICOM: {error}") from None
     dataset.file_meta = FileMetaDataset()
     dataset.file_meta.TransferSyntaxUID = uid
+    for number, keyword in ((0x0002, "MediaStorageSOPClassUID"), (0x0003, "MediaStorageSOPInstanceUID")):
+        if meta_uids.get(number):
+            setattr(dataset.file_meta, keyword, meta_uids[number])
     return dataset
+
+
+def check_structure(source, dataset: Dataset):
+    """Raise IngestError unless source, a Part 10 object's bytes or an open binary file, holds
+    one whole, well-formed data set; dataset is its header as read_header gave it.
+
+    pydicom reads a data set cut short without complaint (the last value is just shorter), so
+    every element is walked, in sequences and items too: each declared length must fit in what
+    is there, every undefined-length sequence, item and encapsulated pixel data must end with
+    its delimiter, every explicit VR must exist, and the last element must end where the data
+    does. Values are skipped, never read: the cost is per element, whatever the size of the
+    pixel data.
+    """
+    if isinstance(source, (bytes, bytearray)):
+        size = len(source)
+        read = lambda position, count: source[position:position + count]  # noqa: E731
+    else:
+        size = source.seek(0, os.SEEK_END)
+
+        def read(position, count):
+            source.seek(position)
+            return source.read(count)
+    start = _dataset_offset(read(0, 144))
+    if start > size:
+        raise IngestError("truncated: the file meta group is cut short")
+    meta = getattr(dataset, "file_meta", None)
+    implicit, little = dataset.original_encoding
+    if meta is not None and meta.get("TransferSyntaxUID") == "1.2.840.10008.1.2.1.99":
+        inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+        inflated = inflater.decompress(read(start, size - start))
+        if not inflater.eof:
+            raise IngestError("truncated: the deflated data set ends early")
+        source, size, start, implicit, little = inflated, len(inflated), 0, False, True
+        read = lambda position, count: inflated[position:position + count]  # noqa: E731
+    try:
+        # A file meta group without its group length is read in its own encoding.
+        while read(start, 2) == b"\x02\x00":
+            start = _StructureWalk(read, False, True).element(start, size)
+        _StructureWalk(read, bool(implicit), little is not False).elements(start, size, top=True)
+    except RecursionError:
+        raise IngestError("malformed: sequences nested too deeply") from None
+
+
+def _tag_text(tag: int) -> str:
+    return f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
+
+
+class _StructureWalk:
+    """check_structure's walk over a data set in one encoding: read(position, count) -> bytes."""
+
+    def __init__(self, read, implicit: bool, little: bool):
+        self.read, self.implicit, self.endian = read, implicit, "<" if little else ">"
+
+    def elements(self, position: int, end: int, until_delimiter: bool = False, top: bool = False) -> int:
+        """Walk the elements from position to end, or, in an item of undefined length, up to
+        and past its delimiter; return where they end."""
+        # As pydicom does, trust the first element over the transfer syntax: a data set (or an
+        # item in an explicit one) whose first VR is no two capitals is implicit VR, and a top
+        # level one that has them is explicit. Real files get this wrong and read well.
+        if position + 6 <= end and (top or not self.implicit):
+            vr = self.read(position + 4, 2)
+            found_implicit = not (0x40 < vr[0] < 0x5B and 0x40 < vr[1] < 0x5B)
+            if found_implicit != self.implicit and self.read(position, 2) != b"\xfe\xff":
+                return _StructureWalk(self.read, found_implicit, self.endian == "<").elements(position, end, until_delimiter)
+        while position < end:
+            tag, vr, length, position = self.header(position, end)
+            if tag == ITEM_DELIMITATION_TAG and until_delimiter:
+                return position
+            position = self.value(tag, vr, length, position, end)
+        if until_delimiter:
+            raise IngestError("truncated: an item of undefined length has no end")
+        return position
+
+    def element(self, position: int, end: int) -> int:
+        return self.value(*self.header(position, end), end)
+
+    def header(self, position: int, end: int) -> tuple:
+        """(tag, VR or None, length, value position) of the element or item at position."""
+        head = self.read(position, 12)
+        if position + 8 > end or len(head) < 8:
+            raise IngestError(f"truncated: cut inside an element header at byte {position}")
+        group, number, length = struct.unpack(self.endian + "HHI", head[:8])
+        if self.implicit or group == 0xFFFE:  # items and delimiters have no VR
+            return group << 16 | number, None, length, position + 8
+        vr = head[4:6]
+        if vr in LONG_LENGTH_VRS:
+            if position + 12 > end or len(head) < 12:
+                raise IngestError(f"truncated: cut inside an element header at byte {position}")
+            return group << 16 | number, vr, struct.unpack(self.endian + "I", head[8:12])[0], position + 12
+        if vr in SHORT_LENGTH_VRS:
+            return group << 16 | number, vr, struct.unpack(self.endian + "H", head[6:8])[0], position + 8
+        raise IngestError(f"malformed: {_tag_text(group << 16 | number)} has no valid VR ({vr.decode('latin-1')!r})")
+
+    def value(self, tag: int, vr: bytes | None, length: int, position: int, end: int) -> int:
+        """Walk an element's value from position; return where it ends."""
+        if tag >> 16 == 0xFFFE:
+            raise IngestError(f"malformed: {_tag_text(tag)} where an element should be")
+        if length == UNDEFINED_LENGTH:
+            if vr == b"UN":  # a sequence, in implicit VR little endian whatever the data set's (PS3.5 6.2.2)
+                return _StructureWalk(self.read, True, True).items(tag, position, None, end)
+            if tag == PIXEL_DATA_TAG and vr in (None, b"OB", b"OW"):
+                return self.items(tag, position, None, end, fragments=True)
+            if vr in (None, b"SQ"):
+                return self.items(tag, position, None, end)
+            raise IngestError(f"malformed: {_tag_text(tag)} has an undefined length but is no sequence")
+        if position + length > end:
+            raise IngestError(f"truncated: {_tag_text(tag)} declares {length} bytes, {end - position} left")
+        if vr == b"SQ" or (vr is None and DicomDictionary.get(tag, ("",))[0] == "SQ"):
+            self.items(tag, position, position + length, end)
+        return position + length
+
+    def items(self, tag: int, position: int, end: int | None, limit: int, fragments: bool = False) -> int:
+        """Walk the items of sequence tag (the fragments of encapsulated pixel data) from
+        position to end, or, if its length is undefined, to its delimiter before limit."""
+        bound = limit if end is None else end
+        while end is None or position < end:
+            if position >= bound:
+                raise IngestError(f"truncated: {_tag_text(tag)} has no end")
+            item, _, length, position = self.header(position, bound)
+            if item == SEQUENCE_DELIMITATION_TAG and end is None:
+                return position
+            if item != ITEM_TAG:
+                raise IngestError(f"malformed: {_tag_text(item)} inside {_tag_text(tag)}, where an item should be")
+            if length == UNDEFINED_LENGTH and not fragments:
+                position = self.elements(position, bound, until_delimiter=True)
+                continue
+            if position + length > bound:
+                raise IngestError(f"truncated: an item of {_tag_text(tag)} declares {length} bytes, {bound - position} left")
+            if not fragments:
+                self.elements(position, position + length)
+            position += length
+        return position
+
+
+def _require_announced(meta: Dataset, sop_class: str, sop_uid: str):
+    """Refuse a data set that is not the instance its meta group announces: a C-STORE's meta
+    group is made from its command, whose UIDs the sender acts on when it hears success."""
+    for keyword, actual in (("MediaStorageSOPClassUID", sop_class), ("MediaStorageSOPInstanceUID", sop_uid)):
+        announced = str(meta.get(keyword, ""))
+        if announced and actual and announced != actual:
+            name = keyword.removeprefix("MediaStorage")
+            raise IngestError(f"{name} is not the announced one: {actual} in the data set, {announced} announced",
+                              DATA_SET_DOES_NOT_MATCH_SOP_CLASS)
 
 
 class Storage:
@@ -1506,36 +1680,44 @@ class Ingest:
             if not lock.locked():
                 self._uid_locks.pop(uid, None)
 
-    def store_received(self, data: bytes, calling_aet: str = "", origin: str = "store") -> int:
+    def store_received(self, data: bytes, calling_aet: str = "", origin: str = "store") -> StoreStatus:
         """Store and index a received Part 10 byte string; returns the DICOM status.
 
         The status is success only once the file is on disk (fsynced) and its index row is
-        committed, so an acknowledged instance survives a crash or kill -9.
+        committed, so an acknowledged instance survives a crash or kill -9. Nothing of an object
+        that is cut short, malformed, or not the instance its meta group (for C-STORE: its
+        command) names is stored or indexed.
         """
         try:
             dataset = read_received_header(data)
+            check_structure(data, dataset)
             try:
                 uids = [str(dataset.get(k, "")) for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")]
+                sop_class = str(dataset.get("SOPClassUID", ""))
             except Exception as error:  # values are decoded lazily: a malformed UID element fails here
                 raise IngestError(f"unreadable UID: {error}") from None
             if not all(uids):
                 raise IngestError("missing StudyInstanceUID, SeriesInstanceUID or SOPInstanceUID")
+            _require_announced(dataset.file_meta, sop_class, uids[2])
             path = self.storage.path_for(*uids)
-            extracted = extract_metadata(dataset)  # once: for the store filters and for the index
+            try:
+                extracted = extract_metadata(dataset)  # once: for the store filters and for the index
+            except Exception as error:
+                raise IngestError(f"unreadable DICOM: {error}") from None
             refusal = self.store_filter(calling_aet, extracted[0]) if self.store_filter else None
             if refusal:
                 self.stats.failed += 1
                 self.log.info("a store filter refused %s from %s with 0x%04X", uids[2], calling_aet or "?", refusal)
-                return refusal
+                return StoreStatus(refusal, "refused by a store filter")
             with self._lock_uid(uids[2]):
                 if not self._accept_duplicate(uids[2], data, path, calling_aet):
-                    return SUCCESS
+                    return StoreStatus(SUCCESS)
                 shortage = self.space.room_for(len(data))
                 if shortage:
                     self.stats.failed += 1
                     self.stats.out_of_space += 1
                     self.log.error("refused %s from %s: out of resources, %s", uids[2], calling_aet or "?", shortage)
-                    return OUT_OF_RESOURCES
+                    return StoreStatus(OUT_OF_RESOURCES, "out of resources: " + shortage)
                 # An overwriting version may live elsewhere (its study or series changed): the
                 # file it replaces must go, or it stays on disk unindexed (check reports it).
                 replaced = self.index.instance_by_uid(uids[2]) if self.duplicates == "overwrite" else None
@@ -1556,11 +1738,14 @@ class Ingest:
                 if replaced and replaced[1] != location and self.storage.contains(pathlib.Path(replaced[1])):
                     pathlib.Path(replaced[1]).unlink(missing_ok=True)
             self.log.info("stored %s from %s", uids[2], calling_aet or "?")
-            return SUCCESS
+            return StoreStatus(SUCCESS)
         except IngestError as error:
             self.stats.failed += 1
-            self.log.warning("refused an object from %s: %s", calling_aet or "?", error)
-            return error.status
+            if error.status in (CANNOT_UNDERSTAND, DATA_SET_DOES_NOT_MATCH_SOP_CLASS):
+                self.stats.malformed += 1
+            sop_uid = _meta_uids(data).get(0x0003) or "?"  # the command's (C-STORE), when the data set has none
+            self.log.warning("refused %s from %s with 0x%04X: %s", sop_uid, calling_aet or "?", error.status, error)
+            return StoreStatus(error.status, str(error))
         except (OSError, apsw.Error) as error:
             # The temp file, its fsync, the rename or the index commit failed: out of resources.
             self.stats.failed += 1
@@ -1568,7 +1753,7 @@ class Ingest:
                 self.stats.out_of_space += 1
                 self.space.ran_out("storing a received object", error)
             self.log.error("cannot store an object from %s: out of resources, %s", calling_aet or "?", error)
-            return OUT_OF_RESOURCES
+            return StoreStatus(OUT_OF_RESOURCES, "cannot store: " + (getattr(error, "strerror", None) or str(error)))
 
     def _accept_duplicate(self, sop_uid: str, data: bytes, path: pathlib.Path, calling_aet: str) -> bool:
         """Apply the duplicate policy; True when the new object should be written."""
@@ -1599,7 +1784,7 @@ class Ingest:
             stat = path.stat()
             with open(path, "rb") as handle:
                 dataset = read_header(handle)
-                _require_complete(handle, dataset, stat.st_size)
+                check_structure(handle, dataset)
             if str(dataset.get("SOPClassUID", "")) == DICOMDIR_SOP_CLASS or "DirectoryRecordSequence" in dataset:
                 raise IngestError("a DICOMDIR, not an instance")
             sop_uid = str(dataset.get("SOPInstanceUID", ""))
@@ -1657,57 +1842,12 @@ class Ingest:
         for uri in set(map(str, listed)) - known:
             try:
                 data = self.storage.read(uri)
-                self._index(make_record(read_received_header(data), uri, "index", len(data), time.time_ns()))
+                dataset = read_received_header(data)
+                check_structure(data, dataset)
+                self._index(make_record(dataset, uri, "index", len(data), time.time_ns()))
             except (OSError, IngestError) as error:
                 self.stats.skipped += 1
                 self.log.warning("skipped %s: %s", uri, error)
-
-
-def _require_complete(handle, dataset: Dataset, file_size: int):
-    """Refuse a file cut short: pydicom reads a truncated pixel element without complaint.
-
-    After a stop_before_pixels read the handle sits at the pixel data element (if any); its
-    declared length must fit in the file. Encapsulated (undefined length) pixel data must end
-    with a sequence delimiter. Without pixel data the last element must end where the file does.
-    """
-    position = handle.tell()
-    if position >= file_size:
-        deflated = getattr(dataset, "file_meta", None) is not None and dataset.file_meta.get("TransferSyntaxUID") == "1.2.840.10008.1.2.1.99"
-        last = dataset.get_item(max(dataset.keys())) if len(dataset) and not deflated else None
-        # pydicom returns a value cut short without complaint; value_tell is its file offset.
-        if isinstance(last, RawDataElement) and last.length != 0xFFFFFFFF and last.value_tell + last.length != file_size:
-            raise IngestError(f"truncated file: element {last.tag} needs {last.value_tell + last.length} bytes, file has {file_size}")
-        return
-    header = handle.read(12)
-    if len(header) < 8:
-        raise IngestError("truncated file")
-    little = dataset.original_encoding[1] if dataset.original_encoding[1] is not None else True
-    implicit = dataset.original_encoding[0] if dataset.original_encoding[0] is not None else False
-    endian = "<" if little else ">"
-    group, element = struct.unpack(endian + "HH", header[:4])
-    if (group, element) != (0x7FE0, 0x0010):
-        return
-    if implicit:
-        length, start = struct.unpack(endian + "I", header[4:8])[0], position + 8
-    elif header[4:6] in (b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"UN", b"UT", b"SQ"):
-        length, start = struct.unpack(endian + "I", header[8:12])[0], position + 12
-    else:
-        length, start = struct.unpack(endian + "H", header[6:8])[0], position + 8
-    if length == 0xFFFFFFFF:
-        # Walk the fragments to the sequence delimiter: elements such as (FFFC,FFFC) padding may follow it.
-        handle.seek(start)
-        while True:
-            item = handle.read(8)
-            if len(item) < 8:
-                raise IngestError("truncated file: encapsulated pixel data has no end")
-            item_group, item_element, item_length = struct.unpack(endian + "HHI", item)
-            if (item_group, item_element) == (0xFFFE, 0xE0DD):
-                break
-            if (item_group, item_element) != (0xFFFE, 0xE000) or handle.tell() + item_length > file_size:
-                raise IngestError("truncated file: encapsulated pixel data has no end")
-            handle.seek(item_length, os.SEEK_CUR)
-    elif start + length > file_size:
-        raise IngestError(f"truncated file: pixel data needs {start + length} bytes, file has {file_size}")
 
 
 # ============================================================================================
@@ -2878,7 +3018,8 @@ class PluginApi:
         return self._daemon.index.query(sql + " ORDER BY i.id", args)
 
     def store(self, data: bytes, source: str = "") -> int:
-        """Store and index a Part 10 object through the one ingest path; returns a DICOM status."""
+        """Store and index a Part 10 object through the one ingest path; returns a DICOM status,
+        an int whose .reason says why when it is a failure."""
         return self._daemon.ingest.store_received(data, source, origin="stow")
 
     def render(self, path: str, frame: int = 0, size: int | None = None, center: float | None = None,
@@ -3567,7 +3708,14 @@ class DicomServices:
             except Exception as error:
                 self.log.warning("C-STORE from %s: cannot read the request: %s", event.assoc.requestor.ae_title, error)
                 return CANNOT_UNDERSTAND
-            return self.ingest.store_received(data, event.assoc.requestor.ae_title)
+            status = self.ingest.store_received(data, event.assoc.requestor.ae_title)
+        if status == SUCCESS or not status.reason:
+            return int(status)
+        response = Dataset()
+        response.Status = int(status)
+        # Error Comment is LO: 64 characters of the default repertoire, no backslash.
+        response.ErrorComment = status.reason.encode("ascii", "replace").decode().replace("\\", "/")[:64]
+        return response
 
     def _on_find(self, event):
         calling = event.assoc.requestor.ae_title

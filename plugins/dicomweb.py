@@ -73,6 +73,7 @@ FRAME_MEDIA_TYPES = {
 PROCESSING_FAILURE = 0x0110
 OUT_OF_RESOURCES = 0xA700
 STUDY_MISMATCH = 0xA900
+CANNOT_UNDERSTAND = 0xC000
 SPOOL_IN_MEMORY = 8 * 1024 * 1024  # parts larger than this go to a temp file in the data dir
 
 
@@ -450,9 +451,9 @@ def _stow(study=None):
     except MultipartError as error:
         if not stored and not failed:
             _error(400, f"malformed multipart body: {error}")
-        failed.append({"00081197": {"vr": "US", "Value": [PROCESSING_FAILURE]}})
+        failed.append(_failure({}, PROCESSING_FAILURE, f"malformed multipart body: {error}"))
     except OSError as error:  # a large part could not be spooled: the data disk is full
-        failed.append({"00081197": {"vr": "US", "Value": [OUT_OF_RESOURCES]}})
+        failed.append(_failure({}, OUT_OF_RESOURCES, "cannot spool a part: " + (error.strerror or str(error))))
         dicoogle.log(f"STOW-RS: cannot spool a part: {error}", "error")
     response = {"00081190": {"vr": "UR", "Value": [f"{_base_url()}/studies/{study}" if study else _base_url() + "/studies"]}}
     if stored:
@@ -468,6 +469,12 @@ def _stow(study=None):
     return json.dumps(response)
 
 
+def _failure(reference: dict, status: int, reason: str) -> dict:
+    """A Failed SOP Sequence item: the C-STORE status as Failure Reason, and why in words, as
+    the Error Comment a C-STORE response would carry (PS3.18 names no text attribute for it)."""
+    return {**reference, "00081197": {"vr": "US", "Value": [status]}, "00000902": {"vr": "LO", "Value": [reason]}}
+
+
 def _stow_part(data: bytes, headers: dict, study, stored: list, failed: list):
     """Store one part; add it to the referenced or the failed sequence."""
     reference = {}
@@ -478,19 +485,19 @@ def _stow_part(data: bytes, headers: dict, study, stored: list, failed: list):
         reference = {"00081150": {"vr": "UI", "Value": [str(header.SOPClassUID)]},
                      "00081155": {"vr": "UI", "Value": [str(header.SOPInstanceUID)]}}
         if study is not None and header.get("StudyInstanceUID") != study:
-            failed.append({**reference, "00081197": {"vr": "US", "Value": [STUDY_MISMATCH]}})
+            failed.append(_failure(reference, STUDY_MISMATCH, "StudyInstanceUID is not the study of the request"))
             return
         if data[128:132] != b"DICM":
             raise ValueError("a part must be a DICOM file with its file meta information")
-    except Exception:
-        failed.append({**reference, "00081197": {"vr": "US", "Value": [0xC000]}})
+    except Exception as error:
+        failed.append(_failure(reference, CANNOT_UNDERSTAND, f"unreadable DICOM: {error}"))
         return
     status = dicoogle.store(data, "STOW-RS")
     if status in (0x0000, 0xB000, 0xB006, 0xB007):
         url = f"{_base_url()}/studies/{header.StudyInstanceUID}/series/{header.SeriesInstanceUID}/instances/{header.SOPInstanceUID}"
         stored.append({**reference, "00081190": {"vr": "UR", "Value": [url]}})
     else:
-        failed.append({**reference, "00081197": {"vr": "US", "Value": [status]}})
+        failed.append(_failure(reference, status, getattr(status, "reason", "") or f"refused with status {status:#06x}"))
 
 
 # ---- WADO-URI -----------------------------------------------------------------------------------

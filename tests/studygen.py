@@ -35,6 +35,7 @@ import datetime
 import functools
 import hashlib
 import pathlib
+import struct
 import sys
 import time
 
@@ -320,6 +321,38 @@ def make_instance(patient: int, study: int, series: int, instance: int, *,
     meta.ImplementationVersionName = "DICOOGLED_GEN"
     ds.file_meta = meta
     return ds
+
+
+def part10_bytes(ds: Dataset) -> bytes:
+    """A data set as a Part 10 file's bytes (preamble, file meta, Explicit VR Little Endian)."""
+    buffer = DicomBytesIO()
+    pydicom.dcmwrite(buffer, ds, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def damaged(ds: Dataset) -> dict[str, bytes]:
+    """Part 10 bytes of ds made unsound the ways a broken sender or disk does: cut short
+    (inside Pixel Data, a sequence item or an element header), or whole but malformed (a
+    length past the end of its item, a VR that does not exist). Every copy keeps its UIDs."""
+    whole = part10_bytes(ds)
+    pixel_value = len(whole) - len(ds.PixelData)  # Pixel Data is the last element
+    pixel_header = pixel_value - 12
+    sequence = whole.index(b"\x08\x00\x32\x10SQ")  # ProcedureCodeSequence (0008,1032)
+    # An element of 200 bytes in an item of 16, and an element whose VR is "ZZ", each
+    # inserted before Pixel Data: the data set around them is whole.
+    element = b"\x40\x00\x01\x10SH" + struct.pack("<H", 200) + b"ABCDEFGH"
+    item = b"\xfe\xff\x00\xe0" + struct.pack("<I", len(element)) + element
+    overlong = b"\x40\x00\x75\x02SQ\x00\x00" + struct.pack("<I", len(item)) + item  # RequestAttributesSequence
+    bogus_vr = b"\x40\x00\x01\x10ZZ\x04\x00ABCD"
+    return {
+        "pixel data cut at 1/3": whole[:pixel_value + len(ds.PixelData) // 3],
+        "pixel data cut at 2/3": whole[:pixel_value + 2 * len(ds.PixelData) // 3],
+        "pixel data 10 bytes short": whole[:-10],
+        "cut inside a sequence item": whole[:sequence + 12 + 8 + 10],
+        "cut inside an element header": whole[:pixel_header + 6],
+        "length past the end of its item": whole[:pixel_header] + overlong + whole[pixel_header:],
+        "VR that does not exist": whole[:pixel_header] + bogus_vr + whole[pixel_header:],
+    }
 
 
 def instance_path(out_dir, patient: int, study: int, series: int, instance: int) -> pathlib.Path:

@@ -463,6 +463,35 @@ def test_stow_all_bad_is_409_and_wrong_study_fails(archive):
     assert response.json()["00081198"]["Value"][0]["00081197"]["Value"][0] == 0xA900
 
 
+def test_stow_damaged_objects_fail_with_a_reason(archive):
+    """Cut short or malformed: each in the Failed SOP Sequence with Failure Reason 0xC000 and
+    why; 409 when all fail, 202 beside a good one; nothing stored, nothing indexed."""
+    ds = studygen.make_instance(46, 0, 0, 0)
+    damaged = studygen.damaged(ds)
+    before = archive.counts()["instances"]
+    body, content_type = multipart_body(list(damaged.values()))
+    response = requests.post(url(archive, "/studies"), data=body, headers={"Content-Type": content_type}, auth=AUTH)
+    assert response.status_code == 409, response.text
+    result = response.json()
+    assert "00081199" not in result
+    failures = result["00081198"]["Value"]
+    assert len(failures) == len(damaged)
+    for what, failure in zip(damaged, failures):
+        assert failure["00081155"]["Value"] == [ds.SOPInstanceUID]
+        assert failure["00081197"]["Value"] == [0xC000], what
+        assert failure["00000902"]["Value"][0].startswith(("truncated", "malformed")), what
+    good = studygen.make_instance(46, 0, 0, 1)
+    body, content_type = multipart_body([damaged["pixel data 10 bytes short"], part10(good)])
+    response = requests.post(url(archive, "/studies"), data=body, headers={"Content-Type": content_type}, auth=AUTH)
+    assert response.status_code == 202, response.text
+    assert [item["00081155"]["Value"][0] for item in response.json()["00081199"]["Value"]] == [good.SOPInstanceUID]
+    assert archive.counts()["instances"] == before + 1
+    assert not list(archive.data_dir.joinpath("storage").rglob(f"{ds.SOPInstanceUID}.dcm"))
+    found, _ = archive.find(make_identifier("IMAGE", PatientID=ds.PatientID, SOPInstanceUID=""))
+    assert [f.SOPInstanceUID for f in found] == [good.SOPInstanceUID]
+    assert f"refused {ds.SOPInstanceUID} from STOW-RS with 0xC000: truncated" in archive.log
+
+
 @pytest.mark.parametrize("body, content_type, status", [
     (b"--B\r\nContent-Type: application/dicom\r\n\r\nabc", 'multipart/related; type="application/dicom"; boundary=B', 400),
     (b"no boundary here", 'multipart/related; type="application/dicom"; boundary=B', 400),

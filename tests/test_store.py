@@ -31,6 +31,7 @@ from conftest import AET, ROOT, free_port, make_identifier, wait_until
 
 SUCCESS = 0x0000
 CANNOT_UNDERSTAND = 0xC000
+DATA_SET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
 STORE_REFUSED_INVALID_UID = 0xC002
 
 EXPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2.1"
@@ -215,6 +216,7 @@ class RawAssociation:
         length = struct.unpack(">I", payload[:4])[0]
         response = read_dataset(DicomBytesIO(payload[6:4 + length]), is_implicit_VR=True, is_little_endian=True)
         assert response.MessageIDBeingRespondedTo == message_id
+        self.response = response  #: the last C-STORE-RSP command, Error Comment and all
         return response.Status
 
     def release(self) -> int:
@@ -487,6 +489,78 @@ def test_invalid_uid_is_refused_and_nothing_is_written(daemon, tmp_path, keyword
     assert not pathlib.Path("/tmp/dicoogled-escaped").exists()
     assert daemon.counts()["instances"] == 1
     assert f"invalid UID {bad_uid!r}" in daemon.log
+
+
+# ---- C-STORE: truncated, malformed and mismatched objects ------------------------------------
+
+DAMAGED = studygen.damaged(studygen.make_instance(0, 0, 0, 7))
+DAMAGED_UID = studygen.make_instance(0, 0, 0, 7).SOPInstanceUID
+
+
+def dataset_bytes(part10: bytes) -> bytes:
+    """What a C-STORE carries of a Part 10 file: the bytes after its file meta group."""
+    return part10[144 + struct.unpack("<I", part10[140:144])[0]:]
+
+
+def assert_nothing_kept(daemon, sop_uid: str, good: Dataset):
+    """Only good is under storage/ and in the index; the refused sop_uid is found nowhere."""
+    storage = daemon.data_dir / "storage"
+    assert files_under(storage) == {stored_path(daemon, good).relative_to(storage)}
+    results, status = daemon.find(make_identifier("IMAGE", SOPInstanceUID=sop_uid))
+    assert (results, status) == ([], SUCCESS)
+    assert image_uids(daemon) == {good.SOPInstanceUID}
+
+
+@pytest.mark.parametrize("what", DAMAGED)
+def test_damaged_object_fails_with_a_reason_and_nothing_is_kept(daemon, what):
+    """Sent as it is over a hand-built association: a failure status naming the reason, a log
+    line, a count in /health; nothing stored or indexed; the association goes on."""
+    assoc = RawAssociation(daemon.dicom_port)
+    status = assoc.send_store(DAMAGED_UID, dataset_bytes(DAMAGED[what]))
+    comment = str(assoc.response.get("ErrorComment", ""))
+    assert status == CANNOT_UNDERSTAND, f"{what}: status {status:#06x}"
+    assert comment.startswith("truncated" if "cut" in what or "short" in what or "past" in what else "malformed"), comment
+    good = studygen.make_instance(0, 0, 0, 8)
+    assert assoc.send_store(good.SOPInstanceUID, encode(good), message_id=2) == SUCCESS
+    assert assoc.release() == 0x06
+    assert_nothing_kept(daemon, DAMAGED_UID, good)
+    assert f"refused {DAMAGED_UID} from RAWSCU with 0xC000: {comment}" in daemon.log
+    assert daemon.health()["ingest"]["malformed"] == 1
+
+
+def test_truncated_files_sent_by_pynetdicom_fail(daemon, tmp_path, send_raw_files):
+    """pynetdicom sends a file's data set bytes as they are (chunked): the cut ones fail.
+    (DCMTK's storescu cannot be made to send one: it reads each file whole first and
+    refuses a cut one with "premature end of stream".)"""
+    cut = [name for name in DAMAGED if "cut" in name or "short" in name]
+    paths = []
+    for number, name in enumerate(cut):
+        paths.append(tmp_path / f"cut{number}.dcm")
+        paths[-1].write_bytes(DAMAGED[name])
+    good = studygen.make_instance(0, 0, 0, 8)
+    good.save_as(tmp_path / "good.dcm", enforce_file_format=True)
+    assert send_raw_files(daemon, *paths, tmp_path / "good.dcm") == [CANNOT_UNDERSTAND] * len(cut) + [SUCCESS]
+    assert_nothing_kept(daemon, DAMAGED_UID, good)
+    assert daemon.health()["ingest"]["malformed"] == len(cut)
+
+
+@pytest.mark.parametrize("keyword", ["SOPInstanceUID", "SOPClassUID"])
+def test_command_uid_other_than_the_data_sets_fails(daemon, keyword):
+    """A C-STORE whose command names another SOP Instance or Class than its data set."""
+    ds = studygen.make_instance(0, 0, 0, 7)
+    command_uid = ds.SOPInstanceUID
+    if keyword == "SOPInstanceUID":
+        command_uid = studygen.make_instance(0, 0, 0, 9).SOPInstanceUID
+    else:
+        ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.4"  # MR Image Storage, sent in a CT Image Storage command
+    assoc = RawAssociation(daemon.dicom_port)
+    assert assoc.send_store(command_uid, encode(ds)) == DATA_SET_DOES_NOT_MATCH_SOP_CLASS
+    assert str(assoc.response.ErrorComment).startswith(keyword.removeprefix("SOP").join(["SOP", ""]))
+    good = studygen.make_instance(0, 0, 0, 8)
+    assert assoc.send_store(good.SOPInstanceUID, encode(good), message_id=2) == SUCCESS
+    assoc.release()
+    assert_nothing_kept(daemon, ds.SOPInstanceUID, good)
+    assert_nothing_kept(daemon, command_uid, good)
 
 
 # ---- C-STORE: interrupted transfers --------------------------------------------------------
