@@ -26,6 +26,7 @@ import errno
 import functools
 import hashlib
 import hmac
+import http.cookies
 import importlib.util
 import io
 import json
@@ -4508,10 +4509,82 @@ BUILTIN_PROVIDER = "index"
 BUILTIN_PROVIDER_ALIASES = ("lucene",)
 SESSION_COOKIE = "dicoogled_session"
 HTTP_DRAIN_SECONDS = 5  # at shutdown, how long the requests under way may take to finish
+#: Methods that change nothing: the only ones a request may use on another site's behalf.
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+#: A request body larger than this is read only once the request's credentials are known to be
+#: good (no anonymous route takes more than a login form or a query).
+ANONYMOUS_BODY_LIMIT = 1024 * 1024
+#: Content-Security-Policy of the web app: its own scripts and styles only (it has no inline
+#: script), images from the API, data: for its empty icon and blob: for downloads.
+WEB_APP_POLICY = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
+                  "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
+#: ... of the OHIF viewer: same origin only, but with what its build needs: WebAssembly codecs,
+#: workers from blob: URLs, eval (webpack's runtime), inline styles and the inline scripts of its
+#: index.html (allowed by their hashes, added where it is served).
+VIEWER_POLICY = ("default-src 'self'; script-src 'self' 'unsafe-eval' 'wasm-unsafe-eval' blob:; "
+                 "worker-src 'self' blob:; style-src 'self' 'unsafe-inline'; img-src 'self' data: blob:; "
+                 "font-src 'self' data:; connect-src 'self' data: blob:; object-src 'none'; base-uri 'self'; "
+                 "form-action 'self'; frame-ancestors 'none'")
+#: ... of everything else (JSON, CSV, DICOM, images, plugins' answers): nothing runs or loads in it.
+API_POLICY = "default-src 'none'; frame-ancestors 'none'"
 
 
 def _fail(status: int, message: str, **headers):
     raise bottle.HTTPError(status, message, **headers)
+
+
+def _security_headers(path: str) -> dict[str, str]:
+    """The headers every answer to path carries unless its handler set its own: a
+    Content-Security-Policy for what it is, no framing, no referrer, and no caching (patient
+    data: the web app's and the viewer's files set their own Cache-Control)."""
+    if path == "/" or path.startswith("/static/"):
+        policy = WEB_APP_POLICY
+    elif path == "/viewer" or path.startswith("/viewer/"):
+        policy = VIEWER_POLICY
+    else:
+        policy = API_POLICY
+    return {"Content-Security-Policy": policy, "X-Frame-Options": "DENY", "Referrer-Policy": "no-referrer",
+            "Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"}
+
+
+def _add_security_headers():
+    response = bottle.response
+    for name, value in _security_headers(bottle.request.path).items():
+        if name not in response.headers or name == "X-Content-Type-Options":
+            response.set_header(name, value)
+
+
+def _authorization_token(header: str) -> str:
+    """The token an Authorization header carries, raw (as Dicoogle's clients send it) or after
+    'Bearer '; "" for none and for Basic credentials."""
+    header = header.strip()
+    if header[:6].lower() == "basic ":
+        return ""
+    return header[7:].strip() if header[:7].lower() == "bearer " else header
+
+
+def _same_origin(origin: str, host: str) -> bool:
+    """Whether a browser's Origin names this server, as the Host header does. Schemes are not
+    compared: behind a TLS proxy the browser says https while this server hears http."""
+    try:
+        theirs, ours = urllib.parse.urlsplit(origin), urllib.parse.urlsplit("//" + host)
+        default_port = 443 if theirs.scheme == "https" else 80
+        return (theirs.scheme in ("http", "https") and theirs.hostname is not None
+                and (theirs.hostname, theirs.port or default_port) == (ours.hostname, ours.port or default_port))
+    except ValueError:  # a malformed port
+        return False
+
+
+def _cross_site(request: bottle.BaseRequest) -> bool | None:
+    """Whether the browser says a request comes from a page of another origin: True or False,
+    or None when it says nothing (a script or command-line client, or a very old browser)."""
+    fetch_site = request.get_header("Sec-Fetch-Site", "").strip().lower()
+    if fetch_site:
+        return fetch_site != "same-origin"
+    origin = request.get_header("Origin", "").strip()
+    if origin:
+        return not _same_origin(origin, request.get_header("Host", ""))
+    return None
 
 
 def _int_param(name: str, default: int | None, minimum: int = 0) -> int | None:
@@ -4575,16 +4648,16 @@ class Api:
         #: ("name: what it is") describe the parameters in /openapi.json.
         self.docstrings: dict[tuple[str, str], str] = {}
 
-    def route(self, path: str, method="GET", access=READ):
-        """Register a handler; access is PUBLIC, READ (patient data), USER or ADMIN."""
+    def route(self, path: str, method="GET", access=READ, open_preflight=False):
+        """Register a handler; access is PUBLIC, READ (patient data), USER or ADMIN.
+        open_preflight: answer OPTIONS without a login, as CORS preflights carry no credentials."""
         methods = [method] if isinstance(method, str) else list(method)
 
         def decorator(handler):
             @functools.wraps(handler)
             def guarded(*args, **kwargs):
-                # CORS preflights (OPTIONS) carry no credentials, by the browser's rules.
                 try:
-                    if access != PUBLIC and bottle.request.method != "OPTIONS":
+                    if access != PUBLIC and not (open_preflight and bottle.request.method == "OPTIONS"):
                         self.require(access)
                     return handler(*args, **kwargs)
                 except (OSError, apsw.Error) as error:
@@ -4618,21 +4691,65 @@ class Api:
         request = bottle.request
         if "user" in request.environ.setdefault("dicoogled", {}):
             return request.environ["dicoogled"]["user"]
-        header = request.get_header("Authorization", "").strip()
-        user = None
-        if header[:6].lower() == "basic ":
-            try:
-                username, _, password = base64.b64decode(header[6:]).decode("utf-8").partition(":")
-            except (ValueError, UnicodeDecodeError):
-                _fail(401, "malformed Basic credentials")
-            self.check_login_throttle(username)
-            user = self.users.authenticate_basic(username, password)
-            self.count_login(username, user)
-        else:
-            token = self.request_token()
-            user = self.users.session_user(token) if token else None
+        user = self._authenticate(request.get_header("Authorization", ""), request.get_cookie(SESSION_COOKIE) or "",
+                                  self.client_address())
         request.environ["dicoogled"]["user"] = user
         return user
+
+    def _authenticate(self, authorization: str, cookie_token: str, address: str) -> User | None:
+        """The user of an Authorization header (token, Bearer or Basic), else of the session cookie."""
+        header = authorization.strip()
+        if header[:6].lower() != "basic ":
+            token = _authorization_token(header) or cookie_token
+            return self.users.session_user(token) if token else None
+        try:
+            username, _, password = base64.b64decode(header[6:]).decode("utf-8").partition(":")
+        except (ValueError, UnicodeDecodeError):
+            _fail(401, "malformed Basic credentials")
+        self.check_login_throttle(username, address)
+        user = self.users.authenticate_basic(username, password)
+        self.count_login(username, user, address)
+        return user
+
+    def refusal_before_body(self, method: str, path: str, headers: dict, address: str) -> tuple[int, str] | None:
+        """(status, reason) to answer a request with a large body (over ANONYMOUS_BODY_LIMIT, or
+        chunked) without reading that body, because its credentials are not good; None to read it.
+        headers are named as WSGI does without HTTP_ (CONTENT_LENGTH, AUTHORIZATION, COOKIE)."""
+        try:
+            cookie = http.cookies.SimpleCookie(headers.get("COOKIE", "")).get(SESSION_COOKIE)
+        except http.cookies.CookieError:
+            cookie = None
+        try:
+            if self._authenticate(headers.get("AUTHORIZATION", ""), cookie.value if cookie else "", address):
+                return None
+        except bottle.HTTPError as error:
+            return error.status_code, error.body
+        logging.getLogger("dicoogled.http").warning(
+            "refused %s %s from %s before reading its body (%s bytes): no valid credentials", method, path[:200],
+            address, headers.get("CONTENT_LENGTH", "chunked"))
+        return 401, "log in first: send the token from POST /login in the Authorization header"
+
+    def refuse_cross_site_write(self):
+        """403 for a state-changing request a browser may have sent on another site's behalf.
+
+        A browser adds cookies (and cached Basic credentials) to any request, whichever page
+        makes it; it never adds a token to the Authorization header by itself. So a write with
+        a token header passes; any other write must not come from another origin, and one
+        authenticated by the session cookie must show, by Sec-Fetch-Site or Origin, that it
+        comes from this server's own pages (every current browser sends them on writes).
+        """
+        request = bottle.request
+        authorization = request.get_header("Authorization", "")
+        if request.method in SAFE_METHODS or _authorization_token(authorization):
+            return
+        cross_site = _cross_site(request)
+        by_cookie = not authorization.strip() and bool(request.get_cookie(SESSION_COOKIE))
+        if cross_site or (cross_site is None and by_cookie):
+            logging.getLogger("dicoogled.http").warning(
+                "refused a cross-site %s %s from %s (Origin %r, Sec-Fetch-Site %r)", request.method, request.path,
+                self.client_address(), request.get_header("Origin", "")[:100], request.get_header("Sec-Fetch-Site", "")[:40])
+            _fail(403, "cross-site request refused: a write authenticated by the session cookie must come from "
+                       "this server's own pages; scripts send the token in the Authorization header")
 
     @staticmethod
     def client_address() -> str:
@@ -4641,9 +4758,8 @@ class Api:
         proxy is configured as trusted)."""
         return bottle.request.environ.get("REMOTE_ADDR") or "?"
 
-    def check_login_throttle(self, username: str):
+    def check_login_throttle(self, username: str, address: str):
         """429, with Retry-After, if this client address has failed too often as this user."""
-        address = self.client_address()
         wait = self.throttle.retry_after(address, username)
         if wait > 0:
             seconds = math.ceil(wait)
@@ -4653,9 +4769,8 @@ class Api:
             _fail(429, f"too many failed logins as {username[:64]!r} from this address; try again in {seconds} s",
                   Retry_After=str(seconds))
 
-    def count_login(self, username: str, user: User | None):
+    def count_login(self, username: str, user: User | None, address: str):
         """Count a login attempt's outcome for the throttle; a failure is logged."""
-        address = self.client_address()
         if user is None:
             self.throttle.failed(address, username)
             logging.getLogger("dicoogled.http").warning("failed login for %r from %s", username[:64], address)
@@ -4665,11 +4780,7 @@ class Api:
     def request_token(self) -> str:
         """The session token a request carries: Authorization (raw or Bearer), else the cookie."""
         request = bottle.request
-        header = request.get_header("Authorization", "").strip()
-        if header[:6].lower() == "basic ":
-            header = ""
-        token = header[7:].strip() if header[:7].lower() == "bearer " else header
-        return token or request.get_cookie(SESSION_COOKIE) or ""
+        return _authorization_token(request.get_header("Authorization", "")) or request.get_cookie(SESSION_COOKIE) or ""
 
     def require(self, access: str) -> User | None:
         user = self.current_user()
@@ -4693,6 +4804,7 @@ def make_app(daemon: "Daemon") -> bottle.Bottle:
 
     def json_error(error: bottle.HTTPError):
         bottle.response.content_type = "application/json"
+        _add_security_headers()  # again: an unexpected exception's 500 starts with fresh headers
         # 501 "needs package X" and 503 "not ready" are answers; a 500 is a fault, told only in the log.
         if error.status_code == 500 or error.exception is not None:
             http_log.error("%s %s failed: %s", bottle.request.method, bottle.request.path, error.exception or error.body)
@@ -4704,7 +4816,10 @@ def make_app(daemon: "Daemon") -> bottle.Bottle:
 
     @app.hook("after_request")
     def log_request():
+        _add_security_headers()
         http_log.debug("%s %s %s", bottle.request.method, bottle.request.path, bottle.response.status_code)
+
+    app.hook("before_request")(api.refuse_cross_site_write)
 
     @app.hook("before_request")
     def decode_parameters():
@@ -4719,6 +4834,7 @@ def make_app(daemon: "Daemon") -> bottle.Bottle:
                 decoded[name.encode("latin-1", "replace").decode("utf-8", "replace")] = value.encode("latin-1", "replace").decode("utf-8", "replace")
             request.environ[key] = decoded
 
+    app.config["dicoogled.api"] = api  # for _check_credentials_before_bodies
     _session_routes(api)
     _search_routes(api)
     _image_routes(api)
@@ -4730,6 +4846,59 @@ def make_app(daemon: "Daemon") -> bottle.Bottle:
     for add_routes in daemon.route_hooks:  # management, plugins' web services
         add_routes(api)
     return app
+
+
+def _check_credentials_before_bodies(channels: dict, api: Api):
+    """Make the waitress servers in channels (create_server's map) answer a request whose body is
+    over ANONYMOUS_BODY_LIMIT (or chunked) as soon as its headers are in, unless its credentials
+    are good (Api.refusal_before_body): waitress reads a whole body before the application sees
+    the request, so an anonymous client could otherwise make it spool gigabytes to the data dir.
+
+    The refused request gets a JSON error and the connection closes; the body is never read (a
+    client that sent "Expect: 100-continue" never sends it). The check runs on waitress's I/O
+    thread, once per such request: a token is one lookup; HTTP Basic costs a password hash the
+    first time only (authenticate_basic remembers it), and the login throttle bounds failures.
+    """
+    from waitress.channel import HTTPChannel
+    from waitress.parser import HTTPRequestParser
+    from waitress.server import BaseWSGIServer
+    from waitress.utilities import Error
+
+    class Refused(Error):
+        def __init__(self, status: int, reason: str, path: str):
+            super().__init__(reason)
+            self.code, self.reason, self.path = status, bottle.HTTP_CODES.get(status, "Refused"), path
+
+        def to_response(self, ident=None):
+            body = json.dumps({"error": self.body}).encode("utf-8")
+            headers = [("Content-Type", "application/json"), *_security_headers(self.path).items()]
+            return f"{self.code} {self.reason}", headers, body
+
+    class Parser(HTTPRequestParser):
+        address = "?"
+
+        def received(self, data):
+            headers_were_in = self.headers_finished
+            consumed = super().received(data)
+            large_body = self.chunked or self.content_length > ANONYMOUS_BODY_LIMIT
+            if headers_were_in or not self.headers_finished or self.completed or not large_body:
+                return consumed
+            refusal = api.refusal_before_body(self.command, self.path, self.headers, self.address)
+            if refusal is None:
+                return consumed
+            self.error, self.completed = Refused(*refusal, self.path), True
+            self.expect_continue = False  # no "100 Continue": the answer is final
+            return len(data)  # what came with the headers goes; the channel reads no more before closing
+
+    class Channel(HTTPChannel):
+        def parser_class(self, adjustments):  # waitress calls self.parser_class(self.adj) per request
+            parser = Parser(adjustments)
+            parser.address = self.addr[0] if isinstance(self.addr, tuple) else "?"
+            return parser
+
+    for server in channels.values():
+        if isinstance(server, BaseWSGIServer):
+            server.channel_class = Channel
 
 
 def _session_routes(api: Api):
@@ -4781,9 +4950,9 @@ def _session_routes(api: Api):
         """Log in with username and password; returns the token to send as Authorization."""
         request = bottle.request
         username, password = request.params.get("username", ""), request.params.get("password", "")
-        api.check_login_throttle(username)
+        api.check_login_throttle(username, api.client_address())
         user = users.authenticate(username, password)
-        api.count_login(username, user)
+        api.count_login(username, user, api.client_address())
         if user is None:
             _fail(401, "Login failed: wrong username or password")
         token = users.start_session(user)
@@ -4801,8 +4970,12 @@ def _session_routes(api: Api):
 
     @api.route("/logout", ["POST", "GET"], access=PUBLIC)
     def logout():
-        """End the session of the token sent."""
-        token = api.request_token()
+        """End the session of the token sent (GET: only of a token in the Authorization header, as
+        old Dicoogle clients send it; a GET never ends a session kept in a cookie)."""
+        token = _authorization_token(bottle.request.get_header("Authorization", ""))
+        if bottle.request.method == "GET" and not token:
+            raise bottle.HTTPError(405, "log out with POST (or send the token in the Authorization header)", Allow="POST")
+        token = token or bottle.request.get_cookie(SESSION_COOKIE, "")
         bottle.response.delete_cookie(SESSION_COOKIE, path="/")
         return {"success": bool(token) and users.end_session(token)}
 
@@ -4900,6 +5073,26 @@ def search_index(daemon: "Daemon", text: str, limit: int | None = None, offset: 
     elif offset:
         sql += f" LIMIT -1 OFFSET {int(offset)}"
     return daemon.index.query(sql, args), total
+
+
+#: What makes a spreadsheet read a cell as a formula (OWASP's CSV injection list), and the
+#: full-width forms some spreadsheets also take.
+_FORMULA_START = tuple("=+-@\t\r") + tuple("\uff1d\uff0b\uff0d\uff20")
+#: A plain decimal number (DS, IS, FL values such as a SliceLocation of -95.00): data, never a formula.
+_PLAIN_NUMBER = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
+
+
+def _csv_cell(value: str | None) -> str:
+    """One cell of Dicoogle's CSV: "value"; or ; when empty. As Dicoogle, line breaks go and ;
+    becomes , so the lines split on ; alone; a " is doubled (RFC 4180). A value a spreadsheet
+    would run as a formula gets a leading ' (OWASP), unless it is a plain number such as -95.00,
+    which stays a number."""
+    if not value:
+        return ";"
+    value = value.replace("\r", "").replace("\n", "").replace(";", ",")
+    if value.startswith(_FORMULA_START) and not _PLAIN_NUMBER.fullmatch(value):
+        value = "'" + value
+    return '"' + value.replace('"', '""') + '";'
 
 
 def _search_routes(api: Api):
@@ -5062,14 +5255,9 @@ def _search_routes(api: Api):
         except SearchSyntaxError as error:
             _fail(400, str(error))
 
-        def cell(value):
-            if not value:
-                return ";"
-            return '"' + value.replace("\r", "").replace("\n", "").replace(";", ",").replace('"', "'") + '";'
-
-        yield "".join(cell(f) for f in fields) + "\n"
+        yield "".join(_csv_cell(f) for f in fields) + "\n"
         for _, meta in results:
-            yield "".join(cell(_text_field(meta, f)) for f in fields) + "\n"
+            yield "".join(_csv_cell(_text_field(meta, f)) for f in fields) + "\n"
 
     def export_parameters():
         params = bottle.request.params
@@ -5258,6 +5446,7 @@ def _plugin_routes(api: Api):
 
     methods = ["GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS"]
 
+    # OPTIONS here needs a login like any read: answered anonymously, it would tell who exists.
     @api.route("/ext/<name>/", methods, access=READ)
     @api.route("/ext/<name>/<rest:path>", methods, access=READ)
     def web_service(name, rest=""):
@@ -5285,11 +5474,12 @@ def _plugin_routes(api: Api):
             _fail(500, f"plugin {name} failed: {error}")
         return _json_response(result) if isinstance(result, list) else result
 
-    # A plugin may also ask to be served at a path of its own (DICOMweb at /dicom-web).
+    # A plugin may also ask to be served at a path of its own (DICOMweb at /dicom-web). That path
+    # is public knowledge, so CORS preflights, which carry no credentials, reach the plugin.
     for plugin in manager.plugins.values():
         if plugin.mount and not plugin.error:
             for path in (plugin.mount, plugin.mount + "/<rest:path>"):
-                api.route(path, methods, access=READ)(_mounted_service(web_service, plugin))
+                api.route(path, methods, access=READ, open_preflight=True)(_mounted_service(web_service, plugin))
 
 
 def _web_app_routes(api: Api):
@@ -5299,7 +5489,9 @@ def _web_app_routes(api: Api):
     @api.route("/", access=PUBLIC)
     def web_app():
         """The web app."""
-        return bottle.static_file("index.html", root=str(www))
+        response = bottle.static_file("index.html", root=str(www))
+        response.set_header("Cache-Control", "no-cache")
+        return response
 
     @api.route("/static/<path:path>", access=PUBLIC)
     def web_app_file(path):
@@ -5334,7 +5526,27 @@ def _viewer_routes(api: Api):
         candidate = (viewer / path).resolve()
         if not candidate.is_relative_to(viewer) or not candidate.is_file():
             path = "index.html"
-        return bottle.static_file(path, root=str(viewer))
+        response = bottle.static_file(path, root=str(viewer))
+        response.set_header("Cache-Control", "no-cache")  # reinstalled in place: always revalidate
+        if path == "index.html":
+            response.set_header("Content-Security-Policy", _viewer_policy(viewer / "index.html"))
+        return response
+
+
+_INLINE_SCRIPT = re.compile(r"<script\b(?![^>]*\bsrc=)[^>]*>(.*?)</script>", re.S | re.I)
+
+
+@functools.lru_cache(maxsize=4)
+def _viewer_policy_for(index_html: str) -> str:
+    hashes = " ".join(f"'sha256-{base64.b64encode(hashlib.sha256(script.encode()).digest()).decode()}'"
+                      for script in _INLINE_SCRIPT.findall(index_html))
+    return VIEWER_POLICY.replace("script-src 'self'", f"script-src 'self' {hashes}" if hashes else "script-src 'self'")
+
+
+def _viewer_policy(index: pathlib.Path) -> str:
+    """VIEWER_POLICY for the viewer's index.html, allowing its own inline scripts by their hashes
+    (and no other inline script)."""
+    return _viewer_policy_for(index.read_text(encoding="utf-8", errors="replace"))
 
 
 def _persist_plugin_settings(daemon: "Daemon", plugin: Plugin):
@@ -6271,13 +6483,15 @@ class Daemon:
         start_thread("reconcile-storage", self._reconcile_storage)
         start_thread("disk-space", self._watch_disk_space)
         bottle.BaseRequest.MEMFILE_MAX = 16 * 1024 * 1024
+        app = make_app(self)
         try:
             self.http_server = create_server(
-                make_app(self), map=self._http_sockets, host=self.config.http_host, port=self.config.http_port,
+                app, map=self._http_sockets, host=self.config.http_host, port=self.config.http_port,
                 threads=self.config.http_threads, ident="dicoogled", clear_untrusted_proxy_headers=True,
             )
         except OSError as error:
             raise OSError(error.errno, f"cannot listen for HTTP on {self.config.http_host}:{self.config.http_port}: {error.strerror}") from None
+        _check_credentials_before_bodies(self._http_sockets, app.config["dicoogled.api"])
         self.http_port = int(self.http_server.effective_port)
         self._http_thread = start_thread("http", self.http_server.run)
         self.log.info("HTTP listening on %s:%d", self.config.http_host, self.http_port)

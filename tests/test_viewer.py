@@ -4,6 +4,7 @@ End to end in Debian's chromium (headless), driven by Playwright with the system
 The viewer comes from the npm registry; the test is skipped when chromium or npm is missing.
 """
 
+import re
 import shutil
 import subprocess
 import sys
@@ -47,7 +48,11 @@ def test_viewer_lists_studies_and_displays_an_image(archive_with_viewer, tmp_pat
         page.on("response", lambda r: failures.append(f"{r.status} {r.url}") if r.status >= 400 and "/dicom-web/" in r.url else None)
         page.goto(f"{base}/health")
         assert page.request.post(f"{base}/login", form={"username": "admin", "password": PASSWORD}).ok  # sets the cookie
-        page.goto(f"{base}/viewer/")
+        # Its own policy: same origin only, its inline scripts allowed by their hashes alone.
+        page.on("console", lambda m: failures.append(m.text) if "Content Security Policy" in m.text else None)
+        policy = page.goto(f"{base}/viewer/").headers["content-security-policy"]
+        script_src = re.search(r"script-src ([^;]*)", policy)[1]
+        assert "'sha256-" in script_src and "unsafe-inline" not in script_src and "frame-ancestors 'none'" in policy
         page.get_by_text("DOE, JOHN").wait_for(timeout=60_000)
         page.screenshot(path=str(tmp_path / "study-list.png"))
         page.goto(f"{base}/viewer/viewer?StudyInstanceUIDs={study}")

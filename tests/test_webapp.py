@@ -11,12 +11,14 @@ the README shows are also written, shrunk, to docs/screenshots/.
 """
 
 import csv
+import http.server
 import io
 import os
 import pathlib
 import re
 import shutil
 import textwrap
+import threading
 
 import pydicom
 import pytest
@@ -250,6 +252,55 @@ def test_login_refuses_bad_credentials_then_logs_in_and_out(app):
     assert page.evaluate("sessionStorage.getItem('dicoogled.token')") is None
     page.reload()
     expect(page.get_by_role("heading", name="Log in to dicoogled")).to_be_visible()
+
+
+def test_a_page_of_another_site_cannot_act_with_the_session(app, archive):
+    """A page on another port of the same host (the same site, so even a SameSite=Strict cookie
+    goes along) posts a form creating an administrator, and loads /logout as an image, while
+    the browser is logged in to the web app: neither acts; the app's own writes still do."""
+    page = app.login()
+    token = page.evaluate("sessionStorage.getItem('dicoogled.token')")
+    target = f"{app.base}/user?username=mallory&password=mallory-pw-1&admin=true"
+    evil = (f'<!doctype html><title>Win a prize</title><img alt="" src="{app.base}/logout">'
+            f'<form method="post" enctype="text/plain" action="{target}"><input name="x" value="1">'
+            f'<button>Claim</button></form>').encode()
+
+    class EvilPage(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.end_headers()
+            self.wfile.write(evil)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), EvilPage)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        app.allow(r"status of 403")
+        # The image is answered (and then blocked by the browser, as JSON is no image): the
+        # server has seen the request.
+        with page.expect_event("requestfailed", lambda request: request.url.endswith("/logout")):
+            page.goto(f"http://127.0.0.1:{server.server_port}/")
+        with page.expect_response(lambda response: "/user?" in response.url) as created:
+            page.get_by_role("button", name="Claim").click()
+        assert created.value.status == 403
+    finally:
+        server.shutdown()
+        server.server_close()
+    client = admin(archive)
+    assert "mallory" not in {u["username"] for u in client.get("/user").json()["users"]}
+    assert Client(base_url(archive), token).get("/login").status == 200  # still logged in
+    # Pages of the web app itself still write, with the token or with the cookie alone.
+    page = app.open("#/search")
+    expect(page.get_by_role("heading", name="Search")).to_be_visible()
+    statuses = page.evaluate("""async () => {
+        const post = (headers) => fetch('/exportFile', {method: 'POST', headers,
+            body: new URLSearchParams({query: '*:*', fields: '["PatientID"]'})}).then((r) => r.text().then(() => r.status));
+        return [await post({Authorization: sessionStorage.getItem('dicoogled.token')}), await post({})];
+    }""")
+    assert statuses == [200, 200]
 
 
 # ---- search and results ---------------------------------------------------------------------------
