@@ -3239,9 +3239,10 @@ class _GatedAssociationServer(ThreadedAssociationServer):
     request_queue_size = 128
 
     def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+        # Before binding: a bind that fails (a port in use) calls server_close().
         self._waiting, self._waiting_lock, self._closing = set(), threading.Lock(), False
         self._log = logging.getLogger("dicoogled.dicom")
+        super().__init__(*args, **kwargs)
 
     def process_request_thread(self, request, client_address):
         with self._waiting_lock:
