@@ -36,6 +36,7 @@ import os
 import pathlib
 import re
 import secrets
+import select
 import shutil
 import signal
 import socket
@@ -71,6 +72,7 @@ from pynetdicom import AE, StoragePresentationContexts, _config as pynetdicom_co
 from pynetdicom.service_class import ServiceClass, StorageServiceClass
 from pynetdicom.sop_class import uid_to_service_class
 from pynetdicom.pdu_primitives import MaximumLengthNotification
+from pynetdicom.transport import ThreadedAssociationServer
 from watchdog.events import (
     DirDeletedEvent, DirMovedEvent, FileClosedEvent, FileCreatedEvent, FileDeletedEvent,
     FileModifiedEvent, FileMovedEvent, FileSystemEventHandler,
@@ -109,6 +111,8 @@ CANNOT_UNDERSTAND = 0xC000
 UNABLE_TO_PROCESS = 0xC001  # C-FIND/MOVE/GET: the identifier cannot be processed
 STORE_REFUSED_INVALID_UID = 0xC002
 SUBOPERATIONS_FAILED = 0xB000
+#: What a calling AE may be allowed to ask for ([modalities] allow=); C-ECHO is always allowed.
+DICOM_SERVICES = ("store", "find", "move", "get")
 
 #: Transfer syntaxes accepted for storage; objects are stored exactly as received.
 ACCEPTED_TRANSFER_SYNTAXES = (
@@ -181,7 +185,11 @@ autostart = true
 # A called AE title other than ours is accepted with a warning naming the right one,
 # unless strict_called_aet is true (then the association is rejected).
 strict_called_aet = false
-# Calling AE titles allowed to associate, separated by spaces; empty allows any.
+# Who may use the DICOM service: any calling AE (the default, as at every PACS), or with
+# refuse_unknown_calling_aets = true only the AEs listed under [modalities], each limited to what
+# its allow= says. allowed_calling_aets, the older way (AE titles separated by spaces; empty
+# allows any), wins when set: only the AEs it lists may associate, whatever else says.
+refuse_unknown_calling_aets = false
 allowed_calling_aets =
 # Limits: simultaneous associations, maximum PDU we receive and send (0 = unlimited, or as the
 # peer accepts), timeouts in seconds: association negotiation, DIMSE response, idle association,
@@ -193,6 +201,9 @@ acse_timeout = 30
 dimse_timeout = 60
 network_timeout = 120
 connection_timeout = 30
+# Seconds a new connection has to send its whole A-ASSOCIATE-RQ; until it has, it is no
+# association and does not count against max_associations (port scans, TCP health checks).
+association_request_timeout = 5
 # Most C-FIND matches returned for one request (0 = all).
 max_find_results = 0
 
@@ -265,9 +276,12 @@ level = INFO
 
 [modalities]
 # Known remote AEs, the C-MOVE destinations: AET = host:port, optionally followed by public
-# or private (Dicoogle's flag) and a description.
+# or private (Dicoogle's flag), allow= and a description. allow= lists what the AE may ask
+# for as a calling AE: some of store,find,move,get separated by commas, or none (C-ECHO is
+# always allowed); without it, everything.
 # WORKSTATION = 192.168.1.20:11112
 # WEASIS = 192.168.1.21:104 public Reading room viewer
+# CT01 = 192.168.1.30:104 allow=store Scanner in room 2
 """
 
 # ============================================================================================
@@ -427,6 +441,7 @@ class Config:
     dicom_host: str = "0.0.0.0"
     dicom_port: int = 11112
     strict_called_aet: bool = False
+    refuse_unknown_calling_aets: bool = False
     allowed_calling_aets: list[str] = dataclasses.field(default_factory=list)
     max_associations: int = 16
     max_pdu: int = 262144
@@ -434,6 +449,7 @@ class Config:
     dimse_timeout: float = 60
     network_timeout: float = 120
     connection_timeout: float = 30
+    association_request_timeout: float = 5
     max_pdu_send: int = 0
     dicom_autostart: bool = True
     max_find_results: int = 0
@@ -464,6 +480,8 @@ class Config:
     modalities: dict[str, tuple[str, int]] = dataclasses.field(default_factory=dict)
     #: Dicoogle's extras of the destinations that have them: AE title -> (public, description).
     modality_details: dict[str, tuple[bool, str]] = dataclasses.field(default_factory=dict)
+    #: What the [modalities] AEs whose entry says allow= may ask for: AE title -> some of DICOM_SERVICES.
+    modality_services: dict[str, frozenset[str]] = dataclasses.field(default_factory=dict)
     #: Storage SOP classes limited to some transfer syntaxes: SOP Class UID -> transfer syntax UIDs.
     transfer_syntaxes: dict[str, list[str]] = dataclasses.field(default_factory=dict)
     #: The file settings were read from, if any.
@@ -495,6 +513,7 @@ class Config:
                 dicom_host=get(section, "host"),
                 dicom_port=parser.getint(section, "port"),
                 strict_called_aet=parser.getboolean(section, "strict_called_aet"),
+                refuse_unknown_calling_aets=parser.getboolean(section, "refuse_unknown_calling_aets"),
                 allowed_calling_aets=get(section, "allowed_calling_aets").split(),
                 max_associations=parser.getint(section, "max_associations"),
                 max_pdu=parser.getint(section, "max_pdu"),
@@ -502,6 +521,7 @@ class Config:
                 dimse_timeout=parser.getfloat(section, "dimse_timeout"),
                 network_timeout=parser.getfloat(section, "network_timeout"),
                 connection_timeout=parser.getfloat(section, "connection_timeout"),
+                association_request_timeout=parser.getfloat(section, "association_request_timeout"),
                 max_pdu_send=parser.getint(section, "max_pdu_send"),
                 dicom_autostart=parser.getboolean(section, "autostart"),
                 max_find_results=parser.getint(section, "max_find_results"),
@@ -529,9 +549,10 @@ class Config:
                 stable_age=parser.getfloat("plugins", "stable_age"),
                 plugin_settings={section[len("plugin."):]: dict(parser.items(section)) for section in parser.sections()
                                  if section.startswith("plugin.")},
-                modalities={aet: address for aet, (address, _, _) in modalities.items()},
-                modality_details={aet: (public, description) for aet, (_, public, description) in modalities.items()
+                modalities={aet: address for aet, (address, _, _, _) in modalities.items()},
+                modality_details={aet: (public, description) for aet, (_, public, description, _) in modalities.items()
                                   if public or description},
+                modality_services={aet: services for aet, (_, _, _, services) in modalities.items() if services is not None},
                 transfer_syntaxes={uid: value.split() for uid, value in parser.items("transfer_syntaxes")},
                 config_file=path,
             )
@@ -563,7 +584,7 @@ class Config:
         for name in ("max_pdu", "max_pdu_send"):
             if getattr(self, name) != 0 and not 1024 <= getattr(self, name) < 2**32:
                 raise ValueError(f"invalid {name} {getattr(self, name)}: 0 (unlimited) or 1024..4294967295 bytes")
-        for name in ("acse_timeout", "dimse_timeout", "network_timeout", "connection_timeout"):
+        for name in ("acse_timeout", "dimse_timeout", "network_timeout", "connection_timeout", "association_request_timeout"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"invalid {name} {getattr(self, name)}: must be more than 0 seconds")
         if not self.session_idle_minutes > 0:
@@ -590,7 +611,8 @@ class Config:
         values = collections.defaultdict(dict)
         for name in names:
             if name == "modalities":
-                values["modalities"] = {aet: _modality_text(host, port, *self.modality_details.get(aet, (False, "")))
+                values["modalities"] = {aet: _modality_text(host, port, *self.modality_details.get(aet, (False, "")),
+                                                            self.modality_services.get(aet))
                                         for aet, (host, port) in self.modalities.items()}
             elif name == "transfer_syntaxes":
                 values["transfer_syntaxes"] = {uid: " ".join(syntaxes) for uid, syntaxes in self.transfer_syntaxes.items()}
@@ -607,20 +629,35 @@ def _parse_host_port(aet: str, value: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def _parse_modality(aet: str, value: str) -> tuple[tuple[str, int], bool, str]:
-    """AET = host:port [public|private] [description]: ((host, port), public, description)."""
-    address, rest = (value.split(None, 1) + ["", ""])[:2]
-    flag, description = (rest.split(None, 1) + ["", ""])[:2]
-    if flag not in ("public", "private"):
-        flag, description = "private", rest
-    return _parse_host_port(aet, address or value), flag == "public", description.strip()
+def _parse_modality(aet: str, value: str) -> tuple[tuple[str, int], bool, str, frozenset[str] | None]:
+    """AET = host:port [public|private] [allow=...] [description]:
+    ((host, port), public, description, the services allowed or None when allow= is not said)."""
+    address, *words = value.split() or [""]
+    flag, services = "private", None
+    while words and (words[0] in ("public", "private") or words[0].startswith("allow=")):
+        word = words.pop(0)
+        if word.startswith("allow="):
+            services = _parse_services(aet, word[len("allow="):])
+        else:
+            flag = word
+    return _parse_host_port(aet, address or value), flag == "public", " ".join(words), services
 
 
-def _modality_text(host: str, port: int, public: bool, description: str) -> str:
+def _parse_services(aet: str, text: str) -> frozenset[str]:
+    """allow=store,find,... (or none) of a [modalities] entry."""
+    services = frozenset() if text == "none" else frozenset(text.split(","))
+    if not services <= set(DICOM_SERVICES) or text == "":
+        raise ValueError(f"[modalities] {aet}: allow={text}: expected some of {','.join(DICOM_SERVICES)}"
+                         " separated by commas, or none")
+    return services
+
+
+def _modality_text(host: str, port: int, public: bool, description: str, services: frozenset[str] | None = None) -> str:
     """A [modalities] value, as _parse_modality reads it."""
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     flag = "public" if public else "private" if description else ""
-    return " ".join(part for part in (address, flag, description) if part)
+    allow = "" if services is None else "allow=" + (",".join(s for s in DICOM_SERVICES if s in services) or "none")
+    return " ".join(part for part in (address, flag, allow, description) if part)
 
 
 # ---- settings changed at run time: data_dir/settings.ini -----------------------------------
@@ -3518,6 +3555,29 @@ QUERY_RETRIEVE_SOP_CLASSES = (
 )
 
 
+#: The service each query/retrieve SOP class belongs to, as [modalities] allow= names it.
+QUERY_RETRIEVE_SERVICES = {
+    str(sop_class): service for service, classes in (
+        ("find", (PatientRootQueryRetrieveInformationModelFind, StudyRootQueryRetrieveInformationModelFind)),
+        ("move", (PatientRootQueryRetrieveInformationModelMove, StudyRootQueryRetrieveInformationModelMove)),
+        ("get", (PatientRootQueryRetrieveInformationModelGet, StudyRootQueryRetrieveInformationModelGet)),
+    ) for sop_class in classes
+}
+#: A-ASSOCIATE-RJ (source, reason/diag.) in words, as PS3.8 9.3.4 names them.
+ASSOCIATION_REJECT_REASONS = {
+    (1, 1): "no reason given", (1, 2): "application context name not supported",
+    (1, 3): "calling AE title not recognized", (1, 7): "called AE title not recognized",
+    (2, 1): "no reason given", (2, 2): "protocol version not supported",
+    (3, 1): "temporary congestion", (3, 2): "local limit exceeded",
+}
+A_ASSOCIATE_RQ = 0x01  # PDU type (PS3.8 9.3.2)
+POLL_PEER_CLOSED = select.POLLHUP | select.POLLERR | getattr(select, "POLLRDHUP", 0)
+#: How much of an A-ASSOCIATE-RQ the association gate waits for. Requests are a few KiB (64 KiB
+#: is 128 presentation contexts of long UIDs); the gate peeks at what the kernel holds, so a
+#: longer one is let through once this much of it has come.
+ASSOCIATE_RQ_PEEK_LIMIT = 65536
+
+
 def _set_tcp_nodelay(event):
     """Disable Nagle's algorithm: without it every small DIMSE message waits for an ACK."""
     with contextlib.suppress(OSError, AttributeError):
@@ -3530,6 +3590,99 @@ def _failure_status(status: int, reason: str) -> Dataset:
     response.Status = status
     response.ErrorComment = reason.encode("ascii", "replace").decode().replace("\\", "/")[:64]
     return response
+
+
+def _await_association_request(sock: socket.socket, timeout: float) -> str | None:
+    """Wait, reading nothing, until sock holds a whole A-ASSOCIATE-RQ PDU: None once it does,
+    else why it never will (closed, silent for timeout seconds, or not DICOM)."""
+    deadline = time.monotonic() + timeout
+    poller = select.poll()
+    poller.register(sock, select.POLLIN | POLL_PEER_CLOSED)
+    wanted = 6  # the PDU header: type, reserved, length
+    try:
+        while True:
+            # With SO_RCVLOWAT, poll wakes once wanted bytes are there (or the peer closed),
+            # not at each segment that brings some.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, wanted)
+            remaining = deadline - time.monotonic()
+            events = poller.poll(remaining * 1000) if remaining > 0 else []
+            if not events:
+                return f"no A-ASSOCIATE-RQ within {timeout:g} s"
+            received = sock.recv(wanted, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            if not received:
+                return "closed before sending an A-ASSOCIATE-RQ"
+            if received[0] != A_ASSOCIATE_RQ:
+                return f"sent a PDU of type 0x{received[0]:02X}, not an A-ASSOCIATE-RQ: not DICOM?"
+            if len(received) < wanted:
+                if events[0][1] & POLL_PEER_CLOSED:
+                    return "closed before its A-ASSOCIATE-RQ was whole"
+                break  # the kernel holds no more than this (a full buffer): pynetdicom reads the rest
+            if wanted > 6:
+                break  # the whole PDU
+            wanted = min(6 + struct.unpack(">L", received[2:6])[0], ASSOCIATE_RQ_PEEK_LIMIT)
+            if wanted == 6:
+                break  # an empty PDU: pynetdicom refuses it
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)  # for pynetdicom, which reads as usual
+        return None
+    except OSError as error:
+        return f"connection failed: {error}"
+
+
+class _GatedAssociationServer(ThreadedAssociationServer):
+    """pynetdicom's server, with a gate in each connection's thread: the connection becomes an
+    Association (which counts against max_associations) only once its whole A-ASSOCIATE-RQ has
+    come. One that closes first is dropped at once, a silent one after association_request_timeout,
+    so port scans and TCP health checks hold no association slot (nor a thread for long)."""
+
+    # socketserver's listen backlog is 5: a burst of connections (a port scan) beyond it has
+    # everyone's connect wait for a SYN retry, a second or more.
+    request_queue_size = 128
+
+    def __init__(self, *args, **kwargs):
+        # Before binding: a bind that fails (a port in use) calls server_close().
+        self._waiting, self._waiting_lock, self._closing = set(), threading.Lock(), False
+        self._log = logging.getLogger("dicoogled.dicom")
+        super().__init__(*args, **kwargs)
+
+    def process_request_thread(self, request, client_address):
+        with self._waiting_lock:
+            closing = self._closing
+            self._waiting.add(request)
+        try:
+            refusal = "the listener is closing" if closing else \
+                _await_association_request(request, self.ae.association_request_timeout)
+        finally:
+            with self._waiting_lock:
+                self._waiting.discard(request)
+        if refusal is None:
+            super().process_request_thread(request, client_address)
+            return
+        # A health check's connect-and-close is routine; anything else is worth a line.
+        level = logging.DEBUG if refusal.startswith("closed") else logging.INFO
+        self._log.log(level, "dropped a connection from %s:%d: %s", *client_address[:2], refusal)
+        self.shutdown_request(request)
+
+    def server_close(self):
+        # Wake the gates still waiting, so that closing the listener does not wait out their timeout.
+        with self._waiting_lock:
+            self._closing = True
+            for request in self._waiting:
+                with contextlib.suppress(OSError):
+                    request.shutdown(socket.SHUT_RDWR)
+        super().server_close()
+
+
+class _ListeningAE(AE):
+    """pynetdicom's AE, listening through _GatedAssociationServer."""
+
+    #: Seconds a new connection has to send its whole A-ASSOCIATE-RQ.
+    association_request_timeout: float = 5
+
+    def make_server(self, address, *args, server_class=None, **kwargs):
+        # start_server(block=False) asks for pynetdicom's threaded server: the gated one it is.
+        if server_class is ThreadedAssociationServer:
+            server_class = _GatedAssociationServer
+        return super().make_server(address, *args, server_class=server_class, **kwargs)
 
 
 class DicomServices:
@@ -3545,10 +3698,9 @@ class DicomServices:
         self._in_flight = 0
         self._in_flight_done = threading.Condition()
         self._listener_lock = threading.Lock()  # held while the listener opens, moves or closes
-        self.ae = AE(ae_title=config.aet)
+        self.ae = _ListeningAE(ae_title=config.aet)
         self.apply_limits()
         self.ae.require_called_aet = config.strict_called_aet
-        self.ae.require_calling_aet = config.allowed_calling_aets
         self.ae.add_supported_context(Verification, UNCOMPRESSED_TRANSFER_SYNTAXES)
         #: The non-storage services offered; storage contexts are added per association (_on_requested).
         self._service_classes = {str(Verification), *map(str, QUERY_RETRIEVE_SOP_CLASSES)}
@@ -3564,6 +3716,7 @@ class DicomServices:
         ae.dimse_timeout = config.dimse_timeout
         ae.network_timeout = config.network_timeout
         ae.connection_timeout = config.connection_timeout
+        ae.association_request_timeout = config.association_request_timeout
 
     def set_ae_title(self, aet: str):
         """Answer to aet from the next association on (and call others by it)."""
@@ -3580,6 +3733,7 @@ class DicomServices:
         handlers = [
             (evt.EVT_CONN_OPEN, _set_tcp_nodelay),
             (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_ACCEPTED, self._limit_sent_pdus),
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_C_FIND, self._on_find),
@@ -3642,28 +3796,60 @@ class DicomServices:
                 self._in_flight -= 1
                 self._in_flight_done.notify_all()
 
+    def services_of(self, calling_aet: str) -> frozenset[str]:
+        """What calling_aet may ask for (DICOM_SERVICES): its [modalities] allow=, else everything."""
+        return self.config.modality_services.get(calling_aet, frozenset(DICOM_SERVICES))
+
+    def _calling_aets_allowed(self) -> list[str]:
+        """The calling AE titles that may associate; empty: any. allowed_calling_aets wins when set."""
+        if self.config.allowed_calling_aets:
+            return self.config.allowed_calling_aets
+        return sorted(self.config.modalities) if self.config.refuse_unknown_calling_aets else []
+
     def _on_requested(self, event):
-        # pynetdicom rejects (after this event) without a word in our log: say why here, with
-        # the same tests it applies, so an administrator can tell a refusal from a network fault.
         request = event.assoc.requestor.primitive
         calling = str(getattr(request, "calling_ae_title", "")).strip()
         called = str(getattr(request, "called_ae_title", "")).strip()
-        refused = False
-        if self.config.allowed_calling_aets and calling not in self.config.allowed_calling_aets:
-            refused = True
-            self.log.warning("refused an association from %r: not in allowed_calling_aets", calling)
-        if self.config.strict_called_aet and called != self.config.aet:
-            refused = True
-            self.log.warning("refused an association from %s: it called us %r, but our AE title is %r (strict_called_aet)",
-                             calling, called, self.config.aet)
-        if not refused and called and called != self.config.aet:
+        # pynetdicom rejects (1, 1, 3) a calling AE title not in this list, just after this event.
+        # Set here, so a [modalities] entry added at run time counts from the next association.
+        event.assoc.ae.require_calling_aet = allowed = self._calling_aets_allowed()
+        if (allowed and calling not in allowed) or (self.config.strict_called_aet and called != self.config.aet):
+            return  # rejected next, and logged then (_on_rejected)
+        if called and called != self.config.aet:
             self.log.warning(
                 "%s called us as %r, but our AE title is %r: accepted anyway (set strict_called_aet to refuse)",
                 calling, called, self.config.aet,
             )
         acceptor = event.assoc.acceptor
-        acceptor.supported_contexts = acceptor.supported_contexts + self._storage_contexts(
-            request.presentation_context_definition_list)
+        proposed = request.presentation_context_definition_list
+        # A query/retrieve service the AE may not use is not offered to it: its presentation
+        # contexts are refused at negotiation (abstract syntax not supported), before any request.
+        services = self.services_of(calling)
+        refused = {uid for uid, service in QUERY_RETRIEVE_SERVICES.items() if service not in services}
+        acceptor.supported_contexts = [context for context in acceptor.supported_contexts
+                                       if str(context.abstract_syntax) not in refused] + self._storage_contexts(proposed)
+        asked = sorted({QUERY_RETRIEVE_SERVICES[str(c.abstract_syntax)] for c in proposed if str(c.abstract_syntax) in refused})
+        if asked:
+            self.log.warning("refused %s to %s at %s:%d: [modalities] %s allows only %s", "/".join(f"C-{s.upper()}" for s in asked),
+                             calling, event.assoc.requestor.address, event.assoc.requestor.port, calling,
+                             ",".join(s for s in DICOM_SERVICES if s in services) or "none")
+
+    def _on_rejected(self, event):
+        """Log every association refused, whoever refused it (we or pynetdicom), and why."""
+        assoc = event.assoc
+        rejection = assoc.acceptor.primitive
+        calling = str(getattr(assoc.requestor.primitive, "calling_ae_title", "")).strip()
+        called = str(getattr(assoc.requestor.primitive, "called_ae_title", "")).strip()
+        reason = ASSOCIATION_REJECT_REASONS.get((rejection.result_source, rejection.diagnostic), "no reason given")
+        if (rejection.result_source, rejection.diagnostic) == (1, 3):
+            reason += (": not in allowed_calling_aets" if self.config.allowed_calling_aets
+                       else ": not under [modalities] (refuse_unknown_calling_aets)")
+        elif (rejection.result_source, rejection.diagnostic) == (1, 7):
+            reason += f": it called us {called!r}, but our AE title is {self.config.aet!r} (strict_called_aet)"
+        elif (rejection.result_source, rejection.diagnostic) == (3, 2):
+            reason += f": max_associations = {self.config.max_associations} are open"
+        self.log.warning("refused an association from %s at %s:%d: %s", calling or "?",
+                         assoc.requestor.address, assoc.requestor.port, reason)
 
     def _storage_contexts(self, proposed) -> list:
         """Contexts to accept for the storage SOP classes a requestor proposes.
@@ -3701,6 +3887,14 @@ class DicomServices:
 
     def _on_store(self, event):
         with self._tracked():
+            calling = event.assoc.requestor.ae_title
+            if "store" not in self.services_of(calling):
+                self.log.warning("refused C-STORE to %s: [modalities] %s does not allow store", calling, calling)
+                # Refused: Not Authorized, a C-STORE status (PS3.7 9.1.1.1.9, Annex C). The storage
+                # contexts stay accepted at negotiation: a C-GET needs them to send instances back.
+                refusal = Dataset()
+                refusal.Status, refusal.ErrorComment = NOT_AUTHORIZED, f"{calling} may not store ([modalities] allow=)"
+                return refusal
             try:
                 request = event.request
                 header = part10_header(request.AffectedSOPClassUID, request.AffectedSOPInstanceUID,
@@ -6198,6 +6392,8 @@ def _management_routes(api: Api):
         port: its DICOM port, 1..65535 (needed to add)
         description: free text
         public: true or false, Dicoogle's flag
+
+        What the AE may ask for as a calling AE (allow= in [modalities]) is kept as it was.
         """
         params = bottle.request.params
         kind, aet = params.get("type", ""), params.get("aetitle", "").strip()
@@ -6207,7 +6403,8 @@ def _management_routes(api: Api):
         if kind == "remove":
             removed = aet in config.modalities
             change(modalities={a: address for a, address in config.modalities.items() if a != aet},
-                   modality_details={a: details for a, details in config.modality_details.items() if a != aet})
+                   modality_details={a: details for a, details in config.modality_details.items() if a != aet},
+                   modality_services={a: services for a, services in config.modality_services.items() if a != aet})
             return {"removed": removed}
         host = params.get("ip", "").strip()
         if not is_valid_ae_title(aet):
