@@ -1462,9 +1462,29 @@ def check_structure(source, dataset: Dataset):
         # A file meta group without its group length is read in its own encoding.
         while read(start, 2) == b"\x02\x00":
             start = _StructureWalk(read, False, True).element(start, size)
-        _StructureWalk(read, bool(implicit), little is not False).elements(start, size, top=True)
+        top_level = {}
+        _StructureWalk(read, bool(implicit), little is not False).elements(start, size, top=top_level)
     except RecursionError:
         raise IngestError("malformed: sequences nested too deeply") from None
+    if PIXEL_DATA_TAG in top_level:
+        _check_native_pixel_data(dataset, top_level[PIXEL_DATA_TAG])
+
+
+def _check_native_pixel_data(dataset: Dataset, length: int):
+    """Refuse native (not encapsulated) pixel data shorter than its image: a sender that read a
+    truncated file with pydicom sends a well-formed data set whose pixel data just ends early."""
+    try:
+        rows, columns, bits = int(dataset.Rows), int(dataset.Columns), int(dataset.BitsAllocated)
+        samples = int(dataset.get("SamplesPerPixel", 1) or 1)
+        frames = int(dataset.get("NumberOfFrames", 1) or 1)
+    except (AttributeError, TypeError, ValueError):
+        return  # no image attributes to measure it by: the walk was all that can be checked
+    if str(dataset.get("PhotometricInterpretation", "")).endswith("_422"):
+        samples = 2  # two chroma samples for every two pixels: two values per pixel (PS3.3 C.7.6.3.1.2)
+    needed = (rows * columns * samples * frames * bits + 7) // 8
+    if length < needed:
+        raise IngestError(f"truncated: pixel data holds {length} bytes, {frames} frame(s) of "
+                          f"{rows}x{columns}x{samples} at {bits} bits need {needed}")
 
 
 def _tag_text(tag: int) -> str:
@@ -1477,21 +1497,24 @@ class _StructureWalk:
     def __init__(self, read, implicit: bool, little: bool):
         self.read, self.implicit, self.endian = read, implicit, "<" if little else ">"
 
-    def elements(self, position: int, end: int, until_delimiter: bool = False, top: bool = False) -> int:
+    def elements(self, position: int, end: int, until_delimiter: bool = False, top: dict | None = None) -> int:
         """Walk the elements from position to end, or, in an item of undefined length, up to
-        and past its delimiter; return where they end."""
+        and past its delimiter; return where they end. top: the data set's own level, whose
+        pixel data length (if defined) it records, by tag."""
         # As pydicom does, trust the first element over the transfer syntax: a data set (or an
         # item in an explicit one) whose first VR is no two capitals is implicit VR, and a top
         # level one that has them is explicit. Real files get this wrong and read well.
-        if position + 6 <= end and (top or not self.implicit):
+        if position + 6 <= end and (top is not None or not self.implicit):
             vr = self.read(position + 4, 2)
             found_implicit = not (0x40 < vr[0] < 0x5B and 0x40 < vr[1] < 0x5B)
             if found_implicit != self.implicit and self.read(position, 2) != b"\xfe\xff":
-                return _StructureWalk(self.read, found_implicit, self.endian == "<").elements(position, end, until_delimiter)
+                return _StructureWalk(self.read, found_implicit, self.endian == "<").elements(position, end, until_delimiter, top)
         while position < end:
             tag, vr, length, position = self.header(position, end)
             if tag == ITEM_DELIMITATION_TAG and until_delimiter:
                 return position
+            if top is not None and tag == PIXEL_DATA_TAG and length != UNDEFINED_LENGTH:
+                top[tag] = length
             position = self.value(tag, vr, length, position, end)
         if until_delimiter:
             raise IngestError("truncated: an item of undefined length has no end")

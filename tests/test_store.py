@@ -545,6 +545,29 @@ def test_truncated_files_sent_by_pynetdicom_fail(daemon, tmp_path, send_raw_file
     assert daemon.health()["ingest"]["malformed"] == len(cut)
 
 
+@pytest.mark.parametrize("photometric, samples, pixel_bytes, status", [
+    ("MONOCHROME2", 1, 8 * 8 * 2 - 10, CANNOT_UNDERSTAND),  # a file cut in its pixels, read and re-encoded
+    ("MONOCHROME2", 1, 8 * 8 * 2, SUCCESS),
+    ("YBR_FULL_422", 3, 8 * 8 * 2, SUCCESS),  # 4:2:2 holds two values per pixel, not three
+    ("YBR_FULL_422", 3, 8 * 8 * 2 - 2, CANNOT_UNDERSTAND),
+])
+def test_native_pixel_data_shorter_than_its_image_fails(daemon, photometric, samples, pixel_bytes, status):
+    """A well-formed data set whose native pixel data is shorter than Rows x Columns x samples x
+    bits says: what a sender makes of a cut file when it reads it with pydicom and sends it."""
+    ds = studygen.make_instance(0, 0, 0, 3, size=8, PhotometricInterpretation=photometric, SamplesPerPixel=samples,
+                                BitsAllocated=16 if samples == 1 else 8, BitsStored=16 if samples == 1 else 8,
+                                HighBit=15 if samples == 1 else 7)
+    if samples == 3:
+        ds.PlanarConfiguration = 0
+    ds.PixelData = bytes(pixel_bytes)
+    assoc = RawAssociation(daemon.dicom_port)
+    assert assoc.send_store(ds.SOPInstanceUID, encode(ds)) == status
+    if status != SUCCESS:
+        assert str(assoc.response.ErrorComment).startswith("truncated: pixel data holds"), assoc.response
+    assoc.release()
+    assert len(daemon.find(make_identifier("IMAGE", SOPInstanceUID=ds.SOPInstanceUID))[0]) == (status == SUCCESS)
+
+
 @pytest.mark.parametrize("keyword", ["SOPInstanceUID", "SOPClassUID"])
 def test_command_uid_other_than_the_data_sets_fails(daemon, keyword):
     """A C-STORE whose command names another SOP Instance or Class than its data set."""
