@@ -3495,14 +3495,17 @@ def _decode_association_request(pdu: bytes, address: tuple) -> AssociationReques
     primitive = rq.to_primitive()
     request = AssociationRequest(
         calling_aet=_as_uid_text(primitive.calling_ae_title), called_aet=_as_uid_text(primitive.called_ae_title),
-        address=address, contexts=primitive.presentation_context_definition_list, roles={},
-        max_pdu=primitive.maximum_length_received or 0,
-        implementation_class_uid=_as_uid_text(primitive.implementation_class_uid))
+        address=address, contexts=primitive.presentation_context_definition_list, roles={}, max_pdu=0)
     request.application_context = _as_uid_text(primitive.application_context_name)
     request.protocol_version = rq.protocol_version
+    # Read from the items: the primitive's own getters raise when an item is missing.
     for item in primitive.user_information:
         if isinstance(item, SCP_SCU_RoleSelectionNegotiation):
             request.roles[str(item.sop_class_uid)] = (item.scu_role, item.scp_role)
+        elif isinstance(item, MaximumLengthNotification):
+            request.max_pdu = item.maximum_length_received or 0
+        elif isinstance(item, ImplementationClassUIDNotification):
+            request.implementation_class_uid = _as_uid_text(item.implementation_class_uid)
         elif isinstance(item, ImplementationVersionNameNotification):
             request.implementation_version_name = _as_uid_text(item.implementation_version_name)
         elif isinstance(item, AsynchronousOperationsWindowNegotiation):
@@ -3712,7 +3715,8 @@ def request_association(host: str, port: int, *, calling_aet: str, called_aet: s
                       if isinstance(item, SCP_SCU_RoleSelectionNegotiation)}
         negotiated = negotiate_as_requestor(proposed, accepted.presentation_context_definition_results_list, peer_roles)
         association.contexts = {context.context_id: context for context in negotiated if context.result == 0x00}
-        association.set_peer_max_pdu(accepted.maximum_length_received or 0)
+        association.set_peer_max_pdu(next((item.maximum_length_received or 0 for item in accepted.user_information
+                                           if isinstance(item, MaximumLengthNotification)), 0))
         association.is_established = True
         return association
     except AssociationRefused:
