@@ -3269,6 +3269,7 @@ class Association:
         #: How long a read or a write may wait for the peer, in seconds.
         self.timeout = timeout
         self.calling_aet = self.called_aet = ""
+        self.peer_aet = ""  #: the other side's AE title: the calling one if we accepted, the called one if we asked
         self.contexts = {}  #: accepted presentation contexts by ID
         self.roles = {}  #: SOP class UID -> (SCU role, SCP role) the requestor proposed
         self.peer_implementation = ""
@@ -3282,7 +3283,7 @@ class Association:
 
     @property
     def peer(self) -> str:
-        return f"{self.calling_aet or '?'} at {self.address[0]}:{self.address[1]}"
+        return f"{self.peer_aet or '?'} at {self.address[0]}:{self.address[1]}"
 
     def next_message_id(self) -> int:
         self._message_id = self._message_id % 65535 + 1
@@ -3590,6 +3591,7 @@ class AssociationAcceptor:
             except Exception as error:
                 raise ProtocolError(f"an undecodable A-ASSOCIATE-RQ: {_pdu_error_text(error)}") from None
             association.calling_aet, association.called_aet = request.calling_aet, request.called_aet
+            association.peer_aet = request.calling_aet
             rejection = self._protocol_rejection(request) or self.judge(request)
             if not rejection:
                 with self._lock:
@@ -3680,6 +3682,7 @@ def request_association(host: str, port: int, *, calling_aet: str, called_aet: s
     association = Association(sock, (host, port), max_receive=max_pdu, max_send_limit=max_pdu_send,
                               timeout=timeout, log=log)
     association.calling_aet, association.called_aet = calling_aet, called_aet
+    association.peer_aet = called_aet
     proposed = []
     for number, context in enumerate(contexts[:128]):
         context.context_id = 2 * number + 1
@@ -4218,7 +4221,10 @@ class DicomServices:
         data = self.ingest.storage.read(instance.path)
         offset = _dataset_offset(data)
         if offset > 132 and instance.transfer_syntax:
-            return instance.transfer_syntax, data[offset:]
+            data_set = data[offset:]
+            if len(data_set) % 2 and instance.transfer_syntax == pydicom.uid.DeflatedExplicitVRLittleEndian:
+                data_set += b"\0"  # a deflated stream is padded to even length (PS3.5 A.5); peers insist
+            return instance.transfer_syntax, data_set
         dataset = pydicom.dcmread(io.BytesIO(data), force=True)
         syntax = pydicom.uid.UID(dataset.file_meta.get("TransferSyntaxUID") or instance.transfer_syntax
                                  or pydicom.uid.ImplicitVRLittleEndian)
