@@ -3156,6 +3156,9 @@ PDV_HEADER = struct.Struct(">BxIIB")  # a P-DATA-TF header with one PDV item: le
 #: contexts with every transfer syntax fit in a tenth of this.
 MAX_CONTROL_PDU = 1 << 20
 APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"  # the DICOM application context (PS3.7 A.2.1)
+#: Seconds we wait for the peer to close the connection after our A-ASSOCIATE-RJ, A-RELEASE-RP
+#: or A-ABORT, before closing it ourselves.
+PEER_CLOSE_WAIT = 1.0
 
 # A-ASSOCIATE-RJ (result, source, reason), PS3.8 9.3.4: result 1 is permanent, 2 transient;
 # source 1 the service user, 2 the ACSE provider, 3 the presentation provider.
@@ -3193,6 +3196,10 @@ def check_pynetdicom_version(version: str):
 
 class AssociationEnded(Exception):
     """The association is over: aborted by the peer or by us, closed, timed out or broken."""
+
+
+class PeerTimedOut(AssociationEnded):
+    """The peer sent nothing, or read nothing, for longer than the association's timeout."""
 
 
 class PeerReleased(Exception):
@@ -3338,7 +3345,7 @@ class Association:
         try:
             self.sock.sendall(data)
         except TimeoutError:
-            raise AssociationEnded(f"{self.peer} read nothing for {self.timeout:g} s") from None
+            raise PeerTimedOut(f"{self.peer} read nothing for {self.timeout:g} s") from None
         except OSError as error:
             raise AssociationEnded(f"connection lost: {error}") from None
 
@@ -3359,10 +3366,23 @@ class Association:
             pdu = A_ABORT_RQ()
             pdu.from_primitive(primitive)
             self.sock.sendall(pdu.encode())
-        self.close()
+        self.close(wait_for_peer=PEER_CLOSE_WAIT)
 
-    def close(self):
+    def close(self, wait_for_peer: float = 0):
+        """Close the connection. After an A-ASSOCIATE-RJ, A-RELEASE-RP or A-ABORT the peer closes
+        first (PS3.8 9.1.5, the ARTIM wait): closing with its bytes unread would reset the
+        connection, and a reset can destroy the PDU we just sent before the peer reads it."""
         self.is_established = False
+        if self.sock.fileno() == -1:
+            return
+        if wait_for_peer:
+            with contextlib.suppress(OSError):
+                self.sock.shutdown(socket.SHUT_WR)
+                deadline = time.monotonic() + wait_for_peer
+                while (remaining := deadline - time.monotonic()) > 0:
+                    self.sock.settimeout(remaining)
+                    if not self.sock.recv(65536):
+                        break
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
         self.sock.close()
@@ -3405,7 +3425,7 @@ class Association:
             try:
                 pdu_type, pdu = self.read_pdu(self.timeout if timeout is None else timeout)
             except TimeoutError:
-                raise AssociationEnded(f"{self.peer} sent nothing for {self.timeout:g} s") from None
+                raise PeerTimedOut(f"{self.peer} sent nothing for {self.timeout:g} s") from None
             if pdu_type == P_DATA_TF_PDU:
                 primitive = P_DATA()
                 for context_id, pdv in self._pdvs(pdu):
@@ -3607,10 +3627,17 @@ class AssociationAcceptor:
                 self._reject(association, request, rejection)
                 return
             self._accept(association, request, settings)
-            self.serve(association)
+            try:
+                self.serve(association)
+            except PeerReleased:
+                association.send(A_RELEASE_RP().encode())
+                association.close(wait_for_peer=PEER_CLOSE_WAIT)
         except ProtocolError as error:
             self.log.warning("aborted the association with %s: %s", association.peer, error)
             association.abort(error.reason)
+        except PeerTimedOut as error:
+            self.log.warning("aborted the association with %s: %s", association.peer, error)
+            association.abort()
         except AssociationEnded as error:
             self.log.info("association with %s ended: %s", association.peer, error)
         finally:
@@ -3632,6 +3659,7 @@ class AssociationAcceptor:
         primitive.result, primitive.result_source, primitive.diagnostic = rejection
         with contextlib.suppress(AssociationEnded):
             association.send_pdu(A_ASSOCIATE_RJ, primitive)
+        association.close(wait_for_peer=PEER_CLOSE_WAIT)
 
     def _accept(self, association: Association, request: AssociationRequest, settings: dict):
         contexts, role_items = negotiate_as_acceptor(request.contexts, self.contexts(request), request.roles)
@@ -3967,14 +3995,10 @@ class DicomServices:
     # ---- the acceptor's side of an association -----------------------------------------------
 
     def _serve(self, association: Association):
-        """Answer an association's requests, one message at a time, until it is released."""
+        """Answer an association's requests, one message at a time, until the peer releases it
+        (PeerReleased) or it ends (AssociationEnded)."""
         while True:
-            try:
-                message = association.read_message()
-            except PeerReleased:
-                association.send(A_RELEASE_RP().encode())
-                return
-            self._dispatch(association, message)
+            self._dispatch(association, association.read_message())
 
     def _dispatch(self, association: Association, message):
         if isinstance(message, C_CANCEL_RQ):
