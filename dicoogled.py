@@ -4020,7 +4020,13 @@ class DicomServices:
             self.log.warning("%s sent a %s for %s on a context for %s: refused", association.peer,
                              type(message).__name__, request.sop_class_uid, abstract_syntax)
             return self._send_response(request, self._response_primitive(request, response_class, SOP_CLASS_NOT_SUPPORTED))
-        handler(request)
+        try:
+            handler(request)
+        except (AssociationEnded, PeerReleased):
+            raise
+        except Exception:  # a bug, not the peer's fault: answer a failure and keep the association
+            self.log.exception("%s from %s failed", type(message).__name__, association.peer)
+            self._send_response(request, self._response_primitive(request, response_class, UNABLE_TO_PROCESS))
 
     @property
     def _handlers(self) -> dict:
