@@ -3376,8 +3376,9 @@ class Association:
         if self.sock.fileno() == -1:
             return
         if wait_for_peer:
+            # No half-close first: pynetdicom, seeing our end of file with the PDU, may report
+            # the connection as aborted instead of the PDU.
             with contextlib.suppress(OSError):
-                self.sock.shutdown(socket.SHUT_WR)
                 deadline = time.monotonic() + wait_for_peer
                 while (remaining := deadline - time.monotonic()) > 0:
                     self.sock.settimeout(remaining)
