@@ -3157,8 +3157,9 @@ PDV_HEADER = struct.Struct(">BxIIB")  # a P-DATA-TF header with one PDV item: le
 MAX_CONTROL_PDU = 1 << 20
 APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"  # the DICOM application context (PS3.7 A.2.1)
 #: Seconds we wait for the peer to close the connection after our A-ASSOCIATE-RJ, A-RELEASE-RP
-#: or A-ABORT, before closing it ourselves.
-PEER_CLOSE_WAIT = 1.0
+#: or A-ABORT, before closing it ourselves (no slot is held meanwhile): a busy peer that reads our
+#: end of file before the PDU may take it for an abort.
+PEER_CLOSE_WAIT = 5.0
 
 # A-ASSOCIATE-RJ (result, source, reason), PS3.8 9.3.4: result 1 is permanent, 2 transient;
 # source 1 the service user, 2 the ACSE provider, 3 the presentation provider.
@@ -3354,7 +3355,7 @@ class Association:
         pdu.from_primitive(primitive)
         self.send(pdu.encode())
 
-    def abort(self, reason: int | None = None):
+    def abort(self, reason: int | None = None, wait_for_peer: float = PEER_CLOSE_WAIT):
         """Send an A-ABORT (reason None: by us, the service user) or A-P-ABORT, and close."""
         primitive = A_ABORT() if reason is None else A_P_ABORT()
         if reason is None:
@@ -3366,7 +3367,7 @@ class Association:
             pdu = A_ABORT_RQ()
             pdu.from_primitive(primitive)
             self.sock.sendall(pdu.encode())
-        self.close(wait_for_peer=PEER_CLOSE_WAIT)
+        self.close(wait_for_peer)
 
     def close(self, wait_for_peer: float = 0):
         """Close the connection. After an A-ASSOCIATE-RJ, A-RELEASE-RP or A-ABORT the peer closes
@@ -3598,6 +3599,7 @@ class AssociationAcceptor:
         association = Association(sock, address, max_receive=settings["max_pdu"], max_send_limit=settings["max_pdu_send"],
                                   timeout=settings["timeout"], log=self.log)
         slot = False
+        ending = association.close  # how the connection ends once its slot is free
         try:
             try:
                 pdu_type, pdu = association.read_pdu(settings["handshake_timeout"])
@@ -3632,20 +3634,20 @@ class AssociationAcceptor:
                 self.serve(association)
             except PeerReleased:
                 association.send(A_RELEASE_RP().encode())
-                association.close(wait_for_peer=PEER_CLOSE_WAIT)
+                ending = functools.partial(association.close, wait_for_peer=PEER_CLOSE_WAIT)
         except ProtocolError as error:
             self.log.warning("aborted the association with %s: %s", association.peer, error)
-            association.abort(error.reason)
+            ending = functools.partial(association.abort, error.reason)
         except PeerTimedOut as error:
             self.log.warning("aborted the association with %s: %s", association.peer, error)
-            association.abort()
+            ending = association.abort
         except AssociationEnded as error:
             self.log.info("association with %s ended: %s", association.peer, error)
         finally:
-            if slot:
+            if slot:  # free before the wait for the peer to close: it may take seconds
                 with self._lock:
                     self.associations.discard(association)
-            association.close()
+            ending()
 
     @staticmethod
     def _protocol_rejection(request: AssociationRequest):
@@ -3688,7 +3690,7 @@ class AssociationAcceptor:
         with self._lock:
             associations = list(self.associations)
         for association in associations:
-            association.abort()
+            association.abort(wait_for_peer=0)  # from another thread than the association's: no reads here
 
 
 class AssociationRefused(Exception):
