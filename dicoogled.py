@@ -27,6 +27,7 @@ import functools
 import hashlib
 import hmac
 import http.cookies
+import importlib.metadata
 import importlib.util
 import io
 import json
@@ -68,11 +69,24 @@ from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_dataset
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
-from pynetdicom import AE, StoragePresentationContexts, _config as pynetdicom_config, build_context, evt, register_uid
+from pynetdicom import StoragePresentationContexts, _config as pynetdicom_config, build_context
+from pynetdicom.dimse_messages import (
+    C_CANCEL_RQ, C_ECHO_RQ, C_ECHO_RSP, C_FIND_RQ, C_FIND_RSP, C_GET_RQ, C_GET_RSP, C_MOVE_RQ, C_MOVE_RSP,
+    C_STORE_RQ, C_STORE_RSP, DIMSEMessage,
+)
+from pynetdicom.dimse_primitives import C_ECHO, C_FIND, C_GET, C_MOVE, C_STORE
+from pynetdicom.dsutils import decode as pynetdicom_decode, encode as pynetdicom_encode
+from pynetdicom.pdu import (
+    A_ABORT_RQ, A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ, A_RELEASE_RP, A_RELEASE_RQ,
+)
+from pynetdicom.pdu_primitives import (
+    A_ABORT, A_ASSOCIATE, A_P_ABORT, P_DATA, AsynchronousOperationsWindowNegotiation,
+    ImplementationClassUIDNotification, ImplementationVersionNameNotification, MaximumLengthNotification,
+    SCP_SCU_RoleSelectionNegotiation,
+)
+from pynetdicom.presentation import negotiate_as_acceptor, negotiate_as_requestor
 from pynetdicom.service_class import ServiceClass, StorageServiceClass
 from pynetdicom.sop_class import uid_to_service_class
-from pynetdicom.pdu_primitives import MaximumLengthNotification
-from pynetdicom.transport import ThreadedAssociationServer
 from watchdog.events import (
     DirDeletedEvent, DirMovedEvent, FileClosedEvent, FileCreatedEvent, FileDeletedEvent,
     FileModifiedEvent, FileMovedEvent, FileSystemEventHandler,
@@ -1255,9 +1269,9 @@ class IngestError(Exception):
         self.status = status
 
 
-class StoreStatus(int):
-    """The DICOM status of a received object, with the reason of a failure (the C-STORE
-    response's Error Comment, STOW-RS's failure reason); it compares as the plain status."""
+class DicomStatus(int):
+    """A DICOM status with the reason of a failure (a response's Error Comment, STOW-RS's
+    failure reason); it compares as the plain status."""
 
     def __new__(cls, status: int, reason: str = ""):
         self = super().__new__(cls, status)
@@ -1741,7 +1755,7 @@ class Ingest:
             if not lock.locked():
                 self._uid_locks.pop(uid, None)
 
-    def store_received(self, data: bytes, calling_aet: str = "", origin: str = "store") -> StoreStatus:
+    def store_received(self, data: bytes, calling_aet: str = "", origin: str = "store") -> DicomStatus:
         """Store and index a received Part 10 byte string; returns the DICOM status.
 
         The status is success only once the file is on disk (fsynced) and its index row is
@@ -1769,16 +1783,16 @@ class Ingest:
             if refusal:
                 self.stats.failed += 1
                 self.log.info("a store filter refused %s from %s with 0x%04X", uids[2], calling_aet or "?", refusal)
-                return StoreStatus(refusal, "refused by a store filter")
+                return DicomStatus(refusal, "refused by a store filter")
             with self._lock_uid(uids[2]):
                 if not self._accept_duplicate(uids[2], data, path, calling_aet):
-                    return StoreStatus(SUCCESS)
+                    return DicomStatus(SUCCESS)
                 shortage = self.space.room_for(len(data))
                 if shortage:
                     self.stats.failed += 1
                     self.stats.out_of_space += 1
                     self.log.error("refused %s from %s: out of resources, %s", uids[2], calling_aet or "?", shortage)
-                    return StoreStatus(OUT_OF_RESOURCES, "out of resources: " + shortage)
+                    return DicomStatus(OUT_OF_RESOURCES, "out of resources: " + shortage)
                 # An overwriting version may live elsewhere (its study or series changed): the
                 # file it replaces must go, or it stays on disk unindexed (check reports it).
                 replaced = self.index.instance_by_uid(uids[2]) if self.duplicates == "overwrite" else None
@@ -1799,14 +1813,14 @@ class Ingest:
                 if replaced and replaced[1] != location and self.storage.contains(pathlib.Path(replaced[1])):
                     pathlib.Path(replaced[1]).unlink(missing_ok=True)
             self.log.info("stored %s from %s", uids[2], calling_aet or "?")
-            return StoreStatus(SUCCESS)
+            return DicomStatus(SUCCESS)
         except IngestError as error:
             self.stats.failed += 1
             if error.status in (CANNOT_UNDERSTAND, DATA_SET_DOES_NOT_MATCH_SOP_CLASS):
                 self.stats.malformed += 1
             sop_uid = _meta_uids(data).get(0x0003) or "?"  # the command's (C-STORE), when the data set has none
             self.log.warning("refused %s from %s with 0x%04X: %s", sop_uid, calling_aet or "?", error.status, error)
-            return StoreStatus(error.status, str(error))
+            return DicomStatus(error.status, str(error))
         except (OSError, apsw.Error) as error:
             # The temp file, its fsync, the rename or the index commit failed: out of resources.
             self.stats.failed += 1
@@ -1814,7 +1828,7 @@ class Ingest:
                 self.stats.out_of_space += 1
                 self.space.ran_out("storing a received object", error)
             self.log.error("cannot store an object from %s: out of resources, %s", calling_aet or "?", error)
-            return StoreStatus(OUT_OF_RESOURCES, "cannot store: " + (getattr(error, "strerror", None) or str(error)))
+            return DicomStatus(OUT_OF_RESOURCES, "cannot store: " + (getattr(error, "strerror", None) or str(error)))
 
     def _accept_duplicate(self, sop_uid: str, data: bytes, path: pathlib.Path, calling_aet: str) -> bool:
         """Apply the duplicate policy; True when the new object should be written."""
@@ -3568,6 +3582,706 @@ def _orthanc_adapter(name: str, function):
 
 
 # ============================================================================================
+# DICOM association engine: PDUs in, DIMSE messages out, no polling
+# ============================================================================================
+#
+# pynetdicom encodes and decodes: PDUs (pynetdicom.pdu), DIMSE messages (dimse_messages,
+# dimse_primitives) and presentation contexts (presentation). This section moves them. One thread
+# per association blocks on its socket until a PDU is complete (with a deadline), hands each whole
+# DIMSE message to its handler and writes the response as soon as it is built: no reactor threads,
+# no queues, no sleeps. (pynetdicom's own Association and DUL reactors are two threads per
+# association that poll each other's queues with 1 ms sleeps: several wake-ups per message.)
+
+#: The pynetdicom releases this engine is written against, [lowest, first unsupported); setup.cfg
+#: pins the same range. It uses the PDU classes' decode/encode/to_primitive/from_primitive,
+#: DIMSEMessage.decode_msg/encode_msg/primitive_to_message/message_to_primitive and
+#: negotiate_as_acceptor/negotiate_as_requestor, unchanged from 3.0.1 to 3.0.4.
+PYNETDICOM_SUPPORTED = ((3, 0, 1), (3, 1))
+
+A_ASSOCIATE_RQ_PDU, A_ASSOCIATE_AC_PDU, A_ASSOCIATE_RJ_PDU, P_DATA_TF_PDU = 0x01, 0x02, 0x03, 0x04
+A_RELEASE_RQ_PDU, A_RELEASE_RP_PDU, A_ABORT_PDU = 0x05, 0x06, 0x07
+PDU_HEADER = struct.Struct(">BxI")  # PDU type, reserved, length of the rest (PS3.8 9.3.1)
+PDV_HEADER = struct.Struct(">BxIIB")  # a P-DATA-TF header with one PDV item: length, context ID
+#: Largest association-control PDU read (A-ASSOCIATE-RQ/AC/RJ, A-RELEASE, A-ABORT): 128 proposed
+#: contexts with every transfer syntax fit in a tenth of this.
+MAX_CONTROL_PDU = 1 << 20
+APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"  # the DICOM application context (PS3.7 A.2.1)
+#: Seconds we wait for the peer to close the connection after our A-ASSOCIATE-RJ, A-RELEASE-RP
+#: or A-ABORT, before closing it ourselves (no slot is held meanwhile): a busy peer that reads our
+#: end of file before the PDU may take it for an abort.
+PEER_CLOSE_WAIT = 5.0
+
+# A-ASSOCIATE-RJ (result, source, reason), PS3.8 9.3.4: result 1 is permanent, 2 transient;
+# source 1 the service user, 2 the ACSE provider, 3 the presentation provider.
+REJECT_NO_REASON = (0x01, 0x01, 0x01)
+REJECT_APPLICATION_CONTEXT = (0x01, 0x01, 0x02)
+REJECT_CALLING_AET = (0x01, 0x01, 0x03)
+REJECT_CALLED_AET = (0x01, 0x01, 0x07)
+REJECT_PROTOCOL_VERSION = (0x01, 0x02, 0x02)
+REJECT_LOCAL_LIMIT = (0x02, 0x03, 0x02)
+REJECT_REASONS = {
+    REJECT_NO_REASON: "no reason given", REJECT_APPLICATION_CONTEXT: "application context not supported",
+    REJECT_CALLING_AET: "calling AE title not recognized", REJECT_CALLED_AET: "called AE title not recognized",
+    REJECT_PROTOCOL_VERSION: "protocol version not supported", REJECT_LOCAL_LIMIT: "local limit exceeded",
+}
+# A-ABORT source and A-P-ABORT reasons (PS3.8 9.3.8)
+ABORT_SOURCE_USER, ABORT_SOURCE_PROVIDER = 0x00, 0x02
+ABORT_NO_REASON, ABORT_UNRECOGNIZED_PDU, ABORT_UNEXPECTED_PDU = 0x00, 0x01, 0x02
+ABORT_UNEXPECTED_PARAMETER, ABORT_INVALID_PARAMETER = 0x05, 0x06
+#: Transfer syntaxes a data set is re-encoded between when the peer accepts the other one.
+CONVERTIBLE_TRANSFER_SYNTAXES = ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2")
+#: C-STORE response statuses that count as a stored instance (success and the warnings).
+STORE_SUCCEEDED = frozenset({SUCCESS, 0xB000, 0xB006, 0xB007})
+
+
+def check_pynetdicom_version(version: str):
+    """Refuse to run on a pynetdicom this engine was not written against: its PDU and DIMSE
+    classes are used directly, so another release could misbehave on the wire, not just fail."""
+    numbers = tuple(int(part) for part in re.findall(r"\d+", version)[:3])
+    lowest, beyond = PYNETDICOM_SUPPORTED
+    if not lowest <= numbers < beyond:
+        raise RuntimeError(f"pynetdicom {version} is installed, but dicoogled's association engine supports"
+                           f" {'.'.join(map(str, lowest))} up to (not including) {'.'.join(map(str, beyond))}:"
+                           f" pip install 'pynetdicom>={'.'.join(map(str, lowest))},<{'.'.join(map(str, beyond))}'")
+
+
+class AssociationEnded(Exception):
+    """The association is over: aborted by the peer or by us, closed, timed out or broken."""
+
+
+class PeerTimedOut(AssociationEnded):
+    """The peer sent nothing, or read nothing, for longer than the association's timeout."""
+
+
+class PeerReleased(Exception):
+    """The peer asked to release the association (A-RELEASE-RQ)."""
+
+
+class ProtocolError(AssociationEnded):
+    """The peer broke the protocol; we answer with an A-P-ABORT carrying reason."""
+
+    def __init__(self, message: str, reason: int = ABORT_INVALID_PARAMETER):
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclasses.dataclass
+class AssociationRequest:
+    """An A-ASSOCIATE-RQ as the services judge it."""
+    calling_aet: str
+    called_aet: str
+    address: tuple
+    contexts: list  # the proposed pynetdicom PresentationContexts
+    roles: dict  # SOP class UID -> (SCU role, SCP role) the requestor proposed
+    max_pdu: int  # the largest P-DATA-TF the requestor receives (0: any)
+    implementation_class_uid: str = ""
+    implementation_version_name: str = ""
+
+
+@dataclasses.dataclass
+class DimseRequest:
+    """One C-STORE, C-FIND, C-MOVE or C-GET request, as a service handler sees it."""
+    association: "Association"
+    context_id: int
+    message_id: int
+    sop_class_uid: str
+    transfer_syntax: str  # of the presentation context it came on
+    data: bytes  # the data set (C-STORE) or identifier, encoded in transfer_syntax
+    sop_instance_uid: str = ""
+    move_destination: str = ""
+    priority: int = 0
+    cancelled: bool = False
+
+    @property
+    def calling_aet(self) -> str:
+        return self.association.calling_aet
+
+    @functools.cached_property
+    def identifier(self) -> Dataset:
+        """The query's identifier, decoded."""
+        syntax = pydicom.uid.UID(self.transfer_syntax)
+        return pynetdicom_decode(io.BytesIO(self.data), syntax.is_implicit_VR, syntax.is_little_endian, syntax.is_deflated)
+
+    def is_cancelled(self) -> bool:
+        """True once the peer has sent C-CANCEL for this request: a look at the socket, no wait."""
+        if not self.cancelled:
+            self.cancelled = self.association.cancel_requested(self.message_id)
+        return self.cancelled
+
+
+def _pdu_error_text(error: Exception) -> str:
+    return str(error) or type(error).__name__
+
+
+class Association:
+    """One DICOM association over one TCP connection, in either role, driven by the one thread
+    that owns it: PDUs are read whole (however the peer fragments them), messages reassembled from
+    their P-DATA fragments, and each message sent in PDUs no longer than the peer accepts."""
+
+    def __init__(self, sock: socket.socket, address: tuple, *, max_receive: int, max_send_limit: int,
+                 timeout: float, log: logging.Logger):
+        self.sock, self.address, self.log = sock, address, log
+        #: The largest P-DATA-TF we accept (our max PDU; 0: any size) and the largest we send.
+        self.max_receive, self.max_send = max_receive, max_send_limit
+        self._max_send_limit = max_send_limit
+        #: How long a read or a write may wait for the peer, in seconds.
+        self.timeout = timeout
+        self.calling_aet = self.called_aet = ""
+        self.peer_aet = ""  #: the other side's AE title: the calling one if we accepted, the called one if we asked
+        self.contexts = {}  #: accepted presentation contexts by ID
+        self.roles = {}  #: SOP class UID -> (SCU role, SCP role) the requestor proposed
+        self.peer_implementation = ""
+        self.is_established = False
+        self._buffer = bytearray()
+        self._held = collections.deque()  # messages read while looking for a C-CANCEL
+        self._message_id = 0
+        with contextlib.suppress(OSError):
+            # Without it every small DIMSE message waits for the peer's delayed ACK.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    @property
+    def peer(self) -> str:
+        return f"{self.peer_aet or '?'} at {self.address[0]}:{self.address[1]}"
+
+    def next_message_id(self) -> int:
+        self._message_id = self._message_id % 65535 + 1
+        return self._message_id
+
+    def set_peer_max_pdu(self, max_pdu: int):
+        limit = self._max_send_limit
+        self.max_send = min(max_pdu, limit) if max_pdu and limit else (max_pdu or limit)
+
+    # ---- PDUs ---------------------------------------------------------------------------------
+
+    def _fill(self, size: int, deadline: float | None):
+        """Read until the buffer holds size bytes, or raise AssociationEnded (TimeoutError past deadline)."""
+        buffer, sock = self._buffer, self.sock
+        while len(buffer) < size:
+            if deadline is not None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError
+                sock.settimeout(remaining)
+            else:
+                sock.settimeout(None)
+            try:
+                chunk = sock.recv(max(size - len(buffer), 65536))
+            except TimeoutError:
+                raise
+            except OSError as error:
+                raise AssociationEnded(f"connection lost: {error}") from None
+            if not chunk:
+                raise AssociationEnded("the peer closed the connection")
+            buffer += chunk
+
+    def read_pdu(self, timeout: float | None) -> tuple[int, bytes]:
+        """The next whole PDU (type, bytes with its header); TimeoutError if it is not complete
+        within timeout seconds: a peer that trickles bytes gets no more time than a silent one."""
+        deadline = time.monotonic() + timeout if timeout else None
+        self._fill(PDU_HEADER.size, deadline)
+        pdu_type, length = PDU_HEADER.unpack_from(self._buffer)
+        if not A_ASSOCIATE_RQ_PDU <= pdu_type <= A_ABORT_PDU:
+            raise ProtocolError(f"unknown PDU type 0x{pdu_type:02X}", ABORT_UNRECOGNIZED_PDU)
+        limit = (self.max_receive or 1 << 32) if pdu_type == P_DATA_TF_PDU else MAX_CONTROL_PDU
+        if length > limit:
+            raise ProtocolError(f"a PDU of {length} bytes, more than our maximum of {limit} (max_pdu)")
+        self._fill(PDU_HEADER.size + length, deadline)
+        pdu = bytes(self._buffer[:PDU_HEADER.size + length])
+        del self._buffer[:PDU_HEADER.size + length]
+        return pdu_type, pdu
+
+    def send(self, data: bytes):
+        """Write data, within timeout seconds in all: a peer that stops reading ends the association."""
+        self.sock.settimeout(self.timeout or None)
+        try:
+            self.sock.sendall(data)
+        except TimeoutError:
+            raise PeerTimedOut(f"{self.peer} read nothing for {self.timeout:g} s") from None
+        except OSError as error:
+            raise AssociationEnded(f"connection lost: {error}") from None
+
+    def send_pdu(self, pdu_class, primitive):
+        pdu = pdu_class()
+        pdu.from_primitive(primitive)
+        self.send(pdu.encode())
+
+    def abort(self, reason: int | None = None, wait_for_peer: float = PEER_CLOSE_WAIT):
+        """Send an A-ABORT (reason None: by us, the service user) or A-P-ABORT, and close."""
+        primitive = A_ABORT() if reason is None else A_P_ABORT()
+        if reason is None:
+            primitive.abort_source = ABORT_SOURCE_USER
+        else:
+            primitive.provider_reason = reason
+        with contextlib.suppress(AssociationEnded, OSError):
+            self.sock.settimeout(1)  # a courtesy: a peer that does not read gets no wait
+            pdu = A_ABORT_RQ()
+            pdu.from_primitive(primitive)
+            self.sock.sendall(pdu.encode())
+        self.close(wait_for_peer)
+
+    def close(self, wait_for_peer: float = 0):
+        """Close the connection. After an A-ASSOCIATE-RJ, A-RELEASE-RP or A-ABORT the peer closes
+        first (PS3.8 9.1.5, the ARTIM wait): closing with its bytes unread would reset the
+        connection, and a reset can destroy the PDU we just sent before the peer reads it."""
+        self.is_established = False
+        if self.sock.fileno() == -1:
+            return
+        if wait_for_peer:
+            # No half-close first: pynetdicom, seeing our end of file with the PDU, may report
+            # the connection as aborted instead of the PDU.
+            with contextlib.suppress(OSError):
+                deadline = time.monotonic() + wait_for_peer
+                while (remaining := deadline - time.monotonic()) > 0:
+                    self.sock.settimeout(remaining)
+                    if not self.sock.recv(65536):
+                        break
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()
+
+    # ---- DIMSE messages -----------------------------------------------------------------------
+
+    def _pdvs(self, pdu: bytes) -> list:
+        """[(context ID, control header + fragment)] of a P-DATA-TF PDU, checked."""
+        items, offset, end = [], PDU_HEADER.size, len(pdu)
+        while offset < end:
+            if offset + 6 > end:
+                raise ProtocolError("a truncated PDV item in a P-DATA-TF")
+            (length,) = struct.unpack_from(">I", pdu, offset)
+            context_id = pdu[offset + 4]
+            if length < 2 or offset + 4 + length > end:
+                raise ProtocolError("a PDV item longer than its P-DATA-TF")
+            if context_id not in self.contexts:
+                raise ProtocolError(f"a PDV on presentation context {context_id}, which was not accepted")
+            items.append((context_id, pdu[offset + 5:offset + 4 + length]))
+            offset += 4 + length
+        if not items:
+            raise ProtocolError("a P-DATA-TF without PDV items")
+        return items
+
+    def read_message(self, timeout: float | None = None):
+        """The next whole DIMSE message (a pynetdicom DIMSEMessage); PeerReleased on A-RELEASE-RQ,
+        AssociationEnded on A-ABORT, a closed connection, a timeout or a protocol error."""
+        if self._held:
+            held = self._held.popleft()
+            if isinstance(held, Exception):
+                raise held
+            return held
+        return self.receive_message(timeout)
+
+    def receive_message(self, timeout: float | None = None):
+        """The next DIMSE message from the peer, past any held ones."""
+        message = DIMSEMessage()
+        command_done = False
+        while True:
+            try:
+                pdu_type, pdu = self.read_pdu(self.timeout if timeout is None else timeout)
+            except TimeoutError:
+                raise PeerTimedOut(f"{self.peer} sent nothing for {self.timeout:g} s") from None
+            if pdu_type == P_DATA_TF_PDU:
+                primitive = P_DATA()
+                for context_id, pdv in self._pdvs(pdu):
+                    if not pdv[0] & 1 and not command_done:
+                        raise ProtocolError("a data set fragment before its command set", ABORT_UNEXPECTED_PARAMETER)
+                    primitive.presentation_data_value_list.append((context_id, pdv))
+                    command_done = command_done or pdv[0] & 3 == 3
+                try:
+                    if message.decode_msg(primitive):
+                        return message
+                except ProtocolError:
+                    raise
+                except Exception as error:
+                    raise ProtocolError(f"an undecodable DIMSE message: {_pdu_error_text(error)}") from None
+            elif pdu_type == A_RELEASE_RQ_PDU:
+                raise PeerReleased
+            elif pdu_type == A_ABORT_PDU:
+                source, reason = (pdu[8], pdu[9]) if len(pdu) >= 10 else (0, 0)
+                raise AssociationEnded(f"{self.peer} aborted the association (source {source}, reason {reason})")
+            else:
+                raise ProtocolError(f"an unexpected PDU (type 0x{pdu_type:02X}) during the association", ABORT_UNEXPECTED_PDU)
+
+    def send_message(self, message_class, primitive, context_id: int):
+        """Encode a DIMSE primitive as message_class and send it at once, in PDUs no longer than
+        the peer accepts (all PDUs of a message in one write)."""
+        message = message_class()
+        message.primitive_to_message(primitive)
+        pdus = []
+        for pdata in message.encode_msg(context_id, self.max_send):
+            for pdv_context, pdv in pdata.presentation_data_value_list:
+                pdus.append(PDV_HEADER.pack(P_DATA_TF_PDU, len(pdv) + 5, len(pdv) + 1, pdv_context))
+                pdus.append(pdv)
+        self.send(b"".join(pdus))
+
+    def cancel_requested(self, message_id: int) -> bool:
+        """True if the peer has sent a C-CANCEL for message_id (or ended the association). Looks
+        at the socket without waiting; other messages read meanwhile are kept for read_message."""
+        for held in list(self._held):
+            if isinstance(held, Exception):
+                return True  # the operation cannot go on: stop it as if cancelled
+            if isinstance(held, C_CANCEL_RQ) and held.command_set.MessageIDBeingRespondedTo == message_id:
+                self._held.remove(held)
+                return True
+        while self._buffer or select.select([self.sock], [], [], 0)[0]:
+            try:
+                message = self.receive_message()
+            except (PeerReleased, AssociationEnded) as error:
+                self._held.append(error)
+                return True
+            if isinstance(message, C_CANCEL_RQ) and message.command_set.MessageIDBeingRespondedTo == message_id:
+                return True
+            if not isinstance(message, C_CANCEL_RQ):  # a cancel of something else finished: nothing to do
+                self._held.append(message)
+                return False
+        return False
+
+    def hold(self, message):
+        """Keep a message read out of turn for the next read_message."""
+        self._held.append(message)
+
+    # ---- release --------------------------------------------------------------------------------
+
+    def release(self):
+        """Release the association we requested: A-RELEASE-RQ, wait for the RP, close."""
+        try:
+            if self.is_established:
+                self.send(A_RELEASE_RQ().encode())
+                deadline_timeout = self.timeout
+                while True:
+                    pdu_type, _ = self.read_pdu(deadline_timeout)
+                    if pdu_type in (A_RELEASE_RP_PDU, A_ABORT_PDU):
+                        break
+                    if pdu_type == A_RELEASE_RQ_PDU:  # release collision (PS3.8 9.2.4): the requestor answers
+                        self.send(A_RELEASE_RP().encode())
+        except (AssociationEnded, TimeoutError) as error:
+            self.log.debug("release of the association with %s: %s", self.peer, error)
+        finally:
+            self.close()
+
+
+def _as_uid_text(value) -> str:
+    return str(value or "").strip()
+
+
+def _decode_association_request(pdu: bytes, address: tuple) -> AssociationRequest:
+    rq = A_ASSOCIATE_RQ()
+    rq.decode(pdu)
+    primitive = rq.to_primitive()
+    request = AssociationRequest(
+        calling_aet=_as_uid_text(primitive.calling_ae_title), called_aet=_as_uid_text(primitive.called_ae_title),
+        address=address, contexts=primitive.presentation_context_definition_list, roles={}, max_pdu=0)
+    request.application_context = _as_uid_text(primitive.application_context_name)
+    request.protocol_version = rq.protocol_version
+    # Read from the items: the primitive's own getters raise when an item is missing.
+    for item in primitive.user_information:
+        if isinstance(item, SCP_SCU_RoleSelectionNegotiation):
+            request.roles[str(item.sop_class_uid)] = (item.scu_role, item.scp_role)
+        elif isinstance(item, MaximumLengthNotification):
+            request.max_pdu = item.maximum_length_received or 0
+        elif isinstance(item, ImplementationClassUIDNotification):
+            request.implementation_class_uid = _as_uid_text(item.implementation_class_uid)
+        elif isinstance(item, ImplementationVersionNameNotification):
+            request.implementation_version_name = _as_uid_text(item.implementation_version_name)
+        elif isinstance(item, AsynchronousOperationsWindowNegotiation):
+            request.asynchronous_operations = True
+    request.primitive = primitive
+    return request
+
+
+def _user_information(max_pdu: int) -> list:
+    """The user information items every A-ASSOCIATE-RQ/AC of ours carries (PS3.7 D.3.3)."""
+    maximum = MaximumLengthNotification()
+    maximum.maximum_length_received = max_pdu
+    implementation = ImplementationClassUIDNotification()
+    implementation.implementation_class_uid = IMPLEMENTATION_CLASS_UID
+    version = ImplementationVersionNameNotification()
+    version.implementation_version_name = IMPLEMENTATION_VERSION_NAME
+    return [maximum, implementation, version]
+
+
+class AssociationAcceptor:
+    """The DICOM listener: one socket, one thread waiting on it (and on a wake-up pipe to close
+    it), one thread per connection. A connection only takes an association slot once it has sent a
+    valid A-ASSOCIATE-RQ; it has handshake_timeout seconds to do so, and any closed socket frees
+    everything at once.
+
+    judge(request) -> a rejection (result, source, reason) or None; contexts(request) -> the
+    supported contexts to negotiate; serve(association) runs the association to its end.
+    settings() -> the live limits: max_associations, max_pdu, max_pdu_send, handshake_timeout,
+    timeout (network), aet."""
+
+    def __init__(self, host: str, port: int, *, settings, judge, contexts, serve, log: logging.Logger):
+        self.settings, self.judge, self.contexts, self.serve, self.log = settings, judge, contexts, serve, log
+        self._listener = socket.create_server((host, port), backlog=128)  # a burst of connections (a port scan) must not make peers wait for a SYN retry
+        self.address = self._listener.getsockname()[:2]
+        self._wake_read, self._wake_write = socket.socketpair()
+        self._lock = threading.Lock()
+        self._closed = False
+        #: Established associations (and those being negotiated after a valid request).
+        self.associations = set()
+        self._thread = start_thread(f"dicom-listener-{self.address[1]}", self._accept_loop)
+
+    def _accept_loop(self):
+        while True:
+            readable, _, _ = select.select([self._listener, self._wake_read], [], [])
+            if self._wake_read in readable:
+                break
+            try:
+                sock, address = self._listener.accept()
+            except OSError as error:
+                if self._closed:
+                    break
+                self.log.warning("cannot accept a DICOM connection: %s", error)
+                continue
+            start_thread(f"dicom-{address[0]}:{address[1]}", self._run, sock, address[:2])
+        self._listener.close()
+
+    def shutdown(self):
+        """Stop listening (associations under way go on)."""
+        self._closed = True
+        with contextlib.suppress(OSError):
+            self._wake_write.send(b"x")
+        self._thread.join(10)
+        self._wake_read.close()
+        self._wake_write.close()
+
+    def _run(self, sock: socket.socket, address: tuple):
+        settings = self.settings()
+        association = Association(sock, address, max_receive=settings["max_pdu"], max_send_limit=settings["max_pdu_send"],
+                                  timeout=settings["timeout"], log=self.log)
+        slot = False
+        ending = association.close  # how the connection ends once its slot is free
+        try:
+            try:
+                pdu_type, pdu = association.read_pdu(settings["handshake_timeout"])
+            except TimeoutError:
+                self.log.info("closed a connection from %s:%d: no A-ASSOCIATE-RQ within %g s",
+                              *address, settings["handshake_timeout"])
+                return
+            if pdu_type != A_ASSOCIATE_RQ_PDU:
+                raise ProtocolError(f"a PDU of type 0x{pdu_type:02X} before A-ASSOCIATE-RQ", ABORT_UNEXPECTED_PDU)
+            try:
+                request = _decode_association_request(pdu, address)
+            except Exception as error:
+                raise ProtocolError(f"an undecodable A-ASSOCIATE-RQ: {_pdu_error_text(error)}") from None
+            association.calling_aet, association.called_aet = request.calling_aet, request.called_aet
+            association.peer_aet = request.calling_aet
+            rejection = self._protocol_rejection(request) or self.judge(request)
+            if not rejection:
+                with self._lock:
+                    if len(self.associations) >= settings["max_associations"]:
+                        rejection = REJECT_LOCAL_LIMIT
+                    else:
+                        self.associations.add(association)
+                        slot = True
+                if rejection:
+                    self.log.warning("refused an association from %s at %s:%d: %s: max_associations = %d",
+                                     request.calling_aet, *address, REJECT_REASONS[rejection], settings["max_associations"])
+            if rejection:
+                self._reject(association, request, rejection)
+                return
+            self._accept(association, request, settings)
+            try:
+                self.serve(association)
+            except PeerReleased:
+                association.send(A_RELEASE_RP().encode())
+                ending = functools.partial(association.close, wait_for_peer=PEER_CLOSE_WAIT)
+        except ProtocolError as error:
+            self.log.warning("aborted the association with %s: %s", association.peer, error)
+            ending = functools.partial(association.abort, error.reason)
+        except PeerTimedOut as error:
+            self.log.warning("aborted the association with %s: %s", association.peer, error)
+            ending = association.abort
+        except AssociationEnded as error:
+            self.log.info("association with %s ended: %s", association.peer, error)
+        finally:
+            if slot:  # free before the wait for the peer to close: it may take seconds
+                with self._lock:
+                    self.associations.discard(association)
+            ending()
+
+    @staticmethod
+    def _protocol_rejection(request: AssociationRequest):
+        if not request.protocol_version & 1:
+            return REJECT_PROTOCOL_VERSION
+        if request.application_context != APPLICATION_CONTEXT:
+            return REJECT_APPLICATION_CONTEXT
+        return None
+
+    def _reject(self, association: Association, request: AssociationRequest, rejection: tuple):
+        primitive = A_ASSOCIATE()
+        primitive.result, primitive.result_source, primitive.diagnostic = rejection
+        with contextlib.suppress(AssociationEnded):
+            association.send_pdu(A_ASSOCIATE_RJ, primitive)
+        association.close(wait_for_peer=PEER_CLOSE_WAIT)
+
+    def _accept(self, association: Association, request: AssociationRequest, settings: dict):
+        contexts, role_items = negotiate_as_acceptor(request.contexts, self.contexts(request), request.roles)
+        association.contexts = {context.context_id: context for context in contexts if context.result == 0x00}
+        association.roles = request.roles
+        association.peer_implementation = request.implementation_version_name or request.implementation_class_uid
+        association.set_peer_max_pdu(request.max_pdu)
+        primitive = A_ASSOCIATE()
+        primitive.application_context_name = APPLICATION_CONTEXT
+        primitive.calling_ae_title = request.primitive.calling_ae_title
+        primitive.called_ae_title = request.primitive.called_ae_title
+        primitive.result, primitive.result_source = 0x00, 0x01
+        primitive.presentation_context_definition_results_list = contexts
+        user_information = _user_information(settings["max_pdu"]) + list(role_items)
+        if getattr(request, "asynchronous_operations", False):
+            window = AsynchronousOperationsWindowNegotiation()  # one operation at a time, each way
+            window.maximum_number_operations_invoked = window.maximum_number_operations_performed = 1
+            user_information.append(window)
+        primitive.user_information = user_information
+        association.send_pdu(A_ASSOCIATE_AC, primitive)
+        association.is_established = True
+
+    def abort_all(self):
+        """A-ABORT every association under way (at shutdown, after their grace)."""
+        with self._lock:
+            associations = list(self.associations)
+        for association in associations:
+            association.abort(wait_for_peer=0)  # from another thread than the association's: no reads here
+
+
+class AssociationRefused(Exception):
+    """The peer would not associate: rejected (the reason says how) or did not answer."""
+
+    def __init__(self, message: str, rejected: bool = False):
+        super().__init__(message)
+        self.rejected = rejected
+
+
+def request_association(host: str, port: int, *, calling_aet: str, called_aet: str, contexts: list,
+                        max_pdu: int, max_pdu_send: int, connect_timeout: float, acse_timeout: float,
+                        timeout: float, log: logging.Logger, roles=()) -> Association:
+    """Open an association with host:port proposing contexts (pynetdicom PresentationContexts,
+    IDs assigned here); AssociationRefused if it cannot be had: no connection within
+    connect_timeout, no answer to the request within acse_timeout. timeout: the network timeout
+    of the association once it is up."""
+    try:
+        sock = socket.create_connection((host, port), timeout=connect_timeout or None)
+    except OSError as error:
+        raise AssociationRefused(f"cannot connect to {host}:{port}: {error.strerror or error}") from None
+    association = Association(sock, (host, port), max_receive=max_pdu, max_send_limit=max_pdu_send,
+                              timeout=timeout, log=log)
+    association.calling_aet, association.called_aet = calling_aet, called_aet
+    association.peer_aet = called_aet
+    proposed = []
+    for number, context in enumerate(contexts[:128]):
+        context.context_id = 2 * number + 1
+        proposed.append(context)
+    primitive = A_ASSOCIATE()
+    primitive.application_context_name = APPLICATION_CONTEXT
+    primitive.calling_ae_title, primitive.called_ae_title = calling_aet, called_aet
+    primitive.presentation_context_definition_list = proposed
+    user_information = _user_information(max_pdu)
+    for sop_class, scu_role, scp_role in roles:
+        role = SCP_SCU_RoleSelectionNegotiation()
+        role.sop_class_uid, role.scu_role, role.scp_role = sop_class, scu_role, scp_role
+        user_information.append(role)
+    primitive.user_information = user_information
+    try:
+        association.send_pdu(A_ASSOCIATE_RQ, primitive)
+        try:
+            pdu_type, pdu = association.read_pdu(acse_timeout)
+        except TimeoutError:
+            raise AssociationRefused(f"{called_aet} at {host}:{port} did not answer the A-ASSOCIATE-RQ") from None
+        if pdu_type == A_ASSOCIATE_RJ_PDU:
+            reply = A_ASSOCIATE_RJ()
+            reply.decode(pdu)
+            rejection = (reply.result, reply.source, reply.reason_diagnostic)
+            raise AssociationRefused(f"{called_aet} at {host}:{port} rejected the association:"
+                                     f" {REJECT_REASONS.get(rejection, rejection)}", rejected=True)
+        if pdu_type != A_ASSOCIATE_AC_PDU:
+            raise ProtocolError(f"a PDU of type 0x{pdu_type:02X} instead of A-ASSOCIATE-AC", ABORT_UNEXPECTED_PDU)
+        reply = A_ASSOCIATE_AC()
+        reply.decode(pdu)
+        accepted = reply.to_primitive()
+        peer_roles = {str(item.sop_class_uid): (item.scu_role, item.scp_role) for item in accepted.user_information
+                      if isinstance(item, SCP_SCU_RoleSelectionNegotiation)}
+        negotiated = negotiate_as_requestor(proposed, accepted.presentation_context_definition_results_list, peer_roles)
+        association.contexts = {context.context_id: context for context in negotiated if context.result == 0x00}
+        association.set_peer_max_pdu(next((item.maximum_length_received or 0 for item in accepted.user_information
+                                           if isinstance(item, MaximumLengthNotification)), 0))
+        association.is_established = True
+        return association
+    except AssociationRefused:
+        association.close()
+        raise
+    except ProtocolError as error:
+        association.abort(error.reason)
+        raise AssociationRefused(f"{called_aet} at {host}:{port}: {error}") from None
+    except AssociationEnded as error:
+        association.close()
+        raise AssociationRefused(f"{called_aet} at {host}:{port}: {error}") from None
+    except Exception as error:  # an undecodable answer
+        association.abort(ABORT_INVALID_PARAMETER)
+        raise AssociationRefused(f"{called_aet} at {host}:{port} sent an undecodable answer: {_pdu_error_text(error)}") from None
+
+
+def _sending_context(association: Association, sop_class: str, transfer_syntax: str, as_acceptor: bool):
+    """The accepted context to send an instance of sop_class stored in transfer_syntax on: one of
+    its own transfer syntax, else (for an uncompressed little endian object) one the data set can be
+    re-encoded to. (context, re-encode?) or (None, False)."""
+    convertible = None
+    for context in association.contexts.values():
+        if context.abstract_syntax != sop_class or (as_acceptor and not context.as_scu):
+            continue
+        accepted = context.transfer_syntax[0]
+        if accepted == transfer_syntax:
+            return context, False
+        if (convertible is None and transfer_syntax in CONVERTIBLE_TRANSFER_SYNTAXES
+                and accepted in CONVERTIBLE_TRANSFER_SYNTAXES):
+            convertible = context
+    return convertible, convertible is not None
+
+
+def send_c_store(association: Association, sop_class: str, sop_instance: str, transfer_syntax: str, data_set: bytes,
+                 *, as_acceptor=False, move_originator: tuple = ()) -> int:
+    """C-STORE one data set (encoded in transfer_syntax) and wait for the response: its status.
+    Raises ValueError when no accepted context can carry it, AssociationEnded when the association fails."""
+    context, reencode = _sending_context(association, sop_class, transfer_syntax, as_acceptor)
+    if context is None:
+        raise ValueError(f"no accepted presentation context for {sop_class} in {transfer_syntax}")
+    if reencode:
+        accepted = pydicom.uid.UID(context.transfer_syntax[0])
+        source = pydicom.uid.UID(transfer_syntax)
+        dataset = pynetdicom_decode(io.BytesIO(data_set), source.is_implicit_VR, source.is_little_endian, source.is_deflated)
+        data_set = pynetdicom_encode(dataset, accepted.is_implicit_VR, accepted.is_little_endian, accepted.is_deflated)
+    request = C_STORE()
+    request.MessageID = message_id = association.next_message_id()
+    request.AffectedSOPClassUID, request.AffectedSOPInstanceUID = sop_class, sop_instance
+    request.Priority = 0x0000
+    if move_originator:
+        request.MoveOriginatorApplicationEntityTitle, request.MoveOriginatorMessageID = move_originator
+    request.DataSet = io.BytesIO(data_set)
+    association.send_message(C_STORE_RQ, request, context.context_id)
+    while True:
+        message = association.receive_message()  # a held C-CANCEL is not the response
+        if isinstance(message, C_STORE_RSP) and message.command_set.MessageIDBeingRespondedTo == message_id:
+            return int(message.command_set.Status)
+        if isinstance(message, C_CANCEL_RQ):  # a C-GET's cancel, arriving during its sub-operation
+            association.hold(message)
+            continue
+        raise ProtocolError(f"{association.peer} answered a C-STORE with {type(message).__name__}", ABORT_UNEXPECTED_PARAMETER)
+
+
+def send_c_echo(association: Association) -> int:
+    """C-ECHO on an association proposing Verification: the status answered."""
+    context = next((c for c in association.contexts.values() if c.abstract_syntax == Verification), None)
+    if context is None:
+        raise ValueError("the peer did not accept the Verification SOP class")
+    request = C_ECHO()
+    request.MessageID = message_id = association.next_message_id()
+    request.AffectedSOPClassUID = Verification
+    association.send_message(C_ECHO_RQ, request, context.context_id)
+    message = association.read_message()
+    if not isinstance(message, C_ECHO_RSP) or message.command_set.MessageIDBeingRespondedTo != message_id:
+        raise ProtocolError(f"{association.peer} answered a C-ECHO with {type(message).__name__}", ABORT_UNEXPECTED_PARAMETER)
+    return int(message.command_set.Status)
+
+
+# ============================================================================================
 # DICOM services: C-ECHO, C-STORE, C-FIND, C-MOVE, C-GET
 # ============================================================================================
 
@@ -3576,6 +4290,13 @@ QUERY_RETRIEVE_SOP_CLASSES = (
     PatientRootQueryRetrieveInformationModelMove, StudyRootQueryRetrieveInformationModelMove,
     PatientRootQueryRetrieveInformationModelGet, StudyRootQueryRetrieveInformationModelGet,
 )
+FIND_SOP_CLASSES = frozenset(map(str, (PatientRootQueryRetrieveInformationModelFind, StudyRootQueryRetrieveInformationModelFind)))
+MOVE_SOP_CLASSES = frozenset(map(str, (PatientRootQueryRetrieveInformationModelMove, StudyRootQueryRetrieveInformationModelMove)))
+GET_SOP_CLASSES = frozenset(map(str, (PatientRootQueryRetrieveInformationModelGet, StudyRootQueryRetrieveInformationModelGet)))
+SOP_CLASS_NOT_SUPPORTED = 0x0122
+SUBOPERATIONS_ALL_FAILED = 0xA702  # C-MOVE/C-GET: out of resources, unable to perform sub-operations
+STORE_WARNINGS = frozenset({0xB000, 0xB006, 0xB007})
+MAX_SUBOPERATIONS = 65535  # the counts are US values
 
 
 #: The service each query/retrieve SOP class belongs to, as [modalities] allow= names it.
@@ -3586,195 +4307,67 @@ QUERY_RETRIEVE_SERVICES = {
         ("get", (PatientRootQueryRetrieveInformationModelGet, StudyRootQueryRetrieveInformationModelGet)),
     ) for sop_class in classes
 }
-#: A-ASSOCIATE-RJ (source, reason/diag.) in words, as PS3.8 9.3.4 names them.
-ASSOCIATION_REJECT_REASONS = {
-    (1, 1): "no reason given", (1, 2): "application context name not supported",
-    (1, 3): "calling AE title not recognized", (1, 7): "called AE title not recognized",
-    (2, 1): "no reason given", (2, 2): "protocol version not supported",
-    (3, 1): "temporary congestion", (3, 2): "local limit exceeded",
-}
-A_ASSOCIATE_RQ = 0x01  # PDU type (PS3.8 9.3.2)
-POLL_PEER_CLOSED = select.POLLHUP | select.POLLERR | getattr(select, "POLLRDHUP", 0)
-#: How much of an A-ASSOCIATE-RQ the association gate waits for. Requests are a few KiB (64 KiB
-#: is 128 presentation contexts of long UIDs); the gate peeks at what the kernel holds, so a
-#: longer one is let through once this much of it has come.
-ASSOCIATE_RQ_PEEK_LIMIT = 65536
 
 
-def _set_tcp_nodelay(event):
-    """Disable Nagle's algorithm: without it every small DIMSE message waits for an ACK."""
-    with contextlib.suppress(OSError, AttributeError):
-        event.assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
-def _failure_status(status: int, reason: str) -> Dataset:
-    """A failure status with its reason as the Error Comment (LO: 64 characters, no backslash)."""
-    response = Dataset()
-    response.Status = status
-    response.ErrorComment = reason.encode("ascii", "replace").decode().replace("\\", "/")[:64]
-    return response
-
-
-def _await_association_request(sock: socket.socket, timeout: float) -> str | None:
-    """Wait, reading nothing, until sock holds a whole A-ASSOCIATE-RQ PDU: None once it does,
-    else why it never will (closed, silent for timeout seconds, or not DICOM)."""
-    deadline = time.monotonic() + timeout
-    poller = select.poll()
-    poller.register(sock, select.POLLIN | POLL_PEER_CLOSED)
-    wanted = 6  # the PDU header: type, reserved, length
-    try:
-        while True:
-            # With SO_RCVLOWAT, poll wakes once wanted bytes are there (or the peer closed),
-            # not at each segment that brings some.
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, wanted)
-            remaining = deadline - time.monotonic()
-            events = poller.poll(remaining * 1000) if remaining > 0 else []
-            if not events:
-                return f"no A-ASSOCIATE-RQ within {timeout:g} s"
-            received = sock.recv(wanted, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-            if not received:
-                return "closed before sending an A-ASSOCIATE-RQ"
-            if received[0] != A_ASSOCIATE_RQ:
-                return f"sent a PDU of type 0x{received[0]:02X}, not an A-ASSOCIATE-RQ: not DICOM?"
-            if len(received) < wanted:
-                if events[0][1] & POLL_PEER_CLOSED:
-                    return "closed before its A-ASSOCIATE-RQ was whole"
-                break  # the kernel holds no more than this (a full buffer): pynetdicom reads the rest
-            if wanted > 6:
-                break  # the whole PDU
-            wanted = min(6 + struct.unpack(">L", received[2:6])[0], ASSOCIATE_RQ_PEEK_LIMIT)
-            if wanted == 6:
-                break  # an empty PDU: pynetdicom refuses it
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)  # for pynetdicom, which reads as usual
-        return None
-    except OSError as error:
-        return f"connection failed: {error}"
-
-
-class _GatedAssociationServer(ThreadedAssociationServer):
-    """pynetdicom's server, with a gate in each connection's thread: the connection becomes an
-    Association (which counts against max_associations) only once its whole A-ASSOCIATE-RQ has
-    come. One that closes first is dropped at once, a silent one after association_request_timeout,
-    so port scans and TCP health checks hold no association slot (nor a thread for long)."""
-
-    # socketserver's listen backlog is 5: a burst of connections (a port scan) beyond it has
-    # everyone's connect wait for a SYN retry, a second or more.
-    request_queue_size = 128
-
-    def __init__(self, *args, **kwargs):
-        # Before binding: a bind that fails (a port in use) calls server_close().
-        self._waiting, self._waiting_lock, self._closing = set(), threading.Lock(), False
-        self._log = logging.getLogger("dicoogled.dicom")
-        super().__init__(*args, **kwargs)
-
-    def process_request_thread(self, request, client_address):
-        with self._waiting_lock:
-            closing = self._closing
-            self._waiting.add(request)
-        try:
-            refusal = "the listener is closing" if closing else \
-                _await_association_request(request, self.ae.association_request_timeout)
-        finally:
-            with self._waiting_lock:
-                self._waiting.discard(request)
-        if refusal is None:
-            super().process_request_thread(request, client_address)
-            return
-        # A health check's connect-and-close is routine; anything else is worth a line.
-        level = logging.DEBUG if refusal.startswith("closed") else logging.INFO
-        self._log.log(level, "dropped a connection from %s:%d: %s", *client_address[:2], refusal)
-        self.shutdown_request(request)
-
-    def server_close(self):
-        # Wake the gates still waiting, so that closing the listener does not wait out their timeout.
-        with self._waiting_lock:
-            self._closing = True
-            for request in self._waiting:
-                with contextlib.suppress(OSError):
-                    request.shutdown(socket.SHUT_RDWR)
-        super().server_close()
-
-
-class _ListeningAE(AE):
-    """pynetdicom's AE, listening through _GatedAssociationServer."""
-
-    #: Seconds a new connection has to send its whole A-ASSOCIATE-RQ.
-    association_request_timeout: float = 5
-
-    def make_server(self, address, *args, server_class=None, **kwargs):
-        # start_server(block=False) asks for pynetdicom's threaded server: the gated one it is.
-        if server_class is ThreadedAssociationServer:
-            server_class = _GatedAssociationServer
-        return super().make_server(address, *args, server_class=server_class, **kwargs)
+@dataclasses.dataclass
+class StoredInstance:
+    """An indexed instance to send: its UIDs, its transfer syntax and where it lives."""
+    sop_instance_uid: str
+    sop_class_uid: str
+    transfer_syntax: str
+    path: str
 
 
 class DicomServices:
-    """The DICOM listener (pynetdicom): verification, storage and query/retrieve."""
+    """The DICOM listener (the association engine above): verification, storage and query/retrieve;
+    and the associations dicoogled opens (C-MOVE destinations, sending, the echo test)."""
 
     def __init__(self, config: Config, ingest: Ingest, finder: Finder):
+        check_pynetdicom_version(importlib.metadata.version("pynetdicom"))
         self.config, self.ingest, self.finder = config, ingest, finder
         self.log = logging.getLogger("dicoogled.dicom")
         #: callable(calling_aet, identifier) -> identifier, or an int status to refuse
         self.find_filter = None
-        self.server = None
+        self.acceptor = None
         self.port = None
         self._in_flight = 0
         self._in_flight_done = threading.Condition()
         self._listener_lock = threading.Lock()  # held while the listener opens, moves or closes
-        self.ae = _ListeningAE(ae_title=config.aet)
-        self.apply_limits()
-        self.ae.require_called_aet = config.strict_called_aet
-        self.ae.add_supported_context(Verification, UNCOMPRESSED_TRANSFER_SYNTAXES)
-        #: The non-storage services offered; storage contexts are added per association (_on_requested).
-        self._service_classes = {str(Verification), *map(str, QUERY_RETRIEVE_SOP_CLASSES)}
-        for sop_class in QUERY_RETRIEVE_SOP_CLASSES:
-            self.ae.add_supported_context(sop_class, UNCOMPRESSED_TRANSFER_SYNTAXES)
-
-    def apply_limits(self):
-        """Give the associations from now on the config's limits and timeouts."""
-        ae, config = self.ae, self.config
-        ae.maximum_associations = config.max_associations
-        ae.maximum_pdu_size = config.max_pdu
-        ae.acse_timeout = config.acse_timeout
-        ae.dimse_timeout = config.dimse_timeout
-        ae.network_timeout = config.network_timeout
-        ae.connection_timeout = config.connection_timeout
-        ae.association_request_timeout = config.association_request_timeout
+        #: The non-storage services offered; storage contexts are added per association.
+        self._service_contexts = [build_context(uid, list(UNCOMPRESSED_TRANSFER_SYNTAXES))
+                                  for uid in (Verification, *QUERY_RETRIEVE_SOP_CLASSES)]
+        self._service_classes = {str(context.abstract_syntax) for context in self._service_contexts}
 
     def set_ae_title(self, aet: str):
         """Answer to aet from the next association on (and call others by it)."""
         with self._listener_lock:
-            self.config.aet = self.ae.ae_title = aet
-            if self.server:
-                self.server.ae_title = aet  # what pynetdicom checks strict called AE titles against
+            self.config.aet = aet
 
     @property
     def running(self) -> bool:
-        return self.server is not None
+        return self.acceptor is not None
 
-    def _listen(self, host: str, port: int):
-        handlers = [
-            (evt.EVT_CONN_OPEN, _set_tcp_nodelay),
-            (evt.EVT_REQUESTED, self._on_requested),
-            (evt.EVT_REJECTED, self._on_rejected),
-            (evt.EVT_ACCEPTED, self._limit_sent_pdus),
-            (evt.EVT_C_STORE, self._on_store),
-            (evt.EVT_C_FIND, self._on_find),
-            (evt.EVT_C_MOVE, self._on_move),
-            (evt.EVT_C_GET, self._on_get),
-        ]
+    def _settings(self) -> dict:
+        """The limits for the next association: read live, so a change applies from the next one."""
+        config = self.config
+        return {"max_associations": config.max_associations, "max_pdu": config.max_pdu,
+                "max_pdu_send": config.max_pdu_send, "handshake_timeout": config.association_request_timeout,
+                "timeout": config.network_timeout}
+
+    def _listen(self, host: str, port: int) -> AssociationAcceptor:
         try:
-            return self.ae.start_server((host, port), block=False, evt_handlers=handlers)
+            return AssociationAcceptor(host, port, settings=self._settings, judge=self._judge,
+                                       contexts=self._supported_contexts, serve=self._serve, log=self.log)
         except OSError as error:
             raise OSError(error.errno, f"cannot listen for DICOM on {host}:{port}: {error.strerror}") from None
 
     def start(self) -> bool:
         """Open the listener on the configured host and port; False if it was open already."""
         with self._listener_lock:
-            if self.server:
+            if self.acceptor:
                 return False
-            self.server = self._listen(self.config.dicom_host, self.config.dicom_port)
-            self.port = self.server.server_address[1]
+            self.acceptor = self._listen(self.config.dicom_host, self.config.dicom_port)
+            self.port = self.acceptor.address[1]
         self.log.info("DICOM listening on %s:%d as %s", self.config.dicom_host, self.port, self.config.aet)
         return True
 
@@ -3782,30 +4375,29 @@ class DicomServices:
         """Listen on host:port instead, if the listener is open. Associations under way go on;
         if host:port cannot be had (a port in use), the old listener reopens and OSError says why."""
         with self._listener_lock:
-            if not self.server:
+            if not self.acceptor:
                 return
-            old_address = self.server.server_address[:2]
-            self.server.shutdown()
+            old_address = self.acceptor.address
+            self.acceptor.shutdown()
             try:
-                self.server = self._listen(host, port)
+                self.acceptor = self._listen(host, port)
             except OSError:
-                self.server = self._listen(*old_address)
+                self.acceptor = self._listen(*old_address)
                 raise
-            self.port = self.server.server_address[1]
+            self.port = self.acceptor.address[1]
         self.log.info("DICOM listening on %s:%d as %s", host, self.port, self.config.aet)
 
     def stop(self, grace: float = 10):
         """Close the listener: let stores under way finish (up to grace seconds), then abort the rest.
         start() opens it again."""
         with self._listener_lock:
-            server, self.server, self.port = self.server, None, None
-        if not server:
+            acceptor, self.acceptor, self.port = self.acceptor, None, None
+        if not acceptor:
             return
-        server.shutdown()
+        acceptor.shutdown()
         with self._in_flight_done:
             self._in_flight_done.wait_for(lambda: self._in_flight == 0, timeout=grace)
-        for association in list(server.active_associations):
-            association.abort()
+        acceptor.abort_all()
         self.log.info("DICOM listener closed")
 
     @contextlib.contextmanager
@@ -3824,64 +4416,59 @@ class DicomServices:
         return self.config.modality_services.get(calling_aet, frozenset(DICOM_SERVICES))
 
     def _calling_aets_allowed(self) -> list[str]:
-        """The calling AE titles that may associate; empty: any. allowed_calling_aets wins when set."""
+        """The calling AE titles that may associate; empty: any. allowed_calling_aets wins when set.
+        Read for each association, so a [modalities] entry added at run time counts from the next."""
         if self.config.allowed_calling_aets:
             return self.config.allowed_calling_aets
         return sorted(self.config.modalities) if self.config.refuse_unknown_calling_aets else []
 
-    def _on_requested(self, event):
-        request = event.assoc.requestor.primitive
-        calling = str(getattr(request, "calling_ae_title", "")).strip()
-        called = str(getattr(request, "called_ae_title", "")).strip()
-        # pynetdicom rejects (1, 1, 3) a calling AE title not in this list, just after this event.
-        # Set here, so a [modalities] entry added at run time counts from the next association.
-        event.assoc.ae.require_calling_aet = allowed = self._calling_aets_allowed()
-        if (allowed and calling not in allowed) or (self.config.strict_called_aet and called != self.config.aet):
-            return  # rejected next, and logged then (_on_rejected)
-        if called and called != self.config.aet:
+    # ---- association negotiation -------------------------------------------------------------
+
+    def _judge(self, request: AssociationRequest):
+        """A rejection for an A-ASSOCIATE-RQ (result, source, reason), or None; logged either way,
+        so an administrator can tell a refusal from a network fault."""
+        calling, called = request.calling_aet, request.called_aet
+        rejection, why = None, ""
+        allowed = self._calling_aets_allowed()
+        if allowed and calling not in allowed:
+            rejection = REJECT_CALLING_AET
+            why = ("not in allowed_calling_aets" if self.config.allowed_calling_aets
+                   else "not under [modalities] (refuse_unknown_calling_aets)")
+        elif self.config.strict_called_aet and called != self.config.aet:
+            rejection = REJECT_CALLED_AET
+            why = f"it called us {called!r}, but our AE title is {self.config.aet!r} (strict_called_aet)"
+        if rejection:
+            self.log.warning("refused an association from %s at %s:%d: %s: %s", calling or "?", *request.address,
+                             REJECT_REASONS[rejection], why)
+        elif called and called != self.config.aet:
             self.log.warning(
                 "%s called us as %r, but our AE title is %r: accepted anyway (set strict_called_aet to refuse)",
                 calling, called, self.config.aet,
             )
-        acceptor = event.assoc.acceptor
-        proposed = request.presentation_context_definition_list
-        # A query/retrieve service the AE may not use is not offered to it: its presentation
-        # contexts are refused at negotiation (abstract syntax not supported), before any request.
-        services = self.services_of(calling)
-        refused = {uid for uid, service in QUERY_RETRIEVE_SERVICES.items() if service not in services}
-        acceptor.supported_contexts = [context for context in acceptor.supported_contexts
-                                       if str(context.abstract_syntax) not in refused] + self._storage_contexts(proposed)
-        asked = sorted({QUERY_RETRIEVE_SERVICES[str(c.abstract_syntax)] for c in proposed if str(c.abstract_syntax) in refused})
-        if asked:
-            self.log.warning("refused %s to %s at %s:%d: [modalities] %s allows only %s", "/".join(f"C-{s.upper()}" for s in asked),
-                             calling, event.assoc.requestor.address, event.assoc.requestor.port, calling,
-                             ",".join(s for s in DICOM_SERVICES if s in services) or "none")
+        return rejection
 
-    def _on_rejected(self, event):
-        """Log every association refused, whoever refused it (we or pynetdicom), and why."""
-        assoc = event.assoc
-        rejection = assoc.acceptor.primitive
-        calling = str(getattr(assoc.requestor.primitive, "calling_ae_title", "")).strip()
-        called = str(getattr(assoc.requestor.primitive, "called_ae_title", "")).strip()
-        reason = ASSOCIATION_REJECT_REASONS.get((rejection.result_source, rejection.diagnostic), "no reason given")
-        if (rejection.result_source, rejection.diagnostic) == (1, 3):
-            reason += (": not in allowed_calling_aets" if self.config.allowed_calling_aets
-                       else ": not under [modalities] (refuse_unknown_calling_aets)")
-        elif (rejection.result_source, rejection.diagnostic) == (1, 7):
-            reason += f": it called us {called!r}, but our AE title is {self.config.aet!r} (strict_called_aet)"
-        elif (rejection.result_source, rejection.diagnostic) == (3, 2):
-            reason += f": max_associations = {self.config.max_associations} are open"
-        self.log.warning("refused an association from %s at %s:%d: %s", calling or "?",
-                         assoc.requestor.address, assoc.requestor.port, reason)
+    def _supported_contexts(self, request: AssociationRequest) -> list:
+        """The contexts to negotiate: a query/retrieve service the calling AE may not use is not
+        offered to it, so its presentation contexts are refused (abstract syntax not supported)
+        before any request."""
+        services = self.services_of(request.calling_aet)
+        refused = {uid for uid, service in QUERY_RETRIEVE_SERVICES.items() if service not in services}
+        asked = sorted({QUERY_RETRIEVE_SERVICES[str(c.abstract_syntax)] for c in request.contexts
+                        if str(c.abstract_syntax) in refused})
+        if asked:
+            self.log.warning("refused %s to %s at %s:%d: [modalities] %s allows only %s",
+                             "/".join(f"C-{s.upper()}" for s in asked), request.calling_aet, *request.address,
+                             request.calling_aet, ",".join(s for s in DICOM_SERVICES if s in services) or "none")
+        return [context for context in self._service_contexts if str(context.abstract_syntax) not in refused] \
+            + self._storage_contexts(request.contexts)
 
     def _storage_contexts(self, proposed) -> list:
         """Contexts to accept for the storage SOP classes a requestor proposes.
 
-        Every storage class is accepted, private and unknown ones included (registered with
-        pynetdicom as storage on first sight), in the transfer syntaxes the configuration allows:
-        a context proposing none of them is refused at negotiation (result 4). Roles are granted
-        as proposed, so a C-GET client that offers the SCP role gets it, and one that does not
-        is not sent C-STOREs it never agreed to."""
+        Every storage class is accepted, private and unknown ones included, in the transfer
+        syntaxes the configuration allows: a context proposing none of them is refused at
+        negotiation (result 4). Roles are granted as proposed, so a C-GET client that offers the
+        SCP role gets it, and one that does not is not sent C-STOREs it never agreed to."""
         contexts, seen = [], set()
         for context in proposed:
             uid = str(context.abstract_syntax)
@@ -3889,63 +4476,131 @@ class DicomServices:
                 continue
             seen.add(uid)
             service = uid_to_service_class(uid)
-            if service is ServiceClass:  # unknown to pynetdicom: a private or newer storage class
-                register_uid(uid, "Storage_" + uid.replace(".", "_"), StorageServiceClass)
-            elif service is not StorageServiceClass:
-                continue  # a service dicoogled does not offer: refused
+            if service is not ServiceClass and service is not StorageServiceClass:
+                continue  # a service dicoogled does not offer (unknown UIDs are private storage classes)
             allowed = self.config.transfer_syntaxes.get(uid) or ACCEPTED_TRANSFER_SYNTAXES
             supported = build_context(uid, list(allowed))
             supported.scu_role, supported.scp_role = True, True
             contexts.append(supported)
         return contexts
 
-    def _limit_sent_pdus(self, event):
-        """Send PDUs no longer than max_pdu_send. pynetdicom sends as long as the peer accepts,
-        read from the peer's negotiated maximum length item: lower it there."""
-        limit = self.config.max_pdu_send
-        peer = event.assoc.acceptor if event.assoc.is_requestor else event.assoc.requestor
-        for item in peer.user_information if limit else ():
-            if isinstance(item, MaximumLengthNotification) and not 0 < item.maximum_length_received <= limit:
-                item.maximum_length_received = limit
+    # ---- the acceptor's side of an association -----------------------------------------------
 
-    def _on_store(self, event):
+    def _serve(self, association: Association):
+        """Answer an association's requests, one message at a time, until the peer releases it
+        (PeerReleased) or it ends (AssociationEnded)."""
+        while True:
+            self._dispatch(association, association.read_message())
+
+    def _dispatch(self, association: Association, message):
+        if isinstance(message, C_CANCEL_RQ):
+            return  # for a request already answered
+        if type(message) not in self._handlers:
+            raise ProtocolError(f"{association.peer} sent {type(message).__name__}, a service dicoogled does not offer",
+                                ABORT_UNEXPECTED_PARAMETER)
+        handler, response_class, sop_classes = self._handlers[type(message)]
+        command, context = message.command_set, association.contexts[message.context_id]
+        request = DimseRequest(
+            association=association, context_id=message.context_id, message_id=command.MessageID,
+            sop_class_uid=str(command.AffectedSOPClassUID or ""), transfer_syntax=str(context.transfer_syntax[0]),
+            data=message.data_set.getvalue() if message.data_set else b"",
+            sop_instance_uid=str(command.get("AffectedSOPInstanceUID") or ""),
+            move_destination=str(command.get("MoveDestination") or ""), priority=command.get("Priority") or 0)
+        abstract_syntax = str(context.abstract_syntax)
+        offered = abstract_syntax in sop_classes if sop_classes else abstract_syntax not in self._service_classes
+        if not offered or request.sop_class_uid != abstract_syntax:
+            self.log.warning("%s sent a %s for %s on a context for %s: refused", association.peer,
+                             type(message).__name__, request.sop_class_uid, abstract_syntax)
+            return self._send_response(request, self._response_primitive(request, response_class, SOP_CLASS_NOT_SUPPORTED))
+        try:
+            handler(request)
+        except (AssociationEnded, PeerReleased):
+            raise
+        except Exception:  # a bug, not the peer's fault: answer a failure and keep the association
+            self.log.exception("%s from %s failed", type(message).__name__, association.peer)
+            self._send_response(request, self._response_primitive(request, response_class, UNABLE_TO_PROCESS))
+
+    @property
+    def _handlers(self) -> dict:
+        """DIMSE request message -> (its handler, its response primitive, the SOP classes it serves;
+        None: the storage classes)."""
+        return {C_ECHO_RQ: (self._answer_echo, C_ECHO, {str(Verification)}),
+                C_STORE_RQ: (self._answer_store, C_STORE, None),
+                C_FIND_RQ: (self._answer_find, C_FIND, FIND_SOP_CLASSES),
+                C_MOVE_RQ: (self._answer_move, C_MOVE, MOVE_SOP_CLASSES),
+                C_GET_RQ: (self._answer_get, C_GET, GET_SOP_CLASSES)}
+
+    @staticmethod
+    def _response_primitive(request: DimseRequest, primitive_class, status: int):
+        """A response with status; a failure's reason (DicomStatus) is its Error Comment."""
+        response = primitive_class()
+        response.MessageIDBeingRespondedTo = request.message_id
+        response.AffectedSOPClassUID = request.sop_class_uid
+        response.Status = int(status)
+        reason = getattr(status, "reason", "")
+        if reason and status not in (SUCCESS, PENDING, PENDING_OPTIONAL_KEYS_UNSUPPORTED):
+            # Error Comment is LO: 64 characters of the default repertoire, no backslash.
+            response.ErrorComment = reason.encode("ascii", "replace").decode().replace("\\", "/")[:64]
+        return response
+
+    @staticmethod
+    def _send_response(request: DimseRequest, response):
+        message_class = {C_ECHO: C_ECHO_RSP, C_STORE: C_STORE_RSP, C_FIND: C_FIND_RSP,
+                         C_MOVE: C_MOVE_RSP, C_GET: C_GET_RSP}[type(response)]
+        request.association.send_message(message_class, response, request.context_id)
+
+    def _encode(self, request: DimseRequest, dataset: Dataset) -> io.BytesIO:
+        syntax = pydicom.uid.UID(request.transfer_syntax)
+        return io.BytesIO(pynetdicom_encode(dataset, syntax.is_implicit_VR, syntax.is_little_endian, syntax.is_deflated))
+
+    def _answer_echo(self, request: DimseRequest):
+        self._send_response(request, self._response_primitive(request, C_ECHO, SUCCESS))
+
+    def _answer_store(self, request: DimseRequest):
+        response = self._response_primitive(request, C_STORE, self._on_store(request))
+        response.AffectedSOPInstanceUID = request.sop_instance_uid
+        self._send_response(request, response)
+
+    def _answer_find(self, request: DimseRequest):
+        for status, identifier in self._on_find(request):
+            response = self._response_primitive(request, C_FIND, status)
+            if status in (PENDING, PENDING_OPTIONAL_KEYS_UNSUPPORTED):
+                try:
+                    response.Identifier = self._encode(request, identifier)
+                except Exception as error:
+                    self.log.error("C-FIND from %s: cannot encode a response: %s", request.calling_aet, error)
+                    self._send_response(request, self._response_primitive(request, C_FIND, UNABLE_TO_PROCESS))
+                    return
+                self._send_response(request, response)  # at once: the peer sees each match as it is found
+                continue
+            self._send_response(request, response)
+            return
+        self._send_response(request, self._response_primitive(request, C_FIND, SUCCESS))
+
+    # ---- the handlers: plain requests in, statuses out ----------------------------------------
+
+    def _on_store(self, request: DimseRequest) -> int:
         with self._tracked():
-            calling = event.assoc.requestor.ae_title
+            calling = request.calling_aet
             if "store" not in self.services_of(calling):
                 self.log.warning("refused C-STORE to %s: [modalities] %s does not allow store", calling, calling)
                 # Refused: Not Authorized, a C-STORE status (PS3.7 9.1.1.1.9, Annex C). The storage
                 # contexts stay accepted at negotiation: a C-GET needs them to send instances back.
-                refusal = Dataset()
-                refusal.Status, refusal.ErrorComment = NOT_AUTHORIZED, f"{calling} may not store ([modalities] allow=)"
-                return refusal
+                return DicomStatus(NOT_AUTHORIZED, f"{calling} may not store ([modalities] allow=)")
             try:
-                request = event.request
-                header = part10_header(request.AffectedSOPClassUID, request.AffectedSOPInstanceUID,
-                                       event.context.transfer_syntax, event.assoc.requestor.ae_title)
-                data = header + request.DataSet.getvalue()
+                header = part10_header(request.sop_class_uid, request.sop_instance_uid,
+                                       request.transfer_syntax, request.calling_aet)
+                data = header + request.data
             except Exception as error:
-                self.log.warning("C-STORE from %s: cannot read the request: %s", event.assoc.requestor.ae_title, error)
+                self.log.warning("C-STORE from %s: cannot read the request: %s", request.calling_aet, error)
                 return CANNOT_UNDERSTAND
-            status = self.ingest.store_received(data, event.assoc.requestor.ae_title)
-        if status == SUCCESS or not status.reason:
-            return int(status)
-        response = Dataset()
-        response.Status = int(status)
-        # Error Comment is LO: 64 characters of the default repertoire, no backslash.
-        response.ErrorComment = status.reason.encode("ascii", "replace").decode().replace("\\", "/")[:64]
-        return response
+            return self.ingest.store_received(data, request.calling_aet)
 
-    def _on_find(self, event):
-        calling = event.assoc.requestor.ae_title
-        cancelled = False
-
-        def is_cancelled():
-            nonlocal cancelled  # pynetdicom reports a C-CANCEL only once: remember it
-            cancelled = cancelled or event.is_cancelled
-            return cancelled
-
+    def _on_find(self, request: DimseRequest):
+        """Yield (status, identifier) responses: pending ones with a match, then the final one."""
+        calling = request.calling_aet
         try:
-            identifier = event.identifier
+            identifier = request.identifier
             if self.find_filter:
                 identifier = self.find_filter(calling, identifier)
                 if isinstance(identifier, int):
@@ -3953,88 +4608,179 @@ class DicomServices:
                     yield identifier, None
                     return
             level, _ = parse_identifier(identifier)
-            if level == "PATIENT" and event.request.AffectedSOPClassUID == StudyRootQueryRetrieveInformationModelFind:
+            if level == "PATIENT" and request.sop_class_uid == StudyRootQueryRetrieveInformationModelFind:
                 raise QueryError("the Study Root model has no PATIENT level (use Patient Root)", IDENTIFIER_DOES_NOT_MATCH)
             count = 0
-            for response in self.finder.search(identifier, is_cancelled):
+            for response in self.finder.search(identifier, request.is_cancelled):
                 yield PENDING, response
                 count += 1
                 if self.config.max_find_results and count >= self.config.max_find_results:
                     self.log.warning("C-FIND from %s stopped at max_find_results=%d", calling, count)
                     break
-            if is_cancelled():
+            if request.is_cancelled():
                 yield CANCELLED, None
                 return
             self.log.info("C-FIND from %s: %d matches", calling, count)
             yield SUCCESS, None
         except QueryError as error:
             self.log.warning("C-FIND from %s refused: %s", calling, error)
-            yield _failure_status(error.status, str(error)), None
+            yield DicomStatus(error.status, str(error)), None
         except Exception:
             self.log.exception("C-FIND from %s failed", calling)
             yield UNABLE_TO_PROCESS, None
 
-    def _matched_instances(self, event, service: str):
+    def _matched_instances(self, request: DimseRequest, service: str) -> list[StoredInstance] | int:
+        """The instances a C-MOVE or C-GET identifier matches, or the status refusing it."""
         try:
-            return self.finder.instances(event.identifier, lambda: event.is_cancelled)
+            return [StoredInstance(*row) for row in self.finder.instances(request.identifier, request.is_cancelled)]
         except QueryError as error:
-            self.log.warning("%s from %s refused: %s", service, event.assoc.requestor.ae_title, error)
-            raise
+            self.log.warning("%s from %s refused: %s", service, request.calling_aet, error)
+            return DicomStatus(error.status, str(error))
         except Exception:
-            self.log.exception("%s from %s: cannot read the identifier", service, event.assoc.requestor.ae_title)
-            raise
+            self.log.exception("%s from %s: cannot read the identifier", service, request.calling_aet)
+            return UNABLE_TO_PROCESS
 
-    def _sub_operations(self, event, instances):
-        """Yield (status, data set) for each instance to send; a file that cannot be read is a failure."""
-        for sop_uid, sop_class, _, path in instances:
-            if event.is_cancelled:
-                yield CANCELLED, None
-                return
-            try:
-                dataset = pydicom.dcmread(self.ingest.storage.open(path))
-            except Exception as error:
-                self.log.error("cannot read %s for %s: %s", path, sop_uid, error)
-                # A stand-in without a transfer syntax: pynetdicom fails to send it, which counts
-                # one failed sub-operation and names the instance in the failed UID list.
-                dataset = Dataset()
-                dataset.SOPClassUID, dataset.SOPInstanceUID = sop_class, sop_uid
-            yield PENDING, dataset
-
-    def _on_move(self, event):
+    def _answer_move(self, request: DimseRequest):
         with self._tracked():
-            destination_aet = (event.move_destination or "").strip()
-            calling = event.assoc.requestor.ae_title
-            instances = self._matched_instances(event, "C-MOVE")  # raising here answers 0xC514
+            destination_aet = request.move_destination.strip()
+            calling = request.calling_aet
+            instances = self._matched_instances(request, "C-MOVE")
             destination = self.config.modalities.get(destination_aet)
+            if isinstance(instances, int):
+                return self._send_response(request, self._response_primitive(request, C_MOVE, instances))
             if destination is None:
                 self.log.warning(
                     "C-MOVE from %s to unknown destination %r: add it under [modalities] as %s = host:port",
                     calling, destination_aet, destination_aet or "AET",
                 )
-                yield None, None
-                return
-            options = {"contexts": _contexts_for(instances), "max_pdu": self.config.max_pdu,
-                       "evt_handlers": [(evt.EVT_CONN_OPEN, _set_tcp_nodelay), (evt.EVT_ACCEPTED, self._limit_sent_pdus)]}
-            yield destination[0], destination[1], options
-            self.log.info("C-MOVE from %s: %d instances to %s", calling, len(instances), destination_aet)
-            yield len(instances)
-            yield from self._sub_operations(event, instances)
+                return self._send_response(request, self._response_primitive(request, C_MOVE, MOVE_DESTINATION_UNKNOWN))
+            if not instances:
+                return self._retrieve(request, C_MOVE, [], None)
+            try:
+                store_association = self._associate(destination_aet, *destination, _contexts_for(instances))
+            except AssociationRefused as error:
+                self.log.warning("C-MOVE from %s: cannot associate with %s: %s", calling, destination_aet, error)
+                return self._send_response(request, self._response_primitive(request, C_MOVE, MOVE_DESTINATION_UNKNOWN))
+            try:
+                self.log.info("C-MOVE from %s: %d instances to %s", calling, len(instances), destination_aet)
+                self._retrieve(request, C_MOVE, instances, functools.partial(
+                    self._store_sub_operation, store_association, as_acceptor=False,
+                    move_originator=(calling, request.message_id)))
+            finally:
+                store_association.release()
 
-    def _on_get(self, event):
+    def _answer_get(self, request: DimseRequest):
         with self._tracked():
-            instances = self._matched_instances(event, "C-GET")
-            calling = event.assoc.requestor.ae_title
+            instances = self._matched_instances(request, "C-GET")
+            if isinstance(instances, int):
+                return self._send_response(request, self._response_primitive(request, C_GET, instances))
+            calling = request.calling_aet
             self.log.info("C-GET from %s: %d instances", calling, len(instances))
             # C-GET sends the instances back on the same association, which the SCU must accept
             # by proposing the SCP role (role selection); many viewers don't: the usual failure.
-            roles = event.assoc.requestor.role_selection
-            without_role = sorted({sop_class for _, sop_class, _, _ in instances
-                                   if sop_class not in roles or not roles[sop_class].scp_role})
+            roles = request.association.roles
+            without_role = sorted({instance.sop_class_uid for instance in instances
+                                   if not roles.get(instance.sop_class_uid, (None, None))[1]})
             if without_role:
                 self.log.warning("C-GET from %s: it proposed no SCP role for %s, so it may refuse those instances;"
                                  " enable C-GET storage roles in the viewer or use C-MOVE", calling, ", ".join(without_role))
-            yield len(instances)
-            yield from self._sub_operations(event, instances)
+            self._retrieve(request, C_GET, instances, functools.partial(
+                self._store_sub_operation, request.association, as_acceptor=True, move_originator=()))
+
+    def _retrieve(self, request: DimseRequest, primitive_class, instances: list[StoredInstance], store):
+        """The C-STORE sub-operations of a C-MOVE or C-GET, a pending response after each, then
+        the final one (PS3.4 C.4.2, C.4.3): store(instance) -> the C-STORE status, or None."""
+        if len(instances) > MAX_SUBOPERATIONS:
+            self.log.warning("%s from %s matches %d instances, more than one request can count (%d)",
+                             "C-MOVE" if primitive_class is C_MOVE else "C-GET", request.calling_aet,
+                             len(instances), MAX_SUBOPERATIONS)
+            return self._send_response(request, self._response_primitive(request, primitive_class, UNABLE_TO_PROCESS))
+        remaining, completed, failed, warning = len(instances), 0, 0, 0
+        failed_uids = []
+
+        def response(status: int, with_remaining: bool, with_failed_list: bool):
+            primitive = self._response_primitive(request, primitive_class, status)
+            if with_remaining:
+                primitive.NumberOfRemainingSuboperations = remaining
+            primitive.NumberOfCompletedSuboperations = completed
+            primitive.NumberOfFailedSuboperations = failed
+            primitive.NumberOfWarningSuboperations = warning
+            if with_failed_list:
+                failed_list = Dataset()
+                failed_list.FailedSOPInstanceUIDList = failed_uids
+                primitive.Identifier = self._encode(request, failed_list)
+            self._send_response(request, primitive)
+
+        for instance in instances:
+            if request.is_cancelled():
+                return response(CANCELLED, True, True)
+            status = store(instance)
+            if status == SUCCESS:
+                completed += 1
+            elif status in STORE_WARNINGS:
+                warning += 1
+            else:
+                failed += 1
+                failed_uids.append(instance.sop_instance_uid)
+            remaining -= 1
+            response(PENDING, True, False)
+        if not failed and not warning:
+            return response(SUCCESS, False, False)
+        return response(SUBOPERATIONS_ALL_FAILED if failed == len(instances) else SUBOPERATIONS_FAILED, False, True)
+
+    def _store_sub_operation(self, association: Association, instance: StoredInstance, *, as_acceptor: bool,
+                             move_originator: tuple) -> int | None:
+        """C-STORE one stored instance: its status, or None when it could not be sent."""
+        if not association.is_established:
+            return None
+        try:
+            transfer_syntax, data_set = self._stored_data_set(instance)
+        except Exception as error:
+            self.log.error("cannot read %s for %s: %s", instance.path, instance.sop_instance_uid, error)
+            return None
+        try:
+            return send_c_store(association, instance.sop_class_uid, instance.sop_instance_uid, transfer_syntax,
+                                data_set, as_acceptor=as_acceptor, move_originator=move_originator)
+        except ValueError as error:  # no context the peer accepted can carry it
+            self.log.debug("cannot send %s to %s: %s", instance.sop_instance_uid, association.peer, error)
+        except AssociationEnded as error:
+            self.log.warning("sending %s to %s failed: %s", instance.sop_instance_uid, association.peer, error)
+            association.close()
+        return None
+
+    def _stored_data_set(self, instance: StoredInstance) -> tuple[str, bytes]:
+        """(transfer syntax, encoded data set) of a stored instance: the file's own bytes after its
+        file meta group, untouched; a file without a group length is parsed and re-encoded."""
+        data = self.ingest.storage.read(instance.path)
+        offset = _dataset_offset(data)
+        if offset > 132 and instance.transfer_syntax:
+            data_set = data[offset:]
+            if len(data_set) % 2 and instance.transfer_syntax == pydicom.uid.DeflatedExplicitVRLittleEndian:
+                data_set += b"\0"  # a deflated stream is padded to even length (PS3.5 A.5); peers insist
+            return instance.transfer_syntax, data_set
+        dataset = pydicom.dcmread(io.BytesIO(data), force=True)
+        syntax = pydicom.uid.UID(dataset.file_meta.get("TransferSyntaxUID") or instance.transfer_syntax
+                                 or pydicom.uid.ImplicitVRLittleEndian)
+        return str(syntax), pynetdicom_encode(dataset, syntax.is_implicit_VR, syntax.is_little_endian, syntax.is_deflated)
+
+    # ---- associations we open ------------------------------------------------------------------
+
+    def _associate(self, aet: str, host: str, port: int, contexts: list, timeout: float | None = None) -> Association:
+        config = self.config
+        return request_association(host, port, calling_aet=config.aet, called_aet=aet, contexts=contexts,
+                                   max_pdu=config.max_pdu, max_pdu_send=config.max_pdu_send,
+                                   connect_timeout=timeout or config.connection_timeout,
+                                   acse_timeout=timeout or config.acse_timeout,
+                                   timeout=timeout or config.dimse_timeout, log=self.log)
+
+    def echo(self, aet: str, timeout: float) -> int:
+        """C-ECHO a [modalities] AE: its status; AssociationRefused (or AssociationEnded) if it cannot be had."""
+        host, port = self.config.modalities[aet]
+        association = self._associate(aet, host, port, [build_context(Verification)], timeout)
+        try:
+            return send_c_echo(association)
+        finally:
+            association.release()
 
     def send(self, sop_instance_uids: list[str], destination_aet: str) -> dict:
         """C-STORE indexed instances to a [modalities] AE, over one association: {sent, failed}."""
@@ -4045,44 +4791,38 @@ class DicomServices:
         for uid in sop_instance_uids:
             rows = self.finder.index.query(
                 "SELECT sop_instance_uid, sop_class_uid, transfer_syntax, path FROM instances WHERE sop_instance_uid = ?", (uid,))
-            instances.extend(rows)
+            instances.extend(StoredInstance(*row) for row in rows)
         result = {"sent": 0, "failed": len(sop_instance_uids) - len(instances)}
         if not instances:
             return result
-        association = self.ae.associate(destination[0], destination[1], ae_title=destination_aet,
-                                        contexts=_contexts_for(instances), max_pdu=self.config.max_pdu,
-                                        evt_handlers=[(evt.EVT_CONN_OPEN, _set_tcp_nodelay),
-                                                      (evt.EVT_ACCEPTED, self._limit_sent_pdus)])
-        if not association.is_established:
+        try:
+            association = self._associate(destination_aet, *destination, _contexts_for(instances))
+        except AssociationRefused as error:
             result["failed"] += len(instances)
-            self.log.warning("cannot associate with %s at %s:%d", destination_aet, *destination)
+            self.log.warning("cannot associate with %s at %s:%d: %s", destination_aet, *destination, error)
             return result
         try:
-            for sop_uid, _, _, path in instances:
-                try:
-                    status = association.send_c_store(pydicom.dcmread(self.ingest.storage.open(path)))
-                    ok = status and status.Status in (SUCCESS, 0xB000, 0xB006, 0xB007)
-                except Exception as error:
-                    self.log.warning("sending %s to %s failed: %s", sop_uid, destination_aet, error)
-                    ok = False
-                result["sent" if ok else "failed"] += 1
+            for instance in instances:
+                status = self._store_sub_operation(association, instance, as_acceptor=False, move_originator=())
+                result["sent" if status in STORE_SUCCEEDED else "failed"] += 1
         finally:
             association.release()
         self.log.info("sent %d instance(s) to %s, %d failed", result["sent"], destination_aet, result["failed"])
         return result
 
 
-def _contexts_for(instances) -> list:
+def _contexts_for(instances: list[StoredInstance]) -> list:
     """Presentation contexts for sending instances: each stored transfer syntax, plus the
-    uncompressed ones for uncompressed objects (pynetdicom converts among those).
+    uncompressed ones for uncompressed objects (re-encoded between explicit and implicit VR).
     At most 128 may be proposed; the rest are skipped (and would fail as sub-operations)."""
     wanted = {}
-    for _, sop_class, transfer_syntax, _ in instances:
+    for instance in instances:
+        sop_class, transfer_syntax = instance.sop_class_uid, instance.transfer_syntax
         if transfer_syntax in UNCOMPRESSED_TRANSFER_SYNTAXES or not transfer_syntax:
             wanted.setdefault((sop_class, "uncompressed"), list(UNCOMPRESSED_TRANSFER_SYNTAXES))
             if transfer_syntax == pydicom.uid.ExplicitVRBigEndian:
-                # pynetdicom converts explicit <-> implicit VR but never the byte order, and a
-                # peer picks little endian from the list above: offer big endian on its own too.
+                # Big endian is never re-encoded, and a peer picks little endian from the list
+                # above: offer big endian on its own too.
                 wanted.setdefault((sop_class, transfer_syntax), [transfer_syntax])
         else:
             wanted.setdefault((sop_class, transfer_syntax), [transfer_syntax])
@@ -6353,8 +7093,7 @@ def _management_routes(api: Api):
         for name, attribute in QUERY_RETRIEVE_SETTINGS.items():
             if (value := int_param(name, 0, 2**32 - 1)) is not None:
                 values[attribute] = float(value) if attribute.endswith("timeout") else value
-        change(**values)
-        daemon.dicom.apply_limits()
+        change(**values)  # the DICOM listener reads them afresh for each association
         return ""
 
     @api.route("/management/settings/dicom", access=ADMIN)
@@ -6453,24 +7192,18 @@ def _management_routes(api: Api):
         if aet not in config.modalities:
             _fail(400, f"unknown move destination {aet[:40]!r}: add it first")
         host, port = config.modalities[aet]
-        # A fresh AE with short timeouts: a dead destination must not hold the request for long.
-        ae = AE(ae_title=config.aet)
-        ae.add_requested_context(Verification)
-        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = ECHO_TIMEOUT
-        association = ae.associate(host, port, ae_title=aet)
-        if not association.is_established:
-            reason = ("rejected the association (is its AE title right?)" if association.is_rejected
-                      else f"did not answer at {host}:{port}")
-            logging.getLogger("dicoogled.dicom").info("C-ECHO to %s failed: %s", aet, reason)
-            return {"success": False, "error": f"{aet} {reason}"}
+        # Short timeouts: a dead destination must not hold the request for long.
         try:
-            status = association.send_c_echo()
-        finally:
-            association.release()
-        if not status or "Status" not in status:
-            return {"success": False, "error": f"{aet} sent no C-ECHO response"}
-        if status.Status != SUCCESS:
-            return {"success": False, "error": f"{aet} answered C-ECHO with status 0x{status.Status:04X}"}
+            status = daemon.dicom.echo(aet, ECHO_TIMEOUT)
+        except AssociationRefused as error:
+            reason = ("rejected the association (is its AE title right?)" if error.rejected
+                      else f"did not answer at {host}:{port}")
+            logging.getLogger("dicoogled.dicom").info("C-ECHO to %s failed: %s (%s)", aet, reason, error)
+            return {"success": False, "error": f"{aet} {reason}"}
+        except (AssociationEnded, ValueError) as error:
+            return {"success": False, "error": f"{aet} sent no C-ECHO response: {error}"}
+        if status != SUCCESS:
+            return {"success": False, "error": f"{aet} answered C-ECHO with status 0x{status:04X}"}
         return {"success": True}
 
     # ---- the DICOM listener: storage and query/retrieve share it ----
