@@ -20,6 +20,7 @@ import pytest
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pynetdicom import AE, debug_logger, evt  # noqa: F401  (debug_logger: handy when a test fails)
+from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.sop_class import (
     PatientRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelFind,
@@ -226,6 +227,19 @@ def _set_nodelay(event):
 
 
 NODELAY = [(evt.EVT_CONN_OPEN, _set_nodelay)]
+
+
+def rejection_of(assoc) -> tuple | None:
+    """(result, source, reason) of the A-ASSOCIATE-RJ a pynetdicom association got, else None.
+
+    pynetdicom 3.0 as a requestor can miss an A-ASSOCIATE-RJ that comes quickly: its DUL thread
+    reads it and closes the socket before its ACSE thread has checked that the socket connected,
+    so the association reads as aborted, the rejection left unread in the DUL's queue. It is
+    looked for there too: it is what the daemon sent."""
+    reply = assoc.acceptor.primitive if assoc.is_rejected else next(
+        (item for item in list(assoc.dul.to_user_queue.queue)
+         if isinstance(item, A_ASSOCIATE) and item.result in (0x01, 0x02)), None)
+    return None if reply is None else (reply.result, reply.result_source, reply.diagnostic)
 
 
 def make_identifier(level="STUDY", **keys) -> Dataset:

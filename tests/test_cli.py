@@ -25,7 +25,7 @@ from pynetdicom import AE, StoragePresentationContexts, evt
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove
 
 import dicoogled
-from conftest import ROOT, RunningDaemon, free_port, make_identifier, wait_until
+from conftest import ROOT, RunningDaemon, free_port, make_identifier, rejection_of, wait_until
 
 DICOOGLED = ROOT / "dicoogled.py"
 
@@ -330,7 +330,7 @@ def test_config_file_settings_apply(start_daemon):
     ae = AE(ae_title="TESTSCU")
     ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
     assoc = ae.associate("127.0.0.1", daemon.dicom_port, ae_title="DICOOGLED")
-    assert assoc.is_rejected  # strict_called_aet from the file
+    assert rejection_of(assoc)  # strict_called_aet from the file
 
 
 def test_config_with_only_modalities(start_daemon, studies, tmp_path):

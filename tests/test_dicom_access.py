@@ -30,7 +30,7 @@ from pynetdicom.sop_class import (
 )
 
 import studygen
-from conftest import AET, NODELAY, StoreSCP, free_port, make_identifier, wait_until
+from conftest import AET, NODELAY, StoreSCP, free_port, make_identifier, rejection_of, wait_until
 from restclient import ADMIN_ENV, admin_client
 
 SUCCESS = 0x0000
@@ -57,9 +57,9 @@ def associate(daemon, calling="TESTSCU", contexts=(Verification,), roles=(), bin
 
 
 def rejection(assoc) -> tuple:
-    assert assoc.is_rejected, "the association was not rejected"
-    reply = assoc.acceptor.primitive
-    return reply.result, reply.result_source, reply.diagnostic
+    rejected = rejection_of(assoc)
+    assert rejected, "the association was not rejected"
+    return rejected
 
 
 def echo(daemon, calling="TESTSCU"):

@@ -23,7 +23,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, StudyRootQueryRetrieveInformationModelFind, Verification
 
 import studygen
-from conftest import AET, NODELAY, make_identifier, wait_until
+from conftest import AET, NODELAY, make_identifier, rejection_of, wait_until
 
 SUCCESS = 0x0000
 PENDING = 0xFF00
@@ -157,9 +157,9 @@ def echo(daemon, calling="TESTSCU"):
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 20
     assoc = ae.associate("127.0.0.1", daemon.dicom_port, ae_title=AET, evt_handlers=NODELAY)
     if not assoc.is_established:
-        assert assoc.is_rejected, "neither accepted nor rejected (aborted or reset)"
-        reply = assoc.acceptor.primitive
-        return reply.result, reply.result_source, reply.diagnostic
+        rejected = rejection_of(assoc)
+        assert rejected, "neither accepted nor rejected (aborted or reset)"
+        return rejected
     try:
         return assoc.send_c_echo().Status
     finally:

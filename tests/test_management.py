@@ -24,7 +24,7 @@ from pynetdicom.sop_class import (
 
 import dicoogled
 import studygen
-from conftest import StoreSCP, free_port, make_identifier, wait_until
+from conftest import StoreSCP, free_port, make_identifier, rejection_of, wait_until
 
 ADMIN_PASSWORD = "management-secret-1"
 ADMIN_ENV = {"DICOOGLED_ADMIN_PASSWORD": ADMIN_PASSWORD}
@@ -326,7 +326,7 @@ def test_query_settings_shape_change_live_and_persist(archive, admin):
     assert first.is_established
     try:
         second = associate(archive, [build_context(Verification)])
-        assert second.is_rejected
+        assert rejection_of(second)
     finally:
         first.release()
     archive.restart()

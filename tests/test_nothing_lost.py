@@ -13,7 +13,6 @@ import struct
 import sys
 
 import pydicom
-import pytest
 from pynetdicom import AE
 from restclient import ADMIN_ENV, Client, admin_client, base_url
 
@@ -85,7 +84,6 @@ def _hostile_dicom(daemon, victims, tmp_path):
 def _hostile_http(daemon, victims, tmp_path):
     anonymous = Client(base_url(daemon))
     admin = admin_client(daemon)
-    some_uid = str(pydicom.dcmread(victims[0], stop_before_pixels=True).SOPInstanceUID)
     study_uid = str(pydicom.dcmread(victims[0], stop_before_pixels=True).StudyInstanceUID)
     for path in ("/legacy/file", "/dic2png", "/dump"):
         for uid in ("../../index.sqlite", "/etc/passwd", "1.2.3/../../../x", "%2e%2e%2f" * 5):

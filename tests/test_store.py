@@ -28,7 +28,7 @@ from pynetdicom.dsutils import split_dataset
 from pynetdicom.sop_class import CTImageStorage, Verification
 
 import studygen
-from conftest import AET, ROOT, free_port, make_identifier, wait_until
+from conftest import AET, ROOT, free_port, make_identifier, rejection_of, wait_until
 
 SUCCESS = 0x0000
 CANNOT_UNDERSTAND = 0xC000
@@ -731,9 +731,9 @@ def _echo(daemon, called=AET, calling="TESTSCU"):
         status = assoc.send_c_echo().Status
         assoc.release()
         return "success" if status == SUCCESS else f"{status:#06x}"
-    assert assoc.is_rejected, "neither accepted nor rejected"
-    reply = assoc.acceptor.primitive
-    return reply.result, reply.result_source, reply.diagnostic
+    rejected = rejection_of(assoc)
+    assert rejected, "neither accepted nor rejected"
+    return rejected
 
 
 REJECTED_CALLED_AET = (0x01, 0x01, 0x07)  # permanent, service user, called AE title not recognised
@@ -778,7 +778,7 @@ def test_allowed_calling_aets_refuse_everyone_else(start_daemon):
     assert "accepted anyway" not in daemon.log
     ds = studygen.make_instance(0, 0, 0, 0)
     assoc = associate(daemon, [(CTImageStorage, EXPLICIT_VR_LITTLE_ENDIAN)], calling="INTRUDER")
-    assert assoc.is_rejected
+    assert rejection_of(assoc) == REJECTED_CALLING_AET
     assert daemon.counts()["instances"] == 0
     assert not stored_path(daemon, ds).exists()
 
