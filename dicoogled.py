@@ -2160,11 +2160,14 @@ class Finder:
         open_ended = literal != key.value and literal and not re.search(r"[\W_]$", literal)
         return _fts_phrase(tokens, prefix=bool(open_ended))
 
-    def _matches(self, identifier: Dataset, cancelled):
-        """Yield (level, returned keys, row, metadata) for every entity the identifier matches.
+    def _matches(self, identifier: Dataset, cancelled, offset: int = 0, limit: int | None = None):
+        """Yield (level, returned keys, row, metadata) for every entity the identifier matches,
+        but the first offset of them, and at most limit.
 
         Main attributes are matched in SQL; any other attribute is prefiltered with FTS5 and
-        then matched exactly against the representative instance's metadata.
+        then matched exactly against the representative instance's metadata. When SQL decides
+        every match, it also skips and limits them; otherwise the skipped matches are only
+        counted, never built.
         """
         level, keys = parse_identifier(identifier)
         where, args, python_keys, returned = [], [], [], []
@@ -2199,21 +2202,35 @@ class Finder:
         if where:
             sql += " WHERE " + _balanced_sql(where, "AND")
         sql += f" ORDER BY {alias}.id"
+        if not python_keys and (offset or limit is not None):
+            sql += " LIMIT ? OFFSET ?"
+            args += [-1 if limit is None else limit, offset]
+            offset, limit = 0, None
         needs_meta = any(kind == "meta" for _, (kind, _) in returned)
         reader = self.index.reader
         if len(args) > reader.limit(apsw.SQLITE_LIMIT_VARIABLE_NUMBER, -1):
             # One value per key (lists travel as one JSON array), so only a huge identifier gets here.
             raise QueryError(f"the identifier has too many keys to match ({len(args)})")
+        if limit == 0:
+            return
         for row in reader.execute(sql, args):
             if cancelled():
                 return
             meta = self.index.metadata(row[0]) if needs_meta else {}
             if all(match_value(k.vr, k.value, meta.get(k.keyword)) for k in python_keys):
+                if offset:
+                    offset -= 1
+                    continue
                 yield level, returned, row, meta
+                if limit is not None:
+                    limit -= 1
+                    if not limit:
+                        return
 
-    def search(self, identifier: Dataset, cancelled=lambda: False):
-        """Yield the C-FIND response data sets for an identifier; stops when cancelled()."""
-        for level, returned, row, meta in self._matches(identifier, cancelled):
+    def search(self, identifier: Dataset, cancelled=lambda: False, offset: int = 0, limit: int | None = None):
+        """Yield the C-FIND response data sets for an identifier, but the first offset and at
+        most limit of them; stops when cancelled()."""
+        for level, returned, row, meta in self._matches(identifier, cancelled, offset, limit):
             yield self._response(level, returned, row[2:], meta, identifier)
 
     @staticmethod
@@ -3061,9 +3078,10 @@ class PluginApi:
 
     # ---- for trusted Python plugins that provide whole services (DICOMweb)
 
-    def find(self, level: str, keys: dict, cancelled=lambda: False):
+    def find(self, level: str, keys: dict, cancelled=lambda: False, offset: int = 0, limit: int | None = None):
         """C-FIND matching on the index, the same rules as the DICOM service: yields response
-        data sets. keys maps keywords (or 8-hex tags) to DICOM query values ('' returns a key).
+        data sets, but the first offset and at most limit of them (a page, chosen in SQL).
+        keys maps keywords (or 8-hex tags) to DICOM query values ('' returns a key).
         Keys that cannot be answered raise QueryError, a ValueError whose text is fit for the caller."""
         identifier = Dataset()
         identifier.QueryRetrieveLevel = level
@@ -3079,7 +3097,7 @@ class PluginApi:
                 identifier.add_new(tag, vr, [] if vr == "SQ" else value)
             except ValueError:  # pydicom converts IS, DS and the binary VRs at once
                 raise QueryError(f"{key}: {value[:40]!r} is not a valid {vr} value", IDENTIFIER_DOES_NOT_MATCH) from None
-        return self._daemon.finder.search(identifier, cancelled)
+        return self._daemon.finder.search(identifier, cancelled, offset, limit)
 
     def instances(self, study_uid: str, series_uid: str = "", sop_uid: str = "") -> list[tuple]:
         """(sop_instance_uid, sop_class_uid, transfer_syntax, path) of a study, series or instance."""

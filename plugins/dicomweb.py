@@ -194,14 +194,7 @@ def _qido(level: str, fixed: dict):
     if bottle.request.query.get("fuzzymatching") == "true":
         bottle.response.set_header("Warning", '299 dicoogled "fuzzymatching is not supported; names match case- and accent-insensitively"')
     try:
-        matches = dicoogle.find(level, keys)
-        results = []
-        for position, dataset in enumerate(matches):
-            if position < offset:
-                continue
-            if len(results) >= limit:
-                break
-            results.append(_qido_json(level, dataset))
+        results = [_qido_json(level, dataset) for dataset in dicoogle.find(level, keys, offset=offset, limit=limit)]
     except ValueError as error:  # keys C-FIND would refuse, with dicoogle.find's reason
         _error(400, str(error))
     bottle.response.content_type = DICOM_JSON

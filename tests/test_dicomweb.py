@@ -314,6 +314,26 @@ def test_qido_tag_keys_uid_lists_includefield_limit_offset(archive):
     assert all("00080080" in s for s in included)
 
 
+@pytest.mark.parametrize("level, filters", [
+    ("studies", {}),                                   # every study: SQL pages it
+    ("instances", {"Modality": "CT"}),                 # a main attribute: SQL pages it
+    ("instances", {"StationName": "*1"}),             # any other attribute: matched after SQL
+])
+def test_qido_pages_are_slices_of_the_whole_answer(archive, level, filters):
+    """limit and offset give exactly the slice [offset, offset + limit) of the whole ordered
+    answer, whether the database or the exact matching after it decides the matches."""
+    key = {"studies": "0020000D", "instances": "00080018"}[level]
+
+    def answer(**page):
+        response = requests.get(url(archive, f"/{level}"), params={**filters, **page}, auth=AUTH)
+        assert response.status_code == 200, response.text
+        return [item[key]["Value"][0] for item in response.json()]
+    whole = answer(limit=10_000)
+    assert len(whole) >= 5, whole
+    for offset, limit in ((0, 1), (1, 2), (2, 3), (len(whole) - 1, 5), (len(whole), 5), (3, 0)):
+        assert answer(offset=offset, limit=limit) == whole[offset:offset + limit], (offset, limit)
+
+
 def test_qido_percent_encoded_wildcards_and_warnings(archive):
     raw = requests.get(url(archive, "/studies") + "?PatientName=DOE%2A", auth=AUTH)
     plain = requests.get(url(archive, "/studies"), params={"PatientName": "DOE*"}, auth=AUTH)
