@@ -2906,51 +2906,91 @@ def render_frame(path, frame: int = 0, size: int | None = None, center: float | 
     return output.getvalue()
 
 
-class ThumbnailCache:
-    """Thumbnails kept as data_dir/cache/thumbnails/<SOPInstanceUID>.png, so that a results page
-    of 50 thumbnails costs 50 small file reads rather than 50 decodes.
+def instance_stamp(location: str, size: int, mtime_ns: int) -> str | None:
+    """What identifies the present version of an instance, for caches of what is made from it:
+    the size and modification time of its file as it is now (it may have changed since it was
+    indexed), or as indexed when a storage plugin keeps it. None if its file is gone."""
+    if location_scheme(location) == "file":
+        try:
+            status = os.stat(location)
+        except OSError:
+            return None
+        size, mtime_ns = status.st_size, status.st_mtime_ns
+    return f"{size} {mtime_ns}"
 
-    Each PNG carries the key it was made for, in a tEXt chunk right after its header: the size and
-    modification time of the DICOM file, and the thumbnail edge. When the file or the configured
-    edge changes, so does the key; the stale thumbnail is then made again and replaced.
+
+class InstanceCache:
+    """Files made from an instance, each with the key it was made for, kept as
+    data_dir/cache/<kind>/<SOPInstanceUID><suffix>: what is slow to make (a decode, a parse) is
+    made once. The key (the size and modification time of the DICOM file, and whatever else
+    shapes the result) changes with the file, so a stale file is made again and replaced.
+
+    This base keeps the key on a first line of its own; a subclass may keep it elsewhere.
     """
 
-    #: Where the key's chunk starts: after the 8-byte signature and the 25-byte IHDR chunk.
-    KEY_OFFSET = len(PNG_SIGNATURE) + 25
+    def __init__(self, root: pathlib.Path, suffix: str):
+        self.root, self.suffix = root, suffix
 
-    def __init__(self, root: pathlib.Path):
-        self.root = root
+    def _path(self, sop_instance_uid: str) -> pathlib.Path:
+        return self.root / f"{sop_instance_uid}{self.suffix}"
 
     def get(self, sop_instance_uid: str, key: str) -> bytes | None:
         try:
-            png = (self.root / f"{sop_instance_uid}.png").read_bytes()
+            kept = self._path(sop_instance_uid).read_bytes()
         except OSError:
             return None
-        expected = _png_chunk(b"tEXt", b"dicoogled\0" + key.encode("latin-1"))
-        return png if png[self.KEY_OFFSET:self.KEY_OFFSET + len(expected)] == expected else None
+        stamp, _, data = kept.partition(b"\n")
+        return data if stamp == key.encode("utf-8") else None
 
-    def put(self, sop_instance_uid: str, png: bytes):
-        """Keep a thumbnail made by encode_png(image, key); readers see the old file or the new, never half."""
+    def put(self, sop_instance_uid: str, key: str, data: bytes):
+        self._write(sop_instance_uid, key.encode("utf-8") + b"\n" + data)
+
+    def _write(self, sop_instance_uid: str, data: bytes):
+        """Readers see the old file or the new, never half of one."""
         self.root.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(prefix=f".{sop_instance_uid}-", suffix=".tmp", dir=self.root)
         try:
             with os.fdopen(fd, "wb") as handle:
-                handle.write(png)
-            os.replace(tmp_name, self.root / f"{sop_instance_uid}.png")
+                handle.write(data)
+            os.replace(tmp_name, self._path(sop_instance_uid))
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(tmp_name)
             raise
 
     def purge(self, is_indexed) -> int:
-        """Delete the thumbnails of instances no longer indexed: pictures of patients stay on disk
-        no longer than the instances they show."""
+        """Delete what was made from instances no longer indexed: patient data stays on disk no
+        longer than the instances it comes from."""
         removed = 0
-        for png in self.root.glob("*.png") if self.root.is_dir() else ():
-            if not is_indexed(png.stem):
-                png.unlink(missing_ok=True)
+        for path in self.root.glob(f"*{self.suffix}") if self.root.is_dir() else ():
+            if not is_indexed(path.name.removesuffix(self.suffix)):
+                path.unlink(missing_ok=True)
                 removed += 1
         return removed
+
+
+class ThumbnailCache(InstanceCache):
+    """Thumbnails, so that a results page of 50 thumbnails costs 50 small file reads rather than
+    50 decodes. Each PNG carries its key (with the thumbnail edge) in a tEXt chunk right after
+    its header, so the cached file is a plain PNG."""
+
+    #: Where the key's chunk starts: after the 8-byte signature and the 25-byte IHDR chunk.
+    KEY_OFFSET = len(PNG_SIGNATURE) + 25
+
+    def __init__(self, root: pathlib.Path):
+        super().__init__(root, ".png")
+
+    def get(self, sop_instance_uid: str, key: str) -> bytes | None:
+        try:
+            png = self._path(sop_instance_uid).read_bytes()
+        except OSError:
+            return None
+        expected = _png_chunk(b"tEXt", b"dicoogled\0" + key.encode("latin-1"))
+        return png if png[self.KEY_OFFSET:self.KEY_OFFSET + len(expected)] == expected else None
+
+    def put(self, sop_instance_uid: str, key: str, png: bytes):
+        """Keep a thumbnail made by encode_png(image, key): its key is in it already."""
+        self._write(sop_instance_uid, png)
 
 
 # ============================================================================================
@@ -3055,6 +3095,22 @@ class PluginApi:
         """Every indexed element of an instance."""
         rows = self._daemon.index.query("SELECT meta FROM instances WHERE sop_instance_uid = ?", (str(sop_instance_uid),))
         return json.loads(rows[0][0]) if rows else None
+
+    def cached(self, sop_instance_uid: str, make) -> bytes | None:
+        """make()'s bytes for an instance, made once and kept until the instance's file changes
+        (in data_dir/cache/plugin-NAME/, gone at the next start once the instance is); None if
+        there is no such instance. For what is slow to make: a parse, a conversion."""
+        rows = self._daemon.index.query("SELECT path, size, mtime_ns FROM instances WHERE sop_instance_uid = ?",
+                                        (str(sop_instance_uid),))
+        stamp = instance_stamp(*rows[0]) if rows else None
+        if stamp is None:
+            return None
+        cache = self._daemon.plugin_cache(self._plugin.name)
+        data = cache.get(sop_instance_uid, stamp)
+        if data is None:
+            data = make()
+            cache.put(sop_instance_uid, stamp, data)
+        return data
 
     def file(self, sop_instance_uid: str) -> bytes | None:
         """The stored bytes of an instance."""
@@ -6639,13 +6695,10 @@ def _image_routes(api: Api):
         if not rows:
             _fail(404, f"no instance {uid or uri[:200]}")
         uid, location, size, mtime_ns = rows[0]
-        if location_scheme(location) == "file":
-            try:  # the file itself, which may have changed since it was indexed
-                status = os.stat(location)
-            except OSError:
-                _fail(404, f"the file of {uid} is missing; run 'dicoogled check'")
-            size, mtime_ns = status.st_size, status.st_mtime_ns
-        return uid, location, f"{size} {mtime_ns}"
+        stamp = instance_stamp(location, size, mtime_ns)
+        if stamp is None:
+            _fail(404, f"the file of {uid} is missing; run 'dicoogled check'")
+        return uid, location, stamp
 
     def source_of(uid: str, location: str):
         try:
@@ -6685,7 +6738,7 @@ def _image_routes(api: Api):
             png = encode_png(shrink(image, edge) if edge else image, key if cacheable else "")
             if cacheable:
                 try:
-                    thumbnails.put(uid, png)
+                    thumbnails.put(uid, key, png)
                 except OSError as error:  # a full disk costs speed, not the answer
                     http_log.warning("cannot cache the thumbnail of %s: %s", uid, error)
         bottle.response.content_type = "image/png"
@@ -7422,6 +7475,7 @@ class Daemon:
         self.dicom = DicomServices(config, self.ingest, self.finder)
         self.users = Users(data_dir / "users.sqlite", config.session_idle_minutes)
         self.thumbnails = ThumbnailCache(data_dir / "cache" / "thumbnails")
+        self._cache_root = data_dir / "cache"
         self.users.ensure_admin(data_dir, os.environ.get("DICOOGLED_ADMIN_PASSWORD"))
         self.tasks = TaskManager(self.ingest)
         #: Query providers by name: callables(query text) -> [(uri, metadata)]; plugins add theirs.
@@ -7480,6 +7534,10 @@ class Daemon:
                 )
                 self.watcher.start()
 
+    def plugin_cache(self, plugin_name: str) -> InstanceCache:
+        """The cache of what a plugin makes from instances (dicoogle.cached)."""
+        return InstanceCache(self._cache_root / f"plugin-{plugin_name}", ".cache")
+
     def _search_builtin(self, query: str):
         rows, _ = search_index(self, query)
         return [(_file_uri(path), json.loads(meta)) for _, path, meta in rows]
@@ -7492,7 +7550,10 @@ class Daemon:
                     self.ingest.reconcile_scheme(scheme)
                 except Exception:  # one storage plugin's failure must not stop the others
                     self.log.exception("cannot reconcile the index with storage %s", scheme)
-            self.thumbnails.purge(lambda uid: self.index.instance_by_uid(uid) is not None)
+            is_indexed = lambda uid: self.index.instance_by_uid(uid) is not None  # noqa: E731
+            self.thumbnails.purge(is_indexed)
+            for folder in self._cache_root.glob("plugin-*"):
+                InstanceCache(folder, ".cache").purge(is_indexed)
         finally:
             self.reconciling -= 1
 

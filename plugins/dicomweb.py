@@ -258,19 +258,27 @@ def _decoded_file(path: str) -> bytes:
 def _metadata(study, series="", instance=""):
     """Every instance's attributes as DICOM JSON; bulk data (pixels) as BulkDataURIs."""
     _allow_cors()
-    results = []
-    for sop_uid, _, _, path in _instances(study, series, instance):
-        dataset = pydicom.dcmread(dicoogle.open(path), stop_before_pixels=True)
-        instance_url = f"{_base_url()}/studies/{dataset.StudyInstanceUID}/series/{dataset.SeriesInstanceUID}/instances/{sop_uid}"
-        json_dict = dataset.to_json_dict(
-            bulk_data_threshold=1024, suppress_invalid_tags=True,
-            bulk_data_element_handler=lambda element, url=instance_url: f"{url}/bulkdata/{element.tag:08X}",
-        )
-        pixel_vr = "OB" if dataset.file_meta.TransferSyntaxUID not in UNCOMPRESSED or dataset.get("BitsAllocated", 16) <= 8 else "OW"
-        json_dict["7FE00010"] = {"vr": pixel_vr, "BulkDataURI": f"{instance_url}/bulkdata/7FE00010"}
-        results.append(json_dict)
+    base = _base_url()
+    # Each instance's JSON is made once (a parse of its file) and kept by dicoogle.cached, its
+    # bulk data URIs relative: the server's address is the request's, added here.
+    parts = [dicoogle.cached(sop_uid, lambda path=path: _instance_metadata(path))
+             for sop_uid, _, _, path in _instances(study, series, instance)]
     bottle.response.content_type = DICOM_JSON
-    return json.dumps(results)
+    text = b"[" + b",".join(part for part in parts if part) + b"]"
+    return text.replace(b'"BulkDataURI": "/studies/', b'"BulkDataURI": "' + base.encode() + b"/studies/")
+
+
+def _instance_metadata(path: str) -> bytes:
+    """One instance as DICOM JSON, with BulkDataURIs relative to the DICOMweb root."""
+    dataset = pydicom.dcmread(dicoogle.open(path), stop_before_pixels=True)
+    instance_url = f"/studies/{dataset.StudyInstanceUID}/series/{dataset.SeriesInstanceUID}/instances/{dataset.SOPInstanceUID}"
+    json_dict = dataset.to_json_dict(
+        bulk_data_threshold=1024, suppress_invalid_tags=True,
+        bulk_data_element_handler=lambda element: f"{instance_url}/bulkdata/{element.tag:08X}",
+    )
+    pixel_vr = "OB" if dataset.file_meta.TransferSyntaxUID not in UNCOMPRESSED or dataset.get("BitsAllocated", 16) <= 8 else "OW"
+    json_dict["7FE00010"] = {"vr": pixel_vr, "BulkDataURI": f"{instance_url}/bulkdata/7FE00010"}
+    return json.dumps(json_dict).encode("utf-8")
 
 
 def _frame_layout(path: str):

@@ -418,6 +418,46 @@ def test_wado_metadata_with_working_bulkdata_uris(archive):
     assert split_multipart(response)[0][1] == full.PixelData
 
 
+def test_wado_metadata_is_made_once_and_follows_the_instance(start_daemon, tmp_path):
+    """Each instance's metadata is parsed once and kept in data/cache/plugin-dicomweb; a
+    changed instance is parsed again, the addresses are the request's own, and a removed
+    instance's metadata leaves the cache at the next start."""
+    daemon = start_daemon("[storage]\nduplicates = overwrite\n", env=ADMIN_ENV)
+    first = studygen.make_instance(0, 0, 0, 0)
+    second = studygen.make_instance(0, 0, 0, 1)
+    assert daemon.store(first, second) == [0, 0]
+    study = first.StudyInstanceUID
+    auth = ("admin", ADMIN_PASSWORD)
+
+    def metadata(host="127.0.0.1"):
+        response = requests.get(f"http://{host}:{daemon.http_port}/dicom-web/studies/{study}/metadata", auth=auth)
+        assert response.status_code == 200, response.text
+        return {item["00080018"]["Value"][0]: item for item in response.json()}
+    cache = daemon.data_dir / "cache" / "plugin-dicomweb"
+    answer = metadata()
+    assert answer[first.SOPInstanceUID]["00100010"]["Value"][0]["Alphabetic"] == str(first.PatientName)
+    assert sorted(p.name for p in cache.iterdir()) == sorted(f"{ds.SOPInstanceUID}.cache" for ds in (first, second))
+    assert answer[first.SOPInstanceUID]["7FE00010"]["BulkDataURI"].startswith(f"http://127.0.0.1:{daemon.http_port}/dicom-web/studies/")
+    assert metadata("localhost")[first.SOPInstanceUID]["7FE00010"]["BulkDataURI"].startswith(f"http://localhost:{daemon.http_port}/")
+    # The second answer is the cache's: what it holds is what is served.
+    kept = cache / f"{first.SOPInstanceUID}.cache"
+    name = str(first.PatientName).encode()
+    assert name in kept.read_bytes()
+    kept.write_bytes(kept.read_bytes().replace(name, b"FROM^THE^CACHE"))
+    assert metadata()[first.SOPInstanceUID]["00100010"]["Value"][0]["Alphabetic"] == "FROM^THE^CACHE"
+    # A new version of the instance is parsed again.
+    changed = studygen.make_instance(0, 0, 0, 0, StudyDescription="Changed description")
+    assert daemon.store(changed) == [0]
+    assert metadata()[first.SOPInstanceUID]["00081030"]["Value"] == ["Changed description"]
+    # Removed, then a restart: its metadata is no longer kept.
+    admin = admin_client(daemon)
+    assert admin.post("/management/tasks/remove", data={"SOPInstanceUID": second.SOPInstanceUID}).status == 200
+    daemon.restart()
+    daemon.settled()
+    assert not (cache / f"{second.SOPInstanceUID}.cache").exists()
+    assert (cache / f"{first.SOPInstanceUID}.cache").exists()
+
+
 def test_wado_frames_raw_and_compressed(archive):
     d = pydicom.dcmread(archive.paths[0])
     frames = archive.client.retrieve_instance_frames(d.StudyInstanceUID, d.SeriesInstanceUID, d.SOPInstanceUID, [1])
