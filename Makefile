@@ -34,7 +34,7 @@ test: $(VENV)/.installed system-deps tests/js/node_modules/.package-lock.json
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: $(VENV)/.installed system-deps
-	@command -v Orthanc >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq orthanc; }
+	@{ command -v Orthanc >/dev/null && dpkg -s orthanc-dicomweb >/dev/null 2>&1; } || { $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq orthanc orthanc-dicomweb; }
 	$(PY) bench/bench.py $(ARGS)
 
 clean:
