@@ -354,6 +354,27 @@ def _fts_phrase(tokens: list[str], prefix: bool = False) -> str:
     return quoted + ("*" if prefix else "")
 
 
+def fsync_folder(folder: pathlib.Path):
+    """Flush a folder's entries to disk: a file renamed or created into it is durable only once
+    its folder is (POSIX; some file systems do it with the next fsync anyway, others never)."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def make_folders(folder: pathlib.Path) -> list[pathlib.Path]:
+    """mkdir -p: the folders it made, outermost first (their parents' entries are new)."""
+    missing = []
+    while not folder.is_dir():
+        missing.append(folder)
+        folder = folder.parent
+    for made in reversed(missing):
+        made.mkdir(exist_ok=True)
+    return list(reversed(missing))
+
+
 def start_thread(name: str, target, *args) -> threading.Thread:
     """Run target in a daemon thread that logs, instead of silently losing, its exception."""
 
@@ -746,6 +767,7 @@ def save_settings(data_dir: pathlib.Path, values: dict[str, dict[str, str]]):
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+        fsync_folder(path.parent)
     except BaseException:  # a full disk: the old settings.ini stays whole, no half-written copy beside it
         with contextlib.suppress(OSError):
             os.unlink(tmp)
@@ -1685,8 +1707,9 @@ class Storage:
         return self.root / study_uid / series_uid / f"{sop_uid}.dcm"
 
     def write(self, path: pathlib.Path, data: bytes):
-        """Write data to path atomically: a temp file in the data dir, fsync, rename."""
-        path.parent.mkdir(parents=True, exist_ok=True)
+        """Write data to path atomically: a temp file in the data dir, fsync, rename, and (with
+        fsync) the rename itself and any folder made for it flushed too."""
+        made = make_folders(path.parent)
         fd, tmp_name = tempfile.mkstemp(prefix="store-", dir=self.tmp)
         try:
             with os.fdopen(fd, "wb") as handle:
@@ -1695,6 +1718,9 @@ class Storage:
                     handle.flush()
                     os.fsync(handle.fileno())
             os.replace(tmp_name, path)
+            if self.fsync:
+                for folder in dict.fromkeys([path.parent, *(folder.parent for folder in made)]):
+                    fsync_folder(folder)
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(tmp_name)

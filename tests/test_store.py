@@ -11,6 +11,7 @@ import os
 import pathlib
 import re
 import socket
+import shutil
 import struct
 import subprocess
 import sys
@@ -566,6 +567,35 @@ def test_native_pixel_data_shorter_than_its_image_fails(daemon, photometric, sam
         assert str(assoc.response.ErrorComment).startswith("truncated: pixel data holds"), assoc.response
     assoc.release()
     assert len(daemon.find(make_identifier("IMAGE", SOPInstanceUID=ds.SOPInstanceUID))[0]) == (status == SUCCESS)
+
+
+@pytest.mark.skipif(not shutil.which("strace"), reason="needs strace to see the daemon's system calls")
+def test_a_stored_file_and_its_new_folders_are_flushed_before_success(daemon, tmp_path):
+    """Durable means the rename too: after the file's own fsync, the folder it was renamed into
+    and the folders made for it are fsynced before the sender hears success (POSIX: an entry is
+    on disk once its folder is). Seen from outside, in the daemon's system calls."""
+    trace, said = tmp_path / "trace", tmp_path / "strace.err"
+    with open(said, "w") as err:
+        tracer = subprocess.Popen(["strace", "-f", "-e", "trace=openat,fsync,rename,renameat,renameat2", "-o", str(trace),
+                                   "-p", str(daemon.process.pid)], stderr=err)
+    try:
+        wait_until(lambda: "attached" in said.read_text(), message="strace to attach")
+        ds = studygen.make_instance(7, 0, 0, 0)
+        assert daemon.store(ds) == [SUCCESS]
+    finally:
+        tracer.terminate()
+        tracer.wait(10)
+    calls = trace.read_text()
+    path = stored_path(daemon, ds)
+    renamed = calls.index(str(path))
+    open_folders, synced = {}, set()  # file descriptor -> the folder it was opened for, as the calls go
+    for line in calls[renamed:].splitlines():
+        if opened := re.search(r'openat\(AT_FDCWD, "([^"]+)", [^)]*O_DIRECTORY[^)]*\)\s+= (\d+)', line):
+            open_folders[opened.group(2)] = opened.group(1)
+        elif flushed := re.search(r"fsync\((\d+)\)\s+= 0", line):
+            synced.add(open_folders.pop(flushed.group(1), None))
+    storage = daemon.data_dir / "storage"
+    assert {str(path.parent), str(path.parent.parent), str(storage)} <= synced, calls[renamed:][:3000]
 
 
 @pytest.mark.parametrize("keyword", ["SOPInstanceUID", "SOPClassUID"])
