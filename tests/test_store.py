@@ -579,7 +579,9 @@ def test_a_stored_file_and_its_new_folders_are_flushed_before_success(daemon, tm
         tracer = subprocess.Popen(["strace", "-f", "-e", "trace=openat,fsync,rename,renameat,renameat2", "-o", str(trace),
                                    "-p", str(daemon.process.pid)], stderr=err)
     try:
-        wait_until(lambda: "attached" in said.read_text(), message="strace to attach")
+        wait_until(lambda: "attached" in said.read_text() or tracer.poll() is not None, message="strace to attach")
+        if tracer.poll() is not None:  # no ptrace here (a container without the capability)
+            pytest.skip(f"strace cannot attach to the daemon: {said.read_text()[-300:]}")
         ds = studygen.make_instance(7, 0, 0, 0)
         assert daemon.store(ds) == [SUCCESS]
     finally:
