@@ -38,6 +38,7 @@ import pathlib
 import re
 import secrets
 import select
+import selectors
 import shutil
 import signal
 import socket
@@ -3874,6 +3875,10 @@ class Association:
                 raise AssociationEnded("the peer closed the connection")
             buffer += chunk
 
+    def received(self, data: bytes):
+        """Bytes read from the socket before the association took it over, to be read first."""
+        self._buffer += data
+
     def read_pdu(self, timeout: float | None) -> tuple[int, bytes]:
         """The next whole PDU (type, bytes with its header); TimeoutError if it is not complete
         within timeout seconds: a peer that trickles bytes gets no more time than a silent one."""
@@ -4098,67 +4103,139 @@ def _user_information(max_pdu: int) -> list:
     return [maximum, implementation, version]
 
 
+def _association_request_complete(received: bytes) -> bool:
+    """Whether a new connection has sent enough to be handled: a whole A-ASSOCIATE-RQ, or what
+    shows it is none (another PDU type, or a length past MAX_CONTROL_PDU), which is then
+    refused as a protocol error by the association's own reading."""
+    if len(received) < PDU_HEADER.size:
+        return False
+    pdu_type, length = PDU_HEADER.unpack_from(received)
+    return pdu_type != A_ASSOCIATE_RQ_PDU or length > MAX_CONTROL_PDU or len(received) >= PDU_HEADER.size + length
+
+
 class AssociationAcceptor:
-    """The DICOM listener: one socket, one thread waiting on it (and on a wake-up pipe to close
-    it), one thread per connection. A connection only takes an association slot once it has sent a
-    valid A-ASSOCIATE-RQ; it has handshake_timeout seconds to do so, and any closed socket frees
-    everything at once.
+    """The DICOM listener: one socket and one thread, which accepts connections and keeps them
+    in a waiting room until each has sent its whole A-ASSOCIATE-RQ; only then does a connection
+    get a thread of its own (one per association) and, if the request is good, an association
+    slot. A connection has handshake_timeout seconds to send its request; one that closes first
+    is forgotten at once. So silent, half-open and trickling connections (port scans, health
+    checks, a flood) cost a socket in the waiting room, never a thread or a slot.
 
     judge(request) -> a rejection (result, source, reason) or None; contexts(request) -> the
     supported contexts to negotiate; serve(association) runs the association to its end.
     settings() -> the live limits: max_associations, max_pdu, max_pdu_send, handshake_timeout,
     timeout (network), aet."""
 
+    #: Connections the waiting room holds at most: past it, the one waiting longest is closed
+    #: (a real peer sends its request as soon as it connects, so it is never the oldest for long).
+    MAX_WAITING = 1024
+
     def __init__(self, host: str, port: int, *, settings, judge, contexts, serve, log: logging.Logger):
         self.settings, self.judge, self.contexts, self.serve, self.log = settings, judge, contexts, serve, log
-        self._listener = socket.create_server((host, port), backlog=128)  # a burst of connections (a port scan) must not make peers wait for a SYN retry
+        # A backlog of 128, not socketserver's 5: a burst of connections must not have peers wait for a SYN retry.
+        self._listener = socket.create_server((host, port), backlog=128)
+        self._listener.setblocking(False)
         self.address = self._listener.getsockname()[:2]
         self._wake_read, self._wake_write = socket.socketpair()
         self._lock = threading.Lock()
-        self._closed = False
         #: Established associations (and those being negotiated after a valid request).
         self.associations = set()
         self._thread = start_thread(f"dicom-listener-{self.address[1]}", self._accept_loop)
 
     def _accept_loop(self):
+        selector = selectors.DefaultSelector()
+        selector.register(self._listener, selectors.EVENT_READ)
+        selector.register(self._wake_read, selectors.EVENT_READ)
+        #: The waiting room, oldest first: socket -> (address, deadline, what it has sent so far).
+        waiting: dict[socket.socket, tuple[tuple, float, bytearray]] = {}
+
+        def leave(sock: socket.socket):
+            selector.unregister(sock)
+            del waiting[sock]
+
+        try:
+            while True:
+                now = time.monotonic()
+                timeout = max(0.0, min(deadline for _, deadline, _ in waiting.values()) - now) if waiting else None
+                for key, _ in selector.select(timeout):
+                    if key.fileobj is self._wake_read:
+                        return
+                    if key.fileobj is self._listener:
+                        self._accept_waiting(selector, waiting, leave)
+                        continue
+                    sock = key.fileobj
+                    address, _, received = waiting[sock]
+                    try:
+                        chunk = sock.recv(65536)
+                    except BlockingIOError:
+                        continue
+                    except OSError:
+                        chunk = b""
+                    if not chunk:  # a TCP health check's connect-and-close: nothing to say
+                        leave(sock)
+                        sock.close()
+                        continue
+                    received += chunk
+                    if _association_request_complete(received):
+                        leave(sock)
+                        sock.setblocking(True)
+                        start_thread(f"dicom-{address[0]}:{address[1]}", self._run, sock, address, bytes(received))
+                now = time.monotonic()
+                for sock in [sock for sock, (_, deadline, _) in waiting.items() if deadline <= now]:
+                    address = waiting[sock][0]
+                    leave(sock)
+                    sock.close()
+                    self.log.info("closed a connection from %s:%d: no A-ASSOCIATE-RQ within %g s",
+                                  *address, self.settings()["handshake_timeout"])
+        finally:
+            for sock in list(waiting):
+                sock.close()
+            selector.close()
+            self._listener.close()
+
+    def _accept_waiting(self, selector, waiting: dict, leave):
+        """Take every connection the listener holds into the waiting room."""
         while True:
-            readable, _, _ = select.select([self._listener, self._wake_read], [], [])
-            if self._wake_read in readable:
-                break
             try:
                 sock, address = self._listener.accept()
+            except BlockingIOError:
+                return
             except OSError as error:
-                if self._closed:
-                    break
                 self.log.warning("cannot accept a DICOM connection: %s", error)
-                continue
-            start_thread(f"dicom-{address[0]}:{address[1]}", self._run, sock, address[:2])
-        self._listener.close()
+                return
+            if len(waiting) >= self.MAX_WAITING:
+                oldest = next(iter(waiting))
+                self.log.warning("closed a connection from %s:%d: %d connections wait for their A-ASSOCIATE-RQ",
+                                 *waiting[oldest][0], self.MAX_WAITING)
+                leave(oldest)
+                oldest.close()
+            sock.setblocking(False)
+            waiting[sock] = (address[:2], time.monotonic() + self.settings()["handshake_timeout"], bytearray())
+            selector.register(sock, selectors.EVENT_READ)
 
     def shutdown(self):
-        """Stop listening (associations under way go on)."""
-        self._closed = True
+        """Stop listening (associations under way go on; connections still waiting are closed)."""
         with contextlib.suppress(OSError):
             self._wake_write.send(b"x")
         self._thread.join(10)
         self._wake_read.close()
         self._wake_write.close()
 
-    def _run(self, sock: socket.socket, address: tuple):
+    def _run(self, sock: socket.socket, address: tuple, received: bytes):
+        """Answer the A-ASSOCIATE-RQ in received (what the waiting room read: the whole request,
+        or what shows it is none), then serve the association."""
         settings = self.settings()
         association = Association(sock, address, max_receive=settings["max_pdu"], max_send_limit=settings["max_pdu_send"],
                                   timeout=settings["timeout"], log=self.log)
+        association.received(received)
         slot = False
         ending = association.close  # how the connection ends once its slot is free
         try:
-            try:
-                pdu_type, pdu = association.read_pdu(settings["handshake_timeout"])
-            except TimeoutError:
-                self.log.info("closed a connection from %s:%d: no A-ASSOCIATE-RQ within %g s",
-                              *address, settings["handshake_timeout"])
-                return
-            if pdu_type != A_ASSOCIATE_RQ_PDU:
-                raise ProtocolError(f"a PDU of type 0x{pdu_type:02X} before A-ASSOCIATE-RQ", ABORT_UNEXPECTED_PDU)
+            if received[0] != A_ASSOCIATE_RQ_PDU:
+                if not A_ASSOCIATE_RQ_PDU <= received[0] <= A_ABORT_PDU:
+                    raise ProtocolError(f"unknown PDU type 0x{received[0]:02X}", ABORT_UNRECOGNIZED_PDU)
+                raise ProtocolError(f"a PDU of type 0x{received[0]:02X} before A-ASSOCIATE-RQ", ABORT_UNEXPECTED_PDU)
+            pdu_type, pdu = association.read_pdu(settings["handshake_timeout"])  # whole already, or too long
             try:
                 request = _decode_association_request(pdu, address)
             except Exception as error:

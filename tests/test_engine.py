@@ -6,6 +6,8 @@ protocol with an A-ABORT and a log line, and keep serving everyone else.
 """
 
 import json
+import os
+import pathlib
 import socket
 import struct
 import subprocess
@@ -189,6 +191,30 @@ def test_silent_connections_hold_no_slot_and_are_closed(one_slot):
         peer.close()
     assert time.monotonic() - started < 15
     wait_until(lambda: "no A-ASSOCIATE-RQ within 2 s" in one_slot.log, message="a log line about the silent socket")
+
+
+def proc_status(pid: int, field: str) -> int:
+    for line in pathlib.Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+def test_silent_connections_cost_no_thread(start_daemon):
+    """A flood of connections that say nothing waits in the listener's waiting room: each
+    costs a socket there, no thread, and a peer that speaks is served meanwhile."""
+    daemon = start_daemon(config_text="[dicom]\nassociation_request_timeout = 60\n")
+    pid = daemon.process.pid
+    assert echo(daemon) == SUCCESS  # the threads an association needs have been made once
+    threads, sockets = proc_status(pid, "Threads"), len(os.listdir(f"/proc/{pid}/fd"))
+    silent = [RawPeer(daemon.dicom_port) for _ in range(200)]
+    try:
+        wait_until(lambda: len(os.listdir(f"/proc/{pid}/fd")) >= sockets + 200, message="the daemon to accept them all")
+        assert proc_status(pid, "Threads") < threads + 5
+        assert echo(daemon) == SUCCESS
+    finally:
+        for peer in silent:
+            peer.close()
 
 
 def test_a_request_trickled_past_the_timeout_is_dropped(one_slot):
