@@ -4140,6 +4140,8 @@ class AssociationAcceptor:
         self._lock = threading.Lock()
         #: Established associations (and those being negotiated after a valid request).
         self.associations = set()
+        #: How many connections are in the waiting room (for /health).
+        self.waiting = 0
         self._thread = start_thread(f"dicom-listener-{self.address[1]}", self._accept_loop)
 
     def _accept_loop(self):
@@ -4182,11 +4184,11 @@ class AssociationAcceptor:
                         start_thread(f"dicom-{address[0]}:{address[1]}", self._run, sock, address, bytes(received))
                 now = time.monotonic()
                 for sock in [sock for sock, (_, deadline, _) in waiting.items() if deadline <= now]:
-                    address = waiting[sock][0]
+                    self.log.info("closed a connection from %s:%d: no A-ASSOCIATE-RQ within %g s",
+                                  *waiting[sock][0], self.settings()["handshake_timeout"])
                     leave(sock)
                     sock.close()
-                    self.log.info("closed a connection from %s:%d: no A-ASSOCIATE-RQ within %g s",
-                                  *address, self.settings()["handshake_timeout"])
+                self.waiting = len(waiting)
         finally:
             for sock in list(waiting):
                 sock.close()
@@ -4523,6 +4525,12 @@ class DicomServices:
     @property
     def running(self) -> bool:
         return self.acceptor is not None
+
+    def connections(self) -> dict:
+        """Associations under way, and connections still to send their A-ASSOCIATE-RQ."""
+        acceptor = self.acceptor
+        return {"associations": len(acceptor.associations) if acceptor else 0,
+                "waiting": acceptor.waiting if acceptor else 0}
 
     def _settings(self) -> dict:
         """The limits for the next association: read live, so a change applies from the next one."""
@@ -6066,6 +6074,7 @@ def _session_routes(api: Api):
             "version": __version__,
             "aet": daemon.config.aet,
             "dicom_port": daemon.dicom.port,
+            "dicom": daemon.dicom.connections(),
             "http_port": daemon.http_port,
             "counts": counts,
             "storage": {"bytes": sum(by_origin.values()), "by_origin": by_origin},

@@ -6,7 +6,6 @@ protocol with an A-ABORT and a log line, and keep serving everyone else.
 """
 
 import json
-import os
 import pathlib
 import socket
 import struct
@@ -206,15 +205,16 @@ def test_silent_connections_cost_no_thread(start_daemon):
     daemon = start_daemon(config_text="[dicom]\nassociation_request_timeout = 60\n")
     pid = daemon.process.pid
     assert echo(daemon) == SUCCESS  # the threads an association needs have been made once
-    threads, sockets = proc_status(pid, "Threads"), len(os.listdir(f"/proc/{pid}/fd"))
+    threads = proc_status(pid, "Threads")
     silent = [RawPeer(daemon.dicom_port) for _ in range(200)]
     try:
-        wait_until(lambda: len(os.listdir(f"/proc/{pid}/fd")) >= sockets + 200, message="the daemon to accept them all")
+        wait_until(lambda: daemon.health()["dicom"]["waiting"] == 200, message="the daemon to accept them all")
         assert proc_status(pid, "Threads") < threads + 5
         assert echo(daemon) == SUCCESS
     finally:
         for peer in silent:
             peer.close()
+    wait_until(lambda: daemon.health()["dicom"] == {"associations": 0, "waiting": 0}, message="the waiting room to empty")
 
 
 def test_a_request_trickled_past_the_timeout_is_dropped(one_slot):
