@@ -20,6 +20,7 @@ import collections
 import concurrent.futures
 import configparser
 import contextlib
+import ctypes
 import dataclasses
 import datetime
 import errno
@@ -55,6 +56,28 @@ import urllib.parse
 import uuid
 import zlib
 from xml.etree import ElementTree
+
+# Run as a script, a file's whole syntax tree stays in memory (some 20 MB for this one) for as
+# long as the script runs. So `python dicoogled.py` starts over, in the same process, as a program
+# that imports dicoogled (from its cached bytecode) and runs main(), as the installed command does.
+_COMMAND_PROGRAM = ("import os, sys; sys.path.insert(0, os.path.dirname(sys.argv[1])); sys.argv[:2] = ['dicoogled'];"
+                    " import dicoogled; sys.exit(dicoogled.main())")
+if __name__ == "__main__" and __spec__ is None and os.name == "posix":
+    _interpreter_options = sys.orig_argv[1:len(sys.orig_argv) - len(sys.argv)]  # -X dev, -u, ...
+    os.execv(sys.executable, [sys.executable, *_interpreter_options, "-c", _COMMAND_PROGRAM, os.path.abspath(__file__),
+                              *sys.argv[1:]])
+
+# The dicoogled command keeps numpy, Pillow and the pixel codecs out of its own process: pydicom
+# would import them along with itself (and, to download its test files, requests and tqdm).
+# Pixels are decoded in a worker process instead (see "Codec worker"), which imports dicoogled
+# as a module and gets them as usual, as does any program that imports dicoogled (the tests).
+# Blocked only while the libraries below are imported: pydicom then works without them here,
+# and a plugin that imports one of them still can (its memory is then the daemon's).
+_KEPT_OUT_OF_THE_DAEMON = ("numpy", "PIL", "pylibjpeg", "openjpeg", "libjpeg", "rle", "jpeg_ls", "gdcm",
+                           "requests", "tqdm")
+_RUN_AS_COMMAND = __name__ == "__main__" or os.path.basename(sys.argv[0]) == "dicoogled"
+_blocked = [name for name in _KEPT_OUT_OF_THE_DAEMON if name not in sys.modules] if _RUN_AS_COMMAND else []
+sys.modules.update(dict.fromkeys(_blocked))  # None there: `import numpy` raises ImportError
 
 import apsw
 import bottle
@@ -103,6 +126,9 @@ from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelMove,
     Verification,
 )
+
+for _name in _blocked:
+    del sys.modules[_name]
 
 log = logging.getLogger("dicoogled")
 
@@ -7691,6 +7717,14 @@ def _make_private_data_dir(data_dir: pathlib.Path, background=False):
         walk(subfolders)
 
 
+def _release_free_memory():
+    """Give the C heap's free pages back to the system (glibc's malloc_trim; elsewhere nothing).
+
+    What starting freed (some 8 MB) would otherwise stay in the heap, counted in the daemon's RSS."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).malloc_trim(0)
+
+
 class Daemon:
     """Everything one dicoogled process runs, built from a Config."""
 
@@ -7843,6 +7877,7 @@ class Daemon:
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda *_: wake.set())
         self.start()
+        _release_free_memory()
         wake.wait()
         self.stop()
 
