@@ -20,6 +20,7 @@ import collections
 import concurrent.futures
 import configparser
 import contextlib
+import ctypes
 import dataclasses
 import datetime
 import errno
@@ -35,6 +36,7 @@ import logging
 import math
 import os
 import pathlib
+import queue
 import re
 import secrets
 import select
@@ -55,6 +57,28 @@ import urllib.parse
 import uuid
 import zlib
 from xml.etree import ElementTree
+
+# Run as a script, a file's whole syntax tree stays in memory (some 20 MB for this one) for as
+# long as the script runs. So `python dicoogled.py` starts over, in the same process, as a program
+# that imports dicoogled (from its cached bytecode) and runs main(), as the installed command does.
+_COMMAND_PROGRAM = ("import os, sys; sys.path.insert(0, os.path.dirname(sys.argv[1])); sys.argv[:2] = ['dicoogled'];"
+                    " import dicoogled; sys.exit(dicoogled.main())")
+if __name__ == "__main__" and __spec__ is None and os.name == "posix":
+    _interpreter_options = sys.orig_argv[1:len(sys.orig_argv) - len(sys.argv)]  # -X dev, -u, ...
+    os.execv(sys.executable, [sys.executable, *_interpreter_options, "-c", _COMMAND_PROGRAM, os.path.abspath(__file__),
+                              *sys.argv[1:]])
+
+# The dicoogled command keeps numpy, Pillow and the pixel codecs out of its own process: pydicom
+# would import them along with itself (and, to download its test files, requests and tqdm).
+# Pixels are decoded in a worker process instead (see "Codec worker"), which imports dicoogled
+# as a module and gets them as usual, as does any program that imports dicoogled (the tests).
+# Blocked only while the libraries below are imported: pydicom then works without them here,
+# and a plugin that imports one of them still can (its memory is then the daemon's).
+_KEPT_OUT_OF_THE_DAEMON = ("numpy", "PIL", "pylibjpeg", "openjpeg", "libjpeg", "rle", "jpeg_ls", "gdcm",
+                           "requests", "tqdm")
+_RUN_AS_COMMAND = __name__ == "__main__" or os.path.basename(sys.argv[0]) == "dicoogled"
+_blocked = [name for name in _KEPT_OUT_OF_THE_DAEMON if name not in sys.modules] if _RUN_AS_COMMAND else []
+sys.modules.update(dict.fromkeys(_blocked))  # None there: `import numpy` raises ImportError
 
 import apsw
 import bottle
@@ -103,6 +127,9 @@ from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelMove,
     Verification,
 )
+
+for _name in _blocked:
+    del sys.modules[_name]
 
 log = logging.getLogger("dicoogled")
 
@@ -268,6 +295,16 @@ quiet_period = 2
 thumbnails = false
 thumbnail_size = 64
 effort = 100
+
+[codecs]
+# Pixel data is decoded (thumbnails, /dic2png, DICOMweb's rendered images, frames and transcoding)
+# in worker processes, not in the daemon: numpy, Pillow and the codecs stay out of its memory, and
+# a codec that crashes or hangs on a hostile file fails one request, not the archive. How many
+# workers may run at once; each starts on first use and ends after idle_seconds without a
+# request; one whose request takes more than timeout seconds is ended, and the request fails.
+workers = 1
+idle_seconds = 60
+timeout = 60
 
 [plugins]
 # Folders of plugin scripts (*.py, *.lua), one per line; empty means the plugins/ folder
@@ -507,6 +544,9 @@ class Config:
     thumbnails: bool = False
     thumbnail_size: int = 64
     index_effort: int = 100
+    codec_workers: int = 1
+    codec_idle_seconds: float = 60
+    codec_timeout: float = 60
     log_level: str = "INFO"
     plugin_folders: list[pathlib.Path] = dataclasses.field(default_factory=list)
     stable_age: float = 60
@@ -579,6 +619,9 @@ class Config:
                 thumbnails=parser.getboolean("index", "thumbnails"),
                 thumbnail_size=parser.getint("index", "thumbnail_size"),
                 index_effort=parser.getint("index", "effort"),
+                codec_workers=parser.getint("codecs", "workers"),
+                codec_idle_seconds=parser.getfloat("codecs", "idle_seconds"),
+                codec_timeout=parser.getfloat("codecs", "timeout"),
                 log_level=get("log", "level").strip().upper(),
                 plugin_folders=[pathlib.Path(p) for p in get("plugins", "folders").splitlines() if p.strip()]
                 or [pathlib.Path(__file__).resolve().parent / "plugins"],
@@ -631,6 +674,11 @@ class Config:
             raise ValueError(f"invalid thumbnail_size {self.thumbnail_size}: 1..4096 pixels")
         if not 0 <= self.index_effort <= 100:
             raise ValueError(f"invalid index effort {self.index_effort}: 0..100")
+        if not 1 <= self.codec_workers <= 64:
+            raise ValueError(f"invalid [codecs] workers {self.codec_workers}: 1..64")
+        for name in ("codec_idle_seconds", "codec_timeout"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"invalid [codecs] {name.removeprefix('codec_')} {getattr(self, name)}: must be more than 0 seconds")
         for aet, (host, port) in self.modalities.items():
             if not is_valid_ae_title(aet) or not HOST_PATTERN.match(host) or not 0 < port < 65536:
                 raise ValueError(f"invalid C-MOVE destination {aet} = {host}:{port}: expected AET = host:port")
@@ -2709,9 +2757,10 @@ def register_search_functions(connection: apsw.Connection):
 # Rendering: DICOM frames to PNG
 # ============================================================================================
 
-# numpy and pydicom.pixels are imported inside these functions: the DICOM side never needs them.
-# Compressed transfer syntaxes decode through pydicom's plugins (pylibjpeg with libjpeg, openjpeg
-# and rle; pyjpegls); RLE and deflate also decode natively.
+# What decodes pixels here runs in the codec worker (next section), never in the daemon itself:
+# numpy, Pillow and pydicom.pixels are imported inside these functions. Compressed transfer
+# syntaxes decode through pydicom's plugins (pylibjpeg with libjpeg, openjpeg and rle; pyjpegls);
+# RLE and deflate also decode natively. Reading a header (frame_count, frame_rate) needs none.
 
 #: Photometric interpretations shown in grey, and in colour. pydicom hands YBR_FULL and
 #: YBR_FULL_422 (and JPEG 2000's YBR_ICT and YBR_RCT) back as RGB; a palette goes through its LUT.
@@ -2729,7 +2778,7 @@ _SYNTAX_OF_ENCODING = {
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-class UnrenderableError(Exception):
+class UnrenderableError(ValueError):
     """An instance with no image to show: no pixel data, a transfer syntax or photometric
     interpretation we cannot handle, a codec that is not installed, or pixels that fail to decode."""
 
@@ -2908,28 +2957,53 @@ def encode_png(image, text: str = "") -> bytes:
     return png + _png_chunk(b"IDAT", zlib.compress(scanlines.tobytes(), 6)) + _png_chunk(b"IEND", b"")
 
 
-def render_frame(path, frame: int = 0, size: int | None = None, center: float | None = None,
-                 width: float | None = None, media_type: str = "image/png", quality: int = 90) -> bytes | None:
-    """The plugin API's renderer (dicoogle.render, behind DICOMweb's rendered resources): one frame
-    as PNG, or JPEG when Pillow is installed, at most size pixels on its longer side, windowed at
-    center/width if both are given. None if it cannot be rendered."""
-    window = (center, width) if center is not None and width is not None and width > 0 else None
-    try:
-        image = render_image(path, frame, window)
-    except (UnrenderableError, FrameOutOfRange):
-        return None
+def render_frame(source, frame: int = 0, size: int | None = None, window: tuple[float, float] | None = None,
+                 media_type: str = "image/png", quality: int = 90, text: str = "") -> bytes:
+    """One frame as a viewer first shows it (render_image), at most size pixels on its longer side,
+    as PNG (text, if given, in a tEXt chunk: the thumbnail cache's key) or JPEG (made by Pillow).
+    Raises UnrenderableError, or FrameOutOfRange."""
+    if media_type not in ("image/png", "image/jpeg"):
+        raise UnrenderableError(f"{media_type} is not an image type we make: image/png or image/jpeg")
+    image = render_image(source, frame, tuple(window) if window else None)
     if size:
         image = shrink(image, size)
     if media_type == "image/png":
-        return encode_png(image)
-    if media_type != "image/jpeg":
-        return None
+        return encode_png(image, text)
     try:
         from PIL import Image
     except ImportError:
-        return None
+        raise UnrenderableError("JPEG needs Pillow, which is not installed; ask for image/png") from None
     output = io.BytesIO()
     Image.fromarray(image).save(output, "JPEG", quality=quality)
+    return output.getvalue()
+
+
+def decode_frame(source, frame: int = 0) -> bytes:
+    """One frame's pixels (frame from 0), decoded: the bytes Explicit VR Little Endian holds them as.
+    Raises UnrenderableError."""
+    from pydicom.pixels import pixel_array
+
+    try:
+        pixels = pixel_array(source, index=frame)
+    except Exception as error:
+        raise UnrenderableError(f"frame {frame} cannot be decoded: {error}") from error
+    return pixels.astype(pixels.dtype.newbyteorder("<"), copy=False).tobytes()
+
+
+def uncompressed_instance(source) -> bytes:
+    """An instance as a Part 10 file in Explicit VR Little Endian, its pixel data decoded if it was
+    compressed. Raises UnrenderableError."""
+    try:
+        dataset = pydicom.dcmread(source, force=True)
+        syntax = dataset.file_meta.get("TransferSyntaxUID") or _SYNTAX_OF_ENCODING.get(dataset.original_encoding)
+        if syntax is not None and pydicom.uid.UID(syntax).is_compressed:
+            dataset.decompress()
+        else:
+            dataset.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+        output = io.BytesIO()
+        dataset.save_as(output, enforce_file_format=True)
+    except Exception as error:
+        raise UnrenderableError(f"it cannot be decoded: {error}") from error
     return output.getvalue()
 
 
@@ -3018,6 +3092,237 @@ class ThumbnailCache(InstanceCache):
     def put(self, sop_instance_uid: str, key: str, png: bytes):
         """Keep a thumbnail made by encode_png(image, key): its key is in it already."""
         self._write(sop_instance_uid, png)
+
+
+# ============================================================================================
+# Codec worker: pixel work in a child process
+# ============================================================================================
+
+# Decoding pixels takes numpy, Pillow and C codecs: tens of MB the daemon would otherwise hold for
+# good, and native code reading whatever a modality or a web client sent. So it runs in worker
+# processes, started on first use and ended once idle: a codec that crashes or hangs on a hostile
+# file fails the one request that asked, and the next request gets a fresh worker. Across the
+# pipe go a path (or the bytes of an object a storage plugin keeps), parameters as JSON, and the
+# encoded result: never arrays, never pickles.
+
+#: What a worker can be asked to do: name -> function(source, **parameters) -> bytes.
+CODEC_CALLS = {"render": render_frame, "pixels": decode_frame, "uncompressed": uncompressed_instance}
+#: The errors a worker answers by name, raised again in the daemon.
+CODEC_ERRORS = {"unrenderable": UnrenderableError, "frame": FrameOutOfRange}
+#: A worker's program: dicoogled imported as a module (so numpy and the codecs load) from the
+#: folder of this file, then its loop. Its command line names this file and the log level.
+_CODEC_WORKER_PROGRAM = ("import os, sys; sys.path.insert(0, os.path.dirname(sys.argv[1])); import dicoogled;"
+                         " dicoogled.codec_worker_main(sys.argv[2])")
+
+
+class CodecWorkerError(RuntimeError):
+    """A codec worker crashed, was killed or could not start: the request it served fails, and the
+    next one starts a fresh worker."""
+
+
+class CodecTimeout(CodecWorkerError):
+    """A codec worker took longer than [codecs] timeout: it was ended, and its request fails."""
+
+
+def _write_message(stream, header: dict, data: bytes = b""):
+    """One message on a worker's pipes: the lengths of a JSON header and of the data, then both."""
+    text = json.dumps(header).encode()
+    stream.write(struct.pack(">IQ", len(text), len(data)) + text)
+    stream.write(data)
+    stream.flush()
+
+
+def _read_message(stream) -> tuple[dict, bytes] | None:
+    """A message written by _write_message; None at the end of the stream."""
+    lengths = stream.read(12)
+    if not lengths:
+        return None
+    if len(lengths) < 12:
+        raise EOFError("a message cut short")
+    header_length, data_length = struct.unpack(">IQ", lengths)
+    header, data = stream.read(header_length), stream.read(data_length)
+    if len(header) < header_length or len(data) < data_length:
+        raise EOFError("a message cut short")
+    return json.loads(header), data
+
+
+def codec_worker_main(log_level: str = "INFO"):
+    """A codec worker: answer the requests read from stdin on stdout, until stdin closes (the
+    daemon ended the worker, or is gone)."""
+    _configure_logging(log_level)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C in a terminal: the daemon ends its workers
+    requests, answers = sys.stdin.buffer, os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)  # whatever a library prints, from C too, goes to the log rather than into the answers
+    sys.stdout = sys.stderr
+    while (request := _read_message(requests)) is not None:
+        header, data = request
+        try:
+            source = header["path"] if "path" in header else io.BytesIO(data)
+            answer, result = {}, CODEC_CALLS[header["call"]](source, **header["parameters"])
+        except (UnrenderableError, FrameOutOfRange) as error:
+            kind = "frame" if isinstance(error, FrameOutOfRange) else "unrenderable"
+            answer, result = {"error": kind, "reason": str(error)}, b""
+        except Exception as error:  # a bug rather than the file: logged here, told as unrenderable
+            logging.getLogger("dicoogled.codec").exception("%s failed", header.get("call"))
+            answer, result = {"error": "unrenderable", "reason": f"{type(error).__name__}: {error}"}, b""
+        _write_message(answers, answer, result)
+
+
+def _exit_text(returncode: int | None) -> str:
+    """How a worker process ended, for the log and the client."""
+    if returncode is None:
+        return "it stopped answering"
+    if returncode < 0:
+        return f"killed by signal {-returncode} ({signal.Signals(-returncode).name})"
+    return f"exit code {returncode}"
+
+
+class _CodecProcess:
+    """One worker process: started by its first request, ended idle_seconds after its last."""
+
+    def __init__(self, idle_seconds: float, log_level: str, counts: collections.Counter):
+        self.idle_seconds, self.log_level, self.counts = idle_seconds, log_level, counts
+        self.process: subprocess.Popen | None = None
+        #: A request is in the worker (for /health).
+        self.busy = False
+        self.closed = False
+        self._lock = threading.Lock()  # one request at a time; the idle timer waits for it too
+        self._idle_timer = None
+        self.log = logging.getLogger("dicoogled.codec")
+
+    def call(self, header: dict, data: bytes, timeout: float) -> tuple[dict, bytes]:
+        """Send one request and wait for its answer: (header, bytes)."""
+        with self._lock:
+            self._idle_timer = None  # a timer firing now finds itself replaced, and leaves the worker be
+            if self.closed:
+                raise CodecWorkerError("the archive is stopping")
+            if self.process is None or self.process.poll() is not None:  # never started, or gone while idle
+                self._start()
+            process = self.process
+            self.busy = True
+            try:
+                _write_message(process.stdin, header, data)
+                if not select.select([process.stdout], [], [], timeout)[0]:
+                    self._end(kill=True)
+                    self.counts["timed_out"] += 1
+                    self.log.error("codec worker %d took more than %g s over a %s request: ended", process.pid,
+                                   timeout, header["call"])
+                    raise CodecTimeout(f"decoding took more than {timeout:g} s; the codec worker was ended")
+                answer = _read_message(process.stdout)
+                if answer is None:
+                    raise EOFError("no answer")
+                return answer
+            except (OSError, EOFError, ValueError):  # a broken pipe, an answer cut short or garbled
+                self._end(kill=True)
+                self.counts["crashed"] += 1
+                how = _exit_text(process.returncode)
+                self.log.error("codec worker %d ended during a %s request: %s", process.pid, header["call"], how)
+                raise CodecWorkerError(f"the codec worker ended while decoding ({how}); the next request starts a new one") from None
+            finally:
+                self.busy = False
+                if self.process is not None:
+                    self._arm_idle_timer()
+
+    def close(self):
+        """End the worker for good; one under way is killed (its request fails)."""
+        self.closed = True
+        process = self.process
+        if process is not None and self.busy:
+            process.kill()
+        with self._lock:
+            self._idle_timer = None
+            self._end()
+
+    def _start(self):
+        self._end()  # reap one that died while idle
+        command = [sys.executable, "-c", _CODEC_WORKER_PROGRAM, os.path.abspath(__file__), self.log_level]
+        try:
+            self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        except OSError as error:
+            raise CodecWorkerError(f"cannot start a codec worker: {error}") from None
+        self.counts["started"] += 1
+        self.log.info("codec worker %d started", self.process.pid)
+
+    def _end(self, kill: bool = False):
+        """End the worker: closing its stdin ends its loop; killed at once if kill, or if it lingers."""
+        process, self.process = self.process, None
+        if process is None:
+            return
+        if kill:
+            process.kill()
+        with contextlib.suppress(OSError):
+            process.stdin.close()
+        try:
+            process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        process.stdout.close()
+
+    def _arm_idle_timer(self):
+        timer = self._idle_timer = threading.Timer(self.idle_seconds, self._end_if_idle)
+        timer.daemon = True
+        timer.start()
+
+    def _end_if_idle(self):
+        try:
+            with self._lock:  # a request under way holds it, and arms a new timer when done
+                if self._idle_timer is threading.current_thread() and self.process is not None:
+                    pid = self.process.pid
+                    self._end()
+                    self.counts["ended_idle"] += 1
+                    self.log.info("codec worker %d ended after %g s idle", pid, self.idle_seconds)
+        except Exception:
+            self.log.exception("cannot end an idle codec worker")
+
+
+class CodecWorkers:
+    """Pixel work done in worker processes, at most `workers` at once: codecs.call("render", path).
+
+    A worker starts on first use and ends after idle_seconds without a request; one that crashes,
+    is killed or takes longer than timeout seconds fails its request with CodecWorkerError (or
+    CodecTimeout), and the next request starts a fresh one.
+    """
+
+    def __init__(self, workers: int = 1, idle_seconds: float = 60, timeout: float = 60, log_level: str = "INFO"):
+        self.timeout = timeout
+        #: Workers started, ended idle, crashed and timed out (for /health).
+        self.counts = collections.Counter()
+        self._workers = [_CodecProcess(idle_seconds, log_level, self.counts) for _ in range(workers)]
+        self._free = queue.LifoQueue()  # the last one used first: it is warm, and the others may end idle
+        for worker in self._workers:
+            self._free.put(worker)
+
+    def call(self, name: str, source, **parameters) -> bytes:
+        """CODEC_CALLS[name](source, **parameters), run in a worker: its bytes.
+
+        source is a path, or a binary file or bytes (an object a storage plugin keeps). Raises what
+        the function raised (UnrenderableError, FrameOutOfRange), CodecWorkerError if the worker
+        crashed or was killed, CodecTimeout if it took too long.
+        """
+        header = {"call": name, "parameters": parameters}
+        if isinstance(source, (str, os.PathLike)):
+            header["path"], data = os.fspath(source), b""
+        else:
+            data = source if isinstance(source, bytes) else source.read()
+        worker = self._free.get()
+        try:
+            answer, result = worker.call(header, data, self.timeout)
+        finally:
+            self._free.put(worker)
+        if "error" in answer:
+            raise CODEC_ERRORS.get(answer["error"], UnrenderableError)(answer["reason"])
+        return result
+
+    def status(self) -> dict:
+        """The running workers ({pid, busy}) and the counts, for /health."""
+        running = [{"pid": process.pid, "busy": worker.busy}
+                   for worker in self._workers if (process := worker.process) is not None]
+        return {"running": running, **{key: self.counts[key] for key in ("started", "ended_idle", "crashed", "timed_out")}}
+
+    def close(self):
+        for worker in self._workers:
+            worker.close()
 
 
 # ============================================================================================
@@ -3198,10 +3503,29 @@ class PluginApi:
         an int whose .reason says why when it is a failure."""
         return self._daemon.ingest.store_received(data, source, origin="stow")
 
+    # Pixels are decoded in the codec worker: a plugin never imports numpy or pydicom.pixels itself.
+    # A worker that crashed or took too long raises CodecWorkerError, which answers the request 502/504.
+
     def render(self, path: str, frame: int = 0, size: int | None = None, center: float | None = None,
                width: float | None = None, media_type: str = "image/png", quality: int = 90) -> bytes | None:
-        """One frame of a stored file as PNG or JPEG bytes, or None if it cannot be rendered."""
-        return render_frame(path, frame, size=size, center=center, width=width, media_type=media_type, quality=quality)
+        """One frame (from 0) of a stored instance as PNG or JPEG bytes, at most size pixels on its
+        longer side, windowed at center/width if both are given; None if it cannot be rendered."""
+        window = [center, width] if center is not None and width is not None and width > 0 else None
+        try:
+            return self._daemon.codecs.call("render", self._daemon.storage.open(path), frame=frame, size=size,
+                                            window=window, media_type=media_type, quality=quality)
+        except (UnrenderableError, FrameOutOfRange, OSError):
+            return None
+
+    def pixels(self, path: str, frame: int = 0) -> bytes:
+        """One frame (from 0) of a stored instance, decoded: its pixels as Explicit VR Little Endian
+        holds them. Raises ValueError, with a reason fit for the caller, if it cannot be decoded."""
+        return self._daemon.codecs.call("pixels", self._daemon.storage.open(path), frame=frame)
+
+    def uncompressed(self, path: str) -> bytes:
+        """A stored instance as a Part 10 file in Explicit VR Little Endian, its pixel data decoded.
+        Raises ValueError, with a reason fit for the caller, if it cannot be decoded."""
+        return self._daemon.codecs.call("uncompressed", self._daemon.storage.open(path))
 
     def open(self, location: str):
         """What pydicom.dcmread reads a stored instance from: its path, or its bytes in memory
@@ -5675,6 +5999,13 @@ def _fail(status: int, message: str, **headers):
     raise bottle.HTTPError(status, message, **headers)
 
 
+def _codec_failure(error: CodecWorkerError, what: str):
+    """Answer a request whose codec worker failed: 504 if it took too long, else 502 (as a gateway
+    whose upstream failed); the worker's end is already logged."""
+    logging.getLogger("dicoogled.http").error("%s: %s", what, error)
+    _fail(504 if isinstance(error, CodecTimeout) else 502, str(error))
+
+
 def _security_headers(path: str) -> dict[str, str]:
     """The headers every answer to path carries unless its handler set its own: a
     Content-Security-Policy for what it is, no framing, no referrer, and no caching (patient
@@ -5953,7 +6284,7 @@ def make_app(daemon: "Daemon") -> bottle.Bottle:
             return json.dumps({"error": "internal error; see the server log"})
         return json.dumps({"error": error.body if isinstance(error.body, str) else error.status_line})
 
-    for code in (400, 401, 403, 404, 405, 406, 409, 413, 415, 429, 500, 501, 503):
+    for code in (400, 401, 403, 404, 405, 406, 409, 413, 415, 429, 500, 501, 502, 503, 504):
         app.error(code)(json_error)
 
     @app.hook("after_request")
@@ -6086,6 +6417,9 @@ def _session_routes(api: Api):
             },
             # Whether `dicoogled install-viewer` has installed OHIF at /viewer/ (the web app links to it).
             "viewer": (daemon.config.data_dir / "viewer" / "index.html").is_file(),
+            # The processes that decode pixels: {pid, busy} of those running, and how many were
+            # started, ended idle, crashed (or were killed) and timed out.
+            "codec_workers": daemon.codecs.status(),
         }
 
     @api.route("/login", "POST", access=PUBLIC)
@@ -6611,6 +6945,8 @@ def _plugin_routes(api: Api):
             result = route.call(**arguments)
         except bottle.HTTPResponse:
             raise
+        except CodecWorkerError as error:  # the worker's failure, not the plugin's
+            _codec_failure(error, f"{bottle.request.method} {bottle.request.path}")
         except Exception as error:
             plugin.failures += 1
             logging.getLogger(f"dicoogled.plugin.{name}").exception("web service %s failed", rest)
@@ -6841,13 +7177,15 @@ def _image_routes(api: Api):
         png = thumbnails.get(uid, key) if cacheable else None
         if png is None:
             try:
-                image = render_image(source_of(uid, location), frame, window)
+                png = daemon.codecs.call("render", source_of(uid, location), frame=frame, size=edge, window=window,
+                                         text=key if cacheable else "")
             except FrameOutOfRange as error:
                 _fail(400, str(error))
             except UnrenderableError as error:
                 http_log.info("dic2png: %s cannot be rendered: %s", uid, error)
                 _fail(415, f"{uid} cannot be shown as an image: {error}")
-            png = encode_png(shrink(image, edge) if edge else image, key if cacheable else "")
+            except CodecWorkerError as error:
+                _codec_failure(error, uid)
             if cacheable:
                 try:
                     thumbnails.put(uid, key, png)
@@ -7562,6 +7900,14 @@ def _make_private_data_dir(data_dir: pathlib.Path, background=False):
         walk(subfolders)
 
 
+def _release_free_memory():
+    """Give the C heap's free pages back to the system (glibc's malloc_trim; elsewhere nothing).
+
+    What starting freed (some 8 MB) would otherwise stay in the heap, counted in the daemon's RSS."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).malloc_trim(0)
+
+
 class Daemon:
     """Everything one dicoogled process runs, built from a Config."""
 
@@ -7588,6 +7934,8 @@ class Daemon:
         self.users = Users(data_dir / "users.sqlite", config.session_idle_minutes)
         self.thumbnails = ThumbnailCache(data_dir / "cache" / "thumbnails")
         self._cache_root = data_dir / "cache"
+        #: Where pixels are decoded: worker processes, started on first use.
+        self.codecs = CodecWorkers(config.codec_workers, config.codec_idle_seconds, config.codec_timeout, config.log_level)
         self.users.ensure_admin(data_dir, os.environ.get("DICOOGLED_ADMIN_PASSWORD"))
         self.tasks = TaskManager(self.ingest)
         #: Query providers by name: callables(query text) -> [(uri, metadata)]; plugins add theirs.
@@ -7695,6 +8043,7 @@ class Daemon:
         self.watch()  # stopped is set: this only stops the watcher
         self.tasks.close()
         self.plugins.close()
+        self.codecs.close()
         self.index.close()
         self.users.close()
         self.log.info("stopped")
@@ -7719,6 +8068,7 @@ class Daemon:
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda *_: wake.set())
         self.start()
+        _release_free_memory()
         wake.wait()
         self.stop()
 

@@ -2,8 +2,10 @@
 
 Web viewers (OHIF and other Cornerstone apps), AI pipelines and scripts speak DICOMweb. This plugin
 is a whole service built only on the plugin API: searches use the same index and matching rules as
-C-FIND (`dicoogle.find`), stores go through the one ingest path (`dicoogle.store`), and retrievals
-stream the stored files.
+C-FIND (`dicoogle.find`), stores go through the one ingest path (`dicoogle.store`), retrievals
+stream the stored files, and what needs pixels decoded (rendered images, decoded frames, files
+converted to Explicit VR Little Endian) asks the daemon's codec worker (`dicoogle.render`,
+`dicoogle.pixels`, `dicoogle.uncompressed`), so no codec runs in the daemon itself.
 
 Enabled by default: it serves nothing the REST API does not, and with the same logins (a token, or
 HTTP Basic for DICOMweb clients). Settings ([plugin.dicomweb] in the config file):
@@ -242,17 +244,10 @@ def _retrieve(study, series="", instance=""):
 
 
 def _decoded_file(path: str) -> bytes:
-    dataset = pydicom.dcmread(dicoogle.open(path))
-    try:
-        if dataset.file_meta.TransferSyntaxUID not in UNCOMPRESSED:
-            dataset.decompress()
-        elif dataset.file_meta.TransferSyntaxUID != EXPLICIT_VR_LITTLE_ENDIAN:
-            dataset.file_meta.TransferSyntaxUID = EXPLICIT_VR_LITTLE_ENDIAN
-    except Exception as error:
+    try:  # decoded in the daemon's codec worker, as every pixel is
+        return dicoogle.uncompressed(path)
+    except ValueError as error:
         _error(406, f"cannot decode {os.path.basename(path)}: {error}")
-    buffer = io.BytesIO()
-    dataset.save_as(buffer, enforce_file_format=True)
-    return buffer.getvalue()
 
 
 def _metadata(study, series="", instance=""):
@@ -319,25 +314,28 @@ def _frames(study, series, instance, frame_list):
     octet = _accepts("application/octet-stream") and "application/octet-stream" in bottle.request.get_header("Accept", "") \
         and _requested_transfer_syntax() in ("*", EXPLICIT_VR_LITTLE_ENDIAN)
 
+    first = _frame_bytes(path, numbers[0])[0]  # 404 for a missing frame before streaming starts
+    decode = first not in UNCOMPRESSED and octet and _requested_transfer_syntax() == EXPLICIT_VR_LITTLE_ENDIAN
+    # Decoded frames are made before the answer starts, so that a failure is still an error status.
+    decoded = {number: _decoded_frame(path, number) for number in numbers} if decode else {}
+
     def parts():
         for number in numbers:
             syntax, data = _frame_bytes(path, number)
             if syntax in UNCOMPRESSED:
                 yield {"Content-Type": "application/octet-stream; transfer-syntax=" + EXPLICIT_VR_LITTLE_ENDIAN}, data
-            elif octet and _requested_transfer_syntax() == EXPLICIT_VR_LITTLE_ENDIAN:
-                yield {"Content-Type": "application/octet-stream"}, _decoded_frame(path, number)
+            elif decode:
+                yield {"Content-Type": "application/octet-stream"}, decoded[number]
             else:
                 yield {"Content-Type": f"{FRAME_MEDIA_TYPES.get(syntax, 'application/octet-stream')}; transfer-syntax={syntax}"}, data
-    first = _frame_bytes(path, numbers[0])[0]  # 404 for a missing frame before streaming starts
     media = "application/octet-stream" if first in UNCOMPRESSED else FRAME_MEDIA_TYPES.get(first, "application/octet-stream")
     return _multipart(parts(), media)
 
 
 def _decoded_frame(path: str, number: int) -> bytes:
-    from pydicom.pixels import pixel_array
-    try:
-        return pixel_array(dicoogle.open(path), index=number - 1).tobytes()
-    except Exception as error:
+    try:  # decoded in the daemon's codec worker: this plugin never imports numpy or pydicom.pixels
+        return dicoogle.pixels(path, number - 1)
+    except ValueError as error:
         _error(406, f"cannot decode frame {number}: {error}")
 
 

@@ -238,6 +238,9 @@ def test_storage_plugin_keeps_received_objects_under_its_scheme(archive, tmp_pat
     received = {ds.SOPInstanceUID: ds for ds in map(pydicom.dcmread, got.iterdir())}
     assert set(received) == {first.SOPInstanceUID, second.SOPInstanceUID}
     assert received[second.SOPInstanceUID].PixelData == second.PixelData
+    # Images too: the codec worker, which reads no storage plugin, is given the object's bytes.
+    status, body, headers = http(daemon, "GET", "/dic2png", {"SOPInstanceUID": first.SOPInstanceUID})
+    assert status == 200 and body.startswith(b"\x89PNG")
 
     # A failing storage plugin never loses an instance: it goes to a file.
     (box / "FULL").write_bytes(b"")
