@@ -26,6 +26,7 @@ import errno
 import functools
 import hashlib
 import hmac
+import html
 import http.cookies
 import importlib.metadata
 import importlib.util
@@ -61,6 +62,7 @@ import pydicom
 import pydicom.config
 import pydicom.uid
 from lupa import lua54 as lupa_lua54
+from markdown_it import MarkdownIt
 from pydicom.charset import convert_encodings, decode_bytes
 from pydicom.datadict import DicomDictionary, dictionary_VR, keyword_for_tag, tag_for_keyword
 from pydicom.dataelem import RawDataElement
@@ -5568,7 +5570,7 @@ def _security_headers(path: str) -> dict[str, str]:
     """The headers every answer to path carries unless its handler set its own: a
     Content-Security-Policy for what it is, no framing, no referrer, and no caching (patient
     data: the web app's and the viewer's files set their own Cache-Control)."""
-    if path == "/" or path.startswith("/static/"):
+    if path == "/" or path.startswith(("/static/", "/learn")):
         policy = WEB_APP_POLICY
     elif path == "/viewer" or path.startswith("/viewer/"):
         policy = VIEWER_POLICY
@@ -5874,6 +5876,7 @@ def make_app(daemon: "Daemon") -> bottle.Bottle:
     _plugin_routes(api)
     _viewer_routes(api)
     _web_app_routes(api)
+    _learn_routes(api)
     for add_routes in daemon.route_hooks:  # management, plugins' web services
         add_routes(api)
     return app
@@ -6530,6 +6533,74 @@ def _web_app_routes(api: Api):
         response = bottle.static_file(path, root=str(www))
         response.set_header("Cache-Control", "no-cache")  # a lab updates by git pull: always revalidate
         return response
+
+
+#: The course's pages and pictures: a name in docs/learn/, never a path (no folder, no "..").
+_LEARN_FILE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*\.(md|svg)")
+#: The HTML tags a course page may hold (folded solutions); any other HTML in it is shown as text.
+_LEARN_TAGS = re.compile(r"&lt;(/?(?:details|summary))&gt;")
+_LEARN_PAGE = """<!doctype html>
+<html lang="en">
+<head>
+  <meta charset="utf-8">
+  <meta name="viewport" content="width=device-width, initial-scale=1">
+  <meta name="referrer" content="no-referrer">
+  <title>{title} · dicoogled course</title>
+  <link rel="stylesheet" href="/static/learn.css">
+  <link rel="icon" href="data:,">
+</head>
+<body>
+  <nav class="learn-nav" aria-label="Course"><a href="/learn/">Course</a> <a href="/">Web app</a></nav>
+  <main class="learn">
+{body}
+  </main>
+</body>
+</html>
+"""
+
+
+@functools.lru_cache(maxsize=1)
+def _markdown() -> MarkdownIt:
+    """CommonMark and tables; raw HTML escaped except _LEARN_TAGS, links checked by markdown-it."""
+    markdown = MarkdownIt("commonmark", {"html": True}).enable("table")
+
+    def allowed_html(renderer, tokens, index, options, env):
+        return _LEARN_TAGS.sub(r"<\1>", html.escape(tokens[index].content, quote=False))
+
+    markdown.add_render_rule("html_block", allowed_html)
+    markdown.add_render_rule("html_inline", allowed_html)
+    return markdown
+
+
+def render_learn_page(text: str) -> str:
+    """A course chapter (Markdown) as a whole HTML page, titled by its first heading."""
+    title = next((line[2:].strip() for line in text.splitlines() if line.startswith("# ")), "Course")
+    return _LEARN_PAGE.format(title=html.escape(title), body=_markdown().render(text))
+
+
+def _learn_routes(api: Api):
+    """The course in docs/learn/, rendered for the browser: public, like the docs in the clone."""
+    learn = pathlib.Path(__file__).resolve().parent / "docs" / "learn"
+
+    @api.route("/learn", access=PUBLIC)
+    def learn_root():
+        """The course's first page."""
+        bottle.redirect("/learn/")
+
+    @api.route("/learn/", access=PUBLIC)
+    @api.route("/learn/<name:path>", access=PUBLIC)
+    def learn_page(name="README.md"):
+        """A chapter of the course as HTML, or one of its pictures."""
+        match = _LEARN_FILE.fullmatch(name)
+        if not match or not (learn / name).is_file():
+            _fail(404, "no such page in the course")
+        if match.group(1) == "svg":
+            response = bottle.static_file(name, root=str(learn), mimetype="image/svg+xml")
+            response.set_header("Cache-Control", "no-cache")
+            return response
+        bottle.response.content_type = "text/html; charset=utf-8"
+        bottle.response.set_header("Cache-Control", "no-cache")
+        return render_learn_page((learn / name).read_text(encoding="utf-8"))
 
 
 def _mounted_service(web_service, plugin: Plugin):
