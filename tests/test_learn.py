@@ -88,6 +88,7 @@ def test_chapter(chapter, course):
                                 text=True, errors="replace", timeout=60)
         where = f"{chapter.name}, runnable block {number}:\n{code}\n--- printed:\n{result.stdout}"
         assert result.returncode == exit_status, f"exit {result.returncode}, not {exit_status}: {where}"
+        printed = "".join(line.rstrip() + "\n" for line in result.stdout.rstrip().splitlines())
         if expected is not None:
-            assert output_pattern(expected).fullmatch(result.stdout.rstrip("\n") + "\n" if result.stdout.strip() else ""), \
+            assert output_pattern(expected).fullmatch(printed), \
                 f"not the output the chapter shows:\n{expected}\n--- {where}"
