@@ -2,6 +2,7 @@
 server, its pictures, under the web app's security headers, and nothing outside docs/learn/."""
 
 import http.client
+import pathlib
 import re
 import urllib.request
 
@@ -68,3 +69,39 @@ def test_nothing_outside_the_course_is_served(daemon, path):
     status, _, body = get(daemon, path)
     assert status in (400, 404), (path, status)
     assert "__version__" not in body and "[metadata]" not in body and "root:" not in body
+
+
+def test_pages_in_a_browser_load_nothing_from_elsewhere_and_log_no_error(daemon):
+    """Every page in headless chromium: no console error, no request off the daemon, the picture
+    drawn, the folded solutions unfold; the web app's Course link leads to the course."""
+    playwright_api = pytest.importorskip("playwright.sync_api")
+    import shutil
+    chromium = shutil.which("chromium") or "/usr/bin/chromium"
+    if not pathlib.Path(chromium).exists():
+        pytest.skip("needs Debian's chromium")
+    base = f"http://127.0.0.1:{daemon.http_port}"
+    errors, elsewhere = [], []
+    with playwright_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, args=["--no-sandbox", "--disable-gpu"])
+        try:
+            page = browser.new_page()
+            page.on("console", lambda message: message.type == "error" and errors.append(message.text))
+            page.on("pageerror", lambda error: errors.append(str(error)))
+            page.on("request", lambda request: request.url.startswith((base, "data:")) or elsewhere.append(request.url))
+            for chapter in sorted(LEARN.glob("*.md")):
+                page.goto(f"{base}/learn/{chapter.name}")
+                page.wait_for_load_state("networkidle")
+                assert page.title().endswith("· dicoogled course")
+                if page.locator("details").count():
+                    page.locator("summary").first.click()
+                    assert page.locator("details").first.get_attribute("open") is not None
+            page.goto(f"{base}/learn/01-what-is-a-pacs.md")
+            page.wait_for_load_state("networkidle")
+            assert page.eval_on_selector("img[src='architecture.svg']", "image => image.naturalWidth") > 0
+            page.goto(f"{base}/")
+            page.get_by_role("link", name="Course").first.click()
+            page.wait_for_url(f"{base}/learn/")
+        finally:
+            browser.close()
+    assert not errors, errors
+    assert not elsewhere, elsewhere
