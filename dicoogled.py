@@ -7819,64 +7819,68 @@ def _sample_report(ds: Dataset, study_description: str):
     ])
 
 
+def _sample_instance(counters: tuple[int, int, int, int], patient: tuple, study: tuple, series: tuple) -> Dataset:
+    """One instance of the teaching set: the number-th of series se of study st of patient p."""
+    p, st, se, number = counters
+    patient_id, name, charset, sex, birth, _ = patient
+    date, time_, description, body_part, _ = study
+    modality, series_description, kind, _, syntax = series
+    study_uid = f"{SAMPLE_UID_ROOT}.{p}.{st}"
+    ds = Dataset()
+    if charset:
+        ds.SpecificCharacterSet = charset
+    ds.SOPClassUID = _SAMPLE_SOP_CLASSES[kind]
+    ds.SOPInstanceUID = f"{study_uid}.{se}.{number}"
+    ds.StudyDate = ds.SeriesDate = ds.ContentDate = date
+    ds.StudyTime = ds.SeriesTime = ds.ContentTime = time_
+    ds.AccessionNumber = f"ACC{p:02d}{st:02d}"
+    ds.Modality = modality
+    ds.Manufacturer = "dicoogled"
+    ds.InstitutionName = "Teaching Hospital"
+    ds.ReferringPhysicianName = "HOUSE^GREGORY^^DR"
+    ds.StudyDescription = description
+    ds.SeriesDescription = series_description
+    ds.PatientName = name
+    ds.PatientID = patient_id
+    ds.PatientBirthDate = birth
+    ds.PatientSex = sex
+    ds.BodyPartExamined = body_part
+    ds.StudyInstanceUID = study_uid
+    ds.SeriesInstanceUID = f"{study_uid}.{se}"
+    ds.StudyID = str(st)
+    ds.SeriesNumber = se
+    ds.InstanceNumber = number
+    block = ds.private_block(0x0009, SAMPLE_PRIVATE_CREATOR, create=True)
+    block.add_new(0x10, "LO", "dicoogled teaching set")
+    block.add_new(0x11, "US", p)
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.file_meta.ImplementationClassUID = f"{SAMPLE_UID_ROOT}.0"
+    ds.file_meta.ImplementationVersionName = "DICOOGLED_SAMPLE"
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian if syntax.is_compressed else syntax
+    if kind == "sr":
+        _sample_report(ds, description)
+        return ds
+    ds.FrameOfReferenceUID = f"{study_uid}.0"
+    ds.PositionReferenceIndicator = ""
+    pixels = _sample_image(ds, kind, number)
+    ds.PixelData = pixels.tobytes()
+    ds["PixelData"].VR = "OW" if ds.BitsAllocated == 16 else "OB"
+    if syntax.is_compressed:  # RLE by pydicom itself; JPEG-LS and JPEG 2000 by the installed codecs
+        plugin = "pydicom" if syntax == pydicom.uid.RLELossless else ""
+        ds.compress(syntax, pixels, encoding_plugin=plugin, generate_instance_uid=False)
+    return ds
+
+
 def sample_datasets():
     """The teaching set, as (relative path, data set with file_meta), always the same."""
-    for p, (patient_id, name, charset, sex, birth, studies) in enumerate(SAMPLE_PATIENTS, 1):
-        for st, (date, time_, description, body_part, series_list) in enumerate(studies, 1):
-            study_uid = f"{SAMPLE_UID_ROOT}.{p}.{st}"
-            for se, (modality, series_description, kind, count, syntax) in enumerate(series_list, 1):
-                for number in range(1, count + 1):
-                    ds = Dataset()
-                    if charset:
-                        ds.SpecificCharacterSet = charset
-                    ds.SOPClassUID = _SAMPLE_SOP_CLASSES[kind]
-                    ds.SOPInstanceUID = f"{study_uid}.{se}.{number}"
-                    ds.StudyDate = ds.SeriesDate = ds.ContentDate = date
-                    ds.StudyTime = ds.SeriesTime = ds.ContentTime = time_
-                    ds.AccessionNumber = f"ACC{p:02d}{st:02d}"
-                    ds.Modality = modality
-                    ds.Manufacturer = "dicoogled"
-                    ds.InstitutionName = "Teaching Hospital"
-                    ds.ReferringPhysicianName = "HOUSE^GREGORY^^DR"
-                    ds.StudyDescription = description
-                    ds.SeriesDescription = series_description
-                    ds.PatientName = name
-                    ds.PatientID = patient_id
-                    ds.PatientBirthDate = birth
-                    ds.PatientSex = sex
-                    ds.BodyPartExamined = body_part
-                    ds.StudyInstanceUID = study_uid
-                    ds.SeriesInstanceUID = f"{study_uid}.{se}"
-                    ds.StudyID = str(st)
-                    ds.SeriesNumber = se
-                    ds.InstanceNumber = number
-                    if kind != "sr":
-                        ds.FrameOfReferenceUID = f"{study_uid}.0"
-                        ds.PositionReferenceIndicator = ""
-                    block = ds.private_block(0x0009, SAMPLE_PRIVATE_CREATOR, create=True)
-                    block.add_new(0x10, "LO", "dicoogled teaching set")
-                    block.add_new(0x11, "US", p)
-                    if kind == "sr":
-                        _sample_report(ds, description)
-                        pixels = None
-                    else:
-                        pixels = _sample_image(ds, kind, number)
-                    ds.file_meta = FileMetaDataset()
-                    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
-                    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-                    ds.file_meta.ImplementationClassUID = f"{SAMPLE_UID_ROOT}.0"
-                    ds.file_meta.ImplementationVersionName = "DICOOGLED_SAMPLE"
-                    ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
-                    if pixels is not None:
-                        ds.PixelData = pixels.tobytes()
-                        ds["PixelData"].VR = "OW" if ds.BitsAllocated == 16 else "OB"
-                    if syntax.is_compressed:
-                        plugin = "pydicom" if syntax == pydicom.uid.RLELossless else ""
-                        ds.compress(syntax, pixels, encoding_plugin=plugin, generate_instance_uid=False)
-                    elif syntax != ds.file_meta.TransferSyntaxUID:
-                        ds.file_meta.TransferSyntaxUID = syntax
-                    folder = f"{patient_id}/study{st}/series{se}-{modality}"
-                    yield f"{folder}/{number:03d}.dcm", ds
+    for p, patient in enumerate(SAMPLE_PATIENTS, 1):
+        for st, study in enumerate(patient[5], 1):
+            for se, series in enumerate(study[4], 1):
+                for number in range(1, series[3] + 1):
+                    path = f"{patient[0]}/study{st}/series{se}-{series[0]}/{number:03d}.dcm"
+                    yield path, _sample_instance((p, st, se, number), patient, study, series)
 
 
 def write_sample_data(folder: pathlib.Path) -> dict:
