@@ -5570,7 +5570,7 @@ def _security_headers(path: str) -> dict[str, str]:
     """The headers every answer to path carries unless its handler set its own: a
     Content-Security-Policy for what it is, no framing, no referrer, and no caching (patient
     data: the web app's and the viewer's files set their own Cache-Control)."""
-    if path == "/" or path.startswith(("/static/", "/learn")):
+    if path in ("/", "/learn") or path.startswith(("/static/", "/learn/")):
         policy = WEB_APP_POLICY
     elif path == "/viewer" or path.startswith("/viewer/"):
         policy = VIEWER_POLICY

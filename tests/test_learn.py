@@ -92,3 +92,16 @@ def test_chapter(chapter, course):
         if expected is not None:
             assert output_pattern(expected).fullmatch(printed), \
                 f"not the output the chapter shows:\n{expected}\n--- {where}"
+
+
+@pytest.mark.parametrize("chapter", CHAPTERS, ids=[c.stem for c in CHAPTERS])
+def test_chapter_has_the_parts_every_chapter_has(chapter):
+    """Goals, steps, what just happened (tied to the standard), exercises, folded solutions."""
+    text = chapter.read_text(encoding="utf-8")
+    assert text.startswith(f"# {int(chapter.name[:2])}. "), "the title is the chapter's number and name"
+    assert "**Goals**" in text and "minutes)" in text
+    for heading in ("## What just happened", "## Exercises"):
+        assert f"\n{heading}\n" in text, heading
+    assert "<details><summary>Solutions</summary>" in text and "</details>" in text
+    assert re.search(r"PS3\.\d+", text), "no reference to the standard"
+    assert chapter.name in (LEARN / "README.md").read_text(encoding="utf-8"), "not listed in the course index"
