@@ -27,6 +27,7 @@ import errno
 import functools
 import hashlib
 import hmac
+import html
 import http.cookies
 import importlib.metadata
 import importlib.util
@@ -86,6 +87,7 @@ import pydicom
 import pydicom.config
 import pydicom.uid
 from lupa import lua54 as lupa_lua54
+from markdown_it import MarkdownIt
 from pydicom.charset import convert_encodings, decode_bytes
 from pydicom.datadict import DicomDictionary, dictionary_VR, keyword_for_tag, tag_for_keyword
 from pydicom.dataelem import RawDataElement
@@ -6010,7 +6012,7 @@ def _security_headers(path: str) -> dict[str, str]:
     """The headers every answer to path carries unless its handler set its own: a
     Content-Security-Policy for what it is, no framing, no referrer, and no caching (patient
     data: the web app's and the viewer's files set their own Cache-Control)."""
-    if path == "/" or path.startswith("/static/"):
+    if path in ("/", "/learn") or path.startswith(("/static/", "/learn/")):
         policy = WEB_APP_POLICY
     elif path == "/viewer" or path.startswith("/viewer/"):
         policy = VIEWER_POLICY
@@ -6316,6 +6318,7 @@ def make_app(daemon: "Daemon") -> bottle.Bottle:
     _plugin_routes(api)
     _viewer_routes(api)
     _web_app_routes(api)
+    _learn_routes(api)
     for add_routes in daemon.route_hooks:  # management, plugins' web services
         add_routes(api)
     return app
@@ -6978,6 +6981,74 @@ def _web_app_routes(api: Api):
         response = bottle.static_file(path, root=str(www))
         response.set_header("Cache-Control", "no-cache")  # a lab updates by git pull: always revalidate
         return response
+
+
+#: The course's pages and pictures: a name in docs/learn/, never a path (no folder, no "..").
+_LEARN_FILE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*\.(md|svg)")
+#: The HTML tags a course page may hold (folded solutions); any other HTML in it is shown as text.
+_LEARN_TAGS = re.compile(r"&lt;(/?(?:details|summary))&gt;")
+_LEARN_PAGE = """<!doctype html>
+<html lang="en">
+<head>
+  <meta charset="utf-8">
+  <meta name="viewport" content="width=device-width, initial-scale=1">
+  <meta name="referrer" content="no-referrer">
+  <title>{title} · dicoogled course</title>
+  <link rel="stylesheet" href="/static/learn.css">
+  <link rel="icon" href="data:,">
+</head>
+<body>
+  <nav class="learn-nav" aria-label="Course"><a href="/learn/">Course</a> <a href="/">Web app</a></nav>
+  <main class="learn">
+{body}
+  </main>
+</body>
+</html>
+"""
+
+
+@functools.lru_cache(maxsize=1)
+def _markdown() -> MarkdownIt:
+    """CommonMark and tables; raw HTML escaped except _LEARN_TAGS, links checked by markdown-it."""
+    markdown = MarkdownIt("commonmark", {"html": True}).enable("table")
+
+    def allowed_html(renderer, tokens, index, options, env):
+        return _LEARN_TAGS.sub(r"<\1>", html.escape(tokens[index].content, quote=False))
+
+    markdown.add_render_rule("html_block", allowed_html)
+    markdown.add_render_rule("html_inline", allowed_html)
+    return markdown
+
+
+def render_learn_page(text: str) -> str:
+    """A course chapter (Markdown) as a whole HTML page, titled by its first heading."""
+    title = next((line[2:].strip() for line in text.splitlines() if line.startswith("# ")), "Course")
+    return _LEARN_PAGE.format(title=html.escape(title), body=_markdown().render(text))
+
+
+def _learn_routes(api: Api):
+    """The course in docs/learn/, rendered for the browser: public, like the docs in the clone."""
+    learn = pathlib.Path(__file__).resolve().parent / "docs" / "learn"
+
+    @api.route("/learn", access=PUBLIC)
+    def learn_root():
+        """The course's first page."""
+        bottle.redirect("/learn/")
+
+    @api.route("/learn/", access=PUBLIC)
+    @api.route("/learn/<name:path>", access=PUBLIC)
+    def learn_page(name="README.md"):
+        """A chapter of the course as HTML, or one of its pictures."""
+        match = _LEARN_FILE.fullmatch(name)
+        if not match or not (learn / name).is_file():
+            _fail(404, "no such page in the course")
+        if match.group(1) == "svg":
+            response = bottle.static_file(name, root=str(learn), mimetype="image/svg+xml")
+            response.set_header("Cache-Control", "no-cache")
+            return response
+        bottle.response.content_type = "text/html; charset=utf-8"
+        bottle.response.set_header("Cache-Control", "no-cache")
+        return render_learn_page((learn / name).read_text(encoding="utf-8"))
 
 
 def _mounted_service(web_service, plugin: Plugin):
@@ -8074,6 +8145,222 @@ class Daemon:
 
 
 # ============================================================================================
+# Sample data: a deterministic teaching set (dicoogled sample-data DIR)
+# ============================================================================================
+
+#: Every UID of the teaching set is this root (2.25 and a UUID's integer, PS3.5 B.2, made from
+#: the name "dicoogled sample-data") followed by counters: the same UIDs on every machine.
+SAMPLE_UID_ROOT = f"2.25.{uuid.uuid5(uuid.NAMESPACE_URL, 'dicoogled sample-data').int}"
+SAMPLE_PRIVATE_CREATOR = "DICOOGLED SAMPLE"  # the private block (0009,xx) of every file
+SAMPLE_SIZE = 64  # rows and columns: small enough to read, big enough to see
+
+#: The set, patient by patient: (PatientID, PatientName, SpecificCharacterSet, sex, birth date,
+#: studies). A study: (date, time, description, body part, series). A series: (modality,
+#: description, kind, instances, transfer syntax). Each study teaches something; see
+#: docs/learn/03-sample-data.md.
+SAMPLE_PATIENTS = [
+    ("SAMPLE01", "DOE^JOHN", None, "M", "19580312", [
+        ("20190611", "091500", "CT chest", "CHEST", [
+            ("CT", "Axial 5 mm", "ct", 4, pydicom.uid.ExplicitVRLittleEndian),
+        ]),
+        ("20240207", "143000", "CT chest follow-up", "CHEST", [
+            ("CT", "Axial 5 mm", "ct", 5, pydicom.uid.ExplicitVRLittleEndian),
+            ("CT", "Axial 5 mm RLE", "ct", 3, pydicom.uid.RLELossless),
+            ("SR", "Radiology report", "sr", 1, pydicom.uid.ExplicitVRLittleEndian),
+        ]),
+    ]),
+    ("SAMPLE02", "MÜLLER^JÜRGEN", "ISO_IR 100", "M", "19710925", [
+        ("20230314", "101200", "MR brain", "BRAIN", [
+            ("MR", "T1 axial JPEG-LS", "mr", 4, pydicom.uid.JPEGLSLossless),
+            ("MR", "T2 axial JPEG 2000", "mr", 4, pydicom.uid.JPEG2000Lossless),
+        ]),
+    ]),
+    ("SAMPLE03", "Yamada^Tarou=山田^太郎=やまだ^たろう", "ISO_IR 192", "M", "19850101", [
+        ("20240520", "083000", "US abdomen", "ABDOMEN", [
+            ("US", "Liver", "us", 1, pydicom.uid.ExplicitVRLittleEndian),
+            ("US", "Liver cine", "us-cine", 1, pydicom.uid.ExplicitVRLittleEndian),
+        ]),
+    ]),
+    ("SAMPLE04", "ΠΑΠΑΔΟΠΟΥΛΟΥ^ΕΛΕΝΗ", "ISO_IR 192", "F", "19630704", [
+        ("20221130", "164500", "CT head", "HEAD", [
+            ("CT", "Axial 5 mm", "ct", 4, pydicom.uid.ImplicitVRLittleEndian),
+        ]),
+    ]),
+]
+_SAMPLE_SOP_CLASSES = {
+    "ct": pydicom.uid.CTImageStorage, "mr": pydicom.uid.MRImageStorage,
+    "us": pydicom.uid.UltrasoundImageStorage, "us-cine": pydicom.uid.UltrasoundMultiFrameImageStorage,
+    "sr": pydicom.uid.BasicTextSRStorage,
+}
+_SAMPLE_FRAMES = 8  # of the multi-frame (cine) ultrasound object
+
+
+def _sample_phantom(size: int, z: int):
+    """A head-or-body phantom (uint16, 12 bits): an ellipse whose inner disc changes with z."""
+    import numpy as np
+    y, x = np.mgrid[-1:1:size * 1j, -1:1:size * 1j]
+    image = np.where(x * x / 0.8 + y * y / 0.6 < 1, 1100, 24)
+    radius = 0.15 + 0.05 * z
+    image = np.where((x - 0.2) ** 2 + y * y < radius * radius, 1800, image)
+    image = np.where((x + 0.35) ** 2 + (y + 0.1) ** 2 < 0.02, 400, image)
+    return image.astype(np.uint16)
+
+
+def _sample_us(size: int, frame: int):
+    """An 8-bit fan-shaped ultrasound sector whose bright spot moves with frame."""
+    import numpy as np
+    y, x = np.mgrid[0:1:size * 1j, -1:1:size * 1j]
+    fan = (np.abs(x) < y * 0.9) & (x * x + y * y < 0.95)
+    speckle = (np.arange(size * size).reshape(size, size) * 2654435761 % 97).astype(np.uint8)
+    image = np.where(fan, 40 + speckle, 0)
+    spot = (x - 0.1 * (frame % 4)) ** 2 + (y - 0.5) ** 2 < 0.01
+    return np.where(spot, 230, image).astype(np.uint8)
+
+
+def _sample_image(ds: Dataset, kind: str, number: int):
+    """Fill the image module of ds; return the pixels as a numpy array."""
+    import numpy as np
+    ds.Rows = ds.Columns = SAMPLE_SIZE
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    if kind in ("ct", "mr"):
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+        ds.PixelSpacing = ["5", "5"] if kind == "ct" else ["3.75", "3.75"]
+        ds.SliceThickness = "5"
+        location = str(-20 + 5 * number)
+        ds.ImagePositionPatient = ["-160", "-160", location]
+        ds.ImageOrientationPatient = ["1", "0", "0", "0", "1", "0"]
+        ds.SliceLocation = location
+        if kind == "ct":
+            ds.KVP = "120"
+            ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = "-1024", "1", "HU"
+            ds.WindowCenter, ds.WindowWidth = "40", "400"
+        else:
+            ds.ScanningSequence, ds.SequenceVariant, ds.MRAcquisitionType = "SE", "NONE", "2D"
+            ds.ScanOptions = ""
+            ds.RepetitionTime, ds.EchoTime, ds.MagneticFieldStrength = "500", "15", "1.5"
+            ds.WindowCenter, ds.WindowWidth = "1000", "2000"
+        return _sample_phantom(SAMPLE_SIZE, number)
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "ABDOMINAL"]
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    if kind == "us":  # a colour image: RGB, the pixels of each sample side by side
+        gray = _sample_us(SAMPLE_SIZE, 0)
+        ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, "RGB", 0
+        return np.stack([gray, gray, np.where(gray > 200, 40, gray).astype(np.uint8)], axis=-1)
+    ds.NumberOfFrames = _SAMPLE_FRAMES  # a cine loop: one object, many frames
+    ds.FrameTime = "40"
+    ds.FrameIncrementPointer = 0x00181063  # (0018,1063) Frame Time
+    return np.stack([_sample_us(SAMPLE_SIZE, frame) for frame in range(_SAMPLE_FRAMES)])
+
+
+def _sample_report(ds: Dataset, study_description: str):
+    """Fill ds as a Basic Text SR (PS3.3 A.35.1): a report of two findings and an impression."""
+    def code(value, scheme, meaning):
+        item = Dataset()
+        item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = value, scheme, meaning
+        return Sequence([item])
+
+    def text(concept, value):
+        item = Dataset()
+        item.RelationshipType, item.ValueType = "CONTAINS", "TEXT"
+        item.ConceptNameCodeSequence = concept
+        item.TextValue = value
+        return item
+
+    ds.ValueType = "CONTAINER"
+    ds.ConceptNameCodeSequence = code("18748-4", "LN", "Diagnostic imaging report")
+    ds.ContinuityOfContent = "SEPARATE"
+    ds.CompletionFlag, ds.VerificationFlag = "COMPLETE", "UNVERIFIED"
+    ds.ReferencedPerformedProcedureStepSequence = Sequence()
+    ds.PerformedProcedureCodeSequence = Sequence()
+    ds.ContentSequence = Sequence([
+        text(code("121071", "DCM", "Finding"), f"{study_description}: a 12 mm nodule in the right upper lobe."),
+        text(code("121071", "DCM", "Finding"), "No pleural effusion."),
+        text(code("121073", "DCM", "Impression"), "Nodule unchanged since 2019: benign."),
+    ])
+
+
+def _sample_instance(counters: tuple[int, int, int, int], patient: tuple, study: tuple, series: tuple) -> Dataset:
+    """One instance of the teaching set: the number-th of series se of study st of patient p."""
+    p, st, se, number = counters
+    patient_id, name, charset, sex, birth, _ = patient
+    date, time_, description, body_part, _ = study
+    modality, series_description, kind, _, syntax = series
+    study_uid = f"{SAMPLE_UID_ROOT}.{p}.{st}"
+    ds = Dataset()
+    if charset:
+        ds.SpecificCharacterSet = charset
+    ds.SOPClassUID = _SAMPLE_SOP_CLASSES[kind]
+    ds.SOPInstanceUID = f"{study_uid}.{se}.{number}"
+    ds.StudyDate = ds.SeriesDate = ds.ContentDate = date
+    ds.StudyTime = ds.SeriesTime = ds.ContentTime = time_
+    ds.AccessionNumber = f"ACC{p:02d}{st:02d}"
+    ds.Modality = modality
+    ds.Manufacturer = "dicoogled"
+    ds.InstitutionName = "Teaching Hospital"
+    ds.ReferringPhysicianName = "HOUSE^GREGORY^^DR"
+    ds.StudyDescription = description
+    ds.SeriesDescription = series_description
+    ds.PatientName = name
+    ds.PatientID = patient_id
+    ds.PatientBirthDate = birth
+    ds.PatientSex = sex
+    ds.BodyPartExamined = body_part
+    ds.StudyInstanceUID = study_uid
+    ds.SeriesInstanceUID = f"{study_uid}.{se}"
+    ds.StudyID = str(st)
+    ds.SeriesNumber = se
+    ds.InstanceNumber = number
+    block = ds.private_block(0x0009, SAMPLE_PRIVATE_CREATOR, create=True)
+    block.add_new(0x10, "LO", "dicoogled teaching set")
+    block.add_new(0x11, "US", p)
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.file_meta.ImplementationClassUID = f"{SAMPLE_UID_ROOT}.0"
+    ds.file_meta.ImplementationVersionName = "DICOOGLED_SAMPLE"
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian if syntax.is_compressed else syntax
+    if kind == "sr":
+        _sample_report(ds, description)
+        return ds
+    ds.FrameOfReferenceUID = f"{study_uid}.0"
+    ds.PositionReferenceIndicator = ""
+    pixels = _sample_image(ds, kind, number)
+    ds.PixelData = pixels.tobytes()
+    ds["PixelData"].VR = "OW" if ds.BitsAllocated == 16 else "OB"
+    if syntax.is_compressed:  # RLE by pydicom itself; JPEG-LS and JPEG 2000 by the installed codecs
+        plugin = "pydicom" if syntax == pydicom.uid.RLELossless else ""
+        ds.compress(syntax, pixels, encoding_plugin=plugin, generate_instance_uid=False)
+    return ds
+
+
+def sample_datasets():
+    """The teaching set, as (relative path, data set with file_meta), always the same."""
+    for p, patient in enumerate(SAMPLE_PATIENTS, 1):
+        for st, study in enumerate(patient[5], 1):
+            for se, series in enumerate(study[4], 1):
+                for number in range(1, series[3] + 1):
+                    path = f"{patient[0]}/study{st}/series{se}-{series[0]}/{number:03d}.dcm"
+                    yield path, _sample_instance((p, st, se, number), patient, study, series)
+
+
+def write_sample_data(folder: pathlib.Path) -> dict:
+    """Write the teaching set under folder; return what was written (files, patients, studies, ...)."""
+    written, patients, studies, syntaxes = 0, set(), set(), collections.Counter()
+    for relative, ds in sample_datasets():
+        path = folder / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        ds.save_as(path, enforce_file_format=True)
+        written += 1
+        patients.add(ds.PatientID)
+        studies.add(ds.StudyInstanceUID)
+        syntaxes[ds.file_meta.TransferSyntaxUID.name] += 1
+    return {"files": written, "patients": len(patients), "studies": len(studies), "transfer_syntaxes": syntaxes}
+
+
+
+# ============================================================================================
 # Command line
 # ============================================================================================
 
@@ -8087,6 +8374,7 @@ def _configure_logging(level: str):
     logging.captureWarnings(True)
     # pynetdicom logs every PDU at INFO; keep its messages for problems only.
     logging.getLogger("pynetdicom").setLevel(logging.WARNING if level != "DEBUG" else logging.DEBUG)
+    logging.getLogger("openjpeg").setLevel(logging.WARNING)  # a line per JPEG 2000 tile otherwise
     # ... and it formats every identifier for those INFO lines even when they are not logged.
     pynetdicom_config.LOG_REQUEST_IDENTIFIERS = pynetdicom_config.LOG_RESPONSE_IDENTIFIERS = level == "DEBUG"
     # Received objects are stored as they are; odd values must not flood the log or fail a read.
@@ -8501,6 +8789,15 @@ def command_new_plugin(folder: pathlib.Path, name: str, language: str, kind: str
     return 0
 
 
+def command_sample_data(folder: pathlib.Path) -> int:
+    """Write the teaching set (the same bytes every time) and say what it holds."""
+    summary = write_sample_data(folder)
+    print(f"wrote {summary['files']} files to {folder}: {summary['patients']} patients, {summary['studies']} studies")
+    for name, count in sorted(summary["transfer_syntaxes"].items()):
+        print(f"  {count:3d}  {name}")
+    return 0
+
+
 def _argument_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dicoogled", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"dicoogled {__version__}")
@@ -8526,6 +8823,8 @@ def _argument_parser() -> argparse.ArgumentParser:
     new_plugin.add_argument("--lang", choices=("python", "lua"), default="python")
     new_plugin.add_argument("--kind", choices=tuple(PLUGIN_KINDS), required=True)
     new_plugin.add_argument("--dir", metavar="DIR", type=pathlib.Path, help="where to write it (default: the first plugins folder)")
+    sample = commands.add_parser("sample-data", parents=[common], help="write a small teaching set of DICOM files")
+    sample.add_argument("folder", metavar="DIR", type=pathlib.Path)
     viewer = commands.add_parser("install-viewer", parents=[common], help="install the OHIF web viewer (needs npm)")
     viewer.add_argument("--version", dest="viewer_version", default=OHIF_VERSION, help=f"@ohif/app version (default {OHIF_VERSION})")
     return parser
@@ -8534,7 +8833,7 @@ def _argument_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     """The dicoogled command."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in ("serve", "index", "reindex", "check", "install-viewer", "new-plugin", "-h", "--help", "--version"):
+    if not argv or argv[0] not in ("serve", "index", "reindex", "check", "install-viewer", "new-plugin", "sample-data", "-h", "--help", "--version"):
         argv.insert(0, "serve")
     args = _argument_parser().parse_args(argv)
     overrides = {"data_dir": args.data_dir, "log_level": args.log_level}
@@ -8551,7 +8850,7 @@ def main(argv=None) -> int:
         print(f"dicoogled: {error}", file=sys.stderr)
         return 2
     _configure_logging(config.log_level)
-    if args.command != "new-plugin":  # plugin source files are not the archive's data
+    if args.command not in ("new-plugin", "sample-data"):  # plugin sources, teaching files: not the archive's data
         os.umask(PRIVATE_UMASK)
     try:
         if args.command == "index":
@@ -8564,6 +8863,8 @@ def main(argv=None) -> int:
             return command_new_plugin(args.dir or config.plugin_folders[0], args.name, args.lang, args.kind)
         if args.command == "install-viewer":
             return command_install_viewer(config, args.viewer_version)
+        if args.command == "sample-data":
+            return command_sample_data(args.folder)
     except (OSError, RuntimeError, apsw.Error, subprocess.CalledProcessError) as error:
         log.error("%s failed: %s", args.command, error)
         return 1

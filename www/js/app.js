@@ -32,6 +32,7 @@ async function renderSidebar(current) {
     .filter(([, screen]) => screen.label && (!screen.admin || admin))
     .map(([name, screen]) => h("li", {}, h("a", { href: `#/${name}`, "aria-current": name === current.name ? "page" : null }, screen.label)));
   const pluginList = h("ul", { class: "menu-plugins", "aria-label": "Plugins" });
+  links.push(h("li", {}, h("a", { href: "/learn/" }, "Course")));  // docs/learn/, served by the daemon
   clear(sidebar, h("ul", {}, links), pluginList);
   sidebar.hidden = false;
   try {
