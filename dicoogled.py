@@ -78,6 +78,8 @@ if __name__ == "__main__" and __spec__ is None and os.name == "posix":
 _KEPT_OUT_OF_THE_DAEMON = ("numpy", "PIL", "pylibjpeg", "openjpeg", "libjpeg", "rle", "jpeg_ls", "gdcm",
                            "requests", "tqdm")
 _RUN_AS_COMMAND = __name__ == "__main__" or os.path.basename(sys.argv[0]) == "dicoogled"
+if sys.argv[1:2] == ["sample-data"]:  # it compresses pixels itself, in its own short-lived process
+    _RUN_AS_COMMAND = False
 _blocked = [name for name in _KEPT_OUT_OF_THE_DAEMON if name not in sys.modules] if _RUN_AS_COMMAND else []
 sys.modules.update(dict.fromkeys(_blocked))  # None there: `import numpy` raises ImportError
 

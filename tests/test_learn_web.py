@@ -4,7 +4,6 @@ server, its pictures, under the web app's security headers, and nothing outside 
 import http.client
 import pathlib
 import re
-import urllib.request
 
 import pytest
 
