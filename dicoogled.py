@@ -20,6 +20,7 @@ import collections
 import concurrent.futures
 import configparser
 import contextlib
+import copy
 import ctypes
 import dataclasses
 import datetime
@@ -101,7 +102,7 @@ from pydicom.sequence import Sequence
 from pynetdicom import StoragePresentationContexts, _config as pynetdicom_config, build_context
 from pynetdicom.dimse_messages import (
     C_CANCEL_RQ, C_ECHO_RQ, C_ECHO_RSP, C_FIND_RQ, C_FIND_RSP, C_GET_RQ, C_GET_RSP, C_MOVE_RQ, C_MOVE_RSP,
-    C_STORE_RQ, C_STORE_RSP, DIMSEMessage,
+    C_STORE_RQ, C_STORE_RSP, DIMSEMessage, _COMMAND_SET_KEYWORDS, _DATASET_KEYWORDS, _MESSAGE_TYPES,
 )
 from pynetdicom.dimse_primitives import C_ECHO, C_FIND, C_GET, C_MOVE, C_STORE
 from pynetdicom.dsutils import decode as pynetdicom_decode, encode as pynetdicom_encode
@@ -4023,7 +4024,8 @@ def _orthanc_adapter(name: str, function):
 
 #: The pynetdicom releases this engine is written against, [lowest, first unsupported); setup.cfg
 #: pins the same range. It uses the PDU classes' decode/encode/to_primitive/from_primitive,
-#: DIMSEMessage.decode_msg/encode_msg/primitive_to_message/message_to_primitive and
+#: DIMSEMessage.decode_msg, the command set tables of pynetdicom.dimse_messages
+#: (_COMMAND_SET_KEYWORDS, _MESSAGE_TYPES, _DATASET_KEYWORDS) and
 #: negotiate_as_acceptor/negotiate_as_requestor, unchanged from 3.0.1 to 3.0.4.
 PYNETDICOM_SUPPORTED = ((3, 0, 1), (3, 1))
 
@@ -4031,6 +4033,7 @@ A_ASSOCIATE_RQ_PDU, A_ASSOCIATE_AC_PDU, A_ASSOCIATE_RJ_PDU, P_DATA_TF_PDU = 0x01
 A_RELEASE_RQ_PDU, A_RELEASE_RP_PDU, A_ABORT_PDU = 0x05, 0x06, 0x07
 PDU_HEADER = struct.Struct(">BxI")  # PDU type, reserved, length of the rest (PS3.8 9.3.1)
 PDV_HEADER = struct.Struct(">BxIIB")  # a P-DATA-TF header with one PDV item: length, context ID
+PDV_COMMAND, PDV_DATA, PDV_LAST = 0x01, 0x00, 0x02  # a PDV's message control header (PS3.8 E.2)
 #: Largest association-control PDU read (A-ASSOCIATE-RQ/AC/RJ, A-RELEASE, A-ABORT): 128 proposed
 #: contexts with every transfer syntax fit in a tenth of this.
 MAX_CONTROL_PDU = 1 << 20
@@ -4072,6 +4075,58 @@ def check_pynetdicom_version(version: str):
         raise RuntimeError(f"pynetdicom {version} is installed, but dicoogled's association engine supports"
                            f" {'.'.join(map(str, lowest))} up to (not including) {'.'.join(map(str, beyond))}:"
                            f" pip install 'pynetdicom>={'.'.join(map(str, lowest))},<{'.'.join(map(str, beyond))}'")
+
+
+#: How a command element's value is written (PS3.5 7.5 and 6.2: the command set is Implicit VR
+#: Little Endian): text padded to even length (UIDs with NUL, others with a space), numbers
+#: as unsigned little endian; each element keeps its tag and VR from pydicom's dictionary.
+_COMMAND_VALUE_WRITERS = {
+    "UI": lambda value: _padded(str(value).encode("ascii"), b"\0"),
+    "AE": lambda value: _padded(str(value).encode("ascii"), b" "),
+    "LO": lambda value: _padded(str(value).encode("ascii"), b" "),
+    "SH": lambda value: _padded(str(value).encode("ascii"), b" "),
+    "US": lambda value: struct.pack("<H", value),
+    "UL": lambda value: struct.pack("<I", value),
+    "AT": lambda value: b"".join(struct.pack("<HH", tag >> 16, tag & 0xFFFF)
+                                 for tag in (value if isinstance(value, (list, tuple, MultiValue)) else [value])),
+}
+#: message class -> its CommandField and [(keyword, element header, value writer)] in tag order:
+#: pynetdicom's tables of what each message carries (PS3.7 9.3), read once.
+_COMMAND_LAYOUTS = {}
+
+
+def _padded(value: bytes, pad: bytes) -> bytes:
+    return value + pad if len(value) % 2 else value
+
+
+def _command_layout(message_class):
+    layout = _COMMAND_LAYOUTS.get(message_class)
+    if layout is None:
+        name = message_class.__name__.replace("_", "-")
+        command_field = next(field for field, (known, _) in _MESSAGE_TYPES.items() if known == name)
+        elements = []
+        for tag, keyword in sorted((tag_for_keyword(keyword), keyword) for keyword in _COMMAND_SET_KEYWORDS[name]):
+            elements.append((keyword, struct.pack("<HH", tag >> 16, tag & 0xFFFF),
+                             _COMMAND_VALUE_WRITERS[dictionary_VR(tag)]))
+        layout = _COMMAND_LAYOUTS[message_class] = (command_field, elements)
+    return layout
+
+
+def encode_command_set(message_class, primitive, with_data_set: bool) -> bytes:
+    """The command set of a DIMSE message from its primitive: the bytes pynetdicom's
+    primitive_to_message and encode_msg make, written directly (they build a pydicom Dataset
+    and encode it twice to learn its length: most of a small message's cost)."""
+    command_field, elements = _command_layout(message_class)
+    derived = {"CommandField": command_field, "CommandDataSetType": 0x0001 if with_data_set else 0x0101}
+    encoded = []
+    for keyword, header, write in elements[1:]:  # elements[0] is CommandGroupLength: its value is the rest's length
+        value = derived[keyword] if keyword in derived else getattr(primitive, keyword, None)
+        if value is None:
+            continue
+        value = write(value)
+        encoded += (header, struct.pack("<I", len(value)), value)
+    body = b"".join(encoded)
+    return elements[0][1] + b"\x04\x00\x00\x00" + struct.pack("<I", len(body)) + body
 
 
 class AssociationEnded(Exception):
@@ -4335,14 +4390,19 @@ class Association:
 
     def send_message(self, message_class, primitive, context_id: int):
         """Encode a DIMSE primitive as message_class and send it at once, in PDUs no longer than
-        the peer accepts (all PDUs of a message in one write)."""
-        message = message_class()
-        message.primitive_to_message(primitive)
+        the peer accepts (all PDUs of a message in one write): the command set, then the data set."""
+        data_set = getattr(primitive, _DATASET_KEYWORDS.get(message_class.__name__, ""), None)
+        data_set = data_set.getvalue() if data_set else b""
         pdus = []
-        for pdata in message.encode_msg(context_id, self.max_send):
-            for pdv_context, pdv in pdata.presentation_data_value_list:
-                pdus.append(PDV_HEADER.pack(P_DATA_TF_PDU, len(pdv) + 5, len(pdv) + 1, pdv_context))
-                pdus.append(pdv)
+        for control, payload in ((PDV_COMMAND, encode_command_set(message_class, primitive, bool(data_set))),
+                                 (PDV_DATA, data_set)):
+            step = self.max_send - 6 if self.max_send else max(len(payload), 1)  # a PDV item's header: 6 bytes
+            for start in range(0, len(payload), step):
+                fragment = payload[start:start + step]
+                last = PDV_LAST if start + step >= len(payload) else 0
+                pdus.append(PDV_HEADER.pack(P_DATA_TF_PDU, len(fragment) + 6, len(fragment) + 2, context_id))
+                pdus.append(bytes((control | last,)))
+                pdus.append(fragment)
         self.send(b"".join(pdus))
 
     def cancel_requested(self, message_id: int) -> bool:
@@ -4396,12 +4456,22 @@ def _as_uid_text(value) -> str:
 
 
 def _decode_association_request(pdu: bytes, address: tuple) -> AssociationRequest:
+    """The A-ASSOCIATE-RQ in pdu, from address. A peer sends the same request every time (a
+    viewer's hundred storage contexts with it): the last few are decoded once and shared, read only."""
+    request = copy.copy(_decoded_association_request(pdu))
+    request.address = address
+    return request
+
+
+@functools.lru_cache(maxsize=16)
+def _decoded_association_request(pdu: bytes) -> AssociationRequest:
     rq = A_ASSOCIATE_RQ()
     rq.decode(pdu)
     primitive = rq.to_primitive()
     request = AssociationRequest(
         calling_aet=_as_uid_text(primitive.calling_ae_title), called_aet=_as_uid_text(primitive.called_ae_title),
-        address=address, contexts=primitive.presentation_context_definition_list, roles={}, max_pdu=0)
+        address=(), contexts=primitive.presentation_context_definition_list, roles={}, max_pdu=0)
+    request.pdu = pdu
     request.application_context = _as_uid_text(primitive.application_context_name)
     request.protocol_version = rq.protocol_version
     # Read from the items: the primitive's own getters raise when an item is missing.
@@ -4457,6 +4527,8 @@ class AssociationAcceptor:
     #: Connections the waiting room holds at most: past it, the one waiting longest is closed
     #: (a real peer sends its request as soon as it connects, so it is never the oldest for long).
     MAX_WAITING = 1024
+    #: Negotiations kept for peers that ask again (the newest; a hostile peer only churns them).
+    NEGOTIATIONS_KEPT = 16
 
     def __init__(self, host: str, port: int, *, settings, judge, contexts, serve, log: logging.Logger):
         self.settings, self.judge, self.contexts, self.serve, self.log = settings, judge, contexts, serve, log
@@ -4468,6 +4540,7 @@ class AssociationAcceptor:
         self._lock = threading.Lock()
         #: Established associations (and those being negotiated after a valid request).
         self.associations = set()
+        self._negotiated = {}  # (A-ASSOCIATE-RQ, max PDU, supported contexts) -> (accepted contexts, A-ASSOCIATE-AC)
         #: How many connections are in the waiting room (for /health).
         self.waiting = 0
         self._thread = start_thread(f"dicom-listener-{self.address[1]}", self._accept_loop)
@@ -4622,11 +4695,31 @@ class AssociationAcceptor:
         association.close(wait_for_peer=PEER_CLOSE_WAIT)
 
     def _accept(self, association: Association, request: AssociationRequest, settings: dict):
-        contexts, role_items = negotiate_as_acceptor(request.contexts, self.contexts(request), request.roles)
-        association.contexts = {context.context_id: context for context in contexts if context.result == 0x00}
+        supported = self.contexts(request)
+        # The same request negotiated against the same contexts gives the same answer: kept for
+        # the next association of the same peer (a viewer's hundred contexts take milliseconds).
+        key = (request.pdu, settings["max_pdu"],
+               tuple((c.abstract_syntax, tuple(c.transfer_syntax), c.scu_role, c.scp_role) for c in supported))
+        with self._lock:
+            negotiated = self._negotiated.get(key)
+        if negotiated is None:
+            negotiated = self._negotiate(request, supported, settings)
+            with self._lock:
+                if len(self._negotiated) >= self.NEGOTIATIONS_KEPT:
+                    self._negotiated.pop(next(iter(self._negotiated)))
+                self._negotiated[key] = negotiated
+        association.contexts, accept_pdu = negotiated
         association.roles = request.roles
         association.peer_implementation = request.implementation_version_name or request.implementation_class_uid
         association.set_peer_max_pdu(request.max_pdu)
+        association.send(accept_pdu)
+        association.is_established = True
+
+    @staticmethod
+    def _negotiate(request: AssociationRequest, supported: list, settings: dict) -> tuple[dict, bytes]:
+        """The accepted contexts by ID, and the A-ASSOCIATE-AC that says so."""
+        contexts, role_items = negotiate_as_acceptor(request.contexts, supported, request.roles)
+        accepted = {context.context_id: context for context in contexts if context.result == 0x00}
         primitive = A_ASSOCIATE()
         primitive.application_context_name = APPLICATION_CONTEXT
         primitive.calling_ae_title = request.primitive.calling_ae_title
@@ -4639,8 +4732,9 @@ class AssociationAcceptor:
             window.maximum_number_operations_invoked = window.maximum_number_operations_performed = 1
             user_information.append(window)
         primitive.user_information = user_information
-        association.send_pdu(A_ASSOCIATE_AC, primitive)
-        association.is_established = True
+        pdu = A_ASSOCIATE_AC()
+        pdu.from_primitive(primitive)
+        return accepted, pdu.encode()
 
     def abort_all(self):
         """A-ABORT every association under way (at shutdown, after their grace)."""
@@ -4988,13 +5082,9 @@ class DicomServices:
             if uid in seen or uid in self._service_classes:
                 continue
             seen.add(uid)
-            service = uid_to_service_class(uid)
-            if service is not ServiceClass and service is not StorageServiceClass:
-                continue  # a service dicoogled does not offer (unknown UIDs are private storage classes)
-            allowed = self.config.transfer_syntaxes.get(uid) or ACCEPTED_TRANSFER_SYNTAXES
-            supported = build_context(uid, list(allowed))
-            supported.scu_role, supported.scp_role = True, True
-            contexts.append(supported)
+            supported = _storage_context(uid, tuple(self.config.transfer_syntaxes.get(uid) or ACCEPTED_TRANSFER_SYNTAXES))
+            if supported:
+                contexts.append(supported)
         return contexts
 
     # ---- the acceptor's side of an association -----------------------------------------------
@@ -5322,6 +5412,20 @@ class DicomServices:
             association.release()
         self.log.info("sent %d instance(s) to %s, %d failed", result["sent"], destination_aet, result["failed"])
         return result
+
+
+@functools.lru_cache(maxsize=512)
+def _storage_context(uid: str, transfer_syntaxes: tuple):
+    """The context to accept for a storage SOP class in transfer_syntaxes, both roles granted, or
+    None for a service dicoogled does not offer (unknown UIDs are private storage classes).
+    Built once: a viewer proposes a hundred of them on every association, and negotiation only
+    reads them."""
+    service = uid_to_service_class(uid)
+    if service is not ServiceClass and service is not StorageServiceClass:
+        return None
+    supported = build_context(uid, list(transfer_syntaxes))
+    supported.scu_role, supported.scp_role = True, True
+    return supported
 
 
 def _contexts_for(instances: list[StoredInstance]) -> list:

@@ -482,3 +482,94 @@ def test_another_pynetdicom_release_is_refused_at_start():
     for version in ("2.1.1", "3.0.0", "3.1.0", "4.0.0"):
         with pytest.raises(RuntimeError, match="association engine supports 3.0.1 up to"):
             dicoogled.check_pynetdicom_version(version)
+
+
+# ---- the command sets the engine writes are pynetdicom's ------------------------------------
+
+def _pynetdicom_bytes(message_class, primitive, context_id: int, max_pdu: int) -> bytes:
+    """The P-DATA-TF PDUs pynetdicom's own encoder makes of a primitive, as on the wire."""
+    from pynetdicom.pdu import P_DATA_TF
+
+    message = message_class()
+    message.primitive_to_message(primitive)
+    wire = b""
+    for pdata in message.encode_msg(context_id, max_pdu):
+        pdu = P_DATA_TF()
+        pdu.from_primitive(pdata)
+        wire += pdu.encode()
+    return wire
+
+
+def _engine_bytes(message_class, primitive, context_id: int, max_pdu: int) -> bytes:
+    """What the engine's Association writes to its socket for the same primitive."""
+    import logging
+
+    import dicoogled
+
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        association = dicoogled.Association(ours, ("127.0.0.1", 0), max_receive=0, max_send_limit=max_pdu,
+                                            timeout=5, log=logging.getLogger("test"))
+        association.send_message(message_class, primitive, context_id)
+        ours.shutdown(socket.SHUT_WR)
+        received = b""
+        while chunk := theirs.recv(1 << 20):
+            received += chunk
+        return received
+
+
+def _primitives():
+    """One primitive of every message the engine sends, with optional fields present and absent,
+    odd and even value lengths."""
+    from pynetdicom.dimse_messages import C_ECHO_RQ, C_ECHO_RSP, C_FIND_RSP, C_GET_RSP, C_MOVE_RSP, C_STORE_RQ, C_STORE_RSP
+    from pynetdicom.dimse_primitives import C_ECHO, C_FIND, C_GET, C_MOVE, C_STORE
+    import io
+
+    def make(kind, **fields):
+        primitive = kind()
+        for name, value in fields.items():
+            setattr(primitive, name, value)
+        return primitive
+
+    identifier = Dataset()
+    identifier.PatientName, identifier.StudyInstanceUID = "DOE^J", "1.2.3.4"
+    encoded = io.BytesIO(encode(identifier, implicit=True))
+    odd_uid, even_uid = "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.22"
+    return [
+        (C_ECHO_RQ, make(C_ECHO, MessageID=1, AffectedSOPClassUID=Verification)),
+        (C_ECHO_RSP, make(C_ECHO, MessageIDBeingRespondedTo=7, AffectedSOPClassUID=Verification, Status=0)),
+        (C_STORE_RQ, make(C_STORE, MessageID=65535, AffectedSOPClassUID=odd_uid, AffectedSOPInstanceUID="1.2.3",
+                          Priority=0, DataSet=io.BytesIO(b"\x08\x00\x18\x00\x06\x00" + b"1.2.3\0" + bytes(3000)))),
+        (C_STORE_RQ, make(C_STORE, MessageID=2, AffectedSOPClassUID=even_uid, AffectedSOPInstanceUID="1.2.34",
+                          Priority=2, MoveOriginatorApplicationEntityTitle="MOVESCU",
+                          MoveOriginatorMessageID=9, DataSet=io.BytesIO(bytes(10)))),
+        (C_STORE_RSP, make(C_STORE, MessageIDBeingRespondedTo=3, AffectedSOPClassUID=odd_uid,
+                           AffectedSOPInstanceUID="1.2.3", Status=0)),
+        (C_STORE_RSP, make(C_STORE, MessageIDBeingRespondedTo=3, AffectedSOPClassUID=even_uid,
+                           AffectedSOPInstanceUID="1.2.34", Status=0xA700, ErrorComment="out of resources")),
+        (C_STORE_RSP, make(C_STORE, MessageIDBeingRespondedTo=3, AffectedSOPClassUID=even_uid,
+                           AffectedSOPInstanceUID="1.2.34", Status=0xC000, ErrorComment="odd")),
+        (C_FIND_RSP, make(C_FIND, MessageIDBeingRespondedTo=4, AffectedSOPClassUID=StudyRootQueryRetrieveInformationModelFind,
+                          Status=0xFF00, Identifier=encoded)),
+        (C_FIND_RSP, make(C_FIND, MessageIDBeingRespondedTo=4, AffectedSOPClassUID=StudyRootQueryRetrieveInformationModelFind,
+                          Status=0)),
+        (C_MOVE_RSP, make(C_MOVE, MessageIDBeingRespondedTo=5, AffectedSOPClassUID="1.2.840.10008.5.1.4.1.2.2.2",
+                          Status=0xFF00, NumberOfRemainingSuboperations=49, NumberOfCompletedSuboperations=1,
+                          NumberOfFailedSuboperations=0, NumberOfWarningSuboperations=0)),
+        (C_GET_RSP, make(C_GET, MessageIDBeingRespondedTo=6, AffectedSOPClassUID="1.2.840.10008.5.1.4.1.2.2.3",
+                         Status=0xB000, NumberOfCompletedSuboperations=40, NumberOfFailedSuboperations=10,
+                         NumberOfWarningSuboperations=0, Identifier=encoded)),
+    ]
+
+
+@pytest.mark.parametrize("max_pdu", [0, 16384, 64])
+def test_messages_are_written_as_pynetdicom_encodes_them(max_pdu):
+    """The engine writes command sets itself (pynetdicom's way costs most of a small message); on
+    the wire each message, command and data set, fragmented to the peer's maximum PDU, is byte
+    for byte what pynetdicom's encoder makes of the same primitive."""
+    for message_class, primitive in _primitives():
+        expected = _pynetdicom_bytes(message_class, primitive, 3, max_pdu)
+        for stream in ("DataSet", "Identifier"):  # the engine's read leaves them as they were
+            if getattr(primitive, stream, None) is not None:
+                getattr(primitive, stream).seek(0)
+        assert _engine_bytes(message_class, primitive, 3, max_pdu) == expected, message_class.__name__
