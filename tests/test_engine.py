@@ -526,10 +526,7 @@ def _primitives():
     import io
 
     def make(kind, **fields):
-        primitive = kind()
-        for name, value in fields.items():
-            setattr(primitive, name, value)
-        return primitive
+        return kind, fields
 
     identifier = Dataset()
     identifier.PatientName, identifier.StudyInstanceUID = "DOE^J", "1.2.3.4"
@@ -567,9 +564,16 @@ def test_messages_are_written_as_pynetdicom_encodes_them(max_pdu):
     """The engine writes command sets itself (pynetdicom's way costs most of a small message); on
     the wire each message, command and data set, fragmented to the peer's maximum PDU, is byte
     for byte what pynetdicom's encoder makes of the same primitive."""
-    for message_class, primitive in _primitives():
+    import dicoogled
+
+    for message_class, (kind, fields) in _primitives():
+        primitive = kind()
+        for name, value in fields.items():
+            setattr(primitive, name, value)
         expected = _pynetdicom_bytes(message_class, primitive, 3, max_pdu)
-        for stream in ("DataSet", "Identifier"):  # the engine's read leaves them as they were
-            if getattr(primitive, stream, None) is not None:
-                getattr(primitive, stream).seek(0)
+        for stream in ("DataSet", "Identifier"):  # pynetdicom's encoder read them
+            if stream in fields:
+                fields[stream].seek(0)
+        # What the engine sends is built as DimseFields; a pynetdicom primitive must give the same.
+        assert _engine_bytes(message_class, dicoogled.DimseFields(**fields), 3, max_pdu) == expected, message_class.__name__
         assert _engine_bytes(message_class, primitive, 3, max_pdu) == expected, message_class.__name__
