@@ -104,7 +104,7 @@ from pydicom.sequence import Sequence
 from pynetdicom import StoragePresentationContexts, _config as pynetdicom_config, build_context
 from pynetdicom.dimse_messages import (
     C_CANCEL_RQ, C_ECHO_RQ, C_ECHO_RSP, C_FIND_RQ, C_FIND_RSP, C_GET_RQ, C_GET_RSP, C_MOVE_RQ, C_MOVE_RSP,
-    C_STORE_RQ, C_STORE_RSP, DIMSEMessage, _COMMAND_SET_KEYWORDS, _DATASET_KEYWORDS, _MESSAGE_TYPES,
+    C_STORE_RQ, C_STORE_RSP, _COMMAND_SET_KEYWORDS, _DATASET_KEYWORDS, _MESSAGE_TYPES,
 )
 from pynetdicom.dimse_primitives import C_ECHO, C_FIND, C_GET, C_MOVE, C_STORE
 from pynetdicom.dsutils import decode as pynetdicom_decode, encode as pynetdicom_encode
@@ -112,7 +112,7 @@ from pynetdicom.pdu import (
     A_ABORT_RQ, A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ, A_RELEASE_RP, A_RELEASE_RQ,
 )
 from pynetdicom.pdu_primitives import (
-    A_ABORT, A_ASSOCIATE, A_P_ABORT, P_DATA, AsynchronousOperationsWindowNegotiation,
+    A_ABORT, A_ASSOCIATE, A_P_ABORT, AsynchronousOperationsWindowNegotiation,
     ImplementationClassUIDNotification, ImplementationVersionNameNotification, MaximumLengthNotification,
     SCP_SCU_RoleSelectionNegotiation,
 )
@@ -4028,8 +4028,10 @@ def _orthanc_adapter(name: str, function):
 # DICOM association engine: PDUs in, DIMSE messages out, no polling
 # ============================================================================================
 #
-# pynetdicom encodes and decodes: PDUs (pynetdicom.pdu), DIMSE messages (dimse_messages,
-# dimse_primitives) and presentation contexts (presentation). This section moves them. One thread
+# pynetdicom encodes and decodes PDUs (pynetdicom.pdu) and data sets, and negotiates presentation
+# contexts (presentation). DIMSE command sets, a dozen small elements on every message, are
+# written and read here from pynetdicom's tables: through a pydicom Dataset they cost most of a
+# small message. This section moves it all. One thread
 # per association blocks on its socket until a PDU is complete (with a deadline), hands each whole
 # DIMSE message to its handler and writes the response as soon as it is built: no reactor threads,
 # no queues, no sleeps. (pynetdicom's own Association and DUL reactors are two threads per
@@ -4037,8 +4039,9 @@ def _orthanc_adapter(name: str, function):
 
 #: The pynetdicom releases this engine is written against, [lowest, first unsupported); setup.cfg
 #: pins the same range. It uses the PDU classes' decode/encode/to_primitive/from_primitive,
-#: DIMSEMessage.decode_msg, the command set tables of pynetdicom.dimse_messages
-#: (_COMMAND_SET_KEYWORDS, _MESSAGE_TYPES, _DATASET_KEYWORDS) and
+#: the command set tables of pynetdicom.dimse_messages (_COMMAND_SET_KEYWORDS, _MESSAGE_TYPES,
+#: _DATASET_KEYWORDS: what each message carries; command sets are written and read here with
+#: them, tested byte for byte against pynetdicom's own encoder and decoder) and
 #: negotiate_as_acceptor/negotiate_as_requestor, unchanged from 3.0.1 to 3.0.4.
 PYNETDICOM_SUPPORTED = ((3, 0, 1), (3, 1))
 
@@ -4135,6 +4138,10 @@ class DimseFields(types.SimpleNamespace):
             raise AttributeError(name)
         return None
 
+    def get(self, keyword: str, default=None):
+        value = self.__dict__.get(keyword)
+        return default if value is None else value
+
 
 def encode_command_set(message_class, primitive, with_data_set: bool) -> bytes:
     """The command set of a DIMSE message from its primitive: the bytes pynetdicom's
@@ -4151,6 +4158,51 @@ def encode_command_set(message_class, primitive, with_data_set: bool) -> bytes:
         encoded += (header, struct.pack("<I", len(value)), value)
     body = b"".join(encoded)
     return elements[0][1] + b"\x04\x00\x00\x00" + struct.pack("<I", len(body)) + body
+
+
+#: How a received command element's value is read, by VR: text without its padding (AE titles
+#: without leading spaces either, PS3.5 6.2), numbers unsigned little endian, tags as a list.
+_COMMAND_VALUE_READERS = {
+    "UI": lambda value: value.rstrip(b"\0 ").decode("ascii", "replace"),
+    "AE": lambda value: value.strip(b"\0 ").decode("ascii", "replace"),
+    "LO": lambda value: value.strip(b"\0 ").decode("ascii", "replace"),
+    "SH": lambda value: value.strip(b"\0 ").decode("ascii", "replace"),
+    "US": lambda value: struct.unpack("<H", value)[0] if len(value) == 2 else None,
+    "UL": lambda value: struct.unpack("<I", value)[0] if len(value) == 4 else None,
+    "AT": lambda value: [(group << 16) | element for group, element in struct.iter_unpack("<HH", value[:len(value) // 4 * 4])],
+}
+#: Command element number -> (keyword, value reader): every element of group 0000 pydicom knows.
+_COMMAND_ELEMENTS = {tag & 0xFFFF: (entry[4], _COMMAND_VALUE_READERS.get(entry[0], bytes))
+                     for tag, entry in DicomDictionary.items() if tag >> 16 == 0x0000 and entry[4]}
+
+
+def decode_command_set(encoded: bytes) -> DimseFields:
+    """The fields of a received command set (Implicit VR Little Endian, PS3.7 6.3.1) by keyword,
+    as pynetdicom's decoder reads them into a pydicom Dataset, without building one. Raises
+    ValueError when it is cut short."""
+    fields, position, end = {}, 0, len(encoded)
+    while position < end:
+        if position + 8 > end:
+            raise ValueError("a command element cut short")
+        group, number, length = struct.unpack_from("<HHI", encoded, position)
+        position += 8
+        if group != 0x0000 or position + length > end:
+            raise ValueError(f"a command element ({group:04X},{number:04X}) of {length} bytes in {end - position + 8}")
+        known = _COMMAND_ELEMENTS.get(number)
+        if known:
+            fields[known[0]] = known[1](encoded[position:position + length])
+        position += length
+    return DimseFields(**fields)
+
+
+@dataclasses.dataclass(slots=True)
+class DimseMessage:
+    """A whole DIMSE message received: kind is the pynetdicom message class its command field
+    names (C_STORE_RQ, C_FIND_RSP...), data_set its data set's bytes (b"" if it has none)."""
+    kind: type
+    command_set: DimseFields
+    context_id: int
+    data_set: bytes = b""
 
 
 class AssociationEnded(Exception):
@@ -4355,7 +4407,7 @@ class Association:
 
     def _pdvs(self, pdu: bytes) -> list:
         """[(context ID, control header + fragment)] of a P-DATA-TF PDU, checked."""
-        items, offset, end = [], PDU_HEADER.size, len(pdu)
+        items, offset, end, view = [], PDU_HEADER.size, len(pdu), memoryview(pdu)
         while offset < end:
             if offset + 6 > end:
                 raise ProtocolError("a truncated PDV item in a P-DATA-TF")
@@ -4365,14 +4417,14 @@ class Association:
                 raise ProtocolError("a PDV item longer than its P-DATA-TF")
             if context_id not in self.contexts:
                 raise ProtocolError(f"a PDV on presentation context {context_id}, which was not accepted")
-            items.append((context_id, pdu[offset + 5:offset + 4 + length]))
+            items.append((context_id, view[offset + 5:offset + 4 + length]))
             offset += 4 + length
         if not items:
             raise ProtocolError("a P-DATA-TF without PDV items")
         return items
 
     def read_message(self, timeout: float | None = None):
-        """The next whole DIMSE message (a pynetdicom DIMSEMessage); PeerReleased on A-RELEASE-RQ,
+        """The next whole DIMSE message; PeerReleased on A-RELEASE-RQ,
         AssociationEnded on A-ABORT, a closed connection, a timeout or a protocol error."""
         if self._held:
             held = self._held.popleft()
@@ -4381,29 +4433,31 @@ class Association:
             return held
         return self.receive_message(timeout)
 
-    def receive_message(self, timeout: float | None = None):
-        """The next DIMSE message from the peer, past any held ones."""
-        message = DIMSEMessage()
-        command_done = False
+    def receive_message(self, timeout: float | None = None) -> DimseMessage:
+        """The next DIMSE message from the peer, past any held ones: its command set, then its
+        data set, each in as many fragments as the peer sent (PS3.8 E.2)."""
+        command, data_set, message = bytearray(), bytearray(), None
         while True:
             try:
                 pdu_type, pdu = self.read_pdu(self.timeout if timeout is None else timeout)
             except TimeoutError:
                 raise PeerTimedOut(f"{self.peer} sent nothing for {self.timeout:g} s") from None
             if pdu_type == P_DATA_TF_PDU:
-                primitive = P_DATA()
                 for context_id, pdv in self._pdvs(pdu):
-                    if not pdv[0] & 1 and not command_done:
+                    control = pdv[0]
+                    if control & 1:  # a command fragment
+                        command += pdv[1:]
+                        if control & 2:
+                            message = self._command_received(bytes(command), context_id)
+                            if message.command_set.CommandDataSetType == 0x0101:  # no data set follows
+                                return message
+                    elif message is None:
                         raise ProtocolError("a data set fragment before its command set", ABORT_UNEXPECTED_PARAMETER)
-                    primitive.presentation_data_value_list.append((context_id, pdv))
-                    command_done = command_done or pdv[0] & 3 == 3
-                try:
-                    if message.decode_msg(primitive):
-                        return message
-                except ProtocolError:
-                    raise
-                except Exception as error:
-                    raise ProtocolError(f"an undecodable DIMSE message: {_pdu_error_text(error)}") from None
+                    else:
+                        data_set += pdv[1:]
+                        if control & 2:
+                            message.data_set = bytes(data_set)
+                            return message
             elif pdu_type == A_RELEASE_RQ_PDU:
                 raise PeerReleased
             elif pdu_type == A_ABORT_PDU:
@@ -4411,6 +4465,15 @@ class Association:
                 raise AssociationEnded(f"{self.peer} aborted the association (source {source}, reason {reason})")
             else:
                 raise ProtocolError(f"an unexpected PDU (type 0x{pdu_type:02X}) during the association", ABORT_UNEXPECTED_PDU)
+
+    @staticmethod
+    def _command_received(command: bytes, context_id: int) -> DimseMessage:
+        try:
+            fields = decode_command_set(command)
+            kind = _MESSAGE_TYPES[fields.CommandField][1]
+        except Exception as error:
+            raise ProtocolError(f"an undecodable DIMSE message: {_pdu_error_text(error)}") from None
+        return DimseMessage(kind, fields, context_id)
 
     def send_message(self, message_class, primitive, context_id: int):
         """Encode a DIMSE primitive as message_class and send it at once, in PDUs no longer than
@@ -4435,7 +4498,7 @@ class Association:
         for held in list(self._held):
             if isinstance(held, Exception):
                 return True  # the operation cannot go on: stop it as if cancelled
-            if isinstance(held, C_CANCEL_RQ) and held.command_set.MessageIDBeingRespondedTo == message_id:
+            if held.kind is C_CANCEL_RQ and held.command_set.MessageIDBeingRespondedTo == message_id:
                 self._held.remove(held)
                 return True
         while self._buffer or select.select([self.sock], [], [], 0)[0]:
@@ -4444,9 +4507,9 @@ class Association:
             except (PeerReleased, AssociationEnded) as error:
                 self._held.append(error)
                 return True
-            if isinstance(message, C_CANCEL_RQ) and message.command_set.MessageIDBeingRespondedTo == message_id:
+            if message.kind is C_CANCEL_RQ and message.command_set.MessageIDBeingRespondedTo == message_id:
                 return True
-            if not isinstance(message, C_CANCEL_RQ):  # a cancel of something else finished: nothing to do
+            if message.kind is not C_CANCEL_RQ:  # a cancel of something else finished: nothing to do
                 self._held.append(message)
                 return False
         return False
@@ -4881,12 +4944,12 @@ def send_c_store(association: Association, sop_class: str, sop_instance: str, tr
     association.send_message(C_STORE_RQ, request, context.context_id)
     while True:
         message = association.receive_message()  # a held C-CANCEL is not the response
-        if isinstance(message, C_STORE_RSP) and message.command_set.MessageIDBeingRespondedTo == message_id:
+        if message.kind is C_STORE_RSP and message.command_set.MessageIDBeingRespondedTo == message_id:
             return int(message.command_set.Status)
-        if isinstance(message, C_CANCEL_RQ):  # a C-GET's cancel, arriving during its sub-operation
+        if message.kind is C_CANCEL_RQ:  # a C-GET's cancel, arriving during its sub-operation
             association.hold(message)
             continue
-        raise ProtocolError(f"{association.peer} answered a C-STORE with {type(message).__name__}", ABORT_UNEXPECTED_PARAMETER)
+        raise ProtocolError(f"{association.peer} answered a C-STORE with {message.kind.__name__}", ABORT_UNEXPECTED_PARAMETER)
 
 
 def send_c_echo(association: Association) -> int:
@@ -4898,8 +4961,8 @@ def send_c_echo(association: Association) -> int:
     message_id = request.MessageID
     association.send_message(C_ECHO_RQ, request, context.context_id)
     message = association.read_message()
-    if not isinstance(message, C_ECHO_RSP) or message.command_set.MessageIDBeingRespondedTo != message_id:
-        raise ProtocolError(f"{association.peer} answered a C-ECHO with {type(message).__name__}", ABORT_UNEXPECTED_PARAMETER)
+    if message.kind is not C_ECHO_RSP or message.command_set.MessageIDBeingRespondedTo != message_id:
+        raise ProtocolError(f"{association.peer} answered a C-ECHO with {message.kind.__name__}", ABORT_UNEXPECTED_PARAMETER)
     return int(message.command_set.Status)
 
 
@@ -5116,32 +5179,32 @@ class DicomServices:
         while True:
             self._dispatch(association, association.read_message())
 
-    def _dispatch(self, association: Association, message):
-        if isinstance(message, C_CANCEL_RQ):
+    def _dispatch(self, association: Association, message: DimseMessage):
+        if message.kind is C_CANCEL_RQ:
             return  # for a request already answered
-        if type(message) not in self._handlers:
-            raise ProtocolError(f"{association.peer} sent {type(message).__name__}, a service dicoogled does not offer",
+        if message.kind not in self._handlers:
+            raise ProtocolError(f"{association.peer} sent {message.kind.__name__}, a service dicoogled does not offer",
                                 ABORT_UNEXPECTED_PARAMETER)
-        handler, response_class, sop_classes = self._handlers[type(message)]
+        handler, response_class, sop_classes = self._handlers[message.kind]
         command, context = message.command_set, association.contexts[message.context_id]
         request = DimseRequest(
             association=association, context_id=message.context_id, message_id=command.MessageID,
             sop_class_uid=str(command.AffectedSOPClassUID or ""), transfer_syntax=str(context.transfer_syntax[0]),
-            data=message.data_set.getvalue() if message.data_set else b"",
+            data=message.data_set,
             sop_instance_uid=str(command.get("AffectedSOPInstanceUID") or ""),
             move_destination=str(command.get("MoveDestination") or ""), priority=command.get("Priority") or 0)
         abstract_syntax = str(context.abstract_syntax)
         offered = abstract_syntax in sop_classes if sop_classes else abstract_syntax not in self._service_classes
         if not offered or request.sop_class_uid != abstract_syntax:
             self.log.warning("%s sent a %s for %s on a context for %s: refused", association.peer,
-                             type(message).__name__, request.sop_class_uid, abstract_syntax)
+                             message.kind.__name__, request.sop_class_uid, abstract_syntax)
             return self._send_response(request, self._response_primitive(request, response_class, SOP_CLASS_NOT_SUPPORTED))
         try:
             handler(request)
         except (AssociationEnded, PeerReleased):
             raise
         except Exception:  # a bug, not the peer's fault: answer a failure and keep the association
-            self.log.exception("%s from %s failed", type(message).__name__, association.peer)
+            self.log.exception("%s from %s failed", message.kind.__name__, association.peer)
             self._send_response(request, self._response_primitive(request, response_class, UNABLE_TO_PROCESS))
 
     @property

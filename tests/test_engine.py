@@ -577,3 +577,78 @@ def test_messages_are_written_as_pynetdicom_encodes_them(max_pdu):
         # What the engine sends is built as DimseFields; a pynetdicom primitive must give the same.
         assert _engine_bytes(message_class, dicoogled.DimseFields(**fields), 3, max_pdu) == expected, message_class.__name__
         assert _engine_bytes(message_class, primitive, 3, max_pdu) == expected, message_class.__name__
+
+
+def _requests():
+    """The requests a peer sends the engine, with optional fields present and absent."""
+    import io
+
+    from pynetdicom.dimse_messages import C_CANCEL_RQ, C_FIND_RQ, C_GET_RQ, C_MOVE_RQ, C_STORE_RQ
+    from pynetdicom.dimse_primitives import C_CANCEL, C_FIND, C_GET, C_MOVE, C_STORE
+
+    identifier = io.BytesIO(encode(make_identifier("STUDY", PatientName="DOE*"), implicit=True))
+    move = "1.2.840.10008.5.1.4.1.2.2.2"
+    return [
+        (C_FIND_RQ, (C_FIND, dict(MessageID=11, AffectedSOPClassUID=StudyRootQueryRetrieveInformationModelFind,
+                                  Priority=1, Identifier=identifier))),
+        (C_MOVE_RQ, (C_MOVE, dict(MessageID=12, AffectedSOPClassUID=move, Priority=0, MoveDestination=" DEST",
+                                  Identifier=io.BytesIO(identifier.getvalue())))),
+        (C_GET_RQ, (C_GET, dict(MessageID=13, AffectedSOPClassUID="1.2.840.10008.5.1.4.1.2.2.3", Priority=2,
+                                Identifier=io.BytesIO(identifier.getvalue())))),
+        (C_CANCEL_RQ, (C_CANCEL, dict(MessageIDBeingRespondedTo=12))),
+        (C_STORE_RQ, (C_STORE, dict(MessageID=14, AffectedSOPClassUID="1.2.840.10008.5.1.4.1.1.2",
+                                    AffectedSOPInstanceUID="1.2.3.45", Priority=0,
+                                    MoveOriginatorApplicationEntityTitle="MOVER", MoveOriginatorMessageID=12,
+                                    DataSet=io.BytesIO(bytes(40000))))),
+    ]
+
+
+@pytest.mark.parametrize("max_pdu", [0, 16384, 64])
+def test_messages_are_read_as_pynetdicom_decodes_them(max_pdu):
+    """The engine reads command sets itself: every field of every message, requests and
+    responses, fragmented or not, reads as pynetdicom's decoder reads it, and so does its data set."""
+    import logging
+
+    import dicoogled
+    from pynetdicom.dimse_messages import DIMSEMessage
+    from pynetdicom.pdu_primitives import P_DATA
+
+    for message_class, (kind, fields) in _primitives() + _requests():
+        primitive = kind()
+        for name, value in fields.items():
+            setattr(primitive, name, value)
+        wire = _pynetdicom_bytes(message_class, primitive, 5, max_pdu)
+        theirs = DIMSEMessage()
+        for pdu in _pdus(wire):
+            pdata = P_DATA()
+            pdata.presentation_data_value_list = _pdv_items(pdu)
+            done = theirs.decode_msg(pdata)
+        assert done and type(theirs) is message_class
+        ours_end, peer_end = socket.socketpair()
+        with ours_end, peer_end:
+            association = dicoogled.Association(ours_end, ("127.0.0.1", 0), max_receive=0, max_send_limit=0,
+                                                timeout=5, log=logging.getLogger("test"))
+            association.contexts = {5: None}
+            peer_end.sendall(wire)
+            ours = association.receive_message()
+        assert ours.kind is message_class and ours.context_id == 5
+        expected = {element.keyword: element.value for element in theirs.command_set}
+        assert {keyword: ours.command_set.get(keyword) for keyword in expected} == expected, message_class.__name__
+        assert set(vars(ours.command_set)) == set(expected)
+        assert ours.data_set == (theirs.data_set.getvalue() if theirs.data_set else b"")
+
+
+def _pdus(wire: bytes):
+    while wire:
+        length = struct.unpack(">I", wire[2:6])[0]
+        yield wire[:6 + length]
+        wire = wire[6 + length:]
+
+
+def _pdv_items(pdu: bytes) -> list:
+    items, offset = [], 6
+    while offset < len(pdu):
+        length = struct.unpack(">I", pdu[offset:offset + 4])[0]
+        items.append([pdu[offset + 4], pdu[offset + 5:offset + 4 + length]])
+        offset += 4 + length
+    return items
