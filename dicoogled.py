@@ -2324,11 +2324,31 @@ class Finder:
         """Yield the C-FIND response data sets for an identifier, but the first offset and at
         most limit of them; stops when cancelled()."""
         for level, returned, row, meta in self._matches(identifier, cancelled, offset, limit):
-            yield self._response(level, returned, row[2:], meta, identifier)
+            response = Dataset()
+            for tag, (vr, value) in self._response(level, returned, row[2:], meta, identifier):
+                response.add_new(tag, vr, value)
+            yield response
+
+    def search_encoded(self, identifier: Dataset, transfer_syntax: str, cancelled=lambda: False):
+        """search(), each response encoded in transfer_syntax, as a C-FIND sends it: written
+        directly in the little endian syntaxes (a pydicom Dataset and its encoding cost ten
+        times more), through pydicom for the rest and for a response with a sequence."""
+        syntax = pydicom.uid.UID(transfer_syntax)
+        direct = syntax in (pydicom.uid.ImplicitVRLittleEndian, pydicom.uid.ExplicitVRLittleEndian)
+        for level, returned, row, meta in self._matches(identifier, cancelled):
+            elements = self._response(level, returned, row[2:], meta, identifier)
+            encoded = _encode_elements(elements, syntax.is_implicit_VR) if direct else None
+            if encoded is None:
+                response = Dataset()
+                for tag, (vr, value) in elements:
+                    response.add_new(tag, vr, value)
+                encoded = pynetdicom_encode(response, syntax.is_implicit_VR, syntax.is_little_endian, syntax.is_deflated)
+            yield encoded
 
     @staticmethod
-    def _response(level, returned, column_values, meta, identifier) -> Dataset:
-        response = Dataset()
+    def _response(level, returned, column_values, meta, identifier) -> list[tuple[int, tuple[str, object]]]:
+        """A response's elements, (tag, (VR, value as pydicom takes it)), in tag order."""
+        response = {}
         values = iter(column_values)
         non_ascii = False
         for key, (kind, _) in returned:
@@ -2341,14 +2361,14 @@ class Finder:
             element_value = _dicom_value(key.vr, value)
             if not str(value).isascii():  # multi-values and sequence items count too
                 non_ascii = True
-            response.add_new(key.tag, key.vr, element_value)
-        response.QueryRetrieveLevel = level
+            response[key.tag] = (key.vr, element_value)
+        response[0x00080052] = ("CS", level)  # QueryRetrieveLevel
         charset = identifier.get("SpecificCharacterSet")
         if non_ascii:
-            response.SpecificCharacterSet = "ISO_IR 192"
+            response[0x00080005] = ("CS", "ISO_IR 192")
         elif charset:
-            response.SpecificCharacterSet = charset
-        return response
+            response[0x00080005] = ("CS", charset)
+        return sorted(response.items())
 
     def instances(self, identifier: Dataset, cancelled=lambda: False) -> list[tuple]:
         """(sop_instance_uid, sop_class_uid, transfer_syntax, path) of every instance matched."""
@@ -2363,6 +2383,43 @@ class Finder:
         for _, _, row, _ in self._matches(identifier, cancelled):
             rows.extend(self.index.query(sql, (row[1],)))
         return rows
+
+
+_NUMBER_FORMATS = {"US": "<H", "UL": "<I", "SS": "<h", "SL": "<l", "UV": "<Q", "SV": "<q", "FL": "<f", "FD": "<d"}
+
+
+def _encode_elements(elements: list, implicit: bool) -> bytes | None:
+    """A data set of (tag, (VR, value)) in little endian, as pydicom writes the same values
+    (text in UTF-8 when the set says ISO_IR 192, else ASCII); None when it holds what is left to
+    pydicom (a sequence, text of another character set, a value too long for its VR)."""
+    utf8 = any(tag == 0x00080005 and value == "ISO_IR 192" for tag, (_, value) in elements)
+    out = []
+    for tag, (vr, value) in elements:
+        if vr == "SQ":
+            return None
+        if value is None or value == "" or vr in BINARY_VRS or vr == "AT":
+            encoded = b""
+        elif vr in _NUMBER_FORMATS:
+            numbers = value if isinstance(value, (list, MultiValue)) else [value]
+            encoded = b"".join(struct.pack(_NUMBER_FORMATS[vr], number) for number in numbers if number is not None)
+        else:
+            text = "\\".join(map(str, value)) if isinstance(value, (list, MultiValue)) else str(value)
+            try:
+                encoded = text.encode("utf-8" if utf8 else "ascii")
+            except UnicodeEncodeError:
+                return None
+            if len(encoded) % 2:
+                encoded += b"\0" if vr == "UI" else b" "
+        if implicit:
+            out.append(struct.pack("<HHI", tag >> 16, tag & 0xFFFF, len(encoded)))
+        elif vr.encode() in LONG_LENGTH_VRS:
+            out.append(struct.pack("<HH2sHI", tag >> 16, tag & 0xFFFF, vr.encode(), 0, len(encoded)))
+        elif len(encoded) > 0xFFFF:
+            return None
+        else:
+            out.append(struct.pack("<HH2sH", tag >> 16, tag & 0xFFFF, vr.encode(), len(encoded)))
+        out.append(encoded)
+    return b"".join(out)
 
 
 def _dicom_value(vr: str, value):
@@ -5250,12 +5307,7 @@ class DicomServices:
         for status, identifier in self._on_find(request):
             response = self._response_primitive(request, C_FIND, status)
             if status in (PENDING, PENDING_OPTIONAL_KEYS_UNSUPPORTED):
-                try:
-                    response.Identifier = self._encode(request, identifier)
-                except Exception as error:
-                    self.log.error("C-FIND from %s: cannot encode a response: %s", request.calling_aet, error)
-                    self._send_response(request, self._response_primitive(request, C_FIND, UNABLE_TO_PROCESS))
-                    return
+                response.Identifier = io.BytesIO(identifier)  # encoded by the finder
                 self._send_response(request, response)  # at once: the peer sees each match as it is found
                 continue
             self._send_response(request, response)
@@ -5282,7 +5334,8 @@ class DicomServices:
             return self.ingest.store_received(data, request.calling_aet)
 
     def _on_find(self, request: DimseRequest):
-        """Yield (status, identifier) responses: pending ones with a match, then the final one."""
+        """Yield (status, identifier) responses: pending ones with a match (encoded in the
+        request's transfer syntax), then the final one."""
         calling = request.calling_aet
         try:
             identifier = request.identifier
@@ -5296,7 +5349,7 @@ class DicomServices:
             if level == "PATIENT" and request.sop_class_uid == StudyRootQueryRetrieveInformationModelFind:
                 raise QueryError("the Study Root model has no PATIENT level (use Patient Root)", IDENTIFIER_DOES_NOT_MATCH)
             count = 0
-            for response in self.finder.search(identifier, request.is_cancelled):
+            for response in self.finder.search_encoded(identifier, request.transfer_syntax, request.is_cancelled):
                 yield PENDING, response
                 count += 1
                 if self.config.max_find_results and count >= self.config.max_find_results:
