@@ -4778,6 +4778,8 @@ class AssociationAcceptor:
         slot = False
         ending = association.close  # how the connection ends once its slot is free
         try:
+            if received[0] == A_ABORT_PDU:  # nothing to answer (PS3.8 AA-2)
+                raise AssociationEnded(f"{association.peer} aborted before its A-ASSOCIATE-RQ")
             if received[0] != A_ASSOCIATE_RQ_PDU:
                 if not A_ASSOCIATE_RQ_PDU <= received[0] <= A_ABORT_PDU:
                     raise ProtocolError(f"unknown PDU type 0x{received[0]:02X}", ABORT_UNRECOGNIZED_PDU)

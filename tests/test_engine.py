@@ -652,3 +652,68 @@ def _pdv_items(pdu: bytes) -> list:
         items.append([pdu[offset + 4], pdu[offset + 5:offset + 4 + length]])
         offset += 4 + length
     return items
+
+
+# ---- the acceptor's state machine, row by row (PS3.8 9.2.3, Tables 9-7 to 9-10) ----------------
+
+
+def _pdu(kind: int, body: bytes = bytes(4)) -> bytes:
+    return struct.pack(">BBI", kind, 0, len(body)) + body
+
+
+#: Sta2, a connection awaiting its A-ASSOCIATE-RQ: any other PDU, or one of no known type, is
+#: answered with an A-ABORT (AA-1, Evt3/4/10/12/13/19); an A-ABORT is not answered (AA-2, Evt16).
+STA2_ROWS = [
+    ("A-ASSOCIATE-AC (Evt3)", _pdu(0x02, associate_rq()[6:]), "abort"),
+    ("A-ASSOCIATE-RJ (Evt4)", _pdu(0x03, bytes([0, 1, 1, 1])), "abort"),
+    ("P-DATA-TF (Evt10)", p_data(b"\0" * 8, command=True, last=True), "abort"),
+    ("A-RELEASE-RQ (Evt12)", release_rq(), "abort"),
+    ("A-RELEASE-RP (Evt13)", _pdu(0x06), "abort"),
+    ("a PDU of no known type (Evt19)", _pdu(0x09), "abort"),
+    ("A-ABORT (Evt16)", abort_pdu(), "closed"),
+]
+#: Sta6, an established association: an association PDU or an A-RELEASE-RP is aborted with an
+#: A-P-ABORT, "unexpected PDU", and a PDU of no known type "unrecognized PDU" (AA-8, Evt3/4/6/13/19);
+#: an A-ABORT closes it (AA-3, Evt16); an A-RELEASE-RQ is answered with an A-RELEASE-RP (AR-2, AR-4).
+STA6_ROWS = [
+    ("A-ASSOCIATE-RQ (Evt6)", associate_rq(), (2, 2)),
+    ("A-ASSOCIATE-AC (Evt3)", _pdu(0x02, associate_rq()[6:]), (2, 2)),
+    ("A-ASSOCIATE-RJ (Evt4)", _pdu(0x03, bytes([0, 1, 1, 1])), (2, 2)),
+    ("A-RELEASE-RP (Evt13)", _pdu(0x06), (2, 2)),
+    ("a PDU of no known type (Evt19)", _pdu(0x09), (2, 1)),
+    ("A-ABORT (Evt16)", abort_pdu(), "closed"),
+    ("A-RELEASE-RQ (Evt12)", release_rq(), "released"),
+]
+
+
+def _answer(peer: RawPeer):
+    """What the daemon does next: ("abort", source, reason), ("released",) or ("closed",)."""
+    try:
+        kind, body = peer.read_pdu()
+    except ConnectionError:
+        return ("closed",)
+    if kind == A_ABORT:
+        return ("abort", body[2], body[3])
+    if kind == A_RELEASE_RP:
+        return ("released",)
+    return ("pdu", kind)
+
+
+def test_the_acceptor_follows_the_state_table(one_slot):
+    """Each row of the upper layer's state table an acceptor can meet, on a connection of its
+    own: the daemon does what the table says, ends the connection, and frees the slot."""
+    for state, rows, establish in (("Sta2", STA2_ROWS, False), ("Sta6", STA6_ROWS, True)):
+        for event, pdu, expected in rows:
+            peer = RawPeer(one_slot.dicom_port)
+            if establish:
+                peer.associate()
+            peer.send(pdu)
+            answer = _answer(peer)
+            if expected == "abort":
+                assert answer[0] == "abort", (state, event, answer)
+            elif isinstance(expected, tuple):
+                assert answer == ("abort", *expected), (state, event, answer)
+            else:
+                assert answer == (expected,), (state, event, answer)
+            peer.close()  # as a peer does once it has the answer (the daemon waits for it, ARTIM)
+            assert wait_until(lambda: slot_free(one_slot), message=f"the slot to be free after {state} {event}")
