@@ -20,6 +20,7 @@ import collections
 import concurrent.futures
 import configparser
 import contextlib
+import copy
 import ctypes
 import dataclasses
 import datetime
@@ -32,6 +33,7 @@ import http.cookies
 import importlib.metadata
 import importlib.util
 import io
+import itertools
 import json
 import logging
 import math
@@ -53,6 +55,7 @@ import tarfile
 import tempfile
 import threading
 import time
+import types
 import unicodedata
 import urllib.parse
 import uuid
@@ -101,7 +104,7 @@ from pydicom.sequence import Sequence
 from pynetdicom import StoragePresentationContexts, _config as pynetdicom_config, build_context
 from pynetdicom.dimse_messages import (
     C_CANCEL_RQ, C_ECHO_RQ, C_ECHO_RSP, C_FIND_RQ, C_FIND_RSP, C_GET_RQ, C_GET_RSP, C_MOVE_RQ, C_MOVE_RSP,
-    C_STORE_RQ, C_STORE_RSP, DIMSEMessage,
+    C_STORE_RQ, C_STORE_RSP, _COMMAND_SET_KEYWORDS, _DATASET_KEYWORDS, _MESSAGE_TYPES,
 )
 from pynetdicom.dimse_primitives import C_ECHO, C_FIND, C_GET, C_MOVE, C_STORE
 from pynetdicom.dsutils import decode as pynetdicom_decode, encode as pynetdicom_encode
@@ -109,7 +112,7 @@ from pynetdicom.pdu import (
     A_ABORT_RQ, A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ, A_RELEASE_RP, A_RELEASE_RQ,
 )
 from pynetdicom.pdu_primitives import (
-    A_ABORT, A_ASSOCIATE, A_P_ABORT, P_DATA, AsynchronousOperationsWindowNegotiation,
+    A_ABORT, A_ASSOCIATE, A_P_ABORT, AsynchronousOperationsWindowNegotiation,
     ImplementationClassUIDNotification, ImplementationVersionNameNotification, MaximumLengthNotification,
     SCP_SCU_RoleSelectionNegotiation,
 )
@@ -1704,6 +1707,7 @@ class Storage:
         #: Storage by URI scheme: callables (operation, *args) for the operations store, get,
         #: list and remove of HOOKS["storage"]. Storage plugins add theirs.
         self.schemes = {"file": self._files}
+        self._temp_names = itertools.count()
 
     def _files(self, operation: str, *args):
         """The built-in "file" scheme, whose locations are plain paths. It stores with write(),
@@ -1763,7 +1767,7 @@ class Storage:
         """Write data to path atomically: a temp file in the data dir, fsync, rename, and (with
         fsync) the rename itself and any folder made for it flushed too."""
         made = make_folders(path.parent)
-        fd, tmp_name = tempfile.mkstemp(prefix="store-", dir=self.tmp)
+        fd, tmp_name = self._temp_file()
         try:
             with os.fdopen(fd, "wb") as handle:
                 handle.write(data)
@@ -1778,6 +1782,16 @@ class Storage:
             with contextlib.suppress(OSError):
                 os.unlink(tmp_name)
             raise
+
+    def _temp_file(self) -> tuple[int, str]:
+        """A new file in the tmp folder, for its owner alone: (descriptor, name). Named by a
+        counter, not at random as tempfile does: that costs a tenth of a small object's store."""
+        while True:
+            name = f"{self.tmp}/store-{os.getpid()}-{next(self._temp_names)}"
+            try:
+                return os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600), name
+            except FileExistsError:  # another process with our PID's leftovers: take the next
+                continue
 
     def set_aside(self, path: pathlib.Path) -> pathlib.Path | None:
         """Keep a file that a store is about to replace, as a hard link in the tmp folder (no
@@ -2310,11 +2324,31 @@ class Finder:
         """Yield the C-FIND response data sets for an identifier, but the first offset and at
         most limit of them; stops when cancelled()."""
         for level, returned, row, meta in self._matches(identifier, cancelled, offset, limit):
-            yield self._response(level, returned, row[2:], meta, identifier)
+            response = Dataset()
+            for tag, (vr, value) in self._response(level, returned, row[2:], meta, identifier):
+                response.add_new(tag, vr, value)
+            yield response
+
+    def search_encoded(self, identifier: Dataset, transfer_syntax: str, cancelled=lambda: False):
+        """search(), each response encoded in transfer_syntax, as a C-FIND sends it: written
+        directly in the little endian syntaxes (a pydicom Dataset and its encoding cost ten
+        times more), through pydicom for the rest and for a response with a sequence."""
+        syntax = pydicom.uid.UID(transfer_syntax)
+        direct = syntax in (pydicom.uid.ImplicitVRLittleEndian, pydicom.uid.ExplicitVRLittleEndian)
+        for level, returned, row, meta in self._matches(identifier, cancelled):
+            elements = self._response(level, returned, row[2:], meta, identifier)
+            encoded = _encode_elements(elements, syntax.is_implicit_VR) if direct else None
+            if encoded is None:
+                response = Dataset()
+                for tag, (vr, value) in elements:
+                    response.add_new(tag, vr, value)
+                encoded = pynetdicom_encode(response, syntax.is_implicit_VR, syntax.is_little_endian, syntax.is_deflated)
+            yield encoded
 
     @staticmethod
-    def _response(level, returned, column_values, meta, identifier) -> Dataset:
-        response = Dataset()
+    def _response(level, returned, column_values, meta, identifier) -> list[tuple[int, tuple[str, object]]]:
+        """A response's elements, (tag, (VR, value as pydicom takes it)), in tag order."""
+        response = {}
         values = iter(column_values)
         non_ascii = False
         for key, (kind, _) in returned:
@@ -2327,14 +2361,14 @@ class Finder:
             element_value = _dicom_value(key.vr, value)
             if not str(value).isascii():  # multi-values and sequence items count too
                 non_ascii = True
-            response.add_new(key.tag, key.vr, element_value)
-        response.QueryRetrieveLevel = level
+            response[key.tag] = (key.vr, element_value)
+        response[0x00080052] = ("CS", level)  # QueryRetrieveLevel
         charset = identifier.get("SpecificCharacterSet")
         if non_ascii:
-            response.SpecificCharacterSet = "ISO_IR 192"
+            response[0x00080005] = ("CS", "ISO_IR 192")
         elif charset:
-            response.SpecificCharacterSet = charset
-        return response
+            response[0x00080005] = ("CS", charset)
+        return sorted(response.items())
 
     def instances(self, identifier: Dataset, cancelled=lambda: False) -> list[tuple]:
         """(sop_instance_uid, sop_class_uid, transfer_syntax, path) of every instance matched."""
@@ -2349,6 +2383,43 @@ class Finder:
         for _, _, row, _ in self._matches(identifier, cancelled):
             rows.extend(self.index.query(sql, (row[1],)))
         return rows
+
+
+_NUMBER_FORMATS = {"US": "<H", "UL": "<I", "SS": "<h", "SL": "<l", "UV": "<Q", "SV": "<q", "FL": "<f", "FD": "<d"}
+
+
+def _encode_elements(elements: list, implicit: bool) -> bytes | None:
+    """A data set of (tag, (VR, value)) in little endian, as pydicom writes the same values
+    (text in UTF-8 when the set says ISO_IR 192, else ASCII); None when it holds what is left to
+    pydicom (a sequence, text of another character set, a value too long for its VR)."""
+    utf8 = any(tag == 0x00080005 and value == "ISO_IR 192" for tag, (_, value) in elements)
+    out = []
+    for tag, (vr, value) in elements:
+        if vr == "SQ":
+            return None
+        if value is None or value == "" or vr in BINARY_VRS or vr == "AT":
+            encoded = b""
+        elif vr in _NUMBER_FORMATS:
+            numbers = value if isinstance(value, (list, MultiValue)) else [value]
+            encoded = b"".join(struct.pack(_NUMBER_FORMATS[vr], number) for number in numbers if number is not None)
+        else:
+            text = "\\".join(map(str, value)) if isinstance(value, (list, MultiValue)) else str(value)
+            try:
+                encoded = text.encode("utf-8" if utf8 else "ascii")
+            except UnicodeEncodeError:
+                return None
+            if len(encoded) % 2:
+                encoded += b"\0" if vr == "UI" else b" "
+        if implicit:
+            out.append(struct.pack("<HHI", tag >> 16, tag & 0xFFFF, len(encoded)))
+        elif vr.encode() in LONG_LENGTH_VRS:
+            out.append(struct.pack("<HH2sHI", tag >> 16, tag & 0xFFFF, vr.encode(), 0, len(encoded)))
+        elif len(encoded) > 0xFFFF:
+            return None
+        else:
+            out.append(struct.pack("<HH2sH", tag >> 16, tag & 0xFFFF, vr.encode(), len(encoded)))
+        out.append(encoded)
+    return b"".join(out)
 
 
 def _dicom_value(vr: str, value):
@@ -4014,8 +4085,10 @@ def _orthanc_adapter(name: str, function):
 # DICOM association engine: PDUs in, DIMSE messages out, no polling
 # ============================================================================================
 #
-# pynetdicom encodes and decodes: PDUs (pynetdicom.pdu), DIMSE messages (dimse_messages,
-# dimse_primitives) and presentation contexts (presentation). This section moves them. One thread
+# pynetdicom encodes and decodes PDUs (pynetdicom.pdu) and data sets, and negotiates presentation
+# contexts (presentation). DIMSE command sets, a dozen small elements on every message, are
+# written and read here from pynetdicom's tables: through a pydicom Dataset they cost most of a
+# small message. This section moves it all. One thread
 # per association blocks on its socket until a PDU is complete (with a deadline), hands each whole
 # DIMSE message to its handler and writes the response as soon as it is built: no reactor threads,
 # no queues, no sleeps. (pynetdicom's own Association and DUL reactors are two threads per
@@ -4023,7 +4096,9 @@ def _orthanc_adapter(name: str, function):
 
 #: The pynetdicom releases this engine is written against, [lowest, first unsupported); setup.cfg
 #: pins the same range. It uses the PDU classes' decode/encode/to_primitive/from_primitive,
-#: DIMSEMessage.decode_msg/encode_msg/primitive_to_message/message_to_primitive and
+#: the command set tables of pynetdicom.dimse_messages (_COMMAND_SET_KEYWORDS, _MESSAGE_TYPES,
+#: _DATASET_KEYWORDS: what each message carries; command sets are written and read here with
+#: them, tested byte for byte against pynetdicom's own encoder and decoder) and
 #: negotiate_as_acceptor/negotiate_as_requestor, unchanged from 3.0.1 to 3.0.4.
 PYNETDICOM_SUPPORTED = ((3, 0, 1), (3, 1))
 
@@ -4031,6 +4106,7 @@ A_ASSOCIATE_RQ_PDU, A_ASSOCIATE_AC_PDU, A_ASSOCIATE_RJ_PDU, P_DATA_TF_PDU = 0x01
 A_RELEASE_RQ_PDU, A_RELEASE_RP_PDU, A_ABORT_PDU = 0x05, 0x06, 0x07
 PDU_HEADER = struct.Struct(">BxI")  # PDU type, reserved, length of the rest (PS3.8 9.3.1)
 PDV_HEADER = struct.Struct(">BxIIB")  # a P-DATA-TF header with one PDV item: length, context ID
+PDV_COMMAND, PDV_DATA, PDV_LAST = 0x01, 0x00, 0x02  # a PDV's message control header (PS3.8 E.2)
 #: Largest association-control PDU read (A-ASSOCIATE-RQ/AC/RJ, A-RELEASE, A-ABORT): 128 proposed
 #: contexts with every transfer syntax fit in a tenth of this.
 MAX_CONTROL_PDU = 1 << 20
@@ -4072,6 +4148,118 @@ def check_pynetdicom_version(version: str):
         raise RuntimeError(f"pynetdicom {version} is installed, but dicoogled's association engine supports"
                            f" {'.'.join(map(str, lowest))} up to (not including) {'.'.join(map(str, beyond))}:"
                            f" pip install 'pynetdicom>={'.'.join(map(str, lowest))},<{'.'.join(map(str, beyond))}'")
+
+
+#: How a command element's value is written (PS3.5 7.5 and 6.2: the command set is Implicit VR
+#: Little Endian): text padded to even length (UIDs with NUL, others with a space), numbers
+#: as unsigned little endian; each element keeps its tag and VR from pydicom's dictionary.
+_COMMAND_VALUE_WRITERS = {
+    "UI": lambda value: _padded(str(value).encode("ascii"), b"\0"),
+    "AE": lambda value: _padded(str(value).encode("ascii"), b" "),
+    "LO": lambda value: _padded(str(value).encode("ascii"), b" "),
+    "SH": lambda value: _padded(str(value).encode("ascii"), b" "),
+    "US": lambda value: struct.pack("<H", value),
+    "UL": lambda value: struct.pack("<I", value),
+    "AT": lambda value: b"".join(struct.pack("<HH", tag >> 16, tag & 0xFFFF)
+                                 for tag in (value if isinstance(value, (list, tuple, MultiValue)) else [value])),
+}
+#: message class -> its CommandField and [(keyword, element header, value writer)] in tag order:
+#: pynetdicom's tables of what each message carries (PS3.7 9.3), read once.
+_COMMAND_LAYOUTS = {}
+
+
+def _padded(value: bytes, pad: bytes) -> bytes:
+    return value + pad if len(value) % 2 else value
+
+
+def _command_layout(message_class):
+    layout = _COMMAND_LAYOUTS.get(message_class)
+    if layout is None:
+        name = message_class.__name__.replace("_", "-")
+        command_field = next(field for field, (known, _) in _MESSAGE_TYPES.items() if known == name)
+        elements = []
+        for tag, keyword in sorted((tag_for_keyword(keyword), keyword) for keyword in _COMMAND_SET_KEYWORDS[name]):
+            elements.append((keyword, struct.pack("<HH", tag >> 16, tag & 0xFFFF),
+                             _COMMAND_VALUE_WRITERS[dictionary_VR(tag)]))
+        layout = _COMMAND_LAYOUTS[message_class] = (command_field, elements)
+    return layout
+
+
+class DimseFields(types.SimpleNamespace):
+    """The fields of a DIMSE message we send, by keyword, as encode_command_set reads them; an
+    unset one is None. (pynetdicom's primitives check every value as it is set: a cost on every
+    message, for values that are ours or were checked as they arrived.)"""
+
+    def __getattr__(self, name: str):
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return None
+
+    def get(self, keyword: str, default=None):
+        value = self.__dict__.get(keyword)
+        return default if value is None else value
+
+
+def encode_command_set(message_class, primitive, with_data_set: bool) -> bytes:
+    """The command set of a DIMSE message from its primitive: the bytes pynetdicom's
+    primitive_to_message and encode_msg make, written directly (they build a pydicom Dataset
+    and encode it twice to learn its length: most of a small message's cost)."""
+    command_field, elements = _command_layout(message_class)
+    derived = {"CommandField": command_field, "CommandDataSetType": 0x0001 if with_data_set else 0x0101}
+    encoded = []
+    for keyword, header, write in elements[1:]:  # elements[0] is CommandGroupLength: its value is the rest's length
+        value = derived[keyword] if keyword in derived else getattr(primitive, keyword, None)
+        if value is None:
+            continue
+        value = write(value)
+        encoded += (header, struct.pack("<I", len(value)), value)
+    body = b"".join(encoded)
+    return elements[0][1] + b"\x04\x00\x00\x00" + struct.pack("<I", len(body)) + body
+
+
+#: How a received command element's value is read, by VR: text without its padding (AE titles
+#: without leading spaces either, PS3.5 6.2), numbers unsigned little endian, tags as a list.
+_COMMAND_VALUE_READERS = {
+    "UI": lambda value: value.rstrip(b"\0 ").decode("ascii", "replace"),
+    "AE": lambda value: value.strip(b"\0 ").decode("ascii", "replace"),
+    "LO": lambda value: value.strip(b"\0 ").decode("ascii", "replace"),
+    "SH": lambda value: value.strip(b"\0 ").decode("ascii", "replace"),
+    "US": lambda value: struct.unpack("<H", value)[0] if len(value) == 2 else None,
+    "UL": lambda value: struct.unpack("<I", value)[0] if len(value) == 4 else None,
+    "AT": lambda value: [(group << 16) | element for group, element in struct.iter_unpack("<HH", value[:len(value) // 4 * 4])],
+}
+#: Command element number -> (keyword, value reader): every element of group 0000 pydicom knows.
+_COMMAND_ELEMENTS = {tag & 0xFFFF: (entry[4], _COMMAND_VALUE_READERS.get(entry[0], bytes))
+                     for tag, entry in DicomDictionary.items() if tag >> 16 == 0x0000 and entry[4]}
+
+
+def decode_command_set(encoded: bytes) -> DimseFields:
+    """The fields of a received command set (Implicit VR Little Endian, PS3.7 6.3.1) by keyword,
+    as pynetdicom's decoder reads them into a pydicom Dataset, without building one. Raises
+    ValueError when it is cut short."""
+    fields, position, end = {}, 0, len(encoded)
+    while position < end:
+        if position + 8 > end:
+            raise ValueError("a command element cut short")
+        group, number, length = struct.unpack_from("<HHI", encoded, position)
+        position += 8
+        if group != 0x0000 or position + length > end:
+            raise ValueError(f"a command element ({group:04X},{number:04X}) of {length} bytes in {end - position + 8}")
+        known = _COMMAND_ELEMENTS.get(number)
+        if known:
+            fields[known[0]] = known[1](encoded[position:position + length])
+        position += length
+    return DimseFields(**fields)
+
+
+@dataclasses.dataclass(slots=True)
+class DimseMessage:
+    """A whole DIMSE message received: kind is the pynetdicom message class its command field
+    names (C_STORE_RQ, C_FIND_RSP...), data_set its data set's bytes (b"" if it has none)."""
+    kind: type
+    command_set: DimseFields
+    context_id: int
+    data_set: bytes = b""
 
 
 class AssociationEnded(Exception):
@@ -4276,7 +4464,7 @@ class Association:
 
     def _pdvs(self, pdu: bytes) -> list:
         """[(context ID, control header + fragment)] of a P-DATA-TF PDU, checked."""
-        items, offset, end = [], PDU_HEADER.size, len(pdu)
+        items, offset, end, view = [], PDU_HEADER.size, len(pdu), memoryview(pdu)
         while offset < end:
             if offset + 6 > end:
                 raise ProtocolError("a truncated PDV item in a P-DATA-TF")
@@ -4286,14 +4474,14 @@ class Association:
                 raise ProtocolError("a PDV item longer than its P-DATA-TF")
             if context_id not in self.contexts:
                 raise ProtocolError(f"a PDV on presentation context {context_id}, which was not accepted")
-            items.append((context_id, pdu[offset + 5:offset + 4 + length]))
+            items.append((context_id, view[offset + 5:offset + 4 + length]))
             offset += 4 + length
         if not items:
             raise ProtocolError("a P-DATA-TF without PDV items")
         return items
 
     def read_message(self, timeout: float | None = None):
-        """The next whole DIMSE message (a pynetdicom DIMSEMessage); PeerReleased on A-RELEASE-RQ,
+        """The next whole DIMSE message; PeerReleased on A-RELEASE-RQ,
         AssociationEnded on A-ABORT, a closed connection, a timeout or a protocol error."""
         if self._held:
             held = self._held.popleft()
@@ -4302,29 +4490,31 @@ class Association:
             return held
         return self.receive_message(timeout)
 
-    def receive_message(self, timeout: float | None = None):
-        """The next DIMSE message from the peer, past any held ones."""
-        message = DIMSEMessage()
-        command_done = False
+    def receive_message(self, timeout: float | None = None) -> DimseMessage:
+        """The next DIMSE message from the peer, past any held ones: its command set, then its
+        data set, each in as many fragments as the peer sent (PS3.8 E.2)."""
+        command, data_set, message = bytearray(), bytearray(), None
         while True:
             try:
                 pdu_type, pdu = self.read_pdu(self.timeout if timeout is None else timeout)
             except TimeoutError:
                 raise PeerTimedOut(f"{self.peer} sent nothing for {self.timeout:g} s") from None
             if pdu_type == P_DATA_TF_PDU:
-                primitive = P_DATA()
                 for context_id, pdv in self._pdvs(pdu):
-                    if not pdv[0] & 1 and not command_done:
+                    control = pdv[0]
+                    if control & 1:  # a command fragment
+                        command += pdv[1:]
+                        if control & 2:
+                            message = self._command_received(bytes(command), context_id)
+                            if message.command_set.CommandDataSetType == 0x0101:  # no data set follows
+                                return message
+                    elif message is None:
                         raise ProtocolError("a data set fragment before its command set", ABORT_UNEXPECTED_PARAMETER)
-                    primitive.presentation_data_value_list.append((context_id, pdv))
-                    command_done = command_done or pdv[0] & 3 == 3
-                try:
-                    if message.decode_msg(primitive):
-                        return message
-                except ProtocolError:
-                    raise
-                except Exception as error:
-                    raise ProtocolError(f"an undecodable DIMSE message: {_pdu_error_text(error)}") from None
+                    else:
+                        data_set += pdv[1:]
+                        if control & 2:
+                            message.data_set = bytes(data_set)
+                            return message
             elif pdu_type == A_RELEASE_RQ_PDU:
                 raise PeerReleased
             elif pdu_type == A_ABORT_PDU:
@@ -4333,16 +4523,30 @@ class Association:
             else:
                 raise ProtocolError(f"an unexpected PDU (type 0x{pdu_type:02X}) during the association", ABORT_UNEXPECTED_PDU)
 
+    @staticmethod
+    def _command_received(command: bytes, context_id: int) -> DimseMessage:
+        try:
+            fields = decode_command_set(command)
+            kind = _MESSAGE_TYPES[fields.CommandField][1]
+        except Exception as error:
+            raise ProtocolError(f"an undecodable DIMSE message: {_pdu_error_text(error)}") from None
+        return DimseMessage(kind, fields, context_id)
+
     def send_message(self, message_class, primitive, context_id: int):
         """Encode a DIMSE primitive as message_class and send it at once, in PDUs no longer than
-        the peer accepts (all PDUs of a message in one write)."""
-        message = message_class()
-        message.primitive_to_message(primitive)
+        the peer accepts (all PDUs of a message in one write): the command set, then the data set."""
+        data_set = getattr(primitive, _DATASET_KEYWORDS.get(message_class.__name__, ""), None)
+        data_set = data_set.getvalue() if data_set else b""
         pdus = []
-        for pdata in message.encode_msg(context_id, self.max_send):
-            for pdv_context, pdv in pdata.presentation_data_value_list:
-                pdus.append(PDV_HEADER.pack(P_DATA_TF_PDU, len(pdv) + 5, len(pdv) + 1, pdv_context))
-                pdus.append(pdv)
+        for control, payload in ((PDV_COMMAND, encode_command_set(message_class, primitive, bool(data_set))),
+                                 (PDV_DATA, data_set)):
+            step = self.max_send - 6 if self.max_send else max(len(payload), 1)  # a PDV item's header: 6 bytes
+            for start in range(0, len(payload), step):
+                fragment = payload[start:start + step]
+                last = PDV_LAST if start + step >= len(payload) else 0
+                pdus.append(PDV_HEADER.pack(P_DATA_TF_PDU, len(fragment) + 6, len(fragment) + 2, context_id))
+                pdus.append(bytes((control | last,)))
+                pdus.append(fragment)
         self.send(b"".join(pdus))
 
     def cancel_requested(self, message_id: int) -> bool:
@@ -4351,7 +4555,7 @@ class Association:
         for held in list(self._held):
             if isinstance(held, Exception):
                 return True  # the operation cannot go on: stop it as if cancelled
-            if isinstance(held, C_CANCEL_RQ) and held.command_set.MessageIDBeingRespondedTo == message_id:
+            if held.kind is C_CANCEL_RQ and held.command_set.MessageIDBeingRespondedTo == message_id:
                 self._held.remove(held)
                 return True
         while self._buffer or select.select([self.sock], [], [], 0)[0]:
@@ -4360,9 +4564,9 @@ class Association:
             except (PeerReleased, AssociationEnded) as error:
                 self._held.append(error)
                 return True
-            if isinstance(message, C_CANCEL_RQ) and message.command_set.MessageIDBeingRespondedTo == message_id:
+            if message.kind is C_CANCEL_RQ and message.command_set.MessageIDBeingRespondedTo == message_id:
                 return True
-            if not isinstance(message, C_CANCEL_RQ):  # a cancel of something else finished: nothing to do
+            if message.kind is not C_CANCEL_RQ:  # a cancel of something else finished: nothing to do
                 self._held.append(message)
                 return False
         return False
@@ -4396,12 +4600,22 @@ def _as_uid_text(value) -> str:
 
 
 def _decode_association_request(pdu: bytes, address: tuple) -> AssociationRequest:
+    """The A-ASSOCIATE-RQ in pdu, from address. A peer sends the same request every time (a
+    viewer's hundred storage contexts with it): the last few are decoded once and shared, read only."""
+    request = copy.copy(_decoded_association_request(pdu))
+    request.address = address
+    return request
+
+
+@functools.lru_cache(maxsize=16)
+def _decoded_association_request(pdu: bytes) -> AssociationRequest:
     rq = A_ASSOCIATE_RQ()
     rq.decode(pdu)
     primitive = rq.to_primitive()
     request = AssociationRequest(
         calling_aet=_as_uid_text(primitive.calling_ae_title), called_aet=_as_uid_text(primitive.called_ae_title),
-        address=address, contexts=primitive.presentation_context_definition_list, roles={}, max_pdu=0)
+        address=(), contexts=primitive.presentation_context_definition_list, roles={}, max_pdu=0)
+    request.pdu = pdu
     request.application_context = _as_uid_text(primitive.application_context_name)
     request.protocol_version = rq.protocol_version
     # Read from the items: the primitive's own getters raise when an item is missing.
@@ -4457,6 +4671,8 @@ class AssociationAcceptor:
     #: Connections the waiting room holds at most: past it, the one waiting longest is closed
     #: (a real peer sends its request as soon as it connects, so it is never the oldest for long).
     MAX_WAITING = 1024
+    #: Negotiations kept for peers that ask again (the newest; a hostile peer only churns them).
+    NEGOTIATIONS_KEPT = 16
 
     def __init__(self, host: str, port: int, *, settings, judge, contexts, serve, log: logging.Logger):
         self.settings, self.judge, self.contexts, self.serve, self.log = settings, judge, contexts, serve, log
@@ -4468,6 +4684,7 @@ class AssociationAcceptor:
         self._lock = threading.Lock()
         #: Established associations (and those being negotiated after a valid request).
         self.associations = set()
+        self._negotiated = {}  # (A-ASSOCIATE-RQ, max PDU, supported contexts) -> (accepted contexts, A-ASSOCIATE-AC)
         #: How many connections are in the waiting room (for /health).
         self.waiting = 0
         self._thread = start_thread(f"dicom-listener-{self.address[1]}", self._accept_loop)
@@ -4561,6 +4778,8 @@ class AssociationAcceptor:
         slot = False
         ending = association.close  # how the connection ends once its slot is free
         try:
+            if received[0] == A_ABORT_PDU:  # nothing to answer (PS3.8 AA-2)
+                raise AssociationEnded(f"{association.peer} aborted before its A-ASSOCIATE-RQ")
             if received[0] != A_ASSOCIATE_RQ_PDU:
                 if not A_ASSOCIATE_RQ_PDU <= received[0] <= A_ABORT_PDU:
                     raise ProtocolError(f"unknown PDU type 0x{received[0]:02X}", ABORT_UNRECOGNIZED_PDU)
@@ -4622,11 +4841,31 @@ class AssociationAcceptor:
         association.close(wait_for_peer=PEER_CLOSE_WAIT)
 
     def _accept(self, association: Association, request: AssociationRequest, settings: dict):
-        contexts, role_items = negotiate_as_acceptor(request.contexts, self.contexts(request), request.roles)
-        association.contexts = {context.context_id: context for context in contexts if context.result == 0x00}
+        supported = self.contexts(request)
+        # The same request negotiated against the same contexts gives the same answer: kept for
+        # the next association of the same peer (a viewer's hundred contexts take milliseconds).
+        key = (request.pdu, settings["max_pdu"],
+               tuple((c.abstract_syntax, tuple(c.transfer_syntax), c.scu_role, c.scp_role) for c in supported))
+        with self._lock:
+            negotiated = self._negotiated.get(key)
+        if negotiated is None:
+            negotiated = self._negotiate(request, supported, settings)
+            with self._lock:
+                if len(self._negotiated) >= self.NEGOTIATIONS_KEPT:
+                    self._negotiated.pop(next(iter(self._negotiated)))
+                self._negotiated[key] = negotiated
+        association.contexts, accept_pdu = negotiated
         association.roles = request.roles
         association.peer_implementation = request.implementation_version_name or request.implementation_class_uid
         association.set_peer_max_pdu(request.max_pdu)
+        association.send(accept_pdu)
+        association.is_established = True
+
+    @staticmethod
+    def _negotiate(request: AssociationRequest, supported: list, settings: dict) -> tuple[dict, bytes]:
+        """The accepted contexts by ID, and the A-ASSOCIATE-AC that says so."""
+        contexts, role_items = negotiate_as_acceptor(request.contexts, supported, request.roles)
+        accepted = {context.context_id: context for context in contexts if context.result == 0x00}
         primitive = A_ASSOCIATE()
         primitive.application_context_name = APPLICATION_CONTEXT
         primitive.calling_ae_title = request.primitive.calling_ae_title
@@ -4639,8 +4878,9 @@ class AssociationAcceptor:
             window.maximum_number_operations_invoked = window.maximum_number_operations_performed = 1
             user_information.append(window)
         primitive.user_information = user_information
-        association.send_pdu(A_ASSOCIATE_AC, primitive)
-        association.is_established = True
+        pdu = A_ASSOCIATE_AC()
+        pdu.from_primitive(primitive)
+        return accepted, pdu.encode()
 
     def abort_all(self):
         """A-ABORT every association under way (at shutdown, after their grace)."""
@@ -4755,22 +4995,20 @@ def send_c_store(association: Association, sop_class: str, sop_instance: str, tr
         source = pydicom.uid.UID(transfer_syntax)
         dataset = pynetdicom_decode(io.BytesIO(data_set), source.is_implicit_VR, source.is_little_endian, source.is_deflated)
         data_set = pynetdicom_encode(dataset, accepted.is_implicit_VR, accepted.is_little_endian, accepted.is_deflated)
-    request = C_STORE()
-    request.MessageID = message_id = association.next_message_id()
-    request.AffectedSOPClassUID, request.AffectedSOPInstanceUID = sop_class, sop_instance
-    request.Priority = 0x0000
+    request = DimseFields(MessageID=association.next_message_id(), AffectedSOPClassUID=sop_class,
+                          AffectedSOPInstanceUID=sop_instance, Priority=0x0000, DataSet=io.BytesIO(data_set))
+    message_id = request.MessageID
     if move_originator:
         request.MoveOriginatorApplicationEntityTitle, request.MoveOriginatorMessageID = move_originator
-    request.DataSet = io.BytesIO(data_set)
     association.send_message(C_STORE_RQ, request, context.context_id)
     while True:
         message = association.receive_message()  # a held C-CANCEL is not the response
-        if isinstance(message, C_STORE_RSP) and message.command_set.MessageIDBeingRespondedTo == message_id:
+        if message.kind is C_STORE_RSP and message.command_set.MessageIDBeingRespondedTo == message_id:
             return int(message.command_set.Status)
-        if isinstance(message, C_CANCEL_RQ):  # a C-GET's cancel, arriving during its sub-operation
+        if message.kind is C_CANCEL_RQ:  # a C-GET's cancel, arriving during its sub-operation
             association.hold(message)
             continue
-        raise ProtocolError(f"{association.peer} answered a C-STORE with {type(message).__name__}", ABORT_UNEXPECTED_PARAMETER)
+        raise ProtocolError(f"{association.peer} answered a C-STORE with {message.kind.__name__}", ABORT_UNEXPECTED_PARAMETER)
 
 
 def send_c_echo(association: Association) -> int:
@@ -4778,13 +5016,12 @@ def send_c_echo(association: Association) -> int:
     context = next((c for c in association.contexts.values() if c.abstract_syntax == Verification), None)
     if context is None:
         raise ValueError("the peer did not accept the Verification SOP class")
-    request = C_ECHO()
-    request.MessageID = message_id = association.next_message_id()
-    request.AffectedSOPClassUID = Verification
+    request = DimseFields(MessageID=association.next_message_id(), AffectedSOPClassUID=Verification)
+    message_id = request.MessageID
     association.send_message(C_ECHO_RQ, request, context.context_id)
     message = association.read_message()
-    if not isinstance(message, C_ECHO_RSP) or message.command_set.MessageIDBeingRespondedTo != message_id:
-        raise ProtocolError(f"{association.peer} answered a C-ECHO with {type(message).__name__}", ABORT_UNEXPECTED_PARAMETER)
+    if message.kind is not C_ECHO_RSP or message.command_set.MessageIDBeingRespondedTo != message_id:
+        raise ProtocolError(f"{association.peer} answered a C-ECHO with {message.kind.__name__}", ABORT_UNEXPECTED_PARAMETER)
     return int(message.command_set.Status)
 
 
@@ -4988,13 +5225,9 @@ class DicomServices:
             if uid in seen or uid in self._service_classes:
                 continue
             seen.add(uid)
-            service = uid_to_service_class(uid)
-            if service is not ServiceClass and service is not StorageServiceClass:
-                continue  # a service dicoogled does not offer (unknown UIDs are private storage classes)
-            allowed = self.config.transfer_syntaxes.get(uid) or ACCEPTED_TRANSFER_SYNTAXES
-            supported = build_context(uid, list(allowed))
-            supported.scu_role, supported.scp_role = True, True
-            contexts.append(supported)
+            supported = _storage_context(uid, tuple(self.config.transfer_syntaxes.get(uid) or ACCEPTED_TRANSFER_SYNTAXES))
+            if supported:
+                contexts.append(supported)
         return contexts
 
     # ---- the acceptor's side of an association -----------------------------------------------
@@ -5005,32 +5238,32 @@ class DicomServices:
         while True:
             self._dispatch(association, association.read_message())
 
-    def _dispatch(self, association: Association, message):
-        if isinstance(message, C_CANCEL_RQ):
+    def _dispatch(self, association: Association, message: DimseMessage):
+        if message.kind is C_CANCEL_RQ:
             return  # for a request already answered
-        if type(message) not in self._handlers:
-            raise ProtocolError(f"{association.peer} sent {type(message).__name__}, a service dicoogled does not offer",
+        if message.kind not in self._handlers:
+            raise ProtocolError(f"{association.peer} sent {message.kind.__name__}, a service dicoogled does not offer",
                                 ABORT_UNEXPECTED_PARAMETER)
-        handler, response_class, sop_classes = self._handlers[type(message)]
+        handler, response_class, sop_classes = self._handlers[message.kind]
         command, context = message.command_set, association.contexts[message.context_id]
         request = DimseRequest(
             association=association, context_id=message.context_id, message_id=command.MessageID,
             sop_class_uid=str(command.AffectedSOPClassUID or ""), transfer_syntax=str(context.transfer_syntax[0]),
-            data=message.data_set.getvalue() if message.data_set else b"",
+            data=message.data_set,
             sop_instance_uid=str(command.get("AffectedSOPInstanceUID") or ""),
             move_destination=str(command.get("MoveDestination") or ""), priority=command.get("Priority") or 0)
         abstract_syntax = str(context.abstract_syntax)
         offered = abstract_syntax in sop_classes if sop_classes else abstract_syntax not in self._service_classes
         if not offered or request.sop_class_uid != abstract_syntax:
             self.log.warning("%s sent a %s for %s on a context for %s: refused", association.peer,
-                             type(message).__name__, request.sop_class_uid, abstract_syntax)
+                             message.kind.__name__, request.sop_class_uid, abstract_syntax)
             return self._send_response(request, self._response_primitive(request, response_class, SOP_CLASS_NOT_SUPPORTED))
         try:
             handler(request)
         except (AssociationEnded, PeerReleased):
             raise
         except Exception:  # a bug, not the peer's fault: answer a failure and keep the association
-            self.log.exception("%s from %s failed", type(message).__name__, association.peer)
+            self.log.exception("%s from %s failed", message.kind.__name__, association.peer)
             self._send_response(request, self._response_primitive(request, response_class, UNABLE_TO_PROCESS))
 
     @property
@@ -5046,10 +5279,8 @@ class DicomServices:
     @staticmethod
     def _response_primitive(request: DimseRequest, primitive_class, status: int):
         """A response with status; a failure's reason (DicomStatus) is its Error Comment."""
-        response = primitive_class()
-        response.MessageIDBeingRespondedTo = request.message_id
-        response.AffectedSOPClassUID = request.sop_class_uid
-        response.Status = int(status)
+        response = DimseFields(kind=primitive_class, MessageIDBeingRespondedTo=request.message_id,
+                               AffectedSOPClassUID=request.sop_class_uid, Status=int(status))
         reason = getattr(status, "reason", "")
         if reason and status not in (SUCCESS, PENDING, PENDING_OPTIONAL_KEYS_UNSUPPORTED):
             # Error Comment is LO: 64 characters of the default repertoire, no backslash.
@@ -5059,7 +5290,7 @@ class DicomServices:
     @staticmethod
     def _send_response(request: DimseRequest, response):
         message_class = {C_ECHO: C_ECHO_RSP, C_STORE: C_STORE_RSP, C_FIND: C_FIND_RSP,
-                         C_MOVE: C_MOVE_RSP, C_GET: C_GET_RSP}[type(response)]
+                         C_MOVE: C_MOVE_RSP, C_GET: C_GET_RSP}[response.kind]
         request.association.send_message(message_class, response, request.context_id)
 
     def _encode(self, request: DimseRequest, dataset: Dataset) -> io.BytesIO:
@@ -5078,12 +5309,7 @@ class DicomServices:
         for status, identifier in self._on_find(request):
             response = self._response_primitive(request, C_FIND, status)
             if status in (PENDING, PENDING_OPTIONAL_KEYS_UNSUPPORTED):
-                try:
-                    response.Identifier = self._encode(request, identifier)
-                except Exception as error:
-                    self.log.error("C-FIND from %s: cannot encode a response: %s", request.calling_aet, error)
-                    self._send_response(request, self._response_primitive(request, C_FIND, UNABLE_TO_PROCESS))
-                    return
+                response.Identifier = io.BytesIO(identifier)  # encoded by the finder
                 self._send_response(request, response)  # at once: the peer sees each match as it is found
                 continue
             self._send_response(request, response)
@@ -5110,7 +5336,8 @@ class DicomServices:
             return self.ingest.store_received(data, request.calling_aet)
 
     def _on_find(self, request: DimseRequest):
-        """Yield (status, identifier) responses: pending ones with a match, then the final one."""
+        """Yield (status, identifier) responses: pending ones with a match (encoded in the
+        request's transfer syntax), then the final one."""
         calling = request.calling_aet
         try:
             identifier = request.identifier
@@ -5124,7 +5351,7 @@ class DicomServices:
             if level == "PATIENT" and request.sop_class_uid == StudyRootQueryRetrieveInformationModelFind:
                 raise QueryError("the Study Root model has no PATIENT level (use Patient Root)", IDENTIFIER_DOES_NOT_MATCH)
             count = 0
-            for response in self.finder.search(identifier, request.is_cancelled):
+            for response in self.finder.search_encoded(identifier, request.transfer_syntax, request.is_cancelled):
                 yield PENDING, response
                 count += 1
                 if self.config.max_find_results and count >= self.config.max_find_results:
@@ -5322,6 +5549,20 @@ class DicomServices:
             association.release()
         self.log.info("sent %d instance(s) to %s, %d failed", result["sent"], destination_aet, result["failed"])
         return result
+
+
+@functools.lru_cache(maxsize=512)
+def _storage_context(uid: str, transfer_syntaxes: tuple):
+    """The context to accept for a storage SOP class in transfer_syntaxes, both roles granted, or
+    None for a service dicoogled does not offer (unknown UIDs are private storage classes).
+    Built once: a viewer proposes a hundred of them on every association, and negotiation only
+    reads them."""
+    service = uid_to_service_class(uid)
+    if service is not ServiceClass and service is not StorageServiceClass:
+        return None
+    supported = build_context(uid, list(transfer_syntaxes))
+    supported.scu_role, supported.scp_role = True, True
+    return supported
 
 
 def _contexts_for(instances: list[StoredInstance]) -> list:

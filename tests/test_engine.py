@@ -482,3 +482,238 @@ def test_another_pynetdicom_release_is_refused_at_start():
     for version in ("2.1.1", "3.0.0", "3.1.0", "4.0.0"):
         with pytest.raises(RuntimeError, match="association engine supports 3.0.1 up to"):
             dicoogled.check_pynetdicom_version(version)
+
+
+# ---- the command sets the engine writes are pynetdicom's ------------------------------------
+
+def _pynetdicom_bytes(message_class, primitive, context_id: int, max_pdu: int) -> bytes:
+    """The P-DATA-TF PDUs pynetdicom's own encoder makes of a primitive, as on the wire."""
+    from pynetdicom.pdu import P_DATA_TF
+
+    message = message_class()
+    message.primitive_to_message(primitive)
+    wire = b""
+    for pdata in message.encode_msg(context_id, max_pdu):
+        pdu = P_DATA_TF()
+        pdu.from_primitive(pdata)
+        wire += pdu.encode()
+    return wire
+
+
+def _engine_bytes(message_class, primitive, context_id: int, max_pdu: int) -> bytes:
+    """What the engine's Association writes to its socket for the same primitive."""
+    import logging
+
+    import dicoogled
+
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        association = dicoogled.Association(ours, ("127.0.0.1", 0), max_receive=0, max_send_limit=max_pdu,
+                                            timeout=5, log=logging.getLogger("test"))
+        association.send_message(message_class, primitive, context_id)
+        ours.shutdown(socket.SHUT_WR)
+        received = b""
+        while chunk := theirs.recv(1 << 20):
+            received += chunk
+        return received
+
+
+def _primitives():
+    """One primitive of every message the engine sends, with optional fields present and absent,
+    odd and even value lengths."""
+    from pynetdicom.dimse_messages import C_ECHO_RQ, C_ECHO_RSP, C_FIND_RSP, C_GET_RSP, C_MOVE_RSP, C_STORE_RQ, C_STORE_RSP
+    from pynetdicom.dimse_primitives import C_ECHO, C_FIND, C_GET, C_MOVE, C_STORE
+    import io
+
+    def make(kind, **fields):
+        return kind, fields
+
+    identifier = Dataset()
+    identifier.PatientName, identifier.StudyInstanceUID = "DOE^J", "1.2.3.4"
+    encoded = io.BytesIO(encode(identifier, implicit=True))
+    odd_uid, even_uid = "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.22"
+    return [
+        (C_ECHO_RQ, make(C_ECHO, MessageID=1, AffectedSOPClassUID=Verification)),
+        (C_ECHO_RSP, make(C_ECHO, MessageIDBeingRespondedTo=7, AffectedSOPClassUID=Verification, Status=0)),
+        (C_STORE_RQ, make(C_STORE, MessageID=65535, AffectedSOPClassUID=odd_uid, AffectedSOPInstanceUID="1.2.3",
+                          Priority=0, DataSet=io.BytesIO(b"\x08\x00\x18\x00\x06\x00" + b"1.2.3\0" + bytes(3000)))),
+        (C_STORE_RQ, make(C_STORE, MessageID=2, AffectedSOPClassUID=even_uid, AffectedSOPInstanceUID="1.2.34",
+                          Priority=2, MoveOriginatorApplicationEntityTitle="MOVESCU",
+                          MoveOriginatorMessageID=9, DataSet=io.BytesIO(bytes(10)))),
+        (C_STORE_RSP, make(C_STORE, MessageIDBeingRespondedTo=3, AffectedSOPClassUID=odd_uid,
+                           AffectedSOPInstanceUID="1.2.3", Status=0)),
+        (C_STORE_RSP, make(C_STORE, MessageIDBeingRespondedTo=3, AffectedSOPClassUID=even_uid,
+                           AffectedSOPInstanceUID="1.2.34", Status=0xA700, ErrorComment="out of resources")),
+        (C_STORE_RSP, make(C_STORE, MessageIDBeingRespondedTo=3, AffectedSOPClassUID=even_uid,
+                           AffectedSOPInstanceUID="1.2.34", Status=0xC000, ErrorComment="odd")),
+        (C_FIND_RSP, make(C_FIND, MessageIDBeingRespondedTo=4, AffectedSOPClassUID=StudyRootQueryRetrieveInformationModelFind,
+                          Status=0xFF00, Identifier=encoded)),
+        (C_FIND_RSP, make(C_FIND, MessageIDBeingRespondedTo=4, AffectedSOPClassUID=StudyRootQueryRetrieveInformationModelFind,
+                          Status=0)),
+        (C_MOVE_RSP, make(C_MOVE, MessageIDBeingRespondedTo=5, AffectedSOPClassUID="1.2.840.10008.5.1.4.1.2.2.2",
+                          Status=0xFF00, NumberOfRemainingSuboperations=49, NumberOfCompletedSuboperations=1,
+                          NumberOfFailedSuboperations=0, NumberOfWarningSuboperations=0)),
+        (C_GET_RSP, make(C_GET, MessageIDBeingRespondedTo=6, AffectedSOPClassUID="1.2.840.10008.5.1.4.1.2.2.3",
+                         Status=0xB000, NumberOfCompletedSuboperations=40, NumberOfFailedSuboperations=10,
+                         NumberOfWarningSuboperations=0, Identifier=encoded)),
+    ]
+
+
+@pytest.mark.parametrize("max_pdu", [0, 16384, 64])
+def test_messages_are_written_as_pynetdicom_encodes_them(max_pdu):
+    """The engine writes command sets itself (pynetdicom's way costs most of a small message); on
+    the wire each message, command and data set, fragmented to the peer's maximum PDU, is byte
+    for byte what pynetdicom's encoder makes of the same primitive."""
+    import dicoogled
+
+    for message_class, (kind, fields) in _primitives():
+        primitive = kind()
+        for name, value in fields.items():
+            setattr(primitive, name, value)
+        expected = _pynetdicom_bytes(message_class, primitive, 3, max_pdu)
+        for stream in ("DataSet", "Identifier"):  # pynetdicom's encoder read them
+            if stream in fields:
+                fields[stream].seek(0)
+        # What the engine sends is built as DimseFields; a pynetdicom primitive must give the same.
+        assert _engine_bytes(message_class, dicoogled.DimseFields(**fields), 3, max_pdu) == expected, message_class.__name__
+        assert _engine_bytes(message_class, primitive, 3, max_pdu) == expected, message_class.__name__
+
+
+def _requests():
+    """The requests a peer sends the engine, with optional fields present and absent."""
+    import io
+
+    from pynetdicom.dimse_messages import C_CANCEL_RQ, C_FIND_RQ, C_GET_RQ, C_MOVE_RQ, C_STORE_RQ
+    from pynetdicom.dimse_primitives import C_CANCEL, C_FIND, C_GET, C_MOVE, C_STORE
+
+    identifier = io.BytesIO(encode(make_identifier("STUDY", PatientName="DOE*"), implicit=True))
+    move = "1.2.840.10008.5.1.4.1.2.2.2"
+    return [
+        (C_FIND_RQ, (C_FIND, dict(MessageID=11, AffectedSOPClassUID=StudyRootQueryRetrieveInformationModelFind,
+                                  Priority=1, Identifier=identifier))),
+        (C_MOVE_RQ, (C_MOVE, dict(MessageID=12, AffectedSOPClassUID=move, Priority=0, MoveDestination=" DEST",
+                                  Identifier=io.BytesIO(identifier.getvalue())))),
+        (C_GET_RQ, (C_GET, dict(MessageID=13, AffectedSOPClassUID="1.2.840.10008.5.1.4.1.2.2.3", Priority=2,
+                                Identifier=io.BytesIO(identifier.getvalue())))),
+        (C_CANCEL_RQ, (C_CANCEL, dict(MessageIDBeingRespondedTo=12))),
+        (C_STORE_RQ, (C_STORE, dict(MessageID=14, AffectedSOPClassUID="1.2.840.10008.5.1.4.1.1.2",
+                                    AffectedSOPInstanceUID="1.2.3.45", Priority=0,
+                                    MoveOriginatorApplicationEntityTitle="MOVER", MoveOriginatorMessageID=12,
+                                    DataSet=io.BytesIO(bytes(40000))))),
+    ]
+
+
+@pytest.mark.parametrize("max_pdu", [0, 16384, 64])
+def test_messages_are_read_as_pynetdicom_decodes_them(max_pdu):
+    """The engine reads command sets itself: every field of every message, requests and
+    responses, fragmented or not, reads as pynetdicom's decoder reads it, and so does its data set."""
+    import logging
+
+    import dicoogled
+    from pynetdicom.dimse_messages import DIMSEMessage
+    from pynetdicom.pdu_primitives import P_DATA
+
+    for message_class, (kind, fields) in _primitives() + _requests():
+        primitive = kind()
+        for name, value in fields.items():
+            setattr(primitive, name, value)
+        wire = _pynetdicom_bytes(message_class, primitive, 5, max_pdu)
+        theirs = DIMSEMessage()
+        for pdu in _pdus(wire):
+            pdata = P_DATA()
+            pdata.presentation_data_value_list = _pdv_items(pdu)
+            done = theirs.decode_msg(pdata)
+        assert done and type(theirs) is message_class
+        ours_end, peer_end = socket.socketpair()
+        with ours_end, peer_end:
+            association = dicoogled.Association(ours_end, ("127.0.0.1", 0), max_receive=0, max_send_limit=0,
+                                                timeout=5, log=logging.getLogger("test"))
+            association.contexts = {5: None}
+            peer_end.sendall(wire)
+            ours = association.receive_message()
+        assert ours.kind is message_class and ours.context_id == 5
+        expected = {element.keyword: element.value for element in theirs.command_set}
+        assert {keyword: ours.command_set.get(keyword) for keyword in expected} == expected, message_class.__name__
+        assert set(vars(ours.command_set)) == set(expected)
+        assert ours.data_set == (theirs.data_set.getvalue() if theirs.data_set else b"")
+
+
+def _pdus(wire: bytes):
+    while wire:
+        length = struct.unpack(">I", wire[2:6])[0]
+        yield wire[:6 + length]
+        wire = wire[6 + length:]
+
+
+def _pdv_items(pdu: bytes) -> list:
+    items, offset = [], 6
+    while offset < len(pdu):
+        length = struct.unpack(">I", pdu[offset:offset + 4])[0]
+        items.append([pdu[offset + 4], pdu[offset + 5:offset + 4 + length]])
+        offset += 4 + length
+    return items
+
+
+# ---- the acceptor's state machine, row by row (PS3.8 9.2.3, Tables 9-7 to 9-10) ----------------
+
+
+def _pdu(kind: int, body: bytes = bytes(4)) -> bytes:
+    return struct.pack(">BBI", kind, 0, len(body)) + body
+
+
+#: Sta2, a connection awaiting its A-ASSOCIATE-RQ: any other PDU, or one of no known type, is
+#: answered with an A-ABORT (AA-1, Evt3/4/10/12/13/19); an A-ABORT is not answered (AA-2, Evt16).
+STA2_ROWS = [
+    ("A-ASSOCIATE-AC (Evt3)", _pdu(0x02, associate_rq()[6:]), "abort"),
+    ("A-ASSOCIATE-RJ (Evt4)", _pdu(0x03, bytes([0, 1, 1, 1])), "abort"),
+    ("P-DATA-TF (Evt10)", p_data(b"\0" * 8, command=True, last=True), "abort"),
+    ("A-RELEASE-RQ (Evt12)", release_rq(), "abort"),
+    ("A-RELEASE-RP (Evt13)", _pdu(0x06), "abort"),
+    ("a PDU of no known type (Evt19)", _pdu(0x09), "abort"),
+    ("A-ABORT (Evt16)", abort_pdu(), "closed"),
+]
+#: Sta6, an established association: an association PDU or an A-RELEASE-RP is aborted with an
+#: A-P-ABORT, "unexpected PDU", and a PDU of no known type "unrecognized PDU" (AA-8, Evt3/4/6/13/19);
+#: an A-ABORT closes it (AA-3, Evt16); an A-RELEASE-RQ is answered with an A-RELEASE-RP (AR-2, AR-4).
+STA6_ROWS = [
+    ("A-ASSOCIATE-RQ (Evt6)", associate_rq(), (2, 2)),
+    ("A-ASSOCIATE-AC (Evt3)", _pdu(0x02, associate_rq()[6:]), (2, 2)),
+    ("A-ASSOCIATE-RJ (Evt4)", _pdu(0x03, bytes([0, 1, 1, 1])), (2, 2)),
+    ("A-RELEASE-RP (Evt13)", _pdu(0x06), (2, 2)),
+    ("a PDU of no known type (Evt19)", _pdu(0x09), (2, 1)),
+    ("A-ABORT (Evt16)", abort_pdu(), "closed"),
+    ("A-RELEASE-RQ (Evt12)", release_rq(), "released"),
+]
+
+
+def _answer(peer: RawPeer):
+    """What the daemon does next: ("abort", source, reason), ("released",) or ("closed",)."""
+    try:
+        kind, body = peer.read_pdu()
+    except ConnectionError:
+        return ("closed",)
+    if kind == A_ABORT:
+        return ("abort", body[2], body[3])
+    if kind == A_RELEASE_RP:
+        return ("released",)
+    return ("pdu", kind)
+
+
+def test_the_acceptor_follows_the_state_table(one_slot):
+    """Each row of the upper layer's state table an acceptor can meet, on a connection of its
+    own: the daemon does what the table says, ends the connection, and frees the slot."""
+    for state, rows, establish in (("Sta2", STA2_ROWS, False), ("Sta6", STA6_ROWS, True)):
+        for event, pdu, expected in rows:
+            peer = RawPeer(one_slot.dicom_port)
+            if establish:
+                peer.associate()
+            peer.send(pdu)
+            answer = _answer(peer)
+            if expected == "abort":
+                assert answer[0] == "abort", (state, event, answer)
+            elif isinstance(expected, tuple):
+                assert answer == ("abort", *expected), (state, event, answer)
+            else:
+                assert answer == (expected,), (state, event, answer)
+            peer.close()  # as a peer does once it has the answer (the daemon waits for it, ARTIM)
+            assert wait_until(lambda: slot_free(one_slot), message=f"the slot to be free after {state} {event}")
