@@ -2744,6 +2744,10 @@ SEARCH_COLUMNS = {k: f"{LEVEL_ALIASES[level]}.{_snake_case(k)}" for level in LEV
 SEARCH_COLUMNS["uri"] = "i.path"
 
 
+#: The condition compile_search makes of free text, the whole of it for a query of free text alone.
+FREE_TEXT_CONDITION = "i.id IN (SELECT rowid FROM metadata WHERE metadata MATCH ?)"
+
+
 def compile_search(query: SearchQuery) -> tuple[str, list, str | None]:
     """SQL condition over instances (aliases p, st, se, i), its arguments, and the FTS5 query
     used to rank results (None when the query has no free text). User text only ever
@@ -2780,7 +2784,7 @@ def compile_search(query: SearchQuery) -> tuple[str, list, str | None]:
             if positive:
                 ranked.append(f"({fts})")
             args.append(fts)
-            return "i.id IN (SELECT rowid FROM metadata WHERE metadata MATCH ?)"
+            return FREE_TEXT_CONDITION
         # ("field", keyword, value)
         keyword, value = node[1], node[2]
         spec = json.dumps(list(value))
@@ -6784,18 +6788,29 @@ def search_index(daemon: "Daemon", text: str, limit: int | None = None, offset: 
     where, args, rank = compile_search(SearchQuery(text, daemon.plugins.extra_fields))
     joins = ("FROM instances i JOIN series se ON se.id = i.series_ref JOIN studies st ON st.id = se.study_ref"
              " JOIN patients p ON p.id = st.patient_ref")
-    total = daemon.index.query(f"SELECT count(*) {joins} WHERE {where}", args)[0][0]
+    page = (f" LIMIT {int(limit)} OFFSET {int(offset)}" if limit is not None
+            else f" LIMIT -1 OFFSET {int(offset)}" if offset else "")
+    if where == FREE_TEXT_CONDITION and rank and args == [rank.removeprefix("(").removesuffix(")")]:
+        # Free text alone (what a user types first): FTS5 counts and ranks its matches itself,
+        # and only the page is joined to the instances: milliseconds at a million instances.
+        total = daemon.index.query("SELECT count(*) FROM metadata WHERE metadata MATCH ?", args)[0][0]
+        ranked = f"SELECT rowid AS rank_id, bm25(metadata) AS score FROM metadata WHERE metadata MATCH ? ORDER BY score, rowid{page}"
+        sql = f"SELECT {columns} FROM ({ranked}) r JOIN instances i ON i.id = r.rank_id{joins.removeprefix('FROM instances i')} ORDER BY r.score, i.id"
+        return daemon.index.query(sql, args), total
+    # Only the tables the condition names are joined to count (the count reads every match).
+    counted = joins if re.search(r"\b(?:se|st|p)\.", where) else "FROM instances i"
+    total = daemon.index.query(f"SELECT count(*) {counted} WHERE {where}", args)[0][0]
     order = "i.id"
+    ranking = ""
     if rank:
-        joins += " LEFT JOIN (SELECT rowid AS rank_id, bm25(metadata) AS score FROM metadata WHERE metadata MATCH ?) r ON r.rank_id = i.id"
+        # The scores of the free text's matches, computed once (as a join of the full-text
+        # table, SQLite would run its MATCH again for every instance).
+        ranking = "WITH r AS MATERIALIZED (SELECT rowid AS rank_id, bm25(metadata) AS score FROM metadata WHERE metadata MATCH ?) "
+        joins += " LEFT JOIN r ON r.rank_id = i.id"
         args = [rank] + args
         order = "r.score, i.id"
-    sql = f"SELECT {columns} {joins} WHERE {where} ORDER BY {order}"
-    if limit is not None:
-        sql += f" LIMIT {int(limit)} OFFSET {int(offset)}"
-    elif offset:
-        sql += f" LIMIT -1 OFFSET {int(offset)}"
-    return daemon.index.query(sql, args), total
+    return daemon.index.query(f"{ranking}SELECT {columns} {joins} WHERE {where} ORDER BY {order}{page}", args), total
+
 
 
 #: What makes a spreadsheet read a cell as a formula (OWASP's CSV injection list), and the
