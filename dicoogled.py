@@ -3835,9 +3835,23 @@ class PluginManager:
         if "storage" in plugin.hooks:
             self.daemon.storage.schemes.pop(plugin.scheme, None)
 
+    def unload(self, path: pathlib.Path) -> Plugin | None:
+        """Forget the plugin loaded from path (its file was deleted or moved away): its filters,
+        events, index fields' hook, query provider, storage scheme, routes and web UI go with it."""
+        with self._lock:
+            plugin = self.plugins.get(path.stem)
+            if plugin is None or plugin.path != path:  # another folder's plugin of that name stays
+                return None
+            self._unregister(plugin)
+            del self.plugins[plugin.name]
+            self.log.info("unloaded plugin %s: %s is gone", plugin.name, path)
+            return plugin
+
     def set_enabled(self, name: str, enabled: bool) -> Plugin:
         with self._lock:
-            plugin = self.plugins[name]
+            plugin = self.plugins.get(name)
+            if plugin is None:
+                raise PluginError(f"no plugin {name!r}")
             if plugin.error:
                 raise PluginError(f"plugin {name} is dead: {plugin.error}")
             self._unregister(plugin)
@@ -3851,10 +3865,19 @@ class PluginManager:
         """Reload a plugin file when it changes, without restarting the daemon."""
         manager = self
 
+        def is_plugin_file(path: pathlib.Path) -> bool:
+            return path.suffix in (".py", ".lua") and not path.name.startswith("_")
+
         class Reloader(FileSystemEventHandler):
             def on_any_event(self, event):
+                if event.is_directory:
+                    return
+                # A deleted file, or one moved away (a move's source), takes its plugin with it.
+                source = pathlib.Path(os.fsdecode(event.src_path))
+                if isinstance(event, (FileDeletedEvent, FileMovedEvent)) and is_plugin_file(source) and not source.exists():
+                    manager.unload(source)
                 path = pathlib.Path(os.fsdecode(getattr(event, "dest_path", "") or event.src_path))
-                if path.suffix in (".py", ".lua") and not path.name.startswith("_") and path.exists() and not event.is_directory:
+                if is_plugin_file(path) and path.exists():
                     known = manager.plugins.get(path.stem)
                     if known is None or known.mtime != path.stat().st_mtime:
                         manager.load(path)
@@ -3863,7 +3886,7 @@ class PluginManager:
         for folder in self.folders:
             if folder.is_dir():
                 self._observer.schedule(Reloader(), str(folder), recursive=False,
-                                        event_filter=[FileClosedEvent, FileCreatedEvent, FileMovedEvent, FileModifiedEvent])
+                                        event_filter=[FileClosedEvent, FileCreatedEvent, FileMovedEvent, FileModifiedEvent, FileDeletedEvent])
         self._observer.start()
         start_thread("stable-studies", self._stable_loop)
 

@@ -583,6 +583,68 @@ def test_a_changed_plugin_is_reloaded_live(archive):
                and version() == "3", message="live to come back")
 
 
+EVERYTHING = '''
+    """A plugin with one of each: a store filter, an index field, a provider, a route, a web UI."""
+    WEBUI = {"name": "everything", "version": "1.0.0",
+             "dicoogle": {"slot-id": "menu", "caption": "Everything", "module-file": "everything.js"}}
+
+    def incoming_store_filter(calling_aet, tags):
+        return 0xA900 if tags.get("StudyDescription") == "REFUSE ME" else None
+
+    def index(instance):
+        return {"Everything": "YES"}
+
+    def on_stored(instance):
+        dicoogle.log("everything saw " + instance["SOPInstanceUID"])
+
+    def query(text):
+        return [{"uri": "e:1", "fields": {"SOPInstanceUID": "5.5"}}]
+
+    def routes(app):
+        @app.get("/ping")
+        def ping():
+            return {"pong": True}
+'''
+LUA_FIND_GUARD = '''
+    function incoming_find_filter(calling_aet, query) return 0xA700 end
+'''
+
+
+@pytest.mark.parametrize("how", ["deleted", "moved away"])
+def test_removing_a_plugin_file_unloads_the_plugin(archive, tmp_path, how):
+    daemon = archive({"everything.py": EVERYTHING, "everything.js": PANEL_JS, "guard.lua": LUA_FIND_GUARD})
+    refused = instance(0, 0, 0, 0, StudyDescription="REFUSE ME")
+    assert daemon.store(refused) == [0xA900]
+    assert daemon.find(make_identifier("STUDY", StudyInstanceUID=""))[1] == 0xA700
+    assert "everything" in get_json(daemon, "/providers")
+    assert get_json(daemon, "/ext/everything/ping") == {"pong": True}
+    assert "everything" in {p["name"] for p in get_json(daemon, "/webui")["plugins"]}
+
+    for name in ("everything.py", "guard.lua"):
+        if how == "deleted":
+            (daemon.plugin_folder / name).unlink()
+        else:
+            shutil.move(daemon.plugin_folder / name, tmp_path / name)
+    wait_until(lambda: not {"everything", "guard"} & set(get_json(daemon, "/plugins")["sets"]),
+               message="both plugins to be unloaded")
+    assert "unloaded plugin everything" in daemon.log and "unloaded plugin guard" in daemon.log
+    assert "everything" not in get_json(daemon, "/providers")
+    assert http(daemon, "GET", "/search", {"query": "x", "provider": "everything"})[0] == 400
+    assert http(daemon, "GET", "/ext/everything/ping")[0] == 404
+    assert "everything" not in {p["name"] for p in get_json(daemon, "/webui")["plugins"]}
+    assert http(daemon, "GET", "/webui/module/everything")[0] == 404
+    assert daemon.store(refused) == [0]  # no filter any more
+    assert daemon.find(make_identifier("STUDY", StudyInstanceUID=""))[1] == 0
+    assert get_json(daemon, "/dump", uid=refused.SOPInstanceUID)["results"]["fields"].get("Everything") is None
+    assert f"everything saw {refused.SOPInstanceUID}" not in daemon.log
+    assert http(daemon, "POST", "/plugins/query/everything/disable")[0] == 400
+
+    # Put back, it loads again.
+    (daemon.plugin_folder / "everything.py").write_text(textwrap.dedent(EVERYTHING).lstrip("\n"))
+    wait_until(lambda: "everything" in get_json(daemon, "/providers"), message="everything to be loaded again")
+    assert get_json(daemon, "/ext/everything/ping") == {"pong": True}
+
+
 TOGGLE = '''
     SETTINGS = {"enabled": True, "word": "alpha", "times": 2}
 
