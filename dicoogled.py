@@ -2438,7 +2438,7 @@ class SearchQuery:
         value  := word (with * and ?) | "phrase" | [a TO b] | {a TO b}
 
     The tree is made of tuples: ("and", [..]), ("or", [..]), ("not", q), ("all",),
-    ("text", word or phrase, is_phrase), ("field", keyword, ("match", text) | ("range", ...)).
+    ("text", word or phrase, is_phrase), ("field", keyword, ("match", text) | ("uid", text) | ("range", ...)).
     """
 
     def __init__(self, text: str, extra_fields=frozenset()):
@@ -2557,11 +2557,11 @@ class SearchQuery:
         if numeric:
             raise SearchSyntaxError(f"{name}: a numeric type needs a [a TO b] range", value_position)
         if kind == "phrase":
-            return ("field", keyword, ("match", _unescape(value[1:-1])))
+            return ("field", keyword, _value_clause(keyword, _unescape(value[1:-1])))
         if kind == "word" and value[0] in "[{":
             raise SearchSyntaxError(f"{name}: a range is [a TO b] or {{a TO b}}", value_position)
         if kind == "word":
-            return ("field", keyword, ("match", _unescape(value)))
+            return ("field", keyword, _value_clause(keyword, _unescape(value)))
         if kind == "open":
             # Field:(a OR b c) applies the field to every term inside.
             self.index -= 1
@@ -2585,9 +2585,21 @@ def _search_field(name: str, position: int, extra_fields=frozenset()) -> str:
     return "_".join(canonical(p) for p in name.split("_"))
 
 
+def _is_uid_field(keyword: str) -> bool:
+    """Is the field a UID (VR UI)? Seq_Child names its child."""
+    tag = tag_for_keyword(keyword.split("_")[-1])
+    return tag is not None and dictionary_VR(tag) == "UI"
+
+
+def _value_clause(keyword: str, text: str) -> tuple:
+    """A field's value clause. A UID is one token, not words: it matches whole, or as a prefix
+    with a trailing * (Dicoogle indexes UIDs untokenised), never by the numbers between its dots."""
+    return ("uid", text.strip()) if _is_uid_field(keyword) else ("match", text)
+
+
 def _apply_field(keyword: str, node, position: int):
     if node[0] == "text":
-        return ("field", keyword, ("match", node[1]))
+        return ("field", keyword, _value_clause(keyword, node[1]))
     if node[0] in ("and", "or"):
         return (node[0], [_apply_field(keyword, child, position) for child in node[1]])
     if node[0] == "not":
@@ -2622,6 +2634,9 @@ def _value_matcher(spec: str):
                 return False
             return True
         return in_range
+    if node[0] == "uid":  # the whole value, exactly, * and ? as wildcards
+        whole = _wildcard_regex(node[1], fold=False)
+        return lambda value: bool(whole.fullmatch(value.strip()))
     pattern = _fold(node[1]).strip()
     words = _fts_tokens(pattern)
     if "*" in pattern or "?" in pattern:
@@ -2645,6 +2660,7 @@ def field_value_matches(spec: str, values: list[str]) -> bool:
     Text compares case- and accent-insensitively: the clause matches a value equal to it, or
     (for words and phrases) a run of whole words inside it; '*' and '?' are wildcards over the
     whole value or one word; ranges compare numbers when both bounds are numbers, else text.
+    A UID (a "uid" clause) matches the whole value exactly, '*' and '?' as wildcards.
     """
     predicate = _value_matcher(spec)
     return any(predicate(value) for value in values)
@@ -2713,6 +2729,11 @@ def compile_search(query: SearchQuery) -> tuple[str, list, str | None]:
         # ("field", keyword, value)
         keyword, value = node[1], node[2]
         spec = json.dumps(list(value))
+        if keyword in SEARCH_COLUMNS and value[0] == "uid":
+            # A UID column: equality, or GLOB for a prefix, both served by the column's index.
+            wildcard = "*" in value[1] or "?" in value[1]
+            args.append(_glob_escape(value[1]) if wildcard else value[1])
+            return f"{SEARCH_COLUMNS[keyword]} {'GLOB' if wildcard else '='} ?"
         if keyword in SEARCH_COLUMNS:
             args.append(spec)
             return f"search_value_matches(?, {SEARCH_COLUMNS[keyword]})"
