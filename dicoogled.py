@@ -1162,6 +1162,15 @@ class Index:
         rows = self.query("SELECT meta FROM instances WHERE id = ?", (instance_id,))
         return json.loads(rows[0][0]) if rows else {}
 
+    def metadata_by_uid(self, sop_instance_uids) -> dict[str, dict]:
+        """SOPInstanceUID -> every indexed element, for those of the UIDs the index holds."""
+        found, uids = {}, list(dict.fromkeys(sop_instance_uids))
+        for start in range(0, len(uids), 500):  # below SQLite's limit of bound parameters
+            chunk = uids[start:start + 500]
+            sql = f"SELECT sop_instance_uid, meta FROM instances WHERE sop_instance_uid IN ({','.join('?' * len(chunk))})"
+            found.update((uid, json.loads(meta)) for uid, meta in self.query(sql, chunk))
+        return found
+
     # ---- the writer --------------------------------------------------------------------------
 
     def submit(self, function, *args) -> concurrent.futures.Future:
@@ -6654,7 +6663,7 @@ def _search_routes(api: Api):
                 seen.add(uid)
                 merged.append((uri, meta))
         end = None if limit is None else offset + limit
-        return merged[offset:end], len(merged)
+        return _with_index_fields(daemon, merged[offset:end]), len(merged)
 
     def search_error(error: Exception):
         bottle.response.status = 400
@@ -7151,6 +7160,23 @@ def _persist_plugin_settings(daemon: "Daemon", plugin: Plugin):
     with daemon.settings_lock:
         save_settings(daemon.config.data_dir, {f"plugin.{plugin.name}": values})
     daemon.config.plugin_settings[plugin.name] = values
+
+
+#: What /searchDIM groups by: a provider's result lacking one is completed from the index.
+DIM_FIELDS = ("PatientID", "PatientName", "StudyInstanceUID", "SeriesInstanceUID")
+
+
+def _with_index_fields(daemon: "Daemon", results: list) -> list:
+    """A query provider's (uri, fields) with what it left out taken from the index, found by
+    SOPInstanceUID: a provider may answer with a SOPInstanceUID alone and still group in
+    /searchDIM. The provider's own fields win."""
+    lacking = [fields["SOPInstanceUID"] for _, fields in results
+               if fields.get("SOPInstanceUID") and not all(fields.get(name) for name in DIM_FIELDS)]
+    known = daemon.index.metadata_by_uid(lacking) if lacking else {}
+    def completed(fields):
+        indexed = known.get(fields.get("SOPInstanceUID"))
+        return {**indexed, **{k: v for k, v in fields.items() if v not in ("", None)}} if indexed else fields
+    return [(uri, completed(fields)) for uri, fields in results]
 
 
 def _group_dim(results, with_birthdate: bool) -> list[dict]:

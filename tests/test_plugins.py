@@ -157,6 +157,36 @@ def test_python_and_lua_query_providers_answer_search(archive):
     assert status == 400 and b"not a valid query provider" in body
 
 
+UIDS_ONLY = '''
+    -- Answers with SOPInstanceUIDs alone, as a provider that knows nothing else would.
+    function query(text)
+      local results = {}
+      for _, hit in ipairs(dicoogle.search(text, 100, { "SOPInstanceUID" })) do
+        results[#results + 1] = { uri = hit.uri, fields = { SOPInstanceUID = hit.fields.SOPInstanceUID } }
+      end
+      return results
+    end
+'''
+
+
+def test_a_providers_results_group_in_searchdim_from_the_index(archive):
+    daemon = archive({"uids_only.lua": UIDS_ONLY})
+    stored = [instance(0, 0, 0, 0), instance(0, 0, 1, 0), instance(0, 1, 0, 0), instance(1, 0, 0, 0, modality="MR")]
+    assert daemon.store(*stored) == [0] * 4
+
+    def tree(provider):
+        answer = get_json(daemon, "/searchDIM", query="*:*", provider=provider)
+        return sorted((p["id"], p["name"], s["studyInstanceUID"], se["serieInstanceUID"], se["serieModality"],
+                       tuple(i["sopInstanceUID"] for i in se["images"]))
+                      for p in answer["results"] for s in p["studies"] for se in s["series"])
+
+    assert len(tree("index")) == 4
+    assert tree("uids_only") == tree("index")
+    # /search shows the provider's fields, completed the same way.
+    found = search(daemon, "*:*", "uids_only", ("SOPInstanceUID", "PatientID", "Modality"))["results"]
+    assert {(r["fields"]["PatientID"], r["fields"]["Modality"]) for r in found} == {(ds.PatientID, ds.Modality) for ds in stored}
+
+
 PY_INDEX = '''
     def index(instance):
         return {"PyColour": "RED" + instance["tags"]["Modality"]}
