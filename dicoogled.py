@@ -365,6 +365,24 @@ def location_scheme(location: str) -> str:
     return scheme.group() if scheme and location[scheme.end():scheme.end() + 1] == ":" else "file"
 
 
+def _file_uri(path: str) -> str:
+    """The URI of an indexed location: file:///... for a path; a storage plugin's URI as it is."""
+    if location_scheme(path) != "file":
+        return path
+    return pathlib.Path(path).as_uri() if os.path.isabs(path) else "file:" + path
+
+
+def _location_from_uri(uri: str) -> str:
+    """The indexed location a URI names: the path of a file: URI; a storage plugin's URI (or a
+    plain path, as plugins written before URIs pass) as it is."""
+    if uri.startswith("file:"):
+        parsed = urllib.parse.urlparse(uri)
+        if parsed.netloc not in ("", "localhost"):
+            raise ValueError(f"only local file: URIs name a stored instance, not {uri[:80]!r}")
+        return urllib.parse.unquote(parsed.path)
+    return uri
+
+
 def _snake_case(keyword: str) -> str:
     """SQL column name for a DICOM keyword: PatientBirthDate -> patient_birth_date."""
     return re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", "_", keyword).lower()
@@ -3393,12 +3411,17 @@ LUA_HOOK_INTERVAL = 100  # instructions between two looks at the budget
 
 
 def instance_event(record: InstanceRecord, calling_aet: str = "") -> dict:
-    """What hooks receive for an instance: its UIDs, where it lives, and every indexed tag."""
+    """What hooks receive for an instance: its UIDs, its URI (as every plugin call names an
+    instance: file:///... or a storage plugin's), and every indexed tag."""
     return {
         "SOPInstanceUID": record.columns["SOPInstanceUID"], "SeriesInstanceUID": record.columns["SeriesInstanceUID"],
         "StudyInstanceUID": record.columns["StudyInstanceUID"], "PatientID": record.columns["PatientID"],
-        "path": record.path, "origin": record.origin, "calling_aet": calling_aet, "tags": record.meta,
+        "uri": _file_uri(record.path), "origin": record.origin, "calling_aet": calling_aet, "tags": record.meta,
     }
+
+
+#: What dicoogle.instances() answers, one per instance: uri is file:///... or a storage plugin's.
+InstanceRow = collections.namedtuple("InstanceRow", "sop_instance_uid sop_class_uid transfer_syntax uri")
 
 
 class PluginError(Exception):
@@ -3521,8 +3544,8 @@ class PluginApi:
                 raise QueryError(f"{key}: {value[:40]!r} is not a valid {vr} value", IDENTIFIER_DOES_NOT_MATCH) from None
         return self._daemon.finder.search(identifier, cancelled, offset, limit)
 
-    def instances(self, study_uid: str, series_uid: str = "", sop_uid: str = "") -> list[tuple]:
-        """(sop_instance_uid, sop_class_uid, transfer_syntax, path) of a study, series or instance."""
+    def instances(self, study_uid: str, series_uid: str = "", sop_uid: str = "") -> list[InstanceRow]:
+        """(sop_instance_uid, sop_class_uid, transfer_syntax, uri) of a study, series or instance."""
         sql = ("SELECT i.sop_instance_uid, i.sop_class_uid, i.transfer_syntax, i.path FROM instances i"
                " JOIN series se ON se.id = i.series_ref JOIN studies st ON st.id = se.study_ref WHERE st.study_instance_uid = ?")
         args = [study_uid]
@@ -3530,7 +3553,8 @@ class PluginApi:
             if value:
                 sql += f" AND {column} = ?"
                 args.append(value)
-        return self._daemon.index.query(sql + " ORDER BY i.id", args)
+        return [InstanceRow(uid, sop_class, syntax, _file_uri(path))
+                for uid, sop_class, syntax, path in self._daemon.index.query(sql + " ORDER BY i.id", args)]
 
     def store(self, data: bytes, source: str = "") -> int:
         """Store and index a Part 10 object through the one ingest path; returns a DICOM status,
@@ -3540,31 +3564,33 @@ class PluginApi:
     # Pixels are decoded in the codec worker: a plugin never imports numpy or pydicom.pixels itself.
     # A worker that crashed or took too long raises CodecWorkerError, which answers the request 502/504.
 
-    def render(self, path: str, frame: int = 0, size: int | None = None, center: float | None = None,
+    def render(self, uri: str, frame: int = 0, size: int | None = None, center: float | None = None,
                width: float | None = None, media_type: str = "image/png", quality: int = 90) -> bytes | None:
-        """One frame (from 0) of a stored instance as PNG or JPEG bytes, at most size pixels on its
-        longer side, windowed at center/width if both are given; None if it cannot be rendered."""
+        """One frame (from 0) of a stored instance (its URI) as PNG or JPEG bytes, at most size
+        pixels on its longer side, windowed at center/width if both are given; None if it cannot
+        be rendered."""
         window = [center, width] if center is not None and width is not None and width > 0 else None
         try:
-            return self._daemon.codecs.call("render", self._daemon.storage.open(path), frame=frame, size=size,
+            return self._daemon.codecs.call("render", self.open(uri), frame=frame, size=size,
                                             window=window, media_type=media_type, quality=quality)
         except (UnrenderableError, FrameOutOfRange, OSError):
             return None
 
-    def pixels(self, path: str, frame: int = 0) -> bytes:
-        """One frame (from 0) of a stored instance, decoded: its pixels as Explicit VR Little Endian
-        holds them. Raises ValueError, with a reason fit for the caller, if it cannot be decoded."""
-        return self._daemon.codecs.call("pixels", self._daemon.storage.open(path), frame=frame)
+    def pixels(self, uri: str, frame: int = 0) -> bytes:
+        """One frame (from 0) of a stored instance (its URI), decoded: its pixels as Explicit VR
+        Little Endian holds them. Raises ValueError, with a reason fit for the caller, if it
+        cannot be decoded."""
+        return self._daemon.codecs.call("pixels", self.open(uri), frame=frame)
 
-    def uncompressed(self, path: str) -> bytes:
-        """A stored instance as a Part 10 file in Explicit VR Little Endian, its pixel data decoded.
-        Raises ValueError, with a reason fit for the caller, if it cannot be decoded."""
-        return self._daemon.codecs.call("uncompressed", self._daemon.storage.open(path))
+    def uncompressed(self, uri: str) -> bytes:
+        """A stored instance (its URI) as a Part 10 file in Explicit VR Little Endian, its pixel
+        data decoded. Raises ValueError, with a reason fit for the caller, if it cannot be decoded."""
+        return self._daemon.codecs.call("uncompressed", self.open(uri))
 
-    def open(self, location: str):
-        """What pydicom.dcmread reads a stored instance from: its path, or its bytes in memory
-        when a storage plugin keeps it."""
-        return self._daemon.storage.open(location)
+    def open(self, uri: str):
+        """What pydicom.dcmread reads a stored instance from, given its URI: a file's path, or its
+        bytes in memory when a storage plugin keeps it."""
+        return self._daemon.storage.open(_location_from_uri(str(uri)))
 
 
 # ---- Lua: a sandbox with an instruction budget and a memory cap ----------------------------
@@ -6135,13 +6161,6 @@ def _json_response(value, status: int = 200) -> str:
     bottle.response.status = status
     bottle.response.content_type = "application/json"
     return json.dumps(value, ensure_ascii=False)
-
-
-def _file_uri(path: str) -> str:
-    """The URI of an indexed location: file:///... for a path; a storage plugin's URI as it is."""
-    if location_scheme(path) != "file":
-        return path
-    return pathlib.Path(path).as_uri() if os.path.isabs(path) else "file:" + path
 
 
 def _path_from_uri(uri: str) -> str:

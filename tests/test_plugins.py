@@ -295,6 +295,49 @@ def test_storage_plugin_keeps_received_objects_under_its_scheme(archive, tmp_pat
     assert search(daemon, f"SOPInstanceUID:{first.SOPInstanceUID}")["results"][0]["uri"] == f"box:{first.SOPInstanceUID}"
 
 
+SHAPES = '''
+    """Names one instance every way the API can: the event, search, instances, and reads by URI."""
+    import pydicom
+
+    def routes(app):
+        @app.get("/shapes/<sop_uid>")
+        def shapes(sop_uid):
+            hit, = dicoogle.search("SOPInstanceUID:" + sop_uid)
+            row, = [r for r in dicoogle.instances(hit["fields"]["StudyInstanceUID"]) if r.sop_instance_uid == sop_uid]
+            return {"search": hit["uri"], "instances": row.uri, "event": _events.get(sop_uid),
+                    "open": str(pydicom.dcmread(dicoogle.open(row.uri)).SOPInstanceUID),
+                    "render": dicoogle.render(row.uri)[:4].hex(), "pixels": len(dicoogle.pixels(row.uri))}
+
+    _events = {}
+
+    def on_stored(instance):
+        _events[instance["SOPInstanceUID"]] = instance["uri"]
+'''
+LUA_SHAPES = '''
+    uris = {}
+    function on_stored(instance) uris[instance.SOPInstanceUID] = instance.uri end
+    routes = { ["GET /uri/<uid>"] = function(params)
+      return { event = uris[params.uid], search = dicoogle.search("SOPInstanceUID:" .. params.uid)[1].uri }
+    end }
+'''
+
+
+def test_the_api_names_an_instance_by_one_uri_everywhere(archive):
+    """Events, dicoogle.search and dicoogle.instances give the same URI, and every call that
+    reads an instance takes it."""
+    daemon = archive({"shapes.py": SHAPES, "luashapes.lua": LUA_SHAPES})
+    stored = instance(0, 0)
+    assert daemon.store(stored) == [0]
+    uid = stored.SOPInstanceUID
+    wait_until(lambda: get_json(daemon, f"/ext/shapes/shapes/{uid}")["event"], message="the on_stored event")
+    shapes = get_json(daemon, f"/ext/shapes/shapes/{uid}")
+    assert shapes["search"].startswith("file:///") and shapes["search"].endswith(".dcm")
+    assert shapes["search"] == shapes["instances"] == shapes["event"]
+    assert shapes["open"] == uid and shapes["render"] == "89504e47" and shapes["pixels"] > 0
+    wait_until(lambda: get_json(daemon, f"/ext/luashapes/uri/{uid}").get("event"), message="the Lua on_stored event")
+    assert get_json(daemon, f"/ext/luashapes/uri/{uid}") == {"event": shapes["search"], "search": shapes["search"]}
+
+
 # ---- web services and web UI plugins -----------------------------------------------------------
 
 PY_WEB = '''
