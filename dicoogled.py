@@ -8649,234 +8649,49 @@ def command_install_viewer(config: Config, version: str) -> int:
         shutil.rmtree(work, ignore_errors=True)
 
 
-#: new-plugin: what each kind of plugin does, then its starting files. {name}, {scheme} and
-#: {summary} are filled in; docs/plugins.md explains every hook.
+#: new-plugin: what each kind of plugin does, and the example in plugins/examples/ it starts
+#: from (NAME.py and NAME.lua, and NAME.js for a web UI plugin). The examples are the course's
+#: solutions (docs/learn, chapters 9 and 10); docs/plugins.md explains every hook.
 PLUGIN_KINDS = {
-    "index": "adds searchable fields to every instance",
-    "query": "a query provider, chosen with /search?provider=",
-    "storage": "keeps received objects under a URI scheme of its own",
-    "web": "a web service under /ext/",
-    "webui": "a web UI plugin: a descriptor and a JavaScript module",
-    "events": "reacts to arrivals and stable studies, filters incoming stores and finds",
+    "index": ("adds searchable fields to every instance", "body_region"),
+    "query": ("a query provider, chosen with /search?provider=", "ct_only"),
+    "storage": ("keeps received objects under a URI scheme of its own", "memory_store"),
+    "web": ("a web service under /ext/", "counter"),
+    "webui": ("a web UI plugin: a descriptor and a JavaScript module", "menu_search"),
+    "events": ("reacts to arrivals and stable studies", "arrivals"),
+    "store-filter": ("accepts or refuses received objects", "refuse_modality"),
+    "find-filter": ("rewrites or refuses C-FIND queries", "find_guard"),
 }
-_PYTHON_HEADER = '''"""{name}: {summary}.
-
-Written by `dicoogled new-plugin`. It runs once it is in a plugins folder; turn it off with
-[plugin.{name}] enabled = false in the config file, or POST /plugins/{kind}/{name}/disable.
-docs/plugins.md explains every hook. Python plugins are trusted code: they run inside the
-daemon with all its rights.
-"""
-
-#: Settings and their defaults: [plugin.{name}] in the config file and POST
-#: /plugins/{name}/settings change them; read one with dicoogle.setting("enabled").
-SETTINGS = {"enabled": True{settings}}
-'''
-_LUA_HEADER = '''-- {name}: {summary}.
---
--- Written by `dicoogled new-plugin`. It runs once it is in a plugins folder; turn it off with
--- [plugin.{name}] enabled = false in the config file, or POST /plugins/{kind}/{name}/disable.
--- docs/plugins.md explains every hook. Lua plugins run sandboxed: no os, io or require, and
--- each call has a memory cap and an instruction budget.
-
-DESCRIPTION = "{summary}"
--- Settings and their defaults: [plugin.{name}] in the config file changes them.
-SETTINGS = { enabled = true{settings} }
-'''
-_WEBUI_MODULE = '''// {name}: the module of a web UI plugin, served at /webui/module/{name}.
-// The web app makes one with `new` and calls render(parent, slot) to fill its place.
-module.exports = function () {
-  this.render = function (parent, slot) {
-    var heading = document.createElement("h3");
-    heading.textContent = "{name}";
-    parent.appendChild(heading);
-  };
-};
-'''
-PLUGIN_TEMPLATES = {
-    ("python", "index"): '''
-
-def index(instance):
-    """Extra fields for an instance entering the index; each is then searchable like a DICOM
-    keyword (BodyRegion:HEAD). instance holds its UIDs, "path", "origin" and every tag in "tags"."""
-    return {"BodyRegion": str(instance["tags"].get("BodyPartExamined", "")).upper() or "UNKNOWN"}
-''',
-    ("lua", "index"): '''
--- Extra fields for an instance entering the index; each is then searchable like a DICOM
--- keyword (BodyRegion:HEAD). instance holds its UIDs, path, origin and every tag in tags.
-function index(instance)
-  local part = instance.tags.BodyPartExamined or ""
-  return { BodyRegion = part ~= "" and string.upper(part) or "UNKNOWN" }
-end
-''',
-    ("python", "query"): '''
-
-def query(text):
-    """Answer /search?provider={name}&query=TEXT: a list of {"uri": ..., "fields": {...}}.
-    Answers of several providers are merged, de-duplicated by SOPInstanceUID."""
-    # This one asks the archive's own index; a real provider asks another system.
-    return [{"uri": hit["uri"], "fields": hit["fields"]} for hit in dicoogle.search(text, limit=100)]
-''',
-    ("lua", "query"): '''
--- Answer /search?provider={name}&query=TEXT: a list of { uri = ..., fields = {...} }.
--- Answers of several providers are merged, de-duplicated by SOPInstanceUID.
-function query(text)
-  local results = {}
-  for _, hit in ipairs(dicoogle.search(text, 100)) do  -- a real provider asks elsewhere
-    results[#results + 1] = { uri = hit.uri, fields = hit.fields }
-  end
-  return results
-end
-''',
-    ("python", "storage"): '''
-#: Received objects come here once [storage] scheme = {scheme} is in the config file.
-SCHEME = "{scheme}"
-_objects = {}  # uri -> bytes: in memory, so gone at restart. Use a database or object store.
-
-
-def store(sop_uid, data):
-    """Keep one received object (its Part 10 bytes); return the URI to find it at again."""
-    uri = f"{SCHEME}:{sop_uid}"
-    _objects[uri] = bytes(data)
-    return uri
-
-
-def get(uri):
-    """The bytes kept at uri: C-MOVE, C-GET and /legacy/file read them through this."""
-    return _objects[uri]
-
-
-def list():
-    """Every URI kept: at start the daemon indexes the ones its index lacks."""
-    return [*_objects]
-
-
-def remove(uri):
-    """Delete what is kept at uri (POST /management/tasks/remove)."""
-    _objects.pop(uri, None)
-''',
-    ("python", "web"): '''
-import bottle
-
-
-def routes(app):
-    """Add routes to app, a Bottle app, served under /ext/{name}/ behind the core's login:
-    GET needs a reader, other methods a user. A dict or list answers as JSON."""
-
-    @app.get("/count")
-    def count():
-        query = bottle.request.params.get("query", "*:*")
-        return {"greeting": dicoogle.setting("greeting"), "query": query,
-                "instances": len(dicoogle.search(query, limit=10000))}
-''',
-    ("lua", "web"): '''
--- Routes served under /ext/{name}/ behind the core's login: "METHOD /path" = function(params),
--- params holding the query and form fields (and <path> arguments). A table answers as JSON.
-routes = {
-  ["GET /count"] = function(params)
-    local query = params.query or "*:*"
-    return { greeting = dicoogle.setting("greeting"), query = query, instances = #dicoogle.search(query, 10000) }
-  end,
-}
-''',
-    ("python", "webui"): '''
-#: The descriptor, as a Dicoogle web plugin's package.json: slot-id is where the web app shows
-#: it (menu, result-option, result-options, result-batch, settings); roles, if any, who sees it.
-#: The module is {name}.js beside this file.
-WEBUI = {
-    "name": "{name}",
-    "version": "0.1.0",
-    "dicoogle": {"slot-id": "menu", "caption": "{name}", "module-file": "{name}.js", "roles": []},
-}
-''',
-    ("lua", "webui"): '''
--- The descriptor, as a Dicoogle web plugin's package.json: slot-id is where the web app shows
--- it (menu, result-option, result-options, result-batch, settings); roles, if any, who sees it.
--- The module is {name}.js beside this file.
-WEBUI = {
-  name = "{name}",
-  version = "0.1.0",
-  dicoogle = { ["slot-id"] = "menu", caption = "{name}", ["module-file"] = "{name}.js", roles = {} },
-}
-''',
-    ("python", "events"): '''
-
-def on_stored(instance):
-    """An object received over DICOM or STOW-RS is stored and indexed (runs in the background)."""
-    dicoogle.log(f"stored {instance['SOPInstanceUID']} from {instance['calling_aet'] or '?'}")
-
-
-def on_indexed(instance):
-    """An instance entered the index, whatever its origin (watched folders too)."""
-
-
-def on_stable_study(study):
-    """No instance arrived in this study for [plugins] stable_age seconds."""
-    dicoogle.log(f"study {study['StudyInstanceUID']} is stable")
-
-
-def incoming_store_filter(calling_aet, tags):
-    """Before an object is stored: True or None accepts it, False refuses it (0x0124), a number
-    refuses it with that DICOM status. It delays the sender: be quick."""
-    return None
-
-
-def incoming_find_filter(calling_aet, query):
-    """Before a C-FIND: return query (keyword -> value) changed, None to keep it, or a DICOM
-    status to refuse it."""
-    return None
-''',
-    ("lua", "events"): '''
--- Orthanc's names work too: OnStoredInstance(id, tags, metadata, origin),
--- ReceivedInstanceFilter(tags, origin), IncomingFindRequestFilter(query, origin), OnStableStudy(id).
-
--- An object received over DICOM or STOW-RS is stored and indexed (runs in the background).
-function on_stored(instance)
-  dicoogle.log("stored " .. instance.SOPInstanceUID .. " from " .. instance.calling_aet)
-end
-
--- An instance entered the index, whatever its origin (watched folders too).
-function on_indexed(instance) end
-
--- No instance arrived in this study for [plugins] stable_age seconds.
-function on_stable_study(study)
-  dicoogle.log("study " .. study.StudyInstanceUID .. " is stable")
-end
-
--- Before an object is stored: true or nil accepts it, false refuses it (0x0124), a number
--- refuses it with that DICOM status. It delays the sender: be quick.
-function incoming_store_filter(calling_aet, tags) return nil end
-
--- Before a C-FIND: return query changed, nil to keep it, or a DICOM status to refuse it.
-function incoming_find_filter(calling_aet, query) return nil end
-''',
-}
+EXAMPLES_FOLDER = pathlib.Path(__file__).resolve().parent / "plugins" / "examples"
 
 
 def command_new_plugin(folder: pathlib.Path, name: str, language: str, kind: str) -> int:
-    """Write a working, commented starting file for a plugin (and a webui plugin's module)."""
+    """Copy the example of a kind of plugin (and a webui plugin's module) under a new name."""
     if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_-]{0,63}", name):
         print(f"dicoogled: a plugin name is a letter, then letters, digits, _ or -: not {name!r}", file=sys.stderr)
         return 2
-    if (language, kind) not in PLUGIN_TEMPLATES:
-        print(f"dicoogled: {kind} plugins are Python only: Lua has no io to keep objects with", file=sys.stderr)
+    example = PLUGIN_KINDS[kind][1]
+    source = EXAMPLES_FOLDER / f"{example}.{'py' if language == 'python' else 'lua'}"
+    if not source.is_file():
+        reason = "Lua has no io to keep objects with" if kind == "storage" else f"there is no {source.name}"
+        print(f"dicoogled: {kind} plugins are Python only: {reason}", file=sys.stderr)
         return 2
-    header = _PYTHON_HEADER if language == "python" else _LUA_HEADER
-    files = {folder / f"{name}.{'py' if language == 'python' else 'lua'}": header + PLUGIN_TEMPLATES[language, kind]}
+    files = {folder / f"{name}{source.suffix}": source}
     if kind == "webui":
-        files[folder / f"{name}.js"] = _WEBUI_MODULE
+        files[folder / f"{name}.js"] = EXAMPLES_FOLDER / f"{example}.js"
     for path in files:
         if path.exists():
             print(f"dicoogled: {path} exists; choose another name", file=sys.stderr)
             return 1
     folder.mkdir(parents=True, exist_ok=True)
-    fill = {"{name}": name, "{kind}": kind, "{summary}": PLUGIN_KINDS[kind],
-            "{scheme}": re.sub(r"[^a-z0-9+.-]", "-", name.lower()),
-            "{settings}": "" if kind != "web" else ', "greeting": "hello"' if language == "python" else ', greeting = "hello"'}
-    for path, text in files.items():
-        for placeholder, value in fill.items():
-            text = text.replace(placeholder, value)
+    for path, source in files.items():
+        # The example's name, wherever it names the plugin ([plugin.X], /ext/X/, X.js), becomes
+        # the new one; a storage plugin's scheme is made from it.
+        scheme = re.sub(r"[^a-z0-9+.-]", "-", name.lower())
+        text = re.sub(rf"\b{example.replace('_', '-')}\b", scheme, source.read_text(encoding="utf-8"))
+        text = re.sub(rf"\b{example}\b", name, text)
         path.write_text(text, encoding="utf-8")
-        print(f"wrote {path}")
+        print(f"wrote {path} (from {source.relative_to(EXAMPLES_FOLDER.parent.parent)})")
     return 0
 
 

@@ -977,35 +977,47 @@ def new_plugin(*args):
                           capture_output=True, text=True)
 
 
-def test_new_plugin_writes_working_starting_files(archive, tmp_path):
+KINDS = ("index", "query", "web", "webui", "events", "store-filter", "find-filter")
+
+
+def test_new_plugin_copies_the_examples_under_a_new_name(archive, tmp_path):
     folder = tmp_path / "plugins-data"
     for language in ("python", "lua"):
-        for kind in ("index", "query", "web", "webui", "events") + (("storage",) if language == "python" else ()):
-            result = new_plugin(f"my_{kind}_{language}", "--lang", language, "--kind", kind, "--dir", str(folder))
+        for kind in KINDS + (("storage",) if language == "python" else ()):
+            result = new_plugin(f"my_{kind.replace('-', '_')}_{language}", "--lang", language, "--kind", kind,
+                                "--dir", str(folder))
             assert result.returncode == 0, result.stderr
+            assert "from plugins/examples/" in result.stdout
     assert (folder / "my_webui_python.js").exists() and (folder / "my_webui_lua.js").exists()
+    assert '"module-file": "my_webui_python.js"' in (folder / "my_webui_python.py").read_text()
+    assert 'SCHEME = "my-storage-python"' in (folder / "my_storage_python.py").read_text()
     refused = new_plugin("my_storage_lua", "--lang", "lua", "--kind", "storage", "--dir", str(folder))
     assert refused.returncode == 2 and "Python only" in refused.stderr
     assert new_plugin("my_index_python", "--kind", "index", "--dir", str(folder)).returncode == 1  # exists
     assert new_plugin("../evil", "--kind", "index", "--dir", str(folder)).returncode == 2
+    assert not list((ROOT / "plugins").glob("dicoogled_*.py")), "the templates are files, not strings"
+    assert not hasattr(dicoogled, "PLUGIN_TEMPLATES")
 
+    # The refuse-everything filters would stop the test's own instances: OT is what they refuse.
     daemon = archive(config="[storage]\nscheme = my-storage-python\n")
     listing = get_json(daemon, "/plugins")
     assert listing["dead"] == []
     names = {p["name"] for p in listing["plugins"]}
-    assert {f"my_{k}_{l}" for l in ("python", "lua") for k in ("index", "query", "web", "webui", "events")} <= names
+    assert {f"my_{k.replace('-', '_')}_{l}" for l in ("python", "lua") for k in KINDS} <= names
 
     stored = instance(0, 0, BodyPartExamined="HEAD")
     assert daemon.store(stored) == [0]
     assert search(daemon, "BodyRegion:HEAD")["results"][0]["uri"] == f"my-storage-python:{stored.SOPInstanceUID}"
+    assert daemon.store(instance(0, 0, 0, 1, Modality="OT")) == [0x0124]  # the store filters' default
     for language in ("python", "lua"):
         found = search(daemon, "*:*", f"my_query_{language}")["results"]
         assert [r["fields"]["SOPInstanceUID"] for r in found] == [stored.SOPInstanceUID]
         counted = get_json(daemon, f"/ext/my_web_{language}/count", query="Modality:CT")
-        assert counted == {"greeting": "hello", "query": "Modality:CT", "instances": 1}
+        assert counted == {"query": "Modality:CT", "instances": 1}
         assert "this.render" in http(daemon, "GET", f"/webui/module/my_webui_{language}")[1].decode()
         wait_until(lambda: f"dicoogled.plugin.my_events_{language}: stored {stored.SOPInstanceUID} from TESTSCU" in daemon.log,
                    message=f"the {language} events plugin's log line")
+    assert daemon.find(make_identifier("STUDY", StudyInstanceUID=""))[1] == 0xA700  # the find filters
     webui = {p["name"] for p in get_json(daemon, "/webui")["plugins"]}
     assert {"my_webui_python", "my_webui_lua"} <= webui
 
