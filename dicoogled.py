@@ -368,6 +368,24 @@ def location_scheme(location: str) -> str:
     return scheme.group() if scheme and location[scheme.end():scheme.end() + 1] == ":" else "file"
 
 
+def _file_uri(path: str) -> str:
+    """The URI of an indexed location: file:///... for a path; a storage plugin's URI as it is."""
+    if location_scheme(path) != "file":
+        return path
+    return pathlib.Path(path).as_uri() if os.path.isabs(path) else "file:" + path
+
+
+def _location_from_uri(uri: str) -> str:
+    """The indexed location a URI names: the path of a file: URI; a storage plugin's URI (or a
+    plain path, as plugins written before URIs pass) as it is."""
+    if uri.startswith("file:"):
+        parsed = urllib.parse.urlparse(uri)
+        if parsed.netloc not in ("", "localhost"):
+            raise ValueError(f"only local file: URIs name a stored instance, not {uri[:80]!r}")
+        return urllib.parse.unquote(parsed.path)
+    return uri
+
+
 def _snake_case(keyword: str) -> str:
     """SQL column name for a DICOM keyword: PatientBirthDate -> patient_birth_date."""
     return re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", "_", keyword).lower()
@@ -1164,6 +1182,15 @@ class Index:
     def metadata(self, instance_id: int) -> dict:
         rows = self.query("SELECT meta FROM instances WHERE id = ?", (instance_id,))
         return json.loads(rows[0][0]) if rows else {}
+
+    def metadata_by_uid(self, sop_instance_uids) -> dict[str, dict]:
+        """SOPInstanceUID -> every indexed element, for those of the UIDs the index holds."""
+        found, uids = {}, list(dict.fromkeys(sop_instance_uids))
+        for start in range(0, len(uids), 500):  # below SQLite's limit of bound parameters
+            chunk = uids[start:start + 500]
+            sql = f"SELECT sop_instance_uid, meta FROM instances WHERE sop_instance_uid IN ({','.join('?' * len(chunk))})"
+            found.update((uid, json.loads(meta)) for uid, meta in self.query(sql, chunk))
+        return found
 
     # ---- the writer --------------------------------------------------------------------------
 
@@ -2509,7 +2536,7 @@ class SearchQuery:
         value  := word (with * and ?) | "phrase" | [a TO b] | {a TO b}
 
     The tree is made of tuples: ("and", [..]), ("or", [..]), ("not", q), ("all",),
-    ("text", word or phrase, is_phrase), ("field", keyword, ("match", text) | ("range", ...)).
+    ("text", word or phrase, is_phrase), ("field", keyword, ("match", text) | ("uid", text) | ("range", ...)).
     """
 
     def __init__(self, text: str, extra_fields=frozenset()):
@@ -2628,11 +2655,11 @@ class SearchQuery:
         if numeric:
             raise SearchSyntaxError(f"{name}: a numeric type needs a [a TO b] range", value_position)
         if kind == "phrase":
-            return ("field", keyword, ("match", _unescape(value[1:-1])))
+            return ("field", keyword, _value_clause(keyword, _unescape(value[1:-1])))
         if kind == "word" and value[0] in "[{":
             raise SearchSyntaxError(f"{name}: a range is [a TO b] or {{a TO b}}", value_position)
         if kind == "word":
-            return ("field", keyword, ("match", _unescape(value)))
+            return ("field", keyword, _value_clause(keyword, _unescape(value)))
         if kind == "open":
             # Field:(a OR b c) applies the field to every term inside.
             self.index -= 1
@@ -2656,9 +2683,21 @@ def _search_field(name: str, position: int, extra_fields=frozenset()) -> str:
     return "_".join(canonical(p) for p in name.split("_"))
 
 
+def _is_uid_field(keyword: str) -> bool:
+    """Is the field a UID (VR UI)? Seq_Child names its child."""
+    tag = tag_for_keyword(keyword.split("_")[-1])
+    return tag is not None and dictionary_VR(tag) == "UI"
+
+
+def _value_clause(keyword: str, text: str) -> tuple:
+    """A field's value clause. A UID is one token, not words: it matches whole, or as a prefix
+    with a trailing * (Dicoogle indexes UIDs untokenised), never by the numbers between its dots."""
+    return ("uid", text.strip()) if _is_uid_field(keyword) else ("match", text)
+
+
 def _apply_field(keyword: str, node, position: int):
     if node[0] == "text":
-        return ("field", keyword, ("match", node[1]))
+        return ("field", keyword, _value_clause(keyword, node[1]))
     if node[0] in ("and", "or"):
         return (node[0], [_apply_field(keyword, child, position) for child in node[1]])
     if node[0] == "not":
@@ -2693,6 +2732,9 @@ def _value_matcher(spec: str):
                 return False
             return True
         return in_range
+    if node[0] == "uid":  # the whole value, exactly, * and ? as wildcards
+        whole = _wildcard_regex(node[1], fold=False)
+        return lambda value: bool(whole.fullmatch(value.strip()))
     pattern = _fold(node[1]).strip()
     words = _fts_tokens(pattern)
     if "*" in pattern or "?" in pattern:
@@ -2716,6 +2758,7 @@ def field_value_matches(spec: str, values: list[str]) -> bool:
     Text compares case- and accent-insensitively: the clause matches a value equal to it, or
     (for words and phrases) a run of whole words inside it; '*' and '?' are wildcards over the
     whole value or one word; ranges compare numbers when both bounds are numbers, else text.
+    A UID (a "uid" clause) matches the whole value exactly, '*' and '?' as wildcards.
     """
     predicate = _value_matcher(spec)
     return any(predicate(value) for value in values)
@@ -2788,6 +2831,11 @@ def compile_search(query: SearchQuery) -> tuple[str, list, str | None]:
         # ("field", keyword, value)
         keyword, value = node[1], node[2]
         spec = json.dumps(list(value))
+        if keyword in SEARCH_COLUMNS and value[0] == "uid":
+            # A UID column: equality, or GLOB for a prefix, both served by the column's index.
+            wildcard = "*" in value[1] or "?" in value[1]
+            args.append(_glob_escape(value[1]) if wildcard else value[1])
+            return f"{SEARCH_COLUMNS[keyword]} {'GLOB' if wildcard else '='} ?"
         if keyword in SEARCH_COLUMNS:
             args.append(spec)
             return f"search_value_matches(?, {SEARCH_COLUMNS[keyword]})"
@@ -3438,12 +3486,17 @@ LUA_HOOK_INTERVAL = 100  # instructions between two looks at the budget
 
 
 def instance_event(record: InstanceRecord, calling_aet: str = "") -> dict:
-    """What hooks receive for an instance: its UIDs, where it lives, and every indexed tag."""
+    """What hooks receive for an instance: its UIDs, its URI (as every plugin call names an
+    instance: file:///... or a storage plugin's), and every indexed tag."""
     return {
         "SOPInstanceUID": record.columns["SOPInstanceUID"], "SeriesInstanceUID": record.columns["SeriesInstanceUID"],
         "StudyInstanceUID": record.columns["StudyInstanceUID"], "PatientID": record.columns["PatientID"],
-        "path": record.path, "origin": record.origin, "calling_aet": calling_aet, "tags": record.meta,
+        "uri": _file_uri(record.path), "origin": record.origin, "calling_aet": calling_aet, "tags": record.meta,
     }
+
+
+#: What dicoogle.instances() answers, one per instance: uri is file:///... or a storage plugin's.
+InstanceRow = collections.namedtuple("InstanceRow", "sop_instance_uid sop_class_uid transfer_syntax uri")
 
 
 class PluginError(Exception):
@@ -3566,8 +3619,8 @@ class PluginApi:
                 raise QueryError(f"{key}: {value[:40]!r} is not a valid {vr} value", IDENTIFIER_DOES_NOT_MATCH) from None
         return self._daemon.finder.search(identifier, cancelled, offset, limit)
 
-    def instances(self, study_uid: str, series_uid: str = "", sop_uid: str = "") -> list[tuple]:
-        """(sop_instance_uid, sop_class_uid, transfer_syntax, path) of a study, series or instance."""
+    def instances(self, study_uid: str, series_uid: str = "", sop_uid: str = "") -> list[InstanceRow]:
+        """(sop_instance_uid, sop_class_uid, transfer_syntax, uri) of a study, series or instance."""
         sql = ("SELECT i.sop_instance_uid, i.sop_class_uid, i.transfer_syntax, i.path FROM instances i"
                " JOIN series se ON se.id = i.series_ref JOIN studies st ON st.id = se.study_ref WHERE st.study_instance_uid = ?")
         args = [study_uid]
@@ -3575,7 +3628,8 @@ class PluginApi:
             if value:
                 sql += f" AND {column} = ?"
                 args.append(value)
-        return self._daemon.index.query(sql + " ORDER BY i.id", args)
+        return [InstanceRow(uid, sop_class, syntax, _file_uri(path))
+                for uid, sop_class, syntax, path in self._daemon.index.query(sql + " ORDER BY i.id", args)]
 
     def store(self, data: bytes, source: str = "") -> int:
         """Store and index a Part 10 object through the one ingest path; returns a DICOM status,
@@ -3585,31 +3639,33 @@ class PluginApi:
     # Pixels are decoded in the codec worker: a plugin never imports numpy or pydicom.pixels itself.
     # A worker that crashed or took too long raises CodecWorkerError, which answers the request 502/504.
 
-    def render(self, path: str, frame: int = 0, size: int | None = None, center: float | None = None,
+    def render(self, uri: str, frame: int = 0, size: int | None = None, center: float | None = None,
                width: float | None = None, media_type: str = "image/png", quality: int = 90) -> bytes | None:
-        """One frame (from 0) of a stored instance as PNG or JPEG bytes, at most size pixels on its
-        longer side, windowed at center/width if both are given; None if it cannot be rendered."""
+        """One frame (from 0) of a stored instance (its URI) as PNG or JPEG bytes, at most size
+        pixels on its longer side, windowed at center/width if both are given; None if it cannot
+        be rendered."""
         window = [center, width] if center is not None and width is not None and width > 0 else None
         try:
-            return self._daemon.codecs.call("render", self._daemon.storage.open(path), frame=frame, size=size,
+            return self._daemon.codecs.call("render", self.open(uri), frame=frame, size=size,
                                             window=window, media_type=media_type, quality=quality)
         except (UnrenderableError, FrameOutOfRange, OSError):
             return None
 
-    def pixels(self, path: str, frame: int = 0) -> bytes:
-        """One frame (from 0) of a stored instance, decoded: its pixels as Explicit VR Little Endian
-        holds them. Raises ValueError, with a reason fit for the caller, if it cannot be decoded."""
-        return self._daemon.codecs.call("pixels", self._daemon.storage.open(path), frame=frame)
+    def pixels(self, uri: str, frame: int = 0) -> bytes:
+        """One frame (from 0) of a stored instance (its URI), decoded: its pixels as Explicit VR
+        Little Endian holds them. Raises ValueError, with a reason fit for the caller, if it
+        cannot be decoded."""
+        return self._daemon.codecs.call("pixels", self.open(uri), frame=frame)
 
-    def uncompressed(self, path: str) -> bytes:
-        """A stored instance as a Part 10 file in Explicit VR Little Endian, its pixel data decoded.
-        Raises ValueError, with a reason fit for the caller, if it cannot be decoded."""
-        return self._daemon.codecs.call("uncompressed", self._daemon.storage.open(path))
+    def uncompressed(self, uri: str) -> bytes:
+        """A stored instance (its URI) as a Part 10 file in Explicit VR Little Endian, its pixel
+        data decoded. Raises ValueError, with a reason fit for the caller, if it cannot be decoded."""
+        return self._daemon.codecs.call("uncompressed", self.open(uri))
 
-    def open(self, location: str):
-        """What pydicom.dcmread reads a stored instance from: its path, or its bytes in memory
-        when a storage plugin keeps it."""
-        return self._daemon.storage.open(location)
+    def open(self, uri: str):
+        """What pydicom.dcmread reads a stored instance from, given its URI: a file's path, or its
+        bytes in memory when a storage plugin keeps it."""
+        return self._daemon.storage.open(_location_from_uri(str(uri)))
 
 
 # ---- Lua: a sandbox with an instruction budget and a memory cap ----------------------------
@@ -3910,9 +3966,23 @@ class PluginManager:
         if "storage" in plugin.hooks:
             self.daemon.storage.schemes.pop(plugin.scheme, None)
 
+    def unload(self, path: pathlib.Path) -> Plugin | None:
+        """Forget the plugin loaded from path (its file was deleted or moved away): its filters,
+        events, index fields' hook, query provider, storage scheme, routes and web UI go with it."""
+        with self._lock:
+            plugin = self.plugins.get(path.stem)
+            if plugin is None or plugin.path != path:  # another folder's plugin of that name stays
+                return None
+            self._unregister(plugin)
+            del self.plugins[plugin.name]
+            self.log.info("unloaded plugin %s: %s is gone", plugin.name, path)
+            return plugin
+
     def set_enabled(self, name: str, enabled: bool) -> Plugin:
         with self._lock:
-            plugin = self.plugins[name]
+            plugin = self.plugins.get(name)
+            if plugin is None:
+                raise PluginError(f"no plugin {name!r}")
             if plugin.error:
                 raise PluginError(f"plugin {name} is dead: {plugin.error}")
             self._unregister(plugin)
@@ -3926,10 +3996,19 @@ class PluginManager:
         """Reload a plugin file when it changes, without restarting the daemon."""
         manager = self
 
+        def is_plugin_file(path: pathlib.Path) -> bool:
+            return path.suffix in (".py", ".lua") and not path.name.startswith("_")
+
         class Reloader(FileSystemEventHandler):
             def on_any_event(self, event):
+                if event.is_directory:
+                    return
+                # A deleted file, or one moved away (a move's source), takes its plugin with it.
+                source = pathlib.Path(os.fsdecode(event.src_path))
+                if isinstance(event, (FileDeletedEvent, FileMovedEvent)) and is_plugin_file(source) and not source.exists():
+                    manager.unload(source)
                 path = pathlib.Path(os.fsdecode(getattr(event, "dest_path", "") or event.src_path))
-                if path.suffix in (".py", ".lua") and not path.name.startswith("_") and path.exists() and not event.is_directory:
+                if is_plugin_file(path) and path.exists():
                     known = manager.plugins.get(path.stem)
                     if known is None or known.mtime != path.stat().st_mtime:
                         manager.load(path)
@@ -3938,7 +4017,7 @@ class PluginManager:
         for folder in self.folders:
             if folder.is_dir():
                 self._observer.schedule(Reloader(), str(folder), recursive=False,
-                                        event_filter=[FileClosedEvent, FileCreatedEvent, FileMovedEvent, FileModifiedEvent])
+                                        event_filter=[FileClosedEvent, FileCreatedEvent, FileMovedEvent, FileModifiedEvent, FileDeletedEvent])
         self._observer.start()
         start_thread("stable-studies", self._stable_loop)
 
@@ -6329,13 +6408,6 @@ def _json_response(value, status: int = 200) -> str:
     return json.dumps(value, ensure_ascii=False)
 
 
-def _file_uri(path: str) -> str:
-    """The URI of an indexed location: file:///... for a path; a storage plugin's URI as it is."""
-    if location_scheme(path) != "file":
-        return path
-    return pathlib.Path(path).as_uri() if os.path.isabs(path) else "file:" + path
-
-
 def _path_from_uri(uri: str) -> str:
     """A local path from a file: URI (or a plain path), normalised; 400 for anything else."""
     if uri.startswith("file:"):
@@ -6866,7 +6938,7 @@ def _search_routes(api: Api):
                 seen.add(uid)
                 merged.append((uri, meta))
         end = None if limit is None else offset + limit
-        return merged[offset:end], len(merged)
+        return _with_index_fields(daemon, merged[offset:end]), len(merged)
 
     def search_error(error: Exception):
         bottle.response.status = 400
@@ -7363,6 +7435,23 @@ def _persist_plugin_settings(daemon: "Daemon", plugin: Plugin):
     with daemon.settings_lock:
         save_settings(daemon.config.data_dir, {f"plugin.{plugin.name}": values})
     daemon.config.plugin_settings[plugin.name] = values
+
+
+#: What /searchDIM groups by: a provider's result lacking one is completed from the index.
+DIM_FIELDS = ("PatientID", "PatientName", "StudyInstanceUID", "SeriesInstanceUID")
+
+
+def _with_index_fields(daemon: "Daemon", results: list) -> list:
+    """A query provider's (uri, fields) with what it left out taken from the index, found by
+    SOPInstanceUID: a provider may answer with a SOPInstanceUID alone and still group in
+    /searchDIM. The provider's own fields win."""
+    lacking = [fields["SOPInstanceUID"] for _, fields in results
+               if fields.get("SOPInstanceUID") and not all(fields.get(name) for name in DIM_FIELDS)]
+    known = daemon.index.metadata_by_uid(lacking) if lacking else {}
+    def completed(fields):
+        indexed = known.get(fields.get("SOPInstanceUID"))
+        return {**indexed, **{k: v for k, v in fields.items() if v not in ("", None)}} if indexed else fields
+    return [(uri, completed(fields)) for uri, fields in results]
 
 
 def _group_dim(results, with_birthdate: bool) -> list[dict]:
@@ -8816,234 +8905,49 @@ def command_install_viewer(config: Config, version: str) -> int:
         shutil.rmtree(work, ignore_errors=True)
 
 
-#: new-plugin: what each kind of plugin does, then its starting files. {name}, {scheme} and
-#: {summary} are filled in; docs/plugins.md explains every hook.
+#: new-plugin: what each kind of plugin does, and the example in plugins/examples/ it starts
+#: from (NAME.py and NAME.lua, and NAME.js for a web UI plugin). The examples are the course's
+#: solutions (docs/learn, chapters 9 and 10); docs/plugins.md explains every hook.
 PLUGIN_KINDS = {
-    "index": "adds searchable fields to every instance",
-    "query": "a query provider, chosen with /search?provider=",
-    "storage": "keeps received objects under a URI scheme of its own",
-    "web": "a web service under /ext/",
-    "webui": "a web UI plugin: a descriptor and a JavaScript module",
-    "events": "reacts to arrivals and stable studies, filters incoming stores and finds",
+    "index": ("adds searchable fields to every instance", "body_region"),
+    "query": ("a query provider, chosen with /search?provider=", "ct_only"),
+    "storage": ("keeps received objects under a URI scheme of its own", "memory_store"),
+    "web": ("a web service under /ext/", "counter"),
+    "webui": ("a web UI plugin: a descriptor and a JavaScript module", "menu_search"),
+    "events": ("reacts to arrivals and stable studies", "arrivals"),
+    "store-filter": ("accepts or refuses received objects", "refuse_modality"),
+    "find-filter": ("rewrites or refuses C-FIND queries", "find_guard"),
 }
-_PYTHON_HEADER = '''"""{name}: {summary}.
-
-Written by `dicoogled new-plugin`. It runs once it is in a plugins folder; turn it off with
-[plugin.{name}] enabled = false in the config file, or POST /plugins/{kind}/{name}/disable.
-docs/plugins.md explains every hook. Python plugins are trusted code: they run inside the
-daemon with all its rights.
-"""
-
-#: Settings and their defaults: [plugin.{name}] in the config file and POST
-#: /plugins/{name}/settings change them; read one with dicoogle.setting("enabled").
-SETTINGS = {"enabled": True{settings}}
-'''
-_LUA_HEADER = '''-- {name}: {summary}.
---
--- Written by `dicoogled new-plugin`. It runs once it is in a plugins folder; turn it off with
--- [plugin.{name}] enabled = false in the config file, or POST /plugins/{kind}/{name}/disable.
--- docs/plugins.md explains every hook. Lua plugins run sandboxed: no os, io or require, and
--- each call has a memory cap and an instruction budget.
-
-DESCRIPTION = "{summary}"
--- Settings and their defaults: [plugin.{name}] in the config file changes them.
-SETTINGS = { enabled = true{settings} }
-'''
-_WEBUI_MODULE = '''// {name}: the module of a web UI plugin, served at /webui/module/{name}.
-// The web app makes one with `new` and calls render(parent, slot) to fill its place.
-module.exports = function () {
-  this.render = function (parent, slot) {
-    var heading = document.createElement("h3");
-    heading.textContent = "{name}";
-    parent.appendChild(heading);
-  };
-};
-'''
-PLUGIN_TEMPLATES = {
-    ("python", "index"): '''
-
-def index(instance):
-    """Extra fields for an instance entering the index; each is then searchable like a DICOM
-    keyword (BodyRegion:HEAD). instance holds its UIDs, "path", "origin" and every tag in "tags"."""
-    return {"BodyRegion": str(instance["tags"].get("BodyPartExamined", "")).upper() or "UNKNOWN"}
-''',
-    ("lua", "index"): '''
--- Extra fields for an instance entering the index; each is then searchable like a DICOM
--- keyword (BodyRegion:HEAD). instance holds its UIDs, path, origin and every tag in tags.
-function index(instance)
-  local part = instance.tags.BodyPartExamined or ""
-  return { BodyRegion = part ~= "" and string.upper(part) or "UNKNOWN" }
-end
-''',
-    ("python", "query"): '''
-
-def query(text):
-    """Answer /search?provider={name}&query=TEXT: a list of {"uri": ..., "fields": {...}}.
-    Answers of several providers are merged, de-duplicated by SOPInstanceUID."""
-    # This one asks the archive's own index; a real provider asks another system.
-    return [{"uri": hit["uri"], "fields": hit["fields"]} for hit in dicoogle.search(text, limit=100)]
-''',
-    ("lua", "query"): '''
--- Answer /search?provider={name}&query=TEXT: a list of { uri = ..., fields = {...} }.
--- Answers of several providers are merged, de-duplicated by SOPInstanceUID.
-function query(text)
-  local results = {}
-  for _, hit in ipairs(dicoogle.search(text, 100)) do  -- a real provider asks elsewhere
-    results[#results + 1] = { uri = hit.uri, fields = hit.fields }
-  end
-  return results
-end
-''',
-    ("python", "storage"): '''
-#: Received objects come here once [storage] scheme = {scheme} is in the config file.
-SCHEME = "{scheme}"
-_objects = {}  # uri -> bytes: in memory, so gone at restart. Use a database or object store.
-
-
-def store(sop_uid, data):
-    """Keep one received object (its Part 10 bytes); return the URI to find it at again."""
-    uri = f"{SCHEME}:{sop_uid}"
-    _objects[uri] = bytes(data)
-    return uri
-
-
-def get(uri):
-    """The bytes kept at uri: C-MOVE, C-GET and /legacy/file read them through this."""
-    return _objects[uri]
-
-
-def list():
-    """Every URI kept: at start the daemon indexes the ones its index lacks."""
-    return [*_objects]
-
-
-def remove(uri):
-    """Delete what is kept at uri (POST /management/tasks/remove)."""
-    _objects.pop(uri, None)
-''',
-    ("python", "web"): '''
-import bottle
-
-
-def routes(app):
-    """Add routes to app, a Bottle app, served under /ext/{name}/ behind the core's login:
-    GET needs a reader, other methods a user. A dict or list answers as JSON."""
-
-    @app.get("/count")
-    def count():
-        query = bottle.request.params.get("query", "*:*")
-        return {"greeting": dicoogle.setting("greeting"), "query": query,
-                "instances": len(dicoogle.search(query, limit=10000))}
-''',
-    ("lua", "web"): '''
--- Routes served under /ext/{name}/ behind the core's login: "METHOD /path" = function(params),
--- params holding the query and form fields (and <path> arguments). A table answers as JSON.
-routes = {
-  ["GET /count"] = function(params)
-    local query = params.query or "*:*"
-    return { greeting = dicoogle.setting("greeting"), query = query, instances = #dicoogle.search(query, 10000) }
-  end,
-}
-''',
-    ("python", "webui"): '''
-#: The descriptor, as a Dicoogle web plugin's package.json: slot-id is where the web app shows
-#: it (menu, result-option, result-options, result-batch, settings); roles, if any, who sees it.
-#: The module is {name}.js beside this file.
-WEBUI = {
-    "name": "{name}",
-    "version": "0.1.0",
-    "dicoogle": {"slot-id": "menu", "caption": "{name}", "module-file": "{name}.js", "roles": []},
-}
-''',
-    ("lua", "webui"): '''
--- The descriptor, as a Dicoogle web plugin's package.json: slot-id is where the web app shows
--- it (menu, result-option, result-options, result-batch, settings); roles, if any, who sees it.
--- The module is {name}.js beside this file.
-WEBUI = {
-  name = "{name}",
-  version = "0.1.0",
-  dicoogle = { ["slot-id"] = "menu", caption = "{name}", ["module-file"] = "{name}.js", roles = {} },
-}
-''',
-    ("python", "events"): '''
-
-def on_stored(instance):
-    """An object received over DICOM or STOW-RS is stored and indexed (runs in the background)."""
-    dicoogle.log(f"stored {instance['SOPInstanceUID']} from {instance['calling_aet'] or '?'}")
-
-
-def on_indexed(instance):
-    """An instance entered the index, whatever its origin (watched folders too)."""
-
-
-def on_stable_study(study):
-    """No instance arrived in this study for [plugins] stable_age seconds."""
-    dicoogle.log(f"study {study['StudyInstanceUID']} is stable")
-
-
-def incoming_store_filter(calling_aet, tags):
-    """Before an object is stored: True or None accepts it, False refuses it (0x0124), a number
-    refuses it with that DICOM status. It delays the sender: be quick."""
-    return None
-
-
-def incoming_find_filter(calling_aet, query):
-    """Before a C-FIND: return query (keyword -> value) changed, None to keep it, or a DICOM
-    status to refuse it."""
-    return None
-''',
-    ("lua", "events"): '''
--- Orthanc's names work too: OnStoredInstance(id, tags, metadata, origin),
--- ReceivedInstanceFilter(tags, origin), IncomingFindRequestFilter(query, origin), OnStableStudy(id).
-
--- An object received over DICOM or STOW-RS is stored and indexed (runs in the background).
-function on_stored(instance)
-  dicoogle.log("stored " .. instance.SOPInstanceUID .. " from " .. instance.calling_aet)
-end
-
--- An instance entered the index, whatever its origin (watched folders too).
-function on_indexed(instance) end
-
--- No instance arrived in this study for [plugins] stable_age seconds.
-function on_stable_study(study)
-  dicoogle.log("study " .. study.StudyInstanceUID .. " is stable")
-end
-
--- Before an object is stored: true or nil accepts it, false refuses it (0x0124), a number
--- refuses it with that DICOM status. It delays the sender: be quick.
-function incoming_store_filter(calling_aet, tags) return nil end
-
--- Before a C-FIND: return query changed, nil to keep it, or a DICOM status to refuse it.
-function incoming_find_filter(calling_aet, query) return nil end
-''',
-}
+EXAMPLES_FOLDER = pathlib.Path(__file__).resolve().parent / "plugins" / "examples"
 
 
 def command_new_plugin(folder: pathlib.Path, name: str, language: str, kind: str) -> int:
-    """Write a working, commented starting file for a plugin (and a webui plugin's module)."""
+    """Copy the example of a kind of plugin (and a webui plugin's module) under a new name."""
     if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_-]{0,63}", name):
         print(f"dicoogled: a plugin name is a letter, then letters, digits, _ or -: not {name!r}", file=sys.stderr)
         return 2
-    if (language, kind) not in PLUGIN_TEMPLATES:
-        print(f"dicoogled: {kind} plugins are Python only: Lua has no io to keep objects with", file=sys.stderr)
+    example = PLUGIN_KINDS[kind][1]
+    source = EXAMPLES_FOLDER / f"{example}.{'py' if language == 'python' else 'lua'}"
+    if not source.is_file():
+        reason = "Lua has no io to keep objects with" if kind == "storage" else f"there is no {source.name}"
+        print(f"dicoogled: {kind} plugins are Python only: {reason}", file=sys.stderr)
         return 2
-    header = _PYTHON_HEADER if language == "python" else _LUA_HEADER
-    files = {folder / f"{name}.{'py' if language == 'python' else 'lua'}": header + PLUGIN_TEMPLATES[language, kind]}
+    files = {folder / f"{name}{source.suffix}": source}
     if kind == "webui":
-        files[folder / f"{name}.js"] = _WEBUI_MODULE
+        files[folder / f"{name}.js"] = EXAMPLES_FOLDER / f"{example}.js"
     for path in files:
         if path.exists():
             print(f"dicoogled: {path} exists; choose another name", file=sys.stderr)
             return 1
     folder.mkdir(parents=True, exist_ok=True)
-    fill = {"{name}": name, "{kind}": kind, "{summary}": PLUGIN_KINDS[kind],
-            "{scheme}": re.sub(r"[^a-z0-9+.-]", "-", name.lower()),
-            "{settings}": "" if kind != "web" else ', "greeting": "hello"' if language == "python" else ', greeting = "hello"'}
-    for path, text in files.items():
-        for placeholder, value in fill.items():
-            text = text.replace(placeholder, value)
+    for path, source in files.items():
+        # The example's name, wherever it names the plugin ([plugin.X], /ext/X/, X.js), becomes
+        # the new one; a storage plugin's scheme is made from it.
+        scheme = re.sub(r"[^a-z0-9+.-]", "-", name.lower())
+        text = re.sub(rf"\b{example.replace('_', '-')}\b", scheme, source.read_text(encoding="utf-8"))
+        text = re.sub(rf"\b{example}\b", name, text)
         path.write_text(text, encoding="utf-8")
-        print(f"wrote {path}")
+        print(f"wrote {path} (from {source.relative_to(EXAMPLES_FOLDER.parent.parent)})")
     return 0
 
 

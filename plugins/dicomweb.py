@@ -160,14 +160,14 @@ def _multipart(parts, content_type: str):
     return body()
 
 
-def _open(location: str):
-    """A stored instance as a binary file: a file on disk, or a storage plugin's object."""
-    source = dicoogle.open(location)
+def _open(uri: str):
+    """A stored instance, named by its URI, as a binary file: a file on disk, or a storage plugin's object."""
+    source = dicoogle.open(uri)
     return open(source, "rb") if isinstance(source, str) else source
 
 
-def _file_chunks(path: str, size: int = 1 << 20):
-    with _open(path) as handle:
+def _file_chunks(uri: str, size: int = 1 << 20):
+    with _open(uri) as handle:
         while chunk := handle.read(size):
             yield chunk
 
@@ -235,19 +235,19 @@ def _retrieve(study, series="", instance=""):
         _error(406, f"cannot convert to transfer syntax {wanted}; ask for * (as stored) or {EXPLICIT_VR_LITTLE_ENDIAN}")
 
     def parts():
-        for _, _, stored_syntax, path in found:
+        for _, _, stored_syntax, uri in found:
             if wanted == "*" or stored_syntax == wanted:
-                yield {"Content-Type": f"application/dicom; transfer-syntax={stored_syntax}"}, _file_chunks(path)
+                yield {"Content-Type": f"application/dicom; transfer-syntax={stored_syntax}"}, _file_chunks(uri)
             else:
-                yield {"Content-Type": f"application/dicom; transfer-syntax={wanted}"}, _decoded_file(path)
+                yield {"Content-Type": f"application/dicom; transfer-syntax={wanted}"}, _decoded_file(uri)
     return _multipart(parts(), "application/dicom")
 
 
-def _decoded_file(path: str) -> bytes:
+def _decoded_file(uri: str) -> bytes:
     try:  # decoded in the daemon's codec worker, as every pixel is
-        return dicoogle.uncompressed(path)
+        return dicoogle.uncompressed(uri)
     except ValueError as error:
-        _error(406, f"cannot decode {os.path.basename(path)}: {error}")
+        _error(406, f"cannot decode {os.path.basename(uri)}: {error}")
 
 
 def _metadata(study, series="", instance=""):
@@ -256,16 +256,16 @@ def _metadata(study, series="", instance=""):
     base = _base_url()
     # Each instance's JSON is made once (a parse of its file) and kept by dicoogle.cached, its
     # bulk data URIs relative: the server's address is the request's, added here.
-    parts = [dicoogle.cached(sop_uid, lambda path=path: _instance_metadata(path))
-             for sop_uid, _, _, path in _instances(study, series, instance)]
+    parts = [dicoogle.cached(sop_uid, lambda uri=uri: _instance_metadata(uri))
+             for sop_uid, _, _, uri in _instances(study, series, instance)]
     bottle.response.content_type = DICOM_JSON
     text = b"[" + b",".join(part for part in parts if part) + b"]"
     return text.replace(b'"BulkDataURI": "/studies/', b'"BulkDataURI": "' + base.encode() + b"/studies/")
 
 
-def _instance_metadata(path: str) -> bytes:
+def _instance_metadata(uri: str) -> bytes:
     """One instance as DICOM JSON, with BulkDataURIs relative to the DICOMweb root."""
-    dataset = pydicom.dcmread(dicoogle.open(path), stop_before_pixels=True)
+    dataset = pydicom.dcmread(dicoogle.open(uri), stop_before_pixels=True)
     instance_url = f"/studies/{dataset.StudyInstanceUID}/series/{dataset.SeriesInstanceUID}/instances/{dataset.SOPInstanceUID}"
     json_dict = dataset.to_json_dict(
         bulk_data_threshold=1024, suppress_invalid_tags=True,
@@ -276,9 +276,9 @@ def _instance_metadata(path: str) -> bytes:
     return json.dumps(json_dict).encode("utf-8")
 
 
-def _frame_layout(path: str):
+def _frame_layout(uri: str):
     """(header data set, transfer syntax, file offset of the pixel value, frame count, frame size)."""
-    dataset = pydicom.dcmread(dicoogle.open(path), defer_size=1024)
+    dataset = pydicom.dcmread(dicoogle.open(uri), defer_size=1024)
     if "PixelData" not in dataset:
         _error(404, "this instance has no pixel data")
     element = dataset.get_item(0x7FE00010, keep_deferred=True)
@@ -289,12 +289,12 @@ def _frame_layout(path: str):
     return dataset, syntax, element.value_tell, frames, (frame_bits + 7) // 8
 
 
-def _frame_bytes(path: str, number: int):
+def _frame_bytes(uri: str, number: int):
     """One frame (1-based) as stored: raw pixels, or the compressed bitstream."""
-    dataset, syntax, offset, frames, size = _frame_layout(path)
+    dataset, syntax, offset, frames, size = _frame_layout(uri)
     if not 1 <= number <= frames:
         _error(404, f"frame {number} does not exist; the instance has {frames}")
-    with _open(path) as handle:
+    with _open(uri) as handle:
         handle.seek(offset)
         if syntax in UNCOMPRESSED:
             handle.seek(offset + (number - 1) * size)
@@ -310,18 +310,18 @@ def _frames(study, series, instance, frame_list):
         _error(400, "frames are 1-based numbers separated by commas")
     if not numbers or min(numbers) < 1:
         _error(400, "frames are 1-based numbers separated by commas")
-    (_, _, _, path), = _instances(study, series, instance)
+    (_, _, _, uri), = _instances(study, series, instance)
     octet = _accepts("application/octet-stream") and "application/octet-stream" in bottle.request.get_header("Accept", "") \
         and _requested_transfer_syntax() in ("*", EXPLICIT_VR_LITTLE_ENDIAN)
 
-    first = _frame_bytes(path, numbers[0])[0]  # 404 for a missing frame before streaming starts
+    first = _frame_bytes(uri, numbers[0])[0]  # 404 for a missing frame before streaming starts
     decode = first not in UNCOMPRESSED and octet and _requested_transfer_syntax() == EXPLICIT_VR_LITTLE_ENDIAN
     # Decoded frames are made before the answer starts, so that a failure is still an error status.
-    decoded = {number: _decoded_frame(path, number) for number in numbers} if decode else {}
+    decoded = {number: _decoded_frame(uri, number) for number in numbers} if decode else {}
 
     def parts():
         for number in numbers:
-            syntax, data = _frame_bytes(path, number)
+            syntax, data = _frame_bytes(uri, number)
             if syntax in UNCOMPRESSED:
                 yield {"Content-Type": "application/octet-stream; transfer-syntax=" + EXPLICIT_VR_LITTLE_ENDIAN}, data
             elif decode:
@@ -332,9 +332,9 @@ def _frames(study, series, instance, frame_list):
     return _multipart(parts(), media)
 
 
-def _decoded_frame(path: str, number: int) -> bytes:
+def _decoded_frame(uri: str, number: int) -> bytes:
     try:  # decoded in the daemon's codec worker: this plugin never imports numpy or pydicom.pixels
-        return dicoogle.pixels(path, number - 1)
+        return dicoogle.pixels(uri, number - 1)
     except ValueError as error:
         _error(406, f"cannot decode frame {number}: {error}")
 
@@ -343,12 +343,12 @@ def _bulkdata(study, series, instance, tag):
     _allow_cors()
     if not re.fullmatch(r"[0-9A-Fa-f]{8}", tag):
         _error(400, "a bulk data tag is 8 hex digits")
-    (_, _, _, path), = _instances(study, series, instance)
+    (_, _, _, uri), = _instances(study, series, instance)
     if tag.upper() == "7FE00010":
-        _, syntax, _, frames, _ = _frame_layout(path)
-        parts = (({"Content-Type": "application/octet-stream"}, _frame_bytes(path, n)[1]) for n in range(1, frames + 1))
+        _, syntax, _, frames, _ = _frame_layout(uri)
+        parts = (({"Content-Type": "application/octet-stream"}, _frame_bytes(uri, n)[1]) for n in range(1, frames + 1))
         return _multipart(parts, "application/octet-stream")
-    dataset = pydicom.dcmread(dicoogle.open(path), stop_before_pixels=True)
+    dataset = pydicom.dcmread(dicoogle.open(uri), stop_before_pixels=True)
     element = dataset.get(int(tag, 16))
     if element is None or not isinstance(element.value, bytes):
         _error(404, f"no bulk data element {tag}")
@@ -358,7 +358,7 @@ def _bulkdata(study, series, instance, tag):
 def _rendered(study, series="", instance="", frame=1, thumbnail=False):
     """An instance (the first of a study or series) rendered to JPEG or PNG."""
     _allow_cors()
-    (_, _, _, path) = _instances(study, series, instance)[0]
+    (_, _, _, uri) = _instances(study, series, instance)[0]
     media = "image/png" if _accepts("image/png") and "image/png" in bottle.request.get_header("Accept", "") else "image/jpeg"
     window = bottle.request.query.get("window", "")
     viewport = bottle.request.query.get("viewport", "")
@@ -368,7 +368,7 @@ def _rendered(study, series="", instance="", frame=1, thumbnail=False):
         quality = int(bottle.request.query.get("quality", "90"))
     except ValueError:
         _error(400, "window is center,width[,function]; viewport is width,height; quality a number")
-    image = dicoogle.render(path, frame - 1, size=size, center=center, width=width, media_type=media, quality=quality)
+    image = dicoogle.render(uri, frame - 1, size=size, center=center, width=width, media_type=media, quality=quality)
     if image is None:
         _error(406, "this instance cannot be rendered")
     bottle.response.content_type = media
@@ -513,11 +513,11 @@ def _wado_uri():
                                _uid(query["objectUID"], "objectUID"))
     if not found:
         _error(404, "no such object")
-    path = found[0][3]
+    uri = found[0][3]
     content_type = query.get("contentType", "image/jpeg").split(",")[0].strip()
     if content_type == "application/dicom":
         bottle.response.content_type = "application/dicom"
-        return _file_chunks(path)
+        return _file_chunks(uri)
     if content_type not in ("image/jpeg", "image/png"):
         _error(406, "contentType must be image/jpeg, image/png or application/dicom")
     try:
@@ -527,7 +527,7 @@ def _wado_uri():
         size = max(int(query.get("rows", 0) or 0), int(query.get("columns", 0) or 0)) or None
     except ValueError:
         _error(400, "frameNumber, windowCenter, windowWidth, rows and columns are numbers")
-    image = dicoogle.render(path, frame - 1, size=size, center=center, width=width, media_type=content_type)
+    image = dicoogle.render(uri, frame - 1, size=size, center=center, width=width, media_type=content_type)
     if image is None:
         _error(406, "this object cannot be rendered")
     bottle.response.content_type = content_type

@@ -11,6 +11,7 @@ and a line `...` (any lines, none included). $DICOM_PORT and $HTTP_PORT are the 
 import os
 import pathlib
 import re
+import shutil
 import subprocess
 import sys
 
@@ -68,9 +69,13 @@ def course(tmp_path_factory):
     """A copy of a fresh clone and its running daemon, shared by the chapters in order."""
     clone = tmp_path_factory.mktemp("clone")
     for name in CLONE_ENTRIES:
-        (clone / name).symlink_to(ROOT / name)
+        if name == "plugins":  # chapters 9 and 10 copy plugins in and out: the clone's own folder
+            shutil.copytree(ROOT / name, clone / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            (clone / name).symlink_to(ROOT / name)
     (clone / ".venv").symlink_to(pathlib.Path(sys.prefix))
-    daemon = RunningDaemon(clone / "data").start()
+    # The daemon runs ROOT's dicoogled.py, whose plugins/ is ROOT's: point it at the clone's.
+    daemon = RunningDaemon(clone / "data", config_text=f"[plugins]\nfolders = {clone / 'plugins'}\n").start()
     # The virtualenv is not activated: the course says .venv/bin/... wherever it needs it.
     env = dict(os.environ, DICOM_PORT=str(daemon.dicom_port), HTTP_PORT=str(daemon.http_port))
     env.pop("VIRTUAL_ENV", None)

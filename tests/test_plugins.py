@@ -157,6 +157,36 @@ def test_python_and_lua_query_providers_answer_search(archive):
     assert status == 400 and b"not a valid query provider" in body
 
 
+UIDS_ONLY = '''
+    -- Answers with SOPInstanceUIDs alone, as a provider that knows nothing else would.
+    function query(text)
+      local results = {}
+      for _, hit in ipairs(dicoogle.search(text, 100, { "SOPInstanceUID" })) do
+        results[#results + 1] = { uri = hit.uri, fields = { SOPInstanceUID = hit.fields.SOPInstanceUID } }
+      end
+      return results
+    end
+'''
+
+
+def test_a_providers_results_group_in_searchdim_from_the_index(archive):
+    daemon = archive({"uids_only.lua": UIDS_ONLY})
+    stored = [instance(0, 0, 0, 0), instance(0, 0, 1, 0), instance(0, 1, 0, 0), instance(1, 0, 0, 0, modality="MR")]
+    assert daemon.store(*stored) == [0] * 4
+
+    def tree(provider):
+        answer = get_json(daemon, "/searchDIM", query="*:*", provider=provider)
+        return sorted((p["id"], p["name"], s["studyInstanceUID"], se["serieInstanceUID"], se["serieModality"],
+                       tuple(i["sopInstanceUID"] for i in se["images"]))
+                      for p in answer["results"] for s in p["studies"] for se in s["series"])
+
+    assert len(tree("index")) == 4
+    assert tree("uids_only") == tree("index")
+    # /search shows the provider's fields, completed the same way.
+    found = search(daemon, "*:*", "uids_only", ("SOPInstanceUID", "PatientID", "Modality"))["results"]
+    assert {(r["fields"]["PatientID"], r["fields"]["Modality"]) for r in found} == {(ds.PatientID, ds.Modality) for ds in stored}
+
+
 PY_INDEX = '''
     def index(instance):
         return {"PyColour": "RED" + instance["tags"]["Modality"]}
@@ -263,6 +293,49 @@ def test_storage_plugin_keeps_received_objects_under_its_scheme(archive, tmp_pat
     daemon.settled()
     assert uids_found(daemon) == {first.SOPInstanceUID, third.SOPInstanceUID}
     assert search(daemon, f"SOPInstanceUID:{first.SOPInstanceUID}")["results"][0]["uri"] == f"box:{first.SOPInstanceUID}"
+
+
+SHAPES = '''
+    """Names one instance every way the API can: the event, search, instances, and reads by URI."""
+    import pydicom
+
+    def routes(app):
+        @app.get("/shapes/<sop_uid>")
+        def shapes(sop_uid):
+            hit, = dicoogle.search("SOPInstanceUID:" + sop_uid)
+            row, = [r for r in dicoogle.instances(hit["fields"]["StudyInstanceUID"]) if r.sop_instance_uid == sop_uid]
+            return {"search": hit["uri"], "instances": row.uri, "event": _events.get(sop_uid),
+                    "open": str(pydicom.dcmread(dicoogle.open(row.uri)).SOPInstanceUID),
+                    "render": dicoogle.render(row.uri)[:4].hex(), "pixels": len(dicoogle.pixels(row.uri))}
+
+    _events = {}
+
+    def on_stored(instance):
+        _events[instance["SOPInstanceUID"]] = instance["uri"]
+'''
+LUA_SHAPES = '''
+    uris = {}
+    function on_stored(instance) uris[instance.SOPInstanceUID] = instance.uri end
+    routes = { ["GET /uri/<uid>"] = function(params)
+      return { event = uris[params.uid], search = dicoogle.search("SOPInstanceUID:" .. params.uid)[1].uri }
+    end }
+'''
+
+
+def test_the_api_names_an_instance_by_one_uri_everywhere(archive):
+    """Events, dicoogle.search and dicoogle.instances give the same URI, and every call that
+    reads an instance takes it."""
+    daemon = archive({"shapes.py": SHAPES, "luashapes.lua": LUA_SHAPES})
+    stored = instance(0, 0)
+    assert daemon.store(stored) == [0]
+    uid = stored.SOPInstanceUID
+    wait_until(lambda: get_json(daemon, f"/ext/shapes/shapes/{uid}")["event"], message="the on_stored event")
+    shapes = get_json(daemon, f"/ext/shapes/shapes/{uid}")
+    assert shapes["search"].startswith("file:///") and shapes["search"].endswith(".dcm")
+    assert shapes["search"] == shapes["instances"] == shapes["event"]
+    assert shapes["open"] == uid and shapes["render"] == "89504e47" and shapes["pixels"] > 0
+    wait_until(lambda: get_json(daemon, f"/ext/luashapes/uri/{uid}").get("event"), message="the Lua on_stored event")
+    assert get_json(daemon, f"/ext/luashapes/uri/{uid}") == {"event": shapes["search"], "search": shapes["search"]}
 
 
 # ---- web services and web UI plugins -----------------------------------------------------------
@@ -583,6 +656,68 @@ def test_a_changed_plugin_is_reloaded_live(archive):
                and version() == "3", message="live to come back")
 
 
+EVERYTHING = '''
+    """A plugin with one of each: a store filter, an index field, a provider, a route, a web UI."""
+    WEBUI = {"name": "everything", "version": "1.0.0",
+             "dicoogle": {"slot-id": "menu", "caption": "Everything", "module-file": "everything.js"}}
+
+    def incoming_store_filter(calling_aet, tags):
+        return 0xA900 if tags.get("StudyDescription") == "REFUSE ME" else None
+
+    def index(instance):
+        return {"Everything": "YES"}
+
+    def on_stored(instance):
+        dicoogle.log("everything saw " + instance["SOPInstanceUID"])
+
+    def query(text):
+        return [{"uri": "e:1", "fields": {"SOPInstanceUID": "5.5"}}]
+
+    def routes(app):
+        @app.get("/ping")
+        def ping():
+            return {"pong": True}
+'''
+LUA_FIND_GUARD = '''
+    function incoming_find_filter(calling_aet, query) return 0xA700 end
+'''
+
+
+@pytest.mark.parametrize("how", ["deleted", "moved away"])
+def test_removing_a_plugin_file_unloads_the_plugin(archive, tmp_path, how):
+    daemon = archive({"everything.py": EVERYTHING, "everything.js": PANEL_JS, "guard.lua": LUA_FIND_GUARD})
+    refused = instance(0, 0, 0, 0, StudyDescription="REFUSE ME")
+    assert daemon.store(refused) == [0xA900]
+    assert daemon.find(make_identifier("STUDY", StudyInstanceUID=""))[1] == 0xA700
+    assert "everything" in get_json(daemon, "/providers")
+    assert get_json(daemon, "/ext/everything/ping") == {"pong": True}
+    assert "everything" in {p["name"] for p in get_json(daemon, "/webui")["plugins"]}
+
+    for name in ("everything.py", "guard.lua"):
+        if how == "deleted":
+            (daemon.plugin_folder / name).unlink()
+        else:
+            shutil.move(daemon.plugin_folder / name, tmp_path / name)
+    wait_until(lambda: not {"everything", "guard"} & set(get_json(daemon, "/plugins")["sets"]),
+               message="both plugins to be unloaded")
+    assert "unloaded plugin everything" in daemon.log and "unloaded plugin guard" in daemon.log
+    assert "everything" not in get_json(daemon, "/providers")
+    assert http(daemon, "GET", "/search", {"query": "x", "provider": "everything"})[0] == 400
+    assert http(daemon, "GET", "/ext/everything/ping")[0] == 404
+    assert "everything" not in {p["name"] for p in get_json(daemon, "/webui")["plugins"]}
+    assert http(daemon, "GET", "/webui/module/everything")[0] == 404
+    assert daemon.store(refused) == [0]  # no filter any more
+    assert daemon.find(make_identifier("STUDY", StudyInstanceUID=""))[1] == 0
+    assert get_json(daemon, "/dump", uid=refused.SOPInstanceUID)["results"]["fields"].get("Everything") is None
+    assert f"everything saw {refused.SOPInstanceUID}" not in daemon.log
+    assert http(daemon, "POST", "/plugins/query/everything/disable")[0] == 400
+
+    # Put back, it loads again.
+    (daemon.plugin_folder / "everything.py").write_text(textwrap.dedent(EVERYTHING).lstrip("\n"))
+    wait_until(lambda: "everything" in get_json(daemon, "/providers"), message="everything to be loaded again")
+    assert get_json(daemon, "/ext/everything/ping") == {"pong": True}
+
+
 TOGGLE = '''
     SETTINGS = {"enabled": True, "word": "alpha", "times": 2}
 
@@ -842,35 +977,47 @@ def new_plugin(*args):
                           capture_output=True, text=True)
 
 
-def test_new_plugin_writes_working_starting_files(archive, tmp_path):
+KINDS = ("index", "query", "web", "webui", "events", "store-filter", "find-filter")
+
+
+def test_new_plugin_copies_the_examples_under_a_new_name(archive, tmp_path):
     folder = tmp_path / "plugins-data"
     for language in ("python", "lua"):
-        for kind in ("index", "query", "web", "webui", "events") + (("storage",) if language == "python" else ()):
-            result = new_plugin(f"my_{kind}_{language}", "--lang", language, "--kind", kind, "--dir", str(folder))
+        for kind in KINDS + (("storage",) if language == "python" else ()):
+            result = new_plugin(f"my_{kind.replace('-', '_')}_{language}", "--lang", language, "--kind", kind,
+                                "--dir", str(folder))
             assert result.returncode == 0, result.stderr
+            assert "from plugins/examples/" in result.stdout
     assert (folder / "my_webui_python.js").exists() and (folder / "my_webui_lua.js").exists()
+    assert '"module-file": "my_webui_python.js"' in (folder / "my_webui_python.py").read_text()
+    assert 'SCHEME = "my-storage-python"' in (folder / "my_storage_python.py").read_text()
     refused = new_plugin("my_storage_lua", "--lang", "lua", "--kind", "storage", "--dir", str(folder))
     assert refused.returncode == 2 and "Python only" in refused.stderr
     assert new_plugin("my_index_python", "--kind", "index", "--dir", str(folder)).returncode == 1  # exists
     assert new_plugin("../evil", "--kind", "index", "--dir", str(folder)).returncode == 2
+    assert not list((ROOT / "plugins").glob("dicoogled_*.py")), "the templates are files, not strings"
+    assert not hasattr(dicoogled, "PLUGIN_TEMPLATES")
 
+    # The refuse-everything filters would stop the test's own instances: OT is what they refuse.
     daemon = archive(config="[storage]\nscheme = my-storage-python\n")
     listing = get_json(daemon, "/plugins")
     assert listing["dead"] == []
     names = {p["name"] for p in listing["plugins"]}
-    assert {f"my_{k}_{l}" for l in ("python", "lua") for k in ("index", "query", "web", "webui", "events")} <= names
+    assert {f"my_{k.replace('-', '_')}_{l}" for l in ("python", "lua") for k in KINDS} <= names
 
     stored = instance(0, 0, BodyPartExamined="HEAD")
     assert daemon.store(stored) == [0]
     assert search(daemon, "BodyRegion:HEAD")["results"][0]["uri"] == f"my-storage-python:{stored.SOPInstanceUID}"
+    assert daemon.store(instance(0, 0, 0, 1, Modality="OT")) == [0x0124]  # the store filters' default
     for language in ("python", "lua"):
         found = search(daemon, "*:*", f"my_query_{language}")["results"]
         assert [r["fields"]["SOPInstanceUID"] for r in found] == [stored.SOPInstanceUID]
         counted = get_json(daemon, f"/ext/my_web_{language}/count", query="Modality:CT")
-        assert counted == {"greeting": "hello", "query": "Modality:CT", "instances": 1}
+        assert counted == {"query": "Modality:CT", "instances": 1}
         assert "this.render" in http(daemon, "GET", f"/webui/module/my_webui_{language}")[1].decode()
         wait_until(lambda: f"dicoogled.plugin.my_events_{language}: stored {stored.SOPInstanceUID} from TESTSCU" in daemon.log,
                    message=f"the {language} events plugin's log line")
+    assert daemon.find(make_identifier("STUDY", StudyInstanceUID=""))[1] == 0xA700  # the find filters
     webui = {p["name"] for p in get_json(daemon, "/webui")["plugins"]}
     assert {"my_webui_python", "my_webui_lua"} <= webui
 

@@ -253,6 +253,17 @@ SEARCH_CASES = [
     ("StudyDescription:head", {"J1", "J2", "J3", "O1"}),
     ("InstitutionName:\"General Hospital\"", {"J1", "J2", "J3", "J4", "D1"}),
     ("SOPInstanceUID:" + UIDS["G1"], {"G1"}),
+    # a UID is one token: the whole of it, or a prefix with a trailing *, never its parts
+    ("SeriesInstanceUID:1.2.826.0.1", set()),
+    ("SeriesInstanceUID:1.2.826.0.1*", ALL),
+    ("SOPInstanceUID:3680043.8.498", set()),
+    ("SOPInstanceUID:" + UIDS["G1"].rsplit(".", 1)[0], set()),
+    (f'SOPInstanceUID:"{UIDS["G1"]}"', {"G1"}),
+    ("StudyInstanceUID:" + DATASETS["J1"].StudyInstanceUID[:-4] + "*", {"J1", "J2", "J3"}),
+    ("FrameOfReferenceUID:" + DATASETS["J1"].FrameOfReferenceUID, {"J1", "J2", "J3"}),
+    ("FrameOfReferenceUID:1.2.826.0.1", set()),
+    ("FrameOfReferenceUID:1.2.826.0.1.3680043.8.498.*", ALL),
+    ("SOPClassUID:1.2.840.10008.5.1.4.1.1", set()),
     # boolean operators
     ("doe AND Modality:MR", {"J4"}),
     ("doe && Modality:MR", {"J4"}),
