@@ -5536,14 +5536,15 @@ class DicomServices:
 
     def _retrieve(self, request: DimseRequest, primitive_class, instances: list[StoredInstance], store):
         """The C-STORE sub-operations of a C-MOVE or C-GET, a pending response after each, then
-        the final one (PS3.4 C.4.2, C.4.3): store(instance) -> the C-STORE status, or None."""
+        the final one (PS3.4 C.4.2, C.4.3): store(instance, reasons=list) -> the C-STORE status, or None
+        (appending why to the list)."""
         if len(instances) > MAX_SUBOPERATIONS:
             self.log.warning("%s from %s matches %d instances, more than one request can count (%d)",
                              "C-MOVE" if primitive_class is C_MOVE else "C-GET", request.calling_aet,
                              len(instances), MAX_SUBOPERATIONS)
             return self._send_response(request, self._response_primitive(request, primitive_class, UNABLE_TO_PROCESS))
         remaining, completed, failed, warning = len(instances), 0, 0, 0
-        failed_uids = []
+        failed_uids, reasons = [], []
 
         def response(status: int, with_remaining: bool, with_failed_list: bool):
             primitive = self._response_primitive(request, primitive_class, status)
@@ -5561,7 +5562,7 @@ class DicomServices:
         for instance in instances:
             if request.is_cancelled():
                 return response(CANCELLED, True, True)
-            status = store(instance)
+            status = store(instance, reasons=reasons)
             if status == SUCCESS:
                 completed += 1
             elif status in STORE_WARNINGS:
@@ -5573,11 +5574,17 @@ class DicomServices:
             response(PENDING, True, False)
         if not failed and not warning:
             return response(SUCCESS, False, False)
+        if failed:
+            # The requester sees only counts; the log says why (a viewer that refuses the stored
+            # transfer syntax is the usual reason), once per request, not once per instance.
+            self.log.warning("%s from %s: %d of %d instances not sent%s", "C-MOVE" if primitive_class is C_MOVE else "C-GET",
+                             request.calling_aet, failed, len(instances), f" ({reasons[0]})" if reasons else "")
         return response(SUBOPERATIONS_ALL_FAILED if failed == len(instances) else SUBOPERATIONS_FAILED, False, True)
 
     def _store_sub_operation(self, association: Association, instance: StoredInstance, *, as_acceptor: bool,
-                             move_originator: tuple) -> int | None:
-        """C-STORE one stored instance: its status, or None when it could not be sent."""
+                             move_originator: tuple, reasons: list | None = None) -> int | None:
+        """C-STORE one stored instance: its status, or None when it could not be sent (and why,
+        appended to reasons)."""
         if not association.is_established:
             return None
         try:
@@ -5590,6 +5597,8 @@ class DicomServices:
                                 data_set, as_acceptor=as_acceptor, move_originator=move_originator)
         except ValueError as error:  # no context the peer accepted can carry it
             self.log.debug("cannot send %s to %s: %s", instance.sop_instance_uid, association.peer, error)
+            if reasons is not None:
+                reasons.append(str(error))
         except AssociationEnded as error:
             self.log.warning("sending %s to %s failed: %s", instance.sop_instance_uid, association.peer, error)
             association.close()

@@ -192,12 +192,13 @@ class RunningDaemon:
 
 class StoreSCP:
     """A DCMTK storescp on a free loopback port: a C-MOVE or auto-routing destination that also
-    answers C-ECHO, accepting every transfer syntax it knows."""
+    answers C-ECHO, accepting every transfer syntax it knows (or, with compressed=False, the
+    uncompressed ones only, as many viewers do)."""
 
-    def __init__(self, folder: pathlib.Path, aet="DEST"):
+    def __init__(self, folder: pathlib.Path, aet="DEST", compressed=True):
         self.folder, self.aet, self.port = folder, aet, free_port()
         folder.mkdir()
-        self.process = subprocess.Popen(["storescp", "+xa", "-aet", aet, "-od", str(folder), str(self.port)],
+        self.process = subprocess.Popen(["storescp", *(["+xa"] if compressed else []), "-aet", aet, "-od", str(folder), str(self.port)],
                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_until(self._listening, message="storescp to listen")
 

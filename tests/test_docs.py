@@ -7,7 +7,9 @@
 - the README's query-language examples find what they say, its syntax error is the daemon's;
 - the README's curl examples (REST API, DICOMweb) run, unchanged but for the address and two
   paths, against a daemon holding generated studies;
-- the README's two commands exist, and CI runs the second.
+- the README's two commands exist, and CI runs the second;
+- every command in README.md, docs/ and the course names the virtualenv (`.venv/bin/...`) or is
+  a make target, so it works as written after `make run`; the README points to the course first.
 
 Every plugin hook in docs/plugins.md is checked by tests/test_plugins.py
 (test_every_hook_and_orthanc_name_is_documented), not here.
@@ -317,6 +319,7 @@ def test_shell_examples_run(archive, title):
     work = archive.root / title.replace(" ", "-")
     work.mkdir()
     (work / "data").symlink_to(archive.root / "data")
+    (work / ".venv").symlink_to(pathlib.Path(sys.prefix))  # the examples call .venv/bin/python, as after make run
     shutil.copy(archive.root / "image.dcm", work / "image.dcm")
     result = subprocess.run(["bash", "-c", shell_prelude() + script], cwd=work, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, f"the {title} examples failed:\n{result.stderr[-3000:]}\n{result.stdout[-3000:]}"
@@ -330,3 +333,37 @@ def test_shell_examples_run(archive, title):
         assert outputs["instance.dcm"][128:132] == b"DICM"
         assert b"application/dicom" in outputs["study.multipart"][:400]
         assert '"00081199"' in result.stdout and '"00081198"' not in result.stdout  # STOW-RS stored it
+
+
+# ---- commands work as written from a fresh clone ------------------------------------------------
+
+#: What only works with the virtualenv activated (or not at all on a fresh machine): a bare
+#: python/pip/pytest running the project's files, or the `dicoogled` command without its path.
+BARE_COMMAND = re.compile(r"(?<![\w./-])(?:python3?\s+(?:-m\s+pytest\b|dicoogled\.py|tests/|bench/)|pip3?\s+install|(?<!-m )pytest\s"
+                          r"|dicoogled\s+(?:serve|index|reindex|check|install-viewer|sample-data|new-plugin)\b)")
+
+
+def commands_in(text: str):
+    """(where, command) for every line of a shell block (```sh, ```console, ```bash) and every
+    inline code span of the prose."""
+    for block in re.findall(r"^```(?:sh|bash|console)[^\n]*\n(.*?)^```", text, re.M | re.S):
+        for line in block.splitlines():
+            yield "block", line.split("#")[0] if not line.lstrip().startswith("#") else ""
+    prose = re.sub(r"^```.*?^```", "", text, flags=re.M | re.S)
+    for span in re.findall(r"`([^`\n]+)`", prose):
+        yield "inline", span
+
+
+@pytest.mark.parametrize("document", [README, *DOCS, *sorted((ROOT / "docs" / "learn").glob("*.md"))],
+                         ids=lambda p: p.name)
+def test_commands_name_the_virtualenv(document):
+    """Commands say `.venv/bin/python dicoogled.py`, `.venv/bin/pip`, or a make target: after
+    `make run` they work as written, with nothing activated."""
+    bare = [f"{where}: {command.strip()}" for where, command in commands_in(document.read_text(encoding="utf-8"))
+            if BARE_COMMAND.search(command)]
+    assert not bare, f"{document.name} has commands that need an activated virtualenv:\n" + "\n".join(bare)
+
+
+def test_the_readme_points_newcomers_to_the_course_first():
+    text = README.read_text(encoding="utf-8")
+    assert text.index("(docs/learn/README.md)") < text.index("## ")
