@@ -7217,7 +7217,7 @@ def _plugin_routes(api: Api):
         """A plugin's settings."""
         if name not in manager.plugins:
             _fail(404, f"no plugin {name!r}")
-        return manager.plugins[name].settings
+        return dict(sorted(manager.plugins[name].settings.items()))  # a Lua table has no order of its own
 
     @api.route("/plugins/<name>/settings", "POST", access=ADMIN)
     def change_plugin_settings(name):
@@ -7237,7 +7237,7 @@ def _plugin_routes(api: Api):
         if "enabled" in changes:
             manager.set_enabled(name, changes["enabled"])
         _persist_plugin_settings(daemon, plugin)
-        return plugin.settings
+        return dict(sorted(plugin.settings.items()))
 
     def webui_plugins():
         return [p for p in manager.plugins.values() if p.webui and p.enabled]
