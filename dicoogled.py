@@ -4038,10 +4038,15 @@ class PluginManager:
                         manager.load(path)
 
         self._observer = Observer()
+        # A file is (re)loaded once its writer has closed it (inotify says so): "created" and
+        # "modified" events come with the open and the truncation that start a write, and an
+        # empty or half-written plugin would replace the running one meanwhile. Elsewhere they
+        # are all there is.
+        written = [FileClosedEvent] if sys.platform.startswith("linux") else [FileCreatedEvent, FileModifiedEvent]
         for folder in self.folders:
             if folder.is_dir():
                 self._observer.schedule(Reloader(), str(folder), recursive=False,
-                                        event_filter=[FileClosedEvent, FileCreatedEvent, FileMovedEvent, FileModifiedEvent, FileDeletedEvent])
+                                        event_filter=[*written, FileMovedEvent, FileDeletedEvent])
         self._observer.start()
         start_thread("stable-studies", self._stable_loop)
 
