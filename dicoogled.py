@@ -3823,7 +3823,9 @@ def _from_lua(value):
         keys = [k for k, _ in items]
         if keys == list(range(1, len(keys) + 1)):
             return [_from_lua(v) for _, v in items]
-        return {str(k): _from_lua(v) for k, v in items}
+        # A table has no order of its own (it changes from run to run): by key, so that what a
+        # plugin answers reads the same every time.
+        return {str(k): _from_lua(v) for k, v in sorted(items, key=lambda item: str(item[0]))}
     return value
 
 
@@ -7222,7 +7224,7 @@ def _plugin_routes(api: Api):
         """A plugin's settings."""
         if name not in manager.plugins:
             _fail(404, f"no plugin {name!r}")
-        return dict(sorted(manager.plugins[name].settings.items()))  # a Lua table has no order of its own
+        return manager.plugins[name].settings
 
     @api.route("/plugins/<name>/settings", "POST", access=ADMIN)
     def change_plugin_settings(name):
@@ -7242,7 +7244,7 @@ def _plugin_routes(api: Api):
         if "enabled" in changes:
             manager.set_enabled(name, changes["enabled"])
         _persist_plugin_settings(daemon, plugin)
-        return dict(sorted(plugin.settings.items()))
+        return plugin.settings
 
     def webui_plugins():
         return [p for p in manager.plugins.values() if p.webui and p.enabled]
