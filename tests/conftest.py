@@ -19,6 +19,7 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
+import pynetdicom.association
 from pynetdicom import AE, debug_logger, evt  # noqa: F401  (debug_logger: handy when a test fails)
 from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.sop_class import (
@@ -34,6 +35,23 @@ import studygen  # noqa: E402
 
 AET = "DICOOGLED"
 FIND_MODELS = {"patient": PatientRootQueryRetrieveInformationModelFind, "study": StudyRootQueryRetrieveInformationModelFind}
+
+
+def _give_responses_back(serve_request):
+    """pynetdicom's requestor runs a reactor thread beside the call that sent a request, and the
+    reactor can take the response off the queue in the instant before that call sees it paused
+    (pydicom/pynetdicom#875): it logs "Received unexpected C-STORE service message" and the call
+    waits out its DIMSE timeout. A fast server makes that instant likely, so the tests' client
+    hands such a response back to the queue the waiting call reads."""
+    def serve_or_give_back(association, message, context_id):
+        if association.is_requestor and not message.is_valid_request:
+            association.dimse.msg_queue.put((context_id, message))
+            return
+        serve_request(association, message, context_id)
+    return serve_or_give_back
+
+
+pynetdicom.association.Association._serve_request = _give_responses_back(pynetdicom.association.Association._serve_request)
 
 
 _PORTS_GIVEN: set[int] = set()
