@@ -486,8 +486,10 @@ import time
 def routes(app):
     @app.get("/slow")
     def slow():
-        pathlib.Path(app_marker).touch()  # the test sends SIGTERM once this request is under way
-        time.sleep(2)
+        marker = pathlib.Path(app_marker)
+        marker.touch()  # the test sends SIGTERM once this request is under way,
+        while marker.exists():  # and removes the marker once the daemon is stopping
+            time.sleep(0.01)
         return {"done": True}
 """
 
@@ -505,6 +507,8 @@ def test_a_request_under_way_at_sigterm_is_answered(start_daemon, tmp_path):
         answer = pool.submit(lambda: urllib.request.urlopen(request, timeout=30).read())
         wait_until(marker.exists, message="the slow request to start")
         daemon.process.send_signal(signal.SIGTERM)
+        wait_until(lambda: "stopping" in daemon.log, message="the daemon to begin stopping")
+        marker.unlink()
         assert json.loads(answer.result()) == {"done": True}
     assert daemon.process.wait(timeout=30) == 0
     assert "stopped" in daemon.log and "Traceback" not in daemon.log
