@@ -873,7 +873,7 @@ UNIQUE_KEYS = {"PATIENT": "PatientID", "STUDY": "StudyInstanceUID", "SERIES": "S
 #: Person names also get a folded copy, matched case- and accent-insensitively.
 FOLDED_ATTRIBUTES = ("PatientName", "ReferringPhysicianName")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 def _level_columns(level: str) -> str:
@@ -881,6 +881,29 @@ def _level_columns(level: str) -> str:
     columns += [f"{_snake_case(k)}_folded TEXT NOT NULL DEFAULT ''" for k in FOLDED_ATTRIBUTES if k in LEVEL_ATTRIBUTES[level]]
     return ",\n    ".join(columns)
 
+
+#: How many instances, and how many bytes, each origin holds, kept by triggers so /health
+#: answers at once at any size: summing the instances table took 9 s at 1,000,000 instances.
+ORIGIN_TOTALS = """
+CREATE TABLE origin_totals (origin TEXT PRIMARY KEY, instances INTEGER NOT NULL, bytes INTEGER NOT NULL);
+CREATE TRIGGER instance_counted AFTER INSERT ON instances BEGIN
+    INSERT INTO origin_totals VALUES (new.origin, 1, new.size)
+    ON CONFLICT (origin) DO UPDATE SET instances = instances + 1, bytes = bytes + new.size;
+END;
+CREATE TRIGGER instance_uncounted AFTER DELETE ON instances BEGIN
+    UPDATE origin_totals SET instances = instances - 1, bytes = bytes - old.size WHERE origin = old.origin;
+END;
+CREATE TRIGGER instance_recounted AFTER UPDATE OF origin, size ON instances BEGIN
+    UPDATE origin_totals SET instances = instances - 1, bytes = bytes - old.size WHERE origin = old.origin;
+    INSERT INTO origin_totals VALUES (new.origin, 1, new.size)
+    ON CONFLICT (origin) DO UPDATE SET instances = instances + 1, bytes = bytes + new.size;
+END;
+"""
+
+#: version -> the SQL that brings an index of that version to the next one.
+MIGRATIONS = {
+    1: ORIGIN_TOTALS + "INSERT INTO origin_totals SELECT origin, count(*), sum(size) FROM instances GROUP BY origin;",
+}
 
 SCHEMA = f"""
 CREATE TABLE patients (
@@ -930,7 +953,7 @@ CREATE VIRTUAL TABLE metadata USING fts5(
 );
 -- Folders indexed in place (index PATH, tasks), so that reindex can find them again.
 CREATE TABLE indexed_roots (path TEXT PRIMARY KEY, added TEXT NOT NULL);
-"""
+{ORIGIN_TOTALS}"""
 
 
 @dataclasses.dataclass
@@ -1136,13 +1159,21 @@ class Index:
         version = connection.execute("PRAGMA user_version").fetchone()[0]
         if version == SCHEMA_VERSION:
             return
-        if version != 0:
+        if version == 0:
+            with connection:
+                connection.execute(SCHEMA)
+                connection.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            return
+        if version > SCHEMA_VERSION or any(v not in MIGRATIONS for v in range(version, SCHEMA_VERSION)):
             raise RuntimeError(
                 f"index {self.path} has schema version {version}, this dicoogled knows {SCHEMA_VERSION}: "
                 "run 'dicoogled reindex' to rebuild it"
             )
-        with connection:
-            connection.execute(SCHEMA)
+        logging.getLogger("dicoogled.index").info("upgrading the index %s from schema version %d to %d",
+                                                  self.path, version, SCHEMA_VERSION)
+        with connection:  # all steps or none
+            for step in range(version, SCHEMA_VERSION):
+                connection.execute(MIGRATIONS[step])
             connection.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     # ---- readers -----------------------------------------------------------------------------
@@ -1161,9 +1192,13 @@ class Index:
     def counts(self) -> dict:
         row = self.query(
             "SELECT (SELECT count(*) FROM patients), (SELECT count(*) FROM studies),"
-            " (SELECT count(*) FROM series), (SELECT count(*) FROM instances)"
+            " (SELECT count(*) FROM series), (SELECT coalesce(sum(instances), 0) FROM origin_totals)"
         )[0]
         return dict(zip(("patients", "studies", "series", "instances"), row))
+
+    def bytes_by_origin(self) -> dict[str, int]:
+        """Bytes of the indexed instances by origin (store, watch, index)."""
+        return dict(self.query("SELECT origin, bytes FROM origin_totals WHERE instances > 0"))
 
     def instance_by_uid(self, sop_instance_uid: str):
         """(id, path, size, origin) of an indexed instance, or None."""
@@ -6740,25 +6775,12 @@ def _session_routes(api: Api):
     daemon, users = api.daemon, api.users
     http_log = logging.getLogger("dicoogled.http")
 
-    storage_used = {"instances": -1, "counted": 0.0, "took": 0.0, "bytes": {}}
-
-    def storage_bytes(instances: int) -> dict:
-        """Bytes of the indexed instances by origin (store, watch, index), from the sizes in the
-        index. The sum scans the instances table, so it is redone only when their number has
-        changed, and no more often than 20 times what the last sum took."""
-        now = time.monotonic()
-        if instances != storage_used["instances"] and now - storage_used["counted"] >= 20 * storage_used["took"]:
-            rows = daemon.index.query("SELECT origin, sum(size) FROM instances GROUP BY origin")
-            storage_used.update(instances=instances, counted=now, took=time.monotonic() - now,
-                                bytes={origin: total for origin, total in rows})
-        return storage_used["bytes"]
-
     @api.route("/health", access=PUBLIC)
     def health():
         """Status: 200 once the DICOM and HTTP listeners are up; "degraded", with the reasons,
         while the data disk is below its free-space reserve or was found full."""
         counts = daemon.index.counts()
-        by_origin = storage_bytes(counts["instances"])
+        by_origin = daemon.index.bytes_by_origin()
         problems = daemon.disk.problems()
         return {
             "status": "degraded" if problems else "ok",

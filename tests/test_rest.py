@@ -1094,3 +1094,67 @@ def test_hostile_logins(start_daemon):
         response = client.request("GET", "/search", {"query": "*:*"}, auth=header)
         check_hostile_response(response, header[:20])
         assert response.status in (401, 429)
+
+
+# ---- what /health counts ----------------------------------------------------------------------
+
+
+def health_totals(daemon) -> tuple[int, dict]:
+    health = daemon.health()
+    assert health["storage"]["bytes"] == sum(health["storage"]["by_origin"].values())
+    return health["counts"]["instances"], health["storage"]["by_origin"]
+
+
+def test_health_counts_and_bytes_follow_every_change(small_archive, tmp_path):
+    """The instance count and the bytes by origin are kept as the index changes (not summed
+    over the whole table on each /health), and stay right across a restart."""
+    daemon, admin = small_archive
+    stored = {ds.SOPInstanceUID: stored_path(daemon, ds).stat().st_size for ds in daemon.datasets}
+    assert health_totals(daemon) == (16, {"store": sum(stored.values())})
+    assert daemon.store(daemon.datasets[0]) == [0]  # an identical duplicate changes nothing
+    assert health_totals(daemon) == (16, {"store": sum(stored.values())})
+
+    folder = tmp_path / "in place"
+    in_place = studygen.generate(folder, patients=1, studies=1, series=1, instances=3, size=8, seed=31)
+    wait_for_task(admin, admin.post("/management/tasks/index", uri=folder.as_uri()).json()["tasks"][0]["uid"])
+    indexed_bytes = sum(p.stat().st_size for p in in_place)
+    assert health_totals(daemon) == (19, {"store": sum(stored.values()), "index": indexed_bytes})
+
+    gone = daemon.datasets[:3]
+    assert admin.post("/management/tasks/unindex", SOPInstanceUID=[ds.SOPInstanceUID for ds in gone]).json()["indexed"] == 3
+    expected = (16, {"store": sum(stored.values()) - sum(stored[ds.SOPInstanceUID] for ds in gone), "index": indexed_bytes})
+    assert health_totals(daemon) == expected
+    admin.post("/management/tasks/unindex", uri=folder.resolve().as_uri())
+    expected = (13, {"store": expected[1]["store"]})
+    assert health_totals(daemon) == expected
+    daemon.restart()  # unindexed files in storage are indexed again at start
+    daemon.settled()
+    assert health_totals(daemon) == (16, {"store": sum(stored.values())})
+
+
+def test_an_index_of_the_previous_schema_is_upgraded_in_place(small_archive):
+    """An index written by the version before the kept totals gets them, from its rows, at
+    start; one from a newer version is refused with what to do."""
+    import apsw
+
+    daemon, admin = small_archive
+    before = health_totals(daemon)
+    daemon.stop()
+    index = apsw.Connection(str(daemon.data_dir / "index.sqlite"))
+    index.execute("DROP TABLE origin_totals; DROP TRIGGER instance_counted; DROP TRIGGER instance_uncounted;"
+                  " DROP TRIGGER instance_recounted; PRAGMA user_version=1")
+    index.close()
+    daemon.start()
+    assert health_totals(daemon) == before
+    assert "upgrading the index" in daemon.log
+    assert admin.post("/management/tasks/unindex", SOPInstanceUID=daemon.datasets[0].SOPInstanceUID).json()["indexed"] == 1
+    assert health_totals(daemon)[0] == before[0] - 1
+
+    daemon.stop()
+    index = apsw.Connection(str(daemon.data_dir / "index.sqlite"))
+    index.execute("PRAGMA user_version=99")
+    index.close()
+    daemon.start(wait=False)
+    assert daemon.process.wait(timeout=60) != 0
+    daemon.log_file.close()
+    assert "has schema version 99, this dicoogled knows 2: run 'dicoogled reindex' to rebuild it" in daemon.log
