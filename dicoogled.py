@@ -56,6 +56,7 @@ import tempfile
 import threading
 import time
 import types
+import typing
 import unicodedata
 import urllib.parse
 import uuid
@@ -1113,6 +1114,26 @@ def make_record(dataset: Dataset, path: str, origin: str, size: int, mtime_ns: i
     return InstanceRecord(path, origin, size, mtime_ns, transfer_syntax, columns, meta, " ".join(words))
 
 
+class IndexedInstance(typing.NamedTuple):
+    """One indexed instance, as every look-up in the index answers it."""
+    id: int
+    sop_instance_uid: str
+    sop_class_uid: str
+    transfer_syntax: str
+    path: str  # where it is kept: a file's path, or the URI a storage plugin gave it
+    size: int
+    mtime_ns: int
+    origin: str  # 'store', 'stow', 'watch' or 'index'
+
+
+#: The columns of an IndexedInstance, from instances aliased i.
+_INSTANCE_COLUMNS = "i.id, i.sop_instance_uid, i.sop_class_uid, i.transfer_syntax, i.path, i.size, i.mtime_ns, i.origin"
+#: instances i joined to their series se and studies st, for look-ups by a parent's UID.
+_INSTANCE_PARENTS = "instances i JOIN series se ON se.id = i.series_ref JOIN studies st ON st.id = se.study_ref"
+#: The columns of the study, series and instance UIDs there.
+_UID_COLUMNS = ("st.study_instance_uid", "se.series_instance_uid", "i.sop_instance_uid")
+
+
 class _WriteOp:
     __slots__ = ("function", "args", "future")
 
@@ -1200,23 +1221,47 @@ class Index:
         """Bytes of the indexed instances by origin (store, watch, index)."""
         return dict(self.query("SELECT origin, bytes FROM origin_totals WHERE instances > 0"))
 
-    def instance_by_uid(self, sop_instance_uid: str):
-        """(id, path, size, origin) of an indexed instance, or None."""
-        rows = self.query("SELECT id, path, size, origin FROM instances WHERE sop_instance_uid = ?", (sop_instance_uid,))
-        return rows[0] if rows else None
+    def instance(self, uid: str | None = None, *, path: str | None = None) -> IndexedInstance | None:
+        """The instance with this SOPInstanceUID, or kept at this path (or URI); None if none is."""
+        column, value = ("sop_instance_uid", uid) if path is None else ("path", path)
+        rows = self.query(f"SELECT {_INSTANCE_COLUMNS} FROM instances i WHERE i.{column} = ?", (str(value),))
+        return IndexedInstance(*rows[0]) if rows else None
 
-    def instance_by_path(self, path: str):
-        rows = self.query("SELECT id, sop_instance_uid, size, mtime_ns FROM instances WHERE path = ?", (path,))
-        return rows[0] if rows else None
+    def instances_of(self, study_uid: str = "", series_uid: str = "", sop_uid: str = "") -> list[IndexedInstance]:
+        """The instances of a study, a series or one instance, each UID given narrowing the
+        answer (at least one), in the order they were indexed."""
+        given = [(column, uid) for column, uid in zip(_UID_COLUMNS, (study_uid, series_uid, sop_uid)) if uid]
+        if not given:
+            raise ValueError("instances_of needs a StudyInstanceUID, SeriesInstanceUID or SOPInstanceUID")
+        where = " AND ".join(f"{column} = ?" for column, _ in given)
+        rows = self.query(f"SELECT {_INSTANCE_COLUMNS} FROM {_INSTANCE_PARENTS} WHERE {where} ORDER BY i.id",
+                          [uid for _, uid in given])
+        return [IndexedInstance(*row) for row in rows]
+
+    def instances_below(self, folder: str) -> list[IndexedInstance]:
+        """The instances whose files are below a folder."""
+        prefix = folder.rstrip(os.sep) + os.sep
+        rows = self.query(f"SELECT {_INSTANCE_COLUMNS} FROM instances i WHERE i.path >= ? AND i.path < ?",
+                          (prefix, prefix[:-1] + chr(ord(os.sep) + 1)))
+        return [IndexedInstance(*row) for row in rows]
+
+    def locations_in(self, scheme: str) -> set[str]:
+        """Where the instances a storage plugin keeps are: the URIs of its scheme."""
+        rows = self.query("SELECT path FROM instances WHERE substr(path, 1, ?) = ?", (len(scheme) + 1, scheme + ":"))
+        return {row[0] for row in rows}
+
+    def every_instance(self):
+        """Every indexed instance, one at a time (for a check of the whole archive)."""
+        for row in self.reader.execute(f"SELECT {_INSTANCE_COLUMNS} FROM instances i"):
+            yield IndexedInstance(*row)
+
+    def modalities(self) -> list[str]:
+        """The modalities of the indexed series."""
+        return [row[0] for row in self.query("SELECT DISTINCT modality FROM series WHERE modality != '' ORDER BY modality")]
 
     def paths_under(self, root: str) -> dict:
         """path -> (size, mtime_ns) of every instance indexed below a folder."""
-        prefix = root.rstrip(os.sep) + os.sep
-        rows = self.query(
-            "SELECT path, size, mtime_ns FROM instances WHERE path >= ? AND path < ?",
-            (prefix, prefix[:-1] + chr(ord(os.sep) + 1)),
-        )
-        return {path: (size, mtime) for path, size, mtime in rows}
+        return {found.path: (found.size, found.mtime_ns) for found in self.instances_below(root)}
 
     def metadata(self, instance_id: int) -> dict:
         rows = self.query("SELECT meta FROM instances WHERE id = ?", (instance_id,))
@@ -1974,8 +2019,8 @@ class Ingest:
                     return DicomStatus(OUT_OF_RESOURCES, "out of resources: " + shortage)
                 # An overwriting version may live elsewhere (its study or series changed): the
                 # file it replaces must go, or it stays on disk unindexed (check reports it).
-                replaced = self.index.instance_by_uid(uids[2]) if self.duplicates == "overwrite" else None
-                kept = self.storage.set_aside(path) if replaced and replaced[1] == str(path) else None
+                replaced = self.index.instance(uids[2]) if self.duplicates == "overwrite" else None
+                kept = self.storage.set_aside(path) if replaced and replaced.path == str(path) else None
                 location, size, mtime_ns = self.storage.store(path, uids[2], data)
                 try:
                     record = make_record(dataset, location, origin, size, mtime_ns, extracted)
@@ -1989,8 +2034,8 @@ class Ingest:
                     kept.unlink(missing_ok=True)
                 self.stats.stored += 1
                 self.space.wrote()
-                if replaced and replaced[1] != location and self.storage.contains(pathlib.Path(replaced[1])):
-                    pathlib.Path(replaced[1]).unlink(missing_ok=True)
+                if replaced and replaced.path != location and self.storage.contains(pathlib.Path(replaced.path)):
+                    pathlib.Path(replaced.path).unlink(missing_ok=True)
             self.log.info("stored %s from %s", uids[2], calling_aet or "?")
             return DicomStatus(SUCCESS)
         except IngestError as error:
@@ -2011,20 +2056,20 @@ class Ingest:
 
     def _accept_duplicate(self, sop_uid: str, data: bytes, path: pathlib.Path, calling_aet: str) -> bool:
         """Apply the duplicate policy; True when the new object should be written."""
-        existing = self.index.instance_by_uid(sop_uid)
+        existing = self.index.instance(sop_uid)
         if existing is None:
             return True
         self.stats.duplicates += 1
-        old_path = pathlib.Path(existing[1])
+        old_path = pathlib.Path(existing.path)
         try:
-            old = self.storage.read(existing[1])
+            old = self.storage.read(existing.path)
         except OSError:
             self.log.warning("duplicate %s: indexed file %s is gone, storing the new one", sop_uid, old_path)
             return True
         if old[_dataset_offset(old):] == data[_dataset_offset(data):]:
             self.log.info("duplicate %s from %s: identical, nothing to do", sop_uid, calling_aet or "?")
             return False
-        ours = self.storage.contains(old_path) or location_scheme(existing[1]) != "file"  # not a watched file
+        ours = self.storage.contains(old_path) or location_scheme(existing.path) != "file"  # not a watched file
         if self.duplicates == "overwrite" and ours:
             self.log.warning("duplicate %s from %s differs: overwriting (policy overwrite)", sop_uid, calling_aet or "?")
             return True
@@ -2045,11 +2090,11 @@ class Ingest:
             if not sop_uid or not dataset.get("StudyInstanceUID") or not dataset.get("SeriesInstanceUID"):
                 raise IngestError("missing StudyInstanceUID, SeriesInstanceUID or SOPInstanceUID")
             with self._lock_uid(sop_uid):
-                existing = self.index.instance_by_uid(sop_uid)
-                if existing and existing[1] != str(path) and os.path.exists(existing[1]):
+                existing = self.index.instance(sop_uid)
+                if existing and existing.path != str(path) and os.path.exists(existing.path):
                     self.stats.duplicates += 1
                     self.shadowed.setdefault(sop_uid, set()).add(str(path))
-                    self.log.warning("%s: SOPInstanceUID %s is already indexed from %s; skipped", path, sop_uid, existing[1])
+                    self.log.warning("%s: SOPInstanceUID %s is already indexed from %s; skipped", path, sop_uid, existing.path)
                     return False
                 self._index(make_record(dataset, str(path), origin, stat.st_size, stat.st_mtime_ns))
                 self.shadowed.get(sop_uid, set()).discard(str(path))
@@ -2090,8 +2135,7 @@ class Ingest:
         listed = plugin("list")
         if not isinstance(listed, list):
             return
-        known = {row[0] for row in self.index.query("SELECT path FROM instances WHERE substr(path, 1, ?) = ?",
-                                                    (len(scheme) + 1, scheme + ":"))}
+        known = self.index.locations_in(scheme)
         self.unindex_paths(known - set(listed))
         for uri in set(map(str, listed)) - known:
             try:
@@ -2456,19 +2500,18 @@ class Finder:
             response[0x00080005] = ("CS", charset)
         return sorted(response.items())
 
-    def instances(self, identifier: Dataset, cancelled=lambda: False) -> list[tuple]:
-        """(sop_instance_uid, sop_class_uid, transfer_syntax, path) of every instance matched."""
+    def instances(self, identifier: Dataset, cancelled=lambda: False) -> list[IndexedInstance]:
+        """Every instance of the entities matched (for C-MOVE and C-GET)."""
         level, _ = parse_identifier(identifier)
         below = {
             "PATIENT": "se.study_ref IN (SELECT id FROM studies WHERE patient_ref = ?)",
             "STUDY": "se.study_ref = ?", "SERIES": "se.id = ?", "IMAGE": "i.id = ?",
         }[level]
-        sql = ("SELECT i.sop_instance_uid, i.sop_class_uid, i.transfer_syntax, i.path FROM instances i"
-               f" JOIN series se ON se.id = i.series_ref WHERE {below} ORDER BY i.id")
-        rows = []
+        sql = f"SELECT {_INSTANCE_COLUMNS} FROM instances i JOIN series se ON se.id = i.series_ref WHERE {below} ORDER BY i.id"
+        found = []
         for _, _, row, _ in self._matches(identifier, cancelled):
-            rows.extend(self.index.query(sql, (row[1],)))
-        return rows
+            found.extend(IndexedInstance(*columns) for columns in self.index.query(sql, (row[1],)))
+        return found
 
 
 _NUMBER_FORMATS = {"US": "<H", "UL": "<I", "SS": "<h", "SL": "<l", "UV": "<Q", "SV": "<q", "FL": "<f", "FD": "<d"}
@@ -2937,6 +2980,37 @@ def register_search_functions(connection: apsw.Connection):
     connection.create_scalar_function("search_value_matches", value_matches, 2, deterministic=True)
     connection.create_scalar_function("search_meta_matches", meta_matches, 4, deterministic=True)
     connection.create_scalar_function("search_text_matches", text_matches, 2, deterministic=True)
+
+
+def search_index(index: Index, query: SearchQuery, limit: int | None = None, offset: int = 0,
+                 columns: str = "i.id, i.path, i.meta"):
+    """Run a search-language query on the index: (rows, total), a page of the matches (columns
+    of instances i, series se, studies st, patients p) and how many there are in all."""
+    where, args, rank = compile_search(query)
+    joins = ("FROM instances i JOIN series se ON se.id = i.series_ref JOIN studies st ON st.id = se.study_ref"
+             " JOIN patients p ON p.id = st.patient_ref")
+    page = (f" LIMIT {int(limit)} OFFSET {int(offset)}" if limit is not None
+            else f" LIMIT -1 OFFSET {int(offset)}" if offset else "")
+    if where == FREE_TEXT_CONDITION and rank and args == [rank.removeprefix("(").removesuffix(")")]:
+        # Free text alone (what a user types first): FTS5 counts and ranks its matches itself,
+        # and only the page is joined to the instances: milliseconds at a million instances.
+        total = index.query("SELECT count(*) FROM metadata WHERE metadata MATCH ?", args)[0][0]
+        ranked = f"SELECT rowid AS rank_id, bm25(metadata) AS score FROM metadata WHERE metadata MATCH ? ORDER BY score, rowid{page}"
+        sql = f"SELECT {columns} FROM ({ranked}) r JOIN instances i ON i.id = r.rank_id{joins.removeprefix('FROM instances i')} ORDER BY r.score, i.id"
+        return index.query(sql, args), total
+    # Only the tables the condition names are joined to count (the count reads every match).
+    counted = joins if re.search(r"\b(?:se|st|p)\.", where) else "FROM instances i"
+    total = index.query(f"SELECT count(*) {counted} WHERE {where}", args)[0][0]
+    order = "i.id"
+    ranking = ""
+    if rank:
+        # The scores of the free text's matches, computed once (as a join of the full-text
+        # table, SQLite would run its MATCH again for every instance).
+        ranking = "WITH r AS MATERIALIZED (SELECT rowid AS rank_id, bm25(metadata) AS score FROM metadata WHERE metadata MATCH ?) "
+        joins += " LEFT JOIN r ON r.rank_id = i.id"
+        args = [rank] + args
+        order = "r.score, i.id"
+    return index.query(f"{ranking}SELECT {columns} {joins} WHERE {where} ORDER BY {order}{page}", args), total
 
 
 # ============================================================================================
@@ -3607,7 +3681,7 @@ class PluginApi:
     def search(self, query: str, limit: int = 100, fields=None) -> list[dict]:
         """Instances matching a search-language query: [{uri, fields}], at most limit. fields
         names the keywords to return (a Lua script's memory is small); None returns them all."""
-        rows, _ = search_index(self._daemon, query, limit)
+        rows, _ = self._daemon.search(query, limit)
         results = [{"uri": _file_uri(path), "fields": json.loads(meta)} for _, path, meta in rows]
         if fields is not None:
             for result in results:
@@ -3616,16 +3690,14 @@ class PluginApi:
 
     def tags(self, sop_instance_uid: str) -> dict | None:
         """Every indexed element of an instance."""
-        rows = self._daemon.index.query("SELECT meta FROM instances WHERE sop_instance_uid = ?", (str(sop_instance_uid),))
-        return json.loads(rows[0][0]) if rows else None
+        return self._daemon.index.metadata_by_uid([str(sop_instance_uid)]).get(str(sop_instance_uid))
 
     def cached(self, sop_instance_uid: str, make) -> bytes | None:
         """make()'s bytes for an instance, made once and kept until the instance's file changes
         (in data_dir/cache/plugin-NAME/, gone at the next start once the instance is); None if
         there is no such instance. For what is slow to make: a parse, a conversion."""
-        rows = self._daemon.index.query("SELECT path, size, mtime_ns FROM instances WHERE sop_instance_uid = ?",
-                                        (str(sop_instance_uid),))
-        stamp = instance_stamp(*rows[0]) if rows else None
+        found = self._daemon.index.instance(str(sop_instance_uid))
+        stamp = instance_stamp(found.path, found.size, found.mtime_ns) if found else None
         if stamp is None:
             return None
         cache = self._daemon.plugin_cache(self._plugin.name)
@@ -3637,8 +3709,8 @@ class PluginApi:
 
     def file(self, sop_instance_uid: str) -> bytes | None:
         """The stored bytes of an instance."""
-        row = self._daemon.index.instance_by_uid(str(sop_instance_uid))
-        return self._daemon.storage.read(row[1]) if row else None
+        found = self._daemon.index.instance(str(sop_instance_uid))
+        return self._daemon.storage.read(found.path) if found else None
 
     def send(self, sop_instance_uids, destination_aet: str) -> dict:
         """C-STORE instances to a known AE (auto-routing): {sent, failed}."""
@@ -3680,15 +3752,8 @@ class PluginApi:
 
     def instances(self, study_uid: str, series_uid: str = "", sop_uid: str = "") -> list[InstanceRow]:
         """(sop_instance_uid, sop_class_uid, transfer_syntax, uri) of a study, series or instance."""
-        sql = ("SELECT i.sop_instance_uid, i.sop_class_uid, i.transfer_syntax, i.path FROM instances i"
-               " JOIN series se ON se.id = i.series_ref JOIN studies st ON st.id = se.study_ref WHERE st.study_instance_uid = ?")
-        args = [study_uid]
-        for column, value in (("se.series_instance_uid", series_uid), ("i.sop_instance_uid", sop_uid)):
-            if value:
-                sql += f" AND {column} = ?"
-                args.append(value)
-        return [InstanceRow(uid, sop_class, syntax, _file_uri(path))
-                for uid, sop_class, syntax, path in self._daemon.index.query(sql + " ORDER BY i.id", args)]
+        found = self._daemon.index.instances_of(study_uid, series_uid, sop_uid) if study_uid else []
+        return [InstanceRow(i.sop_instance_uid, i.sop_class_uid, i.transfer_syntax, _file_uri(i.path)) for i in found]
 
     def store(self, data: bytes, source: str = "") -> int:
         """Store and index a Part 10 object through the one ingest path; returns a DICOM status,
@@ -5202,15 +5267,6 @@ QUERY_RETRIEVE_SERVICES = {
 }
 
 
-@dataclasses.dataclass
-class StoredInstance:
-    """An indexed instance to send: its UIDs, its transfer syntax and where it lives."""
-    sop_instance_uid: str
-    sop_class_uid: str
-    transfer_syntax: str
-    path: str
-
-
 class DicomServices:
     """The DICOM listener (the association engine above): verification, storage and query/retrieve;
     and the associations dicoogled opens (C-MOVE destinations, sending, the echo test)."""
@@ -5518,10 +5574,10 @@ class DicomServices:
             self.log.exception("C-FIND from %s failed", calling)
             yield UNABLE_TO_PROCESS, None
 
-    def _matched_instances(self, request: DimseRequest, service: str) -> list[StoredInstance] | int:
+    def _matched_instances(self, request: DimseRequest, service: str) -> list[IndexedInstance] | int:
         """The instances a C-MOVE or C-GET identifier matches, or the status refusing it."""
         try:
-            return [StoredInstance(*row) for row in self.finder.instances(request.identifier, request.is_cancelled)]
+            return self.finder.instances(request.identifier, request.is_cancelled)
         except QueryError as error:
             self.log.warning("%s from %s refused: %s", service, request.calling_aet, error)
             return DicomStatus(error.status, str(error))
@@ -5576,7 +5632,7 @@ class DicomServices:
             self._retrieve(request, C_GET, instances, functools.partial(
                 self._store_sub_operation, request.association, as_acceptor=True, move_originator=()))
 
-    def _retrieve(self, request: DimseRequest, primitive_class, instances: list[StoredInstance], store):
+    def _retrieve(self, request: DimseRequest, primitive_class, instances: list[IndexedInstance], store):
         """The C-STORE sub-operations of a C-MOVE or C-GET, a pending response after each, then
         the final one (PS3.4 C.4.2, C.4.3): store(instance, reasons=list) -> the C-STORE status, or None
         (appending why to the list)."""
@@ -5623,7 +5679,7 @@ class DicomServices:
                              request.calling_aet, failed, len(instances), f" ({reasons[0]})" if reasons else "")
         return response(SUBOPERATIONS_ALL_FAILED if failed == len(instances) else SUBOPERATIONS_FAILED, False, True)
 
-    def _store_sub_operation(self, association: Association, instance: StoredInstance, *, as_acceptor: bool,
+    def _store_sub_operation(self, association: Association, instance: IndexedInstance, *, as_acceptor: bool,
                              move_originator: tuple, reasons: list | None = None) -> int | None:
         """C-STORE one stored instance: its status, or None when it could not be sent (and why,
         appended to reasons)."""
@@ -5646,7 +5702,7 @@ class DicomServices:
             association.close()
         return None
 
-    def _stored_data_set(self, instance: StoredInstance) -> tuple[str, bytes]:
+    def _stored_data_set(self, instance: IndexedInstance) -> tuple[str, bytes]:
         """(transfer syntax, encoded data set) of a stored instance: the file's own bytes after its
         file meta group, untouched; a file without a group length is parsed and re-encoded."""
         data = self.ingest.storage.read(instance.path)
@@ -5685,11 +5741,7 @@ class DicomServices:
         destination = self.config.modalities.get(destination_aet)
         if destination is None:
             raise ValueError(f"unknown destination {destination_aet!r}: add it under [modalities]")
-        instances = []
-        for uid in sop_instance_uids:
-            rows = self.finder.index.query(
-                "SELECT sop_instance_uid, sop_class_uid, transfer_syntax, path FROM instances WHERE sop_instance_uid = ?", (uid,))
-            instances.extend(StoredInstance(*row) for row in rows)
+        instances = [found for uid in sop_instance_uids if (found := self.finder.index.instance(uid))]
         result = {"sent": 0, "failed": len(sop_instance_uids) - len(instances)}
         if not instances:
             return result
@@ -5723,7 +5775,7 @@ def _storage_context(uid: str, transfer_syntaxes: tuple):
     return supported
 
 
-def _contexts_for(instances: list[StoredInstance]) -> list:
+def _contexts_for(instances: list[IndexedInstance]) -> list:
     """Presentation contexts for sending instances: each stored transfer syntax, plus the
     uncompressed ones for uncompressed objects (re-encoded between explicit and implicit VR).
     At most 128 may be proposed; the rest are skipped (and would fail as sub-operations)."""
@@ -5863,7 +5915,8 @@ class FolderWatcher:
             for pending in [p for p in self._pending if p == path or p.startswith(path + os.sep)]:
                 del self._pending[pending]
         gone = [p for p in self.ingest.index.paths_under(path)] + [path]
-        sop_uids = [row[1] for row in map(self.ingest.index.instance_by_path, gone) if row] if self.ingest.shadowed else []
+        sop_uids = [found.sop_instance_uid for found in (self.ingest.index.instance(path=p) for p in gone) if found] \
+            if self.ingest.shadowed else []
         removed = self.ingest.unindex_paths(gone)
         if removed:
             self.log.info("unindexed %d file(s) removed from %s", removed, path)
@@ -5886,8 +5939,8 @@ class FolderWatcher:
             stat = os.stat(path)
         except OSError:
             return
-        known = self.ingest.index.instance_by_path(path)
-        if known and known[2] == stat.st_size and known[3] == stat.st_mtime_ns:
+        known = self.ingest.index.instance(path=path)
+        if known and (known.size, known.mtime_ns) == (stat.st_size, stat.st_mtime_ns):
             return
         if self.ingest.index_file(pathlib.Path(path), self.origin):
             self.log.info("indexed %s", path)
@@ -6914,39 +6967,6 @@ def _session_routes(api: Api):
         return {"version": __version__, "name": "dicoogled"}
 
 
-# ---- search ---------------------------------------------------------------------------------
-
-
-def search_index(daemon: "Daemon", text: str, limit: int | None = None, offset: int = 0, columns: str = "i.id, i.path, i.meta"):
-    """Run a search-language query on the index: (rows, total). Raises SearchSyntaxError."""
-    where, args, rank = compile_search(SearchQuery(text, daemon.plugins.extra_fields))
-    joins = ("FROM instances i JOIN series se ON se.id = i.series_ref JOIN studies st ON st.id = se.study_ref"
-             " JOIN patients p ON p.id = st.patient_ref")
-    page = (f" LIMIT {int(limit)} OFFSET {int(offset)}" if limit is not None
-            else f" LIMIT -1 OFFSET {int(offset)}" if offset else "")
-    if where == FREE_TEXT_CONDITION and rank and args == [rank.removeprefix("(").removesuffix(")")]:
-        # Free text alone (what a user types first): FTS5 counts and ranks its matches itself,
-        # and only the page is joined to the instances: milliseconds at a million instances.
-        total = daemon.index.query("SELECT count(*) FROM metadata WHERE metadata MATCH ?", args)[0][0]
-        ranked = f"SELECT rowid AS rank_id, bm25(metadata) AS score FROM metadata WHERE metadata MATCH ? ORDER BY score, rowid{page}"
-        sql = f"SELECT {columns} FROM ({ranked}) r JOIN instances i ON i.id = r.rank_id{joins.removeprefix('FROM instances i')} ORDER BY r.score, i.id"
-        return daemon.index.query(sql, args), total
-    # Only the tables the condition names are joined to count (the count reads every match).
-    counted = joins if re.search(r"\b(?:se|st|p)\.", where) else "FROM instances i"
-    total = daemon.index.query(f"SELECT count(*) {counted} WHERE {where}", args)[0][0]
-    order = "i.id"
-    ranking = ""
-    if rank:
-        # The scores of the free text's matches, computed once (as a join of the full-text
-        # table, SQLite would run its MATCH again for every instance).
-        ranking = "WITH r AS MATERIALIZED (SELECT rowid AS rank_id, bm25(metadata) AS score FROM metadata WHERE metadata MATCH ?) "
-        joins += " LEFT JOIN r ON r.rank_id = i.id"
-        args = [rank] + args
-        order = "r.score, i.id"
-    return daemon.index.query(f"{ranking}SELECT {columns} {joins} WHERE {where} ORDER BY {order}{page}", args), total
-
-
-
 #: What makes a spreadsheet read a cell as a formula (OWASP's CSV injection list), and the
 #: full-width forms some spreadsheets also take.
 _FORMULA_START = tuple("=+-@\t\r") + tuple("\uff1d\uff0b\uff0d\uff20")
@@ -6989,7 +7009,7 @@ def _search_routes(api: Api):
     def run(query: str, providers: list[str], limit, offset):
         """Results of every provider, de-duplicated by SOPInstanceUID: (list of (uri, meta), total)."""
         if providers == [BUILTIN_PROVIDER]:
-            rows, total = search_index(daemon, query, limit, offset)
+            rows, total = daemon.search(query, limit, offset)
             return [(_file_uri(path), json.loads(meta)) for _, path, meta in rows], total
         merged, seen = [], set()
         for name in providers:
@@ -7067,10 +7087,10 @@ def _search_routes(api: Api):
         uid = bottle.request.params.get("uid", "")
         if not is_valid_uid(uid):
             _fail(400, "uid must be a SOPInstanceUID")
-        rows = daemon.index.query("SELECT path, meta FROM instances WHERE sop_instance_uid = ?", (uid,))
-        if not rows:
+        found = daemon.index.instance(uid)
+        if not found:
             _fail(404, f"no instance {uid}")
-        return {"results": {"uri": _file_uri(rows[0][0]), "fields": json.loads(rows[0][1])},
+        return {"results": {"uri": _file_uri(found.path), "fields": daemon.index.metadata(found.id)},
                 "elapsedTime": round((time.perf_counter() - started) * 1000)}
 
     @api.route("/legacy/file")
@@ -7079,18 +7099,18 @@ def _search_routes(api: Api):
         uid = bottle.request.params.get("uid", "")
         if not is_valid_uid(uid):
             _fail(400, "uid must be a SOPInstanceUID")
-        row = daemon.index.instance_by_uid(uid)
-        if row is None:
+        found = daemon.index.instance(uid)
+        if found is None:
             _fail(404, f"no instance {uid}")
-        if location_scheme(row[1]) != "file":  # kept by a storage plugin
+        if location_scheme(found.path) != "file":  # kept by a storage plugin
             try:
-                data = daemon.storage.read(row[1])
+                data = daemon.storage.read(found.path)
             except OSError as error:
                 _fail(404, f"the object of {uid} cannot be read: {error}")
             bottle.response.content_type = "application/dicom"
             bottle.response.set_header("Content-Disposition", f'attachment; filename="{uid}.dcm"')
             return data
-        path = pathlib.Path(row[1])
+        path = pathlib.Path(found.path)
         if not path.is_file():
             _fail(404, f"the file of {uid} is missing; run 'dicoogled check'")
         return bottle.static_file(path.name, root=str(path.parent), mimetype="application/dicom", download=path.name)
@@ -7612,21 +7632,17 @@ def _image_routes(api: Api):
         if uid:
             if not is_valid_uid(uid):
                 _fail(400, f"SOPInstanceUID must be a UID, not {uid[:80]!r}")
-            rows = daemon.index.query("SELECT sop_instance_uid, path, size, mtime_ns FROM instances"
-                                      " WHERE sop_instance_uid = ?", (uid,))
+            found = daemon.index.instance(uid)
         elif uri:
-            location = _path_from_uri(uri) if location_scheme(uri) == "file" else uri
-            rows = daemon.index.query("SELECT sop_instance_uid, path, size, mtime_ns FROM instances WHERE path = ?",
-                                      (location,))
+            found = daemon.index.instance(path=_path_from_uri(uri) if location_scheme(uri) == "file" else uri)
         else:
             _fail(400, "give SOPInstanceUID or uri")
-        if not rows:
+        if not found:
             _fail(404, f"no instance {uid or uri[:200]}")
-        uid, location, size, mtime_ns = rows[0]
-        stamp = instance_stamp(location, size, mtime_ns)
+        stamp = instance_stamp(found.path, found.size, found.mtime_ns)
         if stamp is None:
-            _fail(404, f"the file of {uid} is missing; run 'dicoogled check'")
-        return uid, location, stamp
+            _fail(404, f"the file of {found.sop_instance_uid} is missing; run 'dicoogled check'")
+        return found.sop_instance_uid, found.path, stamp
 
     def source_of(uid: str, location: str):
         try:
@@ -7841,46 +7857,40 @@ def _task_routes(api: Api):
         del daemon.tasks.tasks[task.uid]
         return {"removed": True}
 
-    def instances_of_request(recursive=True) -> tuple[list[tuple[int, str]], int]:
-        """(id, path) of the instances a request names by uri (a folder too, if recursive) or UIDs,
-        and how many were not found."""
+    def instances_of_request(recursive=True) -> tuple[list[IndexedInstance], int]:
+        """The instances a request names by uri (a folder too, if recursive) or UIDs, and how
+        many of the names were not found."""
         found, missing = [], 0
         chosen = [k for k in ("uri", "SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID") if api.params(k)]
         if len(chosen) != 1:
             _fail(400, "give exactly one of uri, SOPInstanceUID, SeriesInstanceUID or StudyInstanceUID")
         for value in api.params(chosen[0]):
             if chosen[0] == "uri":
-                rows = daemon.index.query("SELECT id, path FROM instances WHERE path = ?", (_path_from_uri(value),))
-                if not rows and recursive:  # a folder: every instance below it
-                    rows = [(row[0], row[1]) for row in daemon.index.query(
-                        "SELECT id, path FROM instances WHERE path > ? AND path < ?",
-                        (_path_from_uri(value).rstrip("/") + "/", _path_from_uri(value).rstrip("/") + "0"))]
+                one = daemon.index.instance(path=_path_from_uri(value))
+                named = [one] if one else daemon.index.instances_below(_path_from_uri(value)) if recursive else []
             else:
                 if not is_valid_uid(value):
                     _fail(400, f"{chosen[0]} must be a UID, not {value[:80]!r}")
-                column = {"SOPInstanceUID": "i.sop_instance_uid", "SeriesInstanceUID": "se.series_instance_uid",
-                          "StudyInstanceUID": "st.study_instance_uid"}[chosen[0]]
-                rows = daemon.index.query(
-                    "SELECT i.id, i.path FROM instances i JOIN series se ON se.id = i.series_ref"
-                    f" JOIN studies st ON st.id = se.study_ref WHERE {column} = ?", (value,))
-            found.extend(rows)
-            missing += not rows
+                level = {"StudyInstanceUID": "study_uid", "SeriesInstanceUID": "series_uid", "SOPInstanceUID": "sop_uid"}
+                named = daemon.index.instances_of(**{level[chosen[0]]: value})
+            found.extend(named)
+            missing += not named
         return found, missing
 
     @api.route("/management/tasks/unindex", "POST", access=ADMIN)
     def unindex():
         """Remove instances from the index, leaving their files: by uri or UID (repeatable)."""
-        rows, missing = instances_of_request()
-        removed = daemon.ingest.unindex_paths([path for _, path in rows])
-        return {"indexed": removed, "failed": len(rows) - removed, "notFound": missing}
+        named, missing = instances_of_request()
+        removed = daemon.ingest.unindex_paths([instance.path for instance in named])
+        return {"indexed": removed, "failed": len(named) - removed, "notFound": missing}
 
     @api.route("/management/tasks/remove", "POST", access=ADMIN)
     def remove():
         """Delete instances' files and unindex them: by uri or UID (repeatable)."""
         # Not recursive, as in Dicoogle: a folder URI must never empty the archive.
-        rows, missing = instances_of_request(recursive=False)
+        named, missing = instances_of_request(recursive=False)
         deleted, failed = [], 0
-        for _, path in rows:
+        for path in (instance.path for instance in named):
             try:
                 daemon.storage.remove(path)
                 deleted.append(path)
@@ -8129,9 +8139,9 @@ def _management_routes(api: Api):
             tags = []  # private tags are indexed by number; none has a name here
         else:
             tags = [tag for tag, entry in sorted(DicomDictionary.items()) if entry[4] and (kind == "all" or tag not in dim)]
-        modalities = daemon.index.query("SELECT DISTINCT modality FROM series WHERE modality != '' ORDER BY modality")
+        modalities = daemon.index.modalities()
         return {"tags": [{"id": f"{tag:08X}", "alias": keyword_for_tag(tag), "vr": dictionary_VR(tag)} for tag in tags],
-                "modalities": [row[0] for row in modalities]}
+                "modalities": modalities}
 
     # ---- C-MOVE destinations ----
 
@@ -8478,8 +8488,13 @@ class Daemon:
         """The cache of what a plugin makes from instances (dicoogle.cached)."""
         return InstanceCache(self._cache_root / f"plugin-{plugin_name}", ".cache")
 
+    def search(self, text: str, limit: int | None = None, offset: int = 0):
+        """A query in the search language, with the fields plugins add: (rows of id, path and
+        meta, total). Raises SearchSyntaxError."""
+        return search_index(self.index, SearchQuery(text, self.plugins.extra_fields), limit, offset)
+
     def _search_builtin(self, query: str):
-        rows, _ = search_index(self, query)
+        rows, _ = self.search(query)
         return [(_file_uri(path), json.loads(meta)) for _, path, meta in rows]
 
     def _reconcile_storage(self):
@@ -8490,7 +8505,7 @@ class Daemon:
                     self.ingest.reconcile_scheme(scheme)
                 except Exception:  # one storage plugin's failure must not stop the others
                     self.log.exception("cannot reconcile the index with storage %s", scheme)
-            is_indexed = lambda uid: self.index.instance_by_uid(uid) is not None  # noqa: E731
+            is_indexed = lambda uid: self.index.instance(uid) is not None  # noqa: E731
             self.thumbnails.purge(is_indexed)
             for folder in self._cache_root.glob("plugin-*"):
                 InstanceCache(folder, ".cache").purge(is_indexed)
@@ -8825,8 +8840,8 @@ def command_index(config: Config, paths) -> int:
                 reconcile(ingest, path, "index", progress=_progress_bar(str(path)))
             elif path.is_file():
                 index.remember_root(str(path))
-                known, stat = index.instance_by_path(str(path)), path.stat()
-                if not known or (known[2], known[3]) != (stat.st_size, stat.st_mtime_ns):  # else indexed as it is
+                known, stat = index.instance(path=str(path)), path.stat()
+                if not known or (known.size, known.mtime_ns) != (stat.st_size, stat.st_mtime_ns):  # else indexed as it is
                     ingest.index_file(path, "index")
             else:
                 log.error("%s: no such file or folder", path)
@@ -8875,19 +8890,19 @@ def command_check(config: Config) -> int:
     problems = collections.Counter()
     in_plugins = 0  # kept by storage plugins, which run only in the daemon
     try:
-        for sop_uid, path, size, mtime in index.query("SELECT sop_instance_uid, path, size, mtime_ns FROM instances"):
-            if location_scheme(path) != "file":
+        for indexed in index.every_instance():
+            if location_scheme(indexed.path) != "file":
                 in_plugins += 1
                 continue
             try:
-                stat = os.stat(path)
+                stat = os.stat(indexed.path)
             except OSError:
                 problems["missing"] += 1
-                print(f"missing: {path} ({sop_uid})")
+                print(f"missing: {indexed.path} ({indexed.sop_instance_uid})")
                 continue
-            if (stat.st_size, stat.st_mtime_ns) != (size, mtime):
+            if (stat.st_size, stat.st_mtime_ns) != (indexed.size, indexed.mtime_ns):
                 problems["changed"] += 1
-                print(f"changed: {path} ({sop_uid})")
+                print(f"changed: {indexed.path} ({indexed.sop_instance_uid})")
         known = set(index.paths_under(str((config.data_dir / "storage").resolve())))
         for entry in walk_files((config.data_dir / "storage").resolve()):
             if entry.path not in known:
