@@ -2287,6 +2287,46 @@ def _refuse_cut_short(ds: Dataset):
             raise QueryError(f"malformed key {tag}: {raw.length} bytes announced, {len(raw.value or b'')} sent")
 
 
+def identifier_from_keys(keys: dict, level: str | None = None) -> Dataset:
+    """A C-FIND identifier from keywords (or 8-hex tags, private ones too) and their query values
+    as text ('' asks for the key to be returned); raises QueryError for an unknown keyword or a
+    value its VR cannot hold. The one way a plugin's or a web query becomes an identifier."""
+    identifier = Dataset()
+    if level is not None:
+        identifier.QueryRetrieveLevel = level
+    for key, value in keys.items():
+        tag = int(key, 16) if re.fullmatch(r"[0-9A-Fa-f]{8}", key) else tag_for_keyword(key)
+        if tag is None:
+            raise QueryError(f"unknown attribute {key!r}", IDENTIFIER_DOES_NOT_MATCH)
+        try:
+            vr = dictionary_VR(tag)
+        except KeyError:  # a private tag: its value is matched as text
+            vr = "LO"
+        try:
+            identifier.add_new(tag, vr, [] if vr == "SQ" else value)
+        except ValueError:  # pydicom converts IS, DS and the binary VRs at once
+            raise QueryError(f"{key}: {value[:40]!r} is not a valid {vr} value", IDENTIFIER_DOES_NOT_MATCH) from None
+    return identifier
+
+
+def identifier_keys(identifier: Dataset) -> dict[str, str]:
+    """An identifier's keys as identifier_from_keys takes them: keyword (or 8-hex tag) -> text,
+    multiple values joined by backslashes, a sequence as ''."""
+    keys = {}
+    for element in identifier:
+        value = element.value
+        if element.VR == "SQ" or value is None:
+            text = ""
+        elif isinstance(value, bytes):  # a private key sent in implicit VR
+            text = value.decode("latin-1").rstrip("\x00 ")
+        elif isinstance(value, (MultiValue, list)):
+            text = "\\".join(map(str, value))
+        else:
+            text = str(value)
+        keys[element.keyword or f"{element.tag:08X}"] = text
+    return keys
+
+
 def parse_identifier(identifier: Dataset) -> tuple[str, list[Key]]:
     """Split a C-FIND identifier into its level and keys; raise QueryError if it is unusable."""
     _refuse_cut_short(identifier)  # before reading the level, which decodes its element
@@ -3734,21 +3774,7 @@ class PluginApi:
         data sets, but the first offset and at most limit of them (a page, chosen in SQL).
         keys maps keywords (or 8-hex tags) to DICOM query values ('' returns a key).
         Keys that cannot be answered raise QueryError, a ValueError whose text is fit for the caller."""
-        identifier = Dataset()
-        identifier.QueryRetrieveLevel = level
-        for key, value in keys.items():
-            tag = int(key, 16) if re.fullmatch(r"[0-9A-Fa-f]{8}", key) else tag_for_keyword(key)
-            if tag is None:
-                raise QueryError(f"unknown attribute {key!r}", IDENTIFIER_DOES_NOT_MATCH)
-            try:
-                vr = dictionary_VR(tag)
-            except KeyError:
-                vr = "LO"
-            try:
-                identifier.add_new(tag, vr, [] if vr == "SQ" else value)
-            except ValueError:  # pydicom converts IS, DS and the binary VRs at once
-                raise QueryError(f"{key}: {value[:40]!r} is not a valid {vr} value", IDENTIFIER_DOES_NOT_MATCH) from None
-        return self._daemon.finder.search(identifier, cancelled, offset, limit)
+        return self._daemon.finder.search(identifier_from_keys(keys, level), cancelled, offset, limit)
 
     def instances(self, study_uid: str, series_uid: str = "", sop_uid: str = "") -> list[InstanceRow]:
         """(sop_instance_uid, sop_class_uid, transfer_syntax, uri) of a study, series or instance."""
@@ -4190,23 +4216,20 @@ class PluginManager:
         return None
 
     def find_filter(self, calling_aet: str, identifier: Dataset):
-        """The identifier, possibly rewritten by plugins, or an int status to refuse the query."""
+        """The identifier, possibly rewritten by plugins, or an int status to refuse the query.
+        A rewritten query that names an unknown key or an invalid value raises QueryError."""
         filters = self._active("incoming_find_filter")
         if not filters:
             return identifier
-        query = {element.keyword or f"{element.tag:08X}": str(element.value) if element.VR != "SQ" else "" for element in identifier}
+        query = original = identifier_keys(identifier)
         for plugin in filters:
             verdict = self._call(plugin, "incoming_find_filter", calling_aet, dict(query))
             if isinstance(verdict, int) and not isinstance(verdict, bool):
                 return verdict
             if isinstance(verdict, dict):
                 query = {str(k): "" if v is None else str(v) for k, v in verdict.items()}
-        rewritten = Dataset()
-        for keyword, value in query.items():
-            tag = tag_for_keyword(keyword)
-            if tag is not None:
-                rewritten.add_new(tag, dictionary_VR(tag), value if dictionary_VR(tag) != "SQ" else [])
-        return rewritten
+        # Unchanged, the identifier goes on as it came (sequence items and all).
+        return identifier if query == original else identifier_from_keys(query)
 
     def enrich(self, record: InstanceRecord):
         """Index plugins add searchable fields to a record before it is written."""

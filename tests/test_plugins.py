@@ -553,6 +553,32 @@ def test_find_filters_chain_rewrite_and_refuse(archive):
     assert status == 0 and len(results) == 1
 
 
+PRIVATE_FIND_FILTER = {
+    "c_find.py": '''
+        def incoming_find_filter(calling_aet, query):
+            if query.get("PatientID") == "BYNUMBER":  # a private key, (0009,1011) UL, asked for the caller
+                return {**query, "PatientID": "", "00090010": "DICOOGLED TEST", "00091011": "1000"}
+            if query.get("PatientID") == "BROKEN":
+                return {**query, "NoSuchKeyword": "x"}
+    ''',
+}
+
+
+def test_a_find_filter_rewrites_with_private_keys_and_a_bad_rewrite_is_refused(archive):
+    """A rewritten query becomes an identifier by the same rules as any other: a private key
+    is kept (it was dropped, so every study matched), an unknown one refuses the query; a query
+    no filter changed goes on as it came, multiple values and all."""
+    daemon = archive(PRIVATE_FIND_FILTER)
+    studies = [instance(0, 0), instance(1, 0), instance(1, 1)]  # (0009,1011) = patient * 1000 + study
+    assert daemon.store(*studies) == [0, 0, 0]
+    results, status = daemon.find(make_identifier("STUDY", PatientID="BYNUMBER", StudyInstanceUID=""))
+    assert status == 0 and [r.StudyInstanceUID for r in results] == [studies[1].StudyInstanceUID]
+    assert daemon.find(make_identifier("STUDY", PatientID="BROKEN", StudyInstanceUID="")) == ([], 0xA900)
+    assert "unknown attribute 'NoSuchKeyword'" in daemon.log
+    results, status = daemon.find(make_identifier("STUDY", ModalitiesInStudy="CT\\MR", StudyInstanceUID=""))
+    assert status == 0 and len(results) == 3
+
+
 # ---- the bundled plugins ----------------------------------------------------------------------
 
 
