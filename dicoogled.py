@@ -3629,6 +3629,11 @@ class CodecWorkers:
 # Plugins: hook table, Python loader, Lua sandbox
 # ============================================================================================
 
+#: The index's own name among the query and index providers (the ones plugins add are theirs).
+BUILTIN_PROVIDER = "index"
+#: Other names scripts written for Dicoogle use for its default index.
+BUILTIN_PROVIDER_ALIASES = ("lucene",)
+
 #: Every hook a plugin may define, by name. Notify hooks run for every plugin, off the DICOM
 #: association's thread, and a failure is logged and counted; decision hooks run in load order,
 #: each seeing the verdict of the one before.
@@ -6086,6 +6091,111 @@ def reconcile(ingest: Ingest, root: pathlib.Path, origin: str, stop: threading.E
 
 
 # ============================================================================================
+# Tasks: folders indexed in place in the background, and plugins' long jobs
+# ============================================================================================
+
+@dataclasses.dataclass
+class IndexTask:
+    """A background indexing task, as /index/task reports it."""
+
+    uid: str
+    name: str
+    paths: list
+    created: float = dataclasses.field(default_factory=time.time)
+    total: int = 0
+    done: int = 0
+    indexed: int = 0
+    errors: int = 0
+    finished: float | None = None
+    cancelled: bool = False
+    stop: threading.Event = dataclasses.field(default_factory=threading.Event)
+
+    @property
+    def progress(self) -> float:
+        if self.finished:
+            return 1.0
+        return self.done / self.total if self.total else 0.0
+
+    def as_json(self) -> dict:
+        status = {
+            "taskUid": self.uid, "taskName": self.name, "taskProgress": round(self.progress, 4),
+            "taskTimeCreated": datetime.datetime.fromtimestamp(self.created).isoformat(timespec="milliseconds"),
+            "nIndexed": self.indexed, "nErrors": self.errors,
+        }
+        if self.finished:
+            status.update(complete=True, elapsedTime=round((self.finished - self.created) * 1000))
+        if self.cancelled:
+            status["canceled"] = True
+        return status
+
+
+class TaskManager:
+    """Runs index tasks one after another in the background; keeps them listed until closed."""
+
+    def __init__(self, ingest: Ingest):
+        self.ingest = ingest
+        self.tasks: dict[str, IndexTask] = {}
+        self._queue = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="index-task")
+        self.log = logging.getLogger("dicoogled.index")
+
+    def start_index(self, paths: list[str]) -> IndexTask:
+        task = IndexTask(str(uuid.uuid4()), f"[{BUILTIN_PROVIDER}]index " + " ".join(_file_uri(p) for p in paths), paths)
+        self.tasks[task.uid] = task
+        self._queue.submit(self._run, task)
+        return task
+
+    def start_function(self, name: str, function) -> str:
+        """Run function(progress) as a task; progress(fraction) updates what /index/task shows."""
+        task = IndexTask(str(uuid.uuid4()), name, [], total=1000)
+
+        def run():
+            try:
+                function(lambda fraction: setattr(task, "done", int(max(0.0, min(1.0, float(fraction))) * 1000)))
+            except Exception:
+                task.errors += 1
+                self.log.exception("task %s failed", name)
+            finally:
+                task.finished = time.time()
+
+        self.tasks[task.uid] = task
+        start_thread(f"task-{task.uid[:8]}", run)
+        return task.uid
+
+    def _run(self, task: IndexTask):
+        try:
+            files = []
+            for path in task.paths:
+                if os.path.isdir(path):
+                    self.ingest.index.write(Index.add_root, path)
+                    files.extend(entry.path for entry in walk_files(pathlib.Path(path), task.stop))
+                elif os.path.isfile(path):
+                    files.append(path)
+            task.total = len(files)  # counted first, so progress is a true fraction
+            for path in files:
+                if task.stop.is_set():
+                    task.cancelled = True
+                    break
+                if self.ingest.index_file(pathlib.Path(path), "index"):
+                    task.indexed += 1
+                else:
+                    task.errors += 1
+                task.done += 1
+        except Exception:
+            self.log.exception("index task %s failed", task.uid)
+            task.errors += 1
+        finally:
+            task.cancelled = task.cancelled or task.stop.is_set()  # also when stopped before it ran
+            task.finished = time.time()
+            self.log.info("index task %s: %d indexed, %d errors%s", task.uid, task.indexed, task.errors,
+                          " (stopped)" if task.cancelled else "")
+
+    def close(self):
+        for task in self.tasks.values():
+            task.stop.set()
+        self._queue.shutdown(wait=True, cancel_futures=True)
+
+
+# ============================================================================================
 # Users and sessions: password hashes, tokens, presets (data_dir/users.sqlite)
 # ============================================================================================
 
@@ -6449,9 +6559,6 @@ DEFAULT_SEARCH_FIELDS = (
     "Modality", "StudyDate", "StudyID", "StudyDescription", "SeriesNumber", "SeriesDescription",
     "InstitutionName", "InstanceNumber",
 )
-BUILTIN_PROVIDER = "index"
-#: Other names scripts written for Dicoogle use for its default index.
-BUILTIN_PROVIDER_ALIASES = ("lucene",)
 SESSION_COOKIE = "dicoogled_session"
 HTTP_DRAIN_SECONDS = 5  # at shutdown, how long the requests under way may take to finish
 #: Methods that change nothing: the only ones a request may use on another site's behalf.
@@ -7733,110 +7840,6 @@ def _image_routes(api: Api):
             _fail(415, f"{uid} cannot be read as DICOM: {error}")
         bottle.response.content_type = "application/xml; charset=utf-8"
         return _tags_xml(dataset)
-
-
-# ---- indexing tasks -------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class IndexTask:
-    """A background indexing task, as /index/task reports it."""
-
-    uid: str
-    name: str
-    paths: list
-    created: float = dataclasses.field(default_factory=time.time)
-    total: int = 0
-    done: int = 0
-    indexed: int = 0
-    errors: int = 0
-    finished: float | None = None
-    cancelled: bool = False
-    stop: threading.Event = dataclasses.field(default_factory=threading.Event)
-
-    @property
-    def progress(self) -> float:
-        if self.finished:
-            return 1.0
-        return self.done / self.total if self.total else 0.0
-
-    def as_json(self) -> dict:
-        status = {
-            "taskUid": self.uid, "taskName": self.name, "taskProgress": round(self.progress, 4),
-            "taskTimeCreated": datetime.datetime.fromtimestamp(self.created).isoformat(timespec="milliseconds"),
-            "nIndexed": self.indexed, "nErrors": self.errors,
-        }
-        if self.finished:
-            status.update(complete=True, elapsedTime=round((self.finished - self.created) * 1000))
-        if self.cancelled:
-            status["canceled"] = True
-        return status
-
-
-class TaskManager:
-    """Runs index tasks one after another in the background; keeps them listed until closed."""
-
-    def __init__(self, ingest: Ingest):
-        self.ingest = ingest
-        self.tasks: dict[str, IndexTask] = {}
-        self._queue = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="index-task")
-        self.log = logging.getLogger("dicoogled.index")
-
-    def start_index(self, paths: list[str]) -> IndexTask:
-        task = IndexTask(str(uuid.uuid4()), f"[{BUILTIN_PROVIDER}]index " + " ".join(_file_uri(p) for p in paths), paths)
-        self.tasks[task.uid] = task
-        self._queue.submit(self._run, task)
-        return task
-
-    def start_function(self, name: str, function) -> str:
-        """Run function(progress) as a task; progress(fraction) updates what /index/task shows."""
-        task = IndexTask(str(uuid.uuid4()), name, [], total=1000)
-
-        def run():
-            try:
-                function(lambda fraction: setattr(task, "done", int(max(0.0, min(1.0, float(fraction))) * 1000)))
-            except Exception:
-                task.errors += 1
-                self.log.exception("task %s failed", name)
-            finally:
-                task.finished = time.time()
-
-        self.tasks[task.uid] = task
-        start_thread(f"task-{task.uid[:8]}", run)
-        return task.uid
-
-    def _run(self, task: IndexTask):
-        try:
-            files = []
-            for path in task.paths:
-                if os.path.isdir(path):
-                    self.ingest.index.write(Index.add_root, path)
-                    files.extend(entry.path for entry in walk_files(pathlib.Path(path), task.stop))
-                elif os.path.isfile(path):
-                    files.append(path)
-            task.total = len(files)  # counted first, so progress is a true fraction
-            for path in files:
-                if task.stop.is_set():
-                    task.cancelled = True
-                    break
-                if self.ingest.index_file(pathlib.Path(path), "index"):
-                    task.indexed += 1
-                else:
-                    task.errors += 1
-                task.done += 1
-        except Exception:
-            self.log.exception("index task %s failed", task.uid)
-            task.errors += 1
-        finally:
-            task.cancelled = task.cancelled or task.stop.is_set()  # also when stopped before it ran
-            task.finished = time.time()
-            self.log.info("index task %s: %d indexed, %d errors%s", task.uid, task.indexed, task.errors,
-                          " (stopped)" if task.cancelled else "")
-
-    def close(self):
-        for task in self.tasks.values():
-            task.stop.set()
-        self._queue.shutdown(wait=True, cancel_futures=True)
 
 
 def _task_routes(api: Api):
