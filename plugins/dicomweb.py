@@ -32,6 +32,7 @@ import secrets
 import tempfile
 
 import bottle
+import multipart
 import pydicom
 from pydicom.datadict import keyword_for_tag
 from pydicom.encaps import get_frame
@@ -377,57 +378,33 @@ def _rendered(study, series="", instance="", frame=1, thumbnail=False):
 
 # ---- STOW-RS ------------------------------------------------------------------------------------
 
-class MultipartError(ValueError):
-    pass
+class _RelatedParser(multipart.PushMultipartParser):
+    """The multipart package's streaming parser, for multipart/related: PS3.18's parts carry a
+    Content-Type but no Content-Disposition, which its form-data parser requires."""
+
+    def _create_segment(self, headerlist):
+        return multipart.MultipartSegment(headerlist)
 
 
-def iter_multipart(stream, boundary: bytes, chunk_size: int = 1 << 16, max_header: int = 16384):
-    """Yield (headers, spooled file) for each part of a multipart body read from a stream.
-
-    A streaming splitter on the delimiter CRLF--boundary: the body is never held whole, and
-    large parts are spooled to temporary files in the data dir (PS3.18 bodies can be GBs).
-    """
-    delimiter = b"\r\n--" + boundary
-    buffer = b"\r\n"  # the first delimiter need not follow a CRLF
-    ended = False
-
-    def fill() -> bool:
-        nonlocal buffer
-        chunk = stream.read(chunk_size)
-        buffer += chunk
-        return bool(chunk)
-
-    # Skip the preamble up to the first delimiter.
-    while (start := buffer.find(delimiter)) < 0:
-        buffer = buffer[-len(delimiter):]
-        if not fill():
-            raise MultipartError("no multipart boundary found")
-    buffer = buffer[start + len(delimiter):]
-    while not ended:
-        while len(buffer) < 2 and fill():
-            pass
-        if buffer.startswith(b"--"):
-            return
-        while (end := buffer.find(b"\r\n\r\n")) < 0:
-            if len(buffer) > max_header or not fill():
-                raise MultipartError("a part's headers never end")
-        headers = {}
-        for line in buffer[:end].decode("latin-1").split("\r\n"):
-            name, _, value = line.partition(":")
-            if name.strip():
-                headers[name.strip().lower()] = value.strip()
-        buffer = buffer[end + 4:]
-        body = tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY)
-        while (end := buffer.find(delimiter)) < 0:
-            keep = len(delimiter)  # a delimiter may straddle two chunks
-            body.write(buffer[:-keep])
-            buffer = buffer[-keep:]
-            if not fill():
-                raise MultipartError("the body ends inside a part (no closing boundary)")
-        body.write(buffer[:end])
-        buffer = buffer[end + len(delimiter):]
-        body.seek(0)
-        yield headers, body
+def iter_multipart(stream, boundary: bytes, chunk_size: int = 1 << 16):
+    """Yield (headers, spooled file) for each part of a multipart/related body read from a stream:
+    the body is never held whole, and large parts are spooled to temporary files in the data dir
+    (PS3.18 bodies can be GBs). Raises multipart.MultipartError for a malformed body."""
+    with _RelatedParser(boundary, max_header_count=32) as parser:
+        headers, body = {}, None
+        while not parser.closed:
+            chunk = stream.read(chunk_size)
+            for event in parser.parse(chunk):
+                if isinstance(event, multipart.MultipartSegment):  # a part begins: its headers
+                    headers = {name.lower(): value for name, value in event.headerlist}
+                    body = tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY)
+                elif event is None:  # the part ends
+                    body.seek(0)
+                    yield headers, body
+                else:
+                    body.write(event)
+            if not chunk and not parser.closed:
+                raise multipart.MultipartError("the body ends inside a part (no closing boundary)")
 
 
 def _stow(study=None):
@@ -447,7 +424,7 @@ def _stow(study=None):
             with body:
                 data = body.read()
             _stow_part(data, headers, study, stored, failed)
-    except MultipartError as error:
+    except multipart.MultipartError as error:
         if not stored and not failed:
             _error(400, f"malformed multipart body: {error}")
         failed.append(_failure({}, PROCESSING_FAILURE, f"malformed multipart body: {error}"))
