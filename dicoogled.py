@@ -3634,28 +3634,56 @@ BUILTIN_PROVIDER = "index"
 #: Other names scripts written for Dicoogle use for its default index.
 BUILTIN_PROVIDER_ALIASES = ("lucene",)
 
-#: Every hook a plugin may define, by name. Notify hooks run for every plugin, off the DICOM
-#: association's thread, and a failure is logged and counted; decision hooks run in load order,
-#: each seeing the verdict of the one before.
-HOOKS = {
-    "on_stored": "notify (instance): an object received over DICOM or STOW-RS was stored and indexed",
-    "on_indexed": "notify (instance): an instance entered the index, whatever its origin",
-    "on_stable_study": "notify (study): no new instance arrived in a study for [plugins] stable_age seconds",
-    "incoming_store_filter": "decision (calling_aet, dataset) -> true/nil accepts, false or a DICOM status rejects",
-    "incoming_find_filter": "decision (calling_aet, query) -> a rewritten query, nil keeps it, a DICOM status refuses",
-    "index": "(instance) -> a table of extra searchable fields for the main index",
-    "query": "(query text) -> a list of instances {uri=..., fields={...}}; the plugin is then a query provider",
-    "routes": "(app) -> add web-service routes, served under /ext/<plugin>/ with the core's access control",
-    "storage": "SCHEME plus store(sop_uid, data) -> uri, get(uri) -> bytes, list() -> uris, remove(uri):"
-               " a place for received objects, chosen by [storage] scheme (Python only)",
-}
+@dataclasses.dataclass(frozen=True)
+class HookSpec:
+    """A hook a plugin may define. The one table of them (HOOK_SPECS) is what the Python loader
+    looks for, the Lua bridge maps Orthanc's names to, new-plugin offers as kinds, and the table
+    in docs/plugins.md lists (a test holds the two together)."""
+    name: str
+    kind: str  # notify, decision, index, query provider, web service, storage
+    called_with: str  # the arguments, in words
+    returns: str  # what the hook answers and what each answer means, or what a notify hook is told
+    plugin_kind: str  # what `dicoogled new-plugin --kind` calls a plugin defining it (PLUGIN_KINDS)
+    orthanc: str = ""  # Orthanc's Lua name for the same hook, accepted so its scripts port
+    lua: bool = True  # storage is Python only: Lua has no io to keep objects with
+
+    def doc_row(self) -> str:
+        """Its row of the hook table in docs/plugins.md."""
+        if self.kind == "storage":  # not a function: the functions it names
+            return f"| `{self.name}` | {self.kind} | {self.called_with}: {self.returns} |"
+        return f"| `{self.name}` | {self.kind} | ({self.called_with}) {'—' if self.kind == 'notify' else '→'} {self.returns} |"
+
+
+#: Notify hooks run for every plugin, off the DICOM association's thread, and a failure is
+#: logged and counted; decision hooks run in load order, each seeing the verdict of the one before.
+HOOK_SPECS = (
+    HookSpec("on_stored", "notify", "instance", "an object received over DICOM (C-STORE) or STOW-RS was stored and indexed",
+             orthanc="OnStoredInstance", plugin_kind="events"),
+    HookSpec("on_indexed", "notify", "instance",
+             "an instance entered the index, whatever its origin (C-STORE, watched folder, index task)", plugin_kind="events"),
+    HookSpec("on_stable_study", "notify", "study", "no new instance arrived in a study for `[plugins] stable_age` seconds",
+             orthanc="OnStableStudy", plugin_kind="events"),
+    HookSpec("incoming_store_filter", "decision", "calling_aet, tags",
+             "`true`/`nil` accepts, `false` refuses with 0x0124, a number refuses with that DICOM status",
+             orthanc="ReceivedInstanceFilter", plugin_kind="store-filter"),
+    HookSpec("incoming_find_filter", "decision", "calling_aet, query",
+             "the whole query changed, `nil` keeps it, a number refuses the C-FIND with that status",
+             orthanc="IncomingFindRequestFilter", plugin_kind="find-filter"),
+    HookSpec("index", "index", "instance", "a table of extra fields, searchable like DICOM keywords in `/search`",
+             plugin_kind="index"),
+    HookSpec("query", "query provider", "query text",
+             "a list of `{uri, fields}`; the plugin is then a provider for `/search?provider=NAME`", plugin_kind="query"),
+    HookSpec("routes", "web service", "app",
+             "nothing: it adds routes (Python: to a Bottle app; Lua: a global table"
+             " `routes = {[\"GET /path\"] = function(params) ... end}`), served under `/ext/NAME/`", plugin_kind="web"),
+    HookSpec("storage", "storage", "`SCHEME` plus `store`, `get`, `list`, `remove` (below)",
+             "a place for received objects, chosen by `[storage] scheme` (Python only)", plugin_kind="storage", lua=False),
+)
+HOOKS = {spec.name: spec for spec in HOOK_SPECS}
 #: The functions a storage plugin defines beside SCHEME.
 STORAGE_OPERATIONS = ("store", "get", "list", "remove")
 #: Orthanc's Lua callback names, accepted so that Orthanc scripts port.
-ORTHANC_CALLBACKS = {
-    "OnStoredInstance": "on_stored", "ReceivedInstanceFilter": "incoming_store_filter",
-    "IncomingFindRequestFilter": "incoming_find_filter", "OnStableStudy": "on_stable_study",
-}
+ORTHANC_CALLBACKS = {spec.orthanc: spec.name for spec in HOOK_SPECS if spec.orthanc}
 NOT_AUTHORIZED = 0x0124  # what a store filter's plain "no" answers
 LUA_MEMORY_LIMIT = 64 * 1024 * 1024
 LUA_INSTRUCTION_BUDGET = 20_000_000  # per call: a runaway loop stops in well under a second
@@ -4082,7 +4110,8 @@ class PluginManager:
         if mount is not None and not re.fullmatch(r"(/[A-Za-z0-9._-]+)+", mount):
             raise PluginError(f"MOUNT {mount!r} must be a path such as /dicom-web")
         plugin.mount = mount
-        plugin.hooks = {hook: getattr(module, hook) for hook in HOOKS if callable(getattr(module, hook, None)) and hook != "storage"}
+        plugin.hooks = {spec.name: getattr(module, spec.name) for spec in HOOK_SPECS
+                        if spec.kind != "storage" and callable(getattr(module, spec.name, None))}
         if getattr(module, "SCHEME", None) is not None:
             plugin.scheme = str(module.SCHEME)
             taken = [p.name for p in self.plugins.values() if p.scheme == plugin.scheme and p.name != plugin.name and not p.error]
@@ -4103,12 +4132,13 @@ class PluginManager:
         routes = lua.routes()
         if routes:
             plugin.hooks["routes"] = functools.partial(_add_lua_routes, routes)
-        for hook in list(HOOKS) + list(ORTHANC_CALLBACKS):
-            if hook == "routes":
+        for spec in HOOK_SPECS:
+            if not spec.lua or spec.kind == "web service":  # Lua's routes are a table, read above
                 continue
-            function = lua.function(hook)
-            if function is not None:
-                plugin.hooks.setdefault(ORTHANC_CALLBACKS.get(hook, hook), _orthanc_adapter(hook, function))
+            for name in filter(None, (spec.name, spec.orthanc)):  # ours first: it wins over Orthanc's
+                function = lua.function(name)
+                if function is not None:
+                    plugin.hooks.setdefault(spec.name, _orthanc_adapter(name, function))
 
     def _register(self, plugin: Plugin):
         if not plugin.enabled:

@@ -29,7 +29,7 @@ import studygen
 from conftest import ROOT, StoreSCP, make_identifier, wait_until
 
 sys.path.insert(0, str(ROOT))
-import dicoogled  # noqa: E402  (HOOKS and ORTHANC_CALLBACKS, for the docs meta-test)
+import dicoogled  # noqa: E402  (HOOK_SPECS and ORTHANC_CALLBACKS, for the docs meta-tests)
 
 ADMIN_PASSWORD = "plugins-admin-1"
 ADMIN_ENV = {"DICOOGLED_ADMIN_PASSWORD": ADMIN_PASSWORD}
@@ -1060,6 +1060,16 @@ def test_every_hook_and_orthanc_name_is_documented():
     for path in (ROOT / "plugins").iterdir():
         if path.suffix in (".py", ".lua") and path.stem in ("autoroute", "anonymize", "stats", "require_patient_id"):
             assert path.name in docs
+
+
+def test_the_hook_table_in_the_docs_is_the_one_the_loaders_read():
+    """docs/plugins.md's hook table is HOOK_SPECS, row for row; every hook is a kind new-plugin
+    offers (a web UI plugin is the one kind that defines no hook)."""
+    docs = (ROOT / "docs" / "plugins.md").read_text(encoding="utf-8")
+    rows = [line for line in docs.splitlines() if re.match(r"\| `\w+` \| ", line)
+            and line.split("`")[1] in dicoogled.HOOKS]
+    assert rows == [spec.doc_row() for spec in dicoogled.HOOK_SPECS]
+    assert set(dicoogled.PLUGIN_KINDS) == {spec.plugin_kind for spec in dicoogled.HOOK_SPECS} | {"webui"}
 
 
 def test_bundled_plugins_say_what_they_do_and_how_to_enable_them():
