@@ -532,6 +532,67 @@ class _ConfigParser(configparser.ConfigParser):
         return self._named(super().getboolean, section, option, **kwargs)
 
 
+#: How a setting's text becomes its value: reader(parser, section, key).
+_CONFIG_READERS = {
+    "text": lambda parser, section, key: parser.get(section, key),
+    "word": lambda parser, section, key: parser.get(section, key).strip(),
+    "lower": lambda parser, section, key: parser.get(section, key).strip().lower(),
+    "upper": lambda parser, section, key: parser.get(section, key).strip().upper(),
+    "words": lambda parser, section, key: parser.get(section, key).split(),
+    "int": lambda parser, section, key: parser.getint(section, key),
+    "float": lambda parser, section, key: parser.getfloat(section, key),
+    "bool": lambda parser, section, key: parser.getboolean(section, key),
+    "path": lambda parser, section, key: pathlib.Path(parser.get(section, key)),
+    "paths": lambda parser, section, key: [pathlib.Path(p) for p in parser.get(section, key).splitlines() if p.strip()],
+}
+
+#: Where each plain setting lives in the INI files, and how it is read: Config attribute ->
+#: (section, key, reader). Config.load reads them from here, and settings changed at run time
+#: are written back to the same keys. (The [modalities], [transfer_syntaxes] and [plugin.NAME]
+#: sections, and [plugins] folders with its default, are read by Config.load itself.)
+CONFIG_KEYS = {
+    "aet": ("dicom", "aet", "word"),
+    "dicom_host": ("dicom", "host", "text"),
+    "dicom_port": ("dicom", "port", "int"),
+    "strict_called_aet": ("dicom", "strict_called_aet", "bool"),
+    "refuse_unknown_calling_aets": ("dicom", "refuse_unknown_calling_aets", "bool"),
+    "allowed_calling_aets": ("dicom", "allowed_calling_aets", "words"),
+    "max_associations": ("dicom", "max_associations", "int"),
+    "max_pdu": ("dicom", "max_pdu", "int"),
+    "acse_timeout": ("dicom", "acse_timeout", "float"),
+    "dimse_timeout": ("dicom", "dimse_timeout", "float"),
+    "network_timeout": ("dicom", "network_timeout", "float"),
+    "connection_timeout": ("dicom", "connection_timeout", "float"),
+    "association_request_timeout": ("dicom", "association_request_timeout", "float"),
+    "max_pdu_send": ("dicom", "max_pdu_send", "int"),
+    "dicom_autostart": ("dicom", "autostart", "bool"),
+    "max_find_results": ("dicom", "max_find_results", "int"),
+    "http_host": ("http", "host", "text"),
+    "http_port": ("http", "port", "int"),
+    "http_threads": ("http", "threads", "int"),
+    "allow_unauthorized": ("http", "allow_unauthorized", "bool"),
+    "session_idle_minutes": ("http", "session_idle_minutes", "float"),
+    "data_dir": ("storage", "data_dir", "path"),
+    "duplicates": ("storage", "duplicates", "word"),
+    "fsync": ("storage", "fsync", "bool"),
+    "storage_scheme": ("storage", "scheme", "lower"),
+    "min_free_mb": ("storage", "min_free_mb", "float"),
+    "watch_folders": ("watch", "folders", "paths"),
+    "watch_poll": ("watch", "poll", "bool"),
+    "watch_poll_interval": ("watch", "poll_interval", "float"),
+    "watch_quiet_period": ("watch", "quiet_period", "float"),
+    "watch_enabled": ("watch", "enabled", "bool"),
+    "thumbnails": ("index", "thumbnails", "bool"),
+    "thumbnail_size": ("index", "thumbnail_size", "int"),
+    "index_effort": ("index", "effort", "int"),
+    "codec_workers": ("codecs", "workers", "int"),
+    "codec_idle_seconds": ("codecs", "idle_seconds", "float"),
+    "codec_timeout": ("codecs", "timeout", "float"),
+    "log_level": ("log", "level", "upper"),
+    "stable_age": ("plugins", "stable_age", "float"),
+}
+
+
 @dataclasses.dataclass
 class Config:
     """Every setting of the daemon. Built from the embedded defaults, a file, then flags."""
@@ -607,51 +668,12 @@ class Config:
                 raise ValueError(f"invalid configuration in {path}: {error}") from None
         data_dir = overrides.get("data_dir") or parser.get("storage", "data_dir")
         _read_settings_overlay(parser, pathlib.Path(data_dir) / SETTINGS_FILE)
-        get, section = parser.get, "dicom"
         try:
             modalities = {aet: _parse_modality(aet, value) for aet, value in parser.items("modalities")}
             config = cls(
-                aet=get(section, "aet").strip(),
-                dicom_host=get(section, "host"),
-                dicom_port=parser.getint(section, "port"),
-                strict_called_aet=parser.getboolean(section, "strict_called_aet"),
-                refuse_unknown_calling_aets=parser.getboolean(section, "refuse_unknown_calling_aets"),
-                allowed_calling_aets=get(section, "allowed_calling_aets").split(),
-                max_associations=parser.getint(section, "max_associations"),
-                max_pdu=parser.getint(section, "max_pdu"),
-                acse_timeout=parser.getfloat(section, "acse_timeout"),
-                dimse_timeout=parser.getfloat(section, "dimse_timeout"),
-                network_timeout=parser.getfloat(section, "network_timeout"),
-                connection_timeout=parser.getfloat(section, "connection_timeout"),
-                association_request_timeout=parser.getfloat(section, "association_request_timeout"),
-                max_pdu_send=parser.getint(section, "max_pdu_send"),
-                dicom_autostart=parser.getboolean(section, "autostart"),
-                max_find_results=parser.getint(section, "max_find_results"),
-                http_host=get("http", "host"),
-                http_port=parser.getint("http", "port"),
-                http_threads=parser.getint("http", "threads"),
-                allow_unauthorized=parser.getboolean("http", "allow_unauthorized"),
-                session_idle_minutes=parser.getfloat("http", "session_idle_minutes"),
-                data_dir=pathlib.Path(get("storage", "data_dir")),
-                duplicates=get("storage", "duplicates").strip(),
-                fsync=parser.getboolean("storage", "fsync"),
-                storage_scheme=get("storage", "scheme").strip().lower(),
-                min_free_mb=parser.getfloat("storage", "min_free_mb"),
-                watch_folders=[pathlib.Path(p) for p in get("watch", "folders").splitlines() if p.strip()],
-                watch_poll=parser.getboolean("watch", "poll"),
-                watch_poll_interval=parser.getfloat("watch", "poll_interval"),
-                watch_quiet_period=parser.getfloat("watch", "quiet_period"),
-                watch_enabled=parser.getboolean("watch", "enabled"),
-                thumbnails=parser.getboolean("index", "thumbnails"),
-                thumbnail_size=parser.getint("index", "thumbnail_size"),
-                index_effort=parser.getint("index", "effort"),
-                codec_workers=parser.getint("codecs", "workers"),
-                codec_idle_seconds=parser.getfloat("codecs", "idle_seconds"),
-                codec_timeout=parser.getfloat("codecs", "timeout"),
-                log_level=get("log", "level").strip().upper(),
-                plugin_folders=[pathlib.Path(p) for p in get("plugins", "folders").splitlines() if p.strip()]
+                **{name: _CONFIG_READERS[kind](parser, section, key) for name, (section, key, kind) in CONFIG_KEYS.items()},
+                plugin_folders=_CONFIG_READERS["paths"](parser, "plugins", "folders")
                 or [pathlib.Path(__file__).resolve().parent / "plugins"],
-                stable_age=parser.getfloat("plugins", "stable_age"),
                 plugin_settings={section[len("plugin."):]: dict(parser.items(section)) for section in parser.sections()
                                  if section.startswith("plugin.")},
                 modalities={aet: address for aet, (address, _, _, _) in modalities.items()},
@@ -727,7 +749,7 @@ class Config:
             elif name == "transfer_syntaxes":
                 values["transfer_syntaxes"] = {uid: " ".join(syntaxes) for uid, syntaxes in self.transfer_syntaxes.items()}
             else:
-                section, key = LIVE_SETTINGS[name]
+                section, key, _ = CONFIG_KEYS[name]
                 values[section][key] = _ini_text(getattr(self, name))
         save_settings(self.data_dir, values)
 
@@ -775,17 +797,12 @@ def _modality_text(host: str, port: int, public: bool, description: str, service
 SETTINGS_FILE = "settings.ini"
 #: Sections settings.ini replaces whole, rather than key by key, so that entries can be removed.
 WHOLE_SECTIONS = ("modalities", "transfer_syntaxes")
-#: Settings the REST API changes at run time, by Config attribute: (section, key) in the INI files.
-LIVE_SETTINGS = {
-    "aet": ("dicom", "aet"), "dicom_host": ("dicom", "host"), "dicom_port": ("dicom", "port"),
-    "dicom_autostart": ("dicom", "autostart"), "max_associations": ("dicom", "max_associations"),
-    "max_pdu": ("dicom", "max_pdu"), "max_pdu_send": ("dicom", "max_pdu_send"),
-    "acse_timeout": ("dicom", "acse_timeout"), "dimse_timeout": ("dicom", "dimse_timeout"),
-    "network_timeout": ("dicom", "network_timeout"), "connection_timeout": ("dicom", "connection_timeout"),
-    "watch_folders": ("watch", "folders"), "watch_enabled": ("watch", "enabled"),
-    "thumbnails": ("index", "thumbnails"), "thumbnail_size": ("index", "thumbnail_size"),
-    "index_effort": ("index", "effort"),
-}
+#: Settings the REST API changes at run time (Config attributes; CONFIG_KEYS says where each is written).
+LIVE_SETTINGS = frozenset({
+    "aet", "dicom_host", "dicom_port", "dicom_autostart", "max_associations", "max_pdu", "max_pdu_send",
+    "acse_timeout", "dimse_timeout", "network_timeout", "connection_timeout",
+    "watch_folders", "watch_enabled", "thumbnails", "thumbnail_size", "index_effort",
+})
 
 
 def _ini_text(value) -> str:

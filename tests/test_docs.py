@@ -193,6 +193,17 @@ def test_every_default_setting_has_a_comment(section_name, key, documented):
     assert documented, f"[{section_name}] {key} in DEFAULT_CONFIG has no comment above it"
 
 
+def test_every_default_setting_is_read_by_one_entry_of_the_key_table():
+    """Config.load reads the plain settings through CONFIG_KEYS: each key of the embedded
+    defaults is there once (or is one of the few Config.load reads itself), and nothing else is."""
+    read_by_load_itself = {("plugins", "folders")}
+    plain = [(section, key) for section, key, _ in setting_lines(dicoogled.DEFAULT_CONFIG)
+             if section not in dicoogled.WHOLE_SECTIONS and not section.startswith("plugin.")]
+    table = [(section, key) for section, key, _ in dicoogled.CONFIG_KEYS.values()]
+    assert sorted(table) == sorted(set(table)) == sorted(set(plain) - read_by_load_itself)
+    assert dicoogled.LIVE_SETTINGS <= set(dicoogled.CONFIG_KEYS)
+
+
 def test_conf_file_holds_the_embedded_keys_and_defaults():
     """conf/dicoogled.ini is what the README points users to (tests/test_cli.py also compares
     the Config both make)."""
