@@ -3070,6 +3070,78 @@ def search_index(index: Index, query: SearchQuery, limit: int | None = None, off
     return index.query(f"{ranking}SELECT {columns} {joins} WHERE {where} ORDER BY {order}{page}", args), total
 
 
+def field_text(meta: dict, keyword: str) -> str | None:
+    """An indexed element's value as one text (several values joined by backslashes); None for
+    a sequence or binary value."""
+    value = meta.get(keyword)
+    if isinstance(value, list):
+        return "\\".join(v for v in value if isinstance(v, str)) if value and isinstance(value[0], str) else None
+    return value
+
+
+#: What /searchDIM groups by: a provider's result lacking one is completed from the index.
+DIM_FIELDS = ("PatientID", "PatientName", "StudyInstanceUID", "SeriesInstanceUID")
+
+
+def complete_from_index(index: Index, results: list) -> list:
+    """A query provider's (uri, fields) with what it left out taken from the index, found by
+    SOPInstanceUID: a provider may answer with a SOPInstanceUID alone and still group in
+    /searchDIM. The provider's own fields win."""
+    lacking = [fields["SOPInstanceUID"] for _, fields in results
+               if fields.get("SOPInstanceUID") and not all(fields.get(name) for name in DIM_FIELDS)]
+    known = index.metadata_by_uid(lacking) if lacking else {}
+    def completed(fields):
+        indexed = known.get(fields.get("SOPInstanceUID"))
+        return {**indexed, **{k: v for k, v in fields.items() if v not in ("", None)}} if indexed else fields
+    return [(uri, completed(fields)) for uri, fields in results]
+
+
+def group_dim(results, with_birthdate: bool) -> list[dict]:
+    """Dicoogle's DIM tree: patient (by PatientID, else name) → study → series → images."""
+    patients: dict[str, dict] = {}
+    studies: dict[tuple, dict] = {}
+    series_map: dict[tuple, dict] = {}
+    for uri, meta in results:
+        text = functools.partial(field_text, meta)
+        patient_key = text("PatientID") or text("PatientName") or ""
+        patient = patients.get(patient_key)
+        if patient is None:
+            patient = patients[patient_key] = {
+                "id": text("PatientID") or "", "name": text("PatientName") or "", "gender": text("PatientSex") or "",
+                "nStudies": 0, "birthdate": (text("PatientBirthDate") or "") if with_birthdate else "", "studies": [],
+            }
+        study_key = (patient_key, text("StudyInstanceUID") or "")
+        study = studies.get(study_key)
+        if study is None:
+            study = studies[study_key] = {
+                "studyInstanceUID": study_key[1], "studyDate": text("StudyDate") or "",
+                "studyDescription": text("StudyDescription") or "", "institutionName": text("InstitutionName") or "",
+                "modalities": "", "series": [],
+            }
+            patient["studies"].append(study)
+            patient["nStudies"] += 1
+        series_key = study_key + (text("SeriesInstanceUID") or "",)
+        series = series_map.get(series_key)
+        if series is None:
+            number = text("SeriesNumber") or ""
+            series = series_map[series_key] = {
+                "serieNumber": int(number) if number.lstrip("-").isdigit() else 0,
+                "serieInstanceUID": series_key[2], "serieDescription": text("SeriesDescription") or "",
+                "serieModality": text("Modality") or "", "images": [],
+            }
+            study["series"].append(series)
+            modalities = [m for m in study["modalities"].split(",") if m]
+            if series["serieModality"] and series["serieModality"] not in modalities:
+                study["modalities"] = ",".join(modalities + [series["serieModality"]])
+        path = urllib.parse.unquote(urllib.parse.urlparse(uri).path)
+        image = {"sopInstanceUID": text("SOPInstanceUID") or "", "rawPath": path, "uri": uri, "filename": os.path.basename(path)}
+        number = text("InstanceNumber") or ""
+        if number.lstrip("-").isdigit():
+            image["number"] = int(number)
+        series["images"].append(image)
+    return list(patients.values())
+
+
 # ============================================================================================
 # Rendering: DICOM frames to PNG
 # ============================================================================================
@@ -6727,13 +6799,6 @@ def _path_from_uri(uri: str) -> str:
     return os.path.normpath(uri)
 
 
-def _text_field(meta: dict, keyword: str) -> str | None:
-    value = meta.get(keyword)
-    if isinstance(value, list):
-        return "\\".join(v for v in value if isinstance(v, str)) if value and isinstance(value[0], str) else None
-    return value
-
-
 class Api:
     """Route registration with access control, and the state the REST handlers share."""
 
@@ -7197,7 +7262,7 @@ def _search_routes(api: Api):
                 seen.add(uid)
                 merged.append((uri, meta))
         end = None if limit is None else offset + limit
-        return _with_index_fields(daemon, merged[offset:end]), len(merged)
+        return complete_from_index(daemon.index, merged[offset:end]), len(merged)
 
     def search_error(error: Exception):
         bottle.response.status = 400
@@ -7216,7 +7281,7 @@ def _search_routes(api: Api):
         except SearchSyntaxError as error:
             return search_error(error)
         return {
-            "results": [{"uri": uri, "fields": {f: v for f in fields if (v := _text_field(meta, f)) is not None}}
+            "results": [{"uri": uri, "fields": {f: v for f in fields if (v := field_text(meta, f)) is not None}}
                         for uri, meta in results],
             "elapsedTime": round((time.perf_counter() - started) * 1000),
             "numResults": total,
@@ -7236,7 +7301,7 @@ def _search_routes(api: Api):
             results, _ = run(query, providers, None, 0)
         except SearchSyntaxError as error:
             return search_error(error)
-        patients = _group_dim(results, with_birthdate)
+        patients = group_dim(results, with_birthdate)
         elapsed = round((time.perf_counter() - started) * 1000)
         if depth == "none":
             return {"numResults": len(patients), "elapsedTime": elapsed}
@@ -7326,7 +7391,7 @@ def _search_routes(api: Api):
 
         yield "".join(_csv_cell(f) for f in fields) + "\n"
         for _, meta in results:
-            yield "".join(_csv_cell(_text_field(meta, f)) for f in fields) + "\n"
+            yield "".join(_csv_cell(field_text(meta, f)) for f in fields) + "\n"
 
     def export_parameters():
         params = bottle.request.params
@@ -7694,69 +7759,6 @@ def _persist_plugin_settings(daemon: "Daemon", plugin: Plugin):
     with daemon.settings_lock:
         save_settings(daemon.config.data_dir, {f"plugin.{plugin.name}": values})
     daemon.config.plugin_settings[plugin.name] = values
-
-
-#: What /searchDIM groups by: a provider's result lacking one is completed from the index.
-DIM_FIELDS = ("PatientID", "PatientName", "StudyInstanceUID", "SeriesInstanceUID")
-
-
-def _with_index_fields(daemon: "Daemon", results: list) -> list:
-    """A query provider's (uri, fields) with what it left out taken from the index, found by
-    SOPInstanceUID: a provider may answer with a SOPInstanceUID alone and still group in
-    /searchDIM. The provider's own fields win."""
-    lacking = [fields["SOPInstanceUID"] for _, fields in results
-               if fields.get("SOPInstanceUID") and not all(fields.get(name) for name in DIM_FIELDS)]
-    known = daemon.index.metadata_by_uid(lacking) if lacking else {}
-    def completed(fields):
-        indexed = known.get(fields.get("SOPInstanceUID"))
-        return {**indexed, **{k: v for k, v in fields.items() if v not in ("", None)}} if indexed else fields
-    return [(uri, completed(fields)) for uri, fields in results]
-
-
-def _group_dim(results, with_birthdate: bool) -> list[dict]:
-    """Dicoogle's DIM tree: patient (by PatientID, else name) → study → series → images."""
-    patients: dict[str, dict] = {}
-    studies: dict[tuple, dict] = {}
-    series_map: dict[tuple, dict] = {}
-    for uri, meta in results:
-        text = functools.partial(_text_field, meta)
-        patient_key = text("PatientID") or text("PatientName") or ""
-        patient = patients.get(patient_key)
-        if patient is None:
-            patient = patients[patient_key] = {
-                "id": text("PatientID") or "", "name": text("PatientName") or "", "gender": text("PatientSex") or "",
-                "nStudies": 0, "birthdate": (text("PatientBirthDate") or "") if with_birthdate else "", "studies": [],
-            }
-        study_key = (patient_key, text("StudyInstanceUID") or "")
-        study = studies.get(study_key)
-        if study is None:
-            study = studies[study_key] = {
-                "studyInstanceUID": study_key[1], "studyDate": text("StudyDate") or "",
-                "studyDescription": text("StudyDescription") or "", "institutionName": text("InstitutionName") or "",
-                "modalities": "", "series": [],
-            }
-            patient["studies"].append(study)
-            patient["nStudies"] += 1
-        series_key = study_key + (text("SeriesInstanceUID") or "",)
-        series = series_map.get(series_key)
-        if series is None:
-            number = text("SeriesNumber") or ""
-            series = series_map[series_key] = {
-                "serieNumber": int(number) if number.lstrip("-").isdigit() else 0,
-                "serieInstanceUID": series_key[2], "serieDescription": text("SeriesDescription") or "",
-                "serieModality": text("Modality") or "", "images": [],
-            }
-            study["series"].append(series)
-            modalities = [m for m in study["modalities"].split(",") if m]
-            if series["serieModality"] and series["serieModality"] not in modalities:
-                study["modalities"] = ",".join(modalities + [series["serieModality"]])
-        path = urllib.parse.unquote(urllib.parse.urlparse(uri).path)
-        image = {"sopInstanceUID": text("SOPInstanceUID") or "", "rawPath": path, "uri": uri, "filename": os.path.basename(path)}
-        number = text("InstanceNumber") or ""
-        if number.lstrip("-").isdigit():
-            image["number"] = int(number)
-        series["images"].append(image)
-    return list(patients.values())
 
 
 # ---- images and tags: /dic2png, /dictags ----------------------------------------------------
