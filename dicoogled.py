@@ -4190,8 +4190,11 @@ class PluginManager:
     def _load_python(self, plugin: Plugin):
         spec = importlib.util.spec_from_file_location(f"dicoogled_plugin_{plugin.name}", plugin.path)
         module = importlib.util.module_from_spec(spec)
-        module.dicoogle = PluginApi(self.daemon, plugin)
+        # The API is there while the file runs, and given again after: a plugin declares the
+        # name (dicoogle = None) so that linters know it, and that declaration must not win.
+        module.dicoogle = api = PluginApi(self.daemon, plugin)
         spec.loader.exec_module(module)
+        module.dicoogle = api
         plugin.description = (module.__doc__ or "").strip().splitlines()[0] if module.__doc__ else ""
         plugin.settings = dict(getattr(module, "SETTINGS", {}))
         plugin.webui = getattr(module, "WEBUI", None)

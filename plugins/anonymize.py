@@ -31,6 +31,7 @@ try:
 except ImportError:  # optional: the route explains what to install
     anonymize_dataset = None
 
+dicoogle = None  # the plugin API: the daemon gives it when it loads this file (docs/plugins.md)
 SETTINGS = {"enabled": False}  # writes to the archive: off until an administrator turns it on
 
 # dicom-anonymizer keeps its old -> new UID table in a module global: one study at a time.
@@ -55,15 +56,15 @@ def routes(app):
     def anonymize_study(study_uid):
         if anonymize_dataset is None:
             bottle.abort(501, "de-identification needs the dicom-anonymizer package: pip install dicom-anonymizer")
-        instances = dicoogle.instances(study_uid)  # noqa: F821 (dicoogle is given to every plugin)
+        instances = dicoogle.instances(study_uid)
         if not instances:
             bottle.abort(404, f"no study {study_uid}")
         new_study_uid, stored, failed = None, 0, 0
         with _lock:
             for sop_uid, _, _, _ in instances:
-                copy = deidentify(dicoogle.file(sop_uid))  # noqa: F821
+                copy = deidentify(dicoogle.file(sop_uid))
                 new_study_uid = pydicom.dcmread(io.BytesIO(copy), stop_before_pixels=True).StudyInstanceUID
-                status = dicoogle.store(copy, "anonymize")  # noqa: F821 (0 is success)
+                status = dicoogle.store(copy, "anonymize")  # 0 is success
                 stored, failed = stored + (status == 0), failed + (status != 0)
-        dicoogle.log(f"de-identified study {study_uid} as {new_study_uid}: {stored} stored, {failed} failed")  # noqa: F821
+        dicoogle.log(f"de-identified study {study_uid} as {new_study_uid}: {stored} stored, {failed} failed")
         return {"StudyInstanceUID": new_study_uid, "stored": stored, "failed": failed}

@@ -37,9 +37,7 @@ import pydicom
 from pydicom.datadict import keyword_for_tag
 from pydicom.encaps import get_frame
 
-# `dicoogle`, the plugin API, is set in this module by the plugin loader before the file runs.
-# ruff: noqa: F821
-
+dicoogle = None  # the plugin API: the daemon gives it when it loads this file (docs/plugins.md)
 MOUNT = "/dicom-web"
 SETTINGS = {"enabled": True, "cors_origins": "", "max_results": 1000}
 

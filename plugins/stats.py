@@ -13,6 +13,7 @@ descriptor that puts stats.js in the web app's menu), with the call dicoogle.fin
 
 import collections
 
+dicoogle = None  # the plugin API: the daemon gives it when it loads this file (docs/plugins.md)
 SETTINGS = {"enabled": True}
 
 #: Where the web app shows the module (slot-id), under which caption, and for which roles
@@ -30,7 +31,7 @@ def count_studies() -> dict:
     modalities, years, institutions = collections.Counter(), collections.Counter(), collections.Counter()
     studies = 0
     keys = {"StudyInstanceUID": "", "ModalitiesInStudy": "", "StudyDate": "", "InstitutionName": ""}
-    for study in dicoogle.find("STUDY", keys):  # noqa: F821 (dicoogle is given to every plugin)
+    for study in dicoogle.find("STUDY", keys):
         studies += 1
         found = study.get("ModalitiesInStudy") or "?"  # one value is a str, several a list
         for modality in [found] if isinstance(found, str) else found:

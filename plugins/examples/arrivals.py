@@ -9,17 +9,18 @@ Enable: copy this file into plugins/ (`dicoogled new-plugin NAME --kind events` 
 log, or GET /logger. Course: chapter 9, exercise 5 (events).
 """
 
+dicoogle = None  # the plugin API: the daemon gives it when it loads this file (docs/plugins.md)
 SETTINGS = {"enabled": True}
 
 
 def on_stored(instance):
     """instance: its UIDs, uri, origin ("store" or "stow"), calling_aet and every tag."""
-    dicoogle.log(f"stored {instance['SOPInstanceUID']} from {instance['calling_aet'] or '?'}")  # noqa: F821
+    dicoogle.log(f"stored {instance['SOPInstanceUID']} from {instance['calling_aet'] or '?'}")
 
 
 def on_indexed(instance):
-    dicoogle.log(f"indexed {instance['SOPInstanceUID']} ({instance['origin']})")  # noqa: F821
+    dicoogle.log(f"indexed {instance['SOPInstanceUID']} ({instance['origin']})")
 
 
 def on_stable_study(study):
-    dicoogle.log(f"study {study['StudyInstanceUID']} is stable")  # noqa: F821
+    dicoogle.log(f"study {study['StudyInstanceUID']} is stable")

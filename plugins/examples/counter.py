@@ -10,6 +10,7 @@ Course: chapter 9, exercise 4 (web services).
 
 import bottle
 
+dicoogle = None  # the plugin API: the daemon gives it when it loads this file (docs/plugins.md)
 SETTINGS = {"enabled": True, "limit": 100000}
 
 
@@ -19,5 +20,5 @@ def routes(app):
     @app.get("/count")
     def count():
         query = bottle.request.params.get("query", "*:*")
-        hits = dicoogle.search(query, limit=dicoogle.setting("limit"), fields=["SOPInstanceUID"])  # noqa: F821
+        hits = dicoogle.search(query, limit=dicoogle.setting("limit"), fields=["SOPInstanceUID"])
         return {"query": query, "instances": len(hits)}

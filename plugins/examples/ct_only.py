@@ -8,6 +8,7 @@ Enable: copy this file into plugins/ (`dicoogled new-plugin NAME --kind query` d
 listed by /providers. Course: chapter 9, exercise 2 (query providers).
 """
 
+dicoogle = None  # the plugin API: the daemon gives it when it loads this file (docs/plugins.md)
 SETTINGS = {"enabled": True, "limit": 1000}
 
 
@@ -18,5 +19,5 @@ def query(text):
     StudyInstanceUID, SeriesInstanceUID and SOPInstanceUID; for instances the archive holds,
     SOPInstanceUID alone is enough: the daemon fills in the rest from its index.
     """
-    hits = dicoogle.search(f"({text}) AND Modality:CT", limit=dicoogle.setting("limit"))  # noqa: F821
+    hits = dicoogle.search(f"({text}) AND Modality:CT", limit=dicoogle.setting("limit"))
     return [{"uri": hit["uri"], "fields": hit["fields"]} for hit in hits]

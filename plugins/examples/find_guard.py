@@ -9,6 +9,7 @@ Enable: copy this file into plugins/ (`dicoogled new-plugin NAME --kind find-fil
 Course: chapter 9, exercise 7 (find filters).
 """
 
+dicoogle = None  # the plugin API: the daemon gives it when it loads this file (docs/plugins.md)
 SETTINGS = {"enabled": True}
 #: "Refused: out of resources" (PS3.4 C.4.1.1.4): the archive will not answer so much at once.
 OUT_OF_RESOURCES = 0xA700
@@ -18,7 +19,7 @@ NAMING_KEYS = ("PatientID", "PatientName", "StudyDate", "AccessionNumber", "Stud
 def incoming_find_filter(calling_aet, query):
     named = [key for key in NAMING_KEYS if query.get(key, "").strip("*")]
     if query.get("QueryRetrieveLevel") == "STUDY" and not named:
-        dicoogle.log(f"refused a C-FIND from {calling_aet}: it names no patient, date or study", "warning")  # noqa: F821
+        dicoogle.log(f"refused a C-FIND from {calling_aet}: it names no patient, date or study", "warning")
         return OUT_OF_RESOURCES
     if query.get("PatientID"):
         return {**query, "PatientID": query["PatientID"].upper()}

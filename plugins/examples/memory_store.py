@@ -14,6 +14,7 @@ SCHEME made from NAME), set [storage] scheme, restart. Storage plugins are Pytho
 Course: chapter 9, exercise 3 (storage plugins).
 """
 
+dicoogle = None  # the plugin API: the daemon gives it when it loads this file (docs/plugins.md)
 SETTINGS = {"enabled": True}
 #: The URI scheme of what this plugin keeps: lower case, not "file".
 SCHEME = "memory-store"

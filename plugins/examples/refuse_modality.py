@@ -10,6 +10,7 @@ set the modality: [plugin.refuse_modality] modality = OT.
 Course: chapter 9, exercise 6 (store filters).
 """
 
+dicoogle = None  # the plugin API: the daemon gives it when it loads this file (docs/plugins.md)
 SETTINGS = {"enabled": True, "modality": "OT"}
 #: C-STORE's "Error: data set does not match SOP class" (PS3.4 Annex B.2.3): the sender sees it.
 DATA_SET_DOES_NOT_MATCH = 0xA900
@@ -18,8 +19,8 @@ DATA_SET_DOES_NOT_MATCH = 0xA900
 def incoming_store_filter(calling_aet, tags):
     modality = tags.get("Modality")  # None when the element is missing, "" when it is empty
     if not modality:
-        dicoogle.log(f"refused {tags.get('SOPInstanceUID')} from {calling_aet or '?'}: no Modality", "warning")  # noqa: F821
+        dicoogle.log(f"refused {tags.get('SOPInstanceUID')} from {calling_aet or '?'}: no Modality", "warning")
         return DATA_SET_DOES_NOT_MATCH
-    if modality == dicoogle.setting("modality"):  # noqa: F821
+    if modality == dicoogle.setting("modality"):
         return False
     return None
