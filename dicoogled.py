@@ -7006,7 +7006,12 @@ def make_app(daemon: "Daemon") -> bottle.Bottle:
     _search_routes(api)
     _image_routes(api)
     _task_routes(api)
-    _management_routes(api)
+    _index_settings_routes(api)
+    _transfer_settings_routes(api)
+    _dicom_settings_routes(api)
+    _destination_routes(api)
+    _listener_routes(api)
+    _log_and_api_routes(api)
     _plugin_routes(api)
     _viewer_routes(api)
     _web_app_routes(api)
@@ -7994,48 +7999,50 @@ QUERY_RETRIEVE_SETTINGS = {
 ECHO_TIMEOUT = 5.0
 
 
-def _management_routes(api: Api):
-    """Dicoogle's /management/settings and /management/dicom routes, /logger and /openapi.json.
+def _bool_param(name: str) -> bool | None:
+    """A true/false request parameter; None when absent (400 if it is neither)."""
+    raw = bottle.request.params.get(name)
+    if raw is None:
+        return None
+    if raw.strip().lower() not in ("true", "false"):
+        _fail(400, f"{name} must be true or false, not {raw[:40]!r}")
+    return raw.strip().lower() == "true"
 
-    A change is checked by Config.validate (400 with the reason if it cannot work), applied at
-    once and saved in data_dir/settings.ini, so it survives a restart."""
+
+def _bounded_int_param(name: str, minimum: int, maximum: int, error: str = "") -> int | None:
+    """A whole-number request parameter from minimum to maximum; None when absent or empty."""
+    raw = bottle.request.params.get(name, "").strip()
+    if not raw:
+        return None
+    if not raw.isdigit() or not minimum <= int(raw) <= maximum:
+        _fail(400, error or f"{name} must be a whole number from {minimum} to {maximum}, not {raw[:40]!r}")
+    return int(raw)
+
+
+def _check_settings(config: Config, **values):
+    """Answer 400, with the reason, unless Config.validate accepts these settings."""
+    try:
+        dataclasses.replace(config, **values).validate()
+    except ValueError as error:
+        _fail(400, str(error))
+
+
+def _change_settings(daemon: "Daemon", **values):
+    """Daemon.change_settings, for a request: 400 with the reason if a setting cannot work."""
+    try:
+        daemon.change_settings(**values)
+    except ValueError as error:
+        _fail(400, str(error))
+
+
+# Dicoogle's /management/settings and /management/dicom routes, one function per resource. A
+# change goes through Daemon.change_settings: checked by Config.validate (400 with the reason if
+# it cannot work), saved in data_dir/settings.ini (so it survives a restart), then applied.
+
+
+def _index_settings_routes(api: Api):
+    """/management/settings/index: watched folders, watcher, thumbnails."""
     daemon, config = api.daemon, api.daemon.config
-
-    def check(**values):
-        """Answer 400, with the reason, unless Config.validate accepts these settings."""
-        try:
-            dataclasses.replace(config, **values).validate()
-        except ValueError as error:
-            _fail(400, str(error))
-
-    def change(**values):
-        """Save settings to settings.ini, then set them on the live config, once check() accepts
-        them: a change that cannot be saved (507 on a full disk) is not made at all."""
-        check(**values)
-        saved = [name for name in values if name in LIVE_SETTINGS or name in WHOLE_SECTIONS]
-        with daemon.settings_lock:
-            if saved:
-                dataclasses.replace(config, **values).save_settings(*saved)
-            for name, value in values.items():
-                setattr(config, name, value)
-
-    def bool_param(name: str) -> bool | None:
-        raw = bottle.request.params.get(name)
-        if raw is None:
-            return None
-        if raw.strip().lower() not in ("true", "false"):
-            _fail(400, f"{name} must be true or false, not {raw[:40]!r}")
-        return raw.strip().lower() == "true"
-
-    def int_param(name: str, minimum: int, maximum: int, error: str = "") -> int | None:
-        raw = bottle.request.params.get(name, "").strip()
-        if not raw:
-            return None
-        if not raw.isdigit() or not minimum <= int(raw) <= maximum:
-            _fail(400, error or f"{name} must be a whole number from {minimum} to {maximum}, not {raw[:40]!r}")
-        return int(raw)
-
-    # ---- index settings: watched folders, watcher, thumbnails ----
 
     def index_settings() -> dict:
         # Dicoogle's `path` is its storage folder, which its web app shows and sends back as the
@@ -8058,13 +8065,13 @@ def _management_routes(api: Api):
         if "path" in bottle.request.params:
             values["watch_folders"] = watched_folders(bottle.request.params.getall("path"))
         for name, attribute in (("watcher", "watch_enabled"), (thumbnail_param, "thumbnails")):
-            if (value := bool_param(name)) is not None:
+            if (value := _bool_param(name)) is not None:
                 values[attribute] = value
-        if (effort := int_param("effort", 0, 100)) is not None:
+        if (effort := _bounded_int_param("effort", 0, 100)) is not None:
             values["index_effort"] = effort
-        if (size := int_param("thumbnailSize", 1, 4096)) is not None:
+        if (size := _bounded_int_param("thumbnailSize", 1, 4096)) is not None:
             values["thumbnail_size"] = size
-        change(**values)
+        _change_settings(daemon, **values)
         if {"watch_folders", "watch_enabled"} & set(values):
             daemon.watch()
 
@@ -8110,7 +8117,10 @@ def _management_routes(api: Api):
                         "watcher": "watcher", "thumbnail/size": "thumbnailSize"}.items():
         index_setting_routes(field, name)
 
-    # ---- transfer syntaxes accepted per storage SOP class ----
+
+def _transfer_settings_routes(api: Api):
+    """/management/settings/transfer: the transfer syntaxes accepted per storage SOP class."""
+    daemon, config = api.daemon, api.daemon.config
 
     syntax_by_name = {name.lower(): uid for uid, name in TRANSFER_SYNTAX_NAMES.items()}
 
@@ -8149,16 +8159,19 @@ def _management_routes(api: Api):
         syntax = option if option in TRANSFER_SYNTAX_NAMES else syntax_by_name.get(option.lower())
         if syntax is None:
             _fail(400, f"unknown transfer syntax {option[:80]!r}: one of {', '.join(TRANSFER_SYNTAX_NAMES.values())}")
-        accept = bool_param("value")
+        accept = _bool_param("value")
         allowed = [uid for uid in config.transfer_syntaxes.get(sop_class, TRANSFER_SYNTAX_NAMES) if uid != syntax]
         allowed += [syntax] if accept else []
         limits = {uid: syntaxes for uid, syntaxes in config.transfer_syntaxes.items() if uid != sop_class}
         if not set(TRANSFER_SYNTAX_NAMES) <= set(allowed):
             limits[sop_class] = allowed
-        change(transfer_syntaxes=limits)
+        _change_settings(daemon, transfer_syntaxes=limits)
         return {"success": True}
 
-    # ---- query/retrieve limits, AE title, tags ----
+
+def _dicom_settings_routes(api: Api):
+    """/management/settings/dicom: query/retrieve limits, the AE title, the tags offered."""
+    daemon, config = api.daemon, api.daemon.config
 
     @api.route("/management/settings/dicom/query", access=ADMIN)
     def query_retrieve_settings():
@@ -8180,9 +8193,9 @@ def _management_routes(api: Api):
         """
         values = {}
         for name, attribute in QUERY_RETRIEVE_SETTINGS.items():
-            if (value := int_param(name, 0, 2**32 - 1)) is not None:
+            if (value := _bounded_int_param(name, 0, 2**32 - 1)) is not None:
                 values[attribute] = float(value) if attribute.endswith("timeout") else value
-        change(**values)  # the DICOM listener reads them afresh for each association
+        _change_settings(daemon, **values)  # the DICOM listener reads them afresh for each association
         return ""
 
     @api.route("/management/settings/dicom", access=ADMIN)
@@ -8197,7 +8210,7 @@ def _management_routes(api: Api):
         aetitle: 1 to 16 printable ASCII characters, no backslash
         """
         aet = bottle.request.params.get("aetitle", "").strip()
-        change(aet=aet)
+        _change_settings(daemon, aet=aet)
         daemon.dicom.set_ae_title(aet)
         return {"success": True}
 
@@ -8221,7 +8234,10 @@ def _management_routes(api: Api):
         return {"tags": [{"id": f"{tag:08X}", "alias": keyword_for_tag(tag), "vr": dictionary_VR(tag)} for tag in tags],
                 "modalities": modalities}
 
-    # ---- C-MOVE destinations ----
+
+def _destination_routes(api: Api):
+    """/management/settings/storage/dicom and /management/dicom/echo: C-MOVE destinations."""
+    daemon, config = api.daemon, api.daemon.config
 
     @api.route("/management/settings/storage/dicom", access=ADMIN)
     def move_destinations():
@@ -8250,10 +8266,10 @@ def _management_routes(api: Api):
         kind, aet = params.get("type", ""), params.get("aetitle", "").strip()
         if kind not in ("add", "remove"):
             _fail(400, 'Illegal type parameter: must be either "add" or "remove"')
-        port = int_param("port", 1, 65535, "Illegal port parameter: must be a valid TCP port")
+        port = _bounded_int_param("port", 1, 65535, "Illegal port parameter: must be a valid TCP port")
         if kind == "remove":
             removed = aet in config.modalities
-            change(modalities={a: address for a, address in config.modalities.items() if a != aet},
+            _change_settings(daemon, modalities={a: address for a, address in config.modalities.items() if a != aet},
                    modality_details={a: details for a, details in config.modality_details.items() if a != aet},
                    modality_services={a: services for a, services in config.modality_services.items() if a != aet})
             return {"removed": removed}
@@ -8264,11 +8280,11 @@ def _management_routes(api: Api):
             _fail(400, f"invalid ip {host[:80]!r}: a host name or an IPv4 or IPv6 address")
         if port is None:
             _fail(400, "Illegal port parameter: must be a valid TCP port")
-        public, description = bool(bool_param("public")), " ".join(params.get("description", "").split())
+        public, description = bool(_bool_param("public")), " ".join(params.get("description", "").split())
         details = {a: d for a, d in config.modality_details.items() if a != aet}
         if public or description:
             details[aet] = (public, description)
-        change(modalities={**config.modalities, aet: (host, port)}, modality_details=details)
+        _change_settings(daemon, modalities={**config.modalities, aet: (host, port)}, modality_details=details)
         return {"added": True}
 
     @api.route("/management/dicom/echo", "POST", access=ADMIN)
@@ -8295,7 +8311,10 @@ def _management_routes(api: Api):
             return {"success": False, "error": f"{aet} answered C-ECHO with status 0x{status:04X}"}
         return {"success": True}
 
-    # ---- the DICOM listener: storage and query/retrieve share it ----
+
+def _listener_routes(api: Api):
+    """/management/dicom/storage and /query: the DICOM listener, which both services share."""
+    daemon, config = api.daemon, api.daemon.config
 
     def service_status():
         return {"isRunning": daemon.dicom.running, "port": daemon.dicom.port or config.dicom_port,
@@ -8303,23 +8322,23 @@ def _management_routes(api: Api):
 
     def change_service():
         params = bottle.request.params
-        port = int_param("port", 1, 65535, "Bad service port: must be a valid port number")
+        port = _bounded_int_param("port", 1, 65535, "Bad service port: must be a valid port number")
         hostname = (params["hostname"].strip() or "0.0.0.0") if "hostname" in params else None
         if hostname is not None:
             try:
                 socket.getaddrinfo(hostname, None)
             except (OSError, UnicodeError):
                 _fail(400, f"cannot resolve hostname {hostname[:80]!r}")
-        autostart, running = bool_param("autostart"), bool_param("running")
+        autostart, running = _bool_param("autostart"), _bool_param("running")
         given = {"port": port, "hostname": hostname, "autostart": autostart}
         outcome = {name: value for name, value in given.items() if value is not None}  # echoed, as Dicoogle does
         attributes = {"port": "dicom_port", "hostname": "dicom_host", "autostart": "dicom_autostart"}
         values = {attributes[name]: value for name, value in outcome.items()}
-        check(**values)  # before the listener moves
+        _check_settings(config, **values)  # before the listener moves
         try:
             if {"dicom_port", "dicom_host"} & set(values) and running is not False:
                 daemon.dicom.move(values.get("dicom_host", config.dicom_host), values.get("dicom_port", config.dicom_port))
-            change(**values)
+            _change_settings(daemon, **values)
             if running is not None:
                 outcome["running"] = running
                 if running and not daemon.dicom.start():
@@ -8350,7 +8369,10 @@ def _management_routes(api: Api):
         """
         return change_service()
 
-    # ---- the log, and this API ----
+
+def _log_and_api_routes(api: Api):
+    """/logger, and /openapi.json: this API."""
+    daemon = api.daemon
 
     @api.route("/logger", access=ADMIN)
     def logger():
@@ -8565,6 +8587,20 @@ class Daemon:
     def plugin_cache(self, plugin_name: str) -> InstanceCache:
         """The cache of what a plugin makes from instances (dicoogle.cached)."""
         return InstanceCache(self._cache_root / f"plugin-{plugin_name}", ".cache")
+
+    def change_settings(self, **values):
+        """Change settings at run time (Config attributes): checked by Config.validate (ValueError
+        says why one cannot work), saved in data_dir/settings.ini, then set on the live config, so
+        a change that cannot be saved (OSError, a full disk) is not made at all. What reads a
+        setting for each association or request sees the change from the next one."""
+        changed = dataclasses.replace(self.config, **values)
+        changed.validate()
+        saved = [name for name in values if name in LIVE_SETTINGS or name in WHOLE_SECTIONS]
+        with self.settings_lock:
+            if saved:
+                changed.save_settings(*saved)
+            for name, value in values.items():
+                setattr(self.config, name, value)
 
     def search(self, text: str, limit: int | None = None, offset: int = 0):
         """A query in the search language, with the fields plugins add: (rows of id, path and
