@@ -4469,7 +4469,7 @@ PYNETDICOM_SUPPORTED = ((3, 0, 1), (3, 1))
 A_ASSOCIATE_RQ_PDU, A_ASSOCIATE_AC_PDU, A_ASSOCIATE_RJ_PDU, P_DATA_TF_PDU = 0x01, 0x02, 0x03, 0x04
 A_RELEASE_RQ_PDU, A_RELEASE_RP_PDU, A_ABORT_PDU = 0x05, 0x06, 0x07
 PDU_HEADER = struct.Struct(">BxI")  # PDU type, reserved, length of the rest (PS3.8 9.3.1)
-PDV_HEADER = struct.Struct(">BxIIB")  # a P-DATA-TF header with one PDV item: length, context ID
+PDV_ITEM_HEADER = struct.Struct(">IBB")  # a PDV item: its length, context ID, message control header
 PDV_COMMAND, PDV_DATA, PDV_LAST = 0x01, 0x00, 0x02  # a PDV's message control header (PS3.8 E.2)
 #: Largest association-control PDU read (A-ASSOCIATE-RQ/AC/RJ, A-RELEASE, A-ABORT): 128 proposed
 #: contexts with every transfer syntax fit in a tenth of this.
@@ -4897,20 +4897,31 @@ class Association:
         return DimseMessage(kind, fields, context_id)
 
     def send_message(self, message_class, primitive, context_id: int):
-        """Encode a DIMSE primitive as message_class and send it at once, in PDUs no longer than
-        the peer accepts (all PDUs of a message in one write): the command set, then the data set."""
+        """Encode a DIMSE primitive as message_class and send it at once (all its PDUs in one
+        write): the command set, then the data set, as PDV items packed into as few P-DATA-TF PDUs
+        as the peer's maximum length allows. A small message, its command and data set, is one
+        PDU: the peer handles one PDU per response instead of two (PS3.8 9.3.5 allows several
+        PDV items in a PDU)."""
         data_set = getattr(primitive, _DATASET_KEYWORDS.get(message_class.__name__, ""), None)
         data_set = data_set.getvalue() if data_set else b""
-        pdus = []
+        limit = self.max_send  # of a PDU's variable field, its PDV items (0: no limit)
+        items = []  # (header with the message control byte, fragment)
         for control, payload in ((PDV_COMMAND, encode_command_set(message_class, primitive, bool(data_set))),
                                  (PDV_DATA, data_set)):
-            step = self.max_send - 6 if self.max_send else max(len(payload), 1)  # a PDV item's header: 6 bytes
+            step = limit - PDV_ITEM_HEADER.size if limit else max(len(payload), 1)
             for start in range(0, len(payload), step):
                 fragment = payload[start:start + step]
                 last = PDV_LAST if start + step >= len(payload) else 0
-                pdus.append(PDV_HEADER.pack(P_DATA_TF_PDU, len(fragment) + 6, len(fragment) + 2, context_id))
-                pdus.append(bytes((control | last,)))
-                pdus.append(fragment)
+                items.append((PDV_ITEM_HEADER.pack(len(fragment) + 2, context_id, control | last), fragment))
+        pdus, pdu, length = [], [], 0
+        for header, fragment in items:
+            size = len(header) + len(fragment)
+            if pdu and limit and length + size > limit:  # this item starts the next PDU
+                pdus += [PDU_HEADER.pack(P_DATA_TF_PDU, length), *pdu]
+                pdu, length = [], 0
+            pdu += [header, fragment]
+            length += size
+        pdus += [PDU_HEADER.pack(P_DATA_TF_PDU, length), *pdu]
         self.send(b"".join(pdus))
 
     def cancel_requested(self, message_id: int) -> bool:

@@ -562,21 +562,42 @@ def _primitives():
 @pytest.mark.parametrize("max_pdu", [0, 16384, 64])
 def test_messages_are_written_as_pynetdicom_encodes_them(max_pdu):
     """The engine writes command sets itself (pynetdicom's way costs most of a small message); on
-    the wire each message, command and data set, fragmented to the peer's maximum PDU, is byte
-    for byte what pynetdicom's encoder makes of the same primitive."""
+    the wire each message, command and data set, fragmented to the peer's maximum PDU, is PDV
+    for PDV what pynetdicom's encoder makes of the same primitive. The engine packs them into as
+    few PDUs as the maximum allows (pynetdicom gives each fragment its own): a small message is
+    one PDU."""
     import dicoogled
 
     for message_class, (kind, fields) in _primitives():
         primitive = kind()
         for name, value in fields.items():
             setattr(primitive, name, value)
-        expected = _pynetdicom_bytes(message_class, primitive, 3, max_pdu)
+        expected = [_pdv_items(pdu) for pdu in _pdus(_pynetdicom_bytes(message_class, primitive, 3, max_pdu))]
         for stream in ("DataSet", "Identifier"):  # pynetdicom's encoder read them
             if stream in fields:
                 fields[stream].seek(0)
         # What the engine sends is built as DimseFields; a pynetdicom primitive must give the same.
-        assert _engine_bytes(message_class, dicoogled.DimseFields(**fields), 3, max_pdu) == expected, message_class.__name__
-        assert _engine_bytes(message_class, primitive, 3, max_pdu) == expected, message_class.__name__
+        for sent in (_engine_bytes(message_class, dicoogled.DimseFields(**fields), 3, max_pdu),
+                     _engine_bytes(message_class, primitive, 3, max_pdu)):
+            pdus = [_pdv_items(pdu) for pdu in _pdus(sent)]
+            assert [item for pdu in pdus for item in pdu] == [item for pdu in expected for item in pdu], message_class.__name__
+            sizes = [sum(5 + len(fragment) for _, fragment in pdu) for pdu in pdus]
+            if max_pdu:
+                assert max(sizes) <= max_pdu
+                # Packed: no two neighbouring PDUs could have been one.
+                assert all(a + b > max_pdu for a, b in zip(sizes, sizes[1:])), (message_class.__name__, sizes)
+            else:
+                assert len(pdus) == 1
+            # And pynetdicom, as a peer, reads the packed PDUs back as the message.
+            from pynetdicom.dimse_messages import DIMSEMessage
+            from pynetdicom.pdu_primitives import P_DATA
+
+            decoded, done = DIMSEMessage(), False
+            for pdu in _pdus(sent):
+                pdata = P_DATA()
+                pdata.presentation_data_value_list = _pdv_items(pdu)
+                done = decoded.decode_msg(pdata)
+            assert done and type(decoded) is message_class, message_class.__name__
 
 
 def _requests():
