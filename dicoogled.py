@@ -1151,6 +1151,15 @@ _INSTANCE_PARENTS = "instances i JOIN series se ON se.id = i.series_ref JOIN stu
 _UID_COLUMNS = ("st.study_instance_uid", "se.series_instance_uid", "i.sop_instance_uid")
 
 
+#: The first (lowest id) instance below a series, study or patient, by its id.
+_FIRST_INSTANCE_OF = {
+    "series": "SELECT min(id) FROM instances WHERE series_ref = ?",
+    "studies": "SELECT min(i.id) FROM instances i JOIN series se ON se.id = i.series_ref WHERE se.study_ref = ?",
+    "patients": "SELECT min(i.id) FROM instances i JOIN series se ON se.id = i.series_ref"
+                " JOIN studies st ON st.id = se.study_ref WHERE st.patient_ref = ?",
+}
+
+
 class _WriteOp:
     __slots__ = ("function", "args", "future")
 
@@ -1402,6 +1411,8 @@ class Index:
         if row:  # a changed file: its parents now show what it says (and it represents them)
             assignments = ", ".join(f"{name} = ?" for name in names[1:])
             connection.execute(f"UPDATE {table} SET {assignments} WHERE id = ?", values[1:] + [row[0]])
+            if parent_column:  # it may name another parent now (a corrected PatientID): moved there
+                Index._move_to_parent(connection, table, row[0], parent_column, parent_id)
             return row[0]
         if parent_column:
             names.append(parent_column)
@@ -1434,6 +1445,30 @@ class Index:
         return instance_id
 
     @staticmethod
+    def _move_to_parent(connection, table: str, row_id: int, parent_column: str, parent_id: int):
+        """Put a study under another patient, or a series under another study; the parent it
+        leaves goes if it has nothing left, or is represented by one of the instances it keeps."""
+        (old_parent,) = connection.execute(f"SELECT {parent_column} FROM {table} WHERE id = ?", (row_id,)).fetchone()
+        if old_parent == parent_id:
+            return
+        connection.execute(f"UPDATE {table} SET {parent_column} = ? WHERE id = ?", (parent_id, row_id))
+        parent_table = "patients" if table == "studies" else "studies"
+        Index._represent_or_drop(connection, parent_table, old_parent)
+
+    @staticmethod
+    def _represent_or_drop(connection, table: str, parent_id: int, former: int | None = None):
+        """Drop a patient, study or series left without instances; else let its first remaining
+        instance represent it (if former, only where former did)."""
+        successor = connection.execute(_FIRST_INSTANCE_OF[table], (parent_id,)).fetchone()[0]
+        if successor is None:
+            connection.execute(f"DELETE FROM {table} WHERE id = ?", (parent_id,))
+        elif former is None:
+            connection.execute(f"UPDATE {table} SET first_instance = ? WHERE id = ?", (successor, parent_id))
+        else:
+            connection.execute(f"UPDATE {table} SET first_instance = ? WHERE id = ? AND first_instance = ?",
+                               (successor, parent_id, former))
+
+    @staticmethod
     def remove_instance(connection, instance_id: int) -> str | None:
         """Unindex one instance; parents left without instances go too. Returns its path."""
         row = connection.execute(
@@ -1447,19 +1482,9 @@ class Index:
         connection.execute("DELETE FROM instances WHERE id = ?", (instance_id,))
         connection.execute("DELETE FROM metadata WHERE rowid = ?", (instance_id,))
         # Re-point or drop each parent whose representative (or last) instance this was.
-        for table, parent_id, child_sql in (
-            ("series", series_id, "SELECT min(id) FROM instances WHERE series_ref = ?"),
-            ("studies", study_id, "SELECT min(i.id) FROM instances i JOIN series se ON se.id = i.series_ref WHERE se.study_ref = ?"),
-            ("patients", patient_id, "SELECT min(i.id) FROM instances i JOIN series se ON se.id = i.series_ref"
-                                     " JOIN studies st ON st.id = se.study_ref WHERE st.patient_ref = ?"),
-        ):
-            if parent_id is None:
-                continue
-            successor = connection.execute(child_sql, (parent_id,)).fetchone()[0]
-            if successor is None:
-                connection.execute(f"DELETE FROM {table} WHERE id = ?", (parent_id,))
-            else:
-                connection.execute(f"UPDATE {table} SET first_instance = ? WHERE id = ? AND first_instance = ?", (successor, parent_id, instance_id))
+        for table, parent_id in (("series", series_id), ("studies", study_id), ("patients", patient_id)):
+            if parent_id is not None:
+                Index._represent_or_drop(connection, table, parent_id, former=instance_id)
         return path
 
     @classmethod

@@ -363,8 +363,6 @@ def test_corrected_study_attributes_are_seen(start_daemon, tmp_path):
     assert daemon.counts() == {"patients": 1, "studies": 1, "series": 1, "instances": 3}
 
 
-@pytest.mark.xfail(strict=True, reason="a study whose files now name another PatientID stays under the old patient "
-                   "row, and the new patient row is left without studies (Index.add_instance re-links no parent)")
 def test_study_moved_to_another_patient(start_daemon, tmp_path):
     """Every file of a study rewritten with a corrected PatientID: the study is the new patient's."""
     folder = tmp_path / "watch"
@@ -380,6 +378,27 @@ def test_study_moved_to_another_patient(start_daemon, tmp_path):
     results, status = daemon.find(make_identifier("PATIENT", PatientID="", NumberOfPatientRelatedStudies=""), model="patient")
     assert status == 0
     assert [(str(r.PatientID), int(r.NumberOfPatientRelatedStudies)) for r in results] == [("RIGHT-ID", 1)]
+
+
+def test_series_moved_to_another_study(start_daemon, tmp_path):
+    """Every file of a series rewritten with a corrected StudyInstanceUID: the series is the other
+    study's, and the study it left, now empty, is gone."""
+    folder = tmp_path / "watch"
+    folder.mkdir()
+    daemon = start_daemon(config_text=watch_config(folder))
+    paths = [folder / f"{i}.dcm" for i in range(2)]
+    uids = [write_instance(path, 0, 0, 0, i, StudyInstanceUID="1.2.826.0.1.3680043.2.1143.901") for i, path in enumerate(paths)]
+    wait_for_uids(daemon, uids)
+    for i, path in enumerate(paths):
+        write_instance(path, 0, 0, 0, i, StudyInstanceUID="1.2.826.0.1.3680043.2.1143.902")
+    wait_until(lambda: all(index_rows(daemon).get(uid, (None,) * 4)[3] == p.stat().st_mtime_ns
+                           for uid, p in zip(uids, paths)), message="every rewritten file to be indexed again")
+    results, status = daemon.find(make_identifier("STUDY", StudyInstanceUID="", NumberOfStudyRelatedSeries="",
+                                                  NumberOfStudyRelatedInstances=""))
+    assert status == 0
+    assert [(str(r.StudyInstanceUID), int(r.NumberOfStudyRelatedSeries), int(r.NumberOfStudyRelatedInstances))
+            for r in results] == [("1.2.826.0.1.3680043.2.1143.902", 1, 2)]
+    assert daemon.counts() == {"patients": 1, "studies": 1, "series": 1, "instances": 2}
 
 
 @pytest.mark.parametrize("how", ["rm -r", "shutil.rmtree", "moved out"])
