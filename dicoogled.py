@@ -4124,7 +4124,13 @@ class LuaPlugin:
                 return self._to_lua(function(*arguments))
             return call
         names = ("search", "tags", "file", "send", "log", "setting", "run_task")
-        return self.runtime.table_from({name: wrap(getattr(api, name)) for name in names})
+        calls = {name: getattr(api, name) for name in names}
+        # What Python gets as objects, Lua gets as tables: a C-FIND response as keyword -> text
+        # (as a find filter sees a query), an instance row by its field names.
+        calls["find"] = lambda level, keys, offset=0, limit=None: [
+            identifier_keys(response) for response in api.find(level, keys, offset=offset, limit=limit)]
+        calls["instances"] = lambda *uids: [row._asdict() for row in api.instances(*uids)]
+        return self.runtime.table_from({name: wrap(call) for name, call in calls.items()})
 
     def _to_lua(self, value):
         if isinstance(value, (dict, list, tuple)):

@@ -317,7 +317,12 @@ LUA_SHAPES = '''
     uris = {}
     function on_stored(instance) uris[instance.SOPInstanceUID] = instance.uri end
     routes = { ["GET /uri/<uid>"] = function(params)
-      return { event = uris[params.uid], search = dicoogle.search("SOPInstanceUID:" .. params.uid)[1].uri }
+      local hit = dicoogle.search("SOPInstanceUID:" .. params.uid)[1]
+      local row = dicoogle.instances(hit.fields.StudyInstanceUID)[1]
+      local study = dicoogle.find("STUDY", { StudyInstanceUID = hit.fields.StudyInstanceUID, PatientID = "",
+                                             NumberOfStudyRelatedInstances = "" })[1]
+      return { event = uris[params.uid], search = hit.uri, instances = row.uri, sop_class = row.sop_class_uid,
+               study = study.StudyInstanceUID, patient = study.PatientID, count = study.NumberOfStudyRelatedInstances }
     end }
 '''
 
@@ -335,7 +340,10 @@ def test_the_api_names_an_instance_by_one_uri_everywhere(archive):
     assert shapes["search"] == shapes["instances"] == shapes["event"]
     assert shapes["open"] == uid and shapes["render"] == "89504e47" and shapes["pixels"] > 0
     wait_until(lambda: get_json(daemon, f"/ext/luashapes/uri/{uid}").get("event"), message="the Lua on_stored event")
-    assert get_json(daemon, f"/ext/luashapes/uri/{uid}") == {"event": shapes["search"], "search": shapes["search"]}
+    # Lua gets the same calls, as tables: find's responses keyword -> text, instances' rows by name.
+    assert get_json(daemon, f"/ext/luashapes/uri/{uid}") == {
+        "event": shapes["search"], "search": shapes["search"], "instances": shapes["search"],
+        "sop_class": stored.SOPClassUID, "study": stored.StudyInstanceUID, "patient": stored.PatientID, "count": "1"}
 
 
 # ---- web services and web UI plugins -----------------------------------------------------------
