@@ -3064,11 +3064,19 @@ def register_search_functions(connection: apsw.Connection):
     connection.create_scalar_function("search_text_matches", text_matches, 2, deterministic=True)
 
 
+#: A query's free-text matches come best first (FTS5's BM25) when there are at most this many;
+#: beyond, in the order they were indexed. Scoring every match is most of the answer's time (15 ms
+#: per 50,000 matches), and ranking half a million instances that all name a common word is not
+#: worth the wait for the first page.
+RANK_AT_MOST = 50_000
+
+
 def search_index(index: Index, query: SearchQuery, limit: int | None = None, offset: int = 0,
-                 columns: str = "i.id, i.path, i.meta"):
+                 columns: str = "i.id, i.path, i.meta", rank_at_most: int = RANK_AT_MOST):
     """Run a search-language query on the index: (rows, total), a page of the matches (columns
     of instances i, series se, studies st, patients p) and how many there are in all."""
     where, args, rank = compile_search(query)
+    matches = index.query("SELECT count(*) FROM metadata WHERE metadata MATCH ?", [rank])[0][0] if rank else 0
     joins = ("FROM instances i JOIN series se ON se.id = i.series_ref JOIN studies st ON st.id = se.study_ref"
              " JOIN patients p ON p.id = st.patient_ref")
     page = (f" LIMIT {int(limit)} OFFSET {int(offset)}" if limit is not None
@@ -3076,8 +3084,9 @@ def search_index(index: Index, query: SearchQuery, limit: int | None = None, off
     if where == FREE_TEXT_CONDITION and rank and args == [rank.removeprefix("(").removesuffix(")")]:
         # Free text alone (what a user types first): FTS5 counts and ranks its matches itself,
         # and only the page is joined to the instances: milliseconds at a million instances.
-        total = index.query("SELECT count(*) FROM metadata WHERE metadata MATCH ?", args)[0][0]
-        ranked = f"SELECT rowid AS rank_id, bm25(metadata) AS score FROM metadata WHERE metadata MATCH ? ORDER BY score, rowid{page}"
+        total = matches
+        score = "bm25(metadata)" if matches <= rank_at_most else "0"
+        ranked = f"SELECT rowid AS rank_id, {score} AS score FROM metadata WHERE metadata MATCH ? ORDER BY score, rowid{page}"
         sql = f"SELECT {columns} FROM ({ranked}) r JOIN instances i ON i.id = r.rank_id{joins.removeprefix('FROM instances i')} ORDER BY r.score, i.id"
         return index.query(sql, args), total
     # Only the tables the condition names are joined to count (the count reads every match).
@@ -3085,7 +3094,7 @@ def search_index(index: Index, query: SearchQuery, limit: int | None = None, off
     total = index.query(f"SELECT count(*) {counted} WHERE {where}", args)[0][0]
     order = "i.id"
     ranking = ""
-    if rank:
+    if rank and matches <= rank_at_most:
         # The scores of the free text's matches, computed once (as a join of the full-text
         # table, SQLite would run its MATCH again for every instance).
         ranking = "WITH r AS MATERIALIZED (SELECT rowid AS rank_id, bm25(metadata) AS score FROM metadata WHERE metadata MATCH ?) "

@@ -1,0 +1,45 @@
+"""How /search orders free-text matches: best first (FTS5's BM25), or past a limit in the order
+they were indexed. On a real index file, written and searched in this process."""
+
+import io
+import sys
+
+import pydicom
+
+import studygen
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT))
+import dicoogled  # noqa: E402
+
+
+def indexed(tmp_path, descriptions):
+    """An index of one instance per description, indexed in this order."""
+    index = dicoogled.Index(tmp_path / "index.sqlite", on_connect=[dicoogled.register_search_functions])
+    for number, description in enumerate(descriptions):
+        dataset = studygen.make_instance(0, 0, 0, number, size=8, StudyDescription=description)
+        buffer = io.BytesIO()
+        pydicom.dcmwrite(buffer, dataset, enforce_file_format=True)
+        data = buffer.getvalue()
+        header = dicoogled.read_received_header(data)
+        record = dicoogled.make_record(header, f"/archive/{number}.dcm", "store", len(data), 0)
+        index.write(dicoogled.Index.add_instance, record)
+    return index
+
+
+def test_free_text_matches_come_best_first_up_to_the_limit_then_in_index_order(tmp_path):
+    # The more often "knee" appears in an instance's text, the better it matches.
+    index = indexed(tmp_path, ["knee", "knee knee knee knee", "hip", "knee knee"])
+    try:
+        def order(text, rank_at_most):
+            rows, total = dicoogled.search_index(index, dicoogled.SearchQuery(text, set()), limit=10,
+                                                 columns="i.path", rank_at_most=rank_at_most)
+            return [path.removeprefix("/archive/").removesuffix(".dcm") for (path,) in rows], total
+
+        assert order("knee", 3) == (["1", "3", "0"], 3)
+        assert order("knee", 2) == (["0", "1", "3"], 3)  # more matches than the limit: as indexed
+        # With another condition too, the same rule.
+        assert order("knee AND Modality:CT", 3) == (["1", "3", "0"], 3)
+        assert order("knee AND Modality:CT", 2) == (["0", "1", "3"], 3)
+    finally:
+        index.close()
