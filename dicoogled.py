@@ -8005,8 +8005,8 @@ def _task_routes(api: Api):
             else:
                 if not is_valid_uid(value):
                     _fail(400, f"{chosen[0]} must be a UID, not {value[:80]!r}")
-                level = {"StudyInstanceUID": "study_uid", "SeriesInstanceUID": "series_uid", "SOPInstanceUID": "sop_uid"}
-                named = daemon.index.instances_of(**{level[chosen[0]]: value})
+                argument = {"StudyInstanceUID": "study_uid", "SeriesInstanceUID": "series_uid", "SOPInstanceUID": "sop_uid"}
+                named = daemon.index.instances_of(**{argument[chosen[0]]: value})
             found.extend(named)
             missing += not named
         return found, missing
