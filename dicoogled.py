@@ -691,6 +691,12 @@ class Config:
         config.validate()
         return config
 
+    def changed(self, **values) -> "Config":
+        """A copy with these settings changed, validated: ValueError says why one cannot work."""
+        config = dataclasses.replace(self, **values)
+        config.validate()
+        return config
+
     def validate(self):
         """Raise ValueError naming the first setting that cannot work."""
         if not is_valid_ae_title(self.aet):
@@ -3756,6 +3762,7 @@ class CodecWorkers:
 BUILTIN_PROVIDER = "index"
 #: Other names scripts written for Dicoogle use for its default index.
 BUILTIN_PROVIDER_ALIASES = ("lucene",)
+
 
 @dataclasses.dataclass(frozen=True)
 class HookSpec:
@@ -8073,7 +8080,7 @@ def _bounded_int_param(name: str, minimum: int, maximum: int, error: str = "") -
 def _check_settings(config: Config, **values):
     """Answer 400, with the reason, unless Config.validate accepts these settings."""
     try:
-        dataclasses.replace(config, **values).validate()
+        config.changed(**values)
     except ValueError as error:
         _fail(400, str(error))
 
@@ -8644,8 +8651,7 @@ class Daemon:
         says why one cannot work), saved in data_dir/settings.ini, then set on the live config, so
         a change that cannot be saved (OSError, a full disk) is not made at all. What reads a
         setting for each association or request sees the change from the next one."""
-        changed = dataclasses.replace(self.config, **values)
-        changed.validate()
+        changed = self.config.changed(**values)
         saved = [name for name in values if name in LIVE_SETTINGS or name in WHOLE_SECTIONS]
         with self.settings_lock:
             if saved:

@@ -387,12 +387,12 @@ class _RelatedParser(multipart.PushMultipartParser):
 def iter_multipart(stream, boundary: bytes, chunk_size: int = 1 << 16):
     """Yield (headers, spooled file) for each part of a multipart/related body read from a stream:
     the body is never held whole, and large parts are spooled to temporary files in the data dir
-    (PS3.18 bodies can be GBs). Raises multipart.MultipartError for a malformed body."""
+    (PS3.18 bodies can be GBs). Raises multipart.MultipartError for a malformed body, one cut
+    short included (an empty chunk, the end of the stream, makes the parser check)."""
     with _RelatedParser(boundary, max_header_count=32) as parser:
         headers, body = {}, None
         while not parser.closed:
-            chunk = stream.read(chunk_size)
-            for event in parser.parse(chunk):
+            for event in parser.parse(stream.read(chunk_size)):
                 if isinstance(event, multipart.MultipartSegment):  # a part begins: its headers
                     headers = {name.lower(): value for name, value in event.headerlist}
                     body = tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY)
@@ -401,8 +401,6 @@ def iter_multipart(stream, boundary: bytes, chunk_size: int = 1 << 16):
                     yield headers, body
                 else:
                     body.write(event)
-            if not chunk and not parser.closed:
-                raise multipart.MultipartError("the body ends inside a part (no closing boundary)")
 
 
 def _stow(study=None):
