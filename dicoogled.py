@@ -105,9 +105,10 @@ from pydicom.sequence import Sequence
 from pynetdicom import StoragePresentationContexts, _config as pynetdicom_config, build_context
 from pynetdicom.dimse_messages import (
     C_CANCEL_RQ, C_ECHO_RQ, C_ECHO_RSP, C_FIND_RQ, C_FIND_RSP, C_GET_RQ, C_GET_RSP, C_MOVE_RQ, C_MOVE_RSP,
-    C_STORE_RQ, C_STORE_RSP, _COMMAND_SET_KEYWORDS, _DATASET_KEYWORDS, _MESSAGE_TYPES,
+    C_STORE_RQ, C_STORE_RSP, N_ACTION_RQ, N_ACTION_RSP, N_EVENT_REPORT_RQ, N_EVENT_REPORT_RSP,
+    _COMMAND_SET_KEYWORDS, _DATASET_KEYWORDS, _MESSAGE_TYPES,
 )
-from pynetdicom.dimse_primitives import C_ECHO, C_FIND, C_GET, C_MOVE, C_STORE
+from pynetdicom.dimse_primitives import C_ECHO, C_FIND, C_GET, C_MOVE, C_STORE, N_ACTION
 from pynetdicom.dsutils import decode as pynetdicom_decode, encode as pynetdicom_encode
 from pynetdicom.pdu import (
     A_ABORT_RQ, A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ, A_RELEASE_RP, A_RELEASE_RQ,
@@ -133,6 +134,7 @@ from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelGet,
     StudyRootQueryRetrieveInformationModelMove,
+    StorageCommitmentPushModel,
     Verification,
 )
 
@@ -162,7 +164,7 @@ UNABLE_TO_PROCESS = 0xC001  # C-FIND/MOVE/GET: the identifier cannot be processe
 STORE_REFUSED_INVALID_UID = 0xC002
 SUBOPERATIONS_FAILED = 0xB000
 #: What a calling AE may be allowed to ask for ([modalities] allow=); C-ECHO is always allowed.
-DICOM_SERVICES = ("store", "find", "move", "get")
+DICOM_SERVICES = ("store", "find", "move", "get", "commitment")
 
 #: Transfer syntaxes accepted for storage; objects are stored exactly as received.
 ACCEPTED_TRANSFER_SYNTAXES = (
@@ -4708,7 +4710,7 @@ class AssociationRequest:
 
 @dataclasses.dataclass
 class DimseRequest:
-    """One C-STORE, C-FIND, C-MOVE or C-GET request, as a service handler sees it."""
+    """One C-STORE, C-FIND, C-MOVE, C-GET or N-ACTION request, as a service handler sees it."""
     association: "Association"
     context_id: int
     message_id: int
@@ -4719,6 +4721,7 @@ class DimseRequest:
     move_destination: str = ""
     priority: int = 0
     cancelled: bool = False
+    command_set: DimseFields | None = None  #: the whole command set, for the fields of N-* requests (ActionTypeID...)
 
     @property
     def calling_aet(self) -> str:
@@ -4763,6 +4766,9 @@ class Association:
         self._buffer = bytearray()
         self._held = collections.deque()  # messages read while looking for a C-CANCEL
         self._message_id = 0
+        #: Held while a PDU is written: a Storage Commitment report may be sent from its checking
+        #: thread while the association's own thread answers requests.
+        self.send_lock = threading.RLock()
         with contextlib.suppress(OSError):
             # Without it every small DIMSE message waits for the peer's delayed ACK.
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -4824,9 +4830,10 @@ class Association:
 
     def send(self, data: bytes):
         """Write data, within timeout seconds in all: a peer that stops reading ends the association."""
-        self.sock.settimeout(self.timeout or None)
         try:
-            self.sock.sendall(data)
+            with self.send_lock:
+                self.sock.settimeout(self.timeout or None)
+                self.sock.sendall(data)
         except TimeoutError:
             raise PeerTimedOut(f"{self.peer} read nothing for {self.timeout:g} s") from None
         except OSError as error:
@@ -5231,7 +5238,9 @@ class AssociationAcceptor:
             try:
                 self.serve(association)
             except PeerReleased:
-                association.send(A_RELEASE_RP().encode())
+                with association.send_lock:  # nothing of ours may follow the A-RELEASE-RP
+                    association.is_established = False
+                    association.send(A_RELEASE_RP().encode())
                 ending = functools.partial(association.close, wait_for_peer=PEER_CLOSE_WAIT)
         except ProtocolError as error:
             self.log.warning("aborted the association with %s: %s", association.peer, error)
@@ -5465,6 +5474,19 @@ STORE_WARNINGS = frozenset({0xB000, 0xB006, 0xB007})
 MAX_SUBOPERATIONS = 65535  # the counts are US values
 
 
+# Storage Commitment Push Model (PS3.4 Annex J): its well-known SOP instance, the one action
+# (request commitment) and the two events (all committed; some failed), and why an instance failed.
+STORAGE_COMMITMENT_INSTANCE = "1.2.840.10008.1.20.1.1"
+REQUEST_STORAGE_COMMITMENT = 1  # Action Type ID
+COMMITMENT_SUCCEEDED, COMMITMENT_FAILED = 1, 2  # Event Type IDs
+PROCESSING_FAILURE = 0x0110  # Failure Reason: the instance is there but cannot be vouched for
+NO_SUCH_OBJECT_INSTANCE = 0x0112  # Failure Reason: not in the archive; N-ACTION: not the well-known instance
+CLASS_INSTANCE_CONFLICT = 0x0119  # Failure Reason: stored, but as another SOP class
+# N-ACTION failure statuses (PS3.7 10.1.4.1.10, C.4.4)
+NO_SUCH_ACTION_TYPE = 0x0123
+MISSING_ATTRIBUTE = 0x0120
+INVALID_ARGUMENT_VALUE = 0x0115
+
 #: The service each query/retrieve SOP class belongs to, as [modalities] allow= names it.
 QUERY_RETRIEVE_SERVICES = {
     str(sop_class): service for service, classes in (
@@ -5473,6 +5495,10 @@ QUERY_RETRIEVE_SERVICES = {
         ("get", (PatientRootQueryRetrieveInformationModelGet, StudyRootQueryRetrieveInformationModelGet)),
     ) for sop_class in classes
 }
+#: Every SOP class that belongs to a service [modalities] allow= can refuse, and that service.
+SERVICES_OF_SOP_CLASSES = {**QUERY_RETRIEVE_SERVICES, str(StorageCommitmentPushModel): "commitment"}
+#: How a refused service is named in the log.
+_SERVICE_NAMES = {"find": "C-FIND", "move": "C-MOVE", "get": "C-GET", "commitment": "Storage Commitment"}
 
 
 class DicomServices:
@@ -5492,7 +5518,7 @@ class DicomServices:
         self._listener_lock = threading.Lock()  # held while the listener opens, moves or closes
         #: The non-storage services offered; storage contexts are added per association.
         self._service_contexts = [build_context(uid, list(UNCOMPRESSED_TRANSFER_SYNTAXES))
-                                  for uid in (Verification, *QUERY_RETRIEVE_SOP_CLASSES)]
+                                  for uid in (Verification, *QUERY_RETRIEVE_SOP_CLASSES, StorageCommitmentPushModel)]
         self._service_classes = {str(context.abstract_syntax) for context in self._service_contexts}
 
     def set_ae_title(self, aet: str):
@@ -5615,12 +5641,12 @@ class DicomServices:
         offered to it, so its presentation contexts are refused (abstract syntax not supported)
         before any request."""
         services = self.services_of(request.calling_aet)
-        refused = {uid for uid, service in QUERY_RETRIEVE_SERVICES.items() if service not in services}
-        asked = sorted({QUERY_RETRIEVE_SERVICES[str(c.abstract_syntax)] for c in request.contexts
+        refused = {uid for uid, service in SERVICES_OF_SOP_CLASSES.items() if service not in services}
+        asked = sorted({SERVICES_OF_SOP_CLASSES[str(c.abstract_syntax)] for c in request.contexts
                         if str(c.abstract_syntax) in refused})
         if asked:
             self.log.warning("refused %s to %s at %s:%d: [modalities] %s allows only %s",
-                             "/".join(f"C-{s.upper()}" for s in asked), request.calling_aet, *request.address,
+                             "/".join(_SERVICE_NAMES[s] for s in asked), request.calling_aet, *request.address,
                              request.calling_aet, ",".join(s for s in DICOM_SERVICES if s in services) or "none")
         return [context for context in self._service_contexts if str(context.abstract_syntax) not in refused] \
             + self._storage_contexts(request.contexts)
@@ -5654,6 +5680,9 @@ class DicomServices:
     def _dispatch(self, association: Association, message: DimseMessage):
         if message.kind is C_CANCEL_RQ:
             return  # for a request already answered
+        if message.kind is N_EVENT_REPORT_RSP:  # the answer to a Storage Commitment report we sent
+            self._on_event_report_response(association, message.command_set)
+            return
         if message.kind not in self._handlers:
             raise ProtocolError(f"{association.peer} sent {message.kind.__name__}, a service dicoogled does not offer",
                                 ABORT_UNEXPECTED_PARAMETER)
@@ -5661,10 +5690,11 @@ class DicomServices:
         command, context = message.command_set, association.contexts[message.context_id]
         request = DimseRequest(
             association=association, context_id=message.context_id, message_id=command.MessageID,
-            sop_class_uid=str(command.AffectedSOPClassUID or ""), transfer_syntax=str(context.transfer_syntax[0]),
-            data=message.data_set,
-            sop_instance_uid=str(command.get("AffectedSOPInstanceUID") or ""),
-            move_destination=str(command.get("MoveDestination") or ""), priority=command.get("Priority") or 0)
+            sop_class_uid=str(command.AffectedSOPClassUID or command.RequestedSOPClassUID or ""),
+            transfer_syntax=str(context.transfer_syntax[0]), data=message.data_set,
+            sop_instance_uid=str(command.AffectedSOPInstanceUID or command.RequestedSOPInstanceUID or ""),
+            move_destination=str(command.get("MoveDestination") or ""), priority=command.get("Priority") or 0,
+            command_set=command)
         abstract_syntax = str(context.abstract_syntax)
         offered = abstract_syntax in sop_classes if sop_classes else abstract_syntax not in self._service_classes
         if not offered or request.sop_class_uid != abstract_syntax:
@@ -5687,7 +5717,8 @@ class DicomServices:
                 C_STORE_RQ: (self._answer_store, C_STORE, None),
                 C_FIND_RQ: (self._answer_find, C_FIND, FIND_SOP_CLASSES),
                 C_MOVE_RQ: (self._answer_move, C_MOVE, MOVE_SOP_CLASSES),
-                C_GET_RQ: (self._answer_get, C_GET, GET_SOP_CLASSES)}
+                C_GET_RQ: (self._answer_get, C_GET, GET_SOP_CLASSES),
+                N_ACTION_RQ: (self._answer_action, N_ACTION, {str(StorageCommitmentPushModel)})}
 
     @staticmethod
     def _response_primitive(request: DimseRequest, primitive_class, status: int):
@@ -5703,7 +5734,7 @@ class DicomServices:
     @staticmethod
     def _send_response(request: DimseRequest, response):
         message_class = {C_ECHO: C_ECHO_RSP, C_STORE: C_STORE_RSP, C_FIND: C_FIND_RSP,
-                         C_MOVE: C_MOVE_RSP, C_GET: C_GET_RSP}[response.kind]
+                         C_MOVE: C_MOVE_RSP, C_GET: C_GET_RSP, N_ACTION: N_ACTION_RSP}[response.kind]
         request.association.send_message(message_class, response, request.context_id)
 
     def _encode(self, request: DimseRequest, dataset: Dataset) -> io.BytesIO:
@@ -5728,6 +5759,163 @@ class DicomServices:
             self._send_response(request, response)
             return
         self._send_response(request, self._response_primitive(request, C_FIND, SUCCESS))
+
+    # ---- Storage Commitment Push Model (PS3.4 Annex J) ----------------------------------------
+
+    def _answer_action(self, request: DimseRequest):
+        """N-ACTION "request storage commitment": answered at once; the instances are checked
+        and the N-EVENT-REPORT sent from a thread of its own, so a long request does not hold
+        the association's reading."""
+        status, transaction_uid, referenced = self._commitment_request(request)
+        response = self._response_primitive(request, N_ACTION, status)
+        response.AffectedSOPInstanceUID = request.sop_instance_uid
+        if status == SUCCESS:
+            response.ActionTypeID = REQUEST_STORAGE_COMMITMENT
+        self._send_response(request, response)
+        if status == SUCCESS:
+            self.log.info("storage commitment %s from %s: %d instances to check", transaction_uid,
+                          request.calling_aet, len(referenced))
+            start_thread(f"commitment-{transaction_uid}", self._commit, request.association, request.transfer_syntax,
+                         transaction_uid, referenced)
+
+    def _commitment_request(self, request: DimseRequest) -> tuple[int, str, list]:
+        """(status, Transaction UID, [(SOP class, SOP instance)]) of an N-ACTION: SUCCESS, or the
+        failure status that refuses it, with its reason."""
+        calling = request.calling_aet
+        if "commitment" not in self.services_of(calling):  # its context is refused at negotiation already
+            return DicomStatus(NOT_AUTHORIZED, f"{calling} may not ask for commitment ([modalities] allow=)"), "", []
+        if request.sop_instance_uid != STORAGE_COMMITMENT_INSTANCE:
+            return DicomStatus(NO_SUCH_OBJECT_INSTANCE, f"not the well-known {STORAGE_COMMITMENT_INSTANCE}"), "", []
+        action_type = request.command_set.ActionTypeID
+        if action_type != REQUEST_STORAGE_COMMITMENT:
+            return DicomStatus(NO_SUCH_ACTION_TYPE, f"action type {action_type} (only 1, request commitment)"), "", []
+        try:
+            information = request.identifier
+        except Exception as error:
+            self.log.warning("storage commitment from %s: cannot read the request: %s", calling, error)
+            return DicomStatus(INVALID_ARGUMENT_VALUE, "the action information cannot be read"), "", []
+        transaction_uid = str(information.get("TransactionUID") or "").strip()
+        if not transaction_uid:
+            return DicomStatus(MISSING_ATTRIBUTE, "no Transaction UID (0008,1195)"), "", []
+        if "ReferencedSOPSequence" not in information:
+            return DicomStatus(MISSING_ATTRIBUTE, "no Referenced SOP Sequence (0008,1199)"), "", []
+        referenced = [(str(item.get("ReferencedSOPClassUID") or ""), str(item.get("ReferencedSOPInstanceUID") or ""))
+                      for item in information.ReferencedSOPSequence]
+        if not referenced or not all(sop_class and sop_instance for sop_class, sop_instance in referenced):
+            return DicomStatus(INVALID_ARGUMENT_VALUE, "a Referenced SOP Sequence item without its UIDs"), "", []
+        return SUCCESS, transaction_uid, referenced
+
+    def commitment_failure(self, sop_class: str, sop_instance: str) -> int | None:
+        """Why this archive cannot commit to keeping an instance (a Failure Reason), or None
+        when it can: it is indexed as sop_class, its file is there, unchanged since it was indexed
+        (size and modification time: the index keeps no checksum), and parses as the same instance."""
+        found = self.ingest.index.instance(sop_instance)
+        if found is None:
+            return NO_SUCH_OBJECT_INSTANCE
+        if found.sop_class_uid != sop_class:
+            return CLASS_INSTANCE_CONFLICT
+        try:
+            data = self.ingest.storage.read(found.path)
+            if location_scheme(found.path) == "file":
+                status = os.stat(found.path)
+                unchanged = (status.st_size, status.st_mtime_ns) == (found.size, found.mtime_ns)
+            else:
+                unchanged = len(data) == found.size
+            dataset = pydicom.dcmread(io.BytesIO(data), force=True)
+            parsed = str(dataset.get("SOPInstanceUID", "")) == sop_instance
+        except Exception as error:  # a missing file, a storage plugin's failure, a file that no longer parses
+            self.log.warning("storage commitment: %s cannot be read: %s", sop_instance, error)
+            return PROCESSING_FAILURE
+        if not (unchanged and parsed):
+            self.log.warning("storage commitment: %s changed since it was indexed", sop_instance)
+            return PROCESSING_FAILURE
+        return None
+
+    def _commit(self, association: Association, transfer_syntax: str, transaction_uid: str, referenced: list):
+        """Check each referenced instance and report the outcome (N-EVENT-REPORT): on the
+        request's association while it is open, else on one we open to the requestor (PS3.4 J.3.3)."""
+        report = Dataset()
+        report.TransactionUID = transaction_uid
+        report.RetrieveAETitle = self.config.aet
+        committed, failed = [], []
+        for sop_class, sop_instance in referenced:
+            item = Dataset()
+            item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID = sop_class, sop_instance
+            reason = self.commitment_failure(sop_class, sop_instance)
+            if reason is None:
+                committed.append(item)
+            else:
+                item.FailureReason = reason
+                failed.append(item)
+        if committed:
+            report.ReferencedSOPSequence = committed
+        if failed:
+            report.FailedSOPSequence = failed
+        event_type = COMMITMENT_FAILED if failed else COMMITMENT_SUCCEEDED
+        self.log.info("storage commitment %s for %s: %d committed, %d failed", transaction_uid,
+                      association.peer_aet, len(committed), len(failed))
+        with association.send_lock:
+            if association.is_established:
+                with contextlib.suppress(AssociationEnded):
+                    self._send_event_report(association, transfer_syntax, event_type, report)
+                    return
+        self._report_on_new_association(association.peer_aet, event_type, report)
+
+    def _send_event_report(self, association: Association, transfer_syntax: str, event_type: int, report: Dataset):
+        """Send the N-EVENT-REPORT-RQ on an association with a Storage Commitment context; its
+        response is read by whoever reads the association."""
+        context = next((c for c in association.contexts.values() if c.abstract_syntax == StorageCommitmentPushModel), None)
+        if context is None:
+            raise ValueError("the peer did not accept the Storage Commitment Push Model SOP class")
+        syntax = pydicom.uid.UID(context.transfer_syntax[0] or transfer_syntax)
+        event = DimseFields(MessageID=association.next_message_id(), AffectedSOPClassUID=StorageCommitmentPushModel,
+                            AffectedSOPInstanceUID=STORAGE_COMMITMENT_INSTANCE, EventTypeID=event_type,
+                            EventInformation=io.BytesIO(pynetdicom_encode(report, syntax.is_implicit_VR,
+                                                                          syntax.is_little_endian, syntax.is_deflated)))
+        association.send_message(N_EVENT_REPORT_RQ, event, context.context_id)
+        return event.MessageID
+
+    def _report_on_new_association(self, aet: str, event_type: int, report: Dataset):
+        """Open an association to aet ([modalities] gives its address) as the SCP of Storage
+        Commitment (role selection, PS3.7 D.3.3.4) and send the report there."""
+        if aet not in self.config.modalities:
+            self.log.error("storage commitment %s: %s released before its report, and is not under [modalities]:"
+                           " the report cannot be sent", report.TransactionUID, aet)
+            return
+        host, port = self.config.modalities[aet]
+        config = self.config
+        try:
+            association = request_association(
+                host, port, calling_aet=config.aet, called_aet=aet,
+                contexts=[build_context(StorageCommitmentPushModel, list(UNCOMPRESSED_TRANSFER_SYNTAXES))],
+                max_pdu=config.max_pdu, max_pdu_send=config.max_pdu_send, connect_timeout=config.connection_timeout,
+                acse_timeout=config.acse_timeout, timeout=config.dimse_timeout, log=self.log,
+                roles=[(str(StorageCommitmentPushModel), False, True)])
+        except AssociationRefused as error:
+            self.log.error("storage commitment %s: cannot report to %s: %s", report.TransactionUID, aet, error)
+            return
+        try:
+            context = next((c for c in association.contexts.values() if c.abstract_syntax == StorageCommitmentPushModel), None)
+            if context is not None and not context.as_scp:
+                # It should (PS3.4 J.3.3): many modalities take the report anyway, so it is sent.
+                self.log.warning("storage commitment: %s did not accept our SCP role; reporting anyway", aet)
+            message_id = self._send_event_report(association, "", event_type, report)
+            message = association.read_message()
+            if message.kind is not N_EVENT_REPORT_RSP or message.command_set.MessageIDBeingRespondedTo != message_id:
+                raise ProtocolError(f"{association.peer} answered an N-EVENT-REPORT with {message.kind.__name__}",
+                                    ABORT_UNEXPECTED_PARAMETER)
+            self._on_event_report_response(association, message.command_set)
+        except (AssociationEnded, PeerReleased, ValueError) as error:
+            self.log.error("storage commitment %s: the report to %s failed: %s", report.TransactionUID, aet, error)
+        finally:
+            association.release()
+
+    def _on_event_report_response(self, association: Association, command: DimseFields):
+        status = int(command.Status if command.Status is not None else -1)
+        if status == SUCCESS:
+            self.log.info("storage commitment report taken by %s", association.peer)
+        else:
+            self.log.warning("%s answered a storage commitment report with status 0x%04X", association.peer, status & 0xFFFF)
 
     # ---- the handlers: plain requests in, statuses out ----------------------------------------
 
