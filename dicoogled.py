@@ -339,8 +339,9 @@ level = INFO
 [modalities]
 # Known remote AEs, the C-MOVE destinations: AET = host:port, optionally followed by public
 # or private (Dicoogle's flag), allow= and a description. allow= lists what the AE may ask
-# for as a calling AE: some of store,find,move,get separated by commas, or none (C-ECHO is
-# always allowed); without it, everything.
+# for as a calling AE: some of store,find,move,get,commitment separated by commas, or none
+# (C-ECHO is always allowed); without it, everything. commitment is Storage Commitment, whose
+# report goes to this host:port when the AE has released its association by then.
 # WORKSTATION = 192.168.1.20:11112
 # WEASIS = 192.168.1.21:104 public Reading room viewer
 # CT01 = 192.168.1.30:104 allow=store Scanner in room 2
