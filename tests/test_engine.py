@@ -521,8 +521,9 @@ def _engine_bytes(message_class, primitive, context_id: int, max_pdu: int) -> by
 def _primitives():
     """One primitive of every message the engine sends, with optional fields present and absent,
     odd and even value lengths."""
-    from pynetdicom.dimse_messages import C_ECHO_RQ, C_ECHO_RSP, C_FIND_RSP, C_GET_RSP, C_MOVE_RSP, C_STORE_RQ, C_STORE_RSP
-    from pynetdicom.dimse_primitives import C_ECHO, C_FIND, C_GET, C_MOVE, C_STORE
+    from pynetdicom.dimse_messages import (C_ECHO_RQ, C_ECHO_RSP, C_FIND_RSP, C_GET_RSP, C_MOVE_RSP, C_STORE_RQ,
+                                           C_STORE_RSP, N_ACTION_RSP, N_EVENT_REPORT_RQ)
+    from pynetdicom.dimse_primitives import C_ECHO, C_FIND, C_GET, C_MOVE, C_STORE, N_ACTION, N_EVENT_REPORT
     import io
 
     def make(kind, **fields):
@@ -556,6 +557,13 @@ def _primitives():
         (C_GET_RSP, make(C_GET, MessageIDBeingRespondedTo=6, AffectedSOPClassUID="1.2.840.10008.5.1.4.1.2.2.3",
                          Status=0xB000, NumberOfCompletedSuboperations=40, NumberOfFailedSuboperations=10,
                          NumberOfWarningSuboperations=0, Identifier=encoded)),
+        (N_ACTION_RSP, make(N_ACTION, MessageIDBeingRespondedTo=8, AffectedSOPClassUID="1.2.840.10008.1.20.1",
+                            AffectedSOPInstanceUID="1.2.840.10008.1.20.1.1", ActionTypeID=1, Status=0)),
+        (N_ACTION_RSP, make(N_ACTION, MessageIDBeingRespondedTo=8, AffectedSOPClassUID="1.2.840.10008.1.20.1",
+                            AffectedSOPInstanceUID="1.2.840.10008.1.20.1.1", Status=0x0123, ErrorComment="odd")),
+        (N_EVENT_REPORT_RQ, make(N_EVENT_REPORT, MessageID=9, AffectedSOPClassUID="1.2.840.10008.1.20.1",
+                                 AffectedSOPInstanceUID="1.2.840.10008.1.20.1.1", EventTypeID=2,
+                                 EventInformation=encoded)),
     ]
 
 
@@ -604,8 +612,8 @@ def _requests():
     """The requests a peer sends the engine, with optional fields present and absent."""
     import io
 
-    from pynetdicom.dimse_messages import C_CANCEL_RQ, C_FIND_RQ, C_GET_RQ, C_MOVE_RQ, C_STORE_RQ
-    from pynetdicom.dimse_primitives import C_CANCEL, C_FIND, C_GET, C_MOVE, C_STORE
+    from pynetdicom.dimse_messages import C_CANCEL_RQ, C_FIND_RQ, C_GET_RQ, C_MOVE_RQ, C_STORE_RQ, N_ACTION_RQ, N_EVENT_REPORT_RSP
+    from pynetdicom.dimse_primitives import C_CANCEL, C_FIND, C_GET, C_MOVE, C_STORE, N_ACTION, N_EVENT_REPORT
 
     identifier = io.BytesIO(encode(make_identifier("STUDY", PatientName="DOE*"), implicit=True))
     move = "1.2.840.10008.5.1.4.1.2.2.2"
@@ -621,6 +629,12 @@ def _requests():
                                     AffectedSOPInstanceUID="1.2.3.45", Priority=0,
                                     MoveOriginatorApplicationEntityTitle="MOVER", MoveOriginatorMessageID=12,
                                     DataSet=io.BytesIO(bytes(40000))))),
+        (N_ACTION_RQ, (N_ACTION, dict(MessageID=15, RequestedSOPClassUID="1.2.840.10008.1.20.1",
+                                      RequestedSOPInstanceUID="1.2.840.10008.1.20.1.1", ActionTypeID=1,
+                                      ActionInformation=io.BytesIO(identifier.getvalue())))),
+        (N_EVENT_REPORT_RSP, (N_EVENT_REPORT, dict(MessageIDBeingRespondedTo=16, AffectedSOPClassUID="1.2.840.10008.1.20.1",
+                                                   AffectedSOPInstanceUID="1.2.840.10008.1.20.1.1", EventTypeID=1,
+                                                   Status=0))),
     ]
 
 
