@@ -5776,8 +5776,8 @@ class DicomServices:
         if status == SUCCESS:
             self.log.info("storage commitment %s from %s: %d instances to check", transaction_uid,
                           request.calling_aet, len(referenced))
-            start_thread(f"commitment-{transaction_uid}", self._commit, request.association, request.transfer_syntax,
-                         transaction_uid, referenced)
+            start_thread(f"commitment-{transaction_uid}", self._commit_tracked, request.association,
+                         request.transfer_syntax, transaction_uid, referenced)
 
     def _commitment_request(self, request: DimseRequest) -> tuple[int, str, list]:
         """(status, Transaction UID, [(SOP class, SOP instance)]) of an N-ACTION: SUCCESS, or the
@@ -5831,6 +5831,11 @@ class DicomServices:
             self.log.warning("storage commitment: %s changed since it was indexed", sop_instance)
             return PROCESSING_FAILURE
         return None
+
+    def _commit_tracked(self, *args):
+        """_commit, counted as work in flight: stopping the listener lets a report under way go out."""
+        with self._tracked():
+            self._commit(*args)
 
     def _commit(self, association: Association, transfer_syntax: str, transaction_uid: str, referenced: list):
         """Check each referenced instance and report the outcome (N-EVENT-REPORT): on the
