@@ -6979,6 +6979,20 @@ def _same_origin(origin: str, host: str) -> bool:
         return False
 
 
+def _as_public_url(public: urllib.parse.SplitResult):
+    """Make the request look as the browser sent it to [http] public_url, behind a reverse proxy:
+    its scheme, host and port, and the path the proxy serves us under (SCRIPT_NAME, WSGI's own
+    place for it). Links, DICOMweb's RetrieveURL and the same-origin check then use the public
+    address, not the one the proxy connected to."""
+    environ = bottle.request.environ
+    environ["wsgi.url_scheme"] = public.scheme
+    environ["HTTP_HOST"] = public.netloc
+    environ["SERVER_PORT"] = str(public.port or (443 if public.scheme == "https" else 80))
+    environ["SCRIPT_NAME"] = public.path.rstrip("/")
+    for forwarded in ("HTTP_X_FORWARDED_HOST", "HTTP_X_FORWARDED_PROTO"):  # bottle would prefer them
+        environ.pop(forwarded, None)
+
+
 def _cross_site(request: bottle.BaseRequest) -> bool | None:
     """Whether the browser says a request comes from a page of another origin: True or False,
     or None when it says nothing (a script or command-line client, or a very old browser)."""
@@ -7209,6 +7223,8 @@ def make_app(daemon: "Daemon") -> bottle.Bottle:
         _add_security_headers()
         http_log.debug("%s %s %s", bottle.request.method, bottle.request.path, bottle.response.status_code)
 
+    if daemon.config.public_url:
+        app.hook("before_request")(functools.partial(_as_public_url, urllib.parse.urlsplit(daemon.config.public_url)))
     app.hook("before_request")(api.refuse_cross_site_write)
 
     @app.hook("before_request")
@@ -8651,6 +8667,8 @@ def _openapi_document(api: Api) -> dict:
             "cookie": {"type": "apiKey", "in": "cookie", "name": SESSION_COOKIE},
         }},
         "paths": paths,
+        # Behind a reverse proxy, the address clients use ([http] public_url).
+        **({"servers": [{"url": api.daemon.config.public_url}]} if api.daemon.config.public_url else {}),
     }
 
 
@@ -9379,18 +9397,22 @@ def command_sample_data(folder: pathlib.Path) -> int:
     return 0
 
 
-def command_make_cert(folder: pathlib.Path, hosts: list[str], clients: list[str], days: int) -> int:
+def command_make_cert(folder: pathlib.Path, hosts: list[str], aes: list[str], days: int) -> int:
     """Make a lab's certificates in folder with the openssl command: a CA (ca.pem, ca-key.pem;
     kept if it is there already, so a second run adds certificates it signs), the archive's
     certificate (server.pem, server-key.pem: for localhost, this machine's name, 127.0.0.1 and
-    each of hosts) and one client certificate per AE title in clients (AET.pem, AET-key.pem,
-    the AE title as common name). Keys are written owner-only."""
+    each of hosts) and one certificate per other AE in aes, "AET" or "AET=host,host" (AET.pem,
+    AET-key.pem, the AE title as common name, valid for those hosts): a modality presents it as
+    a client; a workstation we send to over TLS, as a server. Keys are written owner-only."""
     openssl = shutil.which("openssl")
     if not openssl:
         raise RuntimeError("make-cert needs the openssl command (Debian: apt-get install openssl)")
-    for aet in clients:
+    ae_hosts = {}
+    for text in aes:
+        aet, _, names = text.partition("=")
         if not is_valid_ae_title(aet) or not re.fullmatch(r"[A-Za-z0-9_.-]+", aet):
-            raise RuntimeError(f"invalid client AE title {aet!r}: letters, digits, _ . - (it names the files)")
+            raise RuntimeError(f"invalid AE title {aet!r}: letters, digits, _ . - (it names the files)")
+        ae_hosts[aet] = [name for name in names.split(",") if name]
     folder.mkdir(parents=True, exist_ok=True)
 
     def run(*arguments: str):
@@ -9420,15 +9442,18 @@ def command_make_cert(folder: pathlib.Path, hosts: list[str], clients: list[str]
             "-addext", "keyUsage=critical,keyCertSign,cRLSign", "-out", str(folder / "ca.pem"))
         (folder / "ca.pem").chmod(0o644)
         print(f"wrote {folder / 'ca.pem'} and {folder / 'ca-key.pem'} (the lab CA: keep its key safe)")
+    def extensions(names: list[str]) -> str:
+        # serverAuth and clientAuth: a DICOM AE is often both (the archive presents the same
+        # certificate to the destinations it sends to); the names are what a client checks.
+        alternative_names = ",".join(f"IP:{name}" if re.fullmatch(r"[\d.]+|[0-9A-Fa-f:]*:[0-9A-Fa-f:]*", name)
+                                     else f"DNS:{name}" for name in names)
+        return ("basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n"
+                "extendedKeyUsage=serverAuth,clientAuth\n" + (f"subjectAltName={alternative_names}\n" if names else ""))
+
     names = list(dict.fromkeys(["localhost", socket.gethostname(), "127.0.0.1", "::1", *hosts]))
-    alternative_names = ",".join(f"IP:{name}" if re.fullmatch(r"[\d.]+|[0-9A-Fa-f:]*:[0-9A-Fa-f:]*", name) else f"DNS:{name}"
-                                 for name in names)
-    # serverAuth and clientAuth: the archive shows the same certificate to the destinations it sends to.
-    signed("server", names[1] or "localhost", "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n"
-           f"extendedKeyUsage=serverAuth,clientAuth\nsubjectAltName={alternative_names}\n")
-    for aet in clients:
-        signed(aet, aet, "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n"
-               "extendedKeyUsage=clientAuth\n")
+    signed("server", names[1] or "localhost", extensions(names))
+    for aet, ae_names in ae_hosts.items():
+        signed(aet, aet, extensions(ae_names))
     return 0
 
 
@@ -9462,8 +9487,8 @@ def _argument_parser() -> argparse.ArgumentParser:
     make_cert = commands.add_parser("make-cert", parents=[common], help="make a lab CA and TLS certificates (needs openssl)")
     make_cert.add_argument("folder", metavar="DIR", type=pathlib.Path)
     make_cert.add_argument("--host", action="append", default=[], help="another name or address of this machine (repeatable)")
-    make_cert.add_argument("--client", metavar="AET", action="append", default=[],
-                           help="also a client certificate for this AE title (repeatable)")
+    make_cert.add_argument("--ae", metavar="AET[=HOST,...]", action="append", default=[],
+                           help="also a certificate for another AE (a modality, a destination) on these hosts (repeatable)")
     make_cert.add_argument("--days", type=int, default=825, help="validity of the certificates (default 825)")
     viewer = commands.add_parser("install-viewer", parents=[common], help="install the OHIF web viewer (needs npm)")
     viewer.add_argument("--version", dest="viewer_version", default=OHIF_VERSION, help=f"@ohif/app version (default {OHIF_VERSION})")
@@ -9506,7 +9531,7 @@ def main(argv=None) -> int:
         if args.command == "sample-data":
             return command_sample_data(args.folder)
         if args.command == "make-cert":
-            return command_make_cert(args.folder, args.host, args.client, args.days)
+            return command_make_cert(args.folder, args.host, args.ae, args.days)
     except (OSError, RuntimeError, apsw.Error, subprocess.CalledProcessError) as error:
         log.error("%s failed: %s", args.command, error)
         return 1
