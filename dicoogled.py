@@ -771,9 +771,6 @@ class Config:
             raise ValueError(f"invalid tls_minimum_version {self.tls_minimum_version!r}: {' or '.join(TLS_VERSIONS)}")
         if self.tls_port and not (self.tls_certificate and self.tls_private_key):
             raise ValueError(f"tls_port = {self.tls_port} needs tls_certificate and tls_private_key (PEM files)")
-        for name in ("tls_certificate", "tls_private_key", "tls_ca_certificate"):
-            if getattr(self, name) and not pathlib.Path(getattr(self, name)).is_file():
-                raise ValueError(f"invalid {name} {getattr(self, name)}: no such file")
         if self.public_url and not re.fullmatch(r"https?://[^/?#\s]+(/[^?#\s]*)?", self.public_url):
             raise ValueError(f"invalid public_url {self.public_url!r}: http(s)://host[:port][/path]")
         self.public_url = self.public_url.rstrip("/")
