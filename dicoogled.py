@@ -5141,21 +5141,38 @@ def tls_server_context(config: Config) -> ssl.SSLContext:
     a client certificate that CA signed is required (mutual TLS, PS3.15 B.1)."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = TLS_VERSIONS[config.tls_minimum_version]
-    context.load_cert_chain(config.tls_certificate, config.tls_private_key)
+    _load_tls_files(context, config)
     if config.tls_ca_certificate:
-        context.load_verify_locations(config.tls_ca_certificate)
         context.verify_mode = ssl.CERT_REQUIRED
     return context
+
+
+def _load_tls_files(context: ssl.SSLContext, config: Config):
+    """Load our certificate and key (and the CA's, if set) into context; OSError names the file at fault."""
+    try:
+        context.load_cert_chain(config.tls_certificate, config.tls_private_key)
+    except (OSError, ssl.SSLError) as error:
+        raise OSError(f"cannot load tls_certificate {config.tls_certificate} with tls_private_key"
+                      f" {config.tls_private_key}: {getattr(error, 'strerror', None) or error}") from None
+    if config.tls_ca_certificate:
+        try:
+            context.load_verify_locations(config.tls_ca_certificate)
+        except (OSError, ssl.SSLError) as error:
+            raise OSError(f"cannot load tls_ca_certificate {config.tls_ca_certificate}:"
+                          f" {getattr(error, 'strerror', None) or error}") from None
 
 
 def tls_client_context(config: Config) -> ssl.SSLContext:
     """The SSLContext for associations we open with a [modalities] AE marked tls: its certificate
     is checked against tls_ca_certificate (else the system's CAs) and its host name; we present
     ours, for peers that require a client certificate."""
-    context = ssl.create_default_context(cafile=config.tls_ca_certificate or None)
+    # With a lab CA, only it is trusted (PROTOCOL_TLS_CLIENT checks certificates and host names).
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT) if config.tls_ca_certificate else ssl.create_default_context()
     context.minimum_version = TLS_VERSIONS[config.tls_minimum_version]
     if config.tls_certificate and config.tls_private_key:
-        context.load_cert_chain(config.tls_certificate, config.tls_private_key)
+        _load_tls_files(context, config)
+    elif config.tls_ca_certificate:
+        context.load_verify_locations(config.tls_ca_certificate)
     return context
 
 
@@ -5677,10 +5694,10 @@ class DicomServices:
                 try:
                     self.tls_acceptor = self._listen(self.config.dicom_host, self.config.tls_port,
                                                      tls_server_context(self.config))
-                except (OSError, ssl.SSLError) as error:
+                except OSError:
                     self.acceptor.shutdown()
                     self.acceptor = self.port = None
-                    raise OSError(getattr(error, "errno", None), f"DICOM TLS: {error}") from None
+                    raise
                 self.tls_port = self.tls_acceptor.address[1]
         self.log.info("DICOM listening on %s:%d as %s", self.config.dicom_host, self.port, self.config.aet)
         if self.tls_port:

@@ -217,6 +217,43 @@ def test_tls_port_without_a_certificate_does_not_start(tmp_path):
     assert "tls_port = 2762 needs tls_certificate and tls_private_key" in result.stderr
 
 
+def test_a_certificate_that_cannot_be_loaded_stops_the_start(tmp_path):
+    config = tmp_path / "missing.ini"
+    config.write_text(f"[dicom]\ntls_port = {free_port()}\ntls_certificate = {tmp_path / 'none.pem'}\n"
+                      f"tls_private_key = {tmp_path / 'none-key.pem'}\n")
+    result = subprocess.run([sys.executable, str(ROOT / "dicoogled.py"), "serve", "--config", str(config),
+                             "--data-dir", str(tmp_path / "data"), "--http-host", "127.0.0.1",
+                             "--http-port", str(free_port()), "--dicom-host", "127.0.0.1", "--dicom-port", str(free_port())],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert f"cannot load tls_certificate {tmp_path / 'none.pem'}" in result.stderr
+
+
+def test_a_destination_with_a_certificate_of_another_ca_is_not_sent_to(start_daemon, lab, tmp_path):
+    """The archive checks a tls destination's certificate against the lab CA only."""
+    other = tmp_path / "other-lab"
+    subprocess.run([sys.executable, str(ROOT / "dicoogled.py"), "make-cert", str(other), "--ae", "DEST=127.0.0.1"],
+                   check=True, capture_output=True)
+    dest_port = free_port()
+    received = tmp_path / "received"
+    received.mkdir()
+    storescp = subprocess.Popen(["storescp", "+tls", str(other / "DEST-key.pem"), str(other / "DEST.pem"),
+                                 "+cf", str(lab / "ca.pem"), "-aet", "DEST", "-od", str(received), str(dest_port)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        daemon = start_daemon(tls_config(lab, free_port(), extra=f"[modalities]\nDEST = 127.0.0.1:{dest_port} tls\n"))
+        [path] = studygen.generate(tmp_path / "generated", patients=1, studies=1, series=1, instances=1)
+        daemon.store(path)
+        moved = daemon.dcmtk("movescu", "-v", "-S", "-aem", "DEST", "-k", "QueryRetrieveLevel=STUDY",
+                             "-k", f"StudyInstanceUID={pydicom.dcmread(path).StudyInstanceUID}", check=False)
+        assert "Received Final Move Response (Success)" not in moved.stderr
+        assert "TLS handshake with 127.0.0.1:%d failed: unable to get local issuer certificate" % dest_port in daemon.log
+        assert list(received.iterdir()) == []
+    finally:
+        storescp.terminate()
+        storescp.wait(10)
+
+
 def test_tls_destinations_are_shown_and_kept_by_the_rest_api(start_daemon):
     from restclient import ADMIN_ENV, admin_client
     daemon = start_daemon("[modalities]\nVIEWER = 127.0.0.1:2762 tls public Reading room\nPLAIN = 127.0.0.1:104\n",
