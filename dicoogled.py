@@ -47,6 +47,7 @@ import selectors
 import shutil
 import signal
 import socket
+import ssl
 import stat
 import struct
 import subprocess
@@ -165,6 +166,8 @@ STORE_REFUSED_INVALID_UID = 0xC002
 SUBOPERATIONS_FAILED = 0xB000
 #: What a calling AE may be allowed to ask for ([modalities] allow=); C-ECHO is always allowed.
 DICOM_SERVICES = ("store", "find", "move", "get", "commitment")
+#: TLS versions tls_minimum_version may name (BCP 195, which PS3.15 B.9 follows, wants 1.2 at least).
+TLS_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
 
 #: Transfer syntaxes accepted for storage; objects are stored exactly as received.
 ACCEPTED_TRANSFER_SYNTAXES = (
@@ -258,6 +261,16 @@ connection_timeout = 30
 association_request_timeout = 5
 # Most C-FIND matches returned for one request (0 = all).
 max_find_results = 0
+# DICOM over TLS (PS3.15 B.1) on a second port; the plain port stays. 0 leaves it closed. The
+# certificate and its private key are PEM files (dicoogled make-cert DIR makes a lab's). With a CA
+# certificate set, a client must present a certificate it signed (mutual TLS), and destinations
+# marked tls under [modalities] must present one too; we present ours to them. The lowest TLS
+# version accepted, both ways: 1.2 or 1.3.
+tls_port = 0
+tls_certificate =
+tls_private_key =
+tls_ca_certificate =
+tls_minimum_version = 1.2
 
 [http]
 # The HTTP listener (REST API, DICOMweb, web app) and how many requests it serves at once.
@@ -269,6 +282,10 @@ threads = 8
 allow_unauthorized = false
 # A login token expires this many minutes after its last use (fractions too: 0.5 is 30 s).
 session_idle_minutes = 720
+# The address users reach this server by, when it is not the one it listens on: behind a reverse
+# proxy that serves HTTPS, e.g. https://pacs.example.org/dicoogled (no trailing slash). Links and
+# DICOMweb's RetrieveURL are built from it instead of the request's Host header.
+public_url =
 
 [storage]
 # Where received objects, the index and temporary files live (local disk: SQLite WAL needs it).
@@ -341,8 +358,10 @@ level = INFO
 # or private (Dicoogle's flag), allow= and a description. allow= lists what the AE may ask
 # for as a calling AE: some of store,find,move,get,commitment separated by commas, or none
 # (C-ECHO is always allowed); without it, everything. commitment is Storage Commitment, whose
-# report goes to this host:port when the AE has released its association by then.
+# report goes to this host:port when the AE has released its association by then. tls sends
+# to it over DICOM TLS (see tls_port).
 # WORKSTATION = 192.168.1.20:11112
+# VIEWER = 192.168.1.22:2762 tls Viewer that only speaks TLS
 # WEASIS = 192.168.1.21:104 public Reading room viewer
 # CT01 = 192.168.1.30:104 allow=store Scanner in room 2
 """
@@ -570,11 +589,17 @@ CONFIG_KEYS = {
     "max_pdu_send": ("dicom", "max_pdu_send", "int"),
     "dicom_autostart": ("dicom", "autostart", "bool"),
     "max_find_results": ("dicom", "max_find_results", "int"),
+    "tls_port": ("dicom", "tls_port", "int"),
+    "tls_certificate": ("dicom", "tls_certificate", "word"),
+    "tls_private_key": ("dicom", "tls_private_key", "word"),
+    "tls_ca_certificate": ("dicom", "tls_ca_certificate", "word"),
+    "tls_minimum_version": ("dicom", "tls_minimum_version", "word"),
     "http_host": ("http", "host", "text"),
     "http_port": ("http", "port", "int"),
     "http_threads": ("http", "threads", "int"),
     "allow_unauthorized": ("http", "allow_unauthorized", "bool"),
     "session_idle_minutes": ("http", "session_idle_minutes", "float"),
+    "public_url": ("http", "public_url", "word"),
     "data_dir": ("storage", "data_dir", "path"),
     "duplicates": ("storage", "duplicates", "word"),
     "fsync": ("storage", "fsync", "bool"),
@@ -616,11 +641,17 @@ class Config:
     max_pdu_send: int = 0
     dicom_autostart: bool = True
     max_find_results: int = 0
+    tls_port: int = 0
+    tls_certificate: str = ""
+    tls_private_key: str = ""
+    tls_ca_certificate: str = ""
+    tls_minimum_version: str = "1.2"
     http_host: str = "0.0.0.0"
     http_port: int = 8080
     http_threads: int = 8
     allow_unauthorized: bool = False
     session_idle_minutes: float = 720
+    public_url: str = ""
     data_dir: pathlib.Path = pathlib.Path("./data")
     duplicates: str = "keep"
     fsync: bool = True
@@ -648,6 +679,8 @@ class Config:
     modality_details: dict[str, tuple[bool, str]] = dataclasses.field(default_factory=dict)
     #: What the [modalities] AEs whose entry says allow= may ask for: AE title -> some of DICOM_SERVICES.
     modality_services: dict[str, frozenset[str]] = dataclasses.field(default_factory=dict)
+    #: The [modalities] AEs whose entry says tls: associations with them are DICOM TLS.
+    tls_modalities: frozenset[str] = frozenset()
     #: Storage SOP classes limited to some transfer syntaxes: SOP Class UID -> transfer syntax UIDs.
     transfer_syntaxes: dict[str, list[str]] = dataclasses.field(default_factory=dict)
     #: The file settings were read from, if any.
@@ -673,6 +706,7 @@ class Config:
         _read_settings_overlay(parser, pathlib.Path(data_dir) / SETTINGS_FILE)
         try:
             modalities = {aet: _parse_modality(aet, value) for aet, value in parser.items("modalities")}
+            tls_modalities = frozenset(aet for aet, value in parser.items("modalities") if _modality_says_tls(value))
             config = cls(
                 **{name: _CONFIG_READERS[kind](parser, section, key) for name, (section, key, kind) in CONFIG_KEYS.items()},
                 plugin_folders=_CONFIG_READERS["paths"](parser, "plugins", "folders")
@@ -683,6 +717,7 @@ class Config:
                 modality_details={aet: (public, description) for aet, (_, public, description, _) in modalities.items()
                                   if public or description},
                 modality_services={aet: services for aet, (_, _, _, services) in modalities.items() if services is not None},
+                tls_modalities=tls_modalities,
                 transfer_syntaxes={uid: value.split() for uid, value in parser.items("transfer_syntaxes")},
                 config_file=path,
             )
@@ -704,7 +739,7 @@ class Config:
         """Raise ValueError naming the first setting that cannot work."""
         if not is_valid_ae_title(self.aet):
             raise ValueError(f"invalid AE title {self.aet!r}: 1 to 16 printable ASCII characters, no backslash")
-        for name in ("dicom_port", "http_port"):
+        for name in ("dicom_port", "http_port", "tls_port"):
             if not 0 <= getattr(self, name) <= 65535:
                 raise ValueError(f"invalid {name} {getattr(self, name)}: must be 0..65535")
         if self.duplicates not in ("keep", "overwrite"):
@@ -736,6 +771,13 @@ class Config:
         for name in ("codec_idle_seconds", "codec_timeout"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"invalid [codecs] {name.removeprefix('codec_')} {getattr(self, name)}: must be more than 0 seconds")
+        if self.tls_minimum_version not in TLS_VERSIONS:
+            raise ValueError(f"invalid tls_minimum_version {self.tls_minimum_version!r}: {' or '.join(TLS_VERSIONS)}")
+        if self.tls_port and not (self.tls_certificate and self.tls_private_key):
+            raise ValueError(f"tls_port = {self.tls_port} needs tls_certificate and tls_private_key (PEM files)")
+        if self.public_url and not re.fullmatch(r"https?://[^/?#\s]+(/[^?#\s]*)?", self.public_url):
+            raise ValueError(f"invalid public_url {self.public_url!r}: http(s)://host[:port][/path]")
+        self.public_url = self.public_url.rstrip("/")
         for aet, (host, port) in self.modalities.items():
             if not is_valid_ae_title(aet) or not HOST_PATTERN.match(host) or not 0 < port < 65536:
                 raise ValueError(f"invalid C-MOVE destination {aet} = {host}:{port}: expected AET = host:port")
@@ -753,7 +795,7 @@ class Config:
         for name in names:
             if name == "modalities":
                 values["modalities"] = {aet: _modality_text(host, port, *self.modality_details.get(aet, (False, "")),
-                                                            self.modality_services.get(aet))
+                                                            self.modality_services.get(aet), aet in self.tls_modalities)
                                         for aet, (host, port) in self.modalities.items()}
             elif name == "transfer_syntaxes":
                 values["transfer_syntaxes"] = {uid: " ".join(syntaxes) for uid, syntaxes in self.transfer_syntaxes.items()}
@@ -771,17 +813,29 @@ def _parse_host_port(aet: str, value: str) -> tuple[str, int]:
 
 
 def _parse_modality(aet: str, value: str) -> tuple[tuple[str, int], bool, str, frozenset[str] | None]:
-    """AET = host:port [public|private] [allow=...] [description]:
+    """AET = host:port [public|private] [tls] [allow=...] [description]:
     ((host, port), public, description, the services allowed or None when allow= is not said)."""
     address, *words = value.split() or [""]
     flag, services = "private", None
-    while words and (words[0] in ("public", "private") or words[0].startswith("allow=")):
+    while words and (words[0] in ("public", "private", "tls") or words[0].startswith("allow=")):
         word = words.pop(0)
+        if word == "tls":
+            continue  # _modality_says_tls reads it
         if word.startswith("allow="):
             services = _parse_services(aet, word[len("allow="):])
         else:
             flag = word
     return _parse_host_port(aet, address or value), flag == "public", " ".join(words), services
+
+
+def _modality_says_tls(value: str) -> bool:
+    """True if a [modalities] value has the word tls among its flags (before the description)."""
+    for word in value.split()[1:]:
+        if word == "tls":
+            return True
+        if word not in ("public", "private") and not word.startswith("allow="):
+            return False
+    return False
 
 
 def _parse_services(aet: str, text: str) -> frozenset[str]:
@@ -793,12 +847,13 @@ def _parse_services(aet: str, text: str) -> frozenset[str]:
     return services
 
 
-def _modality_text(host: str, port: int, public: bool, description: str, services: frozenset[str] | None = None) -> str:
+def _modality_text(host: str, port: int, public: bool, description: str, services: frozenset[str] | None = None,
+                   tls: bool = False) -> str:
     """A [modalities] value, as _parse_modality reads it."""
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     flag = "public" if public else "private" if description else ""
     allow = "" if services is None else "allow=" + (",".join(s for s in DICOM_SERVICES if s in services) or "none")
-    return " ".join(part for part in (address, flag, allow, description) if part)
+    return " ".join(part for part in (address, flag, "tls" if tls else "", allow, description) if part)
 
 
 # ---- settings changed at run time: data_dir/settings.ini -----------------------------------
@@ -4741,6 +4796,11 @@ class DimseRequest:
         return self.cancelled
 
 
+def _has_bytes(sock: socket.socket) -> bool:
+    """True if sock can be read without waiting: a TLS socket may hold decrypted bytes already."""
+    return bool(isinstance(sock, ssl.SSLSocket) and sock.pending()) or bool(select.select([sock], [], [], 0)[0])
+
+
 def _pdu_error_text(error: Exception) -> str:
     return str(error) or type(error).__name__
 
@@ -4988,7 +5048,7 @@ class Association:
             if held.kind is C_CANCEL_RQ and held.command_set.MessageIDBeingRespondedTo == message_id:
                 self._held.remove(held)
                 return True
-        while self._buffer or select.select([self.sock], [], [], 0)[0]:
+        while self._buffer or _has_bytes(self.sock):
             try:
                 message = self.receive_message()
             except (PeerReleased, AssociationEnded) as error:
@@ -5085,6 +5145,46 @@ def _association_request_complete(received: bytes) -> bool:
     return pdu_type != A_ASSOCIATE_RQ_PDU or length > MAX_CONTROL_PDU or len(received) >= PDU_HEADER.size + length
 
 
+def tls_server_context(config: Config) -> ssl.SSLContext:
+    """The SSLContext of the DICOM TLS listener: our certificate and key; with tls_ca_certificate,
+    a client certificate that CA signed is required (mutual TLS, PS3.15 B.1)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = TLS_VERSIONS[config.tls_minimum_version]
+    _load_tls_files(context, config)
+    if config.tls_ca_certificate:
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+def _load_tls_files(context: ssl.SSLContext, config: Config):
+    """Load our certificate and key (and the CA's, if set) into context; OSError names the file at fault."""
+    try:
+        context.load_cert_chain(config.tls_certificate, config.tls_private_key)
+    except (OSError, ssl.SSLError) as error:
+        raise OSError(f"cannot load tls_certificate {config.tls_certificate} with tls_private_key"
+                      f" {config.tls_private_key}: {getattr(error, 'strerror', None) or error}") from None
+    if config.tls_ca_certificate:
+        try:
+            context.load_verify_locations(config.tls_ca_certificate)
+        except (OSError, ssl.SSLError) as error:
+            raise OSError(f"cannot load tls_ca_certificate {config.tls_ca_certificate}:"
+                          f" {getattr(error, 'strerror', None) or error}") from None
+
+
+def tls_client_context(config: Config) -> ssl.SSLContext:
+    """The SSLContext for associations we open with a [modalities] AE marked tls: its certificate
+    is checked against tls_ca_certificate (else the system's CAs) and its host name; we present
+    ours, for peers that require a client certificate."""
+    # With a lab CA, only it is trusted (PROTOCOL_TLS_CLIENT checks certificates and host names).
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT) if config.tls_ca_certificate else ssl.create_default_context()
+    context.minimum_version = TLS_VERSIONS[config.tls_minimum_version]
+    if config.tls_certificate and config.tls_private_key:
+        _load_tls_files(context, config)
+    elif config.tls_ca_certificate:
+        context.load_verify_locations(config.tls_ca_certificate)
+    return context
+
+
 class AssociationAcceptor:
     """The DICOM listener: one socket and one thread, which accepts connections and keeps them
     in a waiting room until each has sent its whole A-ASSOCIATE-RQ; only then does a connection
@@ -5096,7 +5196,13 @@ class AssociationAcceptor:
     judge(request) -> a rejection (result, source, reason) or None; contexts(request) -> the
     supported contexts to negotiate; serve(association) runs the association to its end.
     settings() -> the live limits: max_associations, max_pdu, max_pdu_send, handshake_timeout,
-    timeout (network), aet."""
+    timeout (network), aet.
+
+    With tls (an ssl.SSLContext for the server side) the listener speaks DICOM TLS: the TLS
+    handshake is done in the waiting room too, without blocking, within the same handshake_timeout,
+    so a silent or stalled TLS client costs no more than a silent plain one. sharing: another
+    acceptor (the plain port's) whose association slots this one counts in, so that
+    max_associations holds for both ports together."""
 
     #: Connections the waiting room holds at most: past it, the one waiting longest is closed
     #: (a real peer sends its request as soon as it connects, so it is never the oldest for long).
@@ -5104,16 +5210,18 @@ class AssociationAcceptor:
     #: Negotiations kept for peers that ask again (the newest; a hostile peer only churns them).
     NEGOTIATIONS_KEPT = 16
 
-    def __init__(self, host: str, port: int, *, settings, judge, contexts, serve, log: logging.Logger):
+    def __init__(self, host: str, port: int, *, settings, judge, contexts, serve, log: logging.Logger,
+                 tls: ssl.SSLContext | None = None, sharing: "AssociationAcceptor | None" = None):
         self.settings, self.judge, self.contexts, self.serve, self.log = settings, judge, contexts, serve, log
+        self.tls = tls
         # A backlog of 128, not socketserver's 5: a burst of connections must not have peers wait for a SYN retry.
         self._listener = socket.create_server((host, port), backlog=128)
         self._listener.setblocking(False)
         self.address = self._listener.getsockname()[:2]
         self._wake_read, self._wake_write = socket.socketpair()
-        self._lock = threading.Lock()
+        self._lock = sharing._lock if sharing else threading.Lock()
         #: Established associations (and those being negotiated after a valid request).
-        self.associations = set()
+        self.associations = sharing.associations if sharing else set()
         self._negotiated = {}  # (A-ASSOCIATE-RQ, max PDU, supported contexts) -> (accepted contexts, A-ASSOCIATE-AC)
         #: How many connections are in the waiting room (for /health).
         self.waiting = 0
@@ -5125,10 +5233,13 @@ class AssociationAcceptor:
         selector.register(self._wake_read, selectors.EVENT_READ)
         #: The waiting room, oldest first: socket -> (address, deadline, what it has sent so far).
         waiting: dict[socket.socket, tuple[tuple, float, bytearray]] = {}
+        #: TLS connections of the waiting room whose handshake is not done yet.
+        self._handshaking = set()
 
         def leave(sock: socket.socket):
             selector.unregister(sock)
             del waiting[sock]
+            self._handshaking.discard(sock)
 
         try:
             while True:
@@ -5142,9 +5253,19 @@ class AssociationAcceptor:
                         continue
                     sock = key.fileobj
                     address, _, received = waiting[sock]
+                    if sock in self._handshaking:
+                        handshake = self._continue_handshake(sock, address)
+                        if handshake is None:
+                            continue
+                        if not handshake:
+                            leave(sock)
+                            sock.close()
+                            continue
                     try:
                         chunk = sock.recv(65536)
-                    except BlockingIOError:
+                        while chunk and self.tls and sock.pending():  # TLS may hold decrypted bytes select cannot see
+                            chunk += sock.recv(65536)
+                    except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
                         continue
                     except OSError:
                         chunk = b""
@@ -5187,8 +5308,34 @@ class AssociationAcceptor:
                 leave(oldest)
                 oldest.close()
             sock.setblocking(False)
+            if self.tls:
+                try:
+                    sock = self.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+                except (OSError, ValueError) as error:
+                    self.log.info("closed a TLS connection from %s:%d: %s", *address[:2], error)
+                    sock.close()
+                    continue
+                self._handshaking.add(sock)
             waiting[sock] = (address[:2], time.monotonic() + self.settings()["handshake_timeout"], bytearray())
             selector.register(sock, selectors.EVENT_READ)
+
+    def _continue_handshake(self, sock: ssl.SSLSocket, address: tuple) -> bool | None:
+        """Take a TLS handshake as far as the bytes at hand allow: True once it is done, None while
+        it waits for the peer, False if it failed (no client certificate when one is required, one
+        no trusted CA signed, a TLS version below the minimum, not TLS at all)."""
+        try:
+            sock.do_handshake()
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            return None
+        except (ssl.SSLError, OSError) as error:
+            self.log.warning("refused a TLS connection from %s:%d: %s", *address, getattr(error, "reason", None) or error)
+            return False
+        self._handshaking.discard(sock)
+        certificate = sock.getpeercert() or {}
+        subject = dict(item for rdn in certificate.get("subject", ()) for item in rdn)
+        self.log.info("TLS connection from %s:%d (%s%s)", *address, sock.version(),
+                      f", client certificate {subject.get('commonName', '?')}" if certificate else "")
+        return True
 
     def shutdown(self):
         """Stop listening (associations under way go on; connections still waiting are closed)."""
@@ -5332,15 +5479,23 @@ class AssociationRefused(Exception):
 
 def request_association(host: str, port: int, *, calling_aet: str, called_aet: str, contexts: list,
                         max_pdu: int, max_pdu_send: int, connect_timeout: float, acse_timeout: float,
-                        timeout: float, log: logging.Logger, roles=()) -> Association:
+                        timeout: float, log: logging.Logger, roles=(), tls: ssl.SSLContext | None = None) -> Association:
     """Open an association with host:port proposing contexts (pynetdicom PresentationContexts,
     IDs assigned here); AssociationRefused if it cannot be had: no connection within
     connect_timeout, no answer to the request within acse_timeout. timeout: the network timeout
-    of the association once it is up."""
+    of the association once it is up. tls: a client-side ssl.SSLContext for DICOM TLS, whose
+    handshake (the peer's certificate checked against host) is done within connect_timeout."""
     try:
         sock = socket.create_connection((host, port), timeout=connect_timeout or None)
     except OSError as error:
         raise AssociationRefused(f"cannot connect to {host}:{port}: {error.strerror or error}") from None
+    if tls:
+        try:
+            sock = tls.wrap_socket(sock, server_hostname=host)
+        except (ssl.SSLError, ssl.CertificateError, OSError) as error:
+            sock.close()
+            raise AssociationRefused(f"TLS handshake with {host}:{port} failed:"
+                                     f" {getattr(error, 'verify_message', None) or getattr(error, 'reason', None) or error}") from None
     association = Association(sock, (host, port), max_receive=max_pdu, max_send_limit=max_pdu_send,
                               timeout=timeout, log=log)
     association.calling_aet, association.called_aet = calling_aet, called_aet
@@ -5514,6 +5669,9 @@ class DicomServices:
         self.find_filter = None
         self.acceptor = None
         self.port = None
+        #: The DICOM TLS listener (tls_port), beside the plain one, and the port it has.
+        self.tls_acceptor = None
+        self.tls_port = None
         self._in_flight = 0
         self._in_flight_done = threading.Condition()
         self._listener_lock = threading.Lock()  # held while the listener opens, moves or closes
@@ -5533,9 +5691,9 @@ class DicomServices:
 
     def connections(self) -> dict:
         """Associations under way, and connections still to send their A-ASSOCIATE-RQ."""
-        acceptor = self.acceptor
+        acceptor, tls_acceptor = self.acceptor, self.tls_acceptor
         return {"associations": len(acceptor.associations) if acceptor else 0,
-                "waiting": acceptor.waiting if acceptor else 0}
+                "waiting": (acceptor.waiting if acceptor else 0) + (tls_acceptor.waiting if tls_acceptor else 0)}
 
     def _settings(self) -> dict:
         """The limits for the next association: read live, so a change applies from the next one."""
@@ -5544,21 +5702,36 @@ class DicomServices:
                 "max_pdu_send": config.max_pdu_send, "handshake_timeout": config.association_request_timeout,
                 "timeout": config.network_timeout}
 
-    def _listen(self, host: str, port: int) -> AssociationAcceptor:
+    def _listen(self, host: str, port: int, tls: ssl.SSLContext | None = None) -> AssociationAcceptor:
         try:
             return AssociationAcceptor(host, port, settings=self._settings, judge=self._judge,
-                                       contexts=self._supported_contexts, serve=self._serve, log=self.log)
+                                       contexts=self._supported_contexts, serve=self._serve, log=self.log,
+                                       tls=tls, sharing=self.acceptor)
         except OSError as error:
-            raise OSError(error.errno, f"cannot listen for DICOM on {host}:{port}: {error.strerror}") from None
+            raise OSError(error.errno, f"cannot listen for DICOM{' TLS' if tls else ''} on {host}:{port}: {error.strerror}") from None
 
     def start(self) -> bool:
-        """Open the listener on the configured host and port; False if it was open already."""
+        """Open the listener on the configured host and port (and the TLS one on tls_port, if
+        set); False if it was open already."""
         with self._listener_lock:
             if self.acceptor:
                 return False
             self.acceptor = self._listen(self.config.dicom_host, self.config.dicom_port)
             self.port = self.acceptor.address[1]
+            if self.config.tls_port:
+                try:
+                    self.tls_acceptor = self._listen(self.config.dicom_host, self.config.tls_port,
+                                                     tls_server_context(self.config))
+                except OSError:
+                    self.acceptor.shutdown()
+                    self.acceptor = self.port = None
+                    raise
+                self.tls_port = self.tls_acceptor.address[1]
         self.log.info("DICOM listening on %s:%d as %s", self.config.dicom_host, self.port, self.config.aet)
+        if self.tls_port:
+            self.log.info("DICOM TLS listening on %s:%d (TLS %s or later%s)", self.config.dicom_host, self.tls_port,
+                          self.config.tls_minimum_version,
+                          ", client certificates required" if self.config.tls_ca_certificate else "")
         return True
 
     def move(self, host: str, port: int):
@@ -5582,12 +5755,15 @@ class DicomServices:
         start() opens it again."""
         with self._listener_lock:
             acceptor, self.acceptor, self.port = self.acceptor, None, None
+            tls_acceptor, self.tls_acceptor, self.tls_port = self.tls_acceptor, None, None
         if not acceptor:
             return
         acceptor.shutdown()
+        if tls_acceptor:
+            tls_acceptor.shutdown()
         with self._in_flight_done:
             self._in_flight_done.wait_for(lambda: self._in_flight == 0, timeout=grace)
-        acceptor.abort_all()
+        acceptor.abort_all()  # both ports' associations: they share one set
         self.log.info("DICOM listener closed")
 
     @contextlib.contextmanager
@@ -6123,11 +6299,15 @@ class DicomServices:
 
     def _associate(self, aet: str, host: str, port: int, contexts: list, timeout: float | None = None) -> Association:
         config = self.config
+        try:
+            tls = tls_client_context(config) if aet in config.tls_modalities else None
+        except (OSError, ssl.SSLError) as error:
+            raise AssociationRefused(f"cannot set up DICOM TLS for {aet}: {error}") from None
         return request_association(host, port, calling_aet=config.aet, called_aet=aet, contexts=contexts,
                                    max_pdu=config.max_pdu, max_pdu_send=config.max_pdu_send,
                                    connect_timeout=timeout or config.connection_timeout,
                                    acse_timeout=timeout or config.acse_timeout,
-                                   timeout=timeout or config.dimse_timeout, log=self.log)
+                                   timeout=timeout or config.dimse_timeout, log=self.log, tls=tls)
 
     def echo(self, aet: str, timeout: float) -> int:
         """C-ECHO a [modalities] AE: its status; AssociationRefused (or AssociationEnded) if it cannot be had."""
@@ -7008,6 +7188,20 @@ def _same_origin(origin: str, host: str) -> bool:
         return False
 
 
+def _as_public_url(public: urllib.parse.SplitResult):
+    """Make the request look as the browser sent it to [http] public_url, behind a reverse proxy:
+    its scheme, host and port, and the path the proxy serves us under (SCRIPT_NAME, WSGI's own
+    place for it). Links, DICOMweb's RetrieveURL and the same-origin check then use the public
+    address, not the one the proxy connected to."""
+    environ = bottle.request.environ
+    environ["wsgi.url_scheme"] = public.scheme
+    environ["HTTP_HOST"] = public.netloc
+    environ["SERVER_PORT"] = str(public.port or (443 if public.scheme == "https" else 80))
+    environ["SCRIPT_NAME"] = public.path.rstrip("/")
+    for forwarded in ("HTTP_X_FORWARDED_HOST", "HTTP_X_FORWARDED_PROTO"):  # bottle would prefer them
+        environ.pop(forwarded, None)
+
+
 def _cross_site(request: bottle.BaseRequest) -> bool | None:
     """Whether the browser says a request comes from a page of another origin: True or False,
     or None when it says nothing (a script or command-line client, or a very old browser)."""
@@ -7238,6 +7432,8 @@ def make_app(daemon: "Daemon") -> bottle.Bottle:
         _add_security_headers()
         http_log.debug("%s %s %s", bottle.request.method, bottle.request.path, bottle.response.status_code)
 
+    if daemon.config.public_url:
+        app.hook("before_request")(functools.partial(_as_public_url, urllib.parse.urlsplit(daemon.config.public_url)))
     app.hook("before_request")(api.refuse_cross_site_write)
 
     @app.hook("before_request")
@@ -8498,7 +8694,7 @@ def _destination_routes(api: Api):
         for aet, (host, port) in config.modalities.items():
             public, description = config.modality_details.get(aet, (False, ""))
             destinations.append({"AETitle": aet, "ipAddrs": host, "port": port, "description": description,
-                                 "isPublic": public, "public": public})
+                                 "isPublic": public, "public": public, "tls": aet in config.tls_modalities})
         return _json_response(destinations)
 
     @api.route("/management/settings/storage/dicom", "POST", access=ADMIN)
@@ -8511,6 +8707,7 @@ def _destination_routes(api: Api):
         port: its DICOM port, 1..65535 (needed to add)
         description: free text
         public: true or false, Dicoogle's flag
+        tls: true or false, associate with it over DICOM TLS (kept as it was when not given)
 
         What the AE may ask for as a calling AE (allow= in [modalities]) is kept as it was.
         """
@@ -8523,7 +8720,8 @@ def _destination_routes(api: Api):
             removed = aet in config.modalities
             _change_settings(daemon, modalities={a: address for a, address in config.modalities.items() if a != aet},
                    modality_details={a: details for a, details in config.modality_details.items() if a != aet},
-                   modality_services={a: services for a, services in config.modality_services.items() if a != aet})
+                   modality_services={a: services for a, services in config.modality_services.items() if a != aet},
+                   tls_modalities=config.tls_modalities - {aet})
             return {"removed": removed}
         host = params.get("ip", "").strip()
         if not is_valid_ae_title(aet):
@@ -8536,7 +8734,11 @@ def _destination_routes(api: Api):
         details = {a: d for a, d in config.modality_details.items() if a != aet}
         if public or description:
             details[aet] = (public, description)
-        _change_settings(daemon, modalities={**config.modalities, aet: (host, port)}, modality_details=details)
+        tls = _bool_param("tls")
+        tls_modalities = config.tls_modalities if tls is None else (config.tls_modalities | {aet} if tls
+                                                                    else config.tls_modalities - {aet})
+        _change_settings(daemon, modalities={**config.modalities, aet: (host, port)}, modality_details=details,
+                         tls_modalities=tls_modalities)
         return {"added": True}
 
     @api.route("/management/dicom/echo", "POST", access=ADMIN)
@@ -8674,6 +8876,8 @@ def _openapi_document(api: Api) -> dict:
             "cookie": {"type": "apiKey", "in": "cookie", "name": SESSION_COOKIE},
         }},
         "paths": paths,
+        # Behind a reverse proxy, the address clients use ([http] public_url).
+        **({"servers": [{"url": api.daemon.config.public_url}]} if api.daemon.config.public_url else {}),
     }
 
 
@@ -9402,6 +9606,66 @@ def command_sample_data(folder: pathlib.Path) -> int:
     return 0
 
 
+def command_make_cert(folder: pathlib.Path, hosts: list[str], aes: list[str], days: int) -> int:
+    """Make a lab's certificates in folder with the openssl command: a CA (ca.pem, ca-key.pem;
+    kept if it is there already, so a second run adds certificates it signs), the archive's
+    certificate (server.pem, server-key.pem: for localhost, this machine's name, 127.0.0.1 and
+    each of hosts) and one certificate per other AE in aes, "AET" or "AET=host,host" (AET.pem,
+    AET-key.pem, the AE title as common name, valid for those hosts): a modality presents it as
+    a client; a workstation we send to over TLS, as a server. Keys are written owner-only."""
+    openssl = shutil.which("openssl")
+    if not openssl:
+        raise RuntimeError("make-cert needs the openssl command (Debian: apt-get install openssl)")
+    ae_hosts = {}
+    for text in aes:
+        aet, _, names = text.partition("=")
+        if not is_valid_ae_title(aet) or not re.fullmatch(r"[A-Za-z0-9_.-]+", aet):
+            raise RuntimeError(f"invalid AE title {aet!r}: letters, digits, _ . - (it names the files)")
+        ae_hosts[aet] = [name for name in names.split(",") if name]
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def run(*arguments: str):
+        subprocess.run([openssl, *arguments], check=True, capture_output=True)
+
+    def new_key(path: pathlib.Path):
+        run("genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048", "-out", str(path))
+        path.chmod(0o600)
+
+    def signed(name: str, common_name: str, extensions: str):
+        key, certificate = folder / f"{name}-key.pem", folder / f"{name}.pem"
+        new_key(key)
+        with tempfile.TemporaryDirectory() as scratch:
+            request, extension_file = pathlib.Path(scratch, "request.csr"), pathlib.Path(scratch, "extensions.cnf")
+            extension_file.write_text(extensions)
+            run("req", "-new", "-key", str(key), "-subj", f"/O=dicoogled lab/CN={common_name}", "-out", str(request))
+            run("x509", "-req", "-in", str(request), "-CA", str(folder / "ca.pem"), "-CAkey", str(folder / "ca-key.pem"),
+                "-set_serial", str(secrets.randbits(63)), "-days", str(days), "-sha256",
+                "-extfile", str(extension_file), "-out", str(certificate))
+        certificate.chmod(0o644)
+        print(f"wrote {certificate} and {key} ({common_name})")
+
+    if not (folder / "ca.pem").is_file() or not (folder / "ca-key.pem").is_file():
+        new_key(folder / "ca-key.pem")
+        run("req", "-x509", "-new", "-key", str(folder / "ca-key.pem"), "-subj", "/O=dicoogled lab/CN=dicoogled lab CA",
+            "-days", str(days), "-sha256", "-addext", "basicConstraints=critical,CA:TRUE",
+            "-addext", "keyUsage=critical,keyCertSign,cRLSign", "-out", str(folder / "ca.pem"))
+        (folder / "ca.pem").chmod(0o644)
+        print(f"wrote {folder / 'ca.pem'} and {folder / 'ca-key.pem'} (the lab CA: keep its key safe)")
+    def extensions(names: list[str]) -> str:
+        # serverAuth and clientAuth: a DICOM AE is often both (the archive presents the same
+        # certificate to the destinations it sends to); the names are what a client checks.
+        alternative_names = ",".join(f"IP:{name}" if re.fullmatch(r"[\d.]+|[0-9A-Fa-f:]*:[0-9A-Fa-f:]*", name)
+                                     else f"DNS:{name}" for name in names)
+        return ("basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n"
+                "extendedKeyUsage=serverAuth,clientAuth\n" + (f"subjectAltName={alternative_names}\n" if names else ""))
+
+    names = list(dict.fromkeys(["localhost", socket.gethostname(), "127.0.0.1", "::1", *hosts]))
+    signed("server", names[1] or "localhost", extensions(names))
+    for aet, ae_names in ae_hosts.items():
+        signed(aet, aet, extensions(ae_names))
+    return 0
+
+
 def _argument_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dicoogled", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"dicoogled {__version__}")
@@ -9429,6 +9693,12 @@ def _argument_parser() -> argparse.ArgumentParser:
     new_plugin.add_argument("--dir", metavar="DIR", type=pathlib.Path, help="where to write it (default: the first plugins folder)")
     sample = commands.add_parser("sample-data", parents=[common], help="write a small teaching set of DICOM files")
     sample.add_argument("folder", metavar="DIR", type=pathlib.Path)
+    make_cert = commands.add_parser("make-cert", parents=[common], help="make a lab CA and TLS certificates (needs openssl)")
+    make_cert.add_argument("folder", metavar="DIR", type=pathlib.Path)
+    make_cert.add_argument("--host", action="append", default=[], help="another name or address of this machine (repeatable)")
+    make_cert.add_argument("--ae", metavar="AET[=HOST,...]", action="append", default=[],
+                           help="also a certificate for another AE (a modality, a destination) on these hosts (repeatable)")
+    make_cert.add_argument("--days", type=int, default=825, help="validity of the certificates (default 825)")
     viewer = commands.add_parser("install-viewer", parents=[common], help="install the OHIF web viewer (needs npm)")
     viewer.add_argument("--version", dest="viewer_version", default=OHIF_VERSION, help=f"@ohif/app version (default {OHIF_VERSION})")
     return parser
@@ -9437,7 +9707,7 @@ def _argument_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     """The dicoogled command."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in ("serve", "index", "reindex", "check", "install-viewer", "new-plugin", "sample-data", "-h", "--help", "--version"):
+    if not argv or argv[0] not in ("serve", "index", "reindex", "check", "install-viewer", "new-plugin", "sample-data", "make-cert", "-h", "--help", "--version"):
         argv.insert(0, "serve")
     args = _argument_parser().parse_args(argv)
     overrides = {"data_dir": args.data_dir, "log_level": args.log_level}
@@ -9469,6 +9739,8 @@ def main(argv=None) -> int:
             return command_install_viewer(config, args.viewer_version)
         if args.command == "sample-data":
             return command_sample_data(args.folder)
+        if args.command == "make-cert":
+            return command_make_cert(args.folder, args.host, args.ae, args.days)
     except (OSError, RuntimeError, apsw.Error, subprocess.CalledProcessError) as error:
         log.error("%s failed: %s", args.command, error)
         return 1

@@ -105,7 +105,8 @@ def _base_url() -> str:
     # Some clients (dicomweb-client) send a Host header without the port.
     if ":" not in netloc.rsplit("]", 1)[-1] and port not in ("", "80", "443"):
         netloc = f"{netloc}:{port}"
-    return f"{parts.scheme}://{netloc}{MOUNT}"
+    # The path a reverse proxy serves the archive under ([http] public_url), if any.
+    return f"{parts.scheme}://{netloc}{bottle.request.script_name.rstrip('/')}{MOUNT}"
 
 
 def _allow_cors():

@@ -429,7 +429,7 @@ def test_move_destinations_add_use_remove_and_persist(archive, admin, storescp):
                           port=str(storescp.port), description="test receiver", public="true")
     assert (response.status, response.json()) == (200, {"added": True})
     listed = [{"AETitle": "STORESCP", "ipAddrs": "127.0.0.1", "port": storescp.port, "description": "test receiver",
-               "isPublic": True, "public": True}]
+               "isPublic": True, "public": True, "tls": False}]
     assert admin.get("/management/settings/storage/dicom").json() == listed
     # Live: C-MOVE reaches it at once.
     assert move(archive, study_uid, "STORESCP") == 0
@@ -456,8 +456,8 @@ def test_move_destination_replaces_one_from_the_config_file(start_daemon):
     archive.restart()
     # settings.ini's [modalities] replaces the file's whole: OLD stays removed.
     assert admin_of(archive).get("/management/settings/storage/dicom").json() == [
-        {"AETitle": "KEPT", "ipAddrs": "10.0.0.2", "port": 104, "description": "", "isPublic": False, "public": False},
-        {"AETitle": "NEW", "ipAddrs": "::1", "port": 11112, "description": "", "isPublic": False, "public": False},
+        {"AETitle": "KEPT", "ipAddrs": "10.0.0.2", "port": 104, "description": "", "isPublic": False, "public": False, "tls": False},
+        {"AETitle": "NEW", "ipAddrs": "::1", "port": 11112, "description": "", "isPublic": False, "public": False, "tls": False},
     ]
 
 
@@ -647,7 +647,7 @@ def test_openapi_lists_every_registered_route(archive, tmp_path):
             if path.startswith("/management/") or path == "/logger":
                 assert operation["x-access"] == "admin", (method, path)
     destinations = document["paths"]["/management/settings/storage/dicom"]["post"]
-    assert [p["name"] for p in destinations["parameters"]] == ["type", "aetitle", "ip", "port", "description", "public"]
+    assert [p["name"] for p in destinations["parameters"]] == ["type", "aetitle", "ip", "port", "description", "public", "tls"]
     assert document["paths"]["/user/{username}"]["delete"]["parameters"][0] == {
         "name": "username", "in": "path", "required": True, "schema": {"type": "string"}, "description": ""}
     # The running daemon serves it to anyone, and lists the same management routes.
