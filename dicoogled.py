@@ -3426,7 +3426,9 @@ def uncompressed_instance(source) -> bytes:
         dataset = pydicom.dcmread(source, force=True)
         syntax = dataset.file_meta.get("TransferSyntaxUID") or _SYNTAX_OF_ENCODING.get(dataset.original_encoding)
         if syntax is not None and pydicom.uid.UID(syntax).is_compressed:
-            dataset.decompress()
+            # The same instance in another transfer syntax (PS3.5 10): its SOP Instance UID stays,
+            # which pydicom would otherwise replace.
+            dataset.decompress(generate_instance_uid=False)
         else:
             dataset.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
         output = io.BytesIO()
@@ -5405,6 +5407,15 @@ def _sending_context(association: Association, sop_class: str, transfer_syntax: 
     return convertible, convertible is not None
 
 
+def needs_decompression(association: Association, sop_class: str, transfer_syntax: str, as_acceptor: bool) -> bool:
+    """Can an instance of sop_class stored in transfer_syntax go only once its pixels are
+    decompressed? True when no accepted context carries it as stored, and one takes an
+    uncompressed little endian syntax (PS3.4 C.4.2.3.1 lets a retrieve SCP convert)."""
+    if _sending_context(association, sop_class, transfer_syntax, as_acceptor)[0] is not None:
+        return False
+    return _sending_context(association, sop_class, pydicom.uid.ExplicitVRLittleEndian, as_acceptor)[0] is not None
+
+
 def send_c_store(association: Association, sop_class: str, sop_instance: str, transfer_syntax: str, data_set: bytes,
                  *, as_acceptor=False, move_originator: tuple = ()) -> int:
     """C-STORE one data set (encoded in transfer_syntax) and wait for the response: its status.
@@ -5479,9 +5490,12 @@ class DicomServices:
     """The DICOM listener (the association engine above): verification, storage and query/retrieve;
     and the associations dicoogled opens (C-MOVE destinations, sending, the echo test)."""
 
-    def __init__(self, config: Config, ingest: Ingest, finder: Finder):
+    def __init__(self, config: Config, ingest: Ingest, finder: Finder, codecs: "CodecWorkers | None" = None):
         check_pynetdicom_version(importlib.metadata.version("pynetdicom"))
         self.config, self.ingest, self.finder = config, ingest, finder
+        #: Where a compressed instance is decompressed for a peer that accepts only uncompressed
+        #: syntaxes: the codec workers (pixels are never decoded in the daemon's process).
+        self.codecs = codecs
         self.log = logging.getLogger("dicoogled.dicom")
         #: callable(calling_aet, identifier) -> identifier, or an int status to refuse
         self.find_filter = None
@@ -5880,35 +5894,68 @@ class DicomServices:
             response(PENDING, True, False)
         if not failed and not warning:
             return response(SUCCESS, False, False)
+        status = SUBOPERATIONS_ALL_FAILED if failed == len(instances) else SUBOPERATIONS_FAILED
         if failed:
-            # The requester sees only counts; the log says why (a viewer that refuses the stored
-            # transfer syntax is the usual reason), once per request, not once per instance.
-            self.log.warning("%s from %s: %d of %d instances not sent%s", "C-MOVE" if primitive_class is C_MOVE else "C-GET",
-                             request.calling_aet, failed, len(instances), f" ({reasons[0]})" if reasons else "")
-        return response(SUBOPERATIONS_ALL_FAILED if failed == len(instances) else SUBOPERATIONS_FAILED, False, True)
+            # The requester sees the counts, the Failed SOP Instance UID List and the commonest
+            # reason as Error Comment; the log says why for each distinct reason, once per request
+            # (not once per instance), with how many instances it stopped and the first of them.
+            service = "C-MOVE" if primitive_class is C_MOVE else "C-GET"
+            by_reason = collections.Counter(reason for _, reason in reasons)
+            why = "; ".join(f"{reason} [{count} instance(s), first {next(uid for uid, r in reasons if r == reason)}]"
+                            for reason, count in by_reason.most_common())
+            self.log.warning("%s from %s: %d of %d instances not sent%s", service, request.calling_aet, failed,
+                             len(instances), f" ({why})" if why else "")
+            if by_reason:
+                status = DicomStatus(status, by_reason.most_common(1)[0][0])
+        return response(status, False, True)
 
     def _store_sub_operation(self, association: Association, instance: IndexedInstance, *, as_acceptor: bool,
                              move_originator: tuple, reasons: list | None = None) -> int | None:
-        """C-STORE one stored instance: its status, or None when it could not be sent (and why,
-        appended to reasons)."""
+        """C-STORE one stored instance, decompressed first (in a codec worker) when the peer
+        accepted no context for its stored transfer syntax but an uncompressed one: its status, or
+        None when it could not be sent (and (SOPInstanceUID, why) appended to reasons)."""
+        uid = instance.sop_instance_uid
+
+        def not_sent(why: str):
+            why = " ".join(why.split())  # a codec's message may run over lines: the log keeps one
+            self.log.debug("cannot send %s to %s: %s", uid, association.peer, why)
+            if reasons is not None:
+                reasons.append((uid, why))
+
         if not association.is_established:
-            return None
+            return not_sent("the association with the destination ended")
         try:
             transfer_syntax, data_set = self._stored_data_set(instance)
         except Exception as error:
-            self.log.error("cannot read %s for %s: %s", instance.path, instance.sop_instance_uid, error)
-            return None
+            self.log.error("cannot read %s for %s: %s", instance.path, uid, error)
+            return not_sent("its file cannot be read")
+        if needs_decompression(association, instance.sop_class_uid, transfer_syntax, as_acceptor):
+            try:
+                transfer_syntax, data_set = self._decompressed_data_set(instance)
+            except (UnrenderableError, CodecWorkerError) as error:
+                return not_sent(f"cannot decompress from {transfer_syntax}: {error}")
         try:
-            return send_c_store(association, instance.sop_class_uid, instance.sop_instance_uid, transfer_syntax,
-                                data_set, as_acceptor=as_acceptor, move_originator=move_originator)
+            status = send_c_store(association, instance.sop_class_uid, uid, transfer_syntax,
+                                  data_set, as_acceptor=as_acceptor, move_originator=move_originator)
+            if status not in STORE_SUCCEEDED:
+                not_sent(f"the destination answered its C-STORE with 0x{status:04X}")
+            return status
         except ValueError as error:  # no context the peer accepted can carry it
-            self.log.debug("cannot send %s to %s: %s", instance.sop_instance_uid, association.peer, error)
-            if reasons is not None:
-                reasons.append(str(error))
+            not_sent(str(error))
         except AssociationEnded as error:
-            self.log.warning("sending %s to %s failed: %s", instance.sop_instance_uid, association.peer, error)
+            self.log.warning("sending %s to %s failed: %s", uid, association.peer, error)
             association.close()
+            not_sent(f"the association with the destination ended: {error}")
         return None
+
+    def _decompressed_data_set(self, instance: IndexedInstance) -> tuple[str, bytes]:
+        """(Explicit VR Little Endian, encoded data set) of a compressed stored instance, its
+        pixels decoded in a codec worker. Raises UnrenderableError or CodecWorkerError."""
+        if self.codecs is None:
+            raise UnrenderableError("no codec worker to decode it")
+        source = instance.path if location_scheme(instance.path) == "file" else self.ingest.storage.read(instance.path)
+        part10 = self.codecs.call("uncompressed", source)
+        return pydicom.uid.ExplicitVRLittleEndian, part10[_dataset_offset(part10):]
 
     def _stored_data_set(self, instance: IndexedInstance) -> tuple[str, bytes]:
         """(transfer syntax, encoded data set) of a stored instance: the file's own bytes after its
@@ -5984,19 +6031,17 @@ def _storage_context(uid: str, transfer_syntaxes: tuple):
 
 
 def _contexts_for(instances: list[IndexedInstance]) -> list:
-    """Presentation contexts for sending instances: each stored transfer syntax, plus the
-    uncompressed ones for uncompressed objects (re-encoded between explicit and implicit VR).
-    At most 128 may be proposed; the rest are skipped (and would fail as sub-operations)."""
+    """Presentation contexts for sending instances: each stored transfer syntax on its own, plus,
+    for every SOP class, the uncompressed ones (an uncompressed object is re-encoded between
+    explicit and implicit VR; a compressed one is decompressed, for a peer that accepts nothing
+    else). At most 128 may be proposed; the rest are skipped (and would fail as sub-operations)."""
     wanted = {}
     for instance in instances:
         sop_class, transfer_syntax = instance.sop_class_uid, instance.transfer_syntax
-        if transfer_syntax in UNCOMPRESSED_TRANSFER_SYNTAXES or not transfer_syntax:
-            wanted.setdefault((sop_class, "uncompressed"), list(UNCOMPRESSED_TRANSFER_SYNTAXES))
-            if transfer_syntax == pydicom.uid.ExplicitVRBigEndian:
-                # Big endian is never re-encoded, and a peer picks little endian from the list
-                # above: offer big endian on its own too.
-                wanted.setdefault((sop_class, transfer_syntax), [transfer_syntax])
-        else:
+        wanted.setdefault((sop_class, "uncompressed"), list(UNCOMPRESSED_TRANSFER_SYNTAXES))
+        if transfer_syntax and transfer_syntax not in CONVERTIBLE_TRANSFER_SYNTAXES:
+            # A compressed (or big endian, never re-encoded) syntax in a context of its own: the
+            # peer accepts or refuses it apart from the uncompressed list above.
             wanted.setdefault((sop_class, transfer_syntax), [transfer_syntax])
     contexts = [build_context(sop_class, syntaxes) for (sop_class, _), syntaxes in wanted.items()]
     if len(contexts) > 128:
@@ -8578,12 +8623,12 @@ class Daemon:
         self.disk = DiskSpace(data_dir, config.min_free_mb)
         self.ingest = Ingest(self.index, self.storage, config.duplicates, self.disk)
         self.finder = Finder(self.index)
-        self.dicom = DicomServices(config, self.ingest, self.finder)
+        #: Where pixels are decoded: worker processes, started on first use.
+        self.codecs = CodecWorkers(config.codec_workers, config.codec_idle_seconds, config.codec_timeout, config.log_level)
+        self.dicom = DicomServices(config, self.ingest, self.finder, self.codecs)
         self.users = Users(data_dir / "users.sqlite", config.session_idle_minutes)
         self.thumbnails = ThumbnailCache(data_dir / "cache" / "thumbnails")
         self._cache_root = data_dir / "cache"
-        #: Where pixels are decoded: worker processes, started on first use.
-        self.codecs = CodecWorkers(config.codec_workers, config.codec_idle_seconds, config.codec_timeout, config.log_level)
         self.users.ensure_admin(data_dir, os.environ.get("DICOOGLED_ADMIN_PASSWORD"))
         self.tasks = TaskManager(self.ingest)
         #: Query providers by name: callables(query text) -> [(uri, metadata)]; plugins add theirs.
