@@ -8,13 +8,16 @@ only, its default) and getscu (proposing the uncompressed ones only, its default
 proposing Implicit VR Little Endian alone.
 """
 
+import io
+
 import pydicom
+import requests
 from pydicom.uid import generate_uid
 from pynetdicom import build_role, evt
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet, StudyRootQueryRetrieveInformationModelMove
 
 from conftest import StoreSCP, make_identifier, wait_until
-from test_codec_worker import ENV, codec_libraries
+from test_codec_worker import ENV, PASSWORD, codec_libraries
 from test_retrieve import associate, responses
 
 SUCCESS = 0x0000
@@ -170,3 +173,38 @@ def test_an_instance_that_cannot_be_decompressed_is_named_in_the_answer_and_the_
         assert "cannot decompress from 1.2.840.10008.1.2.5" in line and broken.SOPInstanceUID in line
     finally:
         plain.stop()
+
+
+def test_wado_rs_decompresses_a_study_on_request_keeping_each_instance(start_daemon, testdata, tmp_path):
+    """WADO-RS with transfer-syntax=1.2.840.10008.1.2.1 in Accept: every instance of the study,
+    decompressed, under its own SOP Instance UID (the same instance, in another syntax); as
+    stored with transfer-syntax=*; 406 for a syntax the archive does not make."""
+    daemon = start_daemon(env=ENV)
+    stored = store_as_one_study(daemon, testdata, tmp_path, COMPRESSED)
+    study_url = f"http://127.0.0.1:{daemon.http_port}/dicom-web/studies/{next(iter(stored.values())).StudyInstanceUID}"
+    session = requests.Session()
+    session.auth = ("admin", PASSWORD)
+
+    def retrieve(transfer_syntax):
+        return session.get(study_url, timeout=120, headers={
+            "Accept": f'multipart/related; type="application/dicom"; transfer-syntax={transfer_syntax}'})
+
+    answer = retrieve(EXPLICIT_VR_LITTLE_ENDIAN)
+    assert answer.status_code == 200, answer.text
+    parts = {ds.SOPInstanceUID: ds for ds in map(pydicom.dcmread, dicom_parts(answer))}
+    assert_decompressed(parts, stored, EXPLICIT_VR_LITTLE_ENDIAN)
+    as_stored = {ds.SOPInstanceUID: ds for ds in map(pydicom.dcmread, dicom_parts(retrieve("*")))}
+    assert {uid: ds.file_meta.TransferSyntaxUID for uid, ds in as_stored.items()} == {
+        uid: ds.file_meta.TransferSyntaxUID for uid, ds in stored.items()}
+    assert retrieve("1.2.840.10008.1.2.4.80").status_code == 406  # not every instance is JPEG-LS
+    assert codec_libraries(daemon.process.pid) == set()
+
+
+def dicom_parts(response) -> list:
+    """The application/dicom parts of a multipart/related answer, as binary files."""
+    boundary = response.headers["Content-Type"].split("boundary=")[1].strip('"').encode()
+    parts = []
+    for chunk in response.content.split(b"--" + boundary)[1:-1]:
+        headers, _, body = chunk.partition(b"\r\n\r\n")
+        parts.append(io.BytesIO(body.removesuffix(b"\r\n")))
+    return parts
