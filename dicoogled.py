@@ -183,6 +183,11 @@ ACCEPTED_TRANSFER_SYNTAXES = (
     "1.2.840.10008.1.2.5",  # RLE Lossless
 )
 UNCOMPRESSED_TRANSFER_SYNTAXES = ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2", "1.2.840.10008.1.2.2")
+#: Transfer syntaxes a data set is re-encoded between when the peer accepts the other one.
+CONVERTIBLE_TRANSFER_SYNTAXES = ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2")
+#: Lossless compressed syntaxes an instance is encoded to (in a codec worker) for a peer that
+#: accepts neither its stored syntax nor an uncompressed one: RLE, JPEG-LS, JPEG 2000 lossless.
+LOSSLESS_ENCODINGS = ("1.2.840.10008.1.2.5", "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.90")
 #: The transfer syntaxes a SOP class may be limited to, by UID, with Dicoogle's names for them
 #: (its web app and clients send the name), in Dicoogle's order; HTJ2K is ours.
 TRANSFER_SYNTAX_NAMES = {
@@ -3422,19 +3427,30 @@ def decode_frame(source, frame: int = 0) -> bytes:
 def uncompressed_instance(source) -> bytes:
     """An instance as a Part 10 file in Explicit VR Little Endian, its pixel data decoded if it was
     compressed. Raises UnrenderableError."""
+    return transcoded_instance(source, pydicom.uid.ExplicitVRLittleEndian)
+
+
+def transcoded_instance(source, transfer_syntax: str) -> bytes:
+    """An instance as a Part 10 file in transfer_syntax: Explicit VR Little Endian (its pixel data
+    decoded if it was compressed) or one of LOSSLESS_ENCODINGS (decoded, then encoded by pydicom's
+    RLE encoder, pyjpegls or pylibjpeg-openjpeg). The SOP Instance UID stays: the same instance in
+    another transfer syntax (PS3.5 10), which pydicom would otherwise replace. Raises UnrenderableError."""
+    if transfer_syntax != pydicom.uid.ExplicitVRLittleEndian and transfer_syntax not in LOSSLESS_ENCODINGS:
+        raise UnrenderableError(f"{transfer_syntax} is not a transfer syntax we encode to")
     try:
         dataset = pydicom.dcmread(source, force=True)
         syntax = dataset.file_meta.get("TransferSyntaxUID") or _SYNTAX_OF_ENCODING.get(dataset.original_encoding)
         if syntax is not None and pydicom.uid.UID(syntax).is_compressed:
-            # The same instance in another transfer syntax (PS3.5 10): its SOP Instance UID stays,
-            # which pydicom would otherwise replace.
             dataset.decompress(generate_instance_uid=False)
         else:
             dataset.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+        if transfer_syntax in LOSSLESS_ENCODINGS:
+            dataset.compress(transfer_syntax, generate_instance_uid=False)
         output = io.BytesIO()
         dataset.save_as(output, enforce_file_format=True)
     except Exception as error:
-        raise UnrenderableError(f"it cannot be decoded: {error}") from error
+        verb = "decoded" if transfer_syntax == pydicom.uid.ExplicitVRLittleEndian else f"encoded in {transfer_syntax}"
+        raise UnrenderableError(f"it cannot be {verb}: {error}") from error
     return output.getvalue()
 
 
@@ -3537,7 +3553,8 @@ class ThumbnailCache(InstanceCache):
 # encoded result: never arrays, never pickles.
 
 #: What a worker can be asked to do: name -> function(source, **parameters) -> bytes.
-CODEC_CALLS = {"render": render_frame, "pixels": decode_frame, "uncompressed": uncompressed_instance}
+CODEC_CALLS = {"render": render_frame, "pixels": decode_frame, "uncompressed": uncompressed_instance,
+               "transcoded": transcoded_instance}
 #: The errors a worker answers by name, raised again in the daemon.
 CODEC_ERRORS = {"unrenderable": UnrenderableError, "frame": FrameOutOfRange}
 #: A worker's program: dicoogled imported as a module (so numpy and the codecs load) from the
@@ -4546,8 +4563,6 @@ REJECT_REASONS = {
 ABORT_SOURCE_USER, ABORT_SOURCE_PROVIDER = 0x00, 0x02
 ABORT_NO_REASON, ABORT_UNRECOGNIZED_PDU, ABORT_UNEXPECTED_PDU = 0x00, 0x01, 0x02
 ABORT_UNEXPECTED_PARAMETER, ABORT_INVALID_PARAMETER = 0x05, 0x06
-#: Transfer syntaxes a data set is re-encoded between when the peer accepts the other one.
-CONVERTIBLE_TRANSFER_SYNTAXES = ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2")
 #: C-STORE response statuses that count as a stored instance (success and the warnings).
 STORE_SUCCEEDED = frozenset({SUCCESS, 0xB000, 0xB006, 0xB007})
 
@@ -5407,13 +5422,18 @@ def _sending_context(association: Association, sop_class: str, transfer_syntax: 
     return convertible, convertible is not None
 
 
-def needs_decompression(association: Association, sop_class: str, transfer_syntax: str, as_acceptor: bool) -> bool:
-    """Can an instance of sop_class stored in transfer_syntax go only once its pixels are
-    decompressed? True when no accepted context carries it as stored, and one takes an
-    uncompressed little endian syntax (PS3.4 C.4.2.3.1 lets a retrieve SCP convert)."""
+def conversion_target(association: Association, sop_class: str, transfer_syntax: str, as_acceptor: bool) -> str | None:
+    """The transfer syntax an instance of sop_class stored in transfer_syntax must be converted to
+    (in a codec worker) before it can go, or None when it goes as stored or cannot go at all.
+    Decompressing comes first (Explicit VR Little Endian, re-encoded to Implicit VR if that is
+    what was accepted), then a lossless encoding the peer accepted: PS3.4 C.4.2.3.1 and C.4.3.3.1
+    let a retrieve SCP send in any transfer syntax the association accepted."""
     if _sending_context(association, sop_class, transfer_syntax, as_acceptor)[0] is not None:
-        return False
-    return _sending_context(association, sop_class, pydicom.uid.ExplicitVRLittleEndian, as_acceptor)[0] is not None
+        return None
+    if _sending_context(association, sop_class, pydicom.uid.ExplicitVRLittleEndian, as_acceptor)[0] is not None:
+        return pydicom.uid.ExplicitVRLittleEndian
+    return next((encoding for encoding in LOSSLESS_ENCODINGS
+                 if _sending_context(association, sop_class, encoding, as_acceptor)[0] is not None), None)
 
 
 def send_c_store(association: Association, sop_class: str, sop_instance: str, transfer_syntax: str, data_set: bytes,
@@ -5911,9 +5931,9 @@ class DicomServices:
 
     def _store_sub_operation(self, association: Association, instance: IndexedInstance, *, as_acceptor: bool,
                              move_originator: tuple, reasons: list | None = None) -> int | None:
-        """C-STORE one stored instance, decompressed first (in a codec worker) when the peer
-        accepted no context for its stored transfer syntax but an uncompressed one: its status, or
-        None when it could not be sent (and (SOPInstanceUID, why) appended to reasons)."""
+        """C-STORE one stored instance, converted first (in a codec worker: conversion_target) when
+        the peer accepted no context for its stored transfer syntax: its status, or None when it
+        could not be sent (and (SOPInstanceUID, why) appended to reasons)."""
         uid = instance.sop_instance_uid
 
         def not_sent(why: str):
@@ -5929,11 +5949,14 @@ class DicomServices:
         except Exception as error:
             self.log.error("cannot read %s for %s: %s", instance.path, uid, error)
             return not_sent("its file cannot be read")
-        if needs_decompression(association, instance.sop_class_uid, transfer_syntax, as_acceptor):
+        target = conversion_target(association, instance.sop_class_uid, transfer_syntax, as_acceptor)
+        if target is not None:
             try:
-                transfer_syntax, data_set = self._decompressed_data_set(instance)
+                data_set = self._transcoded_data_set(instance, target)
             except (UnrenderableError, CodecWorkerError) as error:
-                return not_sent(f"cannot decompress from {transfer_syntax}: {error}")
+                verb = "decompress" if target == pydicom.uid.ExplicitVRLittleEndian else f"convert to {target}"
+                return not_sent(f"cannot {verb} from {transfer_syntax}: {error}")
+            transfer_syntax = target
         try:
             status = send_c_store(association, instance.sop_class_uid, uid, transfer_syntax,
                                   data_set, as_acceptor=as_acceptor, move_originator=move_originator)
@@ -5948,14 +5971,15 @@ class DicomServices:
             not_sent(f"the association with the destination ended: {error}")
         return None
 
-    def _decompressed_data_set(self, instance: IndexedInstance) -> tuple[str, bytes]:
-        """(Explicit VR Little Endian, encoded data set) of a compressed stored instance, its
-        pixels decoded in a codec worker. Raises UnrenderableError or CodecWorkerError."""
+    def _transcoded_data_set(self, instance: IndexedInstance, transfer_syntax: str) -> bytes:
+        """A stored instance's data set encoded in transfer_syntax, its pixels decoded (and encoded
+        again, for a lossless compressed syntax) in a codec worker. Raises UnrenderableError or
+        CodecWorkerError."""
         if self.codecs is None:
-            raise UnrenderableError("no codec worker to decode it")
+            raise UnrenderableError("no codec worker to convert it")
         source = instance.path if location_scheme(instance.path) == "file" else self.ingest.storage.read(instance.path)
-        part10 = self.codecs.call("uncompressed", source)
-        return pydicom.uid.ExplicitVRLittleEndian, part10[_dataset_offset(part10):]
+        part10 = self.codecs.call("transcoded", source, transfer_syntax=transfer_syntax)
+        return part10[_dataset_offset(part10):]
 
     def _stored_data_set(self, instance: IndexedInstance) -> tuple[str, bytes]:
         """(transfer syntax, encoded data set) of a stored instance: the file's own bytes after its

@@ -11,6 +11,7 @@ proposing Implicit VR Little Endian alone.
 import io
 
 import pydicom
+import pytest
 import requests
 from pydicom.uid import generate_uid
 from pynetdicom import build_role, evt
@@ -51,7 +52,8 @@ def store_as_one_study(daemon, testdata, tmp_path, names) -> dict:
 
 
 def assert_decompressed(received: dict, stored: dict, transfer_syntax: str):
-    """Every stored instance arrived in transfer_syntax, its decoded pixels those of the original."""
+    """Every stored instance arrived in transfer_syntax, its decoded pixels those of the original
+    (lossless: the stored image, decoded, exactly)."""
     assert set(received) == set(stored)
     for uid, original in stored.items():
         copy = received[uid]
@@ -93,11 +95,9 @@ def test_getscu_proposing_only_uncompressed_gets_every_instance_decompressed(sta
     assert codec_libraries(daemon.process.pid) == set()
 
 
-def test_get_proposing_implicit_vr_only_gets_every_instance_decompressed_to_it(start_daemon, testdata, tmp_path):
-    """The requestor's storage contexts (SCP role) offer Implicit VR Little Endian alone: the
-    decompressed data set is re-encoded to it."""
-    daemon = start_daemon()
-    stored = store_as_one_study(daemon, testdata, tmp_path, COMPRESSED)
+def get_in(daemon, stored: dict, transfer_syntax: str):
+    """C-GET the stored study with pynetdicom, its storage contexts (SCP role) offering
+    transfer_syntax alone: (final status, counts, received data sets by SOPInstanceUID)."""
     study_uid = next(iter(stored.values())).StudyInstanceUID
     received = {}
 
@@ -109,7 +109,7 @@ def test_get_proposing_implicit_vr_only_gets_every_instance_decompressed_to_it(s
 
     sop_classes = sorted({ds.SOPClassUID for ds in stored.values()})
     assoc = associate(daemon, StudyRootQueryRetrieveInformationModelGet,
-                      *[(sop_class, [IMPLICIT_VR_LITTLE_ENDIAN]) for sop_class in sop_classes], calling="GETSCU",
+                      *[(sop_class, [transfer_syntax]) for sop_class in sop_classes], calling="GETSCU",
                       ext_neg=[build_role(sop_class, scp_role=True) for sop_class in sop_classes],
                       evt_handlers=[(evt.EVT_C_STORE, on_store)])
     try:
@@ -117,9 +117,34 @@ def test_get_proposing_implicit_vr_only_gets_every_instance_decompressed_to_it(s
                                              StudyRootQueryRetrieveInformationModelGet))
     finally:
         assoc.release()
-    status, (_, completed, failed, warning), _ = replies[-1]
-    assert (status, completed, failed, warning) == (SUCCESS, len(stored), 0, 0)
+    status, counts, _ = replies[-1]
+    return status, counts[1:], received
+
+
+def test_get_proposing_implicit_vr_only_gets_every_instance_decompressed_to_it(start_daemon, testdata, tmp_path):
+    """The requestor offers Implicit VR Little Endian alone: the decompressed data set is re-encoded to it."""
+    daemon = start_daemon()
+    stored = store_as_one_study(daemon, testdata, tmp_path, COMPRESSED)
+    status, counts, received = get_in(daemon, stored, IMPLICIT_VR_LITTLE_ENDIAN)
+    assert (status, counts) == (SUCCESS, (len(stored), 0, 0))
     assert_decompressed(received, stored, IMPLICIT_VR_LITTLE_ENDIAN)
+
+
+@pytest.mark.parametrize("transfer_syntax", ["1.2.840.10008.1.2.5", "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.90"],
+                         ids=["RLE", "JPEG-LS", "JPEG-2000"])
+def test_get_proposing_one_lossless_syntax_gets_every_instance_encoded_in_it(start_daemon, testdata, tmp_path,
+                                                                            transfer_syntax):
+    """The requestor offers one lossless compressed syntax alone: each instance is decoded and
+    encoded in it by the codec worker (one already stored so goes as stored), pixels unchanged."""
+    daemon = start_daemon(env=ENV)
+    stored = store_as_one_study(daemon, testdata, tmp_path, COMPRESSED)
+    status, counts, received = get_in(daemon, stored, transfer_syntax)
+    assert (status, counts) == (SUCCESS, (len(stored), 0, 0))
+    assert_decompressed(received, stored, transfer_syntax)
+    for uid, original in stored.items():
+        if original.file_meta.TransferSyntaxUID == transfer_syntax:
+            assert received[uid].PixelData == original.PixelData  # as stored, byte for byte
+    assert codec_libraries(daemon.process.pid) == set()
 
 
 def test_move_keeps_the_stored_syntax_for_a_destination_that_accepts_it(start_daemon, testdata, tmp_path):
