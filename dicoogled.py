@@ -3994,6 +3994,12 @@ class PluginApi:
         data decoded. Raises ValueError, with a reason fit for the caller, if it cannot be decoded."""
         return self._daemon.codecs.call("uncompressed", self.open(uri))
 
+    def transcoded(self, uri: str, transfer_syntax: str) -> bytes:
+        """A stored instance (its URI) as a Part 10 file in transfer_syntax: Explicit VR Little
+        Endian or a lossless encoding (RLE, JPEG-LS, JPEG 2000 lossless), made in a codec worker.
+        Raises ValueError, with a reason fit for the caller, if it cannot be made."""
+        return self._daemon.codecs.call("transcoded", self.open(uri), transfer_syntax=transfer_syntax)
+
     def open(self, uri: str):
         """What pydicom.dcmread reads a stored instance from, given its URI: a file's path, or its
         bytes in memory when a storage plugin keeps it."""

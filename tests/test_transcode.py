@@ -200,10 +200,11 @@ def test_an_instance_that_cannot_be_decompressed_is_named_in_the_answer_and_the_
         plain.stop()
 
 
-def test_wado_rs_decompresses_a_study_on_request_keeping_each_instance(start_daemon, testdata, tmp_path):
+def test_wado_rs_converts_a_study_on_request_keeping_each_instance(start_daemon, testdata, tmp_path):
     """WADO-RS with transfer-syntax=1.2.840.10008.1.2.1 in Accept: every instance of the study,
     decompressed, under its own SOP Instance UID (the same instance, in another syntax); as
-    stored with transfer-syntax=*; 406 for a syntax the archive does not make."""
+    stored with transfer-syntax=*; encoded in RLE, JPEG-LS or JPEG 2000 lossless on request;
+    406 for a lossy syntax, which the archive does not make."""
     daemon = start_daemon(env=ENV)
     stored = store_as_one_study(daemon, testdata, tmp_path, COMPRESSED)
     study_url = f"http://127.0.0.1:{daemon.http_port}/dicom-web/studies/{next(iter(stored.values())).StudyInstanceUID}"
@@ -221,7 +222,11 @@ def test_wado_rs_decompresses_a_study_on_request_keeping_each_instance(start_dae
     as_stored = {ds.SOPInstanceUID: ds for ds in map(pydicom.dcmread, dicom_parts(retrieve("*")))}
     assert {uid: ds.file_meta.TransferSyntaxUID for uid, ds in as_stored.items()} == {
         uid: ds.file_meta.TransferSyntaxUID for uid, ds in stored.items()}
-    assert retrieve("1.2.840.10008.1.2.4.80").status_code == 406  # not every instance is JPEG-LS
+    for lossless in ("1.2.840.10008.1.2.5", "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.90"):
+        answer = retrieve(lossless)
+        assert answer.status_code == 200, answer.text
+        assert_decompressed({ds.SOPInstanceUID: ds for ds in map(pydicom.dcmread, dicom_parts(answer))}, stored, lossless)
+    assert retrieve("1.2.840.10008.1.2.4.50").status_code == 406  # lossy: never made
     assert codec_libraries(daemon.process.pid) == set()
 
 
