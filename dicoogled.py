@@ -5432,8 +5432,8 @@ def conversion_target(association: Association, sop_class: str, transfer_syntax:
     """The transfer syntax an instance of sop_class stored in transfer_syntax must be converted to
     (in a codec worker) before it can go, or None when it goes as stored or cannot go at all.
     Decompressing comes first (Explicit VR Little Endian, re-encoded to Implicit VR if that is
-    what was accepted), then a lossless encoding the peer accepted: PS3.4 C.4.2.3 and C.4.3.3, the SCPs' behaviour,
-    let a retrieve SCP send in any transfer syntax the association accepted."""
+    what was accepted), then a lossless encoding the peer accepted. A retrieve SCP may send in any
+    transfer syntax the store association accepted (PS3.4 C.4.2.3, C.4.3.3: the SCPs' behaviour)."""
     if _sending_context(association, sop_class, transfer_syntax, as_acceptor)[0] is not None:
         return None
     if _sending_context(association, sop_class, pydicom.uid.ExplicitVRLittleEndian, as_acceptor)[0] is not None:
