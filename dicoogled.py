@@ -188,6 +188,11 @@ ACCEPTED_TRANSFER_SYNTAXES = (
     "1.2.840.10008.1.2.5",  # RLE Lossless
 )
 UNCOMPRESSED_TRANSFER_SYNTAXES = ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2", "1.2.840.10008.1.2.2")
+#: Transfer syntaxes a data set is re-encoded between when the peer accepts the other one.
+CONVERTIBLE_TRANSFER_SYNTAXES = ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2")
+#: Lossless compressed syntaxes an instance is encoded to (in a codec worker) for a peer that
+#: accepts neither its stored syntax nor an uncompressed one: RLE, JPEG-LS, JPEG 2000 lossless.
+LOSSLESS_ENCODINGS = ("1.2.840.10008.1.2.5", "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.90")
 #: The transfer syntaxes a SOP class may be limited to, by UID, with Dicoogle's names for them
 #: (its web app and clients send the name), in Dicoogle's order; HTJ2K is ours.
 TRANSFER_SYNTAX_NAMES = {
@@ -3480,17 +3485,30 @@ def decode_frame(source, frame: int = 0) -> bytes:
 def uncompressed_instance(source) -> bytes:
     """An instance as a Part 10 file in Explicit VR Little Endian, its pixel data decoded if it was
     compressed. Raises UnrenderableError."""
+    return transcoded_instance(source, pydicom.uid.ExplicitVRLittleEndian)
+
+
+def transcoded_instance(source, transfer_syntax: str) -> bytes:
+    """An instance as a Part 10 file in transfer_syntax: Explicit VR Little Endian (its pixel data
+    decoded if it was compressed) or one of LOSSLESS_ENCODINGS (decoded, then encoded by pydicom's
+    RLE encoder, pyjpegls or pylibjpeg-openjpeg). The SOP Instance UID stays: the same instance in
+    another transfer syntax (PS3.5 10), which pydicom would otherwise replace. Raises UnrenderableError."""
+    if transfer_syntax != pydicom.uid.ExplicitVRLittleEndian and transfer_syntax not in LOSSLESS_ENCODINGS:
+        raise UnrenderableError(f"{transfer_syntax} is not a transfer syntax we encode to")
     try:
         dataset = pydicom.dcmread(source, force=True)
         syntax = dataset.file_meta.get("TransferSyntaxUID") or _SYNTAX_OF_ENCODING.get(dataset.original_encoding)
         if syntax is not None and pydicom.uid.UID(syntax).is_compressed:
-            dataset.decompress()
+            dataset.decompress(generate_instance_uid=False)
         else:
             dataset.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+        if transfer_syntax in LOSSLESS_ENCODINGS:
+            dataset.compress(transfer_syntax, generate_instance_uid=False)
         output = io.BytesIO()
         dataset.save_as(output, enforce_file_format=True)
     except Exception as error:
-        raise UnrenderableError(f"it cannot be decoded: {error}") from error
+        verb = "decoded" if transfer_syntax == pydicom.uid.ExplicitVRLittleEndian else f"encoded in {transfer_syntax}"
+        raise UnrenderableError(f"it cannot be {verb}: {error}") from error
     return output.getvalue()
 
 
@@ -3593,7 +3611,8 @@ class ThumbnailCache(InstanceCache):
 # encoded result: never arrays, never pickles.
 
 #: What a worker can be asked to do: name -> function(source, **parameters) -> bytes.
-CODEC_CALLS = {"render": render_frame, "pixels": decode_frame, "uncompressed": uncompressed_instance}
+CODEC_CALLS = {"render": render_frame, "pixels": decode_frame, "uncompressed": uncompressed_instance,
+               "transcoded": transcoded_instance}
 #: The errors a worker answers by name, raised again in the daemon.
 CODEC_ERRORS = {"unrenderable": UnrenderableError, "frame": FrameOutOfRange}
 #: A worker's program: dicoogled imported as a module (so numpy and the codecs load) from the
@@ -4032,6 +4051,12 @@ class PluginApi:
         """A stored instance (its URI) as a Part 10 file in Explicit VR Little Endian, its pixel
         data decoded. Raises ValueError, with a reason fit for the caller, if it cannot be decoded."""
         return self._daemon.codecs.call("uncompressed", self.open(uri))
+
+    def transcoded(self, uri: str, transfer_syntax: str) -> bytes:
+        """A stored instance (its URI) as a Part 10 file in transfer_syntax: Explicit VR Little
+        Endian or a lossless encoding (RLE, JPEG-LS, JPEG 2000 lossless), made in a codec worker.
+        Raises ValueError, with a reason fit for the caller, if it cannot be made."""
+        return self._daemon.codecs.call("transcoded", self.open(uri), transfer_syntax=transfer_syntax)
 
     def open(self, uri: str):
         """What pydicom.dcmread reads a stored instance from, given its URI: a file's path, or its
@@ -4602,8 +4627,6 @@ REJECT_REASONS = {
 ABORT_SOURCE_USER, ABORT_SOURCE_PROVIDER = 0x00, 0x02
 ABORT_NO_REASON, ABORT_UNRECOGNIZED_PDU, ABORT_UNEXPECTED_PDU = 0x00, 0x01, 0x02
 ABORT_UNEXPECTED_PARAMETER, ABORT_INVALID_PARAMETER = 0x05, 0x06
-#: Transfer syntaxes a data set is re-encoded between when the peer accepts the other one.
-CONVERTIBLE_TRANSFER_SYNTAXES = ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2")
 #: C-STORE response statuses that count as a stored instance (success and the warnings).
 STORE_SUCCEEDED = frozenset({SUCCESS, 0xB000, 0xB006, 0xB007})
 
@@ -5570,6 +5593,20 @@ def _sending_context(association: Association, sop_class: str, transfer_syntax: 
     return convertible, convertible is not None
 
 
+def conversion_target(association: Association, sop_class: str, transfer_syntax: str, as_acceptor: bool) -> str | None:
+    """The transfer syntax an instance of sop_class stored in transfer_syntax must be converted to
+    (in a codec worker) before it can go, or None when it goes as stored or cannot go at all.
+    Decompressing comes first (Explicit VR Little Endian, re-encoded to Implicit VR if that is
+    what was accepted), then a lossless encoding the peer accepted. A retrieve SCP may send in any
+    transfer syntax the store association accepted (PS3.4 C.4.2.3, C.4.3.3: the SCPs' behaviour)."""
+    if _sending_context(association, sop_class, transfer_syntax, as_acceptor)[0] is not None:
+        return None
+    if _sending_context(association, sop_class, pydicom.uid.ExplicitVRLittleEndian, as_acceptor)[0] is not None:
+        return pydicom.uid.ExplicitVRLittleEndian
+    return next((encoding for encoding in LOSSLESS_ENCODINGS
+                 if _sending_context(association, sop_class, encoding, as_acceptor)[0] is not None), None)
+
+
 def send_c_store(association: Association, sop_class: str, sop_instance: str, transfer_syntax: str, data_set: bytes,
                  *, as_acceptor=False, move_originator: tuple = ()) -> int:
     """C-STORE one data set (encoded in transfer_syntax) and wait for the response: its status.
@@ -5661,9 +5698,12 @@ class DicomServices:
     """The DICOM listener (the association engine above): verification, storage and query/retrieve;
     and the associations dicoogled opens (C-MOVE destinations, sending, the echo test)."""
 
-    def __init__(self, config: Config, ingest: Ingest, finder: Finder):
+    def __init__(self, config: Config, ingest: Ingest, finder: Finder, codecs: "CodecWorkers | None" = None):
         check_pynetdicom_version(importlib.metadata.version("pynetdicom"))
         self.config, self.ingest, self.finder = config, ingest, finder
+        #: Where a compressed instance is decompressed for a peer that accepts only uncompressed
+        #: syntaxes: the codec workers (pixels are never decoded in the daemon's process).
+        self.codecs = codecs
         self.log = logging.getLogger("dicoogled.dicom")
         #: callable(calling_aet, identifier) -> identifier, or an int status to refuse
         self.find_filter = None
@@ -6250,35 +6290,72 @@ class DicomServices:
             response(PENDING, True, False)
         if not failed and not warning:
             return response(SUCCESS, False, False)
+        status = SUBOPERATIONS_ALL_FAILED if failed == len(instances) else SUBOPERATIONS_FAILED
         if failed:
-            # The requester sees only counts; the log says why (a viewer that refuses the stored
-            # transfer syntax is the usual reason), once per request, not once per instance.
-            self.log.warning("%s from %s: %d of %d instances not sent%s", "C-MOVE" if primitive_class is C_MOVE else "C-GET",
-                             request.calling_aet, failed, len(instances), f" ({reasons[0]})" if reasons else "")
-        return response(SUBOPERATIONS_ALL_FAILED if failed == len(instances) else SUBOPERATIONS_FAILED, False, True)
+            # The requester sees the counts, the Failed SOP Instance UID List and the commonest
+            # reason as Error Comment; the log says why for each distinct reason, once per request
+            # (not once per instance), with how many instances it stopped and the first of them.
+            service = "C-MOVE" if primitive_class is C_MOVE else "C-GET"
+            by_reason = collections.Counter(reason for _, reason in reasons)
+            why = "; ".join(f"{reason} [{count} instance(s), first {next(uid for uid, r in reasons if r == reason)}]"
+                            for reason, count in by_reason.most_common())
+            self.log.warning("%s from %s: %d of %d instances not sent%s", service, request.calling_aet, failed,
+                             len(instances), f" ({why})" if why else "")
+            if by_reason:
+                status = DicomStatus(status, by_reason.most_common(1)[0][0])
+        return response(status, False, True)
 
     def _store_sub_operation(self, association: Association, instance: IndexedInstance, *, as_acceptor: bool,
                              move_originator: tuple, reasons: list | None = None) -> int | None:
-        """C-STORE one stored instance: its status, or None when it could not be sent (and why,
-        appended to reasons)."""
+        """C-STORE one stored instance, converted first (in a codec worker: conversion_target) when
+        the peer accepted no context for its stored transfer syntax: its status, or None when it
+        could not be sent (and (SOPInstanceUID, why) appended to reasons)."""
+        uid = instance.sop_instance_uid
+
+        def not_sent(why: str):
+            why = " ".join(why.split())  # a codec's message may run over lines: the log keeps one
+            self.log.debug("cannot send %s to %s: %s", uid, association.peer, why)
+            if reasons is not None:
+                reasons.append((uid, why))
+
         if not association.is_established:
-            return None
+            return not_sent("the association with the destination ended")
         try:
             transfer_syntax, data_set = self._stored_data_set(instance)
         except Exception as error:
-            self.log.error("cannot read %s for %s: %s", instance.path, instance.sop_instance_uid, error)
-            return None
+            self.log.error("cannot read %s for %s: %s", instance.path, uid, error)
+            return not_sent("its file cannot be read")
+        target = conversion_target(association, instance.sop_class_uid, transfer_syntax, as_acceptor)
+        if target is not None:
+            try:
+                data_set = self._transcoded_data_set(instance, target)
+            except (UnrenderableError, CodecWorkerError) as error:
+                verb = "decompress" if target == pydicom.uid.ExplicitVRLittleEndian else f"convert to {target}"
+                return not_sent(f"cannot {verb} from {transfer_syntax}: {error}")
+            transfer_syntax = target
         try:
-            return send_c_store(association, instance.sop_class_uid, instance.sop_instance_uid, transfer_syntax,
-                                data_set, as_acceptor=as_acceptor, move_originator=move_originator)
+            status = send_c_store(association, instance.sop_class_uid, uid, transfer_syntax,
+                                  data_set, as_acceptor=as_acceptor, move_originator=move_originator)
+            if status not in STORE_SUCCEEDED:
+                not_sent(f"the destination answered its C-STORE with 0x{status:04X}")
+            return status
         except ValueError as error:  # no context the peer accepted can carry it
-            self.log.debug("cannot send %s to %s: %s", instance.sop_instance_uid, association.peer, error)
-            if reasons is not None:
-                reasons.append(str(error))
+            not_sent(str(error))
         except AssociationEnded as error:
-            self.log.warning("sending %s to %s failed: %s", instance.sop_instance_uid, association.peer, error)
+            self.log.warning("sending %s to %s failed: %s", uid, association.peer, error)
             association.close()
+            not_sent(f"the association with the destination ended: {error}")
         return None
+
+    def _transcoded_data_set(self, instance: IndexedInstance, transfer_syntax: str) -> bytes:
+        """A stored instance's data set encoded in transfer_syntax, its pixels decoded (and encoded
+        again, for a lossless compressed syntax) in a codec worker. Raises UnrenderableError or
+        CodecWorkerError."""
+        if self.codecs is None:
+            raise UnrenderableError("no codec worker to convert it")
+        source = instance.path if location_scheme(instance.path) == "file" else self.ingest.storage.read(instance.path)
+        part10 = self.codecs.call("transcoded", source, transfer_syntax=transfer_syntax)
+        return part10[_dataset_offset(part10):]
 
     def _stored_data_set(self, instance: IndexedInstance) -> tuple[str, bytes]:
         """(transfer syntax, encoded data set) of a stored instance: the file's own bytes after its
@@ -6358,19 +6435,17 @@ def _storage_context(uid: str, transfer_syntaxes: tuple):
 
 
 def _contexts_for(instances: list[IndexedInstance]) -> list:
-    """Presentation contexts for sending instances: each stored transfer syntax, plus the
-    uncompressed ones for uncompressed objects (re-encoded between explicit and implicit VR).
-    At most 128 may be proposed; the rest are skipped (and would fail as sub-operations)."""
+    """Presentation contexts for sending instances: each stored transfer syntax on its own, plus,
+    for every SOP class, the uncompressed ones (an uncompressed object is re-encoded between
+    explicit and implicit VR; a compressed one is decompressed, for a peer that accepts nothing
+    else). At most 128 may be proposed; the rest are skipped (and would fail as sub-operations)."""
     wanted = {}
     for instance in instances:
         sop_class, transfer_syntax = instance.sop_class_uid, instance.transfer_syntax
-        if transfer_syntax in UNCOMPRESSED_TRANSFER_SYNTAXES or not transfer_syntax:
-            wanted.setdefault((sop_class, "uncompressed"), list(UNCOMPRESSED_TRANSFER_SYNTAXES))
-            if transfer_syntax == pydicom.uid.ExplicitVRBigEndian:
-                # Big endian is never re-encoded, and a peer picks little endian from the list
-                # above: offer big endian on its own too.
-                wanted.setdefault((sop_class, transfer_syntax), [transfer_syntax])
-        else:
+        wanted.setdefault((sop_class, "uncompressed"), list(UNCOMPRESSED_TRANSFER_SYNTAXES))
+        if transfer_syntax and transfer_syntax not in CONVERTIBLE_TRANSFER_SYNTAXES:
+            # A compressed (or big endian, never re-encoded) syntax in a context of its own: the
+            # peer accepts or refuses it apart from the uncompressed list above.
             wanted.setdefault((sop_class, transfer_syntax), [transfer_syntax])
     contexts = [build_context(sop_class, syntaxes) for (sop_class, _), syntaxes in wanted.items()]
     if len(contexts) > 128:
@@ -8976,12 +9051,12 @@ class Daemon:
         self.disk = DiskSpace(data_dir, config.min_free_mb)
         self.ingest = Ingest(self.index, self.storage, config.duplicates, self.disk)
         self.finder = Finder(self.index)
-        self.dicom = DicomServices(config, self.ingest, self.finder)
+        #: Where pixels are decoded: worker processes, started on first use.
+        self.codecs = CodecWorkers(config.codec_workers, config.codec_idle_seconds, config.codec_timeout, config.log_level)
+        self.dicom = DicomServices(config, self.ingest, self.finder, self.codecs)
         self.users = Users(data_dir / "users.sqlite", config.session_idle_minutes)
         self.thumbnails = ThumbnailCache(data_dir / "cache" / "thumbnails")
         self._cache_root = data_dir / "cache"
-        #: Where pixels are decoded: worker processes, started on first use.
-        self.codecs = CodecWorkers(config.codec_workers, config.codec_idle_seconds, config.codec_timeout, config.log_level)
         self.users.ensure_admin(data_dir, os.environ.get("DICOOGLED_ADMIN_PASSWORD"))
         self.tasks = TaskManager(self.ingest)
         #: Query providers by name: callables(query text) -> [(uri, metadata)]; plugins add theirs.

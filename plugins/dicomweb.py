@@ -4,8 +4,8 @@ Web viewers (OHIF and other Cornerstone apps), AI pipelines and scripts speak DI
 is a whole service built only on the plugin API: searches use the same index and matching rules as
 C-FIND (`dicoogle.find`), stores go through the one ingest path (`dicoogle.store`), retrievals
 stream the stored files, and what needs pixels decoded (rendered images, decoded frames, files
-converted to Explicit VR Little Endian) asks the daemon's codec worker (`dicoogle.render`,
-`dicoogle.pixels`, `dicoogle.uncompressed`), so no codec runs in the daemon itself.
+converted to Explicit VR Little Endian or a lossless encoding) asks the daemon's codec worker (`dicoogle.render`,
+`dicoogle.pixels`, `dicoogle.transcoded`), so no codec runs in the daemon itself.
 
 Enabled by default: it serves nothing the REST API does not, and with the same logins (a token, or
 HTTP Basic for DICOMweb clients). Settings ([plugin.dicomweb] in the config file):
@@ -61,6 +61,9 @@ ALL_KEYS = ("StudyDate", "StudyTime", "AccessionNumber", "StudyDescription", "Re
 QIDO_CONTROL = {"limit", "offset", "includefield", "fuzzymatching"}
 UNCOMPRESSED = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99"}
 EXPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2.1"
+#: What a retrieve converts to when asked (transfer-syntax= in Accept): uncompressed, or a lossless
+#: encoding (RLE, JPEG-LS, JPEG 2000 lossless). Never a lossy one: a copy would lose what the file has.
+CONVERTED_TO = (EXPLICIT_VR_LITTLE_ENDIAN, "1.2.840.10008.1.2.5", "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.90")
 #: Media types of compressed frames, by transfer syntax (PS3.18 table 8.7.3-2).
 FRAME_MEDIA_TYPES = {
     "1.2.840.10008.1.2.4.50": "image/jpeg", "1.2.840.10008.1.2.4.51": "image/jpeg",
@@ -231,23 +234,23 @@ def _retrieve(study, series="", instance=""):
         _error(406, 'WADO-RS retrieves multipart/related; type="application/dicom"')
     wanted = _requested_transfer_syntax()
     found = _instances(study, series, instance)
-    if wanted not in ("*", EXPLICIT_VR_LITTLE_ENDIAN) and any(ts != wanted for _, _, ts, _ in found):
-        _error(406, f"cannot convert to transfer syntax {wanted}; ask for * (as stored) or {EXPLICIT_VR_LITTLE_ENDIAN}")
+    if wanted not in ("*", *CONVERTED_TO) and any(ts != wanted for _, _, ts, _ in found):
+        _error(406, f"cannot convert to transfer syntax {wanted}; ask for * (as stored) or one of {', '.join(CONVERTED_TO)}")
 
     def parts():
         for _, _, stored_syntax, uri in found:
             if wanted == "*" or stored_syntax == wanted:
                 yield {"Content-Type": f"application/dicom; transfer-syntax={stored_syntax}"}, _file_chunks(uri)
             else:
-                yield {"Content-Type": f"application/dicom; transfer-syntax={wanted}"}, _decoded_file(uri)
+                yield {"Content-Type": f"application/dicom; transfer-syntax={wanted}"}, _converted_file(uri, wanted)
     return _multipart(parts(), "application/dicom")
 
 
-def _decoded_file(uri: str) -> bytes:
-    try:  # decoded in the daemon's codec worker, as every pixel is
-        return dicoogle.uncompressed(uri)
+def _converted_file(uri: str, transfer_syntax: str) -> bytes:
+    try:  # decoded (and encoded again) in the daemon's codec worker, as every pixel is
+        return dicoogle.transcoded(uri, transfer_syntax)
     except ValueError as error:
-        _error(406, f"cannot decode {os.path.basename(uri)}: {error}")
+        _error(406, f"cannot convert {os.path.basename(uri)} to {transfer_syntax}: {error}")
 
 
 def _metadata(study, series="", instance=""):

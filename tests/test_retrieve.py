@@ -18,7 +18,7 @@ from pynetdicom.sop_class import (
 )
 
 import studygen
-from conftest import AET, StoreSCP, free_port, make_identifier, wait_until
+from conftest import AET, StoreSCP, free_port, make_identifier
 
 SUCCESS = 0x0000
 PENDING = 0xFF00
@@ -378,30 +378,3 @@ def test_move_reports_a_missing_file_as_one_failed_sub_operation(archive, destin
     assert identifier.FailedSOPInstanceUIDList == lost  # one value: a plain UID
     # Every pending response counts down what is left.
     assert [counts[0] for _, counts, _ in replies[:-1]] == list(range(len(expected) - 1, -1, -1))
-
-
-def test_move_to_a_destination_refusing_the_stored_syntax_says_why_in_the_log(start_daemon, testdata, tmp_path):
-    """A viewer that accepts only uncompressed data gets none of an RLE study: the requester sees
-    the counts, and one log line says why (not one per instance, and not only at DEBUG)."""
-    plain = StoreSCP(tmp_path / "plain", "PLAIN", compressed=False)
-    try:
-        daemon = start_daemon(config_text=f"[modalities]\nPLAIN = 127.0.0.1:{plain.port}\n")
-        path = testdata("SC_rgb_rle.dcm")
-        original = pydicom.dcmread(path, stop_before_pixels=True)
-        assoc = associate(daemon, (original.SOPClassUID, [original.file_meta.TransferSyntaxUID]))
-        assert assoc.send_c_store(path).Status == SUCCESS
-        assoc.release()
-        assoc = associate(daemon, StudyRootQueryRetrieveInformationModelMove)
-        try:
-            replies = responses(assoc.send_c_move(make_identifier("STUDY", StudyInstanceUID=original.StudyInstanceUID),
-                                                  "PLAIN", StudyRootQueryRetrieveInformationModelMove))
-        finally:
-            assoc.release()
-        assert replies[-1][0] == OUT_OF_RESOURCES_SUBOPERATIONS
-        assert plain.datasets() == {}
-        line = wait_until(lambda: next((l for l in daemon.log.splitlines() if "instances not sent" in l), None),
-                          message="the log line")
-        assert "WARNING" in line and "C-MOVE from TESTSCU: 1 of 1 instances not sent" in line
-        assert f"no accepted presentation context for {original.SOPClassUID} in 1.2.840.10008.1.2.5" in line
-    finally:
-        plain.stop()
