@@ -2843,12 +2843,33 @@ def dataset_from_json(document) -> Dataset:
         raise WorklistError("expected a DICOM JSON object (tag -> {vr, Value})")
     try:
         dataset = Dataset.from_json(document, bulk_data_uri_handler=_refuse_bulk_data)
-        pynetdicom_encode(dataset, False, True)  # every value is written once, as a modality will be sent it
+        _check_vrs(dataset)
+        # every value is written once, as a modality will be sent it (None: one cannot be)
+        encoded = pynetdicom_encode(dataset, False, True)
     except WorklistError:
         raise
     except Exception as error:
         raise WorklistError(f"not valid DICOM JSON: {str(error)[:200]}") from None
+    if encoded is None:
+        raise WorklistError("not valid DICOM JSON: a value cannot be encoded in its VR")
     return dataset
+
+
+def _check_vrs(dataset: Dataset):
+    """Raise WorklistError for an element whose VR is not its tag's (a public tag's VR is fixed)."""
+    for element in dataset:
+        if element.tag.is_private:
+            continue
+        try:
+            allowed = dictionary_VR(element.tag).split(" or ")
+        except KeyError:
+            raise WorklistError(f"not valid DICOM JSON: unknown tag {element.tag}") from None
+        if element.VR not in allowed:
+            raise WorklistError(f"not valid DICOM JSON: {element.keyword or element.tag} has VR {element.VR[:4]!r},"
+                                f" not {dictionary_VR(element.tag)}")
+        if element.VR == "SQ":
+            for item in element.value:
+                _check_vrs(item)
 
 
 def _worklist_response(identifier: Dataset, stored: Dataset) -> Dataset:
