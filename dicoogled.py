@@ -348,8 +348,8 @@ level = INFO
 [modalities]
 # Known remote AEs, the C-MOVE destinations: AET = host:port, optionally followed by public
 # or private (Dicoogle's flag), allow= and a description. allow= lists what the AE may ask
-# for as a calling AE: some of store,find,move,get separated by commas, or none (C-ECHO is
-# always allowed); without it, everything.
+# for as a calling AE: some of store,find,move,get,worklist,mpps separated by commas, or none
+# (C-ECHO is always allowed); without it, everything.
 # WORKSTATION = 192.168.1.20:11112
 # WEASIS = 192.168.1.21:104 public Reading room viewer
 # CT01 = 192.168.1.30:104 allow=store Scanner in room 2
