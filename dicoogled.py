@@ -1191,6 +1191,12 @@ class WorklistEntry(typing.NamedTuple):
     created: str
     updated: str
 
+    def as_json(self) -> dict:
+        """The entry as GET /worklist and dicoogle.worklist() answer it."""
+        return {"id": self.id, "state": self.state, "StudyInstanceUID": self.study_instance_uid,
+                "AccessionNumber": self.accession_number, "ScheduledProcedureStepID": self.scheduled_procedure_step_id,
+                "created": self.created, "updated": self.updated, "dataset": self.dataset}
+
 
 class PerformedProcedureStep(typing.NamedTuple):
     """One Modality Performed Procedure Step (an MPPS SOP instance) a modality created."""
@@ -4287,6 +4293,15 @@ class PluginApi:
         """Run function(progress) in the background, shown in /index/task; progress(fraction)."""
         return self._daemon.tasks.start_function(f"[{self._plugin.name}] {name}", function)
 
+    def worklist(self) -> list[dict]:
+        """The Modality Worklist's entries, as GET /worklist answers them."""
+        return [entry.as_json() for entry in self._daemon.worklist.entries()]
+
+    def worklist_add(self, entry: dict) -> int:
+        """Schedule a procedure step from its DICOM JSON, as POST /worklist does; its id. Raises
+        ValueError (an error in Lua) with a reason fit for the caller when it cannot be taken."""
+        return self._daemon.worklist.add(entry)
+
     # ---- for trusted Python plugins that provide whole services (DICOMweb)
 
     def find(self, level: str, keys: dict, cancelled=lambda: False, offset: int = 0, limit: int | None = None):
@@ -4496,7 +4511,7 @@ class LuaPlugin:
                 arguments = [self._limited(a) if lupa_lua54.lua_type(a) == "function" else _from_lua(a) for a in args]
                 return self._to_lua(function(*arguments))
             return call
-        names = ("search", "tags", "file", "send", "log", "setting", "run_task")
+        names = ("search", "tags", "file", "send", "log", "setting", "run_task", "worklist", "worklist_add")
         calls = {name: getattr(api, name) for name in names}
         # What Python gets as objects, Lua gets as tables: a C-FIND response as keyword -> text
         # (as a find filter sees a query), an instance row by its field names.
@@ -8729,12 +8744,6 @@ def _dicom_settings_routes(api: Api):
 WORKLIST_ENTRY_LIMIT = 256 * 1024
 
 
-def _worklist_json(entry: WorklistEntry) -> dict:
-    return {"id": entry.id, "state": entry.state, "StudyInstanceUID": entry.study_instance_uid,
-            "AccessionNumber": entry.accession_number, "ScheduledProcedureStepID": entry.scheduled_procedure_step_id,
-            "created": entry.created, "updated": entry.updated, "dataset": entry.dataset}
-
-
 def _worklist_routes(api: Api):
     """/worklist: the Modality Worklist's entries, which modalities query by C-FIND."""
     worklist = api.daemon.worklist
@@ -8743,7 +8752,7 @@ def _worklist_routes(api: Api):
     def worklist_entries():
         """The worklist: every entry with its state (SCHEDULED, IN PROGRESS, COMPLETED,
         DISCONTINUED, as its modality reports by MPPS) and its DICOM JSON."""
-        return _json_response([_worklist_json(entry) for entry in worklist.entries()])
+        return _json_response([entry.as_json() for entry in worklist.entries()])
 
     @api.route("/worklist", "POST", access=ADMIN)
     def add_worklist_entry():

@@ -269,3 +269,47 @@ def test_an_index_of_schema_version_2_gets_the_worklist_tables(start_daemon):
     admin = admin_client(daemon)
     assert post_entry(admin, entry_json(*SCHEDULE[0])).status == 201
     assert [entry["state"] for entry in admin.get("/worklist").json()] == ["SCHEDULED"]
+
+
+# ---- plugins fill the worklist ----------------------------------------------------------------
+
+
+def test_the_csv_plugin_fills_the_worklist_once(start_daemon, tmp_path):
+    table = tmp_path / "today.csv"
+    table.write_text("PatientID,PatientName,AccessionNumber,ScheduledStationAETitle,Modality,ScheduledProcedureStepStartDate\n"
+                     "P1,DOE^JOHN,ACC1,CT01,CT,20261206\n"
+                     "P2,,ACC2,MR01,MR,20261206\n"
+                     "P3,ROE^RICHARD,ACC3,CT02,CT,20261207\n", encoding="utf-8")
+    daemon = start_daemon(f"[plugin.worklist_csv]\nenabled = true\nfile = {table}\n", env=ADMIN_ENV)
+    admin = admin_client(daemon)
+    first = admin.post("/ext/worklist_csv/import").json()
+    assert len(first["added"]) == 2 and first["skipped"] == 0
+    assert first["errors"] == ["row 3: PatientName is required"]
+    again = admin.post("/ext/worklist_csv/import").json()
+    assert again == {"added": [], "skipped": 2, "errors": ["row 3: PatientName is required"]}
+    entries = admin.get("/worklist").json()
+    assert [entry["AccessionNumber"] for entry in entries] == ["ACC1", "ACC3"]
+    step = Dataset.from_json(entries[1]["dataset"]).ScheduledProcedureStepSequence[0]
+    assert (step.ScheduledStationAETitle, step.Modality, step.ScheduledProcedureStepStartDate) == ("CT02", "CT", "20261207")
+
+
+def test_a_lua_plugin_schedules_and_lists_as_python_does(start_daemon, tmp_path):
+    folder = tmp_path / "plugins"
+    folder.mkdir()
+    (folder / "ris.lua").write_text('''
+routes = {["POST /add"] = function(params)
+  local id = dicoogle.worklist_add({
+    ["00100010"] = {vr = "PN", Value = {{Alphabetic = "LUA^PATIENT"}}},
+    ["00100020"] = {vr = "LO", Value = {params.patient}}})
+  local ok, reason = pcall(dicoogle.worklist_add, {["00100020"] = {vr = "LO", Value = {"P9"}}})
+  local entries = dicoogle.worklist()
+  return {id = id, count = #entries, state = entries[1].state, refused = tostring(reason)}
+end}
+''', encoding="utf-8")
+    daemon = start_daemon(args=["--plugins-dir", str(folder)], env=ADMIN_ENV)
+    admin = admin_client(daemon)
+    answer = admin.post("/ext/ris/add", data={"patient": "P7"}).json()
+    assert answer["count"] == 1 and answer["state"] == "SCHEDULED"
+    assert "PatientName is required" in answer["refused"]
+    [entry] = admin.get("/worklist").json()
+    assert entry["id"] == answer["id"] and Dataset.from_json(entry["dataset"]).PatientID == "P7"
