@@ -865,6 +865,8 @@ PUBLIC_ROUTES = {"/health", "/login", "/logout", "/openapi.json", "/welcome", "/
 PUBLIC_PREFIXES = ("/ext/version", "/viewer", "/static/", "/learn")  # the viewer's, web app's and course files hold no patient data
 ADMIN_PREFIXES = ("/user", "/management/", "/plugins", "/index/task", "/logger")
 USER_ROUTES = {"/user/<username>/password", "/presets/<username>", "/presets/<username>/<name>"}
+#: Routes read by any reader but written only by an administrator: scheduling is the RIS's job.
+ADMIN_WRITE_PREFIXES = ("/worklist",)
 
 
 def expected_access(method: str, path: str) -> str:
@@ -876,6 +878,8 @@ def expected_access(method: str, path: str) -> str:
     if path in USER_ROUTES:
         return "user"
     if path == "/user" or path.startswith(ADMIN_PREFIXES):
+        return "admin"
+    if path.startswith(ADMIN_WRITE_PREFIXES) and method not in ("GET", "HEAD", "OPTIONS"):
         return "admin"
     return "read"
 
