@@ -21,7 +21,9 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_dataset
 from pydicom.filewriter import write_dataset
 from pynetdicom import AE
-from pynetdicom.sop_class import CTImageStorage, StudyRootQueryRetrieveInformationModelFind, Verification
+from pynetdicom.sop_class import (
+    CTImageStorage, ModalityPerformedProcedureStep as MPPS, StudyRootQueryRetrieveInformationModelFind, Verification,
+)
 
 import studygen
 from conftest import AET, NODELAY, make_identifier, rejection_of, wait_until
@@ -521,8 +523,10 @@ def _engine_bytes(message_class, primitive, context_id: int, max_pdu: int) -> by
 def _primitives():
     """One primitive of every message the engine sends, with optional fields present and absent,
     odd and even value lengths."""
-    from pynetdicom.dimse_messages import C_ECHO_RQ, C_ECHO_RSP, C_FIND_RSP, C_GET_RSP, C_MOVE_RSP, C_STORE_RQ, C_STORE_RSP
-    from pynetdicom.dimse_primitives import C_ECHO, C_FIND, C_GET, C_MOVE, C_STORE
+    from pynetdicom.dimse_messages import (
+        C_ECHO_RQ, C_ECHO_RSP, C_FIND_RSP, C_GET_RSP, C_MOVE_RSP, C_STORE_RQ, C_STORE_RSP, N_CREATE_RSP, N_SET_RSP,
+    )
+    from pynetdicom.dimse_primitives import C_ECHO, C_FIND, C_GET, C_MOVE, C_STORE, N_CREATE, N_SET
     import io
 
     def make(kind, **fields):
@@ -556,6 +560,12 @@ def _primitives():
         (C_GET_RSP, make(C_GET, MessageIDBeingRespondedTo=6, AffectedSOPClassUID="1.2.840.10008.5.1.4.1.2.2.3",
                          Status=0xB000, NumberOfCompletedSuboperations=40, NumberOfFailedSuboperations=10,
                          NumberOfWarningSuboperations=0, Identifier=encoded)),
+        (N_CREATE_RSP, make(N_CREATE, MessageIDBeingRespondedTo=8, AffectedSOPClassUID=MPPS,
+                            AffectedSOPInstanceUID="1.2.3.4", Status=0)),
+        (N_CREATE_RSP, make(N_CREATE, MessageIDBeingRespondedTo=8, AffectedSOPClassUID=MPPS,
+                            AffectedSOPInstanceUID="1.2.3", Status=0x0111, ErrorComment="exists")),
+        (N_SET_RSP, make(N_SET, MessageIDBeingRespondedTo=9, AffectedSOPClassUID=MPPS,
+                         AffectedSOPInstanceUID="1.2.3.4", Status=0x0112, ErrorComment="no such step")),
     ]
 
 
@@ -573,7 +583,7 @@ def test_messages_are_written_as_pynetdicom_encodes_them(max_pdu):
         for name, value in fields.items():
             setattr(primitive, name, value)
         expected = [_pdv_items(pdu) for pdu in _pdus(_pynetdicom_bytes(message_class, primitive, 3, max_pdu))]
-        for stream in ("DataSet", "Identifier"):  # pynetdicom's encoder read them
+        for stream in ("DataSet", "Identifier", "AttributeList"):  # pynetdicom's encoder read them
             if stream in fields:
                 fields[stream].seek(0)
         # What the engine sends is built as DimseFields; a pynetdicom primitive must give the same.
@@ -604,8 +614,8 @@ def _requests():
     """The requests a peer sends the engine, with optional fields present and absent."""
     import io
 
-    from pynetdicom.dimse_messages import C_CANCEL_RQ, C_FIND_RQ, C_GET_RQ, C_MOVE_RQ, C_STORE_RQ
-    from pynetdicom.dimse_primitives import C_CANCEL, C_FIND, C_GET, C_MOVE, C_STORE
+    from pynetdicom.dimse_messages import C_CANCEL_RQ, C_FIND_RQ, C_GET_RQ, C_MOVE_RQ, C_STORE_RQ, N_CREATE_RQ, N_SET_RQ
+    from pynetdicom.dimse_primitives import C_CANCEL, C_FIND, C_GET, C_MOVE, C_STORE, N_CREATE, N_SET
 
     identifier = io.BytesIO(encode(make_identifier("STUDY", PatientName="DOE*"), implicit=True))
     move = "1.2.840.10008.5.1.4.1.2.2.2"
@@ -621,6 +631,12 @@ def _requests():
                                     AffectedSOPInstanceUID="1.2.3.45", Priority=0,
                                     MoveOriginatorApplicationEntityTitle="MOVER", MoveOriginatorMessageID=12,
                                     DataSet=io.BytesIO(bytes(40000))))),
+        (N_CREATE_RQ, (N_CREATE, dict(MessageID=15, AffectedSOPClassUID=MPPS, AffectedSOPInstanceUID="1.2.3.46",
+                                      AttributeList=io.BytesIO(identifier.getvalue())))),
+        (N_CREATE_RQ, (N_CREATE, dict(MessageID=16, AffectedSOPClassUID=MPPS,  # the SCP is to choose the UID
+                                      AttributeList=io.BytesIO(identifier.getvalue())))),
+        (N_SET_RQ, (N_SET, dict(MessageID=17, RequestedSOPClassUID=MPPS, RequestedSOPInstanceUID="1.2.3.46",
+                                ModificationList=io.BytesIO(identifier.getvalue())))),
     ]
 
 
