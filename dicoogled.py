@@ -165,7 +165,6 @@ UNABLE_TO_PROCESS = 0xC001  # C-FIND/MOVE/GET: the identifier cannot be processe
 STORE_REFUSED_INVALID_UID = 0xC002
 SUBOPERATIONS_FAILED = 0xB000
 # N-CREATE/N-SET failures (PS3.7 C.4.2.1 and 10.1.5: the DIMSE-N statuses), as MPPS answers them.
-NO_SUCH_ATTRIBUTE = 0x0105
 INVALID_ATTRIBUTE_VALUE = 0x0106
 PROCESSING_FAILURE = 0x0110
 DUPLICATE_SOP_INSTANCE = 0x0111
@@ -3008,6 +3007,8 @@ class Worklist:
             return DicomStatus(INVALID_ATTRIBUTE_VALUE, f"PerformedProcedureStepStatus must be IN PROGRESS, not {status[:20]!r}")
         if not is_valid_uid(sop_instance_uid):
             return DicomStatus(INVALID_ATTRIBUTE_VALUE, "the Affected SOP Instance UID is not a valid UID")
+        if "ScheduledStepAttributesSequence" not in attributes:  # type 1 for N-CREATE (PS3.4 F.7.2.1)
+            return DicomStatus(MISSING_ATTRIBUTE, "ScheduledStepAttributesSequence is required")
         entry_id = self._performed_entry(attributes)
         created = self.index.write(Index.create_performed_step, sop_instance_uid, entry_id, status, attributes.to_json_dict())
         if not created:

@@ -221,6 +221,10 @@ def test_mpps_errors_have_their_statuses(ris):
         status, _ = association.send_n_create(performed_step(entry, status="COMPLETED"),
                                               ModalityPerformedProcedureStep, generate_uid())
         assert status.Status == 0x0106  # created COMPLETED: invalid attribute value
+        unscheduled = performed_step(entry)
+        del unscheduled.ScheduledStepAttributesSequence
+        status, _ = association.send_n_create(unscheduled, ModalityPerformedProcedureStep, generate_uid())
+        assert status.Status == 0x0120  # missing attribute
         unknown = Dataset()
         unknown.PerformedProcedureStepStatus = "COMPLETED"
         status, _ = association.send_n_set(unknown, ModalityPerformedProcedureStep, generate_uid())
