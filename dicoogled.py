@@ -106,10 +106,10 @@ from pydicom.sequence import Sequence
 from pynetdicom import StoragePresentationContexts, _config as pynetdicom_config, build_context
 from pynetdicom.dimse_messages import (
     C_CANCEL_RQ, C_ECHO_RQ, C_ECHO_RSP, C_FIND_RQ, C_FIND_RSP, C_GET_RQ, C_GET_RSP, C_MOVE_RQ, C_MOVE_RSP,
-    C_STORE_RQ, C_STORE_RSP, N_ACTION_RQ, N_ACTION_RSP, N_EVENT_REPORT_RQ, N_EVENT_REPORT_RSP,
-    _COMMAND_SET_KEYWORDS, _DATASET_KEYWORDS, _MESSAGE_TYPES,
+    C_STORE_RQ, C_STORE_RSP, N_ACTION_RQ, N_ACTION_RSP, N_CREATE_RQ, N_CREATE_RSP, N_EVENT_REPORT_RQ,
+    N_EVENT_REPORT_RSP, N_SET_RQ, N_SET_RSP, _COMMAND_SET_KEYWORDS, _DATASET_KEYWORDS, _MESSAGE_TYPES,
 )
-from pynetdicom.dimse_primitives import C_ECHO, C_FIND, C_GET, C_MOVE, C_STORE, N_ACTION
+from pynetdicom.dimse_primitives import C_ECHO, C_FIND, C_GET, C_MOVE, C_STORE, N_ACTION, N_CREATE, N_SET
 from pynetdicom.dsutils import decode as pynetdicom_decode, encode as pynetdicom_encode
 from pynetdicom.pdu import (
     A_ABORT_RQ, A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ, A_RELEASE_RP, A_RELEASE_RQ,
@@ -129,6 +129,8 @@ from watchdog.events import (
 from watchdog.observers import Observer
 from watchdog.observers.polling import PollingObserver
 from pynetdicom.sop_class import (
+    ModalityPerformedProcedureStep,
+    ModalityWorklistInformationFind,
     PatientRootQueryRetrieveInformationModelFind,
     PatientRootQueryRetrieveInformationModelGet,
     PatientRootQueryRetrieveInformationModelMove,
@@ -164,8 +166,16 @@ CANNOT_UNDERSTAND = 0xC000
 UNABLE_TO_PROCESS = 0xC001  # C-FIND/MOVE/GET: the identifier cannot be processed
 STORE_REFUSED_INVALID_UID = 0xC002
 SUBOPERATIONS_FAILED = 0xB000
+# N-CREATE/N-SET failures (PS3.7 C.4.2.1 and 10.1.5: the DIMSE-N statuses), as MPPS answers them.
+INVALID_ATTRIBUTE_VALUE = 0x0106
+PROCESSING_FAILURE = 0x0110
+DUPLICATE_SOP_INSTANCE = 0x0111
+NO_SUCH_OBJECT_INSTANCE = 0x0112
+MISSING_ATTRIBUTE = 0x0120
 #: What a calling AE may be allowed to ask for ([modalities] allow=); C-ECHO is always allowed.
-DICOM_SERVICES = ("store", "find", "move", "get", "commitment")
+#: commitment is Storage Commitment (N-ACTION), worklist the Modality Worklist C-FIND, mpps the
+#: Modality Performed Procedure Step N-CREATE/N-SET.
+DICOM_SERVICES = ("store", "find", "move", "get", "commitment", "worklist", "mpps")
 #: TLS versions tls_minimum_version may name (BCP 195, which PS3.15 B.9 follows, wants 1.2 at least).
 TLS_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
 
@@ -361,10 +371,10 @@ level = INFO
 [modalities]
 # Known remote AEs, the C-MOVE destinations: AET = host:port, optionally followed by public
 # or private (Dicoogle's flag), allow= and a description. allow= lists what the AE may ask
-# for as a calling AE: some of store,find,move,get,commitment separated by commas, or none
-# (C-ECHO is always allowed); without it, everything. commitment is Storage Commitment, whose
-# report goes to this host:port when the AE has released its association by then. tls sends
-# to it over DICOM TLS (see tls_port).
+# for as a calling AE: some of store,find,move,get,commitment,worklist,mpps separated by commas,
+# or none (C-ECHO is always allowed); without it, everything. commitment is Storage Commitment,
+# whose report goes to this host:port when the AE has released its association by then. tls
+# sends to it over DICOM TLS (see tls_port).
 # WORKSTATION = 192.168.1.20:11112
 # VIEWER = 192.168.1.22:2762 tls Viewer that only speaks TLS
 # WEASIS = 192.168.1.21:104 public Reading room viewer
@@ -960,7 +970,7 @@ UNIQUE_KEYS = {"PATIENT": "PatientID", "STUDY": "StudyInstanceUID", "SERIES": "S
 #: Person names also get a folded copy, matched case- and accent-insensitively.
 FOLDED_ATTRIBUTES = ("PatientName", "ReferringPhysicianName")
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 def _level_columns(level: str) -> str:
@@ -987,9 +997,36 @@ CREATE TRIGGER instance_recounted AFTER UPDATE OF origin, size ON instances BEGI
 END;
 """
 
+#: The Modality Worklist (scheduled procedure steps, each as its DICOM JSON) and the performed
+#: procedure steps modalities report on them by MPPS. Matching reads the DICOM JSON (a worklist
+#: holds a day's work, not an archive); the columns are what GET /worklist lists and MPPS links by.
+WORKLIST_SCHEMA = """
+CREATE TABLE worklist_entries (
+    id INTEGER PRIMARY KEY,
+    state TEXT NOT NULL DEFAULT 'SCHEDULED',
+    study_instance_uid TEXT NOT NULL,
+    accession_number TEXT NOT NULL DEFAULT '',
+    scheduled_procedure_step_id TEXT NOT NULL DEFAULT '',
+    dataset TEXT NOT NULL,
+    created TEXT NOT NULL,
+    updated TEXT NOT NULL
+);
+CREATE INDEX worklist_study ON worklist_entries(study_instance_uid);
+CREATE TABLE performed_procedure_steps (
+    sop_instance_uid TEXT PRIMARY KEY,
+    worklist_ref INTEGER REFERENCES worklist_entries(id) ON DELETE SET NULL,
+    status TEXT NOT NULL,
+    dataset TEXT NOT NULL,
+    created TEXT NOT NULL,
+    updated TEXT NOT NULL
+);
+CREATE INDEX performed_steps_entry ON performed_procedure_steps(worklist_ref);
+"""
+
 #: version -> the SQL that brings an index of that version to the next one.
 MIGRATIONS = {
     1: ORIGIN_TOTALS + "INSERT INTO origin_totals SELECT origin, count(*), sum(size) FROM instances GROUP BY origin;",
+    2: WORKLIST_SCHEMA,
 }
 
 SCHEMA = f"""
@@ -1040,7 +1077,7 @@ CREATE VIRTUAL TABLE metadata USING fts5(
 );
 -- Folders indexed in place (index PATH, tasks), so that reindex can find them again.
 CREATE TABLE indexed_roots (path TEXT PRIMARY KEY, added TEXT NOT NULL);
-{ORIGIN_TOTALS}"""
+{ORIGIN_TOTALS}{WORKLIST_SCHEMA}"""
 
 
 @dataclasses.dataclass
@@ -1200,6 +1237,51 @@ def make_record(dataset: Dataset, path: str, origin: str, size: int, mtime_ns: i
     return InstanceRecord(path, origin, size, mtime_ns, transfer_syntax, columns, meta, " ".join(words))
 
 
+#: The states of a worklist entry: scheduled, then as its modality reports by MPPS (PS3.3 C.4.14,
+#: Performed Procedure Step Status: IN PROGRESS, COMPLETED, DISCONTINUED).
+WORKLIST_STATES = ("SCHEDULED", "IN PROGRESS", "COMPLETED", "DISCONTINUED")
+
+
+class WorklistEntry(typing.NamedTuple):
+    """One scheduled procedure step of the Modality Worklist, as the index answers it."""
+    id: int
+    state: str  # one of WORKLIST_STATES
+    study_instance_uid: str
+    accession_number: str
+    scheduled_procedure_step_id: str
+    dataset: dict  # its attributes as DICOM JSON (PS3.18 F.2)
+    created: str
+    updated: str
+
+    def as_json(self) -> dict:
+        """The entry as GET /worklist and dicoogle.worklist() answer it."""
+        return {"id": self.id, "state": self.state, "StudyInstanceUID": self.study_instance_uid,
+                "AccessionNumber": self.accession_number, "ScheduledProcedureStepID": self.scheduled_procedure_step_id,
+                "created": self.created, "updated": self.updated, "dataset": self.dataset}
+
+
+class PerformedProcedureStep(typing.NamedTuple):
+    """One Modality Performed Procedure Step (an MPPS SOP instance) a modality created."""
+    sop_instance_uid: str
+    worklist_ref: int | None  # the worklist entry it performs, if one was found
+    status: str  # PerformedProcedureStepStatus
+    dataset: dict  # its attributes as DICOM JSON
+    created: str
+    updated: str
+
+
+_WORKLIST_COLUMNS = "id, state, study_instance_uid, accession_number, scheduled_procedure_step_id, dataset, created, updated"
+_PERFORMED_STEP_COLUMNS = "sop_instance_uid, worklist_ref, status, dataset, created, updated"
+
+
+def _worklist_entry(row) -> WorklistEntry:
+    return WorklistEntry(*row[:5], json.loads(row[5]), *row[6:])
+
+
+def _performed_step(row) -> PerformedProcedureStep:
+    return PerformedProcedureStep(*row[:3], json.loads(row[3]), *row[4:])
+
+
 class IndexedInstance(typing.NamedTuple):
     """One indexed instance, as every look-up in the index answers it."""
     id: int
@@ -1357,6 +1439,30 @@ class Index:
     def paths_under(self, root: str) -> dict:
         """path -> (size, mtime_ns) of every instance indexed below a folder."""
         return {found.path: (found.size, found.mtime_ns) for found in self.instances_below(root)}
+
+    def worklist(self) -> list[WorklistEntry]:
+        """Every worklist entry, oldest first."""
+        return [_worklist_entry(row) for row in self.query(f"SELECT {_WORKLIST_COLUMNS} FROM worklist_entries ORDER BY id")]
+
+    def worklist_entry(self, entry_id: int) -> WorklistEntry | None:
+        rows = self.query(f"SELECT {_WORKLIST_COLUMNS} FROM worklist_entries WHERE id = ?", (entry_id,))
+        return _worklist_entry(rows[0]) if rows else None
+
+    def worklist_entries_of(self, study_uid: str) -> list[WorklistEntry]:
+        """The worklist entries of a study (the steps an MPPS may perform)."""
+        rows = self.query(f"SELECT {_WORKLIST_COLUMNS} FROM worklist_entries WHERE study_instance_uid = ? ORDER BY id",
+                          (study_uid,))
+        return [_worklist_entry(row) for row in rows]
+
+    def performed_step(self, sop_instance_uid: str) -> PerformedProcedureStep | None:
+        rows = self.query(f"SELECT {_PERFORMED_STEP_COLUMNS} FROM performed_procedure_steps WHERE sop_instance_uid = ?",
+                          (sop_instance_uid,))
+        return _performed_step(rows[0]) if rows else None
+
+    def performed_steps_of(self, entry_id: int) -> list[PerformedProcedureStep]:
+        rows = self.query(f"SELECT {_PERFORMED_STEP_COLUMNS} FROM performed_procedure_steps WHERE worklist_ref = ?"
+                          " ORDER BY created", (entry_id,))
+        return [_performed_step(row) for row in rows]
 
     def metadata(self, instance_id: int) -> dict:
         rows = self.query("SELECT meta FROM instances WHERE id = ?", (instance_id,))
@@ -1569,6 +1675,43 @@ class Index:
     @staticmethod
     def add_root(connection, path: str):
         connection.execute("INSERT OR IGNORE INTO indexed_roots VALUES (?, datetime('now'))", (path,))
+
+    @staticmethod
+    def add_worklist_entry(connection, study_uid: str, accession_number: str, step_id: str, dataset: dict) -> int:
+        """A new worklist entry, SCHEDULED; its id."""
+        connection.execute(
+            "INSERT INTO worklist_entries (study_instance_uid, accession_number, scheduled_procedure_step_id, dataset,"
+            " created, updated) VALUES (?, ?, ?, ?, datetime('now'), datetime('now'))",
+            (study_uid, accession_number, step_id, json.dumps(dataset)))
+        return connection.last_insert_rowid()
+
+    @staticmethod
+    def delete_worklist_entry(connection, entry_id: int) -> bool:
+        """Remove a worklist entry (its performed steps stay, unlinked); False if there was none."""
+        connection.execute("DELETE FROM worklist_entries WHERE id = ?", (entry_id,))
+        return connection.changes() > 0
+
+    @staticmethod
+    def create_performed_step(connection, sop_instance_uid: str, entry_id: int | None, status: str, dataset: dict) -> bool:
+        """Record a performed procedure step and set its worklist entry's state; False if one
+        with this SOP Instance UID exists already."""
+        connection.execute(
+            "INSERT OR IGNORE INTO performed_procedure_steps VALUES (?, ?, ?, ?, datetime('now'), datetime('now'))",
+            (sop_instance_uid, entry_id, status, json.dumps(dataset)))
+        if not connection.changes():
+            return False
+        if entry_id is not None:
+            connection.execute("UPDATE worklist_entries SET state = ?, updated = datetime('now') WHERE id = ?", (status, entry_id))
+        return True
+
+    @staticmethod
+    def update_performed_step(connection, sop_instance_uid: str, status: str, dataset: dict):
+        """Store a performed step's new attributes and status, and its worklist entry's state."""
+        connection.execute("UPDATE performed_procedure_steps SET status = ?, dataset = ?, updated = datetime('now')"
+                           " WHERE sop_instance_uid = ?", (status, json.dumps(dataset), sop_instance_uid))
+        connection.execute("UPDATE worklist_entries SET state = ?, updated = datetime('now') WHERE id ="
+                           " (SELECT worklist_ref FROM performed_procedure_steps WHERE sop_instance_uid = ?)",
+                           (status, sop_instance_uid))
 
     @staticmethod
     def clear(connection):
@@ -2438,6 +2581,32 @@ def identifier_keys(identifier: Dataset) -> dict[str, str]:
     return keys
 
 
+def identifier_key_list(ds: Dataset) -> list[Key]:
+    """The keys of an identifier (or of one sequence item), Specific Character Set and the level
+    left out; raise QueryError for one that cannot be read."""
+    keys = []
+    _refuse_cut_short(ds)
+    for tag in list(ds.keys()):
+        if tag in (0x00080052, 0x00080005) or tag.element == 0x0000:
+            continue
+        try:
+            element = ds[tag]  # decoding here, so that a broken value is a QueryError too
+            if element.VR == "SQ":
+                items = [{k.keyword: (k.vr, k.value) for k in identifier_key_list(item)} for item in element.value[:1]]
+                keys.append(Key(_element_key(element), int(element.tag), "SQ", items))
+                continue
+            value = element.value
+            if isinstance(value, (MultiValue, list, tuple)):
+                value = "\\".join(str(v) for v in value)
+            value = "" if value is None else value
+            if isinstance(value, bytes):
+                value = value.rstrip(b"\x00 ").decode("ascii", "replace")
+            keys.append(Key(_element_key(element), int(element.tag), element.VR, str(value).strip()))
+        except Exception as error:
+            raise QueryError(f"malformed key {tag}: {error}") from None
+    return keys
+
+
 def parse_identifier(identifier: Dataset) -> tuple[str, list[Key]]:
     """Split a C-FIND identifier into its level and keys; raise QueryError if it is unusable."""
     _refuse_cut_short(identifier)  # before reading the level, which decodes its element
@@ -2447,31 +2616,7 @@ def parse_identifier(identifier: Dataset) -> tuple[str, list[Key]]:
         raise QueryError(f"unreadable QueryRetrieveLevel: {error}", IDENTIFIER_DOES_NOT_MATCH) from None
     if level not in LEVELS:
         raise QueryError(f"QueryRetrieveLevel {level!r} is not PATIENT, STUDY, SERIES or IMAGE", IDENTIFIER_DOES_NOT_MATCH)
-
-    def keys_of(ds: Dataset) -> list[Key]:
-        keys = []
-        _refuse_cut_short(ds)
-        for tag in list(ds.keys()):
-            if tag in (0x00080052, 0x00080005) or tag.element == 0x0000:
-                continue
-            try:
-                element = ds[tag]  # decoding here, so that a broken value is a QueryError too
-                if element.VR == "SQ":
-                    items = [{k.keyword: (k.vr, k.value) for k in keys_of(item)} for item in element.value[:1]]
-                    keys.append(Key(_element_key(element), int(element.tag), "SQ", items))
-                    continue
-                value = element.value
-                if isinstance(value, (MultiValue, list, tuple)):
-                    value = "\\".join(str(v) for v in value)
-                value = "" if value is None else value
-                if isinstance(value, bytes):
-                    value = value.rstrip(b"\x00 ").decode("ascii", "replace")
-                keys.append(Key(_element_key(element), int(element.tag), element.VR, str(value).strip()))
-            except Exception as error:
-                raise QueryError(f"malformed key {tag}: {error}") from None
-        return keys
-
-    return level, keys_of(identifier)
+    return level, identifier_key_list(identifier)
 
 
 class Finder:
@@ -2733,6 +2878,225 @@ def _dicom_value(vr: str, value):
     if vr in BINARY_VRS or vr == "AT":
         return None
     return str(value) if value is not None else ""
+
+
+# ============================================================================================
+# Worklist: the Modality Worklist (PS3.4 K) and Modality Performed Procedure Steps (PS3.4 F)
+# ============================================================================================
+
+#: The Performed Procedure Step Status values an MPPS may carry (PS3.3 C.4.14): it is created
+#: IN PROGRESS and set once to one of the others.
+PERFORMED_STEP_STATUSES = ("IN PROGRESS", "COMPLETED", "DISCONTINUED")
+_DA_VALUE = re.compile(r"^\d{8}$")
+_TM_VALUE = re.compile(r"^\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?$")
+
+
+class WorklistError(ValueError):
+    """A worklist entry or an MPPS that cannot be taken; status is the DICOM status (MPPS), the
+    text a reason fit for the client."""
+
+    def __init__(self, message: str, status: int = INVALID_ATTRIBUTE_VALUE):
+        super().__init__(message)
+        self.status = status
+
+
+def _refuse_bulk_data(*_):
+    raise WorklistError("BulkDataURI values are not accepted in a worklist entry")
+
+
+def dataset_from_json(document) -> Dataset:
+    """A data set from DICOM JSON (PS3.18 F.2), every value checked against its VR; raises
+    WorklistError with the reason when it cannot be one."""
+    if not isinstance(document, dict):
+        raise WorklistError("expected a DICOM JSON object (tag -> {vr, Value})")
+    try:
+        dataset = Dataset.from_json(document, bulk_data_uri_handler=_refuse_bulk_data)
+        _check_vrs(dataset)
+        # every value is written once, as a modality will be sent it (None: one cannot be)
+        encoded = pynetdicom_encode(dataset, False, True)
+    except WorklistError:
+        raise
+    except Exception as error:
+        raise WorklistError(f"not valid DICOM JSON: {str(error)[:200]}") from None
+    if encoded is None:
+        raise WorklistError("not valid DICOM JSON: a value cannot be encoded in its VR")
+    return dataset
+
+
+def _check_vrs(dataset: Dataset):
+    """Raise WorklistError for an element whose VR is not its tag's (a public tag's VR is fixed)."""
+    for element in dataset:
+        if element.tag.is_private:
+            continue
+        try:
+            allowed = dictionary_VR(element.tag).split(" or ")
+        except KeyError:
+            raise WorklistError(f"not valid DICOM JSON: unknown tag {element.tag}") from None
+        if element.VR not in allowed:
+            raise WorklistError(f"not valid DICOM JSON: {element.keyword or element.tag} has VR {element.VR[:4]!r},"
+                                f" not {dictionary_VR(element.tag)}")
+        if element.VR == "SQ":
+            for item in element.value:
+                _check_vrs(item)
+
+
+def _worklist_response(identifier: Dataset, stored: Dataset) -> Dataset:
+    """What a worklist C-FIND returns of a matching entry: each key of the identifier, with the
+    entry's value or empty (PS3.4 C.2.2.1.2); in a sequence key, the stored items that match the
+    query item, each with the item's keys (all of the item when the query item is empty)."""
+    response = Dataset()
+    for element in identifier:
+        if element.tag == 0x00080005 or element.tag.element == 0x0000:
+            continue
+        if element.tag not in stored:
+            response.add_new(element.tag, element.VR, [] if element.VR == "SQ" else None)
+            continue
+        value = stored[element.tag]
+        if element.VR != "SQ" or value.VR != "SQ":
+            response.add(copy.deepcopy(value))
+            continue
+        query_item = element.value[0] if element.value else Dataset()
+        query_keys = identifier_key_list(query_item)
+        items = []
+        for item in value.value:
+            meta = extract_metadata(item)[0]
+            if all(match_value(key.vr, key.value, meta.get(key.keyword)) for key in query_keys):
+                items.append(_worklist_response(query_item, item) if len(query_item) else copy.deepcopy(item))
+        response.add_new(element.tag, "SQ", items)
+    return response
+
+
+class Worklist:
+    """The Modality Worklist and the MPPS that report on it, over the index's worklist tables.
+
+    An entry is one Scheduled Procedure Step (as a RIS sends it: patient, requested procedure,
+    ScheduledProcedureStepSequence with station AE, date, modality); its state follows the MPPS
+    its modality creates and sets."""
+
+    def __init__(self, index: Index):
+        self.index = index
+        self.log = logging.getLogger("dicoogled.worklist")
+
+    # ---- entries -----------------------------------------------------------------------------
+
+    def add(self, document: dict) -> int:
+        """Add an entry from DICOM JSON; fill what a RIS may leave out (StudyInstanceUID,
+        AccessionNumber, RequestedProcedureID, the step's ID, start date and time); its id.
+        Raises WorklistError with the reason for an entry that cannot be scheduled."""
+        dataset = dataset_from_json(document)
+        for keyword in ("PatientID", "PatientName"):
+            if not str(dataset.get(keyword, "") or "").strip():
+                raise WorklistError(f"{keyword} is required")
+        steps = dataset.get("ScheduledProcedureStepSequence")
+        if steps is None or len(steps) == 0:
+            dataset.ScheduledProcedureStepSequence = [Dataset()]
+            steps = dataset.ScheduledProcedureStepSequence
+        if len(steps) != 1:
+            raise WorklistError("ScheduledProcedureStepSequence must hold one item: one entry per scheduled step")
+        step = steps[0]
+        now = datetime.datetime.now()
+        step.ScheduledProcedureStepStartDate = step.get("ScheduledProcedureStepStartDate") or now.strftime("%Y%m%d")
+        step.ScheduledProcedureStepStartTime = step.get("ScheduledProcedureStepStartTime") or now.strftime("%H%M%S")
+        if not _DA_VALUE.match(str(step.ScheduledProcedureStepStartDate)):
+            raise WorklistError(f"ScheduledProcedureStepStartDate {str(step.ScheduledProcedureStepStartDate)[:20]!r} is not YYYYMMDD")
+        if not _TM_VALUE.match(str(step.ScheduledProcedureStepStartTime)):
+            raise WorklistError(f"ScheduledProcedureStepStartTime {str(step.ScheduledProcedureStepStartTime)[:20]!r} is not HHMMSS")
+        if not dataset.get("StudyInstanceUID"):
+            dataset.StudyInstanceUID = pydicom.uid.generate_uid()
+        elif not is_valid_uid(str(dataset.StudyInstanceUID)):
+            raise WorklistError(f"StudyInstanceUID {str(dataset.StudyInstanceUID)[:70]!r} is not a valid UID")
+        serial = secrets.token_hex(4).upper()  # SH: 16 characters at most
+        if not dataset.get("AccessionNumber"):
+            dataset.AccessionNumber = "A" + serial
+        if not dataset.get("RequestedProcedureID"):
+            dataset.RequestedProcedureID = "RP" + serial
+        if not step.get("ScheduledProcedureStepID"):
+            step.ScheduledProcedureStepID = "SPS" + serial
+        entry_id = self.index.write(Index.add_worklist_entry, str(dataset.StudyInstanceUID), str(dataset.AccessionNumber),
+                                    str(step.ScheduledProcedureStepID), dataset.to_json_dict())
+        self.log.info("worklist entry %d scheduled: study %s, station %s", entry_id, dataset.StudyInstanceUID,
+                      step.get("ScheduledStationAETitle", "") or "any")
+        return entry_id
+
+    def entries(self) -> list[WorklistEntry]:
+        return self.index.worklist()
+
+    def delete(self, entry_id: int) -> bool:
+        """Remove an entry; False if there was none."""
+        deleted = self.index.write(Index.delete_worklist_entry, entry_id)
+        if deleted:
+            self.log.info("worklist entry %d deleted", entry_id)
+        return deleted
+
+    # ---- Modality Worklist C-FIND (PS3.4 K.4.1.3) -----------------------------------------------
+
+    def find(self, identifier: Dataset):
+        """The entries an MWL identifier matches, as response data sets with its keys: matching
+        on every key, those in ScheduledProcedureStepSequence within one item (PS3.4 C.2.2.2.6),
+        dates by range, names by wildcard, case- and accent-insensitively."""
+        keys = identifier_key_list(identifier)
+        for entry in self.index.worklist():
+            if entry.state != "SCHEDULED":
+                continue  # a step begun or done is no longer work to do
+            stored = Dataset.from_json(entry.dataset)
+            meta = extract_metadata(stored)[0]
+            if all(match_value(key.vr, key.value, meta.get(key.keyword)) for key in keys):
+                response = _worklist_response(identifier, stored)
+                if not json.dumps(entry.dataset).isascii():
+                    response.SpecificCharacterSet = "ISO_IR 192"
+                yield response
+
+    # ---- Modality Performed Procedure Step N-CREATE and N-SET (PS3.4 F.7.2) ----------------------
+
+    def _performed_entry(self, attributes: Dataset) -> int | None:
+        """The worklist entry an MPPS performs: by its Scheduled Step Attributes (study, and
+        the step's ID or the accession number when several steps share the study)."""
+        for scheduled in attributes.get("ScheduledStepAttributesSequence") or []:
+            candidates = self.index.worklist_entries_of(str(scheduled.get("StudyInstanceUID", "") or ""))
+            step_id = str(scheduled.get("ScheduledProcedureStepID", "") or "")
+            accession = str(scheduled.get("AccessionNumber", "") or "")
+            for entry in candidates:
+                if (not step_id or entry.scheduled_procedure_step_id == step_id) and \
+                        (not accession or entry.accession_number == accession):
+                    return entry.id
+            if len(candidates) == 1:
+                return candidates[0].id
+        return None
+
+    def create_performed_step(self, sop_instance_uid: str, attributes: Dataset) -> int:
+        """N-CREATE: record a performed procedure step, IN PROGRESS; the status to answer."""
+        status = str(attributes.get("PerformedProcedureStepStatus", "") or "")
+        if status != "IN PROGRESS":
+            return DicomStatus(INVALID_ATTRIBUTE_VALUE, f"PerformedProcedureStepStatus must be IN PROGRESS, not {status[:20]!r}")
+        if not is_valid_uid(sop_instance_uid):
+            return DicomStatus(INVALID_ATTRIBUTE_VALUE, "the Affected SOP Instance UID is not a valid UID")
+        if "ScheduledStepAttributesSequence" not in attributes:  # type 1 for N-CREATE (PS3.4 F.7.2.1)
+            return DicomStatus(MISSING_ATTRIBUTE, "ScheduledStepAttributesSequence is required")
+        entry_id = self._performed_entry(attributes)
+        created = self.index.write(Index.create_performed_step, sop_instance_uid, entry_id, status, attributes.to_json_dict())
+        if not created:
+            return DicomStatus(DUPLICATE_SOP_INSTANCE, "this performed procedure step exists already")
+        self.log.info("MPPS %s in progress (worklist entry %s)", sop_instance_uid, entry_id if entry_id is not None else "none")
+        return SUCCESS
+
+    def set_performed_step(self, sop_instance_uid: str, modification: Dataset) -> int:
+        """N-SET: change a performed step's attributes, and maybe its status, until it is
+        COMPLETED or DISCONTINUED (then it is final, PS3.4 F.7.2.2.2); the status to answer."""
+        step = self.index.performed_step(sop_instance_uid)
+        if step is None:
+            return DicomStatus(NO_SUCH_OBJECT_INSTANCE, "no such performed procedure step")
+        if step.status != "IN PROGRESS":
+            return DicomStatus(PROCESSING_FAILURE, f"the performed procedure step is {step.status} already")
+        status = str(modification.get("PerformedProcedureStepStatus", step.status) or step.status)
+        if status not in PERFORMED_STEP_STATUSES:
+            return DicomStatus(INVALID_ATTRIBUTE_VALUE, f"PerformedProcedureStepStatus {status[:20]!r} is not one of"
+                                                        f" {', '.join(PERFORMED_STEP_STATUSES)}")
+        stored = Dataset.from_json(step.dataset)
+        for element in modification:
+            stored[element.tag] = copy.deepcopy(element)
+        self.index.write(Index.update_performed_step, sop_instance_uid, status, stored.to_json_dict())
+        self.log.info("MPPS %s %s", sop_instance_uid, status)
+        return SUCCESS
 
 
 # ============================================================================================
@@ -4007,6 +4371,15 @@ class PluginApi:
         """Run function(progress) in the background, shown in /index/task; progress(fraction)."""
         return self._daemon.tasks.start_function(f"[{self._plugin.name}] {name}", function)
 
+    def worklist(self) -> list[dict]:
+        """The Modality Worklist's entries, as GET /worklist answers them."""
+        return [entry.as_json() for entry in self._daemon.worklist.entries()]
+
+    def worklist_add(self, entry: dict) -> int:
+        """Schedule a procedure step from its DICOM JSON, as POST /worklist does; its id. Raises
+        ValueError (an error in Lua) with a reason fit for the caller when it cannot be taken."""
+        return self._daemon.worklist.add(entry)
+
     # ---- for trusted Python plugins that provide whole services (DICOMweb)
 
     def find(self, level: str, keys: dict, cancelled=lambda: False, offset: int = 0, limit: int | None = None):
@@ -4222,7 +4595,7 @@ class LuaPlugin:
                 arguments = [self._limited(a) if lupa_lua54.lua_type(a) == "function" else _from_lua(a) for a in args]
                 return self._to_lua(function(*arguments))
             return call
-        names = ("search", "tags", "file", "send", "log", "setting", "run_task")
+        names = ("search", "tags", "file", "send", "log", "setting", "run_task", "worklist", "worklist_add")
         calls = {name: getattr(api, name) for name in names}
         # What Python gets as objects, Lua gets as tables: a C-FIND response as keyword -> text
         # (as a find filter sees a query), an instance row by its field names.
@@ -5661,6 +6034,8 @@ QUERY_RETRIEVE_SOP_CLASSES = (
 FIND_SOP_CLASSES = frozenset(map(str, (PatientRootQueryRetrieveInformationModelFind, StudyRootQueryRetrieveInformationModelFind)))
 MOVE_SOP_CLASSES = frozenset(map(str, (PatientRootQueryRetrieveInformationModelMove, StudyRootQueryRetrieveInformationModelMove)))
 GET_SOP_CLASSES = frozenset(map(str, (PatientRootQueryRetrieveInformationModelGet, StudyRootQueryRetrieveInformationModelGet)))
+WORKLIST_SOP_CLASS = str(ModalityWorklistInformationFind)
+MPPS_SOP_CLASS = str(ModalityPerformedProcedureStep)
 SOP_CLASS_NOT_SUPPORTED = 0x0122
 SUBOPERATIONS_ALL_FAILED = 0xA702  # C-MOVE/C-GET: out of resources, unable to perform sub-operations
 STORE_WARNINGS = frozenset({0xB000, 0xB006, 0xB007})
@@ -5688,19 +6063,21 @@ QUERY_RETRIEVE_SERVICES = {
         ("get", (PatientRootQueryRetrieveInformationModelGet, StudyRootQueryRetrieveInformationModelGet)),
     ) for sop_class in classes
 }
-#: Every SOP class that belongs to a service [modalities] allow= can refuse, and that service.
-SERVICES_OF_SOP_CLASSES = {**QUERY_RETRIEVE_SERVICES, str(StorageCommitmentPushModel): "commitment"}
-#: How a refused service is named in the log.
-_SERVICE_NAMES = {"find": "C-FIND", "move": "C-MOVE", "get": "C-GET", "commitment": "Storage Commitment"}
+#: The service of every SOP class an AE may be refused ([modalities] allow=), and how a log names it.
+SERVICE_OF_SOP_CLASS = {**QUERY_RETRIEVE_SERVICES, str(StorageCommitmentPushModel): "commitment",
+                        WORKLIST_SOP_CLASS: "worklist", MPPS_SOP_CLASS: "mpps"}
+SERVICE_NAMES = {"find": "C-FIND", "move": "C-MOVE", "get": "C-GET", "commitment": "Storage Commitment",
+                 "worklist": "worklist C-FIND", "mpps": "MPPS"}
 
 
 class DicomServices:
     """The DICOM listener (the association engine above): verification, storage and query/retrieve;
     and the associations dicoogled opens (C-MOVE destinations, sending, the echo test)."""
 
-    def __init__(self, config: Config, ingest: Ingest, finder: Finder, codecs: "CodecWorkers | None" = None):
+    def __init__(self, config: Config, ingest: Ingest, finder: Finder, worklist: "Worklist",
+                 codecs: "CodecWorkers | None" = None):
         check_pynetdicom_version(importlib.metadata.version("pynetdicom"))
-        self.config, self.ingest, self.finder = config, ingest, finder
+        self.config, self.ingest, self.finder, self.worklist = config, ingest, finder, worklist
         #: Where a compressed instance is decompressed for a peer that accepts only uncompressed
         #: syntaxes: the codec workers (pixels are never decoded in the daemon's process).
         self.codecs = codecs
@@ -5717,7 +6094,8 @@ class DicomServices:
         self._listener_lock = threading.Lock()  # held while the listener opens, moves or closes
         #: The non-storage services offered; storage contexts are added per association.
         self._service_contexts = [build_context(uid, list(UNCOMPRESSED_TRANSFER_SYNTAXES))
-                                  for uid in (Verification, *QUERY_RETRIEVE_SOP_CLASSES, StorageCommitmentPushModel)]
+                                  for uid in (Verification, *QUERY_RETRIEVE_SOP_CLASSES, StorageCommitmentPushModel,
+                                              WORKLIST_SOP_CLASS, MPPS_SOP_CLASS)]
         self._service_classes = {str(context.abstract_syntax) for context in self._service_contexts}
 
     def set_ae_title(self, aet: str):
@@ -5858,12 +6236,12 @@ class DicomServices:
         offered to it, so its presentation contexts are refused (abstract syntax not supported)
         before any request."""
         services = self.services_of(request.calling_aet)
-        refused = {uid for uid, service in SERVICES_OF_SOP_CLASSES.items() if service not in services}
-        asked = sorted({SERVICES_OF_SOP_CLASSES[str(c.abstract_syntax)] for c in request.contexts
+        refused = {uid for uid, service in SERVICE_OF_SOP_CLASS.items() if service not in services}
+        asked = sorted({SERVICE_OF_SOP_CLASS[str(c.abstract_syntax)] for c in request.contexts
                         if str(c.abstract_syntax) in refused})
         if asked:
             self.log.warning("refused %s to %s at %s:%d: [modalities] %s allows only %s",
-                             "/".join(_SERVICE_NAMES[s] for s in asked), request.calling_aet, *request.address,
+                             "/".join(SERVICE_NAMES[s] for s in asked), request.calling_aet, *request.address,
                              request.calling_aet, ",".join(s for s in DICOM_SERVICES if s in services) or "none")
         return [context for context in self._service_contexts if str(context.abstract_syntax) not in refused] \
             + self._storage_contexts(request.contexts)
@@ -5907,9 +6285,10 @@ class DicomServices:
         command, context = message.command_set, association.contexts[message.context_id]
         request = DimseRequest(
             association=association, context_id=message.context_id, message_id=command.MessageID,
+            # N-SET and N-ACTION name their object by the Requested SOP Class and Instance UIDs (PS3.7 10.3)
             sop_class_uid=str(command.AffectedSOPClassUID or command.RequestedSOPClassUID or ""),
             transfer_syntax=str(context.transfer_syntax[0]), data=message.data_set,
-            sop_instance_uid=str(command.AffectedSOPInstanceUID or command.RequestedSOPInstanceUID or ""),
+            sop_instance_uid=str(command.get("AffectedSOPInstanceUID") or command.get("RequestedSOPInstanceUID") or ""),
             move_destination=str(command.get("MoveDestination") or ""), priority=command.get("Priority") or 0,
             command_set=command)
         abstract_syntax = str(context.abstract_syntax)
@@ -5932,10 +6311,12 @@ class DicomServices:
         None: the storage classes)."""
         return {C_ECHO_RQ: (self._answer_echo, C_ECHO, {str(Verification)}),
                 C_STORE_RQ: (self._answer_store, C_STORE, None),
-                C_FIND_RQ: (self._answer_find, C_FIND, FIND_SOP_CLASSES),
+                C_FIND_RQ: (self._answer_find, C_FIND, FIND_SOP_CLASSES | {WORKLIST_SOP_CLASS}),
                 C_MOVE_RQ: (self._answer_move, C_MOVE, MOVE_SOP_CLASSES),
                 C_GET_RQ: (self._answer_get, C_GET, GET_SOP_CLASSES),
-                N_ACTION_RQ: (self._answer_action, N_ACTION, {str(StorageCommitmentPushModel)})}
+                N_ACTION_RQ: (self._answer_action, N_ACTION, {str(StorageCommitmentPushModel)}),
+                N_CREATE_RQ: (self._answer_create, N_CREATE, {MPPS_SOP_CLASS}),
+                N_SET_RQ: (self._answer_set, N_SET, {MPPS_SOP_CLASS})}
 
     @staticmethod
     def _response_primitive(request: DimseRequest, primitive_class, status: int):
@@ -5951,7 +6332,8 @@ class DicomServices:
     @staticmethod
     def _send_response(request: DimseRequest, response):
         message_class = {C_ECHO: C_ECHO_RSP, C_STORE: C_STORE_RSP, C_FIND: C_FIND_RSP,
-                         C_MOVE: C_MOVE_RSP, C_GET: C_GET_RSP, N_ACTION: N_ACTION_RSP}[response.kind]
+                         C_MOVE: C_MOVE_RSP, C_GET: C_GET_RSP, N_ACTION: N_ACTION_RSP,
+                         N_CREATE: N_CREATE_RSP, N_SET: N_SET_RSP}[response.kind]
         request.association.send_message(message_class, response, request.context_id)
 
     def _encode(self, request: DimseRequest, dataset: Dataset) -> io.BytesIO:
@@ -5967,7 +6349,8 @@ class DicomServices:
         self._send_response(request, response)
 
     def _answer_find(self, request: DimseRequest):
-        for status, identifier in self._on_find(request):
+        answers = self._on_worklist_find if request.sop_class_uid == WORKLIST_SOP_CLASS else self._on_find
+        for status, identifier in answers(request):
             response = self._response_primitive(request, C_FIND, status)
             if status in (PENDING, PENDING_OPTIONAL_KEYS_UNSUPPORTED):
                 response.Identifier = io.BytesIO(identifier)  # encoded by the finder
@@ -6138,6 +6521,15 @@ class DicomServices:
             self.log.info("storage commitment report taken by %s", association.peer)
         else:
             self.log.warning("%s answered a storage commitment report with status 0x%04X", association.peer, status & 0xFFFF)
+    def _answer_create(self, request: DimseRequest):
+        response = self._response_primitive(request, N_CREATE, self._on_create(request))
+        response.AffectedSOPInstanceUID = request.sop_instance_uid
+        self._send_response(request, response)
+
+    def _answer_set(self, request: DimseRequest):
+        response = self._response_primitive(request, N_SET, self._on_set(request))
+        response.AffectedSOPInstanceUID = request.sop_instance_uid
+        self._send_response(request, response)
 
     # ---- the handlers: plain requests in, statuses out ----------------------------------------
 
@@ -6191,6 +6583,60 @@ class DicomServices:
         except Exception:
             self.log.exception("C-FIND from %s failed", calling)
             yield UNABLE_TO_PROCESS, None
+
+    def _on_worklist_find(self, request: DimseRequest):
+        """Yield (status, identifier) for a Modality Worklist C-FIND: the scheduled steps that
+        match, then the final status."""
+        calling = request.calling_aet
+        try:
+            count = 0
+            for response in self.worklist.find(request.identifier):
+                if request.is_cancelled():
+                    yield CANCELLED, None
+                    return
+                yield PENDING, self._encode(request, response).getvalue()
+                count += 1
+            self.log.info("worklist C-FIND from %s: %d matches", calling, count)
+            yield SUCCESS, None
+        except QueryError as error:
+            self.log.warning("worklist C-FIND from %s refused: %s", calling, error)
+            yield DicomStatus(error.status, str(error)), None
+        except Exception:
+            self.log.exception("worklist C-FIND from %s failed", calling)
+            yield UNABLE_TO_PROCESS, None
+
+    def _performed_step_attributes(self, request: DimseRequest, message: str) -> Dataset | int:
+        """The data set of an N-CREATE or N-SET, or the status refusing it."""
+        try:
+            return request.identifier
+        except Exception as error:
+            self.log.warning("%s from %s: cannot read the data set: %s", message, request.calling_aet, error)
+            return DicomStatus(PROCESSING_FAILURE, "the data set cannot be read")
+
+    def _on_create(self, request: DimseRequest) -> int:
+        """MPPS N-CREATE: a modality began a procedure step. The SCP gives it a UID when the
+        modality leaves that to us (PS3.7 10.1.5.1.3), then answers with it."""
+        attributes = self._performed_step_attributes(request, "N-CREATE")
+        if isinstance(attributes, int):
+            return attributes
+        if not request.sop_instance_uid:
+            request.sop_instance_uid = pydicom.uid.generate_uid()
+        try:
+            return self.worklist.create_performed_step(request.sop_instance_uid, attributes)
+        except Exception:
+            self.log.exception("MPPS N-CREATE from %s failed", request.calling_aet)
+            return PROCESSING_FAILURE
+
+    def _on_set(self, request: DimseRequest) -> int:
+        """MPPS N-SET: the modality completed or discontinued the step, or changed its attributes."""
+        attributes = self._performed_step_attributes(request, "N-SET")
+        if isinstance(attributes, int):
+            return attributes
+        try:
+            return self.worklist.set_performed_step(request.sop_instance_uid, attributes)
+        except Exception:
+            self.log.exception("MPPS N-SET from %s failed", request.calling_aet)
+            return PROCESSING_FAILURE
 
     def _matched_instances(self, request: DimseRequest, service: str) -> list[IndexedInstance] | int:
         """The instances a C-MOVE or C-GET identifier matches, or the status refusing it."""
@@ -7533,6 +7979,7 @@ def make_app(daemon: "Daemon") -> bottle.Bottle:
     _transfer_settings_routes(api)
     _dicom_settings_routes(api)
     _destination_routes(api)
+    _worklist_routes(api)
     _listener_routes(api)
     _log_and_api_routes(api)
     _plugin_routes(api)
@@ -8758,6 +9205,46 @@ def _dicom_settings_routes(api: Api):
                 "modalities": modalities}
 
 
+#: The largest worklist entry POST /worklist takes, in bytes of DICOM JSON.
+WORKLIST_ENTRY_LIMIT = 256 * 1024
+
+
+def _worklist_routes(api: Api):
+    """/worklist: the Modality Worklist's entries, which modalities query by C-FIND."""
+    worklist = api.daemon.worklist
+
+    @api.route("/worklist", access=READ)
+    def worklist_entries():
+        """The worklist: every entry with its state (SCHEDULED, IN PROGRESS, COMPLETED,
+        DISCONTINUED, as its modality reports by MPPS) and its DICOM JSON."""
+        return _json_response([entry.as_json() for entry in worklist.entries()])
+
+    @api.route("/worklist", "POST", access=ADMIN)
+    def add_worklist_entry():
+        """Schedule a procedure step: the body is its DICOM JSON (PatientID, PatientName and a
+        ScheduledProcedureStepSequence item with ScheduledStationAETitle, Modality and
+        ScheduledProcedureStepStartDate...); answers {"id"}. StudyInstanceUID, AccessionNumber,
+        RequestedProcedureID and the step's ID, start date and time are filled when missing."""
+        if (bottle.request.content_length or 0) > WORKLIST_ENTRY_LIMIT:
+            _fail(413, f"a worklist entry is at most {WORKLIST_ENTRY_LIMIT} bytes of DICOM JSON")
+        try:
+            document = json.loads(bottle.request.body.read(WORKLIST_ENTRY_LIMIT + 1) or b"null")
+        except ValueError:
+            _fail(400, "the body is not JSON: send the entry as DICOM JSON")
+        try:
+            entry_id = worklist.add(document)
+        except WorklistError as error:
+            _fail(400, f"invalid worklist entry: {error}")
+        return _json_response({"id": entry_id}, 201)
+
+    @api.route("/worklist/<entry_id>", "DELETE", access=ADMIN)
+    def delete_worklist_entry(entry_id):
+        """Remove a worklist entry (its performed procedure steps are kept)."""
+        if not entry_id.isdigit() or not worklist.delete(int(entry_id)):
+            _fail(404, f"no worklist entry {entry_id[:20]!r}")
+        return {"deleted": True}
+
+
 def _destination_routes(api: Api):
     """/management/settings/storage/dicom and /management/dicom/echo: C-MOVE destinations."""
     daemon, config = api.daemon, api.daemon.config
@@ -9053,7 +9540,8 @@ class Daemon:
         self.finder = Finder(self.index)
         #: Where pixels are decoded: worker processes, started on first use.
         self.codecs = CodecWorkers(config.codec_workers, config.codec_idle_seconds, config.codec_timeout, config.log_level)
-        self.dicom = DicomServices(config, self.ingest, self.finder, self.codecs)
+        self.worklist = Worklist(self.index)
+        self.dicom = DicomServices(config, self.ingest, self.finder, self.worklist, self.codecs)
         self.users = Users(data_dir / "users.sqlite", config.session_idle_minutes)
         self.thumbnails = ThumbnailCache(data_dir / "cache" / "thumbnails")
         self._cache_root = data_dir / "cache"

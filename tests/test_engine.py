@@ -21,7 +21,9 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_dataset
 from pydicom.filewriter import write_dataset
 from pynetdicom import AE
-from pynetdicom.sop_class import CTImageStorage, StudyRootQueryRetrieveInformationModelFind, Verification
+from pynetdicom.sop_class import (
+    CTImageStorage, ModalityPerformedProcedureStep as MPPS, StudyRootQueryRetrieveInformationModelFind, Verification,
+)
 
 import studygen
 from conftest import AET, NODELAY, make_identifier, rejection_of, wait_until
@@ -521,9 +523,11 @@ def _engine_bytes(message_class, primitive, context_id: int, max_pdu: int) -> by
 def _primitives():
     """One primitive of every message the engine sends, with optional fields present and absent,
     odd and even value lengths."""
-    from pynetdicom.dimse_messages import (C_ECHO_RQ, C_ECHO_RSP, C_FIND_RSP, C_GET_RSP, C_MOVE_RSP, C_STORE_RQ,
-                                           C_STORE_RSP, N_ACTION_RSP, N_EVENT_REPORT_RQ)
-    from pynetdicom.dimse_primitives import C_ECHO, C_FIND, C_GET, C_MOVE, C_STORE, N_ACTION, N_EVENT_REPORT
+    from pynetdicom.dimse_messages import (
+        C_ECHO_RQ, C_ECHO_RSP, C_FIND_RSP, C_GET_RSP, C_MOVE_RSP, C_STORE_RQ, C_STORE_RSP, N_ACTION_RSP, N_CREATE_RSP,
+        N_EVENT_REPORT_RQ, N_SET_RSP,
+    )
+    from pynetdicom.dimse_primitives import C_ECHO, C_FIND, C_GET, C_MOVE, C_STORE, N_ACTION, N_CREATE, N_EVENT_REPORT, N_SET
     import io
 
     def make(kind, **fields):
@@ -564,6 +568,12 @@ def _primitives():
         (N_EVENT_REPORT_RQ, make(N_EVENT_REPORT, MessageID=9, AffectedSOPClassUID="1.2.840.10008.1.20.1",
                                  AffectedSOPInstanceUID="1.2.840.10008.1.20.1.1", EventTypeID=2,
                                  EventInformation=encoded)),
+        (N_CREATE_RSP, make(N_CREATE, MessageIDBeingRespondedTo=8, AffectedSOPClassUID=MPPS,
+                            AffectedSOPInstanceUID="1.2.3.4", Status=0)),
+        (N_CREATE_RSP, make(N_CREATE, MessageIDBeingRespondedTo=8, AffectedSOPClassUID=MPPS,
+                            AffectedSOPInstanceUID="1.2.3", Status=0x0111, ErrorComment="exists")),
+        (N_SET_RSP, make(N_SET, MessageIDBeingRespondedTo=9, AffectedSOPClassUID=MPPS,
+                         AffectedSOPInstanceUID="1.2.3.4", Status=0x0112, ErrorComment="no such step")),
     ]
 
 
@@ -581,7 +591,7 @@ def test_messages_are_written_as_pynetdicom_encodes_them(max_pdu):
         for name, value in fields.items():
             setattr(primitive, name, value)
         expected = [_pdv_items(pdu) for pdu in _pdus(_pynetdicom_bytes(message_class, primitive, 3, max_pdu))]
-        for stream in ("DataSet", "Identifier"):  # pynetdicom's encoder read them
+        for stream in ("DataSet", "Identifier", "AttributeList"):  # pynetdicom's encoder read them
             if stream in fields:
                 fields[stream].seek(0)
         # What the engine sends is built as DimseFields; a pynetdicom primitive must give the same.
@@ -612,8 +622,9 @@ def _requests():
     """The requests a peer sends the engine, with optional fields present and absent."""
     import io
 
-    from pynetdicom.dimse_messages import C_CANCEL_RQ, C_FIND_RQ, C_GET_RQ, C_MOVE_RQ, C_STORE_RQ, N_ACTION_RQ, N_EVENT_REPORT_RSP
-    from pynetdicom.dimse_primitives import C_CANCEL, C_FIND, C_GET, C_MOVE, C_STORE, N_ACTION, N_EVENT_REPORT
+    from pynetdicom.dimse_messages import (C_CANCEL_RQ, C_FIND_RQ, C_GET_RQ, C_MOVE_RQ, C_STORE_RQ, N_ACTION_RQ,
+                                           N_CREATE_RQ, N_EVENT_REPORT_RSP, N_SET_RQ)
+    from pynetdicom.dimse_primitives import C_CANCEL, C_FIND, C_GET, C_MOVE, C_STORE, N_ACTION, N_CREATE, N_EVENT_REPORT, N_SET
 
     identifier = io.BytesIO(encode(make_identifier("STUDY", PatientName="DOE*"), implicit=True))
     move = "1.2.840.10008.5.1.4.1.2.2.2"
@@ -635,6 +646,12 @@ def _requests():
         (N_EVENT_REPORT_RSP, (N_EVENT_REPORT, dict(MessageIDBeingRespondedTo=16, AffectedSOPClassUID="1.2.840.10008.1.20.1",
                                                    AffectedSOPInstanceUID="1.2.840.10008.1.20.1.1", EventTypeID=1,
                                                    Status=0))),
+        (N_CREATE_RQ, (N_CREATE, dict(MessageID=15, AffectedSOPClassUID=MPPS, AffectedSOPInstanceUID="1.2.3.46",
+                                      AttributeList=io.BytesIO(identifier.getvalue())))),
+        (N_CREATE_RQ, (N_CREATE, dict(MessageID=16, AffectedSOPClassUID=MPPS,  # the SCP is to choose the UID
+                                      AttributeList=io.BytesIO(identifier.getvalue())))),
+        (N_SET_RQ, (N_SET, dict(MessageID=17, RequestedSOPClassUID=MPPS, RequestedSOPInstanceUID="1.2.3.46",
+                                ModificationList=io.BytesIO(identifier.getvalue())))),
     ]
 
 

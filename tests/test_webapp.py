@@ -962,3 +962,54 @@ def test_tablet_layout_and_keyboard_only_use(browser, archive):
     finally:
         tab.close()
     assert not tab.errors, tab.errors
+
+
+# ---- worklist -----------------------------------------------------------------------------------------------
+
+
+def test_worklist_form_schedules_mpps_moves_it_and_delete_removes_it(app, archive):
+    from pydicom.dataset import Dataset
+    from pydicom.uid import generate_uid
+    from pynetdicom import AE
+    from pynetdicom.sop_class import ModalityPerformedProcedureStep
+
+    page = app.login(hash_="#/worklist")
+    form = page.get_by_role("form", name="Schedule a procedure step")
+    form.get_by_role("button", name="Schedule").click()  # empty: the browser asks for the name first
+    expect(page.locator("tbody tr")).to_have_count(0)
+    form.get_by_label("Patient name").fill("WEB^PATIENT")
+    form.get_by_label("Patient ID").fill("W1")
+    form.get_by_label("Accession number").fill("WEB1")
+    form.get_by_label("Station AE title").fill("CT01")
+    form.get_by_label("Modality").fill("CT")
+    form.get_by_label("Date").fill("2026-12-06")
+    form.get_by_role("button", name="Schedule").click()
+    row = page.locator("tbody tr", has_text="WEB1")
+    expect(row).to_contain_text("WEB^PATIENT")
+    expect(row).to_contain_text("20261206")
+    expect(row.locator(".badge")).to_have_text("SCHEDULED")
+    [entry] = admin(archive).get("/worklist").json()
+    assert Dataset.from_json(entry["dataset"]).ScheduledProcedureStepSequence[0].ScheduledStationAETitle == "CT01"
+
+    # The modality begins the step (MPPS N-CREATE): the screen shows it in progress.
+    scheduled = Dataset()
+    scheduled.StudyInstanceUID, scheduled.AccessionNumber = entry["StudyInstanceUID"], "WEB1"
+    performed = Dataset()
+    performed.ScheduledStepAttributesSequence = [scheduled]
+    performed.PerformedProcedureStepStatus = "IN PROGRESS"
+    ae = AE(ae_title="CT01")
+    ae.add_requested_context(ModalityPerformedProcedureStep)
+    association = ae.associate("127.0.0.1", archive.dicom_port, ae_title="DICOOGLED")
+    try:
+        status, _ = association.send_n_create(performed, ModalityPerformedProcedureStep, generate_uid())
+        assert status.Status == 0
+    finally:
+        association.release()
+    page.reload()
+    expect(page.locator("tbody tr", has_text="WEB1").locator(".badge")).to_have_text("IN PROGRESS")
+    app.shot("worklist", docs=True)
+
+    page.get_by_role("button", name="Delete WEB1").click()
+    page.get_by_role("dialog", name="Delete WEB1?").get_by_role("button", name="Delete").click()
+    expect(page.get_by_text("The worklist is empty.")).to_be_visible()
+    assert admin(archive).get("/worklist").json() == []

@@ -43,12 +43,14 @@ function formBody(form) {
 }
 
 /** fetch a path of the REST API; JSON answers are parsed, errors raise ApiError with the reason. */
-export async function request(method, path, { params, form, raw } = {}) {
+export async function request(method, path, { params, form, json, raw } = {}) {
   const headers = {};
   if (session.token) headers.Authorization = session.token;
+  if (json !== undefined) headers["Content-Type"] = "application/json";
+  const body = json !== undefined ? JSON.stringify(json) : form ? formBody(form) : undefined;
   let response;
   try {
-    response = await fetch(path + queryString(params), { method, headers, body: form ? formBody(form) : undefined });
+    response = await fetch(path + queryString(params), { method, headers, body });
   } catch {
     throw new ApiError(0, "The server cannot be reached. Is dicoogled running?");
   }
@@ -65,6 +67,7 @@ export async function request(method, path, { params, form, raw } = {}) {
 
 export const get = (path, params) => request("GET", path, { params });
 export const post = (path, form, params) => request("POST", path, { form: form || {}, params });
+export const postJson = (path, json) => request("POST", path, { json });
 export const put = (path, form) => request("PUT", path, { form: form || {} });
 export const del = (path) => request("DELETE", path);
 
