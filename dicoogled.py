@@ -153,6 +153,9 @@ OUT_OF_RESOURCES = 0xA700
 #: What a store does when a [storage] quota is reached: answer OUT_OF_RESOURCES, or delete the
 #: unprotected studies that arrived longest ago until the new object fits.
 WHEN_FULL_POLICIES = ("refuse", "recycle")
+#: Origins of objects the archive keeps in its own storage (C-STORE, STOW-RS); the others are
+#: indexed in place, and neither counted in a quota nor ever deleted by recycling or retention.
+RECEIVED_ORIGINS = ("store", "stow")
 MOVE_DESTINATION_UNKNOWN = 0xA801
 IDENTIFIER_DOES_NOT_MATCH = 0xA900
 # C-STORE failures, from PS3.4 B.2.3: a data set that is not the one its command announces (another
@@ -293,6 +296,8 @@ max_instances = 0
 # When a quota is reached: refuse new objects (C-STORE 0xA700, STOW-RS 409 with reason A700), or recycle, that
 # is delete the studies that arrived longest ago, unprotected ones only, until the new one fits.
 when_full = refuse
+# Hours between two runs of the [retention] rules (the first run comes at start).
+retention_interval_hours = 24
 
 [watch]
 # Folders indexed in place, one per line; files are never copied or changed.
@@ -352,6 +357,14 @@ level = INFO
 # WORKSTATION = 192.168.1.20:11112
 # WEASIS = 192.168.1.21:104 public Reading room viewer
 # CT01 = 192.168.1.30:104 allow=store Scanner in room 2
+
+[retention]
+# Rules that delete received studies, one per line: NAME = criteria separated by spaces, all of
+# which a study must meet. older_than_days=N (required): its newest instance arrived more than
+# N days ago; modality=MR: it has a series of that modality; origin=store or stow: all of it came
+# by C-STORE, or by STOW-RS. Protected studies are never deleted. Run every
+# retention_interval_hours; 'dicoogled retention --dry-run' lists what they would delete.
+# old-mr = older_than_days=365 modality=MR
 """
 
 # ============================================================================================
@@ -590,6 +603,7 @@ CONFIG_KEYS = {
     "max_size_mb": ("storage", "max_size_mb", "float"),
     "max_instances": ("storage", "max_instances", "int"),
     "when_full": ("storage", "when_full", "lower"),
+    "retention_interval_hours": ("storage", "retention_interval_hours", "float"),
     "watch_folders": ("watch", "folders", "paths"),
     "watch_poll": ("watch", "poll", "bool"),
     "watch_poll_interval": ("watch", "poll_interval", "float"),
@@ -639,6 +653,9 @@ class Config:
     max_size_mb: float = 0
     max_instances: int = 0
     when_full: str = "refuse"
+    retention_interval_hours: float = 24
+    #: [retention] rules by name
+    retention_rules: dict[str, "RetentionRule"] = dataclasses.field(default_factory=dict)
     watch_folders: list[pathlib.Path] = dataclasses.field(default_factory=list)
     watch_poll: bool = False
     watch_poll_interval: float = 5
@@ -697,6 +714,7 @@ class Config:
                                   if public or description},
                 modality_services={aet: services for aet, (_, _, _, services) in modalities.items() if services is not None},
                 transfer_syntaxes={uid: value.split() for uid, value in parser.items("transfer_syntaxes")},
+                retention_rules={name: RetentionRule.parse(name, value) for name, value in parser.items("retention")},
                 config_file=path,
             )
         except (ValueError, configparser.Error) as error:
@@ -744,6 +762,8 @@ class Config:
             raise ValueError(f"invalid quota max_size_mb {self.max_size_mb}, max_instances {self.max_instances}: 0 (no limit) or more")
         if self.when_full not in WHEN_FULL_POLICIES:
             raise ValueError(f"invalid when_full {self.when_full!r}: refuse or recycle")
+        if not self.retention_interval_hours > 0:
+            raise ValueError(f"invalid retention_interval_hours {self.retention_interval_hours}: more than 0")
         if not 0 < self.thumbnail_size <= 4096:
             raise ValueError(f"invalid thumbnail_size {self.thumbnail_size}: 1..4096 pixels")
         if not 0 <= self.index_effort <= 100:
@@ -785,6 +805,44 @@ def _parse_host_port(aet: str, value: str) -> tuple[str, int]:
     if not is_valid_ae_title(aet) or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError(f"[modalities] {aet} = {value}: expected AET = host:port")
     return host.strip("[]"), int(port)
+
+
+@dataclasses.dataclass(frozen=True)
+class RetentionRule:
+    """A [retention] rule: the received, unprotected studies it deletes meet all its criteria.
+
+    Written NAME = criterion=value ...: each criterion is one attribute here, so that another
+    (label=, once studies have labels) is one more field and one more condition in
+    Index.studies_to_retire.
+    """
+
+    name: str
+    older_than_days: float  #: its newest instance arrived longer ago than this
+    modality: str = ""  #: it has a series of this modality ("" for any)
+    origin: str = ""  #: all of it came this way: store (C-STORE) or stow (STOW-RS); "" for either
+
+    CRITERIA = ("older_than_days", "modality", "origin")
+
+    @classmethod
+    def parse(cls, name: str, text: str) -> "RetentionRule":
+        criteria = {}
+        for word in text.split():
+            key, _, value = word.partition("=")
+            if key not in cls.CRITERIA or not value:
+                raise ValueError(f"[retention] {name}: {word!r} is not a criterion (older_than_days=N, modality=MR, origin=store|stow)")
+            criteria[key] = value
+        if "older_than_days" not in criteria:
+            raise ValueError(f"[retention] {name}: older_than_days=N is required")
+        try:
+            days = float(criteria["older_than_days"])
+        except ValueError:
+            days = -1
+        if not days > 0:
+            raise ValueError(f"[retention] {name}: older_than_days must be a number of days above 0")
+        origin = criteria.get("origin", "").lower()
+        if origin not in ("",) + RECEIVED_ORIGINS:
+            raise ValueError(f"[retention] {name}: origin must be one of {', '.join(RECEIVED_ORIGINS)}")
+        return cls(name, days, criteria.get("modality", "").upper(), origin)
 
 
 def _parse_modality(aet: str, value: str) -> tuple[tuple[str, int], bool, str, frozenset[str] | None]:
@@ -1202,11 +1260,6 @@ class StoredStudy(typing.NamedTuple):
     last_arrival_ns: int  #: when its newest instance was written (its file's mtime)
 
 
-#: Origins of objects the archive keeps in its own storage (the others are indexed in place,
-#: and are neither counted in a quota nor ever deleted by it).
-RECEIVED_ORIGINS = ("store", "stow")
-
-
 class _WriteOp:
     __slots__ = ("function", "args", "future")
 
@@ -1313,6 +1366,22 @@ class Index:
             " AND st.study_instance_uid != ?"
             f" GROUP BY st.id HAVING sum(i.origin NOT IN ({marks})) = 0 ORDER BY max(i.mtime_ns), st.id LIMIT ?",
             (sparing, *RECEIVED_ORIGINS, limit))
+        return [StoredStudy(*row) for row in rows]
+
+    def studies_to_retire(self, arrived_before_ns: int, modality: str = "", origin: str = "") -> list[StoredStudy]:
+        """The studies a retention rule deletes, longest arrived first: unprotected, made only
+        of received objects (of origin, if given), the newest arrived before arrived_before_ns,
+        and with a series of modality if given."""
+        origins = (origin,) if origin else RECEIVED_ORIGINS
+        marks = ", ".join("?" * len(origins))
+        modality_test = " AND EXISTS (SELECT 1 FROM series m WHERE m.study_ref = st.id AND m.modality = ?)" if modality else ""
+        rows = self.query(
+            "SELECT st.study_instance_uid, count(*), sum(i.size), max(i.mtime_ns) FROM instances i"
+            " JOIN series se ON se.id = i.series_ref JOIN studies st ON st.id = se.study_ref"
+            " WHERE st.study_instance_uid NOT IN (SELECT study_instance_uid FROM protected_studies)" + modality_test +
+            f" GROUP BY st.id HAVING sum(i.origin NOT IN ({marks})) = 0 AND max(i.mtime_ns) < ?"
+            " ORDER BY max(i.mtime_ns), st.id",
+            ((modality,) if modality else ()) + origins + (arrived_before_ns,))
         return [StoredStudy(*row) for row in rows]
 
     def protected_studies(self) -> list[str]:
@@ -1597,6 +1666,11 @@ class Index:
 # ============================================================================================
 # Storage and ingest: the one path every object enters through
 # ============================================================================================
+
+
+def _utc_text(time_ns: int) -> str:
+    """A time in nanoseconds since the epoch as ISO 8601 UTC text, to the second."""
+    return datetime.datetime.fromtimestamp(time_ns / 1e9, datetime.timezone.utc).isoformat(timespec="seconds")
 
 
 class IngestError(Exception):
@@ -2254,12 +2328,37 @@ class Ingest:
             study = candidates[0]
             self.log.warning("recycling study %s (%d instances, %d KB, last arrival %s) to make room: %s",
                              study.study_instance_uid, study.instances, study.bytes // 1024,
-                             datetime.datetime.fromtimestamp(study.last_arrival_ns / 1e9).isoformat(timespec="seconds"), shortage)
+                             _utc_text(study.last_arrival_ns), shortage)
             _, failed = self.delete_instances(self.index.instances_of(study_uid=study.study_instance_uid), "recycled")
             if failed:
                 return shortage + f"; recycling study {study.study_instance_uid} failed"
             self.recycled += 1
         return None
+
+    def apply_retention(self, rules, dry_run: bool = False) -> list[dict]:
+        """Delete (or with dry_run only list) the studies the [retention] rules name: one dict
+        per study, with the rule that named it first. Only instances that arrived before the
+        rule's cutoff go: one received since the listing keeps its study alive."""
+        now_ns, named = time.time_ns(), {}
+        for rule in rules:
+            cutoff_ns = now_ns - int(rule.older_than_days * 86400e9)
+            for study in self.index.studies_to_retire(cutoff_ns, rule.modality, rule.origin):
+                if study.study_instance_uid in named:
+                    continue
+                named[study.study_instance_uid] = {
+                    "rule": rule.name, "StudyInstanceUID": study.study_instance_uid, "instances": study.instances,
+                    "bytes": study.bytes, "lastArrival": _utc_text(study.last_arrival_ns)}
+                if dry_run:
+                    continue
+                self.log.warning("retention rule %s: deleting study %s (%d instances, %d KB, last arrival %s)",
+                                 rule.name, study.study_instance_uid, study.instances, study.bytes // 1024,
+                                 _utc_text(study.last_arrival_ns))
+                old = [i for i in self.index.instances_of(study_uid=study.study_instance_uid) if i.mtime_ns < cutoff_ns]
+                deleted, failed = self.delete_instances(old, f"retention rule {rule.name}")
+                named[study.study_instance_uid].update(deleted=deleted, failed=failed)
+        if dry_run and named:
+            self.log.info("retention dry run: %d stud%s would be deleted", len(named), "y" if len(named) == 1 else "ies")
+        return list(named.values())
 
     def delete_instances(self, instances, reason: str) -> tuple[int, int]:
         """The one way stored instances are deleted (REST remove, recycling): their files or
@@ -8234,6 +8333,23 @@ def _task_routes(api: Api):
         logging.getLogger("dicoogled.storage").info("study %s unprotected by %s", study, api.current_user().username)
         return {"StudyInstanceUID": study, "protected": False, "changed": changed}
 
+    @api.route("/management/retention", access=ADMIN)
+    def retention_dry_run():
+        """List what the [retention] rules would delete now, deleting nothing (a dry run).
+
+        dry_run: 1 or true (the default); this route never deletes, POST does
+        """
+        if bottle.request.params.get("dry_run", "1").strip().lower() not in ("1", "true"):
+            _fail(400, "GET only lists (dry_run=1): POST /management/retention applies the rules")
+        return {"rules": [dataclasses.asdict(rule) for rule in daemon.config.retention_rules.values()],
+                "studies": daemon.ingest.apply_retention(daemon.config.retention_rules.values(), dry_run=True)}
+
+    @api.route("/management/retention", "POST", access=ADMIN)
+    def retention_now():
+        """Apply the [retention] rules now: delete the studies they name (protected ones never)."""
+        logging.getLogger("dicoogled.storage").info("retention applied by %s", api.current_user().username)
+        return {"studies": daemon.ingest.apply_retention(daemon.config.retention_rules.values())}
+
     @api.route("/management/tasks/remove", "POST", access=ADMIN)
     def remove():
         """Delete instances' files and unindex them: by uri or UID (repeatable)."""
@@ -8815,6 +8931,8 @@ class Daemon:
         self.reconciling += 1
         start_thread("reconcile-storage", self._reconcile_storage)
         start_thread("disk-space", self._watch_disk_space)
+        if self.config.retention_rules:
+            start_thread("retention", self._apply_retention_regularly)
         bottle.BaseRequest.MEMFILE_MAX = 16 * 1024 * 1024
         app = make_app(self)
         try:
@@ -8896,6 +9014,14 @@ class Daemon:
                 with self._watch_lock:
                     if self.watcher:
                         self.watcher.reconcile_all()
+
+    def _apply_retention_regularly(self):
+        """Apply the [retention] rules at start, then every retention_interval_hours."""
+        rules = list(self.config.retention_rules.values())
+        while not self.stopped.is_set():
+            self.ingest.apply_retention(rules)
+            if self.stopped.wait(self.config.retention_interval_hours * 3600):
+                return
 
     def stop(self):
         """Stop listening, finish the writes under way, close the index."""
@@ -9226,11 +9352,12 @@ def command_index(config: Config, paths) -> int:
 def command_reindex(config: Config) -> int:
     """Rebuild the index from the storage folder, the watched folders and indexed folders."""
     db_path = config.data_dir / "index.sqlite"
-    roots = []
+    roots, protected = [], []  # what the index knows that the files do not: kept across the rebuild
     if db_path.exists():
         with contextlib.suppress(apsw.Error):
             connection = apsw.Connection(str(db_path))
             roots = [r[0] for r in connection.execute("SELECT path FROM indexed_roots")]
+            protected = [r[0] for r in connection.execute("SELECT study_instance_uid FROM protected_studies")]
             connection.close()
         for suffix in ("", "-wal", "-shm"):
             pathlib.Path(str(db_path) + suffix).unlink(missing_ok=True)
@@ -9238,6 +9365,8 @@ def command_reindex(config: Config) -> int:
     index, ingest = _offline_archive(config)
     try:
         roots = list(dict.fromkeys(roots + index.remembered_roots()))
+        for study_uid in protected:
+            index.write(Index.protect_study, study_uid)
         sources = [(ingest.storage.root, "store")] + [(f, "watch") for f in config.watch_folders] + [(pathlib.Path(r), "index") for r in roots]
         for root, origin in sources:
             if origin == "index":
@@ -9247,6 +9376,22 @@ def command_reindex(config: Config) -> int:
             elif origin == "index" and root.is_file():
                 ingest.index_file(root, origin)
         print(json.dumps({**index.counts(), **dataclasses.asdict(ingest.stats)}))
+        return 0
+    finally:
+        index.close()
+
+
+def command_retention(config: Config, dry_run: bool) -> int:
+    """Apply the [retention] rules (or list what they would delete): one JSON line per study."""
+    if not (config.data_dir / "index.sqlite").is_file():
+        log.error("no index in %s: is it the right --data-dir?", config.data_dir)
+        return 1
+    if not config.retention_rules:
+        log.warning("no [retention] rules in the configuration: nothing to do")
+    index, ingest = _offline_archive(config)
+    try:
+        for study in ingest.apply_retention(config.retention_rules.values(), dry_run=dry_run):
+            print(json.dumps(study))
         return 0
     finally:
         index.close()
@@ -9428,6 +9573,8 @@ def _argument_parser() -> argparse.ArgumentParser:
     index.add_argument("paths", nargs="+", metavar="PATH")
     commands.add_parser("reindex", parents=[common], help="rebuild the index from the files")
     commands.add_parser("check", parents=[common], help="verify the index against the files on disk")
+    retention = commands.add_parser("retention", parents=[common], help="apply the [retention] rules now")
+    retention.add_argument("--dry-run", action="store_true", help="list the studies they would delete, delete nothing")
     new_plugin = commands.add_parser("new-plugin", parents=[common], help="write a commented starting file for a plugin")
     new_plugin.add_argument("name")
     new_plugin.add_argument("--lang", choices=("python", "lua"), default="python")
@@ -9443,7 +9590,7 @@ def _argument_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     """The dicoogled command."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in ("serve", "index", "reindex", "check", "install-viewer", "new-plugin", "sample-data", "-h", "--help", "--version"):
+    if not argv or argv[0] not in ("serve", "index", "reindex", "check", "retention", "install-viewer", "new-plugin", "sample-data", "-h", "--help", "--version"):
         argv.insert(0, "serve")
     args = _argument_parser().parse_args(argv)
     overrides = {"data_dir": args.data_dir, "log_level": args.log_level}
@@ -9469,6 +9616,8 @@ def main(argv=None) -> int:
             return command_reindex(config)
         if args.command == "check":
             return command_check(config)
+        if args.command == "retention":
+            return command_retention(config, args.dry_run)
         if args.command == "new-plugin":
             return command_new_plugin(args.dir or config.plugin_folders[0], args.name, args.lang, args.kind)
         if args.command == "install-viewer":

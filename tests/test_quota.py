@@ -4,6 +4,7 @@ recycling deletes the oldest unprotected studies only."""
 
 import concurrent.futures
 import io
+import json
 import pathlib
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import pytest
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 
 import studygen  # noqa: E402
-from conftest import AET, NODELAY, ROOT  # noqa: E402
+from conftest import AET, NODELAY, ROOT, wait_until  # noqa: E402
 from pynetdicom import AE  # noqa: E402
 from restclient import ADMIN_ENV, Client, admin_client, base_url  # noqa: E402
 
@@ -24,9 +25,9 @@ OUT_OF_RESOURCES = 0xA700
 NO_RESERVE = "[storage]\nmin_free_mb = 0\n"
 
 
-def study(number: int, instances: int, series: int = 0) -> list:
+def study(number: int, instances: int, series: int = 0, modality: str = "CT") -> list:
     """The instances of one generated study (patient `number`, so studies never share a patient)."""
-    return [studygen.make_instance(number, 0, series, n) for n in range(instances)]
+    return [studygen.make_instance(number, 0, series, n, modality=modality) for n in range(instances)]
 
 
 def store_on_one_association(daemon, datasets) -> dict:
@@ -56,10 +57,15 @@ def indexed_uids(daemon, *batches) -> set:
     return found
 
 
+def dicoogled(daemon, *args) -> subprocess.CompletedProcess:
+    """A command of dicoogled on a (stopped) daemon's data dir and configuration."""
+    return subprocess.run([sys.executable, str(ROOT / "dicoogled.py"), *args, "--data-dir", str(daemon.data_dir),
+                           "--config", str(daemon.config_path)], capture_output=True, text=True)
+
+
 def consistent(daemon) -> subprocess.CompletedProcess:
     """'dicoogled check' of a stopped daemon's data dir: files and index agree (exit 0)."""
-    return subprocess.run([sys.executable, str(ROOT / "dicoogled.py"), "check", "--data-dir", str(daemon.data_dir)],
-                          capture_output=True, text=True)
+    return dicoogled(daemon, "check")
 
 
 def stow(daemon, token, *datasets):
@@ -154,9 +160,58 @@ def test_recycle_deletes_the_oldest_unprotected_study_and_keeps_protected_ones(s
     assert check.returncode == 0, check.stdout + check.stderr
 
 
+#: A rule that names MR studies whose newest instance arrived more than 2.6 seconds ago.
+SECONDS_OLD_MR = "[retention]\nold-mr = older_than_days=0.00003 modality=MR\n"
+
+
+def test_retention_rule_deletes_only_what_it_names_and_dry_runs_delete_nothing(start_daemon):
+    """A rule for old MR studies: the dry run (REST, then the command line) lists exactly the
+    old, unprotected MR study and deletes nothing; applied, it deletes that study only, leaving
+    the CT study, the protected MR study and the MR study too recent to go."""
+    daemon = start_daemon(NO_RESERVE + SECONDS_OLD_MR, env=ADMIN_ENV)
+    admin = admin_client(daemon)
+    old_mr, ct, protected_mr = study(0, 2, modality="MR"), study(1, 2), study(2, 1, modality="MR")
+    for batch in (old_mr, ct, protected_mr):
+        assert set(store_on_one_association(daemon, batch).values()) == {SUCCESS}
+    assert admin.request("PUT", f"/studies/{protected_mr[0].StudyInstanceUID}/protected").status == 200
+
+    def listed():
+        return {item["StudyInstanceUID"] for item in admin.get("/management/retention", dry_run="1").json()["studies"]}
+    assert wait_until(listed, message="the old MR study to be listed") == {old_mr[0].StudyInstanceUID}
+    everything = {ds.SOPInstanceUID for ds in old_mr + ct + protected_mr}
+    assert stored_uids(daemon) == everything  # a dry run deletes nothing
+    assert admin.get("/management/retention", dry_run="0").status == 400
+    assert Client(base_url(daemon)).get("/management/retention").status in (401, 403)
+
+    recent_mr = study(3, 1, modality="MR")
+    assert set(store_on_one_association(daemon, recent_mr).values()) == {SUCCESS}
+    applied = admin.post("/management/retention").json()["studies"]
+    assert [(item["rule"], item["StudyInstanceUID"], item["deleted"]) for item in applied] == \
+        [("old-mr", old_mr[0].StudyInstanceUID, 2)]
+    kept = {ds.SOPInstanceUID for ds in ct + protected_mr + recent_mr}
+    assert stored_uids(daemon) == indexed_uids(daemon, old_mr, ct, protected_mr, recent_mr) == kept
+    assert "retention rule old-mr: deleting study " + old_mr[0].StudyInstanceUID in daemon.log
+
+    # The command line: once the recent MR study is old too, the dry run lists it alone and
+    # leaves it; the real run deletes it; files and index agree afterwards.
+    assert wait_until(lambda: listed() == {recent_mr[0].StudyInstanceUID} or None, message="the recent MR study to age")
+    daemon.stop()
+    dry = dicoogled(daemon, "retention", "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert [json.loads(line)["StudyInstanceUID"] for line in dry.stdout.splitlines()] == [recent_mr[0].StudyInstanceUID]
+    assert stored_uids(daemon) == kept
+    real = dicoogled(daemon, "retention")
+    assert real.returncode == 0, real.stderr
+    assert stored_uids(daemon) == kept - {recent_mr[0].SOPInstanceUID}
+    check = consistent(daemon)
+    assert check.returncode == 0, check.stdout + check.stderr
+
+
 @pytest.mark.parametrize("config, problem", [
     ("max_instances = -1\n", "max_instances"),
     ("when_full = delete\n", "when_full"),
+    ("[retention]\nold = modality=MR\n", "older_than_days=N is required"),
+    ("[retention]\nold = older_than_days=30 label=teaching\n", "'label=teaching' is not a criterion"),
 ])
 def test_invalid_quota_settings_are_refused_at_start(start_daemon, config, problem):
     daemon = start_daemon(NO_RESERVE + config, wait=False)
