@@ -2312,7 +2312,7 @@ class Ingest:
             return f"{instances} instances held, the quota is {self.max_instances} ([storage] max_instances)"
         if self.max_bytes and stored_bytes + size > self.max_bytes:
             return (f"{stored_bytes // 1024} KB held and {size // 1024} KB more asked, the quota is "
-                    f"{self.max_bytes // (1024 * 1024)} MB ([storage] max_size_mb)")
+                    f"{self.max_bytes / (1024 * 1024):g} MB ([storage] max_size_mb)")
         return None
 
     def _recycle_for(self, size: int, study_uid: str) -> str | None:
