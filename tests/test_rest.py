@@ -877,6 +877,8 @@ def expected_access(method: str, path: str) -> str:
         return "user"
     if path == "/user" or path.startswith(ADMIN_PREFIXES):
         return "admin"
+    if path == "/studies/<study>/protected" and method != "GET":  # protecting a study: an archive setting
+        return "admin"
     return "read"
 
 
@@ -902,7 +904,7 @@ def app_routes(daemon) -> list[tuple[str, str]]:
 
 def concrete(path: str, username: str) -> str:
     return (path.replace("<username>", username).replace("<name>", "preset1")
-            .replace("<path:path>", "x").replace("<uid>", "1.2.3"))
+            .replace("<path:path>", "x").replace("<uid>", "1.2.3").replace("<study>", "1.2.3"))
 
 
 def test_route_list_is_complete(start_daemon):
