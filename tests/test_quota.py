@@ -120,7 +120,8 @@ def test_max_size_refuses_stow_with_a700_and_keeps_the_rest(start_daemon):
     body = response.json()
     assert len(body["00081199"]["Value"]) == 2
     assert [item["00081197"]["Value"] for item in body["00081198"]["Value"]] == [[OUT_OF_RESOURCES]] * 2
-    assert stow(daemon, token, *study(1, 1)).status == 409
+    refused = stow(daemon, token, *study(1, 1))
+    assert refused.status == 409 and "storage quota" in refused.headers["Warning"]
     assert len(stored_uids(daemon)) == 2 == daemon.counts()["instances"]
     assert "max_size_mb" in daemon.log
 
