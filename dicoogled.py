@@ -2304,6 +2304,12 @@ class Ingest:
             with self._quota_lock:
                 self._in_flight = (self._in_flight[0] - 1, self._in_flight[1] - size)
 
+    def quota_status(self) -> dict:
+        """The [storage] quotas (0: none), what they count now, and the studies recycled."""
+        instances, stored_bytes = self.index.received_totals()
+        return {"max_instances": self.max_instances, "max_bytes": self.max_bytes, "when_full": self.when_full,
+                "instances": instances, "bytes": stored_bytes, "recycled_studies": self.recycled}
+
     def _quota_shortage(self, size: int) -> str | None:
         """None if one more object of size bytes fits the quotas, else which one it passes."""
         instances, stored_bytes = self.index.received_totals()
@@ -7439,6 +7445,7 @@ def _session_routes(api: Api):
             "counts": counts,
             "storage": {"bytes": sum(by_origin.values()), "by_origin": by_origin},
             "ingest": dataclasses.asdict(daemon.ingest.stats),
+            "quota": daemon.ingest.quota_status(),
             "watch": {
                 "folders": [str(f) for f in daemon.watcher.folders] if daemon.watcher else [],
                 "pending": daemon.watcher.pending if daemon.watcher else 0,

@@ -104,6 +104,8 @@ def test_max_instances_holds_under_four_parallel_associations(start_daemon):
     answers = store_on_one_association(daemon, extra)
     assert [answers[ds.SOPInstanceUID] for ds in extra] == [SUCCESS] * (10 - len(acknowledged)) + [OUT_OF_RESOURCES]
     assert daemon.counts()["instances"] == 10
+    quota = daemon.health()["quota"]
+    assert (quota["max_instances"], quota["instances"], quota["when_full"]) == (10, 10, "refuse")
     daemon.stop()
     check = consistent(daemon)
     assert check.returncode == 0, check.stdout + check.stderr
@@ -145,6 +147,7 @@ def test_recycle_deletes_the_oldest_unprotected_study_and_keeps_protected_ones(s
     assert set(store_on_one_association(daemon, third).values()) == {SUCCESS}
     assert stored_uids(daemon) == indexed_uids(daemon, first, second, third) == {ds.SOPInstanceUID for ds in first + third}
     assert "recycling study " + second[0].StudyInstanceUID in daemon.log
+    assert daemon.health()["quota"]["recycled_studies"] == 1
 
     # Everything protected: nothing may go, so the new study is refused and left no trace.
     assert admin.request("PUT", f"/studies/{third[0].StudyInstanceUID}/protected").status == 200
