@@ -293,8 +293,9 @@ min_free_mb = 100
 # place are not counted): megabytes and instances, 0 for no limit.
 max_size_mb = 0
 max_instances = 0
-# When a quota is reached: refuse new objects (C-STORE 0xA700, STOW-RS 409 with reason A700), or recycle, that
-# is delete the studies that arrived longest ago, unprotected ones only, until the new one fits.
+# When a quota is reached: refuse new objects (C-STORE 0xA700, STOW-RS 409 with reason A700),
+# or recycle: delete the studies that arrived longest ago, unprotected ones only, until the new
+# object fits (PUT /studies/{uid}/protected protects one).
 when_full = refuse
 # Hours between two runs of the [retention] rules (the first run comes at start).
 retention_interval_hours = 24
