@@ -111,6 +111,26 @@ def test_max_instances_holds_under_four_parallel_associations(start_daemon):
     assert check.returncode == 0, check.stdout + check.stderr
 
 
+def test_recycling_under_four_parallel_associations_never_overshoots_nor_half_deletes(start_daemon):
+    """when_full = recycle with four associations storing four studies at once into room for 6:
+    the archive ends within the quota, files and index agree, nothing is left in tmp."""
+    daemon = start_daemon(NO_RESERVE + "max_instances = 6\nwhen_full = recycle\n")
+    batches = [study(number, 5) for number in range(4)]
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        statuses = {}
+        for answer in pool.map(lambda batch: store_on_one_association(daemon, batch), batches):
+            statuses.update(answer)
+    assert set(statuses.values()) <= {SUCCESS, OUT_OF_RESOURCES}, statuses
+    held = stored_uids(daemon)
+    assert held == indexed_uids(daemon, *batches)
+    assert 1 <= len(held) <= 6 and held <= {uid for uid, status in statuses.items() if status == SUCCESS}
+    assert daemon.health()["quota"]["recycled_studies"] >= 1
+    assert not list((daemon.data_dir / "tmp").iterdir())
+    daemon.stop()
+    check = consistent(daemon)
+    assert check.returncode == 0, check.stdout + check.stderr
+
+
 def test_max_size_refuses_stow_with_a700_and_keeps_the_rest(start_daemon):
     """A size quota: STOW-RS stores what fits and answers the rest with Failure Reason A700
     (409 when nothing fits, PS3.18 10.5.3)."""
