@@ -155,6 +155,12 @@ PENDING = 0xFF00
 PENDING_OPTIONAL_KEYS_UNSUPPORTED = 0xFF01
 CANCELLED = 0xFE00
 OUT_OF_RESOURCES = 0xA700
+#: What a store does when a [storage] quota is reached: answer OUT_OF_RESOURCES, or delete the
+#: unprotected studies that arrived longest ago until the new object fits.
+WHEN_FULL_POLICIES = ("refuse", "recycle")
+#: Origins of objects the archive keeps in its own storage (C-STORE, STOW-RS); the others are
+#: indexed in place, and neither counted in a quota nor ever deleted by recycling or retention.
+RECEIVED_ORIGINS = ("store", "stow")
 MOVE_DESTINATION_UNKNOWN = 0xA801
 IDENTIFIER_DOES_NOT_MATCH = 0xA900
 # C-STORE failures, from PS3.4 B.2.3: a data set that is not the one its command announces (another
@@ -317,6 +323,16 @@ scheme = file
 # 0xA700, out of resources) before the disk is really full, so the index, settings and logins
 # still have room. Storing resumes by itself once space is freed. 0 turns the reserve off.
 min_free_mb = 100
+# Quotas on what the archive holds of received objects (C-STORE, STOW-RS; files indexed in
+# place are not counted): megabytes and instances, 0 for no limit.
+max_size_mb = 0
+max_instances = 0
+# When a quota is reached: refuse new objects (C-STORE 0xA700, STOW-RS 409 with reason A700),
+# or recycle: delete the studies that arrived longest ago, unprotected ones only, until the new
+# object fits (PUT /studies/{uid}/protected protects one).
+when_full = refuse
+# Hours between two runs of the [retention] rules (the first run comes at start).
+retention_interval_hours = 24
 
 [watch]
 # Folders indexed in place, one per line; files are never copied or changed.
@@ -379,6 +395,14 @@ level = INFO
 # VIEWER = 192.168.1.22:2762 tls Viewer that only speaks TLS
 # WEASIS = 192.168.1.21:104 public Reading room viewer
 # CT01 = 192.168.1.30:104 allow=store Scanner in room 2
+
+[retention]
+# Rules that delete received studies, one per line: NAME = criteria separated by spaces, all of
+# which a study must meet. older_than_days=N (required): its newest instance arrived more than
+# N days ago; modality=MR: it has a series of that modality; origin=store or stow: all of it came
+# by C-STORE, or by STOW-RS. Protected studies are never deleted. Run every
+# retention_interval_hours; 'dicoogled retention --dry-run' lists what they would delete.
+# old-mr = older_than_days=365 modality=MR
 """
 
 # ============================================================================================
@@ -620,6 +644,10 @@ CONFIG_KEYS = {
     "fsync": ("storage", "fsync", "bool"),
     "storage_scheme": ("storage", "scheme", "lower"),
     "min_free_mb": ("storage", "min_free_mb", "float"),
+    "max_size_mb": ("storage", "max_size_mb", "float"),
+    "max_instances": ("storage", "max_instances", "int"),
+    "when_full": ("storage", "when_full", "lower"),
+    "retention_interval_hours": ("storage", "retention_interval_hours", "float"),
     "watch_folders": ("watch", "folders", "paths"),
     "watch_poll": ("watch", "poll", "bool"),
     "watch_poll_interval": ("watch", "poll_interval", "float"),
@@ -672,6 +700,12 @@ class Config:
     fsync: bool = True
     storage_scheme: str = "file"
     min_free_mb: float = 100
+    max_size_mb: float = 0
+    max_instances: int = 0
+    when_full: str = "refuse"
+    retention_interval_hours: float = 24
+    #: [retention] rules by name
+    retention_rules: dict[str, "RetentionRule"] = dataclasses.field(default_factory=dict)
     watch_folders: list[pathlib.Path] = dataclasses.field(default_factory=list)
     watch_poll: bool = False
     watch_poll_interval: float = 5
@@ -734,6 +768,7 @@ class Config:
                 modality_services={aet: services for aet, (_, _, _, services) in modalities.items() if services is not None},
                 tls_modalities=tls_modalities,
                 transfer_syntaxes={uid: value.split() for uid, value in parser.items("transfer_syntaxes")},
+                retention_rules={name: RetentionRule.parse(name, value) for name, value in parser.items("retention")},
                 config_file=path,
             )
         except (ValueError, configparser.Error) as error:
@@ -777,6 +812,12 @@ class Config:
             raise ValueError(f"invalid session_idle_minutes {self.session_idle_minutes}: must be more than 0 (0.5 is 30 s)")
         if not self.min_free_mb >= 0:
             raise ValueError(f"invalid min_free_mb {self.min_free_mb}: 0 (no reserve) or more MB")
+        if not self.max_size_mb >= 0 or self.max_instances < 0:
+            raise ValueError(f"invalid quota max_size_mb {self.max_size_mb}, max_instances {self.max_instances}: 0 (no limit) or more")
+        if self.when_full not in WHEN_FULL_POLICIES:
+            raise ValueError(f"invalid when_full {self.when_full!r}: refuse or recycle")
+        if not self.retention_interval_hours > 0:
+            raise ValueError(f"invalid retention_interval_hours {self.retention_interval_hours}: more than 0")
         if not 0 < self.thumbnail_size <= 4096:
             raise ValueError(f"invalid thumbnail_size {self.thumbnail_size}: 1..4096 pixels")
         if not 0 <= self.index_effort <= 100:
@@ -825,6 +866,44 @@ def _parse_host_port(aet: str, value: str) -> tuple[str, int]:
     if not is_valid_ae_title(aet) or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError(f"[modalities] {aet} = {value}: expected AET = host:port")
     return host.strip("[]"), int(port)
+
+
+@dataclasses.dataclass(frozen=True)
+class RetentionRule:
+    """A [retention] rule: the received, unprotected studies it deletes meet all its criteria.
+
+    Written NAME = criterion=value ...: each criterion is one attribute here, so that another
+    (label=, once studies have labels) is one more field and one more condition in
+    Index.studies_to_retire.
+    """
+
+    name: str
+    older_than_days: float  #: its newest instance arrived longer ago than this
+    modality: str = ""  #: it has a series of this modality ("" for any)
+    origin: str = ""  #: all of it came this way: store (C-STORE) or stow (STOW-RS); "" for either
+
+    CRITERIA = ("older_than_days", "modality", "origin")
+
+    @classmethod
+    def parse(cls, name: str, text: str) -> "RetentionRule":
+        criteria = {}
+        for word in text.split():
+            key, _, value = word.partition("=")
+            if key not in cls.CRITERIA or not value:
+                raise ValueError(f"[retention] {name}: {word!r} is not a criterion (older_than_days=N, modality=MR, origin=store|stow)")
+            criteria[key] = value
+        if "older_than_days" not in criteria:
+            raise ValueError(f"[retention] {name}: older_than_days=N is required")
+        try:
+            days = float(criteria["older_than_days"])
+        except ValueError:
+            days = -1
+        if not days > 0:
+            raise ValueError(f"[retention] {name}: older_than_days must be a number of days above 0")
+        origin = criteria.get("origin", "").lower()
+        if origin not in ("",) + RECEIVED_ORIGINS:
+            raise ValueError(f"[retention] {name}: origin must be one of {', '.join(RECEIVED_ORIGINS)}")
+        return cls(name, days, criteria.get("modality", "").upper(), origin)
 
 
 def _parse_modality(aet: str, value: str) -> tuple[tuple[str, int], bool, str, frozenset[str] | None]:
@@ -970,7 +1049,7 @@ UNIQUE_KEYS = {"PATIENT": "PatientID", "STUDY": "StudyInstanceUID", "SERIES": "S
 #: Person names also get a folded copy, matched case- and accent-insensitively.
 FOLDED_ATTRIBUTES = ("PatientName", "ReferringPhysicianName")
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 
 def _level_columns(level: str) -> str:
@@ -1023,10 +1102,17 @@ CREATE TABLE performed_procedure_steps (
 CREATE INDEX performed_steps_entry ON performed_procedure_steps(worklist_ref);
 """
 
+#: Studies that recycling ([storage] when_full = recycle) and retention rules never delete. By
+#: UID, not by row: protection holds while a study is absent and comes back with it.
+PROTECTED_STUDIES = """
+CREATE TABLE protected_studies (study_instance_uid TEXT PRIMARY KEY, since TEXT NOT NULL);
+"""
+
 #: version -> the SQL that brings an index of that version to the next one.
 MIGRATIONS = {
     1: ORIGIN_TOTALS + "INSERT INTO origin_totals SELECT origin, count(*), sum(size) FROM instances GROUP BY origin;",
     2: WORKLIST_SCHEMA,
+    3: PROTECTED_STUDIES,
 }
 
 SCHEMA = f"""
@@ -1077,7 +1163,7 @@ CREATE VIRTUAL TABLE metadata USING fts5(
 );
 -- Folders indexed in place (index PATH, tasks), so that reindex can find them again.
 CREATE TABLE indexed_roots (path TEXT PRIMARY KEY, added TEXT NOT NULL);
-{ORIGIN_TOTALS}{WORKLIST_SCHEMA}"""
+{ORIGIN_TOTALS}{WORKLIST_SCHEMA}{PROTECTED_STUDIES}"""
 
 
 @dataclasses.dataclass
@@ -1311,6 +1397,15 @@ _FIRST_INSTANCE_OF = {
 }
 
 
+class StoredStudy(typing.NamedTuple):
+    """A study the archive holds received objects of: what recycling weighs."""
+
+    study_instance_uid: str
+    instances: int
+    bytes: int
+    last_arrival_ns: int  #: when its newest instance was written (its file's mtime)
+
+
 class _WriteOp:
     __slots__ = ("function", "args", "future")
 
@@ -1397,6 +1492,50 @@ class Index:
     def bytes_by_origin(self) -> dict[str, int]:
         """Bytes of the indexed instances by origin (store, watch, index)."""
         return dict(self.query("SELECT origin, bytes FROM origin_totals WHERE instances > 0"))
+
+    def received_totals(self) -> tuple[int, int]:
+        """(instances, bytes) of the received objects the archive holds: what quotas limit."""
+        marks = ", ".join("?" * len(RECEIVED_ORIGINS))
+        return tuple(self.query(f"SELECT coalesce(sum(instances), 0), coalesce(sum(bytes), 0) FROM origin_totals"
+                                f" WHERE origin IN ({marks})", RECEIVED_ORIGINS)[0])
+
+    def recyclable_studies(self, limit: int = 20, sparing: str = "") -> list[StoredStudy]:
+        """The studies recycling may delete, the one whose newest instance arrived first first:
+        unprotected, made only of received objects (a study with files indexed in place is not
+        the archive's to delete), and not the study sparing (the one being received). A scan of
+        every instance: it runs only when a quota is hit."""
+        marks = ", ".join("?" * len(RECEIVED_ORIGINS))
+        rows = self.query(
+            "SELECT st.study_instance_uid, count(*), sum(i.size), max(i.mtime_ns) FROM instances i"
+            " JOIN series se ON se.id = i.series_ref JOIN studies st ON st.id = se.study_ref"
+            " WHERE st.study_instance_uid NOT IN (SELECT study_instance_uid FROM protected_studies)"
+            " AND st.study_instance_uid != ?"
+            f" GROUP BY st.id HAVING sum(i.origin NOT IN ({marks})) = 0 ORDER BY max(i.mtime_ns), st.id LIMIT ?",
+            (sparing, *RECEIVED_ORIGINS, limit))
+        return [StoredStudy(*row) for row in rows]
+
+    def studies_to_retire(self, arrived_before_ns: int, modality: str = "", origin: str = "") -> list[StoredStudy]:
+        """The studies a retention rule deletes, longest arrived first: unprotected, made only
+        of received objects (of origin, if given), the newest arrived before arrived_before_ns,
+        and with a series of modality if given."""
+        origins = (origin,) if origin else RECEIVED_ORIGINS
+        marks = ", ".join("?" * len(origins))
+        modality_test = " AND EXISTS (SELECT 1 FROM series m WHERE m.study_ref = st.id AND m.modality = ?)" if modality else ""
+        rows = self.query(
+            "SELECT st.study_instance_uid, count(*), sum(i.size), max(i.mtime_ns) FROM instances i"
+            " JOIN series se ON se.id = i.series_ref JOIN studies st ON st.id = se.study_ref"
+            " WHERE st.study_instance_uid NOT IN (SELECT study_instance_uid FROM protected_studies)" + modality_test +
+            f" GROUP BY st.id HAVING sum(i.origin NOT IN ({marks})) = 0 AND max(i.mtime_ns) < ?"
+            " ORDER BY max(i.mtime_ns), st.id",
+            ((modality,) if modality else ()) + origins + (arrived_before_ns,))
+        return [StoredStudy(*row) for row in rows]
+
+    def protected_studies(self) -> list[str]:
+        """The StudyInstanceUIDs that recycling and retention never delete."""
+        return [row[0] for row in self.query("SELECT study_instance_uid FROM protected_studies ORDER BY study_instance_uid")]
+
+    def is_protected(self, study_uid: str) -> bool:
+        return bool(self.query("SELECT 1 FROM protected_studies WHERE study_instance_uid = ?", (study_uid,)))
 
     def instance(self, uid: str | None = None, *, path: str | None = None) -> IndexedInstance | None:
         """The instance with this SOPInstanceUID, or kept at this path (or URI); None if none is."""
@@ -1673,6 +1812,18 @@ class Index:
         return removed
 
     @staticmethod
+    def protect_study(connection, study_uid: str) -> bool:
+        """Keep a study from recycling and retention; False if it already was."""
+        return connection.execute("INSERT OR IGNORE INTO protected_studies VALUES (?, datetime('now')) RETURNING 1",
+                                  (study_uid,)).fetchone() is not None
+
+    @staticmethod
+    def unprotect_study(connection, study_uid: str) -> bool:
+        """Let recycling and retention delete a study again; False if it was not protected."""
+        return connection.execute("DELETE FROM protected_studies WHERE study_instance_uid = ? RETURNING 1",
+                                  (study_uid,)).fetchone() is not None
+
+    @staticmethod
     def add_root(connection, path: str):
         connection.execute("INSERT OR IGNORE INTO indexed_roots VALUES (?, datetime('now'))", (path,))
 
@@ -1722,6 +1873,11 @@ class Index:
 # ============================================================================================
 # Storage and ingest: the one path every object enters through
 # ============================================================================================
+
+
+def _utc_text(time_ns: int) -> str:
+    """A time in nanoseconds since the epoch as ISO 8601 UTC text, to the second."""
+    return datetime.datetime.fromtimestamp(time_ns / 1e9, datetime.timezone.utc).isoformat(timespec="seconds")
 
 
 class IngestError(Exception):
@@ -2206,8 +2362,16 @@ class Storage:
 class Ingest:
     """The one way in: received objects, watched files and indexed folders all pass here."""
 
-    def __init__(self, index: Index, storage: Storage, duplicates: str = "keep", space: DiskSpace | None = None):
+    def __init__(self, index: Index, storage: Storage, duplicates: str = "keep", space: DiskSpace | None = None,
+                 max_instances: int = 0, max_size_mb: float = 0, when_full: str = "refuse"):
         self.index, self.storage, self.duplicates = index, storage, duplicates
+        #: [storage] quotas on received objects (0: no limit) and what to do when one is reached.
+        self.max_instances, self.max_bytes, self.when_full = max_instances, int(max_size_mb * 1024 * 1024), when_full
+        #: Received objects admitted under the quotas but not yet indexed: (instances, bytes).
+        #: Counted so that parallel associations cannot all see the last free place and overshoot.
+        self._in_flight = (0, 0)
+        self._quota_lock = threading.Lock()
+        self.recycled = 0  #: studies deleted to make room (when_full = recycle)
         #: The data disk's free space and reserve; received objects are refused below the reserve.
         self.space = space or DiskSpace(storage.root)
         self.stats = IngestStats()
@@ -2271,25 +2435,12 @@ class Ingest:
                     self.stats.out_of_space += 1
                     self.log.error("refused %s from %s: out of resources, %s", uids[2], calling_aet or "?", shortage)
                     return DicomStatus(OUT_OF_RESOURCES, "out of resources: " + shortage)
-                # An overwriting version may live elsewhere (its study or series changed): the
-                # file it replaces must go, or it stays on disk unindexed (check reports it).
-                replaced = self.index.instance(uids[2]) if self.duplicates == "overwrite" else None
-                kept = self.storage.set_aside(path) if replaced and replaced.path == str(path) else None
-                location, size, mtime_ns = self.storage.store(path, uids[2], data)
-                try:
-                    record = make_record(dataset, location, origin, size, mtime_ns, extracted)
-                    self._index(record, calling_aet)
-                except BaseException:
-                    # Never acknowledged, so it must not stay: a file without its index row is
-                    # an orphan, and a commit that failed for lack of space fails this store.
-                    self.storage.discard(location, kept)
-                    raise
-                if kept is not None:
-                    kept.unlink(missing_ok=True)
-                self.stats.stored += 1
-                self.space.wrote()
-                if replaced and replaced.path != location and self.storage.contains(pathlib.Path(replaced.path)):
-                    pathlib.Path(replaced.path).unlink(missing_ok=True)
+                with self._room_in_quota(len(data), uids[0]) as over_quota:
+                    if over_quota:
+                        self.stats.failed += 1
+                        self.log.error("refused %s from %s: out of resources, %s", uids[2], calling_aet or "?", over_quota)
+                        return DicomStatus(OUT_OF_RESOURCES, "out of resources: " + over_quota)
+                    self._write_and_index(dataset, data, path, uids[2], origin, extracted, calling_aet)
             self.log.info("stored %s from %s", uids[2], calling_aet or "?")
             return DicomStatus(SUCCESS)
         except IngestError as error:
@@ -2307,6 +2458,146 @@ class Ingest:
                 self.space.ran_out("storing a received object", error)
             self.log.error("cannot store an object from %s: out of resources, %s", calling_aet or "?", error)
             return DicomStatus(OUT_OF_RESOURCES, "cannot store: " + (getattr(error, "strerror", None) or str(error)))
+
+    def _write_and_index(self, dataset, data: bytes, path: pathlib.Path, sop_uid: str, origin: str, extracted, calling_aet: str):
+        """Write a received object and commit its index row, or leave nothing of it behind."""
+        # An overwriting version may live elsewhere (its study or series changed): the file it
+        # replaces must go, or it stays on disk unindexed (check reports it).
+        replaced = self.index.instance(sop_uid) if self.duplicates == "overwrite" else None
+        kept = self.storage.set_aside(path) if replaced and replaced.path == str(path) else None
+        location, size, mtime_ns = self.storage.store(path, sop_uid, data)
+        try:
+            record = make_record(dataset, location, origin, size, mtime_ns, extracted)
+            self._index(record, calling_aet)
+        except BaseException:
+            # Never acknowledged, so it must not stay: a file without its index row is an
+            # orphan, and a commit that failed for lack of space fails this store.
+            self.storage.discard(location, kept)
+            raise
+        if kept is not None:
+            kept.unlink(missing_ok=True)
+        self.stats.stored += 1
+        self.space.wrote()
+        if replaced and replaced.path != location and self.storage.contains(pathlib.Path(replaced.path)):
+            pathlib.Path(replaced.path).unlink(missing_ok=True)
+
+    # ---- quotas and deletion ---------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _room_in_quota(self, size: int, study_uid: str):
+        """Hold a place for one received object of size bytes, of study study_uid, within the
+        [storage] quotas while it is written and indexed; yields None, or why there is no room
+        (then nothing is held).
+
+        What is in flight counts with what is indexed, under one lock, so four associations
+        storing at once cannot each take the last place. Between an object's commit and the
+        end of this block it counts twice: a store may then be refused early, never let past.
+        """
+        if not (self.max_instances or self.max_bytes):
+            yield None
+            return
+        with self._quota_lock:
+            shortage = self._quota_shortage(size)
+            if shortage and self.when_full == "recycle":
+                shortage = self._recycle_for(size, study_uid)
+            if not shortage:
+                self._in_flight = (self._in_flight[0] + 1, self._in_flight[1] + size)
+        if shortage:
+            yield shortage
+            return
+        try:
+            yield None
+        finally:
+            with self._quota_lock:
+                self._in_flight = (self._in_flight[0] - 1, self._in_flight[1] - size)
+
+    def quota_status(self) -> dict:
+        """The [storage] quotas (0: none), what they count now, and the studies recycled."""
+        instances, stored_bytes = self.index.received_totals()
+        return {"max_instances": self.max_instances, "max_bytes": self.max_bytes, "when_full": self.when_full,
+                "instances": instances, "bytes": stored_bytes, "recycled_studies": self.recycled}
+
+    def _quota_shortage(self, size: int) -> str | None:
+        """None if one more object of size bytes fits the quotas, else which one it passes."""
+        instances, stored_bytes = self.index.received_totals()
+        instances, stored_bytes = instances + self._in_flight[0], stored_bytes + self._in_flight[1]
+        if self.max_instances and instances + 1 > self.max_instances:
+            return f"{instances} instances held, the quota is {self.max_instances} ([storage] max_instances)"
+        if self.max_bytes and stored_bytes + size > self.max_bytes:
+            return (f"{stored_bytes // 1024} KB held and {size // 1024} KB more asked, the quota is "
+                    f"{self.max_bytes / (1024 * 1024):g} MB ([storage] max_size_mb)")
+        return None
+
+    def _recycle_for(self, size: int, study_uid: str) -> str | None:
+        """Delete the unprotected studies that arrived longest ago until an object of size bytes
+        fits the quotas (when_full = recycle); None once it fits, else why it still does not.
+        The object's own study is spared: a study larger than the quota must not eat itself."""
+        if self.max_bytes and size > self.max_bytes:
+            return f"the object alone ({size // 1024} KB) is larger than [storage] max_size_mb"
+        while shortage := self._quota_shortage(size):
+            candidates = self.index.recyclable_studies(limit=1, sparing=study_uid)
+            if not candidates:
+                return shortage + "; no unprotected study is left to recycle"
+            study = candidates[0]
+            self.log.warning("recycling study %s (%d instances, %d KB, last arrival %s) to make room: %s",
+                             study.study_instance_uid, study.instances, study.bytes // 1024,
+                             _utc_text(study.last_arrival_ns), shortage)
+            _, failed = self.delete_instances(self.index.instances_of(study_uid=study.study_instance_uid), "recycled")
+            if failed:
+                return shortage + f"; recycling study {study.study_instance_uid} failed"
+            self.recycled += 1
+        return None
+
+    def apply_retention(self, rules, dry_run: bool = False) -> list[dict]:
+        """Delete (or with dry_run only list) the studies the [retention] rules name: one dict
+        per study, with the rule that named it first. Only instances that arrived before the
+        rule's cutoff go: one received since the listing keeps its study alive."""
+        now_ns, named = time.time_ns(), {}
+        for rule in rules:
+            cutoff_ns = now_ns - int(rule.older_than_days * 86400e9)
+            for study in self.index.studies_to_retire(cutoff_ns, rule.modality, rule.origin):
+                if study.study_instance_uid in named:
+                    continue
+                named[study.study_instance_uid] = {
+                    "rule": rule.name, "StudyInstanceUID": study.study_instance_uid, "instances": study.instances,
+                    "bytes": study.bytes, "lastArrival": _utc_text(study.last_arrival_ns)}
+                if dry_run:
+                    continue
+                self.log.warning("retention rule %s: deleting study %s (%d instances, %d KB, last arrival %s)",
+                                 rule.name, study.study_instance_uid, study.instances, study.bytes // 1024,
+                                 _utc_text(study.last_arrival_ns))
+                old = [i for i in self.index.instances_of(study_uid=study.study_instance_uid) if i.mtime_ns < cutoff_ns]
+                deleted, failed = self.delete_instances(old, f"retention rule {rule.name}")
+                named[study.study_instance_uid].update(deleted=deleted, failed=failed)
+        if dry_run and named:
+            self.log.info("retention dry run: %d stud%s would be deleted", len(named), "y" if len(named) == 1 else "ies")
+        return list(named.values())
+
+    def delete_instances(self, instances, reason: str) -> tuple[int, int]:
+        """The one way stored instances are deleted (REST remove, recycling): their files or
+        plugin objects, then their index rows; returns (deleted, failed).
+
+        Files first: killed midway, what is left is index rows whose files are gone, which
+        'dicoogled check' lists as missing and which deleting again finishes (a file already
+        gone counts as deleted). The other order would leave unindexed files that a reindex
+        brings back: a deleted study must never return. An instance whose file cannot be
+        deleted stays indexed, so the index still tells the truth.
+        """
+        deleted, failed = [], 0
+        for instance in instances:
+            try:
+                self.storage.remove(instance.path)
+                deleted.append(instance.path)
+            except FileNotFoundError:
+                deleted.append(instance.path)
+            except OSError as error:
+                failed += 1
+                self.log.warning("cannot delete %s (%s): %s", instance.path, reason, error)
+        self.unindex_paths(deleted)
+        if deleted:
+            self.space.recheck()
+            self.log.info("deleted %d instance(s) (%s)", len(deleted), reason)
+        return len(deleted), failed
 
     def _accept_duplicate(self, sop_uid: str, data: bytes, path: pathlib.Path, calling_aet: str) -> bool:
         """Apply the duplicate policy; True when the new object should be written."""
@@ -8067,6 +8358,7 @@ def _session_routes(api: Api):
             "counts": counts,
             "storage": {"bytes": sum(by_origin.values()), "by_origin": by_origin},
             "ingest": dataclasses.asdict(daemon.ingest.stats),
+            "quota": daemon.ingest.quota_status(),
             "watch": {
                 "folders": [str(f) for f in daemon.watcher.folders] if daemon.watcher else [],
                 "pending": daemon.watcher.pending if daemon.watcher else 0,
@@ -8937,23 +9229,54 @@ def _task_routes(api: Api):
         removed = daemon.ingest.unindex_paths([instance.path for instance in named])
         return {"indexed": removed, "failed": len(named) - removed, "notFound": missing}
 
+    def study_to_protect(study):
+        if not is_valid_uid(study):
+            _fail(400, f"StudyInstanceUID must be a UID, not {study[:80]!r}")
+        return study
+
+    @api.route("/studies/<study>/protected", access=READ)
+    def study_protection(study):
+        """Whether recycling ([storage] when_full = recycle) may delete a study."""
+        return {"StudyInstanceUID": study, "protected": daemon.index.is_protected(study_to_protect(study))}
+
+    @api.route("/studies/<study>/protected", "PUT", access=ADMIN)
+    def protect_study(study):
+        """Protect a study: recycling never deletes it (it may be absent yet: it stays protected)."""
+        changed = daemon.index.write(Index.protect_study, study_to_protect(study))
+        logging.getLogger("dicoogled.storage").info("study %s protected by %s", study, api.current_user().username)
+        return {"StudyInstanceUID": study, "protected": True, "changed": changed}
+
+    @api.route("/studies/<study>/protected", "DELETE", access=ADMIN)
+    def unprotect_study(study):
+        """Unprotect a study: recycling may delete it again."""
+        changed = daemon.index.write(Index.unprotect_study, study_to_protect(study))
+        logging.getLogger("dicoogled.storage").info("study %s unprotected by %s", study, api.current_user().username)
+        return {"StudyInstanceUID": study, "protected": False, "changed": changed}
+
+    @api.route("/management/retention", access=ADMIN)
+    def retention_dry_run():
+        """List what the [retention] rules would delete now, deleting nothing (a dry run).
+
+        dry_run: 1 or true (the default); this route never deletes, POST does
+        """
+        if bottle.request.params.get("dry_run", "1").strip().lower() not in ("1", "true"):
+            _fail(400, "GET only lists (dry_run=1): POST /management/retention applies the rules")
+        return {"rules": [dataclasses.asdict(rule) for rule in daemon.config.retention_rules.values()],
+                "studies": daemon.ingest.apply_retention(daemon.config.retention_rules.values(), dry_run=True)}
+
+    @api.route("/management/retention", "POST", access=ADMIN)
+    def retention_now():
+        """Apply the [retention] rules now: delete the studies they name (protected ones never)."""
+        logging.getLogger("dicoogled.storage").info("retention applied by %s", api.current_user().username)
+        return {"studies": daemon.ingest.apply_retention(daemon.config.retention_rules.values())}
+
     @api.route("/management/tasks/remove", "POST", access=ADMIN)
     def remove():
         """Delete instances' files and unindex them: by uri or UID (repeatable)."""
         # Not recursive, as in Dicoogle: a folder URI must never empty the archive.
         named, missing = instances_of_request(recursive=False)
-        deleted, failed = [], 0
-        for path in (instance.path for instance in named):
-            try:
-                daemon.storage.remove(path)
-                deleted.append(path)
-            except FileNotFoundError:
-                deleted.append(path)
-            except OSError as error:
-                failed += 1
-                logging.getLogger("dicoogled.index").warning("cannot remove %s: %s", path, error)
-        daemon.ingest.unindex_paths(deleted)
-        return {"removed": len(deleted), "failed": failed, "notFound": missing}
+        removed, failed = daemon.ingest.delete_instances(named, "removed through REST by " + getattr(api.current_user(), "username", "?"))
+        return {"removed": removed, "failed": failed, "notFound": missing}
 
 
 # ---- management: settings, DICOM services, log, API description ----------------------------
@@ -9536,7 +9859,8 @@ class Daemon:
         self.index = Index(data_dir / "index.sqlite", on_connect=[register_search_functions])
         #: Free space on the data disk and the reserve kept there ([storage] min_free_mb).
         self.disk = DiskSpace(data_dir, config.min_free_mb)
-        self.ingest = Ingest(self.index, self.storage, config.duplicates, self.disk)
+        self.ingest = Ingest(self.index, self.storage, config.duplicates, self.disk,
+                             config.max_instances, config.max_size_mb, config.when_full)
         self.finder = Finder(self.index)
         #: Where pixels are decoded: worker processes, started on first use.
         self.codecs = CodecWorkers(config.codec_workers, config.codec_idle_seconds, config.codec_timeout, config.log_level)
@@ -9576,6 +9900,8 @@ class Daemon:
         self.reconciling += 1
         start_thread("reconcile-storage", self._reconcile_storage)
         start_thread("disk-space", self._watch_disk_space)
+        if self.config.retention_rules:
+            start_thread("retention", self._apply_retention_regularly)
         bottle.BaseRequest.MEMFILE_MAX = 16 * 1024 * 1024
         app = make_app(self)
         try:
@@ -9657,6 +9983,14 @@ class Daemon:
                 with self._watch_lock:
                     if self.watcher:
                         self.watcher.reconcile_all()
+
+    def _apply_retention_regularly(self):
+        """Apply the [retention] rules at start, then every retention_interval_hours."""
+        rules = list(self.config.retention_rules.values())
+        while not self.stopped.is_set():
+            self.ingest.apply_retention(rules)
+            if self.stopped.wait(self.config.retention_interval_hours * 3600):
+                return
 
     def stop(self):
         """Stop listening, finish the writes under way, close the index."""
@@ -9987,11 +10321,12 @@ def command_index(config: Config, paths) -> int:
 def command_reindex(config: Config) -> int:
     """Rebuild the index from the storage folder, the watched folders and indexed folders."""
     db_path = config.data_dir / "index.sqlite"
-    roots = []
+    roots, protected = [], []  # what the index knows that the files do not: kept across the rebuild
     if db_path.exists():
         with contextlib.suppress(apsw.Error):
             connection = apsw.Connection(str(db_path))
             roots = [r[0] for r in connection.execute("SELECT path FROM indexed_roots")]
+            protected = [r[0] for r in connection.execute("SELECT study_instance_uid FROM protected_studies")]
             connection.close()
         for suffix in ("", "-wal", "-shm"):
             pathlib.Path(str(db_path) + suffix).unlink(missing_ok=True)
@@ -9999,6 +10334,8 @@ def command_reindex(config: Config) -> int:
     index, ingest = _offline_archive(config)
     try:
         roots = list(dict.fromkeys(roots + index.remembered_roots()))
+        for study_uid in protected:
+            index.write(Index.protect_study, study_uid)
         sources = [(ingest.storage.root, "store")] + [(f, "watch") for f in config.watch_folders] + [(pathlib.Path(r), "index") for r in roots]
         for root, origin in sources:
             if origin == "index":
@@ -10008,6 +10345,22 @@ def command_reindex(config: Config) -> int:
             elif origin == "index" and root.is_file():
                 ingest.index_file(root, origin)
         print(json.dumps({**index.counts(), **dataclasses.asdict(ingest.stats)}))
+        return 0
+    finally:
+        index.close()
+
+
+def command_retention(config: Config, dry_run: bool) -> int:
+    """Apply the [retention] rules (or list what they would delete): one JSON line per study."""
+    if not (config.data_dir / "index.sqlite").is_file():
+        log.error("no index in %s: is it the right --data-dir?", config.data_dir)
+        return 1
+    if not config.retention_rules:
+        log.warning("no [retention] rules in the configuration: nothing to do")
+    index, ingest = _offline_archive(config)
+    try:
+        for study in ingest.apply_retention(config.retention_rules.values(), dry_run=dry_run):
+            print(json.dumps(study))
         return 0
     finally:
         index.close()
@@ -10249,6 +10602,8 @@ def _argument_parser() -> argparse.ArgumentParser:
     index.add_argument("paths", nargs="+", metavar="PATH")
     commands.add_parser("reindex", parents=[common], help="rebuild the index from the files")
     commands.add_parser("check", parents=[common], help="verify the index against the files on disk")
+    retention = commands.add_parser("retention", parents=[common], help="apply the [retention] rules now")
+    retention.add_argument("--dry-run", action="store_true", help="list the studies they would delete, delete nothing")
     new_plugin = commands.add_parser("new-plugin", parents=[common], help="write a commented starting file for a plugin")
     new_plugin.add_argument("name")
     new_plugin.add_argument("--lang", choices=("python", "lua"), default="python")
@@ -10270,7 +10625,7 @@ def _argument_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     """The dicoogled command."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in ("serve", "index", "reindex", "check", "install-viewer", "new-plugin", "sample-data", "make-cert", "-h", "--help", "--version"):
+    if not argv or argv[0] not in ("serve", "index", "reindex", "check", "retention", "install-viewer", "new-plugin", "sample-data", "make-cert", "-h", "--help", "--version"):
         argv.insert(0, "serve")
     args = _argument_parser().parse_args(argv)
     overrides = {"data_dir": args.data_dir, "log_level": args.log_level}
@@ -10296,6 +10651,8 @@ def main(argv=None) -> int:
             return command_reindex(config)
         if args.command == "check":
             return command_check(config)
+        if args.command == "retention":
+            return command_retention(config, args.dry_run)
         if args.command == "new-plugin":
             return command_new_plugin(args.dir or config.plugin_folders[0], args.name, args.lang, args.kind)
         if args.command == "install-viewer":

@@ -440,7 +440,7 @@ def _stow(study=None):
     # reason; A700 (out of resources) also gets a Warning saying so, in words.
     bottle.response.status = 200 if not failed else 202 if stored else 409
     if any(item["00081197"]["Value"] == [OUT_OF_RESOURCES] for item in failed):
-        bottle.response.set_header("Warning", '299 dicoogled "out of resources: the data disk is full or below its free-space reserve"')
+        bottle.response.set_header("Warning", '299 dicoogled "out of resources: the data disk is full or below its free-space reserve, or a storage quota is reached"')
     bottle.response.content_type = DICOM_JSON
     return json.dumps(response)
 

@@ -351,7 +351,7 @@ def test_shell_examples_run(archive, title):
 #: What only works with the virtualenv activated (or not at all on a fresh machine): a bare
 #: python/pip/pytest running the project's files, or the `dicoogled` command without its path.
 BARE_COMMAND = re.compile(r"(?<![\w./-])(?:python3?\s+(?:-m\s+pytest\b|dicoogled\.py|tests/|bench/)|pip3?\s+install|(?<!-m )pytest\s"
-                          r"|dicoogled\s+(?:serve|index|reindex|check|install-viewer|sample-data|new-plugin)\b)")
+                          r"|dicoogled\s+(?:serve|index|reindex|check|retention|install-viewer|sample-data|new-plugin)\b)")
 
 
 def commands_in(text: str):

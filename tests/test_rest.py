@@ -881,6 +881,8 @@ def expected_access(method: str, path: str) -> str:
         return "admin"
     if path.startswith(ADMIN_WRITE_PREFIXES) and method not in ("GET", "HEAD", "OPTIONS"):
         return "admin"
+    if path == "/studies/<study>/protected" and method != "GET":  # protecting a study: an archive setting
+        return "admin"
     return "read"
 
 
@@ -906,7 +908,7 @@ def app_routes(daemon) -> list[tuple[str, str]]:
 
 def concrete(path: str, username: str) -> str:
     return (path.replace("<username>", username).replace("<name>", "preset1")
-            .replace("<path:path>", "x").replace("<uid>", "1.2.3"))
+            .replace("<path:path>", "x").replace("<uid>", "1.2.3").replace("<study>", "1.2.3"))
 
 
 def test_route_list_is_complete(start_daemon):
@@ -1137,8 +1139,8 @@ def test_health_counts_and_bytes_follow_every_change(small_archive, tmp_path):
 
 
 def test_an_index_of_the_previous_schema_is_upgraded_in_place(small_archive):
-    """An index written by the version before the kept totals gets them, from its rows, at
-    start; one from a newer version is refused with what to do."""
+    """An index written by the version before the kept totals gets them, from its rows, and
+    the table of protected studies, at start; one from a newer version is refused with what to do."""
     import apsw
 
     daemon, admin = small_archive
@@ -1147,13 +1149,15 @@ def test_an_index_of_the_previous_schema_is_upgraded_in_place(small_archive):
     index = apsw.Connection(str(daemon.data_dir / "index.sqlite"))
     index.execute("DROP TABLE origin_totals; DROP TRIGGER instance_counted; DROP TRIGGER instance_uncounted;"
                   " DROP TRIGGER instance_recounted; DROP TABLE performed_procedure_steps; DROP TABLE worklist_entries;"
-                  " PRAGMA user_version=1")
+                  " DROP TABLE protected_studies; PRAGMA user_version=1")
     index.close()
     daemon.start()
     assert health_totals(daemon) == before
     assert "upgrading the index" in daemon.log
     assert admin.post("/management/tasks/unindex", SOPInstanceUID=daemon.datasets[0].SOPInstanceUID).json()["indexed"] == 1
     assert health_totals(daemon)[0] == before[0] - 1
+    study_uid = daemon.datasets[0].StudyInstanceUID  # protected studies came with version 3
+    assert admin.request("PUT", f"/studies/{study_uid}/protected").json()["changed"] is True
 
     daemon.stop()
     index = apsw.Connection(str(daemon.data_dir / "index.sqlite"))
@@ -1162,4 +1166,4 @@ def test_an_index_of_the_previous_schema_is_upgraded_in_place(small_archive):
     daemon.start(wait=False)
     assert daemon.process.wait(timeout=60) != 0
     daemon.log_file.close()
-    assert "has schema version 99, this dicoogled knows 3: run 'dicoogled reindex' to rebuild it" in daemon.log
+    assert "has schema version 99, this dicoogled knows 4: run 'dicoogled reindex' to rebuild it" in daemon.log

@@ -266,7 +266,8 @@ def test_an_index_of_schema_version_2_gets_the_worklist_tables(start_daemon):
     daemon = start_daemon(env=ADMIN_ENV)
     daemon.stop()
     index = apsw.Connection(str(daemon.data_dir / "index.sqlite"))
-    index.execute("DROP TABLE performed_procedure_steps; DROP TABLE worklist_entries; PRAGMA user_version=2")
+    index.execute("DROP TABLE performed_procedure_steps; DROP TABLE worklist_entries; DROP TABLE protected_studies;"
+                  " PRAGMA user_version=2")
     index.close()
     daemon.start()
     assert "upgrading the index" in daemon.log
