@@ -176,15 +176,13 @@ def test_qido_label_extension(archive):
     assert session.get(url + "/studies", params={"label": "bad label"}, timeout=30).status_code == 400
 
 
-PLUGIN_CONFIG = "[plugin.label_by_sender]\nenabled = true\ncalling_aet = NEURO_MRI\nlabel = neuro-course\n"
-
-
-@pytest.mark.parametrize("source", ["label_by_sender.py", "examples/label_by_sender.lua"])
+@pytest.mark.parametrize("source", ["label_by_sender.py", "examples/label_rule.lua"])
 def test_rule_plugin_labels_mr_from_one_ae(start_daemon, tmp_path, source):
     folder = tmp_path / "plugins"
     folder.mkdir()
     shutil.copy(ROOT / "plugins" / source, folder)
-    daemon = start_daemon(config_text=PLUGIN_CONFIG, args=["--plugins-dir", str(folder)], env=ADMIN_ENV)
+    config = f"[plugin.{pathlib.Path(source).stem}]\nenabled = true\ncalling_aet = NEURO_MRI\nlabel = neuro-course\n"
+    daemon = start_daemon(config_text=config, args=["--plugins-dir", str(folder)], env=ADMIN_ENV)
     c = admin_client(daemon)
     paths = studygen.generate(tmp_path / "gen", patients=1, studies=3, series=1, instances=2, modality="mixed")
     datasets = [pydicom.dcmread(p) for p in paths]

@@ -1,12 +1,10 @@
--- label_by_sender: a rule that labels studies as they arrive (the Lua form of
--- plugins/label_by_sender.py).
+-- label_rule: a rule that labels studies as they arrive (plugins/label_by_sender.py in Lua).
 --
 -- "Label every MR study sent by the AE NEURO_MRI as 'neuro-course'": the cases land labelled,
 -- ready to be found with label:neuro-course in the search language or label= in QIDO-RS.
 --
--- Enable: copy this file into plugins/ (instead of label_by_sender.py, whose name it shares),
--- then configure it:
---   [plugin.label_by_sender]
+-- Enable: copy this file into plugins/, then configure it:
+--   [plugin.label_rule]
 --   enabled = true
 --   calling_aet = NEURO_MRI
 --
