@@ -254,3 +254,56 @@ def test_labels_are_in_openapi(archive):
         assert set(paths[f"/{prefix}/{{uid}}/labels/{{label}}"]) == {"put", "delete"}
         assert paths[f"/{prefix}/{{uid}}/labels/{{label}}"]["put"]["x-access"] == "user"
         assert paths[f"/{prefix}/{{uid}}/labels"]["get"]["x-access"] == "read"
+
+
+# ---- the web app ----------------------------------------------------------------------------------
+
+
+def test_web_app_labels_a_selection_filters_and_takes_a_label_off(archive):
+    """Label a patient's studies in bulk, see the labels on the rows and in the filter with their
+    counts, filter by one, and take it off one study with its ×."""
+    webapp = pytest.importorskip("test_webapp")  # headless chromium through playwright, as the web app's tests
+    if not pathlib.Path(webapp.CHROMIUM).exists():
+        pytest.skip("needs Debian's chromium")
+    from playwright.sync_api import expect, sync_playwright
+
+    daemon = archive()
+    patient = daemon.datasets[0].PatientID
+    studies = sorted({d.StudyInstanceUID for d in daemon.datasets if d.PatientID == patient})
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=webapp.CHROMIUM, args=webapp.BROWSER_ARGS)
+        app = webapp.App(browser, daemon)
+        try:
+            page = app.login(password=ADMIN_PASSWORD, hash_=f"#/search?q=*:*&patient={patient}")
+            rows = page.locator("table.results tbody tr")
+            expect(rows).to_have_count(len(studies))
+            toolbar = page.get_by_role("toolbar", name="Actions on results")
+            expect(toolbar.get_by_role("button", name="Label…", exact=True)).to_be_disabled()
+            page.get_by_role("checkbox", name="Select every study on this page").check()
+            toolbar.get_by_role("button", name="Label…", exact=True).click()
+            dialog = page.get_by_role("dialog")
+            dialog.get_by_label("Label", exact=True).fill("Neuro-Course")
+            dialog.get_by_role("button", name="Label", exact=True).click()
+            expect(dialog).to_have_count(0)
+            expect(page.locator("table.results .chip.label")).to_have_count(len(studies))
+            assert daemon.client.get("/labels").json() == {"labels": [{"label": "neuro-course", "studies": len(studies)}]}
+
+            # The filter lists the label with its count, and choosing it searches label:NAME.
+            app.search("*:*")
+            select = page.get_by_label("Label filter")
+            expect(select.locator("option", has_text="neuro-course")).to_have_text(f"neuro-course ({len(studies)} studies)")
+            select.select_option("neuro-course")
+            expect(page.get_by_role("combobox", name="Search")).to_have_value("label:neuro-course")
+            expect(page.locator("table.results tbody tr")).to_have_count(1)  # one patient
+
+            # One study's label off with its ×.
+            page.goto(f"{app.base}/#/search?q=*:*&patient={patient}")
+            expect(rows).to_have_count(len(studies))
+            rows.first.get_by_role("button", name="Remove label neuro-course").click()
+            expect(page.locator("table.results .chip.label")).to_have_count(len(studies) - 1)
+            assert daemon.client.get("/labels").json()["labels"][0]["studies"] == len(studies) - 1
+            page.wait_for_load_state("networkidle")
+            assert not app.errors, app.errors
+        finally:
+            app.close()
+            browser.close()
