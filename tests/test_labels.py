@@ -1,6 +1,7 @@
 """Labels on studies and series: REST, the search language's label:, QIDO-RS's label=, a rule
 plugin labelling what one AE sends, and labels outliving restarts, re-stores and reindex."""
 
+import fnmatch
 import pathlib
 import shutil
 import subprocess
@@ -9,10 +10,12 @@ import sys
 import pydicom
 import pytest
 import requests
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import dicoogled
 import studygen
-from conftest import NODELAY, ROOT, wait_until
+from conftest import NODELAY, ROOT, RunningDaemon, wait_until
 from pynetdicom import AE
 from restclient import ADMIN_ENV, ADMIN_PASSWORD, Client, admin_client, base_url
 
@@ -145,6 +148,58 @@ def test_labels_in_the_search_language(archive):
     for bad in ("label:", "label:[a TO b]", "label:a/b", "label:ü"):
         response = c.get("/search", query=bad)
         assert response.status == 400 and response.json()["error"], bad
+
+
+LABELS = ("neuro", "neuro-course", "cardio", "n.1", "x_y")
+PATTERNS = ("neuro", "neuro*", "n*", "*o", "?euro", "cardio", "n.?", "x_y", "*", "*-*", "absent")
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(data=st.data())
+def test_label_queries_find_what_a_plain_filter_selects(archive_once, data):
+    """For random labels on studies and series and a random label: pattern (alone, negated, or
+    with a field), /search answers exactly the instances a Python filter selects: those whose
+    study or series carries a label the pattern matches (fnmatch: * any run, ? one character)."""
+    daemon = archive_once
+    c = daemon.client
+    for entry in c.get("/labels").json()["labels"]:  # a clean slate for each example
+        for d in daemon.datasets:
+            c.request("DELETE", f"/studies/{d.StudyInstanceUID}/labels/{entry['label']}")
+            c.request("DELETE", f"/series/{d.SeriesInstanceUID}/labels/{entry['label']}")
+    studies = sorted({d.StudyInstanceUID for d in daemon.datasets})
+    series = sorted({d.SeriesInstanceUID for d in daemon.datasets})
+    on_study = data.draw(st.dictionaries(st.sampled_from(studies), st.sets(st.sampled_from(LABELS), max_size=2), max_size=3))
+    on_series = data.draw(st.dictionaries(st.sampled_from(series), st.sets(st.sampled_from(LABELS), max_size=2), max_size=3))
+    for prefix, labelled in (("studies", on_study), ("series", on_series)):
+        for uid, labels in labelled.items():
+            for label in labels:
+                assert c.request("PUT", f"/{prefix}/{uid}/labels/{label}").status == 200
+    pattern = data.draw(st.sampled_from(PATTERNS))
+    form = data.draw(st.sampled_from(["{}", "*:* NOT {}", "{} AND Modality:MR", "{} OR Modality:MR"]))
+
+    def carries(d) -> bool:
+        labels = on_study.get(d.StudyInstanceUID, set()) | on_series.get(d.SeriesInstanceUID, set())
+        return any(fnmatch.fnmatchcase(label, pattern) for label in labels)
+
+    expected = {
+        "{}": lambda d: carries(d), "*:* NOT {}": lambda d: not carries(d),
+        "{} AND Modality:MR": lambda d: carries(d) and d.Modality == "MR",
+        "{} OR Modality:MR": lambda d: carries(d) or d.Modality == "MR",
+    }[form]
+    assert search_sops(c, form.format(f"label:{pattern}")) == {d.SOPInstanceUID for d in daemon.datasets if expected(d)}
+
+
+@pytest.fixture(scope="module")
+def archive_once(tmp_path_factory):
+    """One daemon for the property test's examples (a daemon per example would take minutes)."""
+    root = tmp_path_factory.mktemp("labels")
+    daemon = RunningDaemon(root / "data", env=ADMIN_ENV).start()
+    daemon.paths = studygen.generate(root / "gen", patients=2, studies=2, series=2, instances=1, modality="mixed")
+    assert set(daemon.store(*daemon.paths)) == {0}
+    daemon.datasets = [pydicom.dcmread(p, stop_before_pixels=True) for p in daemon.paths]
+    daemon.client = admin_client(daemon)
+    yield daemon
+    daemon.stop()
 
 
 def test_qido_label_extension(archive):
