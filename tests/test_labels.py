@@ -284,6 +284,36 @@ def test_labels_survive_restart_restore_and_reindex(archive, tmp_path):
     assert {entry["label"] for entry in c.get("/labels").json()["labels"]} == {"kept", "kept-series"}
 
 
+def test_a_label_follows_its_study_to_another_patient(start_daemon, tmp_path):
+    """Files indexed in place, corrected (a new PatientID) and indexed again: the study moves to
+    the other patient, its row keeping its UID, and its label goes with it."""
+    paths = studygen.generate(tmp_path / "library", patients=1, studies=2, series=1, instances=2)
+    data_dir = tmp_path / "data"
+
+    def index_in_place():
+        done = subprocess.run([sys.executable, str(ROOT / "dicoogled.py"), "index", "--data-dir", str(data_dir),
+                               str(tmp_path / "library")], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+
+    index_in_place()
+    daemon = start_daemon(env=ADMIN_ENV)
+    c = admin_client(daemon)
+    datasets = [pydicom.dcmread(p) for p in paths]
+    study = datasets[0].StudyInstanceUID
+    moved = {d.SOPInstanceUID for d in datasets if d.StudyInstanceUID == study}
+    assert c.request("PUT", f"/studies/{study}/labels/moved").status == 200
+    assert daemon.stop() == 0
+    for path, dataset in zip(paths, datasets):
+        if dataset.StudyInstanceUID == study:
+            dataset.PatientID = "CORRECTED-ID"
+            dataset.save_as(path)
+    index_in_place()
+    daemon.start()
+    c = admin_client(daemon)
+    assert search_sops(c, "PatientID:CORRECTED-ID") == moved
+    assert search_sops(c, "label:moved AND PatientID:CORRECTED-ID") == moved
+
+
 def test_an_index_of_the_previous_schema_is_migrated(tmp_path):
     """An index made before labels (schema 2) gains the label tables and keeps its instances."""
     path = tmp_path / "index.sqlite"
