@@ -3,7 +3,7 @@
 "Label every MR study sent by the AE NEURO_MRI as 'neuro-course'": a teacher points a scanner (or
 a colleague's archive) at dicoogled, and the cases land labelled, ready to be found with
 label:neuro-course in the search language, in the web app's label filter, or with label= in
-QIDO-RS. The same rule in Lua is plugins/examples/label_rule.lua.
+QIDO-RS. The same rule in Lua is plugins/label_rule.lua.
 
 Enable it in the config file (the rule needs a sender, so it does nothing until given one):
   [plugin.label_by_sender]

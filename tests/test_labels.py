@@ -231,7 +231,7 @@ def test_qido_label_extension(archive):
     assert session.get(url + "/studies", params={"label": "bad label"}, timeout=30).status_code == 400
 
 
-@pytest.mark.parametrize("source", ["label_by_sender.py", "examples/label_rule.lua"])
+@pytest.mark.parametrize("source", ["label_by_sender.py", "label_rule.lua"])
 def test_rule_plugin_labels_mr_from_one_ae(start_daemon, tmp_path, source):
     folder = tmp_path / "plugins"
     folder.mkdir()

@@ -3,7 +3,7 @@
 -- "Label every MR study sent by the AE NEURO_MRI as 'neuro-course'": the cases land labelled,
 -- ready to be found with label:neuro-course in the search language or label= in QIDO-RS.
 --
--- Enable: copy this file into plugins/, then configure it:
+-- Enable it in the config file (it does nothing until given a sender):
 --   [plugin.label_rule]
 --   enabled = true
 --   calling_aet = NEURO_MRI
