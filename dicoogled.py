@@ -413,6 +413,11 @@ UID_PATTERN = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 AE_TITLE_PATTERN = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable ASCII, no backslash
 URI_SCHEME_PATTERN = re.compile(r"[a-z][a-z0-9+.-]*")  # RFC 3986, lower case
 HOST_PATTERN = re.compile(r"^[A-Za-z0-9._:%\[\]-]{1,253}$")  # a host name, IPv4 or IPv6 address
+#: A label on studies and series: lower-case letters, digits, '.', '_' and '-', 1 to 64 characters,
+#: starting with a letter or digit. Labels are case-insensitive: what is given is stored lower-cased.
+#: The set leaves out '*', '?' and '[' (the search language's and SQLite GLOB's wildcards), ':'
+#: (label:NAME) and '/' (a REST path segment).
+LABEL_PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 
 
 def is_valid_uid(uid: str) -> bool:
@@ -422,6 +427,16 @@ def is_valid_uid(uid: str) -> bool:
 
 def is_valid_ae_title(aet: str) -> bool:
     return bool(AE_TITLE_PATTERN.match(aet)) and bool(aet.strip())
+
+
+def label_name(text: str) -> str:
+    """A label as it is stored (lower-cased); ValueError, with a reason fit for the caller, if it
+    is not a valid label."""
+    label = str(text).strip().lower()
+    if not LABEL_PATTERN.fullmatch(label):
+        raise ValueError(f"{str(text)[:80]!r} is not a label: 1 to 64 of a-z, 0-9, '.', '_', '-', "
+                         "starting with a letter or digit (case does not matter)")
+    return label
 
 
 def location_scheme(location: str) -> str:
@@ -1049,7 +1064,7 @@ UNIQUE_KEYS = {"PATIENT": "PatientID", "STUDY": "StudyInstanceUID", "SERIES": "S
 #: Person names also get a folded copy, matched case- and accent-insensitively.
 FOLDED_ATTRIBUTES = ("PatientName", "ReferringPhysicianName")
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 
 def _level_columns(level: str) -> str:
@@ -1108,11 +1123,31 @@ PROTECTED_STUDIES = """
 CREATE TABLE protected_studies (study_instance_uid TEXT PRIMARY KEY, since TEXT NOT NULL);
 """
 
+#: Labels on studies and on series (an instance carries those of its study and series). They are
+#: keyed by UID, not by the rows' ids: a study's or series' row goes when its last instance is
+#: unindexed (a file re-indexed, 'dicoogled reindex' empties the tables) and comes back with a new
+#: id, and a study moved to another patient keeps its UID. A label set by hand is a decision about
+#: the study, not about one indexing of its files, so it outlives them. A collection can be built
+#: on the same tables: a label whose members are these rows.
+LABEL_TABLES = """
+CREATE TABLE study_labels (
+    study_instance_uid TEXT NOT NULL, label TEXT NOT NULL, added TEXT NOT NULL,
+    PRIMARY KEY (study_instance_uid, label)
+) WITHOUT ROWID;
+CREATE INDEX study_labels_label ON study_labels(label);
+CREATE TABLE series_labels (
+    series_instance_uid TEXT NOT NULL, label TEXT NOT NULL, added TEXT NOT NULL,
+    PRIMARY KEY (series_instance_uid, label)
+) WITHOUT ROWID;
+CREATE INDEX series_labels_label ON series_labels(label);
+"""
+
 #: version -> the SQL that brings an index of that version to the next one.
 MIGRATIONS = {
     1: ORIGIN_TOTALS + "INSERT INTO origin_totals SELECT origin, count(*), sum(size) FROM instances GROUP BY origin;",
     2: WORKLIST_SCHEMA,
     3: PROTECTED_STUDIES,
+    4: LABEL_TABLES,
 }
 
 SCHEMA = f"""
@@ -1163,7 +1198,7 @@ CREATE VIRTUAL TABLE metadata USING fts5(
 );
 -- Folders indexed in place (index PATH, tasks), so that reindex can find them again.
 CREATE TABLE indexed_roots (path TEXT PRIMARY KEY, added TEXT NOT NULL);
-{ORIGIN_TOTALS}{WORKLIST_SCHEMA}{PROTECTED_STUDIES}"""
+{ORIGIN_TOTALS}{WORKLIST_SCHEMA}{PROTECTED_STUDIES}{LABEL_TABLES}"""
 
 
 @dataclasses.dataclass
@@ -1378,6 +1413,24 @@ class IndexedInstance(typing.NamedTuple):
     size: int
     mtime_ns: int
     origin: str  # 'store', 'stow', 'watch' or 'index'
+
+
+class LabelCount(typing.NamedTuple):
+    """A label and how many indexed studies carry it, themselves or on one of their series."""
+    label: str
+    studies: int
+
+
+class LabelRecord(typing.NamedTuple):
+    """One label on one study or series, as a rebuilt index gets it back."""
+    level: str  # STUDY or SERIES
+    uid: str
+    label: str
+    added: str  # when it was set, UTC 'YYYY-MM-DD HH:MM:SS'
+
+
+#: The label tables by the level they label, and the UID column that names what they label.
+LABEL_LEVELS = {"STUDY": ("study_labels", "study_instance_uid"), "SERIES": ("series_labels", "series_instance_uid")}
 
 
 #: The columns of an IndexedInstance, from instances aliased i.
@@ -1616,6 +1669,55 @@ class Index:
             found.update((uid, json.loads(meta)) for uid, meta in self.query(sql, chunk))
         return found
 
+    # ---- labels ------------------------------------------------------------------------------
+
+    def labels(self) -> list[LabelCount]:
+        """Every label in use, by name, with the number of indexed studies carrying it (on the
+        study or on one of its series); a label on studies no longer indexed counts 0."""
+        rows = self.query(
+            "SELECT label, count(DISTINCT study) FROM ("
+            " SELECT l.label, st.id AS study FROM study_labels l"
+            "  LEFT JOIN studies st ON st.study_instance_uid = l.study_instance_uid"
+            " UNION ALL"
+            " SELECT l.label, se.study_ref FROM series_labels l"
+            "  LEFT JOIN series se ON se.series_instance_uid = l.series_instance_uid"
+            ") GROUP BY label ORDER BY label")
+        return [LabelCount(*row) for row in rows]
+
+    def labels_of(self, level: str, uids) -> dict[str, list[str]]:
+        """UID -> its labels (sorted), for the studies or series (level STUDY or SERIES) of
+        these UIDs that carry any."""
+        table, column = LABEL_LEVELS[level]
+        found: dict[str, list[str]] = {}
+        uids = list(dict.fromkeys(uids))
+        for start in range(0, len(uids), 500):  # below SQLite's limit of bound parameters
+            chunk = uids[start:start + 500]
+            for uid, label in self.query(f"SELECT {column}, label FROM {table} WHERE {column} IN"
+                                         f" ({','.join('?' * len(chunk))}) ORDER BY {column}, label", chunk):
+                found.setdefault(uid, []).append(label)
+        return found
+
+    def labelled(self, level: str, label: str) -> list[str]:
+        """The UIDs at a level (STUDY, SERIES) of what carries a label, itself or through its
+        parent or children as the search language's label: matches instances: a study whose
+        series carries it, a series whose study does."""
+        sql = {
+            "STUDY": "SELECT study_instance_uid FROM study_labels WHERE label = ?1 UNION"
+                     " SELECT st.study_instance_uid FROM series_labels l"
+                     "  JOIN series se ON se.series_instance_uid = l.series_instance_uid"
+                     "  JOIN studies st ON st.id = se.study_ref WHERE l.label = ?1",
+            "SERIES": "SELECT series_instance_uid FROM series_labels WHERE label = ?1 UNION"
+                      " SELECT se.series_instance_uid FROM study_labels l"
+                      "  JOIN studies st ON st.study_instance_uid = l.study_instance_uid"
+                      "  JOIN series se ON se.study_ref = st.id WHERE l.label = ?1",
+        }[level]
+        return sorted(row[0] for row in self.query(sql, (label,)))
+
+    def holds(self, level: str, uid: str) -> bool:
+        """Is a study or series (level STUDY or SERIES) of this UID indexed?"""
+        table, column = {"STUDY": ("studies", "study_instance_uid"), "SERIES": ("series", "series_instance_uid")}[level]
+        return bool(self.query(f"SELECT 1 FROM {table} WHERE {column} = ?", (uid,)))
+
     # ---- the writer --------------------------------------------------------------------------
 
     def submit(self, function, *args, wake_writer: bool = True) -> concurrent.futures.Future:
@@ -1822,6 +1924,35 @@ class Index:
         """Let recycling and retention delete a study again; False if it was not protected."""
         return connection.execute("DELETE FROM protected_studies WHERE study_instance_uid = ? RETURNING 1",
                                   (study_uid,)).fetchone() is not None
+
+    @staticmethod
+    def add_label(connection, level: str, uid: str, label: str) -> bool:
+        """Put a label on a study or series (level STUDY or SERIES); False if it had it already."""
+        table, column = LABEL_LEVELS[level]
+        return connection.execute(f"INSERT OR IGNORE INTO {table} ({column}, label, added)"
+                                  " VALUES (?, ?, datetime('now')) RETURNING 1", (uid, label)).fetchone() is not None
+
+    @staticmethod
+    def remove_label(connection, level: str, uid: str, label: str) -> bool:
+        """Take a label off a study or series; False if it did not have it."""
+        table, column = LABEL_LEVELS[level]
+        return connection.execute(f"DELETE FROM {table} WHERE {column} = ? AND label = ? RETURNING 1",
+                                  (uid, label)).fetchone() is not None
+
+    @staticmethod
+    def restore_labels(connection, labels) -> int:
+        """Put back labels (LabelRecord rows, from saved_labels) kept through a rebuild."""
+        for level, uid, label, added in labels:
+            table, column = LABEL_LEVELS[level]
+            connection.execute(f"INSERT OR IGNORE INTO {table} ({column}, label, added) VALUES (?, ?, ?)", (uid, label, added))
+        return len(labels)
+
+    @staticmethod
+    def saved_labels(connection) -> list["LabelRecord"]:
+        """Every label of an index opened by itself (one being rebuilt), to restore_labels in
+        the new one: labels are set by hand and cannot be rebuilt from the files."""
+        return [LabelRecord(level, *row) for level, (table, column) in LABEL_LEVELS.items()
+                for row in connection.execute(f"SELECT {column}, label, added FROM {table}")]
 
     @staticmethod
     def add_root(connection, path: str):
@@ -3443,8 +3574,12 @@ class SearchQuery:
         atom   := "(" query ")" | "*:*" | FIELD ":" [TYPE ":"] value | FIELD ":(" values ")" | value
         value  := word (with * and ?) | "phrase" | [a TO b] | {a TO b}
 
+    The field label (label:neuro, label:neuro*, label:(a OR b)) matches the instances whose
+    study or series carries a label, compared case-insensitively, * and ? as wildcards.
+
     The tree is made of tuples: ("and", [..]), ("or", [..]), ("not", q), ("all",),
-    ("text", word or phrase, is_phrase), ("field", keyword, ("match", text) | ("uid", text) | ("range", ...)).
+    ("text", word or phrase, is_phrase), ("field", keyword, ("match", text) | ("uid", text) | ("range", ...)),
+    ("label", pattern).
     """
 
     def __init__(self, text: str, extra_fields=frozenset()):
@@ -3547,6 +3682,8 @@ class SearchQuery:
                 self.index += 1
                 return ("all",)
             raise SearchSyntaxError("'*:' must be followed by '*'", value_position)
+        if name == LABEL_FIELD:
+            return self._label(value_position)
         keyword = _search_field(name, position, self.extra_fields)
         numeric = False
         if kind == "word" and value in _NUMERIC_TYPES and self.tokens[self.index + 1:self.index + 2] and self.tokens[self.index + 1][0] == "colon":
@@ -3574,6 +3711,30 @@ class SearchQuery:
             group = self._atom()
             return _apply_field(keyword, group, value_position)
         raise SearchSyntaxError(f"{name}: unexpected {value!r}", value_position)
+
+
+    def _label(self, position: int):
+        """label:NAME, label:"NAME", label:NAME* or label:(a OR b)."""
+        kind, value, _, _ = self._peek()
+        if kind == "open":
+            return _apply_field(LABEL_FIELD, self._atom(), position)
+        if kind not in ("word", "phrase"):
+            raise SearchSyntaxError("label: needs a label", position)
+        self.index += 1
+        return _label_clause(_unescape(value[1:-1] if kind == "phrase" else value), position)
+
+
+#: The search field of labels (label:neuro); not a DICOM keyword, so it cannot shadow one.
+LABEL_FIELD = "label"
+_LABEL_WILDCARD_PATTERN = re.compile(r"[a-z0-9._*?-]{1,64}")
+
+
+def _label_clause(text: str, position: int) -> tuple:
+    """A label: clause; wildcards * and ? as in labels' GLOB, every other character a label's."""
+    pattern = text.strip().lower()
+    if not _LABEL_WILDCARD_PATTERN.fullmatch(pattern):
+        raise SearchSyntaxError(f"label:{text[:80]!r} is not a label (a-z, 0-9, '.', '_', '-', wildcards * and ?)", position)
+    return ("label", pattern)
 
 
 def _search_field(name: str, position: int, extra_fields=frozenset()) -> str:
@@ -3605,6 +3766,8 @@ def _value_clause(keyword: str, text: str) -> tuple:
 
 def _apply_field(keyword: str, node, position: int):
     if node[0] == "text":
+        if keyword == LABEL_FIELD:
+            return _label_clause(node[1], position)
         return ("field", keyword, _value_clause(keyword, node[1]))
     if node[0] in ("and", "or"):
         return (node[0], [_apply_field(keyword, child, position) for child in node[1]])
@@ -3695,6 +3858,11 @@ SEARCH_COLUMNS = {k: f"{LEVEL_ALIASES[level]}.{_snake_case(k)}" for level in LEV
 SEARCH_COLUMNS["uri"] = "i.path"
 
 
+#: The condition of label:PATTERN: the instance's study or series carries a label matching the
+#: pattern (GLOB: a pattern holds no '[', so only * and ? are wildcards).
+LABEL_CONDITION = ("(st.study_instance_uid IN (SELECT study_instance_uid FROM study_labels WHERE label GLOB ?)"
+                   " OR se.series_instance_uid IN (SELECT series_instance_uid FROM series_labels WHERE label GLOB ?))")
+
 #: The condition compile_search makes of free text, the whole of it for a query of free text alone.
 FREE_TEXT_CONDITION = "i.id IN (SELECT rowid FROM metadata WHERE metadata MATCH ?)"
 
@@ -3725,6 +3893,9 @@ def compile_search(query: SearchQuery) -> tuple[str, list, str | None]:
             return _balanced_sql([walk(child, positive) for child in node[1]], kind.upper())
         if kind == "not":
             return f"NOT {walk(node[1], not positive)}"
+        if kind == "label":
+            args.extend([node[1], node[1]])
+            return LABEL_CONDITION
         if kind == "text":
             if not _fts_tokens(node[1]):
                 return "0"  # punctuation alone is no word: it matches nothing
@@ -4671,6 +4842,20 @@ class PluginApi:
         ValueError (an error in Lua) with a reason fit for the caller when it cannot be taken."""
         return self._daemon.worklist.add(entry)
 
+    def label_study(self, study_uid: str, label: str) -> bool:
+        """Put a label on a study (a rule: "every MR from AE X is 'neuro-course'"); False if it
+        had it already. Raises ValueError for a label that is not valid."""
+        return self._daemon.label("STUDY", str(study_uid), label)
+
+    def label_series(self, series_uid: str, label: str) -> bool:
+        """Put a label on a series, and so on its instances; as label_study."""
+        return self._daemon.label("SERIES", str(series_uid), label)
+
+    def labelled(self, level: str, label: str) -> list[str]:
+        """The UIDs of the studies (level STUDY) or series (SERIES) carrying a label, as
+        label:NAME finds them: a study whose series carries it, a series whose study does."""
+        return self._daemon.index.labelled(str(level).upper(), label_name(label))
+
     # ---- for trusted Python plugins that provide whole services (DICOMweb)
 
     def find(self, level: str, keys: dict, cancelled=lambda: False, offset: int = 0, limit: int | None = None):
@@ -4886,7 +5071,8 @@ class LuaPlugin:
                 arguments = [self._limited(a) if lupa_lua54.lua_type(a) == "function" else _from_lua(a) for a in args]
                 return self._to_lua(function(*arguments))
             return call
-        names = ("search", "tags", "file", "send", "log", "setting", "run_task", "worklist", "worklist_add")
+        names = ("search", "tags", "file", "send", "log", "setting", "run_task", "worklist", "worklist_add",
+                 "label_study", "label_series", "labelled")
         calls = {name: getattr(api, name) for name in names}
         # What Python gets as objects, Lua gets as tables: a C-FIND response as keyword -> text
         # (as a find filter sees a query), an instance row by its field names.
@@ -8576,6 +8762,15 @@ def _search_routes(api: Api):
         if depth == "none":
             return {"numResults": len(patients), "elapsedTime": elapsed}
         page = patients[offset:offset + psize] if psize > 0 else patients[offset:]
+        # dicoogled adds the labels of the studies and series shown (the web app lists them).
+        shown_studies = [study for patient in page for study in patient["studies"]] if depth != "patient" else []
+        shown_series = [series for study in shown_studies for series in study["series"]] if depth in ("series", "image") else []
+        study_labels = daemon.index.labels_of("STUDY", [study["studyInstanceUID"] for study in shown_studies])
+        series_labels = daemon.index.labels_of("SERIES", [series["serieInstanceUID"] for series in shown_series])
+        for study in shown_studies:
+            study["labels"] = study_labels.get(study["studyInstanceUID"], [])
+        for series in shown_series:
+            series["labels"] = series_labels.get(series["serieInstanceUID"], [])
         for patient in page:
             for study in patient["studies"]:
                 for series in study["series"]:
@@ -8591,6 +8786,57 @@ def _search_routes(api: Api):
     def providers():
         """Names of the query providers."""
         return _json_response(sorted(daemon.providers))
+
+    # ---- labels: free-form tags on studies and series, set by hand or by plugins' rules ----
+
+    @api.route("/labels")
+    def labels():
+        """Every label in use with how many indexed studies carry it: {labels: [{label, studies}]}."""
+        return {"labels": [found._asdict() for found in daemon.index.labels()]}
+
+    def labelled_level(level: str, uid: str) -> str:
+        if not is_valid_uid(uid):
+            _fail(400, f"{uid[:80]!r} is not a UID")
+        if not daemon.index.holds(level, uid):
+            _fail(404, f"no {'study' if level == 'STUDY' else 'series'} {uid} in the index")
+        return uid
+
+    def label_routes(prefix: str, level: str):
+        what = "study" if level == "STUDY" else "series"
+
+        def labels_of(uid):
+            """The labels of one indexed {what}: {{labels: [...]}}."""
+            return {"labels": daemon.index.labels_of(level, [labelled_level(level, uid)]).get(uid, [])}
+
+        def put_label(uid, label):
+            """Put a label on an indexed {what} (and so on its instances): {{label, added}}.
+
+            label: 1 to 64 of a-z, 0-9, '.', '_', '-' (case-insensitive, kept lower-cased)"""
+            try:
+                added = daemon.label(level, labelled_level(level, uid), label)
+            except ValueError as error:
+                _fail(400, str(error))
+            return {"label": label_name(label), "added": added}
+
+        def delete_label(uid, label):
+            """Take a label off a {what}: {{label, removed}}; removed is false if it was not there."""
+            if not is_valid_uid(uid):
+                _fail(400, f"{uid[:80]!r} is not a UID")
+            try:
+                removed = daemon.unlabel(level, uid, label)
+            except ValueError as error:
+                _fail(400, str(error))
+            return {"label": label_name(label), "removed": removed}
+
+        # The same handlers serve both levels: their docstrings (the OpenAPI summaries) name it.
+        for handler, method, path, access in ((labels_of, "GET", "/labels", READ),
+                                              (put_label, "PUT", "/labels/<label>", USER),
+                                              (delete_label, "DELETE", "/labels/<label>", USER)):
+            handler.__doc__ = handler.__doc__.format(what=what)
+            api.route(f"/{prefix}/<uid>{path}", method, access=access)(handler)
+
+    label_routes("studies", "STUDY")
+    label_routes("series", "SERIES")
 
     @api.route("/dump")
     def dump():
@@ -9951,6 +10197,24 @@ class Daemon:
         meta, total). Raises SearchSyntaxError."""
         return search_index(self.index, SearchQuery(text, self.plugins.extra_fields), limit, offset)
 
+    def label(self, level: str, uid: str, label: str) -> bool:
+        """Put a label on a study or series (level STUDY or SERIES); False if it had it already.
+        Raises ValueError for a label or UID that is not valid."""
+        label = label_name(label)
+        if not is_valid_uid(uid):
+            raise ValueError(f"{uid[:80]!r} is not a UID")
+        added = self.index.write(Index.add_label, level, uid, label)
+        if added:
+            self.log.info("label %s put on %s %s", label, level.lower(), uid)
+        return added
+
+    def unlabel(self, level: str, uid: str, label: str) -> bool:
+        """Take a label off a study or series; False if it did not have it."""
+        removed = self.index.write(Index.remove_label, level, uid, label_name(label))
+        if removed:
+            self.log.info("label %s taken off %s %s", label_name(label), level.lower(), uid)
+        return removed
+
     def _search_builtin(self, query: str):
         rows, _ = self.search(query)
         return [(_file_uri(path), json.loads(meta)) for _, path, meta in rows]
@@ -10321,12 +10585,16 @@ def command_index(config: Config, paths) -> int:
 def command_reindex(config: Config) -> int:
     """Rebuild the index from the storage folder, the watched folders and indexed folders."""
     db_path = config.data_dir / "index.sqlite"
-    roots, protected = [], []  # what the index knows that the files do not: kept across the rebuild
+    roots, protected, labels = [], [], []  # what the index knows that the files do not: kept across the rebuild
     if db_path.exists():
         with contextlib.suppress(apsw.Error):
             connection = apsw.Connection(str(db_path))
             roots = [r[0] for r in connection.execute("SELECT path FROM indexed_roots")]
-            protected = [r[0] for r in connection.execute("SELECT study_instance_uid FROM protected_studies")]
+            # Protection and labels were set by people (or rules) and are not in the files: carried over.
+            with contextlib.suppress(apsw.Error):  # an index from before protection has none
+                protected = [r[0] for r in connection.execute("SELECT study_instance_uid FROM protected_studies")]
+            with contextlib.suppress(apsw.Error):  # an index from before labels has none
+                labels = Index.saved_labels(connection)
             connection.close()
         for suffix in ("", "-wal", "-shm"):
             pathlib.Path(str(db_path) + suffix).unlink(missing_ok=True)
@@ -10336,6 +10604,7 @@ def command_reindex(config: Config) -> int:
         roots = list(dict.fromkeys(roots + index.remembered_roots()))
         for study_uid in protected:
             index.write(Index.protect_study, study_uid)
+        index.write(Index.restore_labels, labels)
         sources = [(ingest.storage.root, "store")] + [(f, "watch") for f in config.watch_folders] + [(pathlib.Path(r), "index") for r in roots]
         for root, origin in sources:
             if origin == "index":

@@ -15,6 +15,7 @@ HTTP Basic for DICOMweb clients). Settings ([plugin.dicomweb] in the config file
 Routes (relative to /dicom-web):
   QIDO-RS   GET /studies  /series  /instances  /studies/{study}/series  /studies/{study}/instances
             GET /studies/{study}/series/{series}/instances
+            label=NAME (an extension): only what carries the label, on its study or a series
   WADO-RS   GET /studies/{study}[/series/{series}[/instances/{instance}]]       multipart application/dicom
             GET .../metadata                                                   application/dicom+json
             GET .../instances/{instance}/frames/{1,2,...}                       raw or compressed frames
@@ -58,7 +59,7 @@ ALL_KEYS = ("StudyDate", "StudyTime", "AccessionNumber", "StudyDescription", "Re
             "InstitutionName", "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "IssuerOfPatientID",
             "Modality", "SeriesDescription", "SeriesNumber", "SeriesDate", "SeriesTime", "BodyPartExamined",
             "ProtocolName", "ModalitiesInStudy", "NumberOfStudyRelatedSeries", "NumberOfStudyRelatedInstances")
-QIDO_CONTROL = {"limit", "offset", "includefield", "fuzzymatching"}
+QIDO_CONTROL = {"limit", "offset", "includefield", "fuzzymatching", "label"}
 UNCOMPRESSED = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99"}
 EXPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2.1"
 #: What a retrieve converts to when asked (transfer-syntax= in Accept): uncompressed, or a lossless
@@ -196,6 +197,9 @@ def _qido(level: str, fixed: dict):
     # Filters come last: an attribute both filtered and named in includefield is matched (and
     # returned), never turned into a return-only key, whatever the order of the parameters.
     keys = dict.fromkeys(REQUIRED_KEYS[level], "") | dict.fromkeys(included, "") | filters | fixed
+    if "label" in bottle.request.query and not _narrow_to_label(level, keys, bottle.request.query.getall("label")):
+        bottle.response.content_type = DICOM_JSON
+        return "[]"
     if bottle.request.query.get("fuzzymatching") == "true":
         bottle.response.set_header("Warning", '299 dicoogled "fuzzymatching is not supported; names match case- and accent-insensitively"')
     try:
@@ -204,6 +208,28 @@ def _qido(level: str, fixed: dict):
         _error(400, str(error))
     bottle.response.content_type = DICOM_JSON
     return json.dumps(results)
+
+
+def _narrow_to_label(level: str, keys: dict, labels: list) -> bool:
+    """label=NAME, dicoogled's extension to QIDO-RS: only what carries the label (on its study or
+    series, as label:NAME in the search language). It becomes a list of UIDs matched as C-FIND
+    matches any UID list (PS3.4 C.2.2.2.2), so paging stays the index's. Each label= narrows
+    further. False when nothing can match."""
+    # Studies by their own UIDs; series and instances by their series' UIDs.
+    key = "StudyInstanceUID" if level == "STUDY" else "SeriesInstanceUID"
+    allowed = None
+    for label in labels:
+        try:
+            found = set(dicoogle.labelled("STUDY" if level == "STUDY" else "SERIES", label))
+        except ValueError as error:
+            _error(400, f"label: {error}")
+        allowed = found if allowed is None else allowed & found
+    if keys.get(key):
+        allowed &= set(keys[key].split("\\"))
+    if not allowed:
+        return False
+    keys[key] = "\\".join(sorted(allowed))
+    return True
 
 
 def _qido_json(level: str, dataset) -> dict:

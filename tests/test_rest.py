@@ -1149,7 +1149,7 @@ def test_an_index_of_the_previous_schema_is_upgraded_in_place(small_archive):
     index = apsw.Connection(str(daemon.data_dir / "index.sqlite"))
     index.execute("DROP TABLE origin_totals; DROP TRIGGER instance_counted; DROP TRIGGER instance_uncounted;"
                   " DROP TRIGGER instance_recounted; DROP TABLE performed_procedure_steps; DROP TABLE worklist_entries;"
-                  " DROP TABLE protected_studies; PRAGMA user_version=1")
+                  " DROP TABLE protected_studies; DROP TABLE study_labels; DROP TABLE series_labels; PRAGMA user_version=1")
     index.close()
     daemon.start()
     assert health_totals(daemon) == before
@@ -1166,4 +1166,4 @@ def test_an_index_of_the_previous_schema_is_upgraded_in_place(small_archive):
     daemon.start(wait=False)
     assert daemon.process.wait(timeout=60) != 0
     daemon.log_file.close()
-    assert "has schema version 99, this dicoogled knows 4: run 'dicoogled reindex' to rebuild it" in daemon.log
+    assert "has schema version 99, this dicoogled knows 5: run 'dicoogled reindex' to rebuild it" in daemon.log

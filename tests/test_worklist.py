@@ -267,6 +267,7 @@ def test_an_index_of_schema_version_2_gets_the_worklist_tables(start_daemon):
     daemon.stop()
     index = apsw.Connection(str(daemon.data_dir / "index.sqlite"))
     index.execute("DROP TABLE performed_procedure_steps; DROP TABLE worklist_entries; DROP TABLE protected_studies;"
+                  " DROP TABLE study_labels; DROP TABLE series_labels;"
                   " PRAGMA user_version=2")
     index.close()
     daemon.start()

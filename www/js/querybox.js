@@ -19,6 +19,7 @@ export const EXAMPLES = [
   ["doe -Modality:MR", "+ must match, - must not"],
   ["(Modality:CT OR Modality:MR) AND InstitutionName:general", "parentheses group terms"],
   ["SliceLocation:Float:[-10 TO 10]", "a numeric range on any tag"],
+  ["label:neuro-course AND Modality:MR", "studies or series carrying a label (label:neuro* too)"],
   ["*:*", "everything"],
 ];
 

@@ -6,7 +6,7 @@
 // query narrowed to one patient, study or series by its ID or UID.
 
 import * as api from "./api.js";
-import { h, clear, message, notify, confirmDialog, formatDate, formatName, plural } from "./dom.js";
+import { h, clear, message, notify, confirmDialog, modal, field, formatDate, formatName, plural } from "./dom.js";
 import { navigate, href } from "./nav.js";
 import { queryBox } from "./querybox.js";
 
@@ -23,9 +23,18 @@ export async function render(main, { params }) {
   const providerSelect = h("select", { name: "provider", "aria-label": "Query provider" }, h("option", { value: "" }, "All providers"));
   providers = providers || api.get("/providers").catch(() => []);
   providers.then((names) => names.forEach((name) => providerSelect.append(h("option", { value: name, selected: name === provider }, name))));
+  // The label filter: every label with how many studies carry it; choosing one adds label:NAME
+  // to the query, so the query shows (and teaches) what is searched.
+  const labelSelect = h("select", { name: "label", "aria-label": "Label filter", onchange: () => {
+    const label = labelSelect.value, text = box.input.value.trim();
+    if (!label) return;
+    navigate("search", { q: text && text !== "*:*" ? `(${text}) AND label:${label}` : `label:${label}`, provider: providerSelect.value });
+  } }, h("option", { value: "" }, "Filter by label…"));
+  api.get("/labels").then(({ labels }) => labels.forEach((entry) => labelSelect.append(
+    h("option", { value: entry.label }, `${entry.label} (${plural(entry.studies, "study", "studies")})`)))).catch(() => {});
   const box = queryBox({
     value: query || "",
-    extra: [providerSelect],
+    extra: [providerSelect, labelSelect],
     onSubmit: (text) => navigate("search", { q: text || "*:*", provider: providerSelect.value }),
   });
   const results = h("section", { class: "results-area", "aria-label": "Results", tabindex: "-1" });
@@ -157,6 +166,14 @@ async function showResults(container, params, box) {
       toolbar.append(button);
     }
   }
+  if (api.session.user && (level === "study" || level === "series")) {
+    // Labels (any logged-in user): put one on every selected study or series, or take it off.
+    for (const [adding, caption] of [[true, "Label…"], [false, "Remove label…"]]) {
+      const button = h("button", { type: "button", disabled: true, onclick: () => labelSelected(adding, level, selection) }, caption);
+      needSelection.push(button);
+      toolbar.append(button);
+    }
+  }
   if (viewer && view.study) {
     toolbar.append(h("a", { class: "button", href: api.viewerUrl(view.study.studyInstanceUID), target: "_blank", rel: "noopener" }, "Open study in viewer"));
   }
@@ -245,6 +262,7 @@ function columnsOf(level, params, context) {
     { label: "Institution", key: (s) => s.institutionName, cell: (s) => s.institutionName },
     { label: "Modalities", key: (s) => s.modalities, cell: (s) => s.modalities.replaceAll(",", ", ") },
     { label: "Series", key: (s) => (s.series || []).length, cell: (s) => (s.series || []).length, class: "number" },
+    { label: "Labels", key: (s) => (s.labels || []).join(" "), cell: (s) => labelChips("study", s.studyInstanceUID, s.labels) },
     ...(context.viewer ? [{ label: "Viewer", key: null, cell: (s) => h("a", { href: api.viewerUrl(s.studyInstanceUID), target: "_blank", rel: "noopener", "aria-label": `Open ${s.studyDescription || "study"} in the viewer` }, "Open") }] : []),
   ];
   if (level === "series") return [
@@ -252,6 +270,7 @@ function columnsOf(level, params, context) {
     { label: "Modality", key: (s) => s.serieModality, cell: (s) => s.serieModality },
     { label: "Description", key: (s) => s.serieDescription, cell: (s) => h("a", { href: href("search", { ...base, ...patientParams, study: params.get("study"), series: s.serieInstanceUID }) }, s.serieDescription || `Series ${s.serieNumber}`) },
     { label: "Images", key: (s) => s.images.length, cell: (s) => s.images.length, class: "number" },
+    { label: "Labels", key: (s) => (s.labels || []).join(" "), cell: (s) => labelChips("series", s.serieInstanceUID, s.labels) },
   ];
   return [
     { label: "Image", key: null, cell: (image) => h("button", { type: "button", class: "thumb-button", "aria-label": `Preview image ${image.number ?? image.filename}`, onclick: () => context.preview(image) },
@@ -355,6 +374,60 @@ function resultTable(level, rows, { params, selection, onSelect, options, viewer
   const element = h("div", { class: "table-wrap" }, h("table", { class: `results level-${level}` }, caption,
     h("thead", {}, h("tr", {}, h("th", { scope: "col", class: "select" }, all), headers)), tbody));
   return { element, pager };
+}
+
+// ---- labels ---------------------------------------------------------------------------------------
+
+const LABEL_PATTERN = /^[a-z0-9][a-z0-9._-]{0,63}$/;
+const labelPath = (level, uid, label) => `/${level === "study" ? "studies" : "series"}/${encodeURIComponent(uid)}/labels/${encodeURIComponent(label)}`;
+const reload = () => navigate("search", Object.fromEntries(new URLSearchParams(location.hash.split("?")[1] || "")));
+
+/** A row's labels as chips; a logged-in user takes one off with its ×. */
+function labelChips(level, uid, labels) {
+  return h("ul", { class: "chips labels" }, (labels || []).map((label) => h("li", { class: "chip label" },
+    h("a", { href: href("search", { q: `label:${label}` }), title: `Everything labelled ${label}` }, label),
+    api.session.user ? h("button", { type: "button", class: "icon", "aria-label": `Remove label ${label}`, onclick: async () => {
+      try {
+        await api.del(labelPath(level, uid, label));
+        reload();
+      } catch (error) {
+        notify(error.message, "error");
+      }
+    } }, "×") : null)));
+}
+
+/** Put a label on (or take it off) every selected study or series, asking for its name. */
+async function labelSelected(adding, level, selection) {
+  const rows = [...selection.values()];
+  const [one, many] = LEVEL_NAMES[level];
+  const input = h("input", { type: "text", name: "label", autocomplete: "off", spellcheck: "false", required: true, autofocus: true, maxlength: 64 });
+  const hint = "Lower-case letters, digits, '.', '_' and '-' (case does not matter).";
+  const apply = h("button", { type: "submit", class: "primary" }, adding ? "Label" : "Remove");
+  const form = h("form", {}, field("Label", input, hint), h("div", { class: "button-row end" }, apply));
+  const dialog = modal(`${adding ? "Label" : "Remove a label from"} ${plural(rows.length, one, many)}`, form);
+  form.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    const label = input.value.trim().toLowerCase();
+    if (!LABEL_PATTERN.test(label)) {
+      input.setCustomValidity(hint);
+      input.reportValidity();
+      return;
+    }
+    apply.disabled = true;
+    try {
+      for (const row of rows) {
+        const path = labelPath(level, rowKey[level](row), label);
+        await (adding ? api.put(path) : api.del(path));
+      }
+      dialog.close(true);
+      notify(`${adding ? "Labelled" : "Took the label off"} ${plural(rows.length, one, many)}: ${label}.`);
+      reload();
+    } catch (error) {
+      apply.disabled = false;
+      notify(error.message, "error");
+    }
+  });
+  input.addEventListener("input", () => input.setCustomValidity(""));
 }
 
 // ---- unindex and remove -------------------------------------------------------------------------
