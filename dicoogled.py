@@ -6964,14 +6964,10 @@ class DicomServices:
             self.log.error("storage commitment %s: %s released before its report, and is not under [modalities]:"
                            " the report cannot be sent", report.TransactionUID, aet)
             return
-        host, port = self.config.modalities[aet]
-        config = self.config
         try:
-            association = request_association(
-                host, port, calling_aet=config.aet, called_aet=aet,
-                contexts=[build_context(StorageCommitmentPushModel, list(UNCOMPRESSED_TRANSFER_SYNTAXES))],
-                max_pdu=config.max_pdu, max_pdu_send=config.max_pdu_send, connect_timeout=config.connection_timeout,
-                acse_timeout=config.acse_timeout, timeout=config.dimse_timeout, log=self.log,
+            association = self._associate(
+                aet, *self.config.modalities[aet],
+                [build_context(StorageCommitmentPushModel, list(UNCOMPRESSED_TRANSFER_SYNTAXES))],
                 roles=[(str(StorageCommitmentPushModel), False, True)])
         except AssociationRefused as error:
             self.log.error("storage commitment %s: cannot report to %s: %s", report.TransactionUID, aet, error)
@@ -7297,7 +7293,9 @@ class DicomServices:
 
     # ---- associations we open ------------------------------------------------------------------
 
-    def _associate(self, aet: str, host: str, port: int, contexts: list, timeout: float | None = None) -> Association:
+    def _associate(self, aet: str, host: str, port: int, contexts: list, timeout: float | None = None,
+                   roles=()) -> Association:
+        """An association we open with a [modalities] AE: over DICOM TLS when its entry says tls."""
         config = self.config
         try:
             tls = tls_client_context(config) if aet in config.tls_modalities else None
@@ -7307,7 +7305,7 @@ class DicomServices:
                                    max_pdu=config.max_pdu, max_pdu_send=config.max_pdu_send,
                                    connect_timeout=timeout or config.connection_timeout,
                                    acse_timeout=timeout or config.acse_timeout,
-                                   timeout=timeout or config.dimse_timeout, log=self.log, tls=tls)
+                                   timeout=timeout or config.dimse_timeout, log=self.log, roles=roles, tls=tls)
 
     def echo(self, aet: str, timeout: float) -> int:
         """C-ECHO a [modalities] AE: its status; AssociationRefused (or AssociationEnded) if it cannot be had."""
