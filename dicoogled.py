@@ -1650,9 +1650,10 @@ class Index:
     @staticmethod
     def delivery_attempted(connection, delivery_id: str, status: str, error: str = "", next_attempt: float = 0.0):
         """Record an attempt at a webhook delivery: now delivered, failed for good, or pending
-        until next_attempt."""
+        until next_attempt. A delivered one keeps the error of its last failed attempt, if any."""
         connection.execute(
-            "UPDATE webhook_deliveries SET attempts = attempts + 1, status = ?, last_error = ?, next_attempt = ?,"
+            "UPDATE webhook_deliveries SET attempts = attempts + 1, status = ?,"
+            " last_error = coalesce(nullif(?, ''), last_error), next_attempt = ?,"
             " finished = CASE WHEN ? = 'pending' THEN NULL ELSE ? END WHERE delivery_id = ?",
             (status, error, next_attempt, status, time.time(), delivery_id))
 
@@ -4002,9 +4003,7 @@ HOOK_SPECS = (
     HookSpec("on_indexed", "notify", "instance",
              "an instance entered the index, whatever its origin (C-STORE, watched folder, index task)", plugin_kind="events"),
     HookSpec("on_stable_study", "notify", "study",
-             "no new instance arrived in a study for `[plugins] stable_age` seconds; the study's patient and study"
-             " attributes by keyword (PatientID, PatientName, StudyDate, AccessionNumber, ModalitiesInStudy,"
-             " NumberOfStudyRelatedInstances...); fires again after a later arrival",
+             "no new instance arrived in a study for `[plugins] stable_age` seconds (and again after a later one)",
              orthanc="OnStableStudy", plugin_kind="events"),
     HookSpec("incoming_store_filter", "decision", "calling_aet, tags",
              "`true`/`nil` accepts, `false` refuses with 0x0124, a number refuses with that DICOM status",
