@@ -792,6 +792,17 @@ class Webhook:
     timeout: float = 10  # seconds per attempt
     retry: tuple[float, float] = (5, 600)  # the first wait after a failure, and the longest
     attempts: int = 50  # then the delivery is given up ("failed" in the delivery log)
+    secret_file: pathlib.Path | None = None  # read for each delivery instead, so a new key needs no restart
+
+    def signing_key(self) -> bytes:
+        """The HMAC key: secret=, or the first line of secret_file= as it is now (OSError if
+        it cannot be read, ValueError if it is empty)."""
+        if self.secret_file is None:
+            return self.secret
+        key = self.secret_file.read_text(encoding="utf-8").strip()
+        if not key:
+            raise ValueError(f"secret_file={self.secret_file} is empty")
+        return key.encode("utf-8")
 
     def retry_delay(self, attempts: int) -> float:
         """Seconds before the next attempt, after this many have failed: doubled each time, capped."""
@@ -821,15 +832,9 @@ def _parse_webhook(name: str, value: str) -> Webhook:
         fail(f"events= lists some of {','.join(WEBHOOK_EVENTS)} separated by commas")
     if ("secret" in options) == ("secret_file" in options) or not (options.get("secret") or options.get("secret_file")):
         fail("give the signing secret as secret= or secret_file= (one of them)")
-    if "secret_file" in options:
-        try:
-            secret = pathlib.Path(options["secret_file"]).read_text(encoding="utf-8").strip()
-        except (OSError, UnicodeDecodeError) as error:
-            fail(f"cannot read secret_file={options['secret_file']}: {getattr(error, 'strerror', None) or error}")
-        if not secret:
-            fail(f"secret_file={options['secret_file']} is empty")
-    else:
-        secret = options["secret"]
+    secret_file = pathlib.Path(options["secret_file"]) if "secret_file" in options else None
+    if secret_file is not None and not secret_file.is_absolute():
+        fail("secret_file= must be an absolute path")
     try:
         timeout = float(options.get("timeout", 10))
         first, _, longest = options.get("retry", "5..600").partition("..")
@@ -839,7 +844,8 @@ def _parse_webhook(name: str, value: str) -> Webhook:
         fail("timeout= is seconds, retry= is FIRST..MAX seconds, attempts= a whole number")
     if not (timeout > 0 and 0 < retry[0] <= retry[1] and attempts >= 1):
         fail("timeout= and retry= must be more than 0 seconds (FIRST at most MAX), attempts= at least 1")
-    return Webhook(name, url.geturl(), events, secret.encode("utf-8"), timeout, retry, attempts)
+    return Webhook(name, url.geturl(), events, options.get("secret", "").encode("utf-8"), timeout, retry, attempts,
+                   secret_file)
 
 
 def _parse_host_port(aet: str, value: str) -> tuple[str, int]:
@@ -6616,6 +6622,11 @@ class StudyEvents:
         return self.daemon.config.webhooks
 
     def start(self):
+        for hook in self.webhooks.values():
+            try:
+                hook.signing_key()
+            except (OSError, ValueError) as error:  # said now; its deliveries wait until it can be read
+                self.log.error("webhook %s: cannot read its secret: %s", hook.name, getattr(error, "strerror", None) or error)
         self._threads = [start_thread("stable-studies", self._find_stable_studies),
                          start_thread("webhooks", self._deliver)]
 
@@ -6694,12 +6705,17 @@ class StudyEvents:
                              f"no webhook {delivery.hook} in [webhooks] any more")
             return
         body = delivery.body.encode("utf-8")
+        try:
+            key = hook.signing_key()
+        except (OSError, ValueError) as error:
+            self._failed(hook, delivery, f"cannot read secret_file: {getattr(error, 'strerror', None) or error}")
+            return
         request = urllib.request.Request(hook.url, data=body, method="POST", headers={
             "Content-Type": "application/json; charset=utf-8",
             "User-Agent": f"dicoogled/{__version__}",
             "X-Dicoogled-Event": delivery.event,
             "X-Dicoogled-Delivery": delivery.delivery_id,
-            "X-Dicoogled-Signature": "sha256=" + hmac.new(hook.secret, body, hashlib.sha256).hexdigest(),
+            "X-Dicoogled-Signature": "sha256=" + hmac.new(key, body, hashlib.sha256).hexdigest(),
         })
         try:
             with self._opener.open(request, timeout=hook.timeout) as answer:
@@ -6713,6 +6729,10 @@ class StudyEvents:
             self.index.write(Index.delivery_attempted, delivery.delivery_id, "delivered")
             self.log.info("webhook %s: %s delivery %s made", hook.name, delivery.event, delivery.delivery_id)
             return
+        self._failed(hook, delivery, error)
+
+    def _failed(self, hook: Webhook, delivery: Delivery, error: str):
+        """Record a failed attempt: tried again after a longer wait, or given up after hook.attempts."""
         attempts = delivery.attempts + 1
         if attempts >= hook.attempts:
             self.index.write(Index.delivery_attempted, delivery.delivery_id, "failed", error)
