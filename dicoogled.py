@@ -1608,8 +1608,10 @@ class Index:
 
     @classmethod
     def add_instance(cls, connection, record: InstanceRecord, deliveries=()) -> int:
-        """Insert (or replace) one instance and its patient, study and series rows; queue the
-        webhook deliveries its arrival makes in the same transaction."""
+        """Insert (or replace) one instance and its patient, study and series rows.
+
+        The study's last arrival is now (it is stable again only stable_age later), and the webhook
+        deliveries the arrival makes are queued in the same transaction."""
         existing = connection.execute("SELECT id FROM instances WHERE sop_instance_uid = ? OR path = ?", (record.sop_instance_uid, record.path)).fetchall()
         for (instance_id,) in existing:
             cls.remove_instance(connection, instance_id)
