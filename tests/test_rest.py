@@ -1134,7 +1134,8 @@ def test_health_counts_and_bytes_follow_every_change(small_archive, tmp_path):
 
 def test_an_index_of_the_previous_schema_is_upgraded_in_place(small_archive):
     """An index written by the version before the kept totals gets them, from its rows, at
-    start; one from a newer version is refused with what to do."""
+    start, and then the study events' columns and delivery queue (its studies counted as
+    announced stable); one from a newer version is refused with what to do."""
     import apsw
 
     daemon, admin = small_archive
@@ -1142,11 +1143,17 @@ def test_an_index_of_the_previous_schema_is_upgraded_in_place(small_archive):
     daemon.stop()
     index = apsw.Connection(str(daemon.data_dir / "index.sqlite"))
     index.execute("DROP TABLE origin_totals; DROP TRIGGER instance_counted; DROP TRIGGER instance_uncounted;"
-                  " DROP TRIGGER instance_recounted; PRAGMA user_version=1")
+                  " DROP TRIGGER instance_recounted; DROP TABLE webhook_deliveries; DROP INDEX studies_unannounced;"
+                  " ALTER TABLE studies DROP COLUMN last_arrival; ALTER TABLE studies DROP COLUMN stable_announced;"
+                  " PRAGMA user_version=1")
     index.close()
     daemon.start()
     assert health_totals(daemon) == before
     assert "upgrading the index" in daemon.log
+    assert admin.get("/management/webhooks").json()["deliveries"] == []
+    index = apsw.Connection(str(daemon.data_dir / "index.sqlite"))
+    assert index.execute("SELECT DISTINCT stable_announced FROM studies").fetchall() == [(1,)]
+    index.close()
     assert admin.post("/management/tasks/unindex", SOPInstanceUID=daemon.datasets[0].SOPInstanceUID).json()["indexed"] == 1
     assert health_totals(daemon)[0] == before[0] - 1
 
@@ -1157,4 +1164,4 @@ def test_an_index_of_the_previous_schema_is_upgraded_in_place(small_archive):
     daemon.start(wait=False)
     assert daemon.process.wait(timeout=60) != 0
     daemon.log_file.close()
-    assert "has schema version 99, this dicoogled knows 2: run 'dicoogled reindex' to rebuild it" in daemon.log
+    assert "has schema version 99, this dicoogled knows 3: run 'dicoogled reindex' to rebuild it" in daemon.log
