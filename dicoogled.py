@@ -1656,6 +1656,11 @@ class Index:
         return True
 
     @staticmethod
+    def announce_all_stable(connection):
+        """Count every study as announced stable (an index rebuilt from files announces nothing)."""
+        connection.execute("UPDATE studies SET stable_announced = 1 WHERE NOT stable_announced")
+
+    @staticmethod
     def delivery_attempted(connection, delivery_id: str, status: str, error: str = "", next_attempt: float = 0.0):
         """Record an attempt at a webhook delivery: now delivered, failed for good, or pending
         until next_attempt. A delivered one keeps the error of its last failed attempt, if any."""
@@ -9444,6 +9449,8 @@ def command_reindex(config: Config) -> int:
                 reconcile(ingest, root, origin, progress=_progress_bar(str(root)))
             elif origin == "index" and root.is_file():
                 ingest.index_file(root, origin)
+        # A rebuilt index tells nobody its studies are stable again: they arrived long ago.
+        index.write(Index.announce_all_stable)
         print(json.dumps({**index.counts(), **dataclasses.asdict(ingest.stats)}))
         return 0
     finally:

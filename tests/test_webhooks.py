@@ -8,6 +8,7 @@ import hmac
 import http.server
 import json
 import pathlib
+import subprocess
 import sys
 import threading
 
@@ -201,6 +202,28 @@ def test_a_study_stored_before_a_restart_is_found_stable_after_it(start_daemon, 
     daemon.start()
     wait_until(lambda: [b["event"] for b in receiver.delivered()] == ["stored", "stable_study"], message="stable after the restart")
     assert json.loads(recorder.read_text())["StudyInstanceUID"] == instance.StudyInstanceUID
+    daemon.stop()
+
+
+def test_a_rebuilt_index_announces_no_study_again(start_daemon, receiver, tmp_path):
+    """reindex rebuilds the index from the files: its studies arrived long ago, and are not
+    stable news. A study stored afterwards is the marker after which a repeat would have come."""
+    daemon = start_daemon(config_text=hook_config(tmp_path, receiver.url), env=ADMIN_ENV)
+    first, marker = studygen.make_instance(0, 0, 0, 0), studygen.make_instance(1, 0, 0, 0)
+
+    def stable_studies():
+        return [b["data"]["StudyInstanceUID"] for b in receiver.delivered() if b["event"] == "stable_study"]
+
+    assert daemon.store(first) == [0]
+    wait_until(lambda: stable_studies() == [first.StudyInstanceUID], message="the first study stable")
+    assert daemon.stop() == 0
+    rebuilt = subprocess.run([sys.executable, str(ROOT / "dicoogled.py"), "reindex", "--data-dir", str(daemon.data_dir),
+                              "--config", str(daemon.config_path)], capture_output=True, text=True, timeout=120)
+    assert rebuilt.returncode == 0, rebuilt.stderr
+    daemon.start()
+    assert daemon.store(marker) == [0]
+    wait_until(lambda: marker.StudyInstanceUID in stable_studies(), message="the marker study stable")
+    assert stable_studies() == [first.StudyInstanceUID, marker.StudyInstanceUID]
     daemon.stop()
 
 
