@@ -739,6 +739,8 @@ class Config:
                 raise ValueError(f"invalid {name} {getattr(self, name)}: must be more than 0 seconds")
         if not self.session_idle_minutes > 0:
             raise ValueError(f"invalid session_idle_minutes {self.session_idle_minutes}: must be more than 0 (0.5 is 30 s)")
+        if not self.stable_age > 0:
+            raise ValueError(f"invalid [plugins] stable_age {self.stable_age}: must be more than 0 seconds")
         if not self.min_free_mb >= 0:
             raise ValueError(f"invalid min_free_mb {self.min_free_mb}: 0 (no reserve) or more MB")
         if not 0 < self.thumbnail_size <= 4096:
