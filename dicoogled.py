@@ -8342,7 +8342,9 @@ def _webhook_routes(api: Api):
     def webhook_deliveries():
         """The webhooks ([webhooks], secrets left out) and their delivery log, newest first.
 
-        status: pending, delivered or failed (only those); limit: how many deliveries (100)."""
+        status: only the deliveries pending, delivered or failed
+        limit: how many deliveries, at most (100)
+        """
         status = bottle.request.params.get("status", "")
         if status not in ("", "pending", "delivered", "failed"):
             _fail(400, "status is pending, delivered or failed")
