@@ -6680,28 +6680,38 @@ class StudyEvents:
         # announce_stable's conditional update already keeps two from announcing a study twice.
         stable_age = self.daemon.config.stable_age
         while not self._stop.wait(min(STABLE_CHECK_SECONDS, stable_age / 4)):
-            for study in self.index.quiet_studies(time.time() - stable_age):
-                if self._stop.is_set():
-                    return
-                attributes = self.index.study_attributes(study.study_instance_uid)
-                if attributes is None:
-                    continue
-                deliveries = self.deliveries("stable_study", attributes)
-                if self.index.write(Index.announce_stable, study.study_instance_uid, study.last_arrival, deliveries):
-                    self.log.info("study %s is stable", study.study_instance_uid)
-                    if deliveries:
-                        self.queued()
-                    self.daemon.plugins.notify("on_stable_study", attributes)
+            try:
+                self._announce_quiet_studies(stable_age)
+            except (apsw.Error, OSError) as error:  # a full disk, say: the studies wait, the loop goes on
+                self.log.error("cannot look for stable studies now: %s", error)
+
+    def _announce_quiet_studies(self, stable_age: float):
+        for study in self.index.quiet_studies(time.time() - stable_age):
+            if self._stop.is_set():
+                return
+            attributes = self.index.study_attributes(study.study_instance_uid)
+            if attributes is None:
+                continue
+            deliveries = self.deliveries("stable_study", attributes)
+            if self.index.write(Index.announce_stable, study.study_instance_uid, study.last_arrival, deliveries):
+                self.log.info("study %s is stable", study.study_instance_uid)
+                if deliveries:
+                    self.queued()
+                self.daemon.plugins.notify("on_stable_study", attributes)
 
     # ---- delivery
 
     def _deliver(self):
         while not self._stop.is_set():
-            for delivery in self.index.due_deliveries(time.time()):
-                if self._stop.is_set():
-                    return
-                self._attempt(delivery)
-            next_due = self.index.next_delivery_time()
+            try:
+                for delivery in self.index.due_deliveries(time.time()):
+                    if self._stop.is_set():
+                        return
+                    self._attempt(delivery)
+                next_due = self.index.next_delivery_time()
+            except (apsw.Error, OSError) as error:  # the queue cannot be read or written now: later
+                self.log.error("cannot deliver webhooks now: %s", error)
+                next_due = None
             wait = STABLE_CHECK_SECONDS if next_due is None else min(STABLE_CHECK_SECONDS, max(0.0, next_due - time.time()))
             self._wake_delivery.wait(wait)
             self._wake_delivery.clear()
