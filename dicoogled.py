@@ -29,6 +29,7 @@ import functools
 import hashlib
 import hmac
 import html
+import http.client
 import http.cookies
 import importlib.metadata
 import importlib.util
@@ -59,7 +60,9 @@ import time
 import types
 import typing
 import unicodedata
+import urllib.error
 import urllib.parse
+import urllib.request
 import uuid
 import zlib
 from xml.etree import ElementTree
@@ -368,12 +371,23 @@ timeout = 60
 # Folders of plugin scripts (*.py, *.lua), one per line; empty means the plugins/ folder
 # beside dicoogled.py. Python plugins are trusted code; Lua plugins run sandboxed.
 folders =
-# on_stable_study fires once a study has received no new instance for this many seconds.
+# A study is stable once it has received no new instance for this many seconds: on_stable_study
+# and the stable_study webhook event fire then, and again after a later instance.
 stable_age = 60
 # A plugin's settings go in a section of its own, [plugin.NAME], e.g.
 # [plugin.autoroute]
 # enabled = true
 # destination = WORKSTATION
+
+[webhooks]
+# HTTP(S) URLs told of events, one per line: NAME = url=URL events=stable_study,stored
+# secret_file=PATH (or secret=TEXT), optionally timeout=SECONDS (per attempt, 10),
+# retry=FIRST..MAX (seconds before retrying, doubled after each failure: 5..600) and attempts=N
+# (then given up: 50). The body is JSON {event, id, time, data}, signed in the header
+# X-Dicoogled-Signature: sha256=HMAC-SHA256(secret, body). Deliveries wait in the index, so a
+# restart loses none; GET /management/webhooks is their log. stable_study fires [plugins]
+# stable_age seconds after a study's last instance; stored for each instance received.
+# ris = url=https://ris.example.org/dicoogled events=stable_study secret_file=/etc/dicoogled/ris.secret
 
 [log]
 # DEBUG, INFO, WARNING or ERROR.
@@ -747,6 +761,8 @@ class Config:
     tls_modalities: frozenset[str] = frozenset()
     #: Storage SOP classes limited to some transfer syntaxes: SOP Class UID -> transfer syntax UIDs.
     transfer_syntaxes: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+    #: [webhooks]: hook name -> where and what it is sent.
+    webhooks: dict[str, "Webhook"] = dataclasses.field(default_factory=dict)
     #: The file settings were read from, if any.
     config_file: pathlib.Path | None = None
 
@@ -784,6 +800,7 @@ class Config:
                 tls_modalities=tls_modalities,
                 transfer_syntaxes={uid: value.split() for uid, value in parser.items("transfer_syntaxes")},
                 retention_rules={name: RetentionRule.parse(name, value) for name, value in parser.items("retention")},
+                webhooks={name: _parse_webhook(name, value) for name, value in parser.items("webhooks")},
                 config_file=path,
             )
         except (ValueError, configparser.Error) as error:
@@ -825,6 +842,8 @@ class Config:
                 raise ValueError(f"invalid {name} {getattr(self, name)}: must be more than 0 seconds")
         if not self.session_idle_minutes > 0:
             raise ValueError(f"invalid session_idle_minutes {self.session_idle_minutes}: must be more than 0 (0.5 is 30 s)")
+        if not self.stable_age > 0:
+            raise ValueError(f"invalid [plugins] stable_age {self.stable_age}: must be more than 0 seconds")
         if not self.min_free_mb >= 0:
             raise ValueError(f"invalid min_free_mb {self.min_free_mb}: 0 (no reserve) or more MB")
         if not self.max_size_mb >= 0 or self.max_instances < 0:
@@ -874,6 +893,77 @@ class Config:
                 section, key, _ = CONFIG_KEYS[name]
                 values[section][key] = _ini_text(getattr(self, name))
         save_settings(self.data_dir, values)
+
+
+#: What a webhook may be told of: a study found stable, an instance stored (C-STORE or STOW-RS).
+WEBHOOK_EVENTS = ("stable_study", "stored")
+WEBHOOK_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Webhook:
+    """One [webhooks] line: a URL told of some events, with a body signed by a shared secret."""
+    name: str
+    url: str
+    events: frozenset[str]
+    secret: bytes = dataclasses.field(repr=False)  # never logged, never shown by the REST API
+    timeout: float = 10  # seconds per attempt
+    retry: tuple[float, float] = (5, 600)  # the first wait after a failure, and the longest
+    attempts: int = 50  # then the delivery is given up ("failed" in the delivery log)
+    secret_file: pathlib.Path | None = None  # read for each delivery instead, so a new key needs no restart
+
+    def signing_key(self) -> bytes:
+        """The HMAC key: secret=, or the first line of secret_file= as it is now (OSError if
+        it cannot be read, ValueError if it is empty)."""
+        if self.secret_file is None:
+            return self.secret
+        key = self.secret_file.read_text(encoding="utf-8").strip()
+        if not key:
+            raise ValueError(f"secret_file={self.secret_file} is empty")
+        return key.encode("utf-8")
+
+    def retry_delay(self, attempts: int) -> float:
+        """Seconds before the next attempt, after this many have failed: doubled each time, capped."""
+        first, longest = self.retry
+        return min(longest, first * 2 ** min(attempts - 1, 60))
+
+
+def _parse_webhook(name: str, value: str) -> Webhook:
+    """NAME = url=URL events=E1,E2 (secret=TEXT | secret_file=PATH) [timeout=S] [retry=FIRST..MAX]
+    [attempts=N]: the syntax of a [webhooks] line (docs/configuration.md)."""
+    def fail(why):
+        raise ValueError(f"[webhooks] {name}: {why}")
+
+    options = {}
+    for word in value.split():
+        key, sep, text = word.partition("=")
+        if not sep or key not in ("url", "events", "secret", "secret_file", "timeout", "retry", "attempts"):
+            fail(f"{key!r} is not an option: url=, events=, secret= or secret_file=, timeout=, retry=, attempts=")
+        options[key] = text
+    if not WEBHOOK_NAME.fullmatch(name):
+        fail("a name is letters, digits, '.', '_' or '-'")
+    url = urllib.parse.urlsplit(options.get("url", ""))
+    if url.scheme not in ("http", "https") or not url.hostname:
+        fail("url= must be an http:// or https:// URL")
+    events = frozenset(options.get("events", "").split(",")) - {""}
+    if not events or not events <= set(WEBHOOK_EVENTS):
+        fail(f"events= lists some of {','.join(WEBHOOK_EVENTS)} separated by commas")
+    if ("secret" in options) == ("secret_file" in options) or not (options.get("secret") or options.get("secret_file")):
+        fail("give the signing secret as secret= or secret_file= (one of them)")
+    secret_file = pathlib.Path(options["secret_file"]) if "secret_file" in options else None
+    if secret_file is not None and not secret_file.is_absolute():
+        fail("secret_file= must be an absolute path")
+    try:
+        timeout = float(options.get("timeout", 10))
+        first, _, longest = options.get("retry", "5..600").partition("..")
+        retry = (float(first), float(longest or first))
+        attempts = int(options.get("attempts", 50))
+    except ValueError:
+        fail("timeout= is seconds, retry= is FIRST..MAX seconds, attempts= a whole number")
+    if not (timeout > 0 and 0 < retry[0] <= retry[1] and attempts >= 1):
+        fail("timeout= and retry= must be more than 0 seconds (FIRST at most MAX), attempts= at least 1")
+    return Webhook(name, url.geturl(), events, options.get("secret", "").encode("utf-8"), timeout, retry, attempts,
+                   secret_file)
 
 
 def _parse_host_port(aet: str, value: str) -> tuple[str, int]:
@@ -1064,7 +1154,7 @@ UNIQUE_KEYS = {"PATIENT": "PatientID", "STUDY": "StudyInstanceUID", "SERIES": "S
 #: Person names also get a folded copy, matched case- and accent-insensitively.
 FOLDED_ATTRIBUTES = ("PatientName", "ReferringPhysicianName")
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 
 def _level_columns(level: str) -> str:
@@ -1142,12 +1232,36 @@ CREATE TABLE series_labels (
 CREATE INDEX series_labels_label ON series_labels(label);
 """
 
+#: When each study last received an instance, whether it has been announced stable since, and
+#: the webhook deliveries not yet made: kept in the index so that a restart loses none of them.
+STUDY_EVENTS = """
+CREATE INDEX studies_unannounced ON studies(last_arrival) WHERE NOT stable_announced;
+CREATE TABLE webhook_deliveries (
+    id INTEGER PRIMARY KEY,
+    delivery_id TEXT NOT NULL UNIQUE,  -- sent with every attempt: the receiver dedupes on it
+    hook TEXT NOT NULL,                -- its name in [webhooks]
+    event TEXT NOT NULL,
+    body TEXT NOT NULL,                -- the JSON sent, the same bytes on every attempt
+    created REAL NOT NULL,
+    status TEXT NOT NULL DEFAULT 'pending',  -- pending, delivered or failed (gave up)
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt REAL NOT NULL,
+    last_error TEXT NOT NULL DEFAULT '',
+    finished REAL
+);
+CREATE INDEX webhook_deliveries_due ON webhook_deliveries(next_attempt) WHERE status = 'pending';
+"""
+
 #: version -> the SQL that brings an index of that version to the next one.
 MIGRATIONS = {
     1: ORIGIN_TOTALS + "INSERT INTO origin_totals SELECT origin, count(*), sum(size) FROM instances GROUP BY origin;",
     2: WORKLIST_SCHEMA,
     3: PROTECTED_STUDIES,
     4: LABEL_TABLES,
+    # Studies already in the index count as announced: an upgrade does not fire for all of them.
+    5: "ALTER TABLE studies ADD COLUMN last_arrival REAL NOT NULL DEFAULT 0;"
+       " ALTER TABLE studies ADD COLUMN stable_announced INTEGER NOT NULL DEFAULT 0;"
+       " UPDATE studies SET stable_announced = 1;" + STUDY_EVENTS,
 }
 
 SCHEMA = f"""
@@ -1162,6 +1276,8 @@ CREATE TABLE studies (
     patient_ref INTEGER NOT NULL REFERENCES patients(id),
     first_instance INTEGER,
     {_level_columns("STUDY")},
+    last_arrival REAL NOT NULL DEFAULT 0,  -- time.time() of its newest instance
+    stable_announced INTEGER NOT NULL DEFAULT 0,  -- 1 once found stable, 0 again when one arrives
     UNIQUE (study_instance_uid)
 );
 CREATE TABLE series (
@@ -1198,7 +1314,7 @@ CREATE VIRTUAL TABLE metadata USING fts5(
 );
 -- Folders indexed in place (index PATH, tasks), so that reindex can find them again.
 CREATE TABLE indexed_roots (path TEXT PRIMARY KEY, added TEXT NOT NULL);
-{ORIGIN_TOTALS}{WORKLIST_SCHEMA}{PROTECTED_STUDIES}{LABEL_TABLES}"""
+{ORIGIN_TOTALS}{WORKLIST_SCHEMA}{PROTECTED_STUDIES}{LABEL_TABLES}{STUDY_EVENTS}"""
 
 
 @dataclasses.dataclass
@@ -1457,6 +1573,29 @@ class StoredStudy(typing.NamedTuple):
     instances: int
     bytes: int
     last_arrival_ns: int  #: when its newest instance was written (its file's mtime)
+
+
+class QuietStudy(typing.NamedTuple):
+    """A study not announced stable since its newest instance arrived."""
+    study_instance_uid: str
+    last_arrival: float  # time.time() of that instance
+
+
+class Delivery(typing.NamedTuple):
+    """One webhook delivery: an event for one hook, queued in the index until it is made."""
+    delivery_id: str
+    hook: str
+    event: str
+    body: str
+    created: float = 0.0
+    status: str = "pending"  # pending, delivered or failed (gave up)
+    attempts: int = 0
+    next_attempt: float = 0.0
+    last_error: str = ""
+    finished: float | None = None
+
+
+_DELIVERY_COLUMNS = "delivery_id, hook, event, body, created, status, attempts, next_attempt, last_error, finished"
 
 
 class _WriteOp:
@@ -1718,6 +1857,51 @@ class Index:
         table, column = {"STUDY": ("studies", "study_instance_uid"), "SERIES": ("series", "series_instance_uid")}[level]
         return bool(self.query(f"SELECT 1 FROM {table} WHERE {column} = ?", (uid,)))
 
+    # ---- study events and webhook deliveries ---------------------------------------------
+
+    def quiet_studies(self, arrived_before: float) -> list[QuietStudy]:
+        """The studies not announced stable whose newest instance arrived before this time."""
+        rows = self.query("SELECT study_instance_uid, last_arrival FROM studies"
+                          " WHERE NOT stable_announced AND last_arrival < ? ORDER BY last_arrival", (arrived_before,))
+        return [QuietStudy(*row) for row in rows]
+
+    def study_attributes(self, study_uid: str) -> dict | None:
+        """A study's patient and study level attributes by keyword, with ModalitiesInStudy and
+        the numbers of its series and instances (PS3.4 C.3.3); None if it is not indexed."""
+        keywords = LEVEL_ATTRIBUTES["PATIENT"] + LEVEL_ATTRIBUTES["STUDY"]
+        columns = ", ".join(f"{LEVEL_ALIASES['PATIENT' if k in LEVEL_ATTRIBUTES['PATIENT'] else 'STUDY']}.{_snake_case(k)}"
+                            for k in keywords)
+        rows = self.query(
+            f"SELECT {columns}, (SELECT group_concat(DISTINCT modality) FROM series WHERE study_ref = st.id),"
+            " (SELECT count(*) FROM series WHERE study_ref = st.id),"
+            " (SELECT count(*) FROM instances i JOIN series se ON se.id = i.series_ref WHERE se.study_ref = st.id)"
+            " FROM studies st JOIN patients p ON p.id = st.patient_ref WHERE st.study_instance_uid = ?", (study_uid,))
+        if not rows:
+            return None
+        *values, modalities, series, instances = rows[0]
+        attributes = dict(zip(keywords, values))
+        attributes["ModalitiesInStudy"] = "\\".join(sorted(m for m in (modalities or "").split(",") if m))
+        attributes["NumberOfStudyRelatedSeries"] = str(series)
+        attributes["NumberOfStudyRelatedInstances"] = str(instances)
+        return attributes
+
+    def due_deliveries(self, now: float, limit: int = 50) -> list[Delivery]:
+        """Pending webhook deliveries whose next attempt is due, oldest first."""
+        rows = self.query(f"SELECT {_DELIVERY_COLUMNS} FROM webhook_deliveries WHERE status = 'pending'"
+                          " AND next_attempt <= ? ORDER BY next_attempt, id LIMIT ?", (now, limit))
+        return [Delivery(*row) for row in rows]
+
+    def next_delivery_time(self) -> float | None:
+        """When the next pending webhook delivery is due, or None if none is pending."""
+        return self.query("SELECT min(next_attempt) FROM webhook_deliveries WHERE status = 'pending'")[0][0]
+
+    def deliveries(self, limit: int = 100, status: str = "") -> list[Delivery]:
+        """The delivery log: the newest webhook deliveries first, of one status if given."""
+        where = "WHERE status = ?" if status else ""
+        rows = self.query(f"SELECT {_DELIVERY_COLUMNS} FROM webhook_deliveries {where} ORDER BY id DESC LIMIT ?",
+                          (status, limit) if status else (limit,))
+        return [Delivery(*row) for row in rows]
+
     # ---- the writer --------------------------------------------------------------------------
 
     def submit(self, function, *args, wake_writer: bool = True) -> concurrent.futures.Future:
@@ -1837,8 +2021,11 @@ class Index:
         return connection.execute(f"INSERT INTO {table} ({','.join(names)}) VALUES ({placeholders}) RETURNING id", values).fetchone()[0]
 
     @classmethod
-    def add_instance(cls, connection, record: InstanceRecord) -> int:
-        """Insert (or replace) one instance and its patient, study and series rows."""
+    def add_instance(cls, connection, record: InstanceRecord, deliveries=()) -> int:
+        """Insert (or replace) one instance and its patient, study and series rows.
+
+        The study's last arrival is now (it is stable again only stable_age later), and the webhook
+        deliveries the arrival makes are queued in the same transaction."""
         existing = connection.execute("SELECT id FROM instances WHERE sop_instance_uid = ? OR path = ?", (record.sop_instance_uid, record.path)).fetchall()
         for (instance_id,) in existing:
             cls.remove_instance(connection, instance_id)
@@ -1858,7 +2045,44 @@ class Index:
         series = cls._upsert_parent(connection, "SERIES", "series_instance_uid", columns["SeriesInstanceUID"], "study_ref", study, columns, instance_id, refresh)
         connection.execute("UPDATE instances SET series_ref = ? WHERE id = ?", (series, instance_id))
         connection.execute("INSERT INTO metadata (rowid, body) VALUES (?, ?)", (instance_id, record.text))
+        # The study is quiet again only stable_age after this: announced anew then (on_stable_study).
+        connection.execute("UPDATE studies SET last_arrival = ?, stable_announced = 0 WHERE id = ?", (time.time(), study))
+        cls.queue_deliveries(connection, deliveries)
         return instance_id
+
+    @staticmethod
+    def queue_deliveries(connection, deliveries):
+        """Queue webhook deliveries (Delivery rows), due at once."""
+        now = time.time()
+        connection.executemany(
+            "INSERT INTO webhook_deliveries (delivery_id, hook, event, body, created, next_attempt) VALUES (?, ?, ?, ?, ?, ?)",
+            [(d.delivery_id, d.hook, d.event, d.body, now, now) for d in deliveries])
+
+    @classmethod
+    def announce_stable(cls, connection, study_uid: str, last_arrival: float, deliveries=()) -> bool:
+        """Mark a study announced stable, if no instance arrived since last_arrival, and queue the
+        deliveries that announce it; False if it is no longer quiet (or no longer indexed)."""
+        connection.execute("UPDATE studies SET stable_announced = 1 WHERE study_instance_uid = ?"
+                           " AND last_arrival = ? AND NOT stable_announced", (study_uid, last_arrival))
+        if connection.changes() != 1:
+            return False
+        cls.queue_deliveries(connection, deliveries)
+        return True
+
+    @staticmethod
+    def announce_all_stable(connection):
+        """Count every study as announced stable (an index rebuilt from files announces nothing)."""
+        connection.execute("UPDATE studies SET stable_announced = 1 WHERE NOT stable_announced")
+
+    @staticmethod
+    def delivery_attempted(connection, delivery_id: str, status: str, error: str = "", next_attempt: float = 0.0):
+        """Record an attempt at a webhook delivery: now delivered, failed for good, or pending
+        until next_attempt. A delivered one keeps the error of its last failed attempt, if any."""
+        connection.execute(
+            "UPDATE webhook_deliveries SET attempts = attempts + 1, status = ?,"
+            " last_error = coalesce(nullif(?, ''), last_error), next_attempt = ?,"
+            " finished = CASE WHEN ? = 'pending' THEN NULL ELSE ? END WHERE delivery_id = ?",
+            (status, error, next_attempt, status, time.time(), delivery_id))
 
     @staticmethod
     def _move_to_parent(connection, table: str, row_id: int, parent_column: str, parent_id: int):
@@ -2513,6 +2737,9 @@ class Ingest:
         self.store_filter = None
         #: callable(record) that may add searchable fields before a record is written
         self.enrich = None
+        #: callable(record) -> the webhook deliveries (Delivery rows) its arrival makes, queued
+        #: in the transaction that indexes it
+        self.deliveries_for = None
         self._uid_locks = collections.defaultdict(threading.Lock)
         self._locks_guard = threading.Lock()
         self.log = logging.getLogger("dicoogled.index")
@@ -2792,7 +3019,8 @@ class Ingest:
     def _index(self, record: InstanceRecord, calling_aet: str = ""):
         if self.enrich:
             self.enrich(record)
-        self.index.write(Index.add_instance, record)
+        deliveries = self.deliveries_for(record) if self.deliveries_for else ()
+        self.index.write(Index.add_instance, record, deliveries)
         self.stats.indexed += 1
         for listener in self.listeners:
             try:
@@ -4694,7 +4922,8 @@ HOOK_SPECS = (
              orthanc="OnStoredInstance", plugin_kind="events"),
     HookSpec("on_indexed", "notify", "instance",
              "an instance entered the index, whatever its origin (C-STORE, watched folder, index task)", plugin_kind="events"),
-    HookSpec("on_stable_study", "notify", "study", "no new instance arrived in a study for `[plugins] stable_age` seconds",
+    HookSpec("on_stable_study", "notify", "study",
+             "no new instance arrived in a study for `[plugins] stable_age` seconds (and again after a later one)",
              orthanc="OnStableStudy", plugin_kind="events"),
     HookSpec("incoming_store_filter", "decision", "calling_aet, tags",
              "`true`/`nil` accepts, `false` refuses with 0x0124, a number refuses with that DICOM status",
@@ -5125,10 +5354,8 @@ class PluginManager:
         self._events = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="plugin-event")
         self._lock = threading.RLock()
         self._observer = None
-        self._last_arrival: dict[str, float] = {}  # study UID -> time of its newest instance
         #: Field names index plugins have added, searchable like DICOM keywords.
         self.extra_fields: set[str] = set()
-        self._stable_stop = threading.Event()
 
     # ---- life cycle
 
@@ -5283,10 +5510,8 @@ class PluginManager:
                 self._observer.schedule(Reloader(), str(folder), recursive=False,
                                         event_filter=[*written, FileMovedEvent, FileDeletedEvent])
         self._observer.start()
-        start_thread("stable-studies", self._stable_loop)
 
     def close(self):
-        self._stable_stop.set()
         if self._observer:
             self._observer.stop()
             self._observer.join(timeout=5)
@@ -5355,16 +5580,6 @@ class PluginManager:
         if record.origin in ("store", "stow"):
             self.notify("on_stored", event)
         self.notify("on_indexed", event)
-        self._last_arrival[record.columns["StudyInstanceUID"]] = time.monotonic()
-
-    def _stable_loop(self):
-        stable_age = self.daemon.config.stable_age
-        while not self._stable_stop.wait(min(1.0, stable_age / 4)):
-            now = time.monotonic()
-            for study_uid, last in list(self._last_arrival.items()):
-                if now - last >= stable_age:
-                    del self._last_arrival[study_uid]
-                    self.notify("on_stable_study", {"StudyInstanceUID": study_uid})
 
 
 def _add_lua_routes(routes: dict, app: bottle.Bottle):
@@ -5421,7 +5636,7 @@ def _orthanc_adapter(name: str, function):
     if name == "IncomingFindRequestFilter":
         return lambda aet, query: function(query, origin(aet))
     if name == "OnStableStudy":
-        return lambda study: function(study["StudyInstanceUID"], {}, {})
+        return lambda study: function(study["StudyInstanceUID"], study, {})  # Orthanc's tags: the study's
     return function
 
 
@@ -7746,6 +7961,180 @@ class TaskManager:
 
 
 # ============================================================================================
+# Study events and webhooks: stable studies, and deliveries that survive a restart
+# ============================================================================================
+
+#: 2xx: the receiver has the event; anything else (or no answer) is tried again later.
+HTTP_SUCCESS_CLASS = 2
+#: Seconds between looks for quiet studies, at most.
+STABLE_CHECK_SECONDS = 1.0
+
+
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """A webhook answering with a redirect has not taken the event: a failed attempt, and no
+    signed body goes to a URL the configuration does not name."""
+
+    def redirect_request(self, *args, **kwargs):
+        return None
+
+
+class StudyEvents:
+    """Finds stable studies and delivers webhooks, both from what the index keeps.
+
+    A study is stable once [plugins] stable_age seconds passed since its newest instance arrived
+    (studies.last_arrival, written by Index.add_instance). When found so, it is marked announced
+    and its webhook deliveries queued in one transaction; on_stable_study then runs. Deliveries are
+    rows of the index: a delivery thread posts each due one, marks it delivered after a 2xx answer,
+    else waits longer each time (Webhook.retry_delay). A crash between a receiver's 2xx and that
+    mark sends the same delivery again, with the same X-Dicoogled-Delivery id: receivers dedupe.
+    """
+
+    def __init__(self, daemon: "Daemon"):
+        self.daemon = daemon
+        self.index: Index = daemon.index
+        self.log = logging.getLogger("dicoogled.events")
+        self._stop = threading.Event()
+        self._wake_delivery = threading.Event()
+        self._threads = []
+        self._opener = urllib.request.build_opener(_NoRedirects)
+
+    @property
+    def webhooks(self) -> dict[str, Webhook]:
+        return self.daemon.config.webhooks
+
+    def start(self):
+        for hook in self.webhooks.values():
+            try:
+                hook.signing_key()
+            except (OSError, ValueError) as error:  # said now; its deliveries wait until it can be read
+                self.log.error("webhook %s: cannot read its secret: %s", hook.name, getattr(error, "strerror", None) or error)
+        self._threads = [start_thread("stable-studies", self._find_stable_studies),
+                         start_thread("webhooks", self._deliver)]
+
+    def close(self):
+        """Stop both threads; deliveries not made stay queued for the next start."""
+        self._stop.set()
+        self._wake_delivery.set()
+        for thread in self._threads:
+            thread.join(timeout=max([hook.timeout for hook in self.webhooks.values()], default=0) + 5)
+
+    # ---- events
+
+    def deliveries(self, event: str, data: dict) -> list[Delivery]:
+        """The deliveries (not yet queued) telling every hook that wants it of an event."""
+        deliveries = []
+        for hook in self.webhooks.values():
+            if event in hook.events:
+                delivery_id = str(uuid.uuid4())
+                body = json.dumps({"event": event, "id": delivery_id, "data": data,
+                                   "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")},
+                                  ensure_ascii=False)
+                deliveries.append(Delivery(delivery_id, hook.name, event, body))
+        return deliveries
+
+    def instance_deliveries(self, record: InstanceRecord) -> list[Delivery]:
+        """What an instance's arrival makes: a stored event for each one received (C-STORE, STOW-RS)."""
+        if record.origin not in ("store", "stow") or not self.webhooks:
+            return []
+        columns = record.columns
+        data = {keyword: columns[keyword] for keyword in ("SOPInstanceUID", "SOPClassUID", "SeriesInstanceUID",
+                                                          "StudyInstanceUID", "PatientID", "Modality")}
+        data["origin"] = record.origin
+        return self.deliveries("stored", data)
+
+    def queued(self):
+        """Deliveries were queued: look for due ones now."""
+        self._wake_delivery.set()
+
+    def _find_stable_studies(self):
+        # The one place studies are found stable. With several nodes on one database (the
+        # PostgreSQL engine), only the node holding a lease on this job should run this loop;
+        # announce_stable's conditional update already keeps two from announcing a study twice.
+        stable_age = self.daemon.config.stable_age
+        while not self._stop.wait(min(STABLE_CHECK_SECONDS, stable_age / 4)):
+            try:
+                self._announce_quiet_studies(stable_age)
+            except (apsw.Error, OSError) as error:  # a full disk, say: the studies wait, the loop goes on
+                self.log.error("cannot look for stable studies now: %s", error)
+
+    def _announce_quiet_studies(self, stable_age: float):
+        for study in self.index.quiet_studies(time.time() - stable_age):
+            if self._stop.is_set():
+                return
+            attributes = self.index.study_attributes(study.study_instance_uid)
+            if attributes is None:
+                continue
+            deliveries = self.deliveries("stable_study", attributes)
+            if self.index.write(Index.announce_stable, study.study_instance_uid, study.last_arrival, deliveries):
+                self.log.info("study %s is stable", study.study_instance_uid)
+                if deliveries:
+                    self.queued()
+                self.daemon.plugins.notify("on_stable_study", attributes)
+
+    # ---- delivery
+
+    def _deliver(self):
+        while not self._stop.is_set():
+            try:
+                for delivery in self.index.due_deliveries(time.time()):
+                    if self._stop.is_set():
+                        return
+                    self._attempt(delivery)
+                next_due = self.index.next_delivery_time()
+            except (apsw.Error, OSError) as error:  # the queue cannot be read or written now: later
+                self.log.error("cannot deliver webhooks now: %s", error)
+                next_due = None
+            wait = STABLE_CHECK_SECONDS if next_due is None else min(STABLE_CHECK_SECONDS, max(0.0, next_due - time.time()))
+            self._wake_delivery.wait(wait)
+            self._wake_delivery.clear()
+
+    def _attempt(self, delivery: Delivery):
+        """Post one delivery once and record what came of it."""
+        hook = self.webhooks.get(delivery.hook)
+        if hook is None:
+            self.index.write(Index.delivery_attempted, delivery.delivery_id, "failed",
+                             f"no webhook {delivery.hook} in [webhooks] any more")
+            return
+        body = delivery.body.encode("utf-8")
+        try:
+            key = hook.signing_key()
+        except (OSError, ValueError) as error:
+            self._failed(hook, delivery, f"cannot read secret_file: {getattr(error, 'strerror', None) or error}")
+            return
+        request = urllib.request.Request(hook.url, data=body, method="POST", headers={
+            "Content-Type": "application/json; charset=utf-8",
+            "User-Agent": f"dicoogled/{__version__}",
+            "X-Dicoogled-Event": delivery.event,
+            "X-Dicoogled-Delivery": delivery.delivery_id,
+            "X-Dicoogled-Signature": "sha256=" + hmac.new(key, body, hashlib.sha256).hexdigest(),
+        })
+        try:
+            with self._opener.open(request, timeout=hook.timeout) as answer:
+                answer.read(65536)
+                status, error = answer.status, ""
+        except urllib.error.HTTPError as answer:
+            status, error = answer.code, f"HTTP {answer.code} {answer.reason}"
+        except (OSError, ValueError, http.client.HTTPException) as failure:  # refused, timed out, reset
+            status, error = 0, str(getattr(failure, "reason", None) or failure) or type(failure).__name__
+        if status // 100 == HTTP_SUCCESS_CLASS:
+            self.index.write(Index.delivery_attempted, delivery.delivery_id, "delivered")
+            self.log.info("webhook %s: %s delivery %s made", hook.name, delivery.event, delivery.delivery_id)
+            return
+        self._failed(hook, delivery, error)
+
+    def _failed(self, hook: Webhook, delivery: Delivery, error: str):
+        """Record a failed attempt: tried again after a longer wait, or given up after hook.attempts."""
+        attempts = delivery.attempts + 1
+        if attempts >= hook.attempts:
+            self.index.write(Index.delivery_attempted, delivery.delivery_id, "failed", error)
+            self.log.error("webhook %s: gave up delivery %s after %d attempts: %s", hook.name, delivery.delivery_id, attempts, error)
+            return
+        delay = hook.retry_delay(attempts)
+        self.index.write(Index.delivery_attempted, delivery.delivery_id, "pending", error, time.time() + delay)
+        self.log.warning("webhook %s: delivery %s failed (%s); next attempt in %g s", hook.name, delivery.delivery_id, error, delay)
+
+
+# ============================================================================================
 # Users and sessions: password hashes, tokens, presets (data_dir/users.sqlite)
 # ============================================================================================
 
@@ -8450,6 +8839,7 @@ def make_app(daemon: "Daemon") -> bottle.Bottle:
     _search_routes(api)
     _image_routes(api)
     _task_routes(api)
+    _webhook_routes(api)
     _index_settings_routes(api)
     _transfer_settings_routes(api)
     _dicom_settings_routes(api)
@@ -9405,6 +9795,29 @@ def _image_routes(api: Api):
         return _tags_xml(dataset)
 
 
+def _webhook_routes(api: Api):
+    daemon = api.daemon
+
+    @api.route("/management/webhooks", access=ADMIN)
+    def webhook_deliveries():
+        """The webhooks ([webhooks], secrets left out) and their delivery log, newest first.
+
+        status: only the deliveries pending, delivered or failed
+        limit: how many deliveries, at most (100)
+        """
+        status = bottle.request.params.get("status", "")
+        if status not in ("", "pending", "delivered", "failed"):
+            _fail(400, "status is pending, delivered or failed")
+        limit = _int_param("limit", 100, minimum=1)
+        hooks = [{"name": hook.name, "url": hook.url, "events": sorted(hook.events), "timeout": hook.timeout,
+                  "retry": list(hook.retry), "attempts": hook.attempts} for hook in daemon.config.webhooks.values()]
+        deliveries = [{"id": d.delivery_id, "hook": d.hook, "event": d.event, "status": d.status, "attempts": d.attempts,
+                       "created": d.created, "nextAttempt": d.next_attempt if d.status == "pending" else None,
+                       "finished": d.finished, "lastError": d.last_error, "body": json.loads(d.body)}
+                      for d in daemon.index.deliveries(min(limit, 10_000), status)]
+        return {"webhooks": hooks, "deliveries": deliveries}
+
+
 def _task_routes(api: Api):
     daemon = api.daemon
 
@@ -10123,6 +10536,10 @@ class Daemon:
         self.ingest.store_filter = self.plugins.store_filter
         self.ingest.enrich = self.plugins.enrich
         self.ingest.listeners.append(self.plugins.instance_indexed)
+        #: Stable studies and webhook deliveries.
+        self.events = StudyEvents(self)
+        self.ingest.deliveries_for = self.events.instance_deliveries
+        self.ingest.listeners.append(lambda record, calling_aet: self.events.queued())
         self.dicom.find_filter = self.plugins.find_filter
         self.watcher = None
         self.http_server = None
@@ -10137,6 +10554,7 @@ class Daemon:
 
         self.plugins.load_all()
         self.plugins.watch()
+        self.events.start()
         if self.config.dicom_autostart:
             self.dicom.start()
         self.watch()
@@ -10265,6 +10683,7 @@ class Daemon:
         self.dicom.stop()
         self.watch()  # stopped is set: this only stops the watcher
         self.tasks.close()
+        self.events.close()
         self.plugins.close()
         self.codecs.close()
         self.index.close()
@@ -10611,6 +11030,8 @@ def command_reindex(config: Config) -> int:
                 reconcile(ingest, root, origin, progress=_progress_bar(str(root)))
             elif origin == "index" and root.is_file():
                 ingest.index_file(root, origin)
+        # A rebuilt index tells nobody its studies are stable again: they arrived long ago.
+        index.write(Index.announce_all_stable)
         print(json.dumps({**index.counts(), **dataclasses.asdict(ingest.stats)}))
         return 0
     finally:

@@ -321,7 +321,10 @@ def test_an_index_of_the_previous_schema_is_migrated(tmp_path):
     index.close()
     import apsw
     connection = apsw.Connection(str(path))
-    connection.execute("DROP TABLE study_labels; DROP TABLE series_labels; PRAGMA user_version=4")
+    connection.execute("DROP TABLE study_labels; DROP TABLE series_labels;"
+                       " DROP TABLE webhook_deliveries; DROP INDEX studies_unannounced;"
+                       " ALTER TABLE studies DROP COLUMN last_arrival; ALTER TABLE studies DROP COLUMN stable_announced;"
+                       " PRAGMA user_version=4")
     connection.close()
     index = dicoogled.Index(path)
     try:

@@ -1139,8 +1139,9 @@ def test_health_counts_and_bytes_follow_every_change(small_archive, tmp_path):
 
 
 def test_an_index_of_the_previous_schema_is_upgraded_in_place(small_archive):
-    """An index written by the version before the kept totals gets them, from its rows, and
-    the table of protected studies, at start; one from a newer version is refused with what to do."""
+    """An index written by the version before the kept totals gets them, from its rows, the
+    table of protected studies and the study events' columns and delivery queue (its studies
+    counted as announced stable), at start; one from a newer version is refused with what to do."""
     import apsw
 
     daemon, admin = small_archive
@@ -1149,11 +1150,18 @@ def test_an_index_of_the_previous_schema_is_upgraded_in_place(small_archive):
     index = apsw.Connection(str(daemon.data_dir / "index.sqlite"))
     index.execute("DROP TABLE origin_totals; DROP TRIGGER instance_counted; DROP TRIGGER instance_uncounted;"
                   " DROP TRIGGER instance_recounted; DROP TABLE performed_procedure_steps; DROP TABLE worklist_entries;"
-                  " DROP TABLE protected_studies; DROP TABLE study_labels; DROP TABLE series_labels; PRAGMA user_version=1")
+                  " DROP TABLE protected_studies; DROP TABLE study_labels; DROP TABLE series_labels;"
+                  " DROP TABLE webhook_deliveries; DROP INDEX studies_unannounced;"
+                  " ALTER TABLE studies DROP COLUMN last_arrival; ALTER TABLE studies DROP COLUMN stable_announced;"
+                  " PRAGMA user_version=1")
     index.close()
     daemon.start()
     assert health_totals(daemon) == before
     assert "upgrading the index" in daemon.log
+    assert admin.get("/management/webhooks").json()["deliveries"] == []
+    index = apsw.Connection(str(daemon.data_dir / "index.sqlite"))
+    assert index.execute("SELECT DISTINCT stable_announced FROM studies").fetchall() == [(1,)]
+    index.close()
     assert admin.post("/management/tasks/unindex", SOPInstanceUID=daemon.datasets[0].SOPInstanceUID).json()["indexed"] == 1
     assert health_totals(daemon)[0] == before[0] - 1
     study_uid = daemon.datasets[0].StudyInstanceUID  # protected studies came with version 3
@@ -1166,4 +1174,4 @@ def test_an_index_of_the_previous_schema_is_upgraded_in_place(small_archive):
     daemon.start(wait=False)
     assert daemon.process.wait(timeout=60) != 0
     daemon.log_file.close()
-    assert "has schema version 99, this dicoogled knows 5: run 'dicoogled reindex' to rebuild it" in daemon.log
+    assert "has schema version 99, this dicoogled knows 6: run 'dicoogled reindex' to rebuild it" in daemon.log

@@ -268,6 +268,8 @@ def test_an_index_of_schema_version_2_gets_the_worklist_tables(start_daemon):
     index = apsw.Connection(str(daemon.data_dir / "index.sqlite"))
     index.execute("DROP TABLE performed_procedure_steps; DROP TABLE worklist_entries; DROP TABLE protected_studies;"
                   " DROP TABLE study_labels; DROP TABLE series_labels;"
+                  " DROP TABLE webhook_deliveries; DROP INDEX studies_unannounced;"
+                  " ALTER TABLE studies DROP COLUMN last_arrival; ALTER TABLE studies DROP COLUMN stable_announced;"
                   " PRAGMA user_version=2")
     index.close()
     daemon.start()

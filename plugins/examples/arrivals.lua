@@ -19,5 +19,7 @@ function on_indexed(instance)
 end
 
 function on_stable_study(study)
-  dicoogle.log("study " .. study.StudyInstanceUID .. " is stable")
+  -- study: its patient and study attributes by keyword; fires again after later instances
+  dicoogle.log("study " .. study.StudyInstanceUID .. " is stable: " .. study.NumberOfStudyRelatedInstances
+               .. " instances (" .. study.ModalitiesInStudy .. ")")
 end

@@ -23,4 +23,7 @@ def on_indexed(instance):
 
 
 def on_stable_study(study):
-    dicoogle.log(f"study {study['StudyInstanceUID']} is stable")
+    """study: its patient and study attributes by keyword (AccessionNumber, ModalitiesInStudy,
+    NumberOfStudyRelatedInstances...). It fires again if the study gets more instances later."""
+    dicoogle.log(f"study {study['StudyInstanceUID']} is stable: {study['NumberOfStudyRelatedInstances']} instances"
+                 f" ({study['ModalitiesInStudy']})")
