@@ -334,6 +334,9 @@ max_instances = 0
 # or recycle: delete the studies that arrived longest ago, unprotected ones only, until the new
 # object fits (PUT /studies/{uid}/protected protects one).
 when_full = refuse
+# Labels that protect what carries them from recycling and [retention] rules, separated by
+# spaces: a study carrying one, on itself or on one of its series, is never deleted by either.
+protected_labels =
 # Hours between two runs of the [retention] rules (the first run comes at start).
 retention_interval_hours = 24
 
@@ -414,9 +417,11 @@ level = INFO
 # Rules that delete received studies, one per line: NAME = criteria separated by spaces, all of
 # which a study must meet. older_than_days=N (required): its newest instance arrived more than
 # N days ago; modality=MR: it has a series of that modality; origin=store or stow: all of it came
-# by C-STORE, or by STOW-RS. Protected studies are never deleted. Run every
+# by C-STORE, or by STOW-RS; label=NAME: it carries that label (on itself or a series).
+# Protected studies, and those carrying a protected_labels label, are never deleted. Run every
 # retention_interval_hours; 'dicoogled retention --dry-run' lists what they would delete.
 # old-mr = older_than_days=365 modality=MR
+# last-term = older_than_days=180 label=course-2026
 """
 
 # ============================================================================================
@@ -629,6 +634,7 @@ _CONFIG_READERS = {
     "lower": lambda parser, section, key: parser.get(section, key).strip().lower(),
     "upper": lambda parser, section, key: parser.get(section, key).strip().upper(),
     "words": lambda parser, section, key: parser.get(section, key).split(),
+    "labels": lambda parser, section, key: tuple(label_name(word) for word in parser.get(section, key).split()),
     "int": lambda parser, section, key: parser.getint(section, key),
     "float": lambda parser, section, key: parser.getfloat(section, key),
     "bool": lambda parser, section, key: parser.getboolean(section, key),
@@ -675,6 +681,7 @@ CONFIG_KEYS = {
     "min_free_mb": ("storage", "min_free_mb", "float"),
     "max_size_mb": ("storage", "max_size_mb", "float"),
     "max_instances": ("storage", "max_instances", "int"),
+    "protected_labels": ("storage", "protected_labels", "labels"),
     "when_full": ("storage", "when_full", "lower"),
     "retention_interval_hours": ("storage", "retention_interval_hours", "float"),
     "watch_folders": ("watch", "folders", "paths"),
@@ -731,6 +738,8 @@ class Config:
     min_free_mb: float = 100
     max_size_mb: float = 0
     max_instances: int = 0
+    #: Labels whose studies recycling and retention rules never delete.
+    protected_labels: tuple[str, ...] = ()
     when_full: str = "refuse"
     retention_interval_hours: float = 24
     #: [retention] rules by name
@@ -977,17 +986,17 @@ def _parse_host_port(aet: str, value: str) -> tuple[str, int]:
 class RetentionRule:
     """A [retention] rule: the received, unprotected studies it deletes meet all its criteria.
 
-    Written NAME = criterion=value ...: each criterion is one attribute here, so that another
-    (label=, once studies have labels) is one more field and one more condition in
-    Index.studies_to_retire.
+    Written NAME = criterion=value ...: each criterion is one attribute here and one condition
+    in Index.studies_to_retire.
     """
 
     name: str
     older_than_days: float  #: its newest instance arrived longer ago than this
     modality: str = ""  #: it has a series of this modality ("" for any)
     origin: str = ""  #: all of it came this way: store (C-STORE) or stow (STOW-RS); "" for either
+    label: str = ""  #: it carries this label, on itself or on one of its series ("" for any)
 
-    CRITERIA = ("older_than_days", "modality", "origin")
+    CRITERIA = ("older_than_days", "modality", "origin", "label")
 
     @classmethod
     def parse(cls, name: str, text: str) -> "RetentionRule":
@@ -995,7 +1004,8 @@ class RetentionRule:
         for word in text.split():
             key, _, value = word.partition("=")
             if key not in cls.CRITERIA or not value:
-                raise ValueError(f"[retention] {name}: {word!r} is not a criterion (older_than_days=N, modality=MR, origin=store|stow)")
+                raise ValueError(f"[retention] {name}: {word!r} is not a criterion"
+                                 " (older_than_days=N, modality=MR, origin=store|stow, label=NAME)")
             criteria[key] = value
         if "older_than_days" not in criteria:
             raise ValueError(f"[retention] {name}: older_than_days=N is required")
@@ -1008,7 +1018,11 @@ class RetentionRule:
         origin = criteria.get("origin", "").lower()
         if origin not in ("",) + RECEIVED_ORIGINS:
             raise ValueError(f"[retention] {name}: origin must be one of {', '.join(RECEIVED_ORIGINS)}")
-        return cls(name, days, criteria.get("modality", "").upper(), origin)
+        try:
+            label = label_name(criteria["label"]) if "label" in criteria else ""
+        except ValueError as error:
+            raise ValueError(f"[retention] {name}: {error}") from None
+        return cls(name, days, criteria.get("modality", "").upper(), origin, label)
 
 
 def _parse_modality(aet: str, value: str) -> tuple[tuple[str, int], bool, str, frozenset[str] | None]:
@@ -1549,6 +1563,24 @@ class LabelRecord(typing.NamedTuple):
 LABEL_LEVELS = {"STUDY": ("study_labels", "study_instance_uid"), "SERIES": ("series_labels", "series_instance_uid")}
 
 
+#: A study st carries one of some labels ({marks}: one ? per label, bound twice), on itself or
+#: on one of its series.
+_STUDY_CARRIES_LABELS = (
+    "(st.study_instance_uid IN (SELECT study_instance_uid FROM study_labels WHERE label IN ({marks}))"
+    " OR EXISTS (SELECT 1 FROM series ls JOIN series_labels sl ON sl.series_instance_uid = ls.series_instance_uid"
+    " WHERE ls.study_ref = st.id AND sl.label IN ({marks})))")
+
+
+def _unprotected_study_test(protected_labels) -> tuple[str, tuple]:
+    """(SQL condition, its arguments) that a study st is neither protected itself nor carries
+    one of protected_labels: what recycling and retention may delete."""
+    condition = "st.study_instance_uid NOT IN (SELECT study_instance_uid FROM protected_studies)"
+    if not protected_labels:
+        return condition, ()
+    marks = ", ".join("?" * len(protected_labels))
+    return f"{condition} AND NOT {_STUDY_CARRIES_LABELS.format(marks=marks)}", (*protected_labels, *protected_labels)
+
+
 #: The columns of an IndexedInstance, from instances aliased i.
 _INSTANCE_COLUMNS = "i.id, i.sop_instance_uid, i.sop_class_uid, i.transfer_syntax, i.path, i.size, i.mtime_ns, i.origin"
 #: instances i joined to their series se and studies st, for look-ups by a parent's UID.
@@ -1691,35 +1723,44 @@ class Index:
         return tuple(self.query(f"SELECT coalesce(sum(instances), 0), coalesce(sum(bytes), 0) FROM origin_totals"
                                 f" WHERE origin IN ({marks})", RECEIVED_ORIGINS)[0])
 
-    def recyclable_studies(self, limit: int = 20, sparing: str = "") -> list[StoredStudy]:
+    def recyclable_studies(self, limit: int = 20, sparing: str = "", protected_labels=()) -> list[StoredStudy]:
         """The studies recycling may delete, the one whose newest instance arrived first first:
-        unprotected, made only of received objects (a study with files indexed in place is not
-        the archive's to delete), and not the study sparing (the one being received). A scan of
-        every instance: it runs only when a quota is hit."""
+        unprotected (by the study or by one of protected_labels), made only of received objects
+        (a study with files indexed in place is not the archive's to delete), and not the study
+        sparing (the one being received). A scan of every instance: it runs only when a quota is hit."""
         marks = ", ".join("?" * len(RECEIVED_ORIGINS))
+        unprotected, protected_args = _unprotected_study_test(protected_labels)
         rows = self.query(
             "SELECT st.study_instance_uid, count(*), sum(i.size), max(i.mtime_ns) FROM instances i"
             " JOIN series se ON se.id = i.series_ref JOIN studies st ON st.id = se.study_ref"
-            " WHERE st.study_instance_uid NOT IN (SELECT study_instance_uid FROM protected_studies)"
-            " AND st.study_instance_uid != ?"
+            f" WHERE {unprotected} AND st.study_instance_uid != ?"
             f" GROUP BY st.id HAVING sum(i.origin NOT IN ({marks})) = 0 ORDER BY max(i.mtime_ns), st.id LIMIT ?",
-            (sparing, *RECEIVED_ORIGINS, limit))
+            (*protected_args, sparing, *RECEIVED_ORIGINS, limit))
         return [StoredStudy(*row) for row in rows]
 
-    def studies_to_retire(self, arrived_before_ns: int, modality: str = "", origin: str = "") -> list[StoredStudy]:
-        """The studies a retention rule deletes, longest arrived first: unprotected, made only
-        of received objects (of origin, if given), the newest arrived before arrived_before_ns,
-        and with a series of modality if given."""
+    def studies_to_retire(self, arrived_before_ns: int, modality: str = "", origin: str = "", label: str = "",
+                          protected_labels=()) -> list[StoredStudy]:
+        """The studies a retention rule deletes, longest arrived first: unprotected (as for
+        recyclable_studies), made only of received objects (of origin, if given), the newest
+        arrived before arrived_before_ns, with a series of modality and carrying label (on the
+        study or one of its series) if given."""
         origins = (origin,) if origin else RECEIVED_ORIGINS
         marks = ", ".join("?" * len(origins))
-        modality_test = " AND EXISTS (SELECT 1 FROM series m WHERE m.study_ref = st.id AND m.modality = ?)" if modality else ""
+        unprotected, args = _unprotected_study_test(protected_labels)
+        conditions = [unprotected]
+        if modality:
+            conditions.append("EXISTS (SELECT 1 FROM series m WHERE m.study_ref = st.id AND m.modality = ?)")
+            args += (modality,)
+        if label:
+            conditions.append(_STUDY_CARRIES_LABELS.format(marks="?"))
+            args += (label, label)
         rows = self.query(
             "SELECT st.study_instance_uid, count(*), sum(i.size), max(i.mtime_ns) FROM instances i"
             " JOIN series se ON se.id = i.series_ref JOIN studies st ON st.id = se.study_ref"
-            " WHERE st.study_instance_uid NOT IN (SELECT study_instance_uid FROM protected_studies)" + modality_test +
+            f" WHERE {' AND '.join(conditions)}"
             f" GROUP BY st.id HAVING sum(i.origin NOT IN ({marks})) = 0 AND max(i.mtime_ns) < ?"
             " ORDER BY max(i.mtime_ns), st.id",
-            ((modality,) if modality else ()) + origins + (arrived_before_ns,))
+            args + origins + (arrived_before_ns,))
         return [StoredStudy(*row) for row in rows]
 
     def protected_studies(self) -> list[str]:
@@ -2718,8 +2759,10 @@ class Ingest:
     """The one way in: received objects, watched files and indexed folders all pass here."""
 
     def __init__(self, index: Index, storage: Storage, duplicates: str = "keep", space: DiskSpace | None = None,
-                 max_instances: int = 0, max_size_mb: float = 0, when_full: str = "refuse"):
+                 max_instances: int = 0, max_size_mb: float = 0, when_full: str = "refuse", protected_labels=()):
         self.index, self.storage, self.duplicates = index, storage, duplicates
+        #: Labels whose studies recycling and retention rules never delete ([storage] protected_labels).
+        self.protected_labels = tuple(protected_labels)
         #: [storage] quotas on received objects (0: no limit) and what to do when one is reached.
         self.max_instances, self.max_bytes, self.when_full = max_instances, int(max_size_mb * 1024 * 1024), when_full
         #: Received objects admitted under the quotas but not yet indexed: (instances, bytes).
@@ -2893,7 +2936,7 @@ class Ingest:
         if self.max_bytes and size > self.max_bytes:
             return f"the object alone ({size // 1024} KB) is larger than [storage] max_size_mb"
         while shortage := self._quota_shortage(size):
-            candidates = self.index.recyclable_studies(limit=1, sparing=study_uid)
+            candidates = self.index.recyclable_studies(limit=1, sparing=study_uid, protected_labels=self.protected_labels)
             if not candidates:
                 return shortage + "; no unprotected study is left to recycle"
             study = candidates[0]
@@ -2913,7 +2956,8 @@ class Ingest:
         now_ns, named = time.time_ns(), {}
         for rule in rules:
             cutoff_ns = now_ns - int(rule.older_than_days * 86400e9)
-            for study in self.index.studies_to_retire(cutoff_ns, rule.modality, rule.origin):
+            for study in self.index.studies_to_retire(cutoff_ns, rule.modality, rule.origin, rule.label,
+                                                      self.protected_labels):
                 if study.study_instance_uid in named:
                     continue
                 named[study.study_instance_uid] = {
@@ -10517,7 +10561,7 @@ class Daemon:
         #: Free space on the data disk and the reserve kept there ([storage] min_free_mb).
         self.disk = DiskSpace(data_dir, config.min_free_mb)
         self.ingest = Ingest(self.index, self.storage, config.duplicates, self.disk,
-                             config.max_instances, config.max_size_mb, config.when_full)
+                             config.max_instances, config.max_size_mb, config.when_full, config.protected_labels)
         self.finder = Finder(self.index)
         #: Where pixels are decoded: worker processes, started on first use.
         self.codecs = CodecWorkers(config.codec_workers, config.codec_idle_seconds, config.codec_timeout, config.log_level)
@@ -10972,7 +11016,8 @@ def _progress_bar(label: str):
 
 def _offline_archive(config: Config):
     index = Index(config.data_dir / "index.sqlite")
-    return index, Ingest(index, Storage(config.data_dir, fsync=config.fsync), config.duplicates)
+    return index, Ingest(index, Storage(config.data_dir, fsync=config.fsync), config.duplicates,
+                         protected_labels=config.protected_labels)
 
 
 def command_index(config: Config, paths) -> int:

@@ -231,11 +231,34 @@ def test_retention_rule_deletes_only_what_it_names_and_dry_runs_delete_nothing(s
     assert check.returncode == 0, check.stdout + check.stderr
 
 
+def test_a_label_rule_deletes_its_studies_but_not_those_a_protected_label_keeps(start_daemon):
+    """label=NAME names studies carrying the label on themselves or on a series; a study that
+    also carries a [storage] protected_labels label (here on one of its series) stays."""
+    daemon = start_daemon(NO_RESERVE + "protected_labels = keep\n"
+                          "[retention]\nlast-term = older_than_days=0.00003 label=course\n", env=ADMIN_ENV)
+    admin = admin_client(daemon)
+    course, kept_course, other = study(0, 2), study(1, 2), study(2, 1)
+    for batch in (course, kept_course, other):
+        assert set(store_on_one_association(daemon, batch).values()) == {SUCCESS}
+    assert admin.request("PUT", f"/studies/{course[0].StudyInstanceUID}/labels/course").status == 200
+    assert admin.request("PUT", f"/series/{kept_course[0].SeriesInstanceUID}/labels/course").status == 200
+    assert admin.request("PUT", f"/series/{kept_course[0].SeriesInstanceUID}/labels/keep").status == 200
+
+    def listed():
+        return {item["StudyInstanceUID"] for item in admin.get("/management/retention", dry_run="1").json()["studies"]}
+    assert wait_until(listed, message="the labelled study to age") == {course[0].StudyInstanceUID}
+    applied = admin.post("/management/retention").json()["studies"]
+    assert [(item["rule"], item["StudyInstanceUID"]) for item in applied] == [("last-term", course[0].StudyInstanceUID)]
+    assert stored_uids(daemon) == {ds.SOPInstanceUID for ds in kept_course + other}
+
+
 @pytest.mark.parametrize("config, problem", [
     ("max_instances = -1\n", "max_instances"),
     ("when_full = delete\n", "when_full"),
     ("[retention]\nold = modality=MR\n", "older_than_days=N is required"),
-    ("[retention]\nold = older_than_days=30 label=teaching\n", "'label=teaching' is not a criterion"),
+    ("[retention]\nold = older_than_days=30 size=big\n", "'size=big' is not a criterion"),
+    ("[retention]\nold = older_than_days=30 label=Bad!\n", "is not a label"),
+    ("protected_labels = keep no/way\n", "is not a label"),
 ])
 def test_invalid_quota_settings_are_refused_at_start(start_daemon, config, problem):
     daemon = start_daemon(NO_RESERVE + config, wait=False)
