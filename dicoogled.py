@@ -295,6 +295,10 @@ tls_certificate =
 tls_private_key =
 tls_ca_certificate =
 tls_minimum_version = 1.2
+# Per-AE certificates: true refuses a TLS client whose certificate's common name is not its
+# calling AE title (make-cert --ae AET makes such certificates), so one modality's certificate
+# cannot speak for another AE. Needs tls_ca_certificate.
+tls_certificate_names_ae = false
 
 [http]
 # The HTTP listener (REST API, DICOMweb, web app) and how many requests it serves at once.
@@ -668,6 +672,7 @@ CONFIG_KEYS = {
     "tls_private_key": ("dicom", "tls_private_key", "word"),
     "tls_ca_certificate": ("dicom", "tls_ca_certificate", "word"),
     "tls_minimum_version": ("dicom", "tls_minimum_version", "word"),
+    "tls_certificate_names_ae": ("dicom", "tls_certificate_names_ae", "bool"),
     "http_host": ("http", "host", "text"),
     "http_port": ("http", "port", "int"),
     "http_threads": ("http", "threads", "int"),
@@ -725,6 +730,8 @@ class Config:
     tls_private_key: str = ""
     tls_ca_certificate: str = ""
     tls_minimum_version: str = "1.2"
+    #: A TLS client's certificate must name its calling AE title (common name).
+    tls_certificate_names_ae: bool = False
     http_host: str = "0.0.0.0"
     http_port: int = 8080
     http_threads: int = 8
@@ -870,6 +877,8 @@ class Config:
         for name in ("codec_idle_seconds", "codec_timeout"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"invalid [codecs] {name.removeprefix('codec_')} {getattr(self, name)}: must be more than 0 seconds")
+        if self.tls_certificate_names_ae and not self.tls_ca_certificate:
+            raise ValueError("tls_certificate_names_ae needs tls_ca_certificate: without it clients present no certificate")
         if self.tls_minimum_version not in TLS_VERSIONS:
             raise ValueError(f"invalid tls_minimum_version {self.tls_minimum_version!r}: {' or '.join(TLS_VERSIONS)}")
         if self.tls_port and not (self.tls_certificate and self.tls_private_key):
@@ -5894,6 +5903,8 @@ class AssociationRequest:
     max_pdu: int  # the largest P-DATA-TF the requestor receives (0: any)
     implementation_class_uid: str = ""
     implementation_version_name: str = ""
+    #: The common name of the client certificate it came with over DICOM TLS ("" without one).
+    certificate_name: str = ""
 
 
 @dataclasses.dataclass
@@ -6229,6 +6240,12 @@ def _decode_association_request(pdu: bytes, address: tuple) -> AssociationReques
     return request
 
 
+def _certificate_name(sock: ssl.SSLSocket) -> str:
+    """The common name of the certificate a TLS peer presented ("" without one)."""
+    certificate = sock.getpeercert() or {}
+    return dict(item for rdn in certificate.get("subject", ()) for item in rdn).get("commonName", "")
+
+
 @functools.lru_cache(maxsize=16)
 def _decoded_association_request(pdu: bytes) -> AssociationRequest:
     rq = A_ASSOCIATE_RQ()
@@ -6463,10 +6480,9 @@ class AssociationAcceptor:
             self.log.warning("refused a TLS connection from %s:%d: %s", *address, getattr(error, "reason", None) or error)
             return False
         self._handshaking.discard(sock)
-        certificate = sock.getpeercert() or {}
-        subject = dict(item for rdn in certificate.get("subject", ()) for item in rdn)
+        certificate_name = _certificate_name(sock)
         self.log.info("TLS connection from %s:%d (%s%s)", *address, sock.version(),
-                      f", client certificate {subject.get('commonName', '?')}" if certificate else "")
+                      f", client certificate {certificate_name or '?'}" if sock.getpeercert() else "")
         return True
 
     def shutdown(self):
@@ -6499,6 +6515,8 @@ class AssociationAcceptor:
             except Exception as error:
                 raise ProtocolError(f"an undecodable A-ASSOCIATE-RQ: {_pdu_error_text(error)}") from None
             association.calling_aet, association.called_aet = request.calling_aet, request.called_aet
+            if isinstance(sock, ssl.SSLSocket):
+                request.certificate_name = _certificate_name(sock)
             association.peer_aet = request.calling_aet
             rejection = self._protocol_rejection(request) or self.judge(request)
             if not rejection:
@@ -6954,6 +6972,10 @@ class DicomServices:
             rejection = REJECT_CALLING_AET
             why = ("not in allowed_calling_aets" if self.config.allowed_calling_aets
                    else "not under [modalities] (refuse_unknown_calling_aets)")
+        elif (self.config.tls_certificate_names_ae and request.certificate_name
+              and request.certificate_name != calling):
+            rejection = REJECT_CALLING_AET
+            why = f"its TLS certificate names {request.certificate_name!r} (tls_certificate_names_ae)"
         elif self.config.strict_called_aet and called != self.config.aet:
             rejection = REJECT_CALLED_AET
             why = f"it called us {called!r}, but our AE title is {self.config.aet!r} (strict_called_aet)"

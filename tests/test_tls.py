@@ -167,6 +167,26 @@ def test_clients_without_a_lab_certificate_are_refused(start_daemon, lab, tmp_pa
     assert daemon.health()["dicom"]["associations"] == 0
 
 
+def test_per_ae_certificates_refuse_a_certificate_speaking_for_another_ae(start_daemon, lab):
+    """tls_certificate_names_ae: STORESCU's certificate serves the AE STORESCU, and is refused
+    (calling AE not recognized) when it calls as another AE; without the setting it is not."""
+    tls_port = free_port()
+    daemon = start_daemon(tls_config(lab, tls_port, extra="tls_certificate_names_ae = true\n"))
+    assert "Received Echo Response (Success)" in dcmtk_tls("echoscu", lab, tls_port, "-v").stderr
+    command = ["echoscu", "+tls", str(lab / "STORESCU-key.pem"), str(lab / "STORESCU.pem"), "+cf", str(lab / "ca.pem"),
+               "-aet", "CT01", "-aec", AET, "127.0.0.1", str(tls_port)]
+    posing = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert posing.returncode != 0
+    wait_until(lambda: "its TLS certificate names 'STORESCU' (tls_certificate_names_ae)" in daemon.log,
+               message="the refusal to be logged")
+    daemon.stop()
+
+    other_port = free_port()
+    start_daemon(tls_config(lab, other_port))
+    command[-1] = str(other_port)
+    assert subprocess.run(command, capture_output=True, text=True, timeout=60).returncode == 0
+
+
 def test_without_a_ca_any_tls_client_is_served(start_daemon, lab):
     tls_port = free_port()
     start_daemon(tls_config(lab, tls_port, ca=False))
