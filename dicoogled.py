@@ -6777,7 +6777,7 @@ def send_c_echo(association: Association) -> int:
 
 
 # ============================================================================================
-# DICOM services: C-ECHO, C-STORE, C-FIND, C-MOVE, C-GET
+# DICOM services: C-ECHO, C-STORE, C-FIND, C-MOVE, C-GET, storage commitment, worklist, MPPS
 # ============================================================================================
 
 QUERY_RETRIEVE_SOP_CLASSES = (
@@ -9216,15 +9216,18 @@ def _search_routes(api: Api):
         if depth == "none":
             return {"numResults": len(patients), "elapsedTime": elapsed}
         page = patients[offset:offset + psize] if psize > 0 else patients[offset:]
-        # dicoogled adds the labels of the studies and series shown (the web app lists them).
+        # dicoogled adds the labels of the studies and series shown (the web app lists them),
+        # only where there are some: an archive without labels answers exactly Dicoogle's shape.
         shown_studies = [study for patient in page for study in patient["studies"]] if depth != "patient" else []
         shown_series = [series for study in shown_studies for series in study["series"]] if depth in ("series", "image") else []
         study_labels = daemon.index.labels_of("STUDY", [study["studyInstanceUID"] for study in shown_studies])
         series_labels = daemon.index.labels_of("SERIES", [series["serieInstanceUID"] for series in shown_series])
         for study in shown_studies:
-            study["labels"] = study_labels.get(study["studyInstanceUID"], [])
+            if study["studyInstanceUID"] in study_labels:
+                study["labels"] = study_labels[study["studyInstanceUID"]]
         for series in shown_series:
-            series["labels"] = series_labels.get(series["serieInstanceUID"], [])
+            if series["serieInstanceUID"] in series_labels:
+                series["labels"] = series_labels[series["serieInstanceUID"]]
         for patient in page:
             for study in patient["studies"]:
                 for series in study["series"]:

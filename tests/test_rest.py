@@ -865,6 +865,8 @@ PUBLIC_ROUTES = {"/health", "/login", "/logout", "/openapi.json", "/welcome", "/
 PUBLIC_PREFIXES = ("/ext/version", "/viewer", "/static/", "/learn")  # the viewer's, web app's and course files hold no patient data
 ADMIN_PREFIXES = ("/user", "/management/", "/plugins", "/index/task", "/logger")
 USER_ROUTES = {"/user/<username>/password", "/presets/<username>", "/presets/<username>/<name>"}
+#: Routes read by any reader and written by any logged-in user: labels are the users' own sorting.
+USER_WRITE_PATHS = {"/studies/<uid>/labels/<label>", "/series/<uid>/labels/<label>"}
 #: Routes read by any reader but written only by an administrator: scheduling is the RIS's job.
 ADMIN_WRITE_PREFIXES = ("/worklist",)
 
@@ -879,6 +881,8 @@ def expected_access(method: str, path: str) -> str:
         return "user"
     if path == "/user" or path.startswith(ADMIN_PREFIXES):
         return "admin"
+    if path in USER_WRITE_PATHS and method not in ("GET", "HEAD", "OPTIONS"):
+        return "user"
     if path.startswith(ADMIN_WRITE_PREFIXES) and method not in ("GET", "HEAD", "OPTIONS"):
         return "admin"
     if path == "/studies/<study>/protected" and method != "GET":  # protecting a study: an archive setting
