@@ -2222,6 +2222,12 @@ class Index:
         return len(labels)
 
     @staticmethod
+    def saved_protection(connection) -> list[str]:
+        """The protected StudyInstanceUIDs of an index opened by itself (one being rebuilt), to
+        protect_study again in the new one: protection is set by hand, not in the files."""
+        return [row[0] for row in connection.execute("SELECT study_instance_uid FROM protected_studies")]
+
+    @staticmethod
     def saved_labels(connection) -> list["LabelRecord"]:
         """Every label of an index opened by itself (one being rebuilt), to restore_labels in
         the new one: labels are set by hand and cannot be rebuilt from the files."""
@@ -11079,7 +11085,7 @@ def command_reindex(config: Config) -> int:
             roots = [r[0] for r in connection.execute("SELECT path FROM indexed_roots")]
             # Protection and labels were set by people (or rules) and are not in the files: carried over.
             with contextlib.suppress(apsw.Error):  # an index from before protection has none
-                protected = [r[0] for r in connection.execute("SELECT study_instance_uid FROM protected_studies")]
+                protected = Index.saved_protection(connection)
             with contextlib.suppress(apsw.Error):  # an index from before labels has none
                 labels = Index.saved_labels(connection)
             connection.close()

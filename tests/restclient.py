@@ -7,10 +7,14 @@
 """
 
 import http.client
+import io
 import json
 import urllib.error
 import urllib.parse
 import urllib.request
+import uuid
+
+import pydicom
 
 #: The admin password every REST test starts its daemon with.
 ADMIN_PASSWORD = "admin-secret-1"
@@ -113,3 +117,17 @@ def admin_client(daemon) -> Client:
     client = Client(base_url(daemon))
     client.login("admin", ADMIN_PASSWORD)
     return client
+
+
+def stow(daemon, token, *datasets) -> Response:
+    """POST /dicom-web/studies (STOW-RS) with the data sets as Part 10 parts of one multipart/related body."""
+    boundary = uuid.uuid4().hex
+    body = b""
+    for dataset in datasets:
+        part = io.BytesIO()
+        pydicom.dcmwrite(part, dataset, enforce_file_format=True)
+        body += f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + part.getvalue() + b"\r\n"
+    body += f"--{boundary}--\r\n".encode()
+    return Client(base_url(daemon), token).request("POST", "/dicom-web/studies", data=body, headers={
+        "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
+        "Accept": "application/dicom+json"})

@@ -13,7 +13,6 @@ import os
 import pathlib
 import subprocess
 import sys
-import uuid
 
 import pydicom
 import pytest
@@ -23,6 +22,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).parent))
 import studygen  # noqa: E402
 from conftest import RunningDaemon, wait_until  # noqa: E402
 from restclient import ADMIN_ENV, ADMIN_PASSWORD, Client, admin_client, base_url  # noqa: E402
+from restclient import stow as stow_request  # noqa: E402
 
 OUT_OF_RESOURCES = 0xA700
 PAGE = 4096  # tmpfs counts space in whole pages
@@ -130,17 +130,7 @@ def indexed(daemon, dataset) -> bool:
 
 def stow(daemon, *datasets, token=None):
     """POST /dicom-web/studies with the data sets as parts: (status, headers, JSON body)."""
-    boundary = uuid.uuid4().hex
-    body = b""
-    for dataset in datasets:
-        part = io.BytesIO()
-        pydicom.dcmwrite(part, dataset, enforce_file_format=True)
-        body += f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + part.getvalue() + b"\r\n"
-    body += f"--{boundary}--\r\n".encode()
-    client = Client(base_url(daemon), token)
-    response = client.request("POST", "/dicom-web/studies", data=body, headers={
-        "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
-        "Accept": "application/dicom+json"})
+    response = stow_request(daemon, token, *datasets)
     return response.status, response.headers, json.loads(response.body) if response.body else None
 
 

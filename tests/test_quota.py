@@ -3,14 +3,11 @@ parallel associations, nothing acknowledged is lost, nothing refused is left hal
 recycling deletes the oldest unprotected studies only."""
 
 import concurrent.futures
-import io
 import json
 import pathlib
 import subprocess
 import sys
-import uuid
 
-import pydicom
 import pytest
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
@@ -18,7 +15,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).parent))
 import studygen  # noqa: E402
 from conftest import AET, NODELAY, ROOT, wait_until  # noqa: E402
 from pynetdicom import AE  # noqa: E402
-from restclient import ADMIN_ENV, Client, admin_client, base_url  # noqa: E402
+from restclient import ADMIN_ENV, Client, admin_client, base_url, stow  # noqa: E402
 
 SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700
@@ -66,19 +63,6 @@ def dicoogled(daemon, *args) -> subprocess.CompletedProcess:
 def consistent(daemon) -> subprocess.CompletedProcess:
     """'dicoogled check' of a stopped daemon's data dir: files and index agree (exit 0)."""
     return dicoogled(daemon, "check")
-
-
-def stow(daemon, token, *datasets):
-    boundary = uuid.uuid4().hex
-    body = b""
-    for dataset in datasets:
-        part = io.BytesIO()
-        pydicom.dcmwrite(part, dataset, enforce_file_format=True)
-        body += f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + part.getvalue() + b"\r\n"
-    body += f"--{boundary}--\r\n".encode()
-    return Client(base_url(daemon), token).request("POST", "/dicom-web/studies", data=body, headers={
-        "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
-        "Accept": "application/dicom+json"})
 
 
 def test_max_instances_holds_under_four_parallel_associations(start_daemon):
@@ -182,6 +166,20 @@ def test_recycle_deletes_the_oldest_unprotected_study_and_keeps_protected_ones(s
     daemon.stop()
     check = consistent(daemon)
     assert check.returncode == 0, check.stdout + check.stderr
+
+
+def test_reindex_keeps_protection(start_daemon):
+    """Protection is set by hand, not in the files: 'dicoogled reindex' carries it over."""
+    daemon = start_daemon(NO_RESERVE, env=ADMIN_ENV)
+    kept = study(0, 1)
+    assert set(store_on_one_association(daemon, kept).values()) == {SUCCESS}
+    study_uid = kept[0].StudyInstanceUID
+    assert admin_client(daemon).request("PUT", f"/studies/{study_uid}/protected").status == 200
+    daemon.stop()
+    rebuilt = dicoogled(daemon, "reindex")
+    assert rebuilt.returncode == 0, rebuilt.stderr
+    daemon.start()
+    assert admin_client(daemon).get(f"/studies/{study_uid}/protected").json()["protected"] is True
 
 
 #: A rule that names MR studies whose newest instance arrived more than 2.6 seconds ago.
