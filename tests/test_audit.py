@@ -11,16 +11,17 @@ import datetime
 import io
 import json
 import os
+import pathlib
+import shutil
 import sqlite3
 import stat
 import time
 
 import pydicom
 import pytest
-from pynetdicom import AE
 
 import studygen
-from conftest import AET, NODELAY, ROOT, RunningDaemon, StoreSCP, wait_until
+from conftest import RunningDaemon, StoreSCP, wait_until
 from restclient import ADMIN_ENV, ADMIN_PASSWORD, Client, admin_client, base_url, stow
 
 DEST = "DEST"
@@ -346,3 +347,56 @@ def test_audit_routes_are_described(archive):
     paths = Client(base_url(archive)).get("/openapi.json").json()["paths"]
     assert paths["/audit"]["get"]["x-access"] == "admin" and paths["/audit.csv"]["get"]["x-access"] == "admin"
     assert {p["name"] for p in paths["/audit"]["get"]["parameters"]} == {"user", "action", "since", "until", "offset", "psize"}
+
+
+# ---- the web app --------------------------------------------------------------------------------
+
+
+def test_web_app_audit_screen_for_administrators_only(archive):
+    """In chromium: an administrator opens Audit, sees the entries, filters them by action and
+    downloads them as CSV; a user without admin rights has no Audit screen."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    chromium = shutil.which("chromium") or "/usr/bin/chromium"
+    if not os.path.exists(chromium):
+        pytest.skip("needs Debian's chromium")
+    admin = archive.client
+    admin.post("/user", username="viewer", password="viewer-pass-1")
+    assert admin.get("/search", query="*:*").status == 200
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, args=["--no-sandbox", "--disable-gpu"])
+        try:
+            context = browser.new_context(accept_downloads=True)
+            page = context.new_page()
+            page.set_default_timeout(20_000)
+            errors = []
+            page.on("pageerror", lambda error: errors.append(str(error)))
+            page.goto(base_url(archive) + "/")
+            page.get_by_label("Username").fill("admin")
+            page.get_by_label("Password").fill(ADMIN_PASSWORD)
+            page.get_by_role("button", name="Log in").click()
+            page.get_by_role("link", name="Audit").click()
+            sync_api.expect(page.get_by_role("heading", name="Audit")).to_be_visible()
+            table = page.locator("table.audit tbody")
+            sync_api.expect(table.locator("tr").first).to_contain_text("login")  # this very login, newest first
+            page.get_by_label("Action").select_option("search")
+            page.get_by_role("button", name="Show").click()
+            sync_api.expect(table.locator("tr").first).to_contain_text("GET /search")
+            rows = table.locator("tr")
+            assert all("search" in text for text in rows.all_inner_texts())
+            with page.expect_download() as download_info:
+                page.get_by_role("button", name="Download CSV").click()
+            lines = pathlib.Path(download_info.value.path()).read_text(encoding="utf-8").splitlines()
+            assert lines[0].startswith("id,time,action,result") and len(lines) > 1
+            assert all(",search," in line for line in lines[1:])
+            page.get_by_role("button", name="Log out").click()
+
+            page.get_by_label("Username").fill("viewer")
+            page.get_by_label("Password").fill("viewer-pass-1")
+            page.get_by_role("button", name="Log in").click()
+            sync_api.expect(page.get_by_role("link", name="Search")).to_be_visible()
+            sync_api.expect(page.get_by_role("link", name="Audit")).to_have_count(0)
+            page.goto(base_url(archive) + "/#/audit")
+            sync_api.expect(page.get_by_text("This page needs an administrator.")).to_be_visible()
+            assert not errors, errors
+        finally:
+            browser.close()

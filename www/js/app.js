@@ -1,7 +1,7 @@
 // dicoogled's web app: a hash router, the sidebar, login, and the screens. Standard ES modules, no build.
 //
 // Routes: #/search?q=..&patient=..&study=..&series=..  #/dump/<SOPInstanceUID>  #/dashboard
-//         #/worklist  #/indexer  #/management?tab=..  #/ext/<plugin>  (the hash never reaches the server)
+//         #/worklist  #/indexer  #/management?tab=..  #/audit?user=..&action=..  #/ext/<plugin>  (the hash never reaches the server)
 
 import * as api from "./api.js";
 import { h, clear, message, modal, field, notify } from "./dom.js";
@@ -16,6 +16,7 @@ const screens = {
   worklist: { label: "Worklist", load: () => import("./worklist.js") },
   indexer: { label: "Indexer", admin: true, load: () => import("./indexer.js") },
   management: { label: "Management", admin: true, load: () => import("./management.js") },
+  audit: { label: "Audit", admin: true, load: () => import("./audit.js") },
   dump: { label: null, load: () => import("./dump.js") },
 };
 
