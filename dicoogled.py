@@ -2804,6 +2804,8 @@ class Ingest:
         self.space = space or DiskSpace(storage.root)
         self.stats = IngestStats()
         self.listeners = []  #: callables(record, calling_aet), told of every indexed instance
+        #: The audit log (AuditLog) that recycling and retention record their deletions in, if any.
+        self.audit = None
         #: SOPInstanceUID -> paths of further copies skipped as duplicates, to index if the first goes.
         self.shadowed: dict[str, set[str]] = {}
         #: callable(calling_aet, tags) -> None to accept, or a DICOM status to refuse with
@@ -2973,7 +2975,9 @@ class Ingest:
             self.log.warning("recycling study %s (%d instances, %d KB, last arrival %s) to make room: %s",
                              study.study_instance_uid, study.instances, study.bytes // 1024,
                              _utc_text(study.last_arrival_ns), shortage)
-            _, failed = self.delete_instances(self.index.instances_of(study_uid=study.study_instance_uid), "recycled")
+            doomed = self.index.instances_of(study_uid=study.study_instance_uid)
+            deleted, failed = self.delete_instances(doomed, "recycled")
+            self._audit_deletion(study.study_instance_uid, doomed, deleted, failed, "recycled: a quota is reached")
             if failed:
                 return shortage + f"; recycling study {study.study_instance_uid} failed"
             self.recycled += 1
@@ -3000,10 +3004,18 @@ class Ingest:
                                  _utc_text(study.last_arrival_ns))
                 old = [i for i in self.index.instances_of(study_uid=study.study_instance_uid) if i.mtime_ns < cutoff_ns]
                 deleted, failed = self.delete_instances(old, f"retention rule {rule.name}")
+                self._audit_deletion(study.study_instance_uid, old, deleted, failed, f"retention rule {rule.name}")
                 named[study.study_instance_uid].update(deleted=deleted, failed=failed)
         if dry_run and named:
             self.log.info("retention dry run: %d stud%s would be deleted", len(named), "y" if len(named) == 1 else "ies")
         return list(named.values())
+
+    def _audit_deletion(self, study_uid: str, instances, deleted: int, failed: int, why: str):
+        """The audit entry of a study the archive deleted by itself (no user asked for it)."""
+        if self.audit is not None:
+            self.audit.record("delete", AUDIT_FAILED if failed else AUDIT_OK, studies=study_uid,
+                              instances=[instance.sop_instance_uid for instance in instances],
+                              count=deleted, detail=f"{why}; {failed} not deleted" if failed else why)
 
     def delete_instances(self, instances, reason: str) -> tuple[int, int]:
         """The one way stored instances are deleted (REST remove, recycling): their files or
@@ -11105,7 +11117,7 @@ class Daemon:
         self.users = Users(data_dir / "users.sqlite", config.session_idle_minutes)
         #: Who read, sent, stored or changed what: data_dir/audit.sqlite.
         self.audit = AuditLog(data_dir / "audit.sqlite", config.audit_enabled, config.audit_retention_days)
-        self.dicom.audit = self.audit
+        self.dicom.audit = self.ingest.audit = self.audit
         self.thumbnails = ThumbnailCache(data_dir / "cache" / "thumbnails")
         self._cache_root = data_dir / "cache"
         self.users.ensure_admin(data_dir, os.environ.get("DICOOGLED_ADMIN_PASSWORD"))

@@ -336,6 +336,19 @@ def test_retention_prunes_old_entries(start_daemon):
     assert "pruned 1 audit entries older than 30 days" in daemon.log
 
 
+def test_studies_the_archive_deletes_by_itself_are_recorded(start_daemon):
+    """when_full = recycle: the study pushed out is recorded as deleted, by no user."""
+    daemon = start_daemon(config_text="[storage]\nmin_free_mb = 0\nmax_instances = 2\nwhen_full = recycle\n", env=ADMIN_ENV)
+    old = [studygen.make_instance(0, 0, 0, number) for number in range(2)]
+    new = studygen.make_instance(1, 0, 0, 0)
+    assert daemon.store(*old) == [0, 0]
+    assert daemon.store(new) == [0]
+    entry, = admin_client(daemon).get("/audit", action="delete").json()["results"]
+    assert entry["studies"] == [old[0].StudyInstanceUID] and entry["count"] == 2
+    assert set(entry["instances"]) == {ds.SOPInstanceUID for ds in old}
+    assert (entry["user"], entry["result"], entry["detail"]) == ("", "ok", "recycled: a quota is reached")
+
+
 def test_a_disabled_log_records_nothing(start_daemon):
     daemon = start_daemon(config_text="[audit]\nenabled = false\n", env=ADMIN_ENV)
     client = admin_client(daemon)
