@@ -10241,6 +10241,7 @@ def _image_routes(api: Api):
         uid, location, key = instance_of_request()
         frame = _int_param("frame", 0)
         thumbnail = bottle.request.params.get("thumbnail", "false").strip().lower() not in ("false", "0", "no", "off")
+        audited(detail=f"frame {frame}" + (", thumbnail" if thumbnail else ""))
         window = None
         if bottle.request.params.get("windowCenter") or bottle.request.params.get("windowWidth"):
             try:

@@ -349,6 +349,19 @@ def test_studies_the_archive_deletes_by_itself_are_recorded(start_daemon):
     assert (entry["user"], entry["result"], entry["detail"]) == ("", "ok", "recycled: a quota is reached")
 
 
+def test_a_file_in_a_watched_folder_is_recorded(start_daemon, tmp_path):
+    folder = tmp_path / "incoming"
+    folder.mkdir()
+    daemon = start_daemon(args=["--watch", str(folder)], env=ADMIN_ENV)
+    dataset = studygen.make_instance(3, 0, 0, 0)
+    pydicom.dcmwrite(folder / "one.dcm", dataset, enforce_file_format=True)
+    client = admin_client(daemon)
+    entries = wait_until(lambda: client.get("/audit", action="watch").json()["results"], message="the watch entry")
+    assert [(e["instances"], e["studies"], e["count"]) for e in entries] == [
+        ([dataset.SOPInstanceUID], [dataset.StudyInstanceUID], 1)]
+    assert "one.dcm" not in json.dumps(entries)  # no paths: folder names may name patients
+
+
 def test_a_disabled_log_records_nothing(start_daemon):
     daemon = start_daemon(config_text="[audit]\nenabled = false\n", env=ADMIN_ENV)
     client = admin_client(daemon)
