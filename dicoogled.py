@@ -8769,8 +8769,7 @@ class AuditLog:
         #: Entries queued and entries written (or dropped for a failure), for flush().
         self._queued = self._written = 0
         self._progress = threading.Condition()
-        self._writer = threading.Thread(target=self._write_queued, name="audit-writer", daemon=True)
-        self._writer.start()
+        self._writer = start_thread("audit-writer", self._write_queued)
 
     # ---- writing -------------------------------------------------------------------------------
 
@@ -8804,8 +8803,8 @@ class AuditLog:
             entries = [entry for entry in batch if entry is not None]
             try:
                 self._insert(entries)
-            except apsw.Error as error:  # a full disk: the entries are lost, and the log says so
-                self.log.error("%d audit entries not written: %s", len(entries), error)
+            except Exception:  # a full disk: the entries are lost, the log says so, the writer goes on
+                self.log.exception("%d audit entries not written", len(entries))
             with self._progress:
                 self._written += len(entries)
                 self._progress.notify_all()
