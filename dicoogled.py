@@ -2316,11 +2316,12 @@ class IngestError(Exception):
 
 class DicomStatus(int):
     """A DICOM status with the reason of a failure (a response's Error Comment, STOW-RS's
-    failure reason); it compares as the plain status."""
+    failure reason) and, for a store, the study of the object when it was read (for the audit
+    log); it compares as the plain status."""
 
-    def __new__(cls, status: int, reason: str = ""):
+    def __new__(cls, status: int, reason: str = "", study_uid: str = ""):
         self = super().__new__(cls, status)
-        self.reason = reason
+        self.reason, self.study_uid = reason, study_uid
         return self
 
 
@@ -2858,24 +2859,24 @@ class Ingest:
             if refusal:
                 self.stats.failed += 1
                 self.log.info("a store filter refused %s from %s with 0x%04X", uids[2], calling_aet or "?", refusal)
-                return DicomStatus(refusal, "refused by a store filter")
+                return DicomStatus(refusal, "refused by a store filter", uids[0])
             with self._lock_uid(uids[2]):
                 if not self._accept_duplicate(uids[2], data, path, calling_aet):
-                    return DicomStatus(SUCCESS)
+                    return DicomStatus(SUCCESS, study_uid=uids[0])
                 shortage = self.space.room_for(len(data))
                 if shortage:
                     self.stats.failed += 1
                     self.stats.out_of_space += 1
                     self.log.error("refused %s from %s: out of resources, %s", uids[2], calling_aet or "?", shortage)
-                    return DicomStatus(OUT_OF_RESOURCES, "out of resources: " + shortage)
+                    return DicomStatus(OUT_OF_RESOURCES, "out of resources: " + shortage, uids[0])
                 with self._room_in_quota(len(data), uids[0]) as over_quota:
                     if over_quota:
                         self.stats.failed += 1
                         self.log.error("refused %s from %s: out of resources, %s", uids[2], calling_aet or "?", over_quota)
-                        return DicomStatus(OUT_OF_RESOURCES, "out of resources: " + over_quota)
+                        return DicomStatus(OUT_OF_RESOURCES, "out of resources: " + over_quota, uids[0])
                     self._write_and_index(dataset, data, path, uids[2], origin, extracted, calling_aet)
             self.log.info("stored %s from %s", uids[2], calling_aet or "?")
-            return DicomStatus(SUCCESS)
+            return DicomStatus(SUCCESS, study_uid=uids[0])
         except IngestError as error:
             self.stats.failed += 1
             if error.status in (CANNOT_UNDERSTAND, DATA_SET_DOES_NOT_MATCH_SOP_CLASS):
@@ -7160,7 +7161,8 @@ class DicomServices:
 
     def _answer_store(self, request: DimseRequest):
         status = self._on_store(request)
-        self._audit(request, "c-store", status, instances=request.sop_instance_uid, count=1)
+        self._audit(request, "c-store", status, studies=getattr(status, "study_uid", ""),
+                    instances=request.sop_instance_uid, count=1)
         response = self._response_primitive(request, C_STORE, status)
         response.AffectedSOPInstanceUID = request.sop_instance_uid
         self._send_response(request, response)

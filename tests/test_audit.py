@@ -21,7 +21,8 @@ import pydicom
 import pytest
 
 import studygen
-from conftest import RunningDaemon, StoreSCP, wait_until
+from conftest import NODELAY, RunningDaemon, StoreSCP, wait_until
+from pynetdicom import AE
 from restclient import ADMIN_ENV, ADMIN_PASSWORD, Client, admin_client, base_url, stow
 
 DEST = "DEST"
@@ -146,6 +147,7 @@ def test_c_find_c_store_c_move_and_c_get_are_recorded(archive, tmp_path):
     assert archive.store(new) == [0]
     entry = only_entry(client, before, "c-store")
     assert entry["instances"] == [new.SOPInstanceUID] and entry["calling_aet"] == "TESTSCU"
+    assert entry["studies"] == [new.StudyInstanceUID] and entry["status"] == "0x0000"
 
     before = last_id(client)
     archive.dcmtk("movescu", "-S", "-aem", DEST, "-k", "QueryRetrieveLevel=STUDY",
@@ -167,6 +169,22 @@ def test_c_find_c_store_c_move_and_c_get_are_recorded(archive, tmp_path):
                   "-k", f"StudyInstanceUID={first.StudyInstanceUID}", check=False)
     entry = only_entry(client, before, "c-move")
     assert (entry["result"], entry["status"]) == ("failed", "0xA801")
+
+
+def test_a_c_store_an_ae_may_not_make_is_recorded_as_refused(start_daemon):
+    daemon = start_daemon(config_text="[modalities]\nVIEWER = 127.0.0.1:11999 allow=find\n", env=ADMIN_ENV)
+    dataset = studygen.make_instance(0, 0, 0, 0)
+    ae = AE(ae_title="VIEWER")
+    ae.add_requested_context(dataset.SOPClassUID, dataset.file_meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", daemon.dicom_port, ae_title="DICOOGLED", evt_handlers=NODELAY)
+    assert assoc.is_established
+    try:
+        assert assoc.send_c_store(dataset).Status == 0x0124  # Refused: Not Authorized
+    finally:
+        assoc.release()
+    entry, = admin_client(daemon).get("/audit", action="c-store").json()["results"]
+    assert (entry["calling_aet"], entry["result"], entry["status"]) == ("VIEWER", "refused", "0x0124")
+    assert entry["instances"] == [dataset.SOPInstanceUID]
 
 
 # ---- changes ------------------------------------------------------------------------------------
