@@ -8649,6 +8649,8 @@ class LoginThrottle:
 # Audit log: who read, sent, received or changed what, when (data_dir/audit.sqlite)
 # ============================================================================================
 
+#: The version of audit.sqlite's schema (its user_version): a later one migrates from it.
+AUDIT_SCHEMA_VERSION = 1
 AUDIT_SCHEMA = """
 CREATE TABLE IF NOT EXISTS audit (
     id INTEGER PRIMARY KEY, time REAL NOT NULL, action TEXT NOT NULL, result TEXT NOT NULL,
@@ -8688,6 +8690,7 @@ AUDIT_ACTIONS = {
     "settings": "a setting changed (index, DICOM, storage, retention, transfer syntaxes, worklist)",
     "plugin": "a plugin's action, settings or web service",
     "task": "a background task started or stopped (indexing a folder)",
+    "audit": "the audit log itself read or exported (GET /audit, /audit.csv)",
 }
 AUDIT_OK, AUDIT_REFUSED, AUDIT_FAILED = "ok", "refused", "failed"
 #: UIDs one entry lists at most of each level; count always says how many there were.
@@ -8766,7 +8769,11 @@ class AuditLog:
         # A batch on disk when committed, but not fsynced each time: the writer must keep up with ingest.
         self._db.execute("PRAGMA synchronous=NORMAL")
         with self._db:
+            version = self._db.execute("PRAGMA user_version").fetchone()[0]
+            if version > AUDIT_SCHEMA_VERSION:
+                raise RuntimeError(f"{path} was written by a newer dicoogled (audit schema {version}); upgrade")
             self._db.execute(AUDIT_SCHEMA)
+            self._db.execute(f"PRAGMA user_version = {AUDIT_SCHEMA_VERSION}")
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         #: Entries queued and entries written (or dropped for a failure), for flush().
         self._queued = self._written = 0
@@ -9052,16 +9059,18 @@ def _path_from_uri(uri: str) -> str:
 
 
 def audited(*, studies=(), series=(), instances=(), count: int | None = None, detail: str | None = None,
-            action: str | None = None, user: str | None = None):
+            action: str | None = None, user: str | None = None, share_link: str | None = None):
     """Say, from a route's handler, what the request touched, for its audit entry (routes
     registered with audit=; plugins call dicoogle.audited): UIDs of studies, series and
     instances (added to those said before), how many in all when they are many, a detail (never
-    a patient's name), or another action or user than the route's (a login names its user)."""
+    a patient's name), or another action or user than the route's (a login names its user), or
+    the share link (its id, never its token) the request was let in by."""
     touched = bottle.request.environ.setdefault("dicoogled", {}).setdefault("audit", {})
     for level, uids in (("studies", studies), ("series", series), ("instances", instances)):
         if uids:
             touched[level] = touched.get(level, ()) + ((uids,) if isinstance(uids, str) else tuple(uids))
-    for name, value in (("count", count), ("detail", detail), ("action", action), ("user", user)):
+    for name, value in (("count", count), ("detail", detail), ("action", action), ("user", user),
+                        ("share_link", share_link)):
         if value is not None:
             touched[name] = value
 
@@ -9142,7 +9151,7 @@ class Api:
         result = AUDIT_OK if status < 400 else AUDIT_REFUSED if status in (401, 403, 429) else AUDIT_FAILED
         self.daemon.audit.record(
             action, result, status,
-            user=touched.get("user") or (user.username if user else ""), share_link=state.get("share_link", ""),
+            user=touched.get("user") or (user.username if user else ""), share_link=touched.get("share_link", ""),
             address=self.client_address(), request=f"{request.method} {request.path}",
             studies=touched.get("studies", ()), series=touched.get("series", ()),
             instances=touched.get("instances", ()), count=touched.get("count"), detail=touched.get("detail", ""))
@@ -10918,18 +10927,20 @@ def _audit_routes(api: Api):
         unknown = [name for name in action.split(",") if name.strip() and name.strip() not in AUDIT_ACTIONS]
         if unknown:
             _fail(400, f"unknown action {unknown[0][:40]!r}: one of {', '.join(AUDIT_ACTIONS)}")
+        audited(detail=" ".join(f"{name}={bottle.request.params.get(name)[:64]}" for name in ("user", "action", "since", "until")
+                                if bottle.request.params.get(name)))
         audit.flush(timeout=5)  # what was done before this request is in the answer
         return {"user": bottle.request.params.get("user", ""), "action": action,
                 "since": _audit_time("since"), "until": _audit_time("until")}
 
-    @api.route("/audit", access=ADMIN)
+    @api.route("/audit", access=ADMIN, audit="audit")
     def audit_entries():
         """Audit log entries, newest first: {results: [{id, time, action, result, status, user,
         calling_aet, share_link, address, request, studies, series, instances, count, detail}],
         numResults, actions}.
 
         user: only this user's entries (a failed login is its tried name's)
-        action: only these actions, separated by commas (search, view, download, export, qido, wado, stow, c-find, c-move, c-get, c-store, watch, delete, label, unlabel, protect, login, logout, user, settings, plugin, task)
+        action: only these actions, separated by commas (search, view, download, export, qido, wado, stow, c-find, c-move, c-get, c-store, watch, delete, label, unlabel, protect, login, logout, user, settings, plugin, task, audit)
         since: only entries at or after this ISO 8601 date or time (UTC unless it says otherwise)
         until: only entries before this ISO 8601 date or time
         offset: entries to skip (0)
@@ -10940,7 +10951,7 @@ def _audit_routes(api: Api):
                                        limit=min(_int_param("psize", 100, minimum=1), 10_000))
         return {"results": [entry.as_json() for entry in entries], "numResults": total, "actions": AUDIT_ACTIONS}
 
-    @api.route("/audit.csv", access=ADMIN)
+    @api.route("/audit.csv", access=ADMIN, audit="audit")
     def audit_csv():
         """Every audit log entry matching the filters, newest first, as CSV (streamed).
 

@@ -277,6 +277,11 @@ def test_filters_and_paging(archive):
     assert admin.get("/audit", user="pager", since="2000-01-01", until="2000-01-02").json()["numResults"] == 0
     assert admin.get("/audit", user="nobody").json() == {"results": [], "numResults": 0,
                                                           "actions": admin.get("/audit").json()["actions"]}
+    # Reading the log is recorded too, with the filters.
+    before = last_id(admin)
+    admin.get("/audit.csv", user="pager", action="view")
+    read = [e for e in entries_since(admin, before, action="audit") if e["request"] == "GET /audit.csv"]
+    assert [(e["user"], e["detail"]) for e in read] == [("admin", "user=pager action=view")]
     assert admin.get("/audit", action="peek").status == 400
     assert admin.get("/audit", since="yesterday").status == 400
     assert admin.get("/audit", psize="0").status == 400
@@ -327,6 +332,7 @@ def test_entries_survive_a_restart_in_an_owner_only_database(start_daemon):
     assert stat.S_IMODE(database.stat().st_mode) == 0o600
     with sqlite3.connect(database) as db:
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 1  # the audit schema's version
         assert db.execute("SELECT count(*) FROM audit WHERE action = 'c-store'").fetchone()[0] == 6
         with pytest.raises(sqlite3.IntegrityError, match="append-only"):
             db.execute("UPDATE audit SET username = 'someone else'")
