@@ -343,6 +343,16 @@ def test_entries_survive_a_restart_in_an_owner_only_database(start_daemon):
     assert {e["instances"][0] for e in stored["results"]} == {str(pydicom.dcmread(p).SOPInstanceUID) for p in paths}
 
 
+def test_committed_entries_survive_kill_9(start_daemon):
+    daemon = start_daemon(env=ADMIN_ENV)
+    client = admin_client(daemon)
+    assert client.get("/search", query="*:*").status == 200
+    assert client.get("/audit", action="search").json()["numResults"] == 1  # answered once written
+    daemon.kill()
+    daemon.start()
+    assert admin_client(daemon).get("/audit", action="search").json()["numResults"] == 1
+
+
 def test_retention_prunes_old_entries(start_daemon):
     daemon = start_daemon(config_text="[audit]\nretention_days = 30\n", env=ADMIN_ENV)
     daemon.stop()
