@@ -7145,14 +7145,17 @@ class DicomServices:
 
     def _audit(self, request: DimseRequest, action: str, status: int, **what):
         """The audit entry of a DIMSE request: the calling AE and its address, its final status
-        (failure statuses 0xA000 and up, 0x0100-0x01FF and 0xC000 up are failed, Not Authorized
-        refused), and what it touched (AuditLog.record's studies, instances, count, detail)."""
+        (success, cancel and the warnings 0xBxxx are ok, Not Authorized refused, every other
+        failure failed), and what it touched (AuditLog.record's studies, instances, count, detail)."""
         if self.audit is None:
             return
         status = int(status)
-        result = (AUDIT_REFUSED if status == NOT_AUTHORIZED else
-                  AUDIT_OK if status in (SUCCESS, CANCELLED) or 0xB000 <= status <= 0xBFFF or status in (PENDING, PENDING_OPTIONAL_KEYS_UNSUPPORTED)
-                  else AUDIT_FAILED)
+        if status == NOT_AUTHORIZED:
+            result = AUDIT_REFUSED
+        elif status in (SUCCESS, CANCELLED) or 0xB000 <= status <= 0xBFFF:
+            result = AUDIT_OK
+        else:
+            result = AUDIT_FAILED
         self.audit.record(action, result, f"0x{status:04X}", calling_aet=request.calling_aet,
                           address=request.association.address[0], **what)
 
