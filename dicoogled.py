@@ -21,6 +21,7 @@ import concurrent.futures
 import configparser
 import contextlib
 import copy
+import csv
 import ctypes
 import dataclasses
 import datetime
@@ -7981,13 +7982,19 @@ class TaskManager:
         self._queue.submit(self._run, task)
         return task
 
-    def start_function(self, name: str, function) -> str:
-        """Run function(progress) as a task; progress(fraction) updates what /index/task shows."""
+    def start_function(self, name: str, function, stoppable: bool = False) -> str:
+        """Run function(progress) as a task; progress(fraction) updates what /index/task shows.
+        stoppable: call function(progress, stop) with the threading.Event that stopping the task
+        sets. A function may return (succeeded, failed) counts, shown as nIndexed and nErrors."""
         task = IndexTask(str(uuid.uuid4()), name, [], total=1000)
 
         def run():
             try:
-                function(lambda fraction: setattr(task, "done", int(max(0.0, min(1.0, float(fraction))) * 1000)))
+                progress = lambda fraction: setattr(task, "done", int(max(0.0, min(1.0, float(fraction))) * 1000))  # noqa: E731
+                counts = function(progress, task.stop) if stoppable else function(progress)
+                if isinstance(counts, tuple) and len(counts) == 2:
+                    task.indexed, task.errors = counts
+                task.cancelled = task.stop.is_set()
             except Exception:
                 task.errors += 1
                 self.log.exception("task %s failed", name)
@@ -9550,6 +9557,7 @@ def make_app(daemon: "Daemon") -> bottle.Bottle:
     _worklist_routes(api)
     _listener_routes(api)
     _log_and_api_routes(api)
+    _research_routes(api)
     _plugin_routes(api)
     _viewer_routes(api)
     _web_app_routes(api)
@@ -11088,6 +11096,85 @@ def _log_and_api_routes(api: Api):
         return _openapi_document(api)
 
 
+#: CSV cells a spreadsheet would take for a formula: written with a leading ' (OWASP's advice).
+_CSV_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _csv_text(rows) -> str:
+    """Rows as CSV text, text cells that would start a spreadsheet formula made inert."""
+    output = io.StringIO()
+    writer = csv.writer(output, lineterminator="\r\n")
+    for row in rows:
+        writer.writerow([f"'{cell}" if isinstance(cell, str) and cell.startswith(_CSV_FORMULA_START) else cell
+                         for cell in row])
+    return output.getvalue()
+
+
+def _research_routes(api: Api):
+    """De-identified research copies of a collection, and the pseudonym map behind them."""
+    daemon = api.daemon
+
+    @api.route("/research/export", "POST", access=ADMIN)
+    def research_export_route():
+        """De-identify the studies of a label into new studies with another label, as a background task: {taskUid, label, into}.
+
+        label: the collection to de-identify (a label in use)
+        into: the label the de-identified copies get (researchers search label:into)
+        retain_dates: remove (the default), full (dates kept) or offset (moved by a per-patient number of days)
+        retain_device_identity: true to keep station names, serial numbers and the like
+        retain_patient_characteristics: true to keep age, sex, size, weight and the like
+        clean_descriptors: true to keep study and series descriptions, cleaned of names, IDs and dates"""
+        params = dict(bottle.request.params)
+        if bottle.request.content_type.split(";")[0].strip() == "application/json":
+            try:
+                body = json.loads(bottle.request.body.read(ANONYMOUS_BODY_LIMIT) or b"{}")
+            except ValueError:
+                _fail(400, "the body is not JSON")
+            if not isinstance(body, dict):
+                _fail(400, "the body must be a JSON object")
+            params.update(body)
+        if not params.get("label") or not params.get("into"):
+            _fail(400, "label and into are required")
+        try:
+            options = DeidentificationOptions.from_params(params)
+            uid = daemon.start_research_export(str(params["label"]), str(params["into"]), options)
+        except ValueError as error:
+            _fail(400, str(error))
+        except LookupError as error:
+            _fail(404, str(error))
+        bottle.response.status = 202
+        return {"taskUid": uid, "label": label_name(str(params["label"])), "into": label_name(str(params["into"]))}
+
+    @api.route("/research/pseudonyms", access=ADMIN)
+    def pseudonyms():
+        """The pseudonym map: who each de-identified patient is: {pseudonyms: [...]}, or CSV.
+
+        format: json (the default) or csv"""
+        rows = daemon.pseudonyms.patients()
+        if bottle.request.params.get("format", "json") == "csv":
+            bottle.response.content_type = "text/csv; charset=utf-8"
+            bottle.response.set_header("Content-Disposition", 'attachment; filename="pseudonyms.csv"')
+            return _csv_text([("pseudonym", "PatientID", "IssuerOfPatientID", "PatientName", "PatientBirthDate",
+                               "dateOffsetDays", "created"), *rows])
+        return {"pseudonyms": [{"pseudonym": row.pseudonym, "PatientID": row.patient_id,
+                                "IssuerOfPatientID": row.issuer_of_patient_id, "PatientName": row.patient_name,
+                                "PatientBirthDate": row.patient_birth_date, "dateOffsetDays": row.date_offset_days,
+                                "created": row.created} for row in rows]}
+
+    @api.route("/research/uids", access=ADMIN)
+    def pseudonym_uids():
+        """UIDs replaced by de-identification, oldest first: {uids: [{original, replacement, created}]}.
+
+        uid: only the original of this replacement UID (to re-identify a de-identified object)
+        offset: how many to skip (default 0)
+        psize: how many at most (default 1000)"""
+        uid = bottle.request.params.get("uid", "")
+        if uid and not is_valid_uid(uid):
+            _fail(400, f"{uid[:80]!r} is not a UID")
+        rows = daemon.pseudonyms.uids(uid, _int_param("psize", 1000, 1), _int_param("offset", 0))
+        return {"uids": [row._asdict() for row in rows]}
+
+
 _PARAMETER_LINE = re.compile(r"^\s*([A-Za-z][\w-]*): (.+)$")
 
 
@@ -11230,6 +11317,10 @@ class Daemon:
         self.worklist = Worklist(self.index)
         self.dicom = DicomServices(config, self.ingest, self.finder, self.worklist, self.codecs)
         self.users = Users(data_dir / "users.sqlite", config.session_idle_minutes)
+        #: Who the pseudonyms of de-identified copies stand for, apart from the index.
+        self.pseudonyms = PseudonymMap(data_dir / "pseudonyms.sqlite")
+        #: The one de-identifier: research exports, and whatever else hands out de-identified copies.
+        self.deidentifier = Deidentifier(self.pseudonyms)
         self.thumbnails = ThumbnailCache(data_dir / "cache" / "thumbnails")
         self._cache_root = data_dir / "cache"
         self.users.ensure_admin(data_dir, os.environ.get("DICOOGLED_ADMIN_PASSWORD"))
@@ -11337,6 +11428,28 @@ class Daemon:
             self.log.info("label %s taken off %s %s", label_name(label), level.lower(), uid)
         return removed
 
+    def start_research_export(self, label: str, into: str, options: DeidentificationOptions) -> str:
+        """De-identify the studies carrying label into new studies labelled into, as a background
+        task (its uid); ValueError with a reason fit for the caller, LookupError if nothing
+        carries label."""
+        label, into = label_name(label), label_name(into)
+        if label == into:
+            raise ValueError("into must be another label than the one exported")
+        if options.retain_uids:
+            raise ValueError("retain_uids cannot be used for an export into this archive: the copies would have the"
+                             " originals' UIDs")
+        if not self.index.labelled("STUDY", label):
+            raise LookupError(f"no indexed study carries the label {label}")
+
+        def export(progress, stop):
+            report = research_export(self.index, self.storage, self.ingest, self.deidentifier, label, into, options,
+                                     progress, stop)
+            return report.stored, report.failed
+
+        uid = self.tasks.start_function(f"[research]export {label} into {into}", export, stoppable=True)
+        self.log.info("research export of label %s into %s started: task %s", label, into, uid)
+        return uid
+
     def _search_builtin(self, query: str):
         rows, _ = self.search(query)
         return [(_file_uri(path), json.loads(meta)) for _, path, meta in rows]
@@ -11394,6 +11507,7 @@ class Daemon:
         self.codecs.close()
         self.index.close()
         self.users.close()
+        self.pseudonyms.close()
         self.log.info("stopped")
         logging.getLogger().removeHandler(self.log_tail)
 
@@ -11761,6 +11875,30 @@ def command_retention(config: Config, dry_run: bool) -> int:
         index.close()
 
 
+def command_research_export(config: Config, label: str, into: str, options: DeidentificationOptions) -> int:
+    """De-identify a label's studies into another label, offline (the daemon stopped); prints
+    {studies, stored, failed}, exits 1 if anything failed."""
+    if not (config.data_dir / "index.sqlite").is_file():
+        log.error("no index in %s: is it the right --data-dir?", config.data_dir)
+        return 1
+    index, ingest = _offline_archive(config)
+    pseudonyms = PseudonymMap(config.data_dir / "pseudonyms.sqlite")
+    try:
+        label, into = label_name(label), label_name(into)
+        if not index.labelled("STUDY", label):
+            log.error("no indexed study carries the label %s", label)
+            return 1
+        report = research_export(index, ingest.storage, ingest, Deidentifier(pseudonyms), label, into, options)
+        print(json.dumps(report._asdict()))
+        return 1 if report.failed else 0
+    except ValueError as error:
+        log.error("%s", error)
+        return 2
+    finally:
+        pseudonyms.close()
+        index.close()
+
+
 def command_check(config: Config) -> int:
     """Compare the index with the files on disk; exit 1 if they disagree."""
     if not (config.data_dir / "index.sqlite").is_file():
@@ -12012,6 +12150,15 @@ def _argument_parser() -> argparse.ArgumentParser:
     make_cert.add_argument("--ae", metavar="AET[=HOST,...]", action="append", default=[],
                            help="also a certificate for another AE (a modality, a destination) on these hosts (repeatable)")
     make_cert.add_argument("--days", type=int, default=825, help="validity of the certificates (default 825)")
+    research = commands.add_parser("research-export", parents=[common],
+                                   help="de-identify a label's studies into another label, offline (PS3.15 Basic Profile)")
+    research.add_argument("label", help="the label of the studies to de-identify")
+    research.add_argument("into", help="the label of the de-identified copies")
+    research.add_argument("--retain-dates", choices=RETAIN_DATES, default="remove",
+                          help="remove dates (default), keep them (full) or move them per patient (offset)")
+    research.add_argument("--retain-device-identity", action="store_true")
+    research.add_argument("--retain-patient-characteristics", action="store_true")
+    research.add_argument("--clean-descriptors", action="store_true", help="keep descriptions, cleaned")
     viewer = commands.add_parser("install-viewer", parents=[common], help="install the OHIF web viewer (needs npm)")
     viewer.add_argument("--version", dest="viewer_version", default=OHIF_VERSION, help=f"@ohif/app version (default {OHIF_VERSION})")
     return parser
@@ -12020,7 +12167,7 @@ def _argument_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     """The dicoogled command."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in ("serve", "index", "reindex", "check", "retention", "install-viewer", "new-plugin", "sample-data", "make-cert", "-h", "--help", "--version"):
+    if not argv or argv[0] not in ("serve", "index", "reindex", "check", "retention", "install-viewer", "new-plugin", "sample-data", "make-cert", "research-export", "-h", "--help", "--version"):
         argv.insert(0, "serve")
     args = _argument_parser().parse_args(argv)
     overrides = {"data_dir": args.data_dir, "log_level": args.log_level}
@@ -12056,6 +12203,10 @@ def main(argv=None) -> int:
             return command_sample_data(args.folder)
         if args.command == "make-cert":
             return command_make_cert(args.folder, args.host, args.ae, args.days)
+        if args.command == "research-export":
+            options = DeidentificationOptions(args.retain_dates, False, args.retain_device_identity,
+                                              args.retain_patient_characteristics, args.clean_descriptors)
+            return command_research_export(config, args.label, args.into, options)
     except (OSError, RuntimeError, apsw.Error, subprocess.CalledProcessError) as error:
         log.error("%s failed: %s", args.command, error)
         return 1
