@@ -8461,6 +8461,8 @@ _BINARY_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN"})
 #: Pseudonymous UIDs: 2.25 and a UUID's integer (PS3.5 B.2), the UUID made from the original
 #: UID by HMAC-SHA-256 under the map's secret key (RFC 9562's version 8, for custom UUIDs).
 PSEUDONYM_UID_ROOT = "2.25."
+#: How many recorded UIDs a PseudonymMap remembers, not to write them again.
+_RECORDED_UIDS_REMEMBERED = 200_000
 #: A patient's random date offset in Modified Dates mode: 1 to 10 years back, in days.
 _DATE_OFFSET_DAYS = (365, 3650)
 
@@ -8571,6 +8573,10 @@ class PseudonymMap:
             self._db.execute(PSEUDONYMS_SCHEMA)
             self._db.execute("INSERT OR IGNORE INTO map_secret (id, secret) VALUES (1, ?)", (secrets.token_bytes(32),))
         self._secret = self._db.execute("SELECT secret FROM map_secret").fetchall()[0][0]
+        #: What is already on disk, so that de-identifying a large set costs a write per new
+        #: patient or UID only: patient key -> its row, and the originals of recorded UIDs.
+        self._known_patients: dict[str, PatientPseudonym] = {}
+        self._recorded_uids: set[str] = set()
 
     @staticmethod
     def patient_key(dataset: Dataset) -> str:
@@ -8585,11 +8591,14 @@ class PseudonymMap:
         """The pseudonym of a data set's patient, made (random) the first time it is seen."""
         key = self.patient_key(dataset)
         with self._lock, self._db:
+            if key in self._known_patients:
+                return self._known_patients[key]
             found = self._db.execute("SELECT pseudonym, patient_id, issuer_of_patient_id, patient_name,"
                                      " patient_birth_date, date_offset_days, created FROM patients"
                                      " WHERE patient_key = ?", (key,)).fetchall()
             if found:
-                return PatientPseudonym(*found[0])
+                self._known_patients[key] = PatientPseudonym(*found[0])
+                return self._known_patients[key]
             low, high = _DATE_OFFSET_DAYS
             made = PatientPseudonym(
                 "ANON-" + base64.b32encode(secrets.token_bytes(10)).decode("ascii"),
@@ -8599,6 +8608,7 @@ class PseudonymMap:
             self._db.execute("INSERT INTO patients (patient_key, pseudonym, patient_id, issuer_of_patient_id,"
                              " patient_name, patient_birth_date, date_offset_days, created)"
                              " VALUES (?, ?, ?, ?, ?, ?, ?, ?)", (key, *made))
+            self._known_patients[key] = made
             return made
 
     def replacement_uid(self, original: str) -> str:
@@ -8610,13 +8620,18 @@ class PseudonymMap:
 
     def record_uids(self, pairs: dict[str, str]):
         """Keep original -> replacement pairs, for re-identification."""
-        if not pairs:
-            return
         created = _utc_text(time.time_ns())
-        with self._lock, self._db:
-            for original, replacement in pairs.items():
-                self._db.execute("INSERT OR IGNORE INTO uids (original, replacement, created) VALUES (?, ?, ?)",
-                                 (original, replacement, created))
+        with self._lock:
+            new = {original: replacement for original, replacement in pairs.items() if original not in self._recorded_uids}
+            if not new:
+                return
+            with self._db:
+                for original, replacement in new.items():
+                    self._db.execute("INSERT OR IGNORE INTO uids (original, replacement, created) VALUES (?, ?, ?)",
+                                     (original, replacement, created))
+            if len(self._recorded_uids) > _RECORDED_UIDS_REMEMBERED:
+                self._recorded_uids.clear()  # a few writes again, rather than memory without end
+            self._recorded_uids.update(new)
 
     def patients(self) -> list[PatientPseudonym]:
         """Every patient of the map, by pseudonym."""
