@@ -8414,6 +8414,9 @@ BASIC_PROFILE_ACTIONS = {
 #: ... and the table's repeating groups, removed: (group mask, group, element or None for any).
 #: Curve Data (50xx,xxxx), Overlay Data (60xx,3000) and Overlay Comments (60xx,4000).
 BASIC_PROFILE_REPEATING_GROUPS = ((0xFF00, 0x5000, None), (0xFF00, 0x6000, 0x3000), (0xFF00, 0x6000, 0x4000))
+#: Stricter than the table: the free text of structured reports' content items (the table keeps
+#: them, its Clean Structured Content option cleans them) is emptied, the items kept.
+BEYOND_THE_TABLE = {"TextValue": "Z"}
 #: Where the table lets the de-identifier choose, the choice made: Z keeps a Type 2 attribute
 #: present (empty), X drops what no IOD requires; U* keeps a sequence and replaces its UIDs.
 _CHOSEN_ACTIONS = {"Z/D": "Z", "X/Z": "Z", "X/D": "X", "X/Z/D": "Z", "X/Z/U*": "U"}
@@ -8471,7 +8474,7 @@ _DATE_OFFSET_DAYS = (365, 3650)
 def basic_profile_table() -> dict[int, str]:
     """Table E.1-1 as tag -> action (D, Z, X, U, Z/D, ...)."""
     table = {}
-    for action, names in BASIC_PROFILE_ACTIONS.items():
+    for action, names in [*BASIC_PROFILE_ACTIONS.items(), *((a, k) for k, a in BEYOND_THE_TABLE.items())]:
         for name in names.split():
             tag = tag_for_keyword(name) if not re.fullmatch(r"[0-9A-F]{8}", name) else int(name, 16)
             if tag is None:
