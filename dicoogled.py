@@ -8222,7 +8222,9 @@ class StudyEvents:
 #: dictionary does not know it yet). D: replace with a dummy value, Z: empty it (or a dummy),
 #: X: remove it, U: replace the UID, consistently; "X/Z" and the like leave the choice (see
 #: _CHOSEN_ACTIONS); "X/Z/U*": a sequence whose UIDs are replaced. tests/test_research.py checks
-#: this copy against dicom-anonymizer's (Kitware's, generated from the standard's own XML).
+#: this copy against dicom-anonymizer's (Kitware's, generated from the standard's own XML). Copied,
+#: not imported: that package is alpha, imports tqdm with it and keeps the UIDs it replaced in a
+#: module global (one de-identification at a time, random UIDs), and has no options' columns.
 BASIC_PROFILE_ACTIONS = {
     "D": (
         "AcquisitionFieldOfViewLabel AnnotationGroupLabel AnnotationGroupUID AssertionDateTime "
