@@ -8070,13 +8070,19 @@ class TaskManager:
         self._queue.submit(self._run, task)
         return task
 
-    def start_function(self, name: str, function) -> str:
-        """Run function(progress) as a task; progress(fraction) updates what /index/task shows."""
+    def start_function(self, name: str, function, stoppable: bool = False) -> str:
+        """Run function(progress) as a task; progress(fraction) updates what /index/task shows.
+        stoppable: call function(progress, stop) with the threading.Event that stopping the task
+        sets. A function may return (succeeded, failed) counts, shown as nIndexed and nErrors."""
         task = IndexTask(str(uuid.uuid4()), name, [], total=1000)
 
         def run():
             try:
-                function(lambda fraction: setattr(task, "done", int(max(0.0, min(1.0, float(fraction))) * 1000)))
+                progress = lambda fraction: setattr(task, "done", int(max(0.0, min(1.0, float(fraction))) * 1000))  # noqa: E731
+                counts = function(progress, task.stop) if stoppable else function(progress)
+                if isinstance(counts, tuple) and len(counts) == 2:
+                    task.indexed, task.errors = counts
+                task.cancelled = task.stop.is_set()
             except Exception:
                 task.errors += 1
                 self.log.exception("task %s failed", name)
@@ -8293,6 +8299,657 @@ class StudyEvents:
         delay = hook.retry_delay(attempts)
         self.index.write(Index.delivery_attempted, delivery.delivery_id, "pending", error, time.time() + delay)
         self.log.warning("webhook %s: delivery %s failed (%s); next attempt in %g s", hook.name, delivery.delivery_id, error, delay)
+
+
+# ============================================================================================
+# De-identification: PS3.15 Annex E's Basic Profile, the pseudonym map, research exports
+# ============================================================================================
+
+#: PS3.15 Table E.1-1 (the 2026c edition), the Basic Application Level Confidentiality Profile's
+#: column: the action on each attribute, named by keyword (or by its 8-hex tag where pydicom's
+#: dictionary does not know it yet). D: replace with a dummy value, Z: empty it (or a dummy),
+#: X: remove it, U: replace the UID, consistently; "X/Z" and the like leave the choice (see
+#: _CHOSEN_ACTIONS); "X/Z/U*": a sequence whose UIDs are replaced. tests/test_research.py checks
+#: this copy against dicom-anonymizer's (Kitware's, generated from the standard's own XML). Copied,
+#: not imported: that package is alpha, imports tqdm with it and keeps the UIDs it replaced in a
+#: module global (one de-identification at a time, random UIDs), and has no options' columns.
+BASIC_PROFILE_ACTIONS = {
+    "D": (
+        "AcquisitionFieldOfViewLabel AnnotationGroupLabel AnnotationGroupUID AssertionDateTime "
+        "AttributeModificationDateTime BeamHoldTransitionDateTime CertificateOfSigner "
+        "ClinicalTrialProtocolEthicsCommitteeName ClinicalTrialProtocolID ClinicalTrialSponsorName "
+        "ClinicalTrialSubjectID ClinicalTrialSubjectReadingID ContainerIdentifier ContentSequence "
+        "ContextGroupLocalVersion ContextGroupVersion Date DateTime DecayCorrectionDateTime DestinationAE "
+        "DeviceLabel DigitalSignatureDateTime EffectiveDateTime EncapsulatedDocument EntityLabel "
+        "EntityLongLabel ExclusionStartDateTime FlowIdentifier FlowIdentifierSequence "
+        "FrameAcquisitionDateTime FrameOriginTimestamp FrameReferenceDateTime FunctionalSyncPulse "
+        "GraphicAnnotationSequence HangingProtocolCreationDateTime ImpedanceMeasurementDateTime "
+        "InformationIssueDateTime InterlockDateTime InterlockDescription InterlockOriginDescription "
+        "ModifyingSystem OverrideDateTime PersonIdentificationCodeSequence PersonName RTPlanLabel "
+        "RTPrescriptionLabel RTToleranceSetLabel RadiationDoseIdentificationLabel "
+        "RadiationDoseInVivoMeasurementLabel RadiationGenerationModeLabel ReasonForTheAttributeModification "
+        "RecordedRTControlPointDateTime ReferencedDateTime SafePositionExitDate SafePositionExitTime "
+        "SafePositionReturnDate SafePositionReturnTime SelectorAEValue SelectorASValue SelectorDAValue "
+        "SelectorDTValue SelectorLOValue SelectorLTValue SelectorOBValue SelectorPNValue SelectorSHValue "
+        "SelectorSTValue SelectorTMValue SelectorUNValue SelectorURValue SelectorUTValue SourceEndDateTime "
+        "SourceIdentifier SourceStartDateTime SourceStrengthReferenceDate SourceStrengthReferenceTime "
+        "SpecimenIdentifier StructureSetLabel Time TreatmentControlPointDate TreatmentControlPointTime "
+        "TreatmentPositionGroupLabel TreatmentToleranceViolationDateTime "
+        "TreatmentToleranceViolationDescription UnformattedTextValue UserContentLabel UserContentLongLabel "
+        "VerificationDateTime VerifyingObserverName VerifyingObserverSequence VerifyingOrganization "
+        "XRayDetectorID XRaySourceID"
+    ),
+    "Z": (
+        "AccessionNumber CalibrationDateTime ClinicalTrialCoordinatingCenterName ClinicalTrialProtocolName "
+        "ClinicalTrialSiteID ClinicalTrialSiteName ClinicalTrialTimePointID "
+        "ConceptualVolumeCombinationDescription ConceptualVolumeDescription ConsultingPhysicianName "
+        "DeviceAlternateIdentifier FillerOrderNumberImagingServiceRequest FractionationNotes "
+        "IssuerOfTheContainerIdentifierSequence IssuerOfTheSpecimenIdentifierSequence "
+        "ManufacturerDeviceIdentifier ParticipationDateTime PatientBirthDate PatientName PatientSex "
+        "PlacerOrderNumberImagingServiceRequest PrescriptionNotes PrescriptionNotesSequence ROIInterpreter "
+        "ROIName RTAccessoryDeviceSlotID RTAccessoryHolderSlotID RTPhysicianIntentNarrative "
+        "RadiationGenerationModeDescription ReasonForSuperseding ReferringPhysicianName ReviewDate ReviewTime "
+        "SourceOfPreviousValues SpecimenPreparationSequence StructureSetDate StructureSetTime StudyDate "
+        "StudyID StudyTime TreatmentTechniqueNotes VerifyingObserverIdentificationCodeSequence"
+    ),
+    "X": (
+        "00081301 00081302 00081303 00081304 00100011 00100012 00100013 00100014 00100015 00100016 00100041 "
+        "00100042 00100043 00100044 00100045 00100046 00100047 00102162 0040A034 0040A035 0040B034 0040B036 "
+        "0040B03B 0040B03F 0040E012 AcquisitionComments AcquisitionContextDescription "
+        "AcquisitionProtocolDescription ActualHumanPerformersSequence AdditionalPatientHistory AddressTrial "
+        "AdmissionID AdmittingDate AdmittingDiagnosesCodeSequence AdmittingDiagnosesDescription AdmittingTime "
+        "AffectedSOPInstanceUID Allergies AnnotationGroupDescription ApprovalStatusDateTime Arbitrary "
+        "AssertionExpirationDateTime AuthorObserverSequence BeamDescription BolusDescription BranchOfService "
+        "CalibrationDate CalibrationTime CameraOwnerName CassetteID CertifiedTimestamp "
+        "ChannelDerivationDescription ChannelLabel ClinicalTrialProtocolEthicsCommitteeApprovalNumber "
+        "ClinicalTrialSeriesDescription ClinicalTrialSeriesID ClinicalTrialTimePointDescription "
+        "CommentsOnRadiationDose CommentsOnThePerformedProcedureStep CompensatorDescription "
+        "ConfidentialityConstraintOnPatientDataDescription ConsultingPhysicianIdentificationSequence "
+        "ContainerComponentID ContainerDescription ContentCreatorIdentificationCodeSequence "
+        "ContrastBolusStartTime ContrastBolusStopTime ContributionDateTime ContributionDescription "
+        "CountryOfResidence CreationDate CreationTime CurrentObserverTrial CurrentPatientLocation CurveDate "
+        "CurveTime CustodialOrganizationSequence DataSetTrailingPadding "
+        "DateOfDocumentOrVerbalTransactionTrial DateOfInstallation DateOfLastCalibration DateOfManufacture "
+        "DateOfSecondaryCapture DateTimeOfLastCalibration DecompositionDescription DerivationDescription "
+        "DeviceDescription DeviceSettingDescription DigitalSignaturesSequence DischargeDate "
+        "DischargeDiagnosisDescription DischargeTime DisplacementReferenceLabel DistributionAddress "
+        "DistributionName DoseReferenceDescription EntityDescription EntityName "
+        "EquipmentFrameOfReferenceDescription EthicsCommitteeApprovalEffectivenessEndDate "
+        "EthicsCommitteeApprovalEffectivenessStartDate EthnicGroup EthnicGroupCodeSequence "
+        "ExpectedCompletionDateTime FilterLookupTableDescription FindingsGroupRecordingDateTrial "
+        "FindingsGroupRecordingTimeTrial FixationDeviceDescription FractionGroupDescription FrameComments "
+        "GPSAltitude GPSAltitudeRef GPSAreaInformation GPSDOP GPSDateStamp GPSDestBearing GPSDestBearingRef "
+        "GPSDestDistance GPSDestDistanceRef GPSDestLatitude GPSDestLatitudeRef GPSDestLongitude "
+        "GPSDestLongitudeRef GPSDifferential GPSImgDirection GPSImgDirectionRef GPSLatitude GPSLatitudeRef "
+        "GPSLongitude GPSLongitudeRef GPSMapDatum GPSMeasureMode GPSProcessingMethod GPSSatellites GPSSpeed "
+        "GPSSpeedRef GPSStatus GPSTimeStamp GPSTrack GPSTrackRef GPSVersionID GantryID GeneratorID "
+        "HL7DocumentEffectiveTime HardcopyCreationDeviceID HumanPerformerName HumanPerformerOrganization "
+        "IconImageSequence IdentifyingComments ImageComments ImagePresentationComments "
+        "ImagingServiceRequestComments Impressions InstanceCoercionDateTime InstanceOriginStatus "
+        "InstitutionAddress InstitutionalDepartmentName InstitutionalDepartmentTypeCodeSequence "
+        "InsurancePlanIdentification IntendedFractionStartTime "
+        "IntendedRecipientsOfResultsIdentificationSequence InterpretationApprovalDate "
+        "InterpretationApprovalTime InterpretationApproverSequence InterpretationAuthor "
+        "InterpretationDiagnosisDescription InterpretationID InterpretationIDIssuer "
+        "InterpretationRecordedDate InterpretationRecordedTime InterpretationRecorder InterpretationText "
+        "InterpretationTranscriber InterpretationTranscriptionDate InterpretationTranscriptionTime "
+        "InterventionDrugStartTime InterventionDrugStopTime IssueDateOfImagingServiceRequest "
+        "IssueTimeOfImagingServiceRequest IssuerOfAdmissionID IssuerOfAdmissionIDSequence "
+        "IssuerOfClinicalTrialProtocolID IssuerOfClinicalTrialSeriesID IssuerOfClinicalTrialSiteID "
+        "IssuerOfClinicalTrialSubjectID IssuerOfClinicalTrialSubjectReadingID "
+        "IssuerOfClinicalTrialTimePointID IssuerOfPatientID IssuerOfServiceEpisodeID "
+        "IssuerOfServiceEpisodeIDSequence LastMenstrualDate LensMake LensModel LensSerialNumber "
+        "LensSpecification LongDeviceDescription MAC MakerNote MedicalAlerts MedicalRecordLocator "
+        "MilitaryRank ModifiedAttributesSequence ModifiedImageDate ModifiedImageDescription ModifiedImageTime "
+        "ModifyingDeviceID MultienergyAcquisitionDescription MultiplexGroupLabel NameOfPhysiciansReadingStudy "
+        "NamesOfIntendedRecipientsOfResults NetworkID NonconformingDataElementValue "
+        "NonconformingModifiedAttributesSequence ObservationDateTrial ObservationStartDateTime "
+        "ObservationTimeTrial Occupation OrderCallbackPhoneNumber OrderCallbackTelecomInformation "
+        "OrderEnteredBy OrderEntererLocation OriginalAttributesSequence Originator "
+        "OtherClinicalTrialProtocolIDsSequence OtherPatientIDs OtherPatientIDsSequence OtherPatientNames "
+        "OverlayDate OverlayTime ParticipantSequence PatientAddress PatientAge PatientBirthName "
+        "PatientBirthTime PatientComments PatientInstitutionResidence PatientInsurancePlanCodeSequence "
+        "PatientMotherBirthName PatientPrimaryLanguageCodeSequence PatientPrimaryLanguageModifierCodeSequence "
+        "PatientReligiousPreference PatientSetupPhotoDescription PatientSize PatientState "
+        "PatientTelecomInformation PatientTelephoneNumbers PatientTransportArrangements "
+        "PatientTreatmentPreparationMethodDescription "
+        "PatientTreatmentPreparationProcedureParameterDescription PatientWeight PerformedLocation "
+        "PerformedProcedureStepDescription PerformedProcedureStepEndDate PerformedProcedureStepEndDateTime "
+        "PerformedProcedureStepEndTime PerformedProcedureStepID PerformedProcedureStepStartDate "
+        "PerformedProcedureStepStartDateTime PerformedProcedureStepStartTime PerformedStationAETitle "
+        "PerformedStationGeographicLocationCodeSequence PerformedStationName PerformedStationNameCodeSequence "
+        "PerformingPhysicianIdentificationSequence PerformingPhysicianName PersonAddress "
+        "PersonTelecomInformation PersonTelephoneNumbers PhysicianApprovingInterpretation PhysiciansOfRecord "
+        "PhysiciansOfRecordIdentificationSequence PhysiciansReadingStudyIdentificationSequence PlateID "
+        "PositionAcquisitionTemplateDescription PositionAcquisitionTemplateName PreMedication PregnancyStatus "
+        "PrescriptionDescription PresentationCreationDate PresentationCreationTime "
+        "PriorTreatmentDoseDescription ProcedureStepCancellationDateTime ProductExpirationDateTime "
+        "PyramidDescription PyramidLabel ROICreatorSequence ROIDateTime ROIDescription "
+        "ROIGenerationDescription ROIInterpreterSequence ROIObservationDateTime ROIObservationDescription "
+        "ROIObservationLabel RTPlanDescription RTPlanName RadiopharmaceuticalStartDateTime "
+        "RadiopharmaceuticalStartTime RadiopharmaceuticalStopDateTime RadiopharmaceuticalStopTime "
+        "ReasonForOmissionDescription ReasonForRequestedProcedureCodeSequence ReasonForStudy "
+        "ReasonForTheImagingServiceRequest ReasonForTheRequestedProcedure ReasonForVisit "
+        "ReasonForVisitCodeSequence ReceivingAE ReferencedDigitalSignatureSequence "
+        "ReferencedPatientAliasSequence ReferencedPatientPhotoSequence ReferencedPatientSequence "
+        "ReferencedSOPInstanceMACSequence ReferringPhysicianAddress ReferringPhysicianIdentificationSequence "
+        "ReferringPhysicianTelephoneNumbers RegionOfResidence RequestAttributesSequence "
+        "RequestedContrastAgent RequestedProcedureComments RequestedProcedureID RequestedProcedureLocation "
+        "RequestedSeriesDescription RequestingAE RequestingPhysician RequestingService "
+        "RespiratoryMotionCompensationTechniqueDescription ResponsibleOrganization ResponsiblePerson "
+        "ResultsComments ResultsDistributionListSequence ResultsID ResultsIDIssuer RetrieveAETitle "
+        "SOPAuthorizationDateTime ScheduledAdmissionDate ScheduledAdmissionTime ScheduledDischargeDate "
+        "ScheduledDischargeTime ScheduledHumanPerformersSequence ScheduledPatientInstitutionResidence "
+        "ScheduledPerformingPhysicianIdentificationSequence ScheduledPerformingPhysicianName "
+        "ScheduledProcedureStepDescription ScheduledProcedureStepEndDate ScheduledProcedureStepEndTime "
+        "ScheduledProcedureStepExpirationDateTime ScheduledProcedureStepID ScheduledProcedureStepLocation "
+        "ScheduledProcedureStepModificationDateTime ScheduledProcedureStepStartDate "
+        "ScheduledProcedureStepStartDateTime ScheduledProcedureStepStartTime ScheduledStationAETitle "
+        "ScheduledStationGeographicLocationCodeSequence ScheduledStationName ScheduledStationNameCodeSequence "
+        "ScheduledStudyLocation ScheduledStudyLocationAETitle ScheduledStudyStartDate ScheduledStudyStartTime "
+        "ScheduledStudyStopDate ScheduledStudyStopTime SecondaryCaptureDeviceID SeriesDescription "
+        "ServiceEpisodeDescription ServiceEpisodeID SetupTechniqueDescription ShieldingDeviceDescription "
+        "SlideIdentifier SmokingStatus SourceManufacturer SpecialNeeds SpecimenAccessionNumber "
+        "SpecimenDetailedDescription SpecimenShortDescription StationAETitle StructureSetDescription "
+        "StructureSetName StudyArrivalDate StudyArrivalTime StudyComments StudyCompletionDate "
+        "StudyCompletionTime StudyDescription StudyIDIssuer StudyReadDate StudyReadTime StudyVerifiedDate "
+        "StudyVerifiedTime SubstanceAdministrationDateTime TelephoneNumberTrial TemplateLocalVersion "
+        "TemplateVersion TextComments TextString TimeOfDocumentCreationOrVerbalTransactionTrial "
+        "TimeOfLastCalibration TimeOfSecondaryCapture TimezoneOffsetFromUTC TopicAuthor TopicKeywords "
+        "TopicSubject TopicTitle TransducerIdentificationSequence TreatmentSites UDISequence "
+        "UniqueDeviceIdentifier VerbalSourceIdentifierCodeSequenceTrial VerbalSourceTrial VisitComments "
+        "WaveformFilterDescription XRayDetectorLabel"
+    ),
+    "U": (
+        "AcquisitionUID ConcatenationUID ConceptualVolumeUID ConstituentConceptualVolumeUID DeviceUID "
+        "DigitalSignatureUID DimensionOrganizationUID DoseReferenceUID DosimetricObjectiveUID "
+        "FailedSOPInstanceUIDList FiducialUID FrameOfReferenceUID InstanceCreatorUID IrradiationEventUID "
+        "LargePaletteColorLookupTableUID ManufacturerDeviceClassUID MediaStorageSOPInstanceUID "
+        "MultiplexGroupUID ObservationSubjectUIDTrial ObservationUID PaletteColorLookupTableUID "
+        "PatientSetupUID PresentationDisplayCollectionUID PresentationSequenceCollectionUID PyramidUID "
+        "RTTreatmentPhaseUID ReferencedConceptualVolumeUID ReferencedDoseReferenceUID "
+        "ReferencedDosimetricObjectiveUID ReferencedFiducialsUID ReferencedFrameOfReferenceUID "
+        "ReferencedGeneralPurposeScheduledProcedureStepTransactionUID ReferencedObservationUIDTrial "
+        "ReferencedSOPInstanceUID ReferencedSOPInstanceUIDInFile ReferencedTreatmentPositionGroupUID "
+        "RelatedFrameOfReferenceUID RequestedSOPInstanceUID SOPInstanceUID SeriesInstanceUID "
+        "SourceConceptualVolumeUID SourceFrameOfReferenceUID SpecimenUID StorageMediaFileSetUID "
+        "StudyInstanceUID SynchronizationFrameOfReferenceUID TableTopPositionAlignmentUID TargetUID "
+        "TemplateExtensionCreatorUID TemplateExtensionOrganizationUID TrackingUID TransactionUID "
+        "TreatmentPositionGroupUID TreatmentSessionUID UID"
+    ),
+    "Z/D": (
+        "ContentCreatorName ContentDate ContentTime ContrastBolusAgent InstructionPerformedDateTime PatientID"
+    ),
+    "X/Z": (
+        "AcquisitionContextSequence AcquisitionDate AcquisitionTime BarcodeValue LabelText PatientSexNeutered "
+        "ReferencedStudySequence RequestedProcedureDescription ReviewerName SourceSerialNumber "
+        "TreatmentMachineName"
+    ),
+    "X/D": (
+        "AcquisitionDeviceProcessingDescription DateOfLastDetectorCalibration DetectorID "
+        "EndAcquisitionDateTime FirstTreatmentDate InstanceCreationDate IntendedPhaseEndDate "
+        "IntendedPhaseStartDate MostRecentTreatmentDate ObservationDateTime OperatorIdentificationSequence "
+        "ProtocolName RTPlanDate RTPlanTime RTTreatmentApproachLabel SeriesDate SeriesTime "
+        "StartAcquisitionDateTime TimeOfLastDetectorCalibration TreatmentDate TreatmentSite TreatmentTime "
+        "WaveformAnnotationSequence"
+    ),
+    "X/Z/D": (
+        "AcquisitionDateTime DeviceSerialNumber InstanceCreationTime InstitutionCodeSequence InstitutionName "
+        "OperatorsName ReferencedPerformedProcedureStepSequence StationName"
+    ),
+    "X/Z/U*": (
+        "ReferencedImageSequence SourceImageSequence"
+    ),
+}
+#: ... and the table's repeating groups, removed: (group mask, group, element or None for any).
+#: Curve Data (50xx,xxxx), Overlay Data (60xx,3000) and Overlay Comments (60xx,4000).
+BASIC_PROFILE_REPEATING_GROUPS = ((0xFF00, 0x5000, None), (0xFF00, 0x6000, 0x3000), (0xFF00, 0x6000, 0x4000))
+#: Stricter than the table: the free text of structured reports' content items (the table keeps
+#: them, its Clean Structured Content option cleans them) is emptied, the items kept.
+BEYOND_THE_TABLE = {"TextValue": "Z"}
+#: Where the table lets the de-identifier choose, the choice made: Z keeps a Type 2 attribute
+#: present (empty), X drops what no IOD requires; U* keeps a sequence and replaces its UIDs.
+_CHOSEN_ACTIONS = {"Z/D": "Z", "X/Z": "Z", "X/D": "X", "X/Z/D": "Z", "X/Z/U*": "U"}
+
+#: The profile's options (PS3.15 E.3), by the attributes they keep where the Basic Profile would
+#: not: the attributes of the table's option columns that matter for images, not all of them.
+#: Retain Device Identity (E.3.7):
+DEVICE_IDENTITY_ATTRIBUTES = frozenset({
+    "StationName", "DeviceSerialNumber", "DeviceUID", "DeviceLabel", "DeviceDescription", "DetectorID",
+    "GantryID", "PlateID", "CassetteID", "PerformedStationAETitle", "PerformedStationName",
+    "ScheduledStationAETitle", "ScheduledStationName", "SourceSerialNumber", "TreatmentMachineName",
+    "PerformedStationGeographicLocationCodeSequence", "ScheduledStationGeographicLocationCodeSequence",
+})
+#: Retain Patient Characteristics (E.3.6):
+PATIENT_CHARACTERISTICS_ATTRIBUTES = frozenset({
+    "PatientAge", "PatientSex", "PatientSize", "PatientWeight", "EthnicGroup", "SmokingStatus",
+    "PregnancyStatus", "PatientSexNeutered",
+})
+#: Clean Descriptors (E.3.5): free text kept, but cleaned of the patient's names and identifiers
+#: and of anything that looks like a date or a long number (see _clean_text).
+DESCRIPTOR_ATTRIBUTES = frozenset({
+    "StudyDescription", "SeriesDescription", "ProtocolName", "ImageComments", "DerivationDescription",
+    "PerformedProcedureStepDescription", "RequestedProcedureDescription", "ScheduledProcedureStepDescription",
+    "AdmittingDiagnosesDescription", "StudyComments", "AcquisitionDeviceProcessingDescription",
+    "ContrastBolusAgent", "AdditionalPatientHistory",
+})
+#: Retain Longitudinal Temporal Information (E.3.6): dates removed (the Basic Profile), kept
+#: (Full Dates) or moved by a per-patient number of days (Modified Dates).
+RETAIN_DATES = ("remove", "full", "offset")
+#: Coded options for DeidentificationMethodCodeSequence (PS3.16 CID 7050, DCM).
+DEIDENTIFICATION_CODES = {
+    "basic": ("113100", "Basic Application Confidentiality Profile"),
+    "clean_descriptors": ("113105", "Clean Descriptors Option"),
+    "full": ("113106", "Retain Longitudinal Temporal Information Full Dates Option"),
+    "offset": ("113107", "Retain Longitudinal Temporal Information Modified Dates Option"),
+    "retain_patient_characteristics": ("113108", "Retain Patient Characteristics Option"),
+    "retain_device_identity": ("113109", "Retain Device Identity Option"),
+    "retain_uids": ("113110", "Retain UIDs Option"),
+}
+#: Dummy values (action D) by VR; other text VRs get "ANONYMIZED", numbers 0.
+_DUMMY_VALUES = {"PN": "ANONYMOUS", "DA": "19000101", "TM": "000000", "DT": "19000101000000", "AS": "000D",
+                 "IS": "0", "DS": "0", "AE": "ANONYMOUS", "CS": "ANONYMIZED"}
+_TEXT_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UR", "UT"})
+_BINARY_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN"})
+#: Pseudonymous UIDs: 2.25 and a UUID's integer (PS3.5 B.2), the UUID made from the original
+#: UID by HMAC-SHA-256 under the map's secret key (RFC 9562's version 8, for custom UUIDs).
+PSEUDONYM_UID_ROOT = "2.25."
+#: How many recorded UIDs a PseudonymMap remembers, not to write them again.
+_RECORDED_UIDS_REMEMBERED = 200_000
+#: A patient's random date offset in Modified Dates mode: 1 to 10 years back, in days.
+_DATE_OFFSET_DAYS = (365, 3650)
+
+
+@functools.lru_cache(maxsize=1)
+def basic_profile_table() -> dict[int, str]:
+    """Table E.1-1 as tag -> action (D, Z, X, U, Z/D, ...)."""
+    table = {}
+    for action, names in [*BASIC_PROFILE_ACTIONS.items(), *((a, k) for k, a in BEYOND_THE_TABLE.items())]:
+        for name in names.split():
+            tag = tag_for_keyword(name) if not re.fullmatch(r"[0-9A-F]{8}", name) else int(name, 16)
+            if tag is None:
+                raise ValueError(f"Table E.1-1 names {name}, which is not a DICOM keyword")
+            table[tag] = action
+    return table
+
+
+def _keyword_tags(keywords) -> frozenset[int]:
+    return frozenset(tag_for_keyword(keyword) for keyword in keywords)
+
+
+@dataclasses.dataclass(frozen=True)
+class DeidentificationOptions:
+    """The Basic Profile's options (PS3.15 E.3) a de-identification applies."""
+
+    retain_dates: str = "remove"  #: remove, full or offset (see RETAIN_DATES)
+    retain_uids: bool = False
+    retain_device_identity: bool = False
+    retain_patient_characteristics: bool = False
+    clean_descriptors: bool = False
+
+    @classmethod
+    def from_params(cls, params: dict) -> "DeidentificationOptions":
+        """Options from request parameters or a JSON object (true/false, yes/no, 1/0); ValueError
+        with a reason fit for the caller."""
+        def flag(name):
+            value = params.get(name, False)
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text not in ("", "0", "1", "true", "false", "yes", "no", "on", "off"):
+                raise ValueError(f"{name} must be true or false, not {str(value)[:40]!r}")
+            return text in ("1", "true", "yes", "on")
+
+        retain_dates = str(params.get("retain_dates") or "remove").strip().lower()
+        if retain_dates not in RETAIN_DATES:
+            raise ValueError(f"retain_dates must be one of {', '.join(RETAIN_DATES)}, not {retain_dates[:40]!r}")
+        return cls(retain_dates, flag("retain_uids"), flag("retain_device_identity"),
+                   flag("retain_patient_characteristics"), flag("clean_descriptors"))
+
+    def method_codes(self) -> list[tuple[str, str]]:
+        """(code value, code meaning) of the profile and of each option applied."""
+        names = ["basic", "clean_descriptors" if self.clean_descriptors else None,
+                 self.retain_dates if self.retain_dates != "remove" else None,
+                 "retain_patient_characteristics" if self.retain_patient_characteristics else None,
+                 "retain_device_identity" if self.retain_device_identity else None,
+                 "retain_uids" if self.retain_uids else None]
+        return [DEIDENTIFICATION_CODES[name] for name in names if name]
+
+
+class PatientPseudonym(typing.NamedTuple):
+    """One patient of the pseudonym map: who it stands for, and how its dates are moved."""
+    pseudonym: str
+    patient_id: str
+    issuer_of_patient_id: str
+    patient_name: str
+    patient_birth_date: str
+    date_offset_days: int  #: added to every date in Modified Dates mode (negative: earlier)
+    created: str
+
+
+class UidPseudonym(typing.NamedTuple):
+    """One UID replaced by de-identification."""
+    original: str
+    replacement: str
+    created: str
+
+
+PSEUDONYMS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS map_secret (id INTEGER PRIMARY KEY CHECK (id = 1), secret BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS patients (
+    patient_key TEXT PRIMARY KEY, pseudonym TEXT NOT NULL UNIQUE, patient_id TEXT NOT NULL,
+    issuer_of_patient_id TEXT NOT NULL, patient_name TEXT NOT NULL, patient_birth_date TEXT NOT NULL,
+    date_offset_days INTEGER NOT NULL, created TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS uids (original TEXT PRIMARY KEY, replacement TEXT NOT NULL, created TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS uids_by_replacement ON uids (replacement);
+"""
+
+
+class PseudonymMap:
+    """Who each pseudonym stands for (data_dir/pseudonyms.sqlite, owner-only, kept apart from
+    the index so the de-identified copies and the key to them can be held apart).
+
+    The same patient (PatientID and IssuerOfPatientID, or PatientName and PatientBirthDate when
+    there is no ID) always gets the same pseudonym: random, so nothing outside this file leads
+    back from it. UIDs are replaced by a keyed hash of the original under the file's secret: the
+    same original UID always gives the same new one, and each replacement is recorded, so a
+    data custodian can re-identify both patients and objects."""
+
+    def __init__(self, path: pathlib.Path):
+        self._lock = threading.Lock()
+        self._db = apsw.Connection(str(path))
+        os.chmod(path, 0o600)  # before WAL mode makes its -wal and -shm files, which take this mode
+        self._db.setbusytimeout(10_000)
+        self._db.execute("PRAGMA journal_mode=WAL").fetchall()
+        with self._db:
+            self._db.execute(PSEUDONYMS_SCHEMA)
+            self._db.execute("INSERT OR IGNORE INTO map_secret (id, secret) VALUES (1, ?)", (secrets.token_bytes(32),))
+        self._secret = self._db.execute("SELECT secret FROM map_secret").fetchall()[0][0]
+        #: What is already on disk, so that de-identifying a large set costs a write per new
+        #: patient or UID only: patient key -> its row, and the originals of recorded UIDs.
+        self._known_patients: dict[str, PatientPseudonym] = {}
+        self._recorded_uids: set[str] = set()
+
+    @staticmethod
+    def patient_key(dataset: Dataset) -> str:
+        """What identifies a patient: its ID and the ID's issuer, else its name and birth date."""
+        patient_id = str(dataset.get("PatientID", "") or "").strip()
+        if patient_id:
+            return json.dumps(["id", patient_id, str(dataset.get("IssuerOfPatientID", "") or "").strip()])
+        return json.dumps(["name", str(dataset.get("PatientName", "") or "").strip(),
+                           str(dataset.get("PatientBirthDate", "") or "").strip()])
+
+    def patient(self, dataset: Dataset) -> PatientPseudonym:
+        """The pseudonym of a data set's patient, made (random) the first time it is seen."""
+        key = self.patient_key(dataset)
+        with self._lock, self._db:
+            if key in self._known_patients:
+                return self._known_patients[key]
+            found = self._db.execute("SELECT pseudonym, patient_id, issuer_of_patient_id, patient_name,"
+                                     " patient_birth_date, date_offset_days, created FROM patients"
+                                     " WHERE patient_key = ?", (key,)).fetchall()
+            if found:
+                self._known_patients[key] = PatientPseudonym(*found[0])
+                return self._known_patients[key]
+            low, high = _DATE_OFFSET_DAYS
+            made = PatientPseudonym(
+                "ANON-" + base64.b32encode(secrets.token_bytes(10)).decode("ascii"),
+                str(dataset.get("PatientID", "") or ""), str(dataset.get("IssuerOfPatientID", "") or ""),
+                str(dataset.get("PatientName", "") or ""), str(dataset.get("PatientBirthDate", "") or ""),
+                -(low + secrets.randbelow(high - low + 1)), _utc_text(time.time_ns()))
+            self._db.execute("INSERT INTO patients (patient_key, pseudonym, patient_id, issuer_of_patient_id,"
+                             " patient_name, patient_birth_date, date_offset_days, created)"
+                             " VALUES (?, ?, ?, ?, ?, ?, ?, ?)", (key, *made))
+            self._known_patients[key] = made
+            return made
+
+    def replacement_uid(self, original: str) -> str:
+        """The UID that stands for original: the same every time, and unguessable without the key."""
+        digest = bytearray(hmac.new(self._secret, original.encode("ascii", "replace"), hashlib.sha256).digest()[:16])
+        digest[6] = (digest[6] & 0x0F) | 0x80  # version 8
+        digest[8] = (digest[8] & 0x3F) | 0x80  # the RFC's variant
+        return PSEUDONYM_UID_ROOT + str(int.from_bytes(digest, "big"))
+
+    def record_uids(self, pairs: dict[str, str]):
+        """Keep original -> replacement pairs, for re-identification."""
+        created = _utc_text(time.time_ns())
+        with self._lock:
+            new = {original: replacement for original, replacement in pairs.items() if original not in self._recorded_uids}
+            if not new:
+                return
+            with self._db:
+                for original, replacement in new.items():
+                    self._db.execute("INSERT OR IGNORE INTO uids (original, replacement, created) VALUES (?, ?, ?)",
+                                     (original, replacement, created))
+            if len(self._recorded_uids) > _RECORDED_UIDS_REMEMBERED:
+                self._recorded_uids.clear()  # a few writes again, rather than memory without end
+            self._recorded_uids.update(new)
+
+    def patients(self) -> list[PatientPseudonym]:
+        """Every patient of the map, by pseudonym."""
+        with self._lock:
+            rows = self._db.execute("SELECT pseudonym, patient_id, issuer_of_patient_id, patient_name, patient_birth_date,"
+                                    " date_offset_days, created FROM patients ORDER BY pseudonym").fetchall()
+        return [PatientPseudonym(*row) for row in rows]
+
+    def uids(self, replacement: str = "", limit: int = 1000, offset: int = 0) -> list[UidPseudonym]:
+        """Recorded UID replacements (only the one for replacement, if given), oldest first."""
+        where, args = ("WHERE replacement = ?", (replacement,)) if replacement else ("", ())
+        with self._lock:
+            rows = self._db.execute(f"SELECT original, replacement, created FROM uids {where}"
+                                    " ORDER BY rowid LIMIT ? OFFSET ?", (*args, limit, offset)).fetchall()
+        return [UidPseudonym(*row) for row in rows]
+
+    def close(self):
+        with self._lock:
+            self._db.close()
+
+
+def _shift_date(value: str, days: int) -> str:
+    """A DA (YYYYMMDD) or DT (YYYYMMDD...) value moved by days; "" when it is not a full date."""
+    value = value.strip()
+    try:
+        moved = datetime.datetime.strptime(value[:8], "%Y%m%d").date() + datetime.timedelta(days=days)
+    except ValueError:
+        return ""
+    return f"{moved.year:04d}{moved.month:02d}{moved.day:02d}" + value[8:]
+
+
+#: What Clean Descriptors removes besides the patient's own names and IDs: dates and long numbers.
+_IDENTIFYING_TEXT = re.compile(r"\b\d{4}[-/.]?\d{2}[-/.]?\d{2}\b|\b\d{2}[-/.]\d{2}[-/.]\d{2,4}\b|\d{6,}")
+
+
+def _clean_text(text: str, identifiers: list[str]) -> str:
+    """Free text without the identifiers given (case-insensitive) nor dates and long numbers."""
+    for identifier in sorted(identifiers, key=len, reverse=True):
+        text = re.sub(re.escape(identifier), "", text, flags=re.IGNORECASE)
+    return " ".join(_IDENTIFYING_TEXT.sub("", text).split())
+
+
+class DeidentificationRefused(ValueError):
+    """An object that tag-based de-identification cannot make safe."""
+
+
+def part10_bytes(dataset: Dataset) -> bytes:
+    """A data set with its file meta group as Part 10 bytes."""
+    output = io.BytesIO()
+    dataset.save_as(output, enforce_file_format=True)
+    return output.getvalue()
+
+
+class Deidentifier:
+    """PS3.15 Annex E's Basic Application Level Confidentiality Profile, with its options, on
+    one data set at a time, with the pseudonyms of a PseudonymMap. Thread-safe: research
+    exports, downloads and share links may all call deidentify at once.
+
+        copy = daemon.deidentifier.deidentify(dataset, DeidentificationOptions(retain_dates="offset"))
+
+    Beyond the tags: text burnt into pixels is not looked at (the Clean Pixel Data option is not
+    offered), so instances with BurnedInAnnotation YES are refused (DeidentificationRefused)."""
+
+    #: DeidentificationMethod (LO, 64 characters at most): the profile and the table's edition.
+    METHOD = "PS3.15 E.1 Basic Profile, Table E.1-1 2026c (dicoogled)"
+
+    def __init__(self, pseudonyms: PseudonymMap):
+        self.pseudonyms = pseudonyms
+        self._table = basic_profile_table()
+        self._device = _keyword_tags(DEVICE_IDENTITY_ATTRIBUTES)
+        self._characteristics = _keyword_tags(PATIENT_CHARACTERISTICS_ATTRIBUTES)
+        self._descriptors = _keyword_tags(DESCRIPTOR_ATTRIBUTES)
+
+    def deidentify(self, dataset: Dataset, options: DeidentificationOptions = DeidentificationOptions()) -> Dataset:
+        """A de-identified copy of dataset (the original is not changed), its file meta group
+        included; raises DeidentificationRefused for what tags cannot make safe."""
+        if str(dataset.get("BurnedInAnnotation", "")).upper() == "YES":
+            raise DeidentificationRefused("BurnedInAnnotation is YES: identifying text may be in the pixels")
+        patient = self.pseudonyms.patient(dataset)
+        identifiers = [part for part in re.split(r"[\^= ,]+", str(dataset.get("PatientName", "") or "")) if len(part) > 1]
+        identifiers += [str(dataset.get(keyword, "") or "") for keyword in ("PatientID", "AccessionNumber", "OtherPatientIDs")]
+        copy_ = copy.deepcopy(dataset)
+        uids: dict[str, str] = {}
+        self._apply(copy_, options, patient, [i for i in identifiers if len(i) > 1], uids)
+        # PS3.15 E.1.1: the identity removed, and how.
+        copy_.PatientName = copy_.PatientID = patient.pseudonym
+        copy_.PatientIdentityRemoved = "YES"
+        copy_.DeidentificationMethod = self.METHOD
+        codes = []
+        for value, meaning in options.method_codes():
+            code = Dataset()
+            code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = value, "DCM", meaning
+            codes.append(code)
+        copy_.DeidentificationMethodCodeSequence = Sequence(codes)
+        copy_.LongitudinalTemporalInformationModified = {"remove": "REMOVED", "full": "UNMODIFIED",
+                                                         "offset": "MODIFIED"}[options.retain_dates]
+        meta = getattr(dataset, "file_meta", None)
+        copy_.file_meta = FileMetaDataset()
+        copy_.file_meta.MediaStorageSOPClassUID = copy_.SOPClassUID
+        copy_.file_meta.MediaStorageSOPInstanceUID = copy_.SOPInstanceUID
+        copy_.file_meta.TransferSyntaxUID = (meta.TransferSyntaxUID if meta is not None and "TransferSyntaxUID" in meta
+                                             else pydicom.uid.ExplicitVRLittleEndian)
+        self.pseudonyms.record_uids(uids)
+        return copy_
+
+    def deidentify_part10(self, data: bytes, options: DeidentificationOptions = DeidentificationOptions()) -> bytes:
+        """De-identify a Part 10 byte string (a stored file): the copy's Part 10 bytes."""
+        return part10_bytes(self.deidentify(pydicom.dcmread(io.BytesIO(data), force=True), options))
+
+    def _action(self, tag: int, vr: str, options: DeidentificationOptions) -> str:
+        """What to do with one element: the table's action, changed by the options."""
+        action = self._table.get(tag)
+        if action is None:
+            return "K"
+        if options.retain_uids and action == "U":
+            return "K"
+        if (options.retain_device_identity and tag in self._device) or (
+                options.retain_patient_characteristics and tag in self._characteristics):
+            return "K"
+        if options.clean_descriptors and tag in self._descriptors:
+            return "C"
+        if vr in ("DA", "DT", "TM") and tag != 0x00100030 and options.retain_dates != "remove":
+            # The patient's birth date goes whatever is kept: with the study dates it gives the age.
+            return "K" if options.retain_dates == "full" or vr == "TM" else "shift"
+        return _CHOSEN_ACTIONS.get(action, action)
+
+    def _apply(self, dataset: Dataset, options, patient: PatientPseudonym, identifiers: list[str], uids: dict):
+        for tag in list(dataset.keys()):
+            if tag.is_private or any(tag.group & mask == group and element in (None, tag.element)
+                                     for mask, group, element in BASIC_PROFILE_REPEATING_GROUPS):
+                del dataset[tag]
+                continue
+            element = dataset[tag]
+            vr = element.VR
+            action = self._action(int(tag), vr, options)
+            if action == "X":
+                del dataset[tag]
+            elif vr == "SQ":
+                if action == "Z":
+                    element.value = Sequence()
+                else:  # the table's actions apply inside items too, at any depth
+                    for item in element.value:
+                        self._apply(item, options, patient, identifiers, uids)
+            elif action == "Z" or (element.value in (None, "", b"") and action != "K"):
+                element.value = None
+            elif action == "U" or (action == "D" and vr == "UI"):
+                self._replace_uids(element, uids)
+            elif action == "D":
+                element.value = self._dummy(vr, element.VM)
+            elif action == "shift":
+                values = element.value if element.VM > 1 else [element.value]
+                shifted = [_shift_date(str(value), patient.date_offset_days) for value in values]
+                element.value = shifted if element.VM > 1 else shifted[0]
+            elif action == "C" and vr in _TEXT_VRS:
+                element.value = _clean_text(str(element.value), identifiers)
+
+    def _replace_uids(self, element, uids: dict):
+        values = list(element.value) if element.VM > 1 else [element.value]
+        replaced = []
+        for value in values:
+            original = str(value).strip()
+            if original:
+                uids[original] = replaced_uid = uids.get(original) or self.pseudonyms.replacement_uid(original)
+                replaced.append(replaced_uid)
+        element.value = replaced if len(replaced) > 1 else (replaced[0] if replaced else None)
+
+    @staticmethod
+    def _dummy(vr: str, multiplicity: int):
+        if vr in _DUMMY_VALUES:
+            return _DUMMY_VALUES[vr]
+        if vr in _BINARY_VRS:
+            return b""
+        if vr in _TEXT_VRS:
+            return "ANONYMIZED"
+        return 0  # US, SS, UL, SL, FL, FD, AT ...
+
+
+
+class ResearchExportReport(typing.NamedTuple):
+    """What one research export did."""
+    studies: list  #: the StudyInstanceUIDs of the de-identified copies
+    stored: int
+    failed: int  #: not stored: refused by the ingest path, or not de-identifiable (BurnedInAnnotation)
+
+
+def research_export(index: Index, storage: Storage, ingest: Ingest, deidentifier: Deidentifier, label: str,
+                    into: str, options: DeidentificationOptions, progress=lambda fraction: None,
+                    stop: threading.Event | None = None) -> ResearchExportReport:
+    """De-identify every instance carrying label (on its study or series) into new studies
+    labelled into, each copy entering the archive through the one ingest path, as STOW-RS's.
+
+    The copies' UIDs are derived from the originals', so a second export of the same instances
+    finds them already there (duplicates as [storage] duplicates says); Retain UIDs is refused,
+    as the copies would then be the originals."""
+    if options.retain_uids:
+        raise ValueError("retain_uids cannot be used for an export into this archive: the copies would have the"
+                         " originals' UIDs")
+    instances = [instance for series_uid in index.labelled("SERIES", label)
+                 for instance in index.instances_of(series_uid=series_uid)]
+    log = logging.getLogger("dicoogled.research")
+    studies, stored, failed = set(), 0, 0
+    for done, instance in enumerate(instances):
+        if stop is not None and stop.is_set():
+            break
+        progress(done / len(instances))
+        try:
+            copy_ = deidentifier.deidentify(pydicom.dcmread(io.BytesIO(storage.read(instance.path))), options)
+        except (DeidentificationRefused, OSError, InvalidDicomError) as error:
+            failed += 1
+            log.warning("research export %s: %s not exported: %s", label, instance.sop_instance_uid, error)
+            continue
+        status = ingest.store_received(part10_bytes(copy_), origin="stow")
+        if status != SUCCESS:
+            failed += 1
+            log.warning("research export %s: %s refused by the archive: 0x%04X %s", label,
+                        instance.sop_instance_uid, status, getattr(status, "reason", ""))
+            continue
+        stored += 1
+        study_uid = copy_.StudyInstanceUID
+        if study_uid not in studies:
+            index.write(Index.add_label, "STUDY", study_uid, into)
+            studies.add(study_uid)
+    log.info("research export of label %s into %s: %d studies, %d instances stored, %d failed",
+             label, into, len(studies), stored, failed)
+    return ResearchExportReport(sorted(studies), stored, failed)
 
 
 # ============================================================================================
@@ -8693,6 +9350,7 @@ AUDIT_ACTIONS = {
     "settings": "a setting changed (index, DICOM, storage, retention, transfer syntaxes, worklist)",
     "plugin": "a plugin's action, settings or web service",
     "task": "a background task started or stopped (indexing a folder)",
+    "reidentify": "the pseudonym map read: who de-identified patients are, which UIDs replaced which",
     "audit": "the audit log itself read or exported (GET /audit, /audit.csv)",
 }
 AUDIT_OK, AUDIT_REFUSED, AUDIT_FAILED = "ok", "refused", "failed"
@@ -9335,6 +9993,7 @@ def make_app(daemon: "Daemon") -> bottle.Bottle:
     _listener_routes(api)
     _log_and_api_routes(api)
     _audit_routes(api)
+    _research_routes(api)
     _plugin_routes(api)
     _viewer_routes(api)
     _web_app_routes(api)
@@ -10943,7 +11602,7 @@ def _audit_routes(api: Api):
         numResults, actions}.
 
         user: only this user's entries (a failed login is its tried name's)
-        action: only these actions, separated by commas (search, view, download, export, qido, wado, stow, c-find, c-move, c-get, c-store, watch, delete, label, unlabel, protect, login, logout, user, settings, plugin, task, audit)
+        action: only these actions, separated by commas (search, view, download, export, qido, wado, stow, c-find, c-move, c-get, c-store, watch, delete, label, unlabel, protect, login, logout, user, settings, plugin, task, reidentify, audit)
         since: only entries at or after this ISO 8601 date or time (UTC unless it says otherwise)
         until: only entries before this ISO 8601 date or time
         offset: entries to skip (0)
@@ -10987,6 +11646,87 @@ def _audit_routes(api: Api):
         bottle.response.content_type = "text/csv; charset=utf-8"
         bottle.response.set_header("Content-Disposition", 'attachment; filename="audit.csv"')
         return lines()
+#: CSV cells a spreadsheet would take for a formula: written with a leading ' (OWASP's advice).
+_CSV_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _csv_text(rows) -> str:
+    """Rows as CSV text, text cells that would start a spreadsheet formula made inert."""
+    output = io.StringIO()
+    writer = csv.writer(output, lineterminator="\r\n")
+    for row in rows:
+        writer.writerow([f"'{cell}" if isinstance(cell, str) and cell.startswith(_CSV_FORMULA_START) else cell
+                         for cell in row])
+    return output.getvalue()
+
+
+def _research_routes(api: Api):
+    """De-identified research copies of a collection, and the pseudonym map behind them."""
+    daemon = api.daemon
+
+    @api.route("/research/export", "POST", access=ADMIN, audit="export")
+    def research_export_route():
+        """De-identify the studies of a label into new studies with another label, as a background task: {taskUid, label, into}.
+
+        label: the collection to de-identify (a label in use)
+        into: the label the de-identified copies get (researchers search label:into)
+        retain_dates: remove (the default), full (dates kept) or offset (moved by a per-patient number of days)
+        retain_device_identity: true to keep station names, serial numbers and the like
+        retain_patient_characteristics: true to keep age, sex, size, weight and the like
+        clean_descriptors: true to keep study and series descriptions, cleaned of names, IDs and dates"""
+        params = dict(bottle.request.params)
+        if bottle.request.content_type.split(";")[0].strip() == "application/json":
+            try:
+                body = json.loads(bottle.request.body.read(ANONYMOUS_BODY_LIMIT) or b"{}")
+            except ValueError:
+                _fail(400, "the body is not JSON")
+            if not isinstance(body, dict):
+                _fail(400, "the body must be a JSON object")
+            params.update(body)
+        if not params.get("label") or not params.get("into"):
+            _fail(400, "label and into are required")
+        try:
+            options = DeidentificationOptions.from_params(params)
+            audited(detail=f"research export of label {str(params['label'])[:64]} into {str(params['into'])[:64]}")
+            uid = daemon.start_research_export(str(params["label"]), str(params["into"]), options)
+            audited(studies=daemon.index.labelled("STUDY", label_name(str(params["label"]))))
+        except ValueError as error:
+            _fail(400, str(error))
+        except LookupError as error:
+            _fail(404, str(error))
+        bottle.response.status = 202
+        return {"taskUid": uid, "label": label_name(str(params["label"])), "into": label_name(str(params["into"]))}
+
+    @api.route("/research/pseudonyms", access=ADMIN, audit="reidentify")
+    def pseudonyms():
+        """The pseudonym map: who each de-identified patient is: {pseudonyms: [...]}, or CSV.
+
+        format: json (the default) or csv"""
+        rows = daemon.pseudonyms.patients()
+        audited(count=len(rows), detail="the pseudonym map")
+        if bottle.request.params.get("format", "json") == "csv":
+            bottle.response.content_type = "text/csv; charset=utf-8"
+            bottle.response.set_header("Content-Disposition", 'attachment; filename="pseudonyms.csv"')
+            return _csv_text([("pseudonym", "PatientID", "IssuerOfPatientID", "PatientName", "PatientBirthDate",
+                               "dateOffsetDays", "created"), *rows])
+        return {"pseudonyms": [{"pseudonym": row.pseudonym, "PatientID": row.patient_id,
+                                "IssuerOfPatientID": row.issuer_of_patient_id, "PatientName": row.patient_name,
+                                "PatientBirthDate": row.patient_birth_date, "dateOffsetDays": row.date_offset_days,
+                                "created": row.created} for row in rows]}
+
+    @api.route("/research/uids", access=ADMIN, audit="reidentify")
+    def pseudonym_uids():
+        """UIDs replaced by de-identification, oldest first: {uids: [{original, replacement, created}]}.
+
+        uid: only the original of this replacement UID (to re-identify a de-identified object)
+        offset: how many to skip (default 0)
+        psize: how many at most (default 1000)"""
+        uid = bottle.request.params.get("uid", "")
+        if uid and not is_valid_uid(uid):
+            _fail(400, f"{uid[:80]!r} is not a UID")
+        rows = daemon.pseudonyms.uids(uid, _int_param("psize", 1000, 1), _int_param("offset", 0))
+        audited(count=len(rows), detail=f"the original of {uid}" if uid else "replaced UIDs")
+        return {"uids": [row._asdict() for row in rows]}
 
 
 _PARAMETER_LINE = re.compile(r"^\s*([A-Za-z][\w-]*): (.+)$")
@@ -11134,6 +11874,10 @@ class Daemon:
         #: Who read, sent, stored or changed what: data_dir/audit.sqlite.
         self.audit = AuditLog(data_dir / "audit.sqlite", config.audit_enabled, config.audit_retention_days)
         self.dicom.audit = self.ingest.audit = self.audit
+        #: Who the pseudonyms of de-identified copies stand for, apart from the index.
+        self.pseudonyms = PseudonymMap(data_dir / "pseudonyms.sqlite")
+        #: The one de-identifier: research exports, and whatever else hands out de-identified copies.
+        self.deidentifier = Deidentifier(self.pseudonyms)
         self.thumbnails = ThumbnailCache(data_dir / "cache" / "thumbnails")
         self._cache_root = data_dir / "cache"
         self.users.ensure_admin(data_dir, os.environ.get("DICOOGLED_ADMIN_PASSWORD"))
@@ -11243,6 +11987,28 @@ class Daemon:
             self.log.info("label %s taken off %s %s", label_name(label), level.lower(), uid)
         return removed
 
+    def start_research_export(self, label: str, into: str, options: DeidentificationOptions) -> str:
+        """De-identify the studies carrying label into new studies labelled into, as a background
+        task (its uid); ValueError with a reason fit for the caller, LookupError if nothing
+        carries label."""
+        label, into = label_name(label), label_name(into)
+        if label == into:
+            raise ValueError("into must be another label than the one exported")
+        if options.retain_uids:
+            raise ValueError("retain_uids cannot be used for an export into this archive: the copies would have the"
+                             " originals' UIDs")
+        if not self.index.labelled("STUDY", label):
+            raise LookupError(f"no indexed study carries the label {label}")
+
+        def export(progress, stop):
+            report = research_export(self.index, self.storage, self.ingest, self.deidentifier, label, into, options,
+                                     progress, stop)
+            return report.stored, report.failed
+
+        uid = self.tasks.start_function(f"[research]export {label} into {into}", export, stoppable=True)
+        self.log.info("research export of label %s into %s started: task %s", label, into, uid)
+        return uid
+
     def _search_builtin(self, query: str):
         rows, _ = self.search(query)
         return [(_file_uri(path), json.loads(meta)) for _, path, meta in rows]
@@ -11318,6 +12084,7 @@ class Daemon:
         self.codecs.close()
         self.index.close()
         self.users.close()
+        self.pseudonyms.close()
         self.audit.close()  # last: every part that records entries has stopped
         self.log.info("stopped")
         logging.getLogger().removeHandler(self.log_tail)
@@ -11686,6 +12453,30 @@ def command_retention(config: Config, dry_run: bool) -> int:
         index.close()
 
 
+def command_research_export(config: Config, label: str, into: str, options: DeidentificationOptions) -> int:
+    """De-identify a label's studies into another label, offline (the daemon stopped); prints
+    {studies, stored, failed}, exits 1 if anything failed."""
+    if not (config.data_dir / "index.sqlite").is_file():
+        log.error("no index in %s: is it the right --data-dir?", config.data_dir)
+        return 1
+    index, ingest = _offline_archive(config)
+    pseudonyms = PseudonymMap(config.data_dir / "pseudonyms.sqlite")
+    try:
+        label, into = label_name(label), label_name(into)
+        if not index.labelled("STUDY", label):
+            log.error("no indexed study carries the label %s", label)
+            return 1
+        report = research_export(index, ingest.storage, ingest, Deidentifier(pseudonyms), label, into, options)
+        print(json.dumps(report._asdict()))
+        return 1 if report.failed else 0
+    except ValueError as error:
+        log.error("%s", error)
+        return 2
+    finally:
+        pseudonyms.close()
+        index.close()
+
+
 def command_check(config: Config) -> int:
     """Compare the index with the files on disk; exit 1 if they disagree."""
     if not (config.data_dir / "index.sqlite").is_file():
@@ -11937,6 +12728,15 @@ def _argument_parser() -> argparse.ArgumentParser:
     make_cert.add_argument("--ae", metavar="AET[=HOST,...]", action="append", default=[],
                            help="also a certificate for another AE (a modality, a destination) on these hosts (repeatable)")
     make_cert.add_argument("--days", type=int, default=825, help="validity of the certificates (default 825)")
+    research = commands.add_parser("research-export", parents=[common],
+                                   help="de-identify a label's studies into another label, offline (PS3.15 Basic Profile)")
+    research.add_argument("label", help="the label of the studies to de-identify")
+    research.add_argument("into", help="the label of the de-identified copies")
+    research.add_argument("--retain-dates", choices=RETAIN_DATES, default="remove",
+                          help="remove dates (default), keep them (full) or move them per patient (offset)")
+    research.add_argument("--retain-device-identity", action="store_true")
+    research.add_argument("--retain-patient-characteristics", action="store_true")
+    research.add_argument("--clean-descriptors", action="store_true", help="keep descriptions, cleaned")
     viewer = commands.add_parser("install-viewer", parents=[common], help="install the OHIF web viewer (needs npm)")
     viewer.add_argument("--version", dest="viewer_version", default=OHIF_VERSION, help=f"@ohif/app version (default {OHIF_VERSION})")
     return parser
@@ -11945,7 +12745,7 @@ def _argument_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     """The dicoogled command."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in ("serve", "index", "reindex", "check", "retention", "install-viewer", "new-plugin", "sample-data", "make-cert", "-h", "--help", "--version"):
+    if not argv or argv[0] not in ("serve", "index", "reindex", "check", "retention", "install-viewer", "new-plugin", "sample-data", "make-cert", "research-export", "-h", "--help", "--version"):
         argv.insert(0, "serve")
     args = _argument_parser().parse_args(argv)
     overrides = {"data_dir": args.data_dir, "log_level": args.log_level}
@@ -11981,6 +12781,10 @@ def main(argv=None) -> int:
             return command_sample_data(args.folder)
         if args.command == "make-cert":
             return command_make_cert(args.folder, args.host, args.ae, args.days)
+        if args.command == "research-export":
+            options = DeidentificationOptions(args.retain_dates, False, args.retain_device_identity,
+                                              args.retain_patient_characteristics, args.clean_descriptors)
+            return command_research_export(config, args.label, args.into, options)
     except (OSError, RuntimeError, apsw.Error, subprocess.CalledProcessError) as error:
         log.error("%s failed: %s", args.command, error)
         return 1

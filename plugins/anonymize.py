@@ -12,6 +12,11 @@ the standard's Table E.1-1: `pip install dicom-anonymizer` (or dicoogled's `[plu
 Without it the route answers 501 and says so. Check the result before sharing: burnt-in text in
 pixels, and free text in odd places, are beyond any tag-based profile.
 
+For real research data use the daemon's own de-identifier instead (POST /research/export, or
+Deidentifier in dicoogled.py): the same profile with its options, the same pseudonym for the
+same patient in every export, and a map an administrator can re-identify with. This file
+stays as the short example of a web-service plugin that writes to the archive.
+
 Enable it in the config file (or POST /plugins/web/anonymize/enable):
     [plugin.anonymize]
     enabled = true

@@ -216,6 +216,25 @@ def test_label_protect_delete_and_settings_are_recorded(archive):
     assert entry["instances"] == [victim.SOPInstanceUID] and entry["count"] == 1
 
 
+def test_research_export_and_reidentification_are_recorded(archive):
+    client = archive.client
+    study = archive.datasets[0].StudyInstanceUID
+    assert client.request("PUT", f"/studies/{study}/labels/cohort-a").status == 200
+    before = last_id(client)
+    assert client.post("/research/export", label="cohort-a", into="cohort-a-deid").status == 202
+    assert client.post("/research/export", label="no-such-label", into="x").status == 404
+    done, missing = entries_since(client, before, action="export")
+    assert done["studies"] == [study] and done["detail"] == "research export of label cohort-a into cohort-a-deid"
+    assert (missing["result"], missing["status"]) == ("failed", "404")
+
+    before = last_id(client)
+    assert client.get("/research/pseudonyms", format="csv").status == 200
+    assert client.get("/research/uids", uid="1.2.3").status == 200
+    pseudonyms, uids = entries_since(client, before, action="reidentify")
+    assert (pseudonyms["detail"], pseudonyms["request"]) == ("the pseudonym map", "GET /research/pseudonyms")
+    assert uids["detail"] == "the original of 1.2.3"
+
+
 def test_logins_logouts_and_user_changes_are_recorded(archive):
     admin, base = archive.client, base_url(archive)
     before = last_id(admin)

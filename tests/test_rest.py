@@ -863,7 +863,9 @@ def test_remove_deletes_files_and_unindexes(small_archive, tmp_path):
 #: What the reference (PR dicoogle/dicoogle#740) and dicoogled's design say each route needs.
 PUBLIC_ROUTES = {"/health", "/login", "/logout", "/openapi.json", "/welcome", "/"}
 PUBLIC_PREFIXES = ("/ext/version", "/viewer", "/static/", "/learn")  # the viewer's, web app's and course files hold no patient data
-ADMIN_PREFIXES = ("/user", "/management/", "/plugins", "/index/task", "/logger", "/audit")
+#: Routes for administrators alone (/research/: de-identified exports and the pseudonym map behind
+#: them; /audit: the audit log).
+ADMIN_PREFIXES = ("/user", "/management/", "/plugins", "/index/task", "/logger", "/research/", "/audit")
 USER_ROUTES = {"/user/<username>/password", "/presets/<username>", "/presets/<username>/<name>"}
 #: Routes read by any reader and written by any logged-in user: labels are the users' own sorting.
 USER_WRITE_PATHS = {"/studies/<uid>/labels/<label>", "/series/<uid>/labels/<label>"}
