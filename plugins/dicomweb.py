@@ -509,6 +509,7 @@ def _stow_part(data: bytes, headers: dict, study, stored: list, failed: list):
     if status in (0x0000, 0xB000, 0xB006, 0xB007):
         url = f"{_base_url()}/studies/{header.StudyInstanceUID}/series/{header.SeriesInstanceUID}/instances/{header.SOPInstanceUID}"
         stored.append({**reference, "00081190": {"vr": "UR", "Value": [url]}})
+        dicoogle.audited(studies=str(header.StudyInstanceUID))
     else:
         failed.append(_failure(reference, status, getattr(status, "reason", "") or f"refused with status {status:#06x}"))
 

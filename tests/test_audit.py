@@ -127,6 +127,7 @@ def test_dicomweb_qido_wado_and_stow_are_recorded(archive):
     assert stow(archive, client.token, new).status == 200
     entry = only_entry(client, before, "stow")
     assert entry["instances"] == [new.SOPInstanceUID] and entry["count"] == 1 and entry["user"] == "admin"
+    assert entry["studies"] == [new.StudyInstanceUID]
 
 
 # ---- DICOM --------------------------------------------------------------------------------------
