@@ -8645,9 +8645,12 @@ class PseudonymMap:
                                     " date_offset_days, created FROM patients ORDER BY pseudonym").fetchall()
         return [PatientPseudonym(*row) for row in rows]
 
-    def uids(self, replacement: str = "", limit: int = 1000, offset: int = 0) -> list[UidPseudonym]:
-        """Recorded UID replacements (only the one for replacement, if given), oldest first."""
-        where, args = ("WHERE replacement = ?", (replacement,)) if replacement else ("", ())
+    def uids(self, replacement: str = "", limit: int = 1000, offset: int = 0, original: str = "") -> list[UidPseudonym]:
+        """Recorded UID replacements, oldest first: only the one for replacement, or the one of
+        original, if given (both: the pair, if it is one)."""
+        conditions = [(column, value) for column, value in (("replacement", replacement), ("original", original)) if value]
+        where = ("WHERE " + " AND ".join(f"{column} = ?" for column, _ in conditions)) if conditions else ""
+        args = tuple(value for _, value in conditions)
         with self._lock:
             rows = self._db.execute(f"SELECT original, replacement, created FROM uids {where}"
                                     " ORDER BY rowid LIMIT ? OFFSET ?", (*args, limit, offset)).fetchall()
@@ -11186,12 +11189,14 @@ def _research_routes(api: Api):
         """UIDs replaced by de-identification, oldest first: {uids: [{original, replacement, created}]}.
 
         uid: only the original of this replacement UID (to re-identify a de-identified object)
+        original: only the replacement of this original UID (to find an object's de-identified copy)
         offset: how many to skip (default 0)
         psize: how many at most (default 1000)"""
-        uid = bottle.request.params.get("uid", "")
-        if uid and not is_valid_uid(uid):
-            _fail(400, f"{uid[:80]!r} is not a UID")
-        rows = daemon.pseudonyms.uids(uid, _int_param("psize", 1000, 1), _int_param("offset", 0))
+        uid, original = bottle.request.params.get("uid", ""), bottle.request.params.get("original", "")
+        for given in (uid, original):
+            if given and not is_valid_uid(given):
+                _fail(400, f"{given[:80]!r} is not a UID")
+        rows = daemon.pseudonyms.uids(uid, _int_param("psize", 1000, 1), _int_param("offset", 0), original=original)
         return {"uids": [row._asdict() for row in rows]}
 
 
