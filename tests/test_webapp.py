@@ -864,7 +864,7 @@ def test_menu_result_options_and_result_batch_plugins(app, slot_plugins):
     expect(page.get_by_role("link", name="Hello page")).to_have_attribute("aria-current", "page")
     app.shot("plugin-menu")
 
-    page.get_by_role("navigation", name="Main").get_by_role("link", name="Search").click()
+    page.get_by_role("navigation", name="Main").get_by_role("link", name="Search", exact=True).click()
     query = "PatientName:doe OR PatientName:smith OR PatientName:müller"
     app.search(query)
     rows = page.locator("table.results tbody tr")
