@@ -65,7 +65,8 @@ export async function render(main) {
     h("fieldset", { class: "stack" }, h("legend", {}, "Keep, as the profile's options allow"),
       field("Device identity (station names, serial numbers)", device),
       field("Patient characteristics (age, sex, size, weight)", characteristics),
-      field("Descriptions, cleaned of names, IDs and dates", descriptors)),
+      field("Descriptions, cleaned of names, IDs and dates", descriptors),
+      h("small", { class: "muted" }, "Not Retain UIDs: copies with the originals' UIDs would be the originals in this archive.")),
     formStatus,
     h("div", { class: "button-row" }, start));
 
