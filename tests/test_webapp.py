@@ -19,6 +19,7 @@ import re
 import shutil
 import textwrap
 import threading
+import zipfile
 
 import pydicom
 import pytest
@@ -1013,3 +1014,30 @@ def test_worklist_form_schedules_mpps_moves_it_and_delete_removes_it(app, archiv
     page.get_by_role("dialog", name="Delete WEB1?").get_by_role("button", name="Delete").click()
     expect(page.get_by_text("The worklist is empty.")).to_be_visible()
     assert admin(archive).get("/worklist").json() == []
+
+
+def test_download_a_study_as_zip_then_import_it_with_progress(app, archive, tmp_path):
+    """The study's Download ZIP gives its files; the Import screen sends that ZIP back and shows
+    the task to its report. Every file is already stored, byte for byte: nothing is added."""
+    study = instance(0, 0, 0, 0)
+    page = app.login(hash_=f"#/search?q=*:*&patient={study.PatientID}&study={study.StudyInstanceUID}")
+    with page.expect_download() as media:
+        page.get_by_role("link", name="Download as media").click()
+    with zipfile.ZipFile(media.value.path()) as zipped:
+        assert zipped.namelist()[0] == "DICOMDIR"
+    with page.expect_download() as download:
+        page.get_by_role("link", name="Download ZIP").click()
+    saved = tmp_path / "study.zip"
+    download.value.save_as(saved)
+    with zipfile.ZipFile(saved) as zipped:
+        names = zipped.namelist()
+    assert len(names) == 6 and all(name.startswith(f"{study.PatientID}/{study.StudyInstanceUID}/") for name in names)
+    before = archive.counts()["instances"]
+    page.get_by_role("link", name="Import").click()
+    expect(page.get_by_role("heading", name="Import", exact=True)).to_be_visible()
+    page.get_by_label("ZIP file").set_input_files(str(saved))
+    page.get_by_role("button", name="Import", exact=True).click()
+    expect(page.get_by_text("Import finished.")).to_be_visible(timeout=60_000)
+    expect(page.get_by_text("6 of 6 files: 6 imported, 0 failed")).to_be_visible()
+    app.shot("import")
+    assert archive.counts()["instances"] == before

@@ -174,6 +174,23 @@ async function showResults(container, params, box) {
       toolbar.append(button);
     }
   }
+  if (view.study) {
+    // Downloads go through the browser's own (the session cookie authenticates the link), so a
+    // large ZIP file streams to disk instead of into this page's memory.
+    const study = encodeURIComponent(view.study.studyInstanceUID);
+    toolbar.append(h("a", { class: "button", href: `/studies/${study}/archive`, download: "" }, "Download ZIP"),
+      h("a", { class: "button", href: `/studies/${study}/media`, download: "" }, "Download as media"));
+  } else if (level === "study") {
+    // The selected studies, or every one listed, as one ZIP file (GET /archive?study=...).
+    for (const [media, caption] of [[false, "Download ZIP"], [true, "Download as media"]]) {
+      const link = h("a", { class: "button", href: "#", download: "" }, caption);
+      link.addEventListener("click", () => {
+        const chosen = selection.size ? [...selection.values()] : rows;
+        link.href = "/archive" + api.queryString({ study: chosen.map((s) => s.studyInstanceUID), media: media ? "true" : undefined });
+      });
+      toolbar.append(link);
+    }
+  }
   if (viewer && view.study) {
     toolbar.append(h("a", { class: "button", href: api.viewerUrl(view.study.studyInstanceUID), target: "_blank", rel: "noopener" }, "Open study in viewer"));
   }
