@@ -11090,6 +11090,8 @@ class Daemon:
         self.storage = Storage(data_dir, fsync=config.fsync, scheme=config.storage_scheme)
         # Temporary files (spooled uploads, pynetdicom's) stay on the data disk: /tmp may be RAM.
         tempfile.tempdir = str(self.storage.tmp)
+        for stale in self.storage.tmp.glob("import-*.zip"):  # uploads whose import a stop or a crash cut short
+            stale.unlink(missing_ok=True)
         self.index = Index(data_dir / "index.sqlite", on_connect=[register_search_functions])
         #: Free space on the data disk and the reserve kept there ([storage] min_free_mb).
         self.disk = DiskSpace(data_dir, config.min_free_mb)
