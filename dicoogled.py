@@ -331,7 +331,7 @@ scheme = file
 # 0xA700, out of resources) before the disk is really full, so the index, settings and logins
 # still have room. Storing resumes by itself once space is freed. 0 turns the reserve off.
 min_free_mb = 100
-# Quotas on what the archive holds of received objects (C-STORE, STOW-RS; files indexed in
+# Quotas on what the archive holds of received objects (C-STORE, STOW-RS, import; files indexed in
 # place are not counted): megabytes and instances, 0 for no limit.
 max_size_mb = 0
 max_instances = 0
@@ -5020,7 +5020,7 @@ class HookSpec:
 #: Notify hooks run for every plugin, off the DICOM association's thread, and a failure is
 #: logged and counted; decision hooks run in load order, each seeing the verdict of the one before.
 HOOK_SPECS = (
-    HookSpec("on_stored", "notify", "instance", "an object received over DICOM (C-STORE) or STOW-RS was stored and indexed",
+    HookSpec("on_stored", "notify", "instance", "an object received over DICOM (C-STORE), STOW-RS or POST /import was stored and indexed",
              orthanc="OnStoredInstance", plugin_kind="events"),
     HookSpec("on_indexed", "notify", "instance",
              "an instance entered the index, whatever its origin (C-STORE, watched folder, index task)", plugin_kind="events"),
