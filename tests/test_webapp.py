@@ -1032,6 +1032,14 @@ def test_download_a_study_as_zip_then_import_it_with_progress(app, archive, tmp_
     with zipfile.ZipFile(saved) as zipped:
         names = zipped.namelist()
     assert len(names) == 6 and all(name.startswith(f"{study.PatientID}/{study.StudyInstanceUID}/") for name in names)
+    # A selection: one of the patient's two studies, alone in the ZIP
+    page.goto(page.url.split("#")[0] + f"#/search?q=*:*&patient={study.PatientID}")
+    other = instance(0, 1, 0, 0)
+    page.locator("table.results tbody tr", has=page.locator(f'a[href*="{other.StudyInstanceUID}"]')).get_by_role("checkbox").check()
+    with page.expect_download() as selected:
+        page.get_by_role("link", name="Download ZIP").click()
+    with zipfile.ZipFile(selected.value.path()) as zipped:
+        assert {name.split("/")[1] for name in zipped.namelist()} == {other.StudyInstanceUID}
     before = archive.counts()["instances"]
     page.get_by_role("link", name="Import").click()
     expect(page.get_by_role("heading", name="Import", exact=True)).to_be_visible()

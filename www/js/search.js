@@ -174,20 +174,12 @@ async function showResults(container, params, box) {
       toolbar.append(button);
     }
   }
-  if (view.study) {
+  if (level === "study" || view.study) {
     // Downloads go through the browser's own (the session cookie authenticates the link), so a
     // large ZIP file streams to disk instead of into this page's memory.
-    const study = encodeURIComponent(view.study.studyInstanceUID);
-    toolbar.append(h("a", { class: "button", href: `/studies/${study}/archive`, download: "" }, "Download ZIP"),
-      h("a", { class: "button", href: `/studies/${study}/media`, download: "" }, "Download as media"));
-  } else if (level === "study") {
-    // The selected studies, or every one listed, as one ZIP file (GET /archive?study=...).
     for (const [media, caption] of [[false, "Download ZIP"], [true, "Download as media"]]) {
       const link = h("a", { class: "button", href: "#", download: "" }, caption);
-      link.addEventListener("click", () => {
-        const chosen = selection.size ? [...selection.values()] : rows;
-        link.href = "/archive" + api.queryString({ study: chosen.map((s) => s.studyInstanceUID), media: media ? "true" : undefined });
-      });
+      link.addEventListener("click", () => { link.href = downloadUrl(level, selection, rows, view, media); });
       toolbar.append(link);
     }
   }
@@ -211,6 +203,21 @@ async function showResults(container, params, box) {
   updateSelection();
   // The link followed is gone: keyboard users go on from the results, not from the top.
   if (document.activeElement === document.body || document.activeElement === null) container.focus({ preventScroll: true });
+}
+
+/** Where a download of the selected studies or series is, or else of everything listed: a
+ *  patient's studies, the whole study shown, or the series whose images are shown (GET /archive,
+ *  /studies/{uid}/archive). */
+function downloadUrl(level, selection, rows, view, media) {
+  const chosen = [...selection.values()];
+  if (level === "study") {
+    return "/archive" + api.queryString({ study: (chosen.length ? chosen : rows).map((s) => s.studyInstanceUID), media: media ? "true" : undefined });
+  }
+  if ((level === "series" && chosen.length) || level === "image") {
+    const series = level === "image" ? [view.series.serieInstanceUID] : chosen.map((s) => s.serieInstanceUID);
+    return "/archive" + api.queryString({ series, media: media ? "true" : undefined });
+  }
+  return `/studies/${encodeURIComponent(view.study.studyInstanceUID)}/${media ? "media" : "archive"}`;
 }
 
 function rowsOf(view) {
