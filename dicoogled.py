@@ -162,8 +162,8 @@ OUT_OF_RESOURCES = 0xA700
 #: What a store does when a [storage] quota is reached: answer OUT_OF_RESOURCES, or delete the
 #: unprotected studies that arrived longest ago until the new object fits.
 WHEN_FULL_POLICIES = ("refuse", "recycle")
-#: Origins of objects the archive keeps in its own storage (C-STORE, STOW-RS, POST /import); the others are
-#: indexed in place, and neither counted in a quota nor ever deleted by recycling or retention.
+#: Origins of objects the archive keeps in its own storage (C-STORE, STOW-RS, POST /import); the
+#: others are indexed in place, and neither counted in a quota nor ever deleted by recycling or retention.
 RECEIVED_ORIGINS = ("store", "stow", "import")
 MOVE_DESTINATION_UNKNOWN = 0xA801
 IDENTIFIER_DOES_NOT_MATCH = 0xA900
@@ -428,8 +428,9 @@ level = INFO
 [retention]
 # Rules that delete received studies, one per line: NAME = criteria separated by spaces, all of
 # which a study must meet. older_than_days=N (required): its newest instance arrived more than
-# N days ago; modality=MR: it has a series of that modality; origin=store, stow or import: all of
-# it came by C-STORE, by STOW-RS, or by POST /import; label=NAME: it carries that label (on itself or a series).
+# N days ago; modality=MR: it has a series of that modality; origin=store, stow or import: all
+# of it came by C-STORE, by STOW-RS, or by POST /import; label=NAME: it carries that label (on
+# itself or a series).
 # Protected studies, and those carrying a protected_labels label, are never deleted. Run every
 # retention_interval_hours; 'dicoogled retention --dry-run' lists what they would delete.
 # old-mr = older_than_days=365 modality=MR
