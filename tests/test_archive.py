@@ -307,3 +307,16 @@ def test_a_study_past_2_gib_downloads_as_zip64(daemon_with_admin, tmp_path):
         with zipped.open(next(n for n in zipped.namelist() if big.SOPInstanceUID in n)) as entry:
             head = entry.read(4096)
             assert head == (folder / "big.dcm").read_bytes()[:4096]
+
+
+def test_imports_pass_the_quota_as_received_objects_do(archive, start_daemon):
+    """The one ingest path: [storage] max_instances counts imported objects and refuses the rest,
+    each listed with the reason a C-STORE would hear."""
+    body = archive.client.request("GET", "/archive", [("study", archive.datasets[0].StudyInstanceUID)]).body
+    fresh = start_daemon(config_text="[storage]\nmax_instances = 3\n", env=ADMIN_ENV, name="quota")
+    client = admin_client(fresh)
+    report = wait_for_import(client, client.request("POST", "/import", data=body, headers={"Content-Type": "application/zip"}))
+    in_study = sum(d.StudyInstanceUID == archive.datasets[0].StudyInstanceUID for d in archive.datasets)
+    assert report["nIndexed"] == 3 and report["nErrors"] == in_study - 3
+    assert all("max_instances" in failure["reason"] for failure in report["failures"])
+    assert fresh.counts()["instances"] == 3
