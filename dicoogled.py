@@ -357,12 +357,16 @@ poll_interval = 5
 # inotify reports it closed after writing).
 quiet_period = 2
 
-[import]
+[archives]
 # ZIP files imported by POST /import (or the web app's Import): refused whole (413) when they
-# would unpack to more than max_unpacked_mb, or, beyond 16 MB, to more than max_ratio times
-# their own size (a "zip bomb"; DICOM rarely packs better than 10 to 1).
-max_unpacked_mb = 20480
-max_ratio = 100
+# would unpack to more than import_max_unpacked_mb, or, beyond 16 MB, to more than
+# import_max_ratio times their own size (a "zip bomb"; DICOM rarely packs better than 10 to 1).
+import_max_unpacked_mb = 20480
+import_max_ratio = 100
+# Most instances in one download as DICOM media (a DICOMDIR): pydicom's FileSet, which builds
+# it, takes time that grows with the square of their number (about 40 s for 2000) before the
+# first byte is sent. Larger sets download as plain ZIP files.
+media_max_instances = 2000
 
 [index]
 # Dicoogle's indexer options, as its web app shows them. dicoogled always indexes every element
@@ -698,8 +702,9 @@ CONFIG_KEYS = {
     "protected_labels": ("storage", "protected_labels", "labels"),
     "when_full": ("storage", "when_full", "lower"),
     "retention_interval_hours": ("storage", "retention_interval_hours", "float"),
-    "import_max_unpacked_mb": ("import", "max_unpacked_mb", "float"),
-    "import_max_ratio": ("import", "max_ratio", "float"),
+    "import_max_unpacked_mb": ("archives", "import_max_unpacked_mb", "float"),
+    "import_max_ratio": ("archives", "import_max_ratio", "float"),
+    "media_max_instances": ("archives", "media_max_instances", "int"),
     "watch_folders": ("watch", "folders", "paths"),
     "watch_poll": ("watch", "poll", "bool"),
     "watch_poll_interval": ("watch", "poll_interval", "float"),
@@ -762,9 +767,11 @@ class Config:
     retention_interval_hours: float = 24
     #: [retention] rules by name
     retention_rules: dict[str, "RetentionRule"] = dataclasses.field(default_factory=dict)
-    #: [import] limits on a ZIP file imported: unpacked megabytes, and unpacked size / packed size.
+    #: [archives] limits on a ZIP file imported: unpacked megabytes, and unpacked size / packed size.
     import_max_unpacked_mb: float = 20480
     import_max_ratio: float = 100
+    #: [archives] the most instances in one download as DICOM media.
+    media_max_instances: int = 2000
     watch_folders: list[pathlib.Path] = dataclasses.field(default_factory=list)
     watch_poll: bool = False
     watch_poll_interval: float = 5
@@ -883,8 +890,10 @@ class Config:
         if not self.retention_interval_hours > 0:
             raise ValueError(f"invalid retention_interval_hours {self.retention_interval_hours}: more than 0")
         if not (self.import_max_unpacked_mb > 0 and self.import_max_ratio >= 1):
-            raise ValueError(f"invalid [import] max_unpacked_mb {self.import_max_unpacked_mb} or max_ratio "
+            raise ValueError(f"invalid [archives] import_max_unpacked_mb {self.import_max_unpacked_mb} or import_max_ratio "
                              f"{self.import_max_ratio}: more than 0 MB, a ratio of at least 1")
+        if self.media_max_instances < 1:
+            raise ValueError(f"invalid [archives] media_max_instances {self.media_max_instances}: at least 1")
         if not 0 < self.thumbnail_size <= 4096:
             raise ValueError(f"invalid thumbnail_size {self.thumbnail_size}: 1..4096 pixels")
         if not 0 <= self.index_effort <= 100:
@@ -8296,10 +8305,10 @@ def check_import_zip(path: pathlib.Path, max_unpacked_bytes: int, max_ratio: flo
     unpacked, packed = sum(info.file_size for info in files), sum(info.compress_size for info in files)
     if unpacked > max_unpacked_bytes:
         raise ImportRefused(f"the ZIP file unpacks to {unpacked // (1024 * 1024)} MB, more than "
-                            f"[import] max_unpacked_mb = {max_unpacked_bytes // (1024 * 1024)}", 413)
+                            f"[archives] import_max_unpacked_mb = {max_unpacked_bytes // (1024 * 1024)}", 413)
     if unpacked > IMPORT_RATIO_FLOOR_BYTES and unpacked > max_ratio * max(packed, 1):
         raise ImportRefused(f"the ZIP file unpacks to {unpacked / max(packed, 1):.0f} times its size, more than "
-                            f"[import] max_ratio = {max_ratio:g}: a zip bomb?", 413)
+                            f"[archives] import_max_ratio = {max_ratio:g}: a zip bomb?", 413)
     return files
 
 
@@ -9805,6 +9814,9 @@ def _archive_routes(api: Api):
         members = daemon.instances_to_download(checked_uids(study_uids, "study"), checked_uids(series_uids, "series"), label)
         if not members:
             _fail(404, "nothing indexed matches: no such study, series or label")
+        if media and len(members) > daemon.config.media_max_instances:
+            _fail(413, f"{len(members)} instances: DICOM media holds at most {daemon.config.media_max_instances} "
+                       "([archives] media_max_instances); download them as a ZIP file, or fewer at a time")
         if media:
             entries = media_entries(daemon.storage, media_directory(daemon.storage, members))
         else:

@@ -218,17 +218,23 @@ def test_a_zip_bomb_is_refused_whole(daemon_with_admin):
     bomb = zip_of({"zeros.dcm": bytes(64 * 1024 * 1024)}, zipfile.ZIP_DEFLATED)
     answer = daemon_with_admin.client.request("POST", "/import", data=bomb, headers={"Content-Type": "application/zip"})
     assert answer.status == 413, answer
-    assert "max_ratio" in answer.json()["error"]
+    assert "import_max_ratio" in answer.json()["error"]
     answer = daemon_with_admin.client.request("POST", "/import", data=b"not a zip at all",
                                               headers={"Content-Type": "application/zip"})
     assert answer.status == 400 and "not a ZIP file" in answer.json()["error"]
 
 
-def test_the_unpacked_size_limit_is_a_config_key(start_daemon):
-    daemon = start_daemon(config_text="[import]\nmax_unpacked_mb = 1\n", env=ADMIN_ENV)
+def test_the_import_and_media_limits_are_config_keys(start_daemon):
+    daemon = start_daemon(config_text="[archives]\nimport_max_unpacked_mb = 1\nmedia_max_instances = 1\n", env=ADMIN_ENV)
     answer = admin_client(daemon).request("POST", "/import", data=zip_of({"big.dcm": bytes(2 * 1024 * 1024)}),
                                           headers={"Content-Type": "application/zip"})
-    assert answer.status == 413 and "max_unpacked_mb" in answer.json()["error"]
+    assert answer.status == 413 and "import_max_unpacked_mb" in answer.json()["error"]
+    two = [studygen.make_instance(0, 0, 0, n) for n in range(2)]
+    assert daemon.store(*two) == [0, 0]
+    client = admin_client(daemon)
+    refused = client.get(f"/studies/{two[0].StudyInstanceUID}/media")
+    assert refused.status == 413 and "media_max_instances" in refused.json()["error"]
+    assert client.get(f"/studies/{two[0].StudyInstanceUID}/archive").status == 200
 
 
 def test_an_administrator_imports_a_server_folder(daemon_with_admin, tmp_path):
