@@ -5,6 +5,7 @@ and DCMTK's dcmdump, and both imported into a fresh archive that then answers C-
 import io
 import json
 import pathlib
+import re
 import struct
 import subprocess
 import urllib.request
@@ -302,6 +303,9 @@ def test_a_study_past_2_gib_downloads_as_zip64(daemon_with_admin, tmp_path):
             else:
                 handle.write(chunk)
         handle.truncate()
+    # Streamed: the daemon never held the ZIP, nor the big file, whole (its peak resident memory).
+    peak_kb = int(re.search(r"VmHWM:\s+(\d+) kB", pathlib.Path(f"/proc/{daemon_with_admin.process.pid}/status").read_text())[1])
+    assert peak_kb < 512 * 1024, f"the daemon's peak memory was {peak_kb // 1024} MB"
     with open(kept, "rb") as handle:
         handle.seek(-4096, 2)
         tail = handle.read()
