@@ -8105,6 +8105,9 @@ MEDIA_RECORD_PLACEHOLDERS = {"PatientID": "UNKNOWN", "StudyDate": "19000101", "S
                              "StudyID": "0", "SeriesNumber": "0", "InstanceNumber": "0", "Modality": "OT"}
 #: An import below this many unpacked bytes is never refused for its compression ratio: too small to hurt.
 IMPORT_RATIO_FLOOR_BYTES = 16 * 1024 * 1024
+#: The largest file an import takes: each is read whole into memory to be stored, as a STOW-RS
+#: part is (whose request the HTTP server limits to 1 GiB).
+IMPORT_MAX_FILE_BYTES = 1024 * 1024 * 1024
 #: The failures an import lists by file name; the rest are only counted.
 IMPORT_REPORTED_FAILURES = 1000
 
@@ -8221,7 +8224,7 @@ class MediaDirectory(typing.NamedTuple):
     missing: list[str]  # instances left out, with why
 
 
-def media_directory(storage: Storage, members: list[ArchiveMember]) -> MediaDirectory:
+def media_directory(storage: Storage, members: list[ArchiveMember], transform=None) -> MediaDirectory:
     """The DICOMDIR of DICOM media holding members (PS3.10 and PS3.11), built by pydicom's FileSet.
 
     FileSet copies every instance it is given into a staging folder, then again where the
@@ -8236,6 +8239,8 @@ def media_directory(storage: Storage, members: list[ArchiveMember]) -> MediaDire
     for member in members:
         try:
             header = pydicom.dcmread(storage.open(member.path), stop_before_pixels=True)
+            if transform is not None:  # the records must describe the files as they are sent
+                header = transform(header)
             for keyword, placeholder in MEDIA_RECORD_PLACEHOLDERS.items():
                 if keyword not in header or header[keyword].VM == 0:
                     setattr(header, keyword, placeholder)
@@ -8250,13 +8255,13 @@ def media_directory(storage: Storage, members: list[ArchiveMember]) -> MediaDire
     return MediaDirectory(dicomdir, files, missing)
 
 
-def media_entries(storage: Storage, media: MediaDirectory):
+def media_entries(storage: Storage, media: MediaDirectory, transform=None):
     """The entries of a media ZIP: DICOMDIR first, then each instance under its File ID."""
     yield "DICOMDIR", len(media.dicomdir), [media.dicomdir]
     missing = list(media.missing)
     for member, file_id in media.files:
         try:
-            size, chunks = stored_object(storage, member)
+            size, chunks = stored_object(storage, member, transform)
         except OSError as error:  # after the DICOMDIR was made: it names a file that is not there
             missing.append(f"{member.sop_instance_uid}: {error.strerror or error} (its DICOMDIR record remains)")
             continue
@@ -8332,15 +8337,15 @@ class ImportTask(IndexTask):
 
 
 def _import_files(source: pathlib.Path, entries, stop: threading.Event):
-    """(name, read) of each file to import: read() -> its bytes. entries: a ZIP file's checked
-    entries, or None for a folder, walked."""
+    """(name, size, read) of each file to import: read() -> its bytes. entries: a ZIP file's
+    checked entries, or None for a folder, walked."""
     if entries is None:
         for found in walk_files(source, stop):
-            yield os.path.relpath(found.path, source), pathlib.Path(found.path).read_bytes
+            yield os.path.relpath(found.path, source), found.stat().st_size, pathlib.Path(found.path).read_bytes
         return
     with zipfile.ZipFile(source) as archive:
         for info in entries:
-            yield info.filename, functools.partial(archive.read, info)
+            yield info.filename, info.file_size, functools.partial(archive.read, info)
 
 
 def run_import(task: ImportTask, ingest: Ingest, source: pathlib.Path, entries=None, remove_source: bool = False):
@@ -8351,10 +8356,15 @@ def run_import(task: ImportTask, ingest: Ingest, source: pathlib.Path, entries=N
     log = logging.getLogger("dicoogled.index")
     try:
         task.total = len(entries) if entries is not None else sum(1 for _ in walk_files(source, task.stop))
-        for name, read in _import_files(source, entries, task.stop):
+        for name, size, read in _import_files(source, entries, task.stop):
             if task.stop.is_set():
                 task.cancelled = True
                 break
+            if size > IMPORT_MAX_FILE_BYTES:
+                task.failed(name, f"{size // (1024 * 1024)} MB: larger than an import takes "
+                                  f"({IMPORT_MAX_FILE_BYTES // (1024 * 1024)} MB); send it by C-STORE, or index it in place")
+                task.done += 1
+                continue
             try:
                 data = read()
             except (OSError, zipfile.BadZipFile, RuntimeError, ValueError, zlib.error) as error:  # damaged, encrypted
@@ -9802,6 +9812,9 @@ def _archive_routes(api: Api):
 
     def send_archive(study_uids: list[str], series_uids: list[str], label: str, media: bool, filename: str):
         """Answer a ZIP (or DICOM media) of what the request names, streamed as it is written."""
+        # A per-data-set transform, transform(dataset) -> dataset, is chosen here and applied by
+        # stored_object (and to the DICOMDIR's headers): de-identification, once there is one.
+        transform = None
         if bottle.request.params.get("deidentify", "").lower() in ("1", "true", "yes"):
             _fail(501, "de-identified downloads are not available in this version")
         if label:
@@ -9818,9 +9831,9 @@ def _archive_routes(api: Api):
             _fail(413, f"{len(members)} instances: DICOM media holds at most {daemon.config.media_max_instances} "
                        "([archives] media_max_instances); download them as a ZIP file, or fewer at a time")
         if media:
-            entries = media_entries(daemon.storage, media_directory(daemon.storage, members))
+            entries = media_entries(daemon.storage, media_directory(daemon.storage, members, transform), transform)
         else:
-            entries = archive_entries(daemon.storage, members)
+            entries = archive_entries(daemon.storage, members, transform)
         logging.getLogger("dicoogled.http").info("download of %d instance(s) as %s", len(members),
                                                   "DICOM media" if media else "a ZIP file")
         bottle.response.content_type = "application/zip"
