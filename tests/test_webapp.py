@@ -19,6 +19,7 @@ import re
 import shutil
 import textwrap
 import threading
+import zipfile
 
 import pydicom
 import pytest
@@ -1115,3 +1116,38 @@ def test_research_screen_deidentifies_a_collection_and_shows_the_map(browser, st
     finally:
         reader.close()
     assert not reader.errors, reader.errors
+
+
+def test_download_a_study_as_zip_then_import_it_with_progress(app, archive, tmp_path):
+    """The study's Download ZIP gives its files; the Import screen sends that ZIP back and shows
+    the task to its report. Every file is already stored, byte for byte: nothing is added."""
+    study = instance(0, 0, 0, 0)
+    page = app.login(hash_=f"#/search?q=*:*&patient={study.PatientID}&study={study.StudyInstanceUID}")
+    with page.expect_download() as media:
+        page.get_by_role("link", name="Download as media").click()
+    with zipfile.ZipFile(media.value.path()) as zipped:
+        assert zipped.namelist()[0] == "DICOMDIR"
+    with page.expect_download() as download:
+        page.get_by_role("link", name="Download ZIP").click()
+    saved = tmp_path / "study.zip"
+    download.value.save_as(saved)
+    with zipfile.ZipFile(saved) as zipped:
+        names = zipped.namelist()
+    assert len(names) == 6 and all(name.startswith(f"{study.PatientID}/{study.StudyInstanceUID}/") for name in names)
+    # A selection: one of the patient's two studies, alone in the ZIP
+    page.goto(page.url.split("#")[0] + f"#/search?q=*:*&patient={study.PatientID}")
+    other = instance(0, 1, 0, 0)
+    page.locator("table.results tbody tr", has=page.locator(f'a[href*="{other.StudyInstanceUID}"]')).get_by_role("checkbox").check()
+    with page.expect_download() as selected:
+        page.get_by_role("link", name="Download ZIP").click()
+    with zipfile.ZipFile(selected.value.path()) as zipped:
+        assert {name.split("/")[1] for name in zipped.namelist()} == {other.StudyInstanceUID}
+    before = archive.counts()["instances"]
+    page.get_by_role("link", name="Import").click()
+    expect(page.get_by_role("heading", name="Import", exact=True)).to_be_visible()
+    page.get_by_label("ZIP file").set_input_files(str(saved))
+    page.get_by_role("button", name="Import", exact=True).click()
+    expect(page.get_by_text("Import finished.")).to_be_visible(timeout=60_000)
+    expect(page.get_by_text("6 of 6 files: 6 imported, 0 failed")).to_be_visible()
+    app.shot("import")
+    assert archive.counts()["instances"] == before
