@@ -8173,8 +8173,9 @@ def stream_zip(entries, force_zip64: bool = False):
     yield sink.take()  # the central directory and the end records
 
 
-def stored_object(storage: Storage, member: ArchiveMember, transform=None) -> tuple[int, typing.Iterable[bytes]]:
-    """(size, chunks) of one instance as a download holds it. Raises OSError if it cannot be read.
+def stored_object(storage: Storage, member: ArchiveMember, transform=None) -> tuple[int, typing.Iterable[bytes], Dataset | None]:
+    """(size, chunks, transformed data set or None) of one instance as a download holds it.
+    Raises OSError if it cannot be read, ValueError if the transform refuses it.
 
     This is the one place a download's objects pass, so a per-data-set transform belongs here:
     transform(dataset) -> dataset (de-identification), applied to the whole object, which is
@@ -8184,10 +8185,10 @@ def stored_object(storage: Storage, member: ArchiveMember, transform=None) -> tu
         dataset = transform(pydicom.dcmread(storage.open(member.path)))
         buffer = io.BytesIO()
         dataset.save_as(buffer, enforce_file_format=True)
-        return buffer.tell(), [buffer.getvalue()]
+        return buffer.tell(), [buffer.getvalue()], dataset
     if location_scheme(member.path) != "file":  # kept by a storage plugin, whole
         data = storage.read(member.path)
-        return len(data), [data]
+        return len(data), [data], None
     handle = open(member.path, "rb")
     size = os.fstat(handle.fileno()).st_size
 
@@ -8195,7 +8196,7 @@ def stored_object(storage: Storage, member: ArchiveMember, transform=None) -> tu
         with handle:
             while chunk := handle.read(ZIP_CHUNK_BYTES):
                 yield chunk
-    return size, chunks()
+    return size, chunks(), None
 
 
 def _missing_entry(missing: list[str]):
@@ -8210,15 +8211,17 @@ def archive_entries(storage: Storage, members: list[ArchiveMember], transform=No
     last entry, MISSING.txt, so that one lost file does not cut the whole download short."""
     missing = []
     for member in members:
-        name = "/".join((_entry_component(member.patient_id, "NO_PATIENT_ID"),
-                         _entry_component(member.study_instance_uid, "NO_STUDY"),
-                         _entry_component(member.series_instance_uid, "NO_SERIES"),
-                         _entry_component(member.sop_instance_uid, "NO_INSTANCE") + ".dcm"))
         try:
-            size, chunks = stored_object(storage, member, transform)
-        except OSError as error:
-            missing.append(f"{member.sop_instance_uid}: {error.strerror or error}")
+            size, chunks, sent = stored_object(storage, member, transform)
+        except (OSError, ValueError) as error:
+            missing.append(f"{member.sop_instance_uid}: {getattr(error, 'strerror', None) or error}")
             continue
+        # Named after what is sent: a de-identified copy's name must not carry the original's IDs.
+        identity = (sent.get("PatientID", ""), sent.get("StudyInstanceUID", ""), sent.get("SeriesInstanceUID", ""),
+                    sent.get("SOPInstanceUID", "")) if sent is not None else \
+            (member.patient_id, member.study_instance_uid, member.series_instance_uid, member.sop_instance_uid)
+        name = "/".join((_entry_component(str(identity[0]), "NO_PATIENT_ID"), _entry_component(str(identity[1]), "NO_STUDY"),
+                         _entry_component(str(identity[2]), "NO_SERIES"), _entry_component(str(identity[3]), "NO_INSTANCE") + ".dcm"))
         yield name, size, chunks
     if missing:
         yield _missing_entry(missing)
@@ -8252,7 +8255,7 @@ def media_directory(storage: Storage, members: list[ArchiveMember], transform=No
                 if keyword not in header or header[keyword].VM == 0:
                     setattr(header, keyword, placeholder)
             file_set.add(header)
-            chosen[member.sop_instance_uid] = member
+            chosen[header.SOPInstanceUID] = member  # as the record names it: a copy's own UID
         except (OSError, ValueError, KeyError, AttributeError, InvalidDicomError) as error:
             missing.append(f"{member.sop_instance_uid}: cannot be put on media: {getattr(error, 'strerror', None) or error}")
     with tempfile.TemporaryDirectory(dir=storage.tmp, prefix="media-") as folder:
@@ -8268,9 +8271,9 @@ def media_entries(storage: Storage, media: MediaDirectory, transform=None):
     missing = list(media.missing)
     for member, file_id in media.files:
         try:
-            size, chunks = stored_object(storage, member, transform)
-        except OSError as error:  # after the DICOMDIR was made: it names a file that is not there
-            missing.append(f"{member.sop_instance_uid}: {error.strerror or error} (its DICOMDIR record remains)")
+            size, chunks, _ = stored_object(storage, member, transform)
+        except (OSError, ValueError) as error:  # after the DICOMDIR was made: it names a file that is not there
+            missing.append(f"{member.sop_instance_uid}: {getattr(error, 'strerror', None) or error} (its DICOMDIR record remains)")
             continue
         yield file_id, size, chunks
     if missing:
@@ -10475,10 +10478,15 @@ def _archive_routes(api: Api):
     def send_archive(study_uids: list[str], series_uids: list[str], label: str, media: bool, filename: str):
         """Answer a ZIP (or DICOM media) of what the request names, streamed as it is written."""
         # A per-data-set transform, transform(dataset) -> dataset, is chosen here and applied by
-        # stored_object (and to the DICOMDIR's headers): de-identification, once there is one.
+        # stored_object (and to the DICOMDIR's headers): de-identification on the fly, with the
+        # research export's options and its pseudonym map (the same patient, the same pseudonym).
         transform = None
         if bottle.request.params.get("deidentify", "").lower() in ("1", "true", "yes"):
-            _fail(501, "de-identified downloads are not available in this version")
+            try:
+                options = DeidentificationOptions.from_params(dict(bottle.request.params))
+            except ValueError as error:
+                _fail(400, str(error))
+            transform = functools.partial(daemon.deidentifier.deidentify, options=options)
         if label:
             try:
                 label = label_name(label)
