@@ -65,6 +65,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
+import zipfile
 import zlib
 from xml.etree import ElementTree
 
@@ -162,9 +163,9 @@ OUT_OF_RESOURCES = 0xA700
 #: What a store does when a [storage] quota is reached: answer OUT_OF_RESOURCES, or delete the
 #: unprotected studies that arrived longest ago until the new object fits.
 WHEN_FULL_POLICIES = ("refuse", "recycle")
-#: Origins of objects the archive keeps in its own storage (C-STORE, STOW-RS); the others are
-#: indexed in place, and neither counted in a quota nor ever deleted by recycling or retention.
-RECEIVED_ORIGINS = ("store", "stow")
+#: Origins of objects the archive keeps in its own storage (C-STORE, STOW-RS, POST /import); the
+#: others are indexed in place, and neither counted in a quota nor ever deleted by recycling or retention.
+RECEIVED_ORIGINS = ("store", "stow", "import")
 MOVE_DESTINATION_UNKNOWN = 0xA801
 IDENTIFIER_DOES_NOT_MATCH = 0xA900
 # C-STORE failures, from PS3.4 B.2.3: a data set that is not the one its command announces (another
@@ -331,7 +332,7 @@ scheme = file
 # 0xA700, out of resources) before the disk is really full, so the index, settings and logins
 # still have room. Storing resumes by itself once space is freed. 0 turns the reserve off.
 min_free_mb = 100
-# Quotas on what the archive holds of received objects (C-STORE, STOW-RS; files indexed in
+# Quotas on what the archive holds of received objects (C-STORE, STOW-RS, import; files indexed in
 # place are not counted): megabytes and instances, 0 for no limit.
 max_size_mb = 0
 max_instances = 0
@@ -356,6 +357,17 @@ poll_interval = 5
 # A file is indexed once its size has not changed for this many seconds (or at once when
 # inotify reports it closed after writing).
 quiet_period = 2
+
+[archives]
+# ZIP files imported by POST /import (or the web app's Import): refused whole (413) when they
+# would unpack to more than import_max_unpacked_mb, or, beyond 16 MB, to more than
+# import_max_ratio times their own size (a "zip bomb"; DICOM rarely packs better than 10 to 1).
+import_max_unpacked_mb = 20480
+import_max_ratio = 100
+# Most instances in one download as DICOM media (a DICOMDIR): pydicom's FileSet, which builds
+# it, takes time that grows with the square of their number (about 40 s for 2000) before the
+# first byte is sent. Larger sets download as plain ZIP files.
+media_max_instances = 2000
 
 [index]
 # Dicoogle's indexer options, as its web app shows them. dicoogled always indexes every element
@@ -428,8 +440,9 @@ retention_days = 2190
 [retention]
 # Rules that delete received studies, one per line: NAME = criteria separated by spaces, all of
 # which a study must meet. older_than_days=N (required): its newest instance arrived more than
-# N days ago; modality=MR: it has a series of that modality; origin=store or stow: all of it came
-# by C-STORE, or by STOW-RS; label=NAME: it carries that label (on itself or a series).
+# N days ago; modality=MR: it has a series of that modality; origin=store, stow or import: all
+# of it came by C-STORE, by STOW-RS, or by POST /import; label=NAME: it carries that label (on
+# itself or a series).
 # Protected studies, and those carrying a protected_labels label, are never deleted. Run every
 # retention_interval_hours; 'dicoogled retention --dry-run' lists what they would delete.
 # old-mr = older_than_days=365 modality=MR
@@ -697,6 +710,9 @@ CONFIG_KEYS = {
     "protected_labels": ("storage", "protected_labels", "labels"),
     "when_full": ("storage", "when_full", "lower"),
     "retention_interval_hours": ("storage", "retention_interval_hours", "float"),
+    "import_max_unpacked_mb": ("archives", "import_max_unpacked_mb", "float"),
+    "import_max_ratio": ("archives", "import_max_ratio", "float"),
+    "media_max_instances": ("archives", "media_max_instances", "int"),
     "watch_folders": ("watch", "folders", "paths"),
     "watch_poll": ("watch", "poll", "bool"),
     "watch_poll_interval": ("watch", "poll_interval", "float"),
@@ -761,6 +777,11 @@ class Config:
     retention_interval_hours: float = 24
     #: [retention] rules by name
     retention_rules: dict[str, "RetentionRule"] = dataclasses.field(default_factory=dict)
+    #: [archives] limits on a ZIP file imported: unpacked megabytes, and unpacked size / packed size.
+    import_max_unpacked_mb: float = 20480
+    import_max_ratio: float = 100
+    #: [archives] the most instances in one download as DICOM media.
+    media_max_instances: int = 2000
     watch_folders: list[pathlib.Path] = dataclasses.field(default_factory=list)
     watch_poll: bool = False
     watch_poll_interval: float = 5
@@ -883,6 +904,11 @@ class Config:
             raise ValueError(f"invalid [audit] retention_days {self.audit_retention_days}: 0 (keep all) or more days")
         if not self.retention_interval_hours > 0:
             raise ValueError(f"invalid retention_interval_hours {self.retention_interval_hours}: more than 0")
+        if not (self.import_max_unpacked_mb > 0 and self.import_max_ratio >= 1):
+            raise ValueError(f"invalid [archives] import_max_unpacked_mb {self.import_max_unpacked_mb} or import_max_ratio "
+                             f"{self.import_max_ratio}: more than 0 MB, a ratio of at least 1")
+        if self.media_max_instances < 1:
+            raise ValueError(f"invalid [archives] media_max_instances {self.media_max_instances}: at least 1")
         if not 0 < self.thumbnail_size <= 4096:
             raise ValueError(f"invalid thumbnail_size {self.thumbnail_size}: 1..4096 pixels")
         if not 0 <= self.index_effort <= 100:
@@ -1017,7 +1043,7 @@ class RetentionRule:
     name: str
     older_than_days: float  #: its newest instance arrived longer ago than this
     modality: str = ""  #: it has a series of this modality ("" for any)
-    origin: str = ""  #: all of it came this way: store (C-STORE) or stow (STOW-RS); "" for either
+    origin: str = ""  #: all of it came this way: store (C-STORE), stow (STOW-RS) or import; "" for any
     label: str = ""  #: it carries this label, on itself or on one of its series ("" for any)
 
     CRITERIA = ("older_than_days", "modality", "origin", "label")
@@ -1029,7 +1055,7 @@ class RetentionRule:
             key, _, value = word.partition("=")
             if key not in cls.CRITERIA or not value:
                 raise ValueError(f"[retention] {name}: {word!r} is not a criterion"
-                                 " (older_than_days=N, modality=MR, origin=store|stow, label=NAME)")
+                                 " (older_than_days=N, modality=MR, origin=store|stow|import, label=NAME)")
             criteria[key] = value
         if "older_than_days" not in criteria:
             raise ValueError(f"[retention] {name}: older_than_days=N is required")
@@ -1566,7 +1592,17 @@ class IndexedInstance(typing.NamedTuple):
     path: str  # where it is kept: a file's path, or the URI a storage plugin gave it
     size: int
     mtime_ns: int
-    origin: str  # 'store', 'stow', 'watch' or 'index'
+    origin: str  # 'store', 'stow', 'import', 'watch' or 'index'
+
+
+class ArchiveMember(typing.NamedTuple):
+    """One instance of a download (ZIP or DICOM media), with what names its entry."""
+    patient_id: str
+    study_instance_uid: str
+    series_instance_uid: str
+    sop_instance_uid: str
+    path: str  # where it is kept: a file's path, or the URI a storage plugin gave it
+    size: int
 
 
 class LabelCount(typing.NamedTuple):
@@ -1810,6 +1846,23 @@ class Index:
         rows = self.query(f"SELECT {_INSTANCE_COLUMNS} FROM {_INSTANCE_PARENTS} WHERE {where} ORDER BY i.id",
                           [uid for _, uid in given])
         return [IndexedInstance(*row) for row in rows]
+
+    def archive_members(self, study_uids=(), series_uids=()) -> list[ArchiveMember]:
+        """The instances of these studies and series (each once), patient, study and series
+        together, in the order they were indexed: what a ZIP or media download holds."""
+        found = {}  # instance id -> row: an instance named by its study and its series comes once
+        for column, uids in (("st.study_instance_uid", list(dict.fromkeys(study_uids))),
+                             ("se.series_instance_uid", list(dict.fromkeys(series_uids)))):
+            for start in range(0, len(uids), 500):  # below SQLite's limit of bound parameters
+                chunk = uids[start:start + 500]
+                for row in self.query(
+                        "SELECT i.id, p.patient_id, st.study_instance_uid, se.series_instance_uid, i.sop_instance_uid,"
+                        f" i.path, i.size, p.id, st.id, se.id FROM {_INSTANCE_PARENTS}"
+                        f" JOIN patients p ON p.id = st.patient_ref WHERE {column} IN ({','.join('?' * len(chunk))})",
+                        chunk):
+                    found[row[0]] = row
+        ordered = sorted(found.values(), key=lambda row: (row[7], row[8], row[9], row[0]))
+        return [ArchiveMember(*row[1:7]) for row in ordered]
 
     def instances_below(self, folder: str) -> list[IndexedInstance]:
         """The instances whose files are below a folder."""
@@ -5005,7 +5058,7 @@ class HookSpec:
 #: Notify hooks run for every plugin, off the DICOM association's thread, and a failure is
 #: logged and counted; decision hooks run in load order, each seeing the verdict of the one before.
 HOOK_SPECS = (
-    HookSpec("on_stored", "notify", "instance", "an object received over DICOM (C-STORE) or STOW-RS was stored and indexed",
+    HookSpec("on_stored", "notify", "instance", "an object received over DICOM (C-STORE), STOW-RS or POST /import was stored and indexed",
              orthanc="OnStoredInstance", plugin_kind="events"),
     HookSpec("on_indexed", "notify", "instance",
              "an instance entered the index, whatever its origin (C-STORE, watched folder, index task)", plugin_kind="events"),
@@ -5673,7 +5726,7 @@ class PluginManager:
 
     def instance_indexed(self, record: InstanceRecord, calling_aet: str = ""):
         event = instance_event(record, calling_aet)
-        if record.origin in ("store", "stow"):
+        if record.origin in RECEIVED_ORIGINS:
             self.notify("on_stored", event)
         self.notify("on_indexed", event)
 
@@ -8093,6 +8146,12 @@ class TaskManager:
         start_thread(f"task-{task.uid[:8]}", run)
         return task.uid
 
+    def start_import(self, task: "ImportTask", source: pathlib.Path, entries=None, remove_source: bool = False):
+        """List an import task and run it after the tasks before it (see run_import)."""
+        self.tasks[task.uid] = task
+        self._queue.submit(run_import, task, self.ingest, source, entries, remove_source)
+        return task
+
     def _run(self, task: IndexTask):
         try:
             files = []
@@ -8125,6 +8184,312 @@ class TaskManager:
         for task in self.tasks.values():
             task.stop.set()
         self._queue.shutdown(wait=True, cancel_futures=True)
+
+
+# ============================================================================================
+# Archives: studies out as ZIP files or DICOM media (DICOMDIR), and ZIP files or folders in
+# ============================================================================================
+
+#: Bytes of a stored file read at a time while it goes into a ZIP: what a download holds in memory.
+ZIP_CHUNK_BYTES = 1024 * 1024
+#: The File-set ID written in the DICOMDIR of media downloads (PS3.3 F.3.2.1, CS, 16 at most).
+MEDIA_FILE_SET_ID = "DICOOGLED"
+#: What a DICOMDIR record needs (pydicom's FileSet refuses an instance without them, PS3.3 F.5):
+#: Type 1 keys, by keyword, with the value put in the record when the instance has none.
+MEDIA_RECORD_PLACEHOLDERS = {"PatientID": "UNKNOWN", "StudyDate": "19000101", "StudyTime": "000000",
+                             "StudyID": "0", "SeriesNumber": "0", "InstanceNumber": "0", "Modality": "OT"}
+#: An import below this many unpacked bytes is never refused for its compression ratio: too small to hurt.
+IMPORT_RATIO_FLOOR_BYTES = 16 * 1024 * 1024
+#: The largest file an import takes: each is read whole into memory to be stored, as a STOW-RS
+#: part is (whose request the HTTP server limits to 1 GiB).
+IMPORT_MAX_FILE_BYTES = 1024 * 1024 * 1024
+#: The failures an import lists by file name; the rest are only counted.
+IMPORT_REPORTED_FAILURES = 1000
+
+
+def _entry_component(text: str, fallback: str) -> str:
+    """One folder or file name of a ZIP entry made from a tag's value: letters, digits, '.', '_'
+    and '-' only, so no value (a PatientID of '../..', a slash, a NUL) can name a path elsewhere."""
+    cleaned = re.sub(r"[^A-Za-z0-9._-]", "_", str(text).strip())[:64].strip(".")
+    return cleaned or fallback
+
+
+class _ZipSink:
+    """Where zipfile writes a ZIP being streamed: the bytes wait here until taken for the
+    answer. It has no tell() or seek(), so zipfile writes each entry's sizes and CRC in a data
+    descriptor after its data instead of going back to its header: the ZIP is never whole anywhere."""
+
+    def __init__(self):
+        self._parts = []
+
+    def write(self, data) -> int:
+        self._parts.append(bytes(data))
+        return len(data)
+
+    def flush(self):
+        pass
+
+    def take(self) -> bytes:
+        data, self._parts = b"".join(self._parts), []
+        return data
+
+
+def stream_zip(entries, force_zip64: bool = False):
+    """Yield the bytes of a ZIP as they are written, from entries (name, size, chunks): chunks
+    an iterable of the entry's bytes, size their total. At most one chunk and the headers are
+    in memory at a time.
+
+    Entries are stored, not compressed: DICOM pixel data, often compressed already, gains
+    little, and the CPU is better spent answering others. Knowing each size before its data,
+    zipfile writes ZIP64 extensions wherever a size or an offset needs them (beyond 2 GiB, as
+    it counts), and the ZIP64 end records when the whole passes that: archives over 4 GB open
+    everywhere ZIP64 is read. force_zip64 writes the extensions for every entry.
+    """
+    sink = _ZipSink()
+    with zipfile.ZipFile(sink, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+        for name, size, chunks in entries:
+            info = zipfile.ZipInfo(name, date_time=time.localtime()[:6])
+            info.file_size = size  # decides ZIP64 for this entry before its header is written
+            info.external_attr = 0o644 << 16
+            with archive.open(info, "w", force_zip64=force_zip64) as member:
+                for chunk in chunks:
+                    member.write(chunk)
+                    if data := sink.take():
+                        yield data
+            if data := sink.take():
+                yield data
+    yield sink.take()  # the central directory and the end records
+
+
+def stored_object(storage: Storage, member: ArchiveMember, transform=None) -> tuple[int, typing.Iterable[bytes], Dataset | None]:
+    """(size, chunks, transformed data set or None) of one instance as a download holds it.
+    Raises OSError if it cannot be read, ValueError if the transform refuses it.
+
+    This is the one place a download's objects pass, so a per-data-set transform belongs here:
+    transform(dataset) -> dataset (de-identification), applied to the whole object, which is
+    then written out again. Without one, a file is sent as stored, read a chunk at a time.
+    """
+    if transform is not None:
+        dataset = transform(pydicom.dcmread(storage.open(member.path)))
+        buffer = io.BytesIO()
+        dataset.save_as(buffer, enforce_file_format=True)
+        return buffer.tell(), [buffer.getvalue()], dataset
+    if location_scheme(member.path) != "file":  # kept by a storage plugin, whole
+        data = storage.read(member.path)
+        return len(data), [data], None
+    handle = open(member.path, "rb")
+    size = os.fstat(handle.fileno()).st_size
+
+    def chunks():
+        with handle:
+            while chunk := handle.read(ZIP_CHUNK_BYTES):
+                yield chunk
+    return size, chunks(), None
+
+
+def _missing_entry(missing: list[str]):
+    """The last entry of a download some of whose instances could not be put in: which, and why."""
+    text = ("These instances are in the index but not in this archive:\n" + "\n".join(missing) + "\n").encode("utf-8")
+    return "MISSING.txt", len(text), [text]
+
+
+def archive_entries(storage: Storage, members: list[ArchiveMember], transform=None):
+    """The entries of a ZIP of instances: PatientID/StudyInstanceUID/SeriesInstanceUID/
+    SOPInstanceUID.dcm, each name made safe; an instance that cannot be read is listed in a
+    last entry, MISSING.txt, so that one lost file does not cut the whole download short."""
+    missing = []
+    for member in members:
+        try:
+            size, chunks, sent = stored_object(storage, member, transform)
+        except (OSError, ValueError) as error:
+            missing.append(f"{member.sop_instance_uid}: {getattr(error, 'strerror', None) or error}")
+            continue
+        # Named after what is sent: a de-identified copy's name must not carry the original's IDs.
+        identity = (sent.get("PatientID", ""), sent.get("StudyInstanceUID", ""), sent.get("SeriesInstanceUID", ""),
+                    sent.get("SOPInstanceUID", "")) if sent is not None else \
+            (member.patient_id, member.study_instance_uid, member.series_instance_uid, member.sop_instance_uid)
+        name = "/".join((_entry_component(str(identity[0]), "NO_PATIENT_ID"), _entry_component(str(identity[1]), "NO_STUDY"),
+                         _entry_component(str(identity[2]), "NO_SERIES"), _entry_component(str(identity[3]), "NO_INSTANCE") + ".dcm"))
+        yield name, size, chunks
+    if missing:
+        yield _missing_entry(missing)
+
+
+class MediaDirectory(typing.NamedTuple):
+    """What a media download holds, built before its first byte is sent."""
+    dicomdir: bytes  # the DICOMDIR file (PS3.10 7.2)
+    files: list  # (ArchiveMember, File ID as a path: PT000000/ST000000/SE000000/IM000000)
+    missing: list[str]  # instances left out, with why
+
+
+def media_directory(storage: Storage, members: list[ArchiveMember], transform=None) -> MediaDirectory:
+    """The DICOMDIR of DICOM media holding members (PS3.10 and PS3.11), built by pydicom's FileSet.
+
+    FileSet copies every instance it is given into a staging folder, then again where the
+    file-set is written. It is given each instance's header only (pixel data left out), so what
+    goes to temporary files (data_dir/tmp) is a few kilobytes an instance, deleted before this
+    returns; the stored files go into the ZIP from where they are, under the File IDs FileSet chose.
+    """
+    from pydicom.fileset import FileSet
+
+    file_set, missing, chosen = FileSet(), [], {}
+    file_set.ID = MEDIA_FILE_SET_ID
+    for member in members:
+        try:
+            header = pydicom.dcmread(storage.open(member.path), stop_before_pixels=True)
+            if transform is not None:  # the records must describe the files as they are sent
+                header = transform(header)
+            for keyword, placeholder in MEDIA_RECORD_PLACEHOLDERS.items():
+                if keyword not in header or header[keyword].VM == 0:
+                    setattr(header, keyword, placeholder)
+            file_set.add(header)
+            chosen[header.SOPInstanceUID] = member  # as the record names it: a copy's own UID
+        except (OSError, ValueError, KeyError, AttributeError, InvalidDicomError) as error:
+            missing.append(f"{member.sop_instance_uid}: cannot be put on media: {getattr(error, 'strerror', None) or error}")
+    with tempfile.TemporaryDirectory(dir=storage.tmp, prefix="media-") as folder:
+        file_set.write(folder)  # the DICOMDIR, and the headers
+        dicomdir = (pathlib.Path(folder) / "DICOMDIR").read_bytes()
+        files = [(chosen[instance.SOPInstanceUID], instance.FileID.replace(os.sep, "/")) for instance in file_set]
+    return MediaDirectory(dicomdir, files, missing)
+
+
+def media_entries(storage: Storage, media: MediaDirectory, transform=None):
+    """The entries of a media ZIP: DICOMDIR first, then each instance under its File ID."""
+    yield "DICOMDIR", len(media.dicomdir), [media.dicomdir]
+    missing = list(media.missing)
+    for member, file_id in media.files:
+        try:
+            size, chunks, _ = stored_object(storage, member, transform)
+        except (OSError, ValueError) as error:  # after the DICOMDIR was made: it names a file that is not there
+            missing.append(f"{member.sop_instance_uid}: {getattr(error, 'strerror', None) or error} (its DICOMDIR record remains)")
+            continue
+        yield file_id, size, chunks
+    if missing:
+        yield _missing_entry(missing)
+
+
+# ---- imports -----------------------------------------------------------------------------------
+
+
+class ImportRefused(ValueError):
+    """A ZIP file refused whole before anything of it is imported; status is the HTTP answer's."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+def _unsafe_entry_name(name: str) -> bool:
+    """A ZIP entry name that would lead out of a folder it were unpacked in ("zip slip"): absolute,
+    a drive, a '..' component, or a NUL. Imports never unpack by name, but such a file is no
+    honest export and is refused whole."""
+    path = name.replace("\\", "/")
+    return path.startswith("/") or bool(re.match(r"[A-Za-z]:", path)) or "\x00" in path or ".." in path.split("/")
+
+
+def check_import_zip(path: pathlib.Path, max_unpacked_bytes: int, max_ratio: float) -> list[zipfile.ZipInfo]:
+    """The file entries of a ZIP file to import, once it is found safe; raises ImportRefused:
+    400 for no ZIP, unsafe names or links, 413 for a "zip bomb": more unpacked bytes than
+    max_unpacked_bytes, or (beyond IMPORT_RATIO_FLOOR_BYTES) a compression ratio over max_ratio.
+
+    The sizes are those the central directory declares; reading an entry never gives more than
+    its declared size (zipfile stops there, and the CRC check fails), so they bound the work."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            infos = archive.infolist()
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError) as error:
+        raise ImportRefused(f"not a ZIP file that can be read: {error}") from None
+    for info in infos:
+        if _unsafe_entry_name(info.filename):
+            raise ImportRefused(f"unsafe entry name {info.filename[:200]!r}: absolute, or leading out of its folder")
+        if stat.S_ISLNK(info.external_attr >> 16):
+            raise ImportRefused(f"entry {info.filename[:200]!r} is a symbolic link")
+    files = [info for info in infos if not info.is_dir()]
+    unpacked, packed = sum(info.file_size for info in files), sum(info.compress_size for info in files)
+    if unpacked > max_unpacked_bytes:
+        raise ImportRefused(f"the ZIP file unpacks to {unpacked // (1024 * 1024)} MB, more than "
+                            f"[archives] import_max_unpacked_mb = {max_unpacked_bytes // (1024 * 1024)}", 413)
+    if unpacked > IMPORT_RATIO_FLOOR_BYTES and unpacked > max_ratio * max(packed, 1):
+        raise ImportRefused(f"the ZIP file unpacks to {unpacked / max(packed, 1):.0f} times its size, more than "
+                            f"[archives] import_max_ratio = {max_ratio:g}: a zip bomb?", 413)
+    return files
+
+
+@dataclasses.dataclass
+class ImportTask(IndexTask):
+    """An import, as GET /import/{uid} (and /index/task, for administrators) reports it."""
+
+    owner: str = ""  #: the user who started it: only they and administrators see it
+    skipped: int = 0  #: DICOMDIR files: media's index, not instances
+    #: {"file", "reason"} of each file that was not imported, the first IMPORT_REPORTED_FAILURES
+    failures: list = dataclasses.field(default_factory=list)
+
+    def failed(self, name: str, reason: str):
+        self.errors += 1
+        if len(self.failures) < IMPORT_REPORTED_FAILURES:
+            self.failures.append({"file": name, "reason": reason})
+
+    def as_json(self) -> dict:
+        return {**super().as_json(), "owner": self.owner, "nFiles": self.total, "nDone": self.done,
+                "nSkipped": self.skipped, "failures": self.failures}
+
+
+def _import_files(source: pathlib.Path, entries, stop: threading.Event):
+    """(name, size, read) of each file to import: read() -> its bytes. entries: a ZIP file's
+    checked entries, or None for a folder, walked."""
+    if entries is None:
+        for found in walk_files(source, stop):
+            yield os.path.relpath(found.path, source), found.stat().st_size, pathlib.Path(found.path).read_bytes
+        return
+    with zipfile.ZipFile(source) as archive:
+        for info in entries:
+            yield info.filename, info.file_size, functools.partial(archive.read, info)
+
+
+def run_import(task: ImportTask, ingest: Ingest, source: pathlib.Path, entries=None, remove_source: bool = False):
+    """Import every file of a ZIP file (entries, from check_import_zip) or of a folder (entries
+    None) through the one ingest path, as a received object of origin "import": duplicates,
+    store filters, quotas, events and webhooks alike. Files that are not DICOM, or refused,
+    are listed in task.failures with the reason; DICOMDIR files are skipped."""
+    log = logging.getLogger("dicoogled.index")
+    try:
+        task.total = len(entries) if entries is not None else sum(1 for _ in walk_files(source, task.stop))
+        for name, size, read in _import_files(source, entries, task.stop):
+            if task.stop.is_set():
+                task.cancelled = True
+                break
+            if size > IMPORT_MAX_FILE_BYTES:
+                task.failed(name, f"{size // (1024 * 1024)} MB: larger than an import takes "
+                                  f"({IMPORT_MAX_FILE_BYTES // (1024 * 1024)} MB); send it by C-STORE, or index it in place")
+                task.done += 1
+                continue
+            try:
+                data = read()
+            except (OSError, zipfile.BadZipFile, RuntimeError, ValueError, zlib.error) as error:  # damaged, encrypted
+                task.failed(name, f"cannot be read: {error}")
+                task.done += 1
+                continue
+            if data[128:132] != b"DICM":
+                task.failed(name, "not a DICOM file (no DICM prefix after the 128-byte preamble, PS3.10 7.1)")
+            elif _meta_uids(data).get(0x0002) == DICOMDIR_SOP_CLASS:
+                task.skipped += 1  # rebuilt from the instances, as every DICOMDIR is
+            else:
+                status = ingest.store_received(data, "", origin="import")
+                if status == SUCCESS:
+                    task.indexed += 1
+                else:
+                    task.failed(name, getattr(status, "reason", "") or f"refused with status 0x{int(status):04X}")
+            task.done += 1
+    except Exception as error:
+        log.exception("import task %s failed", task.uid)
+        task.failed(str(source.name), f"the import stopped: {error}")
+    finally:
+        if remove_source:
+            source.unlink(missing_ok=True)
+        task.cancelled = task.cancelled or task.stop.is_set()
+        task.finished = time.time()
+        log.info("import task %s: %d imported, %d skipped, %d failed%s", task.uid, task.indexed, task.skipped,
+                 task.errors, " (stopped)" if task.cancelled else "")
 
 
 # ============================================================================================
@@ -8200,8 +8565,8 @@ class StudyEvents:
         return deliveries
 
     def instance_deliveries(self, record: InstanceRecord) -> list[Delivery]:
-        """What an instance's arrival makes: a stored event for each one received (C-STORE, STOW-RS)."""
-        if record.origin not in ("store", "stow") or not self.webhooks:
+        """What an instance's arrival makes: a stored event for each one received (C-STORE, STOW-RS, import)."""
+        if record.origin not in RECEIVED_ORIGINS or not self.webhooks:
             return []
         columns = record.columns
         data = {keyword: columns[keyword] for keyword in ("SOPInstanceUID", "SOPClassUID", "SeriesInstanceUID",
@@ -8733,9 +9098,12 @@ class PseudonymMap:
                                     " date_offset_days, created FROM patients ORDER BY pseudonym").fetchall()
         return [PatientPseudonym(*row) for row in rows]
 
-    def uids(self, replacement: str = "", limit: int = 1000, offset: int = 0) -> list[UidPseudonym]:
-        """Recorded UID replacements (only the one for replacement, if given), oldest first."""
-        where, args = ("WHERE replacement = ?", (replacement,)) if replacement else ("", ())
+    def uids(self, replacement: str = "", limit: int = 1000, offset: int = 0, original: str = "") -> list[UidPseudonym]:
+        """Recorded UID replacements, oldest first: only the one for replacement, or the one of
+        original, if given (both: the pair, if it is one)."""
+        conditions = [(column, value) for column, value in (("replacement", replacement), ("original", original)) if value]
+        where = ("WHERE " + " AND ".join(f"{column} = ?" for column, _ in conditions)) if conditions else ""
+        args = tuple(value for _, value in conditions)
         with self._lock:
             rows = self._db.execute(f"SELECT original, replacement, created FROM uids {where}"
                                     " ORDER BY rowid LIMIT ? OFFSET ?", (*args, limit, offset)).fetchall()
@@ -9340,6 +9708,7 @@ AUDIT_ACTIONS = {
     "c-get": "a DICOM C-GET: the instances sent back",
     "c-store": "a DICOM C-STORE received: the instance",
     "watch": "an instance indexed from a watched folder",
+    "import": "a ZIP file or folder imported (POST /import: a background task)",
     "delete": "instances deleted or unindexed",
     "label": "a label put on a study or series",
     "unlabel": "a label taken off a study or series",
@@ -9984,6 +10353,7 @@ def make_app(daemon: "Daemon") -> bottle.Bottle:
     _search_routes(api)
     _image_routes(api)
     _task_routes(api)
+    _archive_routes(api)
     _webhook_routes(api)
     _index_settings_routes(api)
     _transfer_settings_routes(api)
@@ -10530,6 +10900,182 @@ def _search_routes(api: Api):
             _fail(404, f"no export {uid}")
         return bottle.static_file(path.name, root=str(path.parent), mimetype="application/csv",
                                   download="QueryResultsExport.csv")
+
+
+def _archive_routes(api: Api):
+    """Studies, selections and labels out as ZIP files or DICOM media; ZIP files and folders in."""
+    daemon = api.daemon
+
+    def checked_uids(values: list, what: str) -> list[str]:
+        for value in values:
+            if not isinstance(value, str) or not is_valid_uid(value):
+                _fail(400, f"{what} must be a UID, not {str(value)[:80]!r}")
+        return values
+
+    def send_archive(study_uids: list[str], series_uids: list[str], label: str, media: bool, filename: str):
+        """Answer a ZIP (or DICOM media) of what the request names, streamed as it is written."""
+        # A per-data-set transform, transform(dataset) -> dataset, is chosen here and applied by
+        # stored_object (and to the DICOMDIR's headers): de-identification on the fly, with the
+        # research export's options and its pseudonym map (the same patient, the same pseudonym).
+        transform = None
+        if bottle.request.params.get("deidentify", "").lower() in ("1", "true", "yes"):
+            try:
+                options = DeidentificationOptions.from_params(dict(bottle.request.params))
+            except ValueError as error:
+                _fail(400, str(error))
+            transform = functools.partial(daemon.deidentifier.deidentify, options=options)
+        if label:
+            try:
+                label = label_name(label)
+            except ValueError as error:
+                _fail(400, str(error))
+        if not (study_uids or series_uids or label):
+            _fail(400, "name what to download: study, series (repeatable) or label")
+        members = daemon.instances_to_download(checked_uids(study_uids, "study"), checked_uids(series_uids, "series"), label)
+        audited(studies=[member.study_instance_uid for member in members] or study_uids, series=series_uids,
+                instances=[member.sop_instance_uid for member in members], count=len(members),
+                detail=("DICOM media" if media else "ZIP") + (", de-identified" if transform else "")
+                + (f", label {label}" if label else ""))
+        if not members:
+            _fail(404, "nothing indexed matches: no such study, series or label")
+        if media and len(members) > daemon.config.media_max_instances:
+            _fail(413, f"{len(members)} instances: DICOM media holds at most {daemon.config.media_max_instances} "
+                       "([archives] media_max_instances); download them as a ZIP file, or fewer at a time")
+        if media:
+            entries = media_entries(daemon.storage, media_directory(daemon.storage, members, transform), transform)
+        else:
+            entries = archive_entries(daemon.storage, members, transform)
+        logging.getLogger("dicoogled.http").info("download of %d instance(s) as %s", len(members),
+                                                  "DICOM media" if media else "a ZIP file")
+        bottle.response.content_type = "application/zip"
+        bottle.response.set_header("Content-Disposition", f'attachment; filename="{filename}{"-media" if media else ""}.zip"')
+        return stream_zip(entries)
+
+    def study_download(study, media: bool):
+        checked_uids([study], "StudyInstanceUID")
+        return send_archive([study], [], "", media, _entry_component(study, "study"))
+
+    @api.route("/studies/<study>/archive", audit="download")
+    def study_archive(study):
+        """A study's stored files as a ZIP (application/zip, streamed, ZIP64 when large):
+        PatientID/StudyInstanceUID/SeriesInstanceUID/SOPInstanceUID.dcm."""
+        return study_download(study, False)
+
+    @api.route("/studies/<study>/media", audit="download")
+    def study_media(study):
+        """A study as DICOM media in a ZIP (PS3.10, PS3.11): a DICOMDIR, and the files under their File IDs."""
+        return study_download(study, True)
+
+    def is_true(value) -> bool:
+        return value is True or str(value).lower() in ("1", "true", "yes")
+
+    @api.route("/archive", audit="download")
+    def selection_archive():
+        """Studies, series and a label's studies as one ZIP (application/zip), or DICOM media.
+
+        study: a StudyInstanceUID (repeatable)
+        series: a SeriesInstanceUID (repeatable)
+        label: a label: every study and series carrying it
+        media: true for DICOM media with a DICOMDIR"""
+        params = bottle.request.params
+        label = params.get("label", "")
+        return send_archive(api.params("study"), api.params("series"), label, is_true(params.get("media", "")),
+                            _entry_component(label, "selection") if label else "selection")
+
+    @api.route("/archive", "POST", audit="download")
+    def selection_archive_posted():
+        """The same with a JSON body, for long selections: {studies: [...], series: [...], label, media}."""
+        try:
+            body = json.load(bottle.request.body) if bottle.request.content_length else {}
+            if not isinstance(body, dict):
+                raise ValueError("the body must be a JSON object")
+            studies, series, label = body.get("studies", []), body.get("series", []), body.get("label", "")
+            if not (isinstance(studies, list) and isinstance(series, list) and isinstance(label, str)):
+                raise ValueError("studies and series are lists of UIDs, label is text")
+        except (ValueError, UnicodeDecodeError) as error:
+            _fail(400, f"not a valid selection: {error}")
+        return send_archive(studies, series, label, is_true(body.get("media", False)),
+                            _entry_component(label, "selection") if label else "selection")
+
+    @api.route("/import", "POST", access=USER, audit="import")
+    def start_import():
+        """Import a ZIP file of DICOM files (DICOM media with a DICOMDIR too) in the background,
+        each file through the one ingest path: {taskUid, taskName, ...}, as GET /import/{uid}.
+
+        path: (administrators) a folder or ZIP file on the server, imported instead of a body"""
+        user = api.current_user()
+        limits = (int(daemon.config.import_max_unpacked_mb * 1024 * 1024), daemon.config.import_max_ratio)
+        server_path = bottle.request.query.get("path", "")
+        if server_path:
+            if not user.admin:
+                _fail(403, "importing from a path on the server needs an administrator")
+            source = pathlib.Path(_path_from_uri(server_path))
+            if source.is_dir():
+                return start(user, source, None, f"{_file_uri(str(source))}", remove=False)
+            if not source.is_file():
+                _fail(400, f"{source} is no folder or file")
+            return start(user, source, checked_zip(source, limits), _file_uri(str(source)), remove=False)
+        spooled = spool_upload()
+        try:
+            entries = checked_zip(spooled, limits)
+        except BaseException:
+            spooled.unlink(missing_ok=True)
+            raise
+        return start(user, spooled, entries, "upload", remove=True)
+
+    def checked_zip(path: pathlib.Path, limits) -> list:
+        try:
+            return check_import_zip(path, *limits)
+        except ImportRefused as error:
+            logging.getLogger("dicoogled.http").warning("import refused: %s", error)
+            _fail(error.status, str(error))
+
+    def spool_upload() -> pathlib.Path:
+        """Copy the request's ZIP file (the body, or the form field file) to data_dir/tmp: the
+        import runs after the request ends, when the server's own copy of the body is gone."""
+        request = bottle.request
+        if request.content_type.lower().startswith("multipart/form-data"):
+            upload = request.files.get("file")
+            if upload is None:
+                _fail(400, "send the ZIP file as the request body, or as the form field 'file'")
+            source, remaining = upload.file, None
+        else:
+            source, remaining = request.environ["wsgi.input"], request.content_length
+            if remaining <= 0:
+                _fail(400, "send the ZIP file as the request body (Content-Type: application/zip)")
+        path = daemon.storage.tmp / f"import-{uuid.uuid4().hex}.zip"
+        try:
+            with open(path, "xb") as spool:
+                while remaining is None or remaining > 0:
+                    chunk = source.read(ZIP_CHUNK_BYTES if remaining is None else min(ZIP_CHUNK_BYTES, remaining))
+                    if not chunk:
+                        break
+                    spool.write(chunk)
+                    if remaining is not None:
+                        remaining -= len(chunk)
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
+        return path
+
+    def start(user: User, source: pathlib.Path, entries, what: str, remove: bool):
+        task = ImportTask(str(uuid.uuid4()), f"[{BUILTIN_PROVIDER}]import {what}", [str(source)], owner=user.username)
+        daemon.tasks.start_import(task, source, entries, remove_source=remove)
+        # Not the path: a folder's name may name a patient. The task's report says what came in.
+        audited(detail=f"import task {task.uid}" + (", an upload" if remove else ", from the server"))
+        logging.getLogger("dicoogled.http").info("import task %s started by %s: %s", task.uid, user.username, what)
+        bottle.response.status = 202
+        return task.as_json()
+
+    @api.route("/import/<uid>", access=USER)
+    def import_status(uid):
+        """An import's progress and, once done, its report: {taskProgress, nFiles, nDone, nIndexed,
+        nSkipped, nErrors, failures: [{file, reason}], complete}. One's own imports, or any for an administrator."""
+        task = daemon.tasks.tasks.get(uid)
+        user = api.current_user()
+        if not isinstance(task, ImportTask) or (task.owner != user.username and not user.admin):
+            _fail(404, f"no import task {uid[:80]}")
+        return task.as_json()
 
 
 def _plugin_routes(api: Api):
@@ -11602,7 +12148,7 @@ def _audit_routes(api: Api):
         numResults, actions}.
 
         user: only this user's entries (a failed login is its tried name's)
-        action: only these actions, separated by commas (search, view, download, export, qido, wado, stow, c-find, c-move, c-get, c-store, watch, delete, label, unlabel, protect, login, logout, user, settings, plugin, task, reidentify, audit)
+        action: only these actions, separated by commas (search, view, download, export, qido, wado, stow, c-find, c-move, c-get, c-store, watch, import, delete, label, unlabel, protect, login, logout, user, settings, plugin, task, reidentify, audit)
         since: only entries at or after this ISO 8601 date or time (UTC unless it says otherwise)
         until: only entries before this ISO 8601 date or time
         offset: entries to skip (0)
@@ -11719,13 +12265,15 @@ def _research_routes(api: Api):
         """UIDs replaced by de-identification, oldest first: {uids: [{original, replacement, created}]}.
 
         uid: only the original of this replacement UID (to re-identify a de-identified object)
+        original: only the replacement of this original UID (to find an object's de-identified copy)
         offset: how many to skip (default 0)
         psize: how many at most (default 1000)"""
-        uid = bottle.request.params.get("uid", "")
-        if uid and not is_valid_uid(uid):
-            _fail(400, f"{uid[:80]!r} is not a UID")
-        rows = daemon.pseudonyms.uids(uid, _int_param("psize", 1000, 1), _int_param("offset", 0))
-        audited(count=len(rows), detail=f"the original of {uid}" if uid else "replaced UIDs")
+        uid, original = bottle.request.params.get("uid", ""), bottle.request.params.get("original", "")
+        for given in (uid, original):
+            if given and not is_valid_uid(given):
+                _fail(400, f"{given[:80]!r} is not a UID")
+        rows = daemon.pseudonyms.uids(uid, _int_param("psize", 1000, 1), _int_param("offset", 0), original=original)
+        audited(count=len(rows), detail=f"the original of {uid}" if uid else f"the copy of {original}" if original else "replaced UIDs")
         return {"uids": [row._asdict() for row in rows]}
 
 
@@ -11860,6 +12408,8 @@ class Daemon:
         self.storage = Storage(data_dir, fsync=config.fsync, scheme=config.storage_scheme)
         # Temporary files (spooled uploads, pynetdicom's) stay on the data disk: /tmp may be RAM.
         tempfile.tempdir = str(self.storage.tmp)
+        for stale in self.storage.tmp.glob("import-*.zip"):  # uploads whose import a stop or a crash cut short
+            stale.unlink(missing_ok=True)
         self.index = Index(data_dir / "index.sqlite", on_connect=[register_search_functions])
         #: Free space on the data disk and the reserve kept there ([storage] min_free_mb).
         self.disk = DiskSpace(data_dir, config.min_free_mb)
@@ -11979,6 +12529,13 @@ class Daemon:
         if added:
             self.log.info("label %s put on %s %s", label, level.lower(), uid)
         return added
+
+    def instances_to_download(self, study_uids=(), series_uids=(), label: str = "") -> list[ArchiveMember]:
+        """The instances a download (ZIP, DICOM media) of these studies and series, and of every
+        study and series carrying label, holds. Every download chooses its instances here, and
+        only here: what a caller may see is decided in one place."""
+        series_uids = [*series_uids, *(self.index.labelled("SERIES", label) if label else [])]
+        return self.index.archive_members(study_uids, series_uids)
 
     def unlabel(self, level: str, uid: str, label: str) -> bool:
         """Take a label off a study or series; False if it did not have it."""

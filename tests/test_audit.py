@@ -102,6 +102,25 @@ def test_rest_search_dump_file_image_and_export_are_recorded(archive):
     assert (missing["result"], missing["status"], missing["instances"]) == ("failed", "404", ["1.2.3.4.404"])
 
 
+def test_zip_downloads_and_imports_are_recorded(archive):
+    client = archive.client
+    study = archive.datasets[2].StudyInstanceUID
+    sops = {d.SOPInstanceUID for d in archive.datasets if d.StudyInstanceUID == study}
+    before = last_id(client)
+    response = client.get(f"/studies/{study}/archive")
+    assert response.status == 200 and response.headers["Content-Type"] == "application/zip"
+    entry = only_entry(client, before, "download")
+    assert (entry["request"], entry["studies"], entry["count"], entry["detail"]) == (
+        f"GET /studies/{study}/archive", [study], len(sops), "ZIP")
+    assert set(entry["instances"]) == sops
+
+    before = last_id(client)
+    started = client.request("POST", "/import", data=response.body, headers={"Content-Type": "application/zip"})
+    assert started.status == 202, started
+    entry = only_entry(client, before, "import")
+    assert entry["detail"] == f"import task {started.json()['taskUid']}, an upload" and entry["user"] == "admin"
+
+
 def test_dicomweb_qido_wado_and_stow_are_recorded(archive):
     client, first = archive.client, archive.datasets[0]
     before = last_id(client)

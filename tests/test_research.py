@@ -203,9 +203,11 @@ def test_pseudonyms_stable_and_reversible(archive):
 
 
 def dicoogled_uid(daemon, original: str) -> str:
-    """The replacement of an original UID, as the map records it."""
-    rows = [row for row in daemon.client.get("/research/uids", psize=100000).json()["uids"] if row["original"] == original]
-    assert len(rows) == 1, rows
+    """The replacement of an original UID, as the map records it (asked by original=, and found
+    the same in the whole list)."""
+    rows = daemon.client.get("/research/uids", original=original).json()["uids"]
+    assert len(rows) == 1 and rows[0]["original"] == original, rows
+    assert rows == [row for row in daemon.client.get("/research/uids", psize=100000).json()["uids"] if row["original"] == original]
     return rows[0]["replacement"]
 
 
@@ -261,6 +263,8 @@ def test_refusals(archive):
     assert client.post("/research/export", data={"label": SOURCE_LABEL, "into": "Not A Label!"}).status == 400
     assert client.post("/research/export", data={"label": SOURCE_LABEL}).status == 400
     assert client.get("/research/uids", uid="not-a-uid").status == 400
+    assert client.get("/research/uids", original="not-a-uid").status == 400
+    assert client.get("/research/uids", original=daemon.cohort[0].SOPInstanceUID).json() == {"uids": []}  # not exported
     assert client.get("/labels").json()["labels"] == [{"label": SOURCE_LABEL, "studies": 3}]  # nothing exported
     assert client.get("/research/pseudonyms").json() == {"pseudonyms": []}
 

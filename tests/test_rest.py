@@ -866,7 +866,9 @@ PUBLIC_PREFIXES = ("/ext/version", "/viewer", "/static/", "/learn")  # the viewe
 #: Routes for administrators alone (/research/: de-identified exports and the pseudonym map behind
 #: them; /audit: the audit log).
 ADMIN_PREFIXES = ("/user", "/management/", "/plugins", "/index/task", "/logger", "/research/", "/audit")
-USER_ROUTES = {"/user/<username>/password", "/presets/<username>", "/presets/<username>/<name>"}
+#: Imports write (any logged-in user, as STOW-RS: allow_unauthorized opens reads only), and each
+#: import's report is its starter's.
+USER_ROUTES = {"/user/<username>/password", "/presets/<username>", "/presets/<username>/<name>", "/import", "/import/<uid>"}
 #: Routes read by any reader and written by any logged-in user: labels are the users' own sorting.
 USER_WRITE_PATHS = {"/studies/<uid>/labels/<label>", "/series/<uid>/labels/<label>"}
 #: Routes read by any reader but written only by an administrator: scheduling is the RIS's job.

@@ -19,6 +19,7 @@ import re
 import shutil
 import textwrap
 import threading
+import zipfile
 
 import pydicom
 import pytest
@@ -864,7 +865,7 @@ def test_menu_result_options_and_result_batch_plugins(app, slot_plugins):
     expect(page.get_by_role("link", name="Hello page")).to_have_attribute("aria-current", "page")
     app.shot("plugin-menu")
 
-    page.get_by_role("navigation", name="Main").get_by_role("link", name="Search").click()
+    page.get_by_role("navigation", name="Main").get_by_role("link", name="Search", exact=True).click()
     query = "PatientName:doe OR PatientName:smith OR PatientName:müller"
     app.search(query)
     rows = page.locator("table.results tbody tr")
@@ -1013,3 +1014,140 @@ def test_worklist_form_schedules_mpps_moves_it_and_delete_removes_it(app, archiv
     page.get_by_role("dialog", name="Delete WEB1?").get_by_role("button", name="Delete").click()
     expect(page.get_by_text("The worklist is empty.")).to_be_visible()
     assert admin(archive).get("/worklist").json() == []
+
+
+# ---- research exports -----------------------------------------------------------------------------------------
+
+
+def test_research_screen_deidentifies_a_collection_and_shows_the_map(browser, start_daemon, tmp_path):
+    """An administrator de-identifies a labelled collection from the Research screen, in an archive
+    of its own (the copies are new patients other tests would count): the export's task finishes,
+    the new label is listed with its count, the map names the patient (on screen and in the CSV),
+    and a UID is looked up both ways. A user who is no administrator has no Research screen."""
+    import dicoogled
+
+    daemon = start_daemon(env={"DICOOGLED_ADMIN_PASSWORD": ADMIN_PASSWORD})
+    originals = [pydicom.dcmread(path) for path in studygen.generate(tmp_path / "gen", patients=2, studies=1, series=1, instances=2)]
+    assert set(daemon.store(*originals)) == {0}
+    client = admin(daemon)
+    cohort = [ds for ds in originals if ds.PatientID == originals[0].PatientID]
+    study = cohort[0]
+    assert client.request("PUT", f"/studies/{study.StudyInstanceUID}/labels/web-cohort").status == 200
+
+    tab = App(browser, daemon)
+    try:
+        page = tab.login(hash_="#/research")
+        expect(page.get_by_role("heading", name="Research", exact=True)).to_be_visible()
+        expect(page.get_by_text("The map is empty")).to_be_visible()
+        form = page.get_by_role("form", name="De-identify a collection")
+        source = form.get_by_label("Collection to de-identify")
+        expect(source).to_have_value("web-cohort")
+        expect(source.locator("option")).to_have_text(["web-cohort (1 study)"])
+        # The API's reason for a refusal, next to the form.
+        tab.allow(r"status of 400 .*/research/export")
+        form.get_by_label("Label of the copies").fill("web-cohort")
+        form.get_by_role("button", name="De-identify").click()
+        expect(form.get_by_role("alert")).to_contain_text("into must be another label")
+
+        form.get_by_label("Label of the copies").fill("web-research")
+        form.get_by_label("Dates", exact=True).select_option("offset")
+        form.get_by_label("Device identity").check()
+        form.get_by_role("button", name="De-identify").click()
+        task = page.get_by_role("region", name="Exports").locator("article.task", has_text="into web-research")
+        expect(task.locator(".badge")).to_have_text("finished", timeout=60_000)
+        expect(task).to_contain_text(f"{len(cohort)} instances de-identified")
+        expect(form.get_by_role("status")).to_have_text(f"Done: {len(cohort)} instances de-identified into web-research (1 study).")
+        collections = page.get_by_role("region", name="Collections")
+        expect(collections.locator("tr[data-label='web-research'] td").nth(1)).to_have_text("1")
+        expect(source.locator("option")).to_have_text(["web-cohort (1 study)", "web-research (1 study)"])
+
+        # The form's options reached the export: dates moved by the patient's offset, the station kept.
+        [patient] = client.get("/research/pseudonyms").json()["pseudonyms"]
+        [copy_uid] = client.get("/research/uids", original=study.StudyInstanceUID).json()["uids"]
+        found = client.get("/search", query="label:web-research", field=["StudyDate", "StationName", "StudyInstanceUID"]).json()["results"]
+        assert {(r["fields"]["StudyInstanceUID"], r["fields"]["StudyDate"], r["fields"]["StationName"]) for r in found} == {
+            (copy_uid["replacement"], dicoogled._shift_date(study.StudyDate, patient["dateOffsetDays"]), study.StationName)}
+
+        # The map: the patient on screen, then in the CSV download.
+        map_section = page.get_by_role("region", name="Pseudonym map")
+        row = map_section.locator("tbody tr", has_text=patient["pseudonym"])
+        expect(row).to_contain_text(study.PatientID)
+        expect(row).to_contain_text(str(study.PatientName))
+        expect(map_section.get_by_role("navigation", name="Pages of the pseudonym map")).to_contain_text("1–1 of 1 patient")
+        map_section.get_by_label("Find a patient or a pseudonym").fill("nobody-by-this-name")
+        expect(map_section.locator("tbody tr")).to_have_count(0)
+        expect(map_section).to_contain_text("No patient matches.")
+        map_section.get_by_label("Find a patient or a pseudonym").fill(study.PatientID)
+        expect(map_section.locator("tbody tr")).to_have_count(1)
+        tab.shot("research")
+        with page.expect_download() as download:
+            map_section.get_by_role("link", name="Download as CSV").click()
+        table = list(csv.DictReader(io.StringIO(pathlib.Path(download.value.path()).read_text())))
+        assert [(r["pseudonym"], r["PatientID"], r["PatientName"]) for r in table] == [
+            (patient["pseudonym"], study.PatientID, str(study.PatientName))]
+
+        # UID look-up, both ways.
+        lookup = page.get_by_role("region", name="UID look-up")
+        for uid in (study.StudyInstanceUID, copy_uid["replacement"]):
+            lookup.get_by_label("Original or replacement UID").fill(uid)
+            lookup.get_by_role("button", name="Look up").click()
+            expect(lookup.locator("tbody tr")).to_have_count(1)
+            expect(lookup.locator("tbody tr td").nth(0)).to_have_text(study.StudyInstanceUID)
+            expect(lookup.locator("tbody tr td").nth(1)).to_have_text(copy_uid["replacement"])
+        lookup.get_by_label("Original or replacement UID").fill(originals[-1].StudyInstanceUID)  # not exported
+        lookup.get_by_role("button", name="Look up").click()
+        expect(lookup.get_by_role("status")).to_contain_text("is neither an original nor a replacement UID")
+    finally:
+        tab.page.wait_for_load_state("networkidle")
+        tab.close()
+    assert not tab.errors, "errors in the browser:\n" + "\n".join(tab.errors)
+
+    # Someone who is no administrator: no Research in the sidebar, and the page refuses.
+    assert client.post("/user", data={"username": "researcher", "password": "researcher-pw-1", "admin": "false"}).json() == {"success": True}
+    reader = App(browser, daemon)
+    try:
+        page = reader.login("researcher", "researcher-pw-1")
+        sidebar = page.get_by_role("navigation", name="Main")
+        expect(sidebar.get_by_role("link", name="Search")).to_be_visible()
+        expect(sidebar.get_by_role("link", name="Research")).to_have_count(0)
+        reader.open("#/research")
+        expect(page.get_by_role("alert")).to_have_text("This page needs an administrator.")
+        expect(page.get_by_role("form", name="De-identify a collection")).to_have_count(0)
+    finally:
+        reader.close()
+    assert not reader.errors, reader.errors
+
+
+def test_download_a_study_as_zip_then_import_it_with_progress(app, archive, tmp_path):
+    """The study's Download ZIP gives its files; the Import screen sends that ZIP back and shows
+    the task to its report. Every file is already stored, byte for byte: nothing is added."""
+    study = instance(0, 0, 0, 0)
+    page = app.login(hash_=f"#/search?q=*:*&patient={study.PatientID}&study={study.StudyInstanceUID}")
+    with page.expect_download() as media:
+        page.get_by_role("link", name="Download as media").click()
+    with zipfile.ZipFile(media.value.path()) as zipped:
+        assert zipped.namelist()[0] == "DICOMDIR"
+    with page.expect_download() as download:
+        page.get_by_role("link", name="Download ZIP").click()
+    saved = tmp_path / "study.zip"
+    download.value.save_as(saved)
+    with zipfile.ZipFile(saved) as zipped:
+        names = zipped.namelist()
+    assert len(names) == 6 and all(name.startswith(f"{study.PatientID}/{study.StudyInstanceUID}/") for name in names)
+    # A selection: one of the patient's two studies, alone in the ZIP
+    page.goto(page.url.split("#")[0] + f"#/search?q=*:*&patient={study.PatientID}")
+    other = instance(0, 1, 0, 0)
+    page.locator("table.results tbody tr", has=page.locator(f'a[href*="{other.StudyInstanceUID}"]')).get_by_role("checkbox").check()
+    with page.expect_download() as selected:
+        page.get_by_role("link", name="Download ZIP").click()
+    with zipfile.ZipFile(selected.value.path()) as zipped:
+        assert {name.split("/")[1] for name in zipped.namelist()} == {other.StudyInstanceUID}
+    before = archive.counts()["instances"]
+    page.get_by_role("link", name="Import").click()
+    expect(page.get_by_role("heading", name="Import", exact=True)).to_be_visible()
+    page.get_by_label("ZIP file").set_input_files(str(saved))
+    page.get_by_role("button", name="Import", exact=True).click()
+    expect(page.get_by_text("Import finished.")).to_be_visible(timeout=60_000)
+    expect(page.get_by_text("6 of 6 files: 6 imported, 0 failed")).to_be_visible()
+    app.shot("import")
+    assert archive.counts()["instances"] == before

@@ -1,7 +1,8 @@
 // dicoogled's web app: a hash router, the sidebar, login, and the screens. Standard ES modules, no build.
 //
 // Routes: #/search?q=..&patient=..&study=..&series=..  #/dump/<SOPInstanceUID>  #/dashboard
-//         #/worklist  #/indexer  #/management?tab=..  #/audit?user=..&action=..  #/ext/<plugin>  (the hash never reaches the server)
+//         #/worklist  #/import  #/indexer  #/research  #/management?tab=..  #/audit?user=..&action=..
+//         #/ext/<plugin>  (the hash never reaches the server)
 
 import * as api from "./api.js";
 import { h, clear, message, modal, field, notify } from "./dom.js";
@@ -14,7 +15,9 @@ const screens = {
   search: { label: "Search", load: () => import("./search.js") },
   dashboard: { label: "Dashboard", load: () => import("./dashboard.js") },
   worklist: { label: "Worklist", load: () => import("./worklist.js") },
+  import: { label: "Import", load: () => import("./import.js") },
   indexer: { label: "Indexer", admin: true, load: () => import("./indexer.js") },
+  research: { label: "Research", admin: true, load: () => import("./research.js") },
   management: { label: "Management", admin: true, load: () => import("./management.js") },
   audit: { label: "Audit", admin: true, load: () => import("./audit.js") },
   dump: { label: null, load: () => import("./dump.js") },

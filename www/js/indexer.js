@@ -66,9 +66,15 @@ export async function render(main) {
   path.focus();
 }
 
-/** Tasks, updated in place: a button keeps its focus while the list refreshes. */
-function renderTasks(container, results, refresh) {
-  if (!results.length) return clear(container, h("p", { class: "muted" }, "No tasks. Tasks stay listed after they finish, until closed."));
+/** What an index task did, for its line under the bar. */
+const indexedDetails = (task) => [plural(task.nIndexed || 0, "file") + " indexed", task.nErrors ? plural(task.nErrors, "error") : null];
+
+/** Tasks, updated in place: a button keeps its focus while the list refreshes. describe(task)
+ *  gives the first parts of a task's line, empty the text for no task (the research screen
+ *  shows its exports with these). */
+export function renderTasks(container, results, refresh,
+  { describe = indexedDetails, empty = "No tasks. Tasks stay listed after they finish, until closed." } = {}) {
+  if (!results.length) return clear(container, h("p", { class: "muted" }, empty));
   const existing = new Map([...container.querySelectorAll("[data-task]")].map((e) => [e.dataset.task, e]));
   const items = results.map((task) => {
     let item = existing.get(task.taskUid);
@@ -97,8 +103,7 @@ function renderTasks(container, results, refresh) {
     const badge = item.querySelector(".badge");
     badge.className = `badge ${state}`;
     badge.textContent = state;
-    item.querySelector(".details").textContent = [plural(task.nIndexed || 0, "file") + " indexed",
-      task.nErrors ? plural(task.nErrors, "error") : null,
+    item.querySelector(".details").textContent = [...describe(task),
       task.elapsedTime !== undefined ? `${(task.elapsedTime / 1000).toFixed(1)} s` : null,
       "started " + task.taskTimeCreated.replace("T", " ").slice(0, 19)].filter(Boolean).join(" · ");
     const stop = item.querySelector("button.stop");

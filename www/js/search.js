@@ -174,6 +174,15 @@ async function showResults(container, params, box) {
       toolbar.append(button);
     }
   }
+  if (level === "study" || view.study) {
+    // Downloads go through the browser's own (the session cookie authenticates the link), so a
+    // large ZIP file streams to disk instead of into this page's memory.
+    for (const [media, caption] of [[false, "Download ZIP"], [true, "Download as media"]]) {
+      const link = h("a", { class: "button", href: "#", download: "" }, caption);
+      link.addEventListener("click", () => { link.href = downloadUrl(level, selection, rows, view, media); });
+      toolbar.append(link);
+    }
+  }
   if (viewer && view.study) {
     toolbar.append(h("a", { class: "button", href: api.viewerUrl(view.study.studyInstanceUID), target: "_blank", rel: "noopener" }, "Open study in viewer"));
   }
@@ -194,6 +203,21 @@ async function showResults(container, params, box) {
   updateSelection();
   // The link followed is gone: keyboard users go on from the results, not from the top.
   if (document.activeElement === document.body || document.activeElement === null) container.focus({ preventScroll: true });
+}
+
+/** Where a download of the selected studies or series is, or else of everything listed: a
+ *  patient's studies, the whole study shown, or the series whose images are shown (GET /archive,
+ *  /studies/{uid}/archive). */
+function downloadUrl(level, selection, rows, view, media) {
+  const chosen = [...selection.values()];
+  if (level === "study") {
+    return "/archive" + api.queryString({ study: (chosen.length ? chosen : rows).map((s) => s.studyInstanceUID), media: media ? "true" : undefined });
+  }
+  if ((level === "series" && chosen.length) || level === "image") {
+    const series = level === "image" ? [view.series.serieInstanceUID] : chosen.map((s) => s.serieInstanceUID);
+    return "/archive" + api.queryString({ series, media: media ? "true" : undefined });
+  }
+  return `/studies/${encodeURIComponent(view.study.studyInstanceUID)}/${media ? "media" : "archive"}`;
 }
 
 function rowsOf(view) {
