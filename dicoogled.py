@@ -8357,6 +8357,15 @@ CREATE TABLE IF NOT EXISTS collection_access (
     PRIMARY KEY (label, member_kind, member)
 );
 CREATE INDEX IF NOT EXISTS collection_access_by_member ON collection_access (member_kind, member);
+CREATE TABLE IF NOT EXISTS share_links (
+    id TEXT PRIMARY KEY, token_hash TEXT NOT NULL UNIQUE, created_by TEXT NOT NULL, created REAL NOT NULL,
+    label TEXT NOT NULL DEFAULT '', study_uids TEXT NOT NULL DEFAULT '[]',
+    expires REAL, uses_allowed INTEGER, uses INTEGER NOT NULL DEFAULT 0, revoked REAL
+);
+CREATE TABLE IF NOT EXISTS share_sessions (
+    token_hash TEXT PRIMARY KEY, share_id TEXT NOT NULL REFERENCES share_links(id) ON DELETE CASCADE,
+    created REAL NOT NULL
+);
 """
 #: How long HTTP Basic credentials, once checked, are taken without running scrypt again.
 BASIC_CREDENTIALS_MEMORY = 300
@@ -8372,6 +8381,41 @@ class User:
 #: The rights on a collection (a label with members): read sees its studies, write also puts
 #: its label on (and takes it off) the studies the member sees.
 COLLECTION_ACCESS = ("read", "write")
+
+
+class ShareLink(typing.NamedTuple):
+    """A link that shows some studies, or a collection, read-only and without an account."""
+    id: str  #: public: it names the link to list and revoke it; the token opens it
+    created_by: str
+    created: float  #: seconds since the epoch
+    label: str  #: the collection shared, or ""
+    study_uids: tuple  #: the studies shared (none when a collection is)
+    expires: float | None  #: when it stops opening and showing, or None
+    uses_allowed: int | None  #: how many times it may be opened, or None
+    uses: int  #: how many times it was opened
+    revoked: float | None  #: when it was revoked, or None
+
+    def state(self, now: float) -> str:
+        """active, revoked, expired or used (it was opened as often as allowed)."""
+        if self.revoked is not None:
+            return "revoked"
+        if self.expires is not None and now >= self.expires:
+            return "expired"
+        if self.uses_allowed is not None and self.uses >= self.uses_allowed:
+            return "used"
+        return "active"
+
+    @property
+    def visibility(self) -> "Visibility":
+        """What the link shows: its studies, or its collection's."""
+        return Visibility.of([self.label] if self.label else [], self.study_uids)
+
+
+_SHARE_COLUMNS = "id, created_by, created, label, study_uids, expires, uses_allowed, uses, revoked"
+
+
+def _share_link(row) -> ShareLink:
+    return ShareLink(*row[:4], tuple(json.loads(row[4])), *row[5:])
 
 
 class CollectionGrant(typing.NamedTuple):
@@ -8678,6 +8722,70 @@ class Users:
                 found[label] = access
         return found
 
+    # ---- share links: studies or a collection, read-only, without an account ----
+
+    def create_share(self, created_by: str, label: str = "", study_uids=(), expires: float | None = None,
+                     uses_allowed: int | None = None) -> tuple[ShareLink, str]:
+        """A new share link and its token (random; only its hash is kept, so a copy of
+        users.sqlite opens nothing)."""
+        token = secrets.token_urlsafe(32)
+        link = ShareLink(secrets.token_hex(8), created_by, time.time(), label, tuple(study_uids), expires, uses_allowed, 0, None)
+        self._write(f"INSERT INTO share_links (token_hash, {_SHARE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (_token_hash(token), *link[:4], json.dumps(list(link.study_uids)), *link[5:]))
+        self.log.info("share link %s made by %s (%s)", link.id, created_by,
+                      f"collection {label}" if label else f"{len(link.study_uids)} studies")
+        return link, token
+
+    def shares(self, created_by: str | None = None) -> list[ShareLink]:
+        """Every share link, or those one user made, newest first."""
+        where, args = ("WHERE created_by = ?", (created_by,)) if created_by is not None else ("", ())
+        return [_share_link(row) for row in self._query(f"SELECT {_SHARE_COLUMNS} FROM share_links {where}"
+                                                        " ORDER BY created DESC, id", args)]
+
+    def share(self, share_id: str) -> ShareLink | None:
+        rows = self._query(f"SELECT {_SHARE_COLUMNS} FROM share_links WHERE id = ?", (share_id,))
+        return _share_link(rows[0]) if rows else None
+
+    def revoke_share(self, share_id: str) -> bool:
+        """Revoke a share link: it opens no more, and those who opened it see nothing from their
+        next request. False if there is no such link or it was revoked already."""
+        with self._lock, self._db:
+            self._db.execute("UPDATE share_links SET revoked = ? WHERE id = ? AND revoked IS NULL", (time.time(), share_id))
+            if not self._db.changes():
+                return False
+            self._db.execute("DELETE FROM share_sessions WHERE share_id = ?", (share_id,))
+        self.log.info("share link %s revoked", share_id)
+        return True
+
+    def open_share(self, token: str) -> tuple[ShareLink, str] | tuple[ShareLink | None, None]:
+        """Open a share link: count one use and start a share session, (link, session token);
+        (link or None, None) when the link is unknown, revoked, expired or used up."""
+        now = time.time()
+        with self._lock, self._db:
+            row = self._db.execute(f"SELECT {_SHARE_COLUMNS} FROM share_links WHERE token_hash = ?",
+                                   (_token_hash(token),)).fetchone()
+            link = _share_link(row) if row else None
+            if link is None or link.state(now) != "active":
+                return link, None
+            self._db.execute("UPDATE share_links SET uses = uses + 1 WHERE id = ?", (link.id,))
+            session = secrets.token_urlsafe(32)
+            self._db.execute("INSERT INTO share_sessions VALUES (?, ?, ?)", (_token_hash(session), link.id, now))
+        return link._replace(uses=link.uses + 1), session
+
+    def share_of_session(self, session: str) -> ShareLink | None:
+        """The link a share session was opened from, while it is neither revoked nor expired
+        (uses count openings: a session goes on after the last one allowed), and for at most
+        idle_minutes after it was opened."""
+        rows = self._query(f"SELECT {', '.join('l.' + c for c in _SHARE_COLUMNS.split(', '))}, s.created FROM share_sessions s"
+                           " JOIN share_links l ON l.id = s.share_id WHERE s.token_hash = ?", (_token_hash(session),))
+        if not rows:
+            return None
+        link, now = _share_link(rows[0][:-1]), time.time()
+        # A session of a link without a date still ends, as a login does, idle_minutes after it began.
+        if link.revoked is not None or (link.expires is not None and now >= link.expires) or now - rows[0][-1] > self.idle_seconds:
+            return None
+        return link
+
     def presets(self, username: str) -> list[dict]:
         return [{"name": name, "fields": json.loads(fields)}
                 for name, fields in self._query("SELECT name, fields FROM presets WHERE username = ? ORDER BY name", (username,))]
@@ -8765,6 +8873,8 @@ DEFAULT_SEARCH_FIELDS = (
     "InstitutionName", "InstanceNumber",
 )
 SESSION_COOKIE = "dicoogled_session"
+#: The cookie of a share session: set when a share link is opened, it shows the link's studies.
+SHARE_COOKIE = "dicoogled_share"
 HTTP_DRAIN_SECONDS = 5  # at shutdown, how long the requests under way may take to finish
 #: Methods that change nothing: the only ones a request may use on another site's behalf.
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
@@ -9053,11 +9163,23 @@ class Api:
         return _authorization_token(request.get_header("Authorization", "")) or request.get_cookie(SESSION_COOKIE) or ""
 
     def visibility(self) -> Visibility:
-        """What the caller of this request may see (Daemon.visibility_of), computed once per request."""
+        """What the caller of this request may see, computed once per request: a logged-in
+        user's (Daemon.visibility_of), else a share session's studies, else an anonymous reader's."""
         memo = bottle.request.environ.setdefault("dicoogled", {})
         if "visibility" not in memo:
-            memo["visibility"] = self.daemon.visibility_of(self.current_user())
+            user = self.current_user()
+            share = self.current_share() if user is None else None
+            memo["visibility"] = share.visibility if share is not None else self.daemon.visibility_of(user)
         return memo["visibility"]
+
+    def current_share(self) -> ShareLink | None:
+        """The share link of the request's share session (the cookie set when it was opened),
+        while that link is neither revoked nor expired."""
+        memo = bottle.request.environ.setdefault("dicoogled", {})
+        if "share" not in memo:
+            session = bottle.request.get_cookie(SHARE_COOKIE) or ""
+            memo["share"] = self.users.share_of_session(session) if session else None
+        return memo["share"]
 
     def require_visible(self, level: str, uid: str):
         """404 for a study or series the caller may not see, as for one not in the index: the
@@ -9079,8 +9201,8 @@ class Api:
     def require(self, access: str) -> User | None:
         user = self.current_user()
         if user is None:
-            if access == READ and self.daemon.config.allow_unauthorized:
-                return None
+            if access == READ and (self.daemon.config.allow_unauthorized or self.current_share() is not None):
+                return None  # reads only: a share session's are limited to its studies (visibility)
             _fail(401, "log in first: send the token from POST /login in the Authorization header")
         if access == ADMIN and not user.admin:
             _fail(403, "this needs an administrator")
@@ -9105,7 +9227,7 @@ def make_app(daemon: "Daemon") -> bottle.Bottle:
             return json.dumps({"error": "internal error; see the server log"})
         return json.dumps({"error": error.body if isinstance(error.body, str) else error.status_line})
 
-    for code in (400, 401, 403, 404, 405, 406, 409, 413, 415, 429, 500, 501, 502, 503, 504):
+    for code in (400, 401, 403, 404, 405, 406, 409, 410, 413, 415, 429, 500, 501, 502, 503, 504):
         app.error(code)(json_error)
 
     @app.hook("after_request")
@@ -9133,6 +9255,7 @@ def make_app(daemon: "Daemon") -> bottle.Bottle:
     app.config["dicoogled.api"] = api  # for _check_credentials_before_bodies
     _session_routes(api)
     _search_routes(api)
+    _share_routes(api)
     _image_routes(api)
     _task_routes(api)
     _webhook_routes(api)
@@ -9273,6 +9396,7 @@ def _session_routes(api: Api):
             raise bottle.HTTPError(405, "log out with POST (or send the token in the Authorization header)", Allow="POST")
         token = token or bottle.request.get_cookie(SESSION_COOKIE, "")
         bottle.response.delete_cookie(SESSION_COOKIE, path="/")
+        bottle.response.delete_cookie(SHARE_COOKIE, path="/")  # a share link's visitor leaves too
         return {"success": bool(token) and users.end_session(token)}
 
     @api.route("/user", access=ADMIN)
@@ -9561,6 +9685,12 @@ def _search_routes(api: Api):
         return {"restricted": api.visibility().restricted,
                 "collections": [{"label": label, "access": access, "studies": counts.get(label, 0)}
                                 for label, access in sorted(granted.items())]}
+
+    @api.route("/collections/members", access=ADMIN)
+    def every_collection_member():
+        """Every grant of every collection: {members: [{label, user or group, access}]}."""
+        return {"members": [{"label": grant.label, grant.member_kind: grant.member, "access": grant.access}
+                            for grant in api.users.grants()]}
 
     @api.route("/labels/<label>/access", access=ADMIN)
     def collection_members(label):
@@ -10089,6 +10219,122 @@ def _tags_xml(dataset: Dataset) -> bytes:
     return ElementTree.tostring(root, encoding="utf-8", xml_declaration=True)
 
 
+def _share_time(seconds: float | None) -> str | None:
+    return None if seconds is None else datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def _share_json(link: ShareLink) -> dict:
+    return {"id": link.id, "createdBy": link.created_by, "created": _share_time(link.created), "label": link.label,
+            "studies": list(link.study_uids), "expires": _share_time(link.expires), "usesAllowed": link.uses_allowed,
+            "uses": link.uses, "state": link.state(time.time())}
+
+
+def _share_routes(api: Api):
+    """Share links: some studies, or a collection, shown read-only to whoever opens the link,
+    without an account. Opening a link (GET /shared/{token}) counts one use and starts a share
+    session (a cookie); its requests see exactly the link's studies, through the same
+    visibility as collections, until the link expires or is revoked.
+
+    The studies leave as stored. A share that de-identifies on the fly would apply its transform
+    where a share session's data sets leave: Api.current_share() tells those routes they serve one."""
+    daemon, users = api.daemon, api.users
+    http_log = logging.getLogger("dicoogled.http")
+
+    def expiry_of_request() -> float | None:
+        text = bottle.request.params.get("expires", "").strip()
+        if not text:
+            return None
+        try:
+            when = datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
+        except ValueError:
+            _fail(400, f"expires must be an ISO 8601 date or date and time, not {text[:40]!r}")
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=datetime.timezone.utc)  # a date alone: its start, UTC
+        if when.timestamp() <= time.time():
+            _fail(400, "expires must be in the future")
+        return when.timestamp()
+
+    @api.route("/share", "POST", access=USER)
+    def create_share():
+        """Share studies or a collection read-only with whoever opens the link, without an
+        account: {id, token, url, expires, usesAllowed}. An administrator shares anything
+        indexed; another user what is in a collection it has write access to.
+
+        study: a StudyInstanceUID (repeatable), or label: a collection
+        expires: when the link stops working, an ISO 8601 date or date and time (UTC unless it says)
+        uses: how many times the link may be opened
+        """
+        user = api.current_user()
+        params = bottle.request.params
+        studies = list(dict.fromkeys(api.params("study")))
+        label = params.get("label", "").strip()
+        if bool(studies) == bool(label):
+            _fail(400, "share either studies (study=UID, repeatable) or a collection (label=NAME)")
+        expires, uses = expiry_of_request(), _int_param("uses", None, minimum=1)
+        if expires is None and uses is None:
+            _fail(400, "a share link needs an end: expires (a date) or uses (a number), or both")
+        writable = Visibility.of(label for label, access in users.collections_of(user).items() if access == "write")
+        if label:
+            try:
+                label = label_name(label)
+            except ValueError as error:
+                _fail(400, str(error))
+            if not user.admin and label not in writable.labels:
+                _fail(403, f"sharing collection {label!r} needs write access to it")
+        for uid in studies:
+            if not is_valid_uid(uid):
+                _fail(400, f"{uid[:80]!r} is not a StudyInstanceUID")
+            if not daemon.index.holds("STUDY", uid, EVERYTHING if user.admin else writable):
+                _fail(404 if user.admin else 403, f"study {uid} is not indexed" if user.admin
+                      else f"study {uid} is in no collection you have write access to")
+        link, token = users.create_share(user.username, label, studies, expires, uses)
+        http_log.info("%s shared %s until %s", user.username, link.id, _share_time(expires) or f"{uses} uses")
+        return _json_response({"id": link.id, "token": token, "url": urllib.parse.urljoin(bottle.request.url, f"shared/{token}"),
+                               "expires": _share_time(expires), "usesAllowed": uses}, 201)
+
+    @api.route("/share", access=USER)
+    def list_shares():
+        """Share links: every one for an administrator, one's own for others: {shares: [{id,
+        createdBy, created, label, studies, expires, usesAllowed, uses, state}]}; state is
+        active, expired, used or revoked. Tokens are not kept, so never listed."""
+        user = api.current_user()
+        return {"shares": [_share_json(link) for link in users.shares(None if user.admin else user.username)]}
+
+    @api.route("/share/<share_id>", "DELETE", access=USER)
+    def revoke_share(share_id):
+        """Revoke a share link (its maker or an administrator): it opens no more, and those who
+        opened it see nothing from their next request: {id, revoked}."""
+        user = api.current_user()
+        link = users.share(share_id)
+        if link is None or not (user.admin or link.created_by == user.username):
+            _fail(404, f"no share link {share_id[:40]!r} of yours")
+        return {"id": share_id, "revoked": users.revoke_share(share_id)}
+
+    @api.route("/shared/<token>", access=PUBLIC)
+    def open_share(token):
+        """Open a share link: counts one use, starts a share session (a cookie) and goes to the
+        web app showing the shared studies; 404 for an unknown link, 410 for one revoked,
+        expired or used as often as allowed."""
+        link, session = users.open_share(token)
+        if link is None:
+            _fail(404, "no such share link")
+        if session is None:
+            _fail(410, f"this share link is {link.state(time.time())}")
+        http_log.info("share link %s opened from %s (use %d)", link.id, api.client_address(), link.uses)
+        bottle.response.set_cookie(SHARE_COOKIE, session, httponly=True, samesite="strict", path="/")
+        bottle.redirect(urllib.parse.urljoin(bottle.request.url, "../#/search?q=" + urllib.parse.quote("*:*")), 303)
+
+    @api.route("/shared", access=PUBLIC)
+    def shared():
+        """The share session of this browser: {shared: true, id, label, studies, expires}, or
+        {shared: false} (the web app asks, to show a link's visitor its studies)."""
+        link = api.current_share()
+        if link is None:
+            return {"shared": False}
+        return {"shared": True, "id": link.id, "label": link.label, "studies": list(link.study_uids),
+                "expires": _share_time(link.expires)}
+
+
 def _image_routes(api: Api):
     daemon = api.daemon
     thumbnails = daemon.thumbnails
@@ -10585,7 +10831,10 @@ def _worklist_routes(api: Api):
     @api.route("/worklist", access=READ)
     def worklist_entries():
         """The worklist: every entry with its state (SCHEDULED, IN PROGRESS, COMPLETED,
-        DISCONTINUED, as its modality reports by MPPS) and its DICOM JSON."""
+        DISCONTINUED, as its modality reports by MPPS) and its DICOM JSON. A caller limited to
+        collections (or a share link) gets 403: scheduled patients are in no collection."""
+        if api.visibility().restricted:
+            _fail(403, "the worklist is for callers who see the whole archive, not those limited to collections")
         return _json_response([entry.as_json() for entry in worklist.entries()])
 
     @api.route("/worklist", "POST", access=ADMIN)

@@ -2,6 +2,8 @@
 DICOMweb and DICOM (calling AEs mapped to a user or group), grants to users and groups, and a
 property test that a restricted user's search never answers outside its collections."""
 
+import datetime
+
 import pydicom
 import pytest
 import requests
@@ -10,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import studygen
-from conftest import RunningDaemon, StoreSCP
+from conftest import RunningDaemon, StoreSCP, wait_until
 from restclient import ADMIN_ENV, ADMIN_PASSWORD, Client, admin_client, base_url
 from test_dicom_access import find, get, move
 
@@ -264,3 +266,94 @@ def test_a_restricted_search_never_answers_outside_its_collections(course_once, 
     everything, _ = searched(admin, query)
     assert total == len(everything & visible)
     assert len(found) == max(0, min(psize, total - offset))
+
+
+# ---- share links -----------------------------------------------------------------------------------
+
+
+def share(client: Client, **params):
+    return client.request("POST", "/share", data=params)
+
+
+def opened(url: str) -> requests.Session:
+    """A browser-like visitor without an account that opened a share link."""
+    visitor = requests.Session()
+    response = visitor.get(url, allow_redirects=False)
+    assert response.status_code == 303, response.text
+    assert response.headers["Location"].endswith("/#/search?q=%2A%3A%2A")
+    return visitor
+
+
+def test_share_links_show_exactly_their_studies_until_used_up_or_revoked(course):
+    daemon = course
+    base = base_url(daemon)
+    inside, outside = sorted(daemon.inside)[0], sorted(daemon.outside)[0]
+    student, teacher, other = (logged_in(daemon, name) for name in ("student", "teacher", "other"))
+    # Who may share: an administrator anything, a collection writer what is in its collections.
+    assert share(student, label=COURSE, uses="1").status == 403
+    assert share(other, study=inside, uses="1").status == 403
+    assert share(teacher, study=outside, uses="1").status == 403
+    assert share(teacher, label=COURSE).status == 400  # no end: neither expires nor uses
+    assert share(teacher, label=COURSE, expires="2001-01-01").status == 400
+    assert share(daemon.admin, study="1.2.3.999", uses="1").status == 404
+    made = share(daemon.admin, study=outside, uses="2")
+    assert made.status == 201, made
+    link = made.json()
+    assert link["url"] == f"{base}/shared/{link['token']}" and link["usesAllowed"] == 2
+
+    visitor = opened(link["url"])
+    visible = instances_of(daemon, {outside})
+    shown = visitor.get(f"{base}/search", params={"query": "*:*", "field": "SOPInstanceUID"}).json()
+    assert {r["fields"]["SOPInstanceUID"] for r in shown["results"]} == visible and shown["numResults"] == len(visible)
+    assert visitor.get(f"{base}/shared").json() == {"shared": True, "id": link["id"], "label": "", "studies": [outside], "expires": None}
+    assert requests.get(f"{base}/shared").json() == {"shared": False}
+    outside_one, inside_one = one_instance(daemon, {outside}), one_instance(daemon, {inside})
+    assert visitor.get(f"{base}/dump", params={"uid": outside_one.SOPInstanceUID}).status_code == 200
+    assert visitor.get(f"{base}/dump", params={"uid": inside_one.SOPInstanceUID}).status_code == 404
+    assert visitor.get(f"{base}/legacy/file", params={"uid": inside_one.SOPInstanceUID}).status_code == 404
+    qido = visitor.get(f"{base}/dicom-web/studies").json()
+    assert [s["0020000D"]["Value"][0] for s in qido] == [outside]
+    assert visitor.get(f"{base}/dicom-web/studies/{inside}/metadata").status_code == 404
+    assert visitor.get(f"{base}/dicom-web/studies/{outside}/metadata").status_code == 200
+    # Read-only: no label, no worklist, no account routes.
+    assert visitor.put(f"{base}/studies/{outside}/labels/x", headers={"Sec-Fetch-Site": "same-origin"}).status_code == 401
+    assert visitor.get(f"{base}/worklist").status_code == 403
+    assert visitor.get(f"{base}/user").status_code == 401
+    assert visitor.get(f"{base}/share").status_code == 401
+
+    # Two uses allowed: a second visitor opens it, a third is refused; sessions go on.
+    opened(link["url"])
+    assert requests.get(link["url"], allow_redirects=False).status_code == 410
+    assert visitor.get(f"{base}/dump", params={"uid": outside_one.SOPInstanceUID}).status_code == 200
+    assert requests.get(f"{base}/shared/not-a-token", allow_redirects=False).status_code == 404
+
+    # A collection writer shares its collection; lists its own links; an administrator lists all.
+    collection = share(teacher, label=COURSE, expires="2999-01-01T00:00:00Z").json()
+    course_visitor = opened(collection["url"])
+    assert {s["0020000D"]["Value"][0] for s in course_visitor.get(f"{base}/dicom-web/studies").json()} == daemon.inside
+    assert [s["id"] for s in teacher.get("/share").json()["shares"]] == [collection["id"]]
+    states = {s["id"]: s["state"] for s in daemon.admin.get("/share").json()["shares"]}
+    assert states == {link["id"]: "used", collection["id"]: "active"}
+    # Revoking: only its maker or an administrator; those who opened it see nothing more.
+    assert student.delete(f"/share/{collection['id']}").status == 404
+    assert teacher.delete(f"/share/{collection['id']}").json() == {"id": collection["id"], "revoked": True}
+    assert course_visitor.get(f"{base}/dicom-web/studies").status_code == 401
+    assert requests.get(collection["url"], allow_redirects=False).status_code == 410
+    assert {s["id"]: s["state"] for s in daemon.admin.get("/share").json()["shares"]}[collection["id"]] == "revoked"
+    # Only hashes of the tokens are kept.
+    stored = b"".join(path.read_bytes() for path in daemon.data_dir.glob("users.sqlite*"))
+    assert link["token"].encode() not in stored and collection["token"].encode() not in stored
+
+
+def test_an_expired_share_link_shows_nothing(course):
+    daemon = course
+    base = base_url(daemon)
+    study = sorted(daemon.inside)[0]
+    expires = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=3)
+    link = share(daemon.admin, study=study, expires=expires.isoformat()).json()
+    visitor = opened(link["url"])
+    assert visitor.get(f"{base}/dicom-web/studies").status_code == 200
+    wait_until(lambda: visitor.get(f"{base}/dicom-web/studies").status_code == 401, timeout=30, message="the link to expire")
+    assert visitor.get(f"{base}/search", params={"query": "*:*"}).status_code == 401
+    assert requests.get(link["url"], allow_redirects=False).status_code == 410
+    assert daemon.admin.get("/share").json()["shares"][0]["state"] == "expired"

@@ -862,9 +862,11 @@ def test_remove_deletes_files_and_unindexes(small_archive, tmp_path):
 
 #: What the reference (PR dicoogle/dicoogle#740) and dicoogled's design say each route needs.
 PUBLIC_ROUTES = {"/health", "/login", "/logout", "/openapi.json", "/welcome", "/"}
-PUBLIC_PREFIXES = ("/ext/version", "/viewer", "/static/", "/learn")  # the viewer's, web app's and course files hold no patient data
-ADMIN_PREFIXES = ("/user", "/management/", "/plugins", "/index/task", "/logger")
-USER_ROUTES = {"/user/<username>/password", "/presets/<username>", "/presets/<username>/<name>"}
+PUBLIC_PREFIXES = ("/ext/version", "/viewer", "/static/", "/learn", "/shared")  # /shared: opening a share link  # the viewer's, web app's and course files hold no patient data
+#: Granting access to collections is an administrator's; /collections is the caller's own.
+ADMIN_PREFIXES = ("/user", "/management/", "/plugins", "/index/task", "/logger", "/labels/<label>/access", "/collections/members")
+USER_ROUTES = {"/user/<username>/password", "/presets/<username>", "/presets/<username>/<name>", "/collections",
+              "/share", "/share/<share_id>"}
 #: Routes read by any reader and written by any logged-in user: labels are the users' own sorting.
 USER_WRITE_PATHS = {"/studies/<uid>/labels/<label>", "/series/<uid>/labels/<label>"}
 #: Routes read by any reader but written only by an administrator: scheduling is the RIS's job.
