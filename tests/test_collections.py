@@ -3,6 +3,7 @@ DICOMweb and DICOM (calling AEs mapped to a user or group), grants to users and 
 property test that a restricted user's search never answers outside its collections."""
 
 import datetime
+import pathlib
 
 import pydicom
 import pytest
@@ -12,7 +13,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import studygen
-from conftest import RunningDaemon, StoreSCP, wait_until
+from conftest import RunningDaemon, StoreSCP, make_identifier, wait_until
+from pynetdicom import AE
+from pynetdicom.sop_class import PatientRootQueryRetrieveInformationModelFind
 from restclient import ADMIN_ENV, ADMIN_PASSWORD, Client, admin_client, base_url
 from test_dicom_access import find, get, move
 
@@ -36,15 +39,16 @@ def logged_in(daemon, name: str) -> Client:
 
 
 def start_course(start_daemon, tmp_path, config: str = ""):
-    """A daemon with 4 studies (2 patients x 2): the first labelled course on the study, the
-    second through one of its series; the other two outside. DEST is a C-MOVE destination."""
+    """A daemon with 4 studies (2 patients x 2): the first patient's first study labelled course
+    on the study, its second through one of its series; the other patient's two outside. DEST is a C-MOVE destination."""
     daemon = start_daemon(config_text=config, env=ADMIN_ENV)
     daemon.paths = studygen.generate(tmp_path / "gen", patients=2, studies=2, series=2, instances=2)
     assert set(daemon.store(*daemon.paths)) == {0}
     daemon.datasets = [pydicom.dcmread(p, stop_before_pixels=True) for p in daemon.paths]
     daemon.admin = admin_client(daemon)
     studies = sorted({d.StudyInstanceUID for d in daemon.datasets})
-    first, second = studies[0], studies[1]
+    # The course is the first patient's two studies: the second patient's are outside.
+    first, second = sorted({d.StudyInstanceUID for d in daemon.datasets if d.PatientID == min(x.PatientID for x in daemon.datasets)})
     second_series = sorted({d.SeriesInstanceUID for d in daemon.datasets if d.StudyInstanceUID == second})[0]
     assert daemon.admin.request("PUT", f"/studies/{first}/labels/{COURSE}").status == 200
     assert daemon.admin.request("PUT", f"/series/{second_series}/labels/{COURSE}").status == 200
@@ -202,6 +206,18 @@ def test_a_mapped_calling_ae_finds_and_retrieves_only_its_collections(course, de
     assert {m.StudyInstanceUID for m in find(daemon, "STUDENT_WS")} == daemon.inside
     assert {m.StudyInstanceUID for m in find(daemon, "TEACH_WS")} == daemon.inside  # its group's collections
     assert find(daemon, "GHOST_WS") == []  # mapped to a user that does not exist: nothing
+    # At the patient level (Patient Root), only the patients with a study in the collection.
+    for calling, expected in (("STUDENT_WS", daemon.inside), ("UNMAPPED", everything)):
+        ae = AE(ae_title=calling)
+        ae.add_requested_context(PatientRootQueryRetrieveInformationModelFind)
+        assoc = ae.associate("127.0.0.1", daemon.dicom_port, ae_title="DICOOGLED")
+        assert assoc.is_established
+        try:
+            answers = [ds.PatientID for status, ds in assoc.send_c_find(
+                make_identifier("PATIENT", PatientID=""), PatientRootQueryRetrieveInformationModelFind) if status.Status == 0xFF00]
+        finally:
+            assoc.release()
+        assert sorted(answers) == sorted({d.PatientID for d in daemon.datasets if d.StudyInstanceUID in expected}), calling
     inside, outside = sorted(daemon.inside)[0], sorted(daemon.outside)[0]
     assert get(daemon, "STUDENT_WS", outside) == (0, 0)
     assert get(daemon, "STUDENT_WS", inside) == (0, len(instances_of(daemon, {inside})))
@@ -357,3 +373,58 @@ def test_an_expired_share_link_shows_nothing(course):
     assert visitor.get(f"{base}/search", params={"query": "*:*"}).status_code == 401
     assert requests.get(link["url"], allow_redirects=False).status_code == 410
     assert daemon.admin.get("/share").json()["shares"][0]["state"] == "expired"
+
+
+# ---- the web app, in chromium ----------------------------------------------------------------------
+
+
+def patients_of(daemon, studies) -> int:
+    return len({d.PatientID for d in daemon.datasets if d.StudyInstanceUID in studies})
+
+
+def test_web_app_shows_a_reader_its_collection_and_a_link_visitor_its_study(course):
+    """In chromium: a student logged in sees the course's patients only; a share link's visitor,
+    without an account, sees the shared study's patient, no label or share buttons, and only
+    Search in the menu; after revocation the visitor is sent to the login."""
+    playwright_api = pytest.importorskip("playwright.sync_api")
+    import shutil
+    chromium = shutil.which("chromium") or "/usr/bin/chromium"
+    if not pathlib.Path(chromium).exists():
+        pytest.skip("needs Debian's chromium")
+    from test_webapp import BROWSER_ARGS
+    expect = playwright_api.expect
+    daemon = course
+    outside = sorted(daemon.outside)[0]
+    link = share(daemon.admin, study=outside, uses="1").json()
+    with playwright_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, args=BROWSER_ARGS)
+        try:
+            errors = []
+            student = browser.new_context().new_page()
+            student.set_default_timeout(20_000)
+            student.on("pageerror", lambda error: errors.append(str(error)))
+            student.goto(f"{base_url(daemon)}/#/search?q=%2A%3A%2A")
+            student.get_by_label("Username").fill("student")
+            student.get_by_label("Password").fill(PASSWORD)
+            student.get_by_role("button", name="Log in").click()
+            expect(student.locator("table.results tbody tr")).to_have_count(patients_of(daemon, daemon.inside))
+
+            visitor = browser.new_context().new_page()
+            visitor.set_default_timeout(20_000)
+            visitor.on("pageerror", lambda error: errors.append(str(error)))
+            visitor.goto(link["url"])
+            expect(visitor.locator("table.results tbody tr")).to_have_count(patients_of(daemon, {outside}))
+            expect(visitor.locator("#user-name")).to_have_text("Shared link")
+            sidebar = visitor.get_by_role("navigation", name="Main")
+            expect(sidebar.get_by_role("link", name="Search")).to_be_visible()
+            expect(sidebar.get_by_role("link", name="Worklist")).to_have_count(0)
+            visitor.locator("table.results tbody tr").first.locator("a").first.click()  # the patient's studies
+            expect(visitor.locator("table.results tbody tr")).to_have_count(1)
+            expect(visitor.get_by_role("button", name="Share…")).to_have_count(0)
+            expect(visitor.get_by_role("button", name="Label…")).to_have_count(0)
+            assert daemon.admin.delete(f"/share/{link['id']}").json()["revoked"] is True
+            visitor.reload()
+            expect(visitor.get_by_role("button", name="Log in")).to_be_visible()
+            assert not errors, errors
+        finally:
+            browser.close()

@@ -339,7 +339,26 @@ async function users(panel) {
       h("div", { class: "inline" }, field("Username", username), field("Password", password)),
       field("Administrator (may manage the archive, index and delete)", admin),
       h("div", {}, h("button", { type: "submit", class: "primary" }, "Create user")), status),
-    await collectionsCard(list, () => users(panel)));
+    await collectionsCard(list, () => users(panel)),
+    await sharesCard(() => users(panel)));
+}
+
+/** Share links (made from the search's Share… button): their state, and revoking them. */
+async function sharesCard(done) {
+  const { shares } = await api.get("/share");
+  const rows = shares.map((link) => h("tr", {},
+    h("td", {}, link.label ? `collection ${link.label}` : plural(link.studies.length, "study", "studies")),
+    h("td", {}, link.createdBy), h("td", {}, link.expires || "no date"),
+    h("td", {}, `${link.uses}${link.usesAllowed ? " of " + link.usesAllowed : ""}`), h("td", {}, link.state),
+    h("td", { class: "actions" }, link.state === "revoked" ? null : actionButton("Revoke", async () => {
+      await api.del(`/share/${encodeURIComponent(link.id)}`);
+      notify("The share link is revoked.");
+      done();
+    }, { "aria-label": `Revoke share link ${link.id}` }))));
+  return h("section", { class: "card stack" }, h("h2", {}, `Share links (${shares.length})`),
+    rows.length ? h("div", { class: "table-wrap" }, h("table", { class: "plain" },
+      h("thead", {}, h("tr", {}, ["Shares", "Made by", "Expires", "Opened", "State", "Actions"].map((text) => h("th", { scope: "col" }, text)))),
+      h("tbody", {}, rows))) : h("p", { class: "muted" }, "No share link yet: select studies in a search, then Share…."));
 }
 
 /** A user's groups (its roles): collections are given to groups by these names. */
