@@ -3332,6 +3332,17 @@ COMPUTED_ATTRIBUTES = {
 }
 
 
+#: The patient-level counts for a caller who sees only some studies: {visible} is the condition
+#: (visible_study_condition) on the studies st counted.
+VISIBLE_PATIENT_COUNTS = {
+    "NumberOfPatientRelatedStudies": "SELECT count(*) FROM studies st WHERE st.patient_ref = p.id AND {visible}",
+    "NumberOfPatientRelatedSeries": "SELECT count(*) FROM series se2 JOIN studies st ON st.id = se2.study_ref"
+                                    " WHERE st.patient_ref = p.id AND {visible}",
+    "NumberOfPatientRelatedInstances": "SELECT count(*) FROM instances i2 JOIN series se2 ON se2.id = i2.series_ref"
+                                       " JOIN studies st ON st.id = se2.study_ref WHERE st.patient_ref = p.id AND {visible}",
+}
+
+
 @dataclasses.dataclass
 class Key:
     """One element of a C-FIND identifier: what to match, and what to return."""
@@ -3502,6 +3513,7 @@ class Finder:
         """
         level, keys = parse_identifier(identifier)
         where, args, python_keys, returned = [], [], [], []
+        column_args: list = []  # the arguments of returned columns, which come before the conditions'
         alias = LEVEL_ALIASES[level]
         for key in keys:
             column = self._column(key.keyword, level)
@@ -3512,6 +3524,11 @@ class Finder:
                     where.append(self._condition(column[0], key, args))
             elif key.keyword in COMPUTED_ATTRIBUTES and LEVELS.index(COMPUTED_ATTRIBUTES[key.keyword][0]) <= LEVELS.index(level):
                 attribute_level, sql = COMPUTED_ATTRIBUTES[key.keyword]
+                if visibility.restricted and key.keyword in VISIBLE_PATIENT_COUNTS:
+                    # A patient's counts are of what the caller sees of it, not of the studies it may not.
+                    visible, visible_args = visible_study_condition(visibility)
+                    sql = VISIBLE_PATIENT_COUNTS[key.keyword].format(visible=visible)
+                    column_args.extend(visible_args)
                 expression = f"({sql})"
                 returned.append((key, ("column", expression)))
                 if key.value and key.keyword == "ModalitiesInStudy":
@@ -3535,6 +3552,7 @@ class Finder:
         columns = [expression for _, (kind, expression) in returned if kind == "column"]
         representative = "i.id" if level == "IMAGE" else f"{alias}.first_instance"
         sql = f"SELECT {representative}, {alias}.id{''.join(', ' + c for c in columns)} FROM {self._from_clause(level)}"
+        args = column_args + args
         if where:
             sql += " WHERE " + _balanced_sql(where, "AND")
         sql += f" ORDER BY {alias}.id"

@@ -208,16 +208,8 @@ def test_a_mapped_calling_ae_finds_and_retrieves_only_its_collections(course, de
     assert find(daemon, "GHOST_WS") == []  # mapped to a user that does not exist: nothing
     # At the patient level (Patient Root), only the patients with a study in the collection.
     for calling, expected in (("STUDENT_WS", daemon.inside), ("UNMAPPED", everything)):
-        ae = AE(ae_title=calling)
-        ae.add_requested_context(PatientRootQueryRetrieveInformationModelFind)
-        assoc = ae.associate("127.0.0.1", daemon.dicom_port, ae_title="DICOOGLED")
-        assert assoc.is_established
-        try:
-            answers = [ds.PatientID for status, ds in assoc.send_c_find(
-                make_identifier("PATIENT", PatientID=""), PatientRootQueryRetrieveInformationModelFind) if status.Status == 0xFF00]
-        finally:
-            assoc.release()
-        assert sorted(answers) == sorted({d.PatientID for d in daemon.datasets if d.StudyInstanceUID in expected}), calling
+        assert sorted(patient_level_find(daemon, calling)) == \
+            sorted({d.PatientID for d in daemon.datasets if d.StudyInstanceUID in expected}), calling
     inside, outside = sorted(daemon.inside)[0], sorted(daemon.outside)[0]
     assert get(daemon, "STUDENT_WS", outside) == (0, 0)
     assert get(daemon, "STUDENT_WS", inside) == (0, len(instances_of(daemon, {inside})))
@@ -225,6 +217,26 @@ def test_a_mapped_calling_ae_finds_and_retrieves_only_its_collections(course, de
     assert destination.received() == set()
     assert move(daemon, "STUDENT_WS", inside, "DEST") == 0
     assert destination.received() == instances_of(daemon, {inside})
+    # One of the other patient's studies joins the course: that patient shows with one study.
+    joining = sorted(daemon.outside)[1]
+    assert daemon.admin.request("PUT", f"/studies/{joining}/labels/{COURSE}").status == 200
+    other_patient = next(d.PatientID for d in daemon.datasets if d.StudyInstanceUID == joining)
+    assert patient_level_find(daemon, "STUDENT_WS")[other_patient] == "1"
+    assert patient_level_find(daemon, "UNMAPPED")[other_patient] == "2"
+
+
+def patient_level_find(daemon, calling) -> dict[str, str]:
+    """Patient Root C-FIND at the PATIENT level as calling: PatientID -> NumberOfPatientRelatedStudies."""
+    ae = AE(ae_title=calling)
+    ae.add_requested_context(PatientRootQueryRetrieveInformationModelFind)
+    assoc = ae.associate("127.0.0.1", daemon.dicom_port, ae_title="DICOOGLED")
+    assert assoc.is_established
+    try:
+        return {str(ds.PatientID): str(ds.NumberOfPatientRelatedStudies) for status, ds in assoc.send_c_find(
+            make_identifier("PATIENT", PatientID="", NumberOfPatientRelatedStudies=""),
+            PatientRootQueryRetrieveInformationModelFind) if status.Status == 0xFF00}
+    finally:
+        assoc.release()
 
 
 @pytest.fixture(scope="module")
