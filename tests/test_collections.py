@@ -440,3 +440,49 @@ def test_web_app_shows_a_reader_its_collection_and_a_link_visitor_its_study(cour
             assert not errors, errors
         finally:
             browser.close()
+
+
+def test_web_app_users_screen_manages_groups_and_collection_access(course):
+    """In chromium, an administrator sets a user's groups, gives a group read on a collection,
+    revokes a user's access, and sees the collection's members listed."""
+    playwright_api = pytest.importorskip("playwright.sync_api")
+    import shutil
+    chromium = shutil.which("chromium") or "/usr/bin/chromium"
+    if not pathlib.Path(chromium).exists():
+        pytest.skip("needs Debian's chromium")
+    from test_webapp import BROWSER_ARGS
+    expect = playwright_api.expect
+    daemon = course
+    with playwright_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, args=BROWSER_ARGS)
+        try:
+            errors = []
+            page = browser.new_context().new_page()
+            page.set_default_timeout(20_000)
+            page.on("pageerror", lambda error: errors.append(str(error)))
+            page.goto(f"{base_url(daemon)}/#/management?tab=users")
+            page.get_by_label("Username").fill("admin")
+            page.get_by_label("Password").fill(ADMIN_PASSWORD)
+            page.get_by_role("button", name="Log in").click()
+            panel = page.get_by_role("tabpanel")
+            panel.get_by_role("button", name="Groups of other").click()
+            dialog = page.get_by_role("dialog", name="Groups of other")
+            dialog.get_by_label("Groups, separated by commas").fill("residents")
+            dialog.get_by_role("button", name="Save groups").click()
+            expect(page.locator(".notice", has_text="The groups of other are changed.")).to_be_visible()
+            expect(panel.get_by_role("row", name="other user residents")).to_be_visible()  # the screen is redrawn
+            panel.get_by_label("Collection (label)").fill(COURSE)
+            panel.get_by_label("Member is a").select_option("group")
+            panel.get_by_label("User or group").fill("residents")
+            panel.get_by_role("button", name="Give access").click()
+            expect(panel.get_by_role("row", name=f"{COURSE} group residents read")).to_be_visible()
+            panel.get_by_role("button", name=f"Revoke student's access to {COURSE}").click()
+            expect(panel.get_by_role("button", name=f"Revoke student's access to {COURSE}")).to_have_count(0)
+            assert not errors, errors
+        finally:
+            browser.close()
+    assert daemon.admin.get("/user").json()["users"][-1] == {"username": "teacher", "admin": False, "roles": ["teachers"]}
+    members = daemon.admin.get(f"/labels/{COURSE}/access").json()["members"]
+    assert members == [{"group": "residents", "access": "read"}, {"group": "teachers", "access": "write"}]
+    # other, now a resident, sees the course only.
+    assert searched(logged_in(daemon, "other"))[1] == len(instances_of(daemon, daemon.inside))
