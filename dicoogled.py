@@ -1648,7 +1648,7 @@ EVERYTHING = Visibility()
 #: A caller limited to no collection at all.
 NOTHING = Visibility.of()
 #: The visibility of the HTTP request being answered (EVERYTHING outside any): the plugin API's
-#: readers of patient data (dicoogle.find, .instances, .search, .tags) answer within it, so a
+#: readers of patient data (dicoogle.find, .instances, .search, .tags, .file) answer within it, so a
 #: plugin's web service (DICOMweb, the viewer's data) never shows more than the REST API would.
 CALLER_VISIBILITY: contextvars.ContextVar = contextvars.ContextVar("caller_visibility", default=EVERYTHING)
 
@@ -5240,8 +5240,8 @@ class PluginApi:
         return data
 
     def file(self, sop_instance_uid: str) -> bytes | None:
-        """The stored bytes of an instance."""
-        found = self._daemon.index.instance(str(sop_instance_uid))
+        """The stored bytes of an instance (None for one the caller may not see)."""
+        found = self._daemon.index.instance(str(sop_instance_uid), visibility=CALLER_VISIBILITY.get())
         return self._daemon.storage.read(found.path) if found else None
 
     def send(self, sop_instance_uids, destination_aet: str) -> dict:
