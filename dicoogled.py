@@ -9338,9 +9338,10 @@ class ResearchExportReport(typing.NamedTuple):
 
 def research_export(index: Index, storage: Storage, ingest: Ingest, deidentifier: Deidentifier, label: str,
                     into: str, options: DeidentificationOptions, progress=lambda fraction: None,
-                    stop: threading.Event | None = None) -> ResearchExportReport:
-    """De-identify every instance carrying label (on its study or series) into new studies
-    labelled into, each copy entering the archive through the one ingest path, as STOW-RS's.
+                    stop: threading.Event | None = None, study_uids=()) -> ResearchExportReport:
+    """De-identify every instance carrying label (on its study or series), and every instance of
+    study_uids, into new studies labelled into, each copy entering the archive through the one
+    ingest path, as STOW-RS's.
 
     The copies' UIDs are derived from the originals', so a second export of the same instances
     finds them already there (duplicates as [storage] duplicates says); Retain UIDs is refused,
@@ -9348,8 +9349,10 @@ def research_export(index: Index, storage: Storage, ingest: Ingest, deidentifier
     if options.retain_uids:
         raise ValueError("retain_uids cannot be used for an export into this archive: the copies would have the"
                          " originals' UIDs")
-    instances = [instance for series_uid in index.labelled("SERIES", label)
+    instances = [instance for series_uid in (index.labelled("SERIES", label) if label else [])
                  for instance in index.instances_of(series_uid=series_uid)]
+    instances += [instance for study_uid in study_uids for instance in index.instances_of(study_uid=study_uid)]
+    label = label or f"{len(study_uids)} studies"  # what the log lines name
     log = logging.getLogger("dicoogled.research")
     studies, stored, failed = set(), 0, 0
     for done, instance in enumerate(instances):
@@ -11453,8 +11456,10 @@ def _share_routes(api: Api):
     session (a cookie); its requests see exactly the link's studies, through the same
     visibility as collections, until the link expires or is revoked.
 
-    The studies leave as stored. A share that de-identifies on the fly would apply its transform
-    where a share session's data sets leave: Api.current_share() tells those routes they serve one."""
+    A de-identified link (deidentify=true) shows de-identified copies instead: the research
+    export makes them, labelled shared-..., and the link shares that label. Copies, not a
+    transform where data leaves, because a share session reads the index too (searches, QIDO,
+    the viewer's metadata), which holds the originals' names and UIDs."""
     daemon, users = api.daemon, api.users
     http_log = logging.getLogger("dicoogled.http")
 
@@ -11481,6 +11486,8 @@ def _share_routes(api: Api):
         study: a StudyInstanceUID (repeatable), or label: a collection
         expires: when the link stops working, an ISO 8601 date or date and time (UTC unless it says)
         uses: how many times the link may be opened
+        deidentify: true to share de-identified copies (made by a research export task, taskUid;
+        its options: retain_dates, retain_device_identity, ...) instead of the studies
         """
         user = api.current_user()
         params = bottle.request.params
@@ -11505,10 +11512,20 @@ def _share_routes(api: Api):
             if not daemon.index.holds("STUDY", uid, EVERYTHING if user.admin else writable):
                 _fail(404 if user.admin else 403, f"study {uid} is not indexed" if user.admin
                       else f"study {uid} is in no collection you have write access to")
+        deidentified = {}
+        if params.get("deidentify", "").lower() in ("1", "true", "yes"):
+            copies = f"shared-{secrets.token_hex(6)}"
+            try:
+                options = DeidentificationOptions.from_params(dict(params))
+                task = daemon.start_research_export(label, copies, options, studies)
+            except (ValueError, LookupError) as error:
+                _fail(400, str(error))
+            label, studies, deidentified = copies, [], {"deidentified": True, "label": copies, "taskUid": task}
         link, token = users.create_share(user.username, label, studies, expires, uses)
-        http_log.info("%s shared %s until %s", user.username, link.id, _share_time(expires) or f"{uses} uses")
+        http_log.info("%s shared %s until %s%s", user.username, link.id, _share_time(expires) or f"{uses} uses",
+                      ", de-identified" if deidentified else "")
         return _json_response({"id": link.id, "token": token, "url": urllib.parse.urljoin(bottle.request.url, f"shared/{token}"),
-                               "expires": _share_time(expires), "usesAllowed": uses}, 201)
+                               "expires": _share_time(expires), "usesAllowed": uses, **deidentified}, 201)
 
     @api.route("/share", access=USER)
     def list_shares():
@@ -12611,25 +12628,26 @@ class Daemon:
             self.log.info("label %s taken off %s %s", label_name(label), level.lower(), uid)
         return removed
 
-    def start_research_export(self, label: str, into: str, options: DeidentificationOptions) -> str:
-        """De-identify the studies carrying label into new studies labelled into, as a background
-        task (its uid); ValueError with a reason fit for the caller, LookupError if nothing
-        carries label."""
-        label, into = label_name(label), label_name(into)
+    def start_research_export(self, label: str, into: str, options: DeidentificationOptions, study_uids=()) -> str:
+        """De-identify the studies carrying label (or those named, for a de-identified share
+        link) into new studies labelled into, as a background task (its uid); ValueError with a
+        reason fit for the caller, LookupError if nothing carries label."""
+        label, into = label_name(label) if label else "", label_name(into)
         if label == into:
             raise ValueError("into must be another label than the one exported")
         if options.retain_uids:
             raise ValueError("retain_uids cannot be used for an export into this archive: the copies would have the"
                              " originals' UIDs")
-        if not self.index.labelled("STUDY", label):
+        if label and not self.index.labelled("STUDY", label):
             raise LookupError(f"no indexed study carries the label {label}")
 
         def export(progress, stop):
             report = research_export(self.index, self.storage, self.ingest, self.deidentifier, label, into, options,
-                                     progress, stop)
+                                     progress, stop, study_uids)
             return report.stored, report.failed
 
-        uid = self.tasks.start_function(f"[research]export {label} into {into}", export, stoppable=True)
+        source = label or f"{len(study_uids)} studies"
+        uid = self.tasks.start_function(f"[research]export {source} into {into}", export, stoppable=True)
         self.log.info("research export of label %s into %s started: task %s", label, into, uid)
         return uid
 

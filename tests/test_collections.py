@@ -384,6 +384,36 @@ def test_share_links_show_exactly_their_studies_until_used_up_or_revoked(course)
     assert link["token"].encode() not in stored and collection["token"].encode() not in stored
 
 
+def test_a_deidentified_share_link_shows_copies_and_nothing_of_the_originals(course):
+    """deidentify=true: a collection writer shares de-identified copies of a study (a research
+    export makes them); the visitor's searches and QIDO answer the copies only, with pseudonyms
+    and new UIDs, and nothing of any original; the pseudonym map re-identifies them."""
+    daemon = course
+    base = base_url(daemon)
+    study = sorted(daemon.inside)[0]
+    originals = [d for d in daemon.datasets if d.StudyInstanceUID == study]
+    teacher = logged_in(daemon, "teacher")
+    assert share(teacher, study=study, uses="1", deidentify="true", retain_uids="true").status == 400
+    made = share(teacher, study=study, uses="1", deidentify="true")
+    assert made.status == 201, made
+    link = made.json()
+    assert link["deidentified"] is True and link["label"].startswith("shared-")
+    wait_until(lambda: daemon.admin.get("/research/uids", original=study).json()["uids"] and
+               daemon.admin.get("/search", query=f"label:{link['label']}", field="SOPInstanceUID").json()["numResults"]
+               == len(originals), timeout=60, message="the de-identified copies")
+    visitor = opened(link["url"])
+    shown = visitor.get(f"{base}/search", params={"query": "*:*", "field": ["SOPInstanceUID", "PatientName", "PatientID",
+                                                                          "StudyInstanceUID"]}).json()["results"]
+    assert len(shown) == len(originals)
+    identifying = {str(originals[0].PatientName), originals[0].PatientID, study} | {d.SOPInstanceUID for d in originals}
+    assert not identifying & {str(value) for result in shown for value in result["fields"].values()}
+    [copy_study] = {s["0020000D"]["Value"][0] for s in visitor.get(f"{base}/dicom-web/studies").json()}
+    assert copy_study != study
+    [pair] = daemon.admin.get("/research/uids", uid=copy_study).json()["uids"]
+    assert pair["original"] == study
+    assert visitor.get(f"{base}/studies/{study}/archive").status_code == 404
+
+
 def test_an_expired_share_link_shows_nothing(course):
     daemon = course
     base = base_url(daemon)
