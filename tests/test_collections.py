@@ -5,6 +5,7 @@ property test that a restricted user's search never answers outside its collecti
 import datetime
 import io
 import pathlib
+import re
 import zipfile
 
 import pydicom
@@ -478,6 +479,26 @@ def test_web_app_shows_a_reader_its_collection_and_a_link_visitor_its_study(cour
             assert daemon.admin.delete(f"/share/{link['id']}").json()["revoked"] is True
             visitor.reload()
             expect(visitor.get_by_role("button", name="Log in")).to_be_visible()
+
+            # An administrator shares the student's collection, de-identified, from the Share… dialog.
+            admin = browser.new_context().new_page()
+            admin.set_default_timeout(20_000)
+            admin.on("pageerror", lambda error: errors.append(str(error)))
+            patient = next(d.PatientID for d in daemon.datasets if d.StudyInstanceUID in daemon.inside)
+            admin.goto(f"{base_url(daemon)}/#/search?q=*:*&patient={patient}")
+            admin.get_by_label("Username").fill("admin")
+            admin.get_by_label("Password").fill(ADMIN_PASSWORD)
+            admin.get_by_role("button", name="Log in").click()
+            expect(admin.locator("table.results tbody tr")).to_have_count(2)
+            admin.get_by_role("checkbox", name="Select every study on this page").check()
+            admin.get_by_role("button", name="Share…").click()
+            dialog = admin.get_by_role("dialog")
+            dialog.get_by_label("De-identified copies").check()
+            dialog.get_by_role("button", name="Make the link").click()
+            expect(dialog.get_by_label("Share link")).to_have_value(re.compile(r"/shared/"))
+            expect(dialog).to_contain_text("de-identified copies of these studies")
+            [made] = [s for s in daemon.admin.get("/share").json()["shares"] if s["label"].startswith("shared-")]
+            assert made["studies"] == []
             assert not errors, errors
         finally:
             browser.close()

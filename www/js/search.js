@@ -466,17 +466,21 @@ async function labelSelected(adding, level, selection) {
 function shareSelected(rows) {
   const days = h("input", { type: "number", name: "days", min: "1", max: "365", value: "7", required: true });
   const uses = h("input", { type: "number", name: "uses", min: "1", placeholder: "no limit" });
+  const deidentify = h("input", { type: "checkbox", name: "deidentify" });
   const result = h("div", { class: "stack", "aria-live": "polite" });
   const form = h("form", { class: "stack" }, field("Days the link works", days), field("Openings allowed", uses, "Empty: as often as wanted until it expires."),
+    field("De-identified copies", deidentify, "The link shows copies with pseudonyms, made now by a research export; the map re-identifies them."),
     h("div", { class: "button-row end" }, h("button", { type: "submit", class: "primary" }, "Make the link")), result);
   modal(`Share ${plural(rows.length, "study", "studies")}`, form);
   form.addEventListener("submit", async (event) => {
     event.preventDefault();
     const expires = new Date(Date.now() + Number(days.value) * 86_400_000).toISOString();
     try {
-      const link = await api.post("/share", { study: rows.map(rowKey.study), expires, uses: uses.value || undefined });
+      const link = await api.post("/share", { study: rows.map(rowKey.study), expires, uses: uses.value || undefined,
+        deidentify: deidentify.checked ? "true" : undefined });
       const url = h("input", { type: "text", readonly: true, value: link.url, "aria-label": "Share link" });
-      clear(result, message("Anyone with this link sees these studies, read-only, until it expires; it is shown only now.", "info"), url);
+      const what = link.deidentified ? `de-identified copies of these studies (label ${link.label}, made as you read this)` : "these studies";
+      clear(result, message(`Anyone with this link sees ${what}, read-only, until it expires; it is shown only now.`, "info"), url);
       url.select();
     } catch (error) {
       clear(result, message(error.message));
