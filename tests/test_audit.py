@@ -19,6 +19,7 @@ import time
 
 import pydicom
 import pytest
+import requests
 
 import studygen
 from conftest import NODELAY, RunningDaemon, StoreSCP, wait_until
@@ -253,6 +254,33 @@ def test_research_export_and_reidentification_are_recorded(archive):
     pseudonyms, uids = entries_since(client, before, action="reidentify")
     assert (pseudonyms["detail"], pseudonyms["request"]) == ("the pseudonym map", "GET /research/pseudonyms")
     assert uids["detail"] == "the original of 1.2.3"
+
+
+def test_share_links_and_what_their_visitors_read_are_recorded(archive):
+    client, base = archive.client, base_url(archive)
+    study = archive.datasets[3].StudyInstanceUID
+    before = last_id(client)
+    made = client.post("/share", study=study, uses="1")
+    assert made.status == 201, made
+    link = made.json()
+    visitor = requests.Session()
+    assert visitor.get(link["url"], allow_redirects=False).status_code == 303
+    assert visitor.get(f"{base}/search", params={"query": "*:*"}).status_code == 200
+    assert requests.get(link["url"], allow_redirects=False).status_code == 410  # used up
+    created, opened, used_up = entries_since(client, before, action="share")
+    assert (created["user"], created["share_link"], created["studies"]) == ("admin", link["id"], [study])
+    assert (opened["user"], opened["share_link"], opened["detail"], opened["result"]) == ("", link["id"], "opened", "ok")
+    assert opened["request"] == "GET /shared/<token>"
+    assert (used_up["share_link"], used_up["result"], used_up["status"]) == (link["id"], "failed", "410")
+    assert link["token"] not in json.dumps(client.get("/audit", psize=10000).json())  # the id, never the token
+    search = only_entry(client, before, "search")
+    assert (search["user"], search["share_link"], search["studies"]) == ("", link["id"], [study])
+
+    before = last_id(client)
+    assert client.request("PUT", "/labels/course-b/access/admin", params={"access": "read"}).status == 200
+    granted = only_entry(client, before, "access")
+    assert granted["detail"] == "grant read on course-b to user admin"
+    assert client.request("DELETE", "/labels/course-b/access/admin").status == 200
 
 
 def test_logins_logouts_and_user_changes_are_recorded(archive):
