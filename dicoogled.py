@@ -7352,8 +7352,10 @@ class DicomServices:
             result = AUDIT_OK
         else:
             result = AUDIT_FAILED
-        self.audit.record(action, result, f"0x{status:04X}", calling_aet=request.calling_aet,
-                          address=request.association.address[0], **what)
+        # A calling AE mapped to a user ([dicom] calling_ae_access) acts as that user; a group is no one.
+        kind, name = self.config.calling_ae_access.get(request.calling_aet, ("", ""))
+        self.audit.record(action, result, f"0x{status:04X}", user=name if kind == "user" else "",
+                          calling_aet=request.calling_aet, address=request.association.address[0], **what)
 
     def _answer_echo(self, request: DimseRequest):
         self._send_response(request, self._response_primitive(request, C_ECHO, SUCCESS))

@@ -193,7 +193,8 @@ def test_c_find_c_store_c_move_and_c_get_are_recorded(archive, tmp_path):
 
 
 def test_a_c_store_an_ae_may_not_make_is_recorded_as_refused(start_daemon):
-    daemon = start_daemon(config_text="[modalities]\nVIEWER = 127.0.0.1:11999 allow=find\n", env=ADMIN_ENV)
+    daemon = start_daemon(config_text="[dicom]\ncalling_ae_access = VIEWER=user:admin\n"
+                                      "[modalities]\nVIEWER = 127.0.0.1:11999 allow=find\n", env=ADMIN_ENV)
     dataset = studygen.make_instance(0, 0, 0, 0)
     ae = AE(ae_title="VIEWER")
     ae.add_requested_context(dataset.SOPClassUID, dataset.file_meta.TransferSyntaxUID)
@@ -205,6 +206,7 @@ def test_a_c_store_an_ae_may_not_make_is_recorded_as_refused(start_daemon):
         assoc.release()
     entry, = admin_client(daemon).get("/audit", action="c-store").json()["results"]
     assert (entry["calling_aet"], entry["result"], entry["status"]) == ("VIEWER", "refused", "0x0124")
+    assert entry["user"] == "admin"  # the user [dicom] calling_ae_access maps the AE to
     assert entry["instances"] == [dataset.SOPInstanceUID]
 
 
