@@ -7958,6 +7958,7 @@ def _association_worker(channel: socket.socket, settings: dict):
     log = logging.getLogger("dicoogled.dicom")
     storage = Storage(pathlib.Path(settings["data_dir"]), fsync=settings["fsync"], sweep=False)
     running, lock = set(), threading.Lock()
+    channel.sendall(AssociationWorkers.READY)
     while True:
         try:
             message, fds, _, _ = socket.recv_fds(channel, 1, 2)
@@ -7989,6 +7990,10 @@ class AssociationWorkers:
 
     #: What the daemon sends a worker: an association (with two descriptors), or stop.
     HAND_OVER, STOP = b"A", b"S"
+    #: What a worker sends once it can serve (its imports take a second or two).
+    READY = b"R"
+    #: Seconds the daemon waits at start for its workers to be ready.
+    START_TIMEOUT = 60
 
     def __init__(self, count: int, settings: dict, log: logging.Logger):
         #: What a worker needs: data_dir, fsync, log_level.
@@ -7998,6 +8003,17 @@ class AssociationWorkers:
         self._wake_read, self._wake_write = socket.socketpair()
         self.restarts = 0  #: workers started again after one died
         self.workers = [self._start_one() for _ in range(count)]
+        # The listener is ready only when its workers are: a peer's first association is not
+        # left waiting for a worker's imports.
+        for worker in self.workers:
+            try:
+                worker.channel.settimeout(self.START_TIMEOUT)
+                if worker.channel.recv(1) != self.READY:
+                    raise OSError("it ended")
+            except OSError as error:
+                self.log.error("DICOM worker process %d did not start: %s", worker.process.pid, error)
+            finally:
+                worker.channel.settimeout(None)
         self._supervisor = start_thread("dicom-workers", self._supervise)
 
     def _start_one(self) -> _Worker:
