@@ -288,7 +288,7 @@ association_request_timeout = 5
 # Most C-FIND matches returned for one request (0 = all).
 max_find_results = 0
 # Worker processes that serve storage associations, so that several use every core (0: none,
-# all in the daemon's process). Each takes about 40 MB. See "Ingest on every core" in README.md.
+# all in the daemon's process). Each takes about 60 MB. See "Ingest on every core" in README.md.
 workers = 0
 # DICOM over TLS (PS3.15 B.1) on a second port; the plain port stays. 0 leaves it closed. The
 # certificate and its private key are PEM files (dicoogled make-cert DIR makes a lab's). With a CA
