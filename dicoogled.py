@@ -7226,7 +7226,11 @@ class DicomServices:
 
     def _commit_handed_over(self, association: Association, received: "ReceivedObject") -> tuple[int, str]:
         """Commit an object a worker process received on association: (status, reason)."""
-        status = self._on_store_received(association.calling_aet, received)
+        try:
+            status = self._on_store_received(association.calling_aet, received)
+        except Exception:  # a bug, not the peer's fault: a failure, and the association goes on (as _dispatch)
+            self.log.exception("C_STORE_RQ from %s failed", association.peer)
+            status = UNABLE_TO_PROCESS
         return int(status), getattr(status, "reason", "")
 
     def _dispatch(self, association: Association, message: DimseMessage):
