@@ -210,6 +210,16 @@ def test_a_c_store_an_ae_may_not_make_is_recorded_as_refused(start_daemon):
     assert entry["instances"] == [dataset.SOPInstanceUID]
 
 
+def test_c_stores_served_by_worker_processes_are_recorded(start_daemon):
+    daemon = start_daemon(config_text="[dicom]\nworkers = 1\n", env=ADMIN_ENV)
+    datasets = [studygen.make_instance(0, 0, 0, number) for number in range(3)]
+    assert daemon.store(*datasets) == [0, 0, 0]
+    entries = admin_client(daemon).get("/audit", action="c-store").json()["results"]
+    assert sorted(e["instances"][0] for e in entries) == sorted(d.SOPInstanceUID for d in datasets)
+    assert {(e["calling_aet"], e["result"], e["status"], e["studies"][0]) for e in entries} == {
+        ("TESTSCU", "ok", "0x0000", datasets[0].StudyInstanceUID)}
+
+
 # ---- changes ------------------------------------------------------------------------------------
 
 
