@@ -9642,19 +9642,39 @@ class PseudonymMap:
     data custodian can re-identify both patients and objects."""
 
     def __init__(self, path: pathlib.Path):
+        self.path = path
         self._lock = threading.Lock()
-        self._db = apsw.Connection(str(path))
-        os.chmod(path, 0o600)  # before WAL mode makes its -wal and -shm files, which take this mode
-        self._db.setbusytimeout(10_000)
-        self._db.execute("PRAGMA journal_mode=WAL").fetchall()
-        with self._db:
-            self._db.execute(PSEUDONYMS_SCHEMA)
-            self._db.execute("INSERT OR IGNORE INTO map_secret (id, secret) VALUES (1, ?)", (secrets.token_bytes(32),))
-        self._secret = self._db.execute("SELECT secret FROM map_secret").fetchall()[0][0]
+        self._opening = threading.Lock()
+        self._connection: apsw.Connection | None = None
+        self._secret_key = b""
         #: What is already on disk, so that de-identifying a large set costs a write per new
         #: patient or UID only: patient key -> its row, and the originals of recorded UIDs.
         self._known_patients: dict[str, PatientPseudonym] = {}
         self._recorded_uids: set[str] = set()
+
+    @property
+    def _db(self) -> apsw.Connection:
+        """The map's database, opened (and made, with its secret) on first use: an archive that
+        never de-identifies has no map file, and a full disk at start does not stop the daemon."""
+        with self._opening:
+            if self._connection is None:
+                connection = apsw.Connection(str(self.path))
+                os.chmod(self.path, 0o600)  # before WAL mode makes its -wal and -shm files, which take this mode
+                connection.setbusytimeout(10_000)
+                connection.execute("PRAGMA journal_mode=WAL").fetchall()
+                with connection:
+                    connection.execute(PSEUDONYMS_SCHEMA)
+                    connection.execute("INSERT OR IGNORE INTO map_secret (id, secret) VALUES (1, ?)", (secrets.token_bytes(32),))
+                self._secret_key = connection.execute("SELECT secret FROM map_secret").fetchall()[0][0]
+                self._connection = connection
+            return self._connection
+
+    @property
+    def _secret(self) -> bytes:
+        """The key new UIDs are derived under, kept in the map file."""
+        if not self._secret_key:
+            self._db  # opening the map reads its key
+        return self._secret_key
 
     @staticmethod
     def patient_key(dataset: Dataset) -> str:
@@ -9730,8 +9750,9 @@ class PseudonymMap:
         return [UidPseudonym(*row) for row in rows]
 
     def close(self):
-        with self._lock:
-            self._db.close()
+        with self._lock, self._opening:
+            if self._connection is not None:
+                self._connection.close()
 
 
 def _shift_date(value: str, days: int) -> str:
@@ -10601,8 +10622,9 @@ class AuditLog:
             version = self._db.execute("PRAGMA user_version").fetchone()[0]
             if version > AUDIT_SCHEMA_VERSION:
                 raise RuntimeError(f"{path} was written by a newer dicoogled (audit schema {version}); upgrade")
-            self._db.execute(AUDIT_SCHEMA)
-            self._db.execute(f"PRAGMA user_version = {AUDIT_SCHEMA_VERSION}")
+            if version < AUDIT_SCHEMA_VERSION:  # written once: a start on a full disk writes nothing here
+                self._db.execute(AUDIT_SCHEMA)
+                self._db.execute(f"PRAGMA user_version = {AUDIT_SCHEMA_VERSION}")
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         #: Entries queued and entries written (or dropped for a failure), for flush().
         self._queued = self._written = 0
@@ -10641,7 +10663,9 @@ class AuditLog:
             entries = [entry for entry in batch if entry is not None]
             try:
                 self._insert(entries)
-            except Exception:  # a full disk: the entries are lost, the log says so, the writer goes on
+            except (apsw.FullError, apsw.IOError, OSError) as error:  # a full disk: one line, no traceback
+                self.log.error("%d audit entries not written: %s", len(entries), error)
+            except Exception:  # anything else: the entries are lost, the log says why, the writer goes on
                 self.log.exception("%d audit entries not written", len(entries))
             with self._progress:
                 self._written += len(entries)
