@@ -20,6 +20,7 @@ import collections
 import concurrent.futures
 import configparser
 import contextlib
+import contextvars
 import copy
 import csv
 import ctypes
@@ -272,6 +273,10 @@ strict_called_aet = false
 # allows any), wins when set: only the AEs it lists may associate, whatever else says.
 refuse_unknown_calling_aets = false
 allowed_calling_aets =
+# Calling AEs that query and retrieve as a user or a group: AET=user:NAME or AET=group:NAME,
+# separated by spaces. Such an AE's C-FIND, C-MOVE and C-GET see only that user's (or group's)
+# collections, as the web app would show them; an AE not named here sees the whole archive.
+calling_ae_access =
 # Limits: simultaneous associations, maximum PDU we receive and send (0 = unlimited, or as the
 # peer accepts), timeouts in seconds: association negotiation, DIMSE response, idle association,
 # and TCP connect for associations we open (C-MOVE, sending).
@@ -310,6 +315,10 @@ threads = 8
 # Patient data and every write need a login. On a closed lab network, true opens the
 # read-only endpoints (search, dump, images, files) to anyone who can reach the port.
 allow_unauthorized = false
+# Collections (labels with members): a user given read or write on one sees only the studies of
+# its collections. A user (or anonymous reader) with no collection sees every study when this is
+# false, none when it is true. Administrators always see everything.
+restrict_to_collections = false
 # A login token expires this many minutes after its last use (fractions too: 0.5 is 30 s).
 session_idle_minutes = 720
 # The address users reach this server by, when it is not the one it listens on: behind a reverse
@@ -464,6 +473,10 @@ def is_valid_uid(uid: str) -> bool:
 
 def is_valid_ae_title(aet: str) -> bool:
     return bool(AE_TITLE_PATTERN.match(aet)) and bool(aet.strip())
+
+
+#: A user name, and a group name: what a collection is granted to.
+USERNAME_PATTERN = re.compile(r"^[A-Za-z0-9._@-]{1,64}$")
 
 
 def label_name(text: str) -> str:
@@ -645,6 +658,18 @@ class _ConfigParser(configparser.ConfigParser):
         return self._named(super().getboolean, section, option, **kwargs)
 
 
+def _parse_ae_principals(text: str) -> dict[str, tuple[str, str]]:
+    """[dicom] calling_ae_access: AET=user:NAME or AET=group:NAME, separated by spaces."""
+    principals = {}
+    for word in text.split():
+        aet, _, principal = word.partition("=")
+        kind, _, name = principal.partition(":")
+        if not aet or len(aet) > 16 or kind not in ("user", "group") or not USERNAME_PATTERN.fullmatch(name):
+            raise ValueError(f"{word[:80]!r} is not AET=user:NAME or AET=group:NAME")
+        principals[aet] = (kind, name)
+    return principals
+
+
 #: How a setting's text becomes its value: reader(parser, section, key).
 _CONFIG_READERS = {
     "text": lambda parser, section, key: parser.get(section, key),
@@ -653,6 +678,7 @@ _CONFIG_READERS = {
     "upper": lambda parser, section, key: parser.get(section, key).strip().upper(),
     "words": lambda parser, section, key: parser.get(section, key).split(),
     "labels": lambda parser, section, key: tuple(label_name(word) for word in parser.get(section, key).split()),
+    "ae_principals": lambda parser, section, key: _parse_ae_principals(parser.get(section, key)),
     "int": lambda parser, section, key: parser.getint(section, key),
     "float": lambda parser, section, key: parser.getfloat(section, key),
     "bool": lambda parser, section, key: parser.getboolean(section, key),
@@ -671,6 +697,7 @@ CONFIG_KEYS = {
     "strict_called_aet": ("dicom", "strict_called_aet", "bool"),
     "refuse_unknown_calling_aets": ("dicom", "refuse_unknown_calling_aets", "bool"),
     "allowed_calling_aets": ("dicom", "allowed_calling_aets", "words"),
+    "calling_ae_access": ("dicom", "calling_ae_access", "ae_principals"),
     "max_associations": ("dicom", "max_associations", "int"),
     "max_pdu": ("dicom", "max_pdu", "int"),
     "acse_timeout": ("dicom", "acse_timeout", "float"),
@@ -691,6 +718,7 @@ CONFIG_KEYS = {
     "http_port": ("http", "port", "int"),
     "http_threads": ("http", "threads", "int"),
     "allow_unauthorized": ("http", "allow_unauthorized", "bool"),
+    "restrict_to_collections": ("http", "restrict_to_collections", "bool"),
     "session_idle_minutes": ("http", "session_idle_minutes", "float"),
     "public_url": ("http", "public_url", "word"),
     "data_dir": ("storage", "data_dir", "path"),
@@ -732,6 +760,8 @@ class Config:
     strict_called_aet: bool = False
     refuse_unknown_calling_aets: bool = False
     allowed_calling_aets: list[str] = dataclasses.field(default_factory=list)
+    #: Calling AE title -> ("user" or "group", name): whose collections its queries and retrieves see.
+    calling_ae_access: dict[str, tuple[str, str]] = dataclasses.field(default_factory=dict)
     max_associations: int = 16
     max_pdu: int = 262144
     acse_timeout: float = 30
@@ -753,6 +783,8 @@ class Config:
     http_port: int = 8080
     http_threads: int = 8
     allow_unauthorized: bool = False
+    #: A user with no collection (and an anonymous reader) sees nothing, instead of everything.
+    restrict_to_collections: bool = False
     session_idle_minutes: float = 720
     public_url: str = ""
     data_dir: pathlib.Path = pathlib.Path("./data")
@@ -1627,6 +1659,50 @@ def _unprotected_study_test(protected_labels) -> tuple[str, tuple]:
     return f"{condition} AND NOT {_STUDY_CARRIES_LABELS.format(marks=marks)}", (*protected_labels, *protected_labels)
 
 
+@dataclasses.dataclass(frozen=True)
+class Visibility:
+    """What one caller (an HTTP request, a DICOM association) may see of the archive: everything,
+    or only the studies in some collections (a study is in collection L when it, or one of its
+    series, carries label L) and the studies named by UID (a share link). Computed once per
+    request or association; every reader of patient data takes it and the Index makes it part
+    of its SQL (visible_study_condition), so paging and counts stay right."""
+    restricted: bool = False
+    labels: frozenset = frozenset()  #: collections whose studies are visible
+    study_uids: frozenset = frozenset()  #: studies visible by name
+
+    @classmethod
+    def of(cls, labels=(), study_uids=()) -> "Visibility":
+        """A restricted visibility: the studies in these collections and these studies, nothing else."""
+        return cls(True, frozenset(labels), frozenset(study_uids))
+
+    @property
+    def everything(self) -> bool:
+        return not self.restricted
+
+
+#: An unrestricted caller: an administrator, and everyone when no collection limits them.
+EVERYTHING = Visibility()
+#: A caller limited to no collection at all.
+NOTHING = Visibility.of()
+#: The visibility of the HTTP request being answered (EVERYTHING outside any): the plugin API's
+#: readers of patient data (dicoogle.find, .instances, .search, .tags, .file) answer within it, so a
+#: plugin's web service (DICOMweb, the viewer's data) never shows more than the REST API would.
+CALLER_VISIBILITY: contextvars.ContextVar = contextvars.ContextVar("caller_visibility", default=EVERYTHING)
+
+
+def visible_study_condition(visibility: Visibility) -> tuple[str, tuple]:
+    """(SQL condition, its arguments) that the study aliased st is visible; "1" for everything.
+    Lists travel as JSON arrays (json_each), however many studies a share names."""
+    if visibility.everything:
+        return "1", ()
+    labels, uids = json.dumps(sorted(visibility.labels)), json.dumps(sorted(visibility.study_uids))
+    return ("(st.study_instance_uid IN (SELECT value FROM json_each(?))"
+            " OR st.study_instance_uid IN (SELECT study_instance_uid FROM study_labels"
+            "  WHERE label IN (SELECT value FROM json_each(?)))"
+            " OR EXISTS (SELECT 1 FROM series vs JOIN series_labels vl ON vl.series_instance_uid = vs.series_instance_uid"
+            "  WHERE vs.study_ref = st.id AND vl.label IN (SELECT value FROM json_each(?))))"), (uids, labels, labels)
+
+
 #: The columns of an IndexedInstance, from instances aliased i.
 _INSTANCE_COLUMNS = "i.id, i.sop_instance_uid, i.sop_class_uid, i.transfer_syntax, i.path, i.size, i.mtime_ns, i.origin"
 #: instances i joined to their series se and studies st, for look-ups by a parent's UID.
@@ -1816,26 +1892,36 @@ class Index:
     def is_protected(self, study_uid: str) -> bool:
         return bool(self.query("SELECT 1 FROM protected_studies WHERE study_instance_uid = ?", (study_uid,)))
 
-    def instance(self, uid: str | None = None, *, path: str | None = None) -> IndexedInstance | None:
-        """The instance with this SOPInstanceUID, or kept at this path (or URI); None if none is."""
+    def instance(self, uid: str | None = None, *, path: str | None = None,
+                 visibility: Visibility = EVERYTHING) -> IndexedInstance | None:
+        """The instance with this SOPInstanceUID, or kept at this path (or URI); None if none is
+        (or none the visibility shows)."""
         column, value = ("sop_instance_uid", uid) if path is None else ("path", path)
-        rows = self.query(f"SELECT {_INSTANCE_COLUMNS} FROM instances i WHERE i.{column} = ?", (str(value),))
+        if visibility.everything:
+            rows = self.query(f"SELECT {_INSTANCE_COLUMNS} FROM instances i WHERE i.{column} = ?", (str(value),))
+        else:
+            visible, args = visible_study_condition(visibility)
+            rows = self.query(f"SELECT {_INSTANCE_COLUMNS} FROM {_INSTANCE_PARENTS} WHERE i.{column} = ? AND {visible}",
+                              (str(value), *args))
         return IndexedInstance(*rows[0]) if rows else None
 
-    def instances_of(self, study_uid: str = "", series_uid: str = "", sop_uid: str = "") -> list[IndexedInstance]:
+    def instances_of(self, study_uid: str = "", series_uid: str = "", sop_uid: str = "",
+                     visibility: Visibility = EVERYTHING) -> list[IndexedInstance]:
         """The instances of a study, a series or one instance, each UID given narrowing the
-        answer (at least one), in the order they were indexed."""
+        answer (at least one), in the order they were indexed; only those the visibility shows."""
         given = [(column, uid) for column, uid in zip(_UID_COLUMNS, (study_uid, series_uid, sop_uid)) if uid]
         if not given:
             raise ValueError("instances_of needs a StudyInstanceUID, SeriesInstanceUID or SOPInstanceUID")
-        where = " AND ".join(f"{column} = ?" for column, _ in given)
+        visible, visible_args = visible_study_condition(visibility)
+        where = " AND ".join([f"{column} = ?" for column, _ in given] + [visible])
         rows = self.query(f"SELECT {_INSTANCE_COLUMNS} FROM {_INSTANCE_PARENTS} WHERE {where} ORDER BY i.id",
-                          [uid for _, uid in given])
+                          [uid for _, uid in given] + list(visible_args))
         return [IndexedInstance(*row) for row in rows]
 
-    def archive_members(self, study_uids=(), series_uids=()) -> list[ArchiveMember]:
-        """The instances of these studies and series (each once), patient, study and series
-        together, in the order they were indexed: what a ZIP or media download holds."""
+    def archive_members(self, study_uids=(), series_uids=(), visibility: Visibility = EVERYTHING) -> list[ArchiveMember]:
+        """The instances of these studies and series (each once) that visibility shows, patient,
+        study and series together, in the order they were indexed: what a ZIP or media download holds."""
+        visible, visible_args = visible_study_condition(visibility)
         found = {}  # instance id -> row: an instance named by its study and its series comes once
         for column, uids in (("st.study_instance_uid", list(dict.fromkeys(study_uids))),
                              ("se.series_instance_uid", list(dict.fromkeys(series_uids)))):
@@ -1844,8 +1930,8 @@ class Index:
                 for row in self.query(
                         "SELECT i.id, p.patient_id, st.study_instance_uid, se.series_instance_uid, i.sop_instance_uid,"
                         f" i.path, i.size, p.id, st.id, se.id FROM {_INSTANCE_PARENTS}"
-                        f" JOIN patients p ON p.id = st.patient_ref WHERE {column} IN ({','.join('?' * len(chunk))})",
-                        chunk):
+                        f" JOIN patients p ON p.id = st.patient_ref WHERE {column} IN ({','.join('?' * len(chunk))})"
+                        f" AND {visible}", (*chunk, *visible_args)):
                     found[row[0]] = row
         ordered = sorted(found.values(), key=lambda row: (row[7], row[8], row[9], row[0]))
         return [ArchiveMember(*row[1:7]) for row in ordered]
@@ -1914,17 +2000,31 @@ class Index:
 
     # ---- labels ------------------------------------------------------------------------------
 
-    def labels(self) -> list[LabelCount]:
+    def labels(self, visibility: Visibility = EVERYTHING) -> list[LabelCount]:
         """Every label in use, by name, with the number of indexed studies carrying it (on the
-        study or on one of its series); a label on studies no longer indexed counts 0."""
+        study or on one of its series); a label on studies no longer indexed counts 0. For a
+        restricted visibility, only the visible studies count and labels on none are left out."""
+        if visibility.everything:
+            rows = self.query(
+                "SELECT label, count(DISTINCT study) FROM ("
+                " SELECT l.label, st.id AS study FROM study_labels l"
+                "  LEFT JOIN studies st ON st.study_instance_uid = l.study_instance_uid"
+                " UNION ALL"
+                " SELECT l.label, se.study_ref FROM series_labels l"
+                "  LEFT JOIN series se ON se.series_instance_uid = l.series_instance_uid"
+                ") GROUP BY label ORDER BY label")
+            return [LabelCount(*row) for row in rows]
+        visible, args = visible_study_condition(visibility)
         rows = self.query(
             "SELECT label, count(DISTINCT study) FROM ("
             " SELECT l.label, st.id AS study FROM study_labels l"
-            "  LEFT JOIN studies st ON st.study_instance_uid = l.study_instance_uid"
+            "  JOIN studies st ON st.study_instance_uid = l.study_instance_uid"
+            f" WHERE {visible}"
             " UNION ALL"
-            " SELECT l.label, se.study_ref FROM series_labels l"
-            "  LEFT JOIN series se ON se.series_instance_uid = l.series_instance_uid"
-            ") GROUP BY label ORDER BY label")
+            " SELECT l.label, st.id FROM series_labels l"
+            "  JOIN series se ON se.series_instance_uid = l.series_instance_uid JOIN studies st ON st.id = se.study_ref"
+            f" WHERE {visible}"
+            ") GROUP BY label ORDER BY label", args + args)
         return [LabelCount(*row) for row in rows]
 
     def labels_of(self, level: str, uids) -> dict[str, list[str]]:
@@ -1956,10 +2056,12 @@ class Index:
         }[level]
         return sorted(row[0] for row in self.query(sql, (label,)))
 
-    def holds(self, level: str, uid: str) -> bool:
-        """Is a study or series (level STUDY or SERIES) of this UID indexed?"""
-        table, column = {"STUDY": ("studies", "study_instance_uid"), "SERIES": ("series", "series_instance_uid")}[level]
-        return bool(self.query(f"SELECT 1 FROM {table} WHERE {column} = ?", (uid,)))
+    def holds(self, level: str, uid: str, visibility: Visibility = EVERYTHING) -> bool:
+        """Is a study or series (level STUDY or SERIES) of this UID indexed (and visible)?"""
+        visible, args = visible_study_condition(visibility)
+        sql = {"STUDY": "SELECT 1 FROM studies st WHERE st.study_instance_uid = ?",
+               "SERIES": "SELECT 1 FROM series se JOIN studies st ON st.id = se.study_ref WHERE se.series_instance_uid = ?"}[level]
+        return bool(self.query(f"{sql} AND {visible}", (uid, *args)))
 
     # ---- study events and webhook deliveries ---------------------------------------------
 
@@ -3285,6 +3387,17 @@ COMPUTED_ATTRIBUTES = {
 }
 
 
+#: The patient-level counts for a caller who sees only some studies: {visible} is the condition
+#: (visible_study_condition) on the studies st counted.
+VISIBLE_PATIENT_COUNTS = {
+    "NumberOfPatientRelatedStudies": "SELECT count(*) FROM studies st WHERE st.patient_ref = p.id AND {visible}",
+    "NumberOfPatientRelatedSeries": "SELECT count(*) FROM series se2 JOIN studies st ON st.id = se2.study_ref"
+                                    " WHERE st.patient_ref = p.id AND {visible}",
+    "NumberOfPatientRelatedInstances": "SELECT count(*) FROM instances i2 JOIN series se2 ON se2.id = i2.series_ref"
+                                       " JOIN studies st ON st.id = se2.study_ref WHERE st.patient_ref = p.id AND {visible}",
+}
+
+
 @dataclasses.dataclass
 class Key:
     """One element of a C-FIND identifier: what to match, and what to return."""
@@ -3442,9 +3555,11 @@ class Finder:
         open_ended = literal != key.value and literal and not re.search(r"[\W_]$", literal)
         return _fts_phrase(tokens, prefix=bool(open_ended))
 
-    def _matches(self, identifier: Dataset, cancelled, offset: int = 0, limit: int | None = None):
-        """Yield (level, returned keys, row, metadata) for every entity the identifier matches,
-        but the first offset of them, and at most limit.
+    def _matches(self, identifier: Dataset, cancelled, offset: int = 0, limit: int | None = None,
+                 visibility: Visibility = EVERYTHING):
+        """Yield (level, returned keys, row, metadata) for every entity the identifier matches
+        among those the visibility shows (a patient: through one of its visible studies), but
+        the first offset of them, and at most limit.
 
         Main attributes are matched in SQL; any other attribute is prefiltered with FTS5 and
         then matched exactly against the representative instance's metadata. When SQL decides
@@ -3453,6 +3568,7 @@ class Finder:
         """
         level, keys = parse_identifier(identifier)
         where, args, python_keys, returned = [], [], [], []
+        column_args: list = []  # the arguments of returned columns, which come before the conditions'
         alias = LEVEL_ALIASES[level]
         for key in keys:
             column = self._column(key.keyword, level)
@@ -3463,6 +3579,11 @@ class Finder:
                     where.append(self._condition(column[0], key, args))
             elif key.keyword in COMPUTED_ATTRIBUTES and LEVELS.index(COMPUTED_ATTRIBUTES[key.keyword][0]) <= LEVELS.index(level):
                 attribute_level, sql = COMPUTED_ATTRIBUTES[key.keyword]
+                if visibility.restricted and key.keyword in VISIBLE_PATIENT_COUNTS:
+                    # A patient's counts are of what the caller sees of it, not of the studies it may not.
+                    visible, visible_args = visible_study_condition(visibility)
+                    sql = VISIBLE_PATIENT_COUNTS[key.keyword].format(visible=visible)
+                    column_args.extend(visible_args)
                 expression = f"({sql})"
                 returned.append((key, ("column", expression)))
                 if key.value and key.keyword == "ModalitiesInStudy":
@@ -3478,9 +3599,15 @@ class Finder:
                     representative = "i.id" if level == "IMAGE" else f"{alias}.first_instance"
                     where.append(f"{representative} IN (SELECT rowid FROM metadata WHERE metadata MATCH ?)")
                     args.append(self._fts_prefilter(key))
+        if visibility.restricted:
+            visible, visible_args = visible_study_condition(visibility)
+            where.append(visible if level != "PATIENT"
+                         else f"EXISTS (SELECT 1 FROM studies st WHERE st.patient_ref = p.id AND {visible})")
+            args.extend(visible_args)
         columns = [expression for _, (kind, expression) in returned if kind == "column"]
         representative = "i.id" if level == "IMAGE" else f"{alias}.first_instance"
         sql = f"SELECT {representative}, {alias}.id{''.join(', ' + c for c in columns)} FROM {self._from_clause(level)}"
+        args = column_args + args
         if where:
             sql += " WHERE " + _balanced_sql(where, "AND")
         sql += f" ORDER BY {alias}.id"
@@ -3509,22 +3636,24 @@ class Finder:
                     if not limit:
                         return
 
-    def search(self, identifier: Dataset, cancelled=lambda: False, offset: int = 0, limit: int | None = None):
+    def search(self, identifier: Dataset, cancelled=lambda: False, offset: int = 0, limit: int | None = None,
+               visibility: Visibility = EVERYTHING):
         """Yield the C-FIND response data sets for an identifier, but the first offset and at
-        most limit of them; stops when cancelled()."""
-        for level, returned, row, meta in self._matches(identifier, cancelled, offset, limit):
+        most limit of them, of what the visibility shows; stops when cancelled()."""
+        for level, returned, row, meta in self._matches(identifier, cancelled, offset, limit, visibility):
             response = Dataset()
             for tag, (vr, value) in self._response(level, returned, row[2:], meta, identifier):
                 response.add_new(tag, vr, value)
             yield response
 
-    def search_encoded(self, identifier: Dataset, transfer_syntax: str, cancelled=lambda: False):
+    def search_encoded(self, identifier: Dataset, transfer_syntax: str, cancelled=lambda: False,
+                       visibility: Visibility = EVERYTHING):
         """search(), each response encoded in transfer_syntax, as a C-FIND sends it: written
         directly in the little endian syntaxes (a pydicom Dataset and its encoding cost ten
         times more), through pydicom for the rest and for a response with a sequence."""
         syntax = pydicom.uid.UID(transfer_syntax)
         direct = syntax in (pydicom.uid.ImplicitVRLittleEndian, pydicom.uid.ExplicitVRLittleEndian)
-        for level, returned, row, meta in self._matches(identifier, cancelled):
+        for level, returned, row, meta in self._matches(identifier, cancelled, visibility=visibility):
             elements = self._response(level, returned, row[2:], meta, identifier)
             encoded = _encode_elements(elements, syntax.is_implicit_VR) if direct else None
             if encoded is None:
@@ -3559,17 +3688,19 @@ class Finder:
             response[0x00080005] = ("CS", charset)
         return sorted(response.items())
 
-    def instances(self, identifier: Dataset, cancelled=lambda: False) -> list[IndexedInstance]:
-        """Every instance of the entities matched (for C-MOVE and C-GET)."""
+    def instances(self, identifier: Dataset, cancelled=lambda: False,
+                  visibility: Visibility = EVERYTHING) -> list[IndexedInstance]:
+        """Every instance of the entities matched (for C-MOVE and C-GET) that the visibility shows."""
         level, _ = parse_identifier(identifier)
         below = {
-            "PATIENT": "se.study_ref IN (SELECT id FROM studies WHERE patient_ref = ?)",
-            "STUDY": "se.study_ref = ?", "SERIES": "se.id = ?", "IMAGE": "i.id = ?",
+            "PATIENT": "st.patient_ref = ?", "STUDY": "se.study_ref = ?", "SERIES": "se.id = ?", "IMAGE": "i.id = ?",
         }[level]
-        sql = f"SELECT {_INSTANCE_COLUMNS} FROM instances i JOIN series se ON se.id = i.series_ref WHERE {below} ORDER BY i.id"
+        # A patient's studies outside the visibility stay behind, as its matching left them out.
+        visible, visible_args = visible_study_condition(visibility)
+        sql = f"SELECT {_INSTANCE_COLUMNS} FROM {_INSTANCE_PARENTS} WHERE {below} AND {visible} ORDER BY i.id"
         found = []
-        for _, _, row, _ in self._matches(identifier, cancelled):
-            found.extend(IndexedInstance(*columns) for columns in self.index.query(sql, (row[1],)))
+        for _, _, row, _ in self._matches(identifier, cancelled, visibility=visibility):
+            found.extend(IndexedInstance(*columns) for columns in self.index.query(sql, (row[1], *visible_args)))
         return found
 
 
@@ -4308,10 +4439,15 @@ RANK_AT_MOST = 50_000
 
 
 def search_index(index: Index, query: SearchQuery, limit: int | None = None, offset: int = 0,
-                 columns: str = "i.id, i.path, i.meta", rank_at_most: int = RANK_AT_MOST):
+                 columns: str = "i.id, i.path, i.meta", rank_at_most: int = RANK_AT_MOST,
+                 visibility: Visibility = EVERYTHING):
     """Run a search-language query on the index: (rows, total), a page of the matches (columns
-    of instances i, series se, studies st, patients p) and how many there are in all."""
+    of instances i, series se, studies st, patients p) and how many there are in all, among
+    the instances the visibility shows."""
     where, args, rank = compile_search(query)
+    if visibility.restricted:  # part of the condition, so the count and the page are the visible ones'
+        visible, visible_args = visible_study_condition(visibility)
+        where, args = f"({where}) AND {visible}", [*args, *visible_args]
     matches = index.query("SELECT count(*) FROM metadata WHERE metadata MATCH ?", [rank])[0][0] if rank else 0
     joins = ("FROM instances i JOIN series se ON se.id = i.series_ref JOIN studies st ON st.id = se.study_ref"
              " JOIN patients p ON p.id = st.patient_ref")
@@ -5129,7 +5265,7 @@ class PluginApi:
     def search(self, query: str, limit: int = 100, fields=None) -> list[dict]:
         """Instances matching a search-language query: [{uri, fields}], at most limit. fields
         names the keywords to return (a Lua script's memory is small); None returns them all."""
-        rows, _ = self._daemon.search(query, limit)
+        rows, _ = self._daemon.search(query, limit, visibility=CALLER_VISIBILITY.get())
         results = [{"uri": _file_uri(path), "fields": json.loads(meta)} for _, path, meta in rows]
         if fields is not None:
             for result in results:
@@ -5138,6 +5274,9 @@ class PluginApi:
 
     def tags(self, sop_instance_uid: str) -> dict | None:
         """Every indexed element of an instance."""
+        visibility = CALLER_VISIBILITY.get()
+        if visibility.restricted and not self._daemon.index.instance(str(sop_instance_uid), visibility=visibility):
+            return None
         return self._daemon.index.metadata_by_uid([str(sop_instance_uid)]).get(str(sop_instance_uid))
 
     def cached(self, sop_instance_uid: str, make) -> bytes | None:
@@ -5156,8 +5295,8 @@ class PluginApi:
         return data
 
     def file(self, sop_instance_uid: str) -> bytes | None:
-        """The stored bytes of an instance."""
-        found = self._daemon.index.instance(str(sop_instance_uid))
+        """The stored bytes of an instance (None for one the caller may not see)."""
+        found = self._daemon.index.instance(str(sop_instance_uid), visibility=CALLER_VISIBILITY.get())
         return self._daemon.storage.read(found.path) if found else None
 
     def send(self, sop_instance_uids, destination_aet: str) -> dict:
@@ -5205,11 +5344,13 @@ class PluginApi:
         data sets, but the first offset and at most limit of them (a page, chosen in SQL).
         keys maps keywords (or 8-hex tags) to DICOM query values ('' returns a key).
         Keys that cannot be answered raise QueryError, a ValueError whose text is fit for the caller."""
-        return self._daemon.finder.search(identifier_from_keys(keys, level), cancelled, offset, limit)
+        return self._daemon.finder.search(identifier_from_keys(keys, level), cancelled, offset, limit,
+                                          CALLER_VISIBILITY.get())
 
     def instances(self, study_uid: str, series_uid: str = "", sop_uid: str = "") -> list[InstanceRow]:
         """(sop_instance_uid, sop_class_uid, transfer_syntax, uri) of a study, series or instance."""
-        found = self._daemon.index.instances_of(study_uid, series_uid, sop_uid) if study_uid else []
+        found = (self._daemon.index.instances_of(study_uid, series_uid, sop_uid, visibility=CALLER_VISIBILITY.get())
+                 if study_uid else [])
         return [InstanceRow(i.sop_instance_uid, i.sop_class_uid, i.transfer_syntax, _file_uri(i.path)) for i in found]
 
     def store(self, data: bytes, source: str = "") -> int:
@@ -6898,6 +7039,8 @@ class DicomServices:
         self.log = logging.getLogger("dicoogled.dicom")
         #: callable(calling_aet, identifier) -> identifier, or an int status to refuse
         self.find_filter = None
+        #: callable(calling_aet) -> the Visibility of its queries and retrieves ([dicom] calling_ae_access)
+        self.visibility_of_ae = lambda calling_aet: EVERYTHING
         self.acceptor = None
         self.port = None
         #: The DICOM TLS listener (tls_port), beside the plain one, and the port it has.
@@ -7380,7 +7523,9 @@ class DicomServices:
             if level == "PATIENT" and request.sop_class_uid == StudyRootQueryRetrieveInformationModelFind:
                 raise QueryError("the Study Root model has no PATIENT level (use Patient Root)", IDENTIFIER_DOES_NOT_MATCH)
             count = 0
-            for response in self.finder.search_encoded(identifier, request.transfer_syntax, request.is_cancelled):
+            visibility = self.visibility_of_ae(calling)
+            for response in self.finder.search_encoded(identifier, request.transfer_syntax, request.is_cancelled,
+                                                       visibility):
                 yield PENDING, response
                 count += 1
                 if self.config.max_find_results and count >= self.config.max_find_results:
@@ -7455,7 +7600,8 @@ class DicomServices:
     def _matched_instances(self, request: DimseRequest, service: str) -> list[IndexedInstance] | int:
         """The instances a C-MOVE or C-GET identifier matches, or the status refusing it."""
         try:
-            return self.finder.instances(request.identifier, request.is_cancelled)
+            return self.finder.instances(request.identifier, request.is_cancelled,
+                                         self.visibility_of_ae(request.calling_aet))
         except QueryError as error:
             self.log.warning("%s from %s refused: %s", service, request.calling_aet, error)
             return DicomStatus(error.status, str(error))
@@ -9192,9 +9338,10 @@ class ResearchExportReport(typing.NamedTuple):
 
 def research_export(index: Index, storage: Storage, ingest: Ingest, deidentifier: Deidentifier, label: str,
                     into: str, options: DeidentificationOptions, progress=lambda fraction: None,
-                    stop: threading.Event | None = None) -> ResearchExportReport:
-    """De-identify every instance carrying label (on its study or series) into new studies
-    labelled into, each copy entering the archive through the one ingest path, as STOW-RS's.
+                    stop: threading.Event | None = None, study_uids=()) -> ResearchExportReport:
+    """De-identify every instance carrying label (on its study or series), and every instance of
+    study_uids, into new studies labelled into, each copy entering the archive through the one
+    ingest path, as STOW-RS's.
 
     The copies' UIDs are derived from the originals', so a second export of the same instances
     finds them already there (duplicates as [storage] duplicates says); Retain UIDs is refused,
@@ -9202,8 +9349,10 @@ def research_export(index: Index, storage: Storage, ingest: Ingest, deidentifier
     if options.retain_uids:
         raise ValueError("retain_uids cannot be used for an export into this archive: the copies would have the"
                          " originals' UIDs")
-    instances = [instance for series_uid in index.labelled("SERIES", label)
+    instances = [instance for series_uid in (index.labelled("SERIES", label) if label else [])
                  for instance in index.instances_of(series_uid=series_uid)]
+    instances += [instance for study_uid in study_uids for instance in index.instances_of(study_uid=study_uid)]
+    label = label or f"{len(study_uids)} studies"  # what the log lines name
     log = logging.getLogger("dicoogled.research")
     studies, stored, failed = set(), 0, 0
     for done, instance in enumerate(instances):
@@ -9250,8 +9399,22 @@ CREATE INDEX IF NOT EXISTS sessions_by_user ON sessions (username);
 CREATE TABLE IF NOT EXISTS presets (
     username TEXT NOT NULL, name TEXT NOT NULL, fields TEXT NOT NULL, PRIMARY KEY (username, name)
 );
+CREATE TABLE IF NOT EXISTS collection_access (
+    label TEXT NOT NULL, member_kind TEXT NOT NULL CHECK (member_kind IN ('user', 'group')),
+    member TEXT NOT NULL, access TEXT NOT NULL CHECK (access IN ('read', 'write')),
+    PRIMARY KEY (label, member_kind, member)
+);
+CREATE INDEX IF NOT EXISTS collection_access_by_member ON collection_access (member_kind, member);
+CREATE TABLE IF NOT EXISTS share_links (
+    id TEXT PRIMARY KEY, token_hash TEXT NOT NULL UNIQUE, created_by TEXT NOT NULL, created REAL NOT NULL,
+    label TEXT NOT NULL DEFAULT '', study_uids TEXT NOT NULL DEFAULT '[]',
+    expires REAL, uses_allowed INTEGER, uses INTEGER NOT NULL DEFAULT 0, revoked REAL
+);
+CREATE TABLE IF NOT EXISTS share_sessions (
+    token_hash TEXT PRIMARY KEY, share_id TEXT NOT NULL REFERENCES share_links(id) ON DELETE CASCADE,
+    created REAL NOT NULL
+);
 """
-USERNAME_PATTERN = re.compile(r"^[A-Za-z0-9._@-]{1,64}$")
 #: How long HTTP Basic credentials, once checked, are taken without running scrypt again.
 BASIC_CREDENTIALS_MEMORY = 300
 
@@ -9260,7 +9423,55 @@ BASIC_CREDENTIALS_MEMORY = 300
 class User:
     username: str
     admin: bool
-    roles: tuple = ()
+    roles: tuple = ()  #: the groups the user belongs to (collections are granted to groups by these names)
+
+
+#: The rights on a collection (a label with members): read sees its studies, write also puts
+#: its label on (and takes it off) the studies the member sees.
+COLLECTION_ACCESS = ("read", "write")
+
+
+class ShareLink(typing.NamedTuple):
+    """A link that shows some studies, or a collection, read-only and without an account."""
+    id: str  #: public: it names the link to list and revoke it; the token opens it
+    created_by: str
+    created: float  #: seconds since the epoch
+    label: str  #: the collection shared, or ""
+    study_uids: tuple  #: the studies shared (none when a collection is)
+    expires: float | None  #: when it stops opening and showing, or None
+    uses_allowed: int | None  #: how many times it may be opened, or None
+    uses: int  #: how many times it was opened
+    revoked: float | None  #: when it was revoked, or None
+
+    def state(self, now: float) -> str:
+        """active, revoked, expired or used (it was opened as often as allowed)."""
+        if self.revoked is not None:
+            return "revoked"
+        if self.expires is not None and now >= self.expires:
+            return "expired"
+        if self.uses_allowed is not None and self.uses >= self.uses_allowed:
+            return "used"
+        return "active"
+
+    @property
+    def visibility(self) -> "Visibility":
+        """What the link shows: its studies, or its collection's."""
+        return Visibility.of([self.label] if self.label else [], self.study_uids)
+
+
+_SHARE_COLUMNS = "id, created_by, created, label, study_uids, expires, uses_allowed, uses, revoked"
+
+
+def _share_link(row) -> ShareLink:
+    return ShareLink(*row[:4], tuple(json.loads(row[4])), *row[5:])
+
+
+class CollectionGrant(typing.NamedTuple):
+    """One member's access to one collection."""
+    label: str
+    member_kind: str  #: "user" or "group"
+    member: str
+    access: str  #: "read" or "write"
 
 
 def _hash_password(password: str, salt: bytes) -> bytes:
@@ -9416,6 +9627,8 @@ class Users:
             if row[0] and admins <= 1:
                 return False
             self._db.execute("DELETE FROM sessions WHERE username = ?", (username,))
+            # A user made again under the same name starts without the old one's collections.
+            self._db.execute("DELETE FROM collection_access WHERE member_kind = 'user' AND member = ?", (username,))
             self._db.execute("DELETE FROM users WHERE username = ?", (username,))
         self.log.info("user %s deleted, and its sessions", username)
         return True
@@ -9510,6 +9723,117 @@ class Users:
     def end_session(self, token: str) -> bool:
         return bool(self._write("DELETE FROM sessions WHERE token_hash = ?", (_token_hash(token),)))
 
+    # ---- collections: labels with members, users and groups, each with read or write ----
+
+    def grant(self, label: str, member_kind: str, member: str, access: str) -> bool:
+        """Give a user or group (member_kind "user" or "group") read or write on a collection,
+        replacing what it had there; False if there is no such user. Takes effect at the
+        member's next request: visibility is computed per request, no session need end."""
+        if member_kind not in ("user", "group") or access not in COLLECTION_ACCESS:
+            raise ValueError("a grant is to a user or a group, of read or write")
+        if not USERNAME_PATTERN.match(member or ""):
+            raise ValueError("a user or group name is 1 to 64 letters, digits or . _ @ -")
+        with self._lock, self._db:
+            if member_kind == "user" and not self._db.execute("SELECT 1 FROM users WHERE username = ?", (member,)).fetchone():
+                return False
+            self._db.execute("INSERT OR REPLACE INTO collection_access VALUES (?, ?, ?, ?)",
+                             (label, member_kind, member, access))
+        self.log.info("%s %s given %s on collection %s", member_kind, member, access, label)
+        return True
+
+    def revoke(self, label: str, member_kind: str, member: str) -> bool:
+        """Take a user's or group's access to a collection away; False if it had none."""
+        removed = self._write("DELETE FROM collection_access WHERE label = ? AND member_kind = ? AND member = ?",
+                              (label, member_kind, member))
+        if removed:
+            self.log.info("%s %s no longer has access to collection %s", member_kind, member, label)
+        return bool(removed)
+
+    def grants(self, label: str | None = None) -> list[CollectionGrant]:
+        """Every grant, or those of one collection, by collection then member."""
+        where, args = ("WHERE label = ?", (label,)) if label is not None else ("", ())
+        return [CollectionGrant(*row) for row in self._query(
+            f"SELECT label, member_kind, member, access FROM collection_access {where}"
+            " ORDER BY label, member_kind DESC, member", args)]
+
+    def collections_of(self, user: User | None = None, groups=()) -> dict[str, str]:
+        """label -> "read" or "write": the collections a user has access to, itself or through
+        one of its groups (roles), or (user None) those of the groups given; write wins."""
+        groups = tuple(user.roles if user else groups)
+        marks = ", ".join("?" * len(groups))
+        sql = "SELECT label, access FROM collection_access WHERE (member_kind = 'user' AND member = ?)"
+        if groups:
+            sql += f" OR (member_kind = 'group' AND member IN ({marks}))"
+        found: dict[str, str] = {}
+        for label, access in self._query(sql, (user.username if user else "", *groups)):
+            if found.get(label) != "write":
+                found[label] = access
+        return found
+
+    # ---- share links: studies or a collection, read-only, without an account ----
+
+    def create_share(self, created_by: str, label: str = "", study_uids=(), expires: float | None = None,
+                     uses_allowed: int | None = None) -> tuple[ShareLink, str]:
+        """A new share link and its token (random; only its hash is kept, so a copy of
+        users.sqlite opens nothing)."""
+        token = secrets.token_urlsafe(32)
+        link = ShareLink(secrets.token_hex(8), created_by, time.time(), label, tuple(study_uids), expires, uses_allowed, 0, None)
+        self._write(f"INSERT INTO share_links (token_hash, {_SHARE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (_token_hash(token), *link[:4], json.dumps(list(link.study_uids)), *link[5:]))
+        self.log.info("share link %s made by %s (%s)", link.id, created_by,
+                      f"collection {label}" if label else f"{len(link.study_uids)} studies")
+        return link, token
+
+    def shares(self, created_by: str | None = None) -> list[ShareLink]:
+        """Every share link, or those one user made, newest first."""
+        where, args = ("WHERE created_by = ?", (created_by,)) if created_by is not None else ("", ())
+        return [_share_link(row) for row in self._query(f"SELECT {_SHARE_COLUMNS} FROM share_links {where}"
+                                                        " ORDER BY created DESC, id", args)]
+
+    def share(self, share_id: str) -> ShareLink | None:
+        rows = self._query(f"SELECT {_SHARE_COLUMNS} FROM share_links WHERE id = ?", (share_id,))
+        return _share_link(rows[0]) if rows else None
+
+    def revoke_share(self, share_id: str) -> bool:
+        """Revoke a share link: it opens no more, and those who opened it see nothing from their
+        next request. False if there is no such link or it was revoked already."""
+        with self._lock, self._db:
+            self._db.execute("UPDATE share_links SET revoked = ? WHERE id = ? AND revoked IS NULL", (time.time(), share_id))
+            if not self._db.changes():
+                return False
+            self._db.execute("DELETE FROM share_sessions WHERE share_id = ?", (share_id,))
+        self.log.info("share link %s revoked", share_id)
+        return True
+
+    def open_share(self, token: str) -> tuple[ShareLink, str] | tuple[ShareLink | None, None]:
+        """Open a share link: count one use and start a share session, (link, session token);
+        (link or None, None) when the link is unknown, revoked, expired or used up."""
+        now = time.time()
+        with self._lock, self._db:
+            row = self._db.execute(f"SELECT {_SHARE_COLUMNS} FROM share_links WHERE token_hash = ?",
+                                   (_token_hash(token),)).fetchone()
+            link = _share_link(row) if row else None
+            if link is None or link.state(now) != "active":
+                return link, None
+            self._db.execute("UPDATE share_links SET uses = uses + 1 WHERE id = ?", (link.id,))
+            session = secrets.token_urlsafe(32)
+            self._db.execute("INSERT INTO share_sessions VALUES (?, ?, ?)", (_token_hash(session), link.id, now))
+        return link._replace(uses=link.uses + 1), session
+
+    def share_of_session(self, session: str) -> ShareLink | None:
+        """The link a share session was opened from, while it is neither revoked nor expired
+        (uses count openings: a session goes on after the last one allowed), and for at most
+        idle_minutes after it was opened."""
+        rows = self._query(f"SELECT {', '.join('l.' + c for c in _SHARE_COLUMNS.split(', '))}, s.created FROM share_sessions s"
+                           " JOIN share_links l ON l.id = s.share_id WHERE s.token_hash = ?", (_token_hash(session),))
+        if not rows:
+            return None
+        link, now = _share_link(rows[0][:-1]), time.time()
+        # A session of a link without a date still ends, as a login does, idle_minutes after it began.
+        if link.revoked is not None or (link.expires is not None and now >= link.expires) or now - rows[0][-1] > self.idle_seconds:
+            return None
+        return link
+
     def presets(self, username: str) -> list[dict]:
         return [{"name": name, "fields": json.loads(fields)}
                 for name, fields in self._query("SELECT name, fields FROM presets WHERE username = ? ORDER BY name", (username,))]
@@ -9597,6 +9921,8 @@ DEFAULT_SEARCH_FIELDS = (
     "InstitutionName", "InstanceNumber",
 )
 SESSION_COOKIE = "dicoogled_session"
+#: The cookie of a share session: set when a share link is opened, it shows the link's studies.
+SHARE_COOKIE = "dicoogled_share"
 HTTP_DRAIN_SECONDS = 5  # at shutdown, how long the requests under way may take to finish
 #: Methods that change nothing: the only ones a request may use on another site's behalf.
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
@@ -9752,14 +10078,20 @@ class Api:
         def decorator(handler):
             @functools.wraps(handler)
             def guarded(*args, **kwargs):
+                visible = None
                 try:
                     if access != PUBLIC and not (open_preflight and bottle.request.method == "OPTIONS"):
                         self.require(access)
+                        # Plugins' readers (DICOMweb's) answer within the caller's visibility too.
+                        visible = CALLER_VISIBILITY.set(self.visibility())
                     return handler(*args, **kwargs)
                 except (OSError, apsw.Error) as error:
                     if not is_out_of_space(error):
                         raise
                     self.insufficient_storage(error)
+                finally:
+                    if visible is not None:
+                        CALLER_VISIBILITY.reset(visible)
 
             summary = " ".join((handler.__doc__ or "").strip().split("\n\n")[0].split())
             for m in methods:
@@ -9878,11 +10210,47 @@ class Api:
         request = bottle.request
         return _authorization_token(request.get_header("Authorization", "")) or request.get_cookie(SESSION_COOKIE) or ""
 
+    def visibility(self) -> Visibility:
+        """What the caller of this request may see, computed once per request: a logged-in
+        user's (Daemon.visibility_of), else a share session's studies, else an anonymous reader's."""
+        memo = bottle.request.environ.setdefault("dicoogled", {})
+        if "visibility" not in memo:
+            user = self.current_user()
+            share = self.current_share() if user is None else None
+            memo["visibility"] = share.visibility if share is not None else self.daemon.visibility_of(user)
+        return memo["visibility"]
+
+    def current_share(self) -> ShareLink | None:
+        """The share link of the request's share session (the cookie set when it was opened),
+        while that link is neither revoked nor expired."""
+        memo = bottle.request.environ.setdefault("dicoogled", {})
+        if "share" not in memo:
+            session = bottle.request.get_cookie(SHARE_COOKIE) or ""
+            memo["share"] = self.users.share_of_session(session) if session else None
+        return memo["share"]
+
+    def require_visible(self, level: str, uid: str):
+        """404 for a study or series the caller may not see, as for one not in the index: the
+        answer never tells a restricted caller what exists outside its collections."""
+        if not self.daemon.index.holds(level, uid, self.visibility()):
+            _fail(404, f"no {'study' if level == 'STUDY' else 'series'} {uid} in the index")
+
+    def may_label(self, label: str) -> bool:
+        """Whether the caller may put a label on (or take it off) what it sees: an administrator
+        and an unrestricted user any label; a user restricted to collections only the labels of
+        those it has write access to."""
+        user = self.current_user()
+        if user is None:
+            return False
+        if user.admin or self.visibility().everything:
+            return True
+        return self.users.collections_of(user).get(label) == "write"
+
     def require(self, access: str) -> User | None:
         user = self.current_user()
         if user is None:
-            if access == READ and self.daemon.config.allow_unauthorized:
-                return None
+            if access == READ and (self.daemon.config.allow_unauthorized or self.current_share() is not None):
+                return None  # reads only: a share session's are limited to its studies (visibility)
             _fail(401, "log in first: send the token from POST /login in the Authorization header")
         if access == ADMIN and not user.admin:
             _fail(403, "this needs an administrator")
@@ -9907,7 +10275,7 @@ def make_app(daemon: "Daemon") -> bottle.Bottle:
             return json.dumps({"error": "internal error; see the server log"})
         return json.dumps({"error": error.body if isinstance(error.body, str) else error.status_line})
 
-    for code in (400, 401, 403, 404, 405, 406, 409, 413, 415, 429, 500, 501, 502, 503, 504):
+    for code in (400, 401, 403, 404, 405, 406, 409, 410, 413, 415, 429, 500, 501, 502, 503, 504):
         app.error(code)(json_error)
 
     @app.hook("after_request")
@@ -9935,6 +10303,7 @@ def make_app(daemon: "Daemon") -> bottle.Bottle:
     app.config["dicoogled.api"] = api  # for _check_credentials_before_bodies
     _session_routes(api)
     _search_routes(api)
+    _share_routes(api)
     _image_routes(api)
     _task_routes(api)
     _archive_routes(api)
@@ -10077,6 +10446,7 @@ def _session_routes(api: Api):
             raise bottle.HTTPError(405, "log out with POST (or send the token in the Authorization header)", Allow="POST")
         token = token or bottle.request.get_cookie(SESSION_COOKIE, "")
         bottle.response.delete_cookie(SESSION_COOKIE, path="/")
+        bottle.response.delete_cookie(SHARE_COOKIE, path="/")  # a share link's visitor leaves too
         return {"success": bool(token) and users.end_session(token)}
 
     @api.route("/user", access=ADMIN)
@@ -10194,9 +10564,13 @@ def _search_routes(api: Api):
 
     def run(query: str, providers: list[str], limit, offset):
         """Results of every provider, de-duplicated by SOPInstanceUID: (list of (uri, meta), total)."""
+        visibility = api.visibility()
         if providers == [BUILTIN_PROVIDER]:
-            rows, total = daemon.search(query, limit, offset)
+            rows, total = daemon.search(query, limit, offset, visibility)
             return [(_file_uri(path), json.loads(meta)) for _, path, meta in rows], total
+        if visibility.restricted:
+            # Another provider's answers come from outside the index, where collections are not known.
+            _fail(403, "a caller limited to collections searches the index only, not other providers")
         merged, seen = [], set()
         for name in providers:
             for uri, meta in daemon.providers[name](query):
@@ -10283,14 +10657,23 @@ def _search_routes(api: Api):
     @api.route("/labels")
     def labels():
         """Every label in use with how many indexed studies carry it: {labels: [{label, studies}]}."""
-        return {"labels": [found._asdict() for found in daemon.index.labels()]}
+        return {"labels": [found._asdict() for found in daemon.index.labels(api.visibility())]}
 
     def labelled_level(level: str, uid: str) -> str:
         if not is_valid_uid(uid):
             _fail(400, f"{uid[:80]!r} is not a UID")
-        if not daemon.index.holds(level, uid):
-            _fail(404, f"no {'study' if level == 'STUDY' else 'series'} {uid} in the index")
+        api.require_visible(level, uid)
         return uid
+
+    def writable_label(label: str) -> str:
+        """The label, valid (400) and one the caller may set or take off (403)."""
+        try:
+            label = label_name(label)
+        except ValueError as error:
+            _fail(400, str(error))
+        if not api.may_label(label):
+            _fail(403, f"labelling with {label!r} needs write access to that collection")
+        return label
 
     def label_routes(prefix: str, level: str):
         what = "study" if level == "STUDY" else "series"
@@ -10303,6 +10686,7 @@ def _search_routes(api: Api):
             """Put a label on an indexed {what} (and so on its instances): {{label, added}}.
 
             label: 1 to 64 of a-z, 0-9, '.', '_', '-' (case-insensitive, kept lower-cased)"""
+            label = writable_label(label)
             try:
                 added = daemon.label(level, labelled_level(level, uid), label)
             except ValueError as error:
@@ -10313,6 +10697,9 @@ def _search_routes(api: Api):
             """Take a label off a {what}: {{label, removed}}; removed is false if it was not there."""
             if not is_valid_uid(uid):
                 _fail(400, f"{uid[:80]!r} is not a UID")
+            label = writable_label(label)
+            if api.visibility().restricted:
+                api.require_visible(level, uid)
             try:
                 removed = daemon.unlabel(level, uid, label)
             except ValueError as error:
@@ -10329,6 +10716,82 @@ def _search_routes(api: Api):
     label_routes("studies", "STUDY")
     label_routes("series", "SERIES")
 
+    # ---- collections: a label with members, each user or group with read or write on it ----
+
+    def collection_label(label: str) -> str:
+        try:
+            return label_name(label)
+        except ValueError as error:
+            _fail(400, str(error))
+
+    @api.route("/collections", access=USER)
+    def my_collections():
+        """The caller's collections: {restricted, collections: [{label, access, studies}]}; restricted
+        says the caller sees only these (an administrator, or a user with none, sees everything
+        unless [http] restrict_to_collections)."""
+        user = api.current_user()
+        granted = api.users.collections_of(user)
+        counts = {found.label: found.studies for found in daemon.index.labels()}
+        return {"restricted": api.visibility().restricted,
+                "collections": [{"label": label, "access": access, "studies": counts.get(label, 0)}
+                                for label, access in sorted(granted.items())]}
+
+    @api.route("/collections/members", access=ADMIN)
+    def every_collection_member():
+        """Every grant of every collection: {members: [{label, user or group, access}]}."""
+        return {"members": [{"label": grant.label, grant.member_kind: grant.member, "access": grant.access}
+                            for grant in api.users.grants()]}
+
+    @api.route("/labels/<label>/access", access=ADMIN)
+    def collection_members(label):
+        """Who has access to a collection: {label, members: [{user or group, access}]}."""
+        label = collection_label(label)
+        return {"label": label, "members": [{grant.member_kind: grant.member, "access": grant.access}
+                                            for grant in api.users.grants(label)]}
+
+    def grant(label: str, kind: str, member: str):
+        access = bottle.request.params.get("access", "read").strip().lower()
+        if access not in COLLECTION_ACCESS:
+            _fail(400, f"access must be read or write, not {access[:20]!r}")
+        try:
+            granted = api.users.grant(collection_label(label), kind, member, access)
+        except ValueError as error:
+            _fail(400, str(error))
+        if not granted:
+            _fail(404, f"no user {member!r}")
+        return {"label": label_name(label), kind: member, "access": access}
+
+    def revoke(label: str, kind: str, member: str):
+        return {"label": collection_label(label), kind: member,
+                "revoked": api.users.revoke(label_name(label), kind, member)}
+
+    @api.route("/labels/<label>/access/<username>", "PUT", access=ADMIN)
+    def grant_user(label, username):
+        """Give a user read or write on a collection (a label): from its next request it sees
+        only its collections' studies; write lets it label and unlabel within them.
+
+        access: read (the default) or write
+        """
+        return grant(label, "user", username)
+
+    @api.route("/labels/<label>/access/<username>", "DELETE", access=ADMIN)
+    def revoke_user(label, username):
+        """Take a user's access to a collection away: {label, user, revoked}."""
+        return revoke(label, "user", username)
+
+    @api.route("/labels/<label>/access/group/<group>", "PUT", access=ADMIN)
+    def grant_group(label, group):
+        """Give a group (users whose roles name it) read or write on a collection.
+
+        access: read (the default) or write
+        """
+        return grant(label, "group", group)
+
+    @api.route("/labels/<label>/access/group/<group>", "DELETE", access=ADMIN)
+    def revoke_group(label, group):
+        """Take a group's access to a collection away: {label, group, revoked}."""
+        return revoke(label, "group", group)
+
     @api.route("/dump")
     def dump():
         """Every element of one instance: {results: {uri, fields}, elapsedTime}."""
@@ -10336,7 +10799,7 @@ def _search_routes(api: Api):
         uid = bottle.request.params.get("uid", "")
         if not is_valid_uid(uid):
             _fail(400, "uid must be a SOPInstanceUID")
-        found = daemon.index.instance(uid)
+        found = daemon.index.instance(uid, visibility=api.visibility())
         if not found:
             _fail(404, f"no instance {uid}")
         return {"results": {"uri": _file_uri(found.path), "fields": daemon.index.metadata(found.id)},
@@ -10348,7 +10811,7 @@ def _search_routes(api: Api):
         uid = bottle.request.params.get("uid", "")
         if not is_valid_uid(uid):
             _fail(400, "uid must be a SOPInstanceUID")
-        found = daemon.index.instance(uid)
+        found = daemon.index.instance(uid, visibility=api.visibility())
         if found is None:
             _fail(404, f"no instance {uid}")
         if location_scheme(found.path) != "file":  # kept by a storage plugin
@@ -10494,7 +10957,8 @@ def _archive_routes(api: Api):
                 _fail(400, str(error))
         if not (study_uids or series_uids or label):
             _fail(400, "name what to download: study, series (repeatable) or label")
-        members = daemon.instances_to_download(checked_uids(study_uids, "study"), checked_uids(series_uids, "series"), label)
+        members = daemon.instances_to_download(checked_uids(study_uids, "study"), checked_uids(series_uids, "series"), label,
+                                                api.visibility())
         if not members:
             _fail(404, "nothing indexed matches: no such study, series or label")
         if media and len(members) > daemon.config.media_max_instances:
@@ -10976,6 +11440,136 @@ def _tags_xml(dataset: Dataset) -> bytes:
     return ElementTree.tostring(root, encoding="utf-8", xml_declaration=True)
 
 
+def _share_time(seconds: float | None) -> str | None:
+    return None if seconds is None else datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def _share_json(link: ShareLink) -> dict:
+    return {"id": link.id, "createdBy": link.created_by, "created": _share_time(link.created), "label": link.label,
+            "studies": list(link.study_uids), "expires": _share_time(link.expires), "usesAllowed": link.uses_allowed,
+            "uses": link.uses, "state": link.state(time.time())}
+
+
+def _share_routes(api: Api):
+    """Share links: some studies, or a collection, shown read-only to whoever opens the link,
+    without an account. Opening a link (GET /shared/{token}) counts one use and starts a share
+    session (a cookie); its requests see exactly the link's studies, through the same
+    visibility as collections, until the link expires or is revoked.
+
+    A de-identified link (deidentify=true) shows de-identified copies instead: the research
+    export makes them, labelled shared-..., and the link shares that label. Copies, not a
+    transform where data leaves, because a share session reads the index too (searches, QIDO,
+    the viewer's metadata), which holds the originals' names and UIDs."""
+    daemon, users = api.daemon, api.users
+    http_log = logging.getLogger("dicoogled.http")
+
+    def expiry_of_request() -> float | None:
+        text = bottle.request.params.get("expires", "").strip()
+        if not text:
+            return None
+        try:
+            when = datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
+        except ValueError:
+            _fail(400, f"expires must be an ISO 8601 date or date and time, not {text[:40]!r}")
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=datetime.timezone.utc)  # a date alone: its start, UTC
+        if when.timestamp() <= time.time():
+            _fail(400, "expires must be in the future")
+        return when.timestamp()
+
+    @api.route("/share", "POST", access=USER)
+    def create_share():
+        """Share studies or a collection read-only with whoever opens the link, without an
+        account: {id, token, url, expires, usesAllowed}. An administrator shares anything
+        indexed; another user what is in a collection it has write access to.
+
+        study: a StudyInstanceUID (repeatable), or label: a collection
+        expires: when the link stops working, an ISO 8601 date or date and time (UTC unless it says)
+        uses: how many times the link may be opened
+        deidentify: true to share de-identified copies (made by a research export task, taskUid;
+        its options: retain_dates, retain_device_identity, ...) instead of the studies
+        """
+        user = api.current_user()
+        params = bottle.request.params
+        studies = list(dict.fromkeys(api.params("study")))
+        label = params.get("label", "").strip()
+        if bool(studies) == bool(label):
+            _fail(400, "share either studies (study=UID, repeatable) or a collection (label=NAME)")
+        expires, uses = expiry_of_request(), _int_param("uses", None, minimum=1)
+        if expires is None and uses is None:
+            _fail(400, "a share link needs an end: expires (a date) or uses (a number), or both")
+        writable = Visibility.of(label for label, access in users.collections_of(user).items() if access == "write")
+        if label:
+            try:
+                label = label_name(label)
+            except ValueError as error:
+                _fail(400, str(error))
+            if not user.admin and label not in writable.labels:
+                _fail(403, f"sharing collection {label!r} needs write access to it")
+        for uid in studies:
+            if not is_valid_uid(uid):
+                _fail(400, f"{uid[:80]!r} is not a StudyInstanceUID")
+            if not daemon.index.holds("STUDY", uid, EVERYTHING if user.admin else writable):
+                _fail(404 if user.admin else 403, f"study {uid} is not indexed" if user.admin
+                      else f"study {uid} is in no collection you have write access to")
+        deidentified = {}
+        if params.get("deidentify", "").lower() in ("1", "true", "yes"):
+            copies = f"shared-{secrets.token_hex(6)}"
+            try:
+                options = DeidentificationOptions.from_params(dict(params))
+                task = daemon.start_research_export(label, copies, options, studies)
+            except (ValueError, LookupError) as error:
+                _fail(400, str(error))
+            label, studies, deidentified = copies, [], {"deidentified": True, "label": copies, "taskUid": task}
+        link, token = users.create_share(user.username, label, studies, expires, uses)
+        http_log.info("%s shared %s until %s%s", user.username, link.id, _share_time(expires) or f"{uses} uses",
+                      ", de-identified" if deidentified else "")
+        return _json_response({"id": link.id, "token": token, "url": urllib.parse.urljoin(bottle.request.url, f"shared/{token}"),
+                               "expires": _share_time(expires), "usesAllowed": uses, **deidentified}, 201)
+
+    @api.route("/share", access=USER)
+    def list_shares():
+        """Share links: every one for an administrator, one's own for others: {shares: [{id,
+        createdBy, created, label, studies, expires, usesAllowed, uses, state}]}; state is
+        active, expired, used or revoked. Tokens are not kept, so never listed."""
+        user = api.current_user()
+        return {"shares": [_share_json(link) for link in users.shares(None if user.admin else user.username)]}
+
+    @api.route("/share/<share_id>", "DELETE", access=USER)
+    def revoke_share(share_id):
+        """Revoke a share link (its maker or an administrator): it opens no more, and those who
+        opened it see nothing from their next request: {id, revoked}."""
+        user = api.current_user()
+        link = users.share(share_id)
+        if link is None or not (user.admin or link.created_by == user.username):
+            _fail(404, f"no share link {share_id[:40]!r} of yours")
+        return {"id": share_id, "revoked": users.revoke_share(share_id)}
+
+    @api.route("/shared/<token>", access=PUBLIC)
+    def open_share(token):
+        """Open a share link: counts one use, starts a share session (a cookie) and goes to the
+        web app showing the shared studies; 404 for an unknown link, 410 for one revoked,
+        expired or used as often as allowed."""
+        link, session = users.open_share(token)
+        if link is None:
+            _fail(404, "no such share link")
+        if session is None:
+            _fail(410, f"this share link is {link.state(time.time())}")
+        http_log.info("share link %s opened from %s (use %d)", link.id, api.client_address(), link.uses)
+        bottle.response.set_cookie(SHARE_COOKIE, session, httponly=True, samesite="strict", path="/")
+        bottle.redirect(urllib.parse.urljoin(bottle.request.url, "../#/search?q=" + urllib.parse.quote("*:*")), 303)
+
+    @api.route("/shared", access=PUBLIC)
+    def shared():
+        """The share session of this browser: {shared: true, id, label, studies, expires}, or
+        {shared: false} (the web app asks, to show a link's visitor its studies)."""
+        link = api.current_share()
+        if link is None:
+            return {"shared": False}
+        return {"shared": True, "id": link.id, "label": link.label, "studies": list(link.study_uids),
+                "expires": _share_time(link.expires)}
+
+
 def _image_routes(api: Api):
     daemon = api.daemon
     thumbnails = daemon.thumbnails
@@ -10988,9 +11582,10 @@ def _image_routes(api: Api):
         if uid:
             if not is_valid_uid(uid):
                 _fail(400, f"SOPInstanceUID must be a UID, not {uid[:80]!r}")
-            found = daemon.index.instance(uid)
+            found = daemon.index.instance(uid, visibility=api.visibility())
         elif uri:
-            found = daemon.index.instance(path=_path_from_uri(uri) if location_scheme(uri) == "file" else uri)
+            found = daemon.index.instance(path=_path_from_uri(uri) if location_scheme(uri) == "file" else uri,
+                                          visibility=api.visibility())
         else:
             _fail(400, "give SOPInstanceUID or uri")
         if not found:
@@ -11167,6 +11762,8 @@ def _task_routes(api: Api):
     @api.route("/studies/<study>/protected", access=READ)
     def study_protection(study):
         """Whether recycling ([storage] when_full = recycle) may delete a study."""
+        if api.visibility().restricted:
+            api.require_visible("STUDY", study_to_protect(study))
         return {"StudyInstanceUID": study, "protected": daemon.index.is_protected(study_to_protect(study))}
 
     @api.route("/studies/<study>/protected", "PUT", access=ADMIN)
@@ -11469,7 +12066,10 @@ def _worklist_routes(api: Api):
     @api.route("/worklist", access=READ)
     def worklist_entries():
         """The worklist: every entry with its state (SCHEDULED, IN PROGRESS, COMPLETED,
-        DISCONTINUED, as its modality reports by MPPS) and its DICOM JSON."""
+        DISCONTINUED, as its modality reports by MPPS) and its DICOM JSON. A caller limited to
+        collections (or a share link) gets 403: scheduled patients are in no collection."""
+        if api.visibility().restricted:
+            _fail(403, "the worklist is for callers who see the whole archive, not those limited to collections")
         return _json_response([entry.as_json() for entry in worklist.entries()])
 
     @api.route("/worklist", "POST", access=ADMIN)
@@ -11901,6 +12501,7 @@ class Daemon:
         self.ingest.deliveries_for = self.events.instance_deliveries
         self.ingest.listeners.append(lambda record, calling_aet: self.events.queued())
         self.dicom.find_filter = self.plugins.find_filter
+        self.dicom.visibility_of_ae = self.visibility_of_ae
         self.watcher = None
         self.http_server = None
         self._http_thread = None
@@ -11968,10 +12569,38 @@ class Daemon:
             for name, value in values.items():
                 setattr(self.config, name, value)
 
-    def search(self, text: str, limit: int | None = None, offset: int = 0):
+    def search(self, text: str, limit: int | None = None, offset: int = 0, visibility: Visibility = EVERYTHING):
         """A query in the search language, with the fields plugins add: (rows of id, path and
-        meta, total). Raises SearchSyntaxError."""
-        return search_index(self.index, SearchQuery(text, self.plugins.extra_fields), limit, offset)
+        meta, total) of the instances the visibility shows. Raises SearchSyntaxError."""
+        return search_index(self.index, SearchQuery(text, self.plugins.extra_fields), limit, offset,
+                            visibility=visibility)
+
+    # ---- collections: who sees what ---------------------------------------------------------
+
+    def visibility_of(self, user: User | None) -> Visibility:
+        """What a user (None: an anonymous reader, with allow_unauthorized) may see. The rule:
+        an administrator sees everything; a user with access to a collection, itself or through
+        a group, sees only its collections' studies; one with none sees everything, or nothing
+        when [http] restrict_to_collections is true."""
+        if user is not None and user.admin:
+            return EVERYTHING
+        collections = self.users.collections_of(user) if user is not None else {}
+        if collections:
+            return Visibility.of(collections)
+        return NOTHING if self.config.restrict_to_collections else EVERYTHING
+
+    def visibility_of_ae(self, calling_aet: str) -> Visibility:
+        """What a calling AE's C-FIND, C-MOVE and C-GET see: everything when [dicom]
+        calling_ae_access does not name it (as before collections), else what its user sees, or
+        the collections of its group (nothing for a user that does not exist)."""
+        principal = self.config.calling_ae_access.get(calling_aet)
+        if principal is None:
+            return EVERYTHING
+        kind, name = principal
+        if kind == "group":
+            return Visibility.of(self.users.collections_of(groups=(name,)))
+        user = self.users.get(name)
+        return self.visibility_of(user) if user is not None else NOTHING
 
     def label(self, level: str, uid: str, label: str) -> bool:
         """Put a label on a study or series (level STUDY or SERIES); False if it had it already.
@@ -11984,12 +12613,13 @@ class Daemon:
             self.log.info("label %s put on %s %s", label, level.lower(), uid)
         return added
 
-    def instances_to_download(self, study_uids=(), series_uids=(), label: str = "") -> list[ArchiveMember]:
+    def instances_to_download(self, study_uids=(), series_uids=(), label: str = "",
+                              visibility: Visibility = EVERYTHING) -> list[ArchiveMember]:
         """The instances a download (ZIP, DICOM media) of these studies and series, and of every
-        study and series carrying label, holds. Every download chooses its instances here, and
-        only here: what a caller may see is decided in one place."""
+        study and series carrying label, holds, of what visibility shows. Every download chooses
+        its instances here, and only here: what a caller may see is decided in one place."""
         series_uids = [*series_uids, *(self.index.labelled("SERIES", label) if label else [])]
-        return self.index.archive_members(study_uids, series_uids)
+        return self.index.archive_members(study_uids, series_uids, visibility)
 
     def unlabel(self, level: str, uid: str, label: str) -> bool:
         """Take a label off a study or series; False if it did not have it."""
@@ -11998,25 +12628,26 @@ class Daemon:
             self.log.info("label %s taken off %s %s", label_name(label), level.lower(), uid)
         return removed
 
-    def start_research_export(self, label: str, into: str, options: DeidentificationOptions) -> str:
-        """De-identify the studies carrying label into new studies labelled into, as a background
-        task (its uid); ValueError with a reason fit for the caller, LookupError if nothing
-        carries label."""
-        label, into = label_name(label), label_name(into)
+    def start_research_export(self, label: str, into: str, options: DeidentificationOptions, study_uids=()) -> str:
+        """De-identify the studies carrying label (or those named, for a de-identified share
+        link) into new studies labelled into, as a background task (its uid); ValueError with a
+        reason fit for the caller, LookupError if nothing carries label."""
+        label, into = label_name(label) if label else "", label_name(into)
         if label == into:
             raise ValueError("into must be another label than the one exported")
         if options.retain_uids:
             raise ValueError("retain_uids cannot be used for an export into this archive: the copies would have the"
                              " originals' UIDs")
-        if not self.index.labelled("STUDY", label):
+        if label and not self.index.labelled("STUDY", label):
             raise LookupError(f"no indexed study carries the label {label}")
 
         def export(progress, stop):
             report = research_export(self.index, self.storage, self.ingest, self.deidentifier, label, into, options,
-                                     progress, stop)
+                                     progress, stop, study_uids)
             return report.stored, report.failed
 
-        uid = self.tasks.start_function(f"[research]export {label} into {into}", export, stoppable=True)
+        source = label or f"{len(study_uids)} studies"
+        uid = self.tasks.start_function(f"[research]export {source} into {into}", export, stoppable=True)
         self.log.info("research export of label %s into %s started: task %s", label, into, uid)
         return uid
 

@@ -862,12 +862,15 @@ def test_remove_deletes_files_and_unindexes(small_archive, tmp_path):
 
 #: What the reference (PR dicoogle/dicoogle#740) and dicoogled's design say each route needs.
 PUBLIC_ROUTES = {"/health", "/login", "/logout", "/openapi.json", "/welcome", "/"}
-PUBLIC_PREFIXES = ("/ext/version", "/viewer", "/static/", "/learn")  # the viewer's, web app's and course files hold no patient data
-#: Routes for administrators alone (/research/: de-identified exports and the pseudonym map behind them).
-ADMIN_PREFIXES = ("/user", "/management/", "/plugins", "/index/task", "/logger", "/research/")
+PUBLIC_PREFIXES = ("/ext/version", "/viewer", "/static/", "/learn", "/shared")  # /shared: opening a share link; the viewer's, web app's and course files hold no patient data
+#: Routes for administrators alone (/research/: de-identified exports and the pseudonym map behind
+#: them; granting access to collections; /collections is the caller's own).
+ADMIN_PREFIXES = ("/user", "/management/", "/plugins", "/index/task", "/logger", "/research/", "/labels/<label>/access",
+                  "/collections/members")
 #: Imports write (any logged-in user, as STOW-RS: allow_unauthorized opens reads only), and each
 #: import's report is its starter's.
-USER_ROUTES = {"/user/<username>/password", "/presets/<username>", "/presets/<username>/<name>", "/import", "/import/<uid>"}
+USER_ROUTES = {"/user/<username>/password", "/presets/<username>", "/presets/<username>/<name>", "/import", "/import/<uid>",
+               "/collections", "/share", "/share/<share_id>"}
 #: Routes read by any reader and written by any logged-in user: labels are the users' own sorting.
 USER_WRITE_PATHS = {"/studies/<uid>/labels/<label>", "/series/<uid>/labels/<label>"}
 #: Routes read by any reader but written only by an administrator: scheduling is the RIS's job.

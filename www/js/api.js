@@ -59,7 +59,7 @@ export async function request(method, path, { params, form, json, raw } = {}) {
   const data = type.includes("json") ? await response.json().catch(() => null) : await response.text();
   if (!response.ok) {
     const reason = (data && typeof data.error === "string" && data.error) || `${response.status} ${response.statusText}`;
-    if (response.status === 401 && path !== "/login") window.dispatchEvent(new CustomEvent("session-expired"));
+    if (response.status === 401 && path !== "/login" && path !== "/shared") window.dispatchEvent(new CustomEvent("session-expired"));
     throw new ApiError(response.status, reason);
   }
   return data;
@@ -79,11 +79,24 @@ export async function login(username, password) {
 }
 
 export async function restoreSession() {
-  if (!session.token) return null;
+  if (!session.token) return restoreShare();
   try {
     session.user = await get("/login");
   } catch {
     session.token = null;
+    session.user = null;
+    return restoreShare();
+  }
+  return session.user;
+}
+
+/** A share link's visitor (no account: a share session's cookie, set when the link was opened)
+ *  sees the shared studies read-only; session.user then says shared: true. */
+async function restoreShare() {
+  try {
+    const share = await get("/shared");
+    session.user = share.shared ? { user: "Shared link", admin: false, roles: [], shared: true, share } : null;
+  } catch {
     session.user = null;
   }
   return session.user;

@@ -11,14 +11,14 @@ const sidebar = document.getElementById("sidebar");
 
 /** Screens by route name: a module with render(main, {rest, params}), loaded on first use. */
 const screens = {
-  search: { label: "Search", load: () => import("./search.js") },
+  search: { label: "Search", shared: true, load: () => import("./search.js") },
   dashboard: { label: "Dashboard", load: () => import("./dashboard.js") },
   worklist: { label: "Worklist", load: () => import("./worklist.js") },
   import: { label: "Import", load: () => import("./import.js") },
   indexer: { label: "Indexer", admin: true, load: () => import("./indexer.js") },
   research: { label: "Research", admin: true, load: () => import("./research.js") },
   management: { label: "Management", admin: true, load: () => import("./management.js") },
-  dump: { label: null, load: () => import("./dump.js") },
+  dump: { label: null, shared: true, load: () => import("./dump.js") },
 };
 
 function parseHash() {
@@ -31,8 +31,9 @@ let menuPlugins = null;
 
 async function renderSidebar(current) {
   const admin = api.session.user && api.session.user.admin;
+  const shared = api.session.user && api.session.user.shared;  // a share link's visitor: its studies only
   const links = Object.entries(screens)
-    .filter(([, screen]) => screen.label && (!screen.admin || admin))
+    .filter(([, screen]) => screen.label && (!screen.admin || admin) && (!shared || screen.shared))
     .map(([name, screen]) => h("li", {}, h("a", { href: `#/${name}`, "aria-current": name === current.name ? "page" : null }, screen.label)));
   const pluginList = h("ul", { class: "menu-plugins", "aria-label": "Plugins" });
   links.push(h("li", {}, h("a", { href: "/learn/" }, "Course")));  // docs/learn/, served by the daemon
@@ -89,6 +90,7 @@ function showUser() {
   box.hidden = !api.session.user;
   document.getElementById("user-name").textContent = api.session.user
     ? api.session.user.user + (api.session.user.admin ? " (administrator)" : "") : "";
+  document.getElementById("account").disabled = Boolean(api.session.user && api.session.user.shared);
 }
 
 /** Change one's own password (POST /user/<name>/password). */
@@ -131,6 +133,7 @@ async function route() {
     const screen = screens[current.name];
     if (!screen) return clear(main, h("h1", {}, "Not found"), message(`There is no page "${current.name}".`));
     if (screen.admin && !api.session.user.admin) return clear(main, h("h1", {}, screen.label), message("This page needs an administrator."));
+    if (api.session.user.shared && !screen.shared) return clear(main, h("h1", {}, screen.label || current.name), message("A share link shows only its studies: log in for the rest."));
     const module = await screen.load();
     if (generation !== routing) return;
     await module.render(main, { rest: current.rest, params: current.params });

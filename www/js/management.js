@@ -311,6 +311,7 @@ async function users(panel) {
     h("td", {}, user.admin ? "administrator" : "user"),
     h("td", {}, (user.roles || []).join(", ")),
     h("td", { class: "actions" },
+      h("button", { type: "button", onclick: () => groupsDialog(user, () => users(panel)), "aria-label": `Groups of ${user.username}` }, "Groups"),
       h("button", { type: "button", onclick: () => passwordDialog(user.username), "aria-label": `Change the password of ${user.username}` }, "Change password"),
       user.username === me ? null : actionButton("Delete", async () => {
         if (!await confirmDialog(`Delete ${user.username}?`, `${user.username} can no longer log in; their presets are deleted.`, { confirm: "Delete", danger: true })) return;
@@ -321,7 +322,7 @@ async function users(panel) {
   clear(panel,
     h("section", { class: "card stack" }, h("h2", {}, `Users (${list.length})`),
       h("div", { class: "table-wrap" }, h("table", { class: "plain" },
-        h("thead", {}, h("tr", {}, ["Name", "Kind", "Roles", "Actions"].map((label) => h("th", { scope: "col" }, label)))),
+        h("thead", {}, h("tr", {}, ["Name", "Kind", "Groups (roles)", "Actions"].map((label) => h("th", { scope: "col" }, label)))),
         h("tbody", {}, rows)))),
     h("form", { class: "card stack", onsubmit: async (event) => {
         event.preventDefault();
@@ -337,7 +338,91 @@ async function users(panel) {
       h("h2", {}, "Create a user"),
       h("div", { class: "inline" }, field("Username", username), field("Password", password)),
       field("Administrator (may manage the archive, index and delete)", admin),
-      h("div", {}, h("button", { type: "submit", class: "primary" }, "Create user")), status));
+      h("div", {}, h("button", { type: "submit", class: "primary" }, "Create user")), status),
+    await collectionsCard(list, () => users(panel)),
+    await sharesCard(() => users(panel)));
+}
+
+/** Share links (made from the search's Share… button): their state, and revoking them. */
+async function sharesCard(done) {
+  const { shares } = await api.get("/share");
+  const rows = shares.map((link) => h("tr", {},
+    h("td", {}, link.label ? `collection ${link.label}` : plural(link.studies.length, "study", "studies")),
+    h("td", {}, link.createdBy), h("td", {}, link.expires || "no date"),
+    h("td", {}, `${link.uses}${link.usesAllowed ? " of " + link.usesAllowed : ""}`), h("td", {}, link.state),
+    h("td", { class: "actions" }, link.state === "revoked" ? null : actionButton("Revoke", async () => {
+      await api.del(`/share/${encodeURIComponent(link.id)}`);
+      notify("The share link is revoked.");
+      done();
+    }, { "aria-label": `Revoke share link ${link.id}` }))));
+  return h("section", { class: "card stack" }, h("h2", {}, `Share links (${shares.length})`),
+    rows.length ? h("div", { class: "table-wrap" }, h("table", { class: "plain" },
+      h("thead", {}, h("tr", {}, ["Shares", "Made by", "Expires", "Opened", "State", "Actions"].map((text) => h("th", { scope: "col" }, text)))),
+      h("tbody", {}, rows))) : h("p", { class: "muted" }, "No share link yet: select studies in a search, then Share…."));
+}
+
+/** A user's groups (its roles): collections are given to groups by these names. */
+function groupsDialog(user, done) {
+  const groups = h("input", { value: (user.roles || []).join(", "), autocomplete: "off", spellcheck: "false" });
+  const status = statusLine();
+  const dialog = modal(`Groups of ${user.username}`, h("form", { class: "stack", onsubmit: async (event) => {
+      event.preventDefault();
+      try {
+        await api.post(`/user/${encodeURIComponent(user.username)}`, { roles: groups.value });
+        dialog.close();
+        notify(`The groups of ${user.username} are changed.`);
+        done();
+      } catch (error) {
+        say(status, error.message, "error");
+      }
+    } }, field("Groups, separated by commas", groups, "A group's collections are its members' (they log in again)."), status,
+    h("div", { class: "button-row end" }, h("button", { type: "submit", class: "primary" }, "Save groups"))));
+}
+
+/** Collections: each label with the users and groups that may read (or write) it. A user with
+ *  any collection sees only its collections' studies; administrators see everything. */
+async function collectionsCard(userList, done) {
+  const [{ labels }, { members: grants }] = await Promise.all([api.get("/labels"), api.get("/collections/members")]);
+  const status = statusLine();
+  const label = h("input", { name: "label", required: true, autocomplete: "off", spellcheck: "false", list: "collection-labels" });
+  const kind = h("select", { name: "kind" }, h("option", { value: "user" }, "user"), h("option", { value: "group" }, "group"));
+  const member = h("input", { name: "member", required: true, autocomplete: "off", spellcheck: "false", list: "collection-users" });
+  const access = h("select", { name: "access" }, h("option", { value: "read" }, "read"), h("option", { value: "write" }, "write"));
+  const path = (name, who, isGroup) =>
+    `/labels/${encodeURIComponent(name)}/access/${isGroup ? "group/" : ""}${encodeURIComponent(who)}`;
+  const rows = grants.map((grant) => {
+    const name = grant.label;
+    const isGroup = "group" in grant;
+    const who = isGroup ? grant.group : grant.user;
+    return h("tr", {}, h("td", {}, h("strong", {}, name)), h("td", {}, isGroup ? `group ${who}` : who), h("td", {}, grant.access),
+      h("td", { class: "actions" }, actionButton("Revoke", async () => {
+        await api.del(path(name, who, isGroup));
+        notify(`${who} no longer has access to ${name}.`);
+        done();
+      }, { "aria-label": `Revoke ${who}'s access to ${name}` })));
+  });
+  return h("section", { class: "card stack" },
+    h("h2", {}, "Collections"),
+    h("p", { class: "muted small" }, "A user given access to a collection (a label) sees only the studies of its collections, " +
+      "on the web, DICOMweb and mapped DICOM AEs; write lets it label within them. Administrators see everything."),
+    rows.length ? h("div", { class: "table-wrap" }, h("table", { class: "plain" },
+      h("thead", {}, h("tr", {}, ["Collection", "Member", "Access", "Actions"].map((text) => h("th", { scope: "col" }, text)))),
+      h("tbody", {}, rows))) : h("p", { class: "muted" }, "No collection has members yet."),
+    h("datalist", { id: "collection-labels" }, labels.map(({ label: name }) => h("option", { value: name }))),
+    h("datalist", { id: "collection-users" }, userList.map((user) => h("option", { value: user.username }))),
+    h("form", { class: "stack", onsubmit: async (event) => {
+        event.preventDefault();
+        try {
+          await api.put(path(label.value.trim(), member.value.trim(), kind.value === "group"), { access: access.value });
+          notify(`${member.value.trim()} may ${access.value} ${label.value.trim()}.`);
+          done();
+        } catch (error) {
+          say(status, error.message, "error");
+        }
+      } },
+      h("div", { class: "inline" }, field("Collection (label)", label), field("Member is a", kind), field("User or group", member),
+        field("Access", access)),
+      h("div", {}, h("button", { type: "submit", class: "primary" }, "Give access")), status));
 }
 
 function passwordDialog(username) {

@@ -166,7 +166,7 @@ async function showResults(container, params, box) {
       toolbar.append(button);
     }
   }
-  if (api.session.user && (level === "study" || level === "series")) {
+  if (api.session.user && !api.session.user.shared && (level === "study" || level === "series")) {
     // Labels (any logged-in user): put one on every selected study or series, or take it off.
     for (const [adding, caption] of [[true, "Label…"], [false, "Remove label…"]]) {
       const button = h("button", { type: "button", disabled: true, onclick: () => labelSelected(adding, level, selection) }, caption);
@@ -182,6 +182,12 @@ async function showResults(container, params, box) {
       link.addEventListener("click", () => { link.href = downloadUrl(level, selection, rows, view, media); });
       toolbar.append(link);
     }
+  }
+  if (api.session.user && !api.session.user.shared && level === "study") {
+    // Share (an administrator, or a writer of the studies' collection): a link without an account.
+    const button = h("button", { type: "button", disabled: true, onclick: () => shareSelected([...selection.values()]) }, "Share…");
+    needSelection.push(button);
+    toolbar.append(button);
   }
   if (viewer && view.study) {
     toolbar.append(h("a", { class: "button", href: api.viewerUrl(view.study.studyInstanceUID), target: "_blank", rel: "noopener" }, "Open study in viewer"));
@@ -410,7 +416,7 @@ const reload = () => navigate("search", Object.fromEntries(new URLSearchParams(l
 function labelChips(level, uid, labels) {
   return h("ul", { class: "chips labels" }, (labels || []).map((label) => h("li", { class: "chip label" },
     h("a", { href: href("search", { q: `label:${label}` }), title: `Everything labelled ${label}` }, label),
-    api.session.user ? h("button", { type: "button", class: "icon", "aria-label": `Remove label ${label}`, onclick: async () => {
+    api.session.user && !api.session.user.shared ? h("button", { type: "button", class: "icon", "aria-label": `Remove label ${label}`, onclick: async () => {
       try {
         await api.del(labelPath(level, uid, label));
         reload();
@@ -452,6 +458,34 @@ async function labelSelected(adding, level, selection) {
     }
   });
   input.addEventListener("input", () => input.setCustomValidity(""));
+}
+
+// ---- share links --------------------------------------------------------------------------------
+
+/** Make a share link to the selected studies: read-only, no account, until a date or a number of openings. */
+function shareSelected(rows) {
+  const days = h("input", { type: "number", name: "days", min: "1", max: "365", value: "7", required: true });
+  const uses = h("input", { type: "number", name: "uses", min: "1", placeholder: "no limit" });
+  const deidentify = h("input", { type: "checkbox", name: "deidentify" });
+  const result = h("div", { class: "stack", "aria-live": "polite" });
+  const form = h("form", { class: "stack" }, field("Days the link works", days), field("Openings allowed", uses, "Empty: as often as wanted until it expires."),
+    field("De-identified copies", deidentify, "The link shows copies with pseudonyms, made now by a research export; the map re-identifies them."),
+    h("div", { class: "button-row end" }, h("button", { type: "submit", class: "primary" }, "Make the link")), result);
+  modal(`Share ${plural(rows.length, "study", "studies")}`, form);
+  form.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    const expires = new Date(Date.now() + Number(days.value) * 86_400_000).toISOString();
+    try {
+      const link = await api.post("/share", { study: rows.map(rowKey.study), expires, uses: uses.value || undefined,
+        deidentify: deidentify.checked ? "true" : undefined });
+      const url = h("input", { type: "text", readonly: true, value: link.url, "aria-label": "Share link" });
+      const what = link.deidentified ? `de-identified copies of these studies (label ${link.label}, made as you read this)` : "these studies";
+      clear(result, message(`Anyone with this link sees ${what}, read-only, until it expires; it is shown only now.`, "info"), url);
+      url.select();
+    } catch (error) {
+      clear(result, message(error.message));
+    }
+  });
 }
 
 // ---- unindex and remove -------------------------------------------------------------------------
