@@ -40,6 +40,8 @@ import itertools
 import json
 import logging
 import math
+import multiprocessing
+import multiprocessing.connection
 import os
 import pathlib
 import queue
@@ -292,6 +294,9 @@ connection_timeout = 30
 association_request_timeout = 5
 # Most C-FIND matches returned for one request (0 = all).
 max_find_results = 0
+# Worker processes that serve storage associations, so that several use every core (0: none,
+# all in the daemon's process). Each takes about 60 MB. See "Ingest on every core" in README.md.
+workers = 0
 # DICOM over TLS (PS3.15 B.1) on a second port; the plain port stays. 0 leaves it closed. The
 # certificate and its private key are PEM files (dicoogled make-cert DIR makes a lab's). With a CA
 # certificate set, a client must present a certificate it signed (mutual TLS), and destinations
@@ -699,6 +704,7 @@ CONFIG_KEYS = {
     "allowed_calling_aets": ("dicom", "allowed_calling_aets", "words"),
     "calling_ae_access": ("dicom", "calling_ae_access", "ae_principals"),
     "max_associations": ("dicom", "max_associations", "int"),
+    "dicom_workers": ("dicom", "workers", "int"),
     "max_pdu": ("dicom", "max_pdu", "int"),
     "acse_timeout": ("dicom", "acse_timeout", "float"),
     "dimse_timeout": ("dicom", "dimse_timeout", "float"),
@@ -763,6 +769,7 @@ class Config:
     #: Calling AE title -> ("user" or "group", name): whose collections its queries and retrieves see.
     calling_ae_access: dict[str, tuple[str, str]] = dataclasses.field(default_factory=dict)
     max_associations: int = 16
+    dicom_workers: int = 0  #: worker processes for storage associations (0: none)
     max_pdu: int = 262144
     acse_timeout: float = 30
     dimse_timeout: float = 60
@@ -904,6 +911,8 @@ class Config:
             raise ValueError("invalid DICOM host '': an address or host name to listen on, 0.0.0.0 for all")
         if self.max_associations < 1:
             raise ValueError(f"invalid max_associations {self.max_associations}: at least 1")
+        if not 0 <= self.dicom_workers <= 64:
+            raise ValueError(f"invalid [dicom] workers {self.dicom_workers}: 0 (none) to 64")
         for name in ("max_pdu", "max_pdu_send"):
             if getattr(self, name) != 0 and not 1024 <= getattr(self, name) < 2**32:
                 raise ValueError(f"invalid {name} {getattr(self, name)}: 0 (unlimited) or 1024..4294967295 bytes")
@@ -2802,13 +2811,15 @@ class Storage:
     under the URI its plugin gave it, and read back through that plugin.
     """
 
-    def __init__(self, data_dir: pathlib.Path, fsync: bool = True, scheme: str = "file"):
+    def __init__(self, data_dir: pathlib.Path, fsync: bool = True, scheme: str = "file", sweep: bool = True):
         self.root = (data_dir / "storage").resolve()
         self.tmp = (data_dir / "tmp").resolve()
         self.fsync = fsync
         self.root.mkdir(parents=True, exist_ok=True)
         self.tmp.mkdir(parents=True, exist_ok=True)
-        for stale in self.tmp.glob("store-*"):  # left by a crash mid-write; never acknowledged
+        # The daemon sweeps at start; a DICOM worker process (sweep False) must not, since the
+        # temp files of the daemon and of the other workers are being written.
+        for stale in self.tmp.glob("store-*") if sweep else ():  # left by a crash mid-write; never acknowledged
             stale.unlink(missing_ok=True)
         #: Where received objects go: "file" (this folder) or a storage plugin's URI scheme.
         self.scheme = scheme
@@ -2874,7 +2885,11 @@ class Storage:
     def write(self, path: pathlib.Path, data: bytes):
         """Write data to path atomically: a temp file in the data dir, fsync, rename, and (with
         fsync) the rename itself and any folder made for it flushed too."""
-        made = make_folders(path.parent)
+        self.place(self.write_temp(data), path)
+
+    def write_temp(self, data: bytes) -> str:
+        """Write data to a new temp file, fsynced (with fsync); its name. place() puts it where
+        it belongs. A DICOM worker process writes here, the daemon places."""
         fd, tmp_name = self._temp_file()
         try:
             with os.fdopen(fd, "wb") as handle:
@@ -2882,6 +2897,17 @@ class Storage:
                 if self.fsync:
                     handle.flush()
                     os.fsync(handle.fileno())
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp_name)
+            raise
+        return tmp_name
+
+    def place(self, tmp_name: str, path: pathlib.Path):
+        """Rename a temp file of write_temp() to path, and (with fsync) flush the rename and
+        any folder made for it; the temp file is gone either way."""
+        try:
+            made = make_folders(path.parent)
             os.replace(tmp_name, path)
             if self.fsync:
                 for folder in dict.fromkeys([path.parent, *(folder.parent for folder in made)]):
@@ -2924,6 +2950,62 @@ class Storage:
 
     def contains(self, path: pathlib.Path) -> bool:
         return path.resolve().is_relative_to(self.root)
+
+
+def read_received(storage: Storage, data: bytes) -> tuple[Dataset, list[str], pathlib.Path, tuple]:
+    """Read a received Part 10 byte string: (its header, [study, series, SOP instance UID], the
+    path it is stored at, extract_metadata() of it). IngestError if it is cut short, malformed,
+    or not the instance its meta group names. Pure work: a DICOM worker process does it too."""
+    dataset = read_received_header(data)
+    check_structure(data, dataset)
+    try:
+        uids = [str(dataset.get(k, "")) for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")]
+        sop_class = str(dataset.get("SOPClassUID", ""))
+    except Exception as error:  # values are decoded lazily: a malformed UID element fails here
+        raise IngestError(f"unreadable UID: {error}") from None
+    if not all(uids):
+        raise IngestError("missing StudyInstanceUID, SeriesInstanceUID or SOPInstanceUID")
+    _require_announced(dataset.file_meta, sop_class, uids[2])
+    path = storage.path_for(*uids)
+    try:
+        extracted = extract_metadata(dataset)  # once: for the store filters and for the index
+    except Exception as error:
+        raise IngestError(f"unreadable DICOM: {error}") from None
+    return dataset, uids, path, extracted
+
+
+@dataclasses.dataclass
+class ReceivedObject:
+    """A received object that a DICOM worker process has read and written, fsynced, to a temp
+    file: what the daemon needs to commit it (Ingest.commit_received). Or, with failure set, why
+    it could not be read or written."""
+    uids: list[str]  #: study, series and SOP instance UID (the command's SOP instance UID on failure)
+    record: "InstanceRecord | None" = None  #: its index record, its path the final one
+    temp_name: str = ""
+    #: (status, reason, errno): an IngestError's status and reason (errno None), or an OSError's
+    failure: tuple | None = None
+    #: Why the C-STORE request itself could not be read (its command's UIDs), if it could not
+    unreadable_command: str = ""
+
+
+def prepare_received(storage: Storage, data: bytes, sop_uid: str = "") -> ReceivedObject:
+    """The part of storing a received object that needs neither the index nor the plugins, done
+    in a DICOM worker process: read it, write it to a temp file and fsync it, build its record.
+    sop_uid: the C-STORE command's, named on failure."""
+    try:
+        dataset, uids, path, extracted = read_received(storage, data)
+        temp_name = storage.write_temp(data)
+        written = os.stat(temp_name)  # a rename keeps the modification time
+        try:
+            record = make_record(dataset, str(path), "store", written.st_size, written.st_mtime_ns, extracted)
+        except BaseException:
+            os.unlink(temp_name)
+            raise
+        return ReceivedObject(uids, record, temp_name)
+    except IngestError as error:
+        return ReceivedObject(["", "", sop_uid], failure=(int(error.status), str(error), None))
+    except OSError as error:
+        return ReceivedObject(["", "", sop_uid], failure=(0, error.strerror or str(error), error.errno))
 
 
 class Ingest:
@@ -2978,68 +3060,107 @@ class Ingest:
         command) names is stored or indexed.
         """
         try:
-            dataset = read_received_header(data)
-            check_structure(data, dataset)
+            dataset, uids, path, extracted = read_received(self.storage, data)
+
+            def keep() -> InstanceRecord:
+                location, size, mtime_ns = self.storage.store(path, uids[2], data)
+                try:
+                    return make_record(dataset, location, origin, size, mtime_ns, extracted)
+                except BaseException:
+                    self.storage.discard(location)
+                    raise
+
+            return self._admit(uids, extracted[0], path, len(data), lambda: data, keep, calling_aet)
+        except (IngestError, OSError, apsw.Error) as error:
+            return self._refusal(error, _meta_uids(data).get(0x0003), calling_aet)
+
+    def commit_received(self, received: "ReceivedObject", calling_aet: str = "") -> DicomStatus:
+        """Store and index an object that a DICOM worker process has read and written to a temp
+        file (prepare_received): the rest of store_received (store filters, the duplicate
+        policy, disk space and quotas, the rename and the index commit), with the same status."""
+        try:
+            if received.failure is not None:
+                status, reason, errno_ = received.failure
+                raise IngestError(reason, status) if errno_ is None else OSError(errno_, reason)
+            record = received.record
             try:
-                uids = [str(dataset.get(k, "")) for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")]
-                sop_class = str(dataset.get("SOPClassUID", ""))
-            except Exception as error:  # values are decoded lazily: a malformed UID element fails here
-                raise IngestError(f"unreadable UID: {error}") from None
-            if not all(uids):
-                raise IngestError("missing StudyInstanceUID, SeriesInstanceUID or SOPInstanceUID")
-            _require_announced(dataset.file_meta, sop_class, uids[2])
-            path = self.storage.path_for(*uids)
-            try:
-                extracted = extract_metadata(dataset)  # once: for the store filters and for the index
-            except Exception as error:
-                raise IngestError(f"unreadable DICOM: {error}") from None
-            refusal = self.store_filter(calling_aet, extracted[0]) if self.store_filter else None
-            if refusal:
-                self.stats.failed += 1
-                self.log.info("a store filter refused %s from %s with 0x%04X", uids[2], calling_aet or "?", refusal)
-                return DicomStatus(refusal, "refused by a store filter")
-            with self._lock_uid(uids[2]):
-                if not self._accept_duplicate(uids[2], data, path, calling_aet):
-                    return DicomStatus(SUCCESS)
-                shortage = self.space.room_for(len(data))
-                if shortage:
-                    self.stats.failed += 1
-                    self.stats.out_of_space += 1
-                    self.log.error("refused %s from %s: out of resources, %s", uids[2], calling_aet or "?", shortage)
-                    return DicomStatus(OUT_OF_RESOURCES, "out of resources: " + shortage)
-                with self._room_in_quota(len(data), uids[0]) as over_quota:
-                    if over_quota:
-                        self.stats.failed += 1
-                        self.log.error("refused %s from %s: out of resources, %s", uids[2], calling_aet or "?", over_quota)
-                        return DicomStatus(OUT_OF_RESOURCES, "out of resources: " + over_quota)
-                    self._write_and_index(dataset, data, path, uids[2], origin, extracted, calling_aet)
-            self.log.info("stored %s from %s", uids[2], calling_aet or "?")
-            return DicomStatus(SUCCESS)
-        except IngestError as error:
+                admitted = False
+
+                def keep() -> InstanceRecord:
+                    nonlocal admitted
+                    admitted = True
+                    self.storage.place(received.temp_name, pathlib.Path(record.path))
+                    return record
+
+                return self._admit(received.uids, record.meta, pathlib.Path(record.path), record.size,
+                                   lambda: pathlib.Path(received.temp_name).read_bytes(), keep, calling_aet)
+            finally:
+                if not admitted:  # refused, a duplicate, or no room: the temp file is not wanted
+                    with contextlib.suppress(OSError):
+                        os.unlink(received.temp_name)
+        except (IngestError, OSError, apsw.Error) as error:
+            return self._refusal(error, received.uids[2] if received.uids else None, calling_aet)
+
+    def _admit(self, uids: list[str], tags: dict, path: pathlib.Path, size: int, read_data, keep,
+               calling_aet: str) -> DicomStatus:
+        """What follows reading an object, wherever it was read: store filters, the duplicate
+        policy, disk space and quotas, then keep() (write it, returning its InstanceRecord) and
+        the index commit. read_data() gives its bytes, for comparing with a duplicate."""
+        refusal = self.store_filter(calling_aet, tags) if self.store_filter else None
+        if refusal:
             self.stats.failed += 1
+            self.log.info("a store filter refused %s from %s with 0x%04X", uids[2], calling_aet or "?", refusal)
+            return DicomStatus(refusal, "refused by a store filter")
+        with self._lock_uid(uids[2]):
+            if not self._accept_duplicate(uids[2], read_data, path, calling_aet):
+                return DicomStatus(SUCCESS)
+            shortage = self.space.room_for(size)
+            if shortage:
+                self.stats.failed += 1
+                self.stats.out_of_space += 1
+                self.log.error("refused %s from %s: out of resources, %s", uids[2], calling_aet or "?", shortage)
+                return DicomStatus(OUT_OF_RESOURCES, "out of resources: " + shortage)
+            with self._room_in_quota(size, uids[0]) as over_quota:
+                if over_quota:
+                    self.stats.failed += 1
+                    self.log.error("refused %s from %s: out of resources, %s", uids[2], calling_aet or "?", over_quota)
+                    return DicomStatus(OUT_OF_RESOURCES, "out of resources: " + over_quota)
+                self._write_and_index(path, uids[2], keep, calling_aet)
+        self.log.info("stored %s from %s", uids[2], calling_aet or "?")
+        return DicomStatus(SUCCESS)
+
+    def _refusal(self, error: Exception, sop_uid: str | None, calling_aet: str) -> DicomStatus:
+        """The status for a received object that could not be stored, counted and logged."""
+        self.stats.failed += 1
+        if isinstance(error, IngestError):
             if error.status in (CANNOT_UNDERSTAND, DATA_SET_DOES_NOT_MATCH_SOP_CLASS):
                 self.stats.malformed += 1
-            sop_uid = _meta_uids(data).get(0x0003) or "?"  # the command's (C-STORE), when the data set has none
-            self.log.warning("refused %s from %s with 0x%04X: %s", sop_uid, calling_aet or "?", error.status, error)
+            # sop_uid: the command's (C-STORE), when the data set has none
+            self.log.warning("refused %s from %s with 0x%04X: %s", sop_uid or "?", calling_aet or "?", error.status, error)
             return DicomStatus(error.status, str(error))
-        except (OSError, apsw.Error) as error:
-            # The temp file, its fsync, the rename or the index commit failed: out of resources.
-            self.stats.failed += 1
-            if is_out_of_space(error):
-                self.stats.out_of_space += 1
-                self.space.ran_out("storing a received object", error)
-            self.log.error("cannot store an object from %s: out of resources, %s", calling_aet or "?", error)
-            return DicomStatus(OUT_OF_RESOURCES, "cannot store: " + (getattr(error, "strerror", None) or str(error)))
+        # The temp file, its fsync, the rename or the index commit failed: out of resources.
+        if is_out_of_space(error):
+            self.stats.out_of_space += 1
+            self.space.ran_out("storing a received object", error)
+        self.log.error("cannot store an object from %s: out of resources, %s", calling_aet or "?", error)
+        return DicomStatus(OUT_OF_RESOURCES, "cannot store: " + (getattr(error, "strerror", None) or str(error)))
 
-    def _write_and_index(self, dataset, data: bytes, path: pathlib.Path, sop_uid: str, origin: str, extracted, calling_aet: str):
-        """Write a received object and commit its index row, or leave nothing of it behind."""
+    def _write_and_index(self, path: pathlib.Path, sop_uid: str, keep, calling_aet: str):
+        """Write a received object (keep() writes it and gives its record) and commit its index
+        row, or leave nothing of it behind."""
         # An overwriting version may live elsewhere (its study or series changed): the file it
         # replaces must go, or it stays on disk unindexed (check reports it).
         replaced = self.index.instance(sop_uid) if self.duplicates == "overwrite" else None
         kept = self.storage.set_aside(path) if replaced and replaced.path == str(path) else None
-        location, size, mtime_ns = self.storage.store(path, sop_uid, data)
         try:
-            record = make_record(dataset, location, origin, size, mtime_ns, extracted)
+            record = keep()
+        except BaseException:
+            if kept is not None:  # the file it was to replace goes back
+                with contextlib.suppress(OSError):
+                    os.replace(kept, path)
+            raise
+        location = record.path
+        try:
             self._index(record, calling_aet)
         except BaseException:
             # Never acknowledged, so it must not stay: a file without its index row is an
@@ -3172,11 +3293,13 @@ class Ingest:
             self.log.info("deleted %d instance(s) (%s)", len(deleted), reason)
         return len(deleted), failed
 
-    def _accept_duplicate(self, sop_uid: str, data: bytes, path: pathlib.Path, calling_aet: str) -> bool:
-        """Apply the duplicate policy; True when the new object should be written."""
+    def _accept_duplicate(self, sop_uid: str, read_data, path: pathlib.Path, calling_aet: str) -> bool:
+        """Apply the duplicate policy; True when the new object should be written. read_data()
+        gives the new object's bytes (read only when there is a duplicate to compare)."""
         existing = self.index.instance(sop_uid)
         if existing is None:
             return True
+        data = read_data()
         self.stats.duplicates += 1
         old_path = pathlib.Path(existing.path)
         try:
@@ -6190,6 +6313,29 @@ class Association:
         limit = self._max_send_limit
         self.max_send = min(max_pdu, limit) if max_pdu and limit else (max_pdu or limit)
 
+    #: What an established association is made of besides its socket: what a worker process
+    #: that takes it over needs (handed_over_state, resumed).
+    _HANDED_OVER = ("address", "max_receive", "max_send", "_max_send_limit", "timeout", "calling_aet", "called_aet",
+                    "peer_aet", "contexts", "roles", "peer_implementation", "_message_id")
+
+    def handed_over_state(self) -> dict:
+        """This association's state, for another process that takes its socket over (resumed);
+        the bytes read but not used yet go with it."""
+        state = {name: getattr(self, name) for name in self._HANDED_OVER}
+        state["unread"] = bytes(self._buffer)
+        return state
+
+    @classmethod
+    def resumed(cls, sock: socket.socket, state: dict, log: logging.Logger) -> "Association":
+        """The established association another process handed over: its socket and its state."""
+        association = cls(sock, state["address"], max_receive=state["max_receive"],
+                          max_send_limit=state["_max_send_limit"], timeout=state["timeout"], log=log)
+        for name in cls._HANDED_OVER:
+            setattr(association, name, state[name])
+        association.received(state["unread"])
+        association.is_established = True
+        return association
+
     # ---- PDUs ---------------------------------------------------------------------------------
 
     def _fill(self, size: int, deadline: float | None):
@@ -6535,6 +6681,32 @@ def tls_client_context(config: Config) -> ssl.SSLContext:
     return context
 
 
+def serve_to_end(association: Association, serve, log: logging.Logger):
+    """Run serve(association) until the association ends, answering an A-RELEASE-RQ; returns
+    how to end the connection (close, or abort after a protocol error or a silent peer), which
+    the caller does once the association's slot is free."""
+    try:
+        serve(association)
+    except PeerReleased:
+        try:
+            with association.send_lock:  # nothing of ours may follow the A-RELEASE-RP
+                association.is_established = False
+                association.send(A_RELEASE_RP().encode())
+        except AssociationEnded as error:
+            log.info("association with %s ended: %s", association.peer, error)
+            return association.close
+        return functools.partial(association.close, wait_for_peer=PEER_CLOSE_WAIT)
+    except ProtocolError as error:
+        log.warning("aborted the association with %s: %s", association.peer, error)
+        return functools.partial(association.abort, error.reason)
+    except PeerTimedOut as error:
+        log.warning("aborted the association with %s: %s", association.peer, error)
+        return association.abort
+    except AssociationEnded as error:
+        log.info("association with %s ended: %s", association.peer, error)
+    return association.close
+
+
 class AssociationAcceptor:
     """The DICOM listener: one socket and one thread, which accepts connections and keeps them
     in a waiting room until each has sent its whole A-ASSOCIATE-RQ; only then does a connection
@@ -6734,13 +6906,7 @@ class AssociationAcceptor:
                 self._reject(association, request, rejection)
                 return
             self._accept(association, request, settings)
-            try:
-                self.serve(association)
-            except PeerReleased:
-                with association.send_lock:  # nothing of ours may follow the A-RELEASE-RP
-                    association.is_established = False
-                    association.send(A_RELEASE_RP().encode())
-                ending = functools.partial(association.close, wait_for_peer=PEER_CLOSE_WAIT)
+            ending = serve_to_end(association, self.serve, self.log)
         except ProtocolError as error:
             self.log.warning("aborted the association with %s: %s", association.peer, error)
             ending = functools.partial(association.abort, error.reason)
@@ -7054,6 +7220,8 @@ class DicomServices:
                                   for uid in (Verification, *QUERY_RETRIEVE_SOP_CLASSES, StorageCommitmentPushModel,
                                               WORKLIST_SOP_CLASS, MPPS_SOP_CLASS)]
         self._service_classes = {str(context.abstract_syntax) for context in self._service_contexts}
+        #: The worker processes storage associations are handed to ([dicom] workers), while the listener is open.
+        self.workers: "AssociationWorkers | None" = None
 
     def set_ae_title(self, aet: str):
         """Answer to aet from the next association on (and call others by it)."""
@@ -7102,6 +7270,10 @@ class DicomServices:
                     self.acceptor = self.port = None
                     raise
                 self.tls_port = self.tls_acceptor.address[1]
+            if self.config.dicom_workers and self.ingest.storage.scheme == "file":
+                self.workers = AssociationWorkers(self.config.dicom_workers, {
+                    "data_dir": str(self.config.data_dir), "fsync": self.ingest.storage.fsync,
+                    "log_level": self.config.log_level}, self.log)
         self.log.info("DICOM listening on %s:%d as %s", self.config.dicom_host, self.port, self.config.aet)
         if self.tls_port:
             self.log.info("DICOM TLS listening on %s:%d (TLS %s or later%s)", self.config.dicom_host, self.tls_port,
@@ -7139,6 +7311,9 @@ class DicomServices:
         with self._in_flight_done:
             self._in_flight_done.wait_for(lambda: self._in_flight == 0, timeout=grace)
         acceptor.abort_all()  # both ports' associations: they share one set
+        workers, self.workers = self.workers, None
+        if workers:
+            workers.stop()  # they abort theirs
         self.log.info("DICOM listener closed")
 
     @contextlib.contextmanager
@@ -7229,9 +7404,31 @@ class DicomServices:
 
     def _serve(self, association: Association):
         """Answer an association's requests, one message at a time, until the peer releases it
-        (PeerReleased) or it ends (AssociationEnded)."""
+        (PeerReleased) or it ends (AssociationEnded). A storage association goes to a worker
+        process, if there are some ([dicom] workers); this thread then commits what it stores."""
+        workers = self.workers
+        if workers and self._may_hand_over(association):
+            if workers.serve(association, self._service_classes, functools.partial(self._commit_handed_over, association)):
+                return
         while True:
             self._dispatch(association, association.read_message())
+
+    def _may_hand_over(self, association: Association) -> bool:
+        """Whether a worker process can serve the association: plain TCP (a TLS session cannot
+        change process), and only storage and verification contexts accepted (the other
+        services need the index, the plugins and the codecs, which are here)."""
+        return not isinstance(association.sock, ssl.SSLSocket) and all(
+            str(context.abstract_syntax) == str(Verification) or str(context.abstract_syntax) not in self._service_classes
+            for context in association.contexts.values())
+
+    def _commit_handed_over(self, association: Association, received: "ReceivedObject") -> tuple[int, str]:
+        """Commit an object a worker process received on association: (status, reason)."""
+        try:
+            status = self._on_store_received(association.calling_aet, received)
+        except Exception:  # a bug, not the peer's fault: a failure, and the association goes on (as _dispatch)
+            self.log.exception("C_STORE_RQ from %s failed", association.peer)
+            status = UNABLE_TO_PROCESS
+        return int(status), getattr(status, "reason", "")
 
     def _dispatch(self, association: Association, message: DimseMessage):
         if message.kind is C_CANCEL_RQ:
@@ -7490,14 +7687,35 @@ class DicomServices:
 
     # ---- the handlers: plain requests in, statuses out ----------------------------------------
 
+    def _store_refusal(self, calling: str) -> DicomStatus | None:
+        """NOT_AUTHORIZED if calling may not store, else None."""
+        if "store" in self.services_of(calling):
+            return None
+        self.log.warning("refused C-STORE to %s: [modalities] %s does not allow store", calling, calling)
+        # Refused: Not Authorized, a C-STORE status (PS3.7 9.1.1.1.9, Annex C). The storage
+        # contexts stay accepted at negotiation: a C-GET needs them to send instances back.
+        return DicomStatus(NOT_AUTHORIZED, f"{calling} may not store ([modalities] allow=)")
+
+    def _on_store_received(self, calling: str, received: "ReceivedObject") -> DicomStatus:
+        """_on_store for an object a worker process has read and written to a temp file."""
+        with self._tracked():
+            refusal = self._store_refusal(calling)
+            if refusal is None and received.unreadable_command:
+                self.log.warning("C-STORE from %s: cannot read the request: %s", calling, received.unreadable_command)
+                refusal = CANNOT_UNDERSTAND
+            if refusal is None:
+                return self.ingest.commit_received(received, calling)
+            if received.temp_name:
+                with contextlib.suppress(OSError):
+                    os.unlink(received.temp_name)
+            return refusal
+
     def _on_store(self, request: DimseRequest) -> int:
         with self._tracked():
             calling = request.calling_aet
-            if "store" not in self.services_of(calling):
-                self.log.warning("refused C-STORE to %s: [modalities] %s does not allow store", calling, calling)
-                # Refused: Not Authorized, a C-STORE status (PS3.7 9.1.1.1.9, Annex C). The storage
-                # contexts stay accepted at negotiation: a C-GET needs them to send instances back.
-                return DicomStatus(NOT_AUTHORIZED, f"{calling} may not store ([modalities] allow=)")
+            refusal = self._store_refusal(calling)
+            if refusal is not None:
+                return refusal
             try:
                 header = part10_header(request.sop_class_uid, request.sop_instance_uid,
                                        request.transfer_syntax, request.calling_aet)
@@ -7859,6 +8077,242 @@ def _contexts_for(instances: list[IndexedInstance]) -> list:
     if len(contexts) > 128:
         log.warning("sending needs %d presentation contexts; only 128 can be proposed", len(contexts))
     return contexts[:128]
+
+
+# ============================================================================================
+# DICOM workers: storage associations served in worker processes, on every core
+# ============================================================================================
+#
+# One Python process runs one thread at a time (the GIL), so however many associations store
+# at once, the daemon alone uses one core. With [dicom] workers = N, the daemon starts N worker
+# processes and hands each accepted storage association (its socket, with SCM_RIGHTS, and its
+# negotiated state) to the least busy one. The worker reads the PDUs and DIMSE messages, reads
+# each object and writes it to a temp file with fsync (prepare_received): most of a C-STORE's
+# time. The daemon keeps what must be one: the listener, the waiting room, the association
+# judge and limits (a handed-over association keeps its slot until the worker is done with it),
+# and, for each object, store filters, the duplicate policy, disk space and quotas, the rename,
+# the index commit and the events (Ingest.commit_received), asked by the worker over a channel
+# of the association's own. A C-STORE is answered success only once that commit is done.
+#
+# A worker that dies takes its associations with it (their peers see the connection drop; what
+# was not answered was not acknowledged) and is started again. The other services (C-FIND,
+# C-MOVE, C-GET, commitment, worklist, MPPS) and DICOM TLS stay in the daemon.
+
+class _HandedOverServices(DicomServices):
+    """The DICOM services of an association a worker process serves: verification and storage.
+    Each C-STORE is read and written here, and committed by the daemon over control."""
+
+    def __init__(self, storage: Storage, control, service_classes: set, log: logging.Logger):
+        # Not DicomServices.__init__: a worker has no index, listener, plugins or codecs.
+        self.storage, self.control, self.log = storage, control, log
+        self._service_classes = service_classes
+        self.workers = None
+
+    def _on_store(self, request: DimseRequest) -> int:
+        try:
+            data = part10_header(request.sop_class_uid, request.sop_instance_uid, request.transfer_syntax,
+                                 request.calling_aet) + request.data
+        except Exception as error:
+            received = ReceivedObject(["", "", request.sop_instance_uid], unreadable_command=str(error))
+        else:
+            received = prepare_received(self.storage, data, request.sop_instance_uid)
+        try:
+            self.control.send(received)
+            status, reason = self.control.recv()
+        except (EOFError, OSError):
+            # The daemon is stopping, or lost this association: nothing is acknowledged.
+            if received.temp_name:
+                with contextlib.suppress(OSError):
+                    os.unlink(received.temp_name)
+            raise AssociationEnded("the daemon ended the association") from None
+        return DicomStatus(status, reason)
+
+
+def _serve_handed_over(sock: socket.socket, control_fd: int, storage: Storage, running: set,
+                       lock: threading.Lock, log: logging.Logger):
+    """In a worker process: serve one association the daemon handed over, to its end."""
+    control = multiprocessing.connection.Connection(control_fd)
+    try:
+        state = control.recv()
+    except (EOFError, OSError):
+        sock.close()
+        control.close()
+        return
+    association = Association.resumed(sock, state["association"], log)
+    services = _HandedOverServices(storage, control, state["service_classes"], log)
+    with lock:
+        running.add(association)
+    try:
+        ending = serve_to_end(association, services._serve, log)
+    finally:
+        with lock:
+            running.discard(association)
+        control.close()  # the daemon frees the association's slot
+    ending()
+
+
+def _association_worker(channel: socket.socket, settings: dict):
+    """A worker process's life: serve the associations the daemon sends over channel (a byte
+    with the connection's and the control channel's descriptors) until it says stop or is
+    gone; then abort those still under way."""
+    # Signals are the daemon's to act on: it stops the workers itself, after its grace.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _configure_logging(settings["log_level"])
+    log = logging.getLogger("dicoogled.dicom")
+    storage = Storage(pathlib.Path(settings["data_dir"]), fsync=settings["fsync"], sweep=False)
+    running, lock = set(), threading.Lock()
+    channel.sendall(AssociationWorkers.READY)
+    while True:
+        try:
+            message, fds, _, _ = socket.recv_fds(channel, 1, 2)
+        except OSError:
+            break
+        if message != AssociationWorkers.HAND_OVER or len(fds) != 2:
+            for fd in fds:
+                os.close(fd)
+            break
+        start_thread(f"dicom-worker-{os.getpid()}", _serve_handed_over, socket.socket(fileno=fds[0]), fds[1],
+                     storage, running, lock, log)
+    with lock:
+        under_way = list(running)
+    for association in under_way:
+        association.abort(wait_for_peer=0)
+
+
+@dataclasses.dataclass
+class _Worker:
+    process: multiprocessing.Process
+    channel: socket.socket  #: the daemon's end of the hand-over channel
+    send_lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+    associations: int = 0  #: handed over and not ended
+
+
+class AssociationWorkers:
+    """The worker processes storage associations are handed to, kept running: one that dies is
+    started again."""
+
+    #: What the daemon sends a worker: an association (with two descriptors), or stop.
+    HAND_OVER, STOP = b"A", b"S"
+    #: What a worker sends once it can serve (its imports take a second or two).
+    READY = b"R"
+    #: Seconds the daemon waits at start for its workers to be ready.
+    START_TIMEOUT = 60
+
+    def __init__(self, count: int, settings: dict, log: logging.Logger):
+        #: What a worker needs: data_dir, fsync, log_level.
+        self.settings, self.log = settings, log
+        self._lock = threading.Lock()
+        self._stopping = False
+        self._wake_read, self._wake_write = socket.socketpair()
+        self.restarts = 0  #: workers started again after one died
+        self.workers = [self._start_one() for _ in range(count)]
+        # The listener is ready only when its workers are: a peer's first association is not
+        # left waiting for a worker's imports.
+        for worker in self.workers:
+            try:
+                worker.channel.settimeout(self.START_TIMEOUT)
+                if worker.channel.recv(1) != self.READY:
+                    raise OSError("it ended")
+            except OSError as error:
+                self.log.error("DICOM worker process %d did not start: %s", worker.process.pid, error)
+            finally:
+                worker.channel.settimeout(None)
+        self._supervisor = start_thread("dicom-workers", self._supervise)
+
+    def _start_one(self) -> _Worker:
+        ours, theirs = socket.socketpair()
+        # spawn, not fork: the daemon has threads (a forked child could inherit a held lock).
+        process = multiprocessing.get_context("spawn").Process(
+            target=_association_worker, args=(theirs, self.settings), name="dicoogled-dicom-worker", daemon=True)
+        process.start()
+        theirs.close()
+        self.log.info("DICOM worker process %d started", process.pid)
+        return _Worker(process, ours)
+
+    def pids(self) -> list[int]:
+        """The worker processes' IDs."""
+        with self._lock:
+            return [worker.process.pid for worker in self.workers]
+
+    def _supervise(self):
+        while True:
+            with self._lock:
+                by_sentinel = {worker.process.sentinel: worker for worker in self.workers}
+            ended = multiprocessing.connection.wait([*by_sentinel, self._wake_read])
+            with self._lock:
+                if self._stopping:
+                    return
+                for sentinel in ended:
+                    worker = by_sentinel.get(sentinel)
+                    if worker is None:
+                        continue
+                    worker.process.join()
+                    worker.channel.close()
+                    self.log.error("DICOM worker process %d ended (exit code %s) with %d associations, which ended "
+                                   "with it: starting another", worker.process.pid, worker.process.exitcode,
+                                   worker.associations)
+                    self.workers[self.workers.index(worker)] = self._start_one()
+                    self.restarts += 1
+
+    def serve(self, association: Association, service_classes: set, commit) -> bool:
+        """Hand association to the least busy worker and commit, in this thread, each object it
+        receives (commit(ReceivedObject) -> (status, reason)) until the worker is done with the
+        association; False if no worker could take it (then it is still ours to serve)."""
+        with self._lock:
+            if self._stopping:
+                return False
+            worker = min(self.workers, key=lambda w: w.associations)
+            worker.associations += 1
+        try:
+            ours, theirs = socket.socketpair()
+            try:
+                with worker.send_lock:
+                    socket.send_fds(worker.channel, [self.HAND_OVER], [association.sock.fileno(), theirs.fileno()])
+            except OSError as error:
+                self.log.warning("cannot hand the association with %s to a worker process: %s", association.peer, error)
+                ours.close()
+                return False
+            finally:
+                theirs.close()
+            state = {"association": association.handed_over_state(), "service_classes": service_classes}
+            # The worker's now: a copy kept here would hold the connection open if the worker died.
+            association.sock.close()
+            control = multiprocessing.connection.Connection(ours.detach())
+            try:
+                control.send(state)
+                while True:
+                    control.send(commit(control.recv()))
+            except (EOFError, OSError):
+                pass  # the worker is done with the association, or died
+            finally:
+                control.close()
+            return True
+        finally:
+            with self._lock:
+                worker.associations -= 1
+
+    def stop(self, timeout: float = 10):
+        """Stop every worker: each aborts the associations it still serves, then exits."""
+        with self._lock:
+            self._stopping = True
+            workers = list(self.workers)
+        with contextlib.suppress(OSError):
+            self._wake_write.send(b"x")
+        for worker in workers:
+            with contextlib.suppress(OSError), worker.send_lock:
+                worker.channel.send(self.STOP)
+        deadline = time.monotonic() + timeout
+        for worker in workers:
+            worker.process.join(max(0.0, deadline - time.monotonic()))
+            if worker.process.is_alive():
+                self.log.warning("DICOM worker process %d did not stop: killed", worker.process.pid)
+                worker.process.kill()
+                worker.process.join()
+            worker.channel.close()
+        self._supervisor.join(5)
+        self._wake_read.close()
+        self._wake_write.close()
 
 
 # ============================================================================================

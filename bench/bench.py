@@ -43,7 +43,8 @@ from both servers, and a retrieval must bring exactly the study's 50
 instances.  A row whose answers differ shows "DIFFER" instead of a ratio, with
 both answers below it.
 
-Servers run with their default settings (both fsync stored files), except
+Servers run with their default settings (both fsync stored files; --dicom-workers N gives dicoogled
+[dicom] workers = N), except
 ports and, for Orthanc, "StorageCompression": false, "DicomCheckCalledAet":
 false and "DicomAlwaysAllowFind" (and in c, "DicomAlwaysAllowMove" and
 "DicomAlwaysAllowGet"): true.  In c both know the C-MOVE destination (dicoogled
@@ -308,10 +309,17 @@ class Dicoogled(Server):
     # DICOMweb needs a login; Basic credentials are checked with scrypt once, then remembered.
     http_headers = {"Authorization": "Basic " + base64.b64encode(f"admin:{BENCH_PASSWORD}".encode()).decode()}
 
+    #: [dicom] workers for dicoogled (--dicom-workers; 0: its default, none)
+    workers = 0
+
     def command(self, *extra):
-        config = []
+        config, text = [], ""
+        if self.workers:
+            text += f"[dicom]\nworkers = {self.workers}\n"
         if self.destination:
-            (self.dir / "bench.ini").write_text(f"[modalities]\n{DESTINATION} = 127.0.0.1:{self.destination.port}\n")
+            text += f"[modalities]\n{DESTINATION} = 127.0.0.1:{self.destination.port}\n"
+        if text:
+            (self.dir / "bench.ini").write_text(text)
             config = ["--config", str(self.dir / "bench.ini")]
         return [sys.executable, str(ROOT / "dicoogled.py"), "serve", "--data-dir", str(self.dir / "data"),
                 "--http-host", "127.0.0.1", "--http-port", str(self.http_port),
@@ -732,7 +740,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smaller data sets (a few minutes)")
     parser.add_argument("--servers", default="dicoogled,orthanc", help="comma-separated subset to run")
+    parser.add_argument("--dicom-workers", type=int, default=0, metavar="N",
+                        help="run dicoogled with [dicom] workers = N (worker processes for storage associations)")
     args = parser.parse_args()
+    Dicoogled.workers = args.dicom_workers
     args.servers = args.servers.split(",")
     for tool in (*DCMTK_TOOLS, ORTHANC):
         if not shutil.which(tool):
