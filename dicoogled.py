@@ -180,6 +180,10 @@ CANNOT_UNDERSTAND = 0xC000
 UNABLE_TO_PROCESS = 0xC001  # C-FIND/MOVE/GET: the identifier cannot be processed
 STORE_REFUSED_INVALID_UID = 0xC002
 SUBOPERATIONS_FAILED = 0xB000
+
+#: The results an audit log entry records (section "Audit log"): done, refused (not allowed), failed.
+AUDIT_OK, AUDIT_REFUSED, AUDIT_FAILED = "ok", "refused", "failed"
+
 # N-CREATE/N-SET failures (PS3.7 C.4.2.1 and 10.1.5: the DIMSE-N statuses), as MPPS answers them.
 INVALID_ATTRIBUTE_VALUE = 0x0106
 PROCESSING_FAILURE = 0x0110
@@ -426,6 +430,13 @@ stable_age = 60
 [log]
 # DEBUG, INFO, WARNING or ERROR.
 level = INFO
+
+[audit]
+# The audit log (data_dir/audit.sqlite, GET /audit): who searched, viewed, downloaded, exported,
+# sent, stored, deleted, labelled or changed what, and when. UIDs only, never patient names.
+enabled = true
+# Entries older than this many days are deleted (checked every hour); 0 keeps them all.
+retention_days = 2190
 
 [transfer_syntaxes]
 # Storage SOP classes limited to some transfer syntaxes: SOP Class UID = transfer syntax UIDs,
@@ -752,6 +763,8 @@ CONFIG_KEYS = {
     "codec_idle_seconds": ("codecs", "idle_seconds", "float"),
     "codec_timeout": ("codecs", "timeout", "float"),
     "log_level": ("log", "level", "upper"),
+    "audit_enabled": ("audit", "enabled", "bool"),
+    "audit_retention_days": ("audit", "retention_days", "float"),
     "stable_age": ("plugins", "stable_age", "float"),
 }
 
@@ -824,6 +837,9 @@ class Config:
     codec_idle_seconds: float = 60
     codec_timeout: float = 60
     log_level: str = "INFO"
+    audit_enabled: bool = True
+    #: Days an audit entry is kept; 0: for ever. Six years by default (HIPAA keeps records that long).
+    audit_retention_days: float = 2190
     plugin_folders: list[pathlib.Path] = dataclasses.field(default_factory=list)
     stable_age: float = 60
     #: [plugin.NAME] sections: plugin name -> {setting: text}
@@ -929,6 +945,8 @@ class Config:
             raise ValueError(f"invalid quota max_size_mb {self.max_size_mb}, max_instances {self.max_instances}: 0 (no limit) or more")
         if self.when_full not in WHEN_FULL_POLICIES:
             raise ValueError(f"invalid when_full {self.when_full!r}: refuse or recycle")
+        if not self.audit_retention_days >= 0:
+            raise ValueError(f"invalid [audit] retention_days {self.audit_retention_days}: 0 (keep all) or more days")
         if not self.retention_interval_hours > 0:
             raise ValueError(f"invalid retention_interval_hours {self.retention_interval_hours}: more than 0")
         if not (self.import_max_unpacked_mb > 0 and self.import_max_ratio >= 1):
@@ -2466,11 +2484,12 @@ class IngestError(Exception):
 
 class DicomStatus(int):
     """A DICOM status with the reason of a failure (a response's Error Comment, STOW-RS's
-    failure reason); it compares as the plain status."""
+    failure reason) and, for a store, the study of the object when it was read (for the audit
+    log); it compares as the plain status."""
 
-    def __new__(cls, status: int, reason: str = ""):
+    def __new__(cls, status: int, reason: str = "", study_uid: str = ""):
         self = super().__new__(cls, status)
-        self.reason = reason
+        self.reason, self.study_uid = reason, study_uid
         return self
 
 
@@ -3027,6 +3046,8 @@ class Ingest:
         self.space = space or DiskSpace(storage.root)
         self.stats = IngestStats()
         self.listeners = []  #: callables(record, calling_aet), told of every indexed instance
+        #: The audit log (AuditLog) that recycling and retention record their deletions in, if any.
+        self.audit = None
         #: SOPInstanceUID -> paths of further copies skipped as duplicates, to index if the first goes.
         self.shadowed: dict[str, set[str]] = {}
         #: callable(calling_aet, tags) -> None to accept, or a DICOM status to refuse with
@@ -3110,24 +3131,24 @@ class Ingest:
         if refusal:
             self.stats.failed += 1
             self.log.info("a store filter refused %s from %s with 0x%04X", uids[2], calling_aet or "?", refusal)
-            return DicomStatus(refusal, "refused by a store filter")
+            return DicomStatus(refusal, "refused by a store filter", uids[0])
         with self._lock_uid(uids[2]):
             if not self._accept_duplicate(uids[2], read_data, path, calling_aet):
-                return DicomStatus(SUCCESS)
+                return DicomStatus(SUCCESS, study_uid=uids[0])
             shortage = self.space.room_for(size)
             if shortage:
                 self.stats.failed += 1
                 self.stats.out_of_space += 1
                 self.log.error("refused %s from %s: out of resources, %s", uids[2], calling_aet or "?", shortage)
-                return DicomStatus(OUT_OF_RESOURCES, "out of resources: " + shortage)
+                return DicomStatus(OUT_OF_RESOURCES, "out of resources: " + shortage, uids[0])
             with self._room_in_quota(size, uids[0]) as over_quota:
                 if over_quota:
                     self.stats.failed += 1
                     self.log.error("refused %s from %s: out of resources, %s", uids[2], calling_aet or "?", over_quota)
-                    return DicomStatus(OUT_OF_RESOURCES, "out of resources: " + over_quota)
+                    return DicomStatus(OUT_OF_RESOURCES, "out of resources: " + over_quota, uids[0])
                 self._write_and_index(path, uids[2], keep, calling_aet)
         self.log.info("stored %s from %s", uids[2], calling_aet or "?")
-        return DicomStatus(SUCCESS)
+        return DicomStatus(SUCCESS, study_uid=uids[0])
 
     def _refusal(self, error: Exception, sop_uid: str | None, calling_aet: str) -> DicomStatus:
         """The status for a received object that could not be stored, counted and logged."""
@@ -3235,7 +3256,9 @@ class Ingest:
             self.log.warning("recycling study %s (%d instances, %d KB, last arrival %s) to make room: %s",
                              study.study_instance_uid, study.instances, study.bytes // 1024,
                              _utc_text(study.last_arrival_ns), shortage)
-            _, failed = self.delete_instances(self.index.instances_of(study_uid=study.study_instance_uid), "recycled")
+            doomed = self.index.instances_of(study_uid=study.study_instance_uid)
+            deleted, failed = self.delete_instances(doomed, "recycled")
+            self._audit_deletion(study.study_instance_uid, doomed, deleted, failed, "recycled: a quota is reached")
             if failed:
                 return shortage + f"; recycling study {study.study_instance_uid} failed"
             self.recycled += 1
@@ -3262,10 +3285,18 @@ class Ingest:
                                  _utc_text(study.last_arrival_ns))
                 old = [i for i in self.index.instances_of(study_uid=study.study_instance_uid) if i.mtime_ns < cutoff_ns]
                 deleted, failed = self.delete_instances(old, f"retention rule {rule.name}")
+                self._audit_deletion(study.study_instance_uid, old, deleted, failed, f"retention rule {rule.name}")
                 named[study.study_instance_uid].update(deleted=deleted, failed=failed)
         if dry_run and named:
             self.log.info("retention dry run: %d stud%s would be deleted", len(named), "y" if len(named) == 1 else "ies")
         return list(named.values())
+
+    def _audit_deletion(self, study_uid: str, instances, deleted: int, failed: int, why: str):
+        """The audit entry of a study the archive deleted by itself (no user asked for it)."""
+        if self.audit is not None:
+            self.audit.record("delete", AUDIT_FAILED if failed else AUDIT_OK, studies=study_uid,
+                              instances=[instance.sop_instance_uid for instance in instances],
+                              count=deleted, detail=f"{why}; {failed} not deleted" if failed else why)
 
     def delete_instances(self, instances, reason: str) -> tuple[int, int]:
         """The one way stored instances are deleted (REST remove, recycling): their files or
@@ -5462,6 +5493,15 @@ class PluginApi:
 
     # ---- for trusted Python plugins that provide whole services (DICOMweb)
 
+    def audited(self, action: str | None = None, studies=(), series=(), instances=(), count: int | None = None,
+                detail: str | None = None):
+        """Say, while answering a request of the plugin's web service, what it was (an action of
+        the audit log: qido, wado, stow...; else "plugin") and which studies, series and
+        instances it touched, UIDs only: the request's audit entry records them."""
+        if action is not None and action not in AUDIT_ACTIONS:
+            raise ValueError(f"{action!r} is not an audit action ({', '.join(AUDIT_ACTIONS)})")
+        audited(action=action, studies=studies, series=series, instances=instances, count=count, detail=detail)
+
     def find(self, level: str, keys: dict, cancelled=lambda: False, offset: int = 0, limit: int | None = None):
         """C-FIND matching on the index, the same rules as the DICOM service: yields response
         data sets, but the first offset and at most limit of them (a page, chosen in SQL).
@@ -7147,6 +7187,14 @@ def send_c_echo(association: Association) -> int:
 # DICOM services: C-ECHO, C-STORE, C-FIND, C-MOVE, C-GET, storage commitment, worklist, MPPS
 # ============================================================================================
 
+def _dicom_audit_result(status: int) -> str:
+    """The audit result of a DIMSE request's final status: success, cancel and the warnings
+    (0xBxxx) are ok, Not Authorized is refused, every other failure failed."""
+    if status == NOT_AUTHORIZED:
+        return AUDIT_REFUSED
+    return AUDIT_OK if status in (SUCCESS, CANCELLED) or 0xB000 <= status <= 0xBFFF else AUDIT_FAILED
+
+
 QUERY_RETRIEVE_SOP_CLASSES = (
     PatientRootQueryRetrieveInformationModelFind, StudyRootQueryRetrieveInformationModelFind,
     PatientRootQueryRetrieveInformationModelMove, StudyRootQueryRetrieveInformationModelMove,
@@ -7205,6 +7253,8 @@ class DicomServices:
         self.log = logging.getLogger("dicoogled.dicom")
         #: callable(calling_aet, identifier) -> identifier, or an int status to refuse
         self.find_filter = None
+        #: The audit log (AuditLog) that C-FIND, C-MOVE, C-GET and C-STORE are recorded in, if any.
+        self.audit = None
         #: callable(calling_aet) -> the Visibility of its queries and retrieves ([dicom] calling_ae_access)
         self.visibility_of_ae = lambda calling_aet: EVERYTHING
         self.acceptor = None
@@ -7498,25 +7548,57 @@ class DicomServices:
         syntax = pydicom.uid.UID(request.transfer_syntax)
         return io.BytesIO(pynetdicom_encode(dataset, syntax.is_implicit_VR, syntax.is_little_endian, syntax.is_deflated))
 
+    def _audit(self, request: DimseRequest, action: str, status: int, **what):
+        """The audit entry of a DIMSE request: the calling AE and its address, its final status
+        (success, cancel and the warnings 0xBxxx are ok, Not Authorized refused, every other
+        failure failed), and what it touched (AuditLog.record's studies, instances, count, detail)."""
+        if getattr(self, "audit", None) is None:  # a worker process's services have none
+            return
+        status = int(status)
+        result = _dicom_audit_result(status)
+        # A calling AE mapped to a user ([dicom] calling_ae_access) acts as that user; a group is no one.
+        kind, name = self.config.calling_ae_access.get(request.calling_aet, ("", ""))
+        self.audit.record(action, result, f"0x{status:04X}", user=name if kind == "user" else "",
+                          calling_aet=request.calling_aet, address=request.association.address[0], **what)
+
     def _answer_echo(self, request: DimseRequest):
         self._send_response(request, self._response_primitive(request, C_ECHO, SUCCESS))
 
     def _answer_store(self, request: DimseRequest):
-        response = self._response_primitive(request, C_STORE, self._on_store(request))
+        status = self._on_store(request)
+        self._audit(request, "c-store", status, studies=getattr(status, "study_uid", ""),
+                    instances=request.sop_instance_uid, count=1)
+        response = self._response_primitive(request, C_STORE, status)
         response.AffectedSOPInstanceUID = request.sop_instance_uid
         self._send_response(request, response)
 
     def _answer_find(self, request: DimseRequest):
-        answers = self._on_worklist_find if request.sop_class_uid == WORKLIST_SOP_CLASS else self._on_find
+        worklist = request.sop_class_uid == WORKLIST_SOP_CLASS
+        answers = self._on_worklist_find if worklist else self._on_find
+        matches = 0
         for status, identifier in answers(request):
             response = self._response_primitive(request, C_FIND, status)
             if status in (PENDING, PENDING_OPTIONAL_KEYS_UNSUPPORTED):
                 response.Identifier = io.BytesIO(identifier)  # encoded by the finder
                 self._send_response(request, response)  # at once: the peer sees each match as it is found
+                matches += 1
                 continue
+            self._audit_find(request, worklist, status, matches)
             self._send_response(request, response)
             return
+        self._audit_find(request, worklist, SUCCESS, matches)
         self._send_response(request, self._response_primitive(request, C_FIND, SUCCESS))
+
+    def _audit_find(self, request: DimseRequest, worklist: bool, status: int, matches: int):
+        """A C-FIND's audit entry: its level (or worklist), the study it names if it names one
+        by UID, and the number of matches; never the values it matched on (a patient's name)."""
+        try:
+            identifier = request.identifier
+            level = "worklist" if worklist else str(identifier.get("QueryRetrieveLevel", ""))
+            studies = [] if worklist else [uid for uid in identifier_keys(identifier).get("StudyInstanceUID", "").split("\\") if is_valid_uid(uid)]
+        except Exception:  # an identifier that cannot be read was refused, and is recorded all the same
+            level, studies = "", []
+        self._audit(request, "c-find", status, studies=studies, count=matches, detail=level)
 
     # ---- Storage Commitment Push Model (PS3.4 Annex J) ----------------------------------------
 
@@ -7697,7 +7779,18 @@ class DicomServices:
         return DicomStatus(NOT_AUTHORIZED, f"{calling} may not store ([modalities] allow=)")
 
     def _on_store_received(self, calling: str, received: "ReceivedObject") -> DicomStatus:
-        """_on_store for an object a worker process has read and written to a temp file."""
+        """_on_store for an object a worker process has read and written to a temp file; its
+        audit entry is made here, in the daemon (the worker's address is not known here)."""
+        status = self._on_store_received_unaudited(calling, received)
+        uids = list(received.uids or ()) + ["", "", ""]
+        if self.audit is not None:
+            result = _dicom_audit_result(int(status))
+            kind, name = self.config.calling_ae_access.get(calling, ("", ""))
+            self.audit.record("c-store", result, f"0x{int(status):04X}", user=name if kind == "user" else "",
+                              calling_aet=calling, studies=uids[0], series=uids[1], instances=uids[2], count=1)
+        return status
+
+    def _on_store_received_unaudited(self, calling: str, received: "ReceivedObject") -> DicomStatus:
         with self._tracked():
             refusal = self._store_refusal(calling)
             if refusal is None and received.unreadable_command:
@@ -7834,12 +7927,14 @@ class DicomServices:
             instances = self._matched_instances(request, "C-MOVE")
             destination = self.config.modalities.get(destination_aet)
             if isinstance(instances, int):
+                self._audit_retrieve(request, instances, [], 0)
                 return self._send_response(request, self._response_primitive(request, C_MOVE, instances))
             if destination is None:
                 self.log.warning(
                     "C-MOVE from %s to unknown destination %r: add it under [modalities] as %s = host:port",
                     calling, destination_aet, destination_aet or "AET",
                 )
+                self._audit_retrieve(request, MOVE_DESTINATION_UNKNOWN, instances, 0)
                 return self._send_response(request, self._response_primitive(request, C_MOVE, MOVE_DESTINATION_UNKNOWN))
             if not instances:
                 return self._retrieve(request, C_MOVE, [], None)
@@ -7847,6 +7942,7 @@ class DicomServices:
                 store_association = self._associate(destination_aet, *destination, _contexts_for(instances))
             except AssociationRefused as error:
                 self.log.warning("C-MOVE from %s: cannot associate with %s: %s", calling, destination_aet, error)
+                self._audit_retrieve(request, MOVE_DESTINATION_UNKNOWN, instances, 0)
                 return self._send_response(request, self._response_primitive(request, C_MOVE, MOVE_DESTINATION_UNKNOWN))
             try:
                 self.log.info("C-MOVE from %s: %d instances to %s", calling, len(instances), destination_aet)
@@ -7860,6 +7956,7 @@ class DicomServices:
         with self._tracked():
             instances = self._matched_instances(request, "C-GET")
             if isinstance(instances, int):
+                self._audit_retrieve(request, instances, [], 0)
                 return self._send_response(request, self._response_primitive(request, C_GET, instances))
             calling = request.calling_aet
             self.log.info("C-GET from %s: %d instances", calling, len(instances))
@@ -7882,11 +7979,14 @@ class DicomServices:
             self.log.warning("%s from %s matches %d instances, more than one request can count (%d)",
                              "C-MOVE" if primitive_class is C_MOVE else "C-GET", request.calling_aet,
                              len(instances), MAX_SUBOPERATIONS)
+            self._audit_retrieve(request, UNABLE_TO_PROCESS, instances, 0)
             return self._send_response(request, self._response_primitive(request, primitive_class, UNABLE_TO_PROCESS))
         remaining, completed, failed, warning = len(instances), 0, 0, 0
         failed_uids, reasons = [], []
 
         def response(status: int, with_remaining: bool, with_failed_list: bool):
+            if status != PENDING:  # the final response: the request's audit entry, before the peer hears it
+                self._audit_retrieve(request, status, instances, completed + warning)
             primitive = self._response_primitive(request, primitive_class, status)
             if with_remaining:
                 primitive.NumberOfRemainingSuboperations = remaining
@@ -7928,6 +8028,14 @@ class DicomServices:
             if by_reason:
                 status = DicomStatus(status, by_reason.most_common(1)[0][0])
         return response(status, False, True)
+
+    def _audit_retrieve(self, request: DimseRequest, status: int, instances: list[IndexedInstance], sent: int):
+        """A C-MOVE's or C-GET's audit entry: the instances it matched, how many were sent, and
+        for a C-MOVE to which AE."""
+        move = request.sop_class_uid in MOVE_SOP_CLASSES
+        self._audit(request, "c-move" if move else "c-get", status,
+                    instances=[instance.sop_instance_uid for instance in instances], count=len(instances),
+                    detail=(f"to {request.move_destination.strip()}, " if move else "") + f"{sent} sent")
 
     def _store_sub_operation(self, association: Association, instance: IndexedInstance, *, as_acceptor: bool,
                              move_originator: tuple, reasons: list | None = None) -> int | None:
@@ -10364,6 +10472,276 @@ class LoginThrottle:
 
 
 # ============================================================================================
+# Audit log: who read, sent, received or changed what, when (data_dir/audit.sqlite)
+# ============================================================================================
+
+#: The version of audit.sqlite's schema (its user_version): a later one migrates from it.
+AUDIT_SCHEMA_VERSION = 1
+AUDIT_SCHEMA = """
+CREATE TABLE IF NOT EXISTS audit (
+    id INTEGER PRIMARY KEY, time REAL NOT NULL, action TEXT NOT NULL, result TEXT NOT NULL,
+    status TEXT NOT NULL, username TEXT NOT NULL, calling_aet TEXT NOT NULL, share_link TEXT NOT NULL,
+    address TEXT NOT NULL, request TEXT NOT NULL, studies TEXT NOT NULL, series TEXT NOT NULL,
+    instances TEXT NOT NULL, count INTEGER, detail TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS audit_by_time ON audit (time);
+CREATE INDEX IF NOT EXISTS audit_by_user ON audit (username, time);
+CREATE INDEX IF NOT EXISTS audit_by_action ON audit (action, time);
+-- Append-only: an entry, once written, is never changed (pruning by age is the only delete).
+CREATE TRIGGER IF NOT EXISTS audit_append_only BEFORE UPDATE ON audit
+BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+"""
+#: What an audit entry records was done: its `action`, with one line of documentation (GET /audit's
+#: action filter, docs/rest-api.md and the web app's action picker read this table).
+AUDIT_ACTIONS = {
+    "search": "a search of the REST API (/search, /searchDIM): the studies answered and their count",
+    "view": "attributes of instances read (/dump, /dictags, the worklist)",
+    "download": "files or images sent (/legacy/file, /dic2png)",
+    "export": "search results exported as a table (/export, /exportFile)",
+    "qido": "a DICOMweb search (QIDO-RS)",
+    "wado": "a DICOMweb retrieval (WADO-RS, WADO-URI: files, metadata, frames, rendered images)",
+    "stow": "a DICOMweb store (STOW-RS): the instances stored",
+    "c-find": "a DICOM C-FIND (query/retrieve or worklist): the level and the number of matches",
+    "c-move": "a DICOM C-MOVE: the instances sent and their destination",
+    "c-get": "a DICOM C-GET: the instances sent back",
+    "c-store": "a DICOM C-STORE received: the instance",
+    "watch": "an instance indexed from a watched folder",
+    "import": "a ZIP file or folder imported (POST /import: a background task)",
+    "delete": "instances deleted or unindexed",
+    "label": "a label put on a study or series",
+    "unlabel": "a label taken off a study or series",
+    "protect": "a study protected from recycling and retention, or no longer",
+    "login": "a login (refused: wrong password or throttled)",
+    "logout": "a logout",
+    "user": "a user created, changed (password, rights) or deleted",
+    "settings": "a setting changed (index, DICOM, storage, retention, transfer syntaxes, worklist)",
+    "plugin": "a plugin's action, settings or web service",
+    "task": "a background task started or stopped (indexing a folder)",
+    "share": "a share link created, revoked or opened",
+    "access": "a user's or group's access to a collection granted or revoked",
+    "reidentify": "the pseudonym map read: who de-identified patients are, which UIDs replaced which",
+    "audit": "the audit log itself read or exported (GET /audit, /audit.csv)",
+}
+#: UIDs one entry lists at most of each level; count always says how many there were.
+AUDIT_UIDS_KEPT = 1000
+#: Most entries the writer puts in one transaction, and the longest an entry waits in memory.
+AUDIT_BATCH = 2000
+AUDIT_FLUSH_SECONDS = 0.5
+#: How often old entries are pruned (the first time at start).
+AUDIT_PRUNE_SECONDS = 3600
+#: The columns of GET /audit.csv, in order.
+AUDIT_CSV_COLUMNS = ("id", "time", "action", "result", "status", "user", "calling_aet", "share_link", "address",
+                     "request", "count", "studies", "series", "instances", "detail")
+
+
+class AuditEntry(typing.NamedTuple):
+    """One entry of the audit log: who (user, calling AE, share link, address) did what (action,
+    request) to which data (studies, series, instances: UIDs only; count) when, with what result
+    (ok, refused or failed, and the HTTP or DICOM status). Never a patient's name or ID."""
+    time: float
+    action: str
+    result: str
+    status: str = ""
+    user: str = ""
+    calling_aet: str = ""
+    share_link: str = ""
+    address: str = ""
+    request: str = ""
+    studies: tuple = ()
+    series: tuple = ()
+    instances: tuple = ()
+    count: int | None = None
+    detail: str = ""
+    id: int | None = None
+
+    def as_json(self) -> dict:
+        entry = self._asdict()
+        entry["time"] = _iso_utc(self.time)
+        for level in ("studies", "series", "instances"):
+            entry[level] = list(entry[level])
+        return entry
+
+
+def _iso_utc(seconds: float) -> str:
+    return datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc).isoformat(timespec="milliseconds")
+
+
+def _uid_list(uids) -> tuple:
+    """Distinct UIDs (64 characters at most, as a UID is), in the order first met, at most
+    AUDIT_UIDS_KEPT of them."""
+    if isinstance(uids, str):
+        uids = (uids,)
+    return tuple(itertools.islice(dict.fromkeys(str(uid)[:64] for uid in uids if uid), AUDIT_UIDS_KEPT))
+
+
+class AuditLog:
+    """The audit log, in its own database (data_dir/audit.sqlite, owner-only, WAL).
+
+    record() only puts the entry on a queue, so no request, store or C-FIND waits for a disk
+    write: one writer thread takes the queue in batches (up to AUDIT_BATCH entries, or whatever
+    came in AUDIT_FLUSH_SECONDS) and commits each batch in one transaction. close() writes every
+    entry still queued, so a clean shutdown (SIGTERM, Ctrl-C) loses none; kill -9 loses what was
+    queued and not yet committed, at most about AUDIT_FLUSH_SECONDS of entries. A committed
+    batch survives kill -9 (WAL); with synchronous=NORMAL a power cut may lose the last batches.
+
+    With enabled false, record() keeps nothing (the log can still be read and pruned)."""
+
+    def __init__(self, path: pathlib.Path, enabled: bool = True, retention_days: float = 0):
+        self.enabled, self.retention_days = enabled, retention_days
+        self.log = logging.getLogger("dicoogled.audit")
+        self._lock = threading.Lock()
+        self._db = apsw.Connection(str(path))
+        # Before WAL mode makes the -wal and -shm files: SQLite gives them the database's mode.
+        os.chmod(path, 0o600)
+        self._db.setbusytimeout(10_000)
+        self._db.execute("PRAGMA journal_mode=WAL").fetchall()
+        # A batch on disk when committed, but not fsynced each time: the writer must keep up with ingest.
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        with self._db:
+            version = self._db.execute("PRAGMA user_version").fetchone()[0]
+            if version > AUDIT_SCHEMA_VERSION:
+                raise RuntimeError(f"{path} was written by a newer dicoogled (audit schema {version}); upgrade")
+            self._db.execute(AUDIT_SCHEMA)
+            self._db.execute(f"PRAGMA user_version = {AUDIT_SCHEMA_VERSION}")
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        #: Entries queued and entries written (or dropped for a failure), for flush().
+        self._queued = self._written = 0
+        self._progress = threading.Condition()
+        self._writer = start_thread("audit-writer", self._write_queued)
+
+    # ---- writing -------------------------------------------------------------------------------
+
+    def record(self, action: str, result: str = AUDIT_OK, status: str | int = "", *, user: str = "", calling_aet: str = "",
+               share_link: str = "", address: str = "", request: str = "", studies=(), series=(), instances=(),
+               count: int | None = None, detail: str = ""):
+        """Add an entry (action one of AUDIT_ACTIONS, result ok/refused/failed, status the HTTP or
+        DICOM status); it is written soon, off the caller's thread. UIDs only: never names."""
+        if not self.enabled:
+            return
+        entry = AuditEntry(time.time(), action, result, str(status), user or "", calling_aet or "", share_link or "",
+                           address or "", request[:300], _uid_list(studies), _uid_list(series), _uid_list(instances),
+                           count, detail[:300])
+        with self._progress:
+            self._queued += 1
+        self._queue.put(entry)
+
+    def _write_queued(self):
+        """The writer thread: commit what is queued, in batches, until close() sends None."""
+        while True:
+            batch, done = [self._queue.get()], False
+            deadline = time.monotonic() + AUDIT_FLUSH_SECONDS
+            while len(batch) < AUDIT_BATCH:
+                try:
+                    entry = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    break
+                batch.append(entry)
+            if None in batch:
+                done = True
+            entries = [entry for entry in batch if entry is not None]
+            try:
+                self._insert(entries)
+            except Exception:  # a full disk: the entries are lost, the log says so, the writer goes on
+                self.log.exception("%d audit entries not written", len(entries))
+            with self._progress:
+                self._written += len(entries)
+                self._progress.notify_all()
+            if done:
+                return
+
+    def _insert(self, entries: list[AuditEntry]):
+        if not entries:
+            return
+        with self._lock, self._db:
+            self._db.executemany(
+                "INSERT INTO audit (time, action, result, status, username, calling_aet, share_link, address, request,"
+                " studies, series, instances, count, detail) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [(e.time, e.action, e.result, e.status, e.user, e.calling_aet, e.share_link, e.address, e.request,
+                  json.dumps(e.studies), json.dumps(e.series), json.dumps(e.instances), e.count, e.detail)
+                 for e in entries])
+
+    def flush(self, timeout: float = 10) -> bool:
+        """Wait until every entry recorded so far is written; False if that took over timeout."""
+        with self._progress:
+            wanted = self._queued
+            return self._progress.wait_for(lambda: self._written >= wanted, timeout)
+
+    def prune(self, now: float | None = None) -> int:
+        """Delete the entries older than retention_days (0: keep them all); how many went."""
+        if not self.retention_days > 0:
+            return 0
+        cutoff = (now or time.time()) - self.retention_days * 86400
+        with self._lock, self._db:
+            self._db.execute("DELETE FROM audit WHERE time < ?", (cutoff,))
+            pruned = self._db.changes()
+        if pruned:
+            self.log.info("pruned %d audit entries older than %g days", pruned, self.retention_days)
+        return pruned
+
+    def close(self):
+        """Write every queued entry, then close the database."""
+        self._queue.put(None)
+        self._writer.join()
+        with self._lock:
+            self._db.close()
+
+    # ---- reading -------------------------------------------------------------------------------
+
+    @staticmethod
+    def _where(user: str = "", action: str = "", since: float | None = None, until: float | None = None):
+        clauses, args = [], []
+        if user:
+            clauses.append("username = ?")
+            args.append(user)
+        actions = [name.strip() for name in action.split(",") if name.strip()]
+        if actions:
+            clauses.append(f"action IN ({', '.join('?' * len(actions))})")
+            args.extend(actions)
+        if since is not None:
+            clauses.append("time >= ?")
+            args.append(since)
+        if until is not None:
+            clauses.append("time < ?")
+            args.append(until)
+        return (" WHERE " + " AND ".join(clauses)) if clauses else "", args
+
+    def entries(self, user: str = "", action: str = "", since: float | None = None, until: float | None = None,
+                offset: int = 0, limit: int | None = 100) -> tuple[list[AuditEntry], int]:
+        """The entries matching the filters (action: names separated by commas), newest first:
+        (a page of them, how many match in all)."""
+        where, args = self._where(user, action, since, until)
+        with self._lock:
+            total = self._db.execute(f"SELECT count(*) FROM audit{where}", args).fetchone()[0]
+            rows = self._db.execute(
+                "SELECT time, action, result, status, username, calling_aet, share_link, address, request, studies,"
+                f" series, instances, count, detail, id FROM audit{where} ORDER BY id DESC LIMIT ? OFFSET ?",
+                args + [-1 if limit is None else limit, offset]).fetchall()
+        return [AuditEntry(*row[:9], tuple(json.loads(row[9])), tuple(json.loads(row[10])), tuple(json.loads(row[11])),
+                           *row[12:]) for row in rows], total
+
+    def each_entry(self, user: str = "", action: str = "", since: float | None = None, until: float | None = None,
+                   page: int = 1000):
+        """Every matching entry, newest first, read a page at a time (for the CSV export)."""
+        before_id = None
+        while True:
+            where, args = self._where(user, action, since, until)
+            if before_id is not None:
+                where += (" AND" if where else " WHERE") + " id < ?"
+                args.append(before_id)
+            with self._lock:
+                rows = self._db.execute(
+                    "SELECT time, action, result, status, username, calling_aet, share_link, address, request, studies,"
+                    f" series, instances, count, detail, id FROM audit{where} ORDER BY id DESC LIMIT ?",
+                    args + [page]).fetchall()
+            for row in rows:
+                yield AuditEntry(*row[:9], tuple(json.loads(row[9])), tuple(json.loads(row[10])),
+                                 tuple(json.loads(row[11])), *row[12:])
+            if len(rows) < page:
+                return
+            before_id = rows[-1][-1]
+
+
+# ============================================================================================
 # HTTP: the Dicoogle-compatible REST API (Bottle, served by waitress)
 # ============================================================================================
 
@@ -10511,6 +10889,23 @@ def _path_from_uri(uri: str) -> str:
     return os.path.normpath(uri)
 
 
+def audited(*, studies=(), series=(), instances=(), count: int | None = None, detail: str | None = None,
+            action: str | None = None, user: str | None = None, share_link: str | None = None):
+    """Say, from a route's handler, what the request touched, for its audit entry (routes
+    registered with audit=; plugins call dicoogle.audited): UIDs of studies, series and
+    instances (added to those said before), how many in all when they are many, a detail (never
+    a patient's name), or another action or user than the route's (a login names its user), or
+    the share link (its id, never its token) the request was let in by."""
+    touched = bottle.request.environ.setdefault("dicoogled", {}).setdefault("audit", {})
+    for level, uids in (("studies", studies), ("series", series), ("instances", instances)):
+        if uids:
+            touched[level] = touched.get(level, ()) + ((uids,) if isinstance(uids, str) else tuple(uids))
+    for name, value in (("count", count), ("detail", detail), ("action", action), ("user", user),
+                        ("share_link", share_link)):
+        if value is not None:
+            touched[name] = value
+
+
 class Api:
     """Route registration with access control, and the state the REST handlers share."""
 
@@ -10524,28 +10919,44 @@ class Api:
         #: ("name: what it is") describe the parameters in /openapi.json.
         self.docstrings: dict[tuple[str, str], str] = {}
 
-    def route(self, path: str, method="GET", access=READ, open_preflight=False):
+    def route(self, path: str, method="GET", access=READ, open_preflight=False, audit=None):
         """Register a handler; access is PUBLIC, READ (patient data), USER or ADMIN.
-        open_preflight: answer OPTIONS without a login, as CORS preflights carry no credentials."""
+        open_preflight: answer OPTIONS without a login, as CORS preflights carry no credentials.
+        audit: the action (one of AUDIT_ACTIONS) each request records in the audit log, refused
+        ones too, or a function of the request giving it (None: not recorded); the handler names
+        the data it touched with audited(studies=..., instances=..., count=...)."""
         methods = [method] if isinstance(method, str) else list(method)
 
         def decorator(handler):
             @functools.wraps(handler)
             def guarded(*args, **kwargs):
+                status = 500
                 visible = None
                 try:
                     if access != PUBLIC and not (open_preflight and bottle.request.method == "OPTIONS"):
                         self.require(access)
                         # Plugins' readers (DICOMweb's) answer within the caller's visibility too.
                         visible = CALLER_VISIBILITY.set(self.visibility())
-                    return handler(*args, **kwargs)
+                    answer = handler(*args, **kwargs)
+                    status = bottle.response.status_code
+                    return answer
+                except bottle.HTTPResponse as answer:  # HTTPError too
+                    status = answer.status_code
+                    raise
                 except (OSError, apsw.Error) as error:
                     if not is_out_of_space(error):
                         raise
+                    status = 507
                     self.insufficient_storage(error)
                 finally:
                     if visible is not None:
                         CALLER_VISIBILITY.reset(visible)
+                    if audit and bottle.request.method != "OPTIONS":
+                        try:
+                            self.record_audit(audit if isinstance(audit, str) else audit(bottle.request), status)
+                        except Exception:  # a fault of the audit must not change the answer: it is logged
+                            logging.getLogger("dicoogled.audit").exception("cannot record %s %s",
+                                                                          bottle.request.method, bottle.request.path)
 
             summary = " ".join((handler.__doc__ or "").strip().split("\n\n")[0].split())
             for m in methods:
@@ -10555,6 +10966,42 @@ class Api:
             return handler
 
         return decorator
+
+    def record_audit(self, action: str | None, status: int):
+        """Add the audit entry of the request being answered: who sent it, what it touched (as
+        its handler said with audited()), and how it ended (its HTTP status)."""
+        if not action:
+            return
+        request = bottle.request
+        state = request.environ.get("dicoogled", {})
+        touched = state.get("audit", {})
+        action = touched.get("action", action)
+        if action in ("settings", "plugin") and "detail" not in touched:
+            # What was changed, by name: values may be secrets (a plugin's token) and are not kept.
+            # A form body is parsed already (decode_parameters); any other body is left alone.
+            names = list(request.query.keys())
+            if request.content_type.lower().startswith("application/x-www-form-urlencoded"):
+                names += request.forms.keys()
+            touched = dict(touched, detail=" ".join(sorted(set(names)))[:300])
+        user = state.get("user")
+        share_link = touched.get("share_link", "")
+        if not share_link and user is None and request.get_cookie(SHARE_COOKIE):
+            link = self.current_share()  # a share link's visitor: who is the link
+            share_link = link.id if link else ""
+        result = AUDIT_OK if status < 400 else AUDIT_REFUSED if status in (401, 403, 429) else AUDIT_FAILED
+        self.daemon.audit.record(
+            action, result, status,
+            user=touched.get("user") or (user.username if user else ""), share_link=share_link,
+            address=self.client_address(), request=f"{request.method} {self._path_without_secrets()}",
+            studies=touched.get("studies", ()), series=touched.get("series", ()),
+            instances=touched.get("instances", ()), count=touched.get("count"), detail=touched.get("detail", ""))
+
+    @staticmethod
+    def _path_without_secrets() -> str:
+        """The request's path for the audit log: a share link's token stays out (its route's
+        rule, /shared/<token>, stands for it); the link's id is in the entry."""
+        route = bottle.request.environ.get("bottle.route")
+        return route.rule if route is not None and "<token>" in route.rule else bottle.request.path
 
     def insufficient_storage(self, error: BaseException):
         """Answer 507 with the reason, for a write (a session, a user, settings) that found the
@@ -10769,6 +11216,7 @@ def make_app(daemon: "Daemon") -> bottle.Bottle:
     _worklist_routes(api)
     _listener_routes(api)
     _log_and_api_routes(api)
+    _audit_routes(api)
     _research_routes(api)
     _plugin_routes(api)
     _viewer_routes(api)
@@ -10868,11 +11316,12 @@ def _session_routes(api: Api):
             "codec_workers": daemon.codecs.status(),
         }
 
-    @api.route("/login", "POST", access=PUBLIC)
+    @api.route("/login", "POST", access=PUBLIC, audit="login")
     def login():
         """Log in with username and password; returns the token to send as Authorization."""
         request = bottle.request
         username, password = request.params.get("username", ""), request.params.get("password", "")
+        audited(user=username[:64])  # the name tried, whether or not the login succeeds
         api.check_login_throttle(username, api.client_address())
         user = users.authenticate(username, password)
         api.count_login(username, user, api.client_address())
@@ -10891,7 +11340,7 @@ def _session_routes(api: Api):
             _fail(401, "no valid session")
         return {"user": user.username, "admin": user.admin, "roles": list(user.roles)}
 
-    @api.route("/logout", ["POST", "GET"], access=PUBLIC)
+    @api.route("/logout", ["POST", "GET"], access=PUBLIC, audit="logout")
     def logout():
         """End the session of the token sent (GET: only of a token in the Authorization header, as
         old Dicoogle clients send it; a GET never ends a session kept in a cookie)."""
@@ -10899,6 +11348,7 @@ def _session_routes(api: Api):
         if bottle.request.method == "GET" and not token:
             raise bottle.HTTPError(405, "log out with POST (or send the token in the Authorization header)", Allow="POST")
         token = token or bottle.request.get_cookie(SESSION_COOKIE, "")
+        api.current_user()  # who logs out, for the audit log, while the session still names it
         bottle.response.delete_cookie(SESSION_COOKIE, path="/")
         bottle.response.delete_cookie(SHARE_COOKIE, path="/")  # a share link's visitor leaves too
         return {"success": bool(token) and users.end_session(token)}
@@ -10908,35 +11358,39 @@ def _session_routes(api: Api):
         """Every user name."""
         return {"users": [{"username": u.username, "admin": u.admin, "roles": list(u.roles)} for u in users.all()]}
 
-    @api.route("/user", ["POST", "PUT"], access=ADMIN)
+    @api.route("/user", ["POST", "PUT"], access=ADMIN, audit="user")
     def create_user():
         """Create a user: username, password, admin (true/false)."""
         params = bottle.request.params
+        audited(detail=f"create {params.get('username', '')[:64]} admin={params.get('admin', 'false')[:5]}")
         try:
             created = users.create(params.get("username", ""), params.get("password", ""), params.get("admin", "false").lower() == "true")
         except ValueError as error:
             _fail(400, str(error))
         return {"success": created}
 
-    @api.route("/user/<username>", "DELETE", access=ADMIN)
+    @api.route("/user/<username>", "DELETE", access=ADMIN, audit="user")
     def delete_user(username):
         """Delete a user (never the last administrator)."""
+        audited(detail=f"delete {username[:64]}")
         return {"success": users.delete(username)}
 
-    @api.route("/user", "DELETE", access=ADMIN)
+    @api.route("/user", "DELETE", access=ADMIN, audit="user")
     def delete_user_by_parameter():
         """Delete a user named by a parameter, as dicoogle-client 5 asks (never the last administrator).
 
         username: the user to delete
         """
         username = bottle.request.params.get("username", "")
+        audited(detail=f"delete {username[:64]}")
         if not username:
             _fail(400, "username is required")
         return {"success": users.delete(username)}
 
-    @api.route("/user/<username>/password", "POST", access=USER)
+    @api.route("/user/<username>/password", "POST", access=USER, audit="user")
     def change_password(username):
         """Change a password: one's own, or anyone's for an administrator."""
+        audited(detail=f"password of {username[:64]}")
         user = api.current_user()
         if user.username != username and not user.admin:
             _fail(403, "only an administrator may change another user's password")
@@ -10950,7 +11404,7 @@ def _session_routes(api: Api):
             _fail(404, f"no user {username!r}")
         return {"success": True}
 
-    @api.route("/user/<username>", "POST", access=ADMIN)
+    @api.route("/user/<username>", "POST", access=ADMIN, audit="user")
     def change_rights(username):
         """Change a user's rights; its sessions end, so they apply at once.
 
@@ -10959,6 +11413,7 @@ def _session_routes(api: Api):
         """
         params = bottle.request.params
         admin = params.get("admin")
+        audited(detail=f"rights of {username[:64]}: admin={(admin or '')[:5]} roles={params.get('roles', '')[:100]}")
         if admin is not None and admin.lower() not in ("true", "false"):
             _fail(400, f"admin must be true or false, not {admin[:20]!r}")
         roles = params.get("roles")
@@ -11040,7 +11495,7 @@ def _search_routes(api: Api):
         bottle.response.status = 400
         return {"results": [], "error": str(error)}
 
-    @api.route("/search")
+    @api.route("/search", audit="search")
     def search():
         """Instances matching query: {results: [{uri, fields}], numResults, elapsedTime}."""
         started = time.perf_counter()
@@ -11052,6 +11507,8 @@ def _search_routes(api: Api):
             results, total = run(query, providers, _int_param("psize", None), _int_param("offset", 0))
         except SearchSyntaxError as error:
             return search_error(error)
+        # The studies answered and how many instances matched; never the query (it may name a patient).
+        audited(studies=[meta.get("StudyInstanceUID") for _, meta in results], count=total)
         return {
             "results": [{"uri": uri, "fields": {f: v for f in fields if (v := field_text(meta, f)) is not None}}
                         for uri, meta in results],
@@ -11059,7 +11516,7 @@ def _search_routes(api: Api):
             "numResults": total,
         }
 
-    @api.route("/searchDIM")
+    @api.route("/searchDIM", audit="search")
     def search_dim():
         """Results grouped Patient → Study → Series → Image, paged over patients."""
         started = time.perf_counter()
@@ -11074,6 +11531,7 @@ def _search_routes(api: Api):
         except SearchSyntaxError as error:
             return search_error(error)
         patients = group_dim(results, with_birthdate)
+        audited(studies=[meta.get("StudyInstanceUID") for _, meta in results], count=len(results))
         elapsed = round((time.perf_counter() - started) * 1000)
         if depth == "none":
             return {"numResults": len(patients), "elapsedTime": elapsed}
@@ -11131,6 +11589,7 @@ def _search_routes(api: Api):
 
     def label_routes(prefix: str, level: str):
         what = "study" if level == "STUDY" else "series"
+        uid_level = "studies" if level == "STUDY" else "series"  # audited()'s name for it
 
         def labels_of(uid):
             """The labels of one indexed {what}: {{labels: [...]}}."""
@@ -11140,6 +11599,7 @@ def _search_routes(api: Api):
             """Put a label on an indexed {what} (and so on its instances): {{label, added}}.
 
             label: 1 to 64 of a-z, 0-9, '.', '_', '-' (case-insensitive, kept lower-cased)"""
+            audited(**{uid_level: uid}, detail=label[:64])
             label = writable_label(label)
             try:
                 added = daemon.label(level, labelled_level(level, uid), label)
@@ -11149,6 +11609,7 @@ def _search_routes(api: Api):
 
         def delete_label(uid, label):
             """Take a label off a {what}: {{label, removed}}; removed is false if it was not there."""
+            audited(**{uid_level: uid}, detail=label[:64])
             if not is_valid_uid(uid):
                 _fail(400, f"{uid[:80]!r} is not a UID")
             label = writable_label(label)
@@ -11161,11 +11622,11 @@ def _search_routes(api: Api):
             return {"label": label_name(label), "removed": removed}
 
         # The same handlers serve both levels: their docstrings (the OpenAPI summaries) name it.
-        for handler, method, path, access in ((labels_of, "GET", "/labels", READ),
-                                              (put_label, "PUT", "/labels/<label>", USER),
-                                              (delete_label, "DELETE", "/labels/<label>", USER)):
+        for handler, method, path, access, audit in ((labels_of, "GET", "/labels", READ, None),
+                                                     (put_label, "PUT", "/labels/<label>", USER, "label"),
+                                                     (delete_label, "DELETE", "/labels/<label>", USER, "unlabel")):
             handler.__doc__ = handler.__doc__.format(what=what)
-            api.route(f"/{prefix}/<uid>{path}", method, access=access)(handler)
+            api.route(f"/{prefix}/<uid>{path}", method, access=access, audit=audit)(handler)
 
     label_routes("studies", "STUDY")
     label_routes("series", "SERIES")
@@ -11205,6 +11666,7 @@ def _search_routes(api: Api):
 
     def grant(label: str, kind: str, member: str):
         access = bottle.request.params.get("access", "read").strip().lower()
+        audited(detail=f"grant {access[:10]} on {label[:64]} to {kind} {member[:64]}")
         if access not in COLLECTION_ACCESS:
             _fail(400, f"access must be read or write, not {access[:20]!r}")
         try:
@@ -11216,10 +11678,11 @@ def _search_routes(api: Api):
         return {"label": label_name(label), kind: member, "access": access}
 
     def revoke(label: str, kind: str, member: str):
+        audited(detail=f"revoke {label[:64]} from {kind} {member[:64]}")
         return {"label": collection_label(label), kind: member,
                 "revoked": api.users.revoke(label_name(label), kind, member)}
 
-    @api.route("/labels/<label>/access/<username>", "PUT", access=ADMIN)
+    @api.route("/labels/<label>/access/<username>", "PUT", access=ADMIN, audit="access")
     def grant_user(label, username):
         """Give a user read or write on a collection (a label): from its next request it sees
         only its collections' studies; write lets it label and unlabel within them.
@@ -11228,12 +11691,12 @@ def _search_routes(api: Api):
         """
         return grant(label, "user", username)
 
-    @api.route("/labels/<label>/access/<username>", "DELETE", access=ADMIN)
+    @api.route("/labels/<label>/access/<username>", "DELETE", access=ADMIN, audit="access")
     def revoke_user(label, username):
         """Take a user's access to a collection away: {label, user, revoked}."""
         return revoke(label, "user", username)
 
-    @api.route("/labels/<label>/access/group/<group>", "PUT", access=ADMIN)
+    @api.route("/labels/<label>/access/group/<group>", "PUT", access=ADMIN, audit="access")
     def grant_group(label, group):
         """Give a group (users whose roles name it) read or write on a collection.
 
@@ -11241,16 +11704,17 @@ def _search_routes(api: Api):
         """
         return grant(label, "group", group)
 
-    @api.route("/labels/<label>/access/group/<group>", "DELETE", access=ADMIN)
+    @api.route("/labels/<label>/access/group/<group>", "DELETE", access=ADMIN, audit="access")
     def revoke_group(label, group):
         """Take a group's access to a collection away: {label, group, revoked}."""
         return revoke(label, "group", group)
 
-    @api.route("/dump")
+    @api.route("/dump", audit="view")
     def dump():
         """Every element of one instance: {results: {uri, fields}, elapsedTime}."""
         started = time.perf_counter()
         uid = bottle.request.params.get("uid", "")
+        audited(instances=uid[:80], count=1)
         if not is_valid_uid(uid):
             _fail(400, "uid must be a SOPInstanceUID")
         found = daemon.index.instance(uid, visibility=api.visibility())
@@ -11259,10 +11723,11 @@ def _search_routes(api: Api):
         return {"results": {"uri": _file_uri(found.path), "fields": daemon.index.metadata(found.id)},
                 "elapsedTime": round((time.perf_counter() - started) * 1000)}
 
-    @api.route("/legacy/file")
+    @api.route("/legacy/file", audit="download")
     def legacy_file():
         """The stored file of an instance, as application/dicom."""
         uid = bottle.request.params.get("uid", "")
+        audited(instances=uid[:80], count=1)
         if not is_valid_uid(uid):
             _fail(400, "uid must be a SOPInstanceUID")
         found = daemon.index.instance(uid, visibility=api.visibility())
@@ -11340,20 +11805,21 @@ def _search_routes(api: Api):
                 _fail(400, f"{name} must be a JSON array of {what}")
         return values
 
-    @api.route("/export", ["GET", "POST"])
+    @api.route("/export", ["GET", "POST"], audit="export")
     def export():
         """Search results as CSV, one line per instance."""
         query, fields, providers = export_parameters()
         if not fields:
             _fail(400, "name at least one field to export")
         lines = list(csv_export(query, fields, checked_providers(providers)))
+        audited(count=max(0, len(lines) - 1))  # lines past the header: instances exported
         bottle.response.content_type = "text/csv; charset=utf-8"
         bottle.response.set_header("Content-Disposition", "attachment; filename=QueryResultsExport.csv")
         return "".join(lines)
 
     exports: dict[str, pathlib.Path] = {}
 
-    @api.route("/exportFile", "POST")
+    @api.route("/exportFile", "POST", audit="export")
     def export_to_file():
         """Step one of the web app's export: run it to a file, answer its uid."""
         query, fields, providers = export_parameters()
@@ -11363,11 +11829,14 @@ def _search_routes(api: Api):
         uid = str(uuid.uuid4())
         path = daemon.storage.tmp / f"export-{uid}.csv"
         with open(path, "w", encoding="utf-8") as handle:
-            handle.writelines(lines)
+            count = -1  # the header is no instance
+            for count, line in enumerate(lines):
+                handle.write(line)
+        audited(count=max(0, count), detail=f"export {uid}")
         exports[uid] = path
         return {"uid": uid}
 
-    @api.route("/exportFile")
+    @api.route("/exportFile", audit="export")
     def export_file():
         """Step two: download the CSV made by POST /exportFile."""
         uid = bottle.request.params.get("UID", "")
@@ -11375,6 +11844,7 @@ def _search_routes(api: Api):
             uid = str(uuid.UUID(uid))
         except ValueError:
             _fail(400, "UID must be the uid answered by POST /exportFile")
+        audited(detail=f"export {uid}")
         path = exports.get(uid)
         if path is None or not path.exists():
             _fail(404, f"no export {uid}")
@@ -11413,6 +11883,10 @@ def _archive_routes(api: Api):
             _fail(400, "name what to download: study, series (repeatable) or label")
         members = daemon.instances_to_download(checked_uids(study_uids, "study"), checked_uids(series_uids, "series"), label,
                                                 api.visibility())
+        audited(studies=[member.study_instance_uid for member in members] or study_uids, series=series_uids,
+                instances=[member.sop_instance_uid for member in members], count=len(members),
+                detail=("DICOM media" if media else "ZIP") + (", de-identified" if transform else "")
+                + (f", label {label}" if label else ""))
         if not members:
             _fail(404, "nothing indexed matches: no such study, series or label")
         if media and len(members) > daemon.config.media_max_instances:
@@ -11432,13 +11906,13 @@ def _archive_routes(api: Api):
         checked_uids([study], "StudyInstanceUID")
         return send_archive([study], [], "", media, _entry_component(study, "study"))
 
-    @api.route("/studies/<study>/archive")
+    @api.route("/studies/<study>/archive", audit="download")
     def study_archive(study):
         """A study's stored files as a ZIP (application/zip, streamed, ZIP64 when large):
         PatientID/StudyInstanceUID/SeriesInstanceUID/SOPInstanceUID.dcm."""
         return study_download(study, False)
 
-    @api.route("/studies/<study>/media")
+    @api.route("/studies/<study>/media", audit="download")
     def study_media(study):
         """A study as DICOM media in a ZIP (PS3.10, PS3.11): a DICOMDIR, and the files under their File IDs."""
         return study_download(study, True)
@@ -11446,7 +11920,7 @@ def _archive_routes(api: Api):
     def is_true(value) -> bool:
         return value is True or str(value).lower() in ("1", "true", "yes")
 
-    @api.route("/archive")
+    @api.route("/archive", audit="download")
     def selection_archive():
         """Studies, series and a label's studies as one ZIP (application/zip), or DICOM media.
 
@@ -11459,7 +11933,7 @@ def _archive_routes(api: Api):
         return send_archive(api.params("study"), api.params("series"), label, is_true(params.get("media", "")),
                             _entry_component(label, "selection") if label else "selection")
 
-    @api.route("/archive", "POST")
+    @api.route("/archive", "POST", audit="download")
     def selection_archive_posted():
         """The same with a JSON body, for long selections: {studies: [...], series: [...], label, media}."""
         try:
@@ -11474,7 +11948,7 @@ def _archive_routes(api: Api):
         return send_archive(studies, series, label, is_true(body.get("media", False)),
                             _entry_component(label, "selection") if label else "selection")
 
-    @api.route("/import", "POST", access=USER)
+    @api.route("/import", "POST", access=USER, audit="import")
     def start_import():
         """Import a ZIP file of DICOM files (DICOM media with a DICOMDIR too) in the background,
         each file through the one ingest path: {taskUid, taskName, ...}, as GET /import/{uid}.
@@ -11538,6 +12012,8 @@ def _archive_routes(api: Api):
     def start(user: User, source: pathlib.Path, entries, what: str, remove: bool):
         task = ImportTask(str(uuid.uuid4()), f"[{BUILTIN_PROVIDER}]import {what}", [str(source)], owner=user.username)
         daemon.tasks.start_import(task, source, entries, remove_source=remove)
+        # Not the path: a folder's name may name a patient. The task's report says what came in.
+        audited(detail=f"import task {task.uid}" + (", an upload" if remove else ", from the server"))
         logging.getLogger("dicoogled.http").info("import task %s started by %s: %s", task.uid, user.username, what)
         bottle.response.status = 202
         return task.as_json()
@@ -11584,7 +12060,7 @@ def _plugin_routes(api: Api):
         entries.sort(key=lambda e: (e["enabled"], e["name"]))
         return {"plugins": entries, "sets": sorted(manager.plugins), "dead": dead}
 
-    @api.route("/plugins/<kind>/<name>/<action>", "POST", access=ADMIN)
+    @api.route("/plugins/<kind>/<name>/<action>", "POST", access=ADMIN, audit="plugin")
     def enable_plugin(kind, name, action):
         """Enable or disable a plugin, live: action is enable or disable."""
         if action not in ("enable", "disable"):
@@ -11605,7 +12081,7 @@ def _plugin_routes(api: Api):
             _fail(404, f"no plugin {name!r}")
         return manager.plugins[name].settings
 
-    @api.route("/plugins/<name>/settings", "POST", access=ADMIN)
+    @api.route("/plugins/<name>/settings", "POST", access=ADMIN, audit="plugin")
     def change_plugin_settings(name):
         """Change a plugin's settings (form fields named as the settings); persisted."""
         plugin = manager.plugins.get(name)
@@ -11676,8 +12152,8 @@ def _plugin_routes(api: Api):
     methods = ["GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS"]
 
     # OPTIONS here needs a login like any read: answered anonymously, it would tell who exists.
-    @api.route("/ext/<name>/", methods, access=READ)
-    @api.route("/ext/<name>/<rest:path>", methods, access=READ)
+    @api.route("/ext/<name>/", methods, access=READ, audit="plugin")
+    @api.route("/ext/<name>/<rest:path>", methods, access=READ, audit="plugin")
     def web_service(name, rest=""):
         """A plugin's web service: reads need a login, writes a user (as the core's routes)."""
         if bottle.request.method not in ("GET", "HEAD", "OPTIONS"):
@@ -11710,7 +12186,7 @@ def _plugin_routes(api: Api):
     for plugin in manager.plugins.values():
         if plugin.mount and not plugin.error:
             for path in (plugin.mount, plugin.mount + "/<rest:path>"):
-                api.route(path, methods, access=READ, open_preflight=True)(_mounted_service(web_service, plugin))
+                api.route(path, methods, access=READ, open_preflight=True, audit="plugin")(_mounted_service(web_service, plugin))
 
 
 def _web_app_routes(api: Api):
@@ -11931,7 +12407,7 @@ def _share_routes(api: Api):
             _fail(400, "expires must be in the future")
         return when.timestamp()
 
-    @api.route("/share", "POST", access=USER)
+    @api.route("/share", "POST", access=USER, audit="share")
     def create_share():
         """Share studies or a collection read-only with whoever opens the link, without an
         account: {id, token, url, expires, usesAllowed}. An administrator shares anything
@@ -11976,6 +12452,8 @@ def _share_routes(api: Api):
                 _fail(400, str(error))
             label, studies, deidentified = copies, [], {"deidentified": True, "label": copies, "taskUid": task}
         link, token = users.create_share(user.username, label, studies, expires, uses)
+        audited(studies=studies, share_link=link.id, detail=f"created{f' for label {label}' if label else ''}"
+                + (", de-identified" if deidentified else ""))
         http_log.info("%s shared %s until %s%s", user.username, link.id, _share_time(expires) or f"{uses} uses",
                       ", de-identified" if deidentified else "")
         return _json_response({"id": link.id, "token": token, "url": urllib.parse.urljoin(bottle.request.url, f"shared/{token}"),
@@ -11989,17 +12467,18 @@ def _share_routes(api: Api):
         user = api.current_user()
         return {"shares": [_share_json(link) for link in users.shares(None if user.admin else user.username)]}
 
-    @api.route("/share/<share_id>", "DELETE", access=USER)
+    @api.route("/share/<share_id>", "DELETE", access=USER, audit="share")
     def revoke_share(share_id):
         """Revoke a share link (its maker or an administrator): it opens no more, and those who
         opened it see nothing from their next request: {id, revoked}."""
         user = api.current_user()
         link = users.share(share_id)
+        audited(share_link=share_id[:40], detail="revoked")
         if link is None or not (user.admin or link.created_by == user.username):
             _fail(404, f"no share link {share_id[:40]!r} of yours")
         return {"id": share_id, "revoked": users.revoke_share(share_id)}
 
-    @api.route("/shared/<token>", access=PUBLIC)
+    @api.route("/shared/<token>", access=PUBLIC, audit="share")
     def open_share(token):
         """Open a share link: counts one use, starts a share session (a cookie) and goes to the
         web app showing the shared studies; 404 for an unknown link, 410 for one revoked,
@@ -12007,6 +12486,7 @@ def _share_routes(api: Api):
         link, session = users.open_share(token)
         if link is None:
             _fail(404, "no such share link")
+        audited(share_link=link.id, studies=link.study_uids, detail="opened")
         if session is None:
             _fail(410, f"this share link is {link.state(time.time())}")
         http_log.info("share link %s opened from %s (use %d)", link.id, api.client_address(), link.uses)
@@ -12044,6 +12524,7 @@ def _image_routes(api: Api):
             _fail(400, "give SOPInstanceUID or uri")
         if not found:
             _fail(404, f"no instance {uid or uri[:200]}")
+        audited(instances=found.sop_instance_uid, count=1)
         stamp = instance_stamp(found.path, found.size, found.mtime_ns)
         if stamp is None:
             _fail(404, f"the file of {found.sop_instance_uid} is missing; run 'dicoogled check'")
@@ -12055,7 +12536,7 @@ def _image_routes(api: Api):
         except OSError as error:
             _fail(404, f"the object of {uid} cannot be read: {error}")
 
-    @api.route("/dic2png")
+    @api.route("/dic2png", audit="download")
     def dic2png():
         """A frame of an instance as PNG: SOPInstanceUID or uri; frame (from 0); thumbnail (a flag).
 
@@ -12064,6 +12545,7 @@ def _image_routes(api: Api):
         uid, location, key = instance_of_request()
         frame = _int_param("frame", 0)
         thumbnail = bottle.request.params.get("thumbnail", "false").strip().lower() not in ("false", "0", "no", "off")
+        audited(detail=f"frame {frame}" + (", thumbnail" if thumbnail else ""))
         window = None
         if bottle.request.params.get("windowCenter") or bottle.request.params.get("windowWidth"):
             try:
@@ -12095,7 +12577,7 @@ def _image_routes(api: Api):
         bottle.response.content_type = "image/png"
         return png
 
-    @api.route("/dic2png", "POST")
+    @api.route("/dic2png", "POST", audit="download")
     def frame_information():
         """Frames of an instance: {SOPInstanceUID, NumberOfFrames, FrameRate}."""
         uid, location, _ = instance_of_request()
@@ -12105,7 +12587,7 @@ def _image_routes(api: Api):
             _fail(415, f"{uid}: {error}")
         return {"SOPInstanceUID": uid, "NumberOfFrames": frame_count(header), "FrameRate": frame_rate(header)}
 
-    @api.route("/dictags")
+    @api.route("/dictags", audit="view")
     def dictags():
         """The tags of an instance, read from its file, as XML: SOPInstanceUID or uri."""
         uid, location, _ = instance_of_request()
@@ -12143,7 +12625,7 @@ def _webhook_routes(api: Api):
 def _task_routes(api: Api):
     daemon = api.daemon
 
-    @api.route("/management/tasks/index", "POST", access=ADMIN)
+    @api.route("/management/tasks/index", "POST", access=ADMIN, audit="task")
     def index_task():
         """Index files or folders in place, in the background: uri (repeatable)."""
         uris = api.params("uri")
@@ -12154,6 +12636,7 @@ def _task_routes(api: Api):
             if not os.path.exists(path):
                 _fail(400, f"{path} does not exist")
         task = daemon.tasks.start_index(paths)
+        audited(detail=f"index task {task.uid} started for {len(paths)} path(s)")
         return {"tasks": [{"uid": task.uid, "name": task.name, "progress": task.progress, "done": False,
                            "cancelled": False, "timeCreated": task.as_json()["taskTimeCreated"]}]}
 
@@ -12163,12 +12646,13 @@ def _task_routes(api: Api):
         tasks = list(daemon.tasks.tasks.values())
         return {"results": [t.as_json() for t in tasks], "count": sum(1 for t in tasks if not t.finished)}
 
-    @api.route("/index/task", "POST", access=ADMIN)
+    @api.route("/index/task", "POST", access=ADMIN, audit="task")
     def change_task():
         """Stop (type=stop) or close (type=close) a task: uid."""
         params = bottle.request.params
         task = daemon.tasks.tasks.get(params.get("uid", ""))
         kind = params.get("type", "")
+        audited(detail=f"{kind[:10]} task {params.get('uid', '')[:40]}")
         if kind not in ("stop", "close"):
             _fail(400, "type must be stop or close")
         if task is None:
@@ -12201,10 +12685,11 @@ def _task_routes(api: Api):
             missing += not named
         return found, missing
 
-    @api.route("/management/tasks/unindex", "POST", access=ADMIN)
+    @api.route("/management/tasks/unindex", "POST", access=ADMIN, audit="delete")
     def unindex():
         """Remove instances from the index, leaving their files: by uri or UID (repeatable)."""
         named, missing = instances_of_request()
+        audited(instances=[instance.sop_instance_uid for instance in named], count=len(named), detail="unindex")
         removed = daemon.ingest.unindex_paths([instance.path for instance in named])
         return {"indexed": removed, "failed": len(named) - removed, "notFound": missing}
 
@@ -12220,16 +12705,18 @@ def _task_routes(api: Api):
             api.require_visible("STUDY", study_to_protect(study))
         return {"StudyInstanceUID": study, "protected": daemon.index.is_protected(study_to_protect(study))}
 
-    @api.route("/studies/<study>/protected", "PUT", access=ADMIN)
+    @api.route("/studies/<study>/protected", "PUT", access=ADMIN, audit="protect")
     def protect_study(study):
         """Protect a study: recycling never deletes it (it may be absent yet: it stays protected)."""
+        audited(studies=study[:80], detail="protect")
         changed = daemon.index.write(Index.protect_study, study_to_protect(study))
         logging.getLogger("dicoogled.storage").info("study %s protected by %s", study, api.current_user().username)
         return {"StudyInstanceUID": study, "protected": True, "changed": changed}
 
-    @api.route("/studies/<study>/protected", "DELETE", access=ADMIN)
+    @api.route("/studies/<study>/protected", "DELETE", access=ADMIN, audit="protect")
     def unprotect_study(study):
         """Unprotect a study: recycling may delete it again."""
+        audited(studies=study[:80], detail="unprotect")
         changed = daemon.index.write(Index.unprotect_study, study_to_protect(study))
         logging.getLogger("dicoogled.storage").info("study %s unprotected by %s", study, api.current_user().username)
         return {"StudyInstanceUID": study, "protected": False, "changed": changed}
@@ -12245,17 +12732,21 @@ def _task_routes(api: Api):
         return {"rules": [dataclasses.asdict(rule) for rule in daemon.config.retention_rules.values()],
                 "studies": daemon.ingest.apply_retention(daemon.config.retention_rules.values(), dry_run=True)}
 
-    @api.route("/management/retention", "POST", access=ADMIN)
+    @api.route("/management/retention", "POST", access=ADMIN, audit="delete")
     def retention_now():
         """Apply the [retention] rules now: delete the studies they name (protected ones never)."""
         logging.getLogger("dicoogled.storage").info("retention applied by %s", api.current_user().username)
-        return {"studies": daemon.ingest.apply_retention(daemon.config.retention_rules.values())}
+        deleted = daemon.ingest.apply_retention(daemon.config.retention_rules.values())
+        audited(studies=[study["StudyInstanceUID"] for study in deleted],
+                count=sum(study.get("deleted", 0) for study in deleted), detail="retention rules")
+        return {"studies": deleted}
 
-    @api.route("/management/tasks/remove", "POST", access=ADMIN)
+    @api.route("/management/tasks/remove", "POST", access=ADMIN, audit="delete")
     def remove():
         """Delete instances' files and unindex them: by uri or UID (repeatable)."""
         # Not recursive, as in Dicoogle: a folder URI must never empty the archive.
         named, missing = instances_of_request(recursive=False)
+        audited(instances=[instance.sop_instance_uid for instance in named], count=len(named), detail="remove")
         removed, failed = daemon.ingest.delete_instances(named, "removed through REST by " + getattr(api.current_user(), "username", "?"))
         return {"removed": removed, "failed": failed, "notFound": missing}
 
@@ -12354,7 +12845,7 @@ def _index_settings_routes(api: Api):
         """Indexer settings: watched folders (path, separated as in PATH), watcher, thumbnails."""
         return index_settings()
 
-    @api.route("/management/settings/index", "POST", access=ADMIN)
+    @api.route("/management/settings/index", "POST", access=ADMIN, audit="settings")
     def set_index_settings():
         """Change indexer settings: any of the parameters, applied at once.
 
@@ -12385,7 +12876,7 @@ def _index_settings_routes(api: Api):
         get_setting.__doc__ = f"The indexer's {name} setting, as bare text."
         set_setting.__doc__ = f"Change the indexer's {name} setting.\n\n{name}: as in POST /management/settings/index\n"
         api.route(f"/management/settings/index/{field}", access=ADMIN)(get_setting)
-        api.route(f"/management/settings/index/{field}", "POST", access=ADMIN)(set_setting)
+        api.route(f"/management/settings/index/{field}", "POST", access=ADMIN, audit="settings")(set_setting)
 
     for field, name in {"path": "path", "zip": "zip", "effort": "effort", "thumbnail": "thumbnail",
                         "watcher": "watcher", "thumbnail/size": "thumbnailSize"}.items():
@@ -12411,7 +12902,7 @@ def _transfer_settings_routes(api: Api):
         return _json_response([{"uid": uid, "sop_name": pydicom.uid.UID(uid).name, "options": transfer_options(uid)}
                                for uid in classes])
 
-    @api.route("/management/settings/transfer", ["POST", "PUT"], access=ADMIN)
+    @api.route("/management/settings/transfer", ["POST", "PUT"], access=ADMIN, audit="settings")
     def set_transfer_option():
         """Accept, or not, a storage SOP class in one transfer syntax.
 
@@ -12453,7 +12944,7 @@ def _dicom_settings_routes(api: Api):
         values = {name: getattr(config, attribute) for name, attribute in sorted(QUERY_RETRIEVE_SETTINGS.items())}
         return {name: int(value) if float(value).is_integer() else value for name, value in values.items()}
 
-    @api.route("/management/settings/dicom/query", "POST", access=ADMIN)
+    @api.route("/management/settings/dicom/query", "POST", access=ADMIN, audit="settings")
     def set_query_retrieve_settings():
         """Change DICOM limits and timeouts: any of the parameters, for associations from now on.
 
@@ -12477,7 +12968,7 @@ def _dicom_settings_routes(api: Api):
         """This archive's AE title."""
         return {"aetitle": config.aet}
 
-    @api.route("/management/settings/dicom", "PUT", access=ADMIN)
+    @api.route("/management/settings/dicom", "PUT", access=ADMIN, audit="settings")
     def set_ae_title():
         """Change this archive's AE title, from the next association on.
 
@@ -12517,7 +13008,7 @@ def _worklist_routes(api: Api):
     """/worklist: the Modality Worklist's entries, which modalities query by C-FIND."""
     worklist = api.daemon.worklist
 
-    @api.route("/worklist", access=READ)
+    @api.route("/worklist", access=READ, audit="view")
     def worklist_entries():
         """The worklist: every entry with its state (SCHEDULED, IN PROGRESS, COMPLETED,
         DISCONTINUED, as its modality reports by MPPS) and its DICOM JSON. A caller limited to
@@ -12526,7 +13017,7 @@ def _worklist_routes(api: Api):
             _fail(403, "the worklist is for callers who see the whole archive, not those limited to collections")
         return _json_response([entry.as_json() for entry in worklist.entries()])
 
-    @api.route("/worklist", "POST", access=ADMIN)
+    @api.route("/worklist", "POST", access=ADMIN, audit="settings")
     def add_worklist_entry():
         """Schedule a procedure step: the body is its DICOM JSON (PatientID, PatientName and a
         ScheduledProcedureStepSequence item with ScheduledStationAETitle, Modality and
@@ -12544,7 +13035,7 @@ def _worklist_routes(api: Api):
             _fail(400, f"invalid worklist entry: {error}")
         return _json_response({"id": entry_id}, 201)
 
-    @api.route("/worklist/<entry_id>", "DELETE", access=ADMIN)
+    @api.route("/worklist/<entry_id>", "DELETE", access=ADMIN, audit="settings")
     def delete_worklist_entry(entry_id):
         """Remove a worklist entry (its performed procedure steps are kept)."""
         if not entry_id.isdigit() or not worklist.delete(int(entry_id)):
@@ -12566,7 +13057,7 @@ def _destination_routes(api: Api):
                                  "isPublic": public, "public": public, "tls": aet in config.tls_modalities})
         return _json_response(destinations)
 
-    @api.route("/management/settings/storage/dicom", "POST", access=ADMIN)
+    @api.route("/management/settings/storage/dicom", "POST", access=ADMIN, audit="settings")
     def change_move_destinations():
         """Add or remove a C-MOVE destination, usable at once.
 
@@ -12680,8 +13171,8 @@ def _listener_routes(api: Api):
         """The DICOM listener, which serves storage and query/retrieve alike: running, port, ..."""
         return service_status()
 
-    @api.route("/management/dicom/storage", "POST", access=ADMIN)
-    @api.route("/management/dicom/query", "POST", access=ADMIN)
+    @api.route("/management/dicom/storage", "POST", access=ADMIN, audit="settings")
+    @api.route("/management/dicom/query", "POST", access=ADMIN, audit="settings")
     def change_listener():
         """Start or stop the DICOM listener, or change its port, hostname or autostart.
 
@@ -12709,6 +13200,89 @@ def _log_and_api_routes(api: Api):
         return _openapi_document(api)
 
 
+def _audit_time(name: str) -> float | None:
+    """A since/until parameter of /audit as seconds since the epoch: an ISO 8601 date or date
+    and time (UTC unless it names its offset); None when absent."""
+    raw = bottle.request.params.get(name, "").strip()
+    if not raw:
+        return None
+    if "T" in raw:  # an offset's + arrives as a space when a client did not encode it
+        raw = raw.replace("Z", "+00:00").replace(" ", "+", 1)
+    try:
+        moment = datetime.datetime.fromisoformat(raw)
+    except ValueError:
+        _fail(400, f"{name} must be an ISO 8601 date or date and time (2026-12-06 or 2026-12-06T08:30:00Z), not {raw[:40]!r}")
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=datetime.timezone.utc)
+    return moment.timestamp()
+
+
+def _audit_routes(api: Api):
+    """The audit log, for administrators: a page as JSON, or every entry as CSV."""
+    audit = api.daemon.audit
+
+    def filters() -> dict:
+        action = bottle.request.params.get("action", "")
+        unknown = [name for name in action.split(",") if name.strip() and name.strip() not in AUDIT_ACTIONS]
+        if unknown:
+            _fail(400, f"unknown action {unknown[0][:40]!r}: one of {', '.join(AUDIT_ACTIONS)}")
+        audited(detail=" ".join(f"{name}={bottle.request.params.get(name)[:64]}" for name in ("user", "action", "since", "until")
+                                if bottle.request.params.get(name)))
+        audit.flush(timeout=5)  # what was done before this request is in the answer
+        return {"user": bottle.request.params.get("user", ""), "action": action,
+                "since": _audit_time("since"), "until": _audit_time("until")}
+
+    @api.route("/audit", access=ADMIN, audit="audit")
+    def audit_entries():
+        """Audit log entries, newest first: {results: [{id, time, action, result, status, user,
+        calling_aet, share_link, address, request, studies, series, instances, count, detail}],
+        numResults, actions}.
+
+        user: only this user's entries (a failed login is its tried name's)
+        action: only these actions, separated by commas (search, view, download, export, qido, wado, stow, c-find, c-move, c-get, c-store, watch, import, delete, label, unlabel, protect, login, logout, user, settings, plugin, task, share, access, reidentify, audit)
+        since: only entries at or after this ISO 8601 date or time (UTC unless it says otherwise)
+        until: only entries before this ISO 8601 date or time
+        offset: entries to skip (0)
+        psize: entries per page (100, at most 10000)
+        """
+        chosen = filters()
+        entries, total = audit.entries(**chosen, offset=_int_param("offset", 0),
+                                       limit=min(_int_param("psize", 100, minimum=1), 10_000))
+        return {"results": [entry.as_json() for entry in entries], "numResults": total, "actions": AUDIT_ACTIONS}
+
+    @api.route("/audit.csv", access=ADMIN, audit="audit")
+    def audit_csv():
+        """Every audit log entry matching the filters, newest first, as CSV (streamed).
+
+        user: only this user's entries
+        action: only these actions, separated by commas
+        since: only entries at or after this ISO 8601 date or time
+        until: only entries before this ISO 8601 date or time
+        """
+        chosen = filters()
+
+        def cell(value) -> str:
+            text = " ".join(value) if isinstance(value, tuple) else "" if value is None else str(value)
+            # A value a spreadsheet would run as a formula (a tried username) gets a leading ' (OWASP).
+            return "'" + text if text.startswith(_FORMULA_START) else text
+
+        def lines():
+            out = io.StringIO()
+            writer = csv.writer(out, lineterminator="\r\n")
+            writer.writerow(AUDIT_CSV_COLUMNS)
+            for entry in audit.each_entry(**chosen):
+                row = entry.as_json()
+                writer.writerow([cell(getattr(entry, name) if name in ("studies", "series", "instances") else row[name])
+                                 for name in AUDIT_CSV_COLUMNS])
+                if out.tell() > 64 * 1024:
+                    yield out.getvalue()
+                    out.seek(0)
+                    out.truncate()
+            yield out.getvalue()
+
+        bottle.response.content_type = "text/csv; charset=utf-8"
+        bottle.response.set_header("Content-Disposition", 'attachment; filename="audit.csv"')
+        return lines()
 #: CSV cells a spreadsheet would take for a formula: written with a leading ' (OWASP's advice).
 _CSV_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
@@ -12727,7 +13301,7 @@ def _research_routes(api: Api):
     """De-identified research copies of a collection, and the pseudonym map behind them."""
     daemon = api.daemon
 
-    @api.route("/research/export", "POST", access=ADMIN)
+    @api.route("/research/export", "POST", access=ADMIN, audit="export")
     def research_export_route():
         """De-identify the studies of a label into new studies with another label, as a background task: {taskUid, label, into}.
 
@@ -12750,7 +13324,9 @@ def _research_routes(api: Api):
             _fail(400, "label and into are required")
         try:
             options = DeidentificationOptions.from_params(params)
+            audited(detail=f"research export of label {str(params['label'])[:64]} into {str(params['into'])[:64]}")
             uid = daemon.start_research_export(str(params["label"]), str(params["into"]), options)
+            audited(studies=daemon.index.labelled("STUDY", label_name(str(params["label"]))))
         except ValueError as error:
             _fail(400, str(error))
         except LookupError as error:
@@ -12758,12 +13334,13 @@ def _research_routes(api: Api):
         bottle.response.status = 202
         return {"taskUid": uid, "label": label_name(str(params["label"])), "into": label_name(str(params["into"]))}
 
-    @api.route("/research/pseudonyms", access=ADMIN)
+    @api.route("/research/pseudonyms", access=ADMIN, audit="reidentify")
     def pseudonyms():
         """The pseudonym map: who each de-identified patient is: {pseudonyms: [...]}, or CSV.
 
         format: json (the default) or csv"""
         rows = daemon.pseudonyms.patients()
+        audited(count=len(rows), detail="the pseudonym map")
         if bottle.request.params.get("format", "json") == "csv":
             bottle.response.content_type = "text/csv; charset=utf-8"
             bottle.response.set_header("Content-Disposition", 'attachment; filename="pseudonyms.csv"')
@@ -12774,7 +13351,7 @@ def _research_routes(api: Api):
                                 "PatientBirthDate": row.patient_birth_date, "dateOffsetDays": row.date_offset_days,
                                 "created": row.created} for row in rows]}
 
-    @api.route("/research/uids", access=ADMIN)
+    @api.route("/research/uids", access=ADMIN, audit="reidentify")
     def pseudonym_uids():
         """UIDs replaced by de-identification, oldest first: {uids: [{original, replacement, created}]}.
 
@@ -12787,6 +13364,7 @@ def _research_routes(api: Api):
             if given and not is_valid_uid(given):
                 _fail(400, f"{given[:80]!r} is not a UID")
         rows = daemon.pseudonyms.uids(uid, _int_param("psize", 1000, 1), _int_param("offset", 0), original=original)
+        audited(count=len(rows), detail=f"the original of {uid}" if uid else f"the copy of {original}" if original else "replaced UIDs")
         return {"uids": [row._asdict() for row in rows]}
 
 
@@ -12934,6 +13512,9 @@ class Daemon:
         self.worklist = Worklist(self.index)
         self.dicom = DicomServices(config, self.ingest, self.finder, self.worklist, self.codecs)
         self.users = Users(data_dir / "users.sqlite", config.session_idle_minutes)
+        #: Who read, sent, stored or changed what: data_dir/audit.sqlite.
+        self.audit = AuditLog(data_dir / "audit.sqlite", config.audit_enabled, config.audit_retention_days)
+        self.dicom.audit = self.ingest.audit = self.audit
         #: Who the pseudonyms of de-identified copies stand for, apart from the index.
         self.pseudonyms = PseudonymMap(data_dir / "pseudonyms.sqlite")
         #: The one de-identifier: research exports, and whatever else hands out de-identified copies.
@@ -12954,6 +13535,7 @@ class Daemon:
         self.events = StudyEvents(self)
         self.ingest.deliveries_for = self.events.instance_deliveries
         self.ingest.listeners.append(lambda record, calling_aet: self.events.queued())
+        self.ingest.listeners.append(self._audit_watched_file)
         self.dicom.find_filter = self.plugins.find_filter
         self.dicom.visibility_of_ae = self.visibility_of_ae
         self.watcher = None
@@ -12979,6 +13561,7 @@ class Daemon:
         start_thread("disk-space", self._watch_disk_space)
         if self.config.retention_rules:
             start_thread("retention", self._apply_retention_regularly)
+        start_thread("audit-retention", self._prune_audit_regularly)
         bottle.BaseRequest.MEMFILE_MAX = 16 * 1024 * 1024
         app = make_app(self)
         try:
@@ -13138,6 +13721,24 @@ class Daemon:
                     if self.watcher:
                         self.watcher.reconcile_all()
 
+    def _prune_audit_regularly(self):
+        """Delete audit entries older than [audit] retention_days, at start and every hour."""
+        while not self.stopped.is_set():
+            try:
+                self.audit.prune()
+            except apsw.Error as error:  # a busy or full disk: tried again next time
+                self.log.error("cannot prune the audit log: %s", error)
+            if self.stopped.wait(AUDIT_PRUNE_SECONDS):
+                return
+
+    def _audit_watched_file(self, record: "InstanceRecord", calling_aet: str):
+        """An audit entry for each instance a watched folder brings in (C-STORE and STOW-RS
+        have theirs where they are answered; an index task has one when it starts)."""
+        if record.origin == "watch":
+            self.audit.record("watch", studies=record.meta.get("StudyInstanceUID", ""),
+                              series=record.meta.get("SeriesInstanceUID", ""),
+                              instances=record.meta.get("SOPInstanceUID", ""), count=1)
+
     def _apply_retention_regularly(self):
         """Apply the [retention] rules at start, then every retention_interval_hours."""
         rules = list(self.config.retention_rules.values())
@@ -13163,6 +13764,7 @@ class Daemon:
         self.index.close()
         self.users.close()
         self.pseudonyms.close()
+        self.audit.close()  # last: every part that records entries has stopped
         self.log.info("stopped")
         logging.getLogger().removeHandler(self.log_tail)
 

@@ -181,6 +181,7 @@ def _file_chunks(uri: str, size: int = 1 << 20):
 def _qido(level: str, fixed: dict):
     """Answer a QIDO-RS search with C-FIND's matching (dicoogle.find)."""
     _allow_cors()
+    dicoogle.audited("qido", detail=level)
     if not _accepts(DICOM_JSON, "application/json"):
         _error(406, "QIDO-RS answers application/dicom+json")
     limit = _int_param("limit", int(dicoogle.setting("max_results", 1000)))
@@ -203,9 +204,12 @@ def _qido(level: str, fixed: dict):
     if bottle.request.query.get("fuzzymatching") == "true":
         bottle.response.set_header("Warning", '299 dicoogled "fuzzymatching is not supported; names match case- and accent-insensitively"')
     try:
-        results = [_qido_json(level, dataset) for dataset in dicoogle.find(level, keys, offset=offset, limit=limit)]
+        datasets = list(dicoogle.find(level, keys, offset=offset, limit=limit))
     except ValueError as error:  # keys C-FIND would refuse, with dicoogle.find's reason
         _error(400, str(error))
+    # The audit log keeps the studies answered and their number, never the query's values.
+    dicoogle.audited(studies=[str(dataset.get("StudyInstanceUID", "")) for dataset in datasets], count=len(datasets))
+    results = [_qido_json(level, dataset) for dataset in datasets]
     bottle.response.content_type = DICOM_JSON
     return json.dumps(results)
 
@@ -247,7 +251,11 @@ def _qido_json(level: str, dataset) -> dict:
 # ---- WADO-RS ----------------------------------------------------------------------------------
 
 def _instances(study, series="", instance=""):
+    # Every WADO-RS retrieval (files, metadata, frames, bulk data, rendered) goes through here: its
+    # audit entry names what was asked for, and how many instances were found.
+    dicoogle.audited("wado", studies=study, series=series, instances=instance)
     found = dicoogle.instances(_uid(study, "study"), series and _uid(series, "series"), instance and _uid(instance, "instance"))
+    dicoogle.audited(count=len(found))
     if not found:
         _error(404, "no such study, series or instance")
     return found
@@ -445,6 +453,7 @@ def _stow(study=None):
     if parameters.get("type", "application/dicom").lower() != "application/dicom":
         _error(415, "only application/dicom parts are supported")
     stored, failed = [], []
+    dicoogle.audited("stow")
     try:
         for headers, body in iter_multipart(bottle.request.body, parameters["boundary"].encode("latin-1")):
             with body:
@@ -457,6 +466,8 @@ def _stow(study=None):
     except OSError as error:  # a large part could not be spooled: the data disk is full
         failed.append(_failure({}, OUT_OF_RESOURCES, "cannot spool a part: " + (error.strerror or str(error))))
         dicoogle.log(f"STOW-RS: cannot spool a part: {error}", "error")
+    dicoogle.audited(instances=[item["00081155"]["Value"][0] for item in stored], count=len(stored),
+                     detail=f"{len(failed)} failed" if failed else None)
     response = {"00081190": {"vr": "UR", "Value": [f"{_base_url()}/studies/{study}" if study else _base_url() + "/studies"]}}
     if stored:
         response["00081199"] = {"vr": "SQ", "Value": stored}
@@ -498,6 +509,7 @@ def _stow_part(data: bytes, headers: dict, study, stored: list, failed: list):
     if status in (0x0000, 0xB000, 0xB006, 0xB007):
         url = f"{_base_url()}/studies/{header.StudyInstanceUID}/series/{header.SeriesInstanceUID}/instances/{header.SOPInstanceUID}"
         stored.append({**reference, "00081190": {"vr": "UR", "Value": [url]}})
+        dicoogle.audited(studies=str(header.StudyInstanceUID))
     else:
         failed.append(_failure(reference, status, getattr(status, "reason", "") or f"refused with status {status:#06x}"))
 
@@ -512,6 +524,7 @@ def _wado_uri():
     for name in ("studyUID", "seriesUID", "objectUID"):
         if not query.get(name):
             _error(400, f"{name} is required")
+    dicoogle.audited("wado", studies=query["studyUID"], series=query["seriesUID"], instances=query["objectUID"], count=1)
     found = dicoogle.instances(_uid(query["studyUID"], "studyUID"), _uid(query["seriesUID"], "seriesUID"),
                                _uid(query["objectUID"], "objectUID"))
     if not found:

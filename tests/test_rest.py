@@ -864,9 +864,9 @@ def test_remove_deletes_files_and_unindexes(small_archive, tmp_path):
 PUBLIC_ROUTES = {"/health", "/login", "/logout", "/openapi.json", "/welcome", "/"}
 PUBLIC_PREFIXES = ("/ext/version", "/viewer", "/static/", "/learn", "/shared")  # /shared: opening a share link; the viewer's, web app's and course files hold no patient data
 #: Routes for administrators alone (/research/: de-identified exports and the pseudonym map behind
-#: them; granting access to collections; /collections is the caller's own).
+#: them; granting access to collections; /collections is the caller's own; /audit: the audit log).
 ADMIN_PREFIXES = ("/user", "/management/", "/plugins", "/index/task", "/logger", "/research/", "/labels/<label>/access",
-                  "/collections/members")
+                  "/collections/members", "/audit")
 #: Imports write (any logged-in user, as STOW-RS: allow_unauthorized opens reads only), and each
 #: import's report is its starter's.
 USER_ROUTES = {"/user/<username>/password", "/presets/<username>", "/presets/<username>/<name>", "/import", "/import/<uid>",

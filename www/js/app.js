@@ -1,7 +1,8 @@
 // dicoogled's web app: a hash router, the sidebar, login, and the screens. Standard ES modules, no build.
 //
 // Routes: #/search?q=..&patient=..&study=..&series=..  #/dump/<SOPInstanceUID>  #/dashboard
-//         #/worklist  #/import  #/indexer  #/research  #/management?tab=..  #/ext/<plugin>  (the hash never reaches the server)
+//         #/worklist  #/import  #/indexer  #/research  #/management?tab=..  #/audit?user=..&action=..
+//         #/ext/<plugin>  (the hash never reaches the server)
 
 import * as api from "./api.js";
 import { h, clear, message, modal, field, notify } from "./dom.js";
@@ -18,6 +19,7 @@ const screens = {
   indexer: { label: "Indexer", admin: true, load: () => import("./indexer.js") },
   research: { label: "Research", admin: true, load: () => import("./research.js") },
   management: { label: "Management", admin: true, load: () => import("./management.js") },
+  audit: { label: "Audit", admin: true, load: () => import("./audit.js") },
   dump: { label: null, shared: true, load: () => import("./dump.js") },
 };
 
