@@ -7856,8 +7856,13 @@ class DicomServices:
 
     def _on_worklist_find(self, request: DimseRequest):
         """Yield (status, identifier) for a Modality Worklist C-FIND: the scheduled steps that
-        match, then the final status."""
+        match, then the final status. A calling AE limited to collections gets none: scheduled
+        patients belong to no collection (as GET /worklist refuses such callers)."""
         calling = request.calling_aet
+        if self.visibility_of_ae(calling).restricted:
+            self.log.warning("worklist C-FIND from %s refused: its [dicom] calling_ae_access limits it to collections", calling)
+            yield DicomStatus(UNABLE_TO_PROCESS, "the worklist is for callers who see the whole archive"), None
+            return
         try:
             count = 0
             for response in self.worklist.find(request.identifier):

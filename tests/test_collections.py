@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 import studygen
 from conftest import RunningDaemon, StoreSCP, make_identifier, wait_until
 from pynetdicom import AE
-from pynetdicom.sop_class import PatientRootQueryRetrieveInformationModelFind
+from pynetdicom.sop_class import ModalityWorklistInformationFind, PatientRootQueryRetrieveInformationModelFind
 from restclient import ADMIN_ENV, ADMIN_PASSWORD, Client, admin_client, base_url
 from test_dicom_access import find, get, move
 
@@ -247,6 +247,28 @@ def patient_level_find(daemon, calling) -> dict[str, str]:
             PatientRootQueryRetrieveInformationModelFind) if status.Status == 0xFF00}
     finally:
         assoc.release()
+
+
+def worklist_find_status(daemon, calling) -> int:
+    """The final status of a Modality Worklist C-FIND (every scheduled step) from calling."""
+    ae = AE(ae_title=calling)
+    ae.add_requested_context(ModalityWorklistInformationFind)
+    assoc = ae.associate("127.0.0.1", daemon.dicom_port, ae_title="DICOOGLED")
+    assert assoc.is_established
+    try:
+        identifier = pydicom.Dataset()
+        identifier.PatientName, identifier.ScheduledProcedureStepSequence = "", [pydicom.Dataset()]
+        return [status.Status for status, _ in assoc.send_c_find(identifier, ModalityWorklistInformationFind)][-1]
+    finally:
+        assoc.release()
+
+
+def test_the_worklist_is_refused_to_a_calling_ae_limited_to_collections(course):
+    """Scheduled patients belong to no collection: a mapped AE's worklist C-FIND is refused
+    (Unable to process), as GET /worklist refuses a user limited to collections; others query it."""
+    assert worklist_find_status(course, "UNMAPPED") == 0x0000
+    assert worklist_find_status(course, "STUDENT_WS") == 0xC001
+    assert "worklist C-FIND from STUDENT_WS refused" in course.log
 
 
 @pytest.fixture(scope="module")
