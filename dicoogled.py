@@ -595,6 +595,19 @@ def start_thread(name: str, target, *args) -> threading.Thread:
     return thread
 
 
+def open_private_database(path: pathlib.Path, synchronous: str = "FULL") -> apsw.Connection:
+    """An SQLite database of the data dir that only its owner reads (users, audit log, pseudonym
+    map): mode 0600, WAL, a busy timeout, synchronous as asked (FULL: on disk before answered)."""
+    connection = apsw.Connection(str(path))
+    # Before WAL mode makes the -wal and -shm files: SQLite gives them the database's mode.
+    os.chmod(path, 0o600)
+    connection.setbusytimeout(10_000)
+    # One statement per execute: apsw runs a multi-statement string lazily, row by row.
+    connection.execute("PRAGMA journal_mode=WAL").fetchall()
+    connection.execute(f"PRAGMA synchronous={synchronous}")
+    return connection
+
+
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
@@ -9663,10 +9676,7 @@ class PseudonymMap:
         never de-identifies has no map file, and a full disk at start does not stop the daemon."""
         with self._opening:
             if self._connection is None:
-                connection = apsw.Connection(str(self.path))
-                os.chmod(self.path, 0o600)  # before WAL mode makes its -wal and -shm files, which take this mode
-                connection.setbusytimeout(10_000)
-                connection.execute("PRAGMA journal_mode=WAL").fetchall()
+                connection = open_private_database(self.path)
                 with connection:
                     connection.execute(PSEUDONYMS_SCHEMA)
                     connection.execute("INSERT OR IGNORE INTO map_secret (id, secret) VALUES (1, ?)", (secrets.token_bytes(32),))
@@ -9677,8 +9687,7 @@ class PseudonymMap:
     @property
     def _secret(self) -> bytes:
         """The key new UIDs are derived under, kept in the map file."""
-        if not self._secret_key:
-            self._db  # opening the map reads its key
+        _ = self._db  # opening the map reads its key
         return self._secret_key
 
     @staticmethod
@@ -10088,14 +10097,8 @@ class Users:
         self.idle_seconds = idle_minutes * 60
         self.log = logging.getLogger("dicoogled.http")
         self._lock = threading.Lock()
-        self._db = apsw.Connection(str(path))
-        # Before WAL mode makes the -wal and -shm files: SQLite gives them the database's mode.
-        os.chmod(path, 0o600)
-        self._db.setbusytimeout(10_000)
-        # One statement per execute: apsw runs a multi-statement string lazily, row by row.
-        self._db.execute("PRAGMA journal_mode=WAL").fetchall()
+        self._db = open_private_database(path)  # an account change is on disk before it is answered
         self._db.execute("PRAGMA foreign_keys=ON")
-        self._db.execute("PRAGMA synchronous=FULL")  # an account change is on disk before it is answered
         with self._db:
             self._migrate()
             self._db.execute(USERS_SCHEMA)
@@ -10616,13 +10619,8 @@ class AuditLog:
         self.enabled, self.retention_days = enabled, retention_days
         self.log = logging.getLogger("dicoogled.audit")
         self._lock = threading.Lock()
-        self._db = apsw.Connection(str(path))
-        # Before WAL mode makes the -wal and -shm files: SQLite gives them the database's mode.
-        os.chmod(path, 0o600)
-        self._db.setbusytimeout(10_000)
-        self._db.execute("PRAGMA journal_mode=WAL").fetchall()
         # A batch on disk when committed, but not fsynced each time: the writer must keep up with ingest.
-        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db = open_private_database(path, synchronous="NORMAL")
         with self._db:
             version = self._db.execute("PRAGMA user_version").fetchone()[0]
             if version > AUDIT_SCHEMA_VERSION:
@@ -11468,6 +11466,12 @@ _FORMULA_START = tuple("=+-@\t\r") + tuple("\uff1d\uff0b\uff0d\uff20")
 _PLAIN_NUMBER = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
 
 
+def _spreadsheet_safe(text: str) -> str:
+    """text as a spreadsheet shows it and never runs it: a leading ' when it would start a
+    formula (OWASP), unless it is a plain number such as -95.00, which stays a number."""
+    return "'" + text if text.startswith(_FORMULA_START) and not _PLAIN_NUMBER.fullmatch(text) else text
+
+
 def _csv_cell(value: str | None) -> str:
     """One cell of Dicoogle's CSV: "value"; or ; when empty. As Dicoogle, line breaks go and ;
     becomes , so the lines split on ; alone; a " is doubled (RFC 4180). A value a spreadsheet
@@ -11475,9 +11479,7 @@ def _csv_cell(value: str | None) -> str:
     which stays a number."""
     if not value:
         return ";"
-    value = value.replace("\r", "").replace("\n", "").replace(";", ",")
-    if value.startswith(_FORMULA_START) and not _PLAIN_NUMBER.fullmatch(value):
-        value = "'" + value
+    value = _spreadsheet_safe(value.replace("\r", "").replace("\n", "").replace(";", ","))
     return '"' + value.replace('"', '""') + '";'
 
 
@@ -13291,9 +13293,8 @@ def _audit_routes(api: Api):
         chosen = filters()
 
         def cell(value) -> str:
-            text = " ".join(value) if isinstance(value, tuple) else "" if value is None else str(value)
-            # A value a spreadsheet would run as a formula (a tried username) gets a leading ' (OWASP).
-            return "'" + text if text.startswith(_FORMULA_START) else text
+            # A value a spreadsheet would run as a formula (a tried username) is made inert.
+            return _spreadsheet_safe(" ".join(value) if isinstance(value, tuple) else "" if value is None else str(value))
 
         def lines():
             out = io.StringIO()
@@ -13312,17 +13313,12 @@ def _audit_routes(api: Api):
         bottle.response.content_type = "text/csv; charset=utf-8"
         bottle.response.set_header("Content-Disposition", 'attachment; filename="audit.csv"')
         return lines()
-#: CSV cells a spreadsheet would take for a formula: written with a leading ' (OWASP's advice).
-_CSV_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
-
-
 def _csv_text(rows) -> str:
     """Rows as CSV text, text cells that would start a spreadsheet formula made inert."""
     output = io.StringIO()
     writer = csv.writer(output, lineterminator="\r\n")
     for row in rows:
-        writer.writerow([f"'{cell}" if isinstance(cell, str) and cell.startswith(_CSV_FORMULA_START) else cell
-                         for cell in row])
+        writer.writerow([_spreadsheet_safe(cell) if isinstance(cell, str) else cell for cell in row])
     return output.getvalue()
 
 
