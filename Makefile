@@ -17,7 +17,8 @@ run: $(VENV)/.installed
 	$(PY) dicoogled.py serve $(ARGS)
 
 # The tests' real peers, from Debian: DCMTK's DICOM clients, chromium for the browser tests,
-# and node/npm for dicoogle-client and the OHIF viewer.
+# node/npm for dicoogle-client and the OHIF viewer, and PostgreSQL for the second index engine
+# (the tests start their own server in a temp dir).
 APT_INSTALL := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq
 system-deps:
 	@missing=""; \
@@ -25,6 +26,7 @@ system-deps:
 	command -v chromium >/dev/null || missing="$$missing chromium"; \
 	command -v npm >/dev/null || missing="$$missing nodejs npm"; \
 	command -v strace >/dev/null || missing="$$missing strace"; \
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
 	if [ -n "$$missing" ]; then $(SUDO) apt-get update -qq && $(APT_INSTALL) $$missing; fi
 
 # dicoogle-client, Dicoogle's official JavaScript client, for tests/test_dicoogle_client.py.

@@ -1252,6 +1252,79 @@ def save_settings(data_dir: pathlib.Path, values: dict[str, dict[str, str]]):
 
 
 # ============================================================================================
+# Databases: SQLite files and PostgreSQL servers, spoken to the same way
+# ============================================================================================
+
+# The index keeps its data in an SQLite file (apsw) by default, or in a PostgreSQL server when a
+# site outgrows one machine. A PostgreSQL connection here is dressed as an apsw one: execute(sql,
+# args) with ? placeholders returns a cursor to fetch rows from, `with connection:` is one
+# transaction, changes() counts the rows the last statement touched. So the SQL that both engines
+# understand is written once; where they differ (full-text search, GLOB, an inserted row's id),
+# the caller asks which engine it has.
+
+POSTGRESQL_SCHEMES = ("postgresql://", "postgres://")
+
+
+def is_postgresql_url(location) -> bool:
+    return isinstance(location, str) and location.startswith(POSTGRESQL_SCHEMES)
+
+
+def import_psycopg():
+    """psycopg 3 and its pool, or a clear error: they are an extra, not every install has them."""
+    try:
+        import psycopg
+        import psycopg_pool
+    except ImportError:
+        raise RuntimeError("a PostgreSQL index needs psycopg 3: pip install 'dicoogled[postgresql]'") from None
+    return psycopg, psycopg_pool
+
+
+@functools.lru_cache(maxsize=4096)
+def _postgresql_placeholders(sql: str) -> str:
+    """sql with apsw's ? placeholders, outside string literals and quoted names, written as
+    psycopg's %s, and every literal % doubled (psycopg reads one as a placeholder even in a string)."""
+    parts = re.split(r"('(?:[^']|'')*'|\"(?:[^\"]|\"\")*\")", sql.replace("%", "%%"))
+    for n in range(0, len(parts), 2):
+        parts[n] = parts[n].replace("?", "%s")
+    return "".join(parts)
+
+
+class PostgresConnection:
+    """A psycopg connection spoken to as an apsw one (see above). It runs in autocommit mode, so a
+    read never holds a transaction open; `with connection:` opens one, nested ones are savepoints."""
+
+    def __init__(self, connection):
+        self.raw = connection
+        self._transactions: list = []
+        self._last = None
+
+    @classmethod
+    def connect(cls, url: str) -> "PostgresConnection":
+        psycopg, _ = import_psycopg()
+        return cls(psycopg.connect(url, autocommit=True))
+
+    def execute(self, sql: str, args=()):
+        # Without arguments psycopg sends the text as it is: several statements may go at once.
+        self._last = self.raw.execute(_postgresql_placeholders(sql), tuple(args)) if args else self.raw.execute(sql)
+        return self._last
+
+    def changes(self) -> int:
+        return self._last.rowcount if self._last is not None else 0
+
+    def __enter__(self):
+        transaction = self.raw.transaction()
+        transaction.__enter__()
+        self._transactions.append(transaction)
+        return self
+
+    def __exit__(self, *exception):
+        return self._transactions.pop().__exit__(*exception)
+
+    def close(self):
+        self.raw.close()
+
+
+# ============================================================================================
 # Index: schema, metadata extraction, the writer and readers
 # ============================================================================================
 

@@ -313,3 +313,18 @@ def studies(tmp_path):
     def make(out="generated", **kwargs):
         return studygen.generate(tmp_path / out, **kwargs)
     return make
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A real PostgreSQL server for the whole run (tests/pgserver.py), stopped at the end."""
+    import pgserver
+    server = pgserver.PostgresServer(free_port()).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def postgres_url(postgres_server) -> str:
+    """The URL of a new, empty PostgreSQL database on the tests' server."""
+    return postgres_server.database()
