@@ -34,8 +34,9 @@ class PostgresServer:
         self.bin = binaries()
         if self.bin is None:
             raise RuntimeError("PostgreSQL is not installed: apt-get install postgresql")
-        # Not under pytest's tmp_path: as root that is mode 0700, and the server runs as postgres.
-        self.root = pathlib.Path(tempfile.mkdtemp(prefix="dicoogled-pg-"))
+        # Not under pytest's tmp_path (as root that is mode 0700, and the server runs as postgres),
+        # nor wherever tempfile points now: an in-process daemon points it at its own data dir.
+        self.root = pathlib.Path(tempfile.mkdtemp(prefix="dicoogled-pg-", dir="/tmp"))
         self.data = self.root / "cluster"
         self.sockets = self.root / "sockets"
         self.sockets.mkdir()
@@ -44,7 +45,10 @@ class PostgresServer:
 
     def _run(self, *command, check=True) -> subprocess.CompletedProcess:
         prefix = ["runuser", "-u", self.user, "--"] if self.user else []
-        return subprocess.run([*prefix, *map(str, command)], check=check, capture_output=True, text=True)
+        done = subprocess.run([*prefix, *map(str, command)], capture_output=True, text=True)
+        if check and done.returncode:
+            raise RuntimeError(f"{command[0]} failed ({done.returncode}):\n{done.stdout}{done.stderr}")
+        return done
 
     def start(self) -> "PostgresServer":
         if self.user:
