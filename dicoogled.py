@@ -394,6 +394,10 @@ media_max_instances = 2000
 thumbnails = false
 thumbnail_size = 64
 effort = 100
+# Where the index lives. Empty: the SQLite file data_dir/index.sqlite, right for one machine. A
+# postgresql://user@host/db URL (the postgresql extra: .venv/bin/pip install -e '.[postgresql]') is
+# for a site that outgrows one machine, where several dicoogled nodes share one database and data_dir.
+url =
 
 [codecs]
 # Pixel data is decoded (thumbnails, /dic2png, DICOMweb's rendered images, frames and transcoding)
@@ -772,6 +776,7 @@ CONFIG_KEYS = {
     "thumbnails": ("index", "thumbnails", "bool"),
     "thumbnail_size": ("index", "thumbnail_size", "int"),
     "index_effort": ("index", "effort", "int"),
+    "index_url": ("index", "url", "word"),
     "codec_workers": ("codecs", "workers", "int"),
     "codec_idle_seconds": ("codecs", "idle_seconds", "float"),
     "codec_timeout": ("codecs", "timeout", "float"),
@@ -846,6 +851,8 @@ class Config:
     thumbnails: bool = False
     thumbnail_size: int = 64
     index_effort: int = 100
+    #: The index's PostgreSQL URL; empty for the SQLite file in data_dir.
+    index_url: str = ""
     codec_workers: int = 1
     codec_idle_seconds: float = 60
     codec_timeout: float = 60
@@ -930,6 +937,8 @@ class Config:
         for name in ("dicom_port", "http_port", "tls_port"):
             if not 0 <= getattr(self, name) <= 65535:
                 raise ValueError(f"invalid {name} {getattr(self, name)}: must be 0..65535")
+        if self.index_url and not is_postgresql_url(self.index_url):
+            raise ValueError("invalid [index] url: empty (SQLite in data_dir) or postgresql://user@host/database")
         if self.duplicates not in ("keep", "overwrite"):
             raise ValueError(f"invalid duplicates policy {self.duplicates!r}: keep or overwrite")
         if not URI_SCHEME_PATTERN.fullmatch(self.storage_scheme):
@@ -2548,6 +2557,14 @@ class Index:
     def clear(connection):
         """Empty every table of instances (reindex starts from here)."""
         connection.execute("DELETE FROM instances; DELETE FROM series; DELETE FROM studies; DELETE FROM patients; DELETE FROM metadata")
+
+
+def open_index(config: Config, **options) -> Index:
+    """The archive's index, wherever config says it lives: the one way the daemon and the commands open it."""
+    if config.index_url:
+        raise ValueError("[index] url: this version keeps its index in SQLite only (leave url empty);"
+                         " the PostgreSQL engine is being built")
+    return Index(config.data_dir / "index.sqlite", **options)
 
 
 # ============================================================================================
@@ -13599,7 +13616,7 @@ class Daemon:
         tempfile.tempdir = str(self.storage.tmp)
         for stale in self.storage.tmp.glob("import-*.zip"):  # uploads whose import a stop or a crash cut short
             stale.unlink(missing_ok=True)
-        self.index = Index(data_dir / "index.sqlite", on_connect=[register_search_functions])
+        self.index = open_index(config, on_connect=[register_search_functions])
         #: Free space on the data disk and the reserve kept there ([storage] min_free_mb).
         self.disk = DiskSpace(data_dir, config.min_free_mb)
         self.ingest = Ingest(self.index, self.storage, config.duplicates, self.disk,
@@ -14146,7 +14163,7 @@ def _progress_bar(label: str):
 
 
 def _offline_archive(config: Config):
-    index = Index(config.data_dir / "index.sqlite")
+    index = open_index(config)
     return index, Ingest(index, Storage(config.data_dir, fsync=config.fsync), config.duplicates,
                          protected_labels=config.protected_labels)
 
@@ -14259,7 +14276,7 @@ def command_check(config: Config) -> int:
     if not (config.data_dir / "index.sqlite").is_file():
         log.error("no index in %s: is it the right --data-dir?", config.data_dir)
         return 1
-    index = Index(config.data_dir / "index.sqlite")
+    index = open_index(config)
     problems = collections.Counter()
     in_plugins = 0  # kept by storage plugins, which run only in the daemon
     try:
@@ -14476,6 +14493,7 @@ def _argument_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", metavar="FILE", help="INI configuration file (see conf/dicoogled.ini)")
     common.add_argument("--data-dir", metavar="DIR", type=pathlib.Path, help="storage, index and temp files (default ./data)")
+    common.add_argument("--index", metavar="URL", help="a postgresql:// index instead of the SQLite file in the data dir")
     common.add_argument("--log-level", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     commands = parser.add_subparsers(dest="command")
     serve = commands.add_parser("serve", parents=[common], help="run the archive (the default)")
@@ -14525,7 +14543,7 @@ def main(argv=None) -> int:
     if not argv or argv[0] not in ("serve", "index", "reindex", "check", "retention", "install-viewer", "new-plugin", "sample-data", "make-cert", "research-export", "-h", "--help", "--version"):
         argv.insert(0, "serve")
     args = _argument_parser().parse_args(argv)
-    overrides = {"data_dir": args.data_dir, "log_level": args.log_level}
+    overrides = {"data_dir": args.data_dir, "index_url": args.index, "log_level": args.log_level}
     if args.command == "serve":
         overrides.update(http_host=args.http_host, http_port=args.http_port, dicom_host=args.dicom_host,
                          dicom_port=args.dicom_port, aet=args.aet)
@@ -14562,12 +14580,12 @@ def main(argv=None) -> int:
             options = DeidentificationOptions(args.retain_dates, False, args.retain_device_identity,
                                               args.retain_patient_characteristics, args.clean_descriptors)
             return command_research_export(config, args.label, args.into, options)
-    except (OSError, RuntimeError, apsw.Error, subprocess.CalledProcessError) as error:
+    except (OSError, RuntimeError, ValueError, apsw.Error, subprocess.CalledProcessError) as error:
         log.error("%s failed: %s", args.command, error)
         return 1
     try:
         daemon = Daemon(config)
-    except (OSError, RuntimeError, apsw.Error) as error:
+    except (OSError, RuntimeError, ValueError, apsw.Error) as error:
         log.error("cannot start: %s", error)
         return 1
     try:
