@@ -1875,10 +1875,11 @@ _DELIVERY_COLUMNS = "delivery_id, hook, event, body, created, status, attempts, 
 
 
 class _WriteOp:
-    __slots__ = ("function", "args", "future")
+    __slots__ = ("function", "args", "recoverable", "future")
 
-    def __init__(self, function, args):
-        self.function, self.args, self.future = function, args, concurrent.futures.Future()
+    def __init__(self, function, args, recoverable):
+        self.function, self.args, self.recoverable = function, args, recoverable
+        self.future = concurrent.futures.Future()
 
 
 class Index:
@@ -1912,13 +1913,10 @@ class Index:
         connection = apsw.Connection(str(self.path))
         connection.setbusytimeout(10_000)
         # One PRAGMA per call: apsw runs a string of statements lazily and stops at the first that
-        # returns a row, as journal_mode does, so the two after it in one string never ran.
+        # returns a row, as journal_mode does, so whatever came after it in one string never ran.
         connection.pragma("journal_mode", "wal")
-        # A commit reaches the operating system, not the disk: safe against a crash or kill -9, and
-        # against power loss too, because a stored file is fsynced (with its folder) before the
-        # commit, and the start's reconciliation indexes any stored file the index lost. Syncing
-        # the WAL at every commit as well (FULL) costs ingest a quarter of its time.
-        connection.pragma("synchronous", "normal")
+        # Commits are on disk when they return; _run_batch relaxes this for recoverable writes.
+        connection.pragma("synchronous", "full")
         # Foreign keys stay unenforced (SQLite's default), as they always were: add_instance writes
         # an instance before its series exists and links the two after; Index keeps references right.
         for hook in getattr(self, "on_connect", ()):
@@ -2241,9 +2239,9 @@ class Index:
 
     # ---- the writer --------------------------------------------------------------------------
 
-    def submit(self, function, *args, wake_writer: bool = True) -> concurrent.futures.Future:
+    def submit(self, function, *args, wake_writer: bool = True, recoverable: bool = False) -> concurrent.futures.Future:
         """Queue function(connection, *args) to run inside a write transaction."""
-        op = _WriteOp(function, args)
+        op = _WriteOp(function, args, recoverable)
         with self._wakeup:
             if self._closed:
                 raise RuntimeError("index is closed")
@@ -2252,12 +2250,16 @@ class Index:
                 self._wakeup.notify()
         return op.future
 
-    def write(self, function, *args):
-        """Run function(connection, *args) in a write transaction and wait for its commit."""
+    def write(self, function, *args, recoverable: bool = False):
+        """Run function(connection, *args) in a write transaction and wait for its commit, which
+        is on disk when this returns. A recoverable write, one the start's reconciliation redoes
+        from a stored file (fsynced with its folder before), is committed to the operating system
+        only: safe against a crash or kill -9, and after a power loss the file brings it back.
+        Syncing the WAL for each instance as well would cost ingest a quarter of its time."""
         if not self._writing.acquire(blocking=False):
-            return self.submit(function, *args).result()
+            return self.submit(function, *args, recoverable=recoverable).result()
         try:
-            future = self.submit(function, *args, wake_writer=False)
+            future = self.submit(function, *args, wake_writer=False, recoverable=recoverable)
             self._run_queue()
         finally:
             self._writing.release()
@@ -2301,6 +2303,7 @@ class Index:
     def _run_batch(self, connection, batch):
         results = []
         try:
+            connection.pragma("synchronous", "normal" if all(op.recoverable for op in batch) else "full")
             with connection:  # one transaction for the whole batch
                 for op in batch:
                     results.append(op.function(connection, *op.args))
@@ -3501,7 +3504,7 @@ class Ingest:
         if self.enrich:
             self.enrich(record)
         deliveries = self.deliveries_for(record) if self.deliveries_for else ()
-        self.index.write(Index.add_instance, record, deliveries)
+        self.index.write(Index.add_instance, record, deliveries, recoverable=True)
         self.stats.indexed += 1
         for listener in self.listeners:
             try:
