@@ -599,19 +599,6 @@ def start_thread(name: str, target, *args) -> threading.Thread:
     return thread
 
 
-def open_private_database(path: pathlib.Path, synchronous: str = "FULL") -> apsw.Connection:
-    """An SQLite database of the data dir that only its owner reads (users, audit log, pseudonym
-    map): mode 0600, WAL, a busy timeout, synchronous as asked (FULL: on disk before answered)."""
-    connection = apsw.Connection(str(path))
-    # Before WAL mode makes the -wal and -shm files: SQLite gives them the database's mode.
-    os.chmod(path, 0o600)
-    connection.setbusytimeout(10_000)
-    # One statement per execute: apsw runs a multi-statement string lazily, row by row.
-    connection.execute("PRAGMA journal_mode=WAL").fetchall()
-    connection.execute(f"PRAGMA synchronous={synchronous}")
-    return connection
-
-
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
@@ -1270,6 +1257,11 @@ def save_settings(data_dir: pathlib.Path, values: dict[str, dict[str, str]]):
 # transaction, changes() counts the rows the last statement touched. So the SQL that both engines
 # understand is written once; where they differ (full-text search, GLOB, an inserted row's id),
 # the caller asks which engine it has.
+#
+# The index is spoken to only by the Index (next section): everything else asks it by name and
+# gets named rows back, so both engines answer alike. The owner-only SQLite files of the Users
+# and sessions, Audit log and De-identification sections (open_private_database) are those
+# sections' own, and they speak SQL to them themselves (tests/test_data_gateway.py checks both).
 
 POSTGRESQL_SCHEMES = ("postgresql://", "postgres://")
 
@@ -1333,8 +1325,21 @@ class PostgresConnection:
         self.raw.close()
 
 
+def open_private_database(path: pathlib.Path, synchronous: str = "FULL") -> apsw.Connection:
+    """An SQLite database of the data dir that only its owner reads (users, audit log, pseudonym
+    map): mode 0600, WAL, a busy timeout, synchronous as asked (FULL: on disk before answered)."""
+    connection = apsw.Connection(str(path))
+    # Before WAL mode makes the -wal and -shm files: SQLite gives them the database's mode.
+    os.chmod(path, 0o600)
+    connection.setbusytimeout(10_000)
+    # One statement per execute: apsw runs a multi-statement string lazily, row by row.
+    connection.execute("PRAGMA journal_mode=WAL").fetchall()
+    connection.execute(f"PRAGMA synchronous={synchronous}")
+    return connection
+
+
 # ============================================================================================
-# Index: schema, metadata extraction, the writer and readers
+# Index: schema, metadata extraction, the writer and readers, C-FIND and searches in SQL
 # ============================================================================================
 
 #: Attributes kept in typed, indexed columns at each level; everything else is matched from
@@ -1751,6 +1756,13 @@ class LabelCount(typing.NamedTuple):
     studies: int
 
 
+class KeptState(typing.NamedTuple):
+    """What an index keeps through a rebuild from the files (Index.kept_through_rebuild)."""
+    roots: list  #: folders and files indexed in place
+    protected: list  #: StudyInstanceUIDs kept from recycling and retention
+    labels: list  #: LabelRecord rows
+
+
 class LabelRecord(typing.NamedTuple):
     """One label on one study or series, as a rebuilt index gets it back."""
     level: str  # STUDY or SERIES
@@ -1874,6 +1886,271 @@ class Delivery(typing.NamedTuple):
 _DELIVERY_COLUMNS = "delivery_id, hook, event, body, created, status, attempts, next_attempt, last_error, finished"
 
 
+class QueryError(ValueError):
+    """An identifier that cannot be answered; status is the DICOM status. Its text is ours and
+    fit for the client (never the database's)."""
+
+    def __init__(self, message: str, status: int = UNABLE_TO_PROCESS):
+        super().__init__(message)
+        self.status = status
+
+
+# ---- C-FIND in SQL: PS3.4 C.2.2.2's matching on the columns -------------------------------
+
+def _balanced_sql(conditions: list[str], operator: str) -> str:
+    """Conditions joined by AND or OR as a balanced tree: SQLite allows expressions 1000 deep."""
+    if len(conditions) == 1:
+        return conditions[0]
+    middle = len(conditions) // 2
+    return f"({_balanced_sql(conditions[:middle], operator)} {operator} {_balanced_sql(conditions[middle:], operator)})"
+
+
+def _any_of(expression: str, operator: str, values: list[str], args: list) -> str:
+    """SQL true when `expression operator value` holds for one of values (operator = or GLOB).
+    A list travels as one JSON array (json_each), never as an OR of terms or a list of
+    parameters: SQLite allows expressions only 1000 deep and 32766 parameters, and C-FIND
+    lists of UIDs or names can be longer."""
+    if len(values) == 1:
+        args.append(values[0])
+        return f"{expression} {operator} ?"
+    args.append(json.dumps(values))
+    if operator == "=":
+        return f"{expression} IN (SELECT value FROM json_each(?))"
+    return f"EXISTS (SELECT 1 FROM json_each(?) WHERE {expression} {operator} value)"
+
+
+def _glob_escape(text: str) -> str:
+    """SQLite GLOB pattern for a DICOM pattern: keep * and ?, make [ literal."""
+    return text.replace("[", "[[]")
+
+
+def _range_bounds(value: str) -> tuple[str, str] | None:
+    if "-" not in value:
+        return None
+    low, _, high = value.partition("-")
+    return low.strip(), high.strip()
+
+
+def _is_universal(pattern) -> bool:
+    """An empty key, '*', or a sequence whose item has only such keys: it matches everything,
+    entities without the attribute included (PS3.4 C.2.2.2.3 and C.2.2.2.6)."""
+    if isinstance(pattern, list):
+        return not pattern or all(_is_universal(value) for _, value in pattern[0].values())
+    return pattern in ("", "*")
+
+
+#: Attributes computed from the hierarchy rather than stored: (the level they belong to, SQL).
+COMPUTED_ATTRIBUTES = {
+    "NumberOfPatientRelatedStudies": ("PATIENT", "SELECT count(*) FROM studies WHERE patient_ref = p.id"),
+    "NumberOfPatientRelatedSeries": ("PATIENT", "SELECT count(*) FROM series se2 JOIN studies st2 ON st2.id = se2.study_ref WHERE st2.patient_ref = p.id"),
+    "NumberOfPatientRelatedInstances": ("PATIENT", "SELECT count(*) FROM instances i2 JOIN series se2 ON se2.id = i2.series_ref JOIN studies st2 ON st2.id = se2.study_ref WHERE st2.patient_ref = p.id"),
+    "NumberOfStudyRelatedSeries": ("STUDY", "SELECT count(*) FROM series WHERE study_ref = st.id"),
+    "NumberOfStudyRelatedInstances": ("STUDY", "SELECT count(*) FROM instances i2 JOIN series se2 ON se2.id = i2.series_ref WHERE se2.study_ref = st.id"),
+    # group_concat(DISTINCT) only joins with ','; CS and UI values never hold one, so make it DICOM's '\'.
+    "ModalitiesInStudy": ("STUDY", "SELECT replace(group_concat(DISTINCT modality), ',', '\\') FROM series WHERE study_ref = st.id AND modality != ''"),
+    "SOPClassesInStudy": ("STUDY", "SELECT replace(group_concat(DISTINCT i2.sop_class_uid), ',', '\\') FROM instances i2 JOIN series se2 ON se2.id = i2.series_ref WHERE se2.study_ref = st.id"),
+    "NumberOfSeriesRelatedInstances": ("SERIES", "SELECT count(*) FROM instances WHERE series_ref = se.id"),
+}
+
+
+#: The patient-level counts for a caller who sees only some studies: {visible} is the condition
+#: (visible_study_condition) on the studies st counted.
+VISIBLE_PATIENT_COUNTS = {
+    "NumberOfPatientRelatedStudies": "SELECT count(*) FROM studies st WHERE st.patient_ref = p.id AND {visible}",
+    "NumberOfPatientRelatedSeries": "SELECT count(*) FROM series se2 JOIN studies st ON st.id = se2.study_ref"
+                                    " WHERE st.patient_ref = p.id AND {visible}",
+    "NumberOfPatientRelatedInstances": "SELECT count(*) FROM instances i2 JOIN series se2 ON se2.id = i2.series_ref"
+                                       " JOIN studies st ON st.id = se2.study_ref WHERE st.patient_ref = p.id AND {visible}",
+}
+
+
+def _level_joins(level: str) -> str:
+    """patients p joined down to the level's table (studies st, series se, instances i)."""
+    joins = ["patients p", "JOIN studies st ON st.patient_ref = p.id", "JOIN series se ON se.study_ref = st.id",
+             "JOIN instances i ON i.series_ref = se.id"]
+    return " ".join(joins[:LEVELS.index(level) + 1])
+
+
+def _level_column(keyword: str, level_limit: str) -> str | None:
+    """The SQL column (its folded copy for a person name) of a main attribute at or above
+    level_limit, else None."""
+    for level in LEVELS[: LEVELS.index(level_limit) + 1]:
+        if keyword in LEVEL_ATTRIBUTES[level]:
+            return f"{LEVEL_ALIASES[level]}.{_snake_case(keyword)}" + ("_folded" if keyword in FOLDED_ATTRIBUTES else "")
+    return None
+
+
+def _is_computed(keyword: str, level: str) -> bool:
+    return keyword in COMPUTED_ATTRIBUTES and LEVELS.index(COMPUTED_ATTRIBUTES[keyword][0]) <= LEVELS.index(level)
+
+
+def _column_condition(expression: str, key, args: list) -> str:
+    """SQL matching a main attribute's column to a C-FIND key, by the rules of match_value."""
+    value, vr = key.value, key.vr
+    if vr in DATE_TIME_VRS and "-" in value:
+        low, high = _range_bounds(value)
+        parts = [f"{expression} != ''"]
+        if low:
+            parts.append(f"{expression} >= ?")
+            args.append(low)
+        if high:
+            parts.append(f"substr({expression}, 1, {len(high)}) <= ?")
+            args.append(high)
+        return "(" + " AND ".join(parts) + ")"
+    candidates = [_fold(c) if vr == "PN" else c for c in value.split("\\")]
+    is_pattern = [vr != "UI" and ("*" in c or "?" in c) for c in candidates]
+    exact = [c for c, pattern in zip(candidates, is_pattern) if not pattern]
+    patterns = [_glob_escape(c) for c, pattern in zip(candidates, is_pattern) if pattern]
+    alternatives = ([_any_of(expression, "=", exact, args)] if exact else []) + \
+                   ([_any_of(expression, "GLOB", patterns, args)] if patterns else [])
+    return "(" + " OR ".join(alternatives) + ")"
+
+
+def _fts_prefilter(key) -> str:
+    """An FTS5 query that every instance matching a C-FIND key satisfies (a superset)."""
+    if key.vr == "SQ" or not key.value or "\\" in key.value or (key.vr in DATE_TIME_VRS and "-" in key.value):
+        return _fts_phrase(_fts_tokens(key.keyword))
+    literal = re.split(r"[*?]", key.value, maxsplit=1)[0]
+    if key.vr == "PN" or not literal.isascii():
+        # FTS5 keeps letters that _fold changes (ß, Ё, ligatures), and names match folded:
+        # the words could miss a match, so only the keyword is a safe prefilter.
+        return _fts_phrase(_fts_tokens(key.keyword))
+    tokens = _fts_tokens(key.keyword) + _fts_tokens(literal)
+    # A wildcard (or any text) right after the literal part makes its last token a prefix.
+    open_ended = literal != key.value and literal and not re.search(r"[\W_]$", literal)
+    return _fts_phrase(tokens, prefix=bool(open_ended))
+
+
+class FoundEntity(typing.NamedTuple):
+    """A patient, study, series or instance that Index.find matched."""
+    id: int  #: its row at its level
+    representative: int  #: the instance whose metadata stands for it (the first indexed; itself at IMAGE)
+    values: dict  #: keyword -> stored value of each key the index answers (Index.answers)
+
+
+# ---- the search language in SQL -------------------------------------------------------------
+
+#: Main attributes and where they live, for search clauses answered by a column.
+SEARCH_COLUMNS = {k: f"{LEVEL_ALIASES[level]}.{_snake_case(k)}" for level in LEVELS for k in LEVEL_ATTRIBUTES[level]}
+SEARCH_COLUMNS["uri"] = "i.path"
+
+
+#: The condition of label:PATTERN: the instance's study or series carries a label matching the
+#: pattern (GLOB: a pattern holds no '[', so only * and ? are wildcards).
+LABEL_CONDITION = ("(st.study_instance_uid IN (SELECT study_instance_uid FROM study_labels WHERE label GLOB ?)"
+                   " OR se.series_instance_uid IN (SELECT series_instance_uid FROM series_labels WHERE label GLOB ?))")
+
+#: The condition compile_search makes of free text, the whole of it for a query of free text alone.
+FREE_TEXT_CONDITION = "i.id IN (SELECT rowid FROM metadata WHERE metadata MATCH ?)"
+
+
+def compile_search(query) -> tuple[str, list, str | None]:
+    """SQL condition over instances (aliases p, st, se, i) of a parsed query (a SearchQuery), its
+    arguments, and the FTS5 query used to rank results (None when the query has no free text). User text only ever
+    travels as bound parameters and as quoted FTS5 strings."""
+    args: list = []
+    ranked: list[str] = []
+
+    def text_fts(term: str, is_phrase: bool) -> str | None:
+        if is_phrase:
+            tokens = _fts_tokens(term)
+            return _fts_phrase(tokens) if tokens else None
+        if "?" in term or "*" in term[:-1]:
+            return None  # a wildcard inside a word: no FTS form, matched by scanning
+        tokens = _fts_tokens(term.rstrip("*"))
+        if not tokens:
+            return None
+        return " AND ".join(_fts_phrase([t], prefix=term.endswith("*") and t == tokens[-1]) for t in tokens)
+
+    def walk(node, positive=True) -> str:
+        kind = node[0]
+        if kind == "all":
+            return "1"
+        if kind in ("and", "or"):
+            return _balanced_sql([walk(child, positive) for child in node[1]], kind.upper())
+        if kind == "not":
+            return f"NOT {walk(node[1], not positive)}"
+        if kind == "label":
+            args.extend([node[1], node[1]])
+            return LABEL_CONDITION
+        if kind == "text":
+            if not _fts_tokens(node[1]):
+                return "0"  # punctuation alone is no word: it matches nothing
+            fts = text_fts(node[1], node[2])
+            if fts is None:
+                args.append(json.dumps(["match", node[1]]))
+                return "search_text_matches(i.meta, ?)"
+            if positive:
+                ranked.append(f"({fts})")
+            args.append(fts)
+            return FREE_TEXT_CONDITION
+        # ("field", keyword, value)
+        keyword, value = node[1], node[2]
+        spec = json.dumps(list(value))
+        if keyword in SEARCH_COLUMNS and value[0] == "uid":
+            # A UID column: equality, or GLOB for a prefix, both served by the column's index.
+            wildcard = "*" in value[1] or "?" in value[1]
+            args.append(_glob_escape(value[1]) if wildcard else value[1])
+            return f"{SEARCH_COLUMNS[keyword]} {'GLOB' if wildcard else '='} ?"
+        if keyword in SEARCH_COLUMNS:
+            args.append(spec)
+            return f"search_value_matches(?, {SEARCH_COLUMNS[keyword]})"
+        path = keyword.split("_")
+        # FTS5 narrows the candidates to instances holding the keyword and the value's words
+        # (a superset); the exact rule is then checked on the metadata.
+        head = "" if value[0] == "range" else re.split(r"[*?]", value[1])[0]
+        words, wildcard = _fts_tokens(head), value[0] != "range" and head != value[1]
+        # Before a wildcard the last word is only a prefix: al* must find alpha.
+        prefilter = " AND ".join([_fts_phrase([w]) for w in _fts_tokens(path[-1])]
+                                 + [_fts_phrase([w], prefix=wildcard and n == len(words) - 1) for n, w in enumerate(words)])
+        top_level = f'$."{path[0]}"' if len(path) == 1 else "$.__none__"
+        args.extend([prefilter, top_level, spec, json.dumps(path)])
+        return ("(i.id IN (SELECT rowid FROM metadata WHERE metadata MATCH ?)"
+                " AND search_meta_matches(json_extract(i.meta, ?), i.meta, ?, ?))")
+
+    where = walk(query.tree)
+    return where, args, " OR ".join(ranked) if ranked else None
+
+
+def register_search_functions(connection: apsw.Connection):
+    """The SQL functions compile_search's conditions call (per connection, as apsw requires):
+    the search language's own rules (field_value_matches, below in its section), run in SQL."""
+
+    def value_matches(spec, value):
+        return field_value_matches(spec, value.split("\\") if value else [])
+
+    def meta_matches(top_level_value, meta_text, spec, path_text):
+        # A top-level attribute comes pre-extracted by SQLite: no need to parse all metadata.
+        if isinstance(top_level_value, str):
+            values = json.loads(top_level_value) if top_level_value.startswith("[") else [top_level_value]
+            if all(isinstance(v, str) for v in values):
+                return field_value_matches(spec, values)
+        return field_value_matches(spec, _meta_values(json.loads(meta_text), json.loads(path_text)))
+
+    def text_matches(meta_text, spec):
+        pattern = json.loads(spec)[1]
+        regex = _wildcard_regex(_fold(pattern), fold=False)
+        return any(regex.fullmatch(word) for word in _fts_tokens(meta_text))
+
+    connection.create_scalar_function("search_value_matches", value_matches, 2, deterministic=True)
+    connection.create_scalar_function("search_meta_matches", meta_matches, 4, deterministic=True)
+    connection.create_scalar_function("search_text_matches", text_matches, 2, deterministic=True)
+
+
+#: A query's free-text matches come best first (FTS5's BM25) when there are at most this many;
+#: beyond, in the order they were indexed. Scoring every match is most of the answer's time (15 ms
+#: per 50,000 matches), and ranking half a million instances that all name a common word is not
+#: worth the wait for the first page.
+RANK_AT_MOST = 50_000
+
+
+class SearchHit(typing.NamedTuple):
+    """One instance a search-language query matched."""
+    id: int
+    path: str  #: where it is kept: a file's path, or the URI a storage plugin gave it
+    meta: dict  #: every indexed element
+
+
 class _WriteOp:
     __slots__ = ("function", "args", "recoverable", "future")
 
@@ -1894,9 +2171,8 @@ class Index:
 
     BATCH = 256
 
-    def __init__(self, path: pathlib.Path, on_connect=()):
+    def __init__(self, path: pathlib.Path):
         self.path = pathlib.Path(path)
-        self.on_connect = list(on_connect)  #: callables(connection), e.g. to add SQL functions
         self._local = threading.local()
         self._queue: "collections.deque[_WriteOp]" = collections.deque()
         self._wakeup = threading.Condition()
@@ -1919,8 +2195,7 @@ class Index:
         connection.pragma("synchronous", "full")
         # Foreign keys stay unenforced (SQLite's default), as they always were: add_instance writes
         # an instance before its series exists and links the two after; Index keeps references right.
-        for hook in getattr(self, "on_connect", ()):
-            hook(connection)
+        register_search_functions(connection)
         return connection
 
     def _migrate(self, connection):
@@ -1954,11 +2229,15 @@ class Index:
             connection = self._local.connection = self._connect()
         return connection
 
-    def query(self, sql: str, args=()) -> list:
+    def _query(self, sql: str, args=()) -> list:
         return self.reader.execute(sql, args).fetchall()
 
+    def schema_version(self) -> int:
+        """The version of the index's schema (SCHEMA_VERSION once opened: opening migrates it)."""
+        return self._query("PRAGMA user_version")[0][0]
+
     def counts(self) -> dict:
-        row = self.query(
+        row = self._query(
             "SELECT (SELECT count(*) FROM patients), (SELECT count(*) FROM studies),"
             " (SELECT count(*) FROM series), (SELECT coalesce(sum(instances), 0) FROM origin_totals)"
         )[0]
@@ -1966,12 +2245,12 @@ class Index:
 
     def bytes_by_origin(self) -> dict[str, int]:
         """Bytes of the indexed instances by origin (store, watch, index)."""
-        return dict(self.query("SELECT origin, bytes FROM origin_totals WHERE instances > 0"))
+        return dict(self._query("SELECT origin, bytes FROM origin_totals WHERE instances > 0"))
 
     def received_totals(self) -> tuple[int, int]:
         """(instances, bytes) of the received objects the archive holds: what quotas limit."""
         marks = ", ".join("?" * len(RECEIVED_ORIGINS))
-        return tuple(self.query(f"SELECT coalesce(sum(instances), 0), coalesce(sum(bytes), 0) FROM origin_totals"
+        return tuple(self._query(f"SELECT coalesce(sum(instances), 0), coalesce(sum(bytes), 0) FROM origin_totals"
                                 f" WHERE origin IN ({marks})", RECEIVED_ORIGINS)[0])
 
     def recyclable_studies(self, limit: int = 20, sparing: str = "", protected_labels=()) -> list[StoredStudy]:
@@ -1981,7 +2260,7 @@ class Index:
         sparing (the one being received). A scan of every instance: it runs only when a quota is hit."""
         marks = ", ".join("?" * len(RECEIVED_ORIGINS))
         unprotected, protected_args = _unprotected_study_test(protected_labels)
-        rows = self.query(
+        rows = self._query(
             "SELECT st.study_instance_uid, count(*), sum(i.size), max(i.mtime_ns) FROM instances i"
             " JOIN series se ON se.id = i.series_ref JOIN studies st ON st.id = se.study_ref"
             f" WHERE {unprotected} AND st.study_instance_uid != ?"
@@ -2005,7 +2284,7 @@ class Index:
         if label:
             conditions.append(_STUDY_CARRIES_LABELS.format(marks="?"))
             args += (label, label)
-        rows = self.query(
+        rows = self._query(
             "SELECT st.study_instance_uid, count(*), sum(i.size), max(i.mtime_ns) FROM instances i"
             " JOIN series se ON se.id = i.series_ref JOIN studies st ON st.id = se.study_ref"
             f" WHERE {' AND '.join(conditions)}"
@@ -2016,10 +2295,10 @@ class Index:
 
     def protected_studies(self) -> list[str]:
         """The StudyInstanceUIDs that recycling and retention never delete."""
-        return [row[0] for row in self.query("SELECT study_instance_uid FROM protected_studies ORDER BY study_instance_uid")]
+        return [row[0] for row in self._query("SELECT study_instance_uid FROM protected_studies ORDER BY study_instance_uid")]
 
     def is_protected(self, study_uid: str) -> bool:
-        return bool(self.query("SELECT 1 FROM protected_studies WHERE study_instance_uid = ?", (study_uid,)))
+        return bool(self._query("SELECT 1 FROM protected_studies WHERE study_instance_uid = ?", (study_uid,)))
 
     def instance(self, uid: str | None = None, *, path: str | None = None,
                  visibility: Visibility = EVERYTHING) -> IndexedInstance | None:
@@ -2027,10 +2306,10 @@ class Index:
         (or none the visibility shows)."""
         column, value = ("sop_instance_uid", uid) if path is None else ("path", path)
         if visibility.everything:
-            rows = self.query(f"SELECT {_INSTANCE_COLUMNS} FROM instances i WHERE i.{column} = ?", (str(value),))
+            rows = self._query(f"SELECT {_INSTANCE_COLUMNS} FROM instances i WHERE i.{column} = ?", (str(value),))
         else:
             visible, args = visible_study_condition(visibility)
-            rows = self.query(f"SELECT {_INSTANCE_COLUMNS} FROM {_INSTANCE_PARENTS} WHERE i.{column} = ? AND {visible}",
+            rows = self._query(f"SELECT {_INSTANCE_COLUMNS} FROM {_INSTANCE_PARENTS} WHERE i.{column} = ? AND {visible}",
                               (str(value), *args))
         return IndexedInstance(*rows[0]) if rows else None
 
@@ -2043,7 +2322,7 @@ class Index:
             raise ValueError("instances_of needs a StudyInstanceUID, SeriesInstanceUID or SOPInstanceUID")
         visible, visible_args = visible_study_condition(visibility)
         where = " AND ".join([f"{column} = ?" for column, _ in given] + [visible])
-        rows = self.query(f"SELECT {_INSTANCE_COLUMNS} FROM {_INSTANCE_PARENTS} WHERE {where} ORDER BY i.id",
+        rows = self._query(f"SELECT {_INSTANCE_COLUMNS} FROM {_INSTANCE_PARENTS} WHERE {where} ORDER BY i.id",
                           [uid for _, uid in given] + list(visible_args))
         return [IndexedInstance(*row) for row in rows]
 
@@ -2056,7 +2335,7 @@ class Index:
                              ("se.series_instance_uid", list(dict.fromkeys(series_uids)))):
             for start in range(0, len(uids), 500):  # below SQLite's limit of bound parameters
                 chunk = uids[start:start + 500]
-                for row in self.query(
+                for row in self._query(
                         "SELECT i.id, p.patient_id, st.study_instance_uid, se.series_instance_uid, i.sop_instance_uid,"
                         f" i.path, i.size, p.id, st.id, se.id FROM {_INSTANCE_PARENTS}"
                         f" JOIN patients p ON p.id = st.patient_ref WHERE {column} IN ({','.join('?' * len(chunk))})"
@@ -2068,13 +2347,13 @@ class Index:
     def instances_below(self, folder: str) -> list[IndexedInstance]:
         """The instances whose files are below a folder."""
         prefix = folder.rstrip(os.sep) + os.sep
-        rows = self.query(f"SELECT {_INSTANCE_COLUMNS} FROM instances i WHERE i.path >= ? AND i.path < ?",
+        rows = self._query(f"SELECT {_INSTANCE_COLUMNS} FROM instances i WHERE i.path >= ? AND i.path < ?",
                           (prefix, prefix[:-1] + chr(ord(os.sep) + 1)))
         return [IndexedInstance(*row) for row in rows]
 
     def locations_in(self, scheme: str) -> set[str]:
         """Where the instances a storage plugin keeps are: the URIs of its scheme."""
-        rows = self.query("SELECT path FROM instances WHERE substr(path, 1, ?) = ?", (len(scheme) + 1, scheme + ":"))
+        rows = self._query("SELECT path FROM instances WHERE substr(path, 1, ?) = ?", (len(scheme) + 1, scheme + ":"))
         return {row[0] for row in rows}
 
     def every_instance(self):
@@ -2084,7 +2363,7 @@ class Index:
 
     def modalities(self) -> list[str]:
         """The modalities of the indexed series."""
-        return [row[0] for row in self.query("SELECT DISTINCT modality FROM series WHERE modality != '' ORDER BY modality")]
+        return [row[0] for row in self._query("SELECT DISTINCT modality FROM series WHERE modality != '' ORDER BY modality")]
 
     def paths_under(self, root: str) -> dict:
         """path -> (size, mtime_ns) of every instance indexed below a folder."""
@@ -2092,30 +2371,30 @@ class Index:
 
     def worklist(self) -> list[WorklistEntry]:
         """Every worklist entry, oldest first."""
-        return [_worklist_entry(row) for row in self.query(f"SELECT {_WORKLIST_COLUMNS} FROM worklist_entries ORDER BY id")]
+        return [_worklist_entry(row) for row in self._query(f"SELECT {_WORKLIST_COLUMNS} FROM worklist_entries ORDER BY id")]
 
     def worklist_entry(self, entry_id: int) -> WorklistEntry | None:
-        rows = self.query(f"SELECT {_WORKLIST_COLUMNS} FROM worklist_entries WHERE id = ?", (entry_id,))
+        rows = self._query(f"SELECT {_WORKLIST_COLUMNS} FROM worklist_entries WHERE id = ?", (entry_id,))
         return _worklist_entry(rows[0]) if rows else None
 
     def worklist_entries_of(self, study_uid: str) -> list[WorklistEntry]:
         """The worklist entries of a study (the steps an MPPS may perform)."""
-        rows = self.query(f"SELECT {_WORKLIST_COLUMNS} FROM worklist_entries WHERE study_instance_uid = ? ORDER BY id",
+        rows = self._query(f"SELECT {_WORKLIST_COLUMNS} FROM worklist_entries WHERE study_instance_uid = ? ORDER BY id",
                           (study_uid,))
         return [_worklist_entry(row) for row in rows]
 
     def performed_step(self, sop_instance_uid: str) -> PerformedProcedureStep | None:
-        rows = self.query(f"SELECT {_PERFORMED_STEP_COLUMNS} FROM performed_procedure_steps WHERE sop_instance_uid = ?",
+        rows = self._query(f"SELECT {_PERFORMED_STEP_COLUMNS} FROM performed_procedure_steps WHERE sop_instance_uid = ?",
                           (sop_instance_uid,))
         return _performed_step(rows[0]) if rows else None
 
     def performed_steps_of(self, entry_id: int) -> list[PerformedProcedureStep]:
-        rows = self.query(f"SELECT {_PERFORMED_STEP_COLUMNS} FROM performed_procedure_steps WHERE worklist_ref = ?"
+        rows = self._query(f"SELECT {_PERFORMED_STEP_COLUMNS} FROM performed_procedure_steps WHERE worklist_ref = ?"
                           " ORDER BY created", (entry_id,))
         return [_performed_step(row) for row in rows]
 
     def metadata(self, instance_id: int) -> dict:
-        rows = self.query("SELECT meta FROM instances WHERE id = ?", (instance_id,))
+        rows = self._query("SELECT meta FROM instances WHERE id = ?", (instance_id,))
         return json.loads(rows[0][0]) if rows else {}
 
     def metadata_by_uid(self, sop_instance_uids) -> dict[str, dict]:
@@ -2124,8 +2403,124 @@ class Index:
         for start in range(0, len(uids), 500):  # below SQLite's limit of bound parameters
             chunk = uids[start:start + 500]
             sql = f"SELECT sop_instance_uid, meta FROM instances WHERE sop_instance_uid IN ({','.join('?' * len(chunk))})"
-            found.update((uid, json.loads(meta)) for uid, meta in self.query(sql, chunk))
+            found.update((uid, json.loads(meta)) for uid, meta in self._query(sql, chunk))
         return found
+
+    # ---- C-FIND and the search language --------------------------------------------------------
+
+    @staticmethod
+    def answers(level: str, keyword: str) -> bool:
+        """Does find() match a key of this keyword at this level itself (a column, or an
+        attribute computed from the hierarchy), and return its value in FoundEntity.values?"""
+        return _level_column(keyword, level) is not None or _is_computed(keyword, level)
+
+    def find(self, level: str, keys, offset: int = 0, limit: int | None = None,
+             visibility: Visibility = EVERYTHING) -> typing.Iterator[FoundEntity]:
+        """The entities at a level that a C-FIND's keys may match, one at a time, as indexed.
+
+        Level is PATIENT, STUDY, SERIES or IMAGE, keys are Key (keyword, vr, value); only the
+        entities the visibility shows are found (a patient: through one of its visible studies).
+
+        A key the index answers (answers()) is matched here, by PS3.4 C.2.2.2's rules; any
+        other key only narrows the entities to those whose representative instance holds its
+        keyword and words (a superset), and the caller matches it on that instance's metadata.
+        So offset and limit skip and limit the entities found here: a caller with keys of its
+        own to match pages the entities it keeps itself. Raises QueryError for an identifier
+        too large to match."""
+        where, args, answered = [], [], []
+        column_args: list = []  # the arguments of returned columns, which come before the conditions'
+        alias = LEVEL_ALIASES[level]
+        representative = "i.id" if level == "IMAGE" else f"{alias}.first_instance"
+        for key in keys:
+            column = _level_column(key.keyword, level)
+            if column:
+                # Return the stored text, also for universal matching; match the folded one.
+                answered.append((key.keyword, column.removesuffix("_folded")))
+                if key.value not in ("", "*"):
+                    where.append(_column_condition(column, key, args))
+            elif _is_computed(key.keyword, level):
+                sql = COMPUTED_ATTRIBUTES[key.keyword][1]
+                if visibility.restricted and key.keyword in VISIBLE_PATIENT_COUNTS:
+                    # A patient's counts are of what the caller sees of it, not of the studies it may not.
+                    visible, visible_args = visible_study_condition(visibility)
+                    sql = VISIBLE_PATIENT_COUNTS[key.keyword].format(visible=visible)
+                    column_args.extend(visible_args)
+                answered.append((key.keyword, f"({sql})"))
+                if key.value and key.keyword == "ModalitiesInStudy":
+                    modalities = _any_of("x.modality", "=", key.value.split("\\"), args)
+                    where.append(f"EXISTS (SELECT 1 FROM series x WHERE x.study_ref = st.id AND {modalities})")
+                elif key.value and key.keyword == "SOPClassesInStudy":
+                    classes = _any_of("y.sop_class_uid", "=", key.value.split("\\"), args)
+                    where.append(f"EXISTS (SELECT 1 FROM instances y JOIN series x ON x.id = y.series_ref WHERE x.study_ref = st.id AND {classes})")
+            elif not _is_universal(key.value):
+                where.append(f"{representative} IN (SELECT rowid FROM metadata WHERE metadata MATCH ?)")
+                args.append(_fts_prefilter(key))
+        if visibility.restricted:
+            visible, visible_args = visible_study_condition(visibility)
+            where.append(visible if level != "PATIENT"
+                         else f"EXISTS (SELECT 1 FROM studies st WHERE st.patient_ref = p.id AND {visible})")
+            args.extend(visible_args)
+        sql = f"SELECT {alias}.id, {representative}{''.join(', ' + c for _, c in answered)} FROM {_level_joins(level)}"
+        args = column_args + args
+        if where:
+            sql += " WHERE " + _balanced_sql(where, "AND")
+        sql += f" ORDER BY {alias}.id"
+        if offset or limit is not None:
+            sql += " LIMIT ? OFFSET ?"
+            args += [-1 if limit is None else limit, offset]
+        reader = self.reader
+        if len(args) > reader.limit(apsw.SQLITE_LIMIT_VARIABLE_NUMBER, -1):
+            # One value per key (lists travel as one JSON array), so only a huge identifier gets here.
+            raise QueryError(f"the identifier has too many keys to match ({len(args)})")
+        keywords = [keyword for keyword, _ in answered]
+        return (FoundEntity(row[0], row[1], dict(zip(keywords, row[2:]))) for row in reader.execute(sql, args))
+
+    def instances_of_entity(self, level: str, entity_id: int, visibility: Visibility = EVERYTHING) -> list[IndexedInstance]:
+        """The instances of an entity find() found (FoundEntity.id at its level), in the order they
+        were indexed; of a patient, only those of the studies the visibility shows."""
+        below = {"PATIENT": "st.patient_ref = ?", "STUDY": "se.study_ref = ?", "SERIES": "se.id = ?", "IMAGE": "i.id = ?"}[level]
+        visible, visible_args = visible_study_condition(visibility)
+        rows = self._query(f"SELECT {_INSTANCE_COLUMNS} FROM {_INSTANCE_PARENTS} WHERE {below} AND {visible} ORDER BY i.id",
+                           (entity_id, *visible_args))
+        return [IndexedInstance(*row) for row in rows]
+
+    def search(self, query, limit: int | None = None, offset: int = 0, visibility: Visibility = EVERYTHING,
+               rank_at_most: int = RANK_AT_MOST) -> tuple[list[SearchHit], int]:
+        """A parsed search-language query (SearchQuery) on the index: (hits, total), a page of the
+        instances it matches among those the visibility shows, and how many there are in all.
+        Free-text matches come best first when there are at most rank_at_most of them."""
+        where, args, rank = compile_search(query)
+        if visibility.restricted:  # part of the condition, so the count and the page are the visible ones'
+            visible, visible_args = visible_study_condition(visibility)
+            where, args = f"({where}) AND {visible}", [*args, *visible_args]
+        matches = self._query("SELECT count(*) FROM metadata WHERE metadata MATCH ?", [rank])[0][0] if rank else 0
+        columns = "i.id, i.path, i.meta"
+        joins = ("FROM instances i JOIN series se ON se.id = i.series_ref JOIN studies st ON st.id = se.study_ref"
+                 " JOIN patients p ON p.id = st.patient_ref")
+        page = (f" LIMIT {int(limit)} OFFSET {int(offset)}" if limit is not None
+                else f" LIMIT -1 OFFSET {int(offset)}" if offset else "")
+        if where == FREE_TEXT_CONDITION and rank and args == [rank.removeprefix("(").removesuffix(")")]:
+            # Free text alone (what a user types first): FTS5 counts and ranks its matches itself,
+            # and only the page is joined to the instances: milliseconds at a million instances.
+            total = matches
+            score = "bm25(metadata)" if matches <= rank_at_most else "0"
+            ranked = f"SELECT rowid AS rank_id, {score} AS score FROM metadata WHERE metadata MATCH ? ORDER BY score, rowid{page}"
+            sql = f"SELECT {columns} FROM ({ranked}) r JOIN instances i ON i.id = r.rank_id{joins.removeprefix('FROM instances i')} ORDER BY r.score, i.id"
+        else:
+            # Only the tables the condition names are joined to count (the count reads every match).
+            counted = joins if re.search(r"\b(?:se|st|p)\.", where) else "FROM instances i"
+            total = self._query(f"SELECT count(*) {counted} WHERE {where}", args)[0][0]
+            order = "i.id"
+            ranking = ""
+            if rank and matches <= rank_at_most:
+                # The scores of the free text's matches, computed once (as a join of the full-text
+                # table, SQLite would run its MATCH again for every instance).
+                ranking = "WITH r AS MATERIALIZED (SELECT rowid AS rank_id, bm25(metadata) AS score FROM metadata WHERE metadata MATCH ?) "
+                joins += " LEFT JOIN r ON r.rank_id = i.id"
+                args = [rank] + args
+                order = "r.score, i.id"
+            sql = f"{ranking}SELECT {columns} {joins} WHERE {where} ORDER BY {order}{page}"
+        return [SearchHit(row[0], row[1], json.loads(row[2])) for row in self._query(sql, args)], total
 
     # ---- labels ------------------------------------------------------------------------------
 
@@ -2134,7 +2529,7 @@ class Index:
         study or on one of its series); a label on studies no longer indexed counts 0. For a
         restricted visibility, only the visible studies count and labels on none are left out."""
         if visibility.everything:
-            rows = self.query(
+            rows = self._query(
                 "SELECT label, count(DISTINCT study) FROM ("
                 " SELECT l.label, st.id AS study FROM study_labels l"
                 "  LEFT JOIN studies st ON st.study_instance_uid = l.study_instance_uid"
@@ -2144,7 +2539,7 @@ class Index:
                 ") GROUP BY label ORDER BY label")
             return [LabelCount(*row) for row in rows]
         visible, args = visible_study_condition(visibility)
-        rows = self.query(
+        rows = self._query(
             "SELECT label, count(DISTINCT study) FROM ("
             " SELECT l.label, st.id AS study FROM study_labels l"
             "  JOIN studies st ON st.study_instance_uid = l.study_instance_uid"
@@ -2164,7 +2559,7 @@ class Index:
         uids = list(dict.fromkeys(uids))
         for start in range(0, len(uids), 500):  # below SQLite's limit of bound parameters
             chunk = uids[start:start + 500]
-            for uid, label in self.query(f"SELECT {column}, label FROM {table} WHERE {column} IN"
+            for uid, label in self._query(f"SELECT {column}, label FROM {table} WHERE {column} IN"
                                          f" ({','.join('?' * len(chunk))}) ORDER BY {column}, label", chunk):
                 found.setdefault(uid, []).append(label)
         return found
@@ -2183,20 +2578,20 @@ class Index:
                       "  JOIN studies st ON st.study_instance_uid = l.study_instance_uid"
                       "  JOIN series se ON se.study_ref = st.id WHERE l.label = ?1",
         }[level]
-        return sorted(row[0] for row in self.query(sql, (label,)))
+        return sorted(row[0] for row in self._query(sql, (label,)))
 
     def holds(self, level: str, uid: str, visibility: Visibility = EVERYTHING) -> bool:
         """Is a study or series (level STUDY or SERIES) of this UID indexed (and visible)?"""
         visible, args = visible_study_condition(visibility)
         sql = {"STUDY": "SELECT 1 FROM studies st WHERE st.study_instance_uid = ?",
                "SERIES": "SELECT 1 FROM series se JOIN studies st ON st.id = se.study_ref WHERE se.series_instance_uid = ?"}[level]
-        return bool(self.query(f"{sql} AND {visible}", (uid, *args)))
+        return bool(self._query(f"{sql} AND {visible}", (uid, *args)))
 
     # ---- study events and webhook deliveries ---------------------------------------------
 
     def quiet_studies(self, arrived_before: float) -> list[QuietStudy]:
         """The studies not announced stable whose newest instance arrived before this time."""
-        rows = self.query("SELECT study_instance_uid, last_arrival FROM studies"
+        rows = self._query("SELECT study_instance_uid, last_arrival FROM studies"
                           " WHERE NOT stable_announced AND last_arrival < ? ORDER BY last_arrival", (arrived_before,))
         return [QuietStudy(*row) for row in rows]
 
@@ -2206,7 +2601,7 @@ class Index:
         keywords = LEVEL_ATTRIBUTES["PATIENT"] + LEVEL_ATTRIBUTES["STUDY"]
         columns = ", ".join(f"{LEVEL_ALIASES['PATIENT' if k in LEVEL_ATTRIBUTES['PATIENT'] else 'STUDY']}.{_snake_case(k)}"
                             for k in keywords)
-        rows = self.query(
+        rows = self._query(
             f"SELECT {columns}, (SELECT group_concat(DISTINCT modality) FROM series WHERE study_ref = st.id),"
             " (SELECT count(*) FROM series WHERE study_ref = st.id),"
             " (SELECT count(*) FROM instances i JOIN series se ON se.id = i.series_ref WHERE se.study_ref = st.id)"
@@ -2222,18 +2617,18 @@ class Index:
 
     def due_deliveries(self, now: float, limit: int = 50) -> list[Delivery]:
         """Pending webhook deliveries whose next attempt is due, oldest first."""
-        rows = self.query(f"SELECT {_DELIVERY_COLUMNS} FROM webhook_deliveries WHERE status = 'pending'"
+        rows = self._query(f"SELECT {_DELIVERY_COLUMNS} FROM webhook_deliveries WHERE status = 'pending'"
                           " AND next_attempt <= ? ORDER BY next_attempt, id LIMIT ?", (now, limit))
         return [Delivery(*row) for row in rows]
 
     def next_delivery_time(self) -> float | None:
         """When the next pending webhook delivery is due, or None if none is pending."""
-        return self.query("SELECT min(next_attempt) FROM webhook_deliveries WHERE status = 'pending'")[0][0]
+        return self._query("SELECT min(next_attempt) FROM webhook_deliveries WHERE status = 'pending'")[0][0]
 
     def deliveries(self, limit: int = 100, status: str = "") -> list[Delivery]:
         """The delivery log: the newest webhook deliveries first, of one status if given."""
         where = "WHERE status = ?" if status else ""
-        rows = self.query(f"SELECT {_DELIVERY_COLUMNS} FROM webhook_deliveries {where} ORDER BY id DESC LIMIT ?",
+        rows = self._query(f"SELECT {_DELIVERY_COLUMNS} FROM webhook_deliveries {where} ORDER BY id DESC LIMIT ?",
                           (status, limit) if status else (limit,))
         return [Delivery(*row) for row in rows]
 
@@ -2284,6 +2679,25 @@ class Index:
         if path not in self.remembered_roots():
             with open(self.path.parent / "indexed-roots.txt", "a", encoding="utf-8") as handle:
                 handle.write(path + "\n")
+
+    @staticmethod
+    def kept_through_rebuild(path: pathlib.Path) -> "KeptState":
+        """What an index file holds that its instances' files do not (indexed folders, protected
+        studies, labels: set by people or rules), read before it is rebuilt; nothing of what an
+        unreadable or older index lacks."""
+        roots, protected, labels = [], [], []
+        with contextlib.suppress(apsw.Error):
+            connection = apsw.Connection(str(path), flags=apsw.SQLITE_OPEN_READONLY)
+            try:
+                roots = [row[0] for row in connection.execute("SELECT path FROM indexed_roots")]
+                with contextlib.suppress(apsw.Error):  # an index from before protection has none
+                    protected = [row[0] for row in connection.execute("SELECT study_instance_uid FROM protected_studies")]
+                with contextlib.suppress(apsw.Error):  # an index from before labels has none
+                    labels = [LabelRecord(level, *row) for level, (table, column) in LABEL_LEVELS.items()
+                              for row in connection.execute(f"SELECT {column}, label, added FROM {table}")]
+            finally:
+                connection.close()
+        return KeptState(roots, protected, labels)
 
     def remembered_roots(self) -> list[str]:
         with contextlib.suppress(FileNotFoundError):
@@ -2505,24 +2919,11 @@ class Index:
 
     @staticmethod
     def restore_labels(connection, labels) -> int:
-        """Put back labels (LabelRecord rows, from saved_labels) kept through a rebuild."""
+        """Put back labels (LabelRecord rows, from kept_through_rebuild) kept through a rebuild."""
         for level, uid, label, added in labels:
             table, column = LABEL_LEVELS[level]
             connection.execute(f"INSERT OR IGNORE INTO {table} ({column}, label, added) VALUES (?, ?, ?)", (uid, label, added))
         return len(labels)
-
-    @staticmethod
-    def saved_protection(connection) -> list[str]:
-        """The protected StudyInstanceUIDs of an index opened by itself (one being rebuilt), to
-        protect_study again in the new one: protection is set by hand, not in the files."""
-        return [row[0] for row in connection.execute("SELECT study_instance_uid FROM protected_studies")]
-
-    @staticmethod
-    def saved_labels(connection) -> list["LabelRecord"]:
-        """Every label of an index opened by itself (one being rebuilt), to restore_labels in
-        the new one: labels are set by hand and cannot be rebuilt from the files."""
-        return [LabelRecord(level, *row) for level, (table, column) in LABEL_LEVELS.items()
-                for row in connection.execute(f"SELECT {column}, label, added FROM {table}")]
 
     @staticmethod
     def add_root(connection, path: str):
@@ -3541,55 +3942,12 @@ class Ingest:
 # ============================================================================================
 
 
-class QueryError(ValueError):
-    """An identifier that cannot be answered; status is the DICOM status. Its text is ours and
-    fit for the client (never the database's)."""
-
-    def __init__(self, message: str, status: int = UNABLE_TO_PROCESS):
-        super().__init__(message)
-        self.status = status
-
-
-def _balanced_sql(conditions: list[str], operator: str) -> str:
-    """Conditions joined by AND or OR as a balanced tree: SQLite allows expressions 1000 deep."""
-    if len(conditions) == 1:
-        return conditions[0]
-    middle = len(conditions) // 2
-    return f"({_balanced_sql(conditions[:middle], operator)} {operator} {_balanced_sql(conditions[middle:], operator)})"
-
-
-def _any_of(expression: str, operator: str, values: list[str], args: list) -> str:
-    """SQL true when `expression operator value` holds for one of values (operator = or GLOB).
-    A list travels as one JSON array (json_each), never as an OR of terms or a list of
-    parameters: SQLite allows expressions only 1000 deep and 32766 parameters, and C-FIND
-    lists of UIDs or names can be longer."""
-    if len(values) == 1:
-        args.append(values[0])
-        return f"{expression} {operator} ?"
-    args.append(json.dumps(values))
-    if operator == "=":
-        return f"{expression} IN (SELECT value FROM json_each(?))"
-    return f"EXISTS (SELECT 1 FROM json_each(?) WHERE {expression} {operator} value)"
-
-
 def _wildcard_regex(pattern: str, fold: bool) -> re.Pattern:
     """DICOM wildcard matching: '*' any run, '?' one character; everything else literal."""
     if fold:
         pattern = _fold(pattern)
     parts = ("." if c == "?" else ".*" if c == "*" else re.escape(c) for c in pattern)
     return re.compile("".join(parts), re.DOTALL)
-
-
-def _glob_escape(text: str) -> str:
-    """SQLite GLOB pattern for a DICOM pattern: keep * and ?, make [ literal."""
-    return text.replace("[", "[[]")
-
-
-def _range_bounds(value: str) -> tuple[str, str] | None:
-    if "-" not in value:
-        return None
-    low, _, high = value.partition("-")
-    return low.strip(), high.strip()
 
 
 def _in_range(stored: str, low: str, high: str) -> bool:
@@ -3599,14 +3957,6 @@ def _in_range(stored: str, low: str, high: str) -> bool:
     if low and stored < low:
         return False
     return not high or stored[: len(high)] <= high
-
-
-def _is_universal(pattern) -> bool:
-    """An empty key, '*', or a sequence whose item has only such keys: it matches everything,
-    entities without the attribute included (PS3.4 C.2.2.2.3 and C.2.2.2.6)."""
-    if isinstance(pattern, list):
-        return not pattern or all(_is_universal(value) for _, value in pattern[0].values())
-    return pattern in ("", "*")
 
 
 def match_value(vr: str, pattern, stored) -> bool:
@@ -3640,31 +3990,6 @@ def match_value(vr: str, pattern, stored) -> bool:
             if any(regex.fullmatch(_fold(v) if fold else v) for v in values + [joined]):
                 return True
     return False
-
-
-#: Attributes computed from the hierarchy rather than stored.
-COMPUTED_ATTRIBUTES = {
-    "NumberOfPatientRelatedStudies": ("PATIENT", "SELECT count(*) FROM studies WHERE patient_ref = p.id"),
-    "NumberOfPatientRelatedSeries": ("PATIENT", "SELECT count(*) FROM series se2 JOIN studies st2 ON st2.id = se2.study_ref WHERE st2.patient_ref = p.id"),
-    "NumberOfPatientRelatedInstances": ("PATIENT", "SELECT count(*) FROM instances i2 JOIN series se2 ON se2.id = i2.series_ref JOIN studies st2 ON st2.id = se2.study_ref WHERE st2.patient_ref = p.id"),
-    "NumberOfStudyRelatedSeries": ("STUDY", "SELECT count(*) FROM series WHERE study_ref = st.id"),
-    "NumberOfStudyRelatedInstances": ("STUDY", "SELECT count(*) FROM instances i2 JOIN series se2 ON se2.id = i2.series_ref WHERE se2.study_ref = st.id"),
-    # group_concat(DISTINCT) only joins with ','; CS and UI values never hold one, so make it DICOM's '\'.
-    "ModalitiesInStudy": ("STUDY", "SELECT replace(group_concat(DISTINCT modality), ',', '\\') FROM series WHERE study_ref = st.id AND modality != ''"),
-    "SOPClassesInStudy": ("STUDY", "SELECT replace(group_concat(DISTINCT i2.sop_class_uid), ',', '\\') FROM instances i2 JOIN series se2 ON se2.id = i2.series_ref WHERE se2.study_ref = st.id"),
-    "NumberOfSeriesRelatedInstances": ("SERIES", "SELECT count(*) FROM instances WHERE series_ref = se.id"),
-}
-
-
-#: The patient-level counts for a caller who sees only some studies: {visible} is the condition
-#: (visible_study_condition) on the studies st counted.
-VISIBLE_PATIENT_COUNTS = {
-    "NumberOfPatientRelatedStudies": "SELECT count(*) FROM studies st WHERE st.patient_ref = p.id AND {visible}",
-    "NumberOfPatientRelatedSeries": "SELECT count(*) FROM series se2 JOIN studies st ON st.id = se2.study_ref"
-                                    " WHERE st.patient_ref = p.id AND {visible}",
-    "NumberOfPatientRelatedInstances": "SELECT count(*) FROM instances i2 JOIN series se2 ON se2.id = i2.series_ref"
-                                       " JOIN studies st ON st.id = se2.study_ref WHERE st.patient_ref = p.id AND {visible}",
-}
 
 
 @dataclasses.dataclass
@@ -3770,136 +4095,36 @@ class Finder:
     def __init__(self, index: Index):
         self.index = index
 
-    def _from_clause(self, level: str) -> str:
-        joins = ["patients p"]
-        if LEVELS.index(level) >= 1:
-            joins.append("JOIN studies st ON st.patient_ref = p.id")
-        if LEVELS.index(level) >= 2:
-            joins.append("JOIN series se ON se.study_ref = st.id")
-        if LEVELS.index(level) >= 3:
-            joins.append("JOIN instances i ON i.series_ref = se.id")
-        return " ".join(joins)
-
-    @staticmethod
-    def _column(keyword: str, level_limit: str):
-        """(SQL expression, level) of a main attribute at or above level_limit, else None."""
-        for level in LEVELS[: LEVELS.index(level_limit) + 1]:
-            if keyword in LEVEL_ATTRIBUTES[level]:
-                column = _snake_case(keyword) + ("_folded" if keyword in FOLDED_ATTRIBUTES else "")
-                return f"{LEVEL_ALIASES[level]}.{column}", level
-        return None
-
-    def _condition(self, expression: str, key: Key, args: list) -> str:
-        """SQL for matching a main-attribute column, with the same rules as match_value."""
-        value, vr = key.value, key.vr
-        if vr in DATE_TIME_VRS and "-" in value:
-            low, high = _range_bounds(value)
-            parts = [f"{expression} != ''"]
-            if low:
-                parts.append(f"{expression} >= ?")
-                args.append(low)
-            if high:
-                parts.append(f"substr({expression}, 1, {len(high)}) <= ?")
-                args.append(high)
-            return "(" + " AND ".join(parts) + ")"
-        candidates = [_fold(c) if vr == "PN" else c for c in value.split("\\")]
-        is_pattern = [vr != "UI" and ("*" in c or "?" in c) for c in candidates]
-        exact = [c for c, pattern in zip(candidates, is_pattern) if not pattern]
-        patterns = [_glob_escape(c) for c, pattern in zip(candidates, is_pattern) if pattern]
-        alternatives = ([_any_of(expression, "=", exact, args)] if exact else []) + \
-                       ([_any_of(expression, "GLOB", patterns, args)] if patterns else [])
-        return "(" + " OR ".join(alternatives) + ")"
-
-    def _fts_prefilter(self, key: Key) -> str | None:
-        """An FTS5 query that every instance matching key satisfies (a superset), or None."""
-        if key.vr == "SQ" or not key.value or "\\" in key.value or (key.vr in DATE_TIME_VRS and "-" in key.value):
-            return _fts_phrase(_fts_tokens(key.keyword))
-        literal = re.split(r"[*?]", key.value, maxsplit=1)[0]
-        if key.vr == "PN" or not literal.isascii():
-            # FTS5 keeps letters that _fold changes (ß, Ё, ligatures), and names match folded:
-            # the words could miss a match, so only the keyword is a safe prefilter.
-            return _fts_phrase(_fts_tokens(key.keyword))
-        tokens = _fts_tokens(key.keyword) + _fts_tokens(literal)
-        # A wildcard (or any text) right after the literal part makes its last token a prefix.
-        open_ended = literal != key.value and literal and not re.search(r"[\W_]$", literal)
-        return _fts_phrase(tokens, prefix=bool(open_ended))
-
     def _matches(self, identifier: Dataset, cancelled, offset: int = 0, limit: int | None = None,
                  visibility: Visibility = EVERYTHING):
-        """Yield (level, returned keys, row, metadata) for every entity the identifier matches
+        """Yield (level, keys, found entity, metadata) for every entity the identifier matches
         among those the visibility shows (a patient: through one of its visible studies), but
         the first offset of them, and at most limit.
 
-        Main attributes are matched in SQL; any other attribute is prefiltered with FTS5 and
-        then matched exactly against the representative instance's metadata. When SQL decides
-        every match, it also skips and limits them; otherwise the skipped matches are only
-        counted, never built.
+        The index matches the main attributes (Index.find); any other attribute it only narrows
+        down to, and it is matched here exactly against the representative instance's metadata.
+        When the index decides every match, it also skips and limits them; otherwise the skipped
+        matches are only counted, never built.
         """
         level, keys = parse_identifier(identifier)
-        where, args, python_keys, returned = [], [], [], []
-        column_args: list = []  # the arguments of returned columns, which come before the conditions'
-        alias = LEVEL_ALIASES[level]
-        for key in keys:
-            column = self._column(key.keyword, level)
-            if column:
-                # Return the stored text, also for universal matching; match the folded one.
-                returned.append((key, ("column", column[0].removesuffix("_folded"))))
-                if key.value not in ("", "*"):
-                    where.append(self._condition(column[0], key, args))
-            elif key.keyword in COMPUTED_ATTRIBUTES and LEVELS.index(COMPUTED_ATTRIBUTES[key.keyword][0]) <= LEVELS.index(level):
-                attribute_level, sql = COMPUTED_ATTRIBUTES[key.keyword]
-                if visibility.restricted and key.keyword in VISIBLE_PATIENT_COUNTS:
-                    # A patient's counts are of what the caller sees of it, not of the studies it may not.
-                    visible, visible_args = visible_study_condition(visibility)
-                    sql = VISIBLE_PATIENT_COUNTS[key.keyword].format(visible=visible)
-                    column_args.extend(visible_args)
-                expression = f"({sql})"
-                returned.append((key, ("column", expression)))
-                if key.value and key.keyword == "ModalitiesInStudy":
-                    modalities = _any_of("x.modality", "=", key.value.split("\\"), args)
-                    where.append(f"EXISTS (SELECT 1 FROM series x WHERE x.study_ref = st.id AND {modalities})")
-                elif key.value and key.keyword == "SOPClassesInStudy":
-                    classes = _any_of("y.sop_class_uid", "=", key.value.split("\\"), args)
-                    where.append(f"EXISTS (SELECT 1 FROM instances y JOIN series x ON x.id = y.series_ref WHERE x.study_ref = st.id AND {classes})")
-            else:
-                returned.append((key, ("meta", None)))
-                if not _is_universal(key.value):
-                    python_keys.append(key)
-                    representative = "i.id" if level == "IMAGE" else f"{alias}.first_instance"
-                    where.append(f"{representative} IN (SELECT rowid FROM metadata WHERE metadata MATCH ?)")
-                    args.append(self._fts_prefilter(key))
-        if visibility.restricted:
-            visible, visible_args = visible_study_condition(visibility)
-            where.append(visible if level != "PATIENT"
-                         else f"EXISTS (SELECT 1 FROM studies st WHERE st.patient_ref = p.id AND {visible})")
-            args.extend(visible_args)
-        columns = [expression for _, (kind, expression) in returned if kind == "column"]
-        representative = "i.id" if level == "IMAGE" else f"{alias}.first_instance"
-        sql = f"SELECT {representative}, {alias}.id{''.join(', ' + c for c in columns)} FROM {self._from_clause(level)}"
-        args = column_args + args
-        if where:
-            sql += " WHERE " + _balanced_sql(where, "AND")
-        sql += f" ORDER BY {alias}.id"
-        if not python_keys and (offset or limit is not None):
-            sql += " LIMIT ? OFFSET ?"
-            args += [-1 if limit is None else limit, offset]
+        from_metadata = [key for key in keys if not Index.answers(level, key.keyword)]
+        checked = [key for key in from_metadata if not _is_universal(key.value)]
+        if checked:
+            entities = self.index.find(level, keys, visibility=visibility)
+        else:
+            entities = self.index.find(level, keys, offset, limit, visibility)
             offset, limit = 0, None
-        needs_meta = any(kind == "meta" for _, (kind, _) in returned)
-        reader = self.index.reader
-        if len(args) > reader.limit(apsw.SQLITE_LIMIT_VARIABLE_NUMBER, -1):
-            # One value per key (lists travel as one JSON array), so only a huge identifier gets here.
-            raise QueryError(f"the identifier has too many keys to match ({len(args)})")
         if limit == 0:
             return
-        for row in reader.execute(sql, args):
+        for entity in entities:
             if cancelled():
                 return
-            meta = self.index.metadata(row[0]) if needs_meta else {}
-            if all(match_value(k.vr, k.value, meta.get(k.keyword)) for k in python_keys):
+            meta = self.index.metadata(entity.representative) if from_metadata else {}
+            if all(match_value(k.vr, k.value, meta.get(k.keyword)) for k in checked):
                 if offset:
                     offset -= 1
                     continue
-                yield level, returned, row, meta
+                yield level, keys, entity, meta
                 if limit is not None:
                     limit -= 1
                     if not limit:
@@ -3909,9 +4134,9 @@ class Finder:
                visibility: Visibility = EVERYTHING):
         """Yield the C-FIND response data sets for an identifier, but the first offset and at
         most limit of them, of what the visibility shows; stops when cancelled()."""
-        for level, returned, row, meta in self._matches(identifier, cancelled, offset, limit, visibility):
+        for level, keys, entity, meta in self._matches(identifier, cancelled, offset, limit, visibility):
             response = Dataset()
-            for tag, (vr, value) in self._response(level, returned, row[2:], meta, identifier):
+            for tag, (vr, value) in self._response(level, keys, entity.values, meta, identifier):
                 response.add_new(tag, vr, value)
             yield response
 
@@ -3922,8 +4147,8 @@ class Finder:
         times more), through pydicom for the rest and for a response with a sequence."""
         syntax = pydicom.uid.UID(transfer_syntax)
         direct = syntax in (pydicom.uid.ImplicitVRLittleEndian, pydicom.uid.ExplicitVRLittleEndian)
-        for level, returned, row, meta in self._matches(identifier, cancelled, visibility=visibility):
-            elements = self._response(level, returned, row[2:], meta, identifier)
+        for level, keys, entity, meta in self._matches(identifier, cancelled, visibility=visibility):
+            elements = self._response(level, keys, entity.values, meta, identifier)
             encoded = _encode_elements(elements, syntax.is_implicit_VR) if direct else None
             if encoded is None:
                 response = Dataset()
@@ -3933,13 +4158,13 @@ class Finder:
             yield encoded
 
     @staticmethod
-    def _response(level, returned, column_values, meta, identifier) -> list[tuple[int, tuple[str, object]]]:
-        """A response's elements, (tag, (VR, value as pydicom takes it)), in tag order."""
+    def _response(level, keys, answered, meta, identifier) -> list[tuple[int, tuple[str, object]]]:
+        """A response's elements, (tag, (VR, value as pydicom takes it)), in tag order: each
+        key's value as the index answered it (answered), else from the metadata."""
         response = {}
-        values = iter(column_values)
         non_ascii = False
-        for key, (kind, _) in returned:
-            value = next(values) if kind == "column" else meta.get(key.keyword)
+        for key in keys:
+            value = answered[key.keyword] if key.keyword in answered else meta.get(key.keyword)
             if value is None:
                 value = ""
             if key.vr == "SQ" and key.value and key.value[0] and isinstance(value, list):
@@ -3961,15 +4186,10 @@ class Finder:
                   visibility: Visibility = EVERYTHING) -> list[IndexedInstance]:
         """Every instance of the entities matched (for C-MOVE and C-GET) that the visibility shows."""
         level, _ = parse_identifier(identifier)
-        below = {
-            "PATIENT": "st.patient_ref = ?", "STUDY": "se.study_ref = ?", "SERIES": "se.id = ?", "IMAGE": "i.id = ?",
-        }[level]
-        # A patient's studies outside the visibility stay behind, as its matching left them out.
-        visible, visible_args = visible_study_condition(visibility)
-        sql = f"SELECT {_INSTANCE_COLUMNS} FROM {_INSTANCE_PARENTS} WHERE {below} AND {visible} ORDER BY i.id"
         found = []
-        for _, _, row, _ in self._matches(identifier, cancelled, visibility=visibility):
-            found.extend(IndexedInstance(*columns) for columns in self.index.query(sql, (row[1], *visible_args)))
+        for _, _, entity, _ in self._matches(identifier, cancelled, visibility=visibility):
+            # A patient's studies outside the visibility stay behind, as its matching left them out.
+            found.extend(self.index.instances_of_entity(level, entity.id, visibility))
         return found
 
 
@@ -4263,7 +4483,7 @@ class Worklist:
 
 
 # ============================================================================================
-# Search language: Dicoogle's Lucene-style queries, parsed and compiled to safe SQL
+# Search language: Dicoogle's Lucene-style queries, parsed, and the rules their fields match by
 # ============================================================================================
 
 
@@ -4592,157 +4812,6 @@ def _meta_values(meta: dict, path: list[str]) -> list[str]:
         if isinstance(item_list, list):
             nested.extend(v for item in item_list if isinstance(item, dict) for v in _meta_values(item, path))
     return nested
-
-
-#: Main attributes and where they live, for search clauses answered by a column.
-SEARCH_COLUMNS = {k: f"{LEVEL_ALIASES[level]}.{_snake_case(k)}" for level in LEVELS for k in LEVEL_ATTRIBUTES[level]}
-SEARCH_COLUMNS["uri"] = "i.path"
-
-
-#: The condition of label:PATTERN: the instance's study or series carries a label matching the
-#: pattern (GLOB: a pattern holds no '[', so only * and ? are wildcards).
-LABEL_CONDITION = ("(st.study_instance_uid IN (SELECT study_instance_uid FROM study_labels WHERE label GLOB ?)"
-                   " OR se.series_instance_uid IN (SELECT series_instance_uid FROM series_labels WHERE label GLOB ?))")
-
-#: The condition compile_search makes of free text, the whole of it for a query of free text alone.
-FREE_TEXT_CONDITION = "i.id IN (SELECT rowid FROM metadata WHERE metadata MATCH ?)"
-
-
-def compile_search(query: SearchQuery) -> tuple[str, list, str | None]:
-    """SQL condition over instances (aliases p, st, se, i), its arguments, and the FTS5 query
-    used to rank results (None when the query has no free text). User text only ever
-    travels as bound parameters and as quoted FTS5 strings."""
-    args: list = []
-    ranked: list[str] = []
-
-    def text_fts(term: str, is_phrase: bool) -> str | None:
-        if is_phrase:
-            tokens = _fts_tokens(term)
-            return _fts_phrase(tokens) if tokens else None
-        if "?" in term or "*" in term[:-1]:
-            return None  # a wildcard inside a word: no FTS form, matched by scanning
-        tokens = _fts_tokens(term.rstrip("*"))
-        if not tokens:
-            return None
-        return " AND ".join(_fts_phrase([t], prefix=term.endswith("*") and t == tokens[-1]) for t in tokens)
-
-    def walk(node, positive=True) -> str:
-        kind = node[0]
-        if kind == "all":
-            return "1"
-        if kind in ("and", "or"):
-            return _balanced_sql([walk(child, positive) for child in node[1]], kind.upper())
-        if kind == "not":
-            return f"NOT {walk(node[1], not positive)}"
-        if kind == "label":
-            args.extend([node[1], node[1]])
-            return LABEL_CONDITION
-        if kind == "text":
-            if not _fts_tokens(node[1]):
-                return "0"  # punctuation alone is no word: it matches nothing
-            fts = text_fts(node[1], node[2])
-            if fts is None:
-                args.append(json.dumps(["match", node[1]]))
-                return "search_text_matches(i.meta, ?)"
-            if positive:
-                ranked.append(f"({fts})")
-            args.append(fts)
-            return FREE_TEXT_CONDITION
-        # ("field", keyword, value)
-        keyword, value = node[1], node[2]
-        spec = json.dumps(list(value))
-        if keyword in SEARCH_COLUMNS and value[0] == "uid":
-            # A UID column: equality, or GLOB for a prefix, both served by the column's index.
-            wildcard = "*" in value[1] or "?" in value[1]
-            args.append(_glob_escape(value[1]) if wildcard else value[1])
-            return f"{SEARCH_COLUMNS[keyword]} {'GLOB' if wildcard else '='} ?"
-        if keyword in SEARCH_COLUMNS:
-            args.append(spec)
-            return f"search_value_matches(?, {SEARCH_COLUMNS[keyword]})"
-        path = keyword.split("_")
-        # FTS5 narrows the candidates to instances holding the keyword and the value's words
-        # (a superset); the exact rule is then checked on the metadata.
-        head = "" if value[0] == "range" else re.split(r"[*?]", value[1])[0]
-        words, wildcard = _fts_tokens(head), value[0] != "range" and head != value[1]
-        # Before a wildcard the last word is only a prefix: al* must find alpha.
-        prefilter = " AND ".join([_fts_phrase([w]) for w in _fts_tokens(path[-1])]
-                                 + [_fts_phrase([w], prefix=wildcard and n == len(words) - 1) for n, w in enumerate(words)])
-        top_level = f'$."{path[0]}"' if len(path) == 1 else "$.__none__"
-        args.extend([prefilter, top_level, spec, json.dumps(path)])
-        return ("(i.id IN (SELECT rowid FROM metadata WHERE metadata MATCH ?)"
-                " AND search_meta_matches(json_extract(i.meta, ?), i.meta, ?, ?))")
-
-    where = walk(query.tree)
-    return where, args, " OR ".join(ranked) if ranked else None
-
-
-def register_search_functions(connection: apsw.Connection):
-    """The SQL functions compile_search's conditions call (per connection, as apsw requires)."""
-
-    def value_matches(spec, value):
-        return field_value_matches(spec, value.split("\\") if value else [])
-
-    def meta_matches(top_level_value, meta_text, spec, path_text):
-        # A top-level attribute comes pre-extracted by SQLite: no need to parse all metadata.
-        if isinstance(top_level_value, str):
-            values = json.loads(top_level_value) if top_level_value.startswith("[") else [top_level_value]
-            if all(isinstance(v, str) for v in values):
-                return field_value_matches(spec, values)
-        return field_value_matches(spec, _meta_values(json.loads(meta_text), json.loads(path_text)))
-
-    def text_matches(meta_text, spec):
-        pattern = json.loads(spec)[1]
-        regex = _wildcard_regex(_fold(pattern), fold=False)
-        return any(regex.fullmatch(word) for word in _fts_tokens(meta_text))
-
-    connection.create_scalar_function("search_value_matches", value_matches, 2, deterministic=True)
-    connection.create_scalar_function("search_meta_matches", meta_matches, 4, deterministic=True)
-    connection.create_scalar_function("search_text_matches", text_matches, 2, deterministic=True)
-
-
-#: A query's free-text matches come best first (FTS5's BM25) when there are at most this many;
-#: beyond, in the order they were indexed. Scoring every match is most of the answer's time (15 ms
-#: per 50,000 matches), and ranking half a million instances that all name a common word is not
-#: worth the wait for the first page.
-RANK_AT_MOST = 50_000
-
-
-def search_index(index: Index, query: SearchQuery, limit: int | None = None, offset: int = 0,
-                 columns: str = "i.id, i.path, i.meta", rank_at_most: int = RANK_AT_MOST,
-                 visibility: Visibility = EVERYTHING):
-    """Run a search-language query on the index: (rows, total), a page of the matches (columns
-    of instances i, series se, studies st, patients p) and how many there are in all, among
-    the instances the visibility shows."""
-    where, args, rank = compile_search(query)
-    if visibility.restricted:  # part of the condition, so the count and the page are the visible ones'
-        visible, visible_args = visible_study_condition(visibility)
-        where, args = f"({where}) AND {visible}", [*args, *visible_args]
-    matches = index.query("SELECT count(*) FROM metadata WHERE metadata MATCH ?", [rank])[0][0] if rank else 0
-    joins = ("FROM instances i JOIN series se ON se.id = i.series_ref JOIN studies st ON st.id = se.study_ref"
-             " JOIN patients p ON p.id = st.patient_ref")
-    page = (f" LIMIT {int(limit)} OFFSET {int(offset)}" if limit is not None
-            else f" LIMIT -1 OFFSET {int(offset)}" if offset else "")
-    if where == FREE_TEXT_CONDITION and rank and args == [rank.removeprefix("(").removesuffix(")")]:
-        # Free text alone (what a user types first): FTS5 counts and ranks its matches itself,
-        # and only the page is joined to the instances: milliseconds at a million instances.
-        total = matches
-        score = "bm25(metadata)" if matches <= rank_at_most else "0"
-        ranked = f"SELECT rowid AS rank_id, {score} AS score FROM metadata WHERE metadata MATCH ? ORDER BY score, rowid{page}"
-        sql = f"SELECT {columns} FROM ({ranked}) r JOIN instances i ON i.id = r.rank_id{joins.removeprefix('FROM instances i')} ORDER BY r.score, i.id"
-        return index.query(sql, args), total
-    # Only the tables the condition names are joined to count (the count reads every match).
-    counted = joins if re.search(r"\b(?:se|st|p)\.", where) else "FROM instances i"
-    total = index.query(f"SELECT count(*) {counted} WHERE {where}", args)[0][0]
-    order = "i.id"
-    ranking = ""
-    if rank and matches <= rank_at_most:
-        # The scores of the free text's matches, computed once (as a join of the full-text
-        # table, SQLite would run its MATCH again for every instance).
-        ranking = "WITH r AS MATERIALIZED (SELECT rowid AS rank_id, bm25(metadata) AS score FROM metadata WHERE metadata MATCH ?) "
-        joins += " LEFT JOIN r ON r.rank_id = i.id"
-        args = [rank] + args
-        order = "r.score, i.id"
-    return index.query(f"{ranking}SELECT {columns} {joins} WHERE {where} ORDER BY {order}{page}", args), total
 
 
 def field_text(meta: dict, keyword: str) -> str | None:
@@ -5535,7 +5604,7 @@ class PluginApi:
         """Instances matching a search-language query: [{uri, fields}], at most limit. fields
         names the keywords to return (a Lua script's memory is small); None returns them all."""
         rows, _ = self._daemon.search(query, limit, visibility=CALLER_VISIBILITY.get())
-        results = [{"uri": _file_uri(path), "fields": json.loads(meta)} for _, path, meta in rows]
+        results = [{"uri": _file_uri(hit.path), "fields": hit.meta} for hit in rows]
         if fields is not None:
             for result in results:
                 result["fields"] = {name: result["fields"][name] for name in fields if name in result["fields"]}
@@ -11608,8 +11677,8 @@ def _search_routes(api: Api):
         """Results of every provider, de-duplicated by SOPInstanceUID: (list of (uri, meta), total)."""
         visibility = api.visibility()
         if providers == [BUILTIN_PROVIDER]:
-            rows, total = daemon.search(query, limit, offset, visibility)
-            return [(_file_uri(path), json.loads(meta)) for _, path, meta in rows], total
+            hits, total = daemon.search(query, limit, offset, visibility)
+            return [(_file_uri(hit.path), hit.meta) for hit in hits], total
         if visibility.restricted:
             # Another provider's answers come from outside the index, where collections are not known.
             _fail(403, "a caller limited to collections searches the index only, not other providers")
@@ -13628,7 +13697,7 @@ class Daemon:
         tempfile.tempdir = str(self.storage.tmp)
         for stale in self.storage.tmp.glob("import-*.zip"):  # uploads whose import a stop or a crash cut short
             stale.unlink(missing_ok=True)
-        self.index = open_index(config, on_connect=[register_search_functions])
+        self.index = open_index(config)
         #: Free space on the data disk and the reserve kept there ([storage] min_free_mb).
         self.disk = DiskSpace(data_dir, config.min_free_mb)
         self.ingest = Ingest(self.index, self.storage, config.duplicates, self.disk,
@@ -13734,10 +13803,9 @@ class Daemon:
                 setattr(self.config, name, value)
 
     def search(self, text: str, limit: int | None = None, offset: int = 0, visibility: Visibility = EVERYTHING):
-        """A query in the search language, with the fields plugins add: (rows of id, path and
-        meta, total) of the instances the visibility shows. Raises SearchSyntaxError."""
-        return search_index(self.index, SearchQuery(text, self.plugins.extra_fields), limit, offset,
-                            visibility=visibility)
+        """A query in the search language, with the fields plugins add: (SearchHit rows, total)
+        of the instances the visibility shows. Raises SearchSyntaxError."""
+        return self.index.search(SearchQuery(text, self.plugins.extra_fields), limit, offset, visibility)
 
     # ---- collections: who sees what ---------------------------------------------------------
 
@@ -13816,8 +13884,8 @@ class Daemon:
         return uid
 
     def _search_builtin(self, query: str):
-        rows, _ = self.search(query)
-        return [(_file_uri(path), json.loads(meta)) for _, path, meta in rows]
+        hits, _ = self.search(query)
+        return [(_file_uri(hit.path), hit.meta) for hit in hits]
 
     def _reconcile_storage(self):
         try:
@@ -14209,15 +14277,7 @@ def command_reindex(config: Config) -> int:
     db_path = config.data_dir / "index.sqlite"
     roots, protected, labels = [], [], []  # what the index knows that the files do not: kept across the rebuild
     if db_path.exists():
-        with contextlib.suppress(apsw.Error):
-            connection = apsw.Connection(str(db_path))
-            roots = [r[0] for r in connection.execute("SELECT path FROM indexed_roots")]
-            # Protection and labels were set by people (or rules) and are not in the files: carried over.
-            with contextlib.suppress(apsw.Error):  # an index from before protection has none
-                protected = Index.saved_protection(connection)
-            with contextlib.suppress(apsw.Error):  # an index from before labels has none
-                labels = Index.saved_labels(connection)
-            connection.close()
+        roots, protected, labels = Index.kept_through_rebuild(db_path)
         for suffix in ("", "-wal", "-shm"):
             pathlib.Path(str(db_path) + suffix).unlink(missing_ok=True)
     _make_private_data_dir(config.data_dir)

@@ -329,7 +329,7 @@ def test_an_index_of_the_previous_schema_is_migrated(tmp_path):
     index = dicoogled.Index(path)
     try:
         assert index.labels() == []
-        assert index.query("PRAGMA user_version")[0][0] == dicoogled.SCHEMA_VERSION
+        assert index.schema_version() == dicoogled.SCHEMA_VERSION
     finally:
         index.close()
 

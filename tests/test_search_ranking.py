@@ -15,7 +15,7 @@ import dicoogled  # noqa: E402
 
 def indexed(tmp_path, descriptions):
     """An index of one instance per description, indexed in this order."""
-    index = dicoogled.Index(tmp_path / "index.sqlite", on_connect=[dicoogled.register_search_functions])
+    index = dicoogled.Index(tmp_path / "index.sqlite")
     for number, description in enumerate(descriptions):
         dataset = studygen.make_instance(0, 0, 0, number, size=8, StudyDescription=description)
         buffer = io.BytesIO()
@@ -32,9 +32,8 @@ def test_free_text_matches_come_best_first_up_to_the_limit_then_in_index_order(t
     index = indexed(tmp_path, ["knee", "knee knee knee knee", "hip", "knee knee"])
     try:
         def order(text, rank_at_most):
-            rows, total = dicoogled.search_index(index, dicoogled.SearchQuery(text, set()), limit=10,
-                                                 columns="i.path", rank_at_most=rank_at_most)
-            return [path.removeprefix("/archive/").removesuffix(".dcm") for (path,) in rows], total
+            hits, total = index.search(dicoogled.SearchQuery(text, set()), limit=10, rank_at_most=rank_at_most)
+            return [hit.path.removeprefix("/archive/").removesuffix(".dcm") for hit in hits], total
 
         assert order("knee", 3) == (["1", "3", "0"], 3)
         assert order("knee", 2) == (["0", "1", "3"], 3)  # more matches than the limit: as indexed
