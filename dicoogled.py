@@ -1300,9 +1300,10 @@ class PostgresConnection:
         self._last = None
 
     @classmethod
-    def connect(cls, url: str) -> "PostgresConnection":
+    def connect(cls, url: str, **parameters) -> "PostgresConnection":
+        """A new connection; parameters are libpq's (application_name=..., connect_timeout=...)."""
         psycopg, _ = import_psycopg()
-        return cls(psycopg.connect(url, autocommit=True))
+        return cls(psycopg.connect(url, autocommit=True, **parameters))
 
     def execute(self, sql: str, args=()):
         # Without arguments psycopg sends the text as it is: several statements may go at once.
@@ -1336,6 +1337,126 @@ def open_private_database(path: pathlib.Path, synchronous: str = "FULL") -> apsw
     connection.execute("PRAGMA journal_mode=WAL").fetchall()
     connection.execute(f"PRAGMA synchronous={synchronous}")
     return connection
+
+
+# ---- leases: work that must happen once, whatever the number of nodes ---------------------
+
+#: Seconds between a node's tries to take a lease that another node holds: at most this long
+#: (plus the server noticing a dead node, below) before the work is taken over.
+LEASE_POLL_SECONDS = 5.0
+#: The first key of every lease's advisory lock ("DCMD" in ASCII): dicoogled's, apart from the
+#: advisory locks other programs may take in the same database.
+LEASE_NAMESPACE = 0x44434D44
+#: How the leases' connection notices a dead peer. This side: a connection attempt gives up after
+#: 10 s, data the server does not acknowledge after 30 s, and the node then stops claiming.
+LEASE_CONNECTION = {"connect_timeout": 10, "keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5,
+                    "keepalives_count": 3, "tcp_user_timeout": 30000}
+#: The server's side: it probes an idle node after 10 s and ends the session (releasing its
+#: locks) after 3 probes unanswered, rather than after its default of hours.
+LEASE_SERVER_KEEPALIVES = "SET tcp_keepalives_idle = 10; SET tcp_keepalives_interval = 5; SET tcp_keepalives_count = 3"
+
+
+def lease_key(name: str) -> int:
+    """The second key of a lease's advisory lock: the same for a name on every node and in every
+    run (Python's hash() changes from one process to the next). Two names with one key (a chance
+    in four billion for a pair) are only ever owned together."""
+    return int.from_bytes(hashlib.sha256(name.encode("utf-8")).digest()[:4], "big", signed=True)
+
+
+class Leases:
+    """Who does the work that must happen once (finding stable studies, delivering webhooks,
+    retention, reconciling the storage folder, watching a folder): the node that owns its lease,
+    asked by name with owns(). A node that does not own one tries again every LEASE_POLL_SECONDS,
+    so that when the owner dies another takes the work over.
+
+    With the SQLite index there is one node, which owns everything. With PostgreSQL a lease is a
+    session-level advisory lock (pg_try_advisory_lock), held on a connection of this object's
+    own; the server releases it the moment that session ends, whether the node stopped, crashed
+    or went silent. Advisory locks rather than rows with an expiry time: the database already
+    knows when a session dies, so there is no expiry to tune between a slow takeover and a live
+    but busy owner losing its work, and no clocks of several machines to agree.
+    """
+
+    def __init__(self, index_url: str = "", node_name: str = ""):
+        self.url = index_url
+        self.node_name = node_name
+        self.log = logging.getLogger("dicoogled.nodes")
+        # Said at start, not at the first owns(): a PostgreSQL index without psycopg cannot run.
+        self._psycopg = import_psycopg()[0] if index_url else None
+        self._connection: PostgresConnection | None = None
+        self._held: set[str] = set()
+        self._lock = threading.Lock()  # one connection, asked from several threads
+        self._closed = False
+
+    def owns(self, name: str) -> bool:
+        """True if this node owns the lease name now, taking it if no node holds it. A node whose
+        connection to the database is gone owns nothing: the server releases its locks."""
+        if not self.url:
+            return True
+        with self._lock:
+            if self._closed:
+                return False
+            try:
+                connection = self._connect()
+                if name in self._held:
+                    connection.execute("SELECT 1")  # the lock lives as long as this session: is it alive?
+                elif connection.execute("SELECT pg_try_advisory_lock(?, ?)", (LEASE_NAMESPACE, lease_key(name))).fetchone()[0]:
+                    self._held.add(name)
+                    self.log.info("this node (%s) now owns %s", self.node_name, name)
+                return name in self._held
+            except self._psycopg.Error as error:
+                self._lost(error)
+                return False
+
+    def wait_to_own(self, name: str, stop: threading.Event) -> bool:
+        """Wait until this node owns the lease name (True), trying every LEASE_POLL_SECONDS, or
+        until stop is set (False). At once when it owns it already, or with the SQLite index."""
+        while not stop.is_set():
+            if self.owns(name):
+                return True
+            stop.wait(LEASE_POLL_SECONDS)
+        return False
+
+    def release(self, name: str):
+        """Give a lease up (this node stops that work), so that another node may take it."""
+        with self._lock:
+            if name not in self._held:
+                return
+            self._held.discard(name)
+            try:
+                self._connection.execute("SELECT pg_advisory_unlock(?, ?)", (LEASE_NAMESPACE, lease_key(name)))
+            except self._psycopg.Error as error:
+                self._lost(error)
+
+    def close(self):
+        """Give every lease up: closing the connection ends its session, and so its locks."""
+        with self._lock:
+            self._closed = True
+            self._held.clear()
+            if self._connection is not None:
+                with contextlib.suppress(self._psycopg.Error):
+                    self._connection.close()
+                self._connection = None
+
+    def _connect(self) -> PostgresConnection:
+        if self._connection is None:
+            self._connection = PostgresConnection.connect(
+                self.url, application_name=f"dicoogled {self.node_name}".strip()[:63], **LEASE_CONNECTION)
+            self._connection.execute(LEASE_SERVER_KEEPALIVES)
+        return self._connection
+
+    def _lost(self, error):
+        """The connection failed: whatever it held, the server has released or soon will."""
+        if self._held:
+            self.log.error("lost the database connection holding the leases of %s (%s): other nodes take them over",
+                           ", ".join(sorted(self._held)), error)
+        else:
+            self.log.debug("cannot take leases now: %s", error)
+        self._held.clear()
+        if self._connection is not None:
+            with contextlib.suppress(self._psycopg.Error):
+                self._connection.close()
+            self._connection = None
 
 
 # ============================================================================================
