@@ -10728,14 +10728,14 @@ class LoginThrottle:
 
 
 # ============================================================================================
-# Audit log: who read, sent, received or changed what, when (data_dir/audit.sqlite)
+# Audit log: who read, sent, received or changed what, when (data_dir/audit.sqlite, or PostgreSQL)
 # ============================================================================================
 
-#: The version of audit.sqlite's schema (its user_version): a later one migrates from it.
+#: The version of the audit schema (audit.sqlite's user_version): a later one migrates from it.
 AUDIT_SCHEMA_VERSION = 1
 AUDIT_SCHEMA = """
 CREATE TABLE IF NOT EXISTS audit (
-    id INTEGER PRIMARY KEY, time REAL NOT NULL, action TEXT NOT NULL, result TEXT NOT NULL,
+    id {row_id}, time DOUBLE PRECISION NOT NULL, action TEXT NOT NULL, result TEXT NOT NULL,
     status TEXT NOT NULL, username TEXT NOT NULL, calling_aet TEXT NOT NULL, share_link TEXT NOT NULL,
     address TEXT NOT NULL, request TEXT NOT NULL, studies TEXT NOT NULL, series TEXT NOT NULL,
     instances TEXT NOT NULL, count INTEGER, detail TEXT NOT NULL
@@ -10743,10 +10743,16 @@ CREATE TABLE IF NOT EXISTS audit (
 CREATE INDEX IF NOT EXISTS audit_by_time ON audit (time);
 CREATE INDEX IF NOT EXISTS audit_by_user ON audit (username, time);
 CREATE INDEX IF NOT EXISTS audit_by_action ON audit (action, time);
--- Append-only: an entry, once written, is never changed (pruning by age is the only delete).
-CREATE TRIGGER IF NOT EXISTS audit_append_only BEFORE UPDATE ON audit
-BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
 """
+#: Append-only: an entry, once written, is never changed (pruning by age is the only delete).
+#: The one part of the audit schema each engine says its own way.
+AUDIT_APPEND_ONLY = {
+    "sqlite": """CREATE TRIGGER IF NOT EXISTS audit_append_only BEFORE UPDATE ON audit
+BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;""",
+    "postgresql": """CREATE OR REPLACE FUNCTION audit_append_only() RETURNS trigger LANGUAGE plpgsql
+AS $$ BEGIN RAISE EXCEPTION 'the audit log is append-only'; END $$;
+CREATE TRIGGER audit_append_only BEFORE UPDATE ON audit FOR EACH ROW EXECUTE FUNCTION audit_append_only();""",
+}
 #: What an audit entry records was done: its `action`, with one line of documentation (GET /audit's
 #: action filter, docs/rest-api.md and the web app's action picker read this table).
 AUDIT_ACTIONS = {
@@ -10831,7 +10837,9 @@ def _uid_list(uids) -> tuple:
 
 
 class AuditLog:
-    """The audit log, in its own database (data_dir/audit.sqlite, owner-only, WAL).
+    """The audit log, in its own database: data_dir/audit.sqlite (owner-only, WAL), or, with
+    the index in PostgreSQL, schema dicoogled_audit of its database, where every node writes
+    one log (each its own entries, numbered by the database in the order committed).
 
     record() only puts the entry on a queue, so no request, store or C-FIND waits for a disk
     write: one writer thread takes the queue in batches (up to AUDIT_BATCH entries, or whatever
@@ -10842,19 +10850,12 @@ class AuditLog:
 
     With enabled false, record() keeps nothing (the log can still be read and pruned)."""
 
-    def __init__(self, path: pathlib.Path, enabled: bool = True, retention_days: float = 0):
+    def __init__(self, location: pathlib.Path | str, enabled: bool = True, retention_days: float = 0):
         self.enabled, self.retention_days = enabled, retention_days
         self.log = logging.getLogger("dicoogled.audit")
-        self._lock = threading.Lock()
         # A batch on disk when committed, but not fsynced each time: the writer must keep up with ingest.
-        self._db = open_private_database(path, synchronous="NORMAL")
-        with self._db:
-            version = self._db.execute("PRAGMA user_version").fetchone()[0]
-            if version > AUDIT_SCHEMA_VERSION:
-                raise RuntimeError(f"{path} was written by a newer dicoogled (audit schema {version}); upgrade")
-            if version < AUDIT_SCHEMA_VERSION:  # written once: a start on a full disk writes nothing here
-                self._db.execute(AUDIT_SCHEMA)
-                self._db.execute(f"PRAGMA user_version = {AUDIT_SCHEMA_VERSION}")
+        self._db = StateDatabase(location, "dicoogled_audit", synchronous="NORMAL", pool_size=4)
+        self._db.migrate(AUDIT_SCHEMA_VERSION, AUDIT_SCHEMA + AUDIT_APPEND_ONLY[self._db.engine])
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         #: Entries queued and entries written (or dropped for a failure), for flush().
         self._queued = self._written = 0
@@ -10906,8 +10907,8 @@ class AuditLog:
     def _insert(self, entries: list[AuditEntry]):
         if not entries:
             return
-        with self._lock, self._db:
-            self._db.executemany(
+        with self._db.transaction() as db:
+            db.executemany(
                 "INSERT INTO audit (time, action, result, status, username, calling_aet, share_link, address, request,"
                 " studies, series, instances, count, detail) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [(e.time, e.action, e.result, e.status, e.user, e.calling_aet, e.share_link, e.address, e.request,
@@ -10925,9 +10926,9 @@ class AuditLog:
         if not self.retention_days > 0:
             return 0
         cutoff = (now or time.time()) - self.retention_days * 86400
-        with self._lock, self._db:
-            self._db.execute("DELETE FROM audit WHERE time < ?", (cutoff,))
-            pruned = self._db.changes()
+        with self._db.transaction() as db:
+            db.execute("DELETE FROM audit WHERE time < ?", (cutoff,))
+            pruned = db.changes()
         if pruned:
             self.log.info("pruned %d audit entries older than %g days", pruned, self.retention_days)
         return pruned
@@ -10936,8 +10937,7 @@ class AuditLog:
         """Write every queued entry, then close the database."""
         self._queue.put(None)
         self._writer.join()
-        with self._lock:
-            self._db.close()
+        self._db.close()
 
     # ---- reading -------------------------------------------------------------------------------
 
@@ -10964,12 +10964,12 @@ class AuditLog:
         """The entries matching the filters (action: names separated by commas), newest first:
         (a page of them, how many match in all)."""
         where, args = self._where(user, action, since, until)
-        with self._lock:
-            total = self._db.execute(f"SELECT count(*) FROM audit{where}", args).fetchone()[0]
-            rows = self._db.execute(
+        with self._db.connection() as db:
+            total = db.execute(f"SELECT count(*) FROM audit{where}", args).fetchone()[0]
+            rows = db.execute(
                 "SELECT time, action, result, status, username, calling_aet, share_link, address, request, studies,"
                 f" series, instances, count, detail, id FROM audit{where} ORDER BY id DESC LIMIT ? OFFSET ?",
-                args + [-1 if limit is None else limit, offset]).fetchall()
+                args + [SQL_NO_LIMIT if limit is None else limit, offset]).fetchall()
         return [AuditEntry(*row[:9], tuple(json.loads(row[9])), tuple(json.loads(row[10])), tuple(json.loads(row[11])),
                            *row[12:]) for row in rows], total
 
@@ -10982,8 +10982,8 @@ class AuditLog:
             if before_id is not None:
                 where += (" AND" if where else " WHERE") + " id < ?"
                 args.append(before_id)
-            with self._lock:
-                rows = self._db.execute(
+            with self._db.connection() as db:
+                rows = db.execute(
                     "SELECT time, action, result, status, username, calling_aet, share_link, address, request, studies,"
                     f" series, instances, count, detail, id FROM audit{where} ORDER BY id DESC LIMIT ?",
                     args + [page]).fetchall()
@@ -13765,8 +13765,9 @@ class Daemon:
         self.dicom = DicomServices(config, self.ingest, self.finder, self.worklist, self.codecs)
         #: Accounts and sessions: data_dir/users.sqlite, or the PostgreSQL index's database (every node's).
         self.users = Users(config.index_url or data_dir / "users.sqlite", config.session_idle_minutes)
-        #: Who read, sent, stored or changed what: data_dir/audit.sqlite.
-        self.audit = AuditLog(data_dir / "audit.sqlite", config.audit_enabled, config.audit_retention_days)
+        #: Who read, sent, stored or changed what: data_dir/audit.sqlite, or the PostgreSQL index's database.
+        self.audit = AuditLog(config.index_url or data_dir / "audit.sqlite", config.audit_enabled,
+                              config.audit_retention_days)
         self.dicom.audit = self.ingest.audit = self.audit
         #: Who the pseudonyms of de-identified copies stand for, apart from the index.
         self.pseudonyms = PseudonymMap(data_dir / "pseudonyms.sqlite")

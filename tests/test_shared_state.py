@@ -6,6 +6,7 @@ as two processes on two machines would, and nothing passes between them but the 
 """
 
 import threading
+import time
 
 import psycopg
 import pytest
@@ -139,3 +140,46 @@ def test_nodes_starting_at_once_make_the_schema_once(postgres_url):
     for users in made:
         users.close()
     assert failures == [] and len(made) == 4
+
+
+# ---- the audit log -----------------------------------------------------------------------------
+
+
+def test_two_nodes_write_one_audit_log(postgres_url):
+    node1, node3 = dicoogled.AuditLog(postgres_url), dicoogled.AuditLog(postgres_url)
+    started = time.time()
+    try:
+        for n in range(50):
+            node1.record("search", user="alice", studies=[f"1.2.3.{n}"], count=1, address="10.0.0.1")
+            node3.record("c-find", calling_aet="MODALITY", count=n, detail="STUDY")
+        node3.record("view", user="bob", instances=["1.2.3.4.5", "1.2.3.4.6"])
+        assert node1.flush() and node3.flush()
+        entries, total = node1.entries(limit=None)
+        assert total == len(entries) == 101
+        assert len(node3.entries(action="search", limit=None)[0]) == 50
+        assert [e.calling_aet for e in node1.entries(action="c-find", limit=None)[0]] == ["MODALITY"] * 50
+        (view,), _ = node1.entries(user="bob")
+        assert view.action == "view" and view.instances == ("1.2.3.4.5", "1.2.3.4.6")
+        assert [e.id for e in node3.each_entry(page=7)] == [e.id for e in entries]  # newest first, paged
+        assert len({e.id for e in entries}) == 101  # numbered by the database: no two nodes share a number
+        page, _ = node3.entries(offset=100, limit=10)
+        assert [e.id for e in page] == [entries[-1].id]
+        # Times are kept to the fraction of a second (PostgreSQL's REAL would round them to minutes).
+        assert started <= view.time <= time.time()
+    finally:
+        node1.close()
+        node3.close()
+
+
+def test_the_shared_audit_log_is_append_only_and_pruned_by_age(postgres_url):
+    audit = dicoogled.AuditLog(postgres_url, retention_days=1)
+    try:
+        audit.record("login", user="alice")
+        assert audit.flush()
+        with psycopg.connect(postgres_url) as db:
+            with pytest.raises(psycopg.errors.RaiseException, match="append-only"):
+                db.execute("UPDATE dicoogled_audit.audit SET username = 'mallory'")
+        assert audit.prune(now=time.time() + 2 * 86400) == 1
+        assert audit.entries() == ([], 0)
+    finally:
+        audit.close()
