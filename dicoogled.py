@@ -261,7 +261,8 @@ DEFAULT_CONFIG = """\
 # dicoogled configuration. Every setting is shown with its default.
 # A file given with --config may hold only some sections. Settings changed from the web app or
 # the REST API are saved in data_dir/settings.ini, in this format, which is read after this file;
-# command-line flags override both. Delete settings.ini to return to this file's settings.
+# command-line flags override both. Delete settings.ini to return to this file's settings. (With
+# the index in PostgreSQL they are saved in its database instead, where every node reads them.)
 
 [dicom]
 # Application Entity title of this archive, and the DICOM listener.
@@ -397,6 +398,7 @@ effort = 100
 # Where the index lives. Empty: the SQLite file data_dir/index.sqlite, right for one machine. A
 # postgresql://user@host/db URL (the postgresql extra: .venv/bin/pip install -e '.[postgresql]') is
 # for a site that outgrows one machine, where several dicoogled nodes share one database and data_dir.
+# The users, their sessions, the audit log and the settings changed at run time live there too.
 url =
 
 [codecs]
@@ -881,8 +883,9 @@ class Config:
 
     @classmethod
     def load(cls, path=None, **overrides) -> "Config":
-        """Read the embedded defaults, then the INI file at path, then data_dir/settings.ini (the
-        settings changed at run time), then non-None overrides (the command-line flags)."""
+        """Read the embedded defaults, then the INI file at path, then the settings changed at
+        run time (data_dir/settings.ini, or the PostgreSQL index's table of them), then non-None
+        overrides (the command-line flags)."""
         # A ';' after a value starts a comment (configparser would otherwise keep it in the value).
         parser = _ConfigParser(interpolation=None, inline_comment_prefixes=(";",))
         parser.optionxform = str  # AE titles in [modalities] are case-sensitive
@@ -896,7 +899,8 @@ class Config:
             except (configparser.Error, UnicodeDecodeError) as error:
                 raise ValueError(f"invalid configuration in {path}: {error}") from None
         data_dir = overrides.get("data_dir") or parser.get("storage", "data_dir")
-        _read_settings_overlay(parser, pathlib.Path(data_dir) / SETTINGS_FILE)
+        index_url = overrides.get("index_url") or parser.get("index", "url").strip()
+        _lay_settings(parser, _saved_settings(index_url or pathlib.Path(data_dir)))
         try:
             modalities = {aet: _parse_modality(aet, value) for aet, value in parser.items("modalities")}
             tls_modalities = frozenset(aet for aet, value in parser.items("modalities") if _modality_says_tls(value))
@@ -1005,7 +1009,7 @@ class Config:
         self.watch_folders = [pathlib.Path(p) for p in self.watch_folders]
 
     def save_settings(self, *names: str):
-        """Write the named settings, changed at run time, to data_dir/settings.ini: attributes
+        """Write the named settings, changed at run time, to settings_location: attributes
         named in LIVE_SETTINGS, "modalities" (with their details) or "transfer_syntaxes"."""
         values = collections.defaultdict(dict)
         for name in names:
@@ -1018,7 +1022,13 @@ class Config:
             else:
                 section, key, _ = CONFIG_KEYS[name]
                 values[section][key] = _ini_text(getattr(self, name))
-        save_settings(self.data_dir, values)
+        save_settings(self.settings_location, values)
+
+    @property
+    def settings_location(self) -> pathlib.Path | str:
+        """Where the settings changed at run time are kept: the index's PostgreSQL database, whose
+        every node sees them, or data_dir (settings.ini)."""
+        return self.index_url if is_postgresql_url(self.index_url) else self.data_dir
 
 
 #: What a webhook may be told of: a study found stable, an instance stored (C-STORE or STOW-RS).
@@ -1210,30 +1220,46 @@ def _ini_text(value) -> str:
     return str(value)
 
 
-def _read_settings_overlay(parser: configparser.ConfigParser, path: pathlib.Path):
-    """Lay settings.ini over the settings parser holds: key by key, WHOLE_SECTIONS whole."""
+def _saved_settings(location: pathlib.Path | str) -> dict[str, dict[str, str]]:
+    """The settings changed at run time, {section: {key: text}}: those of the PostgreSQL index's
+    database (a URL), or data_dir/settings.ini (a folder)."""
+    if is_postgresql_url(location):
+        with contextlib.closing(SharedSettings(location)) as shared:
+            return shared.read()[1]
+    path = pathlib.Path(location) / SETTINGS_FILE
     if not path.is_file():
-        return
+        return {}
     overlay = configparser.ConfigParser(interpolation=None)
     overlay.optionxform = str
     try:
         overlay.read(path, encoding="utf-8")
     except (configparser.Error, UnicodeDecodeError) as error:
         raise ValueError(f"invalid settings in {path}: {error}") from None
-    for section in overlay.sections():
+    return {section: dict(overlay.items(section, raw=True)) for section in overlay.sections()}
+
+
+def _lay_settings(parser: configparser.ConfigParser, values: dict[str, dict[str, str]]):
+    """Lay the settings changed at run time over those parser holds: key by key, WHOLE_SECTIONS whole."""
+    for section, entries in values.items():
         if section in WHOLE_SECTIONS and parser.has_section(section):
             parser.remove_section(section)
         if not parser.has_section(section):
             parser.add_section(section)
-        for key, value in overlay.items(section, raw=True):
+        for key, value in entries.items():
             parser.set(section, key, value)
 
 
-def save_settings(data_dir: pathlib.Path, values: dict[str, dict[str, str]]):
-    """Write {section: {key: text}} into data_dir/settings.ini, keeping the rest of what it holds.
+def save_settings(location: pathlib.Path | str, values: dict[str, dict[str, str]]):
+    """Write {section: {key: text}} where the settings changed at run time are kept (a config's
+    settings_location), keeping the rest of what is there: into the PostgreSQL index's database
+    (a URL), or data_dir/settings.ini (a folder).
 
     The file is replaced atomically; a running daemon's callers hold daemon.settings_lock."""
-    path = pathlib.Path(data_dir) / SETTINGS_FILE
+    if is_postgresql_url(location):
+        with contextlib.closing(SharedSettings(location)) as shared:
+            shared.save(values)
+        return
+    path = pathlib.Path(location) / SETTINGS_FILE
     parser = configparser.ConfigParser(interpolation=None)
     parser.optionxform = str
     parser.read(path, encoding="utf-8")
@@ -1465,6 +1491,58 @@ class StateDatabase:
         else:
             with self._lock:
                 self._sqlite.close()
+
+
+#: The version of the shared settings' schema (dicoogled_settings.schema_version).
+SETTINGS_SCHEMA_VERSION = 1
+SETTINGS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS settings (
+    section TEXT NOT NULL, key TEXT NOT NULL, value TEXT NOT NULL, PRIMARY KEY (section, key)
+);
+-- One row counting the changes saved: one cheap read tells a node whether there is anything new.
+CREATE TABLE IF NOT EXISTS changes (count BIGINT NOT NULL);
+INSERT INTO changes SELECT 0 WHERE NOT EXISTS (SELECT 1 FROM changes);
+"""
+
+
+class SharedSettings:
+    """The settings changed at run time when the index is in PostgreSQL: kept in its database
+    (schema dicoogled_settings) instead of data_dir/settings.ini, so that every node reads the
+    same, as {section: {key: text}} laid over the config file as settings.ini would be."""
+
+    def __init__(self, url: str):
+        self._db = StateDatabase(url, "dicoogled_settings", pool_size=1)
+        self._db.migrate(SETTINGS_SCHEMA_VERSION, SETTINGS_SCHEMA)
+
+    def changes(self) -> int:
+        """How many changes were ever saved: a node compares it with the count it last read."""
+        with self._db.connection() as db:
+            return db.execute("SELECT count FROM changes").fetchone()[0]
+
+    def read(self) -> tuple[int, dict[str, dict[str, str]]]:
+        """(the count of changes, the settings): the count is read first, so a change saved in
+        between is seen again at the next comparison, never missed."""
+        values = collections.defaultdict(dict)
+        with self._db.connection() as db:
+            count = db.execute("SELECT count FROM changes").fetchone()[0]
+            for section, key, value in db.execute("SELECT section, key, value FROM settings ORDER BY section, key"):
+                values[section][key] = value
+        return count, dict(values)
+
+    def save(self, values: dict[str, dict[str, str]]):
+        """Write {section: {key: text}}, keeping the rest; WHOLE_SECTIONS are replaced whole."""
+        with self._db.transaction() as db:
+            # Counted first: the row stays locked until the commit, so nodes saving at once take turns.
+            db.execute("UPDATE changes SET count = count + 1")
+            for section, entries in values.items():
+                if section in WHOLE_SECTIONS:
+                    db.execute("DELETE FROM settings WHERE section = ?", (section,))
+                for key, text in entries.items():
+                    db.execute("INSERT INTO settings VALUES (?, ?, ?)"
+                               " ON CONFLICT (section, key) DO UPDATE SET value = excluded.value", (section, key, text))
+
+    def close(self):
+        self._db.close()
 
 
 # ============================================================================================
@@ -12583,10 +12661,11 @@ def _viewer_policy(index: pathlib.Path) -> str:
 
 
 def _persist_plugin_settings(daemon: "Daemon", plugin: Plugin):
-    """Write a plugin's settings to data_dir/settings.ini as [plugin.NAME], so they survive a restart."""
+    """Write a plugin's settings as [plugin.NAME] where the settings changed at run time are kept
+    (data_dir/settings.ini, or the PostgreSQL index's database), so they survive a restart."""
     values = {key: str(value).lower() if isinstance(value, bool) else str(value) for key, value in plugin.settings.items()}
     with daemon.settings_lock:
-        save_settings(daemon.config.data_dir, {f"plugin.{plugin.name}": values})
+        save_settings(daemon.config.settings_location, {f"plugin.{plugin.name}": values})
     daemon.config.plugin_settings[plugin.name] = values
 
 

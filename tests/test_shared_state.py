@@ -183,3 +183,43 @@ def test_the_shared_audit_log_is_append_only_and_pruned_by_age(postgres_url):
         assert audit.entries() == ([], 0)
     finally:
         audit.close()
+
+
+# ---- settings changed at run time ----------------------------------------------------------------
+
+
+def test_settings_saved_by_one_node_are_read_by_another(postgres_url, tmp_path):
+    node1 = dicoogled.Config.load(data_dir=tmp_path / "node1", index_url=postgres_url)
+    node1.changed(aet="SHARED", modalities={"WS1": ("10.0.0.9", 104)}).save_settings("aet", "modalities")
+    dicoogled.save_settings(node1.settings_location, {"plugin.example": {"enabled": "false", "greeting": "hi"}})
+    node3 = dicoogled.Config.load(data_dir=tmp_path / "node3", index_url=postgres_url)
+    assert (node3.aet, node3.modalities) == ("SHARED", {"WS1": ("10.0.0.9", 104)})
+    assert node3.plugin_settings["example"] == {"enabled": "false", "greeting": "hi"}
+    assert not (tmp_path / "node1" / "settings.ini").exists()  # nothing of it stays on one node
+    # [modalities] is replaced whole, as in settings.ini: a destination removed stays removed.
+    node3.changed(modalities={"WS2": ("10.0.0.10", 104)}).save_settings("modalities")
+    assert dicoogled.Config.load(data_dir=tmp_path / "node1", index_url=postgres_url).modalities == {
+        "WS2": ("10.0.0.10", 104)}
+    # The command line still wins over what the database says.
+    assert dicoogled.Config.load(data_dir=tmp_path / "node1", index_url=postgres_url, aet="FLAG").aet == "FLAG"
+
+
+def test_the_index_url_of_the_config_file_finds_the_shared_settings(postgres_url, tmp_path):
+    config_file = tmp_path / "dicoogled.ini"
+    config_file.write_text(f"[index]\nurl = {postgres_url}\n[storage]\ndata_dir = {tmp_path / 'data'}\n")
+    dicoogled.Config.load(config_file).changed(thumbnail_size=128).save_settings("thumbnail_size")
+    assert dicoogled.Config.load(config_file).thumbnail_size == 128
+    assert dicoogled.Config.load(data_dir=tmp_path / "data").thumbnail_size == 64  # SQLite: settings.ini, untouched
+
+
+def test_a_node_tells_from_one_read_that_another_saved_settings(postgres_url):
+    node1, node3 = dicoogled.SharedSettings(postgres_url), dicoogled.SharedSettings(postgres_url)
+    try:
+        seen, values = node3.read()
+        assert values == {} and node3.changes() == seen
+        node1.save({"dicom": {"aet": "ONE"}})
+        assert node3.changes() > seen
+        assert node3.read()[1] == {"dicom": {"aet": "ONE"}}
+    finally:
+        node1.close()
+        node3.close()
