@@ -261,7 +261,8 @@ DEFAULT_CONFIG = """\
 # dicoogled configuration. Every setting is shown with its default.
 # A file given with --config may hold only some sections. Settings changed from the web app or
 # the REST API are saved in data_dir/settings.ini, in this format, which is read after this file;
-# command-line flags override both. Delete settings.ini to return to this file's settings.
+# command-line flags override both. Delete settings.ini to return to this file's settings. (With
+# the index in PostgreSQL they are saved in its database instead, where every node reads them.)
 
 [dicom]
 # Application Entity title of this archive, and the DICOM listener.
@@ -397,6 +398,7 @@ effort = 100
 # Where the index lives. Empty: the SQLite file data_dir/index.sqlite, right for one machine. A
 # postgresql://user@host/db URL (the postgresql extra: .venv/bin/pip install -e '.[postgresql]') is
 # for a site that outgrows one machine, where several dicoogled nodes share one database and data_dir.
+# The users, their sessions, the audit log and the settings changed at run time live there too.
 url =
 
 [codecs]
@@ -868,8 +870,9 @@ class Config:
 
     @classmethod
     def load(cls, path=None, **overrides) -> "Config":
-        """Read the embedded defaults, then the INI file at path, then data_dir/settings.ini (the
-        settings changed at run time), then non-None overrides (the command-line flags)."""
+        """Read the embedded defaults, then the INI file at path, then the settings changed at
+        run time (data_dir/settings.ini, or the PostgreSQL index's table of them), then non-None
+        overrides (the command-line flags)."""
         # A ';' after a value starts a comment (configparser would otherwise keep it in the value).
         parser = _ConfigParser(interpolation=None, inline_comment_prefixes=(";",))
         parser.optionxform = str  # AE titles in [modalities] are case-sensitive
@@ -883,7 +886,8 @@ class Config:
             except (configparser.Error, UnicodeDecodeError) as error:
                 raise ValueError(f"invalid configuration in {path}: {error}") from None
         data_dir = overrides.get("data_dir") or parser.get("storage", "data_dir")
-        _read_settings_overlay(parser, pathlib.Path(data_dir) / SETTINGS_FILE)
+        index_url = overrides.get("index_url") or parser.get("index", "url").strip()
+        _lay_settings(parser, _saved_settings(index_url or pathlib.Path(data_dir)))
         try:
             modalities = {aet: _parse_modality(aet, value) for aet, value in parser.items("modalities")}
             tls_modalities = frozenset(aet for aet, value in parser.items("modalities") if _modality_says_tls(value))
@@ -992,7 +996,7 @@ class Config:
         self.watch_folders = [pathlib.Path(p) for p in self.watch_folders]
 
     def save_settings(self, *names: str):
-        """Write the named settings, changed at run time, to data_dir/settings.ini: attributes
+        """Write the named settings, changed at run time, to settings_location: attributes
         named in LIVE_SETTINGS, "modalities" (with their details) or "transfer_syntaxes"."""
         values = collections.defaultdict(dict)
         for name in names:
@@ -1005,7 +1009,13 @@ class Config:
             else:
                 section, key, _ = CONFIG_KEYS[name]
                 values[section][key] = _ini_text(getattr(self, name))
-        save_settings(self.data_dir, values)
+        save_settings(self.settings_location, values)
+
+    @property
+    def settings_location(self) -> pathlib.Path | str:
+        """Where the settings changed at run time are kept: the index's PostgreSQL database, whose
+        every node sees them, or data_dir (settings.ini)."""
+        return self.index_url if is_postgresql_url(self.index_url) else self.data_dir
 
 
 #: What a webhook may be told of: a study found stable, an instance stored (C-STORE or STOW-RS).
@@ -1197,30 +1207,46 @@ def _ini_text(value) -> str:
     return str(value)
 
 
-def _read_settings_overlay(parser: configparser.ConfigParser, path: pathlib.Path):
-    """Lay settings.ini over the settings parser holds: key by key, WHOLE_SECTIONS whole."""
+def _saved_settings(location: pathlib.Path | str) -> dict[str, dict[str, str]]:
+    """The settings changed at run time, {section: {key: text}}: those of the PostgreSQL index's
+    database (a URL), or data_dir/settings.ini (a folder)."""
+    if is_postgresql_url(location):
+        with contextlib.closing(SharedSettings(location)) as shared:
+            return shared.read()[1]
+    path = pathlib.Path(location) / SETTINGS_FILE
     if not path.is_file():
-        return
+        return {}
     overlay = configparser.ConfigParser(interpolation=None)
     overlay.optionxform = str
     try:
         overlay.read(path, encoding="utf-8")
     except (configparser.Error, UnicodeDecodeError) as error:
         raise ValueError(f"invalid settings in {path}: {error}") from None
-    for section in overlay.sections():
+    return {section: dict(overlay.items(section, raw=True)) for section in overlay.sections()}
+
+
+def _lay_settings(parser: configparser.ConfigParser, values: dict[str, dict[str, str]]):
+    """Lay the settings changed at run time over those parser holds: key by key, WHOLE_SECTIONS whole."""
+    for section, entries in values.items():
         if section in WHOLE_SECTIONS and parser.has_section(section):
             parser.remove_section(section)
         if not parser.has_section(section):
             parser.add_section(section)
-        for key, value in overlay.items(section, raw=True):
+        for key, value in entries.items():
             parser.set(section, key, value)
 
 
-def save_settings(data_dir: pathlib.Path, values: dict[str, dict[str, str]]):
-    """Write {section: {key: text}} into data_dir/settings.ini, keeping the rest of what it holds.
+def save_settings(location: pathlib.Path | str, values: dict[str, dict[str, str]]):
+    """Write {section: {key: text}} where the settings changed at run time are kept (a config's
+    settings_location), keeping the rest of what is there: into the PostgreSQL index's database
+    (a URL), or data_dir/settings.ini (a folder).
 
     The file is replaced atomically; a running daemon's callers hold daemon.settings_lock."""
-    path = pathlib.Path(data_dir) / SETTINGS_FILE
+    if is_postgresql_url(location):
+        with contextlib.closing(SharedSettings(location)) as shared:
+            shared.save(values)
+        return
+    path = pathlib.Path(location) / SETTINGS_FILE
     parser = configparser.ConfigParser(interpolation=None)
     parser.optionxform = str
     parser.read(path, encoding="utf-8")
@@ -1309,6 +1335,12 @@ class PostgresConnection:
         # Without arguments psycopg sends the text as it is: several statements may go at once.
         self._last = self.raw.execute(_postgresql_placeholders(sql), tuple(args)) if args else self.raw.execute(sql)
         return self._last
+
+    def executemany(self, sql: str, rows):
+        cursor = self.raw.cursor()
+        cursor.executemany(_postgresql_placeholders(sql), [tuple(row) for row in rows])
+        self._last = cursor
+        return cursor
 
     def changes(self) -> int:
         return self._last.rowcount if self._last is not None else 0
@@ -1457,6 +1489,186 @@ class Leases:
             with contextlib.suppress(self._psycopg.Error):
                 self._connection.close()
             self._connection = None
+
+
+# ---- the daemon's own state: users and sessions, the audit log, settings ----------------------
+#
+# Each lives in a SQLite file of the data dir, or, when the index is in PostgreSQL, in a schema of
+# that database of its own (dicoogled_users, dicoogled_audit, dicoogled_settings), so that every
+# node of a site shares it: a session opened on one node works on all of them.
+
+#: What the two engines spell differently in the schemas of that state, written once with these
+#: as {words}. Every other difference is avoided: booleans are integers compared with != 0,
+#: "INSERT OR REPLACE" is INSERT ... ON CONFLICT, times are DOUBLE PRECISION (PostgreSQL's
+#: REAL has 24 bits, seconds since 1970 need more), and LIMIT SQL_NO_LIMIT means all rows.
+SQL_WORDS = {
+    "sqlite": {"blob": "BLOB", "row_id": "INTEGER PRIMARY KEY"},  # the rowid: numbered as inserted
+    "postgresql": {"blob": "BYTEA", "row_id": "BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY"},
+}
+#: LIMIT for no limit: SQLite reads -1 so, PostgreSQL refuses it; both take the largest integer.
+SQL_NO_LIMIT = 2**63 - 1
+
+
+class StateDatabase:
+    """A database of the daemon's own state, one of two kinds spoken to the same way:
+
+    - an owner-only SQLite file of the data dir (open_private_database), one connection used by
+      one thread at a time;
+    - a schema of the index's PostgreSQL database, through a pool of connections whose search
+      path is that schema (so the SQL names its tables plainly), one per thread at a time: a
+      psycopg connection must not be used by two threads at once.
+
+    connection() lends a connection for reads, transaction() one inside a transaction."""
+
+    def __init__(self, location: "pathlib.Path | str", schema: str, synchronous: str = "FULL", pool_size: int = 4):
+        self.postgresql = is_postgresql_url(location)
+        self.engine = "postgresql" if self.postgresql else "sqlite"
+        self.schema = schema
+        #: Where it is, for messages: the file, or the schema (never the URL: it may hold a password).
+        self.name = f"PostgreSQL schema {schema}" if self.postgresql else str(location)
+        self._synchronous = synchronous
+        #: Ends a SELECT of rows its transaction goes on to change: PostgreSQL locks them until it
+        #: ends, so nodes doing the same at once take turns; SQLite's one writer holds the file anyway.
+        self.for_update = " FOR UPDATE" if self.postgresql else ""
+        if self.postgresql:
+            self._pool = self._open_pool(location, schema, pool_size)
+        else:
+            self._lock = threading.Lock()
+            self._sqlite = open_private_database(location, synchronous)
+            self._sqlite.execute("PRAGMA foreign_keys=ON")
+
+    @staticmethod
+    def _open_pool(url: str, schema: str, size: int):
+        _, psycopg_pool = import_psycopg()
+
+        def configure(connection):
+            connection.execute(f"SET search_path TO {schema}")
+
+        pool = psycopg_pool.ConnectionPool(url, min_size=1, max_size=size, kwargs={"autocommit": True},
+                                           configure=configure, check=psycopg_pool.ConnectionPool.check_connection,
+                                           name=schema, open=True)
+        try:
+            pool.wait(timeout=30)
+        except psycopg_pool.PoolTimeout:
+            pool.close()
+            raise RuntimeError(f"cannot connect to the PostgreSQL database of [index] url (for {schema})") from None
+        return pool
+
+    def words(self, sql: str) -> str:
+        """sql with its {words} (SQL_WORDS) as this engine says them."""
+        return sql.format(**SQL_WORDS[self.engine])
+
+    @contextlib.contextmanager
+    def connection(self):
+        if self.postgresql:
+            with self._pool.connection() as raw:
+                yield PostgresConnection(raw)
+        else:
+            with self._lock:
+                yield self._sqlite
+
+    @contextlib.contextmanager
+    def transaction(self, durable: bool = True):
+        """A connection inside a transaction, committed at the end of the with block (rolled back
+        on an exception). durable False: a power cut may lose it, which spares a flush to disk."""
+        with self.connection() as db:
+            if not durable and not self.postgresql:
+                db.execute("PRAGMA synchronous=NORMAL")
+            try:
+                with db:
+                    if not durable and self.postgresql:
+                        db.execute("SET LOCAL synchronous_commit TO OFF")
+                    yield db
+            finally:
+                if not durable and not self.postgresql:
+                    db.execute(f"PRAGMA synchronous={self._synchronous}")
+
+    def migrate(self, version: int, schema: str, before=None):
+        """Bring the schema (CREATE ... IF NOT EXISTS statements, with {words}) to version: a
+        newer one is refused; an older one gets before(connection) (the SQLite file's own
+        migrations), the schema, and the version noted (SQLite's user_version, or a table
+        schema_version). A current one is left unwritten: a start on a full disk writes nothing."""
+        with self.transaction() as db:
+            if self.postgresql:
+                # Nodes starting at once take turns: CREATE ... IF NOT EXISTS is not safe against
+                # a concurrent CREATE of the same name.
+                db.execute("SELECT pg_advisory_xact_lock(hashtext(?))", (self.schema,))
+                db.execute(f"CREATE SCHEMA IF NOT EXISTS {self.schema}")
+                db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+                found = db.execute("SELECT max(version) FROM schema_version").fetchone()[0] or 0
+            else:
+                found = db.execute("PRAGMA user_version").fetchone()[0]
+            if found > version:
+                raise RuntimeError(f"{self.name} was written by a newer dicoogled (schema {found}); upgrade")
+            if found == version:
+                return
+            if before is not None:
+                before(db)
+            db.execute(self.words(schema))
+            if self.postgresql:
+                db.execute("DELETE FROM schema_version")
+                db.execute("INSERT INTO schema_version VALUES (?)", (version,))
+            else:
+                db.execute(f"PRAGMA user_version = {int(version)}")
+
+    def close(self):
+        if self.postgresql:
+            self._pool.close()
+        else:
+            with self._lock:
+                self._sqlite.close()
+
+
+#: The version of the shared settings' schema (dicoogled_settings.schema_version).
+SETTINGS_SCHEMA_VERSION = 1
+SETTINGS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS settings (
+    section TEXT NOT NULL, key TEXT NOT NULL, value TEXT NOT NULL, PRIMARY KEY (section, key)
+);
+-- One row counting the changes saved: one cheap read tells a node whether there is anything new.
+CREATE TABLE IF NOT EXISTS changes (count BIGINT NOT NULL);
+INSERT INTO changes SELECT 0 WHERE NOT EXISTS (SELECT 1 FROM changes);
+"""
+
+
+class SharedSettings:
+    """The settings changed at run time when the index is in PostgreSQL: kept in its database
+    (schema dicoogled_settings) instead of data_dir/settings.ini, so that every node reads the
+    same, as {section: {key: text}} laid over the config file as settings.ini would be."""
+
+    def __init__(self, url: str):
+        self._db = StateDatabase(url, "dicoogled_settings", pool_size=1)
+        self._db.migrate(SETTINGS_SCHEMA_VERSION, SETTINGS_SCHEMA)
+
+    def changes(self) -> int:
+        """How many changes were ever saved: a node compares it with the count it last read."""
+        with self._db.connection() as db:
+            return db.execute("SELECT count FROM changes").fetchone()[0]
+
+    def read(self) -> tuple[int, dict[str, dict[str, str]]]:
+        """(the count of changes, the settings): the count is read first, so a change saved in
+        between is seen again at the next comparison, never missed."""
+        values = collections.defaultdict(dict)
+        with self._db.connection() as db:
+            count = db.execute("SELECT count FROM changes").fetchone()[0]
+            for section, key, value in db.execute("SELECT section, key, value FROM settings ORDER BY section, key"):
+                values[section][key] = value
+        return count, dict(values)
+
+    def save(self, values: dict[str, dict[str, str]]):
+        """Write {section: {key: text}}, keeping the rest; WHOLE_SECTIONS are replaced whole."""
+        with self._db.transaction() as db:
+            # Counted first: the row stays locked until the commit, so nodes saving at once take turns.
+            db.execute("UPDATE changes SET count = count + 1")
+            for section, entries in values.items():
+                if section in WHOLE_SECTIONS:
+                    db.execute("DELETE FROM settings WHERE section = ?", (section,))
+                for key, text in entries.items():
+                    db.execute("INSERT INTO settings VALUES (?, ?, ?)"
+                               " ON CONFLICT (section, key) DO UPDATE SET value = excluded.value", (section, key, text))
+
+    def close(self):
+        self._db.close()
 
 
 # ============================================================================================
@@ -10271,18 +10483,20 @@ def research_export(index: Index, storage: Storage, ingest: Ingest, deidentifier
 
 
 # ============================================================================================
-# Users and sessions: password hashes, tokens, presets (data_dir/users.sqlite)
+# Users and sessions: password hashes, tokens, presets (data_dir/users.sqlite, or PostgreSQL)
 # ============================================================================================
 
+#: The version of the users schema (users.sqlite's user_version): a later one migrates from it.
+USERS_SCHEMA_VERSION = 1
 USERS_SCHEMA = """
 CREATE TABLE IF NOT EXISTS users (
-    username TEXT PRIMARY KEY, password_hash BLOB NOT NULL, salt BLOB NOT NULL,
+    username TEXT PRIMARY KEY, password_hash {blob} NOT NULL, salt {blob} NOT NULL,
     admin INTEGER NOT NULL DEFAULT 0, roles TEXT NOT NULL DEFAULT '[]',
     credentials_stamp TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS sessions (
     token_hash TEXT PRIMARY KEY, username TEXT NOT NULL REFERENCES users(username) ON DELETE CASCADE,
-    credentials_stamp TEXT NOT NULL, created REAL NOT NULL, last_used REAL NOT NULL
+    credentials_stamp TEXT NOT NULL, created DOUBLE PRECISION NOT NULL, last_used DOUBLE PRECISION NOT NULL
 );
 CREATE INDEX IF NOT EXISTS sessions_by_user ON sessions (username);
 CREATE TABLE IF NOT EXISTS presets (
@@ -10295,13 +10509,13 @@ CREATE TABLE IF NOT EXISTS collection_access (
 );
 CREATE INDEX IF NOT EXISTS collection_access_by_member ON collection_access (member_kind, member);
 CREATE TABLE IF NOT EXISTS share_links (
-    id TEXT PRIMARY KEY, token_hash TEXT NOT NULL UNIQUE, created_by TEXT NOT NULL, created REAL NOT NULL,
+    id TEXT PRIMARY KEY, token_hash TEXT NOT NULL UNIQUE, created_by TEXT NOT NULL, created DOUBLE PRECISION NOT NULL,
     label TEXT NOT NULL DEFAULT '', study_uids TEXT NOT NULL DEFAULT '[]',
-    expires REAL, uses_allowed INTEGER, uses INTEGER NOT NULL DEFAULT 0, revoked REAL
+    expires DOUBLE PRECISION, uses_allowed INTEGER, uses INTEGER NOT NULL DEFAULT 0, revoked DOUBLE PRECISION
 );
 CREATE TABLE IF NOT EXISTS share_sessions (
     token_hash TEXT PRIMARY KEY, share_id TEXT NOT NULL REFERENCES share_links(id) ON DELETE CASCADE,
-    created REAL NOT NULL
+    created DOUBLE PRECISION NOT NULL
 );
 """
 #: How long HTTP Basic credentials, once checked, are taken without running scrypt again.
@@ -10383,59 +10597,62 @@ class Users:
     Every user has a credentials stamp, a random value made anew when the user is created and
     whenever its password or rights change; a session holds the stamp it was opened under and is
     valid only while the two agree. So deleting a user, re-creating one under the same name,
-    changing a password or rights ends the sessions at once, whatever else goes wrong."""
+    changing a password or rights ends the sessions at once, whatever else goes wrong.
 
-    def __init__(self, path: pathlib.Path, idle_minutes: float = 720):
+    They live in location: data_dir/users.sqlite, or the index's PostgreSQL URL, whose database
+    every node shares (schema dicoogled_users): a session opened on one node works on all, and
+    a user's change ends its sessions on all. Nothing of them is cached but Basic credentials,
+    whose memory holds only while the stamp in the database is the one they were checked under."""
+
+    def __init__(self, location: pathlib.Path | str, idle_minutes: float = 720):
         self.idle_seconds = idle_minutes * 60
         self.log = logging.getLogger("dicoogled.http")
-        self._lock = threading.Lock()
-        self._db = open_private_database(path)  # an account change is on disk before it is answered
-        self._db.execute("PRAGMA foreign_keys=ON")
-        with self._db:
-            self._migrate()
-            self._db.execute(USERS_SCHEMA)
+        # An account change is on disk before it is answered (synchronous FULL).
+        self._db = StateDatabase(location, "dicoogled_users", pool_size=8)
+        self._db.migrate(USERS_SCHEMA_VERSION, USERS_SCHEMA, before=None if self._db.postgresql else self._migrate)
         #: (username, SHA-256 of a password) -> (until when, the credentials stamp it was good for).
         self._basic_cache: dict[tuple[str, bytes], tuple[float, str]] = {}
         self._basic_cache_lock = threading.Lock()
 
-    def _migrate(self):
+    def _migrate(self, db):
         """Give users of an older users.sqlite a credentials stamp; end the sessions opened
         before stamps (and token hashes) existed: their users log in again."""
-        columns = {row[1] for row in self._db.execute("PRAGMA table_info(users)")}
+        columns = {row[1] for row in db.execute("PRAGMA table_info(users)")}
         if columns and "credentials_stamp" not in columns:
-            self._db.execute("ALTER TABLE users ADD COLUMN credentials_stamp TEXT NOT NULL DEFAULT ''")
-            for (username,) in self._db.execute("SELECT username FROM users").fetchall():
-                self._db.execute("UPDATE users SET credentials_stamp = ? WHERE username = ?",
-                                 (_new_credentials_stamp(), username))
-        session_columns = {row[1] for row in self._db.execute("PRAGMA table_info(sessions)")}
+            db.execute("ALTER TABLE users ADD COLUMN credentials_stamp TEXT NOT NULL DEFAULT ''")
+            for (username,) in db.execute("SELECT username FROM users").fetchall():
+                db.execute("UPDATE users SET credentials_stamp = ? WHERE username = ?", (_new_credentials_stamp(), username))
+        session_columns = {row[1] for row in db.execute("PRAGMA table_info(sessions)")}
         if session_columns and "credentials_stamp" not in session_columns:
-            self._db.execute("DROP TABLE sessions")
+            db.execute("DROP TABLE sessions")
             self.log.warning("sessions from an older version ended: their users log in again")
 
     def _query(self, sql, args=()):
-        with self._lock:
-            return self._db.execute(sql, args).fetchall()
+        with self._db.connection() as db:
+            return db.execute(sql, args).fetchall()
 
     def _write(self, sql, args=()):
-        with self._lock, self._db:
-            self._db.execute(sql, args)
-            return self._db.changes()
+        with self._db.transaction() as db:
+            db.execute(sql, args)
+            return db.changes()
 
     def ensure_admin(self, data_dir: pathlib.Path, password: str | None):
         """On first start create user 'admin' with DICOOGLED_ADMIN_PASSWORD, or a random
         password written to a file only the owner can read."""
         if self._query("SELECT 1 FROM users LIMIT 1"):
             return
+        secret_file = data_dir / "admin-password.txt"
         if not password:
             password = secrets.token_urlsafe(12)
-            secret_file = data_dir / "admin-password.txt"
             fd = os.open(secret_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(fd, "w") as handle:
                 handle.write(password + "\n")
             self.log.warning("created user 'admin'; its password is in %s", secret_file)
         else:
             self.log.info("created user 'admin' with the password from DICOOGLED_ADMIN_PASSWORD")
-        self.create("admin", password, admin=True)
+        if not self.create("admin", password, admin=True):  # another node, sharing the users, was first
+            secret_file.unlink(missing_ok=True)
+            self.log.warning("user 'admin' was created by another node meanwhile: its password is there")
 
     def create(self, username: str, password: str, admin: bool = False, roles=()) -> bool:
         if not USERNAME_PATTERN.match(username or ""):
@@ -10443,24 +10660,22 @@ class Users:
         if not password:
             raise ValueError("a password may not be empty")
         salt = secrets.token_bytes(16)
-        with self._lock, self._db:
-            if self._db.execute("SELECT 1 FROM users WHERE username = ?", (username,)).fetchone():
-                return False
-            self._db.execute("INSERT INTO users (username, password_hash, salt, admin, roles, credentials_stamp)"
-                             " VALUES (?, ?, ?, ?, ?, ?)",
-                             (username, _hash_password(password, salt), salt, int(admin), json.dumps(list(roles)),
-                              _new_credentials_stamp()))
-        return True
+        # One statement, so that two nodes creating the same name at once make one user.
+        return bool(self._write("INSERT INTO users (username, password_hash, salt, admin, roles, credentials_stamp)"
+                                " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (username) DO NOTHING",
+                                (username, _hash_password(password, salt), salt, int(admin), json.dumps(list(roles)),
+                                 _new_credentials_stamp())))
 
-    def _restamp(self, username: str, keep_token: str | None = None) -> int:
+    @staticmethod
+    def _restamp(db, username: str, keep_token: str | None = None) -> int:
         """A new credentials stamp for username, ending its sessions but keep_token's; call
-        inside a transaction. The number of sessions ended."""
+        inside a transaction (db). The number of sessions ended."""
         stamp = _new_credentials_stamp()
-        self._db.execute("UPDATE users SET credentials_stamp = ? WHERE username = ?", (stamp, username))
+        db.execute("UPDATE users SET credentials_stamp = ? WHERE username = ?", (stamp, username))
         kept = _token_hash(keep_token) if keep_token else ""
-        self._db.execute("DELETE FROM sessions WHERE username = ? AND token_hash != ?", (username, kept))
-        ended = self._db.changes()
-        self._db.execute("UPDATE sessions SET credentials_stamp = ? WHERE token_hash = ?", (stamp, kept))
+        db.execute("DELETE FROM sessions WHERE username = ? AND token_hash != ?", (username, kept))
+        ended = db.changes()
+        db.execute("UPDATE sessions SET credentials_stamp = ? WHERE token_hash = ?", (stamp, kept))
         return ended
 
     def set_password(self, username: str, password: str, keep_token: str | None = None) -> bool:
@@ -10470,12 +10685,11 @@ class Users:
             raise ValueError("a password may not be empty")
         salt = secrets.token_bytes(16)
         password_hash = _hash_password(password, salt)
-        with self._lock, self._db:
-            self._db.execute("UPDATE users SET password_hash = ?, salt = ? WHERE username = ?",
-                             (password_hash, salt, username))
-            if not self._db.changes():
+        with self._db.transaction() as db:
+            db.execute("UPDATE users SET password_hash = ?, salt = ? WHERE username = ?", (password_hash, salt, username))
+            if not db.changes():
                 return False
-            ended = self._restamp(username, keep_token)
+            ended = self._restamp(db, username, keep_token)
         self.log.info("password of %s changed; %d of its sessions ended", username, ended)
         return True
 
@@ -10483,38 +10697,42 @@ class Users:
         """Change whether a user is an administrator and its roles (None: unchanged); if either
         changes, its sessions end. False if there is no such user; ValueError for the last
         administrator."""
-        with self._lock, self._db:
-            row = self._db.execute("SELECT admin, roles FROM users WHERE username = ?", (username,)).fetchone()
+        with self._db.transaction() as db:
+            row = db.execute("SELECT admin, roles FROM users WHERE username = ?", (username,)).fetchone()
             if not row:
                 return False
             admin = bool(row[0]) if admin is None else admin
             roles = json.loads(row[1]) if roles is None else list(roles)
             if (admin, roles) == (bool(row[0]), json.loads(row[1])):
                 return True  # nothing changes, so no session need end
-            if row[0] and not admin and self._db.execute("SELECT count(*) FROM users WHERE admin").fetchone()[0] <= 1:
+            if row[0] and not admin and self._administrators(db) <= 1:
                 raise ValueError("the last administrator keeps its rights")
-            self._db.execute("UPDATE users SET admin = ?, roles = ? WHERE username = ?",
-                             (int(admin), json.dumps(roles), username))
-            ended = self._restamp(username)
+            db.execute("UPDATE users SET admin = ?, roles = ? WHERE username = ?", (int(admin), json.dumps(roles), username))
+            ended = self._restamp(db, username)
         self.log.info("rights of %s changed (admin %s, roles %s); %d of its sessions ended",
                       username, admin, ",".join(roles) or "none", ended)
         return True
 
     def delete(self, username: str) -> bool:
         """Delete a user and its sessions; the last admin is never deleted."""
-        with self._lock, self._db:
-            row = self._db.execute("SELECT admin FROM users WHERE username = ?", (username,)).fetchone()
+        with self._db.transaction() as db:
+            row = db.execute("SELECT admin FROM users WHERE username = ?", (username,)).fetchone()
             if not row:
                 return False
-            admins = self._db.execute("SELECT count(*) FROM users WHERE admin").fetchone()[0]
-            if row[0] and admins <= 1:
+            if row[0] and self._administrators(db) <= 1:
                 return False
-            self._db.execute("DELETE FROM sessions WHERE username = ?", (username,))
+            db.execute("DELETE FROM sessions WHERE username = ?", (username,))
             # A user made again under the same name starts without the old one's collections.
-            self._db.execute("DELETE FROM collection_access WHERE member_kind = 'user' AND member = ?", (username,))
-            self._db.execute("DELETE FROM users WHERE username = ?", (username,))
+            db.execute("DELETE FROM collection_access WHERE member_kind = 'user' AND member = ?", (username,))
+            db.execute("DELETE FROM users WHERE username = ?", (username,))
         self.log.info("user %s deleted, and its sessions", username)
         return True
+
+    def _administrators(self, db) -> int:
+        """How many administrators there are, inside a transaction (db) that may take one away:
+        their rows stay locked until it ends, so two nodes demoting or deleting the last two
+        administrators at once cannot leave none (the second counts after the first)."""
+        return len(db.execute(f"SELECT username FROM users WHERE admin != 0{self._db.for_update}").fetchall())
 
     def all(self) -> list[User]:
         return [User(name, bool(admin), tuple(json.loads(roles)))
@@ -10568,11 +10786,10 @@ class Users:
     def start_session(self, user: User) -> str:
         token = secrets.token_urlsafe(32)
         now = time.time()
-        with self._lock, self._db:
-            # The stamp is the user's now: a session opened as its rights change gets the new one.
-            self._db.execute("INSERT INTO sessions (token_hash, username, credentials_stamp, created, last_used)"
-                             " SELECT ?, username, credentials_stamp, ?, ? FROM users WHERE username = ?",
-                             (_token_hash(token), now, now, user.username))
+        # The stamp is the user's now: a session opened as its rights change gets the new one.
+        self._write("INSERT INTO sessions (token_hash, username, credentials_stamp, created, last_used)"
+                    " SELECT ?, username, credentials_stamp, ?, ? FROM users WHERE username = ?",
+                    (_token_hash(token), now, now, user.username))
         return token
 
     def session_user(self, token: str) -> User | None:
@@ -10581,26 +10798,22 @@ class Users:
         token_hash = _token_hash(token)
         now = time.time()
         row = None
-        with self._lock:
+        try:
             # Every use is written, so a session expires exactly idle_minutes after its last use.
             # Not flushed to disk (an fsync per request would cost milliseconds): a power cut may
             # lose the last uses, which only makes sessions expire sooner.
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            try:
-                with self._db:
-                    row = self._db.execute(
-                        "SELECT u.username, u.admin, u.roles, s.last_used FROM sessions s"
-                        " JOIN users u ON u.username = s.username AND u.credentials_stamp = s.credentials_stamp"
-                        " WHERE s.token_hash = ?", (token_hash,)).fetchone()
-                    if row is None or now - row[3] > self.idle_seconds:
-                        row = None
-                        self._db.execute("DELETE FROM sessions WHERE token_hash = ?", (token_hash,))
-                    else:
-                        self._db.execute("UPDATE sessions SET last_used = ? WHERE token_hash = ?", (now, token_hash))
-            except apsw.FullError:  # a full disk must not lock users out of reading
-                self.log.debug("session use not recorded: the disk is full")
-            finally:
-                self._db.execute("PRAGMA synchronous=FULL")
+            with self._db.transaction(durable=False) as db:
+                row = db.execute(
+                    "SELECT u.username, u.admin, u.roles, s.last_used FROM sessions s"
+                    " JOIN users u ON u.username = s.username AND u.credentials_stamp = s.credentials_stamp"
+                    " WHERE s.token_hash = ?", (token_hash,)).fetchone()
+                if row is None or now - row[3] > self.idle_seconds:
+                    row = None
+                    db.execute("DELETE FROM sessions WHERE token_hash = ?", (token_hash,))
+                else:
+                    db.execute("UPDATE sessions SET last_used = ? WHERE token_hash = ?", (now, token_hash))
+        except apsw.FullError:  # a full disk must not lock users out of reading
+            self.log.debug("session use not recorded: the disk is full")
         return None if row is None else User(row[0], bool(row[1]), tuple(json.loads(row[2])))
 
     def end_session(self, token: str) -> bool:
@@ -10616,11 +10829,12 @@ class Users:
             raise ValueError("a grant is to a user or a group, of read or write")
         if not USERNAME_PATTERN.match(member or ""):
             raise ValueError("a user or group name is 1 to 64 letters, digits or . _ @ -")
-        with self._lock, self._db:
-            if member_kind == "user" and not self._db.execute("SELECT 1 FROM users WHERE username = ?", (member,)).fetchone():
+        with self._db.transaction() as db:
+            if member_kind == "user" and not db.execute("SELECT 1 FROM users WHERE username = ?", (member,)).fetchone():
                 return False
-            self._db.execute("INSERT OR REPLACE INTO collection_access VALUES (?, ?, ?, ?)",
-                             (label, member_kind, member, access))
+            db.execute("INSERT INTO collection_access VALUES (?, ?, ?, ?)"
+                       " ON CONFLICT (label, member_kind, member) DO UPDATE SET access = excluded.access",
+                       (label, member_kind, member, access))
         self.log.info("%s %s given %s on collection %s", member_kind, member, access, label)
         return True
 
@@ -10680,11 +10894,11 @@ class Users:
     def revoke_share(self, share_id: str) -> bool:
         """Revoke a share link: it opens no more, and those who opened it see nothing from their
         next request. False if there is no such link or it was revoked already."""
-        with self._lock, self._db:
-            self._db.execute("UPDATE share_links SET revoked = ? WHERE id = ? AND revoked IS NULL", (time.time(), share_id))
-            if not self._db.changes():
+        with self._db.transaction() as db:
+            db.execute("UPDATE share_links SET revoked = ? WHERE id = ? AND revoked IS NULL", (time.time(), share_id))
+            if not db.changes():
                 return False
-            self._db.execute("DELETE FROM share_sessions WHERE share_id = ?", (share_id,))
+            db.execute("DELETE FROM share_sessions WHERE share_id = ?", (share_id,))
         self.log.info("share link %s revoked", share_id)
         return True
 
@@ -10692,15 +10906,16 @@ class Users:
         """Open a share link: count one use and start a share session, (link, session token);
         (link or None, None) when the link is unknown, revoked, expired or used up."""
         now = time.time()
-        with self._lock, self._db:
-            row = self._db.execute(f"SELECT {_SHARE_COLUMNS} FROM share_links WHERE token_hash = ?",
-                                   (_token_hash(token),)).fetchone()
+        with self._db.transaction() as db:
+            # Nodes opening a link at once count its uses one after the other.
+            row = db.execute(f"SELECT {_SHARE_COLUMNS} FROM share_links WHERE token_hash = ?{self._db.for_update}",
+                             (_token_hash(token),)).fetchone()
             link = _share_link(row) if row else None
             if link is None or link.state(now) != "active":
                 return link, None
-            self._db.execute("UPDATE share_links SET uses = uses + 1 WHERE id = ?", (link.id,))
+            db.execute("UPDATE share_links SET uses = uses + 1 WHERE id = ?", (link.id,))
             session = secrets.token_urlsafe(32)
-            self._db.execute("INSERT INTO share_sessions VALUES (?, ?, ?)", (_token_hash(session), link.id, now))
+            db.execute("INSERT INTO share_sessions VALUES (?, ?, ?)", (_token_hash(session), link.id, now))
         return link._replace(uses=link.uses + 1), session
 
     def share_of_session(self, session: str) -> ShareLink | None:
@@ -10722,11 +10937,11 @@ class Users:
                 for name, fields in self._query("SELECT name, fields FROM presets WHERE username = ? ORDER BY name", (username,))]
 
     def save_preset(self, username: str, name: str, fields: list[str]):
-        self._write("INSERT OR REPLACE INTO presets VALUES (?, ?, ?)", (username, name, json.dumps(fields)))
+        self._write("INSERT INTO presets VALUES (?, ?, ?) ON CONFLICT (username, name) DO UPDATE SET fields = excluded.fields",
+                    (username, name, json.dumps(fields)))
 
     def close(self):
-        with self._lock:
-            self._db.close()
+        self._db.close()
 
 
 #: Failed logins one (client address, username) pair may have within LOGIN_FAILURE_WINDOW
@@ -10793,14 +11008,14 @@ class LoginThrottle:
 
 
 # ============================================================================================
-# Audit log: who read, sent, received or changed what, when (data_dir/audit.sqlite)
+# Audit log: who read, sent, received or changed what, when (data_dir/audit.sqlite, or PostgreSQL)
 # ============================================================================================
 
-#: The version of audit.sqlite's schema (its user_version): a later one migrates from it.
+#: The version of the audit schema (audit.sqlite's user_version): a later one migrates from it.
 AUDIT_SCHEMA_VERSION = 1
 AUDIT_SCHEMA = """
 CREATE TABLE IF NOT EXISTS audit (
-    id INTEGER PRIMARY KEY, time REAL NOT NULL, action TEXT NOT NULL, result TEXT NOT NULL,
+    id {row_id}, time DOUBLE PRECISION NOT NULL, action TEXT NOT NULL, result TEXT NOT NULL,
     status TEXT NOT NULL, username TEXT NOT NULL, calling_aet TEXT NOT NULL, share_link TEXT NOT NULL,
     address TEXT NOT NULL, request TEXT NOT NULL, studies TEXT NOT NULL, series TEXT NOT NULL,
     instances TEXT NOT NULL, count INTEGER, detail TEXT NOT NULL
@@ -10808,10 +11023,16 @@ CREATE TABLE IF NOT EXISTS audit (
 CREATE INDEX IF NOT EXISTS audit_by_time ON audit (time);
 CREATE INDEX IF NOT EXISTS audit_by_user ON audit (username, time);
 CREATE INDEX IF NOT EXISTS audit_by_action ON audit (action, time);
--- Append-only: an entry, once written, is never changed (pruning by age is the only delete).
-CREATE TRIGGER IF NOT EXISTS audit_append_only BEFORE UPDATE ON audit
-BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
 """
+#: Append-only: an entry, once written, is never changed (pruning by age is the only delete).
+#: The one part of the audit schema each engine says its own way.
+AUDIT_APPEND_ONLY = {
+    "sqlite": """CREATE TRIGGER IF NOT EXISTS audit_append_only BEFORE UPDATE ON audit
+BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;""",
+    "postgresql": """CREATE OR REPLACE FUNCTION audit_append_only() RETURNS trigger LANGUAGE plpgsql
+AS $$ BEGIN RAISE EXCEPTION 'the audit log is append-only'; END $$;
+CREATE TRIGGER audit_append_only BEFORE UPDATE ON audit FOR EACH ROW EXECUTE FUNCTION audit_append_only();""",
+}
 #: What an audit entry records was done: its `action`, with one line of documentation (GET /audit's
 #: action filter, docs/rest-api.md and the web app's action picker read this table).
 AUDIT_ACTIONS = {
@@ -10896,7 +11117,9 @@ def _uid_list(uids) -> tuple:
 
 
 class AuditLog:
-    """The audit log, in its own database (data_dir/audit.sqlite, owner-only, WAL).
+    """The audit log, in its own database: data_dir/audit.sqlite (owner-only, WAL), or, with
+    the index in PostgreSQL, schema dicoogled_audit of its database, where every node writes
+    one log (each its own entries, numbered by the database in the order committed).
 
     record() only puts the entry on a queue, so no request, store or C-FIND waits for a disk
     write: one writer thread takes the queue in batches (up to AUDIT_BATCH entries, or whatever
@@ -10907,19 +11130,12 @@ class AuditLog:
 
     With enabled false, record() keeps nothing (the log can still be read and pruned)."""
 
-    def __init__(self, path: pathlib.Path, enabled: bool = True, retention_days: float = 0):
+    def __init__(self, location: pathlib.Path | str, enabled: bool = True, retention_days: float = 0):
         self.enabled, self.retention_days = enabled, retention_days
         self.log = logging.getLogger("dicoogled.audit")
-        self._lock = threading.Lock()
         # A batch on disk when committed, but not fsynced each time: the writer must keep up with ingest.
-        self._db = open_private_database(path, synchronous="NORMAL")
-        with self._db:
-            version = self._db.execute("PRAGMA user_version").fetchone()[0]
-            if version > AUDIT_SCHEMA_VERSION:
-                raise RuntimeError(f"{path} was written by a newer dicoogled (audit schema {version}); upgrade")
-            if version < AUDIT_SCHEMA_VERSION:  # written once: a start on a full disk writes nothing here
-                self._db.execute(AUDIT_SCHEMA)
-                self._db.execute(f"PRAGMA user_version = {AUDIT_SCHEMA_VERSION}")
+        self._db = StateDatabase(location, "dicoogled_audit", synchronous="NORMAL", pool_size=4)
+        self._db.migrate(AUDIT_SCHEMA_VERSION, AUDIT_SCHEMA + AUDIT_APPEND_ONLY[self._db.engine])
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         #: Entries queued and entries written (or dropped for a failure), for flush().
         self._queued = self._written = 0
@@ -10971,8 +11187,8 @@ class AuditLog:
     def _insert(self, entries: list[AuditEntry]):
         if not entries:
             return
-        with self._lock, self._db:
-            self._db.executemany(
+        with self._db.transaction() as db:
+            db.executemany(
                 "INSERT INTO audit (time, action, result, status, username, calling_aet, share_link, address, request,"
                 " studies, series, instances, count, detail) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [(e.time, e.action, e.result, e.status, e.user, e.calling_aet, e.share_link, e.address, e.request,
@@ -10990,9 +11206,9 @@ class AuditLog:
         if not self.retention_days > 0:
             return 0
         cutoff = (now or time.time()) - self.retention_days * 86400
-        with self._lock, self._db:
-            self._db.execute("DELETE FROM audit WHERE time < ?", (cutoff,))
-            pruned = self._db.changes()
+        with self._db.transaction() as db:
+            db.execute("DELETE FROM audit WHERE time < ?", (cutoff,))
+            pruned = db.changes()
         if pruned:
             self.log.info("pruned %d audit entries older than %g days", pruned, self.retention_days)
         return pruned
@@ -11001,8 +11217,7 @@ class AuditLog:
         """Write every queued entry, then close the database."""
         self._queue.put(None)
         self._writer.join()
-        with self._lock:
-            self._db.close()
+        self._db.close()
 
     # ---- reading -------------------------------------------------------------------------------
 
@@ -11029,12 +11244,12 @@ class AuditLog:
         """The entries matching the filters (action: names separated by commas), newest first:
         (a page of them, how many match in all)."""
         where, args = self._where(user, action, since, until)
-        with self._lock:
-            total = self._db.execute(f"SELECT count(*) FROM audit{where}", args).fetchone()[0]
-            rows = self._db.execute(
+        with self._db.connection() as db:
+            total = db.execute(f"SELECT count(*) FROM audit{where}", args).fetchone()[0]
+            rows = db.execute(
                 "SELECT time, action, result, status, username, calling_aet, share_link, address, request, studies,"
                 f" series, instances, count, detail, id FROM audit{where} ORDER BY id DESC LIMIT ? OFFSET ?",
-                args + [-1 if limit is None else limit, offset]).fetchall()
+                args + [SQL_NO_LIMIT if limit is None else limit, offset]).fetchall()
         return [AuditEntry(*row[:9], tuple(json.loads(row[9])), tuple(json.loads(row[10])), tuple(json.loads(row[11])),
                            *row[12:]) for row in rows], total
 
@@ -11047,8 +11262,8 @@ class AuditLog:
             if before_id is not None:
                 where += (" AND" if where else " WHERE") + " id < ?"
                 args.append(before_id)
-            with self._lock:
-                rows = self._db.execute(
+            with self._db.connection() as db:
+                rows = db.execute(
                     "SELECT time, action, result, status, username, calling_aet, share_link, address, request, studies,"
                     f" series, instances, count, detail, id FROM audit{where} ORDER BY id DESC LIMIT ?",
                     args + [page]).fetchall()
@@ -12648,10 +12863,11 @@ def _viewer_policy(index: pathlib.Path) -> str:
 
 
 def _persist_plugin_settings(daemon: "Daemon", plugin: Plugin):
-    """Write a plugin's settings to data_dir/settings.ini as [plugin.NAME], so they survive a restart."""
+    """Write a plugin's settings as [plugin.NAME] where the settings changed at run time are kept
+    (data_dir/settings.ini, or the PostgreSQL index's database), so they survive a restart."""
     values = {key: str(value).lower() if isinstance(value, bool) else str(value) for key, value in plugin.settings.items()}
     with daemon.settings_lock:
-        save_settings(daemon.config.data_dir, {f"plugin.{plugin.name}": values})
+        save_settings(daemon.config.settings_location, {f"plugin.{plugin.name}": values})
     daemon.config.plugin_settings[plugin.name] = values
 
 
@@ -13828,9 +14044,11 @@ class Daemon:
         self.codecs = CodecWorkers(config.codec_workers, config.codec_idle_seconds, config.codec_timeout, config.log_level)
         self.worklist = Worklist(self.index)
         self.dicom = DicomServices(config, self.ingest, self.finder, self.worklist, self.codecs)
-        self.users = Users(data_dir / "users.sqlite", config.session_idle_minutes)
-        #: Who read, sent, stored or changed what: data_dir/audit.sqlite.
-        self.audit = AuditLog(data_dir / "audit.sqlite", config.audit_enabled, config.audit_retention_days)
+        #: Accounts and sessions: data_dir/users.sqlite, or the PostgreSQL index's database (every node's).
+        self.users = Users(config.index_url or data_dir / "users.sqlite", config.session_idle_minutes)
+        #: Who read, sent, stored or changed what: data_dir/audit.sqlite, or the PostgreSQL index's database.
+        self.audit = AuditLog(config.index_url or data_dir / "audit.sqlite", config.audit_enabled,
+                              config.audit_retention_days)
         self.dicom.audit = self.ingest.audit = self.audit
         #: Who the pseudonyms of de-identified copies stand for, apart from the index.
         self.pseudonyms = PseudonymMap(data_dir / "pseudonyms.sqlite")
