@@ -35,6 +35,7 @@ import http.client
 import http.cookies
 import importlib.metadata
 import importlib.util
+import inspect
 import io
 import itertools
 import json
@@ -5871,6 +5872,10 @@ LUA_MEMORY_LIMIT = 64 * 1024 * 1024
 LUA_INSTRUCTION_BUDGET = 20_000_000  # per call: a runaway loop stops in well under a second
 LUA_TIME_LIMIT = 5  # seconds per call, for what instructions do not count: many long C calls (string.rep)
 LUA_HOOK_INTERVAL = 100  # instructions between two looks at the budget
+#: How long a script's call into the daemon waits for another script busy in another thread
+#: (its dicoogle.store runs the other plugin's store filter) before that hook fails: two scripts
+#: storing through each other's filters at once would otherwise wait for each other forever.
+LUA_NESTED_WAIT = 10
 
 
 def instance_event(record: InstanceRecord, calling_aet: str = "") -> dict:
@@ -6045,12 +6050,12 @@ class PluginApi:
                width: float | None = None, media_type: str = "image/png", quality: int = 90) -> bytes | None:
         """One frame (from 0) of a stored instance (its URI) as PNG or JPEG bytes, at most size
         pixels on its longer side, windowed at center/width if both are given; None if it cannot
-        be rendered."""
+        be rendered (or the URI names no instance the caller may see)."""
         window = [center, width] if center is not None and width is not None and width > 0 else None
         try:
             return self._daemon.codecs.call("render", self.open(uri), frame=frame, size=size,
                                             window=window, media_type=media_type, quality=quality)
-        except (UnrenderableError, FrameOutOfRange, OSError):
+        except (ValueError, OSError):  # UnrenderableError, FrameOutOfRange, open's refusal
             return None
 
     def pixels(self, uri: str, frame: int = 0) -> bytes:
@@ -6072,16 +6077,136 @@ class PluginApi:
 
     def open(self, uri: str):
         """What pydicom.dcmread reads a stored instance from, given its URI: a file's path, or its
-        bytes in memory when a storage plugin keeps it."""
-        return self._daemon.storage.open(_location_from_uri(str(uri)))
+        bytes in memory when a storage plugin keeps it. Raises ValueError for a URI that names no
+        instance of the index the caller may see: what reads by URI (render, pixels, ...) reads
+        the archive only, never any file the daemon could open (a Lua script has no io)."""
+        location = _location_from_uri(str(uri))
+        if self._daemon.index.instance(path=location, visibility=CALLER_VISIBILITY.get()) is None:
+            raise ValueError(f"no stored instance at {str(uri)[:200]}")
+        return self._daemon.storage.open(location)
+
+
+# ---- the API's one table: each call in Python and in Lua ----------------------------------------
+
+# Where Lua gets a call differently from Python, it gets it through one of these: the same
+# PluginApi method, its answer as Lua holds it (tables for Python's objects, several values for
+# one with attributes). Each takes the API first, then the call's parameters as Lua passes them.
+
+
+def _lua_find(api: PluginApi, level, keys, offset=0, limit=None):
+    """C-FIND responses as tables of keyword -> text, as a find filter sees a query; no
+    cancelled (a Lua function cannot be asked between two responses)."""
+    return [identifier_keys(response) for response in api.find(level, keys, offset=offset, limit=limit)]
+
+
+def _lua_instances(api: PluginApi, study_uid, series_uid="", sop_uid=""):
+    """Instance rows as tables by field name."""
+    return [row._asdict() for row in api.instances(study_uid, series_uid, sop_uid)]
+
+
+def _lua_store(api: PluginApi, data, source=""):
+    """The status, and why when it is a failure as a second value (Lua has no int with a reason)."""
+    status = api.store(data, source)
+    return int(status), getattr(status, "reason", "") or None
+
+
+@dataclasses.dataclass(frozen=True)
+class ApiCall:
+    """A call of the plugin API: PluginApi's method of that name. The one table of them
+    (API_CALLS) is what the Lua bridge offers and what docs/plugins.md's table of the API lists,
+    row for row (a test holds the two together)."""
+    name: str
+    returns: str  # what Python gets
+    does: str  # one line
+    lua_returns: str = ""  # what Lua gets, when it differs: tables for Python's objects
+    python_only: str = ""  # why Lua has no such call: Lua has it unless this says why not
+    #: Parameters carrying bytes (for a function parameter, what the function returns): a Lua
+    #: string is handed over as hex and decoded here, as Lua strings cross as text otherwise.
+    binary: tuple = ()
+    lua: typing.Callable | None = None  # how Lua calls it, when not as Python does
+
+    def parameters(self, language: str) -> list[inspect.Parameter]:
+        """The call's parameters in one language: the method's, or its Lua adapter's."""
+        if language == "lua" and self.lua is not None:
+            return list(inspect.signature(self.lua).parameters.values())[1:]  # after the API
+        return list(inspect.signature(getattr(PluginApi, self.name)).parameters.values())[1:]  # after self
+
+    def signature(self, language: str) -> str:
+        """How a plugin writes the call: Python with its defaults, Lua with [optional] parameters
+        (a nil, or one left out, takes the default)."""
+        def written(parameter):
+            if parameter.default is inspect.Parameter.empty:
+                return parameter.name
+            if language == "lua":
+                return f"[{parameter.name}]"
+            default = parameter.default
+            shown = "..." if callable(default) else json.dumps(default) if isinstance(default, str) else repr(default)
+            return f"{parameter.name}={shown}"
+        return f"dicoogle.{self.name}({', '.join(map(written, self.parameters(language)))})"
+
+    def doc_row(self) -> str:
+        """Its row of the API table in docs/plugins.md."""
+        if self.python_only:
+            lua = f"— ({self.python_only})", "—"
+        else:
+            lua = f"`{self.signature('lua')}`", self.lua_returns or self.returns
+        return f"| `{self.signature('python')}` | {self.returns} | {lua[0]} | {lua[1]} | {self.does} |"
+
+
+API_CALLS = (
+    ApiCall("search", "`[{uri, fields}]`", "instances matching a query in the search language of `/search`, at most"
+            " `limit`; `fields` (a list) keeps only those keywords: a Lua script's memory is small"),
+    ApiCall("tags", "keyword → value, or None", "every indexed element of an instance", lua_returns="a table, or nil"),
+    ApiCall("file", "bytes, or None", "the instance's stored bytes (from a file or a storage plugin)",
+            lua_returns="a string of those bytes, or nil"),
+    ApiCall("send", "`{sent, failed}`", "C-STORE instances (one UID or a list) to an AE of `[modalities]`, over one association"),
+    ApiCall("log", "None", "writes to the log as `dicoogled.plugin.NAME`; levels debug, info, warning, error",
+            lua_returns="nothing"),
+    ApiCall("setting", "its value", "one of the plugin's settings (its default in `SETTINGS`, or the config's)"),
+    ApiCall("run_task", "the task's id", "runs `function(progress)` in the background, listed in `/index/task`;"
+            " `progress(fraction)` shows how far it is (Lua: under the budget, a fresh one)"),
+    ApiCall("worklist", "a list of entries", "the Modality Worklist's entries, as `GET /worklist` answers them"),
+    ApiCall("worklist_add", "its id", "schedules a procedure step from its DICOM JSON, as `POST /worklist` does;"
+            " `ValueError` (an error in Lua) with the reason when it cannot be taken"),
+    ApiCall("label_study", "True if new, False if it had it", "puts a label on a study (and so on its instances);"
+            " a label that is not valid raises `ValueError` (an error in Lua)", lua_returns="true or false"),
+    ApiCall("label_series", "True if new, False if it had it", "puts a label on a series, as `label_study`",
+            lua_returns="true or false"),
+    ApiCall("labelled", "a list of UIDs", "the studies (`\"STUDY\"`) or series (`\"SERIES\"`) carrying a label,"
+            " as `label:NAME` finds them"),
+    ApiCall("audited", "None", "says what the web service request being answered was, for its audit entry: an action"
+            " of the audit log, the UIDs it touched", lua_returns="nothing"),
+    ApiCall("find", "pydicom data sets (a generator)", "C-FIND matching on the index, as the DICOM service answers,"
+            " the page `offset`, `limit`; keys it cannot answer raise `ValueError` (an error in Lua)",
+            lua_returns="a list of tables, keyword → text", lua=_lua_find),
+    ApiCall("instances", "named tuples `(sop_instance_uid, sop_class_uid, transfer_syntax, uri)`",
+            "the instances of a study, series or instance", lua_returns="a list of tables with those fields",
+            lua=_lua_instances),
+    ApiCall("store", "a DICOM status, an int whose `.reason` says why a failure failed",
+            "stores Part 10 bytes through the same path as C-STORE (store filters included)",
+            lua_returns="the status, and the reason as a second value", binary=("data",), lua=_lua_store),
+    ApiCall("render", "PNG or JPEG bytes, or None", "one frame (from 0) as an image, at most `size` pixels on its"
+            " longer side, windowed at `center`/`width` if both are given", lua_returns="a string of those bytes, or nil"),
+    ApiCall("pixels", "bytes", "one frame (from 0), decoded: its pixels as Explicit VR Little Endian holds them",
+            lua_returns="a string of those bytes"),
+    ApiCall("uncompressed", "bytes", "the instance as a Part 10 file in Explicit VR Little Endian, its pixel data decoded",
+            lua_returns="a string of those bytes"),
+    ApiCall("transcoded", "bytes", "the instance as a Part 10 file in `transfer_syntax` (Explicit VR Little Endian or a"
+            " lossless one), its SOP Instance UID kept", lua_returns="a string of those bytes"),
+    ApiCall("cached", "bytes, or None", "`make()`'s bytes for an instance, made once and kept until the instance's file"
+            " changes (Lua: `make` runs inside the calling call's budget)", lua_returns="a string of those bytes, or nil",
+            binary=("make",)),
+    ApiCall("open", "a path, or a file object", "what `pydicom.dcmread` reads a stored instance from",
+            python_only="a path or a file object: Lua has no `io` and no pydicom; `dicoogle.file` gives the bytes"),
+)
 
 
 # ---- Lua: a sandbox with an instruction budget and a memory cap ----------------------------
 
 _LUA_SANDBOX = r"""
-local plugin_source, plugin_name, api, budget, time_limit, hook_interval = ...
+local plugin_source, plugin_name, api, binary, budget, time_limit, hook_interval = ...
 local sethook, create, resume = debug.sethook, coroutine.create, coroutine.resume
-local pack, unpack, clock = table.pack, table.unpack, os.time
+local pack, unpack, clock, gsub = table.pack, table.unpack, os.time, string.gsub
 
 local function copy(t) local c = {} for k, v in next, t do c[k] = v end return c end
 
@@ -6118,15 +6243,58 @@ local function plain_values(keep_functions, ...)
   return unpack(values, 1, values.n)
 end
 
--- The current call's deadline: time spent in the daemon's functions (a C-STORE to a slow peer)
--- is not the script's, so each dicoogle call moves it on by its own duration.
-local deadline = 0
+-- Bytes leave as hex: the daemon reads a Lua string as UTF-8 text, which bytes are not. The
+-- table makes gsub do it in C, one instruction whatever the length (the clock and the memory
+-- cap bound it).
+local HEX = {}
+for byte = 0, 255 do HEX[string.char(byte)] = string.format("%02x", byte) end
+local function hex(data, what)
+  if type(data) ~= "string" then error(what .. " must be a string of bytes, not " .. type(data), 0) end
+  return (gsub(data, ".", HEX))
+end
+
+-- The arguments at the positions binary names carry bytes: a string leaves as hex, and a
+-- function (cached's make) is wrapped so that what it returns does.
+local function bytes_as_hex(positions, ...)
+  local values = pack(...)
+  for position, parameter in next, positions do
+    local value = values[position]
+    if type(value) == "function" then
+      values[position] = function(...) return hex(value(...), "what " .. parameter .. " returns") end
+    elseif value ~= nil then
+      values[position] = hex(value, parameter)
+    end
+  end
+  return unpack(values, 1, values.n)
+end
+
+-- The budget of the outermost call: a script's call into the daemon may call the script back
+-- (cached's make-function) and what that runs counts against the same instructions and clock.
+local instructions, depth, deadline = 0, 0, 0
+-- Time spent in the daemon's functions (a C-STORE to a slow peer) is not the script's: the
+-- clock stops while a dicoogle call runs, and starts again while the script runs within it.
+local paused_since = 0
+
+-- A call's arguments wait here, under a number, for the daemon to read them (handed_over): the
+-- daemon is called with the number only. What it reads a Lua value through must be the main Lua
+-- thread, which lives as long as the runtime: a value it were handed in a call from the
+-- script's coroutine would keep that coroutine's address, and using it once the coroutine is
+-- collected (run_task's function, later) would read freed memory.
+local waiting, handed = {}, 0
+local function handed_over(number) return waiting[number] end
+
 local dicoogle = {}
 for name, fn in next, api do
+  local positions = binary[name] or {}
   dicoogle[name] = function(...)
-    local started = clock()
-    local results = pack(pcall(fn, plain_values(true, ...)))
-    deadline = deadline + (clock() - started)
+    local arguments = pack(bytes_as_hex(positions, plain_values(true, ...)))
+    handed = handed + 1
+    local number = handed
+    waiting[number] = arguments
+    paused_since = clock()
+    local results = pack(pcall(fn, number))
+    deadline = deadline + (clock() - paused_since)
+    waiting[number] = nil
     if not results[1] then error(results[2], 0) end
     return unpack(results, 2, results.n)
   end
@@ -6157,12 +6325,17 @@ env._G = env
 -- Run fn in a coroutine whose instruction-count hook raises an error once the budget is spent:
 -- budget instructions, or time_limit seconds for what instructions do not count (many long C
 -- calls such as string.rep). The hook then fires on every instruction, so a pcall cannot
--- swallow the error and loop on.
+-- swallow the error and loop on. Called from within a call (cached's make), fn spends what is
+-- left of the outer call's budget.
 local function limited(fn, ...)
   local args = pack(...)
   local co = create(function() return fn(unpack(args, 1, args.n)) end)
-  local instructions = 0
-  deadline = clock() + time_limit
+  if depth == 0 then
+    instructions, deadline = 0, clock() + time_limit
+  else
+    deadline = deadline + (clock() - paused_since)  -- the script runs again: its clock with it
+  end
+  depth = depth + 1
   sethook(co, function()
     instructions = instructions + hook_interval
     local spent = instructions >= budget and "instruction budget exceeded"
@@ -6173,6 +6346,8 @@ local function limited(fn, ...)
     end
   end, "", hook_interval)
   local result = pack(resume(co))
+  depth = depth - 1
+  paused_since = clock()  -- back in the daemon's function that called the script, if any
   if not result[1] then
     -- a table as the error would be read in Python: its message says so instead
     error(type(result[2]) == "table" and "an error whose value is a table" or result[2], 0)
@@ -6189,7 +6364,7 @@ end
 local chunk, problem = load(plugin_source, "=" .. plugin_name, "t", env)
 if not chunk then error(problem, 0) end
 limited(chunk)
-return env, call
+return env, call, handed_over
 """
 
 
@@ -6213,36 +6388,65 @@ def _from_lua(value):
     return value
 
 
+def _bytes_from_hex(value, name: str) -> bytes:
+    """Bytes a Lua script handed over: the sandbox sends them as hex text (see bytes_as_hex)."""
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a string of bytes")
+    return bytes.fromhex(value)
+
+
+#: The Lua scripts the current thread is inside, innermost last (see LuaPlugin._entered).
+_LUA_INSIDE: contextvars.ContextVar = contextvars.ContextVar("lua_inside", default=())
+
+
 class LuaPlugin:
     """One Lua runtime per plugin file, holding the sandboxed script's environment."""
 
     def __init__(self, plugin: Plugin, source: str, api: PluginApi):
+        self.name = plugin.name
         self.runtime = lupa_lua54.LuaRuntime(
             register_eval=False, register_builtins=False, unpack_returned_tuples=True,
             max_memory=LUA_MEMORY_LIMIT, attribute_filter=_deny_attributes,
         )
-        self.lock = threading.Lock()
-        self.api = self._api_table(api)
-        self.env, self.call = self.runtime.execute(_LUA_SANDBOX, source, plugin.name, self.api, LUA_INSTRUCTION_BUDGET,
-                                                   LUA_TIME_LIMIT, LUA_HOOK_INTERVAL)
+        # Re-entered by the thread holding it when a call of the script asks the daemon for
+        # something that calls the script back (cached's make-function; its own store filter
+        # and index hook, run by its dicoogle.store).
+        self.lock = threading.RLock()
+        calls = [call for call in API_CALLS if not call.python_only]
+        self.api = self.runtime.table_from({call.name: self._bridge(call, api) for call in calls})
+        # Where each call's bytes are, as Lua counts arguments: {store = {[1] = "data"}}
+        binary = {call.name: {position: parameter.name for position, parameter in enumerate(call.parameters("lua"), 1)
+                              if parameter.name in call.binary} for call in calls if call.binary}
+        self.env, self.call, self._handed_over = self.runtime.execute(
+            _LUA_SANDBOX, source, plugin.name, self.api, self.runtime.table_from(binary, recursive=True),
+            LUA_INSTRUCTION_BUDGET, LUA_TIME_LIMIT, LUA_HOOK_INTERVAL)
         self._rawget = self.runtime.globals()["rawget"]
         self.runtime.execute("python = nil")
 
-    def _api_table(self, api: PluginApi):
-        def wrap(function):
-            def call(*args):
-                arguments = [self._limited(a) if lupa_lua54.lua_type(a) == "function" else _from_lua(a) for a in args]
-                return self._to_lua(function(*arguments))
-            return call
-        names = ("search", "tags", "file", "send", "log", "setting", "run_task", "worklist", "worklist_add",
-                 "label_study", "label_series", "labelled")
-        calls = {name: getattr(api, name) for name in names}
-        # What Python gets as objects, Lua gets as tables: a C-FIND response as keyword -> text
-        # (as a find filter sees a query), an instance row by its field names.
-        calls["find"] = lambda level, keys, offset=0, limit=None: [
-            identifier_keys(response) for response in api.find(level, keys, offset=offset, limit=limit)]
-        calls["instances"] = lambda *uids: [row._asdict() for row in api.instances(*uids)]
-        return self.runtime.table_from({name: wrap(call) for name, call in calls.items()})
+    def _bridge(self, call: ApiCall, api: PluginApi):
+        """The Python function Lua calls for one API call: Lua's arguments, by position, become
+        the method's (or its Lua adapter's) parameters by name; a nil takes the parameter's
+        default, a function runs under the budget, bytes arrive as hex (see the sandbox)."""
+        function = functools.partial(call.lua, api) if call.lua else getattr(api, call.name)
+        parameters = [parameter.name for parameter in call.parameters("lua")]
+
+        def from_lua(name, value):
+            if lupa_lua54.lua_type(value) == "function":
+                limited = self._limited(value)
+                return (lambda *args: _bytes_from_hex(limited(*args), f"what {name} returns")) if name in call.binary else limited
+            value = _from_lua(value)
+            return _bytes_from_hex(value, name) if name in call.binary and value is not None else value
+
+        def bridged(number):
+            handed = dict(self._handed_over(number).items())  # read through the main Lua thread
+            args = [handed.get(position) for position in range(1, handed["n"] + 1)]
+            if len(args) > len(parameters):
+                raise TypeError(f"dicoogle.{call.name} takes at most {len(parameters)} arguments, not {len(args)}")
+            arguments = {name: from_lua(name, value) for name, value in zip(parameters, args)}
+            answer = function(**{name: value for name, value in arguments.items() if value is not None})
+            # Several values (store's status and reason) are several Lua values, not a table.
+            return tuple(map(self._to_lua, answer)) if isinstance(answer, tuple) else self._to_lua(answer)
+        return bridged
 
     def _to_lua(self, value):
         if isinstance(value, (dict, list, tuple)):
@@ -6260,9 +6464,25 @@ class LuaPlugin:
 
     def _limited(self, function):
         def call(*args):
-            with self.lock:
+            with self._entered():
                 return _from_lua(self.call(function, *[self._to_lua(a) for a in args]))
         return call
+
+    @contextlib.contextmanager
+    def _entered(self):
+        """This script's lock, held while it runs. A thread that is already inside another
+        script (whose dicoogle call runs this one's hook) waits LUA_NESTED_WAIT at most: holding
+        one script while waiting for another is how two threads would wait for each other forever."""
+        inside = _LUA_INSIDE.get()
+        nested = bool(inside) and self not in inside
+        if not self.lock.acquire(timeout=LUA_NESTED_WAIT if nested else -1):
+            raise PluginError(f"waited {LUA_NESTED_WAIT} s for plugin {self.name}, busy in another thread")
+        entered = _LUA_INSIDE.set(inside + (self,))
+        try:
+            yield
+        finally:
+            _LUA_INSIDE.reset(entered)
+            self.lock.release()
 
     def routes(self) -> dict:
         """The script's web service: a global table routes = {["GET /path"] = function(params) ... end}."""
