@@ -1580,7 +1580,10 @@ CREATE TABLE instances (
     UNIQUE (sop_instance_uid)
 );
 {LEVEL_INDEXES}
-CREATE TABLE metadata (rowid BIGINT PRIMARY KEY, body TSVECTOR NOT NULL);
+CREATE FUNCTION token_count(body TSVECTOR) RETURNS INTEGER LANGUAGE sql IMMUTABLE AS $$
+    SELECT coalesce(max(place), 0) FROM unnest(body) AS lexemes, unnest(lexemes.positions) AS place $$;
+CREATE TABLE metadata (rowid BIGINT PRIMARY KEY, body TSVECTOR NOT NULL,
+                       tokens INTEGER GENERATED ALWAYS AS (token_count(body)) STORED);
 CREATE INDEX metadata_body ON metadata USING gin (body);
 CREATE TABLE indexed_roots (path TEXT COLLATE "C" PRIMARY KEY, added TEXT NOT NULL);
 CREATE TABLE origin_totals (origin TEXT COLLATE "C" PRIMARY KEY, instances BIGINT NOT NULL, bytes BIGINT NOT NULL);
@@ -2184,7 +2187,7 @@ _LISTED_INSTANCE = "i.id IN (SELECT CAST(value AS BIGINT) FROM json_each(?))"
 
 def compile_search(query, text_query=lambda fts5: fts5, resolver=None) -> tuple[str, list, str | None]:
     """SQL condition over instances (aliases p, st, se, i) of a parsed query (a SearchQuery), its
-    arguments, and the text query used to rank results (None when the query has no free text).
+    arguments, and the FTS5 query used to rank results (None when the query has no free text).
     User text only ever travels as bound parameters and as quoted FTS5 strings (text_query puts
     them in the engine's form). With a resolver (an Index whose engine cannot call the search
     rules from SQL), the rules are applied first, in Python, and the condition names what matched."""
@@ -2258,7 +2261,7 @@ def compile_search(query, text_query=lambda fts5: fts5, resolver=None) -> tuple[
                 " AND search_meta_matches(json_extract(i.meta, ?), i.meta, ?, ?))")
 
     where = walk(query.tree)
-    return where, args, text_query(" OR ".join(ranked)) if ranked else None
+    return where, args, " OR ".join(ranked) if ranked else None
 
 
 def register_search_functions(connection: apsw.Connection):
@@ -2334,6 +2337,13 @@ class _SqliteEngine:
     def set_schema_version(self, connection, version: int):
         connection.execute(f"PRAGMA user_version={int(version)}")
 
+    #: Readers are the threads' own connections (an SQLite connection is cheap and serves one
+    #: thread at a time), closed when their thread ends.
+    shared_reader = None
+
+    def close(self):
+        pass
+
     def max_parameters(self, connection) -> int:
         return connection.limit(apsw.SQLITE_LIMIT_VARIABLE_NUMBER, -1)
 
@@ -2353,10 +2363,10 @@ class _SqliteEngine:
         """An FTS5 query (the form the index's code writes them in) as this engine takes it."""
         return fts5
 
-    def ranked_matches(self, scored: bool) -> str:
-        """SQL of (rank_id, score) of the instances a text query (its one ?) matches: the lower the
-        score, the better the match (FTS5's BM25), or 0 for all when not scored."""
-        return f"SELECT rowid AS rank_id, {'bm25(metadata)' if scored else '0'} AS score FROM metadata WHERE metadata MATCH ?"
+    def ranked_matches(self, reader, fts5: str, scored: bool) -> tuple[str, list]:
+        """(SQL, its arguments) of (rank_id, score) of the instances an FTS5 query matches: the
+        lower the score, the better the match (FTS5's BM25), or 0 for all when not scored."""
+        return f"SELECT rowid AS rank_id, {'bm25(metadata)' if scored else '0'} AS score FROM metadata WHERE metadata MATCH ?", [fts5]
 
     #: The search language's rules run inside SQL, as functions (register_search_functions).
     resolves_search_rules = False
@@ -2377,6 +2387,31 @@ def _postgresql_spelling(sql: str) -> str:
     for sqlite, postgresql in _POSTGRESQL_SPELLINGS:
         sql = sql.replace(sqlite, postgresql)
     return sql
+
+
+#: A lexeme of a tsvector as PostgreSQL prints it, and its positions.
+_TSVECTOR_LEXEME = re.compile(r"'((?:[^'\\]|''|\\.)*)'(?::([0-9A-D,]+))?")
+
+
+def _tsvector_positions(text: str) -> dict[str, set[int]]:
+    """token -> its positions, of a tsvector printed as text."""
+    found = {}
+    for lexeme, places in _TSVECTOR_LEXEME.findall(text):
+        token = re.sub(r"\\(.)", r"\1", lexeme.replace("''", "'"))
+        found[token] = {int(place.rstrip("ABCD")) for place in places.split(",") if place}
+    return found
+
+
+def _phrase_count(positions: dict[str, set[int]], words: list[str], prefix: bool) -> int:
+    """How many times a phrase (its last word a prefix, if prefix) occurs among positions."""
+    if not words:
+        return 0
+    def at(n):
+        if prefix and n == len(words) - 1:
+            return set().union(*(places for token, places in positions.items() if token.startswith(words[n])))
+        return positions.get(words[n], set())
+    following = [at(n) for n in range(len(words))]
+    return sum(all(start + n in following[n] for n in range(1, len(words))) for start in following[0])
 
 
 def _tsquery_lexeme(token: str) -> str:
@@ -2402,6 +2437,19 @@ class _PostgresEngine:
         connection = PostgresConnection.connect(self.url, translate=_postgresql_spelling)
         connection.engine = self
         return connection
+
+    @functools.cached_property
+    def shared_reader(self) -> "_PooledReader":
+        """The readers of every thread: a PostgreSQL connection costs a server process and
+        milliseconds to open, and associations and requests come and go on threads of their own."""
+        _, psycopg_pool = import_psycopg()
+        pool = psycopg_pool.ConnectionPool(self.url, min_size=1, max_size=POSTGRESQL_READERS,
+                                           kwargs={"autocommit": True}, open=True)
+        return _PooledReader(pool, _postgresql_spelling)
+
+    def close(self):
+        if "shared_reader" in self.__dict__:
+            self.shared_reader.pool.close()
 
     def schema_version(self, connection) -> int:
         if connection.execute("SELECT to_regclass('schema_version')").fetchone()[0] is None:
@@ -2444,12 +2492,69 @@ class _PostgresEngine:
                 parts.append(parenthesis)
         return " ".join(parts)
 
-    def ranked_matches(self, scored: bool) -> str:
-        score = "-ts_rank(m.body, q.query)" if scored else "0"
-        return (f"SELECT m.rowid AS rank_id, {score} AS score FROM metadata m, (SELECT CAST(? AS tsquery) AS query) q"
-                " WHERE m.body @@ q.query")
+    def ranked_matches(self, reader, fts5: str, scored: bool) -> tuple[str, list]:
+        """As _SqliteEngine.ranked_matches, the scores FTS5's BM25 gives (bm25_scores): the
+        same order on both engines, so that a page of free-text matches is the same page."""
+        if not scored:
+            return "SELECT rowid AS rank_id, 0 AS score FROM metadata WHERE metadata MATCH ?", [self.text_query(fts5)]
+        return ("SELECT CAST(value->>0 AS BIGINT) AS rank_id, CAST(value->>1 AS DOUBLE PRECISION) AS score"
+                " FROM json_array_elements(CAST(? AS json))", [json.dumps(self.bm25_scores(reader, fts5))])
+
+    def bm25_scores(self, reader, fts5: str) -> list[tuple[int, float]]:
+        """(rowid, score) of every match of an FTS5 query, scored as FTS5's bm25() scores them
+        (fts5_aux.c: k1 1.2, b 0.75, each phrase's IDF over the rows holding it, its frequency in
+        the row, the row's length in tokens against the average), in the same floating point
+        operations, so the scores are the same numbers."""
+        k1, b = 1.2, 0.75
+        phrases = [(phrase.replace('""', '"').split(), bool(prefix))
+                   for phrase, prefix, _, _ in _FTS5_PART.findall(fts5) if phrase or prefix]
+        rows, tokens = reader.execute("SELECT count(*), CAST(coalesce(sum(tokens), 0) AS BIGINT) FROM metadata").fetchone()
+        average_length = float(tokens) / float(rows) if rows else 1.0
+        idf = []
+        for words, prefix in phrases:
+            phrase = _fts_phrase(words, prefix)
+            hits = reader.execute("SELECT count(*) FROM metadata WHERE metadata MATCH ?", [self.text_query(phrase)]).fetchone()[0]
+            value = math.log((rows - hits + 0.5) / (hits + 0.5))
+            idf.append(value if value > 0.0 else 1e-6)
+        scores = []
+        for rowid, length, body in reader.execute("SELECT rowid, tokens, CAST(body AS TEXT) FROM metadata"
+                                                  " WHERE metadata MATCH ?", [self.text_query(fts5)]):
+            positions = _tsvector_positions(body)
+            score = 0.0
+            for (words, prefix), weight in zip(phrases, idf):
+                frequency = float(_phrase_count(positions, words, prefix))
+                score += weight * ((frequency * (k1 + 1.0)) / (frequency + k1 * (1 - b + b * float(length) / average_length)))
+            scores.append((rowid, -1.0 * score))
+        return scores
 
     resolves_search_rules = True
+
+
+#: At most this many connections read a PostgreSQL index at once.
+POSTGRESQL_READERS = 8
+
+
+class _FetchedRows(list):
+    """A statement's rows, fetched: read as a cursor is (fetchone, fetchall, iteration)."""
+
+    def fetchone(self):
+        return self[0] if self else None
+
+    def fetchall(self):
+        return list(self)
+
+
+class _PooledReader:
+    """A reader that any thread may use at once: each statement runs on a connection borrowed
+    from a pool for just that statement, its rows fetched before the connection goes back."""
+
+    def __init__(self, pool, translate):
+        self.pool, self.translate = pool, translate
+
+    def execute(self, sql: str, args=()) -> _FetchedRows:
+        with self.pool.connection() as raw:
+            cursor = PostgresConnection(raw, self.translate).execute(sql, args)
+            return _FetchedRows(cursor.fetchall() if cursor.description is not None else ())
 
 
 def _index_engine(location):
@@ -2484,7 +2589,6 @@ class Index:
         self.engine = _index_engine(location)
         self.path = self.engine.path  #: the SQLite file, None in PostgreSQL
         self._local = threading.local()
-        self._readers: list = []  # every thread's reader, closed with the index
         self._queue: "collections.deque[_WriteOp]" = collections.deque()
         self._wakeup = threading.Condition()
         self._writing = threading.Lock()  # held by whoever runs batches on the writer connection
@@ -2523,11 +2627,13 @@ class Index:
 
     @property
     def reader(self):
-        """This thread's read connection (a connection serves one thread at a time)."""
+        """What this thread reads the index through: its own connection, or the engine's shared
+        reader (one that any thread may use at once)."""
+        if self.engine.shared_reader is not None:
+            return self.engine.shared_reader
         connection = getattr(self._local, "connection", None)
-        if connection is None:
+        if connection is None:  # a connection serves one thread at a time: one per thread
             connection = self._local.connection = self.engine.connect()
-            self._readers.append(connection)
         return connection
 
     def _query(self, sql: str, args=()) -> list:
@@ -2817,7 +2923,7 @@ class Index:
         if visibility.restricted:  # part of the condition, so the count and the page are the visible ones'
             visible, visible_args = visible_study_condition(visibility)
             where, args = f"({where}) AND {visible}", [*args, *visible_args]
-        matches = self._query("SELECT count(*) FROM metadata WHERE metadata MATCH ?", [rank])[0][0] if rank else 0
+        matches = self._query("SELECT count(*) FROM metadata WHERE metadata MATCH ?", [engine.text_query(rank)])[0][0] if rank else 0
         columns = "i.id, i.path, i.meta"
         joins = ("FROM instances i JOIN series se ON se.id = i.series_ref JOIN studies st ON st.id = se.study_ref"
                  " JOIN patients p ON p.id = st.patient_ref")
@@ -2827,7 +2933,8 @@ class Index:
             # Free text alone (what a user types first): FTS5 counts and ranks its matches itself,
             # and only the page is joined to the instances: milliseconds at a million instances.
             total = matches
-            ranked = f"{engine.ranked_matches(matches <= rank_at_most)} ORDER BY score, rank_id{page}"
+            ranked, args = engine.ranked_matches(self.reader, rank, matches <= rank_at_most)
+            ranked = f"{ranked} ORDER BY score, rank_id{page}"
             sql = f"SELECT {columns} FROM ({ranked}) r JOIN instances i ON i.id = r.rank_id{joins.removeprefix('FROM instances i')} ORDER BY r.score, i.id"
         else:
             # Only the tables the condition names are joined to count (the count reads every match).
@@ -2838,9 +2945,10 @@ class Index:
             if rank and matches <= rank_at_most:
                 # The scores of the free text's matches, computed once (as a join of the full-text
                 # table, SQLite would run its MATCH again for every instance).
-                ranking = f"WITH r AS MATERIALIZED ({engine.ranked_matches(True)}) "
+                ranked, ranked_args = engine.ranked_matches(self.reader, rank, True)
+                ranking = f"WITH r AS MATERIALIZED ({ranked}) "
                 joins += " LEFT JOIN r ON r.rank_id = i.id"
-                args = [rank] + args
+                args = ranked_args + args
                 order = "r.score NULLS FIRST, i.id"  # SQLite's order of NULLs, said for PostgreSQL's sake
             sql = f"{ranking}SELECT {columns} {joins} WHERE {where} ORDER BY {order}{page}"
         return [SearchHit(row[0], row[1], json.loads(row[2])) for row in self._query(sql, args)], total
@@ -3064,9 +3172,7 @@ class Index:
         self._writer.join()
         with self._writing:  # a caller may still be committing what it queued
             self._writer_connection.close()
-        for reader in self._readers:
-            with contextlib.suppress(Exception):  # one still in use by its thread is closed by it
-                reader.close()
+        self.engine.close()
 
     # ---- write operations (run on the writer thread, inside a transaction) --------------------
 

@@ -75,6 +75,11 @@ def answers(index):
         hits, total = index.search(dicoogled.SearchQuery(text, set()), limit, offset)
         return sorted(hit.path for hit in hits), total
 
+    def ranked(text, limit=None, offset=0):
+        """Best first: FTS5's BM25 on both engines."""
+        hits, total = index.search(dicoogled.SearchQuery(text, set()), limit, offset)
+        return [hit.path for hit in hits], total
+
     return {
         "counts": index.counts(),
         "patients": find("PATIENT", PatientID="", PatientName="", NumberOfPatientRelatedInstances=""),
@@ -106,6 +111,9 @@ def answers(index):
         "not": search("knee AND NOT Modality:MR"),
         "or": search("beta OR Modality:MR"),
         "search page": search("*:*", 2, 3),
+        "ranked": ranked("knee"),
+        "ranked page": ranked("knee OR hospital OR alpha*", 3, 1),
+        "ranked with a condition": ranked('knee AND Modality:CT OR "general hospital"'),
     }
 
 
@@ -140,6 +148,9 @@ def test_both_engines_give_the_same_answers(tmp_path, postgres_url):
     assert sqlite["wildcard inside a word"] == (["/archive/4.dcm"], 1)
     assert sqlite["not"] == (["/archive/0.dcm", "/archive/1.dcm"], 2) and sqlite["or"][1] == 4
     assert len(sqlite["search page"][0]) == 2 and sqlite["search page"][1] == 7
+    # "knee" three times in 1.dcm's comments, once in 0.dcm's; 2.dcm and 6.dcm name it once, in fewer words.
+    assert sqlite["ranked"][0][0] == "/archive/1.dcm" and sqlite["ranked"][1] == 4
+    assert len(sqlite["ranked page"][0]) == 3 and sqlite["ranked page"][1] == 7
 
 
 def test_a_postgresql_index_keeps_its_schema_version_and_reopens(postgres_url):
@@ -174,3 +185,64 @@ def test_the_writer_and_readers_on_both_engines(index):
     assert removed == 3
     assert index.counts() == {"patients": 3, "studies": 3, "series": 3, "instances": 4}
     assert index.search(dicoogled.SearchQuery("knee", set()))[1] == 1  # 6.dcm, a KNEE
+
+
+def test_postgresql_scores_are_fts5s_bm25_to_the_last_bit(tmp_path, postgres_url):
+    """PostgreSQL ranks free text with FTS5's own BM25 (bm25_scores): for single words, prefixes,
+    phrases, AND and OR, every match gets the very number SQLite's bm25() gives it."""
+    sqlite, postgresql = dicoogled.Index(tmp_path / "index.sqlite"), dicoogled.Index(postgres_url)
+    try:
+        for index in (sqlite, postgresql):
+            write_instances(index)
+        for fts5 in ('"knee"', '"alpha"*', '"pain" AND "fall"', '("knee") OR ("general" AND "hospital")',
+                     '"general hospital"', '"knee" OR "beta" OR "ct"'):
+            expected = sorted(sqlite.reader.execute("SELECT rowid, bm25(metadata) FROM metadata WHERE metadata MATCH ?",
+                                                    [fts5]).fetchall())
+            assert expected and sorted(postgresql.engine.bm25_scores(postgresql.reader, fts5)) == expected, fts5
+    finally:
+        sqlite.close()
+        postgresql.close()
+
+
+def test_many_threads_read_a_postgresql_index_at_once(postgres_url):
+    """More threads than pooled reader connections, each finding and searching while the writer
+    writes: every answer is whole (all the instances written before it, as a count that only grows)."""
+    import concurrent.futures
+    index = dicoogled.Index(postgres_url)
+    try:
+        write_instances(index)
+        finder = dicoogled.Finder(index)
+        identifier = Dataset()
+        identifier.QueryRetrieveLevel = "STUDY"
+        identifier.StudyInstanceUID = ""
+
+        def read(_):
+            seen = []
+            for _ in range(10):
+                studies = len(list(finder.search(identifier)))
+                hits, total = index.search(dicoogled.SearchQuery("knee", set()))
+                # The count comes first, the page after it: a write may come between them.
+                assert total <= len(hits)
+                seen.append((studies, total))
+            return seen
+
+        def write_more():
+            for number in range(3):
+                extra = studygen.make_instance(9, number, 0, 0, size=8, ImageComments="knee")
+                buffer = io.BytesIO()
+                pydicom.dcmwrite(buffer, extra, enforce_file_format=True)
+                data = buffer.getvalue()
+                record = dicoogled.make_record(dicoogled.read_received_header(data), f"/archive/extra{number}.dcm",
+                                               "store", len(data), 0)
+                index.write(dicoogled.Index.add_instance, record)
+
+        with concurrent.futures.ThreadPoolExecutor(3 * dicoogled.POSTGRESQL_READERS) as pool:
+            writer = pool.submit(write_more)
+            answers = list(pool.map(read, range(3 * dicoogled.POSTGRESQL_READERS)))
+            writer.result()
+        for seen in answers:
+            assert all(4 <= studies <= 7 and 4 <= total <= 7 for studies, total in seen)
+            assert seen == sorted(seen)  # what one thread sees never goes back
+        assert len(list(finder.search(identifier))) == 7
+    finally:
+        index.close()
