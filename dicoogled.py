@@ -1282,8 +1282,8 @@ def save_settings(location: pathlib.Path | str, values: dict[str, dict[str, str]
 # site outgrows one machine. A PostgreSQL connection here is dressed as an apsw one: execute(sql,
 # args) with ? placeholders returns a cursor to fetch rows from, `with connection:` is one
 # transaction, changes() counts the rows the last statement touched. So the SQL that both engines
-# understand is written once; where they differ (full-text search, GLOB, an inserted row's id),
-# the caller asks which engine it has.
+# understand is written once; where they differ (the full text, a few spellings, the schema) is
+# said in one place per engine (the Index's _SqliteEngine and _PostgresEngine).
 #
 # The index is spoken to only by the Index (next section): everything else asks it by name and
 # gets named rows back, so both engines answer alike. The owner-only SQLite files of the Users
@@ -1321,27 +1321,31 @@ class PostgresConnection:
     """A psycopg connection spoken to as an apsw one (see above). It runs in autocommit mode, so a
     read never holds a transaction open; `with connection:` opens one, nested ones are savepoints."""
 
-    def __init__(self, connection):
+    def __init__(self, connection, translate=None):
         self.raw = connection
+        #: sql -> the statement sent, for SQL written in another dialect (the index's: SQLite's)
+        self.translate = translate or (lambda sql: sql)
         self._transactions: list = []
         self._last = None
 
     @classmethod
-    def connect(cls, url: str, **parameters) -> "PostgresConnection":
+    def connect(cls, url: str, translate=None, **parameters) -> "PostgresConnection":
         """A new connection; parameters are libpq's (application_name=..., connect_timeout=...)."""
         psycopg, _ = import_psycopg()
-        return cls(psycopg.connect(url, autocommit=True, **parameters))
+        return cls(psycopg.connect(url, autocommit=True, **parameters), translate)
 
     def execute(self, sql: str, args=()):
+        sql = self.translate(sql)
         # Without arguments psycopg sends the text as it is: several statements may go at once.
         self._last = self.raw.execute(_postgresql_placeholders(sql), tuple(args)) if args else self.raw.execute(sql)
         return self._last
 
     def executemany(self, sql: str, rows):
-        cursor = self.raw.cursor()
-        cursor.executemany(_postgresql_placeholders(sql), [tuple(row) for row in rows])
-        self._last = cursor
-        return cursor
+        rows = [tuple(row) for row in rows]
+        if rows:
+            self._last = self.raw.cursor()
+            self._last.executemany(_postgresql_placeholders(self.translate(sql)), rows)
+        return self._last
 
     def changes(self) -> int:
         return self._last.rowcount if self._last is not None else 0
@@ -1700,9 +1704,9 @@ FOLDED_ATTRIBUTES = ("PatientName", "ReferringPhysicianName")
 SCHEMA_VERSION = 6
 
 
-def _level_columns(level: str) -> str:
-    columns = [f"{_snake_case(k)} TEXT NOT NULL DEFAULT ''" for k in LEVEL_ATTRIBUTES[level]]
-    columns += [f"{_snake_case(k)}_folded TEXT NOT NULL DEFAULT ''" for k in FOLDED_ATTRIBUTES if k in LEVEL_ATTRIBUTES[level]]
+def _level_columns(level: str, text: str = "TEXT") -> str:
+    columns = [f"{_snake_case(k)} {text} NOT NULL DEFAULT ''" for k in LEVEL_ATTRIBUTES[level]]
+    columns += [f"{_snake_case(k)}_folded {text} NOT NULL DEFAULT ''" for k in FOLDED_ATTRIBUTES if k in LEVEL_ATTRIBUTES[level]]
     return ",\n    ".join(columns)
 
 
@@ -1807,6 +1811,17 @@ MIGRATIONS = {
        " UPDATE studies SET stable_announced = 1;" + STUDY_EVENTS,
 }
 
+#: The indexes of the level tables, in both engines' schemas.
+LEVEL_INDEXES = """CREATE INDEX patients_id ON patients(patient_id);
+CREATE INDEX patients_name ON patients(patient_name_folded);
+CREATE INDEX patients_birth_date ON patients(patient_birth_date);
+CREATE INDEX studies_patient ON studies(patient_ref);
+CREATE INDEX studies_date ON studies(study_date);
+CREATE INDEX studies_accession ON studies(accession_number);
+CREATE INDEX series_study ON series(study_ref);
+CREATE INDEX series_modality ON series(modality);
+CREATE INDEX instances_series ON instances(series_ref);"""
+
 SCHEMA = f"""
 CREATE TABLE patients (
     id INTEGER PRIMARY KEY,
@@ -1842,15 +1857,7 @@ CREATE TABLE instances (
     meta TEXT NOT NULL,
     UNIQUE (sop_instance_uid)
 );
-CREATE INDEX patients_id ON patients(patient_id);
-CREATE INDEX patients_name ON patients(patient_name_folded);
-CREATE INDEX patients_birth_date ON patients(patient_birth_date);
-CREATE INDEX studies_patient ON studies(patient_ref);
-CREATE INDEX studies_date ON studies(study_date);
-CREATE INDEX studies_accession ON studies(accession_number);
-CREATE INDEX series_study ON series(study_ref);
-CREATE INDEX series_modality ON series(modality);
-CREATE INDEX instances_series ON instances(series_ref);
+{LEVEL_INDEXES}
 -- All metadata of each instance as text "Keyword value ...", rowid = instances.id.
 CREATE VIRTUAL TABLE metadata USING fts5(
     body, content='', contentless_delete=1, tokenize='unicode61 remove_diacritics 2'
@@ -1858,6 +1865,132 @@ CREATE VIRTUAL TABLE metadata USING fts5(
 -- Folders indexed in place (index PATH, tasks), so that reindex can find them again.
 CREATE TABLE indexed_roots (path TEXT PRIMARY KEY, added TEXT NOT NULL);
 {ORIGIN_TOTALS}{WORKLIST_SCHEMA}{PROTECTED_STUDIES}{LABEL_TABLES}{STUDY_EVENTS}"""
+
+#: The same index in PostgreSQL. What differs from SQLite: identity columns for INTEGER PRIMARY
+#: KEY; text compared byte by byte (COLLATE "C"), as SQLite compares it, so ranges, ORDER BY and
+#: path prefixes agree; the full text as a tsvector of the tokens SQLite's FTS5 makes (made in
+#: Python, _fts_tokens, so both engines match the same words), in a table named as SQLite's;
+#: triggers as functions; the schema's version in a table; no foreign keys, as in the SQLite index
+#: (whose connections never turned them on): the writer keeps the references itself. And three
+#: of SQLite's functions that the index's SQL calls: glob, group_concat and datetime('now').
+POSTGRESQL_SCHEMA = f"""
+CREATE TABLE schema_version (version INTEGER NOT NULL);
+CREATE FUNCTION glob(pattern TEXT, value TEXT) RETURNS BOOLEAN LANGUAGE sql IMMUTABLE AS $$
+    SELECT value LIKE replace(replace(replace(replace(replace(replace(
+        pattern, '\\', '\\\\'), '%', '\\%'), '_', '\\_'), '[[]', '['), '*', '%'), '?', '_') $$;
+CREATE FUNCTION comma_join(TEXT, TEXT) RETURNS TEXT LANGUAGE sql IMMUTABLE STRICT AS $$ SELECT $1 || ',' || $2 $$;
+CREATE AGGREGATE group_concat(TEXT) (SFUNC = comma_join, STYPE = TEXT);
+CREATE FUNCTION datetime(moment TEXT) RETURNS TEXT LANGUAGE sql STABLE AS $$
+    SELECT to_char(CASE WHEN moment = 'now' THEN now() ELSE moment::timestamptz END AT TIME ZONE 'UTC',
+                   'YYYY-MM-DD HH24:MI:SS') $$;
+CREATE TABLE patients (
+    id BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY,
+    patient_key TEXT COLLATE "C" NOT NULL UNIQUE,
+    first_instance BIGINT,
+    {_level_columns("PATIENT", 'TEXT COLLATE "C"')}
+);
+CREATE TABLE studies (
+    id BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY,
+    patient_ref BIGINT NOT NULL,
+    first_instance BIGINT,
+    {_level_columns("STUDY", 'TEXT COLLATE "C"')},
+    last_arrival DOUBLE PRECISION NOT NULL DEFAULT 0,
+    stable_announced INTEGER NOT NULL DEFAULT 0,
+    UNIQUE (study_instance_uid)
+);
+CREATE TABLE series (
+    id BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY,
+    study_ref BIGINT NOT NULL,
+    first_instance BIGINT,
+    {_level_columns("SERIES", 'TEXT COLLATE "C"')},
+    UNIQUE (series_instance_uid)
+);
+CREATE TABLE instances (
+    id BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY,
+    series_ref BIGINT NOT NULL,
+    {_level_columns("IMAGE", 'TEXT COLLATE "C"')},
+    transfer_syntax TEXT COLLATE "C" NOT NULL DEFAULT '',
+    path TEXT COLLATE "C" NOT NULL UNIQUE,
+    origin TEXT COLLATE "C" NOT NULL,
+    size BIGINT NOT NULL,
+    mtime_ns BIGINT NOT NULL,
+    meta TEXT NOT NULL,
+    UNIQUE (sop_instance_uid)
+);
+{LEVEL_INDEXES}
+CREATE FUNCTION token_count(body TSVECTOR) RETURNS INTEGER LANGUAGE sql IMMUTABLE AS $$
+    SELECT coalesce(max(place), 0) FROM unnest(body) AS lexemes, unnest(lexemes.positions) AS place $$;
+CREATE TABLE metadata (rowid BIGINT PRIMARY KEY, body TSVECTOR NOT NULL,
+                       tokens INTEGER GENERATED ALWAYS AS (token_count(body)) STORED);
+CREATE INDEX metadata_body ON metadata USING gin (body);
+CREATE TABLE indexed_roots (path TEXT COLLATE "C" PRIMARY KEY, added TEXT NOT NULL);
+CREATE TABLE origin_totals (origin TEXT COLLATE "C" PRIMARY KEY, instances BIGINT NOT NULL, bytes BIGINT NOT NULL);
+CREATE FUNCTION count_origin() RETURNS TRIGGER LANGUAGE plpgsql AS $$
+BEGIN
+    IF TG_OP IN ('UPDATE', 'DELETE') THEN
+        UPDATE origin_totals SET instances = instances - 1, bytes = bytes - OLD.size WHERE origin = OLD.origin;
+    END IF;
+    IF TG_OP IN ('INSERT', 'UPDATE') THEN
+        INSERT INTO origin_totals VALUES (NEW.origin, 1, NEW.size) ON CONFLICT (origin)
+        DO UPDATE SET instances = origin_totals.instances + 1, bytes = origin_totals.bytes + NEW.size;
+    END IF;
+    RETURN NULL;
+END $$;
+CREATE TRIGGER instance_counted AFTER INSERT OR DELETE ON instances FOR EACH ROW EXECUTE FUNCTION count_origin();
+CREATE TRIGGER instance_recounted AFTER UPDATE OF origin, size ON instances FOR EACH ROW EXECUTE FUNCTION count_origin();
+CREATE TABLE worklist_entries (
+    id BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY,
+    state TEXT COLLATE "C" NOT NULL DEFAULT 'SCHEDULED',
+    study_instance_uid TEXT COLLATE "C" NOT NULL,
+    accession_number TEXT COLLATE "C" NOT NULL DEFAULT '',
+    scheduled_procedure_step_id TEXT COLLATE "C" NOT NULL DEFAULT '',
+    dataset TEXT NOT NULL,
+    created TEXT NOT NULL,
+    updated TEXT NOT NULL
+);
+CREATE INDEX worklist_study ON worklist_entries(study_instance_uid);
+CREATE TABLE performed_procedure_steps (
+    sop_instance_uid TEXT COLLATE "C" PRIMARY KEY,
+    worklist_ref BIGINT,
+    status TEXT NOT NULL,
+    dataset TEXT NOT NULL,
+    created TEXT NOT NULL,
+    updated TEXT NOT NULL
+);
+CREATE INDEX performed_steps_entry ON performed_procedure_steps(worklist_ref);
+CREATE TABLE protected_studies (study_instance_uid TEXT COLLATE "C" PRIMARY KEY, since TEXT NOT NULL);
+CREATE TABLE study_labels (
+    study_instance_uid TEXT COLLATE "C" NOT NULL, label TEXT COLLATE "C" NOT NULL, added TEXT NOT NULL,
+    PRIMARY KEY (study_instance_uid, label)
+);
+CREATE INDEX study_labels_label ON study_labels(label);
+CREATE TABLE series_labels (
+    series_instance_uid TEXT COLLATE "C" NOT NULL, label TEXT COLLATE "C" NOT NULL, added TEXT NOT NULL,
+    PRIMARY KEY (series_instance_uid, label)
+);
+CREATE INDEX series_labels_label ON series_labels(label);
+CREATE INDEX studies_unannounced ON studies(last_arrival) WHERE stable_announced = 0;
+CREATE TABLE webhook_deliveries (
+    id BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY,
+    delivery_id TEXT COLLATE "C" NOT NULL UNIQUE,
+    hook TEXT COLLATE "C" NOT NULL,
+    event TEXT COLLATE "C" NOT NULL,
+    body TEXT NOT NULL,
+    created DOUBLE PRECISION NOT NULL,
+    status TEXT COLLATE "C" NOT NULL DEFAULT 'pending',
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt DOUBLE PRECISION NOT NULL,
+    last_error TEXT NOT NULL DEFAULT '',
+    finished DOUBLE PRECISION
+);
+CREATE INDEX webhook_deliveries_due ON webhook_deliveries(next_attempt) WHERE status = 'pending';
+INSERT INTO schema_version VALUES ({SCHEMA_VERSION});
+"""
+
+#: version -> the SQL that brings a PostgreSQL index of that version to the next one (its schema
+#: began at version 6: a change to SCHEMA is made here too).
+POSTGRESQL_MIGRATIONS: dict[int, str] = {}
+
 
 
 @dataclasses.dataclass
@@ -2162,7 +2295,7 @@ def visible_study_condition(visibility: Visibility) -> tuple[str, tuple]:
     """(SQL condition, its arguments) that the study aliased st is visible; "1" for everything.
     Lists travel as JSON arrays (json_each), however many studies a share names."""
     if visibility.everything:
-        return "1", ()
+        return "TRUE", ()
     labels, uids = json.dumps(sorted(visibility.labels)), json.dumps(sorted(visibility.study_uids))
     return ("(st.study_instance_uid IN (SELECT value FROM json_each(?))"
             " OR st.study_instance_uid IN (SELECT study_instance_uid FROM study_labels"
@@ -2240,17 +2373,18 @@ def _balanced_sql(conditions: list[str], operator: str) -> str:
 
 
 def _any_of(expression: str, operator: str, values: list[str], args: list) -> str:
-    """SQL true when `expression operator value` holds for one of values (operator = or GLOB).
+    """SQL true when `expression = value`, or with operator "glob" `glob(value, expression)`
+    (SQLite's GLOB, which the PostgreSQL schema defines too), holds for one of values.
     A list travels as one JSON array (json_each), never as an OR of terms or a list of
     parameters: SQLite allows expressions only 1000 deep and 32766 parameters, and C-FIND
     lists of UIDs or names can be longer."""
     if len(values) == 1:
         args.append(values[0])
-        return f"{expression} {operator} ?"
+        return f"{expression} = ?" if operator == "=" else f"glob(?, {expression})"
     args.append(json.dumps(values))
     if operator == "=":
         return f"{expression} IN (SELECT value FROM json_each(?))"
-    return f"EXISTS (SELECT 1 FROM json_each(?) WHERE {expression} {operator} value)"
+    return f"EXISTS (SELECT 1 FROM json_each(?) WHERE glob(value, {expression}))"
 
 
 def _glob_escape(text: str) -> str:
@@ -2280,9 +2414,12 @@ COMPUTED_ATTRIBUTES = {
     "NumberOfPatientRelatedInstances": ("PATIENT", "SELECT count(*) FROM instances i2 JOIN series se2 ON se2.id = i2.series_ref JOIN studies st2 ON st2.id = se2.study_ref WHERE st2.patient_ref = p.id"),
     "NumberOfStudyRelatedSeries": ("STUDY", "SELECT count(*) FROM series WHERE study_ref = st.id"),
     "NumberOfStudyRelatedInstances": ("STUDY", "SELECT count(*) FROM instances i2 JOIN series se2 ON se2.id = i2.series_ref WHERE se2.study_ref = st.id"),
-    # group_concat(DISTINCT) only joins with ','; CS and UI values never hold one, so make it DICOM's '\'.
-    "ModalitiesInStudy": ("STUDY", "SELECT replace(group_concat(DISTINCT modality), ',', '\\') FROM series WHERE study_ref = st.id AND modality != ''"),
-    "SOPClassesInStudy": ("STUDY", "SELECT replace(group_concat(DISTINCT i2.sop_class_uid), ',', '\\') FROM instances i2 JOIN series se2 ON se2.id = i2.series_ref WHERE se2.study_ref = st.id"),
+    # group_concat joins with ','; CS and UI values never hold one, so make it DICOM's '\'. Sorted,
+    # so that both engines list them alike.
+    "ModalitiesInStudy": ("STUDY", "SELECT replace(group_concat(v), ',', '\\') FROM (SELECT DISTINCT modality AS v FROM series"
+                                   " WHERE study_ref = st.id AND modality != '' ORDER BY v) AS listed"),
+    "SOPClassesInStudy": ("STUDY", "SELECT replace(group_concat(v), ',', '\\') FROM (SELECT DISTINCT i2.sop_class_uid AS v FROM instances i2"
+                                   " JOIN series se2 ON se2.id = i2.series_ref WHERE se2.study_ref = st.id ORDER BY v) AS listed"),
     "NumberOfSeriesRelatedInstances": ("SERIES", "SELECT count(*) FROM instances WHERE series_ref = se.id"),
 }
 
@@ -2336,7 +2473,7 @@ def _column_condition(expression: str, key, args: list) -> str:
     exact = [c for c, pattern in zip(candidates, is_pattern) if not pattern]
     patterns = [_glob_escape(c) for c, pattern in zip(candidates, is_pattern) if pattern]
     alternatives = ([_any_of(expression, "=", exact, args)] if exact else []) + \
-                   ([_any_of(expression, "GLOB", patterns, args)] if patterns else [])
+                   ([_any_of(expression, "glob", patterns, args)] if patterns else [])
     return "(" + " OR ".join(alternatives) + ")"
 
 
@@ -2355,6 +2492,10 @@ def _fts_prefilter(key) -> str:
     return _fts_phrase(tokens, prefix=bool(open_ended))
 
 
+#: LIMIT for no limit: both engines take the largest integer (PostgreSQL refuses SQLite's -1).
+NO_LIMIT = 2 ** 63 - 1
+
+
 class FoundEntity(typing.NamedTuple):
     """A patient, study, series or instance that Index.find matched."""
     id: int  #: its row at its level
@@ -2371,17 +2512,23 @@ SEARCH_COLUMNS["uri"] = "i.path"
 
 #: The condition of label:PATTERN: the instance's study or series carries a label matching the
 #: pattern (GLOB: a pattern holds no '[', so only * and ? are wildcards).
-LABEL_CONDITION = ("(st.study_instance_uid IN (SELECT study_instance_uid FROM study_labels WHERE label GLOB ?)"
-                   " OR se.series_instance_uid IN (SELECT series_instance_uid FROM series_labels WHERE label GLOB ?))")
+LABEL_CONDITION = ("(st.study_instance_uid IN (SELECT study_instance_uid FROM study_labels WHERE glob(?, label))"
+                   " OR se.series_instance_uid IN (SELECT series_instance_uid FROM series_labels WHERE glob(?, label)))")
 
 #: The condition compile_search makes of free text, the whole of it for a query of free text alone.
 FREE_TEXT_CONDITION = "i.id IN (SELECT rowid FROM metadata WHERE metadata MATCH ?)"
 
 
-def compile_search(query) -> tuple[str, list, str | None]:
+#: The condition that an instance is one of a JSON list of ids (rules resolved in Python).
+_LISTED_INSTANCE = "i.id IN (SELECT CAST(value AS BIGINT) FROM json_each(?))"
+
+
+def compile_search(query, text_query=lambda fts5: fts5, resolver=None) -> tuple[str, list, str | None]:
     """SQL condition over instances (aliases p, st, se, i) of a parsed query (a SearchQuery), its
-    arguments, and the FTS5 query used to rank results (None when the query has no free text). User text only ever
-    travels as bound parameters and as quoted FTS5 strings."""
+    arguments, and the FTS5 query used to rank results (None when the query has no free text).
+    User text only ever travels as bound parameters and as quoted FTS5 strings (text_query puts
+    them in the engine's form). With a resolver (an Index whose engine cannot call the search
+    rules from SQL), the rules are applied first, in Python, and the condition names what matched."""
     args: list = []
     ranked: list[str] = []
 
@@ -2399,7 +2546,7 @@ def compile_search(query) -> tuple[str, list, str | None]:
     def walk(node, positive=True) -> str:
         kind = node[0]
         if kind == "all":
-            return "1"
+            return "TRUE"
         if kind in ("and", "or"):
             return _balanced_sql([walk(child, positive) for child in node[1]], kind.upper())
         if kind == "not":
@@ -2409,14 +2556,17 @@ def compile_search(query) -> tuple[str, list, str | None]:
             return LABEL_CONDITION
         if kind == "text":
             if not _fts_tokens(node[1]):
-                return "0"  # punctuation alone is no word: it matches nothing
+                return "FALSE"  # punctuation alone is no word: it matches nothing
             fts = text_fts(node[1], node[2])
             if fts is None:
+                if resolver is not None:
+                    args.append(json.dumps(resolver._instances_with_word(json.dumps(["match", node[1]]))))
+                    return _LISTED_INSTANCE
                 args.append(json.dumps(["match", node[1]]))
                 return "search_text_matches(i.meta, ?)"
             if positive:
                 ranked.append(f"({fts})")
-            args.append(fts)
+            args.append(text_query(fts))
             return FREE_TEXT_CONDITION
         # ("field", keyword, value)
         keyword, value = node[1], node[2]
@@ -2425,7 +2575,10 @@ def compile_search(query) -> tuple[str, list, str | None]:
             # A UID column: equality, or GLOB for a prefix, both served by the column's index.
             wildcard = "*" in value[1] or "?" in value[1]
             args.append(_glob_escape(value[1]) if wildcard else value[1])
-            return f"{SEARCH_COLUMNS[keyword]} {'GLOB' if wildcard else '='} ?"
+            return f"glob(?, {SEARCH_COLUMNS[keyword]})" if wildcard else f"{SEARCH_COLUMNS[keyword]} = ?"
+        if keyword in SEARCH_COLUMNS and resolver is not None:
+            args.append(json.dumps(resolver._values_matching(SEARCH_COLUMNS[keyword], spec)))
+            return f"{SEARCH_COLUMNS[keyword]} IN (SELECT value FROM json_each(?))"
         if keyword in SEARCH_COLUMNS:
             args.append(spec)
             return f"search_value_matches(?, {SEARCH_COLUMNS[keyword]})"
@@ -2437,8 +2590,11 @@ def compile_search(query) -> tuple[str, list, str | None]:
         # Before a wildcard the last word is only a prefix: al* must find alpha.
         prefilter = " AND ".join([_fts_phrase([w]) for w in _fts_tokens(path[-1])]
                                  + [_fts_phrase([w], prefix=wildcard and n == len(words) - 1) for n, w in enumerate(words)])
+        if resolver is not None:
+            args.append(json.dumps(resolver._instances_matching_meta(text_query(prefilter), spec, path)))
+            return _LISTED_INSTANCE
         top_level = f'$."{path[0]}"' if len(path) == 1 else "$.__none__"
-        args.extend([prefilter, top_level, spec, json.dumps(path)])
+        args.extend([text_query(prefilter), top_level, spec, json.dumps(path)])
         return ("(i.id IN (SELECT rowid FROM metadata WHERE metadata MATCH ?)"
                 " AND search_meta_matches(json_extract(i.meta, ?), i.meta, ?, ?))")
 
@@ -2485,6 +2641,281 @@ class SearchHit(typing.NamedTuple):
     meta: dict  #: every indexed element
 
 
+# ---- the two engines: where their SQL differs, and nowhere else ----------------------------
+
+class _SqliteConnection(apsw.Connection):
+    """An apsw connection to an SQLite index, which knows its engine (see Index.engine)."""
+    engine: "_SqliteEngine"
+
+
+class _SqliteEngine:
+    """The index in an SQLite file (apsw), the default: the dialect the index's SQL is written in."""
+
+    name = "sqlite"
+    errors = (apsw.Error,)
+
+    def __init__(self, path):
+        self.path = pathlib.Path(path)
+        self.location = str(self.path)
+
+    def connect(self) -> _SqliteConnection:
+        connection = _SqliteConnection(str(self.path))
+        connection.engine = self
+        connection.setbusytimeout(10_000)
+        # One PRAGMA per call: apsw runs a string of statements lazily and stops at the first that
+        # returns a row, as journal_mode does, so whatever came after it in one string never ran.
+        connection.pragma("journal_mode", "wal")
+        # Commits are on disk when they return; commit_to_disk relaxes this for recoverable writes.
+        connection.pragma("synchronous", "full")
+        # Foreign keys stay unenforced (SQLite's default), as they always were: add_instance writes
+        # an instance before its series exists and links the two after; Index keeps references right.
+        register_search_functions(connection)
+        return connection
+
+    @staticmethod
+    def commit_to_disk(connection, on_disk: bool):
+        """Whether the next commits sync the WAL (see Index.write: recoverable writes need not)."""
+        connection.pragma("synchronous", "full" if on_disk else "normal")
+
+    def schema_version(self, connection) -> int:
+        """0 for an empty database."""
+        return connection.execute("PRAGMA user_version").fetchone()[0]
+
+    schema, migrations = SCHEMA, MIGRATIONS
+
+    def set_schema_version(self, connection, version: int):
+        connection.execute(f"PRAGMA user_version={int(version)}")
+
+    #: Readers are the threads' own connections (an SQLite connection is cheap and serves one
+    #: thread at a time), closed when their thread ends.
+    shared_reader = None
+
+    def close(self):
+        pass
+
+    def max_parameters(self, connection) -> int:
+        return connection.limit(apsw.SQLITE_LIMIT_VARIABLE_NUMBER, -1)
+
+    def roll_back_failed(self, connection):
+        """End the transaction a failed batch left open (SQLite may leave a failed commit's)."""
+        if not connection.getautocommit():
+            with contextlib.suppress(apsw.Error):
+                connection.execute("ROLLBACK")
+
+    @staticmethod
+    def full_text_document(text: str):
+        """What the metadata table keeps of an instance's text: FTS5 tokenizes it itself."""
+        return text
+
+    @staticmethod
+    def text_query(fts5: str) -> str:
+        """An FTS5 query (the form the index's code writes them in) as this engine takes it."""
+        return fts5
+
+    def ranked_matches(self, reader, fts5: str, scored: bool) -> tuple[str, list]:
+        """(SQL, its arguments) of (rank_id, score) of the instances an FTS5 query matches: the
+        lower the score, the better the match (FTS5's BM25), or 0 for all when not scored."""
+        return f"SELECT rowid AS rank_id, {'bm25(metadata)' if scored else '0'} AS score FROM metadata WHERE metadata MATCH ?", [fts5]
+
+    #: The search language's rules run inside SQL, as functions (register_search_functions).
+    resolves_search_rules = False
+
+
+#: SQLite's spellings in the index's SQL -> PostgreSQL's (glob, group_concat and datetime are
+#: functions of the PostgreSQL schema instead).
+_POSTGRESQL_SPELLINGS = (("metadata MATCH ?", "body @@ CAST(? AS tsquery)"),
+                         ("json_each(?)", "json_array_elements_text(CAST(? AS json))"))
+
+#: A part of an FTS5 query as the index writes them: a quoted phrase (its last token a prefix
+#: with *), AND, OR, a parenthesis.
+_FTS5_PART = re.compile(r'"((?:[^"]|"")*)"(\*?)|\b(AND|OR)\b|([()])|\s+')
+
+
+@functools.lru_cache(maxsize=4096)
+def _postgresql_spelling(sql: str) -> str:
+    for sqlite, postgresql in _POSTGRESQL_SPELLINGS:
+        sql = sql.replace(sqlite, postgresql)
+    return sql
+
+
+#: A lexeme of a tsvector as PostgreSQL prints it, and its positions.
+_TSVECTOR_LEXEME = re.compile(r"'((?:[^'\\]|''|\\.)*)'(?::([0-9A-D,]+))?")
+
+
+def _tsvector_positions(text: str) -> dict[str, set[int]]:
+    """token -> its positions, of a tsvector printed as text."""
+    found = {}
+    for lexeme, places in _TSVECTOR_LEXEME.findall(text):
+        token = re.sub(r"\\(.)", r"\1", lexeme.replace("''", "'"))
+        found[token] = {int(place.rstrip("ABCD")) for place in places.split(",") if place}
+    return found
+
+
+def _phrase_count(positions: dict[str, set[int]], words: list[str], prefix: bool) -> int:
+    """How many times a phrase (its last word a prefix, if prefix) occurs among positions."""
+    if not words:
+        return 0
+    def at(n):
+        if prefix and n == len(words) - 1:
+            return set().union(*(places for token, places in positions.items() if token.startswith(words[n])))
+        return positions.get(words[n], set())
+    following = [at(n) for n in range(len(words))]
+    return sum(all(start + n in following[n] for n in range(1, len(words))) for start in following[0])
+
+
+def _tsquery_lexeme(token: str) -> str:
+    return "'" + token.replace("\\", "\\\\").replace("'", "''") + "'"
+
+
+class _PostgresEngine:
+    """The index in a PostgreSQL database (a postgresql:// URL): the same tables, the same SQL
+    but for _POSTGRESQL_SPELLINGS, the full text as tsvectors of FTS5's own tokens, and the search
+    language's rules run in Python on what they apply to (Index._resolve_search_rules), since
+    PostgreSQL cannot call into this process."""
+
+    name = "postgresql"
+
+    def __init__(self, url: str):
+        psycopg, _ = import_psycopg()
+        self.errors = (psycopg.Error,)
+        self.path = None  # no file: indexed folders are remembered in the database alone
+        self.url = url
+        self.location = re.sub(r"//[^@/]*@", "//", url)  # what logs and errors name: without a password
+
+    def connect(self) -> PostgresConnection:
+        connection = PostgresConnection.connect(self.url, translate=_postgresql_spelling)
+        connection.engine = self
+        return connection
+
+    @functools.cached_property
+    def shared_reader(self) -> "_PooledReader":
+        """The readers of every thread: a PostgreSQL connection costs a server process and
+        milliseconds to open, and associations and requests come and go on threads of their own."""
+        _, psycopg_pool = import_psycopg()
+        pool = psycopg_pool.ConnectionPool(self.url, min_size=1, max_size=POSTGRESQL_READERS,
+                                           kwargs={"autocommit": True}, open=True)
+        return _PooledReader(pool, _postgresql_spelling)
+
+    def close(self):
+        if "shared_reader" in self.__dict__:
+            self.shared_reader.pool.close()
+
+    def schema_version(self, connection) -> int:
+        if connection.execute("SELECT to_regclass('schema_version')").fetchone()[0] is None:
+            return 0
+        return connection.execute("SELECT version FROM schema_version").fetchone()[0]
+
+    schema, migrations = POSTGRESQL_SCHEMA, POSTGRESQL_MIGRATIONS
+
+    def set_schema_version(self, connection, version: int):
+        connection.execute("UPDATE schema_version SET version = ?", (version,))
+
+    def max_parameters(self, connection) -> int:
+        return 65_535  # the protocol's limit
+
+    @staticmethod
+    def commit_to_disk(connection, on_disk: bool):
+        """Every commit is on disk (the server's default): a PostgreSQL server syncs its log for
+        many nodes at once, and its crash is no node's start, whose reconciliation would redo them."""
+
+    def roll_back_failed(self, connection):
+        """Nothing to do: a failed transaction was rolled back when its block was left."""
+
+    @staticmethod
+    def full_text_document(text: str) -> str:
+        """The tsvector (as text) of the tokens FTS5 makes of text, each with its positions, so a
+        phrase matches as in FTS5 (PostgreSQL keeps positions up to 16,383)."""
+        positions: dict[str, list[str]] = {}
+        for position, token in enumerate(_fts_tokens(text), start=1):
+            positions.setdefault(token, []).append(str(min(position, 16_383)))
+        return " ".join(f"{_tsquery_lexeme(token)}:{','.join(places)}" for token, places in positions.items())
+
+    @staticmethod
+    def text_query(fts5: str) -> str:
+        """An FTS5 query (phrases, prefixes, AND, OR, parentheses) as a tsquery: a phrase's tokens
+        follow each other (<->), a prefix ends in :*."""
+        parts = []
+        for match in _FTS5_PART.finditer(fts5):
+            phrase, prefix, operator, parenthesis = match.groups()
+            if phrase is not None:
+                tokens = [_tsquery_lexeme(token) for token in phrase.replace('""', '"').split()] or ["''"]
+                parts.append("(" + " <-> ".join(tokens) + (":*" if prefix else "") + ")")
+            elif operator:
+                parts.append("&" if operator == "AND" else "|")
+            elif parenthesis:
+                parts.append(parenthesis)
+        return " ".join(parts)
+
+    def ranked_matches(self, reader, fts5: str, scored: bool) -> tuple[str, list]:
+        """As _SqliteEngine.ranked_matches, the scores FTS5's BM25 gives (bm25_scores): the
+        same order on both engines, so that a page of free-text matches is the same page."""
+        if not scored:
+            return "SELECT rowid AS rank_id, 0 AS score FROM metadata WHERE metadata MATCH ?", [self.text_query(fts5)]
+        return ("SELECT CAST(value->>0 AS BIGINT) AS rank_id, CAST(value->>1 AS DOUBLE PRECISION) AS score"
+                " FROM json_array_elements(CAST(? AS json))", [json.dumps(self.bm25_scores(reader, fts5))])
+
+    def bm25_scores(self, reader, fts5: str) -> list[tuple[int, float]]:
+        """(rowid, score) of every match of an FTS5 query, scored as FTS5's bm25() scores them
+        (fts5_aux.c: k1 1.2, b 0.75, each phrase's IDF over the rows holding it, its frequency in
+        the row, the row's length in tokens against the average), in the same floating point
+        operations, so the scores are the same numbers."""
+        k1, b = 1.2, 0.75
+        phrases = [(phrase.replace('""', '"').split(), bool(prefix))
+                   for phrase, prefix, _, _ in _FTS5_PART.findall(fts5) if phrase or prefix]
+        rows, tokens = reader.execute("SELECT count(*), CAST(coalesce(sum(tokens), 0) AS BIGINT) FROM metadata").fetchone()
+        average_length = float(tokens) / float(rows) if rows else 1.0
+        idf = []
+        for words, prefix in phrases:
+            phrase = _fts_phrase(words, prefix)
+            hits = reader.execute("SELECT count(*) FROM metadata WHERE metadata MATCH ?", [self.text_query(phrase)]).fetchone()[0]
+            value = math.log((rows - hits + 0.5) / (hits + 0.5))
+            idf.append(value if value > 0.0 else 1e-6)
+        scores = []
+        for rowid, length, body in reader.execute("SELECT rowid, tokens, CAST(body AS TEXT) FROM metadata"
+                                                  " WHERE metadata MATCH ?", [self.text_query(fts5)]):
+            positions = _tsvector_positions(body)
+            score = 0.0
+            for (words, prefix), weight in zip(phrases, idf):
+                frequency = float(_phrase_count(positions, words, prefix))
+                score += weight * ((frequency * (k1 + 1.0)) / (frequency + k1 * (1 - b + b * float(length) / average_length)))
+            scores.append((rowid, -1.0 * score))
+        return scores
+
+    resolves_search_rules = True
+
+
+#: At most this many connections read a PostgreSQL index at once.
+POSTGRESQL_READERS = 8
+
+
+class _FetchedRows(list):
+    """A statement's rows, fetched: read as a cursor is (fetchone, fetchall, iteration)."""
+
+    def fetchone(self):
+        return self[0] if self else None
+
+    def fetchall(self):
+        return list(self)
+
+
+class _PooledReader:
+    """A reader that any thread may use at once: each statement runs on a connection borrowed
+    from a pool for just that statement, its rows fetched before the connection goes back."""
+
+    def __init__(self, pool, translate):
+        self.pool, self.translate = pool, translate
+
+    def execute(self, sql: str, args=()) -> _FetchedRows:
+        with self.pool.connection() as raw:
+            cursor = PostgresConnection(raw, self.translate).execute(sql, args)
+            return _FetchedRows(cursor.fetchall() if cursor.description is not None else ())
+
+
+def _index_engine(location):
+    """The engine of an index at a location: a postgresql:// URL, or an SQLite file's path."""
+    return _PostgresEngine(location) if is_postgresql_url(location) else _SqliteEngine(location)
+
+
 class _WriteOp:
     __slots__ = ("function", "args", "recoverable", "future")
 
@@ -2494,7 +2925,8 @@ class _WriteOp:
 
 
 class Index:
-    """The SQLite index: one writer connection that batches transactions, one reader per thread.
+    """The index, in an SQLite file or a PostgreSQL database: one writer connection that batches
+    transactions, one reader per thread. Nothing else speaks SQL to it.
 
     Writes are queued and committed in groups (group commit), so several associations storing
     at once share transactions; each caller waits for its own commit before acknowledging. The
@@ -2505,62 +2937,58 @@ class Index:
 
     BATCH = 256
 
-    def __init__(self, path: pathlib.Path):
-        self.path = pathlib.Path(path)
+    def __init__(self, location):
+        """Open (creating or upgrading) the index at location: an SQLite file's path, or a
+        postgresql:// URL."""
+        #: Where the index is and how it is spoken to (_SqliteEngine, _PostgresEngine).
+        self.engine = _index_engine(location)
+        self.path = self.engine.path  #: the SQLite file, None in PostgreSQL
         self._local = threading.local()
         self._queue: "collections.deque[_WriteOp]" = collections.deque()
         self._wakeup = threading.Condition()
         self._writing = threading.Lock()  # held by whoever runs batches on the writer connection
         self._closed = False
         try:
-            self._writer_connection = self._connect()
+            self._writer_connection = self.engine.connect()
             self._migrate(self._writer_connection)
-        except apsw.Error as error:
-            raise RuntimeError(f"cannot open the index {self.path} ({error}): 'dicoogled reindex' rebuilds it from the files") from None
+        except self.engine.errors as error:
+            raise RuntimeError(f"cannot open the index {self.engine.location} ({error}):"
+                               " 'dicoogled reindex' rebuilds it from the files") from None
         self._writer = start_thread("index-writer", self._write_loop)
 
-    def _connect(self) -> apsw.Connection:
-        connection = apsw.Connection(str(self.path))
-        connection.setbusytimeout(10_000)
-        # One PRAGMA per call: apsw runs a string of statements lazily and stops at the first that
-        # returns a row, as journal_mode does, so whatever came after it in one string never ran.
-        connection.pragma("journal_mode", "wal")
-        # Commits are on disk when they return; _run_batch relaxes this for recoverable writes.
-        connection.pragma("synchronous", "full")
-        # Foreign keys stay unenforced (SQLite's default), as they always were: add_instance writes
-        # an instance before its series exists and links the two after; Index keeps references right.
-        register_search_functions(connection)
-        return connection
-
     def _migrate(self, connection):
-        version = connection.execute("PRAGMA user_version").fetchone()[0]
+        engine = self.engine
+        version = engine.schema_version(connection)
         if version == SCHEMA_VERSION:
             return
         if version == 0:
             with connection:
-                connection.execute(SCHEMA)
-                connection.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+                connection.execute(engine.schema)
+                engine.set_schema_version(connection, SCHEMA_VERSION)
             return
-        if version > SCHEMA_VERSION or any(v not in MIGRATIONS for v in range(version, SCHEMA_VERSION)):
+        if version > SCHEMA_VERSION or any(v not in engine.migrations for v in range(version, SCHEMA_VERSION)):
             raise RuntimeError(
-                f"index {self.path} has schema version {version}, this dicoogled knows {SCHEMA_VERSION}: "
+                f"index {engine.location} has schema version {version}, this dicoogled knows {SCHEMA_VERSION}: "
                 "run 'dicoogled reindex' to rebuild it"
             )
         logging.getLogger("dicoogled.index").info("upgrading the index %s from schema version %d to %d",
-                                                  self.path, version, SCHEMA_VERSION)
+                                                  engine.location, version, SCHEMA_VERSION)
         with connection:  # all steps or none
             for step in range(version, SCHEMA_VERSION):
-                connection.execute(MIGRATIONS[step])
-            connection.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+                connection.execute(engine.migrations[step])
+            engine.set_schema_version(connection, SCHEMA_VERSION)
 
     # ---- readers -----------------------------------------------------------------------------
 
     @property
-    def reader(self) -> apsw.Connection:
-        """This thread's read connection (apsw connections serve one thread at a time)."""
+    def reader(self):
+        """What this thread reads the index through: its own connection, or the engine's shared
+        reader (one that any thread may use at once)."""
+        if self.engine.shared_reader is not None:
+            return self.engine.shared_reader
         connection = getattr(self._local, "connection", None)
-        if connection is None:
-            connection = self._local.connection = self._connect()
+        if connection is None:  # a connection serves one thread at a time: one per thread
+            connection = self._local.connection = self.engine.connect()
         return connection
 
     def _query(self, sql: str, args=()) -> list:
@@ -2568,12 +2996,12 @@ class Index:
 
     def schema_version(self) -> int:
         """The version of the index's schema (SCHEMA_VERSION once opened: opening migrates it)."""
-        return self._query("PRAGMA user_version")[0][0]
+        return self.engine.schema_version(self.reader)
 
     def counts(self) -> dict:
         row = self._query(
             "SELECT (SELECT count(*) FROM patients), (SELECT count(*) FROM studies),"
-            " (SELECT count(*) FROM series), (SELECT coalesce(sum(instances), 0) FROM origin_totals)"
+            " (SELECT count(*) FROM series), (SELECT CAST(coalesce(sum(instances), 0) AS BIGINT) FROM origin_totals)"
         )[0]
         return dict(zip(("patients", "studies", "series", "instances"), row))
 
@@ -2584,7 +3012,7 @@ class Index:
     def received_totals(self) -> tuple[int, int]:
         """(instances, bytes) of the received objects the archive holds: what quotas limit."""
         marks = ", ".join("?" * len(RECEIVED_ORIGINS))
-        return tuple(self._query(f"SELECT coalesce(sum(instances), 0), coalesce(sum(bytes), 0) FROM origin_totals"
+        return tuple(self._query(f"SELECT CAST(coalesce(sum(instances), 0) AS BIGINT), CAST(coalesce(sum(bytes), 0) AS BIGINT) FROM origin_totals"
                                 f" WHERE origin IN ({marks})", RECEIVED_ORIGINS)[0])
 
     def recyclable_studies(self, limit: int = 20, sparing: str = "", protected_labels=()) -> list[StoredStudy]:
@@ -2595,10 +3023,10 @@ class Index:
         marks = ", ".join("?" * len(RECEIVED_ORIGINS))
         unprotected, protected_args = _unprotected_study_test(protected_labels)
         rows = self._query(
-            "SELECT st.study_instance_uid, count(*), sum(i.size), max(i.mtime_ns) FROM instances i"
+            "SELECT st.study_instance_uid, count(*), CAST(sum(i.size) AS BIGINT), max(i.mtime_ns) FROM instances i"
             " JOIN series se ON se.id = i.series_ref JOIN studies st ON st.id = se.study_ref"
             f" WHERE {unprotected} AND st.study_instance_uid != ?"
-            f" GROUP BY st.id HAVING sum(i.origin NOT IN ({marks})) = 0 ORDER BY max(i.mtime_ns), st.id LIMIT ?",
+            f" GROUP BY st.id HAVING count(CASE WHEN i.origin NOT IN ({marks}) THEN 1 END) = 0 ORDER BY max(i.mtime_ns), st.id LIMIT ?",
             (*protected_args, sparing, *RECEIVED_ORIGINS, limit))
         return [StoredStudy(*row) for row in rows]
 
@@ -2619,10 +3047,10 @@ class Index:
             conditions.append(_STUDY_CARRIES_LABELS.format(marks="?"))
             args += (label, label)
         rows = self._query(
-            "SELECT st.study_instance_uid, count(*), sum(i.size), max(i.mtime_ns) FROM instances i"
+            "SELECT st.study_instance_uid, count(*), CAST(sum(i.size) AS BIGINT), max(i.mtime_ns) FROM instances i"
             " JOIN series se ON se.id = i.series_ref JOIN studies st ON st.id = se.study_ref"
             f" WHERE {' AND '.join(conditions)}"
-            f" GROUP BY st.id HAVING sum(i.origin NOT IN ({marks})) = 0 AND max(i.mtime_ns) < ?"
+            f" GROUP BY st.id HAVING count(CASE WHEN i.origin NOT IN ({marks}) THEN 1 END) = 0 AND max(i.mtime_ns) < ?"
             " ORDER BY max(i.mtime_ns), st.id",
             args + origins + (arrived_before_ns,))
         return [StoredStudy(*row) for row in rows]
@@ -2788,7 +3216,7 @@ class Index:
                     where.append(f"EXISTS (SELECT 1 FROM instances y JOIN series x ON x.id = y.series_ref WHERE x.study_ref = st.id AND {classes})")
             elif not _is_universal(key.value):
                 where.append(f"{representative} IN (SELECT rowid FROM metadata WHERE metadata MATCH ?)")
-                args.append(_fts_prefilter(key))
+                args.append(self.engine.text_query(_fts_prefilter(key)))
         if visibility.restricted:
             visible, visible_args = visible_study_condition(visibility)
             where.append(visible if level != "PATIENT"
@@ -2801,13 +3229,35 @@ class Index:
         sql += f" ORDER BY {alias}.id"
         if offset or limit is not None:
             sql += " LIMIT ? OFFSET ?"
-            args += [-1 if limit is None else limit, offset]
+            args += [NO_LIMIT if limit is None else limit, offset]
         reader = self.reader
-        if len(args) > reader.limit(apsw.SQLITE_LIMIT_VARIABLE_NUMBER, -1):
+        if len(args) > self.engine.max_parameters(reader):
             # One value per key (lists travel as one JSON array), so only a huge identifier gets here.
             raise QueryError(f"the identifier has too many keys to match ({len(args)})")
         keywords = [keyword for keyword, _ in answered]
         return (FoundEntity(row[0], row[1], dict(zip(keywords, row[2:]))) for row in reader.execute(sql, args))
+
+    def _values_matching(self, column: str, spec: str) -> list[str]:
+        """The distinct values of a main attribute's column (alias.name, as SEARCH_COLUMNS) that
+        satisfy a field clause (field_value_matches), for compile_search's resolver."""
+        alias, name = column.split(".")
+        table = LEVEL_TABLES[next(level for level, a in LEVEL_ALIASES.items() if a == alias)]
+        values = [row[0] for row in self._query(f"SELECT DISTINCT {name} FROM {table}")]
+        return [value for value in values if field_value_matches(spec, value.split("\\") if value else [])]
+
+    def _instances_matching_meta(self, prefilter: str, spec: str, path: list[str]) -> list[int]:
+        """The ids of the instances the text query prefilter finds whose metadata satisfies a
+        field clause at path (Seq_Child as a list), for compile_search's resolver."""
+        rows = self._query("SELECT i.id, i.meta FROM instances i WHERE i.id IN"
+                           " (SELECT rowid FROM metadata WHERE metadata MATCH ?) ORDER BY i.id", [prefilter])
+        return [row[0] for row in rows if field_value_matches(spec, _meta_values(json.loads(row[1]), path))]
+
+    def _instances_with_word(self, spec: str) -> list[int]:
+        """The ids of the instances with a word that a wildcard term matches (a wildcard inside a
+        word has no full-text form): every instance is read, as SQLite's scan reads them."""
+        pattern = _wildcard_regex(_fold(json.loads(spec)[1]), fold=False)
+        return [row[0] for row in self._query("SELECT id, meta FROM instances ORDER BY id")
+                if any(pattern.fullmatch(word) for word in _fts_tokens(row[1]))]
 
     def instances_of_entity(self, level: str, entity_id: int, visibility: Visibility = EVERYTHING) -> list[IndexedInstance]:
         """The instances of an entity find() found (FoundEntity.id at its level), in the order they
@@ -2823,22 +3273,23 @@ class Index:
         """A parsed search-language query (SearchQuery) on the index: (hits, total), a page of the
         instances it matches among those the visibility shows, and how many there are in all.
         Free-text matches come best first when there are at most rank_at_most of them."""
-        where, args, rank = compile_search(query)
+        engine = self.engine
+        where, args, rank = compile_search(query, engine.text_query, self if engine.resolves_search_rules else None)
         if visibility.restricted:  # part of the condition, so the count and the page are the visible ones'
             visible, visible_args = visible_study_condition(visibility)
             where, args = f"({where}) AND {visible}", [*args, *visible_args]
-        matches = self._query("SELECT count(*) FROM metadata WHERE metadata MATCH ?", [rank])[0][0] if rank else 0
+        matches = self._query("SELECT count(*) FROM metadata WHERE metadata MATCH ?", [engine.text_query(rank)])[0][0] if rank else 0
         columns = "i.id, i.path, i.meta"
         joins = ("FROM instances i JOIN series se ON se.id = i.series_ref JOIN studies st ON st.id = se.study_ref"
                  " JOIN patients p ON p.id = st.patient_ref")
         page = (f" LIMIT {int(limit)} OFFSET {int(offset)}" if limit is not None
-                else f" LIMIT -1 OFFSET {int(offset)}" if offset else "")
-        if where == FREE_TEXT_CONDITION and rank and args == [rank.removeprefix("(").removesuffix(")")]:
+                else f" LIMIT {NO_LIMIT} OFFSET {int(offset)}" if offset else "")
+        if where == FREE_TEXT_CONDITION and rank:
             # Free text alone (what a user types first): FTS5 counts and ranks its matches itself,
             # and only the page is joined to the instances: milliseconds at a million instances.
             total = matches
-            score = "bm25(metadata)" if matches <= rank_at_most else "0"
-            ranked = f"SELECT rowid AS rank_id, {score} AS score FROM metadata WHERE metadata MATCH ? ORDER BY score, rowid{page}"
+            ranked, args = engine.ranked_matches(self.reader, rank, matches <= rank_at_most)
+            ranked = f"{ranked} ORDER BY score, rank_id{page}"
             sql = f"SELECT {columns} FROM ({ranked}) r JOIN instances i ON i.id = r.rank_id{joins.removeprefix('FROM instances i')} ORDER BY r.score, i.id"
         else:
             # Only the tables the condition names are joined to count (the count reads every match).
@@ -2849,10 +3300,11 @@ class Index:
             if rank and matches <= rank_at_most:
                 # The scores of the free text's matches, computed once (as a join of the full-text
                 # table, SQLite would run its MATCH again for every instance).
-                ranking = "WITH r AS MATERIALIZED (SELECT rowid AS rank_id, bm25(metadata) AS score FROM metadata WHERE metadata MATCH ?) "
+                ranked, ranked_args = engine.ranked_matches(self.reader, rank, True)
+                ranking = f"WITH r AS MATERIALIZED ({ranked}) "
                 joins += " LEFT JOIN r ON r.rank_id = i.id"
-                args = [rank] + args
-                order = "r.score, i.id"
+                args = ranked_args + args
+                order = "r.score NULLS FIRST, i.id"  # SQLite's order of NULLs, said for PostgreSQL's sake
             sql = f"{ranking}SELECT {columns} {joins} WHERE {where} ORDER BY {order}{page}"
         return [SearchHit(row[0], row[1], json.loads(row[2])) for row in self._query(sql, args)], total
 
@@ -2870,7 +3322,7 @@ class Index:
                 " UNION ALL"
                 " SELECT l.label, se.study_ref FROM series_labels l"
                 "  LEFT JOIN series se ON se.series_instance_uid = l.series_instance_uid"
-                ") GROUP BY label ORDER BY label")
+                ") AS carried GROUP BY label ORDER BY label")
             return [LabelCount(*row) for row in rows]
         visible, args = visible_study_condition(visibility)
         rows = self._query(
@@ -2882,7 +3334,7 @@ class Index:
             " SELECT l.label, st.id FROM series_labels l"
             "  JOIN series se ON se.series_instance_uid = l.series_instance_uid JOIN studies st ON st.id = se.study_ref"
             f" WHERE {visible}"
-            ") GROUP BY label ORDER BY label", args + args)
+            ") AS carried GROUP BY label ORDER BY label", args + args)
         return [LabelCount(*row) for row in rows]
 
     def labels_of(self, level: str, uids) -> dict[str, list[str]]:
@@ -2903,16 +3355,16 @@ class Index:
         parent or children as the search language's label: matches instances: a study whose
         series carries it, a series whose study does."""
         sql = {
-            "STUDY": "SELECT study_instance_uid FROM study_labels WHERE label = ?1 UNION"
+            "STUDY": "SELECT study_instance_uid FROM study_labels WHERE label = ? UNION"
                      " SELECT st.study_instance_uid FROM series_labels l"
                      "  JOIN series se ON se.series_instance_uid = l.series_instance_uid"
-                     "  JOIN studies st ON st.id = se.study_ref WHERE l.label = ?1",
-            "SERIES": "SELECT series_instance_uid FROM series_labels WHERE label = ?1 UNION"
+                     "  JOIN studies st ON st.id = se.study_ref WHERE l.label = ?",
+            "SERIES": "SELECT series_instance_uid FROM series_labels WHERE label = ? UNION"
                       " SELECT se.series_instance_uid FROM study_labels l"
                       "  JOIN studies st ON st.study_instance_uid = l.study_instance_uid"
-                      "  JOIN series se ON se.study_ref = st.id WHERE l.label = ?1",
+                      "  JOIN series se ON se.study_ref = st.id WHERE l.label = ?",
         }[level]
-        return sorted(row[0] for row in self._query(sql, (label,)))
+        return sorted(row[0] for row in self._query(sql, (label, label)))
 
     def holds(self, level: str, uid: str, visibility: Visibility = EVERYTHING) -> bool:
         """Is a study or series (level STUDY or SERIES) of this UID indexed (and visible)?"""
@@ -2926,7 +3378,7 @@ class Index:
     def quiet_studies(self, arrived_before: float) -> list[QuietStudy]:
         """The studies not announced stable whose newest instance arrived before this time."""
         rows = self._query("SELECT study_instance_uid, last_arrival FROM studies"
-                          " WHERE NOT stable_announced AND last_arrival < ? ORDER BY last_arrival", (arrived_before,))
+                          " WHERE stable_announced = 0 AND last_arrival < ? ORDER BY last_arrival", (arrived_before,))
         return [QuietStudy(*row) for row in rows]
 
     def study_attributes(self, study_uid: str) -> dict | None:
@@ -3010,7 +3462,7 @@ class Index:
         """Record a folder or file indexed in place, in the index and in indexed-roots.txt beside
         it, where reindex finds it even when the index itself was lost."""
         self.write(Index.add_root, path)
-        if path not in self.remembered_roots():
+        if self.path is not None and path not in self.remembered_roots():
             with open(self.path.parent / "indexed-roots.txt", "a", encoding="utf-8") as handle:
                 handle.write(path + "\n")
 
@@ -3034,6 +3486,8 @@ class Index:
         return KeptState(roots, protected, labels)
 
     def remembered_roots(self) -> list[str]:
+        if self.path is None:
+            return []
         with contextlib.suppress(FileNotFoundError):
             return [line for line in (self.path.parent / "indexed-roots.txt").read_text(encoding="utf-8").splitlines() if line]
         return []
@@ -3051,14 +3505,12 @@ class Index:
     def _run_batch(self, connection, batch):
         results = []
         try:
-            connection.pragma("synchronous", "normal" if all(op.recoverable for op in batch) else "full")
+            self.engine.commit_to_disk(connection, not all(op.recoverable for op in batch))
             with connection:  # one transaction for the whole batch
                 for op in batch:
                     results.append(op.function(connection, *op.args))
         except Exception as error:
-            if not connection.getautocommit():  # SQLite may leave a failed commit's transaction open
-                with contextlib.suppress(apsw.Error):
-                    connection.execute("ROLLBACK")
+            self.engine.roll_back_failed(connection)
             if len(batch) == 1 or is_out_of_space(error):
                 # A full disk fails the whole group: each caller answers "out of resources" and
                 # removes its file, and the next group is tried afresh.
@@ -3080,6 +3532,7 @@ class Index:
         self._writer.join()
         with self._writing:  # a caller may still be committing what it queued
             self._writer_connection.close()
+        self.engine.close()
 
     # ---- write operations (run on the writer thread, inside a transaction) --------------------
 
@@ -3132,7 +3585,8 @@ class Index:
         study = cls._upsert_parent(connection, "STUDY", "study_instance_uid", columns["StudyInstanceUID"], "patient_ref", patient, columns, instance_id, refresh)
         series = cls._upsert_parent(connection, "SERIES", "series_instance_uid", columns["SeriesInstanceUID"], "study_ref", study, columns, instance_id, refresh)
         connection.execute("UPDATE instances SET series_ref = ? WHERE id = ?", (series, instance_id))
-        connection.execute("INSERT INTO metadata (rowid, body) VALUES (?, ?)", (instance_id, record.text))
+        connection.execute("INSERT INTO metadata (rowid, body) VALUES (?, ?)",
+                           (instance_id, connection.engine.full_text_document(record.text)))
         # The study is quiet again only stable_age after this: announced anew then (on_stable_study).
         connection.execute("UPDATE studies SET last_arrival = ?, stable_announced = 0 WHERE id = ?", (time.time(), study))
         cls.queue_deliveries(connection, deliveries)
@@ -3151,7 +3605,7 @@ class Index:
         """Mark a study announced stable, if no instance arrived since last_arrival, and queue the
         deliveries that announce it; False if it is no longer quiet (or no longer indexed)."""
         connection.execute("UPDATE studies SET stable_announced = 1 WHERE study_instance_uid = ?"
-                           " AND last_arrival = ? AND NOT stable_announced", (study_uid, last_arrival))
+                           " AND last_arrival = ? AND stable_announced = 0", (study_uid, last_arrival))
         if connection.changes() != 1:
             return False
         cls.queue_deliveries(connection, deliveries)
@@ -3160,7 +3614,7 @@ class Index:
     @staticmethod
     def announce_all_stable(connection):
         """Count every study as announced stable (an index rebuilt from files announces nothing)."""
-        connection.execute("UPDATE studies SET stable_announced = 1 WHERE NOT stable_announced")
+        connection.execute("UPDATE studies SET stable_announced = 1 WHERE stable_announced = 0")
 
     @staticmethod
     def delivery_attempted(connection, delivery_id: str, status: str, error: str = "", next_attempt: float = 0.0):
@@ -3228,7 +3682,7 @@ class Index:
     @staticmethod
     def protect_study(connection, study_uid: str) -> bool:
         """Keep a study from recycling and retention; False if it already was."""
-        return connection.execute("INSERT OR IGNORE INTO protected_studies VALUES (?, datetime('now')) RETURNING 1",
+        return connection.execute("INSERT INTO protected_studies VALUES (?, datetime('now')) ON CONFLICT DO NOTHING RETURNING 1",
                                   (study_uid,)).fetchone() is not None
 
     @staticmethod
@@ -3241,8 +3695,8 @@ class Index:
     def add_label(connection, level: str, uid: str, label: str) -> bool:
         """Put a label on a study or series (level STUDY or SERIES); False if it had it already."""
         table, column = LABEL_LEVELS[level]
-        return connection.execute(f"INSERT OR IGNORE INTO {table} ({column}, label, added)"
-                                  " VALUES (?, ?, datetime('now')) RETURNING 1", (uid, label)).fetchone() is not None
+        return connection.execute(f"INSERT INTO {table} ({column}, label, added)"
+                                  " VALUES (?, ?, datetime('now')) ON CONFLICT DO NOTHING RETURNING 1", (uid, label)).fetchone() is not None
 
     @staticmethod
     def remove_label(connection, level: str, uid: str, label: str) -> bool:
@@ -3256,21 +3710,20 @@ class Index:
         """Put back labels (LabelRecord rows, from kept_through_rebuild) kept through a rebuild."""
         for level, uid, label, added in labels:
             table, column = LABEL_LEVELS[level]
-            connection.execute(f"INSERT OR IGNORE INTO {table} ({column}, label, added) VALUES (?, ?, ?)", (uid, label, added))
+            connection.execute(f"INSERT INTO {table} ({column}, label, added) VALUES (?, ?, ?) ON CONFLICT DO NOTHING", (uid, label, added))
         return len(labels)
 
     @staticmethod
     def add_root(connection, path: str):
-        connection.execute("INSERT OR IGNORE INTO indexed_roots VALUES (?, datetime('now'))", (path,))
+        connection.execute("INSERT INTO indexed_roots VALUES (?, datetime('now')) ON CONFLICT DO NOTHING", (path,))
 
     @staticmethod
     def add_worklist_entry(connection, study_uid: str, accession_number: str, step_id: str, dataset: dict) -> int:
         """A new worklist entry, SCHEDULED; its id."""
-        connection.execute(
+        return connection.execute(
             "INSERT INTO worklist_entries (study_instance_uid, accession_number, scheduled_procedure_step_id, dataset,"
-            " created, updated) VALUES (?, ?, ?, ?, datetime('now'), datetime('now'))",
-            (study_uid, accession_number, step_id, json.dumps(dataset)))
-        return connection.last_insert_rowid()
+            " created, updated) VALUES (?, ?, ?, ?, datetime('now'), datetime('now')) RETURNING id",
+            (study_uid, accession_number, step_id, json.dumps(dataset))).fetchone()[0]
 
     @staticmethod
     def delete_worklist_entry(connection, entry_id: int) -> bool:
@@ -3283,7 +3736,7 @@ class Index:
         """Record a performed procedure step and set its worklist entry's state; False if one
         with this SOP Instance UID exists already."""
         connection.execute(
-            "INSERT OR IGNORE INTO performed_procedure_steps VALUES (?, ?, ?, ?, datetime('now'), datetime('now'))",
+            "INSERT INTO performed_procedure_steps VALUES (?, ?, ?, ?, datetime('now'), datetime('now')) ON CONFLICT DO NOTHING",
             (sop_instance_uid, entry_id, status, json.dumps(dataset)))
         if not connection.changes():
             return False

@@ -5,6 +5,7 @@ import io
 import sys
 
 import pydicom
+import pytest
 
 import studygen
 from conftest import ROOT
@@ -13,9 +14,9 @@ sys.path.insert(0, str(ROOT))
 import dicoogled  # noqa: E402
 
 
-def indexed(tmp_path, descriptions):
+def indexed(location, descriptions):
     """An index of one instance per description, indexed in this order."""
-    index = dicoogled.Index(tmp_path / "index.sqlite")
+    index = dicoogled.Index(location)
     for number, description in enumerate(descriptions):
         dataset = studygen.make_instance(0, 0, 0, number, size=8, StudyDescription=description)
         buffer = io.BytesIO()
@@ -27,9 +28,12 @@ def indexed(tmp_path, descriptions):
     return index
 
 
-def test_free_text_matches_come_best_first_up_to_the_limit_then_in_index_order(tmp_path):
+@pytest.mark.parametrize("engine", ["sqlite", "postgresql"])
+def test_free_text_matches_come_best_first_up_to_the_limit_then_in_index_order(request, tmp_path, engine):
+    """The same order on both engines: PostgreSQL's scores are FTS5's BM25, computed alike."""
+    location = tmp_path / "index.sqlite" if engine == "sqlite" else request.getfixturevalue("postgres_url")
     # The more often "knee" appears in an instance's text, the better it matches.
-    index = indexed(tmp_path, ["knee", "knee knee knee knee", "hip", "knee knee"])
+    index = indexed(location, ["knee", "knee knee knee knee", "hip", "knee knee"])
     try:
         def order(text, rank_at_most):
             hits, total = index.search(dicoogled.SearchQuery(text, set()), limit=10, rank_at_most=rank_at_most)

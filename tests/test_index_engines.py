@@ -1,0 +1,248 @@
+"""The index on both engines, SQLite and PostgreSQL: the same instances written through the
+writer, the same C-FIND matching (PS3.4 C.2.2.2) at every level, the same searches, pages and
+counts, asked of an SQLite file and of a real PostgreSQL server (tests/pgserver.py)."""
+
+import io
+import sys
+
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+
+import studygen
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT))
+import dicoogled  # noqa: E402
+
+#: patient, study, series, instance, modality and attributes of each instance written.
+INSTANCES = [
+    (0, 0, 0, 0, "CT", {"PatientName": "Müller^Jürgen", "StudyDate": "20200105", "StudyDescription": "Knee left",
+                        "InstitutionName": "General Hospital", "ImageComments": "knee pain after a fall"}),
+    (0, 0, 0, 1, "CT", {"PatientName": "Müller^Jürgen", "StudyDate": "20200105", "StudyDescription": "Knee left",
+                        "InstitutionName": "General Hospital", "ImageComments": "knee knee knee"}),
+    (0, 0, 1, 0, "MR", {"PatientName": "Müller^Jürgen", "StudyDate": "20200105", "StudyDescription": "Knee left",
+                        "InstitutionName": "General Hospital"}),
+    (0, 1, 0, 0, "MR", {"PatientName": "Müller^Jürgen", "StudyDate": "20210311", "StudyDescription": "Hip [right]",
+                        "InstitutionName": "General Hospital"}),
+    (1, 0, 0, 0, "CT", {"PatientName": "Doe^Jane", "StudyDate": "20191231", "StudyDescription": "Chest",
+                        "InstitutionName": "St. Mary", "ImageComments": "alpha beta"}),
+    (1, 0, 0, 1, "CT", {"PatientName": "Doe^Jane", "StudyDate": "20191231", "StudyDescription": "Chest",
+                        "InstitutionName": "St. Mary", "ImageComments": "alphabet"}),
+    (2, 0, 0, 0, "MR", {"PatientName": "Ødegård^Åse", "StudyDate": "20220720", "StudyDescription": "Brain_scan 50%",
+                        "InstitutionName": "Clinic", "ImageComments": "beta"}),
+]
+
+
+def dataset(number: int) -> Dataset:
+    patient, study, series, instance, modality, attributes = INSTANCES[number]
+    return studygen.make_instance(patient, study, series, instance, size=8, modality=modality, **attributes)
+
+
+def write_instances(index):
+    """INSTANCES into an index, through its writer, as /archive/NUMBER.dcm."""
+    for number in range(len(INSTANCES)):
+        buffer = io.BytesIO()
+        pydicom.dcmwrite(buffer, dataset(number), enforce_file_format=True)
+        data = buffer.getvalue()
+        record = dicoogled.make_record(dicoogled.read_received_header(data), f"/archive/{number}.dcm", "store", len(data), 0)
+        index.write(dicoogled.Index.add_instance, record)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def index(request, tmp_path):
+    """An index of INSTANCES, in an SQLite file or a PostgreSQL database."""
+    location = tmp_path / "index.sqlite" if request.param == "sqlite" else request.getfixturevalue("postgres_url")
+    index = dicoogled.Index(location)
+    write_instances(index)
+    yield index
+    index.close()
+
+
+def answers(index):
+    """Every answer the tests compare between the engines, by name."""
+    finder = dicoogled.Finder(index)
+
+    def find(level, offset=0, limit=None, **keys):
+        identifier = Dataset()
+        identifier.QueryRetrieveLevel = level
+        for keyword, value in keys.items():
+            setattr(identifier, keyword, value)
+        return [{e.keyword: str(e.value) for e in response if e.keyword != "SpecificCharacterSet"}
+                for response in finder.search(identifier, offset=offset, limit=limit)]
+
+    def search(text, limit=None, offset=0):
+        hits, total = index.search(dicoogled.SearchQuery(text, set()), limit, offset)
+        return sorted(hit.path for hit in hits), total
+
+    def ranked(text, limit=None, offset=0):
+        """Best first: FTS5's BM25 on both engines."""
+        hits, total = index.search(dicoogled.SearchQuery(text, set()), limit, offset)
+        return [hit.path for hit in hits], total
+
+    return {
+        "counts": index.counts(),
+        "patients": find("PATIENT", PatientID="", PatientName="", NumberOfPatientRelatedInstances=""),
+        "studies by date range": find("STUDY", StudyDate="20200101-20211231", StudyInstanceUID="", ModalitiesInStudy=""),
+        "studies before": find("STUDY", StudyDate="-20200105", StudyDescription=""),
+        "name folded": find("PATIENT", PatientName="muller*", PatientID=""),
+        "name wildcard one": find("PATIENT", PatientName="D?E^JANE", PatientID=""),
+        "description literal bracket": find("STUDY", StudyDescription="Hip [right]", StudyInstanceUID=""),
+        "description wildcard with %": find("STUDY", StudyDescription="*50%", StudyInstanceUID=""),
+        "underscore is literal": find("STUDY", StudyDescription="Brain?scan*", StudyInstanceUID=""),
+        "underscore not a wildcard": find("STUDY", StudyDescription="Brain_s*", StudyInstanceUID=""),
+        "series by modality": find("SERIES", Modality="MR", SeriesInstanceUID="", NumberOfSeriesRelatedInstances=""),
+        "modalities in study": find("STUDY", ModalitiesInStudy="CT\\XA", StudyInstanceUID=""),
+        "instances any tag": find("IMAGE", ImageComments="*knee*", SOPInstanceUID=""),
+        "instances institution": find("IMAGE", InstitutionName="St. Mary", SOPInstanceUID="", InstanceNumber=""),
+        "uid list": find("IMAGE", SOPInstanceUID="\\".join(dataset(n).SOPInstanceUID for n in (0, 2, 4))),
+        "page": find("IMAGE", 2, 3, SOPInstanceUID=""),
+        "page with any tag": find("IMAGE", 1, 2, ImageComments="*", SOPInstanceUID="", InstitutionName="Gen*"),
+        "free text": search("knee"),
+        "free text prefix": search("alpha*"),
+        "phrase": search('"pain after"'),
+        "accents folded": search("jurgen"),
+        "fielded column": search("Modality:MR"),
+        "fielded name": search("PatientName:müller"),
+        "fielded uid prefix": search(f"StudyInstanceUID:{dataset(4).StudyInstanceUID[:-6]}*"),
+        "fielded other": search("ImageComments:beta"),
+        "fielded range": search("StudyDate:[20200101 TO 20211231]"),
+        "wildcard inside a word": search("alp?a"),
+        "not": search("knee AND NOT Modality:MR"),
+        "or": search("beta OR Modality:MR"),
+        "search page": search("*:*", 2, 3),
+        "ranked": ranked("knee"),
+        "ranked page": ranked("knee OR hospital OR alpha*", 3, 1),
+        "ranked with a condition": ranked('knee AND Modality:CT OR "general hospital"'),
+    }
+
+
+def test_both_engines_give_the_same_answers(tmp_path, postgres_url):
+    """Every answer of answers() is the same on an SQLite file and on PostgreSQL, and each is
+    what the instances written say (so the comparison is not of two empty answers)."""
+    found = {}
+    for engine, location in (("sqlite", tmp_path / "index.sqlite"), ("postgresql", postgres_url)):
+        index = dicoogled.Index(location)
+        try:
+            write_instances(index)
+            found[engine] = answers(index)
+        finally:
+            index.close()
+    sqlite, postgresql = found["sqlite"], found["postgresql"]
+    for name in sqlite:
+        assert sqlite[name] == postgresql[name], name
+    assert sqlite["counts"] == {"patients": 3, "studies": 4, "series": 5, "instances": 7}
+    assert len(sqlite["studies by date range"]) == 2
+    assert [p["PatientName"] for p in sqlite["name folded"]] == ["Müller^Jürgen"]
+    assert len(sqlite["description literal bracket"]) == 1 and len(sqlite["description wildcard with %"]) == 1
+    assert len(sqlite["underscore is literal"]) == 1 and len(sqlite["underscore not a wildcard"]) == 1
+    assert len(sqlite["instances any tag"]) == 2 and len(sqlite["uid list"]) == 3 and len(sqlite["page"]) == 3
+    # ... 6.dcm too: its BodyPartExamined is KNEE.
+    assert sqlite["free text"] == (["/archive/0.dcm", "/archive/1.dcm", "/archive/2.dcm", "/archive/6.dcm"], 4)
+    assert sqlite["free text prefix"] == (["/archive/4.dcm", "/archive/5.dcm"], 2)
+    assert sqlite["phrase"] == (["/archive/0.dcm"], 1)
+    assert sqlite["accents folded"][1] == 4 and sqlite["fielded name"][1] == 4 and sqlite["fielded range"][1] == 4
+    assert sqlite["fielded column"] == (["/archive/2.dcm", "/archive/3.dcm", "/archive/6.dcm"], 3)
+    assert sqlite["fielded uid prefix"] == (["/archive/4.dcm", "/archive/5.dcm"], 2)
+    assert sqlite["fielded other"] == (["/archive/4.dcm", "/archive/6.dcm"], 2)
+    assert sqlite["wildcard inside a word"] == (["/archive/4.dcm"], 1)
+    assert sqlite["not"] == (["/archive/0.dcm", "/archive/1.dcm"], 2) and sqlite["or"][1] == 4
+    assert len(sqlite["search page"][0]) == 2 and sqlite["search page"][1] == 7
+    # "knee" three times in 1.dcm's comments, once in 0.dcm's; 2.dcm and 6.dcm name it once, in fewer words.
+    assert sqlite["ranked"][0][0] == "/archive/1.dcm" and sqlite["ranked"][1] == 4
+    assert len(sqlite["ranked page"][0]) == 3 and sqlite["ranked page"][1] == 7
+
+
+def test_a_postgresql_index_keeps_its_schema_version_and_reopens(postgres_url):
+    index = dicoogled.Index(postgres_url)
+    assert index.schema_version() == dicoogled.SCHEMA_VERSION
+    index.close()
+    index = dicoogled.Index(postgres_url)
+    try:
+        assert index.schema_version() == dicoogled.SCHEMA_VERSION
+        assert index.counts() == {"patients": 0, "studies": 0, "series": 0, "instances": 0}
+    finally:
+        index.close()
+
+
+def test_the_writer_and_readers_on_both_engines(index):
+    """Labels, protection, worklist entries, webhook deliveries and removal, through the writer."""
+    study = dataset(0).StudyInstanceUID
+    assert index.write(dicoogled.Index.add_label, "STUDY", study, "knees") is True
+    assert index.write(dicoogled.Index.add_label, "STUDY", study, "knees") is False
+    assert [tuple(c) for c in index.labels()] == [("knees", 1)]
+    assert index.labelled("SERIES", "knees") == sorted({dataset(n).SeriesInstanceUID for n in (0, 2)})
+    assert index.write(dicoogled.Index.protect_study, study) is True
+    assert index.is_protected(study) and index.protected_studies() == [study]
+    entry = index.write(dicoogled.Index.add_worklist_entry, "1.2.3", "A1", "S1", {"00100010": {"vr": "PN"}})
+    assert index.worklist_entry(entry).accession_number == "A1"
+    assert index.received_totals()[0] == 7
+    # The protected study is not recyclable; the others are, each with its instances and bytes.
+    recyclable = index.recyclable_studies()
+    assert sorted(s.study_instance_uid for s in recyclable) == sorted({dataset(n).StudyInstanceUID for n in (3, 4, 6)})
+    assert sum(s.instances for s in recyclable) == 4 and all(isinstance(s.bytes, int) for s in recyclable)
+    removed = index.write(dicoogled.Index.remove_paths, ["/archive/0.dcm", "/archive/1.dcm", "/archive/2.dcm"])
+    assert removed == 3
+    assert index.counts() == {"patients": 3, "studies": 3, "series": 3, "instances": 4}
+    assert index.search(dicoogled.SearchQuery("knee", set()))[1] == 1  # 6.dcm, a KNEE
+
+
+def test_postgresql_scores_are_fts5s_bm25_to_the_last_bit(tmp_path, postgres_url):
+    """PostgreSQL ranks free text with FTS5's own BM25 (bm25_scores): for single words, prefixes,
+    phrases, AND and OR, every match gets the very number SQLite's bm25() gives it."""
+    sqlite, postgresql = dicoogled.Index(tmp_path / "index.sqlite"), dicoogled.Index(postgres_url)
+    try:
+        for index in (sqlite, postgresql):
+            write_instances(index)
+        for fts5 in ('"knee"', '"alpha"*', '"pain" AND "fall"', '("knee") OR ("general" AND "hospital")',
+                     '"general hospital"', '"knee" OR "beta" OR "ct"'):
+            expected = sorted(sqlite.reader.execute("SELECT rowid, bm25(metadata) FROM metadata WHERE metadata MATCH ?",
+                                                    [fts5]).fetchall())
+            assert expected and sorted(postgresql.engine.bm25_scores(postgresql.reader, fts5)) == expected, fts5
+    finally:
+        sqlite.close()
+        postgresql.close()
+
+
+def test_many_threads_read_a_postgresql_index_at_once(postgres_url):
+    """More threads than pooled reader connections, each finding and searching while the writer
+    writes: every answer is whole (all the instances written before it, as a count that only grows)."""
+    import concurrent.futures
+    index = dicoogled.Index(postgres_url)
+    try:
+        write_instances(index)
+        finder = dicoogled.Finder(index)
+        identifier = Dataset()
+        identifier.QueryRetrieveLevel = "STUDY"
+        identifier.StudyInstanceUID = ""
+
+        def read(_):
+            seen = []
+            for _ in range(10):
+                studies = len(list(finder.search(identifier)))
+                hits, total = index.search(dicoogled.SearchQuery("knee", set()))
+                # The count comes first, the page after it: a write may come between them.
+                assert total <= len(hits)
+                seen.append((studies, total))
+            return seen
+
+        def write_more():
+            for number in range(3):
+                extra = studygen.make_instance(9, number, 0, 0, size=8, ImageComments="knee")
+                buffer = io.BytesIO()
+                pydicom.dcmwrite(buffer, extra, enforce_file_format=True)
+                data = buffer.getvalue()
+                record = dicoogled.make_record(dicoogled.read_received_header(data), f"/archive/extra{number}.dcm",
+                                               "store", len(data), 0)
+                index.write(dicoogled.Index.add_instance, record)
+
+        with concurrent.futures.ThreadPoolExecutor(3 * dicoogled.POSTGRESQL_READERS) as pool:
+            writer = pool.submit(write_more)
+            answers = list(pool.map(read, range(3 * dicoogled.POSTGRESQL_READERS)))
+            writer.result()
+        for seen in answers:
+            assert all(4 <= studies <= 7 and 4 <= total <= 7 for studies, total in seen)
+            assert seen == sorted(seen)  # what one thread sees never goes back
+        assert len(list(finder.search(identifier))) == 7
+    finally:
+        index.close()
