@@ -14,7 +14,6 @@ import sys
 import threading
 import time
 
-import psycopg
 import pytest
 
 import dicoogled
@@ -102,6 +101,7 @@ def test_a_node_that_lost_its_connection_stops_claiming(nodes, postgres_url):
     says it owns nothing, and the other node takes the lease."""
     owner, other = nodes("owner"), nodes("other")
     assert owner.owns("reconcile storage")
+    psycopg, _ = dicoogled.import_psycopg()
     with psycopg.connect(postgres_url, autocommit=True) as admin:
         ended = admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s",
                               ("dicoogled owner",)).fetchall()
