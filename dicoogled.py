@@ -27,6 +27,7 @@ import ctypes
 import dataclasses
 import datetime
 import errno
+import fcntl
 import functools
 import hashlib
 import hmac
@@ -402,6 +403,12 @@ effort = 100
 # The users, their sessions, the audit log and the settings changed at run time live there too.
 url =
 
+[node]
+# This process's name among the nodes sharing a PostgreSQL index and data_dir: its temporary files,
+# caches and lock live in data_dir/nodes/NAME. Letters, digits, '.', '_', '-'; empty means
+# HOSTNAME-HTTPPORT. Unused with the SQLite index (one node: data_dir/tmp and data_dir/cache).
+name =
+
 [codecs]
 # Pixel data is decoded (thumbnails, /dic2png, DICOMweb's rendered images, frames and transcoding)
 # in worker processes, not in the daemon: numpy, Pillow and the codecs stay out of its memory, and
@@ -482,6 +489,8 @@ UID_PATTERN = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 AE_TITLE_PATTERN = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable ASCII, no backslash
 URI_SCHEME_PATTERN = re.compile(r"[a-z][a-z0-9+.-]*")  # RFC 3986, lower case
 HOST_PATTERN = re.compile(r"^[A-Za-z0-9._:%\[\]-]{1,253}$")  # a host name, IPv4 or IPv6 address
+#: [node] name: it names a folder (data_dir/nodes/NAME), so one path component, never . or ..
+NODE_NAME_PATTERN = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}")
 #: A label on studies and series: lower-case letters, digits, '.', '_' and '-', 1 to 64 characters,
 #: starting with a letter or digit. Labels are case-insensitive: what is given is stored lower-cased.
 #: The set leaves out '*', '?' and '[' (the search language's and SQLite GLOB's wildcards), ':'
@@ -767,6 +776,7 @@ CONFIG_KEYS = {
     "thumbnail_size": ("index", "thumbnail_size", "int"),
     "index_effort": ("index", "effort", "int"),
     "index_url": ("index", "url", "word"),
+    "node_name": ("node", "name", "word"),
     "codec_workers": ("codecs", "workers", "int"),
     "codec_idle_seconds": ("codecs", "idle_seconds", "float"),
     "codec_timeout": ("codecs", "timeout", "float"),
@@ -843,6 +853,8 @@ class Config:
     index_effort: int = 100
     #: The index's PostgreSQL URL; empty for the SQLite file in data_dir.
     index_url: str = ""
+    #: [node] name: this process among the nodes sharing a PostgreSQL index; empty: HOSTNAME-HTTPPORT.
+    node_name: str = ""
     codec_workers: int = 1
     codec_idle_seconds: float = 60
     codec_timeout: float = 60
@@ -931,6 +943,9 @@ class Config:
                 raise ValueError(f"invalid {name} {getattr(self, name)}: must be 0..65535")
         if self.index_url and not is_postgresql_url(self.index_url):
             raise ValueError("invalid [index] url: empty (SQLite in data_dir) or postgresql://user@host/database")
+        if self.node_name and not NODE_NAME_PATTERN.fullmatch(self.node_name):
+            raise ValueError(f"invalid [node] name {self.node_name[:80]!r}: it names a folder, so letters, digits,"
+                             " '.', '_' or '-' (not first), at most 64")
         if self.duplicates not in ("keep", "overwrite"):
             raise ValueError(f"invalid duplicates policy {self.duplicates!r}: keep or overwrite")
         if not URI_SCHEME_PATTERN.fullmatch(self.storage_scheme):
@@ -995,6 +1010,19 @@ class Config:
                     raise ValueError(f"[transfer_syntaxes] {sop_class}: {uid!r} is not a UID")
         self.data_dir = pathlib.Path(self.data_dir)
         self.watch_folders = [pathlib.Path(p) for p in self.watch_folders]
+
+    @property
+    def node(self) -> str:
+        """This node's name: [node] name, else HOSTNAME-HTTPPORT (any other character of the host
+        name as '-'), which tells apart the nodes of one machine and those of several."""
+        return self.node_name or re.sub(r"[^A-Za-z0-9_.-]", "-", f"{socket.gethostname()}-{self.http_port}").lstrip(".")
+
+    @property
+    def node_dir(self) -> pathlib.Path:
+        """Where this node's own state lives (temp files, caches, the lock of its serve): the data
+        dir itself with the SQLite index (one node), data_dir/nodes/NAME when several nodes share
+        the data dir and a PostgreSQL index, so that none sweeps or locks another's files."""
+        return self.data_dir / "nodes" / self.node if self.index_url else self.data_dir
 
     def save_settings(self, *names: str):
         """Write the named settings, changed at run time, to settings_location: attributes
@@ -1424,6 +1452,7 @@ class Leases:
         self._held: set[str] = set()
         self._lock = threading.Lock()  # one connection, asked from several threads
         self._closed = False
+        self._unreachable = False  # said once, not at every try
 
     def owns(self, name: str) -> bool:
         """True if this node owns the lease name now, taking it if no node holds it. A node whose
@@ -1435,6 +1464,7 @@ class Leases:
                 return False
             try:
                 connection = self._connect()
+                self._unreachable = False
                 if name in self._held:
                     connection.execute("SELECT 1")  # the lock lives as long as this session: is it alive?
                 elif connection.execute("SELECT pg_try_advisory_lock(?, ?)", (LEASE_NAMESPACE, lease_key(name))).fetchone()[0]:
@@ -1487,8 +1517,9 @@ class Leases:
         if self._held:
             self.log.error("lost the database connection holding the leases of %s (%s): other nodes take them over",
                            ", ".join(sorted(self._held)), error)
-        else:
-            self.log.debug("cannot take leases now: %s", error)
+        elif not self._unreachable:
+            self.log.warning("cannot take leases now, tried again every %g s: %s", LEASE_POLL_SECONDS, error)
+        self._unreachable = True
         self._held.clear()
         if self._connection is not None:
             with contextlib.suppress(self._psycopg.Error):
@@ -3759,12 +3790,10 @@ class Index:
         connection.execute("DELETE FROM instances; DELETE FROM series; DELETE FROM studies; DELETE FROM patients; DELETE FROM metadata")
 
 
-def open_index(config: Config, **options) -> Index:
-    """The archive's index, wherever config says it lives: the one way the daemon and the commands open it."""
-    if config.index_url:
-        raise ValueError("[index] url: this version keeps its index in SQLite only (leave url empty);"
-                         " the PostgreSQL engine is being built")
-    return Index(config.data_dir / "index.sqlite", **options)
+def open_index(config: Config) -> Index:
+    """The archive's index, wherever config says it lives ([index] url, else the SQLite file in
+    the data dir): the one way the daemon and the commands open it."""
+    return Index(config.index_url or config.data_dir / "index.sqlite")
 
 
 # ============================================================================================
@@ -4133,9 +4162,12 @@ class Storage:
     under the URI its plugin gave it, and read back through that plugin.
     """
 
-    def __init__(self, data_dir: pathlib.Path, fsync: bool = True, scheme: str = "file", sweep: bool = True):
+    def __init__(self, data_dir: pathlib.Path, fsync: bool = True, scheme: str = "file", sweep: bool = True,
+                 node_dir: pathlib.Path | None = None):
         self.root = (data_dir / "storage").resolve()
-        self.tmp = (data_dir / "tmp").resolve()
+        # This node's own (Config.node_dir; the data dir on one machine), on the storage
+        # folder's file system all the same: a temp file is renamed into place, not copied.
+        self.tmp = ((node_dir or data_dir) / "tmp").resolve()
         self.fsync = fsync
         self.root.mkdir(parents=True, exist_ok=True)
         self.tmp.mkdir(parents=True, exist_ok=True)
@@ -8512,7 +8544,8 @@ class DicomServices:
                 self.tls_port = self.tls_acceptor.address[1]
             if self.config.dicom_workers and self.ingest.storage.scheme == "file":
                 self.workers = AssociationWorkers(self.config.dicom_workers, {
-                    "data_dir": str(self.config.data_dir), "fsync": self.ingest.storage.fsync,
+                    "data_dir": str(self.config.data_dir), "node_dir": str(self.config.node_dir),
+                    "fsync": self.ingest.storage.fsync,
                     "log_level": self.config.log_level}, self.log)
         self.log.info("DICOM listening on %s:%d as %s", self.config.dicom_host, self.port, self.config.aet)
         if self.tls_port:
@@ -9463,7 +9496,8 @@ def _association_worker(channel: socket.socket, settings: dict):
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     _configure_logging(settings["log_level"])
     log = logging.getLogger("dicoogled.dicom")
-    storage = Storage(pathlib.Path(settings["data_dir"]), fsync=settings["fsync"], sweep=False)
+    storage = Storage(pathlib.Path(settings["data_dir"]), fsync=settings["fsync"], sweep=False,
+                      node_dir=pathlib.Path(settings["node_dir"]))
     running, lock = set(), threading.Lock()
     channel.sendall(AssociationWorkers.READY)
     while True:
@@ -9503,7 +9537,7 @@ class AssociationWorkers:
     START_TIMEOUT = 60
 
     def __init__(self, count: int, settings: dict, log: logging.Logger):
-        #: What a worker needs: data_dir, fsync, log_level.
+        #: What a worker needs: data_dir, node_dir, fsync, log_level.
         self.settings, self.log = settings, log
         self._lock = threading.Lock()
         self._stopping = False
@@ -9628,10 +9662,16 @@ class FolderWatcher:
 
     A file is indexed when inotify reports it closed after writing, or, for every other event
     and for polling observers, once its size and mtime have been still for quiet_period.
+
+    One node watches a given folder: the owner of its lease ("watch" and its path). The others
+    ask again every LEASE_POLL_SECONDS and take the folder over, reconciling it first, when
+    that node dies; on one machine every folder is this node's at once.
     """
 
-    def __init__(self, ingest: Ingest, folders, origin="watch", poll=False, poll_interval=5.0, quiet_period=2.0):
+    def __init__(self, ingest: Ingest, folders, origin="watch", poll=False, poll_interval=5.0, quiet_period=2.0,
+                 leases: Leases | None = None):
         self.ingest = ingest
+        self.leases = leases or Leases()
         self.folders = [pathlib.Path(f).resolve() for f in folders]
         self.origin = origin
         self.quiet_period = quiet_period
@@ -9645,15 +9685,47 @@ class FolderWatcher:
         self._stop = threading.Event()
         self._workers = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="watch-index")
         self._queued = 0  # files handed to the workers and not yet indexed (or skipped)
+        self._observing_lock = threading.Lock()  # held while folders are observed or given up
         self.reconciling = 0
 
     def start(self):
         for folder in self.folders:
             folder.mkdir(parents=True, exist_ok=True)
-            self._observe(folder)
-            self.reconciling += 1
-            start_thread(f"reconcile-{folder.name}", self._reconcile_then_done, folder)
+        self._watch_owned_folders()
         start_thread("watch-debounce", self._debounce_loop)
+        start_thread("watch-leases", self._follow_leases)
+
+    @property
+    def watched(self) -> list[pathlib.Path]:
+        """The folders this node watches now (with several nodes, those whose lease it owns)."""
+        return list(self._watching)
+
+    @staticmethod
+    def lease(folder: pathlib.Path) -> str:
+        """The name of a folder's lease: nodes mounting the shared folder at one path agree on it."""
+        return f"watch {folder}"
+
+    def _watch_owned_folders(self):
+        """Watch (and reconcile) each folder this node owns and does not watch yet; stop
+        watching those it no longer owns (its connection to the database was lost)."""
+        with self._observing_lock:
+            for folder in self.folders:
+                owned = self.leases.owns(self.lease(folder))
+                if owned and folder not in self._watching and not self._stop.is_set():
+                    self._observe(folder)
+                    self.reconciling += 1
+                    start_thread(f"reconcile-{folder.name}", self._reconcile_then_done, folder)
+                elif not owned and folder in self._watching:
+                    observer, _ = self._watching.pop(folder)
+                    observer.stop()
+                    self.log.warning("no longer watching %s: this node lost its lease", folder)
+
+    def _follow_leases(self):
+        while not self._stop.wait(LEASE_POLL_SECONDS):
+            try:
+                self._watch_owned_folders()
+            except OSError as error:  # a folder that cannot be watched now: tried again next time
+                self.log.warning("cannot watch the folders taken over: %s", error)
 
     def _observe(self, folder: pathlib.Path):
         events = [FileCreatedEvent, FileModifiedEvent, FileClosedEvent, FileDeletedEvent, FileMovedEvent, DirDeletedEvent, DirMovedEvent]
@@ -9681,35 +9753,39 @@ class FolderWatcher:
     def _rewatch_recreated_folders(self):
         """A watched folder deleted (its files unindexed with it) and created again is a new
         folder, which the observer of the old one does not see: watch it and reconcile it."""
-        for folder, (observer, identity) in list(self._watching.items()):
-            try:
-                stat = folder.stat()
-            except OSError:
-                continue
-            # The new folder may get the old one's inode number, hence the deletion event too.
-            if ((stat.st_dev, stat.st_ino) != identity or folder in self._deleted_folders) and not self._stop.is_set():
-                self._deleted_folders.discard(folder)
-                self.log.warning("%s was deleted and created again: watching the new folder", folder)
-                observer.stop()
+        with self._observing_lock:
+            for folder, (observer, identity) in list(self._watching.items()):
                 try:
-                    self._observe(folder)
-                except OSError as error:  # gone again: try on the next round
-                    self.log.warning("cannot watch %s: %s", folder, error)
+                    stat = folder.stat()
+                except OSError:
                     continue
-                self.reconciling += 1
-                start_thread(f"reconcile-{folder.name}", self._reconcile_then_done, folder)
+                # The new folder may get the old one's inode number, hence the deletion event too.
+                if ((stat.st_dev, stat.st_ino) != identity or folder in self._deleted_folders) and not self._stop.is_set():
+                    self._deleted_folders.discard(folder)
+                    self.log.warning("%s was deleted and created again: watching the new folder", folder)
+                    observer.stop()
+                    try:
+                        self._observe(folder)
+                    except OSError as error:  # gone again: try on the next round
+                        self.log.warning("cannot watch %s: %s", folder, error)
+                        continue
+                    self.reconciling += 1
+                    start_thread(f"reconcile-{folder.name}", self._reconcile_then_done, folder)
 
     def stop(self):
         self._stop.set()
-        for observer in self._observers:
-            observer.stop()
+        with self._observing_lock:
+            for observer in self._observers:
+                observer.stop()
         for observer in self._observers:
             observer.join(timeout=5)
         self._workers.shutdown(wait=True, cancel_futures=True)
+        for folder in self.folders:  # another node (or the next watcher here) may watch them
+            self.leases.release(self.lease(folder))
 
     def reconcile_all(self):
         """Reconcile every watched folder again (after the index could not take some files)."""
-        for folder in self.folders:
+        for folder in list(self._watching):
             self.reconciling += 1
             start_thread(f"reconcile-{folder.name}", self._reconcile_then_done, folder)
 
@@ -9924,7 +10000,10 @@ class IndexTask:
 
 
 class TaskManager:
-    """Runs index tasks one after another in the background; keeps them listed until closed."""
+    """Runs index tasks one after another in the background; keeps them listed until closed.
+
+    A task runs once, on the node that was asked for it (a request, a plugin): no lease is
+    needed, unlike the work every node would otherwise start by itself (Leases)."""
 
     def __init__(self, ingest: Ingest):
         self.ingest = ingest
@@ -10345,6 +10424,9 @@ class StudyEvents:
         self._threads = []
         self._opener = urllib.request.build_opener(_NoRedirects)
 
+    #: The once-only work of this class, each owned by one node (Leases).
+    STABLE_STUDIES_LEASE, DELIVERY_LEASE = "stable studies", "webhook deliveries"
+
     @property
     def webhooks(self) -> dict[str, Webhook]:
         return self.daemon.config.webhooks
@@ -10394,11 +10476,13 @@ class StudyEvents:
         self._wake_delivery.set()
 
     def _find_stable_studies(self):
-        # The one place studies are found stable. With several nodes on one database (the
-        # PostgreSQL engine), only the node holding a lease on this job should run this loop;
-        # announce_stable's conditional update already keeps two from announcing a study twice.
+        # The one place studies are found stable, by the node that owns this work (with several
+        # nodes on one database); announce_stable's conditional update would anyway keep two
+        # from announcing a study twice.
         stable_age = self.daemon.config.stable_age
         while not self._stop.wait(min(STABLE_CHECK_SECONDS, stable_age / 4)):
+            if not self.daemon.leases.wait_to_own(self.STABLE_STUDIES_LEASE, self._stop):
+                return
             try:
                 self._announce_quiet_studies(stable_age)
             except (apsw.Error, OSError) as error:  # a full disk, say: the studies wait, the loop goes on
@@ -10421,11 +10505,14 @@ class StudyEvents:
     # ---- delivery
 
     def _deliver(self):
-        while not self._stop.is_set():
+        # Deliveries are made by one node, the owner of this work; it asks again before each
+        # attempt, so a node that lost the lease stops at once.
+        leases = self.daemon.leases
+        while leases.wait_to_own(self.DELIVERY_LEASE, self._stop):
             try:
                 for delivery in self.index.due_deliveries(time.time()):
-                    if self._stop.is_set():
-                        return
+                    if self._stop.is_set() or not leases.owns(self.DELIVERY_LEASE):
+                        break
                     self._attempt(delivery)
                 next_due = self.index.next_delivery_time()
             except (apsw.Error, OSError) as error:  # the queue cannot be read or written now: later
@@ -14680,6 +14767,34 @@ def _make_private_data_dir(data_dir: pathlib.Path, background=False):
         walk(subfolders)
 
 
+#: The file a serving daemon holds locked in its node folder (the data dir, on one machine).
+SERVE_LOCK_FILE = "serve.lock"
+
+
+def _lock_node_dir(config: Config):
+    """The lock that makes a daemon the only one serving its node folder (Config.node_dir: the
+    data dir itself with the SQLite index), held as long as the file returned stays open. Two
+    there would sweep each other's temp files and write one SQLite index from two processes.
+    An flock belongs to the open file, so the OS releases it when the process ends, however it
+    ends (kill -9 too): no stale lock to remove by hand. Raises RuntimeError naming the holder."""
+    config.node_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    handle = open(config.node_dir / SERVE_LOCK_FILE, "a+", encoding="utf-8")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "unknown"
+        handle.close()
+        other_name = ", or this node another [node] name" if config.index_url else ""
+        raise RuntimeError(f"{config.node_dir} is in use by another dicoogled serve (PID {holder}): stop that one"
+                           f" first, or give this one another --data-dir{other_name}") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")  # for the message above, and for people
+    handle.flush()
+    return handle
+
+
 def _release_free_memory():
     """Give the C heap's free pages back to the system (glibc's malloc_trim; elsewhere nothing).
 
@@ -14702,12 +14817,16 @@ class Daemon:
         self.settings_lock = threading.Lock()
         data_dir = config.data_dir
         _make_private_data_dir(data_dir, background=True)
-        self.storage = Storage(data_dir, fsync=config.fsync, scheme=config.storage_scheme)
+        # Before anything is swept or opened: a second serve on this folder stops here.
+        self._serve_lock = _lock_node_dir(config)
+        self.storage = Storage(data_dir, fsync=config.fsync, scheme=config.storage_scheme, node_dir=config.node_dir)
         # Temporary files (spooled uploads, pynetdicom's) stay on the data disk: /tmp may be RAM.
         tempfile.tempdir = str(self.storage.tmp)
         for stale in self.storage.tmp.glob("import-*.zip"):  # uploads whose import a stop or a crash cut short
             stale.unlink(missing_ok=True)
         self.index = open_index(config)
+        #: Which once-only work this node does now (all of it, on one machine).
+        self.leases = Leases(config.index_url, config.node)
         #: Free space on the data disk and the reserve kept there ([storage] min_free_mb).
         self.disk = DiskSpace(data_dir, config.min_free_mb)
         self.ingest = Ingest(self.index, self.storage, config.duplicates, self.disk,
@@ -14727,8 +14846,8 @@ class Daemon:
         self.pseudonyms = PseudonymMap(data_dir / "pseudonyms.sqlite")
         #: The one de-identifier: research exports, and whatever else hands out de-identified copies.
         self.deidentifier = Deidentifier(self.pseudonyms)
-        self.thumbnails = ThumbnailCache(data_dir / "cache" / "thumbnails")
-        self._cache_root = data_dir / "cache"
+        self._cache_root = config.node_dir / "cache"  # each node's own
+        self.thumbnails = ThumbnailCache(self._cache_root / "thumbnails")
         self.users.ensure_admin(data_dir, os.environ.get("DICOOGLED_ADMIN_PASSWORD"))
         self.tasks = TaskManager(self.ingest)
         #: Query providers by name: callables(query text) -> [(uri, metadata)]; plugins add theirs.
@@ -14764,8 +14883,8 @@ class Daemon:
             self.dicom.start()
         self.watch()
         # Files stored before a crash but never indexed (never acknowledged either) get indexed.
-        self.reconciling += 1
-        start_thread("reconcile-storage", self._reconcile_storage)
+        self.reconciling += 1  # counted now, so /health says so before the thread runs
+        start_thread("reconcile-storage", self._reconcile_storage_whenever_owned)
         start_thread("disk-space", self._watch_disk_space)
         if self.config.retention_rules:
             start_thread("retention", self._apply_retention_regularly)
@@ -14794,6 +14913,7 @@ class Daemon:
                 self.watcher = FolderWatcher(
                     self.ingest, self.config.watch_folders, poll=self.config.watch_poll,
                     poll_interval=self.config.watch_poll_interval, quiet_period=self.config.watch_quiet_period,
+                    leases=self.leases,
                 )
                 self.watcher.start()
 
@@ -14899,7 +15019,29 @@ class Daemon:
         hits, _ = self.search(query)
         return [(_file_uri(hit.path), hit.meta) for hit in hits]
 
+    #: The lease of reconciling the storage folder, shared by the nodes, with the index.
+    STORAGE_LEASE = "reconcile storage"
+
+    def _reconcile_storage_whenever_owned(self):
+        """Reconcile the storage folder with the index at start if this node owns that work (on
+        one machine it always does), then each time it takes the work over from a node that
+        died, which may have left files stored but never indexed; start() counted the first
+        run in self.reconciling. This node's caches lose what is no longer indexed."""
+        owned = self.leases.owns(self.STORAGE_LEASE)
+        if owned:
+            self._reconcile_storage()
+        else:
+            self.reconciling -= 1  # another node reconciles
+        self._purge_caches()
+        while not self.stopped.wait(LEASE_POLL_SECONDS):
+            owned, was_owned = self.leases.owns(self.STORAGE_LEASE), owned
+            if owned and not was_owned:
+                self.reconciling += 1
+                self._reconcile_storage()
+
     def _reconcile_storage(self):
+        """Index what the storage folder and the storage plugins hold and the index lacks; the
+        caller counted this in self.reconciling."""
         try:
             reconcile(self.ingest, self.storage.root, "store", self.stopped)
             for scheme in set(self.storage.schemes) - {"file"}:
@@ -14907,12 +15049,15 @@ class Daemon:
                     self.ingest.reconcile_scheme(scheme)
                 except Exception:  # one storage plugin's failure must not stop the others
                     self.log.exception("cannot reconcile the index with storage %s", scheme)
-            is_indexed = lambda uid: self.index.instance(uid) is not None  # noqa: E731
-            self.thumbnails.purge(is_indexed)
-            for folder in self._cache_root.glob("plugin-*"):
-                InstanceCache(folder, ".cache").purge(is_indexed)
         finally:
             self.reconciling -= 1
+
+    def _purge_caches(self):
+        """Delete what this node's caches hold for instances no longer indexed."""
+        is_indexed = lambda uid: self.index.instance(uid) is not None  # noqa: E731
+        self.thumbnails.purge(is_indexed)
+        for folder in self._cache_root.glob("plugin-*"):
+            InstanceCache(folder, ".cache").purge(is_indexed)
 
     #: Seconds between looks at the data disk's free space.
     DISK_CHECK_SECONDS = 2.0
@@ -14922,15 +15067,17 @@ class Daemon:
         files left by a store or a reconciliation that failed, and files in watched folders."""
         while not self.stopped.wait(self.DISK_CHECK_SECONDS):
             if self.disk.recheck() and not self.stopped.is_set():
-                self.reconciling += 1
-                start_thread("reconcile-storage", self._reconcile_storage)
+                if self.leases.owns(self.STORAGE_LEASE):
+                    self.reconciling += 1
+                    start_thread("reconcile-storage", self._reconcile_storage)
                 with self._watch_lock:
                     if self.watcher:
                         self.watcher.reconcile_all()
 
     def _prune_audit_regularly(self):
-        """Delete audit entries older than [audit] retention_days, at start and every hour."""
-        while not self.stopped.is_set():
+        """Delete audit entries older than [audit] retention_days, at start and every hour (by
+        one node: the owner of the lease)."""
+        while self.leases.wait_to_own("audit retention", self.stopped):
             try:
                 self.audit.prune()
             except apsw.Error as error:  # a busy or full disk: tried again next time
@@ -14947,9 +15094,10 @@ class Daemon:
                               instances=record.meta.get("SOPInstanceUID", ""), count=1)
 
     def _apply_retention_regularly(self):
-        """Apply the [retention] rules at start, then every retention_interval_hours."""
+        """Apply the [retention] rules at start, then every retention_interval_hours (by one
+        node: the owner of the lease, or the node that takes it over)."""
         rules = list(self.config.retention_rules.values())
-        while not self.stopped.is_set():
+        while self.leases.wait_to_own("retention", self.stopped):
             self.ingest.apply_retention(rules)
             if self.stopped.wait(self.config.retention_interval_hours * 3600):
                 return
@@ -14966,12 +15114,14 @@ class Daemon:
         self.watch()  # stopped is set: this only stops the watcher
         self.tasks.close()
         self.events.close()
+        self.leases.close()  # its work has stopped here: other nodes may take it
         self.plugins.close()
         self.codecs.close()
         self.index.close()
         self.users.close()
         self.pseudonyms.close()
         self.audit.close()  # last: every part that records entries has stopped
+        self._serve_lock.close()  # another serve may start on this folder now
         self.log.info("stopped")
         logging.getLogger().removeHandler(self.log_tail)
 
@@ -15254,10 +15404,20 @@ def _progress_bar(label: str):
     return show
 
 
+def _has_an_index(config: Config) -> bool:
+    """Whether an offline command has an index to work on (False says why in the log): the
+    SQLite file must be there; a PostgreSQL database says so itself when it is opened."""
+    if config.index_url or (config.data_dir / "index.sqlite").is_file():
+        return True
+    log.error("no index in %s: is it the right --data-dir?", config.data_dir)
+    return False
+
+
 def _offline_archive(config: Config):
     index = open_index(config)
-    return index, Ingest(index, Storage(config.data_dir, fsync=config.fsync), config.duplicates,
-                         protected_labels=config.protected_labels)
+    # No sweep of the temp folder: a daemon running on this data dir may be writing there.
+    storage = Storage(config.data_dir, fsync=config.fsync, sweep=False, node_dir=config.node_dir)
+    return index, Ingest(index, storage, config.duplicates, protected_labels=config.protected_labels)
 
 
 def command_index(config: Config, paths) -> int:
@@ -15317,8 +15477,7 @@ def command_reindex(config: Config) -> int:
 
 def command_retention(config: Config, dry_run: bool) -> int:
     """Apply the [retention] rules (or list what they would delete): one JSON line per study."""
-    if not (config.data_dir / "index.sqlite").is_file():
-        log.error("no index in %s: is it the right --data-dir?", config.data_dir)
+    if not _has_an_index(config):
         return 1
     if not config.retention_rules:
         log.warning("no [retention] rules in the configuration: nothing to do")
@@ -15334,8 +15493,7 @@ def command_retention(config: Config, dry_run: bool) -> int:
 def command_research_export(config: Config, label: str, into: str, options: DeidentificationOptions) -> int:
     """De-identify a label's studies into another label, offline (the daemon stopped); prints
     {studies, stored, failed}, exits 1 if anything failed."""
-    if not (config.data_dir / "index.sqlite").is_file():
-        log.error("no index in %s: is it the right --data-dir?", config.data_dir)
+    if not _has_an_index(config):
         return 1
     index, ingest = _offline_archive(config)
     pseudonyms = PseudonymMap(config.data_dir / "pseudonyms.sqlite")
@@ -15357,8 +15515,7 @@ def command_research_export(config: Config, label: str, into: str, options: Deid
 
 def command_check(config: Config) -> int:
     """Compare the index with the files on disk; exit 1 if they disagree."""
-    if not (config.data_dir / "index.sqlite").is_file():
-        log.error("no index in %s: is it the right --data-dir?", config.data_dir)
+    if not _has_an_index(config):
         return 1
     index = open_index(config)
     problems = collections.Counter()
