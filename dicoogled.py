@@ -4392,6 +4392,9 @@ class Ingest:
         #: callable(record) -> the webhook deliveries (Delivery rows) its arrival makes, queued
         #: in the transaction that indexes it
         self.deliveries_for = None
+        #: callable() told once an instance's deliveries are committed, to send them now. Only
+        #: then: waking the delivery thread for every instance cost each store a thread switch.
+        self.deliveries_queued = None
         self._uid_locks = collections.defaultdict(threading.Lock)
         self._locks_guard = threading.Lock()
         self.log = logging.getLogger("dicoogled.index")
@@ -4726,6 +4729,8 @@ class Ingest:
         deliveries = self.deliveries_for(record) if self.deliveries_for else ()
         self.index.write(Index.add_instance, record, deliveries, recoverable=True)
         self.stats.indexed += 1
+        if deliveries and self.deliveries_queued:
+            self.deliveries_queued()
         for listener in self.listeners:
             try:
                 listener(record, calling_aet)
@@ -14861,7 +14866,7 @@ class Daemon:
         #: Stable studies and webhook deliveries.
         self.events = StudyEvents(self)
         self.ingest.deliveries_for = self.events.instance_deliveries
-        self.ingest.listeners.append(lambda record, calling_aet: self.events.queued())
+        self.ingest.deliveries_queued = self.events.queued
         self.ingest.listeners.append(self._audit_watched_file)
         self.dicom.find_filter = self.plugins.find_filter
         self.dicom.visibility_of_ae = self.visibility_of_ae
