@@ -111,6 +111,15 @@ def test_a_node_that_lost_its_connection_stops_claiming(nodes, postgres_url):
     assert not owner.owns("reconcile storage")  # connected again, it finds the lease taken
 
 
+def test_a_node_that_cannot_reach_the_database_owns_nothing_and_says_so_once(caplog):
+    leases = dicoogled.Leases(f"postgresql://postgres@127.0.0.1:{free_port()}/nowhere", "cut-off")  # nothing listens
+    with caplog.at_level("WARNING", logger="dicoogled.nodes"):
+        assert not leases.owns("stable studies")
+        assert not leases.owns("stable studies")
+    assert [record.getMessage().startswith("cannot take leases now") for record in caplog.records] == [True]
+    leases.close()
+
+
 def test_lease_keys_are_stable_and_namespaced():
     """The key is a function of the name alone (the child process above relies on it too)."""
     assert dicoogled.lease_key("retention") == dicoogled.lease_key("retention")
