@@ -199,10 +199,10 @@ def test_with_the_sqlite_index_the_layout_is_one_machines(tmp_path):
     assert storage.root == (tmp_path / "data" / "storage").resolve()
 
 
-def test_with_a_postgresql_index_each_node_has_its_own_folder(tmp_path):
+def test_with_a_postgresql_index_each_node_has_its_own_folder(tmp_path, postgres_url):
     """Temp files and caches go to data_dir/nodes/NAME; the storage folder stays shared. A node
     starting sweeps its own temp folder, never the files another node is writing."""
-    url = "postgresql://pacs@db.example.org/pacs"
+    url = postgres_url
     first = dicoogled.Config.load(data_dir=tmp_path / "data", index_url=url)
     first.node_name = "first"
     second = dicoogled.Config.load(data_dir=tmp_path / "data", index_url=url, http_port=8081)
