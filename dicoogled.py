@@ -880,12 +880,15 @@ class Config:
     webhooks: dict[str, "Webhook"] = dataclasses.field(default_factory=dict)
     #: The file settings were read from, if any.
     config_file: pathlib.Path | None = None
+    #: The overrides load() was given (the command-line flags), so they win again when the
+    #: settings are read afresh (another node changed the shared ones).
+    command_line: dict = dataclasses.field(default_factory=dict)
 
     @classmethod
-    def load(cls, path=None, **overrides) -> "Config":
+    def load(cls, path=None, add_watch_folders=(), add_plugin_folders=(), **overrides) -> "Config":
         """Read the embedded defaults, then the INI file at path, then the settings changed at
         run time (data_dir/settings.ini, or the PostgreSQL index's table of them), then non-None
-        overrides (the command-line flags)."""
+        overrides (the command-line flags); folders to add (--watch, --plugins-dir) come last."""
         # A ';' after a value starts a comment (configparser would otherwise keep it in the value).
         parser = _ConfigParser(interpolation=None, inline_comment_prefixes=(";",))
         parser.optionxform = str  # AE titles in [modalities] are case-sensitive
@@ -922,11 +925,21 @@ class Config:
             )
         except (ValueError, configparser.Error) as error:
             raise ValueError(f"invalid configuration: {error}") from None
-        for name, value in overrides.items():
-            if value is not None:
-                setattr(config, name, value)
+        config.command_line = {name: value for name, value in overrides.items() if value is not None}
+        for name, value in config.command_line.items():
+            setattr(config, name, value)
+        config.watch_folders = config.watch_folders + list(add_watch_folders)
+        config.plugin_folders = config.plugin_folders + list(add_plugin_folders)
+        for name, folders in (("add_watch_folders", add_watch_folders), ("add_plugin_folders", add_plugin_folders)):
+            if folders:
+                config.command_line[name] = tuple(folders)
         config.validate()
         return config
+
+    def reread(self) -> "Config":
+        """This configuration read afresh: the same file and command line, and the settings
+        changed at run time as they are now (another node may have changed shared ones)."""
+        return Config.load(self.config_file, **self.command_line)
 
     def changed(self, **values) -> "Config":
         """A copy with these settings changed, validated: ValueError says why one cannot work."""
@@ -1223,6 +1236,14 @@ LIVE_SETTINGS = frozenset({
     "acse_timeout", "dimse_timeout", "network_timeout", "connection_timeout",
     "watch_folders", "watch_enabled", "thumbnails", "thumbnail_size", "index_effort",
 })
+
+
+#: What a node takes at run time from the settings another node changed (shared settings): the
+#: live settings, and the Config attributes that WHOLE_SECTIONS are read into.
+FOLLOWED_SETTINGS = LIVE_SETTINGS | {"modalities", "modality_details", "modality_services", "tls_modalities",
+                                     "transfer_syntaxes"}
+#: How often a node whose settings are shared asks whether another node changed them.
+SETTINGS_FOLLOW_SECONDS = 2
 
 
 def _ini_text(value) -> str:
@@ -7122,6 +7143,25 @@ class PluginManager:
             self.log.info("plugin %s %s", name, "enabled" if enabled else "disabled")
             return plugin
 
+    def take_settings(self, name: str, texts: dict[str, str]):
+        """Take a plugin's settings saved elsewhere (another node): {setting: text}, as its
+        [plugin.NAME] section would give them at load, and enabled or disabled as they say."""
+        with self._lock:
+            self.configured[name] = dict(texts)
+            plugin = self.plugins.get(name)
+            if plugin is None or plugin.error:
+                return  # a plugin loaded later reads them from configured
+            for key, text in texts.items():
+                if key in plugin.settings:
+                    try:
+                        plugin.settings[key] = _convert_setting(text, plugin.settings[key])
+                    except ValueError:
+                        self.log.warning("plugin %s: setting %s = %r is not a %s; kept %r", name, key, text,
+                                         type(plugin.settings[key]).__name__, plugin.settings[key])
+            enabled = bool(plugin.settings.get("enabled", True))
+            if enabled != plugin.enabled:
+                self.set_enabled(name, enabled)
+
     def watch(self):
         """Reload a plugin file when it changes, without restarting the daemon."""
         manager = self
@@ -11248,7 +11288,7 @@ def research_export(index: Index, storage: Storage, ingest: Ingest, deidentifier
 
 
 # ============================================================================================
-# Users and sessions: password hashes, tokens, presets (data_dir/users.sqlite, or PostgreSQL)
+# Users and sessions: password hashes, tokens, presets (data_dir/users.sqlite)
 # ============================================================================================
 
 #: The version of the users schema (users.sqlite's user_version): a later one migrates from it.
@@ -11773,7 +11813,7 @@ class LoginThrottle:
 
 
 # ============================================================================================
-# Audit log: who read, sent, received or changed what, when (data_dir/audit.sqlite, or PostgreSQL)
+# Audit log: who read, sent, received or changed what, when (data_dir/audit.sqlite)
 # ============================================================================================
 
 #: The version of the audit schema (audit.sqlite's user_version): a later one migrates from it.
@@ -14894,6 +14934,8 @@ class Daemon:
         if self.config.retention_rules:
             start_thread("retention", self._apply_retention_regularly)
         start_thread("audit-retention", self._prune_audit_regularly)
+        if is_postgresql_url(self.config.settings_location):
+            start_thread("shared-settings", self._follow_shared_settings)
         bottle.BaseRequest.MEMFILE_MAX = 16 * 1024 * 1024
         app = make_app(self)
         try:
@@ -14938,6 +14980,59 @@ class Daemon:
                 changed.save_settings(*saved)
             for name, value in values.items():
                 setattr(self.config, name, value)
+
+    def _follow_shared_settings(self):
+        """Take the settings other nodes change, while the daemon runs (settings shared in the
+        PostgreSQL index's database).
+
+        Polled: every SETTINGS_FOLLOW_SECONDS one read of a counter the savers bump, and the
+        settings read again only when it moved. Settings change a few times a year and are read
+        on every association and many requests, so reading them there would cost a round trip
+        each time for nothing; a poll costs one tiny query per node every few seconds and holds
+        no connection open to a server that may restart, as LISTEN/NOTIFY would. A change takes
+        effect on the other nodes within SETTINGS_FOLLOW_SECONDS, much as one made here takes
+        effect from the next association or request."""
+        shared, seen, failing = None, None, False  # seen None: read once at start, changes before it included
+        while not self.stopped.wait(0 if seen is None else SETTINGS_FOLLOW_SECONDS):
+            try:
+                shared = shared or SharedSettings(self.config.settings_location)
+                count = shared.changes()
+                if count != seen:
+                    self.take_settings(self.config.reread())
+                    seen = count
+                failing = False
+            except Exception as error:  # the database away, or settings no longer valid: said once, tried again
+                if not failing:
+                    self.log.warning("cannot read the shared settings (will try again): %s", error)
+                failing = True
+        if shared is not None:
+            shared.close()
+
+    def take_settings(self, fresh: Config) -> list[str]:
+        """Take the settings another node changed, from a config read afresh, as a change made
+        here is taken: the AE title, the DICOM listener's address, the watched folders and the
+        plugins' settings follow. The names of the settings that changed."""
+        with self.settings_lock:  # a change made here is saved and set under it: seen whole or not at all
+            changed = {name: getattr(fresh, name) for name in sorted(FOLLOWED_SETTINGS)
+                       if getattr(fresh, name) != getattr(self.config, name)}
+            for name, value in changed.items():
+                setattr(self.config, name, value)
+        if "aet" in changed:
+            self.dicom.set_ae_title(fresh.aet)
+        if {"dicom_host", "dicom_port"} & set(changed):
+            try:
+                self.dicom.move(fresh.dicom_host, fresh.dicom_port)
+            except OSError as error:
+                self.log.error("DICOM listener not moved as another node said: %s", error)
+        if {"watch_folders", "watch_enabled"} & set(changed):
+            self.watch()
+        for name, texts in fresh.plugin_settings.items():
+            if texts != self.plugins.configured.get(name):
+                self.plugins.take_settings(name, texts)
+                changed[f"plugin.{name}"] = texts
+        if changed:
+            self.log.info("settings changed on another node taken: %s", ", ".join(changed))
+        return list(changed)
 
     def search(self, text: str, limit: int | None = None, offset: int = 0, visibility: Visibility = EVERYTHING):
         """A query in the search language, with the fields plugins add: (SearchHit rows, total)
@@ -15793,12 +15888,10 @@ def main(argv=None) -> int:
     if args.command == "serve":
         overrides.update(http_host=args.http_host, http_port=args.http_port, dicom_host=args.dicom_host,
                          dicom_port=args.dicom_port, aet=args.aet)
+    if args.command == "serve":
+        overrides.update(add_watch_folders=args.watch or (), add_plugin_folders=args.plugins_dir or ())
     try:
         config = Config.load(args.config, **overrides)
-        if args.command == "serve" and args.watch:
-            config.watch_folders = config.watch_folders + args.watch
-        if args.command == "serve" and args.plugins_dir:
-            config.plugin_folders = config.plugin_folders + args.plugins_dir
     except ValueError as error:
         print(f"dicoogled: {error}", file=sys.stderr)
         return 2

@@ -12,6 +12,7 @@ import psycopg
 import pytest
 
 import dicoogled
+from conftest import wait_until
 
 
 @pytest.fixture
@@ -223,3 +224,44 @@ def test_a_node_tells_from_one_read_that_another_saved_settings(postgres_url):
     finally:
         node1.close()
         node3.close()
+
+
+def test_a_running_node_takes_the_settings_another_saved(postgres_url, tmp_path):
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    (plugins / "greeter.py").write_text('"""Says hello."""\ndicoogle = None\nSETTINGS = {"enabled": True, "greeting": "hello"}\n')
+    running = dicoogled.Daemon(dicoogled.Config.load(data_dir=tmp_path / "node3", plugin_folders=[plugins]))
+    try:
+        running.plugins.load_all()
+        node1 = dicoogled.Config.load(data_dir=tmp_path / "node1", index_url=postgres_url)
+        node1.changed(aet="SHARED", max_associations=3).save_settings("aet", "max_associations")
+        dicoogled.save_settings(postgres_url, {"plugin.greeter": {"enabled": "false", "greeting": "hi"}})
+        fresh = dicoogled.Config.load(data_dir=tmp_path / "node3", index_url=postgres_url, plugin_folders=[plugins])
+        assert sorted(running.take_settings(fresh)) == ["aet", "max_associations", "plugin.greeter"]
+        assert (running.config.aet, running.config.max_associations) == ("SHARED", 3)
+        greeter = running.plugins.plugins["greeter"]
+        assert greeter.settings["greeting"] == "hi" and not greeter.enabled
+        assert running.take_settings(fresh) == []  # taken once
+    finally:
+        running.stop()
+
+
+def test_a_running_node_follows_the_shared_settings_within_seconds(postgres_url, tmp_path):
+    watched = tmp_path / "incoming"
+    watched.mkdir()
+    config = dicoogled.Config.load(data_dir=tmp_path / "node3", add_watch_folders=[watched])  # as --watch says
+    running = dicoogled.Daemon(config)
+    # Its index stays in SQLite here (open_index takes no PostgreSQL URL yet); its settings are shared.
+    config.index_url = config.command_line["index_url"] = postgres_url
+    try:
+        dicoogled.start_thread("shared-settings", running._follow_shared_settings)
+        node1 = dicoogled.Config.load(data_dir=tmp_path / "node1", index_url=postgres_url)
+        node1.changed(aet="FOLLOWED").save_settings("aet")
+        wait_until(lambda: running.config.aet == "FOLLOWED", timeout=3 * dicoogled.SETTINGS_FOLLOW_SECONDS + 5,
+                   message="the other node's AE title")
+        node1.changed(aet="FOLLOWED", modalities={"WS1": ("10.0.0.9", 104)}).save_settings("modalities")
+        wait_until(lambda: running.config.modalities == {"WS1": ("10.0.0.9", 104)}, timeout=30,
+                   message="the other node's C-MOVE destinations")
+        assert running.config.watch_folders == [watched]  # what its command line said still holds
+    finally:
+        running.stop()
