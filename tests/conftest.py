@@ -2,6 +2,11 @@
 
 Nothing here mocks dicoogled: each test talks to a `python dicoogled.py serve` process over
 TCP, the way a modality, a viewer or a script would.
+
+DICOOGLED_TEST_INDEX=postgresql runs the suite on the second index engine: every daemon the
+fixtures start gets `--index` and a fresh database of the tests' own PostgreSQL server
+(tests/pgserver.py). Tests that look at the SQLite files themselves are marked
+`@pytest.mark.sqlite_only(reason)` and skipped then.
 """
 
 import json
@@ -34,6 +39,28 @@ sys.path.insert(0, str(TESTS))
 import studygen  # noqa: E402
 
 AET = "DICOOGLED"
+
+#: The index engine the daemons of the tests run on: sqlite (the default) or postgresql.
+TEST_INDEX = os.environ.get("DICOOGLED_TEST_INDEX", "sqlite").strip().lower() or "sqlite"
+if TEST_INDEX not in ("sqlite", "postgresql"):
+    raise RuntimeError(f"DICOOGLED_TEST_INDEX={TEST_INDEX!r}: sqlite or postgresql")
+ON_POSTGRESQL = TEST_INDEX == "postgresql"
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "sqlite_only(reason): the test looks at the SQLite files themselves"
+                                       " (index.sqlite, its PRAGMAs, its WAL); skipped when DICOOGLED_TEST_INDEX=postgresql")
+
+
+def pytest_report_header(config):
+    return f"dicoogled index engine: {TEST_INDEX}"
+
+
+def pytest_runtest_setup(item):
+    marker = item.get_closest_marker("sqlite_only")
+    if marker and ON_POSTGRESQL:
+        reason = marker.args[0] if marker.args else marker.kwargs.get("reason", "looks at the SQLite files")
+        pytest.skip(f"SQLite only: {reason}")
 FIND_MODELS = {"patient": PatientRootQueryRetrieveInformationModelFind, "study": StudyRootQueryRetrieveInformationModelFind}
 
 
@@ -81,6 +108,34 @@ def wait_until(predicate, timeout=30.0, interval=0.05, message="condition"):
         time.sleep(interval)
 
 
+_SUITE_POSTGRES = []  # the server started for the suite on PostgreSQL, once, when first needed
+_SUITE_DATABASES: dict[pathlib.Path, str] = {}
+
+
+def suite_postgres_server():
+    """The tests' PostgreSQL server (tests/pgserver.py), started on first use, stopped at the end."""
+    if not _SUITE_POSTGRES:
+        import pgserver
+        _SUITE_POSTGRES.append(pgserver.PostgresServer(free_port()).start())
+    return _SUITE_POSTGRES[0]
+
+
+def pytest_sessionfinish(session):
+    while _SUITE_POSTGRES:
+        _SUITE_POSTGRES.pop().stop()
+
+
+def suite_index_url(data_dir: pathlib.Path, config_text: str | None, args) -> str:
+    """The database of a daemon's index when the suite runs on PostgreSQL: one per data dir, so
+    a daemon started again on its data dir finds its index. "" on SQLite, and when the test
+    chose the index itself (--index, or an [index] section in its config)."""
+    if not ON_POSTGRESQL or "--index" in args or "[index]" in (config_text or ""):
+        return ""
+    if data_dir not in _SUITE_DATABASES:
+        _SUITE_DATABASES[data_dir] = suite_postgres_server().database()
+    return _SUITE_DATABASES[data_dir]
+
+
 class RunningDaemon:
     """A dicoogled process started by a test, on free loopback ports and its own data dir."""
 
@@ -89,6 +144,8 @@ class RunningDaemon:
         self.http_port = free_port()
         self.dicom_port = free_port()
         self.args = list(args)
+        #: The PostgreSQL database of its index when the suite runs on PostgreSQL, else "".
+        self.index_url = suite_index_url(data_dir, config_text, self.args)
         self.env = env
         self.config_path = None
         if config_text is not None:
@@ -104,7 +161,30 @@ class RunningDaemon:
                    "--dicom-host", "127.0.0.1", "--dicom-port", str(self.dicom_port)]
         if self.config_path:
             command += ["--config", str(self.config_path)]
-        return command + self.args
+        return command + self.index_args + self.args
+
+    @property
+    def index_args(self) -> list[str]:
+        """The flag that puts a command on this daemon's index (none for the SQLite file in its
+        data dir): `dicoogled.py index --data-dir D *daemon.index_args`."""
+        return ["--index", self.index_url] if self.index_url else []
+
+    @property
+    def index_location(self):
+        """What dicoogled.Index opens for this daemon's index: its database URL or SQLite file."""
+        return self.index_url or self.data_dir / "index.sqlite"
+
+    def index_sql(self, statement: str):
+        """Run SQL on this daemon's index behind its back, on either engine (a test breaking it)."""
+        if self.index_url:
+            suite_postgres_server().sql(statement, database=self.index_url.rsplit("/", 1)[1])
+            return
+        import apsw
+        connection = apsw.Connection(str(self.index_location))
+        try:
+            connection.execute(statement)
+        finally:
+            connection.close()
 
     def start(self, wait=True):
         self.log_file = open(self.log_path, "ab")
@@ -318,10 +398,7 @@ def studies(tmp_path):
 @pytest.fixture(scope="session")
 def postgres_server():
     """A real PostgreSQL server for the whole run (tests/pgserver.py), stopped at the end."""
-    import pgserver
-    server = pgserver.PostgresServer(free_port()).start()
-    yield server
-    server.stop()
+    return suite_postgres_server()
 
 
 @pytest.fixture

@@ -940,7 +940,7 @@ def test_responses_are_encoded_as_pydicom_encodes_them(archive, level):
     import dicoogled
     from pynetdicom.dsutils import encode
 
-    index = dicoogled.Index(archive.daemon.data_dir / "index.sqlite")
+    index = dicoogled.Index(archive.daemon.index_location)
     finder = dicoogled.Finder(index)
     keys = {keyword: "" for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate",
                                         "StudyDescription", "ModalitiesInStudy", "NumberOfStudyRelatedInstances",

@@ -67,8 +67,10 @@ def second_user_can_read(path: pathlib.Path) -> bool:
 def secrets_of(daemon: RunningDaemon) -> list[pathlib.Path]:
     data_dir = daemon.data_dir
     stored = next(path for path in (data_dir / "storage").rglob("*") if path.is_file())
-    return [data_dir / "users.sqlite", data_dir / "users.sqlite-wal", data_dir / "users.sqlite-shm",
-            data_dir / "index.sqlite", data_dir / "index.sqlite-wal", data_dir / "storage", stored]
+    sqlite_files = [] if daemon.index_url else [
+        data_dir / "users.sqlite", data_dir / "users.sqlite-wal", data_dir / "users.sqlite-shm",
+        data_dir / "index.sqlite", data_dir / "index.sqlite-wal"]  # on PostgreSQL these live in the database
+    return [*sqlite_files, data_dir / "storage", stored]
 
 
 def assert_readable_only_by_owner(daemon: RunningDaemon, passable_folder: pathlib.Path):
@@ -90,7 +92,7 @@ def use_every_writer(daemon: RunningDaemon, testdata):
     assert daemon.store(ct) == [0]
     admin = admin_client(daemon)
     assert admin.post("/management/settings/index/watcher", data={"watcher": "false"}).status == 200
-    assert (daemon.data_dir / "settings.ini").is_file()
+    assert daemon.index_url or (daemon.data_dir / "settings.ini").is_file()  # on PostgreSQL: in the database
     sop_uid = str(pydicom.dcmread(ct, stop_before_pixels=True).SOPInstanceUID)
     assert admin.get("/dic2png", SOPInstanceUID=sop_uid, thumbnail="true").status == 200
     assert list((daemon.data_dir / "cache").rglob("*.png"))
@@ -119,7 +121,7 @@ def test_an_existing_world_readable_data_dir_is_tightened_at_start(passable_fold
             for name in files:
                 os.chmod(os.path.join(folder, name), 0o644)
         assert loose_entries(daemon.data_dir)
-        assert second_user_can_read(daemon.data_dir / "users.sqlite")
+        assert second_user_can_read(next(path for path in daemon.data_dir.rglob("*") if path.is_file()))
         daemon.start()
     try:
         wait_until(lambda: "tightened the permissions of" in daemon.log, message="the tightening in the log")

@@ -1148,6 +1148,7 @@ def test_health_counts_and_bytes_follow_every_change(small_archive, tmp_path):
     assert health_totals(daemon) == (16, {"store": sum(stored.values())})
 
 
+@pytest.mark.sqlite_only("rewrites index.sqlite as an older version made it (PRAGMA user_version)")
 def test_an_index_of_the_previous_schema_is_upgraded_in_place(small_archive):
     """An index written by the version before the kept totals gets them, from its rows, the
     table of protected studies and the study events' columns and delivery queue (its studies

@@ -11,6 +11,7 @@ import secrets
 import time
 
 import apsw
+import pytest
 
 import dicoogled
 from conftest import wait_until
@@ -144,6 +145,7 @@ CREATE TABLE presets (
 """
 
 
+@pytest.mark.sqlite_only("writes users.sqlite as older versions made it")
 def test_an_older_users_database_keeps_its_users_and_retires_its_tokens(start_daemon, tmp_path):
     data_dir = tmp_path / "data"
     data_dir.mkdir()

@@ -606,6 +606,7 @@ def test_a_stored_file_and_its_new_folders_are_flushed_before_success(daemon, tm
 
 
 @pytest.mark.skipif(not shutil.which("strace"), reason="needs strace to see the daemon's system calls")
+@pytest.mark.sqlite_only("counts the fsyncs of index.sqlite-wal")
 def test_the_index_syncs_its_log_for_what_no_stored_file_can_redo(start_daemon, tmp_path):
     """An instance's index rows are committed without syncing the index's write-ahead log: its
     file is on disk before that commit, and the start's reconciliation indexes it again if a power

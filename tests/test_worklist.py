@@ -262,6 +262,7 @@ def test_modalities_allow_limits_worklist_and_mpps(start_daemon, tmp_path):
     assert "refused MPPS to CT01" in daemon.log
 
 
+@pytest.mark.sqlite_only("rewrites index.sqlite as schema version 2 made it (PRAGMA user_version)")
 def test_an_index_of_schema_version_2_gets_the_worklist_tables(start_daemon):
     daemon = start_daemon(env=ADMIN_ENV)
     daemon.stop()
