@@ -91,6 +91,8 @@ def answers(index):
         "description wildcard with %": find("STUDY", StudyDescription="*50%", StudyInstanceUID=""),
         "underscore is literal": find("STUDY", StudyDescription="Brain?scan*", StudyInstanceUID=""),
         "underscore not a wildcard": find("STUDY", StudyDescription="Brain_s*", StudyInstanceUID=""),
+        "underscore matches itself only": find("STUDY", StudyDescription="Hip_*", StudyInstanceUID=""),
+        "percent matches itself only": find("STUDY", StudyDescription="Brain%*", StudyInstanceUID=""),
         "series by modality": find("SERIES", Modality="MR", SeriesInstanceUID="", NumberOfSeriesRelatedInstances=""),
         "modalities in study": find("STUDY", ModalitiesInStudy="CT\\XA", StudyInstanceUID=""),
         "instances any tag": find("IMAGE", ImageComments="*knee*", SOPInstanceUID=""),
@@ -136,6 +138,7 @@ def test_both_engines_give_the_same_answers(tmp_path, postgres_url):
     assert [p["PatientName"] for p in sqlite["name folded"]] == ["Müller^Jürgen"]
     assert len(sqlite["description literal bracket"]) == 1 and len(sqlite["description wildcard with %"]) == 1
     assert len(sqlite["underscore is literal"]) == 1 and len(sqlite["underscore not a wildcard"]) == 1
+    assert sqlite["underscore matches itself only"] == sqlite["percent matches itself only"] == []
     assert len(sqlite["instances any tag"]) == 2 and len(sqlite["uid list"]) == 3 and len(sqlite["page"]) == 3
     # ... 6.dcm too: its BodyPartExamined is KNEE.
     assert sqlite["free text"] == (["/archive/0.dcm", "/archive/1.dcm", "/archive/2.dcm", "/archive/6.dcm"], 4)
@@ -246,3 +249,94 @@ def test_many_threads_read_a_postgresql_index_at_once(postgres_url):
         assert len(list(finder.search(identifier))) == 7
     finally:
         index.close()
+
+
+# ---- random queries, the same answers ---------------------------------------------------------
+
+import functools  # noqa: E402
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from pydicom.multival import MultiValue  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def both_engines(tmp_path_factory, postgres_server):
+    """INSTANCES in an SQLite file and in a PostgreSQL database, for the whole module."""
+    indexes = [dicoogled.Index(tmp_path_factory.mktemp("engines") / "index.sqlite"), dicoogled.Index(postgres_server.database())]
+    for index in indexes:
+        write_instances(index)
+    yield indexes
+    for index in indexes:
+        index.close()
+
+
+@functools.cache
+def _stored(keyword):
+    """The values of a keyword among INSTANCES (a multi-value joined by backslashes)."""
+    values = {"\\".join(map(str, v)) if isinstance(v, (list, MultiValue)) else str(v)
+              for v in (getattr(dataset(n), keyword, "") for n in range(len(INSTANCES)))}
+    return sorted(values - {""})
+
+
+def _patterns(keyword):
+    """Values a C-FIND key of this keyword may take: stored ones, their pieces with wildcards, lists."""
+    stored = _stored(keyword) or ["ABSENT"]
+    piece = st.sampled_from(stored).flatmap(lambda v: st.tuples(st.integers(0, len(v)), st.integers(0, len(v))).map(
+        lambda ends: v[min(ends):max(ends)]))
+    return st.one_of(st.just(""), st.sampled_from(stored), piece.map(lambda p: p + "*"), piece.map(lambda p: "*" + p + "*"),
+                     piece.map(lambda p: p.replace(p[:1], "?", 1) + "*" if p else "?*"),
+                     st.lists(st.sampled_from(stored), min_size=2, max_size=3).map("\\".join))
+
+
+_FIND_KEYS = {
+    "PATIENT": ["PatientName", "PatientID", "PatientSex", "PatientBirthDate"],
+    "STUDY": ["StudyDescription", "StudyDate", "InstitutionName", "AccessionNumber"],
+    "SERIES": ["Modality", "SeriesDescription", "BodyPartExamined", "ProtocolName"],
+    "IMAGE": ["ImageType", "ImageComments", "SOPInstanceUID", "SOPClassUID"],
+}
+_DATE_RANGES = st.sampled_from(["20200101-20211231", "-20200105", "20210311-", "20191231-20191231", "19000101-19991231"])
+
+
+@st.composite
+def find_requests(draw):
+    level = draw(st.sampled_from(dicoogled.LEVELS))
+    keywords = [k for lvl in dicoogled.LEVELS[:dicoogled.LEVELS.index(level) + 1] for k in _FIND_KEYS[lvl]]
+    keys = {k: draw(_patterns(k)) for k in draw(st.lists(st.sampled_from(keywords), min_size=1, max_size=3, unique=True))}
+    if level != "PATIENT" and draw(st.booleans()):
+        keys["StudyDate"] = draw(_DATE_RANGES)
+    offset, limit = draw(st.sampled_from([(0, None), (1, 2), (0, 1), (3, None)]))
+    return level, keys, offset, limit
+
+
+_SEARCH_TERMS = st.one_of(
+    st.sampled_from(["knee", "alpha*", "alp?a", '"pain after"', "jurgen", "hospital", "ct", "mr", "beta", "*:*"]),
+    st.sampled_from(["Modality", "PatientName", "StudyDescription", "ImageComments", "InstitutionName", "BodyPartExamined"])
+      .flatmap(lambda k: st.sampled_from(_stored(k) or ["x"]).map(lambda v: f'{k}:"{v}"'))
+      .map(lambda term: term.replace('"*"', "*")),
+    st.sampled_from(["StudyDate:[20200101 TO 20211231]", "StudyDate:{20191231 TO *]", "SeriesNumber:[1 TO 2]"]),
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(request=find_requests())
+def test_random_c_finds_are_answered_alike(both_engines, request):
+    level, keys, offset, limit = request
+    identifier = Dataset()
+    identifier.QueryRetrieveLevel = level
+    for keyword, value in keys.items():
+        setattr(identifier, keyword, value)
+    sqlite, postgresql = ([dict(r) for r in dicoogled.Finder(index).search(identifier, offset=offset, limit=limit)]
+                          for index in both_engines)
+    assert [str(r) for r in sqlite] == [str(r) for r in postgresql]
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(terms=st.lists(_SEARCH_TERMS, min_size=1, max_size=3), joiners=st.lists(st.sampled_from([" AND ", " OR ", " AND NOT "]), min_size=2, max_size=2),
+       page=st.sampled_from([(None, 0), (2, 0), (2, 1), (3, 2)]))
+def test_random_searches_are_answered_alike(both_engines, terms, joiners, page):
+    text = terms[0] + "".join(joiner + term for joiner, term in zip(joiners, terms[1:]))
+    query = dicoogled.SearchQuery(text, set())
+    sqlite, postgresql = ([(hit.path, hit.meta) for hit in index.search(query, *page)[0]] + [index.search(query)[1]]
+                          for index in both_engines)
+    assert sqlite == postgresql, text
