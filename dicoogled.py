@@ -27,6 +27,7 @@ import ctypes
 import dataclasses
 import datetime
 import errno
+import fcntl
 import functools
 import hashlib
 import hmac
@@ -35,6 +36,7 @@ import http.client
 import http.cookies
 import importlib.metadata
 import importlib.util
+import inspect
 import io
 import itertools
 import json
@@ -261,7 +263,8 @@ DEFAULT_CONFIG = """\
 # dicoogled configuration. Every setting is shown with its default.
 # A file given with --config may hold only some sections. Settings changed from the web app or
 # the REST API are saved in data_dir/settings.ini, in this format, which is read after this file;
-# command-line flags override both. Delete settings.ini to return to this file's settings.
+# command-line flags override both. Delete settings.ini to return to this file's settings. (With
+# the index in PostgreSQL they are saved in its database instead, where every node reads them.)
 
 [dicom]
 # Application Entity title of this archive, and the DICOM listener.
@@ -394,6 +397,17 @@ media_max_instances = 2000
 thumbnails = false
 thumbnail_size = 64
 effort = 100
+# Where the index lives. Empty: the SQLite file data_dir/index.sqlite, right for one machine. A
+# postgresql://user@host/db URL (the postgresql extra: .venv/bin/pip install -e '.[postgresql]') is
+# for a site that outgrows one machine, where several dicoogled nodes share one database and data_dir.
+# The users, their sessions, the audit log and the settings changed at run time live there too.
+url =
+
+[node]
+# This process's name among the nodes sharing a PostgreSQL index and data_dir: its temporary files,
+# caches and lock live in data_dir/nodes/NAME. Letters, digits, '.', '_', '-'; empty means
+# HOSTNAME-HTTPPORT. Unused with the SQLite index (one node: data_dir/tmp and data_dir/cache).
+name =
 
 [codecs]
 # Pixel data is decoded (thumbnails, /dic2png, DICOMweb's rendered images, frames and transcoding)
@@ -475,6 +489,8 @@ UID_PATTERN = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 AE_TITLE_PATTERN = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable ASCII, no backslash
 URI_SCHEME_PATTERN = re.compile(r"[a-z][a-z0-9+.-]*")  # RFC 3986, lower case
 HOST_PATTERN = re.compile(r"^[A-Za-z0-9._:%\[\]-]{1,253}$")  # a host name, IPv4 or IPv6 address
+#: [node] name: it names a folder (data_dir/nodes/NAME), so one path component, never . or ..
+NODE_NAME_PATTERN = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}")
 #: A label on studies and series: lower-case letters, digits, '.', '_' and '-', 1 to 64 characters,
 #: starting with a letter or digit. Labels are case-insensitive: what is given is stored lower-cased.
 #: The set leaves out '*', '?' and '[' (the search language's and SQLite GLOB's wildcards), ':'
@@ -759,6 +775,8 @@ CONFIG_KEYS = {
     "thumbnails": ("index", "thumbnails", "bool"),
     "thumbnail_size": ("index", "thumbnail_size", "int"),
     "index_effort": ("index", "effort", "int"),
+    "index_url": ("index", "url", "word"),
+    "node_name": ("node", "name", "word"),
     "codec_workers": ("codecs", "workers", "int"),
     "codec_idle_seconds": ("codecs", "idle_seconds", "float"),
     "codec_timeout": ("codecs", "timeout", "float"),
@@ -833,6 +851,10 @@ class Config:
     thumbnails: bool = False
     thumbnail_size: int = 64
     index_effort: int = 100
+    #: The index's PostgreSQL URL; empty for the SQLite file in data_dir.
+    index_url: str = ""
+    #: [node] name: this process among the nodes sharing a PostgreSQL index; empty: HOSTNAME-HTTPPORT.
+    node_name: str = ""
     codec_workers: int = 1
     codec_idle_seconds: float = 60
     codec_timeout: float = 60
@@ -861,8 +883,9 @@ class Config:
 
     @classmethod
     def load(cls, path=None, **overrides) -> "Config":
-        """Read the embedded defaults, then the INI file at path, then data_dir/settings.ini (the
-        settings changed at run time), then non-None overrides (the command-line flags)."""
+        """Read the embedded defaults, then the INI file at path, then the settings changed at
+        run time (data_dir/settings.ini, or the PostgreSQL index's table of them), then non-None
+        overrides (the command-line flags)."""
         # A ';' after a value starts a comment (configparser would otherwise keep it in the value).
         parser = _ConfigParser(interpolation=None, inline_comment_prefixes=(";",))
         parser.optionxform = str  # AE titles in [modalities] are case-sensitive
@@ -876,7 +899,8 @@ class Config:
             except (configparser.Error, UnicodeDecodeError) as error:
                 raise ValueError(f"invalid configuration in {path}: {error}") from None
         data_dir = overrides.get("data_dir") or parser.get("storage", "data_dir")
-        _read_settings_overlay(parser, pathlib.Path(data_dir) / SETTINGS_FILE)
+        index_url = overrides.get("index_url") or parser.get("index", "url").strip()
+        _lay_settings(parser, _saved_settings(index_url or pathlib.Path(data_dir)))
         try:
             modalities = {aet: _parse_modality(aet, value) for aet, value in parser.items("modalities")}
             tls_modalities = frozenset(aet for aet, value in parser.items("modalities") if _modality_says_tls(value))
@@ -917,6 +941,11 @@ class Config:
         for name in ("dicom_port", "http_port", "tls_port"):
             if not 0 <= getattr(self, name) <= 65535:
                 raise ValueError(f"invalid {name} {getattr(self, name)}: must be 0..65535")
+        if self.index_url and not is_postgresql_url(self.index_url):
+            raise ValueError("invalid [index] url: empty (SQLite in data_dir) or postgresql://user@host/database")
+        if self.node_name and not NODE_NAME_PATTERN.fullmatch(self.node_name):
+            raise ValueError(f"invalid [node] name {self.node_name[:80]!r}: it names a folder, so letters, digits,"
+                             " '.', '_' or '-' (not first), at most 64")
         if self.duplicates not in ("keep", "overwrite"):
             raise ValueError(f"invalid duplicates policy {self.duplicates!r}: keep or overwrite")
         if not URI_SCHEME_PATTERN.fullmatch(self.storage_scheme):
@@ -982,8 +1011,21 @@ class Config:
         self.data_dir = pathlib.Path(self.data_dir)
         self.watch_folders = [pathlib.Path(p) for p in self.watch_folders]
 
+    @property
+    def node(self) -> str:
+        """This node's name: [node] name, else HOSTNAME-HTTPPORT (any other character of the host
+        name as '-'), which tells apart the nodes of one machine and those of several."""
+        return self.node_name or re.sub(r"[^A-Za-z0-9_.-]", "-", f"{socket.gethostname()}-{self.http_port}").lstrip(".")
+
+    @property
+    def node_dir(self) -> pathlib.Path:
+        """Where this node's own state lives (temp files, caches, the lock of its serve): the data
+        dir itself with the SQLite index (one node), data_dir/nodes/NAME when several nodes share
+        the data dir and a PostgreSQL index, so that none sweeps or locks another's files."""
+        return self.data_dir / "nodes" / self.node if self.index_url else self.data_dir
+
     def save_settings(self, *names: str):
-        """Write the named settings, changed at run time, to data_dir/settings.ini: attributes
+        """Write the named settings, changed at run time, to settings_location: attributes
         named in LIVE_SETTINGS, "modalities" (with their details) or "transfer_syntaxes"."""
         values = collections.defaultdict(dict)
         for name in names:
@@ -996,7 +1038,13 @@ class Config:
             else:
                 section, key, _ = CONFIG_KEYS[name]
                 values[section][key] = _ini_text(getattr(self, name))
-        save_settings(self.data_dir, values)
+        save_settings(self.settings_location, values)
+
+    @property
+    def settings_location(self) -> pathlib.Path | str:
+        """Where the settings changed at run time are kept: the index's PostgreSQL database, whose
+        every node sees them, or data_dir (settings.ini)."""
+        return self.index_url if is_postgresql_url(self.index_url) else self.data_dir
 
 
 #: What a webhook may be told of: a study found stable, an instance stored (C-STORE or STOW-RS).
@@ -1188,30 +1236,46 @@ def _ini_text(value) -> str:
     return str(value)
 
 
-def _read_settings_overlay(parser: configparser.ConfigParser, path: pathlib.Path):
-    """Lay settings.ini over the settings parser holds: key by key, WHOLE_SECTIONS whole."""
+def _saved_settings(location: pathlib.Path | str) -> dict[str, dict[str, str]]:
+    """The settings changed at run time, {section: {key: text}}: those of the PostgreSQL index's
+    database (a URL), or data_dir/settings.ini (a folder)."""
+    if is_postgresql_url(location):
+        with contextlib.closing(SharedSettings(location)) as shared:
+            return shared.read()[1]
+    path = pathlib.Path(location) / SETTINGS_FILE
     if not path.is_file():
-        return
+        return {}
     overlay = configparser.ConfigParser(interpolation=None)
     overlay.optionxform = str
     try:
         overlay.read(path, encoding="utf-8")
     except (configparser.Error, UnicodeDecodeError) as error:
         raise ValueError(f"invalid settings in {path}: {error}") from None
-    for section in overlay.sections():
+    return {section: dict(overlay.items(section, raw=True)) for section in overlay.sections()}
+
+
+def _lay_settings(parser: configparser.ConfigParser, values: dict[str, dict[str, str]]):
+    """Lay the settings changed at run time over those parser holds: key by key, WHOLE_SECTIONS whole."""
+    for section, entries in values.items():
         if section in WHOLE_SECTIONS and parser.has_section(section):
             parser.remove_section(section)
         if not parser.has_section(section):
             parser.add_section(section)
-        for key, value in overlay.items(section, raw=True):
+        for key, value in entries.items():
             parser.set(section, key, value)
 
 
-def save_settings(data_dir: pathlib.Path, values: dict[str, dict[str, str]]):
-    """Write {section: {key: text}} into data_dir/settings.ini, keeping the rest of what it holds.
+def save_settings(location: pathlib.Path | str, values: dict[str, dict[str, str]]):
+    """Write {section: {key: text}} where the settings changed at run time are kept (a config's
+    settings_location), keeping the rest of what is there: into the PostgreSQL index's database
+    (a URL), or data_dir/settings.ini (a folder).
 
     The file is replaced atomically; a running daemon's callers hold daemon.settings_lock."""
-    path = pathlib.Path(data_dir) / SETTINGS_FILE
+    if is_postgresql_url(location):
+        with contextlib.closing(SharedSettings(location)) as shared:
+            shared.save(values)
+        return
+    path = pathlib.Path(location) / SETTINGS_FILE
     parser = configparser.ConfigParser(interpolation=None)
     parser.optionxform = str
     parser.read(path, encoding="utf-8")
@@ -1293,9 +1357,10 @@ class PostgresConnection:
         self._last = None
 
     @classmethod
-    def connect(cls, url: str, translate=None) -> "PostgresConnection":
+    def connect(cls, url: str, translate=None, **parameters) -> "PostgresConnection":
+        """A new connection; parameters are libpq's (application_name=..., connect_timeout=...)."""
         psycopg, _ = import_psycopg()
-        return cls(psycopg.connect(url, autocommit=True), translate)
+        return cls(psycopg.connect(url, autocommit=True, **parameters), translate)
 
     def execute(self, sql: str, args=()):
         sql = self.translate(sql)
@@ -1308,6 +1373,7 @@ class PostgresConnection:
         if rows:
             self._last = self.raw.cursor()
             self._last.executemany(_postgresql_placeholders(self.translate(sql)), rows)
+        return self._last
 
     def changes(self) -> int:
         return self._last.rowcount if self._last is not None else 0
@@ -1336,6 +1402,309 @@ def open_private_database(path: pathlib.Path, synchronous: str = "FULL") -> apsw
     connection.execute("PRAGMA journal_mode=WAL").fetchall()
     connection.execute(f"PRAGMA synchronous={synchronous}")
     return connection
+
+
+# ---- leases: work that must happen once, whatever the number of nodes ---------------------
+
+#: Seconds between a node's tries to take a lease that another node holds: at most this long
+#: (plus the server noticing a dead node, below) before the work is taken over.
+LEASE_POLL_SECONDS = 5.0
+#: The first key of every lease's advisory lock ("DCMD" in ASCII): dicoogled's, apart from the
+#: advisory locks other programs may take in the same database.
+LEASE_NAMESPACE = 0x44434D44
+#: How the leases' connection notices a dead peer. This side: a connection attempt gives up after
+#: 10 s, data the server does not acknowledge after 30 s, and the node then stops claiming.
+LEASE_CONNECTION = {"connect_timeout": 10, "keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5,
+                    "keepalives_count": 3, "tcp_user_timeout": 30000}
+#: The server's side: it probes an idle node after 10 s and ends the session (releasing its
+#: locks) after 3 probes unanswered, rather than after its default of hours.
+LEASE_SERVER_KEEPALIVES = "SET tcp_keepalives_idle = 10; SET tcp_keepalives_interval = 5; SET tcp_keepalives_count = 3"
+
+
+def lease_key(name: str) -> int:
+    """The second key of a lease's advisory lock: the same for a name on every node and in every
+    run (Python's hash() changes from one process to the next). Two names with one key (a chance
+    in four billion for a pair) are only ever owned together."""
+    return int.from_bytes(hashlib.sha256(name.encode("utf-8")).digest()[:4], "big", signed=True)
+
+
+class Leases:
+    """Who does the work that must happen once (finding stable studies, delivering webhooks,
+    retention, reconciling the storage folder, watching a folder): the node that owns its lease,
+    asked by name with owns(). A node that does not own one tries again every LEASE_POLL_SECONDS,
+    so that when the owner dies another takes the work over.
+
+    With the SQLite index there is one node, which owns everything. With PostgreSQL a lease is a
+    session-level advisory lock (pg_try_advisory_lock), held on a connection of this object's
+    own; the server releases it the moment that session ends, whether the node stopped, crashed
+    or went silent. Advisory locks rather than rows with an expiry time: the database already
+    knows when a session dies, so there is no expiry to tune between a slow takeover and a live
+    but busy owner losing its work, and no clocks of several machines to agree.
+    """
+
+    def __init__(self, index_url: str = "", node_name: str = ""):
+        self.url = index_url
+        self.node_name = node_name
+        self.log = logging.getLogger("dicoogled.nodes")
+        # Said at start, not at the first owns(): a PostgreSQL index without psycopg cannot run.
+        self._psycopg = import_psycopg()[0] if index_url else None
+        self._connection: PostgresConnection | None = None
+        self._held: set[str] = set()
+        self._lock = threading.Lock()  # one connection, asked from several threads
+        self._closed = False
+        self._unreachable = False  # said once, not at every try
+
+    def owns(self, name: str) -> bool:
+        """True if this node owns the lease name now, taking it if no node holds it. A node whose
+        connection to the database is gone owns nothing: the server releases its locks."""
+        if not self.url:
+            return True
+        with self._lock:
+            if self._closed:
+                return False
+            try:
+                connection = self._connect()
+                self._unreachable = False
+                if name in self._held:
+                    connection.execute("SELECT 1")  # the lock lives as long as this session: is it alive?
+                elif connection.execute("SELECT pg_try_advisory_lock(?, ?)", (LEASE_NAMESPACE, lease_key(name))).fetchone()[0]:
+                    self._held.add(name)
+                    self.log.info("this node (%s) now owns %s", self.node_name, name)
+                return name in self._held
+            except self._psycopg.Error as error:
+                self._lost(error)
+                return False
+
+    def wait_to_own(self, name: str, stop: threading.Event) -> bool:
+        """Wait until this node owns the lease name (True), trying every LEASE_POLL_SECONDS, or
+        until stop is set (False). At once when it owns it already, or with the SQLite index."""
+        while not stop.is_set():
+            if self.owns(name):
+                return True
+            stop.wait(LEASE_POLL_SECONDS)
+        return False
+
+    def release(self, name: str):
+        """Give a lease up (this node stops that work), so that another node may take it."""
+        with self._lock:
+            if name not in self._held:
+                return
+            self._held.discard(name)
+            try:
+                self._connection.execute("SELECT pg_advisory_unlock(?, ?)", (LEASE_NAMESPACE, lease_key(name)))
+            except self._psycopg.Error as error:
+                self._lost(error)
+
+    def close(self):
+        """Give every lease up: closing the connection ends its session, and so its locks."""
+        with self._lock:
+            self._closed = True
+            self._held.clear()
+            if self._connection is not None:
+                with contextlib.suppress(self._psycopg.Error):
+                    self._connection.close()
+                self._connection = None
+
+    def _connect(self) -> PostgresConnection:
+        if self._connection is None:
+            self._connection = PostgresConnection.connect(
+                self.url, application_name=f"dicoogled {self.node_name}".strip()[:63], **LEASE_CONNECTION)
+            self._connection.execute(LEASE_SERVER_KEEPALIVES)
+        return self._connection
+
+    def _lost(self, error):
+        """The connection failed: whatever it held, the server has released or soon will."""
+        if self._held:
+            self.log.error("lost the database connection holding the leases of %s (%s): other nodes take them over",
+                           ", ".join(sorted(self._held)), error)
+        elif not self._unreachable:
+            self.log.warning("cannot take leases now, tried again every %g s: %s", LEASE_POLL_SECONDS, error)
+        self._unreachable = True
+        self._held.clear()
+        if self._connection is not None:
+            with contextlib.suppress(self._psycopg.Error):
+                self._connection.close()
+            self._connection = None
+
+
+# ---- the daemon's own state: users and sessions, the audit log, settings ----------------------
+#
+# Each lives in a SQLite file of the data dir, or, when the index is in PostgreSQL, in a schema of
+# that database of its own (dicoogled_users, dicoogled_audit, dicoogled_settings), so that every
+# node of a site shares it: a session opened on one node works on all of them.
+
+#: What the two engines spell differently in the schemas of that state, written once with these
+#: as {words}. Every other difference is avoided: booleans are integers compared with != 0,
+#: "INSERT OR REPLACE" is INSERT ... ON CONFLICT, times are DOUBLE PRECISION (PostgreSQL's
+#: REAL has 24 bits, seconds since 1970 need more), and LIMIT SQL_NO_LIMIT means all rows.
+SQL_WORDS = {
+    "sqlite": {"blob": "BLOB", "row_id": "INTEGER PRIMARY KEY"},  # the rowid: numbered as inserted
+    "postgresql": {"blob": "BYTEA", "row_id": "BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY"},
+}
+#: LIMIT for no limit: SQLite reads -1 so, PostgreSQL refuses it; both take the largest integer.
+SQL_NO_LIMIT = 2**63 - 1
+
+
+class StateDatabase:
+    """A database of the daemon's own state, one of two kinds spoken to the same way:
+
+    - an owner-only SQLite file of the data dir (open_private_database), one connection used by
+      one thread at a time;
+    - a schema of the index's PostgreSQL database, through a pool of connections whose search
+      path is that schema (so the SQL names its tables plainly), one per thread at a time: a
+      psycopg connection must not be used by two threads at once.
+
+    connection() lends a connection for reads, transaction() one inside a transaction."""
+
+    def __init__(self, location: "pathlib.Path | str", schema: str, synchronous: str = "FULL", pool_size: int = 4):
+        self.postgresql = is_postgresql_url(location)
+        self.engine = "postgresql" if self.postgresql else "sqlite"
+        self.schema = schema
+        #: Where it is, for messages: the file, or the schema (never the URL: it may hold a password).
+        self.name = f"PostgreSQL schema {schema}" if self.postgresql else str(location)
+        self._synchronous = synchronous
+        #: Ends a SELECT of rows its transaction goes on to change: PostgreSQL locks them until it
+        #: ends, so nodes doing the same at once take turns; SQLite's one writer holds the file anyway.
+        self.for_update = " FOR UPDATE" if self.postgresql else ""
+        if self.postgresql:
+            self._pool = self._open_pool(location, schema, pool_size)
+        else:
+            self._lock = threading.Lock()
+            self._sqlite = open_private_database(location, synchronous)
+            self._sqlite.execute("PRAGMA foreign_keys=ON")
+
+    @staticmethod
+    def _open_pool(url: str, schema: str, size: int):
+        _, psycopg_pool = import_psycopg()
+
+        def configure(connection):
+            connection.execute(f"SET search_path TO {schema}")
+
+        pool = psycopg_pool.ConnectionPool(url, min_size=1, max_size=size, kwargs={"autocommit": True},
+                                           configure=configure, check=psycopg_pool.ConnectionPool.check_connection,
+                                           name=schema, open=True)
+        try:
+            pool.wait(timeout=30)
+        except psycopg_pool.PoolTimeout:
+            pool.close()
+            raise RuntimeError(f"cannot connect to the PostgreSQL database of [index] url (for {schema})") from None
+        return pool
+
+    def words(self, sql: str) -> str:
+        """sql with its {words} (SQL_WORDS) as this engine says them."""
+        return sql.format(**SQL_WORDS[self.engine])
+
+    @contextlib.contextmanager
+    def connection(self):
+        if self.postgresql:
+            with self._pool.connection() as raw:
+                yield PostgresConnection(raw)
+        else:
+            with self._lock:
+                yield self._sqlite
+
+    @contextlib.contextmanager
+    def transaction(self, durable: bool = True):
+        """A connection inside a transaction, committed at the end of the with block (rolled back
+        on an exception). durable False: a power cut may lose it, which spares a flush to disk."""
+        with self.connection() as db:
+            if not durable and not self.postgresql:
+                db.execute("PRAGMA synchronous=NORMAL")
+            try:
+                with db:
+                    if not durable and self.postgresql:
+                        db.execute("SET LOCAL synchronous_commit TO OFF")
+                    yield db
+            finally:
+                if not durable and not self.postgresql:
+                    db.execute(f"PRAGMA synchronous={self._synchronous}")
+
+    def migrate(self, version: int, schema: str, before=None):
+        """Bring the schema (CREATE ... IF NOT EXISTS statements, with {words}) to version: a
+        newer one is refused; an older one gets before(connection) (the SQLite file's own
+        migrations), the schema, and the version noted (SQLite's user_version, or a table
+        schema_version). A current one is left unwritten: a start on a full disk writes nothing."""
+        with self.transaction() as db:
+            if self.postgresql:
+                # Nodes starting at once take turns: CREATE ... IF NOT EXISTS is not safe against
+                # a concurrent CREATE of the same name.
+                db.execute("SELECT pg_advisory_xact_lock(hashtext(?))", (self.schema,))
+                db.execute(f"CREATE SCHEMA IF NOT EXISTS {self.schema}")
+                db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+                found = db.execute("SELECT max(version) FROM schema_version").fetchone()[0] or 0
+            else:
+                found = db.execute("PRAGMA user_version").fetchone()[0]
+            if found > version:
+                raise RuntimeError(f"{self.name} was written by a newer dicoogled (schema {found}); upgrade")
+            if found == version:
+                return
+            if before is not None:
+                before(db)
+            db.execute(self.words(schema))
+            if self.postgresql:
+                db.execute("DELETE FROM schema_version")
+                db.execute("INSERT INTO schema_version VALUES (?)", (version,))
+            else:
+                db.execute(f"PRAGMA user_version = {int(version)}")
+
+    def close(self):
+        if self.postgresql:
+            self._pool.close()
+        else:
+            with self._lock:
+                self._sqlite.close()
+
+
+#: The version of the shared settings' schema (dicoogled_settings.schema_version).
+SETTINGS_SCHEMA_VERSION = 1
+SETTINGS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS settings (
+    section TEXT NOT NULL, key TEXT NOT NULL, value TEXT NOT NULL, PRIMARY KEY (section, key)
+);
+-- One row counting the changes saved: one cheap read tells a node whether there is anything new.
+CREATE TABLE IF NOT EXISTS changes (count BIGINT NOT NULL);
+INSERT INTO changes SELECT 0 WHERE NOT EXISTS (SELECT 1 FROM changes);
+"""
+
+
+class SharedSettings:
+    """The settings changed at run time when the index is in PostgreSQL: kept in its database
+    (schema dicoogled_settings) instead of data_dir/settings.ini, so that every node reads the
+    same, as {section: {key: text}} laid over the config file as settings.ini would be."""
+
+    def __init__(self, url: str):
+        self._db = StateDatabase(url, "dicoogled_settings", pool_size=1)
+        self._db.migrate(SETTINGS_SCHEMA_VERSION, SETTINGS_SCHEMA)
+
+    def changes(self) -> int:
+        """How many changes were ever saved: a node compares it with the count it last read."""
+        with self._db.connection() as db:
+            return db.execute("SELECT count FROM changes").fetchone()[0]
+
+    def read(self) -> tuple[int, dict[str, dict[str, str]]]:
+        """(the count of changes, the settings): the count is read first, so a change saved in
+        between is seen again at the next comparison, never missed."""
+        values = collections.defaultdict(dict)
+        with self._db.connection() as db:
+            count = db.execute("SELECT count FROM changes").fetchone()[0]
+            for section, key, value in db.execute("SELECT section, key, value FROM settings ORDER BY section, key"):
+                values[section][key] = value
+        return count, dict(values)
+
+    def save(self, values: dict[str, dict[str, str]]):
+        """Write {section: {key: text}}, keeping the rest; WHOLE_SECTIONS are replaced whole."""
+        with self._db.transaction() as db:
+            # Counted first: the row stays locked until the commit, so nodes saving at once take turns.
+            db.execute("UPDATE changes SET count = count + 1")
+            for section, entries in values.items():
+                if section in WHOLE_SECTIONS:
+                    db.execute("DELETE FROM settings WHERE section = ?", (section,))
+                for key, text in entries.items():
+                    db.execute("INSERT INTO settings VALUES (?, ?, ?)"
+                               " ON CONFLICT (section, key) DO UPDATE SET value = excluded.value", (section, key, text))
+
+    def close(self):
+        self._db.close()
 
 
 # ============================================================================================
@@ -2324,9 +2693,20 @@ class _SqliteEngine:
         connection = _SqliteConnection(str(self.path))
         connection.engine = self
         connection.setbusytimeout(10_000)
-        connection.execute("PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA foreign_keys=ON")
+        # One PRAGMA per call: apsw runs a string of statements lazily and stops at the first that
+        # returns a row, as journal_mode does, so whatever came after it in one string never ran.
+        connection.pragma("journal_mode", "wal")
+        # Commits are on disk when they return; commit_to_disk relaxes this for recoverable writes.
+        connection.pragma("synchronous", "full")
+        # Foreign keys stay unenforced (SQLite's default), as they always were: add_instance writes
+        # an instance before its series exists and links the two after; Index keeps references right.
         register_search_functions(connection)
         return connection
+
+    @staticmethod
+    def commit_to_disk(connection, on_disk: bool):
+        """Whether the next commits sync the WAL (see Index.write: recoverable writes need not)."""
+        connection.pragma("synchronous", "full" if on_disk else "normal")
 
     def schema_version(self, connection) -> int:
         """0 for an empty database."""
@@ -2464,6 +2844,11 @@ class _PostgresEngine:
     def max_parameters(self, connection) -> int:
         return 65_535  # the protocol's limit
 
+    @staticmethod
+    def commit_to_disk(connection, on_disk: bool):
+        """Every commit is on disk (the server's default): a PostgreSQL server syncs its log for
+        many nodes at once, and its crash is no node's start, whose reconciliation would redo them."""
+
     def roll_back_failed(self, connection):
         """Nothing to do: a failed transaction was rolled back when its block was left."""
 
@@ -2563,10 +2948,11 @@ def _index_engine(location):
 
 
 class _WriteOp:
-    __slots__ = ("function", "args", "future")
+    __slots__ = ("function", "args", "recoverable", "future")
 
-    def __init__(self, function, args):
-        self.function, self.args, self.future = function, args, concurrent.futures.Future()
+    def __init__(self, function, args, recoverable):
+        self.function, self.args, self.recoverable = function, args, recoverable
+        self.future = concurrent.futures.Future()
 
 
 class Index:
@@ -3065,9 +3451,9 @@ class Index:
 
     # ---- the writer --------------------------------------------------------------------------
 
-    def submit(self, function, *args, wake_writer: bool = True) -> concurrent.futures.Future:
+    def submit(self, function, *args, wake_writer: bool = True, recoverable: bool = False) -> concurrent.futures.Future:
         """Queue function(connection, *args) to run inside a write transaction."""
-        op = _WriteOp(function, args)
+        op = _WriteOp(function, args, recoverable)
         with self._wakeup:
             if self._closed:
                 raise RuntimeError("index is closed")
@@ -3076,12 +3462,16 @@ class Index:
                 self._wakeup.notify()
         return op.future
 
-    def write(self, function, *args):
-        """Run function(connection, *args) in a write transaction and wait for its commit."""
+    def write(self, function, *args, recoverable: bool = False):
+        """Run function(connection, *args) in a write transaction and wait for its commit, which
+        is on disk when this returns. A recoverable write, one the start's reconciliation redoes
+        from a stored file (fsynced with its folder before), is committed to the operating system
+        only: safe against a crash or kill -9, and after a power loss the file brings it back.
+        Syncing the WAL for each instance as well would cost ingest a quarter of its time."""
         if not self._writing.acquire(blocking=False):
-            return self.submit(function, *args).result()
+            return self.submit(function, *args, recoverable=recoverable).result()
         try:
-            future = self.submit(function, *args, wake_writer=False)
+            future = self.submit(function, *args, wake_writer=False, recoverable=recoverable)
             self._run_queue()
         finally:
             self._writing.release()
@@ -3146,6 +3536,7 @@ class Index:
     def _run_batch(self, connection, batch):
         results = []
         try:
+            self.engine.commit_to_disk(connection, not all(op.recoverable for op in batch))
             with connection:  # one transaction for the whole batch
                 for op in batch:
                     results.append(op.function(connection, *op.args))
@@ -3397,6 +3788,12 @@ class Index:
     def clear(connection):
         """Empty every table of instances (reindex starts from here)."""
         connection.execute("DELETE FROM instances; DELETE FROM series; DELETE FROM studies; DELETE FROM patients; DELETE FROM metadata")
+
+
+def open_index(config: Config) -> Index:
+    """The archive's index, wherever config says it lives ([index] url, else the SQLite file in
+    the data dir): the one way the daemon and the commands open it."""
+    return Index(config.index_url or config.data_dir / "index.sqlite")
 
 
 # ============================================================================================
@@ -3765,9 +4162,12 @@ class Storage:
     under the URI its plugin gave it, and read back through that plugin.
     """
 
-    def __init__(self, data_dir: pathlib.Path, fsync: bool = True, scheme: str = "file", sweep: bool = True):
+    def __init__(self, data_dir: pathlib.Path, fsync: bool = True, scheme: str = "file", sweep: bool = True,
+                 node_dir: pathlib.Path | None = None):
         self.root = (data_dir / "storage").resolve()
-        self.tmp = (data_dir / "tmp").resolve()
+        # This node's own (Config.node_dir; the data dir on one machine), on the storage
+        # folder's file system all the same: a temp file is renamed into place, not copied.
+        self.tmp = ((node_dir or data_dir) / "tmp").resolve()
         self.fsync = fsync
         self.root.mkdir(parents=True, exist_ok=True)
         self.tmp.mkdir(parents=True, exist_ok=True)
@@ -3992,6 +4392,9 @@ class Ingest:
         #: callable(record) -> the webhook deliveries (Delivery rows) its arrival makes, queued
         #: in the transaction that indexes it
         self.deliveries_for = None
+        #: callable() told once an instance's deliveries are committed, to send them now. Only
+        #: then: waking the delivery thread for every instance cost each store a thread switch.
+        self.deliveries_queued = None
         self._uid_locks = collections.defaultdict(threading.Lock)
         self._locks_guard = threading.Lock()
         self.log = logging.getLogger("dicoogled.index")
@@ -4324,8 +4727,10 @@ class Ingest:
         if self.enrich:
             self.enrich(record)
         deliveries = self.deliveries_for(record) if self.deliveries_for else ()
-        self.index.write(Index.add_instance, record, deliveries)
+        self.index.write(Index.add_instance, record, deliveries, recoverable=True)
         self.stats.indexed += 1
+        if deliveries and self.deliveries_queued:
+            self.deliveries_queued()
         for listener in self.listeners:
             try:
                 listener(record, calling_aet)
@@ -5957,6 +6362,10 @@ LUA_MEMORY_LIMIT = 64 * 1024 * 1024
 LUA_INSTRUCTION_BUDGET = 20_000_000  # per call: a runaway loop stops in well under a second
 LUA_TIME_LIMIT = 5  # seconds per call, for what instructions do not count: many long C calls (string.rep)
 LUA_HOOK_INTERVAL = 100  # instructions between two looks at the budget
+#: How long a script's call into the daemon waits for another script busy in another thread
+#: (its dicoogle.store runs the other plugin's store filter) before that hook fails: two scripts
+#: storing through each other's filters at once would otherwise wait for each other forever.
+LUA_NESTED_WAIT = 10
 
 
 def instance_event(record: InstanceRecord, calling_aet: str = "") -> dict:
@@ -6131,12 +6540,12 @@ class PluginApi:
                width: float | None = None, media_type: str = "image/png", quality: int = 90) -> bytes | None:
         """One frame (from 0) of a stored instance (its URI) as PNG or JPEG bytes, at most size
         pixels on its longer side, windowed at center/width if both are given; None if it cannot
-        be rendered."""
+        be rendered (or the URI names no instance the caller may see)."""
         window = [center, width] if center is not None and width is not None and width > 0 else None
         try:
             return self._daemon.codecs.call("render", self.open(uri), frame=frame, size=size,
                                             window=window, media_type=media_type, quality=quality)
-        except (UnrenderableError, FrameOutOfRange, OSError):
+        except (ValueError, OSError):  # UnrenderableError, FrameOutOfRange, open's refusal
             return None
 
     def pixels(self, uri: str, frame: int = 0) -> bytes:
@@ -6158,16 +6567,136 @@ class PluginApi:
 
     def open(self, uri: str):
         """What pydicom.dcmread reads a stored instance from, given its URI: a file's path, or its
-        bytes in memory when a storage plugin keeps it."""
-        return self._daemon.storage.open(_location_from_uri(str(uri)))
+        bytes in memory when a storage plugin keeps it. Raises ValueError for a URI that names no
+        instance of the index the caller may see: what reads by URI (render, pixels, ...) reads
+        the archive only, never any file the daemon could open (a Lua script has no io)."""
+        location = _location_from_uri(str(uri))
+        if self._daemon.index.instance(path=location, visibility=CALLER_VISIBILITY.get()) is None:
+            raise ValueError(f"no stored instance at {str(uri)[:200]}")
+        return self._daemon.storage.open(location)
+
+
+# ---- the API's one table: each call in Python and in Lua ----------------------------------------
+
+# Where Lua gets a call differently from Python, it gets it through one of these: the same
+# PluginApi method, its answer as Lua holds it (tables for Python's objects, several values for
+# one with attributes). Each takes the API first, then the call's parameters as Lua passes them.
+
+
+def _lua_find(api: PluginApi, level, keys, offset=0, limit=None):
+    """C-FIND responses as tables of keyword -> text, as a find filter sees a query; no
+    cancelled (a Lua function cannot be asked between two responses)."""
+    return [identifier_keys(response) for response in api.find(level, keys, offset=offset, limit=limit)]
+
+
+def _lua_instances(api: PluginApi, study_uid, series_uid="", sop_uid=""):
+    """Instance rows as tables by field name."""
+    return [row._asdict() for row in api.instances(study_uid, series_uid, sop_uid)]
+
+
+def _lua_store(api: PluginApi, data, source=""):
+    """The status, and why when it is a failure as a second value (Lua has no int with a reason)."""
+    status = api.store(data, source)
+    return int(status), getattr(status, "reason", "") or None
+
+
+@dataclasses.dataclass(frozen=True)
+class ApiCall:
+    """A call of the plugin API: PluginApi's method of that name. The one table of them
+    (API_CALLS) is what the Lua bridge offers and what docs/plugins.md's table of the API lists,
+    row for row (a test holds the two together)."""
+    name: str
+    returns: str  # what Python gets
+    does: str  # one line
+    lua_returns: str = ""  # what Lua gets, when it differs: tables for Python's objects
+    python_only: str = ""  # why Lua has no such call: Lua has it unless this says why not
+    #: Parameters carrying bytes (for a function parameter, what the function returns): a Lua
+    #: string is handed over as hex and decoded here, as Lua strings cross as text otherwise.
+    binary: tuple = ()
+    lua: typing.Callable | None = None  # how Lua calls it, when not as Python does
+
+    def parameters(self, language: str) -> list[inspect.Parameter]:
+        """The call's parameters in one language: the method's, or its Lua adapter's."""
+        if language == "lua" and self.lua is not None:
+            return list(inspect.signature(self.lua).parameters.values())[1:]  # after the API
+        return list(inspect.signature(getattr(PluginApi, self.name)).parameters.values())[1:]  # after self
+
+    def signature(self, language: str) -> str:
+        """How a plugin writes the call: Python with its defaults, Lua with [optional] parameters
+        (a nil, or one left out, takes the default)."""
+        def written(parameter):
+            if parameter.default is inspect.Parameter.empty:
+                return parameter.name
+            if language == "lua":
+                return f"[{parameter.name}]"
+            default = parameter.default
+            shown = "..." if callable(default) else json.dumps(default) if isinstance(default, str) else repr(default)
+            return f"{parameter.name}={shown}"
+        return f"dicoogle.{self.name}({', '.join(map(written, self.parameters(language)))})"
+
+    def doc_row(self) -> str:
+        """Its row of the API table in docs/plugins.md."""
+        if self.python_only:
+            lua = f"— ({self.python_only})", "—"
+        else:
+            lua = f"`{self.signature('lua')}`", self.lua_returns or self.returns
+        return f"| `{self.signature('python')}` | {self.returns} | {lua[0]} | {lua[1]} | {self.does} |"
+
+
+API_CALLS = (
+    ApiCall("search", "`[{uri, fields}]`", "instances matching a query in the search language of `/search`, at most"
+            " `limit`; `fields` (a list) keeps only those keywords: a Lua script's memory is small"),
+    ApiCall("tags", "keyword → value, or None", "every indexed element of an instance", lua_returns="a table, or nil"),
+    ApiCall("file", "bytes, or None", "the instance's stored bytes (from a file or a storage plugin)",
+            lua_returns="a string of those bytes, or nil"),
+    ApiCall("send", "`{sent, failed}`", "C-STORE instances (one UID or a list) to an AE of `[modalities]`, over one association"),
+    ApiCall("log", "None", "writes to the log as `dicoogled.plugin.NAME`; levels debug, info, warning, error",
+            lua_returns="nothing"),
+    ApiCall("setting", "its value", "one of the plugin's settings (its default in `SETTINGS`, or the config's)"),
+    ApiCall("run_task", "the task's id", "runs `function(progress)` in the background, listed in `/index/task`;"
+            " `progress(fraction)` shows how far it is (Lua: under the budget, a fresh one)"),
+    ApiCall("worklist", "a list of entries", "the Modality Worklist's entries, as `GET /worklist` answers them"),
+    ApiCall("worklist_add", "its id", "schedules a procedure step from its DICOM JSON, as `POST /worklist` does;"
+            " `ValueError` (an error in Lua) with the reason when it cannot be taken"),
+    ApiCall("label_study", "True if new, False if it had it", "puts a label on a study (and so on its instances);"
+            " a label that is not valid raises `ValueError` (an error in Lua)", lua_returns="true or false"),
+    ApiCall("label_series", "True if new, False if it had it", "puts a label on a series, as `label_study`",
+            lua_returns="true or false"),
+    ApiCall("labelled", "a list of UIDs", "the studies (`\"STUDY\"`) or series (`\"SERIES\"`) carrying a label,"
+            " as `label:NAME` finds them"),
+    ApiCall("audited", "None", "says what the web service request being answered was, for its audit entry: an action"
+            " of the audit log, the UIDs it touched", lua_returns="nothing"),
+    ApiCall("find", "pydicom data sets (a generator)", "C-FIND matching on the index, as the DICOM service answers,"
+            " the page `offset`, `limit`; keys it cannot answer raise `ValueError` (an error in Lua)",
+            lua_returns="a list of tables, keyword → text", lua=_lua_find),
+    ApiCall("instances", "named tuples `(sop_instance_uid, sop_class_uid, transfer_syntax, uri)`",
+            "the instances of a study, series or instance", lua_returns="a list of tables with those fields",
+            lua=_lua_instances),
+    ApiCall("store", "a DICOM status, an int whose `.reason` says why a failure failed",
+            "stores Part 10 bytes through the same path as C-STORE (store filters included)",
+            lua_returns="the status, and the reason as a second value", binary=("data",), lua=_lua_store),
+    ApiCall("render", "PNG or JPEG bytes, or None", "one frame (from 0) as an image, at most `size` pixels on its"
+            " longer side, windowed at `center`/`width` if both are given", lua_returns="a string of those bytes, or nil"),
+    ApiCall("pixels", "bytes", "one frame (from 0), decoded: its pixels as Explicit VR Little Endian holds them",
+            lua_returns="a string of those bytes"),
+    ApiCall("uncompressed", "bytes", "the instance as a Part 10 file in Explicit VR Little Endian, its pixel data decoded",
+            lua_returns="a string of those bytes"),
+    ApiCall("transcoded", "bytes", "the instance as a Part 10 file in `transfer_syntax` (Explicit VR Little Endian or a"
+            " lossless one), its SOP Instance UID kept", lua_returns="a string of those bytes"),
+    ApiCall("cached", "bytes, or None", "`make()`'s bytes for an instance, made once and kept until the instance's file"
+            " changes (Lua: `make` runs inside the calling call's budget)", lua_returns="a string of those bytes, or nil",
+            binary=("make",)),
+    ApiCall("open", "a path, or a file object", "what `pydicom.dcmread` reads a stored instance from",
+            python_only="a path or a file object: Lua has no `io` and no pydicom; `dicoogle.file` gives the bytes"),
+)
 
 
 # ---- Lua: a sandbox with an instruction budget and a memory cap ----------------------------
 
 _LUA_SANDBOX = r"""
-local plugin_source, plugin_name, api, budget, time_limit, hook_interval = ...
+local plugin_source, plugin_name, api, binary, budget, time_limit, hook_interval = ...
 local sethook, create, resume = debug.sethook, coroutine.create, coroutine.resume
-local pack, unpack, clock = table.pack, table.unpack, os.time
+local pack, unpack, clock, gsub = table.pack, table.unpack, os.time, string.gsub
 
 local function copy(t) local c = {} for k, v in next, t do c[k] = v end return c end
 
@@ -6204,15 +6733,58 @@ local function plain_values(keep_functions, ...)
   return unpack(values, 1, values.n)
 end
 
--- The current call's deadline: time spent in the daemon's functions (a C-STORE to a slow peer)
--- is not the script's, so each dicoogle call moves it on by its own duration.
-local deadline = 0
+-- Bytes leave as hex: the daemon reads a Lua string as UTF-8 text, which bytes are not. The
+-- table makes gsub do it in C, one instruction whatever the length (the clock and the memory
+-- cap bound it).
+local HEX = {}
+for byte = 0, 255 do HEX[string.char(byte)] = string.format("%02x", byte) end
+local function hex(data, what)
+  if type(data) ~= "string" then error(what .. " must be a string of bytes, not " .. type(data), 0) end
+  return (gsub(data, ".", HEX))
+end
+
+-- The arguments at the positions binary names carry bytes: a string leaves as hex, and a
+-- function (cached's make) is wrapped so that what it returns does.
+local function bytes_as_hex(positions, ...)
+  local values = pack(...)
+  for position, parameter in next, positions do
+    local value = values[position]
+    if type(value) == "function" then
+      values[position] = function(...) return hex(value(...), "what " .. parameter .. " returns") end
+    elseif value ~= nil then
+      values[position] = hex(value, parameter)
+    end
+  end
+  return unpack(values, 1, values.n)
+end
+
+-- The budget of the outermost call: a script's call into the daemon may call the script back
+-- (cached's make-function) and what that runs counts against the same instructions and clock.
+local instructions, depth, deadline = 0, 0, 0
+-- Time spent in the daemon's functions (a C-STORE to a slow peer) is not the script's: the
+-- clock stops while a dicoogle call runs, and starts again while the script runs within it.
+local paused_since = 0
+
+-- A call's arguments wait here, under a number, for the daemon to read them (handed_over): the
+-- daemon is called with the number only. What it reads a Lua value through must be the main Lua
+-- thread, which lives as long as the runtime: a value it were handed in a call from the
+-- script's coroutine would keep that coroutine's address, and using it once the coroutine is
+-- collected (run_task's function, later) would read freed memory.
+local waiting, handed = {}, 0
+local function handed_over(number) return waiting[number] end
+
 local dicoogle = {}
 for name, fn in next, api do
+  local positions = binary[name] or {}
   dicoogle[name] = function(...)
-    local started = clock()
-    local results = pack(pcall(fn, plain_values(true, ...)))
-    deadline = deadline + (clock() - started)
+    local arguments = pack(bytes_as_hex(positions, plain_values(true, ...)))
+    handed = handed + 1
+    local number = handed
+    waiting[number] = arguments
+    paused_since = clock()
+    local results = pack(pcall(fn, number))
+    deadline = deadline + (clock() - paused_since)
+    waiting[number] = nil
     if not results[1] then error(results[2], 0) end
     return unpack(results, 2, results.n)
   end
@@ -6243,12 +6815,17 @@ env._G = env
 -- Run fn in a coroutine whose instruction-count hook raises an error once the budget is spent:
 -- budget instructions, or time_limit seconds for what instructions do not count (many long C
 -- calls such as string.rep). The hook then fires on every instruction, so a pcall cannot
--- swallow the error and loop on.
+-- swallow the error and loop on. Called from within a call (cached's make), fn spends what is
+-- left of the outer call's budget.
 local function limited(fn, ...)
   local args = pack(...)
   local co = create(function() return fn(unpack(args, 1, args.n)) end)
-  local instructions = 0
-  deadline = clock() + time_limit
+  if depth == 0 then
+    instructions, deadline = 0, clock() + time_limit
+  else
+    deadline = deadline + (clock() - paused_since)  -- the script runs again: its clock with it
+  end
+  depth = depth + 1
   sethook(co, function()
     instructions = instructions + hook_interval
     local spent = instructions >= budget and "instruction budget exceeded"
@@ -6259,6 +6836,8 @@ local function limited(fn, ...)
     end
   end, "", hook_interval)
   local result = pack(resume(co))
+  depth = depth - 1
+  paused_since = clock()  -- back in the daemon's function that called the script, if any
   if not result[1] then
     -- a table as the error would be read in Python: its message says so instead
     error(type(result[2]) == "table" and "an error whose value is a table" or result[2], 0)
@@ -6275,7 +6854,7 @@ end
 local chunk, problem = load(plugin_source, "=" .. plugin_name, "t", env)
 if not chunk then error(problem, 0) end
 limited(chunk)
-return env, call
+return env, call, handed_over
 """
 
 
@@ -6299,36 +6878,65 @@ def _from_lua(value):
     return value
 
 
+def _bytes_from_hex(value, name: str) -> bytes:
+    """Bytes a Lua script handed over: the sandbox sends them as hex text (see bytes_as_hex)."""
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a string of bytes")
+    return bytes.fromhex(value)
+
+
+#: The Lua scripts the current thread is inside, innermost last (see LuaPlugin._entered).
+_LUA_INSIDE: contextvars.ContextVar = contextvars.ContextVar("lua_inside", default=())
+
+
 class LuaPlugin:
     """One Lua runtime per plugin file, holding the sandboxed script's environment."""
 
     def __init__(self, plugin: Plugin, source: str, api: PluginApi):
+        self.name = plugin.name
         self.runtime = lupa_lua54.LuaRuntime(
             register_eval=False, register_builtins=False, unpack_returned_tuples=True,
             max_memory=LUA_MEMORY_LIMIT, attribute_filter=_deny_attributes,
         )
-        self.lock = threading.Lock()
-        self.api = self._api_table(api)
-        self.env, self.call = self.runtime.execute(_LUA_SANDBOX, source, plugin.name, self.api, LUA_INSTRUCTION_BUDGET,
-                                                   LUA_TIME_LIMIT, LUA_HOOK_INTERVAL)
+        # Re-entered by the thread holding it when a call of the script asks the daemon for
+        # something that calls the script back (cached's make-function; its own store filter
+        # and index hook, run by its dicoogle.store).
+        self.lock = threading.RLock()
+        calls = [call for call in API_CALLS if not call.python_only]
+        self.api = self.runtime.table_from({call.name: self._bridge(call, api) for call in calls})
+        # Where each call's bytes are, as Lua counts arguments: {store = {[1] = "data"}}
+        binary = {call.name: {position: parameter.name for position, parameter in enumerate(call.parameters("lua"), 1)
+                              if parameter.name in call.binary} for call in calls if call.binary}
+        self.env, self.call, self._handed_over = self.runtime.execute(
+            _LUA_SANDBOX, source, plugin.name, self.api, self.runtime.table_from(binary, recursive=True),
+            LUA_INSTRUCTION_BUDGET, LUA_TIME_LIMIT, LUA_HOOK_INTERVAL)
         self._rawget = self.runtime.globals()["rawget"]
         self.runtime.execute("python = nil")
 
-    def _api_table(self, api: PluginApi):
-        def wrap(function):
-            def call(*args):
-                arguments = [self._limited(a) if lupa_lua54.lua_type(a) == "function" else _from_lua(a) for a in args]
-                return self._to_lua(function(*arguments))
-            return call
-        names = ("search", "tags", "file", "send", "log", "setting", "run_task", "worklist", "worklist_add",
-                 "label_study", "label_series", "labelled")
-        calls = {name: getattr(api, name) for name in names}
-        # What Python gets as objects, Lua gets as tables: a C-FIND response as keyword -> text
-        # (as a find filter sees a query), an instance row by its field names.
-        calls["find"] = lambda level, keys, offset=0, limit=None: [
-            identifier_keys(response) for response in api.find(level, keys, offset=offset, limit=limit)]
-        calls["instances"] = lambda *uids: [row._asdict() for row in api.instances(*uids)]
-        return self.runtime.table_from({name: wrap(call) for name, call in calls.items()})
+    def _bridge(self, call: ApiCall, api: PluginApi):
+        """The Python function Lua calls for one API call: Lua's arguments, by position, become
+        the method's (or its Lua adapter's) parameters by name; a nil takes the parameter's
+        default, a function runs under the budget, bytes arrive as hex (see the sandbox)."""
+        function = functools.partial(call.lua, api) if call.lua else getattr(api, call.name)
+        parameters = [parameter.name for parameter in call.parameters("lua")]
+
+        def from_lua(name, value):
+            if lupa_lua54.lua_type(value) == "function":
+                limited = self._limited(value)
+                return (lambda *args: _bytes_from_hex(limited(*args), f"what {name} returns")) if name in call.binary else limited
+            value = _from_lua(value)
+            return _bytes_from_hex(value, name) if name in call.binary and value is not None else value
+
+        def bridged(number):
+            handed = dict(self._handed_over(number).items())  # read through the main Lua thread
+            args = [handed.get(position) for position in range(1, handed["n"] + 1)]
+            if len(args) > len(parameters):
+                raise TypeError(f"dicoogle.{call.name} takes at most {len(parameters)} arguments, not {len(args)}")
+            arguments = {name: from_lua(name, value) for name, value in zip(parameters, args)}
+            answer = function(**{name: value for name, value in arguments.items() if value is not None})
+            # Several values (store's status and reason) are several Lua values, not a table.
+            return tuple(map(self._to_lua, answer)) if isinstance(answer, tuple) else self._to_lua(answer)
+        return bridged
 
     def _to_lua(self, value):
         if isinstance(value, (dict, list, tuple)):
@@ -6346,9 +6954,25 @@ class LuaPlugin:
 
     def _limited(self, function):
         def call(*args):
-            with self.lock:
+            with self._entered():
                 return _from_lua(self.call(function, *[self._to_lua(a) for a in args]))
         return call
+
+    @contextlib.contextmanager
+    def _entered(self):
+        """This script's lock, held while it runs. A thread that is already inside another
+        script (whose dicoogle call runs this one's hook) waits LUA_NESTED_WAIT at most: holding
+        one script while waiting for another is how two threads would wait for each other forever."""
+        inside = _LUA_INSIDE.get()
+        nested = bool(inside) and self not in inside
+        if not self.lock.acquire(timeout=LUA_NESTED_WAIT if nested else -1):
+            raise PluginError(f"waited {LUA_NESTED_WAIT} s for plugin {self.name}, busy in another thread")
+        entered = _LUA_INSIDE.set(inside + (self,))
+        try:
+            yield
+        finally:
+            _LUA_INSIDE.reset(entered)
+            self.lock.release()
 
     def routes(self) -> dict:
         """The script's web service: a global table routes = {["GET /path"] = function(params) ... end}."""
@@ -7925,7 +8549,8 @@ class DicomServices:
                 self.tls_port = self.tls_acceptor.address[1]
             if self.config.dicom_workers and self.ingest.storage.scheme == "file":
                 self.workers = AssociationWorkers(self.config.dicom_workers, {
-                    "data_dir": str(self.config.data_dir), "fsync": self.ingest.storage.fsync,
+                    "data_dir": str(self.config.data_dir), "node_dir": str(self.config.node_dir),
+                    "fsync": self.ingest.storage.fsync,
                     "log_level": self.config.log_level}, self.log)
         self.log.info("DICOM listening on %s:%d as %s", self.config.dicom_host, self.port, self.config.aet)
         if self.tls_port:
@@ -8876,7 +9501,8 @@ def _association_worker(channel: socket.socket, settings: dict):
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     _configure_logging(settings["log_level"])
     log = logging.getLogger("dicoogled.dicom")
-    storage = Storage(pathlib.Path(settings["data_dir"]), fsync=settings["fsync"], sweep=False)
+    storage = Storage(pathlib.Path(settings["data_dir"]), fsync=settings["fsync"], sweep=False,
+                      node_dir=pathlib.Path(settings["node_dir"]))
     running, lock = set(), threading.Lock()
     channel.sendall(AssociationWorkers.READY)
     while True:
@@ -8916,7 +9542,7 @@ class AssociationWorkers:
     START_TIMEOUT = 60
 
     def __init__(self, count: int, settings: dict, log: logging.Logger):
-        #: What a worker needs: data_dir, fsync, log_level.
+        #: What a worker needs: data_dir, node_dir, fsync, log_level.
         self.settings, self.log = settings, log
         self._lock = threading.Lock()
         self._stopping = False
@@ -9041,10 +9667,16 @@ class FolderWatcher:
 
     A file is indexed when inotify reports it closed after writing, or, for every other event
     and for polling observers, once its size and mtime have been still for quiet_period.
+
+    One node watches a given folder: the owner of its lease ("watch" and its path). The others
+    ask again every LEASE_POLL_SECONDS and take the folder over, reconciling it first, when
+    that node dies; on one machine every folder is this node's at once.
     """
 
-    def __init__(self, ingest: Ingest, folders, origin="watch", poll=False, poll_interval=5.0, quiet_period=2.0):
+    def __init__(self, ingest: Ingest, folders, origin="watch", poll=False, poll_interval=5.0, quiet_period=2.0,
+                 leases: Leases | None = None):
         self.ingest = ingest
+        self.leases = leases or Leases()
         self.folders = [pathlib.Path(f).resolve() for f in folders]
         self.origin = origin
         self.quiet_period = quiet_period
@@ -9058,15 +9690,47 @@ class FolderWatcher:
         self._stop = threading.Event()
         self._workers = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="watch-index")
         self._queued = 0  # files handed to the workers and not yet indexed (or skipped)
+        self._observing_lock = threading.Lock()  # held while folders are observed or given up
         self.reconciling = 0
 
     def start(self):
         for folder in self.folders:
             folder.mkdir(parents=True, exist_ok=True)
-            self._observe(folder)
-            self.reconciling += 1
-            start_thread(f"reconcile-{folder.name}", self._reconcile_then_done, folder)
+        self._watch_owned_folders()
         start_thread("watch-debounce", self._debounce_loop)
+        start_thread("watch-leases", self._follow_leases)
+
+    @property
+    def watched(self) -> list[pathlib.Path]:
+        """The folders this node watches now (with several nodes, those whose lease it owns)."""
+        return list(self._watching)
+
+    @staticmethod
+    def lease(folder: pathlib.Path) -> str:
+        """The name of a folder's lease: nodes mounting the shared folder at one path agree on it."""
+        return f"watch {folder}"
+
+    def _watch_owned_folders(self):
+        """Watch (and reconcile) each folder this node owns and does not watch yet; stop
+        watching those it no longer owns (its connection to the database was lost)."""
+        with self._observing_lock:
+            for folder in self.folders:
+                owned = self.leases.owns(self.lease(folder))
+                if owned and folder not in self._watching and not self._stop.is_set():
+                    self._observe(folder)
+                    self.reconciling += 1
+                    start_thread(f"reconcile-{folder.name}", self._reconcile_then_done, folder)
+                elif not owned and folder in self._watching:
+                    observer, _ = self._watching.pop(folder)
+                    observer.stop()
+                    self.log.warning("no longer watching %s: this node lost its lease", folder)
+
+    def _follow_leases(self):
+        while not self._stop.wait(LEASE_POLL_SECONDS):
+            try:
+                self._watch_owned_folders()
+            except OSError as error:  # a folder that cannot be watched now: tried again next time
+                self.log.warning("cannot watch the folders taken over: %s", error)
 
     def _observe(self, folder: pathlib.Path):
         events = [FileCreatedEvent, FileModifiedEvent, FileClosedEvent, FileDeletedEvent, FileMovedEvent, DirDeletedEvent, DirMovedEvent]
@@ -9094,35 +9758,39 @@ class FolderWatcher:
     def _rewatch_recreated_folders(self):
         """A watched folder deleted (its files unindexed with it) and created again is a new
         folder, which the observer of the old one does not see: watch it and reconcile it."""
-        for folder, (observer, identity) in list(self._watching.items()):
-            try:
-                stat = folder.stat()
-            except OSError:
-                continue
-            # The new folder may get the old one's inode number, hence the deletion event too.
-            if ((stat.st_dev, stat.st_ino) != identity or folder in self._deleted_folders) and not self._stop.is_set():
-                self._deleted_folders.discard(folder)
-                self.log.warning("%s was deleted and created again: watching the new folder", folder)
-                observer.stop()
+        with self._observing_lock:
+            for folder, (observer, identity) in list(self._watching.items()):
                 try:
-                    self._observe(folder)
-                except OSError as error:  # gone again: try on the next round
-                    self.log.warning("cannot watch %s: %s", folder, error)
+                    stat = folder.stat()
+                except OSError:
                     continue
-                self.reconciling += 1
-                start_thread(f"reconcile-{folder.name}", self._reconcile_then_done, folder)
+                # The new folder may get the old one's inode number, hence the deletion event too.
+                if ((stat.st_dev, stat.st_ino) != identity or folder in self._deleted_folders) and not self._stop.is_set():
+                    self._deleted_folders.discard(folder)
+                    self.log.warning("%s was deleted and created again: watching the new folder", folder)
+                    observer.stop()
+                    try:
+                        self._observe(folder)
+                    except OSError as error:  # gone again: try on the next round
+                        self.log.warning("cannot watch %s: %s", folder, error)
+                        continue
+                    self.reconciling += 1
+                    start_thread(f"reconcile-{folder.name}", self._reconcile_then_done, folder)
 
     def stop(self):
         self._stop.set()
-        for observer in self._observers:
-            observer.stop()
+        with self._observing_lock:
+            for observer in self._observers:
+                observer.stop()
         for observer in self._observers:
             observer.join(timeout=5)
         self._workers.shutdown(wait=True, cancel_futures=True)
+        for folder in self.folders:  # another node (or the next watcher here) may watch them
+            self.leases.release(self.lease(folder))
 
     def reconcile_all(self):
         """Reconcile every watched folder again (after the index could not take some files)."""
-        for folder in self.folders:
+        for folder in list(self._watching):
             self.reconciling += 1
             start_thread(f"reconcile-{folder.name}", self._reconcile_then_done, folder)
 
@@ -9337,7 +10005,10 @@ class IndexTask:
 
 
 class TaskManager:
-    """Runs index tasks one after another in the background; keeps them listed until closed."""
+    """Runs index tasks one after another in the background; keeps them listed until closed.
+
+    A task runs once, on the node that was asked for it (a request, a plugin): no lease is
+    needed, unlike the work every node would otherwise start by itself (Leases)."""
 
     def __init__(self, ingest: Ingest):
         self.ingest = ingest
@@ -9758,6 +10429,9 @@ class StudyEvents:
         self._threads = []
         self._opener = urllib.request.build_opener(_NoRedirects)
 
+    #: The once-only work of this class, each owned by one node (Leases).
+    STABLE_STUDIES_LEASE, DELIVERY_LEASE = "stable studies", "webhook deliveries"
+
     @property
     def webhooks(self) -> dict[str, Webhook]:
         return self.daemon.config.webhooks
@@ -9807,11 +10481,13 @@ class StudyEvents:
         self._wake_delivery.set()
 
     def _find_stable_studies(self):
-        # The one place studies are found stable. With several nodes on one database (the
-        # PostgreSQL engine), only the node holding a lease on this job should run this loop;
-        # announce_stable's conditional update already keeps two from announcing a study twice.
+        # The one place studies are found stable, by the node that owns this work (with several
+        # nodes on one database); announce_stable's conditional update would anyway keep two
+        # from announcing a study twice.
         stable_age = self.daemon.config.stable_age
         while not self._stop.wait(min(STABLE_CHECK_SECONDS, stable_age / 4)):
+            if not self.daemon.leases.wait_to_own(self.STABLE_STUDIES_LEASE, self._stop):
+                return
             try:
                 self._announce_quiet_studies(stable_age)
             except (apsw.Error, OSError) as error:  # a full disk, say: the studies wait, the loop goes on
@@ -9834,11 +10510,14 @@ class StudyEvents:
     # ---- delivery
 
     def _deliver(self):
-        while not self._stop.is_set():
+        # Deliveries are made by one node, the owner of this work; it asks again before each
+        # attempt, so a node that lost the lease stops at once.
+        leases = self.daemon.leases
+        while leases.wait_to_own(self.DELIVERY_LEASE, self._stop):
             try:
                 for delivery in self.index.due_deliveries(time.time()):
-                    if self._stop.is_set():
-                        return
+                    if self._stop.is_set() or not leases.owns(self.DELIVERY_LEASE):
+                        break
                     self._attempt(delivery)
                 next_due = self.index.next_delivery_time()
             except (apsw.Error, OSError) as error:  # the queue cannot be read or written now: later
@@ -10569,18 +11248,20 @@ def research_export(index: Index, storage: Storage, ingest: Ingest, deidentifier
 
 
 # ============================================================================================
-# Users and sessions: password hashes, tokens, presets (data_dir/users.sqlite)
+# Users and sessions: password hashes, tokens, presets (data_dir/users.sqlite, or PostgreSQL)
 # ============================================================================================
 
+#: The version of the users schema (users.sqlite's user_version): a later one migrates from it.
+USERS_SCHEMA_VERSION = 1
 USERS_SCHEMA = """
 CREATE TABLE IF NOT EXISTS users (
-    username TEXT PRIMARY KEY, password_hash BLOB NOT NULL, salt BLOB NOT NULL,
+    username TEXT PRIMARY KEY, password_hash {blob} NOT NULL, salt {blob} NOT NULL,
     admin INTEGER NOT NULL DEFAULT 0, roles TEXT NOT NULL DEFAULT '[]',
     credentials_stamp TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS sessions (
     token_hash TEXT PRIMARY KEY, username TEXT NOT NULL REFERENCES users(username) ON DELETE CASCADE,
-    credentials_stamp TEXT NOT NULL, created REAL NOT NULL, last_used REAL NOT NULL
+    credentials_stamp TEXT NOT NULL, created DOUBLE PRECISION NOT NULL, last_used DOUBLE PRECISION NOT NULL
 );
 CREATE INDEX IF NOT EXISTS sessions_by_user ON sessions (username);
 CREATE TABLE IF NOT EXISTS presets (
@@ -10593,13 +11274,13 @@ CREATE TABLE IF NOT EXISTS collection_access (
 );
 CREATE INDEX IF NOT EXISTS collection_access_by_member ON collection_access (member_kind, member);
 CREATE TABLE IF NOT EXISTS share_links (
-    id TEXT PRIMARY KEY, token_hash TEXT NOT NULL UNIQUE, created_by TEXT NOT NULL, created REAL NOT NULL,
+    id TEXT PRIMARY KEY, token_hash TEXT NOT NULL UNIQUE, created_by TEXT NOT NULL, created DOUBLE PRECISION NOT NULL,
     label TEXT NOT NULL DEFAULT '', study_uids TEXT NOT NULL DEFAULT '[]',
-    expires REAL, uses_allowed INTEGER, uses INTEGER NOT NULL DEFAULT 0, revoked REAL
+    expires DOUBLE PRECISION, uses_allowed INTEGER, uses INTEGER NOT NULL DEFAULT 0, revoked DOUBLE PRECISION
 );
 CREATE TABLE IF NOT EXISTS share_sessions (
     token_hash TEXT PRIMARY KEY, share_id TEXT NOT NULL REFERENCES share_links(id) ON DELETE CASCADE,
-    created REAL NOT NULL
+    created DOUBLE PRECISION NOT NULL
 );
 """
 #: How long HTTP Basic credentials, once checked, are taken without running scrypt again.
@@ -10681,59 +11362,62 @@ class Users:
     Every user has a credentials stamp, a random value made anew when the user is created and
     whenever its password or rights change; a session holds the stamp it was opened under and is
     valid only while the two agree. So deleting a user, re-creating one under the same name,
-    changing a password or rights ends the sessions at once, whatever else goes wrong."""
+    changing a password or rights ends the sessions at once, whatever else goes wrong.
 
-    def __init__(self, path: pathlib.Path, idle_minutes: float = 720):
+    They live in location: data_dir/users.sqlite, or the index's PostgreSQL URL, whose database
+    every node shares (schema dicoogled_users): a session opened on one node works on all, and
+    a user's change ends its sessions on all. Nothing of them is cached but Basic credentials,
+    whose memory holds only while the stamp in the database is the one they were checked under."""
+
+    def __init__(self, location: pathlib.Path | str, idle_minutes: float = 720):
         self.idle_seconds = idle_minutes * 60
         self.log = logging.getLogger("dicoogled.http")
-        self._lock = threading.Lock()
-        self._db = open_private_database(path)  # an account change is on disk before it is answered
-        self._db.execute("PRAGMA foreign_keys=ON")
-        with self._db:
-            self._migrate()
-            self._db.execute(USERS_SCHEMA)
+        # An account change is on disk before it is answered (synchronous FULL).
+        self._db = StateDatabase(location, "dicoogled_users", pool_size=8)
+        self._db.migrate(USERS_SCHEMA_VERSION, USERS_SCHEMA, before=None if self._db.postgresql else self._migrate)
         #: (username, SHA-256 of a password) -> (until when, the credentials stamp it was good for).
         self._basic_cache: dict[tuple[str, bytes], tuple[float, str]] = {}
         self._basic_cache_lock = threading.Lock()
 
-    def _migrate(self):
+    def _migrate(self, db):
         """Give users of an older users.sqlite a credentials stamp; end the sessions opened
         before stamps (and token hashes) existed: their users log in again."""
-        columns = {row[1] for row in self._db.execute("PRAGMA table_info(users)")}
+        columns = {row[1] for row in db.execute("PRAGMA table_info(users)")}
         if columns and "credentials_stamp" not in columns:
-            self._db.execute("ALTER TABLE users ADD COLUMN credentials_stamp TEXT NOT NULL DEFAULT ''")
-            for (username,) in self._db.execute("SELECT username FROM users").fetchall():
-                self._db.execute("UPDATE users SET credentials_stamp = ? WHERE username = ?",
-                                 (_new_credentials_stamp(), username))
-        session_columns = {row[1] for row in self._db.execute("PRAGMA table_info(sessions)")}
+            db.execute("ALTER TABLE users ADD COLUMN credentials_stamp TEXT NOT NULL DEFAULT ''")
+            for (username,) in db.execute("SELECT username FROM users").fetchall():
+                db.execute("UPDATE users SET credentials_stamp = ? WHERE username = ?", (_new_credentials_stamp(), username))
+        session_columns = {row[1] for row in db.execute("PRAGMA table_info(sessions)")}
         if session_columns and "credentials_stamp" not in session_columns:
-            self._db.execute("DROP TABLE sessions")
+            db.execute("DROP TABLE sessions")
             self.log.warning("sessions from an older version ended: their users log in again")
 
     def _query(self, sql, args=()):
-        with self._lock:
-            return self._db.execute(sql, args).fetchall()
+        with self._db.connection() as db:
+            return db.execute(sql, args).fetchall()
 
     def _write(self, sql, args=()):
-        with self._lock, self._db:
-            self._db.execute(sql, args)
-            return self._db.changes()
+        with self._db.transaction() as db:
+            db.execute(sql, args)
+            return db.changes()
 
     def ensure_admin(self, data_dir: pathlib.Path, password: str | None):
         """On first start create user 'admin' with DICOOGLED_ADMIN_PASSWORD, or a random
         password written to a file only the owner can read."""
         if self._query("SELECT 1 FROM users LIMIT 1"):
             return
+        secret_file = data_dir / "admin-password.txt"
         if not password:
             password = secrets.token_urlsafe(12)
-            secret_file = data_dir / "admin-password.txt"
             fd = os.open(secret_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(fd, "w") as handle:
                 handle.write(password + "\n")
             self.log.warning("created user 'admin'; its password is in %s", secret_file)
         else:
             self.log.info("created user 'admin' with the password from DICOOGLED_ADMIN_PASSWORD")
-        self.create("admin", password, admin=True)
+        if not self.create("admin", password, admin=True):  # another node, sharing the users, was first
+            secret_file.unlink(missing_ok=True)
+            self.log.warning("user 'admin' was created by another node meanwhile: its password is there")
 
     def create(self, username: str, password: str, admin: bool = False, roles=()) -> bool:
         if not USERNAME_PATTERN.match(username or ""):
@@ -10741,24 +11425,22 @@ class Users:
         if not password:
             raise ValueError("a password may not be empty")
         salt = secrets.token_bytes(16)
-        with self._lock, self._db:
-            if self._db.execute("SELECT 1 FROM users WHERE username = ?", (username,)).fetchone():
-                return False
-            self._db.execute("INSERT INTO users (username, password_hash, salt, admin, roles, credentials_stamp)"
-                             " VALUES (?, ?, ?, ?, ?, ?)",
-                             (username, _hash_password(password, salt), salt, int(admin), json.dumps(list(roles)),
-                              _new_credentials_stamp()))
-        return True
+        # One statement, so that two nodes creating the same name at once make one user.
+        return bool(self._write("INSERT INTO users (username, password_hash, salt, admin, roles, credentials_stamp)"
+                                " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (username) DO NOTHING",
+                                (username, _hash_password(password, salt), salt, int(admin), json.dumps(list(roles)),
+                                 _new_credentials_stamp())))
 
-    def _restamp(self, username: str, keep_token: str | None = None) -> int:
+    @staticmethod
+    def _restamp(db, username: str, keep_token: str | None = None) -> int:
         """A new credentials stamp for username, ending its sessions but keep_token's; call
-        inside a transaction. The number of sessions ended."""
+        inside a transaction (db). The number of sessions ended."""
         stamp = _new_credentials_stamp()
-        self._db.execute("UPDATE users SET credentials_stamp = ? WHERE username = ?", (stamp, username))
+        db.execute("UPDATE users SET credentials_stamp = ? WHERE username = ?", (stamp, username))
         kept = _token_hash(keep_token) if keep_token else ""
-        self._db.execute("DELETE FROM sessions WHERE username = ? AND token_hash != ?", (username, kept))
-        ended = self._db.changes()
-        self._db.execute("UPDATE sessions SET credentials_stamp = ? WHERE token_hash = ?", (stamp, kept))
+        db.execute("DELETE FROM sessions WHERE username = ? AND token_hash != ?", (username, kept))
+        ended = db.changes()
+        db.execute("UPDATE sessions SET credentials_stamp = ? WHERE token_hash = ?", (stamp, kept))
         return ended
 
     def set_password(self, username: str, password: str, keep_token: str | None = None) -> bool:
@@ -10768,12 +11450,11 @@ class Users:
             raise ValueError("a password may not be empty")
         salt = secrets.token_bytes(16)
         password_hash = _hash_password(password, salt)
-        with self._lock, self._db:
-            self._db.execute("UPDATE users SET password_hash = ?, salt = ? WHERE username = ?",
-                             (password_hash, salt, username))
-            if not self._db.changes():
+        with self._db.transaction() as db:
+            db.execute("UPDATE users SET password_hash = ?, salt = ? WHERE username = ?", (password_hash, salt, username))
+            if not db.changes():
                 return False
-            ended = self._restamp(username, keep_token)
+            ended = self._restamp(db, username, keep_token)
         self.log.info("password of %s changed; %d of its sessions ended", username, ended)
         return True
 
@@ -10781,38 +11462,42 @@ class Users:
         """Change whether a user is an administrator and its roles (None: unchanged); if either
         changes, its sessions end. False if there is no such user; ValueError for the last
         administrator."""
-        with self._lock, self._db:
-            row = self._db.execute("SELECT admin, roles FROM users WHERE username = ?", (username,)).fetchone()
+        with self._db.transaction() as db:
+            row = db.execute("SELECT admin, roles FROM users WHERE username = ?", (username,)).fetchone()
             if not row:
                 return False
             admin = bool(row[0]) if admin is None else admin
             roles = json.loads(row[1]) if roles is None else list(roles)
             if (admin, roles) == (bool(row[0]), json.loads(row[1])):
                 return True  # nothing changes, so no session need end
-            if row[0] and not admin and self._db.execute("SELECT count(*) FROM users WHERE admin").fetchone()[0] <= 1:
+            if row[0] and not admin and self._administrators(db) <= 1:
                 raise ValueError("the last administrator keeps its rights")
-            self._db.execute("UPDATE users SET admin = ?, roles = ? WHERE username = ?",
-                             (int(admin), json.dumps(roles), username))
-            ended = self._restamp(username)
+            db.execute("UPDATE users SET admin = ?, roles = ? WHERE username = ?", (int(admin), json.dumps(roles), username))
+            ended = self._restamp(db, username)
         self.log.info("rights of %s changed (admin %s, roles %s); %d of its sessions ended",
                       username, admin, ",".join(roles) or "none", ended)
         return True
 
     def delete(self, username: str) -> bool:
         """Delete a user and its sessions; the last admin is never deleted."""
-        with self._lock, self._db:
-            row = self._db.execute("SELECT admin FROM users WHERE username = ?", (username,)).fetchone()
+        with self._db.transaction() as db:
+            row = db.execute("SELECT admin FROM users WHERE username = ?", (username,)).fetchone()
             if not row:
                 return False
-            admins = self._db.execute("SELECT count(*) FROM users WHERE admin").fetchone()[0]
-            if row[0] and admins <= 1:
+            if row[0] and self._administrators(db) <= 1:
                 return False
-            self._db.execute("DELETE FROM sessions WHERE username = ?", (username,))
+            db.execute("DELETE FROM sessions WHERE username = ?", (username,))
             # A user made again under the same name starts without the old one's collections.
-            self._db.execute("DELETE FROM collection_access WHERE member_kind = 'user' AND member = ?", (username,))
-            self._db.execute("DELETE FROM users WHERE username = ?", (username,))
+            db.execute("DELETE FROM collection_access WHERE member_kind = 'user' AND member = ?", (username,))
+            db.execute("DELETE FROM users WHERE username = ?", (username,))
         self.log.info("user %s deleted, and its sessions", username)
         return True
+
+    def _administrators(self, db) -> int:
+        """How many administrators there are, inside a transaction (db) that may take one away:
+        their rows stay locked until it ends, so two nodes demoting or deleting the last two
+        administrators at once cannot leave none (the second counts after the first)."""
+        return len(db.execute(f"SELECT username FROM users WHERE admin != 0{self._db.for_update}").fetchall())
 
     def all(self) -> list[User]:
         return [User(name, bool(admin), tuple(json.loads(roles)))
@@ -10866,11 +11551,10 @@ class Users:
     def start_session(self, user: User) -> str:
         token = secrets.token_urlsafe(32)
         now = time.time()
-        with self._lock, self._db:
-            # The stamp is the user's now: a session opened as its rights change gets the new one.
-            self._db.execute("INSERT INTO sessions (token_hash, username, credentials_stamp, created, last_used)"
-                             " SELECT ?, username, credentials_stamp, ?, ? FROM users WHERE username = ?",
-                             (_token_hash(token), now, now, user.username))
+        # The stamp is the user's now: a session opened as its rights change gets the new one.
+        self._write("INSERT INTO sessions (token_hash, username, credentials_stamp, created, last_used)"
+                    " SELECT ?, username, credentials_stamp, ?, ? FROM users WHERE username = ?",
+                    (_token_hash(token), now, now, user.username))
         return token
 
     def session_user(self, token: str) -> User | None:
@@ -10879,26 +11563,22 @@ class Users:
         token_hash = _token_hash(token)
         now = time.time()
         row = None
-        with self._lock:
+        try:
             # Every use is written, so a session expires exactly idle_minutes after its last use.
             # Not flushed to disk (an fsync per request would cost milliseconds): a power cut may
             # lose the last uses, which only makes sessions expire sooner.
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            try:
-                with self._db:
-                    row = self._db.execute(
-                        "SELECT u.username, u.admin, u.roles, s.last_used FROM sessions s"
-                        " JOIN users u ON u.username = s.username AND u.credentials_stamp = s.credentials_stamp"
-                        " WHERE s.token_hash = ?", (token_hash,)).fetchone()
-                    if row is None or now - row[3] > self.idle_seconds:
-                        row = None
-                        self._db.execute("DELETE FROM sessions WHERE token_hash = ?", (token_hash,))
-                    else:
-                        self._db.execute("UPDATE sessions SET last_used = ? WHERE token_hash = ?", (now, token_hash))
-            except apsw.FullError:  # a full disk must not lock users out of reading
-                self.log.debug("session use not recorded: the disk is full")
-            finally:
-                self._db.execute("PRAGMA synchronous=FULL")
+            with self._db.transaction(durable=False) as db:
+                row = db.execute(
+                    "SELECT u.username, u.admin, u.roles, s.last_used FROM sessions s"
+                    " JOIN users u ON u.username = s.username AND u.credentials_stamp = s.credentials_stamp"
+                    " WHERE s.token_hash = ?", (token_hash,)).fetchone()
+                if row is None or now - row[3] > self.idle_seconds:
+                    row = None
+                    db.execute("DELETE FROM sessions WHERE token_hash = ?", (token_hash,))
+                else:
+                    db.execute("UPDATE sessions SET last_used = ? WHERE token_hash = ?", (now, token_hash))
+        except apsw.FullError:  # a full disk must not lock users out of reading
+            self.log.debug("session use not recorded: the disk is full")
         return None if row is None else User(row[0], bool(row[1]), tuple(json.loads(row[2])))
 
     def end_session(self, token: str) -> bool:
@@ -10914,11 +11594,12 @@ class Users:
             raise ValueError("a grant is to a user or a group, of read or write")
         if not USERNAME_PATTERN.match(member or ""):
             raise ValueError("a user or group name is 1 to 64 letters, digits or . _ @ -")
-        with self._lock, self._db:
-            if member_kind == "user" and not self._db.execute("SELECT 1 FROM users WHERE username = ?", (member,)).fetchone():
+        with self._db.transaction() as db:
+            if member_kind == "user" and not db.execute("SELECT 1 FROM users WHERE username = ?", (member,)).fetchone():
                 return False
-            self._db.execute("INSERT OR REPLACE INTO collection_access VALUES (?, ?, ?, ?)",
-                             (label, member_kind, member, access))
+            db.execute("INSERT INTO collection_access VALUES (?, ?, ?, ?)"
+                       " ON CONFLICT (label, member_kind, member) DO UPDATE SET access = excluded.access",
+                       (label, member_kind, member, access))
         self.log.info("%s %s given %s on collection %s", member_kind, member, access, label)
         return True
 
@@ -10978,11 +11659,11 @@ class Users:
     def revoke_share(self, share_id: str) -> bool:
         """Revoke a share link: it opens no more, and those who opened it see nothing from their
         next request. False if there is no such link or it was revoked already."""
-        with self._lock, self._db:
-            self._db.execute("UPDATE share_links SET revoked = ? WHERE id = ? AND revoked IS NULL", (time.time(), share_id))
-            if not self._db.changes():
+        with self._db.transaction() as db:
+            db.execute("UPDATE share_links SET revoked = ? WHERE id = ? AND revoked IS NULL", (time.time(), share_id))
+            if not db.changes():
                 return False
-            self._db.execute("DELETE FROM share_sessions WHERE share_id = ?", (share_id,))
+            db.execute("DELETE FROM share_sessions WHERE share_id = ?", (share_id,))
         self.log.info("share link %s revoked", share_id)
         return True
 
@@ -10990,15 +11671,16 @@ class Users:
         """Open a share link: count one use and start a share session, (link, session token);
         (link or None, None) when the link is unknown, revoked, expired or used up."""
         now = time.time()
-        with self._lock, self._db:
-            row = self._db.execute(f"SELECT {_SHARE_COLUMNS} FROM share_links WHERE token_hash = ?",
-                                   (_token_hash(token),)).fetchone()
+        with self._db.transaction() as db:
+            # Nodes opening a link at once count its uses one after the other.
+            row = db.execute(f"SELECT {_SHARE_COLUMNS} FROM share_links WHERE token_hash = ?{self._db.for_update}",
+                             (_token_hash(token),)).fetchone()
             link = _share_link(row) if row else None
             if link is None or link.state(now) != "active":
                 return link, None
-            self._db.execute("UPDATE share_links SET uses = uses + 1 WHERE id = ?", (link.id,))
+            db.execute("UPDATE share_links SET uses = uses + 1 WHERE id = ?", (link.id,))
             session = secrets.token_urlsafe(32)
-            self._db.execute("INSERT INTO share_sessions VALUES (?, ?, ?)", (_token_hash(session), link.id, now))
+            db.execute("INSERT INTO share_sessions VALUES (?, ?, ?)", (_token_hash(session), link.id, now))
         return link._replace(uses=link.uses + 1), session
 
     def share_of_session(self, session: str) -> ShareLink | None:
@@ -11020,11 +11702,11 @@ class Users:
                 for name, fields in self._query("SELECT name, fields FROM presets WHERE username = ? ORDER BY name", (username,))]
 
     def save_preset(self, username: str, name: str, fields: list[str]):
-        self._write("INSERT OR REPLACE INTO presets VALUES (?, ?, ?)", (username, name, json.dumps(fields)))
+        self._write("INSERT INTO presets VALUES (?, ?, ?) ON CONFLICT (username, name) DO UPDATE SET fields = excluded.fields",
+                    (username, name, json.dumps(fields)))
 
     def close(self):
-        with self._lock:
-            self._db.close()
+        self._db.close()
 
 
 #: Failed logins one (client address, username) pair may have within LOGIN_FAILURE_WINDOW
@@ -11091,14 +11773,14 @@ class LoginThrottle:
 
 
 # ============================================================================================
-# Audit log: who read, sent, received or changed what, when (data_dir/audit.sqlite)
+# Audit log: who read, sent, received or changed what, when (data_dir/audit.sqlite, or PostgreSQL)
 # ============================================================================================
 
-#: The version of audit.sqlite's schema (its user_version): a later one migrates from it.
+#: The version of the audit schema (audit.sqlite's user_version): a later one migrates from it.
 AUDIT_SCHEMA_VERSION = 1
 AUDIT_SCHEMA = """
 CREATE TABLE IF NOT EXISTS audit (
-    id INTEGER PRIMARY KEY, time REAL NOT NULL, action TEXT NOT NULL, result TEXT NOT NULL,
+    id {row_id}, time DOUBLE PRECISION NOT NULL, action TEXT NOT NULL, result TEXT NOT NULL,
     status TEXT NOT NULL, username TEXT NOT NULL, calling_aet TEXT NOT NULL, share_link TEXT NOT NULL,
     address TEXT NOT NULL, request TEXT NOT NULL, studies TEXT NOT NULL, series TEXT NOT NULL,
     instances TEXT NOT NULL, count INTEGER, detail TEXT NOT NULL
@@ -11106,10 +11788,16 @@ CREATE TABLE IF NOT EXISTS audit (
 CREATE INDEX IF NOT EXISTS audit_by_time ON audit (time);
 CREATE INDEX IF NOT EXISTS audit_by_user ON audit (username, time);
 CREATE INDEX IF NOT EXISTS audit_by_action ON audit (action, time);
--- Append-only: an entry, once written, is never changed (pruning by age is the only delete).
-CREATE TRIGGER IF NOT EXISTS audit_append_only BEFORE UPDATE ON audit
-BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
 """
+#: Append-only: an entry, once written, is never changed (pruning by age is the only delete).
+#: The one part of the audit schema each engine says its own way.
+AUDIT_APPEND_ONLY = {
+    "sqlite": """CREATE TRIGGER IF NOT EXISTS audit_append_only BEFORE UPDATE ON audit
+BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;""",
+    "postgresql": """CREATE OR REPLACE FUNCTION audit_append_only() RETURNS trigger LANGUAGE plpgsql
+AS $$ BEGIN RAISE EXCEPTION 'the audit log is append-only'; END $$;
+CREATE TRIGGER audit_append_only BEFORE UPDATE ON audit FOR EACH ROW EXECUTE FUNCTION audit_append_only();""",
+}
 #: What an audit entry records was done: its `action`, with one line of documentation (GET /audit's
 #: action filter, docs/rest-api.md and the web app's action picker read this table).
 AUDIT_ACTIONS = {
@@ -11194,7 +11882,9 @@ def _uid_list(uids) -> tuple:
 
 
 class AuditLog:
-    """The audit log, in its own database (data_dir/audit.sqlite, owner-only, WAL).
+    """The audit log, in its own database: data_dir/audit.sqlite (owner-only, WAL), or, with
+    the index in PostgreSQL, schema dicoogled_audit of its database, where every node writes
+    one log (each its own entries, numbered by the database in the order committed).
 
     record() only puts the entry on a queue, so no request, store or C-FIND waits for a disk
     write: one writer thread takes the queue in batches (up to AUDIT_BATCH entries, or whatever
@@ -11205,19 +11895,12 @@ class AuditLog:
 
     With enabled false, record() keeps nothing (the log can still be read and pruned)."""
 
-    def __init__(self, path: pathlib.Path, enabled: bool = True, retention_days: float = 0):
+    def __init__(self, location: pathlib.Path | str, enabled: bool = True, retention_days: float = 0):
         self.enabled, self.retention_days = enabled, retention_days
         self.log = logging.getLogger("dicoogled.audit")
-        self._lock = threading.Lock()
         # A batch on disk when committed, but not fsynced each time: the writer must keep up with ingest.
-        self._db = open_private_database(path, synchronous="NORMAL")
-        with self._db:
-            version = self._db.execute("PRAGMA user_version").fetchone()[0]
-            if version > AUDIT_SCHEMA_VERSION:
-                raise RuntimeError(f"{path} was written by a newer dicoogled (audit schema {version}); upgrade")
-            if version < AUDIT_SCHEMA_VERSION:  # written once: a start on a full disk writes nothing here
-                self._db.execute(AUDIT_SCHEMA)
-                self._db.execute(f"PRAGMA user_version = {AUDIT_SCHEMA_VERSION}")
+        self._db = StateDatabase(location, "dicoogled_audit", synchronous="NORMAL", pool_size=4)
+        self._db.migrate(AUDIT_SCHEMA_VERSION, AUDIT_SCHEMA + AUDIT_APPEND_ONLY[self._db.engine])
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         #: Entries queued and entries written (or dropped for a failure), for flush().
         self._queued = self._written = 0
@@ -11269,8 +11952,8 @@ class AuditLog:
     def _insert(self, entries: list[AuditEntry]):
         if not entries:
             return
-        with self._lock, self._db:
-            self._db.executemany(
+        with self._db.transaction() as db:
+            db.executemany(
                 "INSERT INTO audit (time, action, result, status, username, calling_aet, share_link, address, request,"
                 " studies, series, instances, count, detail) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [(e.time, e.action, e.result, e.status, e.user, e.calling_aet, e.share_link, e.address, e.request,
@@ -11288,9 +11971,9 @@ class AuditLog:
         if not self.retention_days > 0:
             return 0
         cutoff = (now or time.time()) - self.retention_days * 86400
-        with self._lock, self._db:
-            self._db.execute("DELETE FROM audit WHERE time < ?", (cutoff,))
-            pruned = self._db.changes()
+        with self._db.transaction() as db:
+            db.execute("DELETE FROM audit WHERE time < ?", (cutoff,))
+            pruned = db.changes()
         if pruned:
             self.log.info("pruned %d audit entries older than %g days", pruned, self.retention_days)
         return pruned
@@ -11299,8 +11982,7 @@ class AuditLog:
         """Write every queued entry, then close the database."""
         self._queue.put(None)
         self._writer.join()
-        with self._lock:
-            self._db.close()
+        self._db.close()
 
     # ---- reading -------------------------------------------------------------------------------
 
@@ -11327,12 +12009,12 @@ class AuditLog:
         """The entries matching the filters (action: names separated by commas), newest first:
         (a page of them, how many match in all)."""
         where, args = self._where(user, action, since, until)
-        with self._lock:
-            total = self._db.execute(f"SELECT count(*) FROM audit{where}", args).fetchone()[0]
-            rows = self._db.execute(
+        with self._db.connection() as db:
+            total = db.execute(f"SELECT count(*) FROM audit{where}", args).fetchone()[0]
+            rows = db.execute(
                 "SELECT time, action, result, status, username, calling_aet, share_link, address, request, studies,"
                 f" series, instances, count, detail, id FROM audit{where} ORDER BY id DESC LIMIT ? OFFSET ?",
-                args + [-1 if limit is None else limit, offset]).fetchall()
+                args + [SQL_NO_LIMIT if limit is None else limit, offset]).fetchall()
         return [AuditEntry(*row[:9], tuple(json.loads(row[9])), tuple(json.loads(row[10])), tuple(json.loads(row[11])),
                            *row[12:]) for row in rows], total
 
@@ -11345,8 +12027,8 @@ class AuditLog:
             if before_id is not None:
                 where += (" AND" if where else " WHERE") + " id < ?"
                 args.append(before_id)
-            with self._lock:
-                rows = self._db.execute(
+            with self._db.connection() as db:
+                rows = db.execute(
                     "SELECT time, action, result, status, username, calling_aet, share_link, address, request, studies,"
                     f" series, instances, count, detail, id FROM audit{where} ORDER BY id DESC LIMIT ?",
                     args + [page]).fetchall()
@@ -12946,10 +13628,11 @@ def _viewer_policy(index: pathlib.Path) -> str:
 
 
 def _persist_plugin_settings(daemon: "Daemon", plugin: Plugin):
-    """Write a plugin's settings to data_dir/settings.ini as [plugin.NAME], so they survive a restart."""
+    """Write a plugin's settings as [plugin.NAME] where the settings changed at run time are kept
+    (data_dir/settings.ini, or the PostgreSQL index's database), so they survive a restart."""
     values = {key: str(value).lower() if isinstance(value, bool) else str(value) for key, value in plugin.settings.items()}
     with daemon.settings_lock:
-        save_settings(daemon.config.data_dir, {f"plugin.{plugin.name}": values})
+        save_settings(daemon.config.settings_location, {f"plugin.{plugin.name}": values})
     daemon.config.plugin_settings[plugin.name] = values
 
 
@@ -14089,6 +14772,34 @@ def _make_private_data_dir(data_dir: pathlib.Path, background=False):
         walk(subfolders)
 
 
+#: The file a serving daemon holds locked in its node folder (the data dir, on one machine).
+SERVE_LOCK_FILE = "serve.lock"
+
+
+def _lock_node_dir(config: Config):
+    """The lock that makes a daemon the only one serving its node folder (Config.node_dir: the
+    data dir itself with the SQLite index), held as long as the file returned stays open. Two
+    there would sweep each other's temp files and write one SQLite index from two processes.
+    An flock belongs to the open file, so the OS releases it when the process ends, however it
+    ends (kill -9 too): no stale lock to remove by hand. Raises RuntimeError naming the holder."""
+    config.node_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    handle = open(config.node_dir / SERVE_LOCK_FILE, "a+", encoding="utf-8")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "unknown"
+        handle.close()
+        other_name = ", or this node another [node] name" if config.index_url else ""
+        raise RuntimeError(f"{config.node_dir} is in use by another dicoogled serve (PID {holder}): stop that one"
+                           f" first, or give this one another --data-dir{other_name}") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")  # for the message above, and for people
+    handle.flush()
+    return handle
+
+
 def _release_free_memory():
     """Give the C heap's free pages back to the system (glibc's malloc_trim; elsewhere nothing).
 
@@ -14111,12 +14822,16 @@ class Daemon:
         self.settings_lock = threading.Lock()
         data_dir = config.data_dir
         _make_private_data_dir(data_dir, background=True)
-        self.storage = Storage(data_dir, fsync=config.fsync, scheme=config.storage_scheme)
+        # Before anything is swept or opened: a second serve on this folder stops here.
+        self._serve_lock = _lock_node_dir(config)
+        self.storage = Storage(data_dir, fsync=config.fsync, scheme=config.storage_scheme, node_dir=config.node_dir)
         # Temporary files (spooled uploads, pynetdicom's) stay on the data disk: /tmp may be RAM.
         tempfile.tempdir = str(self.storage.tmp)
         for stale in self.storage.tmp.glob("import-*.zip"):  # uploads whose import a stop or a crash cut short
             stale.unlink(missing_ok=True)
-        self.index = Index(data_dir / "index.sqlite")
+        self.index = open_index(config)
+        #: Which once-only work this node does now (all of it, on one machine).
+        self.leases = Leases(config.index_url, config.node)
         #: Free space on the data disk and the reserve kept there ([storage] min_free_mb).
         self.disk = DiskSpace(data_dir, config.min_free_mb)
         self.ingest = Ingest(self.index, self.storage, config.duplicates, self.disk,
@@ -14126,16 +14841,18 @@ class Daemon:
         self.codecs = CodecWorkers(config.codec_workers, config.codec_idle_seconds, config.codec_timeout, config.log_level)
         self.worklist = Worklist(self.index)
         self.dicom = DicomServices(config, self.ingest, self.finder, self.worklist, self.codecs)
-        self.users = Users(data_dir / "users.sqlite", config.session_idle_minutes)
-        #: Who read, sent, stored or changed what: data_dir/audit.sqlite.
-        self.audit = AuditLog(data_dir / "audit.sqlite", config.audit_enabled, config.audit_retention_days)
+        #: Accounts and sessions: data_dir/users.sqlite, or the PostgreSQL index's database (every node's).
+        self.users = Users(config.index_url or data_dir / "users.sqlite", config.session_idle_minutes)
+        #: Who read, sent, stored or changed what: data_dir/audit.sqlite, or the PostgreSQL index's database.
+        self.audit = AuditLog(config.index_url or data_dir / "audit.sqlite", config.audit_enabled,
+                              config.audit_retention_days)
         self.dicom.audit = self.ingest.audit = self.audit
         #: Who the pseudonyms of de-identified copies stand for, apart from the index.
         self.pseudonyms = PseudonymMap(data_dir / "pseudonyms.sqlite")
         #: The one de-identifier: research exports, and whatever else hands out de-identified copies.
         self.deidentifier = Deidentifier(self.pseudonyms)
-        self.thumbnails = ThumbnailCache(data_dir / "cache" / "thumbnails")
-        self._cache_root = data_dir / "cache"
+        self._cache_root = config.node_dir / "cache"  # each node's own
+        self.thumbnails = ThumbnailCache(self._cache_root / "thumbnails")
         self.users.ensure_admin(data_dir, os.environ.get("DICOOGLED_ADMIN_PASSWORD"))
         self.tasks = TaskManager(self.ingest)
         #: Query providers by name: callables(query text) -> [(uri, metadata)]; plugins add theirs.
@@ -14149,7 +14866,7 @@ class Daemon:
         #: Stable studies and webhook deliveries.
         self.events = StudyEvents(self)
         self.ingest.deliveries_for = self.events.instance_deliveries
-        self.ingest.listeners.append(lambda record, calling_aet: self.events.queued())
+        self.ingest.deliveries_queued = self.events.queued
         self.ingest.listeners.append(self._audit_watched_file)
         self.dicom.find_filter = self.plugins.find_filter
         self.dicom.visibility_of_ae = self.visibility_of_ae
@@ -14171,8 +14888,8 @@ class Daemon:
             self.dicom.start()
         self.watch()
         # Files stored before a crash but never indexed (never acknowledged either) get indexed.
-        self.reconciling += 1
-        start_thread("reconcile-storage", self._reconcile_storage)
+        self.reconciling += 1  # counted now, so /health says so before the thread runs
+        start_thread("reconcile-storage", self._reconcile_storage_whenever_owned)
         start_thread("disk-space", self._watch_disk_space)
         if self.config.retention_rules:
             start_thread("retention", self._apply_retention_regularly)
@@ -14201,6 +14918,7 @@ class Daemon:
                 self.watcher = FolderWatcher(
                     self.ingest, self.config.watch_folders, poll=self.config.watch_poll,
                     poll_interval=self.config.watch_poll_interval, quiet_period=self.config.watch_quiet_period,
+                    leases=self.leases,
                 )
                 self.watcher.start()
 
@@ -14306,7 +15024,29 @@ class Daemon:
         hits, _ = self.search(query)
         return [(_file_uri(hit.path), hit.meta) for hit in hits]
 
+    #: The lease of reconciling the storage folder, shared by the nodes, with the index.
+    STORAGE_LEASE = "reconcile storage"
+
+    def _reconcile_storage_whenever_owned(self):
+        """Reconcile the storage folder with the index at start if this node owns that work (on
+        one machine it always does), then each time it takes the work over from a node that
+        died, which may have left files stored but never indexed; start() counted the first
+        run in self.reconciling. This node's caches lose what is no longer indexed."""
+        owned = self.leases.owns(self.STORAGE_LEASE)
+        if owned:
+            self._reconcile_storage()
+        else:
+            self.reconciling -= 1  # another node reconciles
+        self._purge_caches()
+        while not self.stopped.wait(LEASE_POLL_SECONDS):
+            owned, was_owned = self.leases.owns(self.STORAGE_LEASE), owned
+            if owned and not was_owned:
+                self.reconciling += 1
+                self._reconcile_storage()
+
     def _reconcile_storage(self):
+        """Index what the storage folder and the storage plugins hold and the index lacks; the
+        caller counted this in self.reconciling."""
         try:
             reconcile(self.ingest, self.storage.root, "store", self.stopped)
             for scheme in set(self.storage.schemes) - {"file"}:
@@ -14314,12 +15054,15 @@ class Daemon:
                     self.ingest.reconcile_scheme(scheme)
                 except Exception:  # one storage plugin's failure must not stop the others
                     self.log.exception("cannot reconcile the index with storage %s", scheme)
-            is_indexed = lambda uid: self.index.instance(uid) is not None  # noqa: E731
-            self.thumbnails.purge(is_indexed)
-            for folder in self._cache_root.glob("plugin-*"):
-                InstanceCache(folder, ".cache").purge(is_indexed)
         finally:
             self.reconciling -= 1
+
+    def _purge_caches(self):
+        """Delete what this node's caches hold for instances no longer indexed."""
+        is_indexed = lambda uid: self.index.instance(uid) is not None  # noqa: E731
+        self.thumbnails.purge(is_indexed)
+        for folder in self._cache_root.glob("plugin-*"):
+            InstanceCache(folder, ".cache").purge(is_indexed)
 
     #: Seconds between looks at the data disk's free space.
     DISK_CHECK_SECONDS = 2.0
@@ -14329,15 +15072,17 @@ class Daemon:
         files left by a store or a reconciliation that failed, and files in watched folders."""
         while not self.stopped.wait(self.DISK_CHECK_SECONDS):
             if self.disk.recheck() and not self.stopped.is_set():
-                self.reconciling += 1
-                start_thread("reconcile-storage", self._reconcile_storage)
+                if self.leases.owns(self.STORAGE_LEASE):
+                    self.reconciling += 1
+                    start_thread("reconcile-storage", self._reconcile_storage)
                 with self._watch_lock:
                     if self.watcher:
                         self.watcher.reconcile_all()
 
     def _prune_audit_regularly(self):
-        """Delete audit entries older than [audit] retention_days, at start and every hour."""
-        while not self.stopped.is_set():
+        """Delete audit entries older than [audit] retention_days, at start and every hour (by
+        one node: the owner of the lease)."""
+        while self.leases.wait_to_own("audit retention", self.stopped):
             try:
                 self.audit.prune()
             except apsw.Error as error:  # a busy or full disk: tried again next time
@@ -14354,9 +15099,10 @@ class Daemon:
                               instances=record.meta.get("SOPInstanceUID", ""), count=1)
 
     def _apply_retention_regularly(self):
-        """Apply the [retention] rules at start, then every retention_interval_hours."""
+        """Apply the [retention] rules at start, then every retention_interval_hours (by one
+        node: the owner of the lease, or the node that takes it over)."""
         rules = list(self.config.retention_rules.values())
-        while not self.stopped.is_set():
+        while self.leases.wait_to_own("retention", self.stopped):
             self.ingest.apply_retention(rules)
             if self.stopped.wait(self.config.retention_interval_hours * 3600):
                 return
@@ -14373,12 +15119,14 @@ class Daemon:
         self.watch()  # stopped is set: this only stops the watcher
         self.tasks.close()
         self.events.close()
+        self.leases.close()  # its work has stopped here: other nodes may take it
         self.plugins.close()
         self.codecs.close()
         self.index.close()
         self.users.close()
         self.pseudonyms.close()
         self.audit.close()  # last: every part that records entries has stopped
+        self._serve_lock.close()  # another serve may start on this folder now
         self.log.info("stopped")
         logging.getLogger().removeHandler(self.log_tail)
 
@@ -14661,10 +15409,20 @@ def _progress_bar(label: str):
     return show
 
 
+def _has_an_index(config: Config) -> bool:
+    """Whether an offline command has an index to work on (False says why in the log): the
+    SQLite file must be there; a PostgreSQL database says so itself when it is opened."""
+    if config.index_url or (config.data_dir / "index.sqlite").is_file():
+        return True
+    log.error("no index in %s: is it the right --data-dir?", config.data_dir)
+    return False
+
+
 def _offline_archive(config: Config):
-    index = Index(config.data_dir / "index.sqlite")
-    return index, Ingest(index, Storage(config.data_dir, fsync=config.fsync), config.duplicates,
-                         protected_labels=config.protected_labels)
+    index = open_index(config)
+    # No sweep of the temp folder: a daemon running on this data dir may be writing there.
+    storage = Storage(config.data_dir, fsync=config.fsync, sweep=False, node_dir=config.node_dir)
+    return index, Ingest(index, storage, config.duplicates, protected_labels=config.protected_labels)
 
 
 def command_index(config: Config, paths) -> int:
@@ -14724,8 +15482,7 @@ def command_reindex(config: Config) -> int:
 
 def command_retention(config: Config, dry_run: bool) -> int:
     """Apply the [retention] rules (or list what they would delete): one JSON line per study."""
-    if not (config.data_dir / "index.sqlite").is_file():
-        log.error("no index in %s: is it the right --data-dir?", config.data_dir)
+    if not _has_an_index(config):
         return 1
     if not config.retention_rules:
         log.warning("no [retention] rules in the configuration: nothing to do")
@@ -14741,8 +15498,7 @@ def command_retention(config: Config, dry_run: bool) -> int:
 def command_research_export(config: Config, label: str, into: str, options: DeidentificationOptions) -> int:
     """De-identify a label's studies into another label, offline (the daemon stopped); prints
     {studies, stored, failed}, exits 1 if anything failed."""
-    if not (config.data_dir / "index.sqlite").is_file():
-        log.error("no index in %s: is it the right --data-dir?", config.data_dir)
+    if not _has_an_index(config):
         return 1
     index, ingest = _offline_archive(config)
     pseudonyms = PseudonymMap(config.data_dir / "pseudonyms.sqlite")
@@ -14764,10 +15520,9 @@ def command_research_export(config: Config, label: str, into: str, options: Deid
 
 def command_check(config: Config) -> int:
     """Compare the index with the files on disk; exit 1 if they disagree."""
-    if not (config.data_dir / "index.sqlite").is_file():
-        log.error("no index in %s: is it the right --data-dir?", config.data_dir)
+    if not _has_an_index(config):
         return 1
-    index = Index(config.data_dir / "index.sqlite")
+    index = open_index(config)
     problems = collections.Counter()
     in_plugins = 0  # kept by storage plugins, which run only in the daemon
     try:
@@ -14984,6 +15739,7 @@ def _argument_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", metavar="FILE", help="INI configuration file (see conf/dicoogled.ini)")
     common.add_argument("--data-dir", metavar="DIR", type=pathlib.Path, help="storage, index and temp files (default ./data)")
+    common.add_argument("--index", metavar="URL", help="a postgresql:// index instead of the SQLite file in the data dir")
     common.add_argument("--log-level", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     commands = parser.add_subparsers(dest="command")
     serve = commands.add_parser("serve", parents=[common], help="run the archive (the default)")
@@ -15033,7 +15789,7 @@ def main(argv=None) -> int:
     if not argv or argv[0] not in ("serve", "index", "reindex", "check", "retention", "install-viewer", "new-plugin", "sample-data", "make-cert", "research-export", "-h", "--help", "--version"):
         argv.insert(0, "serve")
     args = _argument_parser().parse_args(argv)
-    overrides = {"data_dir": args.data_dir, "log_level": args.log_level}
+    overrides = {"data_dir": args.data_dir, "index_url": args.index, "log_level": args.log_level}
     if args.command == "serve":
         overrides.update(http_host=args.http_host, http_port=args.http_port, dicom_host=args.dicom_host,
                          dicom_port=args.dicom_port, aet=args.aet)
@@ -15070,12 +15826,12 @@ def main(argv=None) -> int:
             options = DeidentificationOptions(args.retain_dates, False, args.retain_device_identity,
                                               args.retain_patient_characteristics, args.clean_descriptors)
             return command_research_export(config, args.label, args.into, options)
-    except (OSError, RuntimeError, apsw.Error, subprocess.CalledProcessError) as error:
+    except (OSError, RuntimeError, ValueError, apsw.Error, subprocess.CalledProcessError) as error:
         log.error("%s failed: %s", args.command, error)
         return 1
     try:
         daemon = Daemon(config)
-    except (OSError, RuntimeError, apsw.Error) as error:
+    except (OSError, RuntimeError, ValueError, apsw.Error) as error:
         log.error("cannot start: %s", error)
         return 1
     try:

@@ -385,6 +385,7 @@ INVALID_CONFIGS = {
     "modality line without =": ("[modalities]\nWORKSTATION 192.168.1.20:11112\n", ["[modalities]", "WORKSTATION 192.168.1.20"]),
     "modality AE title too long": ("[modalities]\nA_VERY_LONG_AE_TITLE_X = 10.0.0.1:104\n", ["[modalities]", "A_VERY_LONG_AE_TITLE_X"]),
     "setting outside a section": ("aet = DICOOGLED\n", ["aet = DICOOGLED"]),
+    "index url not PostgreSQL": ("[index]\nurl = mysql://db.example.org/pacs\n", ["[index] url", "postgresql://"]),
 }
 
 
@@ -409,6 +410,7 @@ def test_invalid_config_fails_clearly(tmp_path, name):
     (["--aet", "WAY_TOO_LONG_FOR_AN_AET"], ["AE title"]),
     (["--dicom-port", "70000"], ["port", "70000"]),
     (["--http-port", "70000"], ["port", "70000"]),
+    (["--index", "./index.sqlite"], ["[index] url", "postgresql://"]),
 ])
 def test_invalid_flags_fail_clearly(tmp_path, flags, words):
     result = run("serve", "--data-dir", tmp_path / "data", "--http-host", "127.0.0.1", "--dicom-host", "127.0.0.1",

@@ -11,8 +11,9 @@
 - every command in README.md, docs/ and the course names the virtualenv (`.venv/bin/...`) or is
   a make target, so it works as written after `make run`; the README points to the course first.
 
-Every plugin hook in docs/plugins.md is checked by tests/test_plugins.py
-(test_every_hook_and_orthanc_name_is_documented), not here.
+Every plugin hook in docs/plugins.md, and the table of the `dicoogle` API in both languages, is
+checked by tests/test_plugins.py (test_every_hook_and_orthanc_name_is_documented,
+test_the_api_table_in_the_docs_is_the_one_the_lua_bridge_reads), not here.
 """
 
 import base64

@@ -1080,6 +1080,20 @@ def test_the_hook_table_in_the_docs_is_the_one_the_loaders_read():
     assert set(dicoogled.PLUGIN_KINDS) == {spec.plugin_kind for spec in dicoogled.HOOK_SPECS} | {"webui"}
 
 
+def test_the_api_table_in_the_docs_is_the_one_the_lua_bridge_reads():
+    """docs/plugins.md's table of the dicoogle API is API_CALLS, row for row, and API_CALLS names
+    every public method of PluginApi (what Python plugins get): a call added to one and not the
+    other fails here. A call Lua lacks says why."""
+    docs = (ROOT / "docs" / "plugins.md").read_text(encoding="utf-8")
+    rows = [line for line in docs.splitlines() if line.startswith("| `dicoogle.")]
+    assert rows == [call.doc_row() for call in dicoogled.API_CALLS]
+    methods = {name for name, value in vars(dicoogled.PluginApi).items() if callable(value) and not name.startswith("_")}
+    assert methods == {call.name for call in dicoogled.API_CALLS}
+    for call in dicoogled.API_CALLS:
+        assert set(call.binary) <= {parameter.name for parameter in call.parameters("lua")}, call.name
+        assert not call.python_only or call.lua is None, call.name
+
+
 def test_shipped_python_plugins_declare_the_api_they_are_given():
     """Each shipped Python plugin that calls dicoogle declares it (dicoogle = None): linters know
     the name, and no line needs a noqa."""

@@ -6,6 +6,7 @@ Every instance acknowledged with success must be on disk and found by C-FIND, wh
 happens to the daemon afterwards.
 """
 
+import contextlib
 import ctypes
 import os
 import pathlib
@@ -30,6 +31,7 @@ from pynetdicom.sop_class import CTImageStorage, Verification
 
 import studygen
 from conftest import AET, ROOT, free_port, make_identifier, rejection_of, wait_until
+from restclient import ADMIN_ENV, admin_client
 
 SUCCESS = 0x0000
 CANNOT_UNDERSTAND = 0xC000
@@ -569,35 +571,57 @@ def test_native_pixel_data_shorter_than_its_image_fails(daemon, photometric, sam
     assert len(daemon.find(make_identifier("IMAGE", SOPInstanceUID=ds.SOPInstanceUID))[0]) == (status == SUCCESS)
 
 
-@pytest.mark.skipif(not shutil.which("strace"), reason="needs strace to see the daemon's system calls")
-def test_a_stored_file_and_its_new_folders_are_flushed_before_success(daemon, tmp_path):
-    """Durable means the rename too: after the file's own fsync, the folder it was renamed into
-    and the folders made for it are fsynced before the sender hears success (POSIX: an entry is
-    on disk once its folder is). Seen from outside, in the daemon's system calls."""
+@contextlib.contextmanager
+def system_calls(daemon, tmp_path, calls: str):
+    """strace the daemon's threads for the given calls while the body runs; yields a function
+    that returns what was traced (once the body is done). Skips where ptrace is not allowed."""
     trace, said = tmp_path / "trace", tmp_path / "strace.err"
     with open(said, "w") as err:
-        tracer = subprocess.Popen(["strace", "-f", "-e", "trace=openat,fsync,rename,renameat,renameat2", "-o", str(trace),
+        tracer = subprocess.Popen(["strace", "-f", "-y", "-e", f"trace={calls}", "-o", str(trace),
                                    "-p", str(daemon.process.pid)], stderr=err)
     try:
         wait_until(lambda: "attached" in said.read_text() or tracer.poll() is not None, message="strace to attach")
         if tracer.poll() is not None:  # no ptrace here (a container without the capability)
             pytest.skip(f"strace cannot attach to the daemon: {said.read_text()[-300:]}")
-        ds = studygen.make_instance(7, 0, 0, 0)
-        assert daemon.store(ds) == [SUCCESS]
+        yield trace.read_text
     finally:
         tracer.terminate()
         tracer.wait(10)
-    calls = trace.read_text()
+
+
+@pytest.mark.skipif(not shutil.which("strace"), reason="needs strace to see the daemon's system calls")
+def test_a_stored_file_and_its_new_folders_are_flushed_before_success(daemon, tmp_path):
+    """Durable means the rename too: after the file's own fsync, the folder it was renamed into
+    and the folders made for it are fsynced before the sender hears success (POSIX: an entry is
+    on disk once its folder is). Seen from outside, in the daemon's system calls."""
+    with system_calls(daemon, tmp_path, "fsync,rename,renameat,renameat2") as traced:
+        ds = studygen.make_instance(7, 0, 0, 0)
+        assert daemon.store(ds) == [SUCCESS]
+    calls = traced()
     path = stored_path(daemon, ds)
     renamed = calls.index(str(path))
-    open_folders, synced = {}, set()  # file descriptor -> the folder it was opened for, as the calls go
-    for line in calls[renamed:].splitlines():
-        if opened := re.search(r'openat\(AT_FDCWD, "([^"]+)", [^)]*O_DIRECTORY[^)]*\)\s+= (\d+)', line):
-            open_folders[opened.group(2)] = opened.group(1)
-        elif flushed := re.search(r"fsync\((\d+)\)\s+= 0", line):
-            synced.add(open_folders.pop(flushed.group(1), None))
+    synced = set(re.findall(r"fsync\(\d+<([^>]+)>\)\s+= 0", calls[renamed:]))
     storage = daemon.data_dir / "storage"
     assert {str(path.parent), str(path.parent.parent), str(storage)} <= synced, calls[renamed:][:3000]
+
+
+@pytest.mark.skipif(not shutil.which("strace"), reason="needs strace to see the daemon's system calls")
+def test_the_index_syncs_its_log_for_what_no_stored_file_can_redo(start_daemon, tmp_path):
+    """An instance's index rows are committed without syncing the index's write-ahead log: its
+    file is on disk before that commit, and the start's reconciliation indexes it again if a power
+    loss took the rows. A label has no file to come back from: its commit syncs the log."""
+    daemon = start_daemon(env=ADMIN_ENV)
+    wal = str(daemon.data_dir / "index.sqlite-wal")
+    wal_syncs = lambda calls: len(re.findall(rf"f(?:data)?sync\(\d+<{re.escape(wal)}>\)", calls))  # noqa: E731
+    instances = [studygen.make_instance(8, 0, 0, i) for i in range(20)]
+    with system_calls(daemon, tmp_path, "fsync,fdatasync") as traced:
+        assert daemon.store(*instances) == [SUCCESS] * 20
+    assert wal_syncs(traced()) < 5  # a checkpoint may sync it, not each commit
+    assert len(daemon.find(make_identifier("IMAGE", PatientID=instances[0].PatientID))[0]) == 20
+    with system_calls(daemon, tmp_path, "fsync,fdatasync") as traced:
+        labelled = admin_client(daemon).request("PUT", f"/studies/{instances[0].StudyInstanceUID}/labels/durable")
+        assert labelled.status == 200
+    assert wal_syncs(traced()) >= 1
 
 
 @pytest.mark.parametrize("keyword", ["SOPInstanceUID", "SOPClassUID"])
