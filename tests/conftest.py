@@ -81,6 +81,26 @@ def wait_until(predicate, timeout=30.0, interval=0.05, message="condition"):
         time.sleep(interval)
 
 
+#: DICOOGLED_TEST_INDEX=postgresql runs every daemon the tests start on a PostgreSQL index (one
+#: database per data dir, on a server started for the run) unless its test chose an index itself:
+#: the whole suite tried on the second engine. Tests that read the SQLite file itself, run the
+#: offline commands (check, retention, research-export: their own --data-dir, no --index) or look
+#: into data_dir/tmp (a node's own folder with [index] url) fail then, for that reason alone.
+INDEX_ON_POSTGRESQL = os.environ.get("DICOOGLED_TEST_INDEX") == "postgresql"
+_DATABASES: dict = {}  # data dir -> its database's URL, the same when a daemon starts again
+
+
+def _database_of(data_dir: pathlib.Path) -> str:
+    if "server" not in _DATABASES:
+        import atexit
+        import pgserver
+        _DATABASES["server"] = pgserver.PostgresServer(free_port()).start()
+        atexit.register(_DATABASES["server"].stop)
+    if data_dir not in _DATABASES:
+        _DATABASES[data_dir] = _DATABASES["server"].database()
+    return _DATABASES[data_dir]
+
+
 class RunningDaemon:
     """A dicoogled process started by a test, on free loopback ports and its own data dir."""
 
@@ -104,6 +124,9 @@ class RunningDaemon:
                    "--dicom-host", "127.0.0.1", "--dicom-port", str(self.dicom_port)]
         if self.config_path:
             command += ["--config", str(self.config_path)]
+        chosen = "--index" in self.args or (self.config_path and "[index]" in self.config_path.read_text())
+        if INDEX_ON_POSTGRESQL and not chosen:
+            command += ["--index", _database_of(self.data_dir)]
         return command + self.args
 
     def start(self, wait=True):
