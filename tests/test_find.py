@@ -226,8 +226,9 @@ def store(port, datasets) -> list[int]:
 class Archive:
     """The module's daemon and every data set it holds: expected answers come from here."""
 
-    def __init__(self, daemon: RunningDaemon, datasets: list[Dataset]):
+    def __init__(self, daemon: RunningDaemon, datasets: list[Dataset], index_location):
         self.daemon, self.datasets = daemon, datasets
+        self.index_location = index_location  #: its index: an SQLite file, or a PostgreSQL database's URL
         self._first = {level: {} for level in LEVELS}  # level -> unique key -> its first instance
         for ds in datasets:
             for level, keyword in UNIQUE_KEYS.items():
@@ -271,15 +272,17 @@ class Archive:
         assert self.found("STUDY", {"PatientID": "P0000000001"}) == {study_uid(1, 0), study_uid(1, 1)}
 
 
-@pytest.fixture(scope="module")
-def archive(tmp_path_factory):
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def archive(request, tmp_path_factory):
+    """The daemon, its index in an SQLite file or in a PostgreSQL database: every rule on both."""
     root = tmp_path_factory.mktemp("find")
+    url = request.getfixturevalue("postgres_server").database() if request.param == "postgresql" else ""
     watched = root / "watched"
     watched.mkdir()
     indexed = generated_instances() + bulk_instances()
     for number, ds in enumerate(indexed):
         pydicom.dcmwrite(watched / f"{number:05d}.dcm", ds, enforce_file_format=True)
-    daemon = RunningDaemon(root / "data", "[storage]\nfsync = false\n", args=["--watch", str(watched)])
+    daemon = RunningDaemon(root / "data", f"[storage]\nfsync = false\n[index]\nurl = {url}\n", args=["--watch", str(watched)])
     try:
         daemon.start()
         daemon.settled()
@@ -287,7 +290,7 @@ def archive(tmp_path_factory):
         assert store(daemon.dicom_port, edge) == [SUCCESS] * len(edge)
         datasets = indexed + edge
         assert daemon.counts()["instances"] == len(datasets)
-        yield Archive(daemon, datasets)
+        yield Archive(daemon, datasets, url or daemon.data_dir / "index.sqlite")
     finally:
         if daemon.process and daemon.process.poll() is None:
             daemon.stop()
@@ -940,7 +943,7 @@ def test_responses_are_encoded_as_pydicom_encodes_them(archive, level):
     import dicoogled
     from pynetdicom.dsutils import encode
 
-    index = dicoogled.Index(archive.daemon.index_location)
+    index = dicoogled.Index(archive.index_location)
     finder = dicoogled.Finder(index)
     keys = {keyword: "" for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate",
                                         "StudyDescription", "ModalitiesInStudy", "NumberOfStudyRelatedInstances",

@@ -91,6 +91,8 @@ def answers(index):
         "description wildcard with %": find("STUDY", StudyDescription="*50%", StudyInstanceUID=""),
         "underscore is literal": find("STUDY", StudyDescription="Brain?scan*", StudyInstanceUID=""),
         "underscore not a wildcard": find("STUDY", StudyDescription="Brain_s*", StudyInstanceUID=""),
+        "underscore matches itself only": find("STUDY", StudyDescription="Hip_*", StudyInstanceUID=""),
+        "percent matches itself only": find("STUDY", StudyDescription="Brain%*", StudyInstanceUID=""),
         "series by modality": find("SERIES", Modality="MR", SeriesInstanceUID="", NumberOfSeriesRelatedInstances=""),
         "modalities in study": find("STUDY", ModalitiesInStudy="CT\\XA", StudyInstanceUID=""),
         "instances any tag": find("IMAGE", ImageComments="*knee*", SOPInstanceUID=""),
@@ -136,6 +138,7 @@ def test_both_engines_give_the_same_answers(tmp_path, postgres_url):
     assert [p["PatientName"] for p in sqlite["name folded"]] == ["Müller^Jürgen"]
     assert len(sqlite["description literal bracket"]) == 1 and len(sqlite["description wildcard with %"]) == 1
     assert len(sqlite["underscore is literal"]) == 1 and len(sqlite["underscore not a wildcard"]) == 1
+    assert sqlite["underscore matches itself only"] == sqlite["percent matches itself only"] == []
     assert len(sqlite["instances any tag"]) == 2 and len(sqlite["uid list"]) == 3 and len(sqlite["page"]) == 3
     # ... 6.dcm too: its BodyPartExamined is KNEE.
     assert sqlite["free text"] == (["/archive/0.dcm", "/archive/1.dcm", "/archive/2.dcm", "/archive/6.dcm"], 4)
@@ -246,3 +249,186 @@ def test_many_threads_read_a_postgresql_index_at_once(postgres_url):
         assert len(list(finder.search(identifier))) == 7
     finally:
         index.close()
+
+
+# ---- random queries, the same answers ---------------------------------------------------------
+
+import functools  # noqa: E402
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from pydicom.multival import MultiValue  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def both_engines(tmp_path_factory, postgres_server):
+    """INSTANCES in an SQLite file and in a PostgreSQL database, for the whole module."""
+    indexes = [dicoogled.Index(tmp_path_factory.mktemp("engines") / "index.sqlite"), dicoogled.Index(postgres_server.database())]
+    for index in indexes:
+        write_instances(index)
+    yield indexes
+    for index in indexes:
+        index.close()
+
+
+@functools.cache
+def _stored(keyword):
+    """The values of a keyword among INSTANCES (a multi-value joined by backslashes)."""
+    values = {"\\".join(map(str, v)) if isinstance(v, (list, MultiValue)) else str(v)
+              for v in (getattr(dataset(n), keyword, "") for n in range(len(INSTANCES)))}
+    return sorted(values - {""})
+
+
+def _patterns(keyword):
+    """Values a C-FIND key of this keyword may take: stored ones, their pieces with wildcards, lists."""
+    stored = _stored(keyword) or ["ABSENT"]
+    piece = st.sampled_from(stored).flatmap(lambda v: st.tuples(st.integers(0, len(v)), st.integers(0, len(v))).map(
+        lambda ends: v[min(ends):max(ends)]))
+    return st.one_of(st.just(""), st.sampled_from(stored), piece.map(lambda p: p + "*"), piece.map(lambda p: "*" + p + "*"),
+                     piece.map(lambda p: p.replace(p[:1], "?", 1) + "*" if p else "?*"),
+                     st.lists(st.sampled_from(stored), min_size=2, max_size=3).map("\\".join))
+
+
+_FIND_KEYS = {
+    "PATIENT": ["PatientName", "PatientID", "PatientSex", "PatientBirthDate"],
+    "STUDY": ["StudyDescription", "StudyDate", "InstitutionName", "AccessionNumber"],
+    "SERIES": ["Modality", "SeriesDescription", "BodyPartExamined", "ProtocolName"],
+    "IMAGE": ["ImageType", "ImageComments", "SOPInstanceUID", "SOPClassUID"],
+}
+_DATE_RANGES = st.sampled_from(["20200101-20211231", "-20200105", "20210311-", "20191231-20191231", "19000101-19991231"])
+
+
+@st.composite
+def find_requests(draw):
+    level = draw(st.sampled_from(dicoogled.LEVELS))
+    keywords = [k for lvl in dicoogled.LEVELS[:dicoogled.LEVELS.index(level) + 1] for k in _FIND_KEYS[lvl]]
+    keys = {k: draw(_patterns(k)) for k in draw(st.lists(st.sampled_from(keywords), min_size=1, max_size=3, unique=True))}
+    if level != "PATIENT" and draw(st.booleans()):
+        keys["StudyDate"] = draw(_DATE_RANGES)
+    offset, limit = draw(st.sampled_from([(0, None), (1, 2), (0, 1), (3, None)]))
+    return level, keys, offset, limit
+
+
+_SEARCH_TERMS = st.one_of(
+    st.sampled_from(["knee", "alpha*", "alp?a", '"pain after"', "jurgen", "hospital", "ct", "mr", "beta", "*:*"]),
+    st.sampled_from(["Modality", "PatientName", "StudyDescription", "ImageComments", "InstitutionName", "BodyPartExamined"])
+      .flatmap(lambda k: st.sampled_from(_stored(k) or ["x"]).map(lambda v: f'{k}:"{v}"'))
+      .map(lambda term: term.replace('"*"', "*")),
+    st.sampled_from(["StudyDate:[20200101 TO 20211231]", "StudyDate:{20191231 TO *]", "SeriesNumber:[1 TO 2]"]),
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(request=find_requests())
+def test_random_c_finds_are_answered_alike(both_engines, request):
+    level, keys, offset, limit = request
+    identifier = Dataset()
+    identifier.QueryRetrieveLevel = level
+    for keyword, value in keys.items():
+        setattr(identifier, keyword, value)
+    sqlite, postgresql = ([dict(r) for r in dicoogled.Finder(index).search(identifier, offset=offset, limit=limit)]
+                          for index in both_engines)
+    assert [str(r) for r in sqlite] == [str(r) for r in postgresql]
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(terms=st.lists(_SEARCH_TERMS, min_size=1, max_size=3), joiners=st.lists(st.sampled_from([" AND ", " OR ", " AND NOT "]), min_size=2, max_size=2),
+       page=st.sampled_from([(None, 0), (2, 0), (2, 1), (3, 2)]))
+def test_random_searches_are_answered_alike(both_engines, terms, joiners, page):
+    text = terms[0] + "".join(joiner + term for joiner, term in zip(joiners, terms[1:]))
+    query = dicoogled.SearchQuery(text, set())
+    sqlite, postgresql = ([(hit.path, hit.meta) for hit in index.search(query, *page)[0]] + [index.search(query)[1]]
+                          for index in both_engines)
+    assert sqlite == postgresql, text
+
+
+def every_reader(index) -> dict:
+    """The answer of every reader of the Index (and of the writer's operations), by name, after
+    the same writes: labels, protection, worklist and performed steps, webhook deliveries,
+    announcements, a removal."""
+    write = index.write
+    first, chest, brain = dataset(0), dataset(4), dataset(6)
+    write(dicoogled.Index.add_label, "STUDY", first.StudyInstanceUID, "knees")
+    write(dicoogled.Index.add_label, "SERIES", chest.SeriesInstanceUID, "chests")
+    write(dicoogled.Index.restore_labels, [dicoogled.LabelRecord("STUDY", brain.StudyInstanceUID, "brains", "2020-01-01 00:00:00")])
+    write(dicoogled.Index.protect_study, brain.StudyInstanceUID)
+    entry = write(dicoogled.Index.add_worklist_entry, "1.2.3.4", "ACC1", "STEP1", {"00100010": {"vr": "PN"}})
+    write(dicoogled.Index.create_performed_step, "1.2.3.5", entry, "IN PROGRESS", {"a": 1})
+    write(dicoogled.Index.update_performed_step, "1.2.3.5", "COMPLETED", {"a": 2})
+    deliveries = [dicoogled.Delivery(f"d{n}", "hook", "stable", "{}") for n in range(3)]
+    write(dicoogled.Index.queue_deliveries, deliveries)
+    write(dicoogled.Index.delivery_attempted, "d0", "delivered")
+    write(dicoogled.Index.delivery_attempted, "d1", "pending", "refused", 5.0)
+    quiet = index.quiet_studies(float("inf"))
+    announced = [write(dicoogled.Index.announce_stable, study.study_instance_uid, study.last_arrival) for study in quiet[:2]]
+    knees = dicoogled.Visibility.of(labels=["knees"])
+    chests_and_brain = dicoogled.Visibility.of(labels=["chests"], study_uids=[brain.StudyInstanceUID])
+
+    def without_times(rows):
+        return [row._replace(created="", updated="") for row in rows]
+
+    def restricted_find(visibility, level, **keys):
+        identifier = Dataset()
+        identifier.QueryRetrieveLevel = level
+        for keyword, value in keys.items():
+            setattr(identifier, keyword, value)
+        return [str(r) for r in dicoogled.Finder(index).search(identifier, visibility=visibility)]
+
+    found = {
+        "counts": index.counts(), "bytes by origin": index.bytes_by_origin(), "received": index.received_totals(),
+        "recyclable": index.recyclable_studies(), "recyclable sparing": index.recyclable_studies(2, first.StudyInstanceUID, ["knees"]),
+        "to retire": index.studies_to_retire(1, modality="CT", label="chests"),
+        "to retire any": index.studies_to_retire(2 ** 62, origin="store"),
+        "protected": index.protected_studies(), "is protected": index.is_protected(brain.StudyInstanceUID),
+        "instance": index.instance(first.SOPInstanceUID), "by path": index.instance(path="/archive/4.dcm"),
+        "invisible instance": index.instance(chest.SOPInstanceUID, visibility=knees),
+        "instances of": index.instances_of(study_uid=first.StudyInstanceUID),
+        "instances of series": index.instances_of(series_uid=chest.SeriesInstanceUID, visibility=chests_and_brain),
+        "archive members": index.archive_members([first.StudyInstanceUID], [chest.SeriesInstanceUID, first.SeriesInstanceUID]),
+        "below": index.instances_below("/archive"), "locations": index.locations_in("file"),
+        "every instance": list(index.every_instance()), "modalities": index.modalities(),
+        "worklist": without_times(index.worklist()), "entries of": without_times(index.worklist_entries_of("1.2.3.4")),
+        "performed": without_times(index.performed_steps_of(entry)), "step": index.performed_step("1.2.3.5").status,
+        "metadata by uid": index.metadata_by_uid([first.SOPInstanceUID, "9.9"]),
+        "labels": index.labels(), "labels visible": index.labels(chests_and_brain),
+        "labels of": index.labels_of("SERIES", [chest.SeriesInstanceUID, first.SeriesInstanceUID]),
+        "labelled study": index.labelled("STUDY", "chests"), "labelled series": index.labelled("SERIES", "knees"),
+        "holds": [index.holds("STUDY", first.StudyInstanceUID, knees), index.holds("SERIES", chest.SeriesInstanceUID, knees)],
+        "quiet": [q.study_instance_uid for q in quiet], "announced": announced,
+        "still quiet": [q.study_instance_uid for q in index.quiet_studies(float("inf"))],
+        "study attributes": index.study_attributes(first.StudyInstanceUID),
+        "due": [d.delivery_id for d in index.due_deliveries(10.0)],
+        "deliveries": [d._replace(created=0.0, finished=d.finished is not None, next_attempt=min(d.next_attempt, 10.0))
+                       for d in index.deliveries()],
+        "patients seen": restricted_find(chests_and_brain, "PATIENT", PatientID="", NumberOfPatientRelatedStudies="",
+                                         NumberOfPatientRelatedInstances=""),
+        "studies seen": restricted_find(knees, "STUDY", StudyInstanceUID="", ModalitiesInStudy="", SOPClassesInStudy=""),
+        "search seen": [hit.path for hit in index.search(dicoogled.SearchQuery("*:*", set()), visibility=chests_and_brain)[0]],
+        "label search": [hit.path for hit in index.search(dicoogled.SearchQuery("label:ch* OR label:knees", set()))[0]],
+    }
+    write(dicoogled.Index.delete_worklist_entry, entry)
+    write(dicoogled.Index.unprotect_study, brain.StudyInstanceUID)
+    write(dicoogled.Index.remove_label, "STUDY", first.StudyInstanceUID, "knees")
+    write(dicoogled.Index.announce_all_stable)
+    found["after"] = (index.worklist(), index.protected_studies(), index.labels(), index.quiet_studies(float("inf")))
+    return found
+
+
+def test_every_reader_answers_alike(tmp_path, postgres_url):
+    found = []
+    for location in (tmp_path / "index.sqlite", postgres_url):
+        index = dicoogled.Index(location)
+        try:
+            write_instances(index)
+            found.append(every_reader(index))
+        finally:
+            index.close()
+    sqlite, postgresql = found
+    for name in sqlite:
+        assert sqlite[name] == postgresql[name], name
+    # ... and they say something.
+    assert sqlite["study attributes"]["ModalitiesInStudy"] == "CT\\MR" and sqlite["labels"][0] == ("brains", 1)
+    assert sqlite["announced"] == [True, True] and len(sqlite["still quiet"]) == 2 and sqlite["due"] == ["d1"]
+    assert len(sqlite["archive members"]) == 5 and len(sqlite["every instance"]) == 7 and sqlite["to retire"]
+    assert len(sqlite["patients seen"]) == 2 and len(sqlite["studies seen"]) == 1 and len(sqlite["search seen"]) == 3
+    assert sqlite["after"][:3] == ([], [], [("brains", 1), ("chests", 1)]) and sqlite["after"][3] == []

@@ -190,10 +190,13 @@ def build(example: int, patients) -> tuple[list, dict]:
     return datasets, values
 
 
-@pytest.fixture(scope="module")
-def archive(tmp_path_factory):
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def archive(request, tmp_path_factory):
+    """The daemon, its index in an SQLite file or in a PostgreSQL database: the rules hold on both."""
     folder = tmp_path_factory.mktemp("property")
-    daemon = RunningDaemon(folder / "data", env=ADMIN_ENV).start()
+    config = None if request.param == "sqlite" else f"[index]\nurl = {request.getfixturevalue('postgres_server').database()}\n"
+    daemon = RunningDaemon(folder / "data", config, env=ADMIN_ENV).start()
+    assert (folder / "data" / "index.sqlite").exists() == (request.param == "sqlite")
     try:
         daemon.admin = admin_client(daemon)
         daemon.examples = folder / "examples"
