@@ -5362,6 +5362,10 @@ _SEARCH_TOKEN = re.compile(r"""
 """, re.VERBOSE)
 _NUMERIC_TYPES = ("Float", "Int", "Numeric", "Double", "Long")
 MAX_SEARCH_DEPTH = 100
+#: The most terms (and NOT, + and - clauses) one query may hold: far above what a person writes,
+#: and a bound on what a hostile query costs the index (PostgreSQL answers each term of a free-text
+#: or field query with a condition of its own; thousands took it minutes).
+MAX_SEARCH_TERMS = 128
 
 
 def _unescape(text: str) -> str:
@@ -5410,6 +5414,7 @@ class SearchQuery:
         self.tokens = _tokenize_search(text)
         self.index = 0
         self.depth = 0
+        self.terms = 0
         self.tree = self._or()
         if self.index < len(self.tokens):
             kind, value, position, _ = self.tokens[self.index]
@@ -5446,9 +5451,12 @@ class SearchQuery:
         # Every nesting (parentheses, NOT, + and -) passes here: bound it before Python's stack
         # or SQLite's expression depth is.
         self.depth += 1
+        self.terms += 1
         try:
             if self.depth > MAX_SEARCH_DEPTH:
                 raise SearchSyntaxError(f"query nested more than {MAX_SEARCH_DEPTH} levels deep", self._peek()[2])
+            if self.terms > MAX_SEARCH_TERMS:
+                raise SearchSyntaxError(f"query of more than {MAX_SEARCH_TERMS} terms", self._peek()[2])
             return self._unary_clause()
         finally:
             self.depth -= 1

@@ -190,6 +190,19 @@ def test_the_writer_and_readers_on_both_engines(index):
     assert index.search(dicoogled.SearchQuery("knee", set()))[1] == 1  # 6.dcm, a KNEE
 
 
+def test_a_query_of_too_many_terms_is_refused_and_the_most_answered_alike(index):
+    """A query holds at most MAX_SEARCH_TERMS terms: the most is answered (both engines alike:
+    see test_both_engines_give_the_same_answers), one more is a syntax error naming the limit."""
+    most = dicoogled.MAX_SEARCH_TERMS
+    knees = " OR ".join(["knee"] * most)
+    assert index.search(dicoogled.SearchQuery(knees, set()))[1] == index.search(dicoogled.SearchQuery("knee", set()))[1] > 0
+    assert index.search(dicoogled.SearchQuery(" AND ".join(["knee"] * most), set()))[1] > 0
+    with pytest.raises(dicoogled.SearchSyntaxError, match=f"more than {most} terms"):
+        dicoogled.SearchQuery(knees + " OR knee", set())
+    with pytest.raises(dicoogled.SearchSyntaxError, match=f"more than {most} terms"):
+        dicoogled.SearchQuery("Modality:(" + "CT " * (most + 1) + ")", set())
+
+
 def test_postgresql_scores_are_fts5s_bm25_to_the_last_bit(tmp_path, postgres_url):
     """PostgreSQL ranks free text with FTS5's own BM25 (bm25_scores): for single words, prefixes,
     phrases, AND and OR, every match gets the very number SQLite's bm25() gives it."""
