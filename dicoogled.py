@@ -1971,14 +1971,18 @@ def extract_metadata(dataset: Dataset) -> tuple[dict, list[str]]:
     def walk(ds: Dataset, encodings) -> dict:
         meta = {}
         encodings = _dataset_encodings(ds, encodings)
-        for tag in ds.keys():
+        # The elements as read, raw ones undecoded; tags as plain ints, which compare and hash
+        # in C (pydicom's BaseTag compares in Python, and this loop is per element).
+        for tag, element in ds.items():
+            tag = int(tag)
             if tag >> 16 == 0x0002 or tag == 0x7FE00010:
                 continue
-            element = ds.get_item(tag)
             key, vr = _tag_info(tag)
             try:
-                # Explicit UN of a known tag, and sequences, are left to pydicom to decode.
-                if getattr(element, "is_raw", False) and vr != "SQ" and not (element.VR == "UN" and vr != "UN"):
+                # Explicit UN of a known tag, and sequences, are left to pydicom to decode. So is
+                # a raw element without value (a deferred read, or an empty one of some VRs).
+                if (getattr(element, "is_raw", False) and element.value is not None and vr != "SQ"
+                        and not (element.VR == "UN" and vr != "UN")):
                     value = _fast_raw_value(element, element.VR or vr, encodings)
                     if value is _SLOW:
                         value = _text_value(ds[tag])
