@@ -116,6 +116,15 @@ def site(tmp_path, postgres_url):
     site.close()
 
 
+@pytest.fixture(scope="module")
+def three_nodes(tmp_path_factory, postgres_server):
+    """Three running nodes, shared by the tests that neither stop one nor count what another stored."""
+    site = Site(tmp_path_factory.mktemp("three-nodes"), postgres_server.database())
+    site.running = start_nodes(site, "node1", "node2", "node3")
+    yield site
+    site.close()
+
+
 def start_nodes(site, *names) -> list[RunningDaemon]:
     """The first node alone (it creates the administrator in the shared database), then the others at once."""
     first = site.node(names[0])
@@ -190,8 +199,8 @@ def stow(daemon, datasets) -> int:
     return response.status_code
 
 
-def test_stores_spread_over_three_nodes_are_found_and_retrieved_from_every_node(site):
-    nodes = start_nodes(site, "node1", "node2", "node3")
+def test_stores_spread_over_three_nodes_are_found_and_retrieved_from_every_node(three_nodes):
+    site, nodes = three_nodes, three_nodes.running
     # One study per node over DICOM (pynetdicom to node 1 and node 3, DCMTK's storescu to node 2),
     # and one over STOW-RS to node 2: 4 studies of 3 instances.
     studies = {}
@@ -222,3 +231,135 @@ def test_stores_spread_over_three_nodes_are_found_and_retrieved_from_every_node(
             status, completed = move_study(daemon, study, f"DEST{number}")
             assert (status, completed) == (0, 3)
         assert site.destinations[f"DEST{number}"].received() == every_instance
+
+
+# ---- a node killed while a client stores to it -------------------------------------------------
+
+
+class StoringClient:
+    """A modality storing one instance after another to a node over one association, in a
+    thread, keeping the SOPInstanceUIDs it got Success for; it stops at the first failure."""
+
+    def __init__(self, daemon, patient: int):
+        self.daemon, self.patient = daemon, patient
+        self.succeeded: list[str] = []
+        self.study = str(studygen.make_instance(patient, 0, 0, 0).StudyInstanceUID)
+        self.thread = threading.Thread(target=self._store, daemon=True)
+        self.thread.start()
+
+    def _store(self):
+        ae = AE(ae_title="MODALITY")
+        ae.add_requested_context(CTImageStorage)
+        assoc = ae.associate("127.0.0.1", self.daemon.dicom_port, ae_title="DICOOGLED", evt_handlers=NODELAY)
+        try:
+            for number in range(10_000):
+                ds = studygen.make_instance(self.patient, 0, 0, number)
+                status = assoc.send_c_store(ds)
+                if status.get("Status") != 0:
+                    return
+                self.succeeded.append(str(ds.SOPInstanceUID))
+        finally:
+            assoc.release()
+
+
+def test_a_node_killed_while_storing_loses_no_acknowledged_instance_and_its_work_is_taken_over(site):
+    nodes = start_nodes(site, "node1", "node2", "node3")
+    # The first node started owns the once-only work, finding stable studies among it.
+    assert "this node (node1) now owns stable studies" in nodes[0].log
+    client = StoringClient(nodes[0], patient=7)
+    wait_until(lambda: len(client.succeeded) >= 20, message="the client to store 20 instances")
+    nodes[0].kill()  # SIGKILL, by the PID of the process this test started
+    client.thread.join(timeout=60)
+    assert not client.thread.is_alive()
+    acknowledged = set(client.succeeded)
+    assert len(acknowledged) >= 20
+    for survivor in nodes[1:]:
+        found = image_uids(survivor, PatientID=str(studygen.make_instance(7, 0, 0, 0).PatientID))
+        assert acknowledged <= found  # what may be more: an instance indexed whose Success the client never got
+        assert len(found) - len(acknowledged) <= 1
+    # The killed node's stable-study detection is another node's now: the study it was
+    # receiving, and a study stored afterwards, are announced (and delivered) within the deadline.
+    later = [studygen.make_instance(8, 0, 0, i) for i in range(2)]
+    assert nodes[2].store(*later) == [0, 0]
+    expected = {client.study, str(later[0].StudyInstanceUID)}
+    wait_until(lambda: expected <= set(site.receiver.stable_studies()), timeout=TAKEOVER_DEADLINE + STABLE_AGE,
+               message="another node to find the stable studies")
+    assert [daemon.name for daemon in nodes[1:] if "now owns stable studies" in daemon.log] in (["node2"], ["node3"])
+
+
+# ---- sessions are the site's, not a node's -----------------------------------------------------
+
+
+def test_a_session_opened_on_one_node_works_on_another_and_ends_when_another_deletes_its_user(three_nodes):
+    node1, node2, node3 = three_nodes.running
+    assert admin_client(node1).post("/user", {"username": "alice", "password": "alice-pw-1", "admin": "false"}).json() == {"success": True}
+    alice = Client(base_url(node1))
+    alice.login("alice", "alice-pw-1")
+    on_node3 = alice.as_user(alice.token)
+    on_node3.base = base_url(node3)
+    assert on_node3.get("/login").json()["user"] == "alice"
+    assert on_node3.get("/search", query="*:*").status == 200
+    assert admin_client(node2).delete("/user/alice").json() == {"success": True}
+    assert on_node3.get("/login").status == 401
+    assert on_node3.get("/search", query="*:*").status == 401
+    assert alice.get("/login").status == 401  # on node 1, where it was opened, too
+
+
+# ---- a node added while the others run ---------------------------------------------------------
+
+
+def test_a_node_added_while_the_others_run_sees_everything(site):
+    running = start_nodes(site, "node1", "node2")
+    datasets = [studygen.make_instance(9, 0, 0, i) for i in range(4)]
+    assert running[0].store(*datasets[:2]) == [0, 0]
+    assert running[1].store(*datasets[2:]) == [0, 0]
+    study = str(datasets[0].StudyInstanceUID)
+    every_instance = {str(ds.SOPInstanceUID) for ds in datasets}
+    added = site.node("node3", wait=False)
+    # While the new node starts, the running ones go on answering: no downtime.
+    while not added._ready():
+        for daemon in running:
+            assert daemon.health()["status"] == "ok"
+            assert image_uids(daemon) == every_instance
+    assert added.counts()["instances"] == 4
+    assert image_uids(added) == every_instance
+    assert qido_instances(added, study) == wado_instances(added, study) == every_instance
+    assert move_study(added, study, "DEST3") == (0, 4)
+    assert site.destinations["DEST3"].received() == every_instance
+    # What it stores, the others find.
+    more = studygen.make_instance(9, 0, 0, 4)
+    assert added.store(more) == [0]
+    for daemon in running:
+        assert image_uids(daemon) == every_instance | {str(more.SOPInstanceUID)}
+
+
+# ---- settings changed at run time --------------------------------------------------------------
+
+
+def add_destination(daemon, aet: str, port: int):
+    answer = admin_client(daemon).post("/management/settings/storage/dicom", {"type": "add", "aetitle": aet, "ip": "127.0.0.1", "port": str(port)})
+    assert answer.json() == {"added": True}
+
+
+def destinations(daemon) -> set[str]:
+    return {item["AETitle"] for item in admin_client(daemon).get("/management/settings/storage/dicom").json()}
+
+
+def test_a_move_destination_added_on_one_node_is_every_nodes(three_nodes, tmp_path):
+    """Saved in the shared database, the destination is followed by the running nodes; one
+    added on another node afterwards keeps it (a node saves [modalities] whole: from what it
+    last read, it would drop a destination it had not seen)."""
+    node1, node2, node3 = three_nodes.running
+    late = StoreSCP(tmp_path / "late", aet="LATE")
+    try:
+        ds = studygen.make_instance(11, 0, 0, 0)
+        assert node1.store(ds) == [0]
+        add_destination(node1, "LATE", late.port)
+        wait_until(lambda: "LATE" in destinations(node3), timeout=10, message="node 3 to follow the new destination")
+        assert move_study(node3, str(ds.StudyInstanceUID), "LATE") == (0, 1)
+        assert late.received() == {str(ds.SOPInstanceUID)}
+        add_destination(node2, "LATER", late.port)
+        for daemon in (node1, node2, node3):
+            wait_until(lambda: {"LATE", "LATER"} <= destinations(daemon), timeout=10, message="every node to know both")
+    finally:
+        late.stop()
