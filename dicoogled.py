@@ -902,20 +902,13 @@ class Config:
         index_url = overrides.get("index_url") or parser.get("index", "url").strip()
         _lay_settings(parser, _saved_settings(index_url or pathlib.Path(data_dir)))
         try:
-            modalities = {aet: _parse_modality(aet, value) for aet, value in parser.items("modalities")}
-            tls_modalities = frozenset(aet for aet, value in parser.items("modalities") if _modality_says_tls(value))
             config = cls(
                 **{name: _CONFIG_READERS[kind](parser, section, key) for name, (section, key, kind) in CONFIG_KEYS.items()},
                 plugin_folders=_CONFIG_READERS["paths"](parser, "plugins", "folders")
                 or [pathlib.Path(__file__).resolve().parent / "plugins"],
                 plugin_settings={section[len("plugin."):]: dict(parser.items(section)) for section in parser.sections()
                                  if section.startswith("plugin.")},
-                modalities={aet: address for aet, (address, _, _, _) in modalities.items()},
-                modality_details={aet: (public, description) for aet, (_, public, description, _) in modalities.items()
-                                  if public or description},
-                modality_services={aet: services for aet, (_, _, _, services) in modalities.items() if services is not None},
-                tls_modalities=tls_modalities,
-                transfer_syntaxes={uid: value.split() for uid, value in parser.items("transfer_syntaxes")},
+                **_whole_section_settings({section: dict(parser.items(section)) for section in WHOLE_SECTIONS}),
                 retention_rules={name: RetentionRule.parse(name, value) for name, value in parser.items("retention")},
                 webhooks={name: _parse_webhook(name, value) for name, value in parser.items("webhooks")},
                 config_file=path,
@@ -1217,6 +1210,8 @@ def _modality_text(host: str, port: int, public: bool, description: str, service
 SETTINGS_FILE = "settings.ini"
 #: Sections settings.ini replaces whole, rather than key by key, so that entries can be removed.
 WHOLE_SECTIONS = ("modalities", "transfer_syntaxes")
+#: How often a node sharing a PostgreSQL index looks whether another saved WHOLE_SECTIONS anew.
+SETTINGS_POLL_SECONDS = 2.0
 #: Settings the REST API changes at run time (Config attributes; CONFIG_KEYS says where each is written).
 LIVE_SETTINGS = frozenset({
     "aet", "dicom_host", "dicom_port", "dicom_autostart", "max_associations", "max_pdu", "max_pdu_send",
@@ -1252,6 +1247,25 @@ def _saved_settings(location: pathlib.Path | str) -> dict[str, dict[str, str]]:
     except (configparser.Error, UnicodeDecodeError) as error:
         raise ValueError(f"invalid settings in {path}: {error}") from None
     return {section: dict(overlay.items(section, raw=True)) for section in overlay.sections()}
+
+
+def _whole_section_settings(sections: dict[str, dict[str, str]]) -> dict:
+    """The Config attributes that the WHOLE_SECTIONS among sections ({section: {key: text}})
+    set: the C-MOVE destinations, from what [modalities] says of each AE, and the transfer
+    syntax limits. ValueError says what a line gets wrong."""
+    attributes = {}
+    if "modalities" in sections:
+        lines = sections["modalities"]
+        parsed = {aet: _parse_modality(aet, value) for aet, value in lines.items()}
+        attributes.update(
+            modalities={aet: address for aet, (address, _, _, _) in parsed.items()},
+            modality_details={aet: (public, description) for aet, (_, public, description, _) in parsed.items()
+                              if public or description},
+            modality_services={aet: services for aet, (_, _, _, services) in parsed.items() if services is not None},
+            tls_modalities=frozenset(aet for aet, value in lines.items() if _modality_says_tls(value)))
+    if "transfer_syntaxes" in sections:
+        attributes["transfer_syntaxes"] = {uid: value.split() for uid, value in sections["transfer_syntaxes"].items()}
+    return attributes
 
 
 def _lay_settings(parser: configparser.ConfigParser, values: dict[str, dict[str, str]]):
@@ -14219,6 +14233,7 @@ def _transfer_settings_routes(api: Api):
         value: true to accept it, false to refuse it
         """
         params = bottle.request.params
+        daemon.follow_settings()  # what another node limited is kept
         for name in ("uid", "option", "value"):
             if name not in params:
                 _fail(400, f'No query {name} Supplied: Please provide the field "{name}"')
@@ -14376,6 +14391,7 @@ def _destination_routes(api: Api):
         What the AE may ask for as a calling AE (allow= in [modalities]) is kept as it was.
         """
         params = bottle.request.params
+        daemon.follow_settings()  # what another node added is kept
         kind, aet = params.get("type", ""), params.get("aetitle", "").strip()
         if kind not in ("add", "remove"):
             _fail(400, 'Illegal type parameter: must be either "add" or "remove"')
@@ -14820,6 +14836,9 @@ class Daemon:
         self._watch_lock = threading.Lock()
         #: Held by whoever rewrites data_dir/settings.ini (save_settings), so no change is lost.
         self.settings_lock = threading.Lock()
+        #: The settings every node saves, with a PostgreSQL index: followed by follow_settings().
+        self._shared_settings = SharedSettings(config.index_url) if is_postgresql_url(config.index_url) else None
+        self._settings_seen = None  # the count of their changes last taken up
         data_dir = config.data_dir
         _make_private_data_dir(data_dir, background=True)
         # Before anything is swept or opened: a second serve on this folder stops here.
@@ -14894,6 +14913,8 @@ class Daemon:
         if self.config.retention_rules:
             start_thread("retention", self._apply_retention_regularly)
         start_thread("audit-retention", self._prune_audit_regularly)
+        if self._shared_settings:
+            start_thread("follow-settings", self._follow_settings_regularly)
         bottle.BaseRequest.MEMFILE_MAX = 16 * 1024 * 1024
         app = make_app(self)
         try:
@@ -14938,6 +14959,35 @@ class Daemon:
                 changed.save_settings(*saved)
             for name, value in values.items():
                 setattr(self.config, name, value)
+
+    def follow_settings(self):
+        """Take up the C-MOVE destinations and transfer syntax limits (WHOLE_SECTIONS) another
+        node saved in the shared database since this node last looked: a running node then moves
+        to a destination added on another, and, saving a section whole, keeps what that node
+        added. The other settings changed at run time reach a node when it starts."""
+        if self._shared_settings is None:
+            return
+        with self.settings_lock:
+            if self._shared_settings.changes() == self._settings_seen:
+                return
+            count, values = self._shared_settings.read()
+            try:
+                fresh = _whole_section_settings({section: values[section] for section in WHOLE_SECTIONS if section in values})
+                self.config.changed(**fresh)
+            except ValueError as error:
+                self.log.error("cannot take up the settings another node saved: %s", error)
+            else:
+                for name, value in fresh.items():
+                    setattr(self.config, name, value)
+            self._settings_seen = count
+
+    def _follow_settings_regularly(self):
+        psycopg = import_psycopg()[0]
+        while not self.stopped.wait(SETTINGS_POLL_SECONDS):
+            try:
+                self.follow_settings()
+            except psycopg.Error as error:  # tried again next time
+                self.log.warning("cannot read the settings other nodes saved: %s", error)
 
     def search(self, text: str, limit: int | None = None, offset: int = 0, visibility: Visibility = EVERYTHING):
         """A query in the search language, with the fields plugins add: (SearchHit rows, total)
@@ -15120,6 +15170,8 @@ class Daemon:
         self.tasks.close()
         self.events.close()
         self.leases.close()  # its work has stopped here: other nodes may take it
+        if self._shared_settings:
+            self._shared_settings.close()
         self.plugins.close()
         self.codecs.close()
         self.index.close()
