@@ -90,10 +90,10 @@ class Site:
                 f"[webhooks]\nreceiver = url={self.receiver.url} events=stable_study secret={SECRET} retry=0.2..0.5\n"
                 f"[modalities]\n{modalities}")
 
-    def node(self, name: str, wait=True) -> RunningDaemon:
+    def node(self, name: str, wait=True, env=ADMIN_ENV) -> RunningDaemon:
         config = self.tmp_path / f"{name}.ini"
         config.write_text(self.config(name))
-        daemon = RunningDaemon(self.data_dir, args=["--index", self.url, "--config", str(config)], env=ADMIN_ENV)
+        daemon = RunningDaemon(self.data_dir, args=["--index", self.url, "--config", str(config)], env=env)
         daemon.log_path = self.tmp_path / f"{name}.log"
         daemon.name = name
         self.nodes.append(daemon)
@@ -125,13 +125,21 @@ def three_nodes(tmp_path_factory, postgres_server):
     site.close()
 
 
-def start_nodes(site, *names) -> list[RunningDaemon]:
-    """The first node alone (it creates the administrator in the shared database), then the others at once."""
-    first = site.node(names[0])
-    others = [site.node(name, wait=False) for name in names[1:]]
-    for daemon in others:
+def start_nodes(site, *names, env=ADMIN_ENV) -> list[RunningDaemon]:
+    """Nodes started at once, as after a power cut: each may be the first to the shared database."""
+    nodes = [site.node(name, wait=False, env=env) for name in names]
+    for daemon in nodes:
         wait_until(daemon._ready, timeout=60, message=f"{daemon.name} to start (log: {daemon.log_path})")
-    return [first, *others]
+    return nodes
+
+
+def owner_of(nodes, lease: str) -> RunningDaemon:
+    """The node that says it owns lease, once one does; no other says so."""
+    def owners():
+        return [daemon for daemon in nodes if f"this node ({daemon.name}) now owns {lease}" in daemon.log]
+    found = wait_until(owners, message=f"a node to own {lease}")
+    assert len(found) == 1, [daemon.name for daemon in found]
+    return found[0]
 
 
 # ---- what every node finds and retrieves -------------------------------------------------------
@@ -153,15 +161,15 @@ def study_uids(daemon, **keys) -> set[str]:
     return {str(ds.StudyInstanceUID) for ds in results}
 
 
-def qido_instances(daemon, study: str) -> set[str]:
-    response = requests.get(f"{base_url(daemon)}/dicom-web/studies/{study}/instances", auth=("admin", ADMIN_PASSWORD), timeout=30)
+def qido_instances(daemon, study: str, auth=("admin", ADMIN_PASSWORD)) -> set[str]:
+    response = requests.get(f"{base_url(daemon)}/dicom-web/studies/{study}/instances", auth=auth, timeout=30)
     assert response.status_code == 200, response.text
     return {item["00080018"]["Value"][0] for item in response.json()}
 
 
-def wado_instances(daemon, study: str) -> set[str]:
+def wado_instances(daemon, study: str, auth=("admin", ADMIN_PASSWORD)) -> set[str]:
     """The SOPInstanceUIDs of the parts of WADO-RS's multipart answer for the study."""
-    response = requests.get(f"{base_url(daemon)}/dicom-web/studies/{study}", auth=("admin", ADMIN_PASSWORD), timeout=60,
+    response = requests.get(f"{base_url(daemon)}/dicom-web/studies/{study}", auth=auth, timeout=60,
                             headers={"Accept": 'multipart/related; type="application/dicom"'})
     assert response.status_code == 200, response.text[:300]
     head = f"Content-Type: {response.headers['Content-Type']}\r\n\r\n".encode()
@@ -263,9 +271,10 @@ class StoringClient:
 
 
 def test_a_node_killed_while_storing_loses_no_acknowledged_instance_and_its_work_is_taken_over(site):
-    nodes = start_nodes(site, "node1", "node2", "node3")
-    # The first node started owns the once-only work, finding stable studies among it.
-    assert "this node (node1) now owns stable studies" in nodes[0].log
+    started = start_nodes(site, "node1", "node2", "node3")
+    # The node that owns the finding of stable studies is the one killed; nodes[1:] survive.
+    owner = owner_of(started, "stable studies")
+    nodes = [owner, *(daemon for daemon in started if daemon is not owner)]
     client = StoringClient(nodes[0], patient=7)
     wait_until(lambda: len(client.succeeded) >= 20, message="the client to store 20 instances")
     nodes[0].kill()  # SIGKILL, by the PID of the process this test started
@@ -284,7 +293,7 @@ def test_a_node_killed_while_storing_loses_no_acknowledged_instance_and_its_work
     expected = {client.study, str(later[0].StudyInstanceUID)}
     wait_until(lambda: expected <= set(site.receiver.stable_studies()), timeout=TAKEOVER_DEADLINE + STABLE_AGE,
                message="another node to find the stable studies")
-    assert [daemon.name for daemon in nodes[1:] if "now owns stable studies" in daemon.log] in (["node2"], ["node3"])
+    assert owner_of(nodes[1:], "stable studies") is not None
 
 
 # ---- sessions are the site's, not a node's -----------------------------------------------------
@@ -309,13 +318,20 @@ def test_a_session_opened_on_one_node_works_on_another_and_ends_when_another_del
 
 
 def test_a_node_added_while_the_others_run_sees_everything(site):
-    running = start_nodes(site, "node1", "node2")
+    """Started at once with no DICOOGLED_ADMIN_PASSWORD, the nodes make one administrator, whose
+    password is in data_dir/admin-password.txt, the shared data dir."""
+    no_password = {"DICOOGLED_ADMIN_PASSWORD": ""}
+    running = start_nodes(site, "node1", "node2", env=no_password)
+    password = (site.data_dir / "admin-password.txt").read_text().strip()
+    auth = ("admin", password)
+    for daemon in running:
+        Client(base_url(daemon)).login(*auth)
     datasets = [studygen.make_instance(9, 0, 0, i) for i in range(4)]
     assert running[0].store(*datasets[:2]) == [0, 0]
     assert running[1].store(*datasets[2:]) == [0, 0]
     study = str(datasets[0].StudyInstanceUID)
     every_instance = {str(ds.SOPInstanceUID) for ds in datasets}
-    added = site.node("node3", wait=False)
+    added = site.node("node3", wait=False, env=no_password)
     # While the new node starts, the running ones go on answering: no downtime.
     while not added._ready():
         for daemon in running:
@@ -323,7 +339,7 @@ def test_a_node_added_while_the_others_run_sees_everything(site):
             assert image_uids(daemon) == every_instance
     assert added.counts()["instances"] == 4
     assert image_uids(added) == every_instance
-    assert qido_instances(added, study) == wado_instances(added, study) == every_instance
+    assert qido_instances(added, study, auth) == wado_instances(added, study, auth) == every_instance
     assert move_study(added, study, "DEST3") == (0, 4)
     assert site.destinations["DEST3"].received() == every_instance
     # What it stores, the others find.
