@@ -2726,6 +2726,10 @@ class _SqliteEngine:
         """0 for an empty database."""
         return connection.execute("PRAGMA user_version").fetchone()[0]
 
+    @staticmethod
+    def lock_schema(connection):
+        """Nothing: one serve per SQLite data dir (its serve.lock), whose writer writes the schema."""
+
     schema, migrations = SCHEMA, MIGRATIONS
 
     def set_schema_version(self, connection, version: int):
@@ -2851,6 +2855,13 @@ class _PostgresEngine:
         return connection.execute("SELECT version FROM schema_version").fetchone()[0]
 
     schema, migrations = POSTGRESQL_SCHEMA, POSTGRESQL_MIGRATIONS
+
+    @staticmethod
+    def lock_schema(connection):
+        """Until the transaction ends, wait for any other node writing the schema: of nodes
+        starting at once on an empty database, one creates it and the others then find it (a
+        concurrent CREATE TABLE IF NOT EXISTS of one name is an error in PostgreSQL)."""
+        connection.execute("SELECT pg_advisory_xact_lock(hashtext('dicoogled index schema'))")
 
     def set_schema_version(self, connection, version: int):
         connection.execute("UPDATE schema_version SET version = ?", (version,))
@@ -3003,22 +3014,22 @@ class Index:
 
     def _migrate(self, connection):
         engine = self.engine
-        version = engine.schema_version(connection)
-        if version == SCHEMA_VERSION:
-            return
-        if version == 0:
-            with connection:
+        with connection:  # all steps or none, and the version read and written by one node at a time
+            engine.lock_schema(connection)
+            version = engine.schema_version(connection)
+            if version == SCHEMA_VERSION:
+                return
+            if version == 0:
                 connection.execute(engine.schema)
                 engine.set_schema_version(connection, SCHEMA_VERSION)
-            return
-        if version > SCHEMA_VERSION or any(v not in engine.migrations for v in range(version, SCHEMA_VERSION)):
-            raise RuntimeError(
-                f"index {engine.location} has schema version {version}, this dicoogled knows {SCHEMA_VERSION}: "
-                "run 'dicoogled reindex' to rebuild it"
-            )
-        logging.getLogger("dicoogled.index").info("upgrading the index %s from schema version %d to %d",
-                                                  engine.location, version, SCHEMA_VERSION)
-        with connection:  # all steps or none
+                return
+            if version > SCHEMA_VERSION or any(v not in engine.migrations for v in range(version, SCHEMA_VERSION)):
+                raise RuntimeError(
+                    f"index {engine.location} has schema version {version}, this dicoogled knows {SCHEMA_VERSION}: "
+                    "run 'dicoogled reindex' to rebuild it"
+                )
+            logging.getLogger("dicoogled.index").info("upgrading the index %s from schema version %d to %d",
+                                                      engine.location, version, SCHEMA_VERSION)
             for step in range(version, SCHEMA_VERSION):
                 connection.execute(engine.migrations[step])
             engine.set_schema_version(connection, SCHEMA_VERSION)
