@@ -11431,18 +11431,21 @@ class Users:
         password written to a file only the owner can read."""
         if self._query("SELECT 1 FROM users LIMIT 1"):
             return
-        secret_file = data_dir / "admin-password.txt"
-        if not password:
-            password = secrets.token_urlsafe(12)
+        generated = not password
+        password = password or secrets.token_urlsafe(12)
+        # Created before the file is written: of nodes starting at once on one database and data
+        # dir, only the one that made the user writes the shared file, and none deletes it.
+        if not self.create("admin", password, admin=True):
+            self.log.info("user 'admin' was created by another node meanwhile")
+            return
+        if generated:
+            secret_file = data_dir / "admin-password.txt"
             fd = os.open(secret_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(fd, "w") as handle:
                 handle.write(password + "\n")
             self.log.warning("created user 'admin'; its password is in %s", secret_file)
         else:
             self.log.info("created user 'admin' with the password from DICOOGLED_ADMIN_PASSWORD")
-        if not self.create("admin", password, admin=True):  # another node, sharing the users, was first
-            secret_file.unlink(missing_ok=True)
-            self.log.warning("user 'admin' was created by another node meanwhile: its password is there")
 
     def create(self, username: str, password: str, admin: bool = False, roles=()) -> bool:
         if not USERNAME_PATTERN.match(username or ""):
