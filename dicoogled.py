@@ -906,20 +906,13 @@ class Config:
         index_url = overrides.get("index_url") or parser.get("index", "url").strip()
         _lay_settings(parser, _saved_settings(index_url or pathlib.Path(data_dir)))
         try:
-            modalities = {aet: _parse_modality(aet, value) for aet, value in parser.items("modalities")}
-            tls_modalities = frozenset(aet for aet, value in parser.items("modalities") if _modality_says_tls(value))
             config = cls(
                 **{name: _CONFIG_READERS[kind](parser, section, key) for name, (section, key, kind) in CONFIG_KEYS.items()},
                 plugin_folders=_CONFIG_READERS["paths"](parser, "plugins", "folders")
                 or [pathlib.Path(__file__).resolve().parent / "plugins"],
                 plugin_settings={section[len("plugin."):]: dict(parser.items(section)) for section in parser.sections()
                                  if section.startswith("plugin.")},
-                modalities={aet: address for aet, (address, _, _, _) in modalities.items()},
-                modality_details={aet: (public, description) for aet, (_, public, description, _) in modalities.items()
-                                  if public or description},
-                modality_services={aet: services for aet, (_, _, _, services) in modalities.items() if services is not None},
-                tls_modalities=tls_modalities,
-                transfer_syntaxes={uid: value.split() for uid, value in parser.items("transfer_syntaxes")},
+                **_whole_section_settings({section: dict(parser.items(section)) for section in WHOLE_SECTIONS}),
                 retention_rules={name: RetentionRule.parse(name, value) for name, value in parser.items("retention")},
                 webhooks={name: _parse_webhook(name, value) for name, value in parser.items("webhooks")},
                 config_file=path,
@@ -1274,6 +1267,25 @@ def _saved_settings(location: pathlib.Path | str) -> dict[str, dict[str, str]]:
     except (configparser.Error, UnicodeDecodeError) as error:
         raise ValueError(f"invalid settings in {path}: {error}") from None
     return {section: dict(overlay.items(section, raw=True)) for section in overlay.sections()}
+
+
+def _whole_section_settings(sections: dict[str, dict[str, str]]) -> dict:
+    """The Config attributes that the WHOLE_SECTIONS among sections ({section: {key: text}})
+    set: the C-MOVE destinations, from what [modalities] says of each AE, and the transfer
+    syntax limits. ValueError says what a line gets wrong."""
+    attributes = {}
+    if "modalities" in sections:
+        lines = sections["modalities"]
+        parsed = {aet: _parse_modality(aet, value) for aet, value in lines.items()}
+        attributes.update(
+            modalities={aet: address for aet, (address, _, _, _) in parsed.items()},
+            modality_details={aet: (public, description) for aet, (_, public, description, _) in parsed.items()
+                              if public or description},
+            modality_services={aet: services for aet, (_, _, _, services) in parsed.items() if services is not None},
+            tls_modalities=frozenset(aet for aet, value in lines.items() if _modality_says_tls(value)))
+    if "transfer_syntaxes" in sections:
+        attributes["transfer_syntaxes"] = {uid: value.split() for uid, value in sections["transfer_syntaxes"].items()}
+    return attributes
 
 
 def _lay_settings(parser: configparser.ConfigParser, values: dict[str, dict[str, str]]):
@@ -2738,6 +2750,10 @@ class _SqliteEngine:
         """0 for an empty database."""
         return connection.execute("PRAGMA user_version").fetchone()[0]
 
+    @staticmethod
+    def lock_schema(connection):
+        """Nothing: one serve per SQLite data dir (its serve.lock), whose writer writes the schema."""
+
     schema, migrations = SCHEMA, MIGRATIONS
 
     def set_schema_version(self, connection, version: int):
@@ -2875,6 +2891,13 @@ class _PostgresEngine:
         return connection.execute("SELECT version FROM schema_version").fetchone()[0]
 
     schema, migrations = POSTGRESQL_SCHEMA, POSTGRESQL_MIGRATIONS
+
+    @staticmethod
+    def lock_schema(connection):
+        """Until the transaction ends, wait for any other node writing the schema: of nodes
+        starting at once on an empty database, one creates it and the others then find it (a
+        concurrent CREATE TABLE IF NOT EXISTS of one name is an error in PostgreSQL)."""
+        connection.execute("SELECT pg_advisory_xact_lock(hashtext('dicoogled index schema'))")
 
     def set_schema_version(self, connection, version: int):
         connection.execute("UPDATE schema_version SET version = ?", (version,))
@@ -3027,22 +3050,22 @@ class Index:
 
     def _migrate(self, connection):
         engine = self.engine
-        version = engine.schema_version(connection)
-        if version == SCHEMA_VERSION:
-            return
-        if version == 0:
-            with connection:
+        with connection:  # all steps or none, and the version read and written by one node at a time
+            engine.lock_schema(connection)
+            version = engine.schema_version(connection)
+            if version == SCHEMA_VERSION:
+                return
+            if version == 0:
                 connection.execute(engine.schema)
                 engine.set_schema_version(connection, SCHEMA_VERSION)
-            return
-        if version > SCHEMA_VERSION or any(v not in engine.migrations for v in range(version, SCHEMA_VERSION)):
-            raise RuntimeError(
-                f"index {engine.location} has schema version {version}, this dicoogled knows {SCHEMA_VERSION}: "
-                "run 'dicoogled reindex' to rebuild it"
-            )
-        logging.getLogger("dicoogled.index").info("upgrading the index %s from schema version %d to %d",
-                                                  engine.location, version, SCHEMA_VERSION)
-        with connection:  # all steps or none
+                return
+            if version > SCHEMA_VERSION or any(v not in engine.migrations for v in range(version, SCHEMA_VERSION)):
+                raise RuntimeError(
+                    f"index {engine.location} has schema version {version}, this dicoogled knows {SCHEMA_VERSION}: "
+                    "run 'dicoogled reindex' to rebuild it"
+                )
+            logging.getLogger("dicoogled.index").info("upgrading the index %s from schema version %d to %d",
+                                                      engine.location, version, SCHEMA_VERSION)
             for step in range(version, SCHEMA_VERSION):
                 connection.execute(engine.migrations[step])
             engine.set_schema_version(connection, SCHEMA_VERSION)
@@ -11535,18 +11558,21 @@ class Users:
         password written to a file only the owner can read."""
         if self._query("SELECT 1 FROM users LIMIT 1"):
             return
-        secret_file = data_dir / "admin-password.txt"
-        if not password:
-            password = secrets.token_urlsafe(12)
+        generated = not password
+        password = password or secrets.token_urlsafe(12)
+        # Created before the file is written: of nodes starting at once on one database and data
+        # dir, only the one that made the user writes the shared file, and none deletes it.
+        if not self.create("admin", password, admin=True):
+            self.log.info("user 'admin' was created by another node meanwhile")
+            return
+        if generated:
+            secret_file = data_dir / "admin-password.txt"
             fd = os.open(secret_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(fd, "w") as handle:
                 handle.write(password + "\n")
             self.log.warning("created user 'admin'; its password is in %s", secret_file)
         else:
             self.log.info("created user 'admin' with the password from DICOOGLED_ADMIN_PASSWORD")
-        if not self.create("admin", password, admin=True):  # another node, sharing the users, was first
-            secret_file.unlink(missing_ok=True)
-            self.log.warning("user 'admin' was created by another node meanwhile: its password is there")
 
     def create(self, username: str, password: str, admin: bool = False, roles=()) -> bool:
         if not USERNAME_PATTERN.match(username or ""):
@@ -14348,6 +14374,7 @@ def _transfer_settings_routes(api: Api):
         value: true to accept it, false to refuse it
         """
         params = bottle.request.params
+        daemon.follow_settings()  # what another node limited is kept
         for name in ("uid", "option", "value"):
             if name not in params:
                 _fail(400, f'No query {name} Supplied: Please provide the field "{name}"')
@@ -14505,6 +14532,7 @@ def _destination_routes(api: Api):
         What the AE may ask for as a calling AE (allow= in [modalities]) is kept as it was.
         """
         params = bottle.request.params
+        daemon.follow_settings()  # what another node added is kept
         kind, aet = params.get("type", ""), params.get("aetitle", "").strip()
         if kind not in ("add", "remove"):
             _fail(400, 'Illegal type parameter: must be either "add" or "remove"')
@@ -15123,6 +15151,12 @@ class Daemon:
             self.log.info("settings changed on another node taken: %s", ", ".join(changed))
         return list(changed)
 
+    def follow_settings(self):
+        """Take now what other nodes changed, before a change made here is saved over a whole
+        section (WHOLE_SECTIONS), so that what another node added in the last seconds is kept."""
+        if is_postgresql_url(self.config.settings_location):
+            self.take_settings(self.config.reread())
+
     def search(self, text: str, limit: int | None = None, offset: int = 0, visibility: Visibility = EVERYTHING):
         """A query in the search language, with the fields plugins add: (SearchHit rows, total)
         of the instances the visibility shows. Raises SearchSyntaxError."""
@@ -15304,6 +15338,8 @@ class Daemon:
         self.tasks.close()
         self.events.close()
         self.leases.close()  # its work has stopped here: other nodes may take it
+        if self._shared_settings:
+            self._shared_settings.close()
         self.plugins.close()
         self.codecs.close()
         self.index.close()
