@@ -2785,6 +2785,8 @@ class _SqliteEngine:
 
     name = "sqlite"
     errors = (apsw.Error,)
+    #: What to do about an index that cannot be opened: a damaged file is rebuilt from the files.
+    when_unopened = ": 'dicoogled reindex' rebuilds it from the files"
 
     def __init__(self, path):
         self.path = pathlib.Path(path)
@@ -2906,6 +2908,9 @@ class _PostgresEngine:
     PostgreSQL cannot call into this process."""
 
     name = "postgresql"
+    #: An index that cannot be opened is most often a server out of reach, not a damaged index
+    #: (psycopg's error says what to check).
+    when_unopened = ""
 
     def __init__(self, url: str):
         psycopg, _ = import_psycopg()
@@ -3084,8 +3089,7 @@ class Index:
             self._writer_connection = self.engine.connect()
             self._migrate(self._writer_connection)
         except self.engine.errors as error:
-            raise RuntimeError(f"cannot open the index {self.engine.location} ({error}):"
-                               " 'dicoogled reindex' rebuilds it from the files") from None
+            raise RuntimeError(f"cannot open the index {self.engine.location} ({error}){self.engine.when_unopened}") from None
         self._writer = start_thread("index-writer", self._write_loop)
 
     def _migrate(self, connection):
@@ -15672,8 +15676,9 @@ def command_migrate(config: Config, url: str, force: bool) -> int:
         held = {table: rows for table, rows in target.table_counts().items() if rows}
         for _, _, there in states:
             held.update(there.database.rows_held())
-        if settings and shared_settings.read()[1]:
-            held["settings"] = sum(map(len, shared_settings.read()[1].values()))
+        held_settings = shared_settings.read()[1] if settings else {}
+        if held_settings:
+            held["settings"] = sum(map(len, held_settings.values()))
         if held and not force:
             log.error("the PostgreSQL database holds an archive already (%s): migrate --force replaces it",
                       ", ".join(f"{table} {rows}" for table, rows in held.items()))

@@ -192,13 +192,19 @@ def test_a_migration_that_cannot_be_made_changes_nothing(sqlite_archive, start_d
     assert file_digests(data_dir) == before
 
 
+#: Each instance's full text in a PostgreSQL index, by SOP Instance UID.
+FULL_TEXTS = "SELECT i.sop_instance_uid, CAST(m.body AS TEXT) FROM metadata m JOIN instances i ON i.id = m.rowid"
+
+
 def test_reindex_rebuilds_a_postgresql_index_from_the_files(sqlite_archive, postgres_url):
     """reindex --index URL empties the PostgreSQL index's instances and indexes the files again;
-    labels, protection and the worklist stay; the SQLite files are left alone."""
+    labels, protection and the worklist stay; the SQLite files are left alone. The full text
+    indexed from the files is the very text the migration made from the metadata."""
     data_dir = sqlite_archive.data_dir
     assert migrate(data_dir, "--to", postgres_url).returncode == 0
     before = file_digests(data_dir)
     with psycopg.connect(postgres_url, autocommit=True) as postgresql:
+        migrated_texts = dict(postgresql.execute(FULL_TEXTS).fetchall())
         postgresql.execute("DELETE FROM instances WHERE id IN (SELECT id FROM instances ORDER BY id LIMIT 5)")
         assert postgresql.execute("SELECT count(*) FROM instances").fetchone()[0] == 21
     done = subprocess.run([sys.executable, str(ROOT / "dicoogled.py"), "reindex", "--data-dir", str(data_dir),
@@ -206,6 +212,9 @@ def test_reindex_rebuilds_a_postgresql_index_from_the_files(sqlite_archive, post
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout.strip().splitlines()[-1])["instances"] == 26
     assert file_digests(data_dir) == before
+    with psycopg.connect(postgres_url) as postgresql:
+        assert dict(postgresql.execute(FULL_TEXTS).fetchall()) == migrated_texts
+    assert len(migrated_texts) == 26
     index = dicoogled.Index(postgres_url)
     try:
         assert index.counts()["instances"] == 26
