@@ -15645,7 +15645,8 @@ def command_migrate(config: Config, url: str, force: bool) -> int:
     """Copy the SQLite archive of the data dir into the PostgreSQL database at url, offline:
     the index (every table of it), users and sessions, the audit log and the settings changed at
     run time (settings.ini), each part in one transaction. Prints {table: rows copied}; exits 1
-    on any failure. The SQLite files are only read: they stay as they were, whatever happens."""
+    on any failure. The SQLite files are only read, whatever happens (but for the schema of one
+    written by an older dicoogled, brought up to date first as a serve would)."""
     if config.index_url:
         log.error("the index is in PostgreSQL already ([index] url or --index): migrate copies a data dir's SQLite index")
         return 1
@@ -15667,9 +15668,11 @@ def command_migrate(config: Config, url: str, force: bool) -> int:
         states = []
         for name, file, kind in (("users", "users.sqlite", Users), ("audit log", "audit.sqlite", AuditLog)):
             if (data_dir / file).is_file():
-                states.append((name, kind(data_dir / file), kind(url)))
-                opened.callback(states[-1][2].close)
-                opened.callback(states[-1][1].close)
+                here = kind(data_dir / file)
+                opened.callback(here.close)
+                there = kind(url)
+                opened.callback(there.close)
+                states.append((name, here, there))
         settings = _saved_settings(data_dir)
         shared_settings = SharedSettings(url)
         opened.callback(shared_settings.close)
@@ -15687,11 +15690,11 @@ def command_migrate(config: Config, url: str, force: bool) -> int:
             copied = source.copy_into(target, replace=force, progress=_progress_bar("index"))
             for name, here, there in states:
                 copied.update(here.database.copy_into(there.database, replace=force, progress=_progress_bar(name)))
+            if settings or force:
+                shared_settings.save(settings, replace_all=force)
         except target.engine.errors as error:
             log.error("migrate failed: %s", error)
             return 1
-        if settings or force:
-            shared_settings.save(settings, replace_all=force)
         copied["settings"] = sum(map(len, settings.values()))
         print(json.dumps(copied))
         log.info("copied to PostgreSQL; the SQLite files stay as they were. Serve it with --index URL or [index] url")
