@@ -1438,6 +1438,54 @@ def open_private_database(path: pathlib.Path, synchronous: str = "FULL") -> apsw
     return connection
 
 
+# ---- copies from SQLite files into PostgreSQL (dicoogled migrate) -----------------------------
+
+#: Rows a copy reads and writes at a time: few round trips, little memory.
+COPY_BATCH = 1000
+
+
+def counting_progress(progress, total: int):
+    """A function copied(rows) that adds rows to a running count and shows it as
+    progress(done, total) (a progress bar's), or does nothing without progress."""
+    done = 0
+
+    def copied(rows: int):
+        nonlocal done
+        done += rows
+        if progress is not None:
+            progress(done, total)
+
+    return copied
+
+
+def sqlite_tables(connection: apsw.Connection) -> list[str]:
+    """The tables of an SQLite database, in the order they were made (those a table references
+    come before it), without SQLite's own."""
+    return [name for (name,) in connection.execute(
+        "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite\\_%' ESCAPE '\\' ORDER BY rowid")]
+
+
+def copy_table(source: apsw.Connection, target: PostgresConnection, table: str, copied=lambda rows: None,
+               columns=None, rows=None) -> int:
+    """Copy every row of table from an SQLite database into the table of the same name and
+    columns in PostgreSQL, ids and all, COPY_BATCH rows at a time (copied(n) after each batch);
+    columns and rows, if given, are what to write instead (rows made from the source's).
+    Identity columns then go on numbering after the highest id copied. Returns the rows copied."""
+    columns = columns or [row[1] for row in source.execute(f"PRAGMA table_info({table})")]
+    rows = source.execute(f"SELECT {', '.join(columns)} FROM {table}") if rows is None else rows
+    insert = f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
+    written, rows = 0, iter(rows)
+    while batch := list(itertools.islice(rows, COPY_BATCH)):
+        target.executemany(insert, batch)
+        written += len(batch)
+        copied(len(batch))
+    identities = target.execute("SELECT column_name FROM information_schema.columns WHERE table_schema = current_schema()"
+                                " AND table_name = ? AND is_identity = 'YES'", (table,)).fetchall()
+    for (column,) in identities:
+        target.execute(f"SELECT setval(pg_get_serial_sequence(?, ?), max({column})) FROM {table}", (table, column))
+    return written
+
+
 # ---- leases: work that must happen once, whatever the number of nodes ---------------------
 
 #: Seconds between a node's tries to take a lease that another node holds: at most this long
@@ -1653,6 +1701,38 @@ class StateDatabase:
                 if not durable and not self.postgresql:
                     db.execute(f"PRAGMA synchronous={self._synchronous}")
 
+    def tables(self) -> list[str]:
+        """The names of its tables (in an SQLite file, in the order they were made)."""
+        with self.connection() as db:
+            if not self.postgresql:
+                return sqlite_tables(db)
+            return [name for (name,) in db.execute(
+                "SELECT table_name FROM information_schema.tables WHERE table_schema = current_schema()"
+                " AND table_name != 'schema_version' ORDER BY table_name")]
+
+    def rows_held(self) -> dict[str, int]:
+        """{table: rows} of its tables that hold any."""
+        with self.connection() as db:
+            counts = {table: db.execute(f"SELECT count(*) FROM {table}").fetchone()[0] for table in self.tables()}
+        return {table: rows for table, rows in counts.items() if rows}
+
+    def copy_into(self, target: "StateDatabase", replace: bool = False, progress=None) -> dict[str, int]:
+        """Copy every table of this SQLite database into target, a PostgreSQL schema of the same
+        tables, in one transaction of target's: all of it or, on any failure, nothing. replace
+        empties target's tables first; progress(done, total) counts the rows. {table: rows copied}."""
+        with self.connection() as source:
+            tables = sqlite_tables(source)
+            counts = {table: source.execute(f"SELECT count(*) FROM {table}").fetchone()[0] for table in tables}
+        copied = counting_progress(progress, sum(counts.values()))
+        with self.connection() as source, target.transaction() as db:
+            if replace:
+                for table in reversed(tables):  # those that reference others first
+                    db.execute(f"DELETE FROM {table}")
+            written = {table: copy_table(source, db, table, copied) for table in tables}
+            if written != counts:
+                raise RuntimeError(f"copied {written} rows of {self.name}, which holds {counts}")
+        return written
+
     def migrate(self, version: int, schema: str, before=None):
         """Bring the schema (CREATE ... IF NOT EXISTS statements, with {words}) to version: a
         newer one is refused; an older one gets before(connection) (the SQLite file's own
@@ -1725,11 +1805,14 @@ class SharedSettings:
                 values[section][key] = value
         return count, dict(values)
 
-    def save(self, values: dict[str, dict[str, str]]):
-        """Write {section: {key: text}}, keeping the rest; WHOLE_SECTIONS are replaced whole."""
+    def save(self, values: dict[str, dict[str, str]], replace_all: bool = False):
+        """Write {section: {key: text}}, keeping the rest (replace_all: none of it); WHOLE_SECTIONS
+        are replaced whole."""
         with self._db.transaction() as db:
             # Counted first: the row stays locked until the commit, so nodes saving at once take turns.
             db.execute("UPDATE changes SET count = count + 1")
+            if replace_all:
+                db.execute("DELETE FROM settings")
             for section, entries in values.items():
                 if section in WHOLE_SECTIONS:
                     db.execute("DELETE FROM settings WHERE section = ?", (section,))
@@ -1930,6 +2013,11 @@ CREATE VIRTUAL TABLE metadata USING fts5(
 -- Folders indexed in place (index PATH, tasks), so that reindex can find them again.
 CREATE TABLE indexed_roots (path TEXT PRIMARY KEY, added TEXT NOT NULL);
 {ORIGIN_TOTALS}{WORKLIST_SCHEMA}{PROTECTED_STUDIES}{LABEL_TABLES}{STUDY_EVENTS}"""
+
+#: The index's tables that a copy into another database (dicoogled migrate) copies row by row:
+#: all but the full text, made again there from each instance's metadata (metadata_words) as
+#: that engine writes it, and origin_totals, which that database's triggers count again.
+COPIED_TABLES = tuple(table for table in re.findall(r"CREATE TABLE (\w+)", SCHEMA) if table != "origin_totals")
 
 #: The same index in PostgreSQL. What differs from SQLite: identity columns for INTEGER PRIMARY
 #: KEY; text compared byte by byte (COLLATE "C"), as SQLite compares it, so ranges, ORDER BY and
@@ -2157,13 +2245,29 @@ def _dataset_encodings(dataset: Dataset, inherited):
     return convert_encodings(terms)
 
 
+def metadata_words(meta: dict) -> list[str]:
+    """The words of an instance's searchable text, made from its metadata: 'Keyword value' for
+    every value (each of a multi-valued one), a sequence's keyword and then its items' words.
+    The text is a function of the metadata alone, so a copy of the index into another engine
+    (dicoogled migrate) makes the same text again from the metadata it keeps."""
+    words = []
+    for key, value in meta.items():
+        if isinstance(value, list) and all(isinstance(item, dict) for item in value):  # a sequence
+            words.append(key)
+            for item in value:
+                words += metadata_words(item)
+        else:
+            for item in value if isinstance(value, list) else (value,):
+                words += (key, item if isinstance(item, str) else str(item))  # a plugin's field may be a number
+    return words
+
+
 def extract_metadata(dataset: Dataset) -> tuple[dict, list[str]]:
     """Flatten a data set (pixel data excluded) into the index's metadata and FTS5 words.
 
     Sequences keep their items as lists of dicts; every element, private ones and those inside
-    sequences included, contributes 'Keyword value' to the searchable text.
+    sequences included, contributes 'Keyword value' to the searchable text (metadata_words).
     """
-    words: list[str] = []
 
     def walk(ds: Dataset, encodings) -> dict:
         meta = {}
@@ -2186,7 +2290,6 @@ def extract_metadata(dataset: Dataset) -> tuple[dict, list[str]]:
                 else:
                     element = ds[tag]
                     if element.VR == "SQ":
-                        words.append(key)
                         meta[key] = [walk(item, encodings) for item in element.value]
                         continue
                     value = _text_value(element)
@@ -2196,12 +2299,10 @@ def extract_metadata(dataset: Dataset) -> tuple[dict, list[str]]:
             if value is None:
                 continue
             meta[key] = value
-            for item in value if isinstance(value, list) else (value,):
-                words.append(key)
-                words.append(item)
         return meta
 
-    return walk(dataset, None), words
+    meta = walk(dataset, None)
+    return meta, metadata_words(meta)
 
 
 def make_record(dataset: Dataset, path: str, origin: str, size: int, mtime_ns: int, extracted=None) -> InstanceRecord:
@@ -2722,6 +2823,8 @@ class _SqliteEngine:
 
     name = "sqlite"
     errors = (apsw.Error,)
+    #: What to do about an index that cannot be opened: a damaged file is rebuilt from the files.
+    when_unopened = ": 'dicoogled reindex' rebuilds it from the files"
 
     def __init__(self, path):
         self.path = pathlib.Path(path)
@@ -2859,6 +2962,9 @@ class _PostgresEngine:
     PostgreSQL cannot call into this process."""
 
     name = "postgresql"
+    #: An index that cannot be opened is most often a server out of reach, not a damaged index
+    #: (psycopg's error says what to check).
+    when_unopened = ""
 
     def __init__(self, url: str):
         psycopg, _ = import_psycopg()
@@ -3044,8 +3150,7 @@ class Index:
             self._writer_connection = self.engine.connect()
             self._migrate(self._writer_connection)
         except self.engine.errors as error:
-            raise RuntimeError(f"cannot open the index {self.engine.location} ({error}):"
-                               " 'dicoogled reindex' rebuilds it from the files") from None
+            raise RuntimeError(f"cannot open the index {self.engine.location} ({error}){self.engine.when_unopened}") from None
         self._writer = start_thread("index-writer", self._write_loop)
 
     def _migrate(self, connection):
@@ -3096,6 +3201,10 @@ class Index:
             " (SELECT count(*) FROM series), (SELECT CAST(coalesce(sum(instances), 0) AS BIGINT) FROM origin_totals)"
         )[0]
         return dict(zip(("patients", "studies", "series", "instances"), row))
+
+    def table_counts(self) -> dict[str, int]:
+        """How many rows each of COPIED_TABLES holds."""
+        return {table: self._query(f"SELECT count(*) FROM {table}")[0][0] for table in COPIED_TABLES}
 
     def bytes_by_origin(self) -> dict[str, int]:
         """Bytes of the indexed instances by origin (store, watch, index)."""
@@ -3558,6 +3667,34 @@ class Index:
             with open(self.path.parent / "indexed-roots.txt", "a", encoding="utf-8") as handle:
                 handle.write(path + "\n")
 
+    def copy_into(self, target: "Index", replace: bool = False, progress=None) -> dict[str, int]:
+        """Copy everything this SQLite index holds into target, a PostgreSQL index, in one
+        transaction of target's writer: all of it or, on any failure, nothing. Rows keep their
+        ids (so every reference holds); each instance's full text is made again from its metadata
+        as target's engine writes it; target's triggers count origin_totals again. replace empties
+        target first. progress(done, total) counts the rows. Returns {table: rows copied}, which
+        is checked, before the commit, against what this index holds."""
+        counts = self.table_counts()
+        copied = counting_progress(progress, sum(counts.values()) + counts["instances"])
+        source = self.reader
+
+        def copy(connection) -> dict[str, int]:
+            if replace:
+                for table in (*COPIED_TABLES, "metadata", "origin_totals"):
+                    connection.execute(f"DELETE FROM {table}")
+            written = {table: copy_table(source, connection, table, copied) for table in COPIED_TABLES}
+            document = connection.engine.full_text_document
+            texts = ((instance_id, document(" ".join(metadata_words(json.loads(meta)))))
+                     for instance_id, meta in source.execute("SELECT id, meta FROM instances"))
+            texts_written = copy_table(source, connection, "metadata", copied, ("rowid", "body"), texts)
+            totals = "SELECT origin, instances, bytes FROM origin_totals WHERE instances > 0 ORDER BY origin"
+            if (written, texts_written) != (counts, counts["instances"]) or \
+                    connection.execute(totals).fetchall() != source.execute(totals).fetchall():
+                raise RuntimeError(f"the copy of the index does not hold what the index does: {written} rows copied of {counts}")
+            return written
+
+        return target.write(copy)
+
     @staticmethod
     def kept_through_rebuild(path: pathlib.Path) -> "KeptState":
         """What an index file holds that its instances' files do not (indexed folders, protected
@@ -3576,6 +3713,10 @@ class Index:
             finally:
                 connection.close()
         return KeptState(roots, protected, labels)
+
+    def indexed_roots(self) -> list[str]:
+        """The folders and files indexed in place, as the index remembers them."""
+        return [path for (path,) in self._query("SELECT path FROM indexed_roots ORDER BY path")]
 
     def remembered_roots(self) -> list[str]:
         if self.path is None:
@@ -11860,6 +12001,11 @@ class Users:
         self._write("INSERT INTO presets VALUES (?, ?, ?) ON CONFLICT (username, name) DO UPDATE SET fields = excluded.fields",
                     (username, name, json.dumps(fields)))
 
+    @property
+    def database(self) -> StateDatabase:
+        """Where they live (dicoogled migrate copies it whole)."""
+        return self._db
+
     def close(self):
         self._db.close()
 
@@ -12132,6 +12278,11 @@ class AuditLog:
         if pruned:
             self.log.info("pruned %d audit entries older than %g days", pruned, self.retention_days)
         return pruned
+
+    @property
+    def database(self) -> StateDatabase:
+        """Where the log lives (dicoogled migrate copies it whole)."""
+        return self._db
 
     def close(self):
         """Write every queued entry, then close the database."""
@@ -14933,12 +15084,13 @@ def _make_private_data_dir(data_dir: pathlib.Path, background=False):
 SERVE_LOCK_FILE = "serve.lock"
 
 
-def _lock_node_dir(config: Config):
+def _lock_node_dir(config: Config, command: str = "serve"):
     """The lock that makes a daemon the only one serving its node folder (Config.node_dir: the
     data dir itself with the SQLite index), held as long as the file returned stays open. Two
     there would sweep each other's temp files and write one SQLite index from two processes.
     An flock belongs to the open file, so the OS releases it when the process ends, however it
-    ends (kill -9 too): no stale lock to remove by hand. Raises RuntimeError naming the holder."""
+    ends (kill -9 too): no stale lock to remove by hand. Raises RuntimeError naming the holder.
+    An offline command that must have the archive to itself (migrate) takes it too."""
     config.node_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     handle = open(config.node_dir / SERVE_LOCK_FILE, "a+", encoding="utf-8")
     try:
@@ -14947,6 +15099,9 @@ def _lock_node_dir(config: Config):
         handle.seek(0)
         holder = handle.read().strip() or "unknown"
         handle.close()
+        if command != "serve":
+            raise RuntimeError(f"{config.node_dir} is in use by a dicoogled serve (PID {holder}):"
+                               f" {command} works on a stopped archive, stop that one first") from None
         other_name = ", or this node another [node] name" if config.index_url else ""
         raise RuntimeError(f"{config.node_dir} is in use by another dicoogled serve (PID {holder}): stop that one"
                            f" first, or give this one another --data-dir{other_name}") from None
@@ -15670,16 +15825,22 @@ def command_index(config: Config, paths) -> int:
 
 
 def command_reindex(config: Config) -> int:
-    """Rebuild the index from the storage folder, the watched folders and indexed folders."""
+    """Rebuild the index from the storage folder, the watched folders and indexed folders. The
+    SQLite index is made anew (a damaged file is why one rebuilds), keeping what the files do
+    not say: indexed folders, protection, labels. A PostgreSQL index keeps its database: only its
+    instances are emptied and indexed again, and everything else it holds stays."""
     db_path = config.data_dir / "index.sqlite"
     roots, protected, labels = [], [], []  # what the index knows that the files do not: kept across the rebuild
-    if db_path.exists():
+    if not config.index_url and db_path.exists():
         roots, protected, labels = Index.kept_through_rebuild(db_path)
         for suffix in ("", "-wal", "-shm"):
             pathlib.Path(str(db_path) + suffix).unlink(missing_ok=True)
     _make_private_data_dir(config.data_dir)
     index, ingest = _offline_archive(config)
     try:
+        if config.index_url:
+            roots = index.indexed_roots()
+            index.write(Index.clear)
         roots = list(dict.fromkeys(roots + index.remembered_roots()))
         for study_uid in protected:
             index.write(Index.protect_study, study_uid)
@@ -15698,6 +15859,66 @@ def command_reindex(config: Config) -> int:
         return 0
     finally:
         index.close()
+
+
+def command_migrate(config: Config, url: str, force: bool) -> int:
+    """Copy the SQLite archive of the data dir into the PostgreSQL database at url, offline:
+    the index (every table of it), users and sessions, the audit log and the settings changed at
+    run time (settings.ini), each part in one transaction. Prints {table: rows copied}; exits 1
+    on any failure. The SQLite files are only read, whatever happens (but for the schema of one
+    written by an older dicoogled, brought up to date first as a serve would)."""
+    if config.index_url:
+        log.error("the index is in PostgreSQL already ([index] url or --index): migrate copies a data dir's SQLite index")
+        return 1
+    if not is_postgresql_url(url):
+        log.error("--to takes a postgresql:// URL, not %s", url.split("://")[0] + "://..." if "://" in url else url)
+        return 1
+    if not _has_an_index(config):
+        return 1
+    data_dir = config.data_dir
+    with contextlib.ExitStack() as opened:
+        # A serve writing meanwhile would be missed; one starting meanwhile is refused.
+        opened.callback(_lock_node_dir(config, "migrate").close)
+        # The database first: one that cannot be reached stops the command before a file is opened.
+        target = Index(url)
+        opened.callback(target.close)
+        source = Index(data_dir / "index.sqlite")
+        opened.callback(source.close)
+        # Each part the data dir has: (its name, where it is now, where it goes).
+        states = []
+        for name, file, kind in (("users", "users.sqlite", Users), ("audit log", "audit.sqlite", AuditLog)):
+            if (data_dir / file).is_file():
+                here = kind(data_dir / file)
+                opened.callback(here.close)
+                there = kind(url)
+                opened.callback(there.close)
+                states.append((name, here, there))
+        settings = _saved_settings(data_dir)
+        shared_settings = SharedSettings(url)
+        opened.callback(shared_settings.close)
+        held = {table: rows for table, rows in target.table_counts().items() if rows}
+        for _, _, there in states:
+            held.update(there.database.rows_held())
+        held_settings = shared_settings.read()[1] if settings else {}
+        if held_settings:
+            held["settings"] = sum(map(len, held_settings.values()))
+        if held and not force:
+            log.error("the PostgreSQL database holds an archive already (%s): migrate --force replaces it",
+                      ", ".join(f"{table} {rows}" for table, rows in held.items()))
+            return 1
+        try:
+            copied = source.copy_into(target, replace=force, progress=_progress_bar("index"))
+            for name, here, there in states:
+                copied.update(here.database.copy_into(there.database, replace=force, progress=_progress_bar(name)))
+            if settings or force:
+                shared_settings.save(settings, replace_all=force)
+        except target.engine.errors as error:
+            log.error("migrate failed: %s", error)
+            return 1
+        copied["settings"] = sum(map(len, settings.values()))
+        print(json.dumps(copied))
+        log.info("copied to PostgreSQL; the SQLite files stay as they were. Serve it with --index URL or [index] url")
+        return 0
 
 
 def command_retention(config: Config, dry_run: bool) -> int:
@@ -15974,6 +16195,16 @@ def _argument_parser() -> argparse.ArgumentParser:
     index.add_argument("paths", nargs="+", metavar="PATH")
     commands.add_parser("reindex", parents=[common], help="rebuild the index from the files")
     commands.add_parser("check", parents=[common], help="verify the index against the files on disk")
+    migrate = commands.add_parser(
+        "migrate", parents=[common], help="copy the SQLite index, users, audit log and settings into PostgreSQL, offline",
+        description="Copy the data dir's SQLite archive (the index and every table of it, users and sessions, the"
+                    " audit log, the settings changed at run time) into a PostgreSQL database, with the daemon"
+                    " stopped. The SQLite files are only read. Then serve with --index URL.")
+    migrate.add_argument("--to", metavar="URL", required=True, help="the postgresql:// database to copy into")
+    migrate.add_argument("--force", action="store_true",
+                         help="empty what the database holds first (index, users, audit log, settings). Without it a"
+                              " database that holds any of them is refused: a copy never mixes two archives (the ids"
+                              " of one would collide with the other's) nor replaces one by mistake")
     retention = commands.add_parser("retention", parents=[common], help="apply the [retention] rules now")
     retention.add_argument("--dry-run", action="store_true", help="list the studies they would delete, delete nothing")
     new_plugin = commands.add_parser("new-plugin", parents=[common], help="write a commented starting file for a plugin")
@@ -16006,7 +16237,7 @@ def _argument_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     """The dicoogled command."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in ("serve", "index", "reindex", "check", "retention", "install-viewer", "new-plugin", "sample-data", "make-cert", "research-export", "-h", "--help", "--version"):
+    if not argv or argv[0] not in ("serve", "index", "reindex", "check", "migrate", "retention", "install-viewer", "new-plugin", "sample-data", "make-cert", "research-export", "-h", "--help", "--version"):
         argv.insert(0, "serve")
     args = _argument_parser().parse_args(argv)
     overrides = {"data_dir": args.data_dir, "index_url": args.index, "log_level": args.log_level}
@@ -16030,6 +16261,8 @@ def main(argv=None) -> int:
             return command_reindex(config)
         if args.command == "check":
             return command_check(config)
+        if args.command == "migrate":
+            return command_migrate(config, args.to, args.force)
         if args.command == "retention":
             return command_retention(config, args.dry_run)
         if args.command == "new-plugin":
