@@ -15493,8 +15493,6 @@ class Daemon:
         self.tasks.close()
         self.events.close()
         self.leases.close()  # its work has stopped here: other nodes may take it
-        if self._shared_settings:
-            self._shared_settings.close()
         self.plugins.close()
         self.codecs.close()
         self.index.close()

@@ -209,7 +209,7 @@ def test_with_a_postgresql_index_each_node_has_its_own_folder(tmp_path, postgres
     assert first.node_dir == tmp_path / "data" / "nodes" / "first"
     assert second.node == f"{socket.gethostname()}-8081" and second.node_dir == tmp_path / "data" / "nodes" / second.node
     second_storage = dicoogled.Storage(second.data_dir, node_dir=second.node_dir)
-    being_written = second_storage.write_temp(b"half a store")
+    being_written, _ = second_storage.write_temp(b"half a store")
     assert pathlib.Path(being_written).parent == (second.node_dir / "tmp").resolve()
     first_storage = dicoogled.Storage(first.data_dir, node_dir=first.node_dir)  # sweeps its own tmp at start
     assert first_storage.tmp == (first.node_dir / "tmp").resolve() != second_storage.tmp
