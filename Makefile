@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test bench system-deps clean
+.PHONY: run test test-postgresql bench system-deps clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,11 @@ tests/js/node_modules/.package-lock.json: tests/js/package.json tests/js/package
 
 test: $(VENV)/.installed system-deps tests/js/node_modules/.package-lock.json
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The same suite on the second index engine: each daemon the tests start gets a fresh database on
+# a PostgreSQL server the tests start themselves; the tests that look at SQLite files are skipped.
+test-postgresql: $(VENV)/.installed system-deps tests/js/node_modules/.package-lock.json
+	DICOOGLED_TEST_INDEX=postgresql $(PY) -m pytest $(PYTEST_ARGS)
 
 bench: $(VENV)/.installed system-deps
 	@{ command -v Orthanc >/dev/null && dpkg -s orthanc-dicomweb >/dev/null 2>&1; } || { $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq orthanc orthanc-dicomweb; }

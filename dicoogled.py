@@ -1379,6 +1379,13 @@ def _postgresql_placeholders(sql: str) -> str:
     return "".join(parts)
 
 
+def _postgresql_arguments(args) -> tuple:
+    """args with each NUL character as U+FFFD: PostgreSQL text cannot hold NUL (SQLite's can), and a
+    hostile login name or search would fail the statement. Written and looked up alike, so a value
+    with NUL is still found by the same value."""
+    return tuple(arg.replace("\x00", "\ufffd") if isinstance(arg, str) and "\x00" in arg else arg for arg in args)
+
+
 class PostgresConnection:
     """A psycopg connection spoken to as an apsw one (see above). It runs in autocommit mode, so a
     read never holds a transaction open; `with connection:` opens one, nested ones are savepoints."""
@@ -1399,11 +1406,11 @@ class PostgresConnection:
     def execute(self, sql: str, args=()):
         sql = self.translate(sql)
         # Without arguments psycopg sends the text as it is: several statements may go at once.
-        self._last = self.raw.execute(_postgresql_placeholders(sql), tuple(args)) if args else self.raw.execute(sql)
+        self._last = self.raw.execute(_postgresql_placeholders(sql), _postgresql_arguments(args)) if args else self.raw.execute(sql)
         return self._last
 
     def executemany(self, sql: str, rows):
-        rows = [tuple(row) for row in rows]
+        rows = [_postgresql_arguments(row) for row in rows]
         if rows:
             self._last = self.raw.cursor()
             self._last.executemany(_postgresql_placeholders(self.translate(sql)), rows)

@@ -136,6 +136,13 @@ def suite_index_url(data_dir: pathlib.Path, config_text: str | None, args) -> st
     return _SUITE_DATABASES[data_dir]
 
 
+def index_flags(data_dir: pathlib.Path) -> list[str]:
+    """The flag that puts an offline command (index, check...) on the index the daemons of data_dir
+    run on: none for its SQLite file, --index and its database when the suite runs on PostgreSQL."""
+    url = suite_index_url(data_dir, None, [])
+    return ["--index", url] if url else []
+
+
 class RunningDaemon:
     """A dicoogled process started by a test, on free loopback ports and its own data dir."""
 

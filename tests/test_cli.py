@@ -25,7 +25,7 @@ from pynetdicom import AE, StoragePresentationContexts, evt
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove
 
 import dicoogled
-from conftest import ROOT, RunningDaemon, free_port, make_identifier, rejection_of, wait_until
+from conftest import ROOT, RunningDaemon, free_port, index_flags, make_identifier, rejection_of, suite_index_url, wait_until
 
 DICOOGLED = ROOT / "dicoogled.py"
 
@@ -56,10 +56,14 @@ def found_uids(daemon, **keys) -> list[str]:
 
 def index_rows(data_dir) -> dict:
     """SOPInstanceUID -> (path, origin), read from the index database."""
+    select = "SELECT sop_instance_uid, path, origin FROM instances"
+    if url := suite_index_url(data_dir, None, []):
+        import psycopg
+        with psycopg.connect(url) as connection:
+            return {uid: (path, origin) for uid, path, origin in connection.execute(select)}
     connection = apsw.Connection(str(data_dir / "index.sqlite"), flags=apsw.SQLITE_OPEN_READONLY)
     try:
-        return {uid: (path, origin) for uid, path, origin in
-                connection.execute("SELECT sop_instance_uid, path, origin FROM instances")}
+        return {uid: (path, origin) for uid, path, origin in connection.execute(select)}
     finally:
         connection.close()
 
@@ -87,7 +91,7 @@ def test_index_offline_then_served(studies, start_daemon, tmp_path):
     library = studies(out="library", patients=2, studies=2, series=1, instances=3)
     single = studies(out="single", patients=1, studies=1, series=1, instances=1, seed=7)[0]
     data_dir = tmp_path / "data"
-    result = run("index", "--data-dir", data_dir, tmp_path / "library", single)
+    result = run("index", "--data-dir", data_dir, *index_flags(data_dir), tmp_path / "library", single)
     assert result.returncode == 0, result.stderr
     # A progress bar per folder on stderr, a JSON summary on stdout.
     assert f"{tmp_path / 'library'} [" in result.stderr
@@ -103,7 +107,7 @@ def test_index_offline_then_served(studies, start_daemon, tmp_path):
     assert not any(p.is_file() for p in (data_dir / "storage").rglob("*"))
 
     # Twice: nothing is added twice.
-    again = run("index", "--data-dir", data_dir, tmp_path / "library", single)
+    again = run("index", "--data-dir", data_dir, *index_flags(data_dir), tmp_path / "library", single)
     assert again.returncode == 0, again.stderr
     assert last_json(again.stdout)["indexed"] == 0
     assert sorted(index_rows(data_dir)) == expected
@@ -117,9 +121,9 @@ def test_index_offline_then_served(studies, start_daemon, tmp_path):
 def test_index_again_follows_the_folder(studies, tmp_path):
     library = studies(out="library", patients=1, studies=1, series=1, instances=4)
     data_dir = tmp_path / "data"
-    assert run("index", "--data-dir", data_dir, tmp_path / "library").returncode == 0
+    assert run("index", "--data-dir", data_dir, *index_flags(data_dir), tmp_path / "library").returncode == 0
     library[0].unlink()
-    result = run("index", "--data-dir", data_dir, tmp_path / "library")
+    result = run("index", "--data-dir", data_dir, *index_flags(data_dir), tmp_path / "library")
     assert result.returncode == 0, result.stderr
     assert sorted(index_rows(data_dir)) == uids_of(library[1:])
 
@@ -132,6 +136,7 @@ def test_index_missing_path(tmp_path):
 # ---- reindex ---------------------------------------------------------------------------------
 
 
+@pytest.mark.sqlite_only("deletes or overwrites index.sqlite")
 @pytest.mark.parametrize("damage", ["deleted", "corrupted"])
 def test_reindex_rebuilds_everything(start_daemon, studies, tmp_path, damage):
     """Stored, watched and indexed-in-place instances are all found again after reindex."""
@@ -141,7 +146,7 @@ def test_reindex_rebuilds_everything(start_daemon, studies, tmp_path, damage):
     single = studies(out="single", patients=1, studies=1, series=1, instances=1, seed=3)[0]
     config_text = f"[watch]\nfolders = {tmp_path / 'watch'}\n"
     data_dir = tmp_path / "data"
-    assert run("index", "--data-dir", data_dir, tmp_path / "library", single).returncode == 0
+    assert run("index", "--data-dir", data_dir, *index_flags(data_dir), tmp_path / "library", single).returncode == 0
     daemon = start_daemon(config_text=config_text)
     daemon.settled()
     assert daemon.store(*stored) == [0, 0, 0]
@@ -190,7 +195,7 @@ def archive(start_daemon, studies, tmp_path):
 
 def test_check_consistent(archive):
     daemon, _, _ = archive
-    result = run("check", "--data-dir", daemon.data_dir)
+    result = run("check", "--data-dir", daemon.data_dir, *daemon.index_args)
     assert result.returncode == 0, result.stdout + result.stderr
     assert last_json(result.stdout) == {"instances": 4}
 
@@ -200,7 +205,7 @@ def test_check_deleted_file(archive):
     watched_uid = uids_of([watched])[0]
     stored[1].unlink()
     watched.unlink()
-    result = run("check", "--data-dir", daemon.data_dir)
+    result = run("check", "--data-dir", daemon.data_dir, *daemon.index_args)
     assert result.returncode == 1
     lines = result.stdout.splitlines()
     assert f"missing: {stored[1]} ({stored[1].stem})" in lines
@@ -213,7 +218,7 @@ def test_check_changed_file(archive):
     data = bytearray(stored[0].read_bytes())
     data[-1] ^= 0xFF  # one pixel byte: same size, new content and mtime
     stored[0].write_bytes(bytes(data))
-    result = run("check", "--data-dir", daemon.data_dir)
+    result = run("check", "--data-dir", daemon.data_dir, *daemon.index_args)
     assert result.returncode == 1
     assert f"changed: {stored[0]} ({stored[0].stem})" in result.stdout.splitlines()
     assert last_json(result.stdout) == {"instances": 4, "changed": 1}
@@ -223,7 +228,7 @@ def test_check_file_not_indexed(archive):
     daemon, stored, _ = archive
     stray = stored[0].parent / "1.2.3.4.5.dcm"
     stray.write_bytes(stored[0].read_bytes())
-    result = run("check", "--data-dir", daemon.data_dir)
+    result = run("check", "--data-dir", daemon.data_dir, *daemon.index_args)
     assert result.returncode == 1
     assert f"not indexed: {stray}" in result.stdout.splitlines()
     assert last_json(result.stdout) == {"instances": 4, "not indexed": 1}
@@ -234,12 +239,13 @@ def test_check_without_an_archive(tmp_path):
     assert_clean_failure(result, str(tmp_path / "nothing-here"), code=1)
 
 
+@pytest.mark.sqlite_only("overwrites index.sqlite")
 def test_check_corrupted_index(archive):
     daemon, _, _ = archive
     (daemon.data_dir / "index.sqlite").write_bytes(b"garbage" * 1000)
     for suffix in ("-wal", "-shm"):
         pathlib.Path(str(daemon.data_dir / "index.sqlite") + suffix).unlink(missing_ok=True)
-    result = run("check", "--data-dir", daemon.data_dir)
+    result = run("check", "--data-dir", daemon.data_dir, *daemon.index_args)
     assert_clean_failure(result, "index.sqlite", "reindex", code=1)
 
 
@@ -316,7 +322,7 @@ def test_serve_flags_override_the_config_file(start_daemon, tmp_path):
     daemon = start_daemon(config_text=config_text, args=["--aet", "FROMFLAG"])
     health = daemon.health()  # answered on the --http-port of the flags
     assert (health["aet"], health["dicom_port"], health["http_port"]) == ("FROMFLAG", daemon.dicom_port, daemon.http_port)
-    assert (daemon.data_dir / "index.sqlite").exists()
+    assert daemon.index_url or (daemon.data_dir / "index.sqlite").exists()
     assert not file_data.exists()
     results, status = daemon.find(make_identifier("STUDY", StudyInstanceUID=""), aet="FROMFLAG")
     assert (results, status) == ([], 0)

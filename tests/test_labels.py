@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 import dicoogled
 import studygen
-from conftest import NODELAY, ROOT, RunningDaemon, wait_until
+from conftest import NODELAY, ROOT, RunningDaemon, index_flags, wait_until
 from pynetdicom import AE
 from restclient import ADMIN_ENV, ADMIN_PASSWORD, Client, admin_client, base_url
 
@@ -292,7 +292,7 @@ def test_a_label_follows_its_study_to_another_patient(start_daemon, tmp_path):
 
     def index_in_place():
         done = subprocess.run([sys.executable, str(ROOT / "dicoogled.py"), "index", "--data-dir", str(data_dir),
-                               str(tmp_path / "library")], capture_output=True, text=True, timeout=300)
+                               *index_flags(data_dir), str(tmp_path / "library")], capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr
 
     index_in_place()

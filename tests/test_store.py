@@ -711,7 +711,8 @@ def _ingest_in_background(daemon, paths):
 
 def _check_archive(daemon) -> subprocess.CompletedProcess:
     """`dicoogled check`: does the index agree with the files in storage?"""
-    return subprocess.run([sys.executable, str(ROOT / "dicoogled.py"), "check", "--data-dir", str(daemon.data_dir)],
+    return subprocess.run([sys.executable, str(ROOT / "dicoogled.py"), "check", "--data-dir", str(daemon.data_dir),
+                           *daemon.index_args],
                           capture_output=True, text=True, timeout=120)
 
 
