@@ -11548,7 +11548,7 @@ def research_export(index: Index, storage: Storage, ingest: Ingest, deidentifier
 
 
 # ============================================================================================
-# Users and sessions: password hashes, tokens, presets (data_dir/users.sqlite)
+# Users and sessions: password hashes, tokens, presets (data_dir/users.sqlite, or PostgreSQL)
 # ============================================================================================
 
 #: The version of the users schema (users.sqlite's user_version): a later one migrates from it.
@@ -12081,7 +12081,7 @@ class LoginThrottle:
 
 
 # ============================================================================================
-# Audit log: who read, sent, received or changed what, when (data_dir/audit.sqlite)
+# Audit log: who read, sent, received or changed what, when (data_dir/audit.sqlite, or PostgreSQL)
 # ============================================================================================
 
 #: The version of the audit schema (audit.sqlite's user_version): a later one migrates from it.
