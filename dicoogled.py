@@ -1588,11 +1588,7 @@ class Leases:
         """Give every lease up: closing the connection ends its session, and so its locks."""
         with self._lock:
             self._closed = True
-            self._held.clear()
-            if self._connection is not None:
-                with contextlib.suppress(self._psycopg.Error):
-                    self._connection.close()
-                self._connection = None
+            self._drop_connection()
 
     def _connect(self) -> PostgresConnection:
         if self._connection is None:
@@ -1609,6 +1605,10 @@ class Leases:
         elif not self._unreachable:
             self.log.warning("cannot take leases now, tried again every %g s: %s", LEASE_POLL_SECONDS, error)
         self._unreachable = True
+        self._drop_connection()
+
+    def _drop_connection(self):
+        """Forget every lease and close their connection: its session's end releases the locks."""
         self._held.clear()
         if self._connection is not None:
             with contextlib.suppress(self._psycopg.Error):

@@ -26,7 +26,7 @@ from pynetdicom.sop_class import CTImageStorage, StudyRootQueryRetrieveInformati
 import dicoogled
 import studygen
 from conftest import NODELAY, RunningDaemon, StoreSCP, make_identifier, wait_until
-from restclient import ADMIN_ENV, ADMIN_PASSWORD, Client, admin_client, base_url
+from restclient import ADMIN_ENV, ADMIN_PASSWORD, Client, admin_client, base_url, stow
 
 #: How long another node may take to take a dead node's work over: it asks for the lease every
 #: LEASE_POLL_SECONDS; the server ends a killed node's session as soon as its socket closes.
@@ -194,19 +194,6 @@ def move_study(daemon, study: str, destination: str) -> tuple[int, int]:
     return final.Status, final.get("NumberOfCompletedSuboperations", 0)
 
 
-def stow(daemon, datasets) -> int:
-    boundary = "nodes-boundary"
-    body = b""
-    for ds in datasets:
-        buffer = io.BytesIO()
-        pydicom.dcmwrite(buffer, ds, enforce_file_format=True)
-        body += f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + buffer.getvalue() + b"\r\n"
-    body += f"--{boundary}--\r\n".encode()
-    response = requests.post(f"{base_url(daemon)}/dicom-web/studies", data=body, auth=("admin", ADMIN_PASSWORD), timeout=60,
-                             headers={"Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}'})
-    return response.status_code
-
-
 def test_stores_spread_over_three_nodes_are_found_and_retrieved_from_every_node(three_nodes):
     site, nodes = three_nodes, three_nodes.running
     # One study per node over DICOM (pynetdicom to node 1 and node 3, DCMTK's storescu to node 2),
@@ -225,7 +212,7 @@ def test_stores_spread_over_three_nodes_are_found_and_retrieved_from_every_node(
             assert daemon.store(*datasets) == [0, 0, 0]
     stowed = [studygen.make_instance(4, 0, 0, i) for i in range(3)]
     studies[str(stowed[0].StudyInstanceUID)] = {str(ds.SOPInstanceUID) for ds in stowed}
-    assert stow(nodes[1], stowed) == 200
+    assert stow(nodes[1], admin_client(nodes[1]).token, *stowed).status == 200
     every_instance = set().union(*studies.values())
     assert len(studies) == 4 and len(every_instance) == 12
 
