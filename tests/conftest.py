@@ -9,6 +9,7 @@ fixtures start gets `--index` and a fresh database of the tests' own PostgreSQL 
 `@pytest.mark.sqlite_only(reason)` and skipped then.
 """
 
+import contextlib
 import json
 import os
 import pathlib
@@ -192,6 +193,20 @@ class RunningDaemon:
             connection.execute(statement)
         finally:
             connection.close()
+
+    def state_sql(self, name: str, statement: str, parameters=()) -> list[tuple]:
+        """The rows of a statement (with ? placeholders) on the daemon's own state, behind its
+        back: name is users, audit or settings, the SQLite file data_dir/NAME.sqlite or, on
+        PostgreSQL, the schema dicoogled_NAME of its index's database. Committed at once."""
+        if self.index_url:
+            import psycopg
+            with psycopg.connect(self.index_url, autocommit=True) as db:
+                db.execute(f"SET search_path TO dicoogled_{name}")
+                cursor = db.execute(statement.replace("?", "%s"), parameters)
+                return cursor.fetchall() if cursor.description else []
+        import sqlite3
+        with contextlib.closing(sqlite3.connect(self.data_dir / f"{name}.sqlite")) as db, db:
+            return db.execute(statement, parameters).fetchall()
 
     def start(self, wait=True):
         self.log_file = open(self.log_path, "ab")
