@@ -10,6 +10,7 @@ fixtures start gets `--index` and a fresh database of the tests' own PostgreSQL 
 """
 
 import contextlib
+import fcntl
 import json
 import os
 import pathlib
@@ -82,19 +83,37 @@ def _give_responses_back(serve_request):
 pynetdicom.association.Association._serve_request = _give_responses_back(pynetdicom.association.Association._serve_request)
 
 
-_PORTS_GIVEN: set[int] = set()
+#: Every loopback port a test run has given out, and when, shared by the runs of this machine
+#: (two suites at once, one per index engine, or in two working copies): a port is bound by
+#: its daemon a moment after it is given, and in that moment the kernel may offer it again.
+PORTS_GIVEN = pathlib.Path(f"/tmp/dicoogled-test-ports-{os.getuid()}")
+PORT_MEMORY_SECONDS = 4 * 3600  # longer than a whole run
 
 
 def free_port() -> int:
-    """A loopback port free now and never given before in this run: the kernel may hand the
-    same free port to two binds in a row (a daemon's HTTP and DICOM ports), so each is given once."""
-    while True:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        if port not in _PORTS_GIVEN:
-            _PORTS_GIVEN.add(port)
-            return port
+    """A loopback port free now and not given out before by this or another test run of the
+    last hours: the kernel may hand the same free port to two binds in a row (a daemon's HTTP
+    and DICOM ports, or two suites' daemons), so each is given once."""
+    with open(PORTS_GIVEN, "a+") as registry:
+        fcntl.flock(registry, fcntl.LOCK_EX)  # released when the file closes
+        registry.seek(0)
+        now = time.time()
+        given = {}
+        for line in registry:
+            port, when = line.split()
+            if now - float(when) < PORT_MEMORY_SECONDS:
+                given[int(port)] = when
+        while True:
+            with socket.socket() as sock:
+                sock.bind(("127.0.0.1", 0))
+                port = sock.getsockname()[1]
+            if port not in given:
+                break
+        given[port] = f"{now:.0f}"
+        registry.seek(0)
+        registry.truncate()
+        registry.write("".join(f"{p} {when}\n" for p, when in given.items()))
+        return port
 
 
 def wait_until(predicate, timeout=30.0, interval=0.05, message="condition"):
