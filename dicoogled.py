@@ -2671,6 +2671,11 @@ def _fts_prefilter(key) -> str:
 
 #: LIMIT for no limit: both engines take the largest integer (PostgreSQL refuses SQLite's -1).
 NO_LIMIT = 2 ** 63 - 1
+#: The most keys one C-FIND or QIDO identifier may match (return keys are not counted): far above
+#: what a viewer sends, and a bound on a hostile identifier's cost that is the same on both
+#: engines (PostgreSQL plans a condition per key; tens of thousands took it longer than any
+#: client waits, where SQLite refused the statement's 32,766 parameters).
+MAX_MATCHING_KEYS = 128
 
 
 class FoundEntity(typing.NamedTuple):
@@ -3425,6 +3430,8 @@ class Index:
             elif not _is_universal(key.value):
                 where.append(f"{representative} IN (SELECT rowid FROM metadata WHERE metadata MATCH ?)")
                 args.append(self.engine.text_query(_fts_prefilter(key)))
+        if len(where) > MAX_MATCHING_KEYS:
+            raise QueryError(f"the identifier has too many keys to match ({len(where)}; at most {MAX_MATCHING_KEYS})")
         if visibility.restricted:
             visible, visible_args = visible_study_condition(visibility)
             where.append(visible if level != "PATIENT"

@@ -201,6 +201,16 @@ class RunningDaemon:
         """What dicoogled.Index opens for this daemon's index: its database URL or SQLite file."""
         return self.index_url or self.data_dir / "index.sqlite"
 
+    @property
+    def node_dir(self) -> pathlib.Path:
+        """Where the daemon keeps its node's own files (tmp, cache): its data dir on SQLite, its
+        one folder under data_dir/nodes when its index is in PostgreSQL (Config.node_dir)."""
+        nodes = self.data_dir / "nodes"
+        if not nodes.is_dir():
+            return self.data_dir
+        folder, = nodes.iterdir()
+        return folder
+
     def index_sql(self, statement: str):
         """Run SQL on this daemon's index behind its back, on either engine (a test breaking it)."""
         if self.index_url:

@@ -32,7 +32,7 @@ import pydicom
 import pytest
 
 import studygen
-from conftest import ROOT, RunningDaemon
+from conftest import ROOT, RunningDaemon, index_flags
 
 sys.path.insert(0, str(ROOT))
 import dicoogled  # noqa: E402
@@ -82,7 +82,8 @@ class Archive:
     def __init__(self, root: pathlib.Path):
         self.root = root
         studygen.generate(root / "gen", patients=len(studygen.NAMES), studies=2, series=2, instances=3, modality="mixed")
-        subprocess.run([sys.executable, str(ROOT / "dicoogled.py"), "index", "--data-dir", str(root / "data"), str(root / "gen")],
+        subprocess.run([sys.executable, str(ROOT / "dicoogled.py"), "index", "--data-dir", str(root / "data"),
+                        *index_flags(root / "data"), str(root / "gen")],
                        check=True, capture_output=True, timeout=300)
         self.daemon = RunningDaemon(root / "data").start()
         self.url = f"http://127.0.0.1:{self.daemon.http_port}"

@@ -113,7 +113,7 @@ def stored_files(daemon) -> list[pathlib.Path]:
 
 
 def temp_files(daemon) -> list[pathlib.Path]:
-    return sorted((daemon.data_dir / "tmp").iterdir())
+    return sorted((daemon.node_dir / "tmp").iterdir())
 
 
 def file_size(dataset) -> int:

@@ -305,7 +305,7 @@ def test_thumbnails_fit_64_pixels_and_keep_the_aspect(archive):
 def test_thumbnails_are_cached_on_disk(archive):
     uid = archive.uids["mr"]
     first = get(archive, "/dic2png", SOPInstanceUID=uid, thumbnail="true").content
-    cached = archive.data_dir / "cache" / "thumbnails" / f"{uid}.png"
+    cached = archive.node_dir / "cache" / "thumbnails" / f"{uid}.png"
     assert cached.read_bytes() == first
     inode = cached.stat().st_ino
     assert get(archive, "/dic2png", SOPInstanceUID=uid, thumbnail="true").content == first
@@ -327,7 +327,7 @@ def test_a_page_of_50_thumbnails_is_quick(start_daemon, tmp_path):
         return time.perf_counter() - started
 
     first, again = page(), page()
-    assert len(list((daemon.data_dir / "cache" / "thumbnails").glob("*.png"))) == 50
+    assert len(list((daemon.node_dir / "cache" / "thumbnails").glob("*.png"))) == 50
     assert first < 30, f"50 thumbnails of 512x512 CT took {first:.1f} s to make"
     assert again < 3, f"50 cached thumbnails took {again:.1f} s"
 

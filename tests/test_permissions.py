@@ -95,7 +95,7 @@ def use_every_writer(daemon: RunningDaemon, testdata):
     assert daemon.index_url or (daemon.data_dir / "settings.ini").is_file()  # on PostgreSQL: in the database
     sop_uid = str(pydicom.dcmread(ct, stop_before_pixels=True).SOPInstanceUID)
     assert admin.get("/dic2png", SOPInstanceUID=sop_uid, thumbnail="true").status == 200
-    assert list((daemon.data_dir / "cache").rglob("*.png"))
+    assert list((daemon.node_dir / "cache").rglob("*.png"))
 
 
 def test_a_new_data_dir_and_everything_in_it_is_owner_only(passable_folder, testdata):

@@ -216,7 +216,7 @@ def test_cached_from_lua_makes_its_bytes_once(archive):
     first = get_json(daemon, f"/ext/lua_api/cached/{uid}")
     assert from_hex(first["data"]) == b"\0\xff made 1" and first["made"] == 1
     assert get_json(daemon, f"/ext/lua_api/cached/{uid}") == first  # kept: make did not run again
-    kept = list((daemon.data_dir / "cache" / "plugin-lua_api").rglob("*"))
+    kept = list((daemon.node_dir / "cache" / "plugin-lua_api").rglob("*"))
     assert any(path.is_file() and path.read_bytes().endswith(b"\0\xff made 1") for path in kept), kept
     assert get_json(daemon, "/ext/lua_api/cached/1.2.3.404") == {"data": False, "made": 1}  # no such instance
 

@@ -80,7 +80,7 @@ def test_max_instances_holds_under_four_parallel_associations(start_daemon):
     assert acknowledged | refused == set(statuses), statuses  # no other answer
     assert 1 <= len(acknowledged) <= 10 and refused
     assert stored_uids(daemon) == acknowledged == indexed_uids(daemon, *batches)
-    assert not list((daemon.data_dir / "tmp").iterdir())
+    assert not list((daemon.node_dir / "tmp").iterdir())
     assert "max_instances" in daemon.log
 
     # At rest nothing is in flight: the quota fills exactly.
@@ -109,7 +109,7 @@ def test_recycling_under_four_parallel_associations_never_overshoots_nor_half_de
     assert held == indexed_uids(daemon, *batches)
     assert 1 <= len(held) <= 6 and held <= {uid for uid, status in statuses.items() if status == SUCCESS}
     assert daemon.health()["quota"]["recycled_studies"] >= 1
-    assert not list((daemon.data_dir / "tmp").iterdir())
+    assert not list((daemon.node_dir / "tmp").iterdir())
     daemon.stop()
     check = consistent(daemon)
     assert check.returncode == 0, check.stdout + check.stderr

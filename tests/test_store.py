@@ -273,7 +273,7 @@ def test_store_writes_part10_file_with_the_received_bytes(daemon, studies, send_
     assert image_uids(daemon, StudyInstanceUID=study_uid) == {header(p).SOPInstanceUID for p in paths}
     # Nothing else lands in storage, and no temporary file is left behind.
     assert len(files_under(daemon.data_dir / "storage")) == 6
-    assert files_under(daemon.data_dir / "tmp") == set()
+    assert files_under(daemon.node_dir / "tmp") == set()
 
 
 def test_storescu_sends_many_files_in_one_association(daemon, studies):
@@ -665,7 +665,7 @@ def test_association_aborted_mid_transfer_stores_nothing(daemon, how):
     wait_until(lambda: our_port not in _connections(daemon), message="the daemon to drop the connection")
     assert daemon.process.poll() is None
     assert not stored_path(daemon, big).exists()
-    assert files_under(daemon.data_dir / "tmp") == set()
+    assert files_under(daemon.node_dir / "tmp") == set()
     assert image_uids(daemon, StudyInstanceUID=big.StudyInstanceUID) == {earlier.SOPInstanceUID}
     assert daemon.counts()["instances"] == 1
     # The same instance sent whole afterwards is stored: nothing of the broken one lingers.
@@ -749,7 +749,7 @@ def test_sigterm_during_ingest_stops_cleanly(daemon, studies):
     assert not thread.is_alive()
     survivors = list(acknowledged)
     assert len(survivors) < len(paths), "the stop did not land mid-ingest"
-    assert files_under(daemon.data_dir / "tmp") == set()
+    assert files_under(daemon.node_dir / "tmp") == set()
     assert "INFO dicoogled: stopped" in daemon.log
     check = _check_archive(daemon)
     assert check.returncode == 0, check.stdout + check.stderr

@@ -77,7 +77,7 @@ def test_many_associations_across_workers_store_everything_once(start_daemon, st
     assert sorted(line["uid"] for line in lines) == sorted(expected), "each instance stored once, each event once"
     stored = list((daemon.data_dir / "storage").rglob("*.dcm"))
     assert len(stored) == len(expected)
-    assert not list((daemon.data_dir / "tmp").glob("store-*")), "no temp file left behind"
+    assert not list((daemon.node_dir / "tmp").glob("store-*")), "no temp file left behind"
     assert wait_until(lambda: daemon.health()["dicom"]["associations"] == 0, message="every slot free")
     assert echo(daemon) == SUCCESS
 
