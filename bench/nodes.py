@@ -300,7 +300,8 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="500 instances, each setup once")
     parser.add_argument("--parallel", type=int, default=6, metavar="P", help="storescu processes (default 6)")
     parser.add_argument("--nodes", type=int, default=3, metavar="N", help="nodes of the multi-node setup (default 3)")
-    parser.add_argument("--runs", type=int, default=0, metavar="R", help="runs of each setup (default 3; 1 with --quick)")
+    parser.add_argument("--runs", type=int, default=0, metavar="R",
+                        help="runs of each setup (default 3; 1 with --quick)")
     parser.add_argument("--instances", type=int, default=0, metavar="N",
                         help="instances sent (a multiple of 100; default 2,000, 500 with --quick)")
     args = parser.parse_args()

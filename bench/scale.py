@@ -304,7 +304,8 @@ def main() -> int:
     engine = ("PostgreSQL index" + (f", {args.nodes} nodes" if args.nodes > 1 else ", 1 node")
               if postgres else "SQLite index")
     print(f"\ndicoogled at {instances:,} instances, {engine} — {datetime.datetime.now():%Y-%m-%d %H:%M}, "
-          f"{os.cpu_count()} CPUs, Python {platform.python_version()}, whole run {(time.perf_counter() - began) / 60:.1f} min\n")
+          f"{os.cpu_count()} CPUs, Python {platform.python_version()}, "
+          f"whole run {(time.perf_counter() - began) / 60:.1f} min\n")
     width = max(len(row[0]) for row in rows)
     for name, value, verdict, note in rows:
         print(f"{name:<{width}}  {value:>22}  {verdict}")

@@ -101,7 +101,8 @@ class PostgresServer:
         if pid_file.exists():
             # A kept cluster is shut down cleanly (a checkpoint), so its next start needs no recovery.
             mode = "fast" if self.kept else "immediate"
-            if self._run(self.bin / "pg_ctl", "-D", self.data, "-m", mode, "-w", "-t", "60", "stop", check=False).returncode:
+            stopped = self._run(self.bin / "pg_ctl", "-D", self.data, "-m", mode, "-w", "-t", "60", "stop", check=False)
+            if stopped.returncode:
                 self._run(self.bin / "pg_ctl", "-D", self.data, "-m", "immediate", "-w", "stop", check=False)
         deadline = time.monotonic() + 30
         while pid_file.exists() and time.monotonic() < deadline:
