@@ -338,7 +338,7 @@ def main() -> int:
     plugin = subprocess.run(["dpkg-query", "-W", "-f", "${Version}", "orthanc-postgresql"],
                             capture_output=True, text=True).stdout or "not installed"
     header = (f"Ingest, {results['instances']:,} x 64x64 CT, {args.parallel} storescu spread over the nodes, "
-              f"median of {results['runs']} run(s) — {started:%Y-%m-%d %H:%M}, {os.cpu_count()} CPUs, "
+              f"median of {results['runs']} run(s)\n{started:%Y-%m-%d %H:%M}, {os.cpu_count()} CPUs, "
               f"load average at start {load:.1f}, Python {platform.python_version()}, "
               f"Orthanc {orthanc[1] if len(orthanc) > 1 else '?'} (PostgreSQL plugin {plugin}), "
               f"PostgreSQL {pgserver.binaries().parts[-2]}\n"
