@@ -41,8 +41,9 @@ test: $(VENV)/.installed system-deps tests/js/node_modules/.package-lock.json
 test-postgresql: $(VENV)/.installed system-deps tests/js/node_modules/.package-lock.json
 	DICOOGLED_TEST_INDEX=postgresql $(PY) -m pytest $(PYTEST_ARGS)
 
+# Orthanc with its DICOMweb plugin (bench.py) and its PostgreSQL index plugin (bench/nodes.py).
 bench: $(VENV)/.installed system-deps
-	@{ command -v Orthanc >/dev/null && dpkg -s orthanc-dicomweb >/dev/null 2>&1; } || { $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq orthanc orthanc-dicomweb; }
+	@{ command -v Orthanc >/dev/null && dpkg -s orthanc-dicomweb orthanc-postgresql >/dev/null 2>&1; } || { $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq orthanc orthanc-dicomweb orthanc-postgresql; }
 	$(PY) bench/bench.py $(ARGS)
 
 clean:
