@@ -4055,10 +4055,11 @@ class IngestStats:
 
 def is_out_of_space(error: BaseException | None) -> bool:
     """True for an error that means the disk (or the user's quota) is full: a file write's
-    ENOSPC or EDQUOT, or SQLite's SQLITE_FULL."""
+    ENOSPC or EDQUOT, SQLite's SQLITE_FULL, or PostgreSQL's disk_full (SQLSTATE 53100: its
+    server's disk, which is not the data dir's)."""
     if isinstance(error, OSError):
         return error.errno in (errno.ENOSPC, errno.EDQUOT)
-    return isinstance(error, apsw.FullError)
+    return isinstance(error, apsw.FullError) or getattr(error, "sqlstate", None) == "53100"
 
 
 class DiskSpace:
@@ -11887,8 +11888,10 @@ class Users:
                     db.execute("DELETE FROM sessions WHERE token_hash = ?", (token_hash,))
                 else:
                     db.execute("UPDATE sessions SET last_used = ? WHERE token_hash = ?", (now, token_hash))
-        except apsw.FullError:  # a full disk must not lock users out of reading
-            self.log.debug("session use not recorded: the disk is full")
+        except Exception as error:
+            if not is_out_of_space(error):
+                raise
+            self.log.debug("session use not recorded: the disk is full")  # it must not lock users out of reading
         return None if row is None else User(row[0], bool(row[1]), tuple(json.loads(row[2])))
 
     def end_session(self, token: str) -> bool:

@@ -134,6 +134,7 @@ def stow(daemon, *datasets, token=None):
     return response.status, response.headers, json.loads(response.body) if response.body else None
 
 
+@pytest.mark.sqlite_only("the index's SQLite file is on the full disk (a PostgreSQL index is on its server's)")
 def test_index_commit_failure_answers_out_of_resources_and_leaves_no_file(small_disk, start_on):
     """The file fits, its index commit does not (SQLITE_FULL): 0xA700, the file removed, the
     failure counted and logged, /health degraded with the reason and the free space; once the
@@ -174,6 +175,7 @@ def test_temp_file_creation_failure_answers_out_of_resources(small_disk, start_o
     assert indexed(daemon, instance(1))
 
 
+@pytest.mark.sqlite_only("the index's SQLite file is on the full disk (a PostgreSQL index is on its server's)")
 def test_failed_group_commit_fails_each_store_and_the_writer_goes_on(small_disk, start_on):
     """Stores from several associations at once on a disk with room for about one file: every
     one is answered 0xA700 (whether its temp file or its group's commit failed) and leaves no
@@ -214,6 +216,7 @@ def test_stow_on_a_full_disk_fails_with_out_of_resources(small_disk, start_on):
     assert len(stored_files(daemon)) == 1 and temp_files(daemon) == []
 
 
+@pytest.mark.sqlite_only("users, sessions and settings are SQLite files on the full disk (with PostgreSQL, in its database)")
 def test_login_user_and_settings_writes_answer_507_on_a_full_disk(small_disk, start_on):
     """A login (a new session), a new user and a settings change each need the disk: 507 with
     a JSON reason, not 500; the change is not made and no half-written settings file stays.
@@ -277,6 +280,7 @@ def test_reserve_refuses_new_objects_before_the_disk_is_full(small_disk, start_o
     assert daemon.health()["status"] == "ok"
 
 
+@pytest.mark.sqlite_only("the index's SQLite file is on the full disk (a PostgreSQL index is on its server's)")
 def test_restart_on_a_full_disk_reconciles_every_file_and_indexes_them_once_space_is_freed(small_disk, start_on, tmp_path):
     """Files in storage that are not indexed (here put there while the daemon was stopped), and a
     disk with no room for their index rows: reconciliation logs each failure and finishes, the
@@ -303,3 +307,15 @@ def test_restart_on_a_full_disk_reconciles_every_file_and_indexes_them_once_spac
     assert all(indexed(daemon, dataset) for dataset in orphans)
     assert len(stored_files(daemon)) == 9 and temp_files(daemon) == []
     assert daemon.health()["status"] == "ok"
+
+
+def test_a_postgresql_server_with_a_full_disk_counts_as_out_of_space():
+    """A PostgreSQL index's disk is its server's: its disk_full error (SQLSTATE 53100) is an
+    out-of-space failure like SQLite's SQLITE_FULL (0xA700, the /health reason), its other
+    errors are not."""
+    import psycopg
+    sys.path.insert(0, str(pathlib.Path(__file__).parent.parent))
+    import dicoogled
+    assert dicoogled.is_out_of_space(psycopg.errors.DiskFull("could not extend file"))
+    assert not dicoogled.is_out_of_space(psycopg.errors.UniqueViolation("duplicate key"))
+    assert not dicoogled.is_out_of_space(psycopg.errors.OutOfMemory("out of memory"))

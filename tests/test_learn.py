@@ -84,6 +84,8 @@ def course(tmp_path_factory):
     daemon.stop()
 
 
+@pytest.mark.sqlite_only("the course teaches the embedded defaults: its commands read data/*.sqlite and"
+                         " data/settings.ini, and run the offline commands without --index")
 @pytest.mark.parametrize("chapter", CHAPTERS, ids=[c.stem for c in CHAPTERS])
 def test_chapter(chapter, course):
     clone, env, daemon = course
