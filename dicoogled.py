@@ -1788,6 +1788,10 @@ INSERT INTO changes SELECT 0 WHERE NOT EXISTS (SELECT 1 FROM changes);
 """
 
 
+#: The key of SharedSettings' row that says a whole section is set, even with no key in it.
+SECTION_IS_SET = ""
+
+
 class SharedSettings:
     """The settings changed at run time when the index is in PostgreSQL: kept in its database
     (schema dicoogled_settings) instead of data_dir/settings.ini, so that every node reads the
@@ -1809,7 +1813,9 @@ class SharedSettings:
         with self._db.connection() as db:
             count = db.execute("SELECT count FROM changes").fetchone()[0]
             for section, key, value in db.execute("SELECT section, key, value FROM settings ORDER BY section, key"):
-                values[section][key] = value
+                entries = values[section]  # a section is set even with no key (see save)
+                if key != SECTION_IS_SET:
+                    entries[key] = value
         return count, dict(values)
 
     def save(self, values: dict[str, dict[str, str]], replace_all: bool = False):
@@ -1823,6 +1829,9 @@ class SharedSettings:
             for section, entries in values.items():
                 if section in WHOLE_SECTIONS:
                     db.execute("DELETE FROM settings WHERE section = ?", (section,))
+                    # An emptied section must still replace the config file's, as an empty
+                    # [section] of settings.ini does: a row says the section is set.
+                    db.execute("INSERT INTO settings VALUES (?, ?, '')", (section, SECTION_IS_SET))
                 for key, text in entries.items():
                     db.execute("INSERT INTO settings VALUES (?, ?, ?)"
                                " ON CONFLICT (section, key) DO UPDATE SET value = excluded.value", (section, key, text))

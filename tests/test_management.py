@@ -111,7 +111,15 @@ def admin(archive):
 
 
 def settings_file(daemon) -> dict:
-    """data_dir/settings.ini as {section: {key: value}}."""
+    """The settings saved at run time as {section: {key: value}}: data_dir/settings.ini, or with
+    a PostgreSQL index the rows of its schema dicoogled_settings, which stand in for the file."""
+    if daemon.index_url:
+        saved = {}
+        for section, key, value in daemon.state_sql("settings", "SELECT section, key, value FROM settings"):
+            entries = saved.setdefault(section, {})
+            if key:  # the key "" only says that the section is set, perhaps empty
+                entries[key] = value
+        return saved
     parser = dicoogled.configparser.ConfigParser(interpolation=None)
     parser.optionxform = str
     parser.read(daemon.data_dir / "settings.ini")
@@ -228,7 +236,7 @@ def test_index_settings_validation(archive, admin, params, words):
     before = admin.get("/management/settings/index").json()
     assert_bad_request(admin.post("/management/settings/index", **params), *words)
     assert admin.get("/management/settings/index").json() == before
-    assert not (archive.data_dir / "settings.ini").exists()
+    assert settings_file(archive) == {} and not (archive.data_dir / "settings.ini").exists()
 
 
 # ---- transfer syntaxes per SOP class ------------------------------------------------------------
@@ -461,6 +469,17 @@ def test_move_destination_replaces_one_from_the_config_file(start_daemon):
     ]
 
 
+def test_every_move_destination_of_the_config_file_removed_stays_removed(start_daemon):
+    """An emptied [modalities] still replaces the config file's whole after a restart (settings.ini
+    keeps the empty section; PostgreSQL's settings a row saying the section is set)."""
+    archive = start_daemon(config_text="[modalities]\nOLD = 10.0.0.1:104\n", env=ADMIN_ENV)
+    admin = admin_of(archive)
+    assert admin.post("/management/settings/storage/dicom", type="remove", aetitle="OLD", port="104").json() == {"removed": True}
+    assert settings_file(archive)["modalities"] == {}
+    archive.restart()
+    assert admin_of(archive).get("/management/settings/storage/dicom").json() == []
+
+
 @pytest.mark.parametrize("params, words", [
     ({"type": "add", "aetitle": "X", "ip": "127.0.0.1", "port": "70000"}, ["Illegal port parameter"]),
     ({"type": "add", "aetitle": "X", "ip": "127.0.0.1", "port": "0"}, ["Illegal port parameter"]),
@@ -615,7 +634,7 @@ def test_management_routes_need_an_administrator(archive, admin):
     # Nothing changed.
     assert admin.get("/management/settings/dicom").json() == {"aetitle": "DICOOGLED"}
     assert echo(archive) == 0
-    assert not (archive.data_dir / "settings.ini").exists()
+    assert settings_file(archive) == {} and not (archive.data_dir / "settings.ini").exists()
 
 
 def served_json(app, path: str):

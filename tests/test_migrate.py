@@ -21,6 +21,10 @@ from restclient import ADMIN_ENV, Client, admin_client, base_url
 sys.path.insert(0, str(ROOT))
 import dicoogled  # noqa: E402
 
+#: migrate copies an archive's SQLite files into PostgreSQL: each test builds that archive on
+#: SQLite (the suite's PostgreSQL run has nothing to add to it).
+pytestmark = pytest.mark.sqlite_only("migrates an archive's SQLite files into PostgreSQL")
+
 #: C-FIND identifiers (level, model, keys) of every level: universal, wildcard, range, any tag.
 FINDS = [
     ("PATIENT", "patient", {"PatientID": "", "PatientName": "", "NumberOfPatientRelatedInstances": ""}),
