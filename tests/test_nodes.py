@@ -232,14 +232,20 @@ def test_a_node_name_is_one_safe_folder_name(tmp_path, name):
     assert dicoogled.Config.load(config).node == "node-1.lab_b"
 
 
-# ---- one serve per data dir (SQLite) -----------------------------------------------------------
+# ---- one serve per data dir (SQLite), per node (PostgreSQL) ----------------------------------
 
 
-def serve_again(data_dir: pathlib.Path) -> subprocess.CompletedProcess:
-    """A second `serve` on data_dir, on ports of its own: it must end at once, not serve."""
-    return subprocess.run([sys.executable, str(ROOT / "dicoogled.py"), "serve", "--data-dir", str(data_dir),
+def serve_again(first) -> subprocess.CompletedProcess:
+    """A second `serve` of the first's archive, on ports of its own: on its data dir and index,
+    and with a PostgreSQL index as the same node (its [node] name). It must end at once."""
+    config = []
+    if first.index_url:
+        path = first.data_dir.parent / "same-node.ini"
+        path.write_text(f"[node]\nname = {first.node_dir.name}\n", encoding="utf-8")
+        config = ["--config", str(path)]
+    return subprocess.run([sys.executable, str(ROOT / "dicoogled.py"), "serve", "--data-dir", str(first.data_dir),
                            "--http-host", "127.0.0.1", "--http-port", str(free_port()),
-                           "--dicom-host", "127.0.0.1", "--dicom-port", str(free_port())],
+                           "--dicom-host", "127.0.0.1", "--dicom-port", str(free_port()), *config, *first.index_args],
                           capture_output=True, text=True, timeout=120)
 
 
@@ -247,14 +253,14 @@ def test_a_second_serve_on_one_data_dir_is_refused_while_the_first_runs(start_da
     first = start_daemon()
     first.settled()
     assert first.store(*studies(patients=1, studies=1, series=1, instances=2)) == [0, 0]
-    refused = serve_again(first.data_dir)
+    refused = serve_again(first)
     assert refused.returncode == 1
-    assert f"cannot start: {first.data_dir} is in use by another dicoogled serve (PID {first.process.pid})" in refused.stderr
+    assert f"cannot start: {first.node_dir} is in use by another dicoogled serve (PID {first.process.pid})" in refused.stderr
     assert "Traceback" not in refused.stderr
     assert first.health()["status"] == "ok" and first.counts()["instances"] == 2  # unharmed
     # An offline command still reads the archive while it is served.
-    check = subprocess.run([sys.executable, str(ROOT / "dicoogled.py"), "check", "--data-dir", str(first.data_dir)],
-                           capture_output=True, text=True, timeout=120)
+    check = subprocess.run([sys.executable, str(ROOT / "dicoogled.py"), "check", "--data-dir", str(first.data_dir),
+                            *first.index_args], capture_output=True, text=True, timeout=120)
     assert check.returncode == 0, check.stdout + check.stderr
     assert first.stop() == 0
     second = start_daemon(name="data")  # the same data dir, now free
