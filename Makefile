@@ -33,11 +33,23 @@ system-deps:
 tests/js/node_modules/.package-lock.json: tests/js/package.json tests/js/package-lock.json | system-deps
 	npm ci --prefix tests/js --no-audit --no-fund
 
+# The suite, once on each index engine, both at once (most of a run is waiting for daemons and
+# clients, so two share the machine's cores): SQLite in the foreground, PostgreSQL beside it with
+# its output in tests/artifacts/postgresql.log, whose summary is printed at the end. Each daemon
+# of the PostgreSQL run gets a fresh database on a server the tests start themselves; the tests
+# that look at the SQLite files are skipped there. Fails if either run fails.
 test: $(VENV)/.installed system-deps tests/js/node_modules/.package-lock.json
-	$(PY) -m pytest $(PYTEST_ARGS)
+	@mkdir -p tests/artifacts
+	@DICOOGLED_TEST_INDEX=postgresql $(PY) -m pytest -p no:cacheprovider $(PYTEST_ARGS) >tests/artifacts/postgresql.log 2>&1 & \
+	postgresql=$$!; \
+	$(PY) -m pytest $(PYTEST_ARGS); sqlite=$$?; \
+	wait $$postgresql; on_postgresql=$$?; \
+	echo "==== the same suite on PostgreSQL (whole output: tests/artifacts/postgresql.log)"; \
+	grep -q '= short test summary info =' tests/artifacts/postgresql.log \
+		&& sed -n '/= short test summary info =/,$$p' tests/artifacts/postgresql.log || tail -n 1 tests/artifacts/postgresql.log; \
+	[ $$sqlite = 0 ] && [ $$on_postgresql = 0 ]
 
-# The same suite on the second index engine: each daemon the tests start gets a fresh database on
-# a PostgreSQL server the tests start themselves; the tests that look at SQLite files are skipped.
+# One engine alone: the suite on SQLite is `.venv/bin/python -m pytest`; on PostgreSQL, this.
 test-postgresql: $(VENV)/.installed system-deps tests/js/node_modules/.package-lock.json
 	DICOOGLED_TEST_INDEX=postgresql $(PY) -m pytest $(PYTEST_ARGS)
 
