@@ -275,7 +275,8 @@ def test_labels_survive_restart_restore_and_reindex(archive, tmp_path):
     assert search_sops(c, "label:kept*") == expected
 
     assert daemon.stop() == 0
-    rebuilt = subprocess.run([sys.executable, str(ROOT / "dicoogled.py"), "reindex", "--data-dir", str(daemon.data_dir)],
+    rebuilt = subprocess.run([sys.executable, str(ROOT / "dicoogled.py"), "reindex", "--data-dir", str(daemon.data_dir),
+                              *daemon.index_args],
                              capture_output=True, text=True, timeout=300)
     assert rebuilt.returncode == 0, rebuilt.stderr
     daemon.start()

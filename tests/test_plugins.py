@@ -287,7 +287,7 @@ def test_storage_plugin_keeps_received_objects_under_its_scheme(archive, tmp_pat
 
     # The index is rebuilt from files only; at start the daemon indexes what the plugin lists.
     daemon.stop()
-    subprocess.run([sys.executable, str(ROOT / "dicoogled.py"), "reindex", "--data-dir", str(daemon.data_dir),
+    subprocess.run([sys.executable, str(ROOT / "dicoogled.py"), "reindex", "--data-dir", str(daemon.data_dir), *daemon.index_args,
                     "--config", str(daemon.config_path)], check=True, capture_output=True)
     daemon.start()
     daemon.settled()

@@ -56,7 +56,7 @@ def indexed_uids(daemon, *batches) -> set:
 
 def dicoogled(daemon, *args) -> subprocess.CompletedProcess:
     """A command of dicoogled on a (stopped) daemon's data dir and configuration."""
-    return subprocess.run([sys.executable, str(ROOT / "dicoogled.py"), *args, "--data-dir", str(daemon.data_dir),
+    return subprocess.run([sys.executable, str(ROOT / "dicoogled.py"), *args, "--data-dir", str(daemon.data_dir), *daemon.index_args,
                            "--config", str(daemon.config_path)], capture_output=True, text=True)
 
 

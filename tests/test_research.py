@@ -299,7 +299,7 @@ def test_burned_in_annotation_is_refused(archive):
 def test_command_line_export(archive):
     daemon = archive
     daemon.stop()
-    run = subprocess.run([sys.executable, str(ROOT / "dicoogled.py"), "research-export", "--data-dir", str(daemon.data_dir),
+    run = subprocess.run([sys.executable, str(ROOT / "dicoogled.py"), "research-export", "--data-dir", str(daemon.data_dir), *daemon.index_args,
                           SOURCE_LABEL, COPY_LABEL, "--retain-dates", "offset"], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     report = json.loads(run.stdout)

@@ -217,7 +217,7 @@ def test_a_rebuilt_index_announces_no_study_again(start_daemon, receiver, tmp_pa
     assert daemon.store(first) == [0]
     wait_until(lambda: stable_studies() == [first.StudyInstanceUID], message="the first study stable")
     assert daemon.stop() == 0
-    rebuilt = subprocess.run([sys.executable, str(ROOT / "dicoogled.py"), "reindex", "--data-dir", str(daemon.data_dir),
+    rebuilt = subprocess.run([sys.executable, str(ROOT / "dicoogled.py"), "reindex", "--data-dir", str(daemon.data_dir), *daemon.index_args,
                               "--config", str(daemon.config_path)], capture_output=True, text=True, timeout=120)
     assert rebuilt.returncode == 0, rebuilt.stderr
     daemon.start()
