@@ -3073,21 +3073,21 @@ class _PostgresEngine:
         the row, the row's length in tokens against the average), in the same floating point
         operations, so the scores are the same numbers."""
         k1, b = 1.2, 0.75
-        phrases = [(phrase.replace('""', '"').split(), bool(prefix))
-                   for phrase, prefix, _, _ in _FTS5_PART.findall(fts5) if phrase or prefix]
+        parts = _FTS5_PART.findall(fts5)
+        phrases = [(phrase.replace('""', '"').split(), bool(prefix)) for phrase, prefix, _, _ in parts if phrase or prefix]
+        # A query of one phrase (no AND, no OR) matches the rows that hold it: they need no count.
+        alone = len(phrases) == 1 and not any(operator for _, _, operator, _ in parts)
         rows, tokens = reader.execute("SELECT count(*), CAST(coalesce(sum(tokens), 0) AS BIGINT) FROM metadata").fetchone()
         average_length = float(tokens) / float(rows) if rows else 1.0
-        query = self.text_query(fts5)
         places = [(number, place, word, prefix and place == len(words), len(words))
                   for number, (words, prefix) in enumerate(phrases, start=1) for place, word in enumerate(words, start=1)]
         columns = [[place[n] for place in places] for n in range(5)]
-        matches = reader.execute(_PHRASE_FREQUENCIES, [*columns, len(phrases), query]).fetchall()
+        matches = reader.execute(_PHRASE_FREQUENCIES, [*columns, len(phrases), self.text_query(fts5)]).fetchall()
         idf = []
         for words, prefix in phrases:
             phrase = self.text_query(_fts_phrase(words, prefix))
-            # A query of one phrase is that phrase: the rows holding it are its matches, counted.
-            hits = len(matches) if phrase == query else reader.execute(
-                "SELECT count(*) FROM metadata WHERE metadata MATCH ?", [phrase]).fetchone()[0]
+            hits = len(matches) if alone else reader.execute("SELECT count(*) FROM metadata WHERE metadata MATCH ?",
+                                                             [phrase]).fetchone()[0]
             value = math.log((rows - hits + 0.5) / (hits + 0.5))
             idf.append(value if value > 0.0 else 1e-6)
         scores = []
