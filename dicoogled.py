@@ -2947,29 +2947,32 @@ def _postgresql_spelling(sql: str) -> str:
     return sql
 
 
-#: A lexeme of a tsvector as PostgreSQL prints it, and its positions.
-_TSVECTOR_LEXEME = re.compile(r"'((?:[^'\\]|''|\\.)*)'(?::([0-9A-D,]+))?")
-
-
-def _tsvector_positions(text: str) -> dict[str, set[int]]:
-    """token -> its positions, of a tsvector printed as text."""
-    found = {}
-    for lexeme, places in _TSVECTOR_LEXEME.findall(text):
-        token = re.sub(r"\\(.)", r"\1", lexeme.replace("''", "'"))
-        found[token] = {int(place.rstrip("ABCD")) for place in places.split(",") if place}
-    return found
-
-
-def _phrase_count(positions: dict[str, set[int]], words: list[str], prefix: bool) -> int:
-    """How many times a phrase (its last word a prefix, if prefix) occurs among positions."""
-    if not words:
-        return 0
-    def at(n):
-        if prefix and n == len(words) - 1:
-            return set().union(*(places for token, places in positions.items() if token.startswith(words[n])))
-        return positions.get(words[n], set())
-    following = [at(n) for n in range(len(words))]
-    return sum(all(start + n in following[n] for n in range(1, len(words))) for start in following[0])
+#: Each match of a tsquery as (rowid, tokens, how often each phrase of the query occurs in it),
+#: counted in the server: a row's tsvector is kilobytes, its counts a few integers. The phrases'
+#: words come as five arrays (phrase number, place in it, word, prefix: the last word of a prefix
+#: phrase, the phrase's length in words), then the number of phrases and the tsquery. A phrase
+#: occurs at each start where every place of it has a position (positions are sets: a start
+#: counts once); a prefix word stands for every lexeme that begins with it. Only the words'
+#: lexemes are unnested, as a whole tsvector unnested costs more than all the rest: setweight
+#: marks them A, ts_filter keeps those (full_text_document weighs no position). A row's lexemes
+#: are listed, to find a prefix's, only if there is a prefix.
+_PHRASE_FREQUENCIES = """
+WITH word(phrase, place, word, prefix, length) AS (
+    SELECT * FROM unnest(CAST(? AS integer[]), CAST(? AS integer[]), CAST(? AS text[]), CAST(? AS boolean[]),
+                         CAST(? AS integer[])))
+SELECT rowid, tokens, ARRAY(
+    SELECT count(occurrence.start) FROM generate_series(1, ?) AS phrase(number)
+    LEFT JOIN (SELECT word.phrase, position - word.place AS start
+               FROM unnest(ts_filter(setweight(body, 'A', ARRAY(SELECT word FROM word WHERE NOT prefix) || ARRAY(
+                        SELECT lexeme FROM unnest(tsvector_to_array(body)) AS lexeme
+                        WHERE EXISTS (SELECT FROM word WHERE prefix)
+                          AND lexeme ^@ ANY(ARRAY(SELECT word FROM word WHERE prefix)))), '{a}')) AS entry
+               JOIN word ON entry.lexeme = word.word OR word.prefix AND starts_with(entry.lexeme, word.word)
+               CROSS JOIN unnest(entry.positions) AS position
+               GROUP BY word.phrase, word.length, start
+               HAVING count(DISTINCT word.place) = word.length) AS occurrence ON occurrence.phrase = phrase.number
+    GROUP BY phrase.number ORDER BY phrase.number)
+FROM metadata WHERE metadata MATCH ?"""
 
 
 def _tsquery_lexeme(token: str) -> str:
@@ -3079,23 +3082,28 @@ class _PostgresEngine:
         the row, the row's length in tokens against the average), in the same floating point
         operations, so the scores are the same numbers."""
         k1, b = 1.2, 0.75
-        phrases = [(phrase.replace('""', '"').split(), bool(prefix))
-                   for phrase, prefix, _, _ in _FTS5_PART.findall(fts5) if phrase or prefix]
+        parts = _FTS5_PART.findall(fts5)
+        phrases = [(phrase.replace('""', '"').split(), bool(prefix)) for phrase, prefix, _, _ in parts if phrase or prefix]
+        # A query of one phrase (no AND, no OR) matches the rows that hold it: they need no count.
+        alone = len(phrases) == 1 and not any(operator for _, _, operator, _ in parts)
         rows, tokens = reader.execute("SELECT count(*), CAST(coalesce(sum(tokens), 0) AS BIGINT) FROM metadata").fetchone()
         average_length = float(tokens) / float(rows) if rows else 1.0
+        places = [(number, place, word, prefix and place == len(words), len(words))
+                  for number, (words, prefix) in enumerate(phrases, start=1) for place, word in enumerate(words, start=1)]
+        columns = [[place[n] for place in places] for n in range(5)]
+        matches = reader.execute(_PHRASE_FREQUENCIES, [*columns, len(phrases), self.text_query(fts5)]).fetchall()
         idf = []
         for words, prefix in phrases:
-            phrase = _fts_phrase(words, prefix)
-            hits = reader.execute("SELECT count(*) FROM metadata WHERE metadata MATCH ?", [self.text_query(phrase)]).fetchone()[0]
+            phrase = self.text_query(_fts_phrase(words, prefix))
+            hits = len(matches) if alone else reader.execute("SELECT count(*) FROM metadata WHERE metadata MATCH ?",
+                                                             [phrase]).fetchone()[0]
             value = math.log((rows - hits + 0.5) / (hits + 0.5))
             idf.append(value if value > 0.0 else 1e-6)
         scores = []
-        for rowid, length, body in reader.execute("SELECT rowid, tokens, CAST(body AS TEXT) FROM metadata"
-                                                  " WHERE metadata MATCH ?", [self.text_query(fts5)]):
-            positions = _tsvector_positions(body)
+        for rowid, length, frequencies in matches:
             score = 0.0
-            for (words, prefix), weight in zip(phrases, idf):
-                frequency = float(_phrase_count(positions, words, prefix))
+            for frequency, weight in zip(frequencies, idf):
+                frequency = float(frequency)
                 score += weight * ((frequency * (k1 + 1.0)) / (frequency + k1 * (1 - b + b * float(length) / average_length)))
             scores.append((rowid, -1.0 * score))
         return scores

@@ -205,13 +205,17 @@ def test_a_query_of_too_many_terms_is_refused_and_the_most_answered_alike(index)
 
 def test_postgresql_scores_are_fts5s_bm25_to_the_last_bit(tmp_path, postgres_url):
     """PostgreSQL ranks free text with FTS5's own BM25 (bm25_scores): for single words, prefixes,
-    phrases, AND and OR, every match gets the very number SQLite's bm25() gives it."""
+    phrases (of a word repeated, ending in a prefix), AND and OR, every match gets the very number
+    SQLite's bm25() gives it."""
     sqlite, postgresql = dicoogled.Index(tmp_path / "index.sqlite"), dicoogled.Index(postgres_url)
     try:
         for index in (sqlite, postgresql):
             write_instances(index)
+        # Only a prefix phrase's last word is a prefix: "1 ac"* holds "1 acquisitionnumber", not
+        # "123851 accessionnumber".
         for fts5 in ('"knee"', '"alpha"*', '"pain" AND "fall"', '("knee") OR ("general" AND "hospital")',
-                     '"general hospital"', '"knee" OR "beta" OR "ct"'):
+                     '"general hospital"', '"knee" OR "beta" OR "ct"', '"knee knee"', '"knee kn"*', '"alpha b"*',
+                     '"general h"* AND "knee"', '"1 ac"*'):
             expected = sorted(sqlite.reader.execute("SELECT rowid, bm25(metadata) FROM metadata WHERE metadata MATCH ?",
                                                     [fts5]).fetchall())
             assert expected and sorted(postgresql.engine.bm25_scores(postgresql.reader, fts5)) == expected, fts5
