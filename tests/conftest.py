@@ -52,6 +52,8 @@ ON_POSTGRESQL = TEST_INDEX == "postgresql"
 def pytest_configure(config):
     config.addinivalue_line("markers", "sqlite_only(reason): the test looks at the SQLite files themselves"
                                        " (index.sqlite, its PRAGMAs, its WAL); skipped when DICOOGLED_TEST_INDEX=postgresql")
+    config.addinivalue_line("markers", "each_engine: the test puts its daemons on each engine itself (parametrized),"
+                                       " in every run; skipped when DICOOGLED_TEST_INDEX=postgresql, which would repeat it")
 
 
 def pytest_report_header(config):
@@ -63,6 +65,10 @@ def pytest_runtest_setup(item):
     if marker and ON_POSTGRESQL:
         reason = marker.args[0] if marker.args else marker.kwargs.get("reason", "looks at the SQLite files")
         pytest.skip(f"SQLite only: {reason}")
+    if item.get_closest_marker("each_engine") and ON_POSTGRESQL:
+        pytest.skip("runs on each engine in the suite's SQLite run already")
+
+
 FIND_MODELS = {"patient": PatientRootQueryRetrieveInformationModelFind, "study": StudyRootQueryRetrieveInformationModelFind}
 
 

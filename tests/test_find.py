@@ -32,6 +32,9 @@ from pynetdicom.presentation import DEFAULT_TRANSFER_SYNTAXES
 import studygen
 from conftest import AET, FIND_MODELS, RunningDaemon
 
+#: Each test puts the index on both engines itself.
+pytestmark = pytest.mark.each_engine
+
 SUCCESS, PENDING, PENDING_WARNING, CANCELLED = 0x0000, 0xFF00, 0xFF01, 0xFE00
 IDENTIFIER_DOES_NOT_MATCH = 0xA900
 UNIQUE_KEYS = {"PATIENT": "PatientID", "STUDY": "StudyInstanceUID", "SERIES": "SeriesInstanceUID", "IMAGE": "SOPInstanceUID"}

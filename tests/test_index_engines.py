@@ -15,6 +15,9 @@ from conftest import ROOT
 sys.path.insert(0, str(ROOT))
 import dicoogled  # noqa: E402
 
+#: Each test puts the index on both engines itself.
+pytestmark = pytest.mark.each_engine
+
 #: patient, study, series, instance, modality and attributes of each instance written.
 INSTANCES = [
     (0, 0, 0, 0, "CT", {"PatientName": "Müller^Jürgen", "StudyDate": "20200105", "StudyDescription": "Knee left",

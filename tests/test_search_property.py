@@ -24,6 +24,9 @@ from hypothesis import strategies as st
 
 import studygen
 from conftest import RunningDaemon, wait_until
+
+#: Each test puts the index on both engines itself.
+pytestmark = pytest.mark.each_engine
 from restclient import ADMIN_ENV, admin_client
 
 # ---- the reference filter ---------------------------------------------------------------------
@@ -194,7 +197,8 @@ def build(example: int, patients) -> tuple[list, dict]:
 def archive(request, tmp_path_factory):
     """The daemon, its index in an SQLite file or in a PostgreSQL database: the rules hold on both."""
     folder = tmp_path_factory.mktemp("property")
-    config = None if request.param == "sqlite" else f"[index]\nurl = {request.getfixturevalue('postgres_server').database()}\n"
+    url = request.getfixturevalue("postgres_server").database() if request.param == "postgresql" else ""
+    config = f"[index]\nurl = {url}\n"  # an empty url: the SQLite file, whatever the suite runs on
     daemon = RunningDaemon(folder / "data", config, env=ADMIN_ENV).start()
     assert (folder / "data" / "index.sqlite").exists() == (request.param == "sqlite")
     try:
