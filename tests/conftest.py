@@ -9,7 +9,6 @@ fixtures start gets `--index` and a fresh database of the tests' own PostgreSQL 
 `@pytest.mark.sqlite_only(reason)` and skipped then.
 """
 
-import contextlib
 import fcntl
 import json
 import os
@@ -169,6 +168,24 @@ def index_flags(data_dir: pathlib.Path) -> list[str]:
     return ["--index", url] if url else []
 
 
+def _rows_of(database, statement: str, parameters=(), schema: str = "") -> list[tuple]:
+    """The rows of one statement (with ? placeholders), committed, on a PostgreSQL URL (in its
+    schema, if given) or an SQLite file."""
+    if isinstance(database, str) and database.startswith("postgresql://"):
+        import psycopg
+        with psycopg.connect(database, autocommit=True) as db:
+            if schema:
+                db.execute(f"SET search_path TO {schema}")
+            cursor = db.execute(statement.replace("?", "%s"), parameters) if parameters else db.execute(statement)
+            return cursor.fetchall() if cursor.description else []
+    import apsw
+    connection = apsw.Connection(str(database))
+    try:
+        return connection.execute(statement, parameters).fetchall()
+    finally:
+        connection.close()
+
+
 class RunningDaemon:
     """A dicoogled process started by a test, on free loopback ports and its own data dir."""
 
@@ -217,31 +234,18 @@ class RunningDaemon:
         folder, = nodes.iterdir()
         return folder
 
-    def index_sql(self, statement: str):
-        """Run SQL on this daemon's index behind its back, on either engine (a test breaking it)."""
-        if self.index_url:
-            suite_postgres_server().sql(statement, database=self.index_url.rsplit("/", 1)[1])
-            return
-        import apsw
-        connection = apsw.Connection(str(self.index_location))
-        try:
-            connection.execute(statement)
-        finally:
-            connection.close()
+    def index_sql(self, statement: str, parameters=()) -> list[tuple]:
+        """The rows of a statement (with ? placeholders) on this daemon's index, behind its back,
+        on either engine (a test reading it, or breaking it). Committed at once."""
+        return _rows_of(self.index_url or self.index_location, statement, parameters)
 
     def state_sql(self, name: str, statement: str, parameters=()) -> list[tuple]:
         """The rows of a statement (with ? placeholders) on the daemon's own state, behind its
         back: name is users, audit or settings, the SQLite file data_dir/NAME.sqlite or, on
         PostgreSQL, the schema dicoogled_NAME of its index's database. Committed at once."""
         if self.index_url:
-            import psycopg
-            with psycopg.connect(self.index_url, autocommit=True) as db:
-                db.execute(f"SET search_path TO dicoogled_{name}")
-                cursor = db.execute(statement.replace("?", "%s"), parameters)
-                return cursor.fetchall() if cursor.description else []
-        import sqlite3
-        with contextlib.closing(sqlite3.connect(self.data_dir / f"{name}.sqlite")) as db, db:
-            return db.execute(statement, parameters).fetchall()
+            return _rows_of(self.index_url, statement, parameters, schema=f"dicoogled_{name}")
+        return _rows_of(self.data_dir / f"{name}.sqlite", statement, parameters)
 
     def start(self, wait=True):
         self.log_file = open(self.log_path, "ab")

@@ -13,7 +13,6 @@ import shutil
 import subprocess
 import time
 
-import apsw
 import pydicom
 import pytest
 from pydicom.data import get_testdata_file
@@ -92,11 +91,7 @@ def wait_for_uids(daemon, expected, timeout=30, **keys):
 
 def index_rows(daemon) -> dict:
     """SOPInstanceUID -> (path, origin, size, mtime_ns), read from the index database itself."""
-    connection = apsw.Connection(str(daemon.data_dir / "index.sqlite"), flags=apsw.SQLITE_OPEN_READONLY)
-    try:
-        rows = connection.execute("SELECT sop_instance_uid, path, origin, size, mtime_ns FROM instances").fetchall()
-    finally:
-        connection.close()
+    rows = daemon.index_sql("SELECT sop_instance_uid, path, origin, size, mtime_ns FROM instances")
     return {uid: (path, origin, size, mtime) for uid, path, origin, size, mtime in rows}
 
 
