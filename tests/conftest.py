@@ -38,6 +38,13 @@ ROOT = TESTS.parent
 sys.path.insert(0, str(TESTS))
 
 import studygen  # noqa: E402
+from playwright.sync_api import expect as browser_expect  # noqa: E402
+
+# The browser tests wait for what a page shows with playwright's expect(), 5 s at most by default,
+# and for their actions 20 s (page.set_default_timeout): with both suites running at once (make
+# test) a login and a search can take longer than 5 s, so expectations wait as long as actions do.
+# A passing test waits only until the page shows it.
+browser_expect.set_options(timeout=20_000)
 
 AET = "DICOOGLED"
 
