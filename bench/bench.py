@@ -736,6 +736,36 @@ def run(args) -> Results:
     return results
 
 
+def guarded_run(run, args, leftovers: tuple[str, ...]):
+    """run(args) as a benchmark runs: Ctrl-C and SIGTERM end it through the finally below, which
+    stops every process it started (STARTED, by PID) and removes the servers' folders (leftovers:
+    globs under WORK); a busy machine is warned about. (its results, the start time, the load
+    average at start); exit status 130 if interrupted."""
+    WORK.mkdir(parents=True, exist_ok=True)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C, even if started with it ignored
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    started = datetime.datetime.now().astimezone()
+    load = os.getloadavg()[0]
+    if load > 0.5 * os.cpu_count():
+        print(f"warning: load average {load:.1f} on {os.cpu_count()} CPUs; other work will skew the figures")
+    try:
+        return run(args), started, load
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        sys.exit(130)
+    finally:
+        for proc in STARTED:  # stop anything still running, by PID
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+        for pattern in leftovers:
+            for leftover in WORK.glob(pattern):
+                shutil.rmtree(leftover, ignore_errors=True)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smaller data sets (a few minutes)")
@@ -748,29 +778,7 @@ def main() -> int:
     for tool in (*DCMTK_TOOLS, ORTHANC):
         if not shutil.which(tool):
             sys.exit(f"bench: {tool} not found (install DCMTK and Orthanc)")
-    WORK.mkdir(parents=True, exist_ok=True)
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C, even if started with it ignored
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    started = datetime.datetime.now().astimezone()
-    load = os.getloadavg()[0]
-    if load > 0.5 * os.cpu_count():
-        print(f"warning: load average {load:.1f} on {os.cpu_count()} CPUs; other work will skew the figures")
-    try:
-        results = run(args)
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        return 130
-    finally:
-        for proc in STARTED:  # stop anything still running, by PID
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-        for leftover in [*WORK.glob("dicoogled-*"), *WORK.glob("orthanc-*"), *WORK.glob("watched-*"),
-                         *WORK.glob("storescp-*")]:
-            shutil.rmtree(leftover, ignore_errors=True)
+    results, started, load = guarded_run(run, args, ("dicoogled-*", "orthanc-*", "watched-*", "storescp-*"))
     versions = " vs ".join(f"{name} {version}" for name, version in results.versions.items())
     header = (f"{versions} — {'quick' if args.quick else 'full'} run, "
               f"{started:%Y-%m-%d %H:%M}, {os.cpu_count()} CPUs, load average at start {load:.1f}, "

@@ -40,13 +40,11 @@ Needs what bench.py needs, PostgreSQL (Debian's postgresql) and orthanc-postgres
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import pathlib
 import platform
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -205,14 +203,20 @@ def stored_once(setup: Setup, expected: str, n: int) -> None:
         raise RuntimeError(f"the node lists {listed}, not the {expected} sent")
 
 
+def installed_orthanc() -> tuple[str, str]:
+    """The versions of Orthanc and of its PostgreSQL plugin's Debian package ('' if unknown)."""
+    orthanc = subprocess.run([bench.ORTHANC, "--version"], capture_output=True, text=True).stdout.split()
+    plugin = subprocess.run(["dpkg-query", "-W", "-f", "${Version}", "orthanc-postgresql"],
+                            capture_output=True, text=True).stdout
+    return (orthanc[1] if len(orthanc) > 1 else ""), plugin
+
+
 def orthanc_multiple_writers() -> str:
     """Why Orthanc cannot run several writers on one PostgreSQL database here ('' if it can)."""
     if not os.path.exists(ORTHANC_POSTGRESQL):
         return f"no PostgreSQL plugin ({ORTHANC_POSTGRESQL}: apt-get install orthanc-postgresql)"
-    orthanc = subprocess.run([bench.ORTHANC, "--version"], capture_output=True, text=True).stdout.split()
-    plugin = subprocess.run(["dpkg-query", "-W", "-f", "${Version}", "orthanc-postgresql"],
-                            capture_output=True, text=True).stdout
-    have = (version_tuple(orthanc[1] if len(orthanc) > 1 else "0"), version_tuple(plugin.split("-")[0] or "0"))
+    orthanc, plugin = installed_orthanc()
+    have = (version_tuple(orthanc or "0"), version_tuple(plugin.split("-")[0] or "0"))
     if have[0] < ORTHANC_MULTIPLE_WRITERS[0] or have[1] < ORTHANC_MULTIPLE_WRITERS[1]:
         return (f"Orthanc {'.'.join(map(str, have[0]))} with PostgreSQL plugin {'.'.join(map(str, have[1]))}: "
                 "one writer per database (several need Orthanc >= 1.9.2 and plugin >= 4.0)")
@@ -312,35 +316,12 @@ def main() -> int:
             sys.exit(f"nodes: {tool} not found (install DCMTK and Orthanc)")
     if pgserver.binaries() is None:
         sys.exit("nodes: PostgreSQL not found (apt-get install postgresql)")
-    bench.WORK.mkdir(parents=True, exist_ok=True)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the finally clauses stop what was started
-    started = datetime.datetime.now().astimezone()
-    load = os.getloadavg()[0]
-    if load > 0.5 * os.cpu_count():
-        print(f"warning: load average {load:.1f} on {os.cpu_count()} CPUs; other work will skew the figures")
-    try:
-        results = run(args)
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        return 130
-    finally:
-        for proc in bench.STARTED:  # anything still running, by the PID it was started with
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-        for leftover in [*bench.WORK.glob("dicoogled-*"), *bench.WORK.glob("orthanc-*")]:
-            shutil.rmtree(leftover, ignore_errors=True)
-    orthanc = subprocess.run([bench.ORTHANC, "--version"], capture_output=True, text=True).stdout.split()
-    plugin = subprocess.run(["dpkg-query", "-W", "-f", "${Version}", "orthanc-postgresql"],
-                            capture_output=True, text=True).stdout or "not installed"
+    results, started, load = bench.guarded_run(run, args, ("dicoogled-*", "orthanc-*"))
+    orthanc, plugin = installed_orthanc()
     header = (f"Ingest, {results['instances']:,} x 64x64 CT, {args.parallel} storescu spread over the nodes, "
               f"median of {results['runs']} run(s)\n{started:%Y-%m-%d %H:%M}, {os.cpu_count()} CPUs, "
               f"load average at start {load:.1f}, Python {platform.python_version()}, "
-              f"Orthanc {orthanc[1] if len(orthanc) > 1 else '?'} (PostgreSQL plugin {plugin}), "
+              f"Orthanc {orthanc or '?'} (PostgreSQL plugin {plugin or 'not installed'}), "
               f"PostgreSQL {pgserver.binaries().parts[-2]}\n"
               "ratio = dicoogled / Orthanc (higher is better for dicoogled); a rate is given only if every "
               "instance was stored once.")
