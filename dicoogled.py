@@ -6388,6 +6388,8 @@ CODEC_CALLS = {"render": render_frame, "pixels": decode_frame, "uncompressed": u
 CODEC_ERRORS = {"unrenderable": UnrenderableError, "frame": FrameOutOfRange}
 #: A worker's program: dicoogled imported as a module (so numpy and the codecs load) from the
 #: folder of this file, then its loop. Its command line names this file and the log level.
+#: How long a new worker may take to load Python, numpy and the codecs and say it is ready.
+CODEC_WORKER_START_SECONDS = 60
 _CODEC_WORKER_PROGRAM = ("import os, sys; sys.path.insert(0, os.path.dirname(sys.argv[1])); import dicoogled;"
                          " dicoogled.codec_worker_main(sys.argv[2])")
 
@@ -6431,6 +6433,12 @@ def codec_worker_main(log_level: str = "INFO"):
     requests, answers = sys.stdin.buffer, os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)  # whatever a library prints, from C too, goes to the log rather than into the answers
     sys.stdout = sys.stderr
+    # What every call needs loads before the worker says it is ready, so that a request's time
+    # limit counts the decoding only, never Python's start on a busy machine.
+    for module in ("numpy", "pydicom.pixels", "PIL.Image"):
+        with contextlib.suppress(ImportError):  # a call that needs a missing one says so itself
+            importlib.import_module(module)
+    _write_message(answers, {"ready": True})
     while (request := _read_message(requests)) is not None:
         header, data = request
         try:
@@ -6518,6 +6526,19 @@ class _CodecProcess:
         except OSError as error:
             raise CodecWorkerError(f"cannot start a codec worker: {error}") from None
         self.counts["started"] += 1
+        # Its first message says it is ready; the request's own time limit starts after that.
+        process = self.process
+        ready = select.select([process.stdout], [], [], CODEC_WORKER_START_SECONDS)[0]
+        try:
+            message = _read_message(process.stdout) if ready else None
+        except (OSError, EOFError, ValueError):
+            message = None
+        if message is None or not message[0].get("ready"):
+            self._end(kill=True)
+            self.counts["crashed"] += 1
+            how = _exit_text(process.returncode) if ready else f"not ready within {CODEC_WORKER_START_SECONDS} s"
+            self.log.error("codec worker %d could not start: %s", process.pid, how)
+            raise CodecWorkerError(f"a codec worker could not start ({how})")
         self.log.info("codec worker %d started", self.process.pid)
 
     def _end(self, kill: bool = False):

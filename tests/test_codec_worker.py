@@ -203,6 +203,35 @@ def test_a_worker_over_its_time_is_ended_and_its_request_answered_504(start_daem
     assert next(p for p in plugins if p["name"] == "dicomweb")["failures"] == 0, "the worker's failure is not the plugin's"
 
 
+def test_a_worker_slow_to_start_still_has_its_whole_time_to_decode(start_daemon, tmp_path):
+    # Python starting on a busy machine is not the file's fault: the time limit counts from the
+    # worker saying it is ready. Here every worker takes 2 s to start, and the limit is 1 s.
+    slow = tmp_path / "slow-start"
+    slow.mkdir()
+    (slow / "sitecustomize.py").write_text('import sys, time\nif "-c" in sys.orig_argv:\n    time.sleep(2)\n')
+    daemon = start_daemon(config_text="[codecs]\ntimeout = 1\n", env={**ENV, "PYTHONPATH": str(slow)})
+    ct = stored(daemon, "ct")["ct"]
+    session = session_for(daemon)
+    assert (pixels_of(dic2png(session, ct)) == pixels_of(dic2png(session, ct))).all()
+    assert workers(daemon)["timed_out"] == 0 and len(started_pids(daemon)) == 1
+
+
+def test_a_worker_that_cannot_start_fails_its_request_502_and_the_archive_goes_on(start_daemon, tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "numpy.py").write_text("raise SystemExit(3)\n")  # the daemon never imports numpy; its worker does
+    daemon = start_daemon(env={**ENV, "PYTHONPATH": str(broken)})
+    ct = stored(daemon, "ct")["ct"]
+    session = session_for(daemon)
+    response = dic2png(session, ct)
+    assert response.status_code == 502
+    assert "a codec worker could not start (exit code 3)" in response.json()["error"]
+    assert workers(daemon)["crashed"] == 1 and workers(daemon)["running"] == []
+    assert "could not start: exit code 3" in daemon.log
+    found = session.get(f"{session.base}/dicom-web/studies", params={"StudyInstanceUID": ct.StudyInstanceUID})
+    assert found.status_code == 200 and len(found.json()) == 1, "the archive answers what needs no pixels"
+
+
 # ---- idle workers end --------------------------------------------------------------------------------
 
 def test_an_idle_worker_ends_and_the_next_request_starts_one(start_daemon):
