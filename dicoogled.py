@@ -1840,6 +1840,112 @@ class SharedSettings:
         self._db.close()
 
 
+#: The version of the task list's schema (tasks.sqlite's user_version, dicoogled_tasks.schema_version).
+TASKS_SCHEMA_VERSION = 1
+TASKS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS tasks (
+    uid TEXT PRIMARY KEY,
+    kind TEXT NOT NULL,                          -- index, import or function
+    node TEXT NOT NULL,                          -- the node running it, or that last ran it
+    paths TEXT NOT NULL,                         -- JSON: the files and folders an index task indexes
+    owner TEXT NOT NULL,                         -- the user who started an import ('' otherwise)
+    created DOUBLE PRECISION NOT NULL,
+    report TEXT NOT NULL,                        -- JSON: what /index/task shows, as last written
+    finished INTEGER NOT NULL DEFAULT 0,
+    stop_requested INTEGER NOT NULL DEFAULT 0    -- asked on another node: its runner stops
+);
+"""
+
+
+class TaskRecord(typing.NamedTuple):
+    """A task as the task list keeps it (paths and report decoded)."""
+    uid: str
+    kind: str
+    node: str
+    paths: list
+    owner: str
+    created: float
+    report: dict
+    finished: bool
+    stop_requested: bool
+
+
+class TaskRecords:
+    """The task list every node sees: data_dir/tasks.sqlite (owner-only: a task's name may name
+    a patient's folder), or schema dicoogled_tasks of the PostgreSQL index's database. The node
+    that runs a task writes its report here as it goes; any node lists it, asks it to stop or
+    drops it; a task left unfinished by a node that died is found here and taken over (Tasks)."""
+
+    _COLUMNS = "uid, kind, node, paths, owner, created, report, finished, stop_requested"
+
+    def __init__(self, location: "pathlib.Path | str"):
+        self._db = StateDatabase(location, "dicoogled_tasks", pool_size=2)
+        self._db.migrate(TASKS_SCHEMA_VERSION, TASKS_SCHEMA)
+
+    @staticmethod
+    def _record(row) -> TaskRecord:
+        uid, kind, node, paths, owner, created, report, finished, stop_requested = row
+        return TaskRecord(uid, kind, node, json.loads(paths), owner, created, json.loads(report), finished != 0, stop_requested != 0)
+
+    def add(self, uid: str, kind: str, node: str, paths: list, owner: str, created: float, report: dict):
+        with self._db.transaction() as db:  # durable: a task the node dies running is still found
+            db.execute(f"INSERT INTO tasks ({self._COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, 0, 0)",
+                       (uid, kind, node, json.dumps(paths), owner, created, json.dumps(report)))
+
+    def write(self, uid: str, node: str, report: dict, finished: bool) -> bool | None:
+        """Write a task's report as the node running it: whether it was asked to stop since,
+        or None if it is gone from the list (dropped) or another node has taken it over.
+        Progress is not made durable (it is written again a second later); the end is."""
+        with self._db.transaction(durable=finished) as db:
+            found = db.execute("UPDATE tasks SET report = ?, finished = ? WHERE uid = ? AND node = ? RETURNING stop_requested",
+                               (json.dumps(report), int(finished), uid, node)).fetchall()
+        return found[0][0] != 0 if found else None
+
+    def take(self, uid: str, node: str, report: dict | None = None, finished: bool = False):
+        """Make node the task's runner (report, if given, replacing the last one written)."""
+        with self._db.transaction() as db:
+            if report is None:
+                db.execute("UPDATE tasks SET node = ?, finished = ? WHERE uid = ?", (node, int(finished), uid))
+            else:
+                db.execute("UPDATE tasks SET node = ?, report = ?, finished = ? WHERE uid = ?",
+                           (node, json.dumps(report), int(finished), uid))
+
+    def unfinished(self) -> list[TaskRecord]:
+        with self._db.connection() as db:
+            rows = db.execute(f"SELECT {self._COLUMNS} FROM tasks WHERE finished = 0 ORDER BY created").fetchall()
+        return [self._record(row) for row in rows]
+
+    def all(self) -> list[TaskRecord]:
+        """Every task listed, oldest first."""
+        with self._db.connection() as db:
+            rows = db.execute(f"SELECT {self._COLUMNS} FROM tasks ORDER BY created, uid").fetchall()
+        return [self._record(row) for row in rows]
+
+    def find(self, uid: str) -> TaskRecord | None:
+        with self._db.connection() as db:
+            rows = db.execute(f"SELECT {self._COLUMNS} FROM tasks WHERE uid = ?", (uid,)).fetchall()
+        return self._record(rows[0]) if rows else None
+
+    def request_stop(self, uid: str):
+        """Ask the node running the task to stop it: it reads this when it next writes its report."""
+        with self._db.transaction() as db:
+            db.execute("UPDATE tasks SET stop_requested = 1 WHERE uid = ? AND finished = 0", (uid,))
+
+    def remove(self, uid: str) -> bool:
+        with self._db.transaction() as db:
+            db.execute("DELETE FROM tasks WHERE uid = ?", (uid,))
+            return db.changes() > 0
+
+    def prune(self, finished_before: float) -> int:
+        """Drop the finished tasks created before a time (seconds since 1970); how many."""
+        with self._db.transaction() as db:
+            db.execute("DELETE FROM tasks WHERE finished != 0 AND created < ?", (finished_before,))
+            return db.changes()
+
+    def close(self):
+        self._db.close()
+
+
 # ============================================================================================
 # Index: schema, metadata extraction, the writer and readers, C-FIND and searches in SQL
 # ============================================================================================
@@ -10330,6 +10436,8 @@ class IndexTask:
     finished: float | None = None
     cancelled: bool = False
     stop: threading.Event = dataclasses.field(default_factory=threading.Event)
+    #: Stopped because its node stopped, not by a user: left unfinished for the next node to run.
+    interrupted: bool = False
 
     @property
     def progress(self) -> float:
@@ -10350,22 +10458,54 @@ class IndexTask:
         return status
 
 
+#: Seconds between two writes of a running task's report to the task list (and two reads of
+#: whether another node asked it to stop).
+TASK_REPORT_SECONDS = 1.0
+#: Finished tasks still listed (not closed) this many days after they were created are dropped at start.
+TASKS_KEPT_DAYS = 30
+
+
 class TaskManager:
-    """Runs index tasks one after another in the background; keeps them listed until closed.
+    """Runs tasks in the background and keeps them in the task list every node sees (TaskRecords):
+    index and import tasks one after another, plugins' and research exports' functions each in
+    a thread of its own.
 
-    A task runs once, on the node that was asked for it (a request, a plugin): no lease is
-    needed, unlike the work every node would otherwise start by itself (Leases)."""
+    A task is run by the node that was asked for it, which holds the lease "task UID" while it
+    runs. A task whose node stopped or died before it ended is found unfinished with its lease
+    free, by another node or by the same one started again: an index task is run again from the
+    start there (indexing a file twice changes nothing), while an import or a function, whose
+    source or code only that node had, is ended with the reason. Stopping and closing a task
+    work from any node: its runner reads the request when it next writes its report."""
 
-    def __init__(self, ingest: Ingest):
-        self.ingest = ingest
-        self.tasks: dict[str, IndexTask] = {}
+    def __init__(self, ingest: Ingest, location: "pathlib.Path | str", leases: Leases, node_name: str):
+        self.ingest, self.leases, self.node = ingest, leases, node_name
+        self.records = TaskRecords(location)
+        self.records.prune(time.time() - TASKS_KEPT_DAYS * 86400)
+        #: The tasks this node runs (or has queued): uid -> task.
+        self._running: dict[str, IndexTask] = {}
+        self._lock = threading.Lock()  # the running tasks
+        self._writing = threading.Lock()  # a report being written
         self._queue = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="index-task")
+        self._wake = threading.Event()
+        self._closed = threading.Event()
+        self._follower = None
         self.log = logging.getLogger("dicoogled.index")
+
+    def start(self):
+        """Follow the task list: write this node's reports, take over what no node runs. Once
+        the daemon's plugins are loaded, since an index task resumed here goes through them."""
+        self._follower = start_thread("tasks", self._follow)
+
+    @staticmethod
+    def lease(uid: str) -> str:
+        return f"task {uid}"
+
+    # ---- starting tasks
 
     def start_index(self, paths: list[str]) -> IndexTask:
         task = IndexTask(str(uuid.uuid4()), f"[{BUILTIN_PROVIDER}]index " + " ".join(_file_uri(p) for p in paths), paths)
-        self.tasks[task.uid] = task
-        self._queue.submit(self._run, task)
+        self._add(task, "index")
+        self._queue.submit(self._run_recorded, task, self._run_index, task)
         return task
 
     def start_function(self, name: str, function, stoppable: bool = False) -> str:
@@ -10387,17 +10527,47 @@ class TaskManager:
             finally:
                 task.finished = time.time()
 
-        self.tasks[task.uid] = task
-        start_thread(f"task-{task.uid[:8]}", run)
+        self._add(task, "function")
+        start_thread(f"task-{task.uid[:8]}", self._run_recorded, task, run)
         return task.uid
 
     def start_import(self, task: "ImportTask", source: pathlib.Path, entries=None, remove_source: bool = False):
         """List an import task and run it after the tasks before it (see run_import)."""
-        self.tasks[task.uid] = task
-        self._queue.submit(run_import, task, self.ingest, source, entries, remove_source)
+        self._add(task, "import", owner=task.owner)
+        self._queue.submit(self._run_recorded, task, run_import, task, self.ingest, source, entries, remove_source)
         return task
 
-    def _run(self, task: IndexTask):
+    def _add(self, task: IndexTask, kind: str, owner: str = ""):
+        # The lease first, then the row: no node may find the task unfinished with no runner.
+        self.leases.owns(self.lease(task.uid))
+        with self._lock:
+            self._running[task.uid] = task
+        try:
+            self.records.add(task.uid, kind, self.node, task.paths, owner, task.created, task.as_json())
+        except BaseException:
+            self._forget(task)
+            self.leases.release(self.lease(task.uid))
+            raise
+        self._wake.set()
+
+    def _run_recorded(self, task: IndexTask, run, *args):
+        """run(*args), then the task's last report written: finished, or, when this node stopped
+        under it (task.interrupted), left unfinished for whichever node runs it next."""
+        try:
+            run(*args)
+        finally:
+            with self._writing:  # after the follower's last progress report, never before it
+                self._forget(task)
+                if not task.interrupted:
+                    with contextlib.suppress(Exception):  # the list unreachable: logged by the follower
+                        self.records.write(task.uid, self.node, task.as_json(), finished=True)
+            self.leases.release(self.lease(task.uid))
+
+    def _forget(self, task: IndexTask):
+        with self._lock:
+            self._running.pop(task.uid, None)
+
+    def _run_index(self, task: IndexTask):
         try:
             files = []
             for path in task.paths:
@@ -10425,10 +10595,124 @@ class TaskManager:
             self.log.info("index task %s: %d indexed, %d errors%s", task.uid, task.indexed, task.errors,
                           " (stopped)" if task.cancelled else "")
 
+    # ---- what every node sees and asks
+
+    def reports(self) -> list[tuple[TaskRecord, dict]]:
+        """Every listed task and its report, oldest first: this node's own as they are now."""
+        with self._lock:
+            running = dict(self._running)
+        return [(record, running[record.uid].as_json() if record.uid in running else record.report)
+                for record in self.records.all()]
+
+    def report(self, uid: str) -> tuple[TaskRecord, dict] | None:
+        record = self.records.find(uid)
+        if record is None:
+            return None
+        with self._lock:
+            task = self._running.get(uid)
+        return record, task.as_json() if task is not None else record.report
+
+    def stop(self, uid: str) -> bool | None:
+        """Stop a task, here or on the node running it: whether it was stopped (False: it had
+        already ended), None if no task has that uid."""
+        with self._lock:
+            task = self._running.get(uid)
+        if task is not None:
+            task.stop.set()
+            return True
+        record = self.records.find(uid)
+        if record is None:
+            return None
+        self.records.request_stop(uid)
+        return not record.finished or bool(record.report.get("canceled"))
+
+    def remove(self, uid: str) -> bool:
+        """Drop a task from the list, stopping it first if it runs (here, or where it runs)."""
+        with self._lock:
+            task = self._running.get(uid)
+        if task is not None:
+            task.stop.set()
+        return self.records.remove(uid) or task is not None
+
+    # ---- the follower: this node's reports written, other nodes' stop requests read, orphans taken
+
+    def _follow(self):
+        next_look = 0.0  # at once: what a node that died (or this one, before a restart) left
+        failing = False
+        while not self._closed.is_set():
+            try:
+                self._write_reports()
+                if time.monotonic() >= next_look:
+                    self._take_over_orphans()
+                    next_look = time.monotonic() + LEASE_POLL_SECONDS
+                failing = False
+            except Exception as error:
+                if not failing:
+                    self.log.error("cannot read or write the task list now, tried again every %g s: %s", TASK_REPORT_SECONDS, error)
+                failing = True
+            # Woken early by a new task. With nothing running, it looks for orphans as often as
+            # a lease is tried; with the SQLite index (one node, whose orphans it found at start)
+            # it sleeps until a task starts.
+            if self._running or failing:
+                self._wake.wait(TASK_REPORT_SECONDS)
+            else:
+                self._wake.wait(LEASE_POLL_SECONDS if self.leases.url else None)
+            self._wake.clear()
+
+    def _write_reports(self):
+        with self._lock:
+            running = list(self._running.values())
+        for task in running:
+            with self._writing:
+                with self._lock:
+                    ended = task.uid not in self._running  # its own last report is written
+                if ended or task.interrupted:
+                    continue
+                asked_to_stop = self.records.write(task.uid, self.node, task.as_json(), finished=False)
+            # None: dropped from the list, or taken over by another node; either way not ours to run.
+            if asked_to_stop is None or asked_to_stop:
+                task.stop.set()
+
+    def _take_over_orphans(self):
+        for record in self.records.unfinished():
+            with self._lock:
+                ours = record.uid in self._running
+            if ours or not self.leases.owns(self.lease(record.uid)):
+                continue
+            # Unfinished, and no node holds its lease: the node that ran it is gone.
+            if record.kind == "index" and not record.stop_requested:
+                task = IndexTask(record.uid, record.report.get("taskName", ""), record.paths, created=record.created)
+                with self._lock:
+                    self._running[task.uid] = task
+                self.records.take(task.uid, self.node, task.as_json())
+                self.log.warning("index task %s, left unfinished by node %s, runs again here (node %s)",
+                                 task.uid, record.node, self.node)
+                self._queue.submit(self._run_recorded, task, self._run_index, task)
+                continue
+            report = dict(record.report, complete=True, nErrors=record.report.get("nErrors", 0) + 1)
+            if record.stop_requested:
+                report["canceled"] = True
+            reason = f"node {record.node} stopped before the task ended"
+            report["interrupted"] = reason
+            if record.kind == "import":
+                report["failures"] = [*report.get("failures", []), {"file": "", "reason": f"the import stopped: {reason}"}]
+            self.records.take(record.uid, self.node, report, finished=True)
+            self.leases.release(self.lease(record.uid))
+            self.log.warning("%s task %s ended unfinished: %s", record.kind, record.uid, reason)
+
     def close(self):
-        for task in self.tasks.values():
+        """Stop this node's tasks: they stay unfinished in the list, for the next node to run."""
+        self._closed.set()
+        self._wake.set()
+        with self._lock:
+            running = list(self._running.values())
+        for task in running:
+            task.interrupted = True
             task.stop.set()
         self._queue.shutdown(wait=True, cancel_futures=True)
+        if self._follower is not None:
+            self._follower.join(timeout=10)
+        self.records.close()
 
 
 # ============================================================================================
@@ -13688,11 +13972,11 @@ def _archive_routes(api: Api):
     def import_status(uid):
         """An import's progress and, once done, its report: {taskProgress, nFiles, nDone, nIndexed,
         nSkipped, nErrors, failures: [{file, reason}], complete}. One's own imports, or any for an administrator."""
-        task = daemon.tasks.tasks.get(uid)
+        found = daemon.tasks.report(uid)
         user = api.current_user()
-        if not isinstance(task, ImportTask) or (task.owner != user.username and not user.admin):
+        if found is None or found[0].kind != "import" or (found[0].owner != user.username and not user.admin):
             _fail(404, f"no import task {uid[:80]}")
-        return task.as_json()
+        return found[1]
 
 
 def _plugin_routes(api: Api):
@@ -14309,28 +14593,22 @@ def _task_routes(api: Api):
 
     @api.route("/index/task", access=ADMIN)
     def list_tasks():
-        """Index tasks with their progress, until closed."""
-        tasks = list(daemon.tasks.tasks.values())
-        return {"results": [t.as_json() for t in tasks], "count": sum(1 for t in tasks if not t.finished)}
+        """The tasks of every node with their progress, until closed."""
+        reports = [report for _, report in daemon.tasks.reports()]
+        return {"results": reports, "count": sum(1 for report in reports if not report.get("complete"))}
 
     @api.route("/index/task", "POST", access=ADMIN, audit="task")
     def change_task():
         """Stop (type=stop) or close (type=close) a task: uid."""
         params = bottle.request.params
-        task = daemon.tasks.tasks.get(params.get("uid", ""))
-        kind = params.get("type", "")
-        audited(detail=f"{kind[:10]} task {params.get('uid', '')[:40]}")
+        uid, kind = params.get("uid", ""), params.get("type", "")
+        audited(detail=f"{kind[:10]} task {uid[:40]}")
         if kind not in ("stop", "close"):
             _fail(400, "type must be stop or close")
-        if task is None:
-            return {"error": True}
         if kind == "stop":
-            task.stop.set()
-            return {"stopped": not task.finished or task.cancelled}
-        if not task.finished:
-            task.stop.set()
-        del daemon.tasks.tasks[task.uid]
-        return {"removed": True}
+            stopped = daemon.tasks.stop(uid)
+            return {"error": True} if stopped is None else {"stopped": stopped}
+        return {"removed": True} if daemon.tasks.remove(uid) else {"error": True}
 
     def instances_of_request(recursive=True) -> tuple[list[IndexedInstance], int]:
         """The instances a request names by uri (a folder too, if recursive) or UIDs, and how
@@ -15223,7 +15501,8 @@ class Daemon:
         self._cache_root = config.node_dir / "cache"  # each node's own
         self.thumbnails = ThumbnailCache(self._cache_root / "thumbnails")
         self.users.ensure_admin(data_dir, os.environ.get("DICOOGLED_ADMIN_PASSWORD"))
-        self.tasks = TaskManager(self.ingest)
+        #: Background tasks, listed in data_dir/tasks.sqlite or the PostgreSQL index's database (every node's).
+        self.tasks = TaskManager(self.ingest, config.index_url or data_dir / "tasks.sqlite", self.leases, config.node)
         #: Query providers by name: callables(query text) -> [(uri, metadata)]; plugins add theirs.
         self.providers = {BUILTIN_PROVIDER: self._search_builtin}
         #: Callables(api) adding HTTP routes (management, plugins' web services).
@@ -15253,6 +15532,7 @@ class Daemon:
         self.plugins.load_all()
         self.plugins.watch()
         self.events.start()
+        self.tasks.start()
         if self.config.dicom_autostart:
             self.dicom.start()
         self.watch()
