@@ -10669,8 +10669,13 @@ class TaskManager:
                 if ended or task.interrupted:
                     continue
                 asked_to_stop = self.records.write(task.uid, self.node, task.as_json(), finished=False)
-            # None: dropped from the list, or taken over by another node; either way not ours to run.
-            if asked_to_stop is None or asked_to_stop:
+            if task.stop.is_set():
+                continue
+            if asked_to_stop is None:
+                self.log.warning("task %s was closed, or taken over by another node: stopped here", task.uid)
+                task.stop.set()
+            elif asked_to_stop:
+                self.log.info("task %s: asked to stop on another node", task.uid)
                 task.stop.set()
 
     def _take_over_orphans(self):

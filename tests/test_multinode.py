@@ -15,6 +15,7 @@ import http.server
 import io
 import json
 import subprocess
+import textwrap
 import threading
 
 import pydicom
@@ -27,6 +28,7 @@ import dicoogled
 import studygen
 from conftest import NODELAY, RunningDaemon, StoreSCP, make_identifier, wait_until
 from restclient import ADMIN_ENV, ADMIN_PASSWORD, Client, admin_client, base_url, stow
+from test_tasks import HOLD, completed, listed, start_index_task
 
 #: How long another node may take to take a dead node's work over: it asks for the lease every
 #: LEASE_POLL_SECONDS; the server ends a killed node's session as soon as its socket closes.
@@ -90,10 +92,10 @@ class Site:
                 f"[webhooks]\nreceiver = url={self.receiver.url} events=stable_study secret={SECRET} retry=0.2..0.5\n"
                 f"[modalities]\n{modalities}")
 
-    def node(self, name: str, wait=True, env=ADMIN_ENV) -> RunningDaemon:
+    def node(self, name: str, wait=True, env=ADMIN_ENV, args=()) -> RunningDaemon:
         config = self.tmp_path / f"{name}.ini"
         config.write_text(self.config(name))
-        daemon = RunningDaemon(self.data_dir, args=["--index", self.url, "--config", str(config)], env=env)
+        daemon = RunningDaemon(self.data_dir, args=["--index", self.url, "--config", str(config), *args], env=env)
         daemon.log_path = self.tmp_path / f"{name}.log"
         daemon.name = name
         self.nodes.append(daemon)
@@ -125,9 +127,9 @@ def three_nodes(tmp_path_factory, postgres_server):
     site.close()
 
 
-def start_nodes(site, *names, env=ADMIN_ENV) -> list[RunningDaemon]:
+def start_nodes(site, *names, env=ADMIN_ENV, args=()) -> list[RunningDaemon]:
     """Nodes started at once, as after a power cut: each may be the first to the shared database."""
-    nodes = [site.node(name, wait=False, env=env) for name in names]
+    nodes = [site.node(name, wait=False, env=env, args=args) for name in names]
     for daemon in nodes:
         wait_until(daemon._ready, timeout=60, message=f"{daemon.name} to start (log: {daemon.log_path})")
     return nodes
@@ -281,6 +283,52 @@ def test_a_node_killed_while_storing_loses_no_acknowledged_instance_and_its_work
     wait_until(lambda: expected <= set(site.receiver.stable_studies()), timeout=TAKEOVER_DEADLINE + STABLE_AGE,
                message="another node to find the stable studies")
     assert owner_of(nodes[1:], "stable studies") is not None
+
+
+# ---- tasks are the site's: listed, stopped and taken over anywhere ------------------------------
+
+
+@pytest.fixture
+def held_nodes(site):
+    """Three nodes with test_tasks' HOLD plugin, which holds index tasks at a gate (site.gate_folder)."""
+    plugins = site.tmp_path / "plugins"
+    plugins.mkdir()
+    (plugins / "hold.py").write_text(textwrap.dedent(HOLD.format(folder=str(plugins))))
+    site.gate_folder = plugins
+    return start_nodes(site, "node1", "node2", "node3", args=["--plugins-dir", str(plugins)])
+
+
+def test_an_index_task_of_a_killed_node_is_listed_everywhere_and_completed_by_another(site, held_nodes, studies):
+    node1, node2, node3 = held_nodes
+    folder = studies(patients=1, studies=1, series=1, instances=4)[0].parent
+    uid = start_index_task(admin_client(node1), folder)
+    wait_until(lambda: (site.gate_folder / "reached-index").exists(), message="the task to reach the gate")
+    for daemon in (node2, node3):
+        report = listed(admin_client(daemon))[uid]
+        assert not report.get("complete") and report["taskName"].endswith(folder.as_uri())
+    node1.kill()  # SIGKILL, by the PID this test started
+    (site.gate_folder / "gate").touch()
+    report = wait_until(completed(admin_client(node2), uid), timeout=TAKEOVER_DEADLINE + 30,
+                        message="another node to run the task again and complete it")
+    assert report["nIndexed"] == 4 and report["nErrors"] == 0
+    takers = [daemon for daemon in (node2, node3) if f"index task {uid}, left unfinished by node node1" in daemon.log]
+    assert len(takers) == 1, "one node, and only one, runs it again"
+    assert listed(admin_client(node3))[uid] == report
+    assert node3.counts()["instances"] == 4
+
+
+def test_a_task_stopped_on_another_node_stops_where_it_runs(site, held_nodes, studies):
+    node1, node2, node3 = held_nodes
+    folder = studies(patients=1, studies=1, series=1, instances=3)[0].parent
+    uid = start_index_task(admin_client(node1), folder)
+    wait_until(lambda: (site.gate_folder / "reached-index").exists(), message="the task to reach the gate")
+    assert admin_client(node2).post("/index/task", data={"type": "stop", "uid": uid}).json() == {"stopped": True}
+    wait_until(lambda: f"task {uid}: asked to stop on another node" in node1.log, message="node 1 to read the request")
+    (site.gate_folder / "gate").touch()
+    report = wait_until(completed(admin_client(node3), uid), message="the task to end, stopped")
+    assert report["canceled"] and report["nIndexed"] == 1  # the file at the gate, then it stopped
+    assert admin_client(node3).post("/index/task", data={"type": "close", "uid": uid}).json() == {"removed": True}
+    assert uid not in listed(admin_client(node1))
 
 
 # ---- sessions are the site's, not a node's -----------------------------------------------------
