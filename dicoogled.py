@@ -10556,11 +10556,13 @@ class TaskManager:
         try:
             run(*args)
         finally:
-            with self._writing:  # after the follower's last progress report, never before it
-                self._forget(task)
+            # After the follower's last progress report, never before it; and forgotten only
+            # once its row says finished, so no look for orphans finds it unfinished and not ours.
+            with self._writing:
                 if not task.interrupted:
                     with contextlib.suppress(Exception):  # the list unreachable: logged by the follower
                         self.records.write(task.uid, self.node, task.as_json(), finished=True)
+                self._forget(task)
             self.leases.release(self.lease(task.uid))
 
     def _forget(self, task: IndexTask):
@@ -10682,6 +10684,8 @@ class TaskManager:
         for record in self.records.unfinished():
             with self._lock:
                 ours = record.uid in self._running
+            if self._closed.is_set():
+                return  # this node's own tasks, left unfinished as it stops, are the next node's
             if ours or not self.leases.owns(self.lease(record.uid)):
                 continue
             # Unfinished, and no node holds its lease: the node that ran it is gone.
