@@ -38,6 +38,7 @@ import importlib.metadata
 import importlib.util
 import inspect
 import io
+import ipaddress
 import itertools
 import json
 import logging
@@ -338,6 +339,11 @@ session_idle_minutes = 720
 # proxy that serves HTTPS, e.g. https://pacs.example.org/dicoogled (no trailing slash). Links and
 # DICOMweb's RetrieveURL are built from it instead of the request's Host header.
 public_url =
+# The address of the reverse proxy or load balancer in front (one IP address; * for any peer,
+# only if nothing else can reach the port): the client address it appends to X-Forwarded-For is
+# then the one failed logins are counted by and the audit log names. Empty: the peer's own
+# address, and X-Forwarded-For is ignored.
+trusted_proxy =
 
 [storage]
 # Where received objects, the index and temporary files live (local disk: SQLite WAL needs it).
@@ -755,6 +761,7 @@ CONFIG_KEYS = {
     "restrict_to_collections": ("http", "restrict_to_collections", "bool"),
     "session_idle_minutes": ("http", "session_idle_minutes", "float"),
     "public_url": ("http", "public_url", "word"),
+    "trusted_proxy": ("http", "trusted_proxy", "word"),
     "data_dir": ("storage", "data_dir", "path"),
     "duplicates": ("storage", "duplicates", "word"),
     "fsync": ("storage", "fsync", "bool"),
@@ -826,6 +833,8 @@ class Config:
     restrict_to_collections: bool = False
     session_idle_minutes: float = 720
     public_url: str = ""
+    #: The proxy whose X-Forwarded-For names the client (an IP address, or *), or "".
+    trusted_proxy: str = ""
     data_dir: pathlib.Path = pathlib.Path("./data")
     duplicates: str = "keep"
     fsync: bool = True
@@ -1008,6 +1017,11 @@ class Config:
         if self.public_url and not re.fullmatch(r"https?://[^/?#\s]+(/[^?#\s]*)?", self.public_url):
             raise ValueError(f"invalid public_url {self.public_url!r}: http(s)://host[:port][/path]")
         self.public_url = self.public_url.rstrip("/")
+        if self.trusted_proxy not in ("", "*"):
+            try:
+                ipaddress.ip_address(self.trusted_proxy)
+            except ValueError:
+                raise ValueError(f"invalid [http] trusted_proxy {self.trusted_proxy!r}: one IP address, or *") from None
         for aet, (host, port) in self.modalities.items():
             if not is_valid_ae_title(aet) or not HOST_PATTERN.match(host) or not 0 < port < 65536:
                 raise ValueError(f"invalid C-MOVE destination {aet} = {host}:{port}: expected AET = host:port")
@@ -13037,9 +13051,9 @@ class Api:
 
     @staticmethod
     def client_address() -> str:
-        """The peer address of the request's connection. Not bottle's remote_addr, which would
-        believe a client's own X-Forwarded-For (waitress drops that header, but only because no
-        proxy is configured as trusted)."""
+        """The client's address: the peer of the request's connection, or the client that
+        [http] trusted_proxy names (waitress puts it in REMOTE_ADDR). Not bottle's remote_addr,
+        which would believe any client's own X-Forwarded-For."""
         return bottle.request.environ.get("REMOTE_ADDR") or "?"
 
     def check_login_throttle(self, username: str, address: str):
@@ -15560,6 +15574,10 @@ class Daemon:
             self.http_server = create_server(
                 app, map=self._http_sockets, host=self.config.http_host, port=self.config.http_port,
                 threads=self.config.http_threads, ident="dicoogled", clear_untrusted_proxy_headers=True,
+                # waitress puts the client the trusted proxy names in REMOTE_ADDR: the last
+                # address of X-Forwarded-For, the one the proxy added (a client's own are ignored).
+                **({"trusted_proxy": self.config.trusted_proxy, "trusted_proxy_count": 1,
+                    "trusted_proxy_headers": {"x-forwarded-for"}} if self.config.trusted_proxy else {}),
             )
         except OSError as error:
             raise OSError(error.errno, f"cannot listen for HTTP on {self.config.http_host}:{self.config.http_port}: {error.strerror}") from None

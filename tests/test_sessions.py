@@ -193,6 +193,35 @@ def test_failed_logins_lock_out_only_that_user_at_that_address(start_daemon):
     wait_until(lambda: "login as 'admin' from 127.0.0.1 refused" in daemon.log, message="the refusal in the log")
 
 
+def test_behind_a_trusted_proxy_failed_logins_count_per_client_it_names(start_daemon):
+    # The daemon's peer 127.0.0.1 is the proxy; the clients are the addresses it appends.
+    daemon = start_daemon(config_text="[http]\ntrusted_proxy = 127.0.0.1\n", env=ADMIN_ENV)
+    proxy, other_peer = Client(base_url(daemon)), Client(base_url(daemon), source_address=OTHER_ADDRESS)
+
+    def login(client, forwarded_for, password=ADMIN_PASSWORD):
+        return client.request("POST", "/login", data={"username": "admin", "password": password},
+                              headers={"X-Forwarded-For": forwarded_for}, auth=None).status
+
+    for i in range(5):
+        assert login(proxy, "10.1.2.3", f"wrong{i}") == 401
+    assert login(proxy, "10.1.2.3") == 429, "the client the proxy named is locked out"
+    assert login(proxy, "10.9.9.9") == 200, "another client behind the same proxy is not"
+    # A client's own X-Forwarded-For comes first; the proxy appends the address it saw.
+    assert login(proxy, "10.9.9.9, 10.1.2.3") == 429
+    assert login(proxy, "10.1.2.3, 10.9.9.9") == 200
+    # A peer that is not the proxy is taken as itself, whatever it forwards.
+    assert login(other_peer, "10.1.2.3") == 200
+    wait_until(lambda: "login as 'admin' from 10.1.2.3 refused" in daemon.log, message="the client named in the log")
+
+
+@pytest.mark.parametrize("proxy", ["proxy.example.org", "10.0.0.0/8", "127.0.0.1 127.0.0.2"])
+def test_a_trusted_proxy_is_one_address(tmp_path, proxy):
+    path = tmp_path / "proxy.ini"
+    path.write_text(f"[http]\ntrusted_proxy = {proxy}\n")
+    with pytest.raises(ValueError, match="trusted_proxy"):
+        dicoogled.Config.load(path, data_dir=tmp_path / "data")
+
+
 def test_the_failed_login_table_is_bounded_and_forgets():
     throttle = dicoogled.LoginThrottle(limit=3, window=0.5, max_entries=100)
     for _ in range(3):
