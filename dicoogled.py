@@ -1524,6 +1524,16 @@ LEASE_CONNECTION = {"connect_timeout": 10, "keepalives": 1, "keepalives_idle": 1
 LEASE_SERVER_KEEPALIVES = "SET tcp_keepalives_idle = 10; SET tcp_keepalives_interval = 5; SET tcp_keepalives_count = 3"
 
 
+#: The advisory lock every serving node holds shared on its leases' connection, and that an
+#: offline command rewriting the whole index (reindex, migrate) takes alone: neither runs while
+#: the other does, as the serve.lock file does for one machine.
+SERVING_LOCK = "serving"
+
+
+class DatabaseInUse(RuntimeError):
+    """A PostgreSQL index that nodes serve, or that an offline command has to itself."""
+
+
 def lease_key(name: str) -> int:
     """The second key of a lease's advisory lock: the same for a name on every node and in every
     run (Python's hash() changes from one process to the next). Two names with one key (a chance
@@ -1574,9 +1584,16 @@ class Leases:
                     self._held.add(name)
                     self.log.info("this node (%s) now owns %s", self.node_name, name)
                 return name in self._held
-            except self._psycopg.Error as error:
+            except (self._psycopg.Error, DatabaseInUse) as error:
                 self._lost(error)
                 return False
+
+    def serve(self):
+        """Say that this node serves the database, before it serves anything: raises
+        DatabaseInUse while an offline command (reindex, migrate) has it to itself."""
+        if self.url:
+            with self._lock:
+                self._connect()
 
     def wait_to_own(self, name: str, stop: threading.Event) -> bool:
         """Wait until this node owns the lease name (True), trying every LEASE_POLL_SECONDS, or
@@ -1606,9 +1623,14 @@ class Leases:
 
     def _connect(self) -> PostgresConnection:
         if self._connection is None:
-            self._connection = PostgresConnection.connect(
+            connection = PostgresConnection.connect(
                 self.url, application_name=f"dicoogled {self.node_name}".strip()[:63], **LEASE_CONNECTION)
-            self._connection.execute(LEASE_SERVER_KEEPALIVES)
+            connection.execute(LEASE_SERVER_KEEPALIVES)
+            if not connection.execute("SELECT pg_try_advisory_lock_shared(?, ?)",
+                                      (LEASE_NAMESPACE, lease_key(SERVING_LOCK))).fetchone()[0]:
+                connection.close()
+                raise DatabaseInUse("a dicoogled reindex or migrate has the PostgreSQL index to itself: serve once it ends")
+            self._connection = connection
         return self._connection
 
     def _lost(self, error):
@@ -1628,6 +1650,28 @@ class Leases:
             with contextlib.suppress(self._psycopg.Error):
                 self._connection.close()
             self._connection = None
+
+
+def hold_database_alone(url: str, command: str) -> PostgresConnection:
+    """A connection holding the serving lock alone, for an offline command that rewrites the
+    whole index: close it when done. Raises DatabaseInUse naming the nodes that serve it."""
+    psycopg, _ = import_psycopg()
+    try:
+        connection = PostgresConnection.connect(url, application_name=f"dicoogled {command}", connect_timeout=10)
+    except psycopg.Error as error:
+        raise RuntimeError(f"cannot connect to the PostgreSQL database: {error}") from None
+    key = (LEASE_NAMESPACE, lease_key(SERVING_LOCK))
+    if connection.execute("SELECT pg_try_advisory_lock(?, ?)", key).fetchone()[0]:
+        return connection
+    # pg_locks shows the two keys as unsigned oids.
+    holders = connection.execute(
+        "SELECT DISTINCT a.application_name FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid"
+        " WHERE l.locktype = 'advisory' AND l.classid::text = ? AND l.objid::text = ? AND l.objsubid = 2"
+        " ORDER BY 1", tuple(str(part & 0xFFFFFFFF) for part in key)).fetchall()
+    connection.close()
+    names = ", ".join(name.removeprefix("dicoogled ") or "?" for (name,) in holders) or "one just ending"
+    raise DatabaseInUse(f"dicoogled nodes serve this PostgreSQL index ({names}): {command} works on a stopped"
+                        " archive, stop every node first")
 
 
 # ---- the daemon's own state: users and sessions, the audit log, settings ----------------------
@@ -15502,6 +15546,7 @@ class Daemon:
         self.index = open_index(config)
         #: Which once-only work this node does now (all of it, on one machine).
         self.leases = Leases(config.index_url, config.node)
+        self.leases.serve()  # a reindex or migrate of the PostgreSQL index under way: stop here
         #: Free space on the data disk and the reserve kept there ([storage] min_free_mb).
         self.disk = DiskSpace(data_dir, config.min_free_mb)
         self.ingest = Ingest(self.index, self.storage, config.duplicates, self.disk,
@@ -16199,8 +16244,10 @@ def command_reindex(config: Config) -> int:
             pathlib.Path(str(db_path) + suffix).unlink(missing_ok=True)
     _make_private_data_dir(config.data_dir)
     index, ingest = _offline_archive(config)
+    alone = None
     try:
-        if config.index_url:
+        if config.index_url:  # reachable, since it opened: is it served?
+            alone = hold_database_alone(config.index_url, "reindex")
             roots = index.indexed_roots()
             index.write(Index.clear)
         roots = list(dict.fromkeys(roots + index.remembered_roots()))
@@ -16221,6 +16268,8 @@ def command_reindex(config: Config) -> int:
         return 0
     finally:
         index.close()
+        if alone is not None:
+            alone.close()
 
 
 def command_migrate(config: Config, url: str, force: bool) -> int:
@@ -16241,9 +16290,11 @@ def command_migrate(config: Config, url: str, force: bool) -> int:
     with contextlib.ExitStack() as opened:
         # A serve writing meanwhile would be missed; one starting meanwhile is refused.
         opened.callback(_lock_node_dir(config, "migrate").close)
-        # The database first: one that cannot be reached stops the command before a file is opened.
+        # The database first: one that cannot be reached, or that nodes serve, stops the command
+        # before a file is opened.
         target = Index(url)
         opened.callback(target.close)
+        opened.callback(hold_database_alone(url, "migrate").close)
         source = Index(data_dir / "index.sqlite")
         opened.callback(source.close)
         # Each part the data dir has: (its name, where it is now, where it goes).

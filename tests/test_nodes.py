@@ -18,7 +18,7 @@ import pytest
 
 import dicoogled
 import studygen
-from conftest import ROOT, free_port, wait_until
+from conftest import ROOT, RunningDaemon, free_port, wait_until
 
 #: How long a takeover may take in these tests: the survivor tries every LEASE_POLL_SECONDS.
 TAKEOVER_DEADLINE = dicoogled.LEASE_POLL_SECONDS * 3 + 10
@@ -270,6 +270,43 @@ def test_a_second_serve_on_one_data_dir_is_refused_while_the_first_runs(start_da
     third = start_daemon(name="data")
     assert third.counts()["instances"] == 2
     assert third.stop() == 0
+
+
+def offline(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "dicoogled.py"), *map(str, args)],
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_reindex_and_migrate_wait_for_the_nodes_to_stop_and_the_nodes_for_them(tmp_path, postgres_url, studies):
+    """Nodes hold the serving lock shared; reindex and migrate of a PostgreSQL index take it
+    alone (as serve.lock does on one machine): either runs only while the other does not."""
+    config = tmp_path / "alpha.ini"
+    config.write_text("[node]\nname = alpha\n")
+    node = RunningDaemon(tmp_path / "shared", args=["--index", postgres_url, "--config", str(config)]).start()
+    try:
+        assert node.store(*(studygen.make_instance(5, 0, 0, i) for i in range(2))) == [0, 0]
+        refused = offline("reindex", "--data-dir", node.data_dir, "--index", postgres_url)
+        assert refused.returncode == 1
+        assert "dicoogled nodes serve this PostgreSQL index (alpha): reindex works on a stopped archive" in refused.stderr
+        sqlite_dir = tmp_path / "one-machine"
+        assert offline("index", "--data-dir", sqlite_dir, studies(patients=1, studies=1, series=1, instances=1)[0]).returncode == 0
+        refused = offline("migrate", "--data-dir", sqlite_dir, "--to", postgres_url, "--force")
+        assert refused.returncode == 1 and "(alpha): migrate works on a stopped archive" in refused.stderr
+        assert node.health()["status"] == "ok" and node.counts()["instances"] == 2  # unharmed
+    finally:
+        assert node.stop() == 0
+    held = dicoogled.hold_database_alone(postgres_url, "reindex")  # as a reindex under way holds it
+    try:
+        node.start(wait=False)
+        assert node.process.wait(timeout=120) == 1
+        assert "a dicoogled reindex or migrate has the PostgreSQL index to itself" in node.log
+    finally:
+        held.close()
+    done = offline("reindex", "--data-dir", node.data_dir, "--index", postgres_url)
+    assert done.returncode == 0, done.stderr
+    node.start()
+    assert node.counts()["instances"] == 2
+    assert node.stop() == 0
 
 
 # ---- once-only work in the daemon --------------------------------------------------------------
