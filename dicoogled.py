@@ -12115,6 +12115,9 @@ class Users:
             fd = os.open(secret_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(fd, "w") as handle:
                 handle.write(password + "\n")
+                handle.flush()
+                os.fsync(handle.fileno())  # on disk with its name: the only copy of the password
+            fsync_folder(data_dir)
             self.log.warning("created user 'admin'; its password is in %s", secret_file)
         else:
             self.log.info("created user 'admin' with the password from DICOOGLED_ADMIN_PASSWORD")
