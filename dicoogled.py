@@ -1593,7 +1593,10 @@ class Leases:
         DatabaseInUse while an offline command (reindex, migrate) has it to itself."""
         if self.url:
             with self._lock:
-                self._connect()
+                try:
+                    self._connect()
+                except self._psycopg.Error as error:  # the index opened: a blip; taken at the next owns()
+                    self._lost(error)
 
     def wait_to_own(self, name: str, stop: threading.Event) -> bool:
         """Wait until this node owns the lease name (True), trying every LEASE_POLL_SECONDS, or
