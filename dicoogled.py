@@ -11606,8 +11606,11 @@ class UidPseudonym(typing.NamedTuple):
     created: str
 
 
+#: The version of the pseudonym map's schema (pseudonyms.sqlite's user_version, or
+#: dicoogled_pseudonyms.schema_version). Version 1 is the schema files made before it had one.
+PSEUDONYMS_SCHEMA_VERSION = 1
 PSEUDONYMS_SCHEMA = """
-CREATE TABLE IF NOT EXISTS map_secret (id INTEGER PRIMARY KEY CHECK (id = 1), secret BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS map_secret (id INTEGER PRIMARY KEY CHECK (id = 1), secret {blob} NOT NULL);
 CREATE TABLE IF NOT EXISTS patients (
     patient_key TEXT PRIMARY KEY, pseudonym TEXT NOT NULL UNIQUE, patient_id TEXT NOT NULL,
     issuer_of_patient_id TEXT NOT NULL, patient_name TEXT NOT NULL, patient_birth_date TEXT NOT NULL,
@@ -11615,49 +11618,56 @@ CREATE TABLE IF NOT EXISTS patients (
 );
 CREATE TABLE IF NOT EXISTS uids (original TEXT PRIMARY KEY, replacement TEXT NOT NULL, created TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS uids_by_replacement ON uids (replacement);
+CREATE INDEX IF NOT EXISTS uids_by_created ON uids (created, original);
 """
 
 
 class PseudonymMap:
-    """Who each pseudonym stands for (data_dir/pseudonyms.sqlite, owner-only, kept apart from
-    the index so the de-identified copies and the key to them can be held apart).
+    """Who each pseudonym stands for: data_dir/pseudonyms.sqlite (owner-only), or, with the index
+    in PostgreSQL, schema dicoogled_pseudonyms of its database, so that every node gives a patient
+    the same pseudonym. Kept apart from the index's tables, so the de-identified copies and the
+    key to them can be held apart.
 
     The same patient (PatientID and IssuerOfPatientID, or PatientName and PatientBirthDate when
-    there is no ID) always gets the same pseudonym: random, so nothing outside this file leads
-    back from it. UIDs are replaced by a keyed hash of the original under the file's secret: the
+    there is no ID) always gets the same pseudonym: random, so nothing outside the map leads
+    back from it. UIDs are replaced by a keyed hash of the original under the map's secret: the
     same original UID always gives the same new one, and each replacement is recorded, so a
     data custodian can re-identify both patients and objects."""
 
-    def __init__(self, path: pathlib.Path):
-        self.path = path
+    def __init__(self, location: "pathlib.Path | str"):
+        self.location = location
         self._lock = threading.Lock()
         self._opening = threading.Lock()
-        self._connection: apsw.Connection | None = None
+        self._database: StateDatabase | None = None
         self._secret_key = b""
-        #: What is already on disk, so that de-identifying a large set costs a write per new
+        #: What is already stored, so that de-identifying a large set costs a write per new
         #: patient or UID only: patient key -> its row, and the originals of recorded UIDs.
         self._known_patients: dict[str, PatientPseudonym] = {}
         self._recorded_uids: set[str] = set()
 
     @property
-    def _db(self) -> apsw.Connection:
-        """The map's database, opened (and made, with its secret) on first use: an archive that
-        never de-identifies has no map file, and a full disk at start does not stop the daemon."""
+    def database(self) -> StateDatabase:
+        """The map's database, opened (and made) on first use: an archive that never
+        de-identifies has no map file, and a full disk at start does not stop the daemon."""
         with self._opening:
-            if self._connection is None:
-                connection = open_private_database(self.path)
-                with connection:
-                    connection.execute(PSEUDONYMS_SCHEMA)
-                    connection.execute("INSERT OR IGNORE INTO map_secret (id, secret) VALUES (1, ?)", (secrets.token_bytes(32),))
-                self._secret_key = connection.execute("SELECT secret FROM map_secret").fetchall()[0][0]
-                self._connection = connection
-            return self._connection
+            if self._database is None:
+                database = StateDatabase(self.location, "dicoogled_pseudonyms", pool_size=2)
+                database.migrate(PSEUDONYMS_SCHEMA_VERSION, PSEUDONYMS_SCHEMA)
+                self._database = database
+            return self._database
 
     @property
     def _secret(self) -> bytes:
-        """The key new UIDs are derived under, kept in the map file."""
-        _ = self._db  # opening the map reads its key
-        return self._secret_key
+        """The key new UIDs are derived under, kept in the map: made by the first node that
+        needs it (not when the map is opened, so that migrate can copy an existing one in)."""
+        database = self.database
+        with self._opening:
+            if not self._secret_key:
+                with database.transaction() as db:
+                    db.execute("INSERT INTO map_secret (id, secret) VALUES (1, ?) ON CONFLICT (id) DO NOTHING",
+                               (secrets.token_bytes(32),))
+                    self._secret_key = bytes(db.execute("SELECT secret FROM map_secret").fetchall()[0][0])
+            return self._secret_key
 
     @staticmethod
     def patient_key(dataset: Dataset) -> str:
@@ -11668,29 +11678,31 @@ class PseudonymMap:
         return json.dumps(["name", str(dataset.get("PatientName", "") or "").strip(),
                            str(dataset.get("PatientBirthDate", "") or "").strip()])
 
+    _PATIENT = ("SELECT pseudonym, patient_id, issuer_of_patient_id, patient_name, patient_birth_date,"
+                " date_offset_days, created FROM patients WHERE patient_key = ?")
+
     def patient(self, dataset: Dataset) -> PatientPseudonym:
         """The pseudonym of a data set's patient, made (random) the first time it is seen."""
         key = self.patient_key(dataset)
-        with self._lock, self._db:
+        with self._lock:
             if key in self._known_patients:
                 return self._known_patients[key]
-            found = self._db.execute("SELECT pseudonym, patient_id, issuer_of_patient_id, patient_name,"
-                                     " patient_birth_date, date_offset_days, created FROM patients"
-                                     " WHERE patient_key = ?", (key,)).fetchall()
-            if found:
-                self._known_patients[key] = PatientPseudonym(*found[0])
-                return self._known_patients[key]
-            low, high = _DATE_OFFSET_DAYS
-            made = PatientPseudonym(
-                "ANON-" + base64.b32encode(secrets.token_bytes(10)).decode("ascii"),
-                str(dataset.get("PatientID", "") or ""), str(dataset.get("IssuerOfPatientID", "") or ""),
-                str(dataset.get("PatientName", "") or ""), str(dataset.get("PatientBirthDate", "") or ""),
-                -(low + secrets.randbelow(high - low + 1)), _utc_text(time.time_ns()))
-            self._db.execute("INSERT INTO patients (patient_key, pseudonym, patient_id, issuer_of_patient_id,"
-                             " patient_name, patient_birth_date, date_offset_days, created)"
-                             " VALUES (?, ?, ?, ?, ?, ?, ?, ?)", (key, *made))
-            self._known_patients[key] = made
-            return made
+            with self.database.transaction() as db:
+                found = db.execute(self._PATIENT, (key,)).fetchall()
+                if not found:
+                    low, high = _DATE_OFFSET_DAYS
+                    made = PatientPseudonym(
+                        "ANON-" + base64.b32encode(secrets.token_bytes(10)).decode("ascii"),
+                        str(dataset.get("PatientID", "") or ""), str(dataset.get("IssuerOfPatientID", "") or ""),
+                        str(dataset.get("PatientName", "") or ""), str(dataset.get("PatientBirthDate", "") or ""),
+                        -(low + secrets.randbelow(high - low + 1)), _utc_text(time.time_ns()))
+                    # Another node making the same patient's at once: its row wins, and is read back.
+                    db.execute("INSERT INTO patients (patient_key, pseudonym, patient_id, issuer_of_patient_id,"
+                               " patient_name, patient_birth_date, date_offset_days, created)"
+                               " VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (patient_key) DO NOTHING", (key, *made))
+                    found = db.execute(self._PATIENT, (key,)).fetchall()
+            self._known_patients[key] = PatientPseudonym(*found[0])
+            return self._known_patients[key]
 
     def replacement_uid(self, original: str) -> str:
         """The UID that stands for original: the same every time, and unguessable without the key."""
@@ -11706,36 +11718,36 @@ class PseudonymMap:
             new = {original: replacement for original, replacement in pairs.items() if original not in self._recorded_uids}
             if not new:
                 return
-            with self._db:
-                for original, replacement in new.items():
-                    self._db.execute("INSERT OR IGNORE INTO uids (original, replacement, created) VALUES (?, ?, ?)",
-                                     (original, replacement, created))
+            with self.database.transaction() as db:
+                db.executemany("INSERT INTO uids (original, replacement, created) VALUES (?, ?, ?)"
+                               " ON CONFLICT (original) DO NOTHING",
+                               [(original, replacement, created) for original, replacement in new.items()])
             if len(self._recorded_uids) > _RECORDED_UIDS_REMEMBERED:
                 self._recorded_uids.clear()  # a few writes again, rather than memory without end
             self._recorded_uids.update(new)
 
     def patients(self) -> list[PatientPseudonym]:
         """Every patient of the map, by pseudonym."""
-        with self._lock:
-            rows = self._db.execute("SELECT pseudonym, patient_id, issuer_of_patient_id, patient_name, patient_birth_date,"
-                                    " date_offset_days, created FROM patients ORDER BY pseudonym").fetchall()
+        with self.database.connection() as db:
+            rows = db.execute("SELECT pseudonym, patient_id, issuer_of_patient_id, patient_name, patient_birth_date,"
+                              " date_offset_days, created FROM patients ORDER BY pseudonym").fetchall()
         return [PatientPseudonym(*row) for row in rows]
 
     def uids(self, replacement: str = "", limit: int = 1000, offset: int = 0, original: str = "") -> list[UidPseudonym]:
-        """Recorded UID replacements, oldest first: only the one for replacement, or the one of
-        original, if given (both: the pair, if it is one)."""
+        """Recorded UID replacements, oldest first (then by original UID): only the one for
+        replacement, or the one of original, if given (both: the pair, if it is one)."""
         conditions = [(column, value) for column, value in (("replacement", replacement), ("original", original)) if value]
         where = ("WHERE " + " AND ".join(f"{column} = ?" for column, _ in conditions)) if conditions else ""
         args = tuple(value for _, value in conditions)
-        with self._lock:
-            rows = self._db.execute(f"SELECT original, replacement, created FROM uids {where}"
-                                    " ORDER BY rowid LIMIT ? OFFSET ?", (*args, limit, offset)).fetchall()
+        with self.database.connection() as db:
+            rows = db.execute(f"SELECT original, replacement, created FROM uids {where}"
+                              " ORDER BY created, original LIMIT ? OFFSET ?", (*args, limit, offset)).fetchall()
         return [UidPseudonym(*row) for row in rows]
 
     def close(self):
         with self._lock, self._opening:
-            if self._connection is not None:
-                self._connection.close()
+            if self._database is not None:
+                self._database.close()
 
 
 def _shift_date(value: str, days: int) -> str:
@@ -15569,7 +15581,7 @@ class Daemon:
                               config.audit_retention_days)
         self.dicom.audit = self.ingest.audit = self.audit
         #: Who the pseudonyms of de-identified copies stand for, apart from the index.
-        self.pseudonyms = PseudonymMap(data_dir / "pseudonyms.sqlite")
+        self.pseudonyms = PseudonymMap(config.index_url or data_dir / "pseudonyms.sqlite")
         #: The one de-identifier: research exports, and whatever else hands out de-identified copies.
         self.deidentifier = Deidentifier(self.pseudonyms)
         self._cache_root = config.node_dir / "cache"  # each node's own
@@ -16280,10 +16292,11 @@ def command_reindex(config: Config) -> int:
 
 def command_migrate(config: Config, url: str, force: bool) -> int:
     """Copy the SQLite archive of the data dir into the PostgreSQL database at url, offline:
-    the index (every table of it), users and sessions, the audit log and the settings changed at
-    run time (settings.ini), each part in one transaction. Prints {table: rows copied}; exits 1
-    on any failure. The SQLite files are only read, whatever happens (but for the schema of one
-    written by an older dicoogled, brought up to date first as a serve would)."""
+    the index (every table of it), users and sessions, the audit log, the pseudonym map and the
+    settings changed at run time (settings.ini), each part in one transaction. Prints {table:
+    rows copied}; exits 1 on any failure. The SQLite files are only read, whatever happens (but
+    for the schema of one written by an older dicoogled, brought up to date first as a serve
+    would)."""
     if config.index_url:
         log.error("the index is in PostgreSQL already ([index] url or --index): migrate copies a data dir's SQLite index")
         return 1
@@ -16305,19 +16318,21 @@ def command_migrate(config: Config, url: str, force: bool) -> int:
         opened.callback(source.close)
         # Each part the data dir has: (its name, where it is now, where it goes).
         states = []
-        for name, file, kind in (("users", "users.sqlite", Users), ("audit log", "audit.sqlite", AuditLog)):
+        # (The pseudonym map's tables are reported as pseudonyms.TABLE: it has a patients table too.)
+        for name, file, kind, prefix in (("users", "users.sqlite", Users, ""), ("audit log", "audit.sqlite", AuditLog, ""),
+                                         ("pseudonym map", "pseudonyms.sqlite", PseudonymMap, "pseudonyms.")):
             if (data_dir / file).is_file():
                 here = kind(data_dir / file)
                 opened.callback(here.close)
                 there = kind(url)
                 opened.callback(there.close)
-                states.append((name, here, there))
+                states.append((name, here, there, prefix))
         settings = _saved_settings(data_dir)
         shared_settings = SharedSettings(url)
         opened.callback(shared_settings.close)
         held = {table: rows for table, rows in target.table_counts().items() if rows}
-        for _, _, there in states:
-            held.update(there.database.rows_held())
+        for _, _, there, prefix in states:
+            held.update({prefix + table: rows for table, rows in there.database.rows_held().items()})
         held_settings = shared_settings.read()[1] if settings else {}
         if held_settings:
             held["settings"] = sum(map(len, held_settings.values()))
@@ -16327,8 +16342,9 @@ def command_migrate(config: Config, url: str, force: bool) -> int:
             return 1
         try:
             copied = source.copy_into(target, replace=force, progress=_progress_bar("index"))
-            for name, here, there in states:
-                copied.update(here.database.copy_into(there.database, replace=force, progress=_progress_bar(name)))
+            for name, here, there, prefix in states:
+                rows = here.database.copy_into(there.database, replace=force, progress=_progress_bar(name))
+                copied.update({prefix + table: count for table, count in rows.items()})
             if settings or force:
                 shared_settings.save(settings, replace_all=force)
         except target.engine.errors as error:
@@ -16361,7 +16377,7 @@ def command_research_export(config: Config, label: str, into: str, options: Deid
     if not _has_an_index(config):
         return 1
     index, ingest = _offline_archive(config)
-    pseudonyms = PseudonymMap(config.data_dir / "pseudonyms.sqlite")
+    pseudonyms = PseudonymMap(config.index_url or config.data_dir / "pseudonyms.sqlite")
     try:
         label, into = label_name(label), label_name(into)
         if not index.labelled("STUDY", label):

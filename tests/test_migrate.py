@@ -122,6 +122,12 @@ def sqlite_archive(start_daemon, studies):
 
 def test_a_migrated_archive_answers_as_before_on_postgresql(sqlite_archive, start_daemon, postgres_url):
     data_dir = sqlite_archive.data_dir
+    # A pseudonym map, as research exports leave one: a patient, a UID replaced under its secret.
+    made = dicoogled.PseudonymMap(data_dir / "pseudonyms.sqlite")
+    patient = made.patient(pydicom.dcmread(get_testdata_file("CT_small.dcm"), stop_before_pixels=True))
+    replaced = {"1.2.826.0.1.3680043.2.1125.1": made.replacement_uid("1.2.826.0.1.3680043.2.1125.1")}
+    made.record_uids(replaced)
+    made.close()
     before = file_digests(data_dir)
     done = migrate(data_dir, "--to", postgres_url)
     assert done.returncode == 0, done.stderr
@@ -130,6 +136,7 @@ def test_a_migrated_archive_answers_as_before_on_postgresql(sqlite_archive, star
     assert summary["protected_studies"] == summary["worklist_entries"] == 1
     assert summary["users"] == 2 and summary["sessions"] >= 2 and summary["audit"] >= len(sqlite_archive.audit)
     assert summary["settings"] == 1
+    assert summary["pseudonyms.patients"] == summary["pseudonyms.uids"] == summary["pseudonyms.map_secret"] == 1
     assert "index [" in done.stderr and "Traceback" not in done.stderr  # the progress bar
     assert file_digests(data_dir) == before  # the SQLite files are only read
 
@@ -162,7 +169,16 @@ def test_a_migrated_archive_answers_as_before_on_postgresql(sqlite_archive, star
     # New instances get new ids after the copied ones.
     assert served.store(get_testdata_file("JPEG2000.dcm")) == [0]
     assert served.counts()["instances"] == 27
+    # The same pseudonym for the patient, and the same replacement for a UID: the secret came along.
+    pseudonyms = admin.get("/research/pseudonyms").json()["pseudonyms"]
+    assert [row["pseudonym"] for row in pseudonyms] == [patient.pseudonym]
+    assert admin.get("/research/uids").json()["uids"][0]["replacement"] == replaced["1.2.826.0.1.3680043.2.1125.1"]
     assert served.stop() == 0
+    moved = dicoogled.PseudonymMap(postgres_url)
+    try:
+        assert moved.replacement_uid("1.2.3.4") == dicoogled.PseudonymMap(data_dir / "pseudonyms.sqlite").replacement_uid("1.2.3.4")
+    finally:
+        moved.close()
 
 
 def test_a_migration_that_cannot_be_made_changes_nothing(sqlite_archive, start_daemon, postgres_url):

@@ -4,6 +4,7 @@ Leases are tested against a real PostgreSQL server (conftest's postgres_url): tw
 stand for two nodes; a node that dies is a child process killed with SIGKILL, by its PID.
 """
 
+import concurrent.futures
 import os
 import pathlib
 import shutil
@@ -307,6 +308,28 @@ def test_reindex_and_migrate_wait_for_the_nodes_to_stop_and_the_nodes_for_them(t
     node.start()
     assert node.counts()["instances"] == 2
     assert node.stop() == 0
+
+
+def test_nodes_making_a_patients_pseudonym_at_once_make_one(postgres_url, tmp_path):
+    """The pseudonym map is the site's (schema dicoogled_pseudonyms): maps of several nodes, each
+    making the same new patient's pseudonym at the same moment, all get the one that was stored,
+    and derive the same UIDs from the one secret."""
+    maps = [dicoogled.PseudonymMap(postgres_url) for _ in range(4)]
+    try:
+        patient = studygen.make_instance(41, 0, 0, 0)
+        start = threading.Barrier(len(maps))
+
+        def make(pseudonyms):
+            start.wait()
+            return pseudonyms.patient(patient), pseudonyms.replacement_uid(str(patient.SOPInstanceUID))
+
+        with concurrent.futures.ThreadPoolExecutor(len(maps)) as pool:
+            made = list(pool.map(make, maps))
+        assert len(set(made)) == 1, made
+        assert [row.pseudonym for row in maps[0].patients()] == [made[0][0].pseudonym]
+    finally:
+        for pseudonyms in maps:
+            pseudonyms.close()
 
 
 # ---- once-only work in the daemon --------------------------------------------------------------

@@ -191,9 +191,11 @@ def test_pseudonyms_stable_and_reversible(archive):
         assert dicoogled_original(daemon, copy.StudyInstanceUID) == original.StudyInstanceUID
     table = list(csv.DictReader(io.StringIO(daemon.client.get("/research/pseudonyms", format="csv").text)))
     assert {(row["pseudonym"], row["PatientID"]) for row in table} == {(row["pseudonym"], row["PatientID"]) for row in listed}
-    # The map lives apart from the index, for the owner alone, and survives a restart.
-    path = daemon.data_dir / "pseudonyms.sqlite"
-    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    # The map lives apart from the index (a file for the owner alone, or a schema of its own in
+    # PostgreSQL, where every node reads it), and survives a restart.
+    assert daemon.state_sql("pseudonyms", "SELECT count(*) FROM patients") == [(2,)]
+    if not daemon.index_url:
+        assert stat.S_IMODE(os.stat(daemon.data_dir / "pseudonyms.sqlite").st_mode) == 0o600
     daemon.restart()
     daemon.client = admin_client(daemon)
     assert daemon.client.get("/research/pseudonyms").json()["pseudonyms"] == listed
