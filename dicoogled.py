@@ -1940,8 +1940,24 @@ class TaskRecords:
     _COLUMNS = "uid, kind, node, paths, owner, created, report, finished, stop_requested"
 
     def __init__(self, location: "pathlib.Path | str"):
-        self._db = StateDatabase(location, "dicoogled_tasks", pool_size=2)
-        self._db.migrate(TASKS_SCHEMA_VERSION, TASKS_SCHEMA)
+        self.location = location
+        self._opening = threading.Lock()
+        self._database: StateDatabase | None = None
+
+    @property
+    def _db(self) -> StateDatabase:
+        """Opened (and, as a file, made) by the first task: a start, or a look at the list, on a
+        full disk writes nothing."""
+        with self._opening:
+            if self._database is None:
+                database = StateDatabase(self.location, "dicoogled_tasks", pool_size=2)
+                database.migrate(TASKS_SCHEMA_VERSION, TASKS_SCHEMA)
+                self._database = database
+            return self._database
+
+    def _empty(self) -> bool:
+        """No task was ever listed: an SQLite list that has no file yet."""
+        return self._database is None and not is_postgresql_url(self.location) and not os.path.exists(self.location)
 
     @staticmethod
     def _record(row) -> TaskRecord:
@@ -1972,39 +1988,53 @@ class TaskRecords:
                            (node, json.dumps(report), int(finished), uid))
 
     def unfinished(self) -> list[TaskRecord]:
+        if self._empty():
+            return []
         with self._db.connection() as db:
             rows = db.execute(f"SELECT {self._COLUMNS} FROM tasks WHERE finished = 0 ORDER BY created").fetchall()
         return [self._record(row) for row in rows]
 
     def all(self) -> list[TaskRecord]:
         """Every task listed, oldest first."""
+        if self._empty():
+            return []
         with self._db.connection() as db:
             rows = db.execute(f"SELECT {self._COLUMNS} FROM tasks ORDER BY created, uid").fetchall()
         return [self._record(row) for row in rows]
 
     def find(self, uid: str) -> TaskRecord | None:
+        if self._empty():
+            return None
         with self._db.connection() as db:
             rows = db.execute(f"SELECT {self._COLUMNS} FROM tasks WHERE uid = ?", (uid,)).fetchall()
         return self._record(rows[0]) if rows else None
 
     def request_stop(self, uid: str):
         """Ask the node running the task to stop it: it reads this when it next writes its report."""
+        if self._empty():
+            return
         with self._db.transaction() as db:
             db.execute("UPDATE tasks SET stop_requested = 1 WHERE uid = ? AND finished = 0", (uid,))
 
     def remove(self, uid: str) -> bool:
+        if self._empty():
+            return False
         with self._db.transaction() as db:
             db.execute("DELETE FROM tasks WHERE uid = ?", (uid,))
             return db.changes() > 0
 
     def prune(self, finished_before: float) -> int:
         """Drop the finished tasks created before a time (seconds since 1970); how many."""
+        if self._empty():
+            return 0
         with self._db.transaction() as db:
             db.execute("DELETE FROM tasks WHERE finished != 0 AND created < ?", (finished_before,))
             return db.changes()
 
     def close(self):
-        self._db.close()
+        with self._opening:
+            if self._database is not None:
+                self._database.close()
 
 
 # ============================================================================================
