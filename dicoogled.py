@@ -1837,6 +1837,34 @@ class StateDatabase:
                 self._sqlite.close()
 
 
+class StateOnFirstUse:
+    """A StateDatabase opened (its file made, its schema brought up to date) only when first
+    asked for: an archive that never needs it has none, and a start on a full disk writes nothing."""
+
+    def __init__(self, location: "pathlib.Path | str", schema: str, version: int, schema_sql: str):
+        self.location, self._arguments = location, (schema, version, schema_sql)
+        self._lock = threading.Lock()
+        self._database: StateDatabase | None = None
+
+    def get(self) -> StateDatabase:
+        with self._lock:
+            if self._database is None:
+                schema, version, schema_sql = self._arguments
+                database = StateDatabase(self.location, schema, pool_size=2)
+                database.migrate(version, schema_sql)
+                self._database = database
+            return self._database
+
+    def made(self) -> bool:
+        """Whether it may hold anything: opened, a PostgreSQL schema, or a file that exists."""
+        return self._database is not None or is_postgresql_url(self.location) or os.path.exists(self.location)
+
+    def close(self):
+        with self._lock:
+            if self._database is not None:
+                self._database.close()
+
+
 #: The version of the shared settings' schema (dicoogled_settings.schema_version).
 SETTINGS_SCHEMA_VERSION = 1
 SETTINGS_SCHEMA = """
@@ -1940,24 +1968,16 @@ class TaskRecords:
     _COLUMNS = "uid, kind, node, paths, owner, created, report, finished, stop_requested"
 
     def __init__(self, location: "pathlib.Path | str"):
-        self.location = location
-        self._opening = threading.Lock()
-        self._database: StateDatabase | None = None
+        # Opened by the first task: a start, or a look at the list, on a full disk writes nothing.
+        self._state = StateOnFirstUse(location, "dicoogled_tasks", TASKS_SCHEMA_VERSION, TASKS_SCHEMA)
 
     @property
     def _db(self) -> StateDatabase:
-        """Opened (and, as a file, made) by the first task: a start, or a look at the list, on a
-        full disk writes nothing."""
-        with self._opening:
-            if self._database is None:
-                database = StateDatabase(self.location, "dicoogled_tasks", pool_size=2)
-                database.migrate(TASKS_SCHEMA_VERSION, TASKS_SCHEMA)
-                self._database = database
-            return self._database
+        return self._state.get()
 
     def _empty(self) -> bool:
         """No task was ever listed: an SQLite list that has no file yet."""
-        return self._database is None and not is_postgresql_url(self.location) and not os.path.exists(self.location)
+        return not self._state.made()
 
     @staticmethod
     def _record(row) -> TaskRecord:
@@ -2032,9 +2052,7 @@ class TaskRecords:
             return db.changes()
 
     def close(self):
-        with self._opening:
-            if self._database is not None:
-                self._database.close()
+        self._state.close()
 
 
 # ============================================================================================
@@ -11665,10 +11683,11 @@ class PseudonymMap:
     data custodian can re-identify both patients and objects."""
 
     def __init__(self, location: "pathlib.Path | str"):
-        self.location = location
+        # Opened on first use: an archive that never de-identifies has no map file, and a full
+        # disk at start does not stop the daemon.
+        self._state = StateOnFirstUse(location, "dicoogled_pseudonyms", PSEUDONYMS_SCHEMA_VERSION, PSEUDONYMS_SCHEMA)
         self._lock = threading.Lock()
-        self._opening = threading.Lock()
-        self._database: StateDatabase | None = None
+        self._making_secret = threading.Lock()
         self._secret_key = b""
         #: What is already stored, so that de-identifying a large set costs a write per new
         #: patient or UID only: patient key -> its row, and the originals of recorded UIDs.
@@ -11677,21 +11696,14 @@ class PseudonymMap:
 
     @property
     def database(self) -> StateDatabase:
-        """The map's database, opened (and made) on first use: an archive that never
-        de-identifies has no map file, and a full disk at start does not stop the daemon."""
-        with self._opening:
-            if self._database is None:
-                database = StateDatabase(self.location, "dicoogled_pseudonyms", pool_size=2)
-                database.migrate(PSEUDONYMS_SCHEMA_VERSION, PSEUDONYMS_SCHEMA)
-                self._database = database
-            return self._database
+        return self._state.get()
 
     @property
     def _secret(self) -> bytes:
         """The key new UIDs are derived under, kept in the map: made by the first node that
         needs it (not when the map is opened, so that migrate can copy an existing one in)."""
         database = self.database
-        with self._opening:
+        with self._making_secret:
             if not self._secret_key:
                 with database.transaction() as db:
                     db.execute("INSERT INTO map_secret (id, secret) VALUES (1, ?) ON CONFLICT (id) DO NOTHING",
@@ -11775,9 +11787,8 @@ class PseudonymMap:
         return [UidPseudonym(*row) for row in rows]
 
     def close(self):
-        with self._lock, self._opening:
-            if self._database is not None:
-                self._database.close()
+        with self._lock:
+            self._state.close()
 
 
 def _shift_date(value: str, days: int) -> str:
