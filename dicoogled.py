@@ -12005,7 +12005,8 @@ def research_export(index: Index, storage: Storage, ingest: Ingest, deidentifier
 # ============================================================================================
 
 #: The version of the users schema (users.sqlite's user_version): a later one migrates from it.
-USERS_SCHEMA_VERSION = 1
+#: 2: login_failures, so that every node counts a client's failed logins together.
+USERS_SCHEMA_VERSION = 2
 USERS_SCHEMA = """
 CREATE TABLE IF NOT EXISTS users (
     username TEXT PRIMARY KEY, password_hash {blob} NOT NULL, salt {blob} NOT NULL,
@@ -12035,6 +12036,11 @@ CREATE TABLE IF NOT EXISTS share_sessions (
     token_hash TEXT PRIMARY KEY, share_id TEXT NOT NULL REFERENCES share_links(id) ON DELETE CASCADE,
     created DOUBLE PRECISION NOT NULL
 );
+CREATE TABLE IF NOT EXISTS login_failures (
+    address TEXT NOT NULL, username TEXT NOT NULL, time DOUBLE PRECISION NOT NULL
+);
+CREATE INDEX IF NOT EXISTS login_failures_by_pair ON login_failures (address, username, time);
+CREATE INDEX IF NOT EXISTS login_failures_by_time ON login_failures (time);
 """
 #: How long HTTP Basic credentials, once checked, are taken without running scrypt again.
 BASIC_CREDENTIALS_MEMORY = 300
@@ -12479,63 +12485,66 @@ class Users:
 #: seconds; the next attempts are refused (429) until the oldest of them is that old.
 LOGIN_FAILURES_ALLOWED = 5
 LOGIN_FAILURE_WINDOW = 300
-#: Pairs the failed-login table holds at most, so a spray of made-up names cannot fill memory.
-LOGIN_THROTTLE_ENTRIES = 10_000
 
 
 class LoginThrottle:
     """Failed logins per (client address, username): after `limit` failures within `window`
     seconds that pair is refused until the oldest of them is `window` seconds old; a correct
     login clears the pair. Another user at the same address (colleagues behind one NAT) and the
-    same user from another address are not held back. The table keeps at most `max_entries`
-    pairs: when full, the pair whose last failure is oldest makes room, and each new pair
-    costs its sender a failed scrypt check, so pushing one out takes max_entries of those."""
+    same user from another address are not held back.
 
-    def __init__(self, limit: int = LOGIN_FAILURES_ALLOWED, window: float = LOGIN_FAILURE_WINDOW,
-                 max_entries: int = LOGIN_THROTTLE_ENTRIES):
-        self.limit, self.window, self.max_entries = limit, window, max_entries
-        #: (address, username) -> the times of its recent failures, least recently failed first.
-        self._failures: collections.OrderedDict[tuple[str, str], list[float]] = collections.OrderedDict()
-        self._lock = threading.Lock()
+    The failures are rows of the users' database, so with several nodes behind one address a
+    client has `limit` tries in all, not `limit` on each node; their times are the clock's (the
+    nodes' clocks are taken to agree to well under the window). Each failure deletes those older
+    than the window: the table holds one window of failures, each of which cost its sender a
+    scrypt check, so a spray of made-up names cannot grow it without bound. A failure need not
+    survive a power cut, so counting one spares SQLite its flush to disk."""
+
+    def __init__(self, database: StateDatabase, limit: int = LOGIN_FAILURES_ALLOWED,
+                 window: float = LOGIN_FAILURE_WINDOW):
+        self.limit, self.window = limit, window
+        self._db = database
 
     @staticmethod
     def _key(address: str, username: str) -> tuple[str, str]:
-        return address, username[:65]  # longer names exist nowhere; they need not fill memory
+        return address, username[:65]  # longer names exist nowhere; they need not fill the table
 
-    def retry_after(self, address: str, username: str) -> float:
-        """Seconds until this pair may try again; 0 when it may now."""
-        key = self._key(address, username)
-        with self._lock:
-            now = time.monotonic()
-            recent = self._recent(key, now)
-            return recent[-self.limit] + self.window - now if len(recent) >= self.limit else 0.0
+    def recent_failures(self, address: str, username: str) -> list[float]:
+        """The times of this pair's failures within the window, at most `limit`, newest first."""
+        with self._db.connection() as db:
+            return [when for (when,) in db.execute(
+                "SELECT time FROM login_failures WHERE address = ? AND username = ? AND time > ?"
+                " ORDER BY time DESC LIMIT ?", (*self._key(address, username), time.time() - self.window, self.limit))]
+
+    def retry_after(self, recent: list[float]) -> float:
+        """Seconds until a pair with these recent failures may try again; 0 when it may now."""
+        return recent[self.limit - 1] + self.window - time.time() if len(recent) >= self.limit else 0.0
 
     def failed(self, address: str, username: str):
-        key = self._key(address, username)
-        now = time.monotonic()
-        with self._lock:
-            recent = self._recent(key, now)
-            recent.append(now)
-            self._failures[key] = recent[-self.limit:]
-            self._failures.move_to_end(key)
-            while len(self._failures) > self.max_entries:
-                self._failures.popitem(last=False)
+        now = time.time()
+        self._write(("DELETE FROM login_failures WHERE time <= ?", (now - self.window,)),
+                    ("INSERT INTO login_failures (address, username, time) VALUES (?, ?, ?)",
+                     (*self._key(address, username), now)))
 
     def succeeded(self, address: str, username: str):
-        with self._lock:
-            self._failures.pop(self._key(address, username), None)
+        self._write(("DELETE FROM login_failures WHERE address = ? AND username = ?", self._key(address, username)))
 
-    def _recent(self, key: tuple[str, str], now: float) -> list[float]:
-        recent = [t for t in self._failures.get(key, ()) if now - t < self.window]
-        if not recent:
-            self._failures.pop(key, None)
-        return recent
+    def _write(self, *statements: tuple[str, tuple]):
+        """Run (sql, arguments) statements in one transaction. On a full disk the login is still
+        answered (401, or the user's): the count lapses until there is room, as logging in does not."""
+        try:
+            with self._db.transaction(durable=False) as db:
+                for sql, arguments in statements:
+                    db.execute(sql, arguments)
+        except Exception as error:
+            if not is_out_of_space(error):
+                raise
+            logging.getLogger("dicoogled.http").warning("failed logins not counted: the disk is full")
 
     def __len__(self):
-        return len(self._failures)
-
-    def __contains__(self, pair):
-        return pair in self._failures
+        """How many failures the table holds."""
+        with self._db.connection() as db:
+            return db.execute("SELECT count(*) FROM login_failures").fetchone()[0]
 
 
 # ============================================================================================
@@ -12984,7 +12993,7 @@ class Api:
     def __init__(self, daemon: "Daemon", app: bottle.Bottle):
         self.daemon, self.app = daemon, app
         self.users = daemon.users
-        self.throttle = LoginThrottle()
+        self.throttle = LoginThrottle(daemon.users.database)
         #: (method, path, access, summary) of every route, for /openapi.json and the tests.
         self.routes: list[tuple[str, str, str, str]] = []
         #: The whole docstring of each route's handler, by (method, path): its parameter lines
@@ -13107,9 +13116,9 @@ class Api:
             username, _, password = base64.b64decode(header[6:]).decode("utf-8").partition(":")
         except (ValueError, UnicodeDecodeError):
             _fail(401, "malformed Basic credentials")
-        self.check_login_throttle(username, address)
+        failed_lately = self.check_login_throttle(username, address)
         user = self.users.authenticate_basic(username, password)
-        self.count_login(username, user, address)
+        self.count_login(username, user, address, failed_lately)
         return user
 
     def refusal_before_body(self, method: str, path: str, headers: dict, address: str) -> tuple[int, str] | None:
@@ -13159,9 +13168,11 @@ class Api:
         which would believe any client's own X-Forwarded-For."""
         return bottle.request.environ.get("REMOTE_ADDR") or "?"
 
-    def check_login_throttle(self, username: str, address: str):
-        """429, with Retry-After, if this client address has failed too often as this user."""
-        wait = self.throttle.retry_after(address, username)
+    def check_login_throttle(self, username: str, address: str) -> bool:
+        """429, with Retry-After, if this client address has failed too often as this user;
+        else whether it has failed lately (a success then clears that: only then is it written)."""
+        recent = self.throttle.recent_failures(address, username)
+        wait = self.throttle.retry_after(recent)
         if wait > 0:
             seconds = math.ceil(wait)
             logging.getLogger("dicoogled.http").warning(
@@ -13169,13 +13180,14 @@ class Api:
                 username[:64], address, self.throttle.limit, self.throttle.window, seconds)
             _fail(429, f"too many failed logins as {username[:64]!r} from this address; try again in {seconds} s",
                   Retry_After=str(seconds))
+        return bool(recent)
 
-    def count_login(self, username: str, user: User | None, address: str):
+    def count_login(self, username: str, user: User | None, address: str, failed_lately: bool):
         """Count a login attempt's outcome for the throttle; a failure is logged."""
         if user is None:
             self.throttle.failed(address, username)
             logging.getLogger("dicoogled.http").warning("failed login for %r from %s", username[:64], address)
-        else:
+        elif failed_lately:
             self.throttle.succeeded(address, username)
 
     def request_token(self) -> str:
@@ -13394,9 +13406,9 @@ def _session_routes(api: Api):
         request = bottle.request
         username, password = request.params.get("username", ""), request.params.get("password", "")
         audited(user=username[:64])  # the name tried, whether or not the login succeeds
-        api.check_login_throttle(username, api.client_address())
+        failed_lately = api.check_login_throttle(username, api.client_address())
         user = users.authenticate(username, password)
-        api.count_login(username, user, api.client_address())
+        api.count_login(username, user, api.client_address(), failed_lately)
         if user is None:
             _fail(401, "Login failed: wrong username or password")
         token = users.start_session(user)

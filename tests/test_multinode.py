@@ -349,6 +349,23 @@ def test_a_session_opened_on_one_node_works_on_another_and_ends_when_another_del
     assert alice.get("/login").status == 401  # on node 1, where it was opened, too
 
 
+def test_failed_logins_on_every_node_count_together(three_nodes):
+    """A client spreading its guesses over the nodes behind one address has five in all, not
+    five per node; a correct login on any node clears its count on all."""
+    node1, node2, node3 = three_nodes.running
+    assert admin_client(node1).post("/user", {"username": "carol", "password": "carol-pw-1", "admin": "false"}).json() == {"success": True}
+
+    def login(node, password):
+        return Client(base_url(node)).request("POST", "/login", data={"username": "carol", "password": password},
+                                              auth=None).status
+
+    assert [login(node, "wrong") for node in (node1, node2, node1)] == [401, 401, 401]
+    assert login(node3, "carol-pw-1") == 200, "a success clears the count"
+    assert [login(node, f"wrong{i}") for i, node in enumerate((node1, node2, node3, node1, node2))] == [401] * 5
+    assert login(node3, "carol-pw-1") == 429, "the sixth try, on a node that saw none of the five"
+    assert login(node1, "carol-pw-1") == 429
+
+
 # ---- a node added while the others run ---------------------------------------------------------
 
 
