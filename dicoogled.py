@@ -3101,6 +3101,8 @@ class _SqliteEngine:
     #: Readers are the threads' own connections (an SQLite connection is cheap and serves one
     #: thread at a time), closed when their thread ends.
     shared_reader = None
+    #: A cursor yields its rows as they are found: Index.find reads its matches in one statement.
+    rows_per_read = None
 
     def close(self):
         pass
@@ -3211,6 +3213,10 @@ class _PostgresEngine:
         self.path = None  # no file: indexed folders are remembered in the database alone
         self.url = url
         self.location = re.sub(r"//[^@/]*@", "//", url)  # what logs and errors name: without a password
+
+    #: The shared reader fetches a statement's rows whole before its connection goes back to the
+    #: pool, so Index.find reads its matches this many at a time.
+    rows_per_read = 5_000
 
     def connect(self) -> PostgresConnection:
         connection = PostgresConnection.connect(self.url, translate=_postgresql_spelling)
@@ -3669,20 +3675,44 @@ class Index:
             where.append(visible if level != "PATIENT"
                          else f"EXISTS (SELECT 1 FROM studies st WHERE st.patient_ref = p.id AND {visible})")
             args.extend(visible_args)
-        sql = f"SELECT {alias}.id, {representative}{''.join(', ' + c for _, c in answered)} FROM {_level_joins(level)}"
-        args = column_args + args
-        if where:
-            sql += " WHERE " + _balanced_sql(where, "AND")
-        sql += f" ORDER BY {alias}.id"
-        if offset or limit is not None:
-            sql += " LIMIT ? OFFSET ?"
-            args += [NO_LIMIT if limit is None else limit, offset]
+        select = f"SELECT {alias}.id, {representative}{''.join(', ' + c for _, c in answered)} FROM {_level_joins(level)}"
         reader = self.reader
-        if len(args) > self.engine.max_parameters(reader):
+        if len(column_args) + len(args) + 3 > self.engine.max_parameters(reader):
             # One value per key (lists travel as one JSON array), so only a huge identifier gets here.
-            raise QueryError(f"the identifier has too many keys to match ({len(args)})")
+            raise QueryError(f"the identifier has too many keys to match ({len(column_args) + len(args)})")
+
+        def rows_after(last_id: int | None, offset: int, limit: int | None):
+            """The rows after entity last_id (None: from the first), skipping offset, at most limit."""
+            conditions, condition_args = where, args
+            if last_id is not None:
+                conditions, condition_args = [*where, f"{alias}.id > ?"], [*args, last_id]
+            sql = select + (" WHERE " + _balanced_sql(conditions, "AND") if conditions else "") + f" ORDER BY {alias}.id"
+            statement_args = [*column_args, *condition_args]
+            if offset or limit is not None:
+                sql += " LIMIT ? OFFSET ?"
+                statement_args += [NO_LIMIT if limit is None else limit, offset]
+            return reader.execute(sql, statement_args)
+
+        def rows():
+            page = self.engine.rows_per_read
+            if page is None:  # the cursor streams the rows: one statement reads them all
+                yield from rows_after(None, offset, limit)
+                return
+            # Read page by page after the last id read, so that a C-FIND of a million matches
+            # never holds them all in memory at once.
+            last_id, skip, left = None, offset, limit
+            while left is None or left > 0:
+                wanted = page if left is None else min(page, left)
+                batch = rows_after(last_id, skip, wanted).fetchall()
+                yield from batch
+                if len(batch) < wanted:
+                    return
+                last_id, skip = batch[-1][0], 0
+                if left is not None:
+                    left -= len(batch)
+
         keywords = [keyword for keyword, _ in answered]
-        return (FoundEntity(row[0], row[1], dict(zip(keywords, row[2:]))) for row in reader.execute(sql, args))
+        return (FoundEntity(row[0], row[1], dict(zip(keywords, row[2:]))) for row in rows())
 
     def _values_matching(self, column: str, spec: str) -> list[str]:
         """The distinct values of a main attribute's column (alias.name, as SEARCH_COLUMNS) that

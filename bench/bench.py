@@ -202,18 +202,24 @@ def http_json(url: str, headers: dict | None = None):
         return json.load(response)
 
 
-def memory_kib(pid: int) -> tuple[int, int]:
-    """(VmRSS, VmHWM) in KiB, summed over the process and its descendants."""
+def process_tree(pid: int) -> set[int]:
+    """The process and its living descendants."""
     parents = {}
     for stat in pathlib.Path("/proc").glob("[0-9]*/stat"):
         try:
             parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
         except (OSError, ValueError, IndexError):
             pass
-    tree, rss, hwm = {pid}, 0, 0
+    tree = {pid}
     while children := {c for c, parent in parents.items() if parent in tree} - tree:
         tree |= children
-    for p in tree:
+    return tree
+
+
+def memory_kib(pid: int) -> tuple[int, int]:
+    """(VmRSS, VmHWM) in KiB, summed over the process and its descendants."""
+    rss = hwm = 0
+    for p in process_tree(pid):
         try:
             status = pathlib.Path(f"/proc/{p}/status").read_text()
         except OSError:
@@ -224,6 +230,22 @@ def memory_kib(pid: int) -> tuple[int, int]:
             elif line.startswith("VmHWM:"):
                 hwm += int(line.split()[1])
     return rss, hwm
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) the process has used, with its children that ended (a process
+    counts those it waited for: a PostgreSQL server's finished backends) and its living
+    descendants. The difference of two readings is what the tree used in between."""
+    ticks = 0
+    for p in process_tree(pid):
+        try:
+            fields = pathlib.Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        # utime, stime, cutime, cstime: fields 14-17 of stat, from index 11 after the name. A
+        # child's own times move into its parent's cutime and cstime when it is waited for.
+        ticks += sum(int(value) for value in fields[11:15])
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 class Server:

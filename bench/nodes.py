@@ -29,7 +29,9 @@ A rate is quoted only if the setup stored every instance exactly once: every sto
 (each C-STORE acknowledged), every node counts N instances, the storage folder holds N files
 (none written twice by two nodes), and the SOPInstanceUIDs a node lists (dicoogled: QIDO-RS
 /instances, page by page; Orthanc: /instances?expand) are those of the files sent, each once.
-Otherwise the row says what was wrong. Setups are run in turn (all once, then all again, ...),
+Otherwise the row says what was wrong. Under each row, the CPU time (user and system) per
+instance used meanwhile by the nodes together (with any worker processes) and by the PostgreSQL
+server (with its backends): what a machine with a core per node would have to give. Setups are run in turn (all once, then all again, ...),
 the rate is the median of the runs, and the table gives dicoogled beside Orthanc with the ratio
 dicoogled / Orthanc, and each server's gain from 1 node to N on PostgreSQL. Written to
 bench/results/nodes-latest.json.
@@ -138,6 +140,11 @@ class Setup:
             node.start()
         self.storage = self.shared / "storage"
 
+    def cpu_seconds(self) -> tuple[float, float]:
+        """(CPU seconds its nodes have used, with their workers; the PostgreSQL server's, or 0)."""
+        return (sum(bench.cpu_seconds(node.proc.pid) for node in self.nodes),
+                bench.cpu_seconds(self.postgres.pid()) if self.engine == "postgresql" else 0.0)
+
     def stop(self) -> None:
         for node in self.nodes:
             if getattr(node, "proc", None):
@@ -237,6 +244,8 @@ def run(args) -> dict:
               ("orthanc", "postgresql", args.nodes): orthanc_multiple_writers()}
     rates = {(label, kind): [] for label, _, _ in setups for kind in ("dicoogled", "orthanc")}
     notes = {key: [] for key in rates}
+    #: Per run, the CPU milliseconds per instance of the nodes (all together) and of PostgreSQL.
+    cpu = {key: [] for key in rates}
     postgres = pgserver.PostgresServer(bench.free_port(), durable=True)
     postgres.start()
     try:
@@ -250,9 +259,12 @@ def run(args) -> dict:
                     setup = Setup(kind, engine, count, postgres)
                     try:
                         setup.start()
+                        before = setup.cpu_seconds()
                         seconds = ingest(setup.nodes, dirs, args.parallel, n)
+                        used = [after - start for after, start in zip(setup.cpu_seconds(), before)]
                         stored_once(setup, expected, n)
                         rates[label, kind].append(round(n / seconds, 1))
+                        cpu[label, kind].append([round(1000 * seconds_used / n, 2) for seconds_used in used])
                     except Exception as error:  # noqa: BLE001 - report it in the row and go on
                         print(f"  FAILED: {error}", flush=True)
                         for node in setup.nodes:
@@ -269,6 +281,9 @@ def run(args) -> dict:
             runs_done = rates[label, kind]
             row[kind] = statistics.median(runs_done) if runs_done and not notes[label, kind] else None
             row[f"{kind}_runs"] = runs_done
+            row[f"{kind}_cpu_ms"] = ({"nodes": statistics.median(c[0] for c in cpu[label, kind]),
+                                      "postgresql": statistics.median(c[1] for c in cpu[label, kind])}
+                                     if cpu[label, kind] else None)
             row[f"{kind}_failed"] = bool(notes[label, kind])
             row[f"{kind}_notes"] = ([cannot[kind, engine, count]] if cannot.get((kind, engine, count))
                                     else notes[label, kind])
@@ -292,6 +307,10 @@ def table(results: dict, nodes: int) -> str:
         for kind in ("dicoogled", "orthanc"):
             if len(row[f"{kind}_runs"]) > 1:
                 lines.append(f"    {kind} runs: " + ", ".join(f"{r:,.1f}" for r in row[f"{kind}_runs"]))
+            if row[f"{kind}_cpu_ms"]:
+                used = row[f"{kind}_cpu_ms"]
+                lines.append(f"    {kind} CPU per instance: {used['nodes']:.2f} ms in the node(s)"
+                             + (f", {used['postgresql']:.2f} ms in PostgreSQL" if row["engine"] == "postgresql" else ""))
             lines += [f"    {kind}: {note}" for note in row[f"{kind}_notes"]]
     gains = results["gains"]
     lines.append(f"{f'{nodes} nodes / 1 node, PostgreSQL':<32} {gain(gains['dicoogled']):>17} "

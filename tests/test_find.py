@@ -970,6 +970,31 @@ def test_responses_are_encoded_as_pydicom_encodes_them(archive, level):
         index.close()
 
 
+@pytest.mark.parametrize("level", LEVELS)
+def test_matches_read_page_by_page_are_those_read_at_once(archive, level):
+    """A PostgreSQL index is read a page of matches at a time (its reader fetches a statement's
+    rows whole); whatever the page's size, and with any offset and limit, a C-FIND finds what one
+    statement finds, in the same order."""
+    import dicoogled
+
+    index = dicoogled.Index(archive.index_location)
+    finder = dicoogled.Finder(index)
+    query = identifier(level, {"PatientID": "", "PatientName": "", "StudyDate": "", "Modality": "",
+                               "InstanceNumber": "", "SliceLocation": ""})
+    try:
+        index.engine.rows_per_read = None
+        whole = list(finder.search(query))
+        assert len(whole) > 3
+        for page in (1, 2, 3, len(whole), len(whole) + 1):
+            index.engine.rows_per_read = page
+            assert list(finder.search(query)) == whole, page
+            for offset, limit in ((0, 2), (1, 2), (2, 3), (1, None), (len(whole) - 1, 5), (0, len(whole))):
+                found = list(finder.search(query, offset=offset, limit=limit))
+                assert found == whole[offset:None if limit is None else offset + limit], (page, offset, limit)
+    finally:
+        index.close()
+
+
 def test_direct_encoding_of_every_kind_of_value():
     """The direct encoder against pydicom's on values of odd and even length, of every VR a
     response carries, single and multiple, ASCII and UTF-8."""
