@@ -7335,7 +7335,9 @@ end
 local instructions, depth, deadline = 0, 0, 0
 -- Time spent in the daemon's functions (a C-STORE to a slow peer) is not the script's: the
 -- clock stops while a dicoogle call runs, and starts again while the script runs within it.
-local paused_since = 0
+-- paused says the clock is stopped: the hook may fire on the call's way back, between its
+-- return and the line that moves the deadline on, and must not take the pause for the script's.
+local paused_since, paused = 0, false
 
 -- A call's arguments wait here, under a number, for the daemon to read them (handed_over): the
 -- daemon is called with the number only. What it reads a Lua value through must be the main Lua
@@ -7353,9 +7355,10 @@ for name, fn in next, api do
     handed = handed + 1
     local number = handed
     waiting[number] = arguments
-    paused_since = clock()
+    paused_since, paused = clock(), true
     local results = pack(pcall(fn, number))
     deadline = deadline + (clock() - paused_since)
+    paused = false
     waiting[number] = nil
     if not results[1] then error(results[2], 0) end
     return unpack(results, 2, results.n)
@@ -7397,11 +7400,12 @@ local function limited(fn, ...)
   else
     deadline = deadline + (clock() - paused_since)  -- the script runs again: its clock with it
   end
+  paused = false
   depth = depth + 1
   sethook(co, function()
     instructions = instructions + hook_interval
     local spent = instructions >= budget and "instruction budget exceeded"
-                  or clock() > deadline and ("time limit of " .. time_limit .. " s exceeded")
+                  or not paused and clock() > deadline and ("time limit of " .. time_limit .. " s exceeded")
     if spent then
       sethook(co, function() error(spent, 2) end, "", 1)
       error(spent, 2)
@@ -7409,7 +7413,7 @@ local function limited(fn, ...)
   end, "", hook_interval)
   local result = pack(resume(co))
   depth = depth - 1
-  paused_since = clock()  -- back in the daemon's function that called the script, if any
+  paused_since, paused = clock(), depth > 0  -- back in the daemon's function that called the script, if any
   if not result[1] then
     -- a table as the error would be read in Python: its message says so instead
     error(type(result[2]) == "table" and "an error whose value is a table" or result[2], 0)
