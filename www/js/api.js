@@ -45,7 +45,8 @@ function formBody(form) {
 /** fetch a path of the REST API; JSON answers are parsed, errors raise ApiError with the reason. */
 export async function request(method, path, { params, form, json, raw } = {}) {
   const headers = {};
-  if (session.token) headers.Authorization = session.token;
+  const token = session.token;
+  if (token) headers.Authorization = token;
   if (json !== undefined) headers["Content-Type"] = "application/json";
   const body = json !== undefined ? JSON.stringify(json) : form ? formBody(form) : undefined;
   let response;
@@ -59,7 +60,11 @@ export async function request(method, path, { params, form, json, raw } = {}) {
   const data = type.includes("json") ? await response.json().catch(() => null) : await response.text();
   if (!response.ok) {
     const reason = (data && typeof data.error === "string" && data.error) || `${response.status} ${response.statusText}`;
-    if (response.status === 401 && path !== "/login" && path !== "/shared") window.dispatchEvent(new CustomEvent("session-expired"));
+    // The session ended, unless this answer is to a request sent before a new login (a slow
+    // one, under the old token): that must not end the new session.
+    if (response.status === 401 && path !== "/login" && path !== "/shared" && session.token === token) {
+      window.dispatchEvent(new CustomEvent("session-expired"));
+    }
     throw new ApiError(response.status, reason);
   }
   return data;
