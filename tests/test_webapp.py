@@ -525,11 +525,17 @@ def test_open_in_viewer_where_the_viewer_is_installed(app, archive):
         shutil.rmtree(viewer)
 
 
-def test_an_ended_session_goes_back_to_the_login(app, archive):
-    # The first screen has asked all it asks (menu plugins, providers) before the session ends.
+def logged_in_and_settled(app):
+    """The first screen, once it has asked all it asks (menu plugins, providers)."""
     with app.page.expect_response(lambda response: "/webui?slot-id=menu" in response.url):
         page = app.login()
     expect(page.locator("select[name=provider] option")).to_have_count(2)
+    return page
+
+
+def end_the_session_and_log_in_again(app, archive, page) -> str:
+    """Log the page's session out behind its back, search (which finds it ended), log in again
+    and see the search's results; the ended session's token."""
     token = page.evaluate("sessionStorage.getItem('dicoogled.token')")
     assert Client(base_url(archive), token).post("/logout").json() == {"success": True}
     app.allow(r"status of 401")
@@ -539,6 +545,11 @@ def test_an_ended_session_goes_back_to_the_login(app, archive):
     page.get_by_label("Password").fill(ADMIN_PASSWORD)
     page.get_by_role("button", name="Log in").click()
     expect(page.locator("table.results tbody tr")).to_have_count(1)  # back where it was
+    return token
+
+
+def test_an_ended_session_goes_back_to_the_login(app, archive):
+    end_the_session_and_log_in_again(app, archive, logged_in_and_settled(app))
 
 
 def test_a_401_to_a_request_sent_before_a_new_login_does_not_end_the_new_session(app, archive):
@@ -546,25 +557,14 @@ def test_a_401_to_a_request_sent_before_a_new_login_does_not_end_the_new_session
     is that request's failure: the new session stays, and the screen with it."""
     held = []
     app.page.route("**/held-probe", lambda route: held.append(route))  # no such route: answered by the test, when it says
-    # The first screen has asked all it asks (menu plugins, providers) before the session ends.
-    with app.page.expect_response(lambda response: "/webui?slot-id=menu" in response.url):
-        page = app.login()
-    expect(page.locator("select[name=provider] option")).to_have_count(2)
+    page = logged_in_and_settled(app)
     page.evaluate("import('/static/js/api.js').then(api => { window.slow = api.get('/held-probe').catch(e => e.status); })")
     for _ in range(500):  # the browser's events are handled only while Playwright is called
         if held:
             break
         page.wait_for_timeout(20)
     assert held, "the slow request was not sent"
-    token = page.evaluate("sessionStorage.getItem('dicoogled.token')")
-    assert Client(base_url(archive), token).post("/logout").json() == {"success": True}
-    app.allow(r"status of 401")
-    app.search("doe")
-    expect(page.get_by_text("Your session has ended: log in again.")).to_be_visible()
-    page.get_by_label("Username").fill("admin")
-    page.get_by_label("Password").fill(ADMIN_PASSWORD)
-    page.get_by_role("button", name="Log in").click()
-    expect(page.locator("table.results tbody tr")).to_have_count(1)
+    token = end_the_session_and_log_in_again(app, archive, page)
     held.pop().fulfill(status=401, content_type="application/json", body='{"error": "log in first"}')
     assert page.evaluate("window.slow") == 401  # answered, and the app has heard it
     expect(page.locator("table.results tbody tr")).to_have_count(1)
